@@ -1,0 +1,71 @@
+"""``LinearizeConfig``: what to convert and how. Plain dataclass; checked on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class LinearizeConfig:
+    """Settings of the hybrid attention that replaces softmax attention.
+
+    window: recent keys (the query's own included) that get exact softmax; 0 = pure linear attention.
+    feature_map: ``hedgehog`` (LoLCATs), ``t2r``, ``elu`` or ``taylor``.
+    feature_dim: f, the per-head projection width of the map (hedgehog gives F = 2f features).
+    window_weight_init: gamma at initialisation, a per-head sigmoid-parameterised weight on the window.
+    feature_map_per_kv_head: one key map per KV head (state [B, Hkv, F, D]) instead of per query head
+        (LoLCATs' choice, state [B, H, F, D]); GQA models then keep a state G times smaller.
+    layers: indices of the layers to convert; None = every eligible layer.
+    softmax_layers: indices of layers to keep as softmax attention (applied after ``layers``).
+    convert_sliding_layers: also convert layers whose softmax is already sliding-window (Gemma 3's
+        local layers, Qwen's optional sliding layers). Off by default: those layers already decode with a
+        bounded KV cache, and their teacher never looks past its window.
+    chunk_size: query chunk of the PyTorch path (memory O(T * (window + chunk))).
+    """
+
+    window: int = 64
+    feature_map: str = "hedgehog"
+    feature_dim: int = 64
+    window_weight_init: float = 0.1
+    feature_map_per_kv_head: bool = False
+    layers: list[int] | None = None
+    softmax_layers: list[int] = field(default_factory=list)
+    convert_sliding_layers: bool = False
+    chunk_size: int = 64
+
+    def __post_init__(self) -> None:
+        from .modules.feature_maps import FEATURE_MAPS
+
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"invalid LinearizeConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
+            raise bad("window", "must be an int >= 0")
+        if self.feature_map not in FEATURE_MAPS:
+            raise bad("feature_map", f"choose one of {sorted(FEATURE_MAPS)}")
+        if not isinstance(self.feature_dim, int) or self.feature_dim < 1:
+            raise bad("feature_dim", "must be an int >= 1")
+        if not 0.0 < float(self.window_weight_init) < 1.0:
+            raise bad("window_weight_init", "must be in (0, 1) (it is a sigmoid)")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise bad("chunk_size", "must be an int >= 1")
+        for name in ("layers", "softmax_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in value)):
+                raise bad(name, "must be a list of layer indices >= 0")
+        if self.layers is not None:
+            self.layers = list(self.layers)
+        self.softmax_layers = list(self.softmax_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LinearizeConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LinearizeConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)

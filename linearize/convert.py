@@ -1,0 +1,107 @@
+"""``convert``: swap a model's softmax attention layers for ``LinearizedAttention``, in place."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .config import LinearizeConfig
+from .modules.attention import PADDING_MASK_KWARG, LinearizedAttention
+
+
+def convert(model: nn.Module, config: LinearizeConfig | dict | None = None) -> nn.Module:
+    """Linearize ``model`` (an HF ``*ForCausalLM``) in place and return it.
+
+    Every selected decoder layer's attention becomes a ``LinearizedAttention`` that reuses the layer's
+    projections. The model becomes a ``Linearized<Arch>ForCausalLM`` whose config records the settings,
+    so ``save_pretrained`` / ``AutoModelForCausalLM.from_pretrained`` round-trip it.
+    """
+    from .models import adapter_for
+
+    if config is None:
+        config = LinearizeConfig()
+    elif isinstance(config, dict):
+        config = LinearizeConfig.from_dict(config)
+    elif not isinstance(config, LinearizeConfig):
+        raise TypeError(f"config must be a LinearizeConfig or a dict; got {type(config).__name__}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type is None:
+        raise TypeError(f"convert expects a transformers model with a config; got {type(model).__name__}")
+    if is_linearized(model):
+        raise ValueError("this model is already linearized")
+    adapter = adapter_for(model_type)
+    if not isinstance(model, adapter.causal_lm_class):
+        raise TypeError(f"convert expects a {adapter.causal_lm_class.__name__}; got {type(model).__name__}")
+    if getattr(model, "hf_quantizer", None) is not None:
+        raise ValueError("the model is quantized; load it in bf16/fp32 (linearize.models.load does) before converting")
+
+    converted = convert_layers(model, adapter, config)
+    record = config.to_dict() | {"layers": converted}
+    model.config.__class__ = adapter.linearized_config_class
+    model.config.linearize = record
+    model.__class__ = adapter.linearized_model_class
+    return model
+
+
+def convert_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[int]:
+    """Replace the selected layers' attention; return the converted indices (sorted)."""
+    layers = adapter.decoder_layers(model)
+    n = len(layers)
+    for name in ("layers", "softmax_layers"):
+        bad = [i for i in (getattr(config, name) or []) if i >= n]
+        if bad:
+            raise ValueError(f"LinearizeConfig.{name} has indices {bad} but the model has {n} layers (0..{n - 1})")
+    explicit = config.layers is not None
+    wanted = sorted(set(config.layers if explicit else range(n)) - set(config.softmax_layers))
+    converted = []
+    for i in wanted:
+        attn = layers[i].self_attn
+        if not explicit and adapter.is_sliding_layer(attn) and not config.convert_sliding_layers:
+            continue
+        layers[i].self_attn = LinearizedAttention(
+            attn, config, apply_rope=adapter.rope, teacher_sliding_window=adapter.teacher_sliding_window(attn)
+        )
+        converted.append(i)
+    if not converted:
+        raise ValueError("no layer was selected for conversion; check LinearizeConfig.layers / softmax_layers")
+    _install_padding_hook(model.base_model)
+    return converted
+
+
+def _install_padding_hook(base_model: nn.Module) -> None:
+    """Pass the 2D padding mask to every layer: HF hands attention layers only a 4D (or no) mask."""
+    if getattr(base_model, "_linearize_padding_hook", None) is None:
+        base_model._linearize_padding_hook = base_model.register_forward_pre_hook(_pass_padding_mask, with_kwargs=True)
+
+
+def _pass_padding_mask(module, args, kwargs):
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if torch.is_tensor(mask) and mask.dim() == 2:
+        kwargs[PADDING_MASK_KWARG] = mask
+    return args, kwargs
+
+
+def is_linearized(model: nn.Module) -> bool:
+    return any(isinstance(m, LinearizedAttention) for m in model.modules())
+
+
+def linearized_layers(model: nn.Module) -> list[LinearizedAttention]:
+    return [m for m in model.modules() if isinstance(m, LinearizedAttention)]
+
+
+class LinearizedMixin:
+    """Base of every ``Linearized<Arch>ForCausalLM``: rebuilds the hybrid layers from the config."""
+
+    adapter = None  # set per class by models.base.register_adapter
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        settings = getattr(config, "linearize", None)
+        if not isinstance(settings, dict):
+            raise ValueError(f"{type(self).__name__} needs config.linearize (a dict of LinearizeConfig settings)")
+        convert_layers(self, self.adapter, LinearizeConfig.from_dict(settings))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LinearizedAttention):
+            module.reset_parameters()

@@ -1,0 +1,206 @@
+"""``LinearizedAttention``: a drop-in for an HF decoder layer's softmax attention.
+
+It keeps the base module's ``q_proj/k_proj/v_proj/o_proj`` (and ``q_norm/k_norm``) as the same objects
+under the same names, so peft's usual LoRA targets and the checkpoint keys stay what they were; it adds
+two feature maps and a per-head window weight.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..config import LinearizeConfig
+from ..ops import HybridState, hybrid_attention_chunked, hybrid_attention_step
+from .cache import hybrid_cache_layer
+from .feature_maps import build_feature_map
+
+#: kwarg that carries the 2D padding mask [B, past + T] from the model's forward to each layer
+PADDING_MASK_KWARG = "linearize_padding_mask"
+
+RopeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+class LinearizedAttention(nn.Module):
+    """Hybrid sliding-window softmax + linear attention with the base layer's projections.
+
+    Modes: ``"hybrid"`` (default) returns the hybrid attention; ``"transfer"`` (attention transfer) also
+    computes the base softmax attention, returns *that* as the layer output so the next layer sees the
+    teacher's inputs, and keeps ``(hybrid, softmax)`` outputs before ``o_proj`` ([B, T, H*D] each) in
+    ``self.transfer_outputs`` for the loss. ``"softmax"`` runs the base attention only.
+    """
+
+    MODES = ("hybrid", "transfer", "softmax")
+
+    def __init__(
+        self,
+        base: nn.Module,
+        config: LinearizeConfig,
+        *,
+        apply_rope: RopeFn,
+        teacher_sliding_window: int | None = None,
+    ):
+        super().__init__()
+        hf = base.config
+        if getattr(hf, "attn_logit_softcapping", None) is not None:
+            raise ValueError("attention logit soft-capping is not supported by the hybrid attention")
+        self.config = hf  # HF attention interfaces read module.config
+        self.layer_idx = base.layer_idx
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = base.q_proj, base.k_proj, base.v_proj, base.o_proj
+        self.q_norm = getattr(base, "q_norm", None)
+        self.k_norm = getattr(base, "k_norm", None)
+        self.head_dim = base.head_dim
+        self.num_heads = self.q_proj.out_features // self.head_dim
+        self.num_kv_heads = self.k_proj.out_features // self.head_dim
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        self.scaling = base.scaling
+        self.attention_dropout = getattr(base, "attention_dropout", 0.0)
+        self.is_causal = True
+        self.sliding_window = teacher_sliding_window
+        self._apply_rope = apply_rope
+
+        self.window = config.window
+        self.chunk_size = config.chunk_size
+        self.feature_map_q = build_feature_map(config.feature_map, self.num_heads, self.head_dim, config.feature_dim)
+        key_heads = self.num_kv_heads if config.feature_map_per_kv_head else self.num_heads
+        if not self.feature_map_q.has_params:
+            key_heads = self.num_kv_heads  # nothing per head to learn: share across the GQA group
+        self.feature_map_k = build_feature_map(config.feature_map, key_heads, self.head_dim, config.feature_dim)
+        self.window_weight_init = config.window_weight_init
+        self.window_logit = nn.Parameter(torch.empty(self.num_heads))
+        self.reset_parameters()
+        ref = self.q_proj.weight
+        self.to(device=ref.device, dtype=ref.dtype)
+
+        self.mode = "hybrid"
+        self.transfer_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset_parameters(self) -> None:
+        """Initialise what conversion added: identity-slice feature maps and gamma = window_weight_init."""
+        p = self.window_weight_init
+        with torch.no_grad():
+            self.window_logit.fill_(math.log(p / (1 - p)))
+        self.feature_map_q.reset_parameters()
+        self.feature_map_k.reset_parameters()
+
+    @property
+    def window_weight(self) -> torch.Tensor:
+        """gamma [H], in (0, 1)."""
+        return torch.sigmoid(self.window_logit.float())
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"window={self.window}, feature_map={self.feature_map_q.name}, F={self.feature_map_q.output_dim}"
+        )
+
+    def qkv(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B,T,H,D], k/v [B,T,Hkv,D], with the base model's q/k norms and RoPE applied."""
+        B, T, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)
+        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)
+        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        cos, sin = position_embeddings
+        q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=2)
+        return q, k, v
+
+    def softmax_attention(self, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
+        """The base layer's own attention (through transformers' attention interface) -> [B,T,H,D]."""
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
+        out, _ = interface(
+            self,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        return out
+
+    def hybrid_attention(self, q, k, v, key_mask, cache) -> torch.Tensor:
+        """[B,T,H,D] through the hybrid attention, continuing and updating ``cache`` if given."""
+        phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
+        args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
+        if cache is None:
+            y, _ = hybrid_attention_chunked(q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, **args)
+            return y
+        layer = hybrid_cache_layer(cache, self.layer_idx, self.window)
+        T = q.shape[1]
+        if layer.state is not None and T == 1:
+            y, state = hybrid_attention_step(q, k, v, phi_q, phi_k, layer.state, **args)
+        else:
+            y, state = hybrid_attention_chunked(
+                q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, initial_state=layer.state, output_final_state=True, **args
+            )
+        layer.update_state(_detached(state), T)
+        return y
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        padding_mask = kwargs.pop(PADDING_MASK_KWARG, None)
+        for unused in ("position_ids", "use_cache", "cache_position", "output_attentions"):
+            kwargs.pop(unused, None)
+        B, T, _ = hidden_states.shape
+        q, k, v = self.qkv(hidden_states, position_embeddings)
+
+        if self.mode == "softmax":
+            if past_key_values is not None:
+                raise RuntimeError("softmax mode of a linearized layer cannot use a cache; pass use_cache=False")
+            y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
+        else:
+            key_mask = _new_token_mask(padding_mask, B, T)
+            if self.mode == "transfer":
+                if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
+                    raise RuntimeError("attention transfer runs on whole sequences; pass use_cache=False")
+                y_hybrid = self.hybrid_attention(q, k, v, key_mask, None)
+                y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
+                self.transfer_outputs = (y_hybrid.reshape(B, T, -1), y.reshape(B, T, -1))
+            else:
+                y = self.hybrid_attention(q, k, v, key_mask, past_key_values)
+        return self.o_proj(y.reshape(B, T, -1)), None
+
+
+def _new_token_mask(padding_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """Validity [B, T] of this call's tokens from a 2D mask over [past + new] tokens."""
+    if padding_mask is None or padding_mask.dim() != 2:
+        return None
+    if padding_mask.shape[0] != B or padding_mask.shape[1] < T:
+        raise ValueError(f"attention_mask of shape {tuple(padding_mask.shape)} does not cover {T} new tokens of batch {B}")
+    m = padding_mask[:, -T:].bool()
+    return None if bool(m.all()) else m
+
+
+def _detached(state: HybridState) -> HybridState:
+    """The cache keeps values, not graphs: generation must not grow an autograd tape across steps."""
+    return HybridState(*(t.detach() for t in state))
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Fallback softmax attention, used when no attention implementation is registered ([B,H,T,D] in)."""
+    G = module.num_key_value_groups
+    key = key.repeat_interleave(G, dim=1)
+    value = value.repeat_interleave(G, dim=1)
+    w = (query @ key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        w = w + attention_mask
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    return (w @ value).transpose(1, 2).contiguous(), w
