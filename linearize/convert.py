@@ -5,8 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from safetensors import SafetensorError
+
 from .config import LinearizeConfig
 from .modules.attention import PADDING_MASK_KWARG, LinearizedAttention
+
+
+#: parameter-name parts that only conversion adds (feature maps, window weights)
+_ADDED_PARAM_MARKERS = {"feature_map_q", "feature_map_k", "window_logit"}
+
+
+class CheckpointError(ValueError):
+    """A linearized checkpoint that cannot be loaded as saved."""
 
 
 def convert(model: nn.Module, config: LinearizeConfig | dict | None = None) -> nn.Module:
@@ -100,6 +110,25 @@ class LinearizedMixin:
         if not isinstance(settings, dict):
             raise ValueError(f"{type(self).__name__} needs config.linearize (a dict of LinearizeConfig settings)")
         convert_layers(self, self.adapter, LinearizeConfig.from_dict(settings))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' loader, plus one-line errors for a corrupt or incomplete linearized checkpoint."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"corrupt checkpoint {pretrained_model_name_or_path}: its safetensors cannot be read "
+                f"({str(e).splitlines()[0]}); save it again with save_pretrained"
+            ) from None
+        missing = [k for k in info.get("missing_keys", ()) if _ADDED_PARAM_MARKERS.intersection(k.split("."))]
+        if missing:
+            raise CheckpointError(
+                f"incomplete checkpoint {pretrained_model_name_or_path}: {len(missing)} linearized weights are "
+                f"missing (e.g. {sorted(missing)[0]}); it was not saved from a linearized model"
+            )
+        return (model, info) if want_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -1,0 +1,36 @@
+"""Random inputs for the ops tests (never zeros: zeros hide indexing bugs)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=0, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, T, Hkv, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, T, Hkv, D, generator=g, dtype=torch.float64)
+    # positive features, like softmax / relu maps produce
+    phi_q = torch.rand(B, T, H, F, generator=g, dtype=torch.float64) + 0.01
+    phi_k = torch.rand(B, T, Hf, F, generator=g, dtype=torch.float64) + 0.01
+    gamma = torch.rand(H, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    out = [t.to(dtype) for t in (q, k, v, phi_q, phi_k)] + [gamma.float() if dtype != torch.float64 else gamma]
+    if requires_grad:
+        for t in out:
+            t.requires_grad_(True)
+    return out
+
+
+def left_pad_mask(B, T, pads):
+    m = torch.ones(B, T, dtype=torch.bool)
+    for b, p in enumerate(pads):
+        m[b, :p] = False
+    return m
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||; 0 when both are exactly zero (an input the output does not depend on)."""
+    a, b = a.double(), b.double()
+    if b.norm() == 0:
+        return a.norm().item()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
