@@ -150,8 +150,9 @@ def _log(message: str) -> None:
     print(f"[linearize] {message}", file=sys.stderr, flush=True)
 
 
-def _progress(total: int | None, desc: str, unit: str = "B") -> tqdm:
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", file=sys.stderr, leave=False)
+def _progress(total: int | None, desc: str, *, disable: bool = False) -> tqdm:
+    """A byte-counting progress bar on stderr (stdout may be piped data)."""
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False, disable=disable)
 
 
 def _first_line(error: BaseException) -> str:
@@ -161,8 +162,7 @@ def _first_line(error: BaseException) -> str:
 
 def _sha256_file(path: Path, desc: str | None = None) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f, _progress(path.stat().st_size if desc else 0, desc or "", "B") as bar:
-        bar.disable = desc is None
+    with path.open("rb") as f, _progress(path.stat().st_size, desc or "", disable=desc is None) as bar:
         while block := f.read(_CHUNK):
             digest.update(block)
             bar.update(len(block))
@@ -495,8 +495,8 @@ def load(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    is_hub_id = os.fspath(name_or_path) not in ALIASES and not is_path_like(name_or_path)
     source = resolve(name_or_path)
-    is_hub_id = source == os.fspath(name_or_path) and not is_path_like(name_or_path) and source not in ALIASES
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")

@@ -1,0 +1,44 @@
+"""Tiny random-weight models of every supported architecture, for fast CPU tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TINY = dict(
+    vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+ARCH_EXTRA = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    # 2 local layers (window 6) around 1 global layer, like Gemma 3's 5:1 pattern
+    "gemma3_text": {"sliding_window": 6, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], "query_pre_attn_scalar": 16},
+}
+ARCHS = list(ARCH_EXTRA)
+
+
+def tiny_model(model_type: str, seed: int = 0, **overrides):
+    """A random tiny model in fp32, eval mode; weights scaled up so attention is far from uniform."""
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, **(TINY | ARCH_EXTRA[model_type] | overrides))
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8.0)
+    return model
+
+
+def perturb_added_weights(model, scale=0.3, seed=1):
+    """Move the conversion's weights off their initial values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "feature_map" in name or "window_logit" in name:
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
