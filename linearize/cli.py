@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -104,6 +105,32 @@ def demo(
     console.rule(f"linearized (window {window}, untrained feature maps): greedy generation")
     n, secs = _stream(exact, tokenizer, prompt, max_new_tokens)
     console.print(f"[dim]{n} tokens in {secs:.1f}s ({n / max(secs, 1e-9):.1f} tok/s); total {time.perf_counter() - t0:.0f}s[/]")
+
+
+@app.command("convert")
+def convert_cmd(
+    model: str = typer.Argument(..., help="Alias (smollm2-135m, gemma3-270m, qwen2.5-coder-0.5b), .gguf file, HF dir or hub id."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run directory: checkpoints, metrics, report, exported model."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of settings."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set stage1.lr=1e-3 (repeatable)."),
+    preset: Optional[str] = typer.Option(None, help="cpu-demo | full"),
+    resume: bool = typer.Option(False, help="Continue the run saved in --out exactly where it stopped."),
+) -> None:
+    """Linearize MODEL: attention transfer, then LoRA; writes OUT/model, OUT/report.md and checkpoints."""
+    from .pipelines.config import build_config
+    from .pipelines.run import RunError, run_conversion
+    from .pipelines.trainer import NonFiniteLossError
+
+    try:
+        cfg = build_config(preset, config, set_, model=model)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    try:
+        report = run_conversion(cfg, out, resume=resume, echo=lambda m: console.print(f"[cyan]>[/] {m}"))
+    except (RunError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    console.print((out / "report.md").read_text())
+    console.print(f"[bold green]done[/]: {report['output']}")
 
 
 @app.command()

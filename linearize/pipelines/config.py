@@ -1,0 +1,183 @@
+"""Run configuration: nested dataclasses, presets, YAML files and ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import LinearizeConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the training text comes from and how it is cut."""
+
+    source: str = "austen"  # a built-in corpus, a .txt/.jsonl path, hf:<dataset>, or several joined by '+'
+    seq_len: int = 1024
+    val_fraction: float = 0.05
+    val_tokens: int = 65536  # validation tokens used for the report's perplexities
+    eval_ood_source: str | None = None  # optional out-of-domain text for the report
+
+
+@dataclass
+class StageConfig:
+    """One training stage. ``steps=0`` skips it."""
+
+    steps: int = 0
+    lr: float = 1e-3
+    batch_size: int = 8
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: str = "constant"  # constant | cosine
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    keep_adapters: bool = False  # export the adapters next to the merged model
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    linearize: LinearizeConfig = field(default_factory=LinearizeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # LoLCATs defaults: attention transfer with AdamW at lr 1e-2, LoRA finetuning at lr 1e-4
+    stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=1e-2, batch_size=8))
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=1e-4, batch_size=8))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    checkpoint_every: int = 25  # optimizer steps between checkpoints
+    samples: list[str] = field(
+        default_factory=lambda: [
+            "Write a short poem about the sea.",
+            "Explain what a linked list is in two sentences.",
+            "It is a truth universally acknowledged, that",
+        ]
+    )
+    sample_tokens: int = 48
+    logger: str | None = None  # None | wandb | tensorboard (used only when installed)
+
+    def __post_init__(self) -> None:
+        for name in ("stage1", "stage2"):
+            st = getattr(self, name)
+            if st.steps < 0 or st.batch_size < 1 or st.grad_accum < 1 or st.lr <= 0:
+                raise ValueError(f"invalid {name}: steps >= 0, batch_size >= 1, grad_accum >= 1 and lr > 0 are required")
+            if st.scheduler not in ("constant", "cosine"):
+                raise ValueError(f"invalid {name}.scheduler={st.scheduler!r}: choose constant or cosine")
+        if self.data.seq_len < 2:
+            raise ValueError(f"invalid data.seq_len={self.data.seq_len}: must be >= 2")
+        if not 0 < self.data.val_fraction < 1:
+            raise ValueError(f"invalid data.val_fraction={self.data.val_fraction}: must be in (0, 1)")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"invalid device={self.device!r}: choose auto, cpu or cuda")
+        if self.checkpoint_every < 1:
+            raise ValueError("invalid checkpoint_every: must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Fits a 2-core CPU in minutes: short sequences, a few hundred thousand tokens in all.
+    "cpu-demo": {
+        "linearize": {"window": 32, "feature_dim": 32},
+        "data": {"source": "austen", "seq_len": 256, "val_tokens": 8192},
+        "stage1": {"steps": 60, "lr": 1e-2, "batch_size": 4},
+        "stage2": {"steps": 40, "lr": 1e-4, "batch_size": 4},
+        "checkpoint_every": 10,
+        "sample_tokens": 32,
+    },
+    # LoLCATs' recipe at 1024 tokens: ~20M tokens in all on a GPU.
+    "full": {
+        "linearize": {"window": 64, "feature_dim": 64},
+        "data": {"source": "austen+shakespeare+pydocs+sharegpt", "seq_len": 1024, "val_tokens": 262144},
+        "stage1": {"steps": 1200, "lr": 1e-2, "batch_size": 8},
+        "stage2": {"steps": 1200, "lr": 1e-4, "batch_size": 8},
+        "checkpoint_every": 100,
+    },
+}
+
+
+def _merge(target: Any, values: dict[str, Any], path: str) -> Any:
+    """Return a copy of dataclass ``target`` with ``values`` (nested dicts) applied; unknown keys fail."""
+    known = {f.name: f for f in dataclasses.fields(target)}
+    changes = {}
+    for key, value in values.items():
+        where = f"{path}{key}"
+        if key not in known:
+            raise ValueError(f"unknown config key {where!r}; known keys under {path or 'the top level'}: {sorted(known)}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where!r} is a section; give it a mapping, not {value!r}")
+            changes[key] = _merge(current, value, f"{where}.")
+        else:
+            changes[key] = value
+    return dataclasses.replace(target, **changes)
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """``"stage1.lr=1e-3"`` -> ``{"stage1": {"lr": 0.001}}`` (values parsed as YAML scalars)."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key=value (e.g. stage1.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML reads 1e-3 as a string; numbers like that are common here
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    **top_level: Any,
+) -> RunConfig:
+    """Defaults <- preset <- YAML file <- ``--set`` overrides <- explicit arguments."""
+    cfg = RunConfig()
+    layers: list[tuple[dict[str, Any], str]] = []
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        layers.append((PRESETS[preset], f"preset {preset}"))
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of settings")
+        layers.append((loaded, str(path)))
+    for item in overrides or []:
+        layers.append((parse_override(item), f"--set {item}"))
+    layers.append(({k: v for k, v in top_level.items() if v is not None}, "arguments"))
+    for values, origin in layers:
+        try:
+            cfg = _merge(cfg, values, "")
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{origin}: {e}") from None
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return _merge(RunConfig(), data, "")

@@ -1,0 +1,45 @@
+"""Validation loss / perplexity and sample generations for the report."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .transfer import autocast
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, rows: torch.Tensor, device: torch.device, batch_size: int = 4, desc: str = "eval") -> dict:
+    """Mean next-token NLL over ``rows`` [N, L] (every position but the first predicted), and exp of it."""
+    model.eval()
+    nll, count = 0.0, 0
+    for i in tqdm(range(0, rows.shape[0], batch_size), desc=desc, unit="batch", leave=False, dynamic_ncols=True):
+        batch = rows[i : i + batch_size].to(device)
+        with autocast(device):
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        nll += loss.item()
+        count += batch[:, 1:].numel()
+    mean = nll / max(count, 1)
+    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
+
+
+@torch.no_grad()
+def sample(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy completions, through the chat template when the tokenizer has one."""
+    model.eval()
+    out = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            enc = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        else:
+            enc = tokenizer(prompt, return_tensors="pt")
+        enc = {k: v.to(device) for k, v in enc.items()}
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out.append(tokenizer.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return out

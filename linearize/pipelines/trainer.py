@@ -1,0 +1,165 @@
+"""The training loop both stages share: AdamW, schedule, accumulation, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .config import StageConfig
+
+LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the last checkpoint is kept."""
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float | None
+    trainable_params: int
+    losses: list[float] = field(default_factory=list)
+
+
+def batch_rows(num_rows: int, step: int, micro: int, cfg: StageConfig, seed: int) -> torch.Tensor:
+    """Row indices of one micro-batch: a seeded permutation per epoch, so the data position is the step."""
+    per_step = cfg.batch_size * cfg.grad_accum
+    start = step * per_step + micro * cfg.batch_size
+    idx = torch.arange(start, start + cfg.batch_size)
+    epoch = idx // num_rows
+    out = torch.empty_like(idx)
+    for e in epoch.unique().tolist():
+        perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))
+        sel = epoch == e
+        out[sel] = perm[idx[sel] % num_rows]
+    return out
+
+
+def _schedule(cfg: StageConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.scheduler == "cosine":
+            span = max(cfg.steps - cfg.warmup_steps, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(step - cfg.warmup_steps, span) / span))
+        return 1.0
+
+    return factor
+
+
+def train_stage(
+    name: str,
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    loss_fn: LossFn,
+    rows: torch.Tensor,
+    cfg: StageConfig,
+    *,
+    seed: int,
+    checkpoints: CheckpointManager,
+    checkpoint_every: int,
+    metrics_path: Path,
+    device: torch.device,
+    resume_from=None,
+    log: Callable[[dict], None] | None = None,
+) -> StageResult:
+    """Train ``params`` (name -> parameter) to minimise ``loss_fn`` over ``rows`` [N, L] for ``cfg.steps`` steps.
+
+    With ``resume_from`` (a checkpoint of this stage) the weights, optimizer, schedule, RNG and data
+    position are restored, so the run continues exactly as if it had not stopped.
+    """
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+    start = 0
+    if resume_from is not None:
+        weights = resume_from.load_weights()
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(weights[k].to(p.device, p.dtype))
+        state = resume_from.load_training_state()
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = resume_from.step
+    trainable = sum(p.numel() for p in params.values())
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * rows.shape[1]
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
+    model.train()
+    loss_value = None
+    for step in range(start, cfg.steps):
+        t_step = time.perf_counter()
+        total = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = rows[batch_rows(rows.shape[0], step, micro, cfg, seed)].to(device)
+            loss = loss_fn(model, batch) / cfg.grad_accum
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{name}: loss is {loss.item()} at step {step}; lower {name}.lr or check the data "
+                    f"(the last checkpoint in {checkpoints.root} is kept)"
+                )
+            loss.backward()
+            total += loss.item()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        loss_value = total
+        losses.append(total)
+        dt = time.perf_counter() - t_step
+        record = {"stage": name, "step": step + 1, "loss": total, "lr": sched.get_last_lr()[0], "tokens_per_s": tokens_per_step / dt}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if log is not None:
+            log(record)
+        bar.set_postfix(loss=f"{total:.4g}", tok_s=f"{tokens_per_step / dt:.0f}")
+        bar.update(1)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps:
+            checkpoints.save(
+                name,
+                step + 1,
+                {k: p.detach() for k, p in params.items()},
+                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()},
+            )
+    bar.close()
+    model.eval()
+    return StageResult(
+        name=name,
+        steps=cfg.steps,
+        tokens=cfg.steps * tokens_per_step,
+        seconds=time.perf_counter() - t0,
+        final_loss=loss_value,
+        trainable_params=trainable,
+        losses=losses,
+    )
+
+
+def truncate_metrics(metrics_path: Path, stage: str, step: int, later_stages: tuple[str, ...]) -> None:
+    """On resume, drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    if not metrics_path.exists():
+        return
+    keep = []
+    for line in metrics_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a line cut by the kill
+        if rec.get("stage") in later_stages or (rec.get("stage") == stage and rec.get("step", 0) > step):
+            continue
+        keep.append(line)
+    metrics_path.write_text("".join(line + "\n" for line in keep))
