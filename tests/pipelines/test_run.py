@@ -1,0 +1,107 @@
+"""The whole conversion pipeline on a tiny model: both stages, export, reload, generate, errors."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import linearize
+from linearize.pipelines.config import build_config
+from linearize.pipelines.run import RunError, run_conversion
+from linearize.pipelines.trainer import NonFiniteLossError
+
+from .tiny_run import make_model_dir, make_text, tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return make_model_dir(tmp_path / "tiny"), make_text(tmp_path / "text.txt")
+
+
+def test_both_stages_export_reload_generate(setup, tmp_path):
+    model_dir, text = setup
+    cfg = build_config(None, None, tiny_overrides(text), model=str(model_dir))
+    report = run_conversion(cfg, tmp_path / "run", echo=lambda m: None)
+    out = tmp_path / "run"
+    for name in ("report.md", "report.json", "metrics.jsonl", "plots/loss_stage1.png", "plots/loss_stage2.png", "model/config.json"):
+        assert (out / name).exists(), name
+    assert set(report["evals"]) == {"base", "swapped", "stage1", "stage2"}
+    assert report["stages"]["stage1"]["steps"] == 6 and report["stages"]["stage2"]["steps"] == 4
+    # stage 1 trains only the added weights: feature maps (4 q + 4 k heads, 8x4 each) and 4 window logits, per layer
+    assert report["stages"]["stage1"]["trainable_params"] == 2 * (4 * 8 * 4 * 2 + 4)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(l["loss"])) for l in lines)
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    tok = AutoTokenizer.from_pretrained(out / "model")
+    assert linearize.is_linearized(model) and not any("lora" in n for n, _ in model.named_parameters())
+    ids = tok("the sea sails", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 6
+    md = (out / "report.md").read_text()
+    assert "after attention transfer" in md and "Samples" in md
+
+
+def test_stage1_reduces_transfer_loss(setup, tmp_path):
+    model_dir, text = setup
+    over = tiny_overrides(text, steps1=30, steps2=0, every=30) + ["stage1.lr=3e-2"]
+    run_conversion(build_config(None, None, over, model=str(model_dir)), tmp_path / "run", echo=lambda m: None)
+    losses = [json.loads(l)["loss"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_existing_run_needs_resume_and_same_settings(setup, tmp_path):
+    model_dir, text = setup
+    cfg = build_config(None, None, tiny_overrides(text, 2, 0), model=str(model_dir))
+    run_conversion(cfg, tmp_path / "run", echo=lambda m: None)
+    with pytest.raises(RunError, match="--resume"):
+        run_conversion(cfg, tmp_path / "run", echo=lambda m: None)
+    other = build_config(None, None, tiny_overrides(text, 3, 0), model=str(model_dir))
+    with pytest.raises(RunError, match="settings differ"):
+        run_conversion(other, tmp_path / "run", resume=True, echo=lambda m: None)
+
+
+def test_sequence_longer_than_model_takes(setup, tmp_path):
+    model_dir, text = setup
+    cfg = build_config(None, None, tiny_overrides(text) + ["data.seq_len=4096"], model=str(model_dir))
+    with pytest.raises(RunError, match="longer than the model takes"):
+        run_conversion(cfg, tmp_path / "run", echo=lambda m: None)
+
+
+def test_nan_loss_stops_with_clear_error(setup, tmp_path):
+    model_dir, text = setup
+    # lr=1e30 sends t2r weights to ~1e30 after one step: phi_q.phi_k overflows and the loss is NaN
+    cfg = build_config(None, None, tiny_overrides(text, 4, 0) + ["stage1.lr=1e30", "stage1.max_grad_norm=0", "linearize.feature_map=t2r"], model=str(model_dir))
+    with pytest.raises(NonFiniteLossError, match="lower stage1.lr") as e:
+        run_conversion(cfg, tmp_path / "run", echo=lambda m: None)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"preset": "gpu-huge"}, "unknown preset"),
+        ({"overrides": ["stage1.lrr=1"]}, "unknown config key 'stage1.lrr'"),
+        ({"overrides": ["nonsense"]}, "key=value"),
+        ({"overrides": ["stage1.scheduler=linear"]}, "scheduler"),
+        ({"overrides": ["linearize.window=-3"]}, "window"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match) as e:
+        build_config(kwargs.get("preset"), None, kwargs.get("overrides"))
+    assert "\n" not in str(e.value)
+
+
+def test_unreadable_data_file(setup, tmp_path):
+    model_dir, _ = setup
+    cfg = build_config(None, None, tiny_overrides(tmp_path / "missing.txt"), model=str(model_dir))
+    with pytest.raises((FileNotFoundError, ValueError, RuntimeError), match="missing.txt"):
+        run_conversion(cfg, tmp_path / "run", echo=lambda m: None)
