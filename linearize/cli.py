@@ -8,14 +8,19 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Turn pretrained LLMs into hybrid linear-attention LLMs.")
 console = Console(stderr=True)
 
 
+def _echo(message: str) -> None:
+    console.print(f"[cyan]>[/] {escape(message)}")
+
+
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}")
     raise typer.Exit(code=2)
 
 
@@ -61,50 +66,50 @@ def _state_bytes(model, seq_len: int, batch: int = 1) -> tuple[int, int]:
 @app.command()
 def demo(
     model: str = typer.Option("smollm2-135m", help="Alias, .gguf file, HF dir or hub id."),
-    window: int = typer.Option(64, help="Softmax window of the hybrid attention."),
-    prompt: str = typer.Option("Write a short poem about the sea.", help="Prompt for the sample generation."),
-    max_new_tokens: int = typer.Option(48, help="Tokens to generate."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Run directory (resumed if it holds this demo)."),
+    prompt: str = typer.Option("Write a short poem about the sea.", help="Prompt for the streamed generation."),
+    max_new_tokens: int = typer.Option(48, help="Tokens to stream at the end."),
+    set_: list[str] = typer.Option([], "--set", help="Override a cpu-demo setting, e.g. --set stage1.steps=10."),
 ) -> None:
-    """Load a model, linearize it, check it against the base, and stream a generation (CPU is fine).
-
-    Until the training pipeline lands, the feature maps are untrained: within the window the model is
-    exact, past it the linear part is still at its identity initialisation.
-    """
+    """The CPU demo: fetch MODEL, linearize it with the cpu-demo preset (attention transfer + LoRA),
+    print the report (validation perplexity of base, swapped-untrained and linearized), stream a sample."""
     import torch
 
-    import linearize
+    from .pipelines.config import build_config
+    from .pipelines.run import RunError, run_conversion
 
     t0 = time.perf_counter()
-    console.rule(f"[bold]linearize demo[/]: {model}")
     try:
-        base, tokenizer = linearize.models.load(model, dtype=torch.float32)
-    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        cfg = build_config("cpu-demo", None, set_, model=model)
+    except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
-    console.print(f"loaded {type(base).__name__} ({sum(p.numel() for p in base.parameters()) / 1e6:.0f}M params) in {time.perf_counter() - t0:.1f}s")
-
-    text = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife."
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    with torch.no_grad():
-        ref = base(ids).logits
-        exact = linearize.convert(base, linearize.LinearizeConfig(window=ids.shape[1]))
-        same = exact(ids).logits
-    err = (same - ref).abs().max().item()
-    console.print(f"window >= prompt ({ids.shape[1]} tokens): max |logit difference| to the base model = {err:.2e}")
-
-    for layer in linearize.linearized_layers(exact):
-        layer.window = window
-    exact.config.linearize["window"] = window
-    kv, state = _state_bytes(exact, 4096)
-    table = Table(title="decode memory per sequence at 4096 tokens")
-    table.add_column("model")
-    table.add_column("cache", justify="right")
-    table.add_row("base (bf16 KV cache)", f"{kv / 2**20:.1f} MiB")
-    table.add_row(f"linearized (fp32 state + {window}-token window)", f"{state / 2**20:.1f} MiB")
+    console.rule(f"[bold]linearize demo[/]: {model} -> {out}")
+    try:
+        report = run_conversion(cfg, out, resume=(out / "config.yaml").exists(), echo=_echo)
+    except (RunError, FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    ev = report["evals"]
+    table = Table(title=f"validation perplexity ({report['data']['source']}, {report['data']['seq_len']} tokens)")
+    for col in ("model", "perplexity", "vs base"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for key, label in (("base", "base (softmax)"), ("swapped", "swapped, untrained"), ("stage1", "after attention transfer"), ("stage2", "linearized (final)")):
+        if key in ev:
+            table.add_row(label, f"{ev[key]['ppl']:.2f}", f"{ev[key]['ppl'] / ev['base']['ppl']:.2f}x")
     console.print(table)
+    console.print(f"report: {out / 'report.md'}; model: {report['output']}")
 
-    console.rule(f"linearized (window {window}, untrained feature maps): greedy generation")
-    n, secs = _stream(exact, tokenizer, prompt, max_new_tokens)
-    console.print(f"[dim]{n} tokens in {secs:.1f}s ({n / max(secs, 1e-9):.1f} tok/s); total {time.perf_counter() - t0:.0f}s[/]")
+    import linearize
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(report["output"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(report["output"])
+    assert linearize.is_linearized(lm)
+    kv, state = _state_bytes(lm, 4096)
+    console.print(f"decode cache per sequence at 4096 tokens: base KV {kv / 2**20:.1f} MiB vs linearized state {state / 2**20:.1f} MiB")
+    console.rule(f"linearized {model}: greedy generation")
+    with torch.no_grad():
+        n, secs = _stream(lm, tokenizer, prompt, max_new_tokens)
+    console.print(f"[dim]{n} tokens in {secs:.1f}s ({n / max(secs, 1e-9):.1f} tok/s); demo total {time.perf_counter() - t0:.0f}s[/]")
 
 
 @app.command("convert")
@@ -126,7 +131,7 @@ def convert_cmd(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     try:
-        report = run_conversion(cfg, out, resume=resume, echo=lambda m: console.print(f"[cyan]>[/] {m}"))
+        report = run_conversion(cfg, out, resume=resume, echo=_echo)
     except (RunError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     console.print((out / "report.md").read_text())

@@ -55,6 +55,9 @@ class RunConfig:
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=1e-2, batch_size=8))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=1e-4, batch_size=8))
     lora: LoraConfig = field(default_factory=LoraConfig)
+    #: block-wise attention transfer: [a, b] trains only layers a..b-1, from block inputs streamed
+    #: through the frozen softmax layers before a (layers after b are not run); None = all layers
+    transfer_block: list[int] | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every: int = 25  # optimizer steps between checkpoints
@@ -81,6 +84,10 @@ class RunConfig:
             raise ValueError(f"invalid data.val_fraction={self.data.val_fraction}: must be in (0, 1)")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"invalid device={self.device!r}: choose auto, cpu or cuda")
+        if self.transfer_block is not None and (
+            len(self.transfer_block) != 2 or not 0 <= self.transfer_block[0] < self.transfer_block[1]
+        ):
+            raise ValueError(f"invalid transfer_block={self.transfer_block!r}: give [first, end) with 0 <= first < end")
         if self.checkpoint_every < 1:
             raise ValueError("invalid checkpoint_every: must be >= 1")
 

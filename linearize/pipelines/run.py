@@ -15,6 +15,7 @@ Layout of ``out``::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 import resource
 import time
@@ -33,6 +34,27 @@ from .finetune import add_lora, lm_loss, lora_parameters
 from .report import plot_losses, write_report
 from .trainer import train_stage, truncate_metrics
 from .transfer import freeze_for_transfer, set_mode, transfer_loss
+
+
+def make_logger(kind: str | None, out: Path) -> Callable[[dict], None] | None:
+    """Mirror metrics to wandb or tensorboard, only when asked for (and installed)."""
+    if kind is None:
+        return None
+    if kind == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RunError("logger=tensorboard needs the tensorboard package: pip install tensorboard") from None
+        writer = SummaryWriter(str(out / "tensorboard"))
+        return lambda r: [writer.add_scalar(f"{r['stage']}/{k}", v, r["step"]) for k, v in r.items() if k not in ("stage", "step")]
+    if kind == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise RunError("logger=wandb needs the wandb package: pip install wandb") from None
+        run = wandb.init(project="linearize", dir=str(out), resume="allow")
+        return lambda r: run.log({f"{r['stage']}/{k}": v for k, v in r.items() if k != "stage"})
+    raise RunError(f"unknown logger {kind!r}: choose tensorboard or wandb")
 
 
 class RunError(RuntimeError):
@@ -84,6 +106,7 @@ def run_conversion(
     state.setdefault("samples", {})
     state.setdefault("stages", {})
     device = pick_device(cfg.device)
+    logger = make_logger(cfg.logger, out)
     torch.manual_seed(cfg.seed)
 
     echo(f"loading {cfg.model} ...")
@@ -129,11 +152,20 @@ def run_conversion(
     # ---- stage 1: attention transfer ---------------------------------------------------------------
     stage1_file = out / "stage1_final.safetensors"
     params = freeze_for_transfer(model)
+    loss1 = transfer_loss
+    if cfg.transfer_block is not None:
+        a, b = cfg.transfer_block
+        if b > model.config.num_hidden_layers:
+            raise RunError(f"transfer_block={cfg.transfer_block} ends past the model's {model.config.num_hidden_layers} layers")
+        in_block = {k for k in params if a <= int(k.split("layers.")[1].split(".")[0]) < b}
+        for k in set(params) - in_block:
+            params.pop(k).requires_grad_(False)
+        loss1 = functools.partial(transfer_loss, block=(a, b))
     if "stage1" not in state["stages"]:
         if cfg.stage1.steps > 0:
             result = train_stage(
-                "stage1", model, params, transfer_loss, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
-                checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device,
+                "stage1", model, params, loss1, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
+                checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
                 resume_from=latest if latest is not None and latest.stage == "stage1" else None,
             )
             state["stages"]["stage1"] = _stage_record(result)
@@ -160,7 +192,7 @@ def run_conversion(
         if "stage2" not in state["stages"]:
             result = train_stage(
                 "stage2", peft_model, lora_params, lm_loss, train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
-                checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device,
+                checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
                 resume_from=latest if latest is not None and latest.stage == "stage2" else None,
             )
             state["stages"]["stage2"] = _stage_record(result)

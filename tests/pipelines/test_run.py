@@ -105,3 +105,27 @@ def test_unreadable_data_file(setup, tmp_path):
     cfg = build_config(None, None, tiny_overrides(tmp_path / "missing.txt"), model=str(model_dir))
     with pytest.raises((FileNotFoundError, ValueError, RuntimeError), match="missing.txt"):
         run_conversion(cfg, tmp_path / "run", echo=lambda m: None)
+
+
+def test_block_wise_transfer_loss_equals_full_model_per_layer():
+    """Each layer is fed the teacher's inputs, so training a block sees exactly the per-layer losses of the full run."""
+    from linearize.pipelines.transfer import transfer_loss
+
+    from ..tiny_models import perturb_added_weights, tiny_model
+
+    model = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(window=3, feature_dim=4))
+    perturb_added_weights(model)
+    ids = torch.randint(3, 96, (2, 24))
+    with torch.no_grad():
+        full = transfer_loss(model, ids)
+        blocks = [transfer_loss(model, ids, block=(i, i + 1)) for i in range(3)]
+        two = transfer_loss(model, ids, block=(1, 3))
+    torch.testing.assert_close(sum(blocks), full)
+    torch.testing.assert_close(two, blocks[1] + blocks[2])
+
+
+def test_block_wise_run_trains_only_its_block(setup, tmp_path):
+    model_dir, text = setup
+    over = tiny_overrides(text, steps1=3, steps2=0, every=3) + ["transfer_block=[1, 2]"]
+    report = run_conversion(build_config(None, None, over, model=str(model_dir)), tmp_path / "run", echo=lambda m: None)
+    assert report["stages"]["stage1"]["trainable_params"] == 4 * 8 * 4 * 2 + 4  # layer 1 only
