@@ -40,5 +40,5 @@ def perturb_added_weights(model, scale=0.3, seed=1):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "feature_map" in name or "window_logit" in name:
-                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
 
