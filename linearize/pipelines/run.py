@@ -101,7 +101,14 @@ def run_conversion(
     t_start = time.perf_counter()
     out = Path(out)
     state = _prepare_out(cfg, out, resume)
-    save_state = lambda: atomic_write_json(out / "state.json", state)  # noqa: E731
+    # wall time over every segment of a resumed run: earlier segments' time is kept in state.json
+    before = state.get("wall_seconds_before", 0.0) + state.pop("wall_seconds_segment", 0.0)
+    state["wall_seconds_before"] = before
+
+    def save_state() -> None:
+        state["wall_seconds_segment"] = time.perf_counter() - t_start
+        atomic_write_json(out / "state.json", state)
+
     state.setdefault("evals", {})
     state.setdefault("samples", {})
     state.setdefault("stages", {})
@@ -239,7 +246,7 @@ def run_conversion(
         "samples": state["samples"],
         "sample_prompts": cfg.samples,
         "plots": plots,
-        "wall_seconds": time.perf_counter() - t_start,
+        "wall_seconds": state.get("wall_seconds_before", 0.0) + time.perf_counter() - t_start,
         "peak_memory_mb": peak,
         "config": cfg.to_dict(),
     }

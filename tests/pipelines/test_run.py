@@ -78,10 +78,17 @@ def test_sequence_longer_than_model_takes(setup, tmp_path):
 def test_nan_loss_stops_with_clear_error(setup, tmp_path):
     model_dir, text = setup
     # lr=1e30 sends t2r weights to ~1e30 after one step: phi_q.phi_k overflows and the loss is NaN
-    cfg = build_config(None, None, tiny_overrides(text, 4, 0) + ["stage1.lr=1e30", "stage1.max_grad_norm=0", "linearize.feature_map=t2r"], model=str(model_dir))
+    over = tiny_overrides(text, 4, 0) + ["stage1.lr=1e30", "stage1.max_grad_norm=0", "linearize.feature_map=t2r", "checkpoint_every=1"]
+    cfg = build_config(None, None, over, model=str(model_dir))
     with pytest.raises(NonFiniteLossError, match="lower stage1.lr") as e:
         run_conversion(cfg, tmp_path / "run", echo=lambda m: None)
     assert "\n" not in str(e.value)
+    # the last good checkpoint (after step 1, before the NaN) is kept and loads
+    from linearize.pipelines.checkpoint import CheckpointManager
+
+    last = CheckpointManager(tmp_path / "run" / "checkpoints").latest()
+    assert last.stage == "stage1" and last.step >= 1
+    assert all(bool(torch.isfinite(w).all()) for w in last.load_weights().values())
 
 
 @pytest.mark.parametrize(
