@@ -64,53 +64,59 @@ def _identity_slice(num_heads: int, rows: int, cols: int) -> torch.Tensor:
     return torch.eye(rows, cols).unsqueeze(0).repeat(num_heads, 1, 1)
 
 
-@register("hedgehog")
-class HedgehogFeatureMap(FeatureMap):
-    """LoLCATs' Hedgehog map: [softmax(xW), softmax(-xW)] per head, W [H, D, f] with no bias, F = 2f.
-
-    W starts as an identity slice, so before training phi keeps the first f coordinates of x.
-    The softmax runs in fp32: it is where bf16 would lose the most.
-    """
+class ProjectedFeatureMap(FeatureMap):
+    """A map that starts with a per-head projection ``W [H, D, f]``, initialised to an identity slice
+    (so before training it keeps the first f coordinates of x)."""
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
         super().__init__(num_heads, head_dim, feature_dim)
         self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
         self.reset_parameters()
-
-    @property
-    def output_dim(self) -> int:
-        return 2 * self.feature_dim
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.weight.copy_(_identity_slice(self.num_heads, self.head_dim, self.feature_dim))
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self._project(x, self.weight)
+
+
+@register("hedgehog")
+class HedgehogFeatureMap(ProjectedFeatureMap):
+    """LoLCATs' Hedgehog map: [softmax(xW), softmax(-xW)] per head, W [H, D, f] with no bias, F = 2f.
+
+    The softmax runs in fp32: it is where bf16 would lose the most.
+    """
+
+    @property
+    def output_dim(self) -> int:
+        return 2 * self.feature_dim
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self._project(x, self.weight).float()
+        u = self.project(x).float()
         return torch.cat([torch.softmax(u, dim=-1), torch.softmax(-u, dim=-1)], dim=-1).to(x.dtype)
 
 
 @register("t2r")
-class T2RFeatureMap(FeatureMap):
-    """Transformer-to-RNN (Kasai et al.): relu(xW + b) per head, F = f. W starts as an identity slice."""
+class T2RFeatureMap(ProjectedFeatureMap):
+    """Transformer-to-RNN (Kasai et al.): relu(xW + b) per head, F = f; b starts at 0."""
 
     def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
         super().__init__(num_heads, head_dim, feature_dim)
-        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
-        self.bias = nn.Parameter(torch.empty(num_heads, feature_dim))
-        self.reset_parameters()
+        self.bias = nn.Parameter(torch.zeros(num_heads, feature_dim))
 
     @property
     def output_dim(self) -> int:
         return self.feature_dim
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(_identity_slice(self.num_heads, self.head_dim, self.feature_dim))
-            self.bias.zero_()
+        super().reset_parameters()
+        if getattr(self, "bias", None) is not None:  # absent while the base __init__ runs this
+            with torch.no_grad():
+                self.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self._project(x, self.weight) + self.bias.to(x.dtype))
+        return torch.relu(self.project(x) + self.bias.to(x.dtype))
 
 
 @register("elu")
@@ -128,28 +134,19 @@ class EluFeatureMap(FeatureMap):
 
 
 @register("taylor")
-class TaylorFeatureMap(FeatureMap):
+class TaylorFeatureMap(ProjectedFeatureMap):
     """Based's 2nd-order Taylor map of exp(u.u'/sqrt(f)), after a per-head projection W [H, D, f].
 
     phi(u) = [1, u / f^(1/4), vec(u u^T) / (sqrt(2) sqrt(f))], so phi(a).phi(b) = 1 + s + s^2/2 with
     s = a.b / sqrt(f). F = 1 + f + f^2 grows fast: use a small feature_dim (Based uses 16).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, feature_dim: int):
-        super().__init__(num_heads, head_dim, feature_dim)
-        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
-        self.reset_parameters()
-
     @property
     def output_dim(self) -> int:
         return 1 + self.feature_dim + self.feature_dim**2
 
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.weight.copy_(_identity_slice(self.num_heads, self.head_dim, self.feature_dim))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = self._project(x, self.weight)
+        u = self.project(x)
         f = self.feature_dim
         second = (u.unsqueeze(-1) * u.unsqueeze(-2)).flatten(-2) / (math.sqrt(2.0) * math.sqrt(f))
         return torch.cat([torch.ones_like(u[..., :1]), u / f**0.25, second], dim=-1)
