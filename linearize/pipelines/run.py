@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import platform
 import resource
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -78,8 +80,6 @@ def _prepare_out(cfg: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
         if saved != cfg:
             raise RunError(f"the settings differ from the run saved in {out}; resume with the same settings or use another --out")
         state_path = out / "state.json"
-        import json
-
         return json.loads(state_path.read_text()) if state_path.exists() else {}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -221,8 +221,6 @@ def run_conversion(
     model.save_pretrained(tmp_export)
     tokenizer.save_pretrained(tmp_export)
     if export.exists():
-        import shutil
-
         shutil.rmtree(export)
     tmp_export.rename(export)
     if "linearized" not in state["samples"]:
