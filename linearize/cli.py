@@ -138,6 +138,11 @@ def convert_cmd(
     console.print(f"[bold green]done[/]: {report['output']}")
 
 
+from .eval.cli import eval_cmd  # noqa: E402  (the eval command lives with the eval suite)
+
+app.command("eval")(eval_cmd)
+
+
 @app.command()
 def generate(
     model: str = typer.Argument(..., help="A linearized model dir (or any model linearize.models.load takes)."),

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-CHUNK = 44 * 2**20
+CHUNK = 47 * 2**20
 
 
 def main() -> None:

@@ -1,0 +1,126 @@
+"""``evaluate(models, tasks, ...)``: every task on every model, side by side."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .perplexity import parse_ppl
+from .recall import MQAR_PAIRS, PASSKEY_LENGTHS, check_length, parse_counts
+from .tasks import TASKS, check_task
+
+DEFAULT_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "lambada", "mmlu", "ppl:austen", "passkey", "mqar")
+
+
+def check_tasks(tasks: list[str]) -> None:
+    """Validate task names before any model is loaded (one-line ``ValueError``)."""
+    if not tasks:
+        raise ValueError("no tasks given")
+    for t in tasks:
+        if t.startswith("ppl:"):
+            parse_ppl(t)
+        elif t.split("@")[0] == "passkey":
+            parse_counts(t, PASSKEY_LENGTHS)
+        elif t.split("@")[0] == "mqar":
+            parse_counts(t, MQAR_PAIRS)
+        else:
+            check_task(t)
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_model(name: str, device: str):
+    """``(model, tokenizer)`` from an alias, ``.gguf``, HF dir (linearized or not) or hub id."""
+    import torch
+
+    import linearize  # noqa: F401  (registers the linearized model types)
+    from linearize.models import load
+
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.endswith(".gguf")):
+        raise FileNotFoundError(f"no such model: {name}")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model, tok = load(name, dtype=dtype, device=device)
+    return model, tok
+
+
+def run_task(model, tok, task: str, *, limit: int | None, batch_size: int, seed: int, progress: bool = True) -> dict:
+    from .perplexity import load_tokens, sliding_perplexity
+    from .recall import score_mqar, score_passkey
+    from .scoring import score_task
+    from .tasks import load_task
+
+    if task.startswith("ppl:"):
+        source, lengths = parse_ppl(task)
+        for n in lengths:
+            check_length(model, n, task)
+        ids = load_tokens(source, tok)
+        out: dict = {"source_tokens": int(ids.numel())}
+        for n in lengths:
+            r = sliding_perplexity(model, ids, n, batch_size=max(1, batch_size // 4), limit=limit, progress=progress)
+            out |= {f"ppl@{n}": r["ppl"], f"loss@{n}": r["loss"], f"tokens@{n}": r["tokens"], f"windows@{n}": r["windows"], f"stride@{n}": r["stride"]}
+        return out
+    base = task.split("@")[0]
+    if base == "passkey":
+        return score_passkey(model, tok, parse_counts(task, PASSKEY_LENGTHS), limit=limit, seed=seed, batch_size=1, progress=progress)
+    if base == "mqar":
+        return score_mqar(model, tok, parse_counts(task, MQAR_PAIRS), limit=limit, seed=seed, batch_size=max(1, batch_size // 4), progress=progress)
+    return score_task(model, tok, load_task(task, limit), batch_size=batch_size, progress=progress)
+
+
+def evaluate(
+    models: list[str], tasks: list[str], limit: int | None = None, out: Path | str | None = None, device: str | None = None,
+    *, batch_size: int = 16, seed: int = 0, echo: Callable[[str], None] | None = None, progress: bool = True,
+) -> dict:
+    """Run ``tasks`` on each of ``models``; returns the report (written to ``out`` when given).
+
+    Task names: ``arc_easy arc_challenge piqa hellaswag winogrande lambada mmlu``,
+    ``ppl:<corpus or file>[@len,...]``, ``passkey[@len,...]``, ``mqar[@pairs,...]``.
+    """
+    echo = echo or (lambda _m: None)
+    if not models:
+        raise ValueError("no models given")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be positive, got {limit}")
+    check_tasks(tasks)
+    device = resolve_device(device)
+    results: dict[str, dict] = {}
+    timing: dict[str, dict] = {}
+    labels = []
+    for name in models:
+        label = name if name not in labels else f"{name} ({len(labels)})"
+        labels.append(label)
+        echo(f"loading {name}")
+        model, tok = load_model(name, device)
+        results[label], timing[label] = {}, {}
+        for task in tasks:
+            echo(f"{label}: {task}")
+            t0 = time.perf_counter()
+            results[label][task] = run_task(model, tok, task, limit=limit, batch_size=batch_size, seed=seed, progress=progress)
+            timing[label][task] = round(time.perf_counter() - t0, 2)
+        del model
+    report = {
+        "models": labels,
+        "tasks": list(tasks),
+        "results": results,
+        "seconds": timing,
+        "settings": {"limit": limit, "device": device, "batch_size": batch_size, "seed": seed},
+        "notes": [
+            "zero-shot tasks and MMLU (5-shot) follow lm-evaluation-harness 0.4 prompts and metrics (linearize.eval.scoring)",
+            "ppl: sliding window, stride = context/2; passkey/mqar: greedy exact match (linearize.eval.recall)",
+        ],
+    }
+    if out is not None:
+        from .report import write_report
+
+        write_report(report, Path(out))
+    return report
+
+
+__all__ = ["DEFAULT_TASKS", "TASKS", "evaluate"]
