@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .perplexity import parse_ppl
 from .recall import MQAR_PAIRS, PASSKEY_LENGTHS, check_length, parse_counts
+from .scoring import max_length
 from .tasks import TASKS, check_task
 
 DEFAULT_TASKS = ("arc_easy", "arc_challenge", "piqa", "hellaswag", "winogrande", "lambada", "mmlu", "ppl:austen", "passkey", "mqar")
@@ -68,7 +69,10 @@ def run_task(model, tok, task: str, *, limit: int | None, batch_size: int, seed:
         return out
     base = task.split("@")[0]
     if base == "passkey":
-        return score_passkey(model, tok, parse_counts(task, PASSKEY_LENGTHS), limit=limit, seed=seed, batch_size=1, progress=progress)
+        lengths = parse_counts(task, PASSKEY_LENGTHS)
+        if "@" not in task:  # default lengths: only those the model can take (an explicit list is checked)
+            lengths = tuple(n for n in lengths if n < max_length(model)) or lengths
+        return score_passkey(model, tok, lengths, limit=limit, seed=seed, batch_size=1, progress=progress)
     if base == "mqar":
         return score_mqar(model, tok, parse_counts(task, MQAR_PAIRS), limit=limit, seed=seed, batch_size=max(1, batch_size // 4), progress=progress)
     return score_task(model, tok, load_task(task, limit), batch_size=batch_size, progress=progress)
