@@ -34,6 +34,8 @@ def _fmt(metrics: dict | None, key: str) -> str:
     v = metrics[key]
     if key.startswith(("ppl", "perplexity")):
         return f"{v:.2f}"
+    if not key.startswith("acc"):  # counts (tokens, windows): not a percentage
+        return f"{v:,.0f}" if isinstance(v, (int, float)) else str(v)
     err = metrics.get(f"{key}_stderr")
     pct = f"{100 * v:.1f}"
     return f"{pct} ± {100 * err:.1f}" if isinstance(err, float) and not math.isnan(err) else pct
