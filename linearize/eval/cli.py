@@ -20,9 +20,13 @@ def expand_tasks(spec: list[str]) -> list[str]:
 
     out: list[str] = []
     for item in spec:
-        for t in (x.strip() for x in item.split(",")):
-            if not t:
-                continue
+        parts: list[str] = []
+        for x in (x.strip() for x in item.split(",")):
+            if x.isdigit() and parts and "@" in parts[-1]:
+                parts[-1] += f",{x}"  # "passkey@1024,2048": a number continues the previous task's list
+            elif x:
+                parts.append(x)
+        for t in parts:
             expanded = ZEROSHOT if t == "zeroshot" else list(DEFAULT_TASKS) if t == "all" else [t]
             out += [x for x in expanded if x not in out]
     return out
