@@ -66,3 +66,11 @@ def test_markdown_models_side_by_side():
     rep = {"results": {"a": {"arc_easy": {"acc": 0.5, "acc_stderr": 0.1, "n": 10}}, "b": {"arc_easy": {"acc": 0.25, "n": 10}}}, "settings": {"limit": 10}}
     md = markdown(rep)
     assert "| task | metric | a | b |" in md and "50.0 ± 10.0" in md and "25.0" in md
+
+
+def test_task_lists_keep_their_at_lists_across_commas():
+    from linearize.eval.cli import expand_tasks
+
+    got = expand_tasks(["ppl:austen@512,2048,passkey@1024,4096,mqar@4,16", "piqa"])
+    assert got == ["ppl:austen@512,2048", "passkey@1024,4096", "mqar@4,16", "piqa"]
+    assert expand_tasks(["zeroshot,lambada"])[:2] == ["arc_easy", "arc_challenge"]
