@@ -18,6 +18,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..fetch import cache_dir
+
 __all__ = ["CorpusError", "Document", "cache_dir", "data_dir", "log", "progress", "read_jsonl", "temp_sibling", "write_atomic", "write_jsonl"]
 
 
@@ -69,12 +71,6 @@ class Document:
             messages=tuple(messages) if messages is not None else None,
             group=obj.get("group"),
         )
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$LINEARIZE_CACHE`` if set, else ``~/.cache/linearize`` (read on every call,
-    so tests and users can redirect it at any time). Same rule as :func:`linearize.models.hub.cache_dir`."""
-    return Path(os.environ.get("LINEARIZE_CACHE") or "~/.cache/linearize").expanduser()
 
 
 def data_dir(*parts: str) -> Path:

