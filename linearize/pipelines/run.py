@@ -159,6 +159,10 @@ def run_conversion(
     # ---- stage 1: attention transfer ---------------------------------------------------------------
     stage1_file = out / "stage1_final.safetensors"
     params = freeze_for_transfer(model)
+    if device.type == "cuda":
+        # bf16 weights cannot hold AdamW's small updates: train fp32 masters (autocast runs the math in bf16)
+        for p in params.values():
+            p.data = p.data.float()
     loss1 = transfer_loss
     if cfg.transfer_block is not None:
         a, b = cfg.transfer_block
