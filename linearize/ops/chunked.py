@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as Fn
 
-from .common import Dims, check_inputs, compute_dtype, default_scale, key_mask, safe_divide, window_weight_vector
+from .common import Dims, check_inputs, compute_dtype, default_scale, key_mask, safe_divide, window_exp, window_weight_vector
 from .state import HybridState
 
 
@@ -117,9 +117,7 @@ def hybrid_attention_chunked(
         band = (col >= r) & (col <= r + P)  # [C,W]
         allowed = band & mb.view(d.B, 1, 1, n, 1, W)
         s = scale * (qg @ kb.transpose(-1, -2))  # [B,Hkv,G,n,C,W]
-        mx = s.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        p = torch.where(allowed, torch.exp(s - mx), torch.zeros_like(s))
+        p = window_exp(s, allowed)
         num = num + gamma.unsqueeze(-1) * (p @ vb)
         den = den + gamma * p.sum(-1)
 

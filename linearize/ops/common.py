@@ -82,6 +82,14 @@ def key_mask(attention_mask: torch.Tensor | None, B: int, T: int, device) -> tor
     return attention_mask.to(device=device).bool()
 
 
+def window_exp(s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """exp(s - m) on the allowed keys (0 elsewhere), m the row max over allowed keys (0 if none):
+    the window part of the hybrid, unnormalized, since it shares its normalizer with the linear part."""
+    m = s.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return torch.where(allowed, torch.exp(s - m), torch.zeros_like(s))
+
+
 def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """num / den, with 0 where den == 0 (padding queries that see no valid key)."""
     ok = den > 0

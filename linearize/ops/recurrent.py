@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_inputs, compute_dtype, default_scale, key_mask, safe_divide, window_weight_vector
+from .common import check_inputs, compute_dtype, default_scale, key_mask, safe_divide, window_exp, window_weight_vector
 from .state import HybridState
 
 
@@ -69,9 +69,7 @@ def hybrid_attention_step(
         vw = v_ext.to(ct).permute(0, 2, 1, 3)
         s = scale * (qg @ kw.transpose(-1, -2))  # [B,Hkv,G,L+1]
         allowed = m_ext.view(d.B, 1, 1, L + 1)
-        mx = s.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
-        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-        p = torch.where(allowed, torch.exp(s - mx), torch.zeros_like(s))
+        p = window_exp(s, allowed)
         num = num + gamma * (p @ vw)
         den = den + gamma.squeeze(-1) * p.sum(-1)
         if evict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import check_inputs, compute_dtype, default_scale, key_mask, safe_divide, window_weight_vector
+from .common import check_inputs, compute_dtype, default_scale, key_mask, safe_divide, window_exp, window_weight_vector
 
 
 def hybrid_attention_reference(
@@ -44,9 +44,7 @@ def hybrid_attention_reference(
     in_linear = (j <= i - window) & keep
 
     s = scale * qh @ kh.transpose(-1, -2)  # [B,H,T,T]
-    m = s.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    a_win = torch.where(in_window, torch.exp(s - m), torch.zeros_like(s))
+    a_win = window_exp(s, in_window)
     a_lin = torch.where(in_linear, pq @ pk.transpose(-1, -2), torch.zeros_like(s))
 
     num = gamma * (a_win @ vh) + a_lin @ vh
