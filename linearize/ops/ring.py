@@ -1,0 +1,234 @@
+"""The decode form of the hybrid state: fixed-size ring buffers, updated in place.
+
+``HybridState`` keeps the window tail in order and grows it up to ``window - 1`` keys, so a decode step
+allocates new tensors every token. For decode (and CUDA graphs) the tail lives in a ring of
+``W = window`` slots instead (``W = 0`` for ``window <= 1``): ``window - 1`` slots hold the tail and one
+slot is free for the incoming key. The softmax over the window does not depend on the keys' order, so
+a ring gives the same outputs as the ordered tail.
+
+Ring invariants, with ``p = pos`` (a device scalar: tokens written to the ring so far):
+  * the next key is written to slot ``p % W``; that slot's old content (if any) is already in S, z;
+  * the tail, oldest first, is slots ``(p - n) % W, ..., (p - 1) % W`` with ``n = min(p, W - 1)``;
+    unfilled slots hold zeros with ``mask`` False, so they count for nothing anywhere;
+  * a step reads the window (tail + new key), then absorbs slot ``(p + 1) % W`` (the oldest tail key,
+    or an empty slot while the tail is not full) into S, z.
+``z`` is double-buffered: ``z[p % 2]`` is current and a step writes ``z[(p + 1) % 2]``, so that a
+kernel whose programs all read z can update it without a race (see ``triton/decode.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .common import check_inputs, compute_dtype, default_scale, key_mask, safe_divide, window_exp, window_weight_vector
+from .state import HybridState
+
+
+def ring_slots(window: int) -> int:
+    """Slots of the ring for ``window``: the tail (window - 1) plus one for the new key; 0 if window <= 1."""
+    return window if window >= 2 else 0
+
+
+@dataclass(frozen=True)
+class RingState:
+    """A ``HybridState`` in decode form. Tensors are updated in place by a step; shapes never change.
+
+    Shapes (``W = ring_slots(window)``, ``H'`` = key feature heads):
+        S      [B, H', F, D]   float32 (float64 in fp64 tests), the linear sums
+        z      [2, B, H', F]   same dtype as S; ``z[pos % 2]`` is the current key sum
+        k, v   [B, W, Hkv, D]  the ring of window keys / values (model dtype)
+        phi_k  [B, W, H', F]   their features
+        mask   [B, W]          bool, True where a slot holds a valid (non-padding) key
+        pos    [1]             int64 on the state's device: tokens written to the ring
+    """
+
+    S: torch.Tensor
+    z: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    phi_k: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    window: int
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.S.shape[0]
+
+    def _map(self, fn) -> "RingState":
+        t = [fn(x) for x in (self.S, self.z.transpose(0, 1), self.k, self.v, self.phi_k, self.mask)]
+        t[1] = t[1].transpose(0, 1).contiguous()
+        return RingState(*t, pos=self.pos, window=self.window)
+
+    def index_batch(self, index: torch.Tensor) -> "RingState":
+        """Select / reorder / repeat sequences (beam search, batch pruning). All sequences share ``pos``."""
+        return self._map(lambda t: t.index_select(0, index.to(t.device)).contiguous())
+
+    def to(self, device: torch.device | str) -> "RingState":
+        r = self._map(lambda t: t.to(device, non_blocking=True))
+        return RingState(r.S, r.z, r.k, r.v, r.phi_k, r.mask, pos=self.pos.to(device), window=self.window)
+
+
+def ring_from_state(state: HybridState, window: int) -> RingState:
+    """Copy an ordered ``HybridState`` (tail of L <= window - 1 keys) into a fresh ring. No host sync."""
+    W = ring_slots(window)
+    B, L = state.k.shape[:2]
+    if L > max(W - 1, 0):
+        raise ValueError(f"state holds {L} window keys but window={window} keeps at most {max(window - 1, 0)}")
+    Hkv, D = state.k.shape[2:]
+    Hf, F = state.phi_k.shape[2:]
+    dev = state.S.device
+
+    def ring(tail: torch.Tensor) -> torch.Tensor:
+        r = tail.new_zeros((B, W) + tuple(tail.shape[2:]))
+        r[:, :L] = tail
+        return r
+
+    z = state.z.new_zeros((2,) + tuple(state.z.shape))
+    z[L % 2] = state.z
+    return RingState(
+        S=state.S.clone().contiguous(),
+        z=z,
+        k=ring(state.k),
+        v=ring(state.v),
+        phi_k=ring(state.phi_k),
+        mask=ring(state.mask),
+        pos=torch.full((1,), L, dtype=torch.int64, device=dev),
+        window=window,
+    )
+
+
+def ring_to_state(ring: RingState) -> HybridState:
+    """The ordered ``HybridState`` of a ring (copies). Reads ``pos`` on the host: one sync, outside decode."""
+    p = int(ring.pos.item())
+    W = ring.slots
+    n = min(p, max(W - 1, 0))
+    idx = (torch.arange(p - n, p, device=ring.k.device) % W) if W else torch.zeros(0, dtype=torch.long, device=ring.k.device)
+    return HybridState(
+        S=ring.S.clone(),
+        z=ring.z[p % 2].clone(),
+        k=ring.k.index_select(1, idx),
+        v=ring.v.index_select(1, idx),
+        phi_k=ring.phi_k.index_select(1, idx),
+        mask=ring.mask.index_select(1, idx),
+    )
+
+
+def check_ring(ring: RingState, q, k, v, phi_q, phi_k):
+    """Shapes of the step's inputs against the ring; returns the ``Dims``. Host-side only (no sync)."""
+    d = check_inputs(q, k, v, phi_q, phi_k, ring.window)
+    if d.T != 1:
+        raise ValueError(f"a ring decode step takes one token per sequence; got T={d.T}")
+    W = ring_slots(ring.window)
+    want = {
+        "S": (ring.S, (d.B, d.Hf, d.F, d.D)),
+        "z": (ring.z, (2, d.B, d.Hf, d.F)),
+        "k": (ring.k, (d.B, W, d.Hkv, d.D)),
+        "v": (ring.v, (d.B, W, d.Hkv, d.D)),
+        "phi_k": (ring.phi_k, (d.B, W, d.Hf, d.F)),
+        "mask": (ring.mask, (d.B, W)),
+        "pos": (ring.pos, (1,)),
+    }
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"ring {name} must be {shape} for these inputs; got {tuple(t.shape)}")
+    return d
+
+
+def ring_step_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    ring: RingState,
+    *,
+    window_weight: float | torch.Tensor,
+    scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decode token against ``ring``, updating it in place; same math as ``hybrid_attention_step``.
+
+    Shapes: q [B,1,H,D], k/v [B,1,Hkv,D], phi_q [B,1,H,F], phi_k [B,1,H',F], attention_mask [B,1].
+    Returns y [B,1,H,D] in q's dtype. Plain PyTorch, no host sync: the reference for the Triton kernel.
+    """
+    d = check_ring(ring, q, k, v, phi_q, phi_k)
+    window = ring.window
+    W = ring.slots
+    ct = compute_dtype(q)
+    scale = default_scale(scale, d.D)
+    gamma = window_weight_vector(window_weight, d.H, ct, q.device).view(1, d.Hkv, d.G, 1)
+    valid = key_mask(attention_mask, d.B, 1, q.device)  # [B,1]
+    pos = ring.pos
+    par = pos % 2
+
+    qg = q.to(ct).view(d.B, d.Hkv, d.G, d.D)
+    pq = phi_q.to(ct).view(d.B, d.Hkv, d.G, d.F)
+    S = ring.S.to(ct).view(d.B, d.Hkv, d.Gk, d.F, d.D)
+    z = ring.z.index_select(0, par)[0].to(ct).view(d.B, d.Hkv, d.Gk, d.F)
+
+    def absorb(S, z, pk, vv, ok):
+        """Add keys pk [B,H',F] with values vv [B,Hkv,D] where ok [B] (masked with where: no 0 * inf)."""
+        pk = torch.where(ok.view(-1, 1, 1), pk.to(ct), 0).view(d.B, d.Hkv, d.Gk, d.F)
+        vv = torch.where(ok.view(-1, 1, 1), vv.to(ct), 0).view(d.B, d.Hkv, 1, 1, d.D)
+        return S + pk.unsqueeze(-1) * vv, z + pk
+
+    if window == 0:  # the new key is in the linear set of its own query
+        S, z = absorb(S, z, phi_k[:, 0], v[:, 0], valid[:, 0])
+
+    num = (pq.unsqueeze(-2) @ S).squeeze(-2)  # [B,Hkv,G,D]
+    den = (pq * z).sum(-1)
+    if W:  # the new key takes the free slot; the window is then the whole ring
+        ns = pos % W
+        ring.k.index_copy_(1, ns, k.to(ring.k.dtype))
+        ring.v.index_copy_(1, ns, v.to(ring.v.dtype))
+        ring.phi_k.index_copy_(1, ns, phi_k.to(ring.phi_k.dtype))
+        ring.mask.index_copy_(1, ns, valid)
+        kw, vw, allowed = ring.k, ring.v, ring.mask
+    else:
+        kw, vw, allowed = k, v, valid
+    if window >= 1:
+        n = kw.shape[1]
+        kw = kw.to(ct).permute(0, 2, 1, 3)  # [B,Hkv,n,D]
+        vw = vw.to(ct).permute(0, 2, 1, 3)
+        s = scale * (qg @ kw.transpose(-1, -2))  # [B,Hkv,G,n]
+        p = window_exp(s, allowed.view(d.B, 1, 1, n))
+        num = num + gamma * (p @ vw)
+        den = den + gamma.squeeze(-1) * p.sum(-1)
+    y = safe_divide(num, den).reshape(d.B, 1, d.H, d.D).to(q.dtype)
+
+    if window == 1:  # the new key leaves the window right after its own query
+        S, z = absorb(S, z, phi_k[:, 0], v[:, 0], valid[:, 0])
+    elif W:  # the oldest tail key (an empty slot while the tail fills) joins the sums
+        ev = (pos + 1) % W
+        S, z = absorb(S, z, ring.phi_k.index_select(1, ev)[:, 0], ring.v.index_select(1, ev)[:, 0], ring.mask.index_select(1, ev)[:, 0])
+    ring.S.copy_(S.view(ring.S.shape))
+    ring.z.index_copy_(0, 1 - par, z.reshape(1, d.B, d.Hf, d.F).to(ring.z.dtype))
+    ring.pos.add_(1)
+    return y
+
+
+def decode_kernel_available(x: torch.Tensor) -> bool:
+    """Whether the Triton decode kernel can run on ``x``'s device (CUDA and an importable triton)."""
+    if not x.is_cuda:
+        return False
+    try:
+        from .triton import decode  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ring_step(q, k, v, phi_q, phi_k, ring: RingState, *, window_weight, scale=None, attention_mask=None) -> torch.Tensor:
+    """One in-place decode step: the Triton kernel on CUDA when available, else ``ring_step_torch``."""
+    if decode_kernel_available(q):
+        from .triton.decode import ring_step_triton
+
+        return ring_step_triton(q, k, v, phi_q, phi_k, ring, window_weight=window_weight, scale=scale, attention_mask=attention_mask)
+    return ring_step_torch(q, k, v, phi_q, phi_k, ring, window_weight=window_weight, scale=scale, attention_mask=attention_mask)
