@@ -1,0 +1,261 @@
+"""Fused chunkwise hybrid attention on Triton: forward and backward, linear memory in T, GQA without copies.
+
+Same definition and signature as ``linearize.ops.hybrid_attention_chunked`` (the PyTorch reference path);
+the kernels are in ``chunk_kernels.py``. Work per call, for one query head and T tokens (chunk C, window W,
+``nwin = ceil((W-1)/C)``): the forward computes a [C, C*(nwin+1)] score tile twice over (q.k and
+phi_q.phi_k) per chunk and carries a [F, D] fp32 running sum; nothing T x T and no per-chunk state is
+written. Only the segment-prefix sums ([nseg, B, H', F, D] fp32, nseg small) and three fp32 numbers per
+query (window max, denominator, arg-max key) are saved for the backward.
+
+An initial state (prefill in pieces) is supported by prepending the state's window tail to the keys (its
+queries are dummies) and seeding the running sums; it is treated as a constant (no gradient flows into it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..common import check_inputs, default_scale, key_mask, window_weight_vector
+from ..state import HybridState
+from . import chunk_kernels as K
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block shapes. ``C`` chunk length; ``BV`` value columns per program of the running-sum kernels."""
+
+    C: int
+    BV: int
+    num_warps: int
+    num_stages: int = 1
+    nseg: int | None = None  # segments per sequence; None = enough to fill the device
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(4, (n - 1).bit_length())  # tl.dot needs >= 16
+
+
+def default_config(D: int, F: int) -> LaunchConfig:
+    """A fixed table instead of autotuning: no first-call stall in ``generate`` or a short run."""
+    big = max(D, F) > 128
+    return LaunchConfig(C=32 if big else 64, BV=min(_pow2(D), 64), num_warps=4 if big else 4)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few segments, to exercise the segment logic
+
+
+def _segments(n_chunks: int, programs_per_segment: int, device: torch.device, nseg: int | None) -> tuple[int, int]:
+    """(n_per, nseg): chunks per segment and segment count."""
+    if nseg is None:
+        nseg = max(1, math.ceil(2 * _num_sms(device) / max(programs_per_segment, 1)))
+    nseg = max(1, min(nseg, n_chunks))
+    n_per = math.ceil(n_chunks / nseg)
+    return n_per, math.ceil(n_chunks / n_per)
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products; half inputs use tf32 only for the fp32 running-sum products.
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+class _HybridChunkFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig):
+        B, T, H, D = q.shape
+        Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
+        G, Gk, GQ = H // Hkv, Hf // Hkv, H // Hf
+        C = cfg.C
+        n = math.ceil(T / C)
+        W = min(window, T)
+        nwin = math.ceil((W - 1) / C) if W > 0 else 0
+        BD, BF, BV = _pow2(D), _pow2(F), min(cfg.BV, _pow2(D))
+        NV = math.ceil(D / BV)
+        n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
+        has_mask = mask is not None
+        m_arg = mask if has_mask else q
+        sM_b = mask.stride(0) if has_mask else 0
+        prec = _prec(q.dtype)
+        f32 = torch.float32
+        dev = q.device
+
+        seg_S = torch.empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
+        seg_z = torch.empty(nseg, B, Hf, F, dtype=f32, device=dev)
+        K.fwd_segment_sums_kernel[(nseg, B * Hf, NV)](
+            phi_k, v, m_arg, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
+            B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        # Exclusive prefix over segments, seeded with the initial sums.
+        pre_S = torch.cumsum(seg_S, 0) - seg_S + S0.to(f32).unsqueeze(0)
+        pre_z = torch.cumsum(seg_z, 0) - seg_z + z0.to(f32).unsqueeze(0)
+        pre_S, pre_z = pre_S.contiguous(), pre_z.contiguous()
+
+        y = torch.empty_like(q)
+        mx = torch.empty(B, H, T, dtype=f32, device=dev)
+        den = torch.empty(B, H, T, dtype=f32, device=dev)
+        arg = torch.empty(B, H, T, dtype=torch.int32, device=dev)
+        K.fwd_kernel[(nseg, B * Hf, NV)](
+            q, k, v, phi_q, phi_k, m_arg, gamma, pre_S, pre_z, y, mx, den, arg,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
+            B, T, H, Hf, Gk, n, n_per, nwin, W, scale,
+            D=D, F=F, BD=BD, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        ctx.save_for_backward(q, k, v, phi_q, phi_k, gamma, mask, y, mx, den, arg, pre_S, pre_z)
+        ctx.meta = (W, nwin, scale, cfg, n, n_per, nseg, NV, BV)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        q, k, v, phi_q, phi_k, gamma, mask, y, mx, den, arg, pre_S, pre_z = ctx.saved_tensors
+        W, nwin, scale, cfg, n, n_per, nseg, NV, BV = ctx.meta
+        B, T, H, D = q.shape
+        Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
+        G, Gk, GQ = H // Hkv, Hf // Hkv, H // Hf
+        C = cfg.C
+        BD, BF = _pow2(D), _pow2(F)
+        has_mask = mask is not None
+        m_arg = mask if has_mask else q
+        sM_b = mask.stride(0) if has_mask else 0
+        prec = _prec(q.dtype)
+        f32 = torch.float32
+        dev = q.device
+        dy = dy.contiguous()
+        delta = (dy.float() * y.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
+        kw = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        strides_in = (*_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(dy), sM_b)
+
+        dq = torch.empty_like(q)
+        dpq = torch.empty(B, T, H, F, dtype=f32, device=dev)
+        corr = torch.empty(B, H, T, dtype=f32, device=dev)
+        dgam = torch.empty(n, B, H, dtype=f32, device=dev)
+        K.bwd_dq_kernel[(n, B * H)](
+            q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, dgam, *strides_in,
+            B, T, H, Hf, G, GQ, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, HAS_MASK=has_mask, PREC=prec, **kw,
+        )
+        dk_b = torch.empty(B, T, Hf, D, dtype=f32, device=dev)
+        dv_b = torch.empty(B, T, Hf, D, dtype=f32, device=dev)
+        dpk = torch.empty(B, T, Hf, F, dtype=f32, device=dev)
+        K.bwd_dk_kernel[(n, B * Hf)](
+            q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, *strides_in,
+            B, T, H, Hf, Gk, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, **kw,
+        )
+        # Running-sum parts.
+        seg_dS = torch.empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
+        seg_dz = torch.empty(nseg, B, Hf, F, dtype=f32, device=dev)
+        K.bwd_segment_sums_kernel[(nseg, B * Hf, NV)](
+            phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
+            B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
+        )
+        # Reverse exclusive prefix: segment s starts from the sums of every later segment.
+        rev_dS = (seg_dS.flip(0).cumsum(0).flip(0) - seg_dS).contiguous()
+        rev_dz = (seg_dz.flip(0).cumsum(0).flip(0) - seg_dz).contiguous()
+        atomic = NV > 1
+        K.bwd_dq_state_kernel[(nseg, B * Hf, NV)](
+            phi_k, v, m_arg, dy, den, delta, pre_S, pre_z, dpq,
+            *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
+            B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+            ATOMIC=atomic, **kw,
+        )
+        K.bwd_dk_state_kernel[(nseg, B * Hf, NV)](
+            phi_q, phi_k, v, m_arg, dy, den, delta, rev_dS, rev_dz, dv_b, dpk,
+            *_strides(phi_q), *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
+            B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+            ATOMIC=atomic, **kw,
+        )
+        if Gk > 1:  # key feature maps per query head: k and v gradients summed over each KV group
+            dk_b = dk_b.view(B, T, Hkv, Gk, D).sum(3)
+            dv_b = dv_b.view(B, T, Hkv, Gk, D).sum(3)
+        dgamma = dgam.sum((0, 1))
+        return (
+            dq, dk_b.to(k.dtype), dv_b.to(v.dtype), dpq.to(phi_q.dtype), dpk.to(phi_k.dtype), dgamma,
+            None, None, None, None, None, None,
+        )
+
+
+def hybrid_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    *,
+    window: int,
+    window_weight: float | torch.Tensor,
+    scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    initial_state: HybridState | None = None,
+    output_final_state: bool = False,
+    config: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, HybridState | None]:
+    """``hybrid_attention_chunked`` on Triton kernels. Shapes as there: q [B,T,H,D], k/v [B,T,Hkv,D],
+    phi_q [B,T,H,F], phi_k [B,T,Hkv|H,F], attention_mask [B,T]. Returns y [B,T,H,D] (q's dtype) and, if
+    asked, the final ``HybridState``. Gradients flow to q, k, v, phi_q, phi_k and window_weight."""
+    d = check_inputs(q, k, v, phi_q, phi_k, window)
+    scale = default_scale(scale, d.D)
+    dev = q.device
+    dtype = q.dtype
+    gamma = window_weight_vector(window_weight, d.H, torch.float32, dev).contiguous()
+    # One operand dtype for the tensor-core products; accumulation is fp32 regardless.
+    k, v, phi_q, phi_k = (x.to(dtype) for x in (k, v, phi_q, phi_k))
+    q, k, v, phi_q, phi_k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, phi_q, phi_k))
+    valid = key_mask(attention_mask, d.B, d.T, dev) if attention_mask is not None else None
+    if initial_state is None:
+        initial_state = HybridState.empty(d.B, d.Hkv, d.D, d.Hf, d.F, dtype=dtype, device=dev, phi_dtype=dtype)
+    L = initial_state.tail_len
+    if d.T == 0:
+        return q.new_zeros(q.shape), (initial_state if output_final_state else None)
+    if L:  # the tail's keys lead the sequence; its query rows are dummies and are dropped
+        def lead(tail, new):
+            return torch.cat([tail.to(new.dtype), new], dim=1)
+
+        q_run = torch.cat([q.new_zeros(d.B, L, d.H, d.D), q], dim=1)
+        k_run, v_run = lead(initial_state.k, k), lead(initial_state.v, v)
+        pq_run = torch.cat([phi_q.new_zeros(d.B, L, d.H, d.F), phi_q], dim=1)
+        pk_run = lead(initial_state.phi_k, phi_k)
+        new_valid = valid if valid is not None else torch.ones(d.B, d.T, dtype=torch.bool, device=dev)
+        valid_run = torch.cat([initial_state.mask.to(dev), new_valid], dim=1)
+    else:
+        q_run, k_run, v_run, pq_run, pk_run, valid_run = q, k, v, phi_q, phi_k, valid
+    mask_u8 = None if valid_run is None or bool(valid_run.all()) else valid_run.to(torch.uint8).contiguous()
+    S0 = initial_state.S.detach().to(torch.float32).contiguous()
+    z0 = initial_state.z.detach().to(torch.float32).contiguous()
+    cfg = config or default_config(d.D, d.F)
+    y = _HybridChunkFn.apply(q_run, k_run, v_run, pq_run, pk_run, gamma, mask_u8, S0, z0, window, scale, cfg)
+    if L:
+        y = y[:, L:]
+    if not output_final_state:
+        return y, None
+    return y, _final_state(S0, z0, k_run, v_run, pk_run, valid_run, window, d)
+
+
+def _final_state(S0, z0, k, v, pk, valid, window: int, d) -> HybridState:
+    """The sums over every key but the last ``window - 1``, which form the new tail (torch ops: one pass)."""
+    Tr = k.shape[1]
+    keep = min(window - 1, Tr) if window > 0 else 0
+    n_lin = Tr - keep
+    if valid is None:
+        valid = torch.ones(d.B, Tr, dtype=torch.bool, device=k.device)
+    m = valid[:, :n_lin, None, None].float()
+    pk_l = (pk[:, :n_lin].float() * m).view(d.B, n_lin, d.Hkv, d.Gk, d.F)
+    v_l = v[:, :n_lin].float()
+    S = S0.view(d.B, d.Hkv, d.Gk, d.F, d.D) + torch.einsum("btkgf,btkd->bkgfd", pk_l, v_l)
+    z = z0.view(d.B, d.Hkv, d.Gk, d.F) + pk_l.sum(1)
+    return HybridState(
+        S=S.reshape(d.B, d.Hf, d.F, d.D),
+        z=z.reshape(d.B, d.Hf, d.F),
+        k=k[:, n_lin:],
+        v=v[:, n_lin:],
+        phi_k=pk[:, n_lin:],
+        mask=valid[:, n_lin:],
+    )

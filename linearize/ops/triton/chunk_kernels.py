@@ -1,0 +1,458 @@
+"""Triton kernels of the chunked hybrid attention (forward and backward). The launch logic is in ``chunk.py``.
+
+Notation (one query head ``h``; its KV head ``hk``; its key-feature head ``hf``, which is ``hk`` when the key
+feature maps are per KV head and ``h`` otherwise). Queries and keys share positions ``t, e`` in ``[0, T)``.
+  * window set of query t:  ``0 <= t - e < W``, weight ``gamma * exp(s_te - m_t)``, ``s = scale * q.k``,
+    ``m_t`` the max of ``s_te`` over the window set (0 if empty);
+  * linear set:             ``t - e >= W``, weight ``a_te = phi_q(t) . phi_k(e)``;
+  * ``y_t = sum_e w_te v_e / den_t``, ``den_t = sum_e w_te``. Padding keys (mask 0) are in neither set.
+Queries are cut into chunks of ``C``. Query chunk ``c`` sees its window in key chunks ``[c - nwin, c]``
+(``nwin = ceil((W - 1) / C)``); every key chunk before that is wholly in the linear set and reaches the
+chunk through the running sums ``S = sum phi_k v^T`` [F, D], ``z = sum phi_k`` [F].
+
+Parallelism: the intra-chunk kernels run one program per chunk. The kernels that carry ``S`` (or its
+gradient ``dS``) along the sequence run one program per *segment* of ``n_per`` chunks, started from
+segment-prefix sums computed by a cheap first pass, so that short batches still fill the GPU; they may
+also split the value dimension into blocks of ``BV`` (each block owns ``S[:, block]``).
+
+Backward. With ``dw_te = (dy_t . v_e - delta_t) / den_t`` and ``delta_t = dy_t . y_t``:
+  dv_e += w_te dy_t / den_t;  linear: dphi_q += dw a-partner, dphi_k likewise;
+  window: ds_te = w_te dw_te, plus the path through the max: ``dm_t = -sum_e ds_te`` lands on the arg-max
+  key of row t (as torch's ``amax`` backward does); ``dgamma += sum exp(s - m) dw``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(ptr, rows, row_ok, stride_t, cols, ncols):
+    """[len(rows), len(cols)] tile of a [.., T, .., X] tensor whose last dim is contiguous; 0 outside."""
+    return tl.load(ptr + rows[:, None] * stride_t + cols[None, :], mask=row_ok[:, None] & (cols[None, :] < ncols), other=0.0)
+
+
+@triton.jit
+def _key_ok(M, b, sM_b, e, T, HAS_MASK: tl.constexpr):
+    ok = (e >= 0) & (e < T)
+    if HAS_MASK:
+        ok = ok & (tl.load(M + b * sM_b + e, mask=ok, other=0) != 0)
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def fwd_segment_sums_kernel(
+    PK, V, M, OUT_S, OUT_Z,
+    sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sM_b,
+    B, T, Hf, Gk, n_chunks, n_per, nwin,
+    F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """OUT_S[s] = sum of phi_k v^T over key chunks [s*n_per - nwin, (s+1)*n_per - nwin): the keys that the
+    chunks of segment s do NOT yet hold in their running sum are exactly those of the next segment shift."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // Hf
+    hf = bh % Hf
+    hk = hf // Gk
+    rf = tl.arange(0, BF)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    acc = tl.zeros([BF, BV], dtype=tl.float32)
+    accz = tl.zeros([BF], dtype=tl.float32)
+    c_lo = tl.maximum(s * n_per - nwin, 0)
+    c_hi = tl.minimum((s + 1) * n_per - nwin, n_chunks)
+    for c in range(c_lo, c_hi):
+        e = c * C + rc
+        ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+        pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, ok, sPK_t, rf, F)
+        vv = _load_rows(V + b * sV_b + hk * sV_h, e, ok, sV_t, rv, D)
+        acc += tl.dot(tl.trans(pk), vv, input_precision=PREC)
+        accz += tl.sum(pk.to(tl.float32), 0)
+    base = (s * B + b) * Hf + hf
+    tl.store(OUT_S + base * F * D + rf[:, None] * D + rv[None, :], acc, mask=(rf[:, None] < F) & (rv[None, :] < D))
+    if iv == 0:
+        tl.store(OUT_Z + base * F + rf, accz, mask=rf < F)
+
+
+@triton.jit
+def fwd_kernel(
+    Q, K, V, PQ, PK, M, GAMMA, S0, Z0, Y, MAX, DEN, ARG,
+    sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
+    sY_b, sY_t, sY_h, sM_b,
+    B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale,
+    D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """Outputs of one segment of chunks, for the GQ query heads that share feature head hf, V-block iv.
+    Also stores, per query, the window max m, the denominator and the arg-max key (for the backward)."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // Hf
+    hf = bh % Hf
+    hk = hf // Gk
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, BF)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    base = (s * B + b) * Hf + hf
+    S = tl.load(S0 + base * F * D + rf[:, None] * D + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < D), other=0.0)
+    z = tl.load(Z0 + base * F + rf, mask=rf < F, other=0.0)
+    Kb = K + b * sK_b + hk * sK_h
+    Vb = V + b * sV_b + hk * sV_h
+    PKb = PK + b * sPK_b + hf * sPK_h
+    c_lo = s * n_per
+    c_hi = tl.minimum((s + 1) * n_per, n_chunks)
+    for c in range(c_lo, c_hi):
+        t = c * C + rc
+        t_ok = t < T
+        for g in tl.static_range(GQ):
+            h = hf * GQ + g
+            q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
+            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
+            m_i = tl.full([C], float("-inf"), dtype=tl.float32)
+            l_w = tl.zeros([C], dtype=tl.float32)
+            l_l = tl.zeros([C], dtype=tl.float32)
+            arg = tl.zeros([C], dtype=tl.int32)
+            acc_w = tl.zeros([C, BV], dtype=tl.float32)
+            acc_l = tl.zeros([C, BV], dtype=tl.float32)
+            for j in range(tl.maximum(c - nwin, 0), c + 1):
+                e = j * C + rc
+                k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+                k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
+                vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
+                pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
+                diff = t[:, None] - e[None, :]
+                win = (diff >= 0) & (diff < W) & k_ok[None, :]
+                lin = (diff >= W) & k_ok[None, :]
+                sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                sm = tl.where(win, sc, float("-inf"))
+                tmax = tl.max(sm, 1)
+                targ = tl.argmax(sm, 1)
+                m_new = tl.maximum(m_i, tmax)
+                arg = tl.where(tmax > m_i, j * C + targ, arg)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m_i - m_safe)
+                p = tl.where(win, tl.exp(sc - m_safe[:, None]), 0.0)
+                acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+                l_w = l_w * alpha + tl.sum(p, 1)
+                m_i = m_new
+                a = tl.dot(pq, tl.trans(pk), input_precision=PREC)
+                a = tl.where(lin, a, 0.0)
+                acc_l += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
+                l_l += tl.sum(a, 1)
+            pqf = pq.to(tl.float32)
+            acc_l += tl.dot(pqf, S, input_precision=PREC)
+            l_l += tl.sum(pqf * z[None, :], 1)
+            gam = tl.load(GAMMA + h)
+            den = gam * l_w + l_l
+            ok = den > 0
+            y = tl.where(ok[:, None], (gam * acc_w + acc_l) / tl.where(ok, den, 1.0)[:, None], 0.0)
+            yp = Y + b * sY_b + h * sY_h + t[:, None] * sY_t + rv[None, :]
+            tl.store(yp, y.to(Y.dtype.element_ty), mask=t_ok[:, None] & (rv[None, :] < D))
+            if iv == 0:
+                row = (b * H + h) * T + t
+                tl.store(MAX + row, tl.where(m_i == float("-inf"), 0.0, m_i), mask=t_ok)
+                tl.store(DEN + row, den, mask=t_ok)
+                tl.store(ARG + row, arg, mask=t_ok)
+        # Key chunk c - nwin is now wholly in the linear set of every later query chunk.
+        e = (c - nwin) * C + rc
+        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+        pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
+        vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
+        S += tl.dot(tl.trans(pk), vv, input_precision=PREC)
+        z += tl.sum(pk.to(tl.float32), 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backward: intra-chunk parts (window and the linear keys of the nwin + 1 nearest chunks), one program per chunk
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def bwd_dq_kernel(
+    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR, DGAM,
+    sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
+    sDY_b, sDY_t, sDY_h, sM_b,
+    B, T, H, Hf, G, GQ, n_chunks, nwin, W, scale,
+    D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """dq (complete), dphi_q (intra part), the max-path correction per query and dgamma per chunk."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // G
+    hf = h // GQ
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, BF)
+    rc = tl.arange(0, C)
+    t = c * C + rc
+    t_ok = t < T
+    row = (b * H + h) * T + t
+    q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
+    pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
+    dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
+    mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
+    den = tl.load(DEN + row, mask=t_ok, other=0.0)
+    delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+    arg = tl.load(ARG + row, mask=t_ok, other=0)
+    inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+    gam = tl.load(GAMMA + h)
+    Kb = K + b * sK_b + hk * sK_h
+    Vb = V + b * sV_b + hk * sV_h
+    PKb = PK + b * sPK_b + hf * sPK_h
+    dq = tl.zeros([C, BD], dtype=tl.float32)
+    dpq = tl.zeros([C, BF], dtype=tl.float32)
+    rs = tl.zeros([C], dtype=tl.float32)
+    dg = tl.zeros([C], dtype=tl.float32)
+    for j in range(tl.maximum(c - nwin, 0), c + 1):
+        e = j * C + rc
+        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+        k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
+        vv = _load_rows(Vb, e, k_ok, sV_t, rd, D)
+        pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
+        diff = t[:, None] - e[None, :]
+        win = (diff >= 0) & (diff < W) & k_ok[None, :]
+        lin = (diff >= W) & k_ok[None, :]
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
+        dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
+        dw = (dp - delta[:, None]) * inv[:, None]
+        exdw = ex * dw
+        ds = gam * exdw
+        rs += tl.sum(ds, 1)
+        dg += tl.sum(exdw, 1)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        da = tl.where(lin, dw, 0.0)
+        dpq += tl.dot(da.to(pk.dtype), pk, input_precision=PREC)
+    corr = -rs
+    # The max m_t = s(t, arg_t) carries dm_t = corr_t back to that one key.
+    kg = _load_rows(Kb, arg, t_ok, sK_t, rd, D).to(tl.float32)
+    dq = (dq + corr[:, None] * kg) * scale
+    tl.store(DQ + b * sQ_b + h * sQ_h + t[:, None] * sQ_t + rd[None, :], dq.to(DQ.dtype.element_ty),
+             mask=t_ok[:, None] & (rd[None, :] < D))
+    tl.store(DPQ + ((b * T + t[:, None]) * H + h) * F + rf[None, :], dpq, mask=t_ok[:, None] & (rf[None, :] < F))
+    tl.store(CORR + row, corr, mask=t_ok)
+    tl.store(DGAM + (c * B + b) * H + h, tl.sum(dg, 0))
+
+
+@triton.jit
+def bwd_dk_kernel(
+    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK,
+    sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
+    sDY_b, sDY_t, sDY_h, sM_b,
+    B, T, H, Hf, Gk, n_chunks, nwin, W, scale,
+    D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
+    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """dk (complete), dv and dphi_k (intra parts) of key chunk j for feature head hf, summed over its GQ
+    query heads. Written to fp32 buffers laid out [B, T, Hf, X]."""
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hf
+    hf = bh % Hf
+    hk = hf // Gk
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, BF)
+    rc = tl.arange(0, C)
+    e = j * C + rc
+    k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+    e_in = e < T
+    k = _load_rows(K + b * sK_b + hk * sK_h, e, e_in, sK_t, rd, D)
+    vv = _load_rows(V + b * sV_b + hk * sV_h, e, e_in, sV_t, rd, D)
+    pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, e_in, sPK_t, rf, F)
+    dk = tl.zeros([C, BD], dtype=tl.float32)
+    dv = tl.zeros([C, BD], dtype=tl.float32)
+    dpk = tl.zeros([C, BF], dtype=tl.float32)
+    for g in tl.static_range(GQ):
+        h = hf * GQ + g
+        gam = tl.load(GAMMA + h)
+        for i in range(j, tl.minimum(j + nwin, n_chunks - 1) + 1):
+            t = i * C + rc
+            t_ok = t < T
+            row = (b * H + h) * T + t
+            q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
+            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
+            dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
+            mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
+            den = tl.load(DEN + row, mask=t_ok, other=0.0)
+            delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+            arg = tl.load(ARG + row, mask=t_ok, other=-1)
+            corr = tl.load(CORR + row, mask=t_ok, other=0.0)
+            inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+            diff = t[:, None] - e[None, :]
+            win = (diff >= 0) & (diff < W) & k_ok[None, :]
+            lin = (diff >= W) & k_ok[None, :]
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
+            dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
+            dw = (dp - delta[:, None]) * inv[:, None]
+            ds = gam * ex * dw + tl.where(arg[:, None] == e[None, :], corr[:, None], 0.0)
+            a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
+            wv = (gam * ex + a) * inv[:, None]
+            dv += tl.dot(tl.trans(wv.to(dy.dtype)), dy, input_precision=PREC)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+            da = tl.where(lin, dw, 0.0)
+            dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, input_precision=PREC)
+    out = (b * T + e[:, None]) * Hf + hf
+    tl.store(DK + out * D + rd[None, :], dk * scale, mask=e_in[:, None] & (rd[None, :] < D))
+    tl.store(DV + out * D + rd[None, :], dv, mask=e_in[:, None] & (rd[None, :] < D))
+    tl.store(DPK + out * F + rf[None, :], dpk, mask=e_in[:, None] & (rf[None, :] < F))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backward: the running-sum parts
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def bwd_segment_sums_kernel(
+    PQ, DY, DEN, DELTA, OUT_S, OUT_Z,
+    sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h,
+    B, T, H, Hf, n_chunks, n_per, nwin,
+    F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GQ: tl.constexpr, PREC: tl.constexpr,
+):
+    """OUT_S[s] = sum over query chunks [s*n_per + nwin, (s+1)*n_per + nwin) of phi_q^T (dy / den), summed
+    over the GQ query heads of feature head hf (the gradient of S seen by the keys of segment s's successor);
+    OUT_Z[s] likewise for z: -sum phi_q delta / den."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // Hf
+    hf = bh % Hf
+    rf = tl.arange(0, BF)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    acc = tl.zeros([BF, BV], dtype=tl.float32)
+    accz = tl.zeros([BF], dtype=tl.float32)
+    c_lo = s * n_per + nwin
+    c_hi = tl.minimum((s + 1) * n_per + nwin, n_chunks)
+    for c in range(c_lo, c_hi):
+        t = c * C + rc
+        t_ok = t < T
+        for g in tl.static_range(GQ):
+            h = hf * GQ + g
+            row = (b * H + h) * T + t
+            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F).to(tl.float32)
+            dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rv, D).to(tl.float32)
+            den = tl.load(DEN + row, mask=t_ok, other=0.0)
+            delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+            inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+            acc += tl.dot(tl.trans(pq), dy * inv[:, None], input_precision=PREC)
+            accz -= tl.sum(pq * (delta * inv)[:, None], 0)
+    base = (s * B + b) * Hf + hf
+    tl.store(OUT_S + base * F * D + rf[:, None] * D + rv[None, :], acc, mask=(rf[:, None] < F) & (rv[None, :] < D))
+    if iv == 0:
+        tl.store(OUT_Z + base * F + rf, accz, mask=rf < F)
+
+
+@triton.jit
+def bwd_dq_state_kernel(
+    PK, V, M, DY, DEN, DELTA, S0, Z0, DPQ,
+    sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sDY_b, sDY_t, sDY_h, sM_b,
+    B, T, H, Hf, Gk, n_chunks, n_per, nwin,
+    F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """dphi_q += (dy S^T - delta z) / den: the running sums rebuilt along the segment, as in the forward."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // Hf
+    hf = bh % Hf
+    hk = hf // Gk
+    rf = tl.arange(0, BF)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    base = (s * B + b) * Hf + hf
+    S = tl.load(S0 + base * F * D + rf[:, None] * D + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < D), other=0.0)
+    z = tl.load(Z0 + base * F + rf, mask=rf < F, other=0.0)
+    z = tl.where(iv == 0, z, 0.0)
+    c_lo = s * n_per
+    c_hi = tl.minimum((s + 1) * n_per, n_chunks)
+    for c in range(c_lo, c_hi):
+        t = c * C + rc
+        t_ok = t < T
+        for g in tl.static_range(GQ):
+            h = hf * GQ + g
+            row = (b * H + h) * T + t
+            dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rv, D).to(tl.float32)
+            den = tl.load(DEN + row, mask=t_ok, other=0.0)
+            delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+            inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+            add = tl.dot(dy * inv[:, None], tl.trans(S), input_precision=PREC) - (delta * inv)[:, None] * z[None, :]
+            ptr = DPQ + ((b * T + t[:, None]) * H + h) * F + rf[None, :]
+            ok = t_ok[:, None] & (rf[None, :] < F)
+            if ATOMIC:
+                tl.atomic_add(ptr, add, mask=ok)
+            else:
+                tl.store(ptr, tl.load(ptr, mask=ok, other=0.0) + add, mask=ok)
+        e = (c - nwin) * C + rc
+        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+        pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, k_ok, sPK_t, rf, F)
+        vv = _load_rows(V + b * sV_b + hk * sV_h, e, k_ok, sV_t, rv, D)
+        S += tl.dot(tl.trans(pk), vv, input_precision=PREC)
+        z += tl.where(iv == 0, tl.sum(pk.to(tl.float32), 0), 0.0)
+
+
+@triton.jit
+def bwd_dk_state_kernel(
+    PQ, PK, V, M, DY, DEN, DELTA, DS0, DZ0, DV, DPK,
+    sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sDY_b, sDY_t, sDY_h, sM_b,
+    B, T, H, Hf, Gk, n_chunks, n_per, nwin,
+    F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    """dv += phi_k dS, dphi_k += v dS^T + dz: the gradient sums carried backwards along the segment."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // Hf
+    hf = bh % Hf
+    hk = hf // Gk
+    rf = tl.arange(0, BF)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    base = (s * B + b) * Hf + hf
+    dS = tl.load(DS0 + base * F * D + rf[:, None] * D + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < D), other=0.0)
+    dz = tl.load(DZ0 + base * F + rf, mask=rf < F, other=0.0)
+    dz = tl.where(iv == 0, dz, 0.0)
+    c_lo = s * n_per
+    c_hi = tl.minimum((s + 1) * n_per, n_chunks)
+    for jj in range(c_lo, c_hi):
+        j = c_hi - 1 - (jj - c_lo)
+        e = j * C + rc
+        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+        pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, k_ok, sPK_t, rf, F).to(tl.float32)
+        vv = _load_rows(V + b * sV_b + hk * sV_h, e, k_ok, sV_t, rv, D).to(tl.float32)
+        dv_add = tl.dot(pk, dS, input_precision=PREC)
+        dpk_add = tl.dot(vv, tl.trans(dS), input_precision=PREC) + dz[None, :]
+        dpk_add = tl.where(k_ok[:, None], dpk_add, 0.0)
+        out = (b * T + e[:, None]) * Hf + hf
+        okv = (e[:, None] < T) & (rv[None, :] < D)
+        pv = DV + out * D + rv[None, :]
+        tl.store(pv, tl.load(pv, mask=okv, other=0.0) + dv_add, mask=okv)
+        okf = (e[:, None] < T) & (rf[None, :] < F)
+        pf = DPK + out * F + rf[None, :]
+        if ATOMIC:
+            tl.atomic_add(pf, dpk_add, mask=okf)
+        else:
+            tl.store(pf, tl.load(pf, mask=okf, other=0.0) + dpk_add, mask=okf)
+        # Query chunk j + nwin now holds key chunk j - 1 in its running sum.
+        t = (j + nwin) * C + rc
+        t_ok = t < T
+        for g in tl.static_range(GQ):
+            h = hf * GQ + g
+            row = (b * H + h) * T + t
+            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F).to(tl.float32)
+            dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rv, D).to(tl.float32)
+            den = tl.load(DEN + row, mask=t_ok, other=0.0)
+            delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+            inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+            dS += tl.dot(tl.trans(pq), dy * inv[:, None], input_precision=PREC)
+            dz -= tl.where(iv == 0, tl.sum(pq * (delta * inv)[:, None], 0), 0.0)

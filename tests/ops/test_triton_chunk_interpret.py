@@ -1,0 +1,121 @@
+"""The fused chunk kernels (forward + backward) under Triton's CPU interpreter, against the PyTorch chunked
+path, at tiny shapes: outputs, final states and every gradient, on random data.
+
+``TRITON_INTERPRET=1`` must be set before the kernel module is imported, so the test that runs in the normal
+session re-runs this file in a subprocess with it set; the kernel tests run only inside that subprocess.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.ops.helpers import left_pad_mask, random_inputs, rel_err
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_run")
+
+
+def test_interpreter_run():
+    if INTERPRETING:
+        pytest.skip("this is the subprocess")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    assert " passed" in r.stdout
+
+
+def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:
+    """Relative error, measured against the gradient's own norm or, for a gradient that is analytically
+    ~0 (gamma when every key is in the window), against the scale of the other gradients."""
+    return (a.double() - b.double()).norm().item() / max(b.double().norm().item(), ref_scale)
+
+
+def _check(B, T, H, Hkv, D, F, Hf, W, *, C=16, BV=16, nseg=None, mask=None, seed=0, tol=2e-5):
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    q, k, v, pq, pk, g = random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=seed, requires_grad=True)
+    cfg = LaunchConfig(C=C, BV=BV, num_warps=4, nseg=nseg)
+    args = dict(window=W, window_weight=g, attention_mask=mask, output_final_state=True)
+    y, st = hybrid_attention_triton(q, k, v, pq, pk, config=cfg, **args)
+    yr, sr = hybrid_attention_chunked(q, k, v, pq, pk, **args)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, yr) < tol
+    for a, b in zip(st, sr):
+        assert a.shape == b.shape and rel_err(a, b) < tol
+    dy = torch.randn_like(y)
+    ins = (q, k, v, pq, pk, g)
+    gr = torch.autograd.grad(y, ins, dy, allow_unused=True, materialize_grads=True)
+    grr = torch.autograd.grad(yr, ins, dy, allow_unused=True, materialize_grads=True)
+    scale = max(x.double().norm().item() for x in grr) * 1e-3
+    errs = [_grad_err(a, b, scale) for a, b in zip(gr, grr)]
+    assert max(errs) < 10 * tol, dict(zip("q k v phi_q phi_k gamma".split(), errs))
+
+
+# (B, T, H, Hkv, D, F, Hf, W): T not a multiple of C, T < W, W = 0 / 1, GQA with per-KV and per-query key maps
+CASES = [
+    (1, 40, 2, 1, 16, 16, 1, 5),
+    (2, 37, 4, 2, 16, 32, 2, 0),
+    (2, 37, 4, 2, 16, 32, 4, 1),
+    (1, 50, 3, 1, 32, 16, 1, 17),
+    (1, 50, 3, 1, 32, 16, 3, 16),
+    (2, 33, 2, 2, 16, 16, 2, 100),
+    (1, 70, 2, 1, 16, 16, 1, 40),
+    (1, 9, 2, 2, 16, 16, 2, 4),
+]
+
+
+@inside
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("nseg", [1, 3])
+def test_kernel_matches_chunked(case, nseg):
+    _check(*case, nseg=nseg)
+
+
+@inside
+def test_value_blocks_and_odd_dims():
+    # D and F that are not powers of two (masked tiles), value dim split over 2 blocks (atomic adds)
+    _check(1, 45, 2, 1, 24, 20, 1, 9, BV=16, nseg=2)
+    _check(2, 30, 4, 2, 32, 16, 4, 6, BV=16, nseg=2, seed=3)
+
+
+@inside
+@pytest.mark.parametrize("W", [0, 5, 19])
+def test_padding(W):
+    m = left_pad_mask(2, 37, [0, 9])
+    m[0, 20] = False  # a hole too: invalid keys count nowhere
+    _check(2, 37, 4, 2, 16, 32, 2, W, mask=m, nseg=2)
+    _check(2, 37, 4, 2, 16, 32, 4, W, mask=m, nseg=3)
+
+
+@inside
+@pytest.mark.parametrize("W", [0, 1, 6, 40])
+def test_prefill_in_pieces(W):
+    """First piece with the final state, then the rest from it: equals one pass of the chunked path."""
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    q, k, v, pq, pk, g = random_inputs(2, 45, 4, 2, 16, 16, 2, dtype=torch.float32, seed=W)
+    m = left_pad_mask(2, 45, [0, 7])
+    cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2)
+    full, full_state = hybrid_attention_chunked(q, k, v, pq, pk, window=W, window_weight=g, attention_mask=m, output_final_state=True)
+    cut = 19
+    y1, st = hybrid_attention_triton(
+        q[:, :cut], k[:, :cut], v[:, :cut], pq[:, :cut], pk[:, :cut], window=W, window_weight=g,
+        attention_mask=m[:, :cut], output_final_state=True, config=cfg,
+    )
+    y2, st2 = hybrid_attention_triton(
+        q[:, cut:], k[:, cut:], v[:, cut:], pq[:, cut:], pk[:, cut:], window=W, window_weight=g,
+        attention_mask=m[:, cut:], initial_state=st, output_final_state=True, config=cfg,
+    )
+    assert rel_err(torch.cat([y1, y2], 1), full) < 2e-5
+    for a, b in zip(st2, full_state):
+        assert rel_err(a, b) < 2e-5
