@@ -15,7 +15,7 @@ import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..config import LinearizeConfig
-from ..ops import HybridState, hybrid_attention_chunked, hybrid_attention_step
+from ..ops import HybridState, hybrid_attention_stateful, hybrid_attention_step
 from .cache import hybrid_cache_layer
 from .feature_maps import build_feature_map
 
@@ -135,14 +135,14 @@ class LinearizedAttention(nn.Module):
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
         args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
         if cache is None:
-            y, _ = hybrid_attention_chunked(q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, **args)
+            y, _ = hybrid_attention_stateful(q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, **args)
             return y
         layer = hybrid_cache_layer(cache, self.layer_idx, self.window)
         T = q.shape[1]
         if layer.state is not None and T == 1:
             y, state = hybrid_attention_step(q, k, v, phi_q, phi_k, layer.state, **args)
         else:
-            y, state = hybrid_attention_chunked(
+            y, state = hybrid_attention_stateful(
                 q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, initial_state=layer.state, output_final_state=True, **args
             )
         layer.update_state(_detached(state), T)
