@@ -1,0 +1,265 @@
+"""Triton decode step of the hybrid attention: one token per sequence against a ``RingState``, in place.
+
+Same math as ``ring_step_torch`` (and so ``hybrid_attention_step``). One program per
+``(sequence b, key-feature head f, block of BD value columns)``; ``f`` is a KV head when the key feature
+maps are per KV head (the program then serves the G query heads of that KV head), else a query head.
+Each program reads its slice ``S[b, f, :, block]`` once, does the readout of its query heads for its
+value columns, adds the evicted key to the slice and writes it back: S is read once and written once,
+which is nearly all the bytes of a step. The window scores need whole keys, so every value block of a
+head recomputes them (those re-reads of the ring hit L2: the block index varies fastest in the grid).
+
+No races between the programs of one launch:
+  * the new key goes to ring slot ``pos % W``, which no program reads in this step (the new key is read
+    from the inputs instead); the evicted slot ``(pos + 1) % W`` is read but not written;
+  * ``z`` is double-buffered: every program reads ``z[pos % 2]``; value block 0 writes ``z[(pos+1) % 2]``;
+  * ``pos`` itself is advanced after the kernel (``pos.add_(1)``), since every program reads it.
+No host sync and no shape that depends on data, so a step can be captured in a CUDA graph.
+
+To time one step at given shapes (benchmarks): ``inputs, ring = random_decode_problem(...)``, then
+``ring_step_triton(*inputs, ring, window_weight=gamma, out=y)`` (the ring advances every call; the
+cost per step does not depend on the position).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..common import default_scale, window_weight_vector
+from ..ring import RingState, check_ring, ring_from_state
+from ..state import HybridState
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, PQ, PK, VALID, GAMMA,  # step inputs
+    S, Z, KR, VR, PKR, MR, POS,  # ring state (contiguous)
+    Y,
+    sQ_b, sQ_h, sK_b, sK_h, sV_b, sV_h, sPQ_b, sPQ_h, sPK_b, sPK_h, sY_b, sY_h,
+    B, Hf, Hkv, scale,
+    D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
+    BD: tl.constexpr, ND: tl.constexpr, BW: tl.constexpr,
+    QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, HAS_VALID: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_d = pid % ND
+    bf = (pid // ND).to(tl.int64)
+    b = bf // Hf
+    f = bf % Hf
+    j = f // GK  # kv head
+    rd = pid_d * BD + tl.arange(0, BD)
+    d_ok = rd < D
+    rf = tl.arange(0, FP)
+    f_ok = rf < F
+    pos = tl.load(POS)
+    par = pos % 2
+    if HAS_VALID:
+        valid_new = tl.load(VALID + b) != 0
+    else:
+        valid_new = b >= 0
+
+    # S[b, f, :, block] once; the current z; the new key's features and value block.
+    s_ptrs = S + bf * F * D + rf[:, None] * D + rd[None, :]
+    sd_ok = f_ok[:, None] & d_ok[None, :]
+    s_tile = tl.load(s_ptrs, mask=sd_ok, other=0.0)
+    zb = B * Hf * F
+    z_vec = tl.load(Z + par * zb + bf * F + rf, mask=f_ok, other=0.0)
+    pk_new = tl.load(PK + b * sPK_b + f * sPK_h + rf, mask=f_ok, other=0.0).to(tl.float32)
+    pk_new = tl.where(valid_new, pk_new, 0.0)
+    v_new = tl.load(V + b * sV_b + j * sV_h + rd, mask=d_ok, other=0.0).to(tl.float32)
+    if WINDOW == 0:  # the new key is in the linear set of its own query
+        s_tile += pk_new[:, None] * v_new[None, :]
+        z_vec += pk_new
+
+    rdf = tl.arange(0, DP)  # whole head dim, for the window scores
+    dfull_ok = rdf < D
+    if WINDOW >= 1:
+        k_new = tl.load(K + b * sK_b + j * sK_h + rdf, mask=dfull_ok, other=0.0).to(tl.float32)
+    if W > 0:
+        ns = pos % W
+        ev = (pos + 1) % W
+
+    for g in tl.static_range(QH):
+        h = f * QH + g
+        pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
+        num = tl.sum(pq[:, None] * s_tile, 0)  # [BD]
+        den = tl.sum(pq * z_vec, 0)
+        if WINDOW >= 1:
+            qv = tl.load(Q + b * sQ_b + h * sQ_h + rdf, mask=dfull_ok, other=0.0).to(tl.float32)
+            # online max over the window, starting from the new key; ends at the max over all valid keys,
+            # so acc = sum exp(s - m) v exactly as the reference defines it
+            s_new = tl.sum(qv * k_new, 0) * scale
+            m = tl.where(valid_new, s_new, float("-inf"))
+            l = tl.where(valid_new, 1.0, 0.0)
+            acc = tl.where(valid_new, v_new, 0.0)
+            if W > 0:
+                for r0 in range(0, W, BW):
+                    rs = r0 + tl.arange(0, BW)
+                    ok = (rs < W) & (rs != ns)
+                    ok = ok & (tl.load(MR + b * W + rs, mask=ok, other=0) != 0)
+                    row = (b * W + rs) * Hkv + j
+                    kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=ok[:, None] & dfull_ok[None, :], other=0.0)
+                    s = tl.sum(kb.to(tl.float32) * qv[None, :], 1) * scale
+                    s = tl.where(ok, s, float("-inf"))
+                    m_new = tl.maximum(m, tl.max(s, 0))
+                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m - m_use)
+                    p = tl.where(ok, tl.exp(s - m_use), 0.0)
+                    vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+                    acc = acc * alpha + tl.sum(p[:, None] * vb.to(tl.float32), 0)
+                    l = l * alpha + tl.sum(p, 0)
+                    m = m_new
+            gam = tl.load(GAMMA + h)
+            num += gam * acc
+            den += gam * l
+        y = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+        tl.store(Y + b * sY_b + h * sY_h + rd, y.to(Y.dtype.element_ty), mask=d_ok)
+
+    # After the readout: the key that leaves the window joins the sums.
+    if WINDOW == 1:
+        s_tile += pk_new[:, None] * v_new[None, :]
+        z_vec += pk_new
+    if W > 0:
+        ev_ok = tl.load(MR + b * W + ev) != 0
+        pk_ev = tl.load(PKR + ((b * W + ev) * Hf + f) * F + rf, mask=f_ok & ev_ok, other=0.0).to(tl.float32)
+        v_ev = tl.load(VR + ((b * W + ev) * Hkv + j) * D + rd, mask=d_ok & ev_ok, other=0.0).to(tl.float32)
+        s_tile += pk_ev[:, None] * v_ev[None, :]
+        z_vec += pk_ev
+    tl.store(s_ptrs, s_tile, mask=sd_ok)
+    if pid_d == 0:
+        tl.store(Z + (1 - par) * zb + bf * F + rf, z_vec, mask=f_ok)
+
+    # The new key into the free slot (no program of this launch reads that slot).
+    if W > 0:
+        if f % GK == 0:
+            k_blk = tl.load(K + b * sK_b + j * sK_h + rd, mask=d_ok, other=0.0)
+            kv_off = ((b * W + ns) * Hkv + j) * D + rd
+            tl.store(KR + kv_off, k_blk.to(KR.dtype.element_ty), mask=d_ok)
+            tl.store(VR + kv_off, v_new.to(VR.dtype.element_ty), mask=d_ok)
+        if pid_d == 0:
+            pk_raw = tl.load(PK + b * sPK_b + f * sPK_h + rf, mask=f_ok, other=0.0)
+            tl.store(PKR + ((b * W + ns) * Hf + f) * F + rf, pk_raw.to(PKR.dtype.element_ty), mask=f_ok)
+            if f == 0:
+                tl.store(MR + b * W + ns, valid_new.to(tl.uint8))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def default_block_d(B: int, Hf: int, D: int) -> int:
+    """Value-block width: enough programs to fill the GPU (about 1000+) with S slices of 8-32 KB each."""
+    bd = min(_pow2(D), 64)
+    while bd > 16 and B * Hf * (-(-D // bd)) < 2048:
+        bd //= 2
+    return bd
+
+
+def ring_step_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    phi_q: torch.Tensor,
+    phi_k: torch.Tensor,
+    ring: RingState,
+    *,
+    window_weight: float | torch.Tensor,
+    scale: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    block_d: int | None = None,
+    block_w: int | None = None,
+    num_warps: int | None = None,
+) -> torch.Tensor:
+    """The Triton twin of ``ring_step_torch``: y [B,1,H,D] in q's dtype, ``ring`` advanced in place.
+
+    ``out`` (optional, [B,1,H,D] in q's dtype) receives y, so that a captured graph has a fixed output.
+    ``block_d``/``block_w``/``num_warps`` override the launch configuration (benchmarks, tuning).
+    """
+    d = check_ring(ring, q, k, v, phi_q, phi_k)
+    if ring.S.dtype != torch.float32 or ring.z.dtype != torch.float32:
+        raise ValueError(f"the decode kernel keeps the sums in float32; got S {ring.S.dtype}, z {ring.z.dtype}")
+    if ring.k.dtype != k.dtype or ring.v.dtype != v.dtype or ring.phi_k.dtype != phi_k.dtype:
+        raise ValueError(
+            f"ring dtypes (k {ring.k.dtype}, phi_k {ring.phi_k.dtype}) must match the step's inputs (k {k.dtype}, phi_k {phi_k.dtype})"
+        )
+    if d.D > 256 or d.F > 256:
+        raise ValueError(f"the decode kernel supports head dim and feature dim up to 256; got D={d.D}, F={d.F}")
+    for name, t in (("S", ring.S), ("z", ring.z), ("k", ring.k), ("v", ring.v), ("phi_k", ring.phi_k), ("mask", ring.mask)):
+        if not t.is_contiguous():
+            raise ValueError(f"ring {name} must be contiguous")
+    q, k, v, phi_q, phi_k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, phi_q, phi_k))
+    gamma = window_weight_vector(window_weight, d.H, torch.float32, q.device).contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
+    has_valid = attention_mask is not None
+    if has_valid:
+        if attention_mask.shape != (d.B, 1):
+            raise ValueError(f"attention_mask must be [B, 1] = [{d.B}, 1]; got {tuple(attention_mask.shape)}")
+        valid = attention_mask.reshape(d.B).to(torch.uint8)
+    else:
+        valid = gamma  # unused (HAS_VALID=False)
+
+    W = ring.slots
+    DP, FP = _pow2(d.D), _pow2(d.F)
+    BD = block_d or default_block_d(d.B, d.Hf, d.D)
+    ND = -(-d.D // BD)
+    BW = block_w or max(1, min(_pow2(W), max(4096 // DP, 16)))
+    warps = num_warps or (4 if FP * BD <= 4096 else 8)
+    grid = (d.B * d.Hf * ND,)
+    _decode_kernel[grid](
+        q, k, v, phi_q, phi_k, valid, gamma,
+        ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask.view(torch.uint8), ring.pos,
+        out,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+        phi_q.stride(0), phi_q.stride(2), phi_k.stride(0), phi_k.stride(2), out.stride(0), out.stride(2),
+        d.B, d.Hf, d.Hkv, default_scale(scale, d.D),
+        D=d.D, F=d.F, DP=DP, FP=FP, BD=BD, ND=ND, BW=BW,
+        QH=d.G // d.Gk, GK=d.Gk, WINDOW=min(ring.window, 2), W=W, HAS_VALID=has_valid,
+        num_warps=warps,
+    )
+    ring.pos.add_(1)
+    return out
+
+
+def random_decode_problem(
+    B: int,
+    H: int,
+    Hkv: int,
+    D: int,
+    F: int,
+    window: int,
+    *,
+    per_q_features: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cuda",
+    filled: int | None = None,
+    seed: int = 0,
+) -> tuple[tuple[torch.Tensor, ...], RingState, torch.Tensor]:
+    """Random step inputs (q, k, v, phi_q, phi_k), a ring with a full random tail, and gamma [H].
+
+    For benchmarks and tests: ``y = ring_step_triton(*inputs, ring, window_weight=gamma)``. The tail
+    holds ``filled`` keys (default: full, ``window - 1``) and random fp32 sums; nothing is zero.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    Hf = H if per_q_features else Hkv
+    L = max(window - 1, 0) if filled is None else filled
+
+    def rnd(*shape, positive=False):
+        x = torch.rand(*shape, generator=g) + 0.01 if positive else torch.randn(*shape, generator=g)
+        return x.to(device=device, dtype=dtype)
+
+    inputs = (rnd(B, 1, H, D), rnd(B, 1, Hkv, D), rnd(B, 1, Hkv, D), rnd(B, 1, H, F, positive=True), rnd(B, 1, Hf, F, positive=True))
+    state = HybridState(
+        S=(torch.rand(B, Hf, F, D, generator=g) * 4).to(device),
+        z=(torch.rand(B, Hf, F, generator=g) * 4 + 1).to(device),
+        k=rnd(B, L, Hkv, D),
+        v=rnd(B, L, Hkv, D),
+        phi_k=rnd(B, L, Hf, F, positive=True),
+        mask=torch.ones(B, L, dtype=torch.bool, device=device),
+    )
+    gamma = (torch.rand(H, generator=g) * 0.9 + 0.05).to(device)
+    return inputs, ring_from_state(state, window), gamma
