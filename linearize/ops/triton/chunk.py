@@ -34,6 +34,16 @@ class LaunchConfig:
     nseg: int | None = None  # segments per sequence; None = enough to fill the device
 
 
+#: Tests set this to fill every kernel output with NaN before launch, so an element left unwritten fails.
+POISON_OUTPUTS = False
+
+
+def _empty(*shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan") if dtype.is_floating_point else -7, dtype=dtype, device=device)
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
 def _pow2(n: int) -> int:
     return 1 << max(4, (n - 1).bit_length())  # tl.dot needs >= 16
 
@@ -88,8 +98,8 @@ class _HybridChunkFn(torch.autograd.Function):
         f32 = torch.float32
         dev = q.device
 
-        seg_S = torch.empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
-        seg_z = torch.empty(nseg, B, Hf, F, dtype=f32, device=dev)
+        seg_S = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
+        seg_z = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
         K.fwd_segment_sums_kernel[(nseg, B * Hf, NV)](
             phi_k, v, m_arg, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
             B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
@@ -100,10 +110,10 @@ class _HybridChunkFn(torch.autograd.Function):
         pre_z = torch.cumsum(seg_z, 0) - seg_z + z0.to(f32).unsqueeze(0)
         pre_S, pre_z = pre_S.contiguous(), pre_z.contiguous()
 
-        y = torch.empty_like(q)
-        mx = torch.empty(B, H, T, dtype=f32, device=dev)
-        den = torch.empty(B, H, T, dtype=f32, device=dev)
-        arg = torch.empty(B, H, T, dtype=torch.int32, device=dev)
+        y = _empty(*q.shape, dtype=q.dtype, device=dev)
+        mx = _empty(B, H, T, dtype=f32, device=dev)
+        den = _empty(B, H, T, dtype=f32, device=dev)
+        arg = _empty(B, H, T, dtype=torch.int32, device=dev)
         K.fwd_kernel[(nseg, B * Hf, NV)](
             q, k, v, phi_q, phi_k, m_arg, gamma, pre_S, pre_z, y, mx, den, arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
@@ -135,24 +145,24 @@ class _HybridChunkFn(torch.autograd.Function):
         kw = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         strides_in = (*_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(dy), sM_b)
 
-        dq = torch.empty_like(q)
-        dpq = torch.empty(B, T, H, F, dtype=f32, device=dev)
-        corr = torch.empty(B, H, T, dtype=f32, device=dev)
-        dgam = torch.empty(n, B, H, dtype=f32, device=dev)
+        dq = _empty(*q.shape, dtype=q.dtype, device=dev)
+        dpq = _empty(B, T, H, F, dtype=f32, device=dev)
+        corr = _empty(B, H, T, dtype=f32, device=dev)
+        dgam = _empty(n, B, H, dtype=f32, device=dev)
         K.bwd_dq_kernel[(n, B * H)](
             q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, dgam, *strides_in,
             B, T, H, Hf, G, GQ, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, HAS_MASK=has_mask, PREC=prec, **kw,
         )
-        dk_b = torch.empty(B, T, Hf, D, dtype=f32, device=dev)
-        dv_b = torch.empty(B, T, Hf, D, dtype=f32, device=dev)
-        dpk = torch.empty(B, T, Hf, F, dtype=f32, device=dev)
+        dk_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
+        dv_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
+        dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
         K.bwd_dk_kernel[(n, B * Hf)](
             q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, *strides_in,
             B, T, H, Hf, Gk, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, **kw,
         )
         # Running-sum parts.
-        seg_dS = torch.empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
-        seg_dz = torch.empty(nseg, B, Hf, F, dtype=f32, device=dev)
+        seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
+        seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
         K.bwd_segment_sums_kernel[(nseg, B * Hf, NV)](
             phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
             B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,

@@ -1,0 +1,101 @@
+"""Pick the launch table of the fused chunk kernels: time forward and forward+backward for a few block shapes.
+
+    python benchmarks/tune_chunk.py [--T 16384] [--B 4] [--H 16] [--D 128] [--F 128] [--out FILE.json]
+
+Times with ``triton.testing.do_bench`` (median of repeats, warm-up excluded); every config is first
+checked against the default one (relative error of y < 1e-2) so a fast wrong config cannot win.
+Also prints a per-kernel breakdown of the default config from the torch profiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from linearize.ops.triton.chunk import LaunchConfig, default_config, hybrid_attention_triton  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, default=16384)
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--H", type=int, default=16)
+    ap.add_argument("--Hkv", type=int, default=None)
+    ap.add_argument("--D", type=int, default=128)
+    ap.add_argument("--F", type=int, default=128)
+    ap.add_argument("--W", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import triton.testing
+
+    B, T, H, D, F = a.B, a.T, a.H, a.D, a.F
+    Hkv = a.Hkv or H
+    dev, dt = "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(B, T, H, D, device=dev, dtype=dt, generator=g)
+    k = torch.randn(B, T, Hkv, D, device=dev, dtype=dt, generator=g)
+    v = torch.randn(B, T, Hkv, D, device=dev, dtype=dt, generator=g)
+    pq = torch.softmax(torch.randn(B, T, H, F, device=dev, generator=g), -1).to(dt)
+    pk = torch.softmax(torch.randn(B, T, Hkv, F, device=dev, generator=g), -1).to(dt)
+    gamma = torch.full((H,), 0.3, device=dev)
+    dy = torch.randn(B, T, H, D, device=dev, dtype=dt, generator=g)
+    leaves = [t.requires_grad_(True) for t in (q, k, v, pq, pk, gamma)]
+
+    def fwd(cfg):
+        with torch.no_grad():
+            return hybrid_attention_triton(q, k, v, pq, pk, window=a.W, window_weight=gamma, config=cfg)[0]
+
+    def fwd_bwd(cfg):
+        y, _ = hybrid_attention_triton(q, k, v, pq, pk, window=a.W, window_weight=gamma, config=cfg)
+        torch.autograd.grad(y, leaves, dy)
+
+    base = default_config(D, F)
+    y0 = fwd(base)
+    rows = []
+    cands = [base] + [
+        LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=s)
+        for C in (32, 64)
+        for BV in (64, 128)
+        for w in (4, 8)
+        for s in (1, 2)
+        if not (C == base.C and BV == base.BV and w == base.num_warps and s == base.num_stages)
+    ]
+    for cfg in cands:
+        try:
+            err = ((fwd(cfg).float() - y0.float()).norm() / y0.float().norm()).item()
+            if not err < 1e-2:
+                rows.append(dict(cfg=cfg.__dict__, error=f"mismatch {err:.2e}"))
+                continue
+            f = triton.testing.do_bench(lambda: fwd(cfg), warmup=50, rep=300, return_mode="median")
+            fb = triton.testing.do_bench(lambda: fwd_bwd(cfg), warmup=50, rep=300, return_mode="median")
+            rows.append(dict(cfg=cfg.__dict__, fwd_ms=f, fwd_bwd_ms=fb))
+            print(f"C={cfg.C:3d} BV={cfg.BV:3d} warps={cfg.num_warps} stages={cfg.num_stages}: fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is a row, not a crash
+            rows.append(dict(cfg=cfg.__dict__, error=f"{type(e).__name__}: {str(e)[:200]}"))
+            print(f"C={cfg.C} BV={cfg.BV} warps={cfg.num_warps} stages={cfg.num_stages}: {type(e).__name__}", flush=True)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fwd_bwd(base)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fwd_bwd(base)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    ok = [r for r in rows if "fwd_bwd_ms" in r]
+    best = min(ok, key=lambda r: r["fwd_bwd_ms"]) if ok else None
+    print("best fwd+bwd:", best)
+    bestf = min(ok, key=lambda r: r["fwd_ms"]) if ok else None
+    print("best fwd:", bestf)
+    if a.out:
+        Path(a.out).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, Hkv=Hkv, D=D, F=F, W=a.W), device=torch.cuda.get_device_name(), rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Fused chunk kernels on CUDA against the float64 chunked path: outputs, final states, every gradient.
+
+Thresholds follow the device notes (METHOD.md): ||out - ref|| / ||ref|| far under 1e-3 for fp32 (the kernels
+use exact fp32 products for fp32 inputs), up to 1e-2 for bf16/fp16 operands; gradients, which chain two
+rounded products, get twice that. Every output is NaN-poisoned before launch, so unwritten elements fail.
+"""
+
+import pytest
+import torch
+
+from tests.ops.helpers import left_pad_mask, random_inputs, rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    from linearize.ops.triton import chunk
+
+    chunk.POISON_OUTPUTS = True
+    yield
+    chunk.POISON_OUTPUTS = False
+
+
+def _check(B, T, H, Hkv, D, F, Hf, W, dtype, *, mask=None, seed=0, config=None):
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton.chunk import hybrid_attention_triton
+
+    dev = "cuda"
+    ins64 = [t.to(dev) for t in random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float64, seed=seed)]
+    ins = [t.to(dtype).requires_grad_(True) for t in ins64[:5]] + [ins64[5].float().requires_grad_(True)]
+    ref_ins = [t.clone().requires_grad_(True) for t in ins64]
+    m = None if mask is None else mask.to(dev)
+    args = dict(window=W, attention_mask=m, output_final_state=True)
+    y, st = hybrid_attention_triton(*ins[:5], window_weight=ins[5], config=config, **args)
+    yr, sr = hybrid_attention_chunked(*ref_ins[:5], window_weight=ref_ins[5], **args)
+    tol = TOL[dtype]
+    assert not torch.isnan(y).any()
+    assert rel_err(y, yr) < tol, rel_err(y, yr)
+    assert rel_err(st.S, sr.S) < tol and rel_err(st.z, sr.z) < tol
+    dy = torch.randn(y.shape, dtype=torch.float64, device=dev)
+    gr = torch.autograd.grad(y, ins, dy.to(dtype), allow_unused=True, materialize_grads=True)
+    grr = torch.autograd.grad(yr, ref_ins, dy, allow_unused=True, materialize_grads=True)
+    floor = max(g.norm().item() for g in grr) * 1e-3  # gamma's gradient is ~0 when all keys are in the window
+    for name, a, b in zip("q k v phi_q phi_k gamma".split(), gr, grr):
+        assert not torch.isnan(a).any(), name
+        err = (a.double() - b).norm().item() / max(b.norm().item(), floor)
+        assert err < 2 * tol, (name, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("D,F", [(64, 128), (128, 128), (256, 128), (64, 256), (128, 64)])
+@pytest.mark.parametrize("T,W", [(1, 64), (63, 64), (200, 64), (1000, 64), (1000, 128), (333, 0), (333, 1), (77, 200)])
+def test_against_reference(dtype, D, F, T, W):
+    _check(2, T, 4, 2, D, F, 2, W, dtype, seed=T + W + D)
+
+
+@pytest.mark.parametrize("H,Hkv,D,Hf", [(9, 3, 64, 3), (9, 3, 64, 9), (4, 1, 256, 1), (14, 2, 64, 2)], ids=["smollm2", "smollm2-perq", "gemma3", "qwen2.5"])
+def test_real_model_head_shapes(H, Hkv, D, Hf):
+    _check(2, 700, H, Hkv, D, 128, Hf, 64, torch.bfloat16, seed=H)
+
+
+@pytest.mark.parametrize("W", [0, 64])
+def test_padding(W):
+    m = left_pad_mask(3, 300, [0, 17, 150])
+    _check(3, 300, 4, 2, 64, 128, 2, W, torch.bfloat16, mask=m)
+    _check(3, 300, 4, 2, 64, 128, 4, W, torch.float32, mask=m)
+
+
+def test_segments_and_value_blocks():
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    for cfg in (LaunchConfig(C=64, BV=32, num_warps=4, nseg=5), LaunchConfig(C=32, BV=128, num_warps=8, nseg=1)):
+        _check(2, 999, 4, 4, 128, 128, 4, 64, torch.bfloat16, config=cfg)
+
+
+def test_long_sequence_memory_is_linear():
+    """T = 16K forward + backward stays within a small multiple of the inputs' size (no T x T anything)."""
+    from linearize.ops.triton.chunk import hybrid_attention_triton
+
+    B, T, H, D, F = 1, 16384, 4, 128, 128
+    q, k, v, pq, pk, g = (t.cuda() for t in random_inputs(B, T, H, H, D, F, H, dtype=torch.bfloat16, requires_grad=False))
+    for t in (q, k, v, pq, pk):
+        t.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    y, _ = hybrid_attention_triton(q, k, v, pq, pk, window=64, window_weight=g)
+    y.float().sum().backward()
+    torch.cuda.synchronize()
+    inputs = sum(t.numel() * t.element_size() for t in (q, k, v, pq, pk))
+    assert torch.cuda.max_memory_allocated() - base < 8 * inputs
