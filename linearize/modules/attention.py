@@ -16,6 +16,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..config import LinearizeConfig
 from ..ops import HybridState, hybrid_attention_stateful, hybrid_attention_step
+from ..ops.ring import ring_kernel_serves, ring_step
 from .cache import hybrid_cache_layer
 from .feature_maps import build_feature_map
 
@@ -139,14 +140,28 @@ class LinearizedAttention(nn.Module):
             return y
         layer = hybrid_cache_layer(cache, self.layer_idx, self.window)
         T = q.shape[1]
-        if layer.state is not None and T == 1:
-            y, state = hybrid_attention_step(q, k, v, phi_q, phi_k, layer.state, **args)
+        if layer.has_state and T == 1:
+            if self._decode_in_place(layer, q, k, v, phi_q, phi_k, args["window_weight"]):
+                # the Triton kernel updates the layer's ring state in place (no new tensors, no host sync)
+                ring = layer.ring_state()
+                y = ring_step(q, k, v, phi_q, phi_k, ring, window_weight=args["window_weight"], scale=self.scaling, attention_mask=key_mask)
+                layer.advance(T)
+                return y
+            y, state = hybrid_attention_step(q, k, v, phi_q, phi_k, layer.hybrid_state(), **args)
         else:
             y, state = hybrid_attention_stateful(
-                q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, initial_state=layer.state, output_final_state=True, **args
+                q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, initial_state=layer.hybrid_state(), output_final_state=True, **args
             )
         layer.update_state(_detached(state), T)
         return y
+
+    @staticmethod
+    def _decode_in_place(layer, q, k, v, phi_q, phi_k, gamma) -> bool:
+        """Decode on the ring state with the Triton kernel: on CUDA when it serves these inputs, and when
+        no gradient is wanted (the kernel has no backward; training through a cache keeps the step)."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, phi_q, phi_k, gamma)):
+            return False
+        return ring_kernel_serves(q, k, v, phi_q, phi_k, layer.held)
 
     def forward(
         self,

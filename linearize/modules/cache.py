@@ -12,13 +12,18 @@ import torch
 from transformers.cache_utils import Cache, LinearAttentionAndSlidingWindowAttentionLayer
 
 from ..ops import HybridState
+from ..ops.ring import RingState, ring_from_state, ring_to_state
 
 
 class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
-    """Holds one layer's ``HybridState``: sums S, z (recurrent states 0 and 1) and the window tail.
+    """Holds one layer's state: sums S, z (recurrent states 0 and 1) and the window tail.
 
-    ``keys``/``values`` mirror the tail ([B, L, Hkv, D], L <= window - 1) for introspection. The cache is
-    not croppable: a recurrent sum cannot give a token back.
+    The state is kept in one of two forms: a ``HybridState`` (ordered tail; what prefill produces and
+    consumes) or, while decoding on the Triton kernel, a ``RingState`` updated in place. ``hybrid_state()``
+    and ``ring_state()`` convert on demand (ring -> ordered reads the ring position: one host sync, only
+    when decode hands back to a prefill). ``keys``/``values`` mirror the tail for introspection: the
+    ordered tail [B, L, Hkv, D] (L <= window - 1), or the ring [B, window, Hkv, D] in slot order. The
+    cache is not croppable: a recurrent sum cannot give a token back.
     """
 
     # Not a sliding layer for mask purposes: the masks sized from sliding layers belong to the softmax
@@ -28,18 +33,53 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     def __init__(self, window: int):
         super().__init__(sliding_window=max(window, 1), number_of_states=2)
         self.window = window
-        self.state: HybridState | None = None
+        self._state: HybridState | None = None
+        self._ring: RingState | None = None
         self.cumulative_length = 0
 
     # -- the interface our attention uses ------------------------------------------------------------
+    @property
+    def has_state(self) -> bool:
+        return self._state is not None or self._ring is not None
+
+    @property
+    def held(self) -> HybridState | RingState | None:
+        """The state in the form it is held now (no conversion)."""
+        return self._ring if self._ring is not None else self._state
+
+    @property
+    def state(self) -> HybridState | None:
+        """The state as a ``HybridState`` (a converted copy while it is held as a ring)."""
+        return ring_to_state(self._ring) if self._ring is not None else self._state
+
+    def hybrid_state(self) -> HybridState | None:
+        """The state in ordered form, converting a ring (which the layer then drops)."""
+        if self._ring is not None:
+            self._state, self._ring = ring_to_state(self._ring), None
+            self._mirror()
+        return self._state
+
+    def ring_state(self) -> RingState:
+        """The state in ring form for in-place decode steps, converting the ordered state on first use."""
+        if self._ring is None:
+            if self._state is None:
+                raise RuntimeError("the ring form needs a state: run a prefill first")
+            self._ring, self._state = ring_from_state(self._state, self.window), None
+            self._mirror()
+        return self._ring
+
     def update_state(self, state: HybridState, num_new_tokens: int) -> None:
-        self.state = state
+        self._state, self._ring = state, None
         self.cumulative_length += num_new_tokens
         self._mirror()
 
+    def advance(self, num_new_tokens: int) -> None:
+        """Count tokens that an in-place step added to the ring."""
+        self.cumulative_length += num_new_tokens
+
     def _mirror(self, track_device: bool = True) -> None:
         """Expose the state through the attributes transformers' generic code reads."""
-        st = self.state
+        st = self.held
         initialized = st is not None
         self.keys, self.values = (st.k, st.v) if initialized else (None, None)
         self.recurrent_states[0], self.recurrent_states[1] = (st.S, st.z) if initialized else (None, None)
@@ -69,21 +109,23 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
     @property
     def is_croppable(self) -> bool:
-        return self.state is None
+        return not self.has_state
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove != 0 and self.state is not None:
+        if tokens_to_remove != 0 and self.has_state:
             raise RuntimeError("cannot crop a linearized layer's cache: its recurrent sums cannot drop tokens")
 
     def reset(self) -> None:
-        self.state = None
+        self._state, self._ring = None, None
         self.cumulative_length = 0
         self._mirror()
 
     def _index(self, index: torch.Tensor) -> None:
-        if self.state is not None:
-            self.state = self.state.index_batch(index)
-            self._mirror()
+        if self._ring is not None:
+            self._ring = self._ring.index_batch(index)
+        elif self._state is not None:
+            self._state = self._state.index_batch(index)
+        self._mirror()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._index(beam_idx)
@@ -94,18 +136,26 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         self._index(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.state is not None:
-            B = self.state.S.shape[0]
-            self._index(torch.arange(B, device=self.state.S.device).repeat_interleave(repeats))
+        st = self.held
+        if st is not None:
+            B = st.S.shape[0]
+            self._index(torch.arange(B, device=st.S.device).repeat_interleave(repeats))
+
+    def _move(self, device) -> None:
+        if self._ring is not None:
+            self._ring = self._ring.to(device)
+        elif self._state is not None:
+            self._state = self._state.to(device)
 
     def offload(self) -> None:
-        if self.state is not None:
-            self.state = self.state.to("cpu")
+        if self.has_state:
+            self._move("cpu")
             self._mirror(track_device=False)
 
     def prefetch(self) -> None:
-        if self.state is not None and self.device is not None and self.state.k.device != self.device:
-            self.state = self.state.to(self.device)
+        st = self.held
+        if st is not None and self.device is not None and st.k.device != self.device:
+            self._move(self.device)
             self._mirror()
 
     def __repr__(self) -> str:

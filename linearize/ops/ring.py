@@ -214,21 +214,26 @@ def ring_step_torch(
     return y
 
 
-def decode_kernel_available(x: torch.Tensor) -> bool:
-    """Whether the Triton decode kernel can run on ``x``'s device (CUDA and an importable triton)."""
-    if not x.is_cuda:
-        return False
-    try:
-        from .triton import decode  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def ring_kernel_serves(q, k, v, phi_q, phi_k, state: RingState | HybridState) -> bool:
+    """Whether the Triton decode kernel takes a step of these inputs against ``state`` (a ring, or the
+    ordered state about to become one): the fused kernels serve the inputs (CUDA, triton, and
+    ``LINEARIZE_KERNELS`` is not ``torch``; see ``linearize.ops.use_triton``), the sums are fp32 and the
+    tail's dtypes are the inputs'."""
+    from . import use_triton
+
+    return (
+        use_triton(q, phi_q)
+        and state.S.dtype == torch.float32
+        and (state.k.dtype, state.v.dtype, state.phi_k.dtype) == (k.dtype, v.dtype, phi_k.dtype)
+    )
 
 
 def ring_step(q, k, v, phi_q, phi_k, ring: RingState, *, window_weight, scale=None, attention_mask=None) -> torch.Tensor:
-    """One in-place decode step: the Triton kernel on CUDA when available, else ``ring_step_torch``."""
-    if decode_kernel_available(q):
+    """One in-place decode step: the Triton kernel where it serves (``ring_kernel_serves``), else
+    ``ring_step_torch``. Shapes as ``ring_step_torch``; no host sync either way."""
+    args = dict(window_weight=window_weight, scale=scale, attention_mask=attention_mask)
+    if ring_kernel_serves(q, k, v, phi_q, phi_k, ring):
         from .triton.decode import ring_step_triton
 
-        return ring_step_triton(q, k, v, phi_q, phi_k, ring, window_weight=window_weight, scale=scale, attention_mask=attention_mask)
-    return ring_step_torch(q, k, v, phi_q, phi_k, ring, window_weight=window_weight, scale=scale, attention_mask=attention_mask)
+        return ring_step_triton(q, k, v, phi_q, phi_k, ring, **args)
+    return ring_step_torch(q, k, v, phi_q, phi_k, ring, **args)
