@@ -41,7 +41,7 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-5, **launch):
+def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-5, masked=True, **launch):
     from linearize.ops.ring import ring_step_torch
     from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
 
@@ -50,7 +50,7 @@ def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-
     ref = _clone(ring)
     for t in range(steps):
         inputs, _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=0, seed=100 + t)
-        mask = torch.tensor([[t % 3 != 2], [t % 2 == 0]])  # padding steps, in different rows
+        mask = torch.tensor([[t % 3 != 2], [t % 2 == 0]]) if masked else None  # padding steps, in different rows
         out = torch.full_like(inputs[0], float("nan"))  # every element must be written
         y = ring_step_triton(*inputs, ring, window_weight=gamma, attention_mask=mask, out=out, **launch)
         y_ref = ring_step_torch(*inputs, ref, window_weight=gamma, attention_mask=mask)
@@ -75,3 +75,8 @@ def test_half_inputs_odd_dims_and_ring_blocks(dtype):
     """D=24, F=6 (not powers of two), the ring read in blocks of 4 slots; bf16 gets the bf16 threshold
     (the interpreter rounds fp32 -> bf16 by truncation, the GPU to nearest)."""
     _run(4, 2, False, 7, dtype, steps=4, D=24, F=6, tol=1e-2, block_d=16, block_w=4)
+
+
+@inside
+def test_without_a_mask():
+    _run(4, 2, False, 6, torch.float32, steps=4, masked=False)

@@ -79,6 +79,10 @@ def _decode_kernel(
     if W > 0:
         ns = pos % W
         ev = (pos + 1) % W
+        # the evicted key, loaded now so its latency overlaps the readout (masked by value: no dependent load)
+        ev_ok = tl.load(MR + b * W + ev) != 0
+        pk_ev = tl.load(PKR + ((b * W + ev) * Hf + f) * F + rf, mask=f_ok, other=0.0).to(tl.float32)
+        v_ev = tl.load(VR + ((b * W + ev) * Hkv + j) * D + rd, mask=d_ok, other=0.0).to(tl.float32)
 
     for g in tl.static_range(QH):
         h = f * QH + g
@@ -96,18 +100,21 @@ def _decode_kernel(
             if W > 0:
                 for r0 in range(0, W, BW):
                     rs = r0 + tl.arange(0, BW)
-                    ok = (rs < W) & (rs != ns)
-                    ok = ok & (tl.load(MR + b * W + rs, mask=ok, other=0) != 0)
+                    in_ring = rs < W
                     row = (b * W + rs) * Hkv + j
-                    kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=ok[:, None] & dfull_ok[None, :], other=0.0)
+                    # the three loads do not wait on each other; validity is applied to the values
+                    mr = tl.load(MR + b * W + rs, mask=in_ring, other=0)
+                    kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=in_ring[:, None] & dfull_ok[None, :], other=0.0)
+                    vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=in_ring[:, None] & d_ok[None, :], other=0.0)
+                    ok = in_ring & (rs != ns) & (mr != 0)
                     s = tl.sum(kb.to(tl.float32) * qv[None, :], 1) * scale
                     s = tl.where(ok, s, float("-inf"))
                     m_new = tl.maximum(m, tl.max(s, 0))
                     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
                     alpha = tl.exp(m - m_use)
                     p = tl.where(ok, tl.exp(s - m_use), 0.0)
-                    vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-                    acc = acc * alpha + tl.sum(p[:, None] * vb.to(tl.float32), 0)
+                    vb = tl.where(ok[:, None], vb.to(tl.float32), 0.0)  # a skipped slot may hold anything finite or not
+                    acc = acc * alpha + tl.sum(p[:, None] * vb, 0)
                     l = l * alpha + tl.sum(p, 0)
                     m = m_new
             gam = tl.load(GAMMA + h)
@@ -121,9 +128,8 @@ def _decode_kernel(
         s_tile += pk_new[:, None] * v_new[None, :]
         z_vec += pk_new
     if W > 0:
-        ev_ok = tl.load(MR + b * W + ev) != 0
-        pk_ev = tl.load(PKR + ((b * W + ev) * Hf + f) * F + rf, mask=f_ok & ev_ok, other=0.0).to(tl.float32)
-        v_ev = tl.load(VR + ((b * W + ev) * Hkv + j) * D + rd, mask=d_ok & ev_ok, other=0.0).to(tl.float32)
+        pk_ev = tl.where(ev_ok, pk_ev, 0.0)
+        v_ev = tl.where(ev_ok, v_ev, 0.0)
         s_tile += pk_ev[:, None] * v_ev[None, :]
         z_vec += pk_ev
     tl.store(s_ptrs, s_tile, mask=sd_ok)

@@ -1,0 +1,160 @@
+"""The Triton decode kernel on CUDA: against an fp64 reference, in CUDA graphs, and inside ``generate``.
+
+Run: ``python3 -m pytest -q tests/gpu/test_decode_cuda.py`` (skipped without CUDA).
+Thresholds (METHOD.md): ||out - ref|| / ||ref|| < 1e-3 for fp32, < 1e-2 for bf16/fp16 inputs.
+"""
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("triton")
+
+from transformers import DynamicCache  # noqa: E402
+
+import linearize  # noqa: E402
+from linearize import LinearizeConfig  # noqa: E402
+from linearize.modules.cache import HybridCacheLayer  # noqa: E402
+from linearize.ops.ring import RingState, ring_step_torch  # noqa: E402
+from linearize.ops.triton.decode import random_decode_problem, ring_step_triton  # noqa: E402
+
+from ..ops.helpers import rel_err  # noqa: E402
+from ..tiny_models import perturb_added_weights, tiny_model  # noqa: E402
+
+TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def as_fp64(ring: RingState) -> RingState:
+    """The same ring with every float in fp64 (the reference computes on the kernel's exact inputs)."""
+    return RingState(
+        ring.S.double(), ring.z.double(), ring.k.double(), ring.v.double(), ring.phi_k.double(),
+        ring.mask.clone(), ring.pos.clone(), window=ring.window,
+    )
+
+
+def check_against_fp64(B, H, Hkv, D, F, window, dtype, *, per_q=False, filled=None, steps=20, seed=0, **launch):
+    _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=filled, seed=seed)
+    ref = as_fp64(ring)
+    for t in range(steps):
+        inputs, _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=0, seed=1000 * seed + t)
+        mask = (torch.arange(B, device="cuda") + t) % 4 != 0  # a different padded row every step
+        mask = mask.view(B, 1)
+        out = torch.full_like(inputs[0], float("nan"))
+        y = ring_step_triton(*inputs, ring, window_weight=gamma, attention_mask=mask, out=out, **launch)
+        y_ref = ring_step_torch(*[x.double() for x in inputs], ref, window_weight=gamma.double(), attention_mask=mask)
+        torch.cuda.synchronize()
+        assert torch.isfinite(y).all(), f"step {t}: unwritten or non-finite output"
+        err = rel_err(y, y_ref)
+        assert err < TOL[dtype], f"step {t}: y rel err {err:.2e}"
+    assert rel_err(ring.S, ref.S) < 1e-4 and rel_err(ring.z, ref.z) < 1e-4
+    for name in ("k", "v", "phi_k"):
+        assert torch.equal(getattr(ring, name).double(), getattr(ref, name)), name
+    assert torch.equal(ring.mask, ref.mask) and torch.equal(ring.pos, ref.pos)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D,F", [(64, 64), (128, 96), (256, 256)])
+@pytest.mark.parametrize("window", [0, 1, 64, 128])
+def test_kernel_matches_fp64_reference(dtype, D, F, window):
+    """GQA (8 query heads on 2 KV heads), odd batch, padding; a full tail, so every step evicts and the ring wraps."""
+    check_against_fp64(5, 8, 2, D, F, window, dtype, seed=D + window)
+
+
+@pytest.mark.parametrize("window", [2, 64, 130])
+@pytest.mark.parametrize("per_q", [False, True])
+def test_tail_filling_up_and_per_query_features(window, per_q):
+    """The tail starts short (empty slots are read and evicted as nothing), and key features per query head."""
+    check_against_fp64(3, 6, 3, 64, 48, window, torch.bfloat16, per_q=per_q, filled=min(3, window - 1), steps=window + 5)
+
+
+@pytest.mark.parametrize("block_d,block_w,num_warps", [(16, 16, 4), (32, 64, 4), (64, 32, 8), (128, 128, 8)])
+def test_launch_configs_agree(block_d, block_w, num_warps):
+    check_against_fp64(4, 16, 16, 128, 128, 64, torch.bfloat16, steps=6, block_d=block_d, block_w=block_w, num_warps=num_warps)
+
+
+def test_real_model_shapes():
+    """SmolLM2 (H=9, Hkv=3, D=64), Qwen2.5-0.5B (14/2, D=64), Gemma3-1B (4/1, D=256)."""
+    for H, Hkv, D in ((9, 3, 64), (14, 2, 64), (4, 1, 256)):
+        check_against_fp64(3, H, Hkv, D, 64, 64, torch.bfloat16, steps=4)
+
+
+def _clone(ring: RingState) -> RingState:
+    return RingState(*(t.clone() for t in (ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos)), window=ring.window)
+
+
+@pytest.mark.parametrize("window", [0, 1, 64])
+def test_cuda_graph_replay_equals_eager(window):
+    B, H, Hkv, D, F = 4, 8, 4, 128, 128
+    static_in, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, filled=window // 2)
+    static_mask = torch.ones(B, 1, dtype=torch.bool, device="cuda")
+    static_out = torch.empty_like(static_in[0])
+    # warm up (compile) on a side stream, as torch.cuda.graphs asks, on a throwaway copy of the ring
+    warm = _clone(ring)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ring_step_triton(*static_in, warm, window_weight=gamma, attention_mask=static_mask, out=static_out)
+    torch.cuda.current_stream().wait_stream(s)
+    eager = _clone(ring)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ring_step_triton(*static_in, ring, window_weight=gamma, attention_mask=static_mask, out=static_out)
+    # capture ran nothing: ring is still at its start, like eager
+    assert torch.equal(ring.pos, eager.pos) and torch.equal(ring.S, eager.S)
+    for t in range(2 * window + 3):
+        new, _, _ = random_decode_problem(B, H, Hkv, D, F, window, filled=0, seed=50 + t)
+        for dst, src in zip(static_in, new):
+            dst.copy_(src)
+        static_mask.copy_(((torch.arange(B, device="cuda") + t) % 3 != 0).view(B, 1))
+        graph.replay()
+        y_eager = ring_step_triton(*new, eager, window_weight=gamma, attention_mask=static_mask.clone())
+        assert torch.equal(static_out, y_eager), f"step {t}"
+    for a, b in zip((ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos), (eager.S, eager.z, eager.k, eager.v, eager.phi_k, eager.mask, eager.pos)):
+        assert torch.equal(a, b)
+
+
+def _model(window, dtype=torch.float32):
+    model = linearize.convert(tiny_model("llama"), LinearizeConfig(window=window, feature_dim=6))
+    perturb_added_weights(model)
+    return model.cuda().to(dtype)
+
+
+@pytest.mark.parametrize("window", [0, 1, 4])
+def test_model_decode_on_the_kernel_equals_full_forward(window):
+    model = _model(window)
+    ids = torch.randint(3, 96, (3, 24), device="cuda")
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        out = [model(ids[:, :5], past_key_values=cache).logits]
+        out += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(5, 24)]
+    layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
+    assert layers and all(isinstance(layer.held, RingState) for layer in layers), "decode did not run on the kernel"
+    torch.testing.assert_close(torch.cat(out, 1), full, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3)], ids=["greedy", "beams"])
+def test_generate_on_cuda_equals_reference_path(monkeypatch, kw):
+    """Kernel decode (fp32) vs the PyTorch path on CUDA and on CPU: same tokens, padded batch."""
+    model = _model(5)
+    ids = torch.randint(3, 96, (3, 11), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0
+    args = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, pad_token_id=0, **kw)
+    with torch.no_grad():
+        fast = model.generate(ids, **args)
+        monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+        slow = model.generate(ids, **args)
+        cpu = model.cpu().generate(ids.cpu(), **(args | dict(attention_mask=mask.cpu())))
+    assert torch.equal(fast, slow) and torch.equal(fast.cpu(), cpu)
+
+
+def test_bf16_generate_runs_on_the_kernel():
+    model = _model(4, torch.bfloat16)
+    ids = torch.randint(3, 96, (4, 9), device="cuda")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert out.shape == (4, 17)
+    assert all(isinstance(layer.held, RingState) for layer in cache.layers if isinstance(layer, HybridCacheLayer))
