@@ -120,9 +120,20 @@ def convert_cmd(
     set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set stage1.lr=1e-3 (repeatable)."),
     preset: Optional[str] = typer.Option(None, help="cpu-demo | full"),
     resume: bool = typer.Option(False, help="Continue the run saved in --out exactly where it stopped."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes per host (one per GPU): runs this command under torchrun.", rich_help_panel="Multi-GPU"),
+    nnodes: str = typer.Option("1", "--nnodes", help="Hosts (torchrun --nnodes); >1 needs --rdzv-endpoint.", rich_help_panel="Multi-GPU"),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous, the same on every host.", rich_help_panel="Multi-GPU"),
+    rdzv_id: Optional[str] = typer.Option(None, "--rdzv-id", help="Job id shared by the hosts (default: linearize).", rich_help_panel="Multi-GPU"),
 ) -> None:
-    """Linearize MODEL: attention transfer, then LoRA; writes OUT/model, OUT/report.md and checkpoints."""
+    """Linearize MODEL: attention transfer, then LoRA; writes OUT/model, OUT/report.md and checkpoints.
+
+    Several processes: `--nproc N` (or `torchrun --nproc_per_node N -m linearize convert ...`) trains
+    stage 1 block-wise (a block of layers per process) and stage 2 with FSDP2 data parallelism.
+    """
+    import os
+
     from .pipelines.config import build_config
+    from .pipelines.distributed import DistributedError
     from .pipelines.run import RunError, run_conversion
     from .pipelines.trainer import NonFiniteLossError
 
@@ -130,12 +141,25 @@ def convert_cmd(
         cfg = build_config(preset, config, set_, model=model)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    if nproc > 1 or nnodes not in ("1", "1:1"):
+        from .pipelines.launch import LaunchError, launch
+
+        command = ["convert", model, "--out", str(out)] + (["--config", str(config)] if config else [])
+        command += [a for item in set_ for a in ("--set", item)] + (["--preset", preset] if preset else []) + (["--resume"] if resume else [])
+        try:
+            launch(command, nproc, nnodes, rdzv_endpoint, rdzv_id)
+        except LaunchError as e:
+            _fail(str(e))
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    where = f"rank {os.environ.get('RANK', '?')}/{world}: " if world > 1 else ""
     try:
         report = run_conversion(cfg, out, resume=resume, echo=_echo)
-    except (RunError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
-    console.print((out / "report.md").read_text())
-    console.print(f"[bold green]done[/]: {report['output']}")
+    except (RunError, DistributedError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
+        _fail(where + str(e))
+    if report:  # rank 0 (the others return an empty report)
+        console.print((out / "report.md").read_text())
+        console.print(f"[bold green]done[/]: {report['output']}")
 
 
 from .eval.cli import eval_cmd  # noqa: E402  (the eval command lives with the eval suite)

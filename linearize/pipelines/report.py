@@ -58,7 +58,9 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
     atomic_write_json(out / "report.json", report)
     lines = [f"# linearize report: {report['model']}", ""]
     env = report.get("environment", {})
-    lines += [f"- device: {env.get('device')}; torch {env.get('torch')}, transformers {env.get('transformers')}"]
+    procs = env.get("processes", 1)
+    lines += [f"- device: {env.get('device')}; torch {env.get('torch')}, transformers {env.get('transformers')}"
+              + (f"; {procs} processes (stage 1 block-wise over layers, stage 2 FSDP2 data-parallel)" if procs > 1 else "")]
     lines += [f"- data: `{report['data']['source']}`, seq_len {report['data']['seq_len']}, "
               f"{report['data']['train_rows']} train rows / {report['data']['val_rows']} validation rows"]
     lin = report["linearize"]

@@ -28,9 +28,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ..convert import convert
+from ..convert import convert, linearized_layers
+from . import distributed
 from .checkpoint import CheckpointManager, atomic_write_json, atomic_write_text
 from .config import RunConfig, config_from_dict
+from .distributed import SINGLE, Dist
 from .evaluate import perplexity, sample
 from .finetune import add_lora, lm_loss, lora_parameters
 from .report import plot_losses, write_report
@@ -71,9 +73,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _prepare_out(cfg: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
+def _prepare_out(cfg: RunConfig, out: Path, resume: bool, d: Dist = SINGLE) -> dict[str, Any]:
     cfg_path = out / "config.yaml"
-    if cfg_path.exists():
+    exists = cfg_path.exists()
+    d.barrier()  # every rank has looked before rank 0 writes the config
+    if exists:
         if not resume:
             raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         saved = config_from_dict(yaml.safe_load(cfg_path.read_text()))
@@ -81,9 +85,31 @@ def _prepare_out(cfg: RunConfig, out: Path, resume: bool) -> dict[str, Any]:
             raise RunError(f"the settings differ from the run saved in {out}; resume with the same settings or use another --out")
         state_path = out / "state.json"
         return json.loads(state_path.read_text()) if state_path.exists() else {}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    d.barrier()
     return {}
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split("layers.")[1].split(".")[0])
+
+
+def _transfer_params(model, device: torch.device) -> dict[str, torch.nn.Parameter]:
+    """Freeze all but the attention-transfer weights; on CUDA train them as fp32 masters."""
+    params = freeze_for_transfer(model)
+    if device.type == "cuda":
+        # bf16 weights cannot hold AdamW's small updates: train fp32 masters (autocast runs the math in bf16)
+        for p in params.values():
+            p.data = p.data.float()
+    return params
+
+
+def _copy_into(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(weights[k].to(p.device, p.dtype))
 
 
 def run_conversion(
@@ -94,104 +120,148 @@ def run_conversion(
     model_loader: Callable | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run (or resume) a whole conversion and return the report dict."""
+    """Run (or resume) a whole conversion and return the report dict (``{}`` on ranks other than 0).
+
+    Under torchrun (WORLD_SIZE > 1) every process runs this: evaluations are shared out by rows,
+    stage 1 trains one contiguous block of layers per rank, stage 2 is FSDP2 data-parallel, and rank 0
+    alone writes files, samples and exports.
+    """
+    d = distributed.setup(cfg.device)
+    try:
+        return _run(cfg, Path(out), resume, model_loader, echo if d.is_main else (lambda m: None), d)
+    finally:
+        distributed.teardown(d)
+
+
+def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None, echo: Callable[[str], None], d: Dist) -> dict[str, Any]:
     from .. import data as data_lib
     from ..models import load as load_model
 
     t_start = time.perf_counter()
-    out = Path(out)
-    state = _prepare_out(cfg, out, resume)
+    state = _prepare_out(cfg, out, resume, d)
     # wall time over every segment of a resumed run: earlier segments' time is kept in state.json
     before = state.get("wall_seconds_before", 0.0) + state.pop("wall_seconds_segment", 0.0)
     state["wall_seconds_before"] = before
 
     def save_state() -> None:
         state["wall_seconds_segment"] = time.perf_counter() - t_start
-        atomic_write_json(out / "state.json", state)
+        if d.is_main:
+            atomic_write_json(out / "state.json", state)
 
     state.setdefault("evals", {})
     state.setdefault("samples", {})
     state.setdefault("stages", {})
-    device = pick_device(cfg.device)
-    logger = make_logger(cfg.logger, out)
+    device = pick_device(cfg.device) if not d.enabled else d.device
+    logger = make_logger(cfg.logger, out) if d.is_main else None
     torch.manual_seed(cfg.seed)
+    if d.enabled:
+        echo(f"{d.world} processes on {device.type}: stage 1 block-wise over layers, stage 2 FSDP2 data-parallel")
+        if cfg.stage2.steps > 0 and cfg.stage2.batch_size % d.world:
+            raise RunError(
+                f"stage2.batch_size={cfg.stage2.batch_size} does not split over {d.world} processes: use a multiple of "
+                f"{d.world} (it is the global batch, shared out equally)"
+            )
 
     echo(f"loading {cfg.model} ...")
-    model, tokenizer = (model_loader or load_model)(cfg.model, dtype=torch.float32 if device.type == "cpu" else torch.bfloat16)
+    load = model_loader or load_model
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    with d.main_first():  # rank 0 fetches and converts into the cache; the others then read it
+        model, tokenizer = load(cfg.model, dtype=dtype)
     model.to(device)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise RunError(f"data.seq_len={cfg.data.seq_len} is longer than the model takes (max_position_embeddings={max_pos})")
+    if d.enabled and cfg.stage1.steps > 0 and d.world > model.config.num_hidden_layers:
+        distributed.split_blocks(list(range(model.config.num_hidden_layers)), d.world)  # fails early, before evaluating
 
     echo(f"preparing data {cfg.data.source!r} at {cfg.data.seq_len} tokens ...")
-    splits = data_lib.build_dataset(
-        cfg.data.source, tokenizer, cfg.data.seq_len, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
-        max_val_tokens=cfg.data.val_tokens,
-    )
+    with d.main_first():
+        splits = data_lib.build_dataset(
+            cfg.data.source, tokenizer, cfg.data.seq_len, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+            max_val_tokens=cfg.data.val_tokens,
+        )
     train_rows, val_rows = splits.train, splits.val
     if train_rows.shape[0] == 0 or val_rows.shape[0] == 0:
         raise RunError(f"data {cfg.data.source!r} gives {train_rows.shape[0]} train / {val_rows.shape[0]} validation rows of {cfg.data.seq_len} tokens; use more text or a shorter data.seq_len")
     total_params = sum(p.numel() for p in model.parameters())
 
-    def evaluate(key: str, m) -> None:
+    def evaluate(key: str, m, shared: bool = True) -> None:
+        """Validation perplexity, shared out over the ranks (``shared``) or by this process alone."""
         if key not in state["evals"]:
-            state["evals"][key] = perplexity(m, val_rows, device, desc=f"eval {key}")
+            state["evals"][key] = perplexity(m, val_rows, device, desc=f"eval {key}", dist=d if shared else SINGLE)
             save_state()
         e = state["evals"][key]
         echo(f"validation ppl [{key}]: {e['ppl']:.2f} (loss {e['loss']:.4f})")
 
+    def samples(key: str, m) -> None:
+        if key not in state["samples"]:
+            if d.is_main:  # generation is short and sequential: rank 0 alone, the others wait
+                state["samples"][key] = sample(m, tokenizer, cfg.samples, cfg.sample_tokens, device)
+                save_state()
+            d.barrier()
+
     evaluate("base", model)
-    if "base" not in state["samples"]:
-        state["samples"]["base"] = sample(model, tokenizer, cfg.samples, cfg.sample_tokens, device)
-        save_state()
+    samples("base", model)
 
     convert(model, cfg.linearize)
     model.to(device)
     evaluate("swapped", model)
 
-    ckpts = CheckpointManager(out / "checkpoints")
+    ckpts = CheckpointManager(out / "checkpoints", dist=d)
     latest = ckpts.latest() if resume else None
     metrics = out / "metrics.jsonl"
     if latest is not None:
-        truncate_metrics(metrics, latest.stage, latest.step, ("stage2",) if latest.stage == "stage1" else ())
-        echo(f"resuming from {latest.stage} step {latest.step}")
+        if d.is_main:
+            truncate_metrics(metrics, latest.stage, latest.step, ("stage2",) if latest.stage == "stage1" else ())
+        echo(f"resuming from {latest.stage} step {latest.step}" + (f" (written by {latest.world_size} processes)" if latest.world_size != d.world else ""))
 
     # ---- stage 1: attention transfer ---------------------------------------------------------------
     stage1_file = out / "stage1_final.safetensors"
-    params = freeze_for_transfer(model)
-    if device.type == "cuda":
-        # bf16 weights cannot hold AdamW's small updates: train fp32 masters (autocast runs the math in bf16)
-        for p in params.values():
-            p.data = p.data.float()
-    loss1 = transfer_loss
+    all_params = _transfer_params(model, device)
+    params = dict(all_params)  # the trained ones: all, or those of transfer_block
+    block = None
     if cfg.transfer_block is not None:
         a, b = cfg.transfer_block
         if b > model.config.num_hidden_layers:
             raise RunError(f"transfer_block={cfg.transfer_block} ends past the model's {model.config.num_hidden_layers} layers")
-        in_block = {k for k in params if a <= int(k.split("layers.")[1].split(".")[0]) < b}
-        for k in set(params) - in_block:
-            params.pop(k).requires_grad_(False)
-        loss1 = functools.partial(transfer_loss, block=(a, b))
+        block = (a, b)
+        params = {k: p for k, p in params.items() if a <= _layer_of(k) < b}
+    loss1 = transfer_loss if block is None else functools.partial(transfer_loss, block=block)
+    mine, parallel1 = params, None
+    if d.enabled and "stage1" not in state["stages"] and cfg.stage1.steps > 0:
+        # block-wise across ranks: each rank trains one contiguous block of the trained layers on the whole batch
+        trained_ids = sorted({layer.layer_idx for layer in linearized_layers(model)} & {_layer_of(k) for k in params})
+        blocks = distributed.split_blocks(trained_ids, d.world)
+        block = blocks[d.rank]
+        mine = {k: p for k, p in params.items() if block[0] <= _layer_of(k) < block[1]}
+        loss1, parallel1 = functools.partial(transfer_loss, block=block), "layers"
+        echo(f"stage 1 blocks of layers per rank: {[list(b) for b in blocks]}")
+        d.broadcast_tensors(list(all_params.values()))  # one starting point whatever each rank's RNG did
+    for k, p in all_params.items():
+        p.requires_grad_(k in mine)
     if "stage1" not in state["stages"]:
         if cfg.stage1.steps > 0:
             result = train_stage(
-                "stage1", model, params, loss1, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
+                "stage1", model, mine, loss1, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
                 checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
                 resume_from=latest if latest is not None and latest.stage == "stage1" else None,
+                dist=d, parallel=parallel1,
             )
             state["stages"]["stage1"] = _stage_record(result)
+            if d.enabled:  # stitch: every rank gets every block's trained weights
+                for part in d.all_gather_object({k: p.detach().cpu() for k, p in mine.items()}):
+                    _copy_into({k: params[k] for k in part}, part)
         else:
             state["stages"]["stage1"] = {"steps": 0, "tokens": 0, "seconds": 0.0, "final_loss": None, "trainable_params": 0}
-        tmp = stage1_file.with_suffix(".tmp")
-        save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, tmp)
-        tmp.replace(stage1_file)
+        if d.is_main:
+            tmp = stage1_file.with_suffix(".tmp")
+            save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, tmp)
+            tmp.replace(stage1_file)
         save_state()
+        d.barrier()
     else:
-        weights = load_file(stage1_file)
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(weights[k].to(p.device, p.dtype))
-    for p in params.values():
+        _copy_into(params, load_file(stage1_file))
+    for p in all_params.values():
         p.requires_grad_(False)
     set_mode(model, "hybrid")
     evaluate("stage1", model)
@@ -200,26 +270,40 @@ def run_conversion(
     if cfg.stage2.steps > 0:
         peft_model = add_lora(model, cfg.lora)
         lora_params = lora_parameters(peft_model)
-        if "stage2" not in state["stages"]:
-            result = train_stage(
-                "stage2", peft_model, lora_params, lm_loss, train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
-                checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
-                resume_from=latest if latest is not None and latest.stage == "stage2" else None,
-            )
-            state["stages"]["stage2"] = _stage_record(result)
-            save_state()
+        if d.enabled:
+            weights = _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_rows, ckpts, latest, metrics, logger, d)
+            # FSDP2 sharded the model in place: rank 0 merges the adapters into a fresh unsharded copy
+            del peft_model, lora_params, model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if not d.is_main:  # rank 0 alone evaluates, exports and samples the merged model
+                d.barrier()
+                return {}
+            peft_model = _rebuild(cfg, load, dtype, device, stage1_file)
+            _copy_into(lora_parameters(peft_model), weights)
+            if cfg.lora.keep_adapters:
+                peft_model.save_pretrained(out / "adapter")
+            model = peft_model.merge_and_unload()
         else:
-            last = ckpts.latest()
-            weights = last.load_weights()
-            with torch.no_grad():
-                for k, p in lora_params.items():
-                    p.copy_(weights[k].to(p.device, p.dtype))
-        if cfg.lora.keep_adapters:
-            peft_model.save_pretrained(out / "adapter")
-        model = peft_model.merge_and_unload()
-        evaluate("stage2", model)
+            if "stage2" not in state["stages"]:
+                result = train_stage(
+                    "stage2", peft_model, lora_params, lm_loss, train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
+                    checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
+                    resume_from=latest if latest is not None and latest.stage == "stage2" else None,
+                )
+                state["stages"]["stage2"] = _stage_record(result)
+                save_state()
+            else:
+                _copy_into(lora_params, ckpts.latest().load_weights())
+            if cfg.lora.keep_adapters:
+                peft_model.save_pretrained(out / "adapter")
+            model = peft_model.merge_and_unload()
+        evaluate("stage2", model, shared=False)
+    elif not d.is_main:
+        d.barrier()
+        return {}
 
-    # ---- export and report --------------------------------------------------------------------------
+    # ---- export and report (rank 0) -----------------------------------------------------------------
     export = out / "model"
     tmp_export = out / ".model.tmp"
     model.save_pretrained(tmp_export)
@@ -239,7 +323,7 @@ def run_conversion(
         "model": cfg.model,
         "output": str(export),
         "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-                        "torch": torch.__version__, "transformers": transformers.__version__},
+                        "torch": torch.__version__, "transformers": transformers.__version__, "processes": d.world},
         "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "train_rows": int(train_rows.shape[0]), "val_rows": int(val_rows.shape[0])},
         "linearize": model.config.linearize,
         "total_params": total_params,
@@ -253,7 +337,43 @@ def run_conversion(
         "config": cfg.to_dict(),
     }
     write_report(out, report)
+    d.barrier()  # the other ranks waited for the export and the report
     return report
+
+
+def _rebuild(cfg: RunConfig, load: Callable, dtype: torch.dtype, device: torch.device, stage1_file: Path):
+    """A fresh unsharded linearized model with the stitched stage-1 weights and LoRA adapters (to load)."""
+    model, _ = load(cfg.model, dtype=dtype)
+    model.to(device)
+    convert(model, cfg.linearize)
+    model.to(device)
+    params = _transfer_params(model, device)
+    weights = load_file(stage1_file)
+    _copy_into({k: params[k] for k in weights}, weights)
+    for p in params.values():
+        p.requires_grad_(False)
+    set_mode(model, "hybrid")
+    return add_lora(model, cfg.lora)
+
+
+def _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_rows, ckpts, latest, metrics, logger, d: Dist):
+    """Stage 2 with FSDP2 over all ranks (sharding ``peft_model`` in place); the full adapter weights on rank 0."""
+    from .fsdp import shard_for_lora
+
+    if "stage2" in state["stages"]:
+        return ckpts.latest().load_weights() if d.is_main else None
+    d.broadcast_tensors(list(lora_params.values()))  # one LoRA initialisation on every rank
+    shard_for_lora(peft_model, d)
+    lora_params = lora_parameters(peft_model)  # now sharded DTensors, same names
+    result = train_stage(
+        "stage2", peft_model, lora_params, lm_loss, train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
+        checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=d.device, log=logger,
+        resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
+    )
+    state["stages"]["stage2"] = _stage_record(result)
+    save_state()
+    weights = {k: p.full_tensor().cpu() for k, p in lora_params.items()}  # a collective: every rank takes part
+    return weights if d.is_main else None
 
 
 def _stage_record(result) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import StageConfig
+from .distributed import SINGLE, Dist
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -48,6 +49,29 @@ def batch_rows(num_rows: int, step: int, micro: int, cfg: StageConfig, seed: int
     return out
 
 
+def local_rows(rows: torch.Tensor, d: Dist) -> torch.Tensor:
+    """This rank's contiguous share of one global micro-batch's row indices (data parallelism)."""
+    if d.world == 1:
+        return rows
+    share = rows.shape[0] // d.world
+    return rows[d.rank * share : (d.rank + 1) * share]
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, parallel: str | None, d: Dist) -> None:
+    """Clip by the norm of the whole model's gradient, as one process training everything would.
+
+    ``parallel="layers"``: each rank holds the gradients of its own layers only, so the squared norms are
+    summed over ranks. FSDP gradients (``"data"``) are DTensors and clip_grad_norm_ reduces them itself.
+    """
+    if parallel != "layers" or not d.enabled:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    local = torch.nn.utils.get_total_norm(grads).float() if grads else torch.zeros((), device=d.device)
+    total = d.all_reduce(local.to(d.device) ** 2, "sum").sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+
 def _schedule(cfg: StageConfig) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if cfg.warmup_steps and step < cfg.warmup_steps:
@@ -75,47 +99,66 @@ def train_stage(
     device: torch.device,
     resume_from=None,
     log: Callable[[dict], None] | None = None,
+    dist: Dist = SINGLE,
+    parallel: str | None = None,
 ) -> StageResult:
     """Train ``params`` (name -> parameter) to minimise ``loss_fn`` over ``rows`` [N, L] for ``cfg.steps`` steps.
 
     With ``resume_from`` (a checkpoint of this stage) the weights, optimizer, schedule, RNG and data
     position are restored, so the run continues exactly as if it had not stopped.
+
+    Several processes (``dist``): ``parallel="data"`` splits every global micro-batch into equal
+    contiguous shares, one per rank, and FSDP averages the gradients, so a step equals one process's
+    step over the whole batch; ``parallel="layers"`` gives every rank the whole batch and its own
+    layers (``params`` holds only those), the loss being a sum over layers. Either way the logged loss
+    and the clipping norm are those of the whole model on the whole batch. Only rank 0 logs.
     """
+    if parallel not in (None, "data", "layers"):
+        raise ValueError(f"unknown parallel mode {parallel!r}")
+    if parallel == "data" and cfg.batch_size % dist.world:
+        raise ValueError(
+            f"{name}.batch_size={cfg.batch_size} does not split over {dist.world} processes: use a multiple of {dist.world} "
+            f"(the global batch is shared out equally)"
+        )
+    reduce_op = "mean" if parallel == "data" else "sum"
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
     start = 0
     if resume_from is not None:
-        weights = resume_from.load_weights()
-        with torch.no_grad():
-            for k, p in params.items():
-                p.copy_(weights[k].to(p.device, p.dtype))
-        state = resume_from.load_training_state()
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
+        extras = resume_from.restore(params, model, opt, dist)
+        sched.load_state_dict(extras["scheduler"])
+        set_rng_state(extras["rng"])
         start = resume_from.step
-    trainable = sum(p.numel() for p in params.values())
+    trainable = sum(p.numel() for p in params.values())  # DTensor.numel() is the global count
+    if parallel == "layers":
+        trainable = sum(dist.all_gather_object(trainable))
     tokens_per_step = cfg.batch_size * cfg.grad_accum * rows.shape[1]
     losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True)
+    quiet = {} if dist.is_main else {"disable": True}  # (an explicit disable=False would override TQDM_DISABLE)
+    bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True, **quiet)
     model.train()
     loss_value = None
+    sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP: reduce gradients once per step
     for step in range(start, cfg.steps):
         t_step = time.perf_counter()
         total = 0.0
         for micro in range(cfg.grad_accum):
-            batch = rows[batch_rows(rows.shape[0], step, micro, cfg, seed)].to(device)
+            idx = batch_rows(rows.shape[0], step, micro, cfg, seed)
+            batch = rows[local_rows(idx, dist) if parallel == "data" else idx].to(device)
+            if sync is not None:
+                sync(micro == cfg.grad_accum - 1)
             loss = loss_fn(model, batch) / cfg.grad_accum
-            if not torch.isfinite(loss):
+            whole = dist.all_reduce(loss.detach().clone(), reduce_op) if dist.enabled else loss
+            if not torch.isfinite(whole):
                 raise NonFiniteLossError(
-                    f"{name}: loss is {loss.item()} at step {step}; lower {name}.lr or check the data "
+                    f"{name}: loss is {whole.item()} at step {step}; lower {name}.lr or check the data "
                     f"(the last checkpoint in {checkpoints.root} is kept)"
                 )
             loss.backward()
-            total += loss.item()
+            total += whole.item()
         if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            clip_grad_norm(list(params.values()), cfg.max_grad_norm, parallel, dist)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -123,10 +166,11 @@ def train_stage(
         losses.append(total)
         dt = time.perf_counter() - t_step
         record = {"stage": name, "step": step + 1, "loss": total, "lr": sched.get_last_lr()[0], "tokens_per_s": tokens_per_step / dt}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if log is not None:
-            log(record)
+        if dist.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if log is not None:
+                log(record)
         bar.set_postfix(loss=f"{total:.4g}", tok_s=f"{tokens_per_step / dt:.0f}")
         bar.update(1)
         if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps:
@@ -134,7 +178,9 @@ def train_stage(
                 name,
                 step + 1,
                 {k: p.detach() for k, p in params.items()},
-                {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()},
+                {"scheduler": sched.state_dict(), "rng": rng_state()},
+                model=model,
+                optimizer=opt,
             )
     bar.close()
     model.eval()
