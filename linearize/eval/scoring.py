@@ -1,12 +1,16 @@
-"""Loglikelihood scoring and the lm-evaluation-harness metrics, re-implemented in a few lines.
+"""Loglikelihood scoring and the lm-evaluation-harness metrics, in a few lines.
 
-We do not run lm-eval itself: it needs ``datasets``/``evaluate``/``sacrebleu``/``scikit-learn`` and
-fetches its data from the Hugging Face hub, which offline machines cannot reach. This module follows
-lm-eval 0.4's definitions exactly (``lm_eval/api/model.py``, ``lm_eval/api/task.py``):
+``linearize eval`` scores with this module rather than through lm-eval: it is small, needs only the
+data wheel, shares one forward among requests with equal inputs and measures memory and throughput
+per task. It follows lm-eval 0.4.13's definitions (``lm_eval/api/model.py``, ``lm_eval/api/task.py``,
+``lm_eval/models/huggingface.py``), and ``tests/eval/test_lm_eval_equivalence.py`` runs lm-eval
+itself (offline configs, :mod:`.lm_eval_tasks`) on the same docs and checks the same prompts,
+loglikelihoods, ``acc`` and ``acc_norm`` per doc:
 
 * encoding (``_encode_pair``): trailing spaces of the context move to the continuation; the
   continuation's tokens are ``tok(context + continuation)[len(tok(context)):]``, with the
-  tokenizer's default special tokens; an empty context is replaced by the BOS (else EOS) token;
+  tokenizer's default special tokens; an empty context is replaced by the BOS (else EOS) token
+  (or the continuation's first token when that is already it);
   the input is ``(context + continuation)[-(max_len + 1):][:-1]`` (left truncation).
 * loglikelihood: sum of the continuation tokens' log-probabilities; ``is_greedy``: every
   continuation token is the argmax at its position.
@@ -17,12 +21,15 @@ lm-eval 0.4's definitions exactly (``lm_eval/api/model.py``, ``lm_eval/api/task.
 * MMLU: ``acc`` of the ``mmlu`` group = size-weighted mean over subjects (``weight_by_size: True``
   at every level), i.e. the mean over all questions; the unweighted subject mean is reported too.
 
-Batching: requests are sorted by length (longest first), right-padded with an attention mask, and
-scored in one forward pass per batch; causal attention makes right padding exact.
+Batching: requests with identical inputs share one row (lm-eval's ``logits_cache``: MMLU's four
+one-token answers cost one forward of the question); rows are sorted by length (longest first),
+right-padded with an attention mask and run in one forward pass per batch (causal attention makes
+right padding exact); the LM head runs only at the scored positions.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -46,7 +53,10 @@ def prefix_token_id(tokenizer) -> int:
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     if not context:
-        return [prefix_token_id(tokenizer)], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        prefix = prefix_token_id(tokenizer)
+        # lm-eval 0.4.13: a continuation that already starts with the prefix token conditions on it
+        return ([prefix], cont) if not cont or cont[0] != prefix else (cont[:1], cont[1:])
     n = len(context) - len(context.rstrip())
     if n:
         continuation, context = context[-n:] + continuation, context[:-n]
@@ -55,37 +65,84 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, whole[len(ctx) :]
 
 
+def _inputs(pairs: Sequence[tuple[list[int], list[int]]], max_len: int) -> list[tuple[tuple[int, ...], list[int]]]:
+    """lm-eval's model input per request: ``(context + continuation)[-(max_len + 1):][:-1]`` (left
+    truncation), and the continuation scored at its last ``len(continuation)`` positions."""
+    out = []
+    for ctx, cont in pairs:
+        if not cont:
+            raise ValueError("a request has an empty continuation")
+        out.append((tuple((list(ctx) + list(cont))[-(max_len + 1) :][:-1]), list(cont)[-max_len:]))
+    return out
+
+
+def _takes_logits_to_keep(model) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 @torch.no_grad()
 def loglikelihood_tokens(
     model, pairs: Sequence[tuple[list[int], list[int]]], *, batch_size: int = 16, max_len: int | None = None,
     desc: str = "loglikelihood", progress: bool = True,
 ) -> list[tuple[float, bool]]:
-    """``(sum log p(continuation | context), is_greedy)`` per ``(context_ids, continuation_ids)`` pair."""
+    """``(sum log p(continuation | context), is_greedy)`` per ``(context_ids, continuation_ids)`` pair.
+
+    Requests whose model inputs are identical (the choices of an MMLU question: one shared context,
+    single-token continuations `` A``..`` D``; in general equal ``context + continuation[:-1]``) are
+    scored from ONE forward pass, as lm-eval's ``logits_cache`` does. Unique inputs are sorted longest
+    first, right-padded and run ``batch_size`` at a time; only the scored positions go through the LM
+    head (``logits_to_keep``) when the model takes it. :func:`loglikelihood_tokens_reference` is the
+    plain one-request-at-a-time version.
+    """
     max_len = max_len or max_length(model)
     device = next(model.parameters()).device
-    items = []
-    for i, (ctx, cont) in enumerate(pairs):
-        if not cont:
-            raise ValueError("a request has an empty continuation")
-        ids = (list(ctx) + list(cont))[-(max_len + 1) :][:-1]
-        items.append((i, ids, list(cont)[-max_len:]))
-    items.sort(key=lambda it: -len(it[1]))
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(items)
-    for s in tqdm(range(0, len(items), batch_size), desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
-        batch = items[s : s + batch_size]
-        width = len(batch[0][1])
+    groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
+    for i, (ids, cont) in enumerate(_inputs(pairs, max_len)):
+        groups.setdefault(ids, []).append((i, cont))
+    rows = sorted(groups.items(), key=lambda kv: -len(kv[0]))
+    keep = _takes_logits_to_keep(model)
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    for s in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        batch = rows[s : s + batch_size]
+        width = len(batch[0][0])
+        lens = [len(ids) for ids, _ in batch]
+        span = max(len(c) for _, reqs in batch for _, c in reqs)  # scored positions kept per row
         input_ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, (_, ids, _) in enumerate(batch):
+        for b, (ids, _) in enumerate(batch):
             input_ids[b, : len(ids)] = torch.tensor(ids)
             mask[b, : len(ids)] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        for b, (i, ids, cont) in enumerate(batch):
-            n = len(cont)
-            lp = torch.log_softmax(logits[b, len(ids) - n : len(ids)].float(), dim=-1)
-            target = torch.tensor(cont, device=lp.device)
-            ll = lp.gather(1, target[:, None]).sum().item()
-            out[i] = (ll, bool((lp.argmax(-1) == target).all().item()))
+        kw = {}
+        if keep:  # (B, span) positions: the last `span` of each row (clamped at 0 for short rows)
+            pos = torch.stack([torch.arange(n - span, n).clamp(min=0) for n in lens])
+            kw["logits_to_keep"] = pos.to(device)
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False, **kw).logits
+        for b, (_, reqs) in enumerate(batch):
+            n_row = max(len(c) for _, c in reqs)
+            end = span if keep else lens[b]
+            lp = torch.log_softmax(logits[b, end - n_row : end].float(), dim=-1)  # (n_row, V)
+            for i, cont in reqs:
+                part = lp[n_row - len(cont) :]
+                target = torch.tensor(cont, device=lp.device)
+                ll = part.gather(1, target[:, None]).sum().item()
+                out[i] = (ll, bool((part.argmax(-1) == target).all().item()))
+    return out
+
+
+@torch.no_grad()
+def loglikelihood_tokens_reference(model, pairs: Sequence[tuple[list[int], list[int]]], *, max_len: int | None = None) -> list[tuple[float, bool]]:
+    """The plain version of :func:`loglikelihood_tokens`: one forward per request, all logits."""
+    max_len = max_len or max_length(model)
+    device = next(model.parameters()).device
+    out = []
+    for ids, cont in _inputs(pairs, max_len):
+        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0]
+        lp = torch.log_softmax(logits[len(ids) - len(cont) :].float(), dim=-1)
+        target = torch.tensor(cont, device=lp.device)
+        out.append((lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all().item())))
     return out
 
 
@@ -110,10 +167,9 @@ def stderr(values: Sequence[float]) -> float:
     return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
 
 
-def score_task(model, tokenizer, task: Task, *, batch_size: int = 16, progress: bool = True) -> dict:
-    """Metrics of ``task`` (means over docs, with ``<metric>_stderr``) and ``n`` docs."""
-    flat = [r for d in task.docs for r in d.requests]
-    results = loglikelihood(model, tokenizer, flat, batch_size=batch_size, desc=task.name, progress=progress)
+def doc_metrics(task: Task, results: Sequence[tuple[float, bool]]) -> list[dict[str, float]]:
+    """Per-doc metrics (lm-eval's ``process_results``) from the flat ``(loglikelihood, is_greedy)``
+    results of ``task``'s requests in order; LAMBADA docs also carry ``ll``."""
     per_doc: list[dict[str, float]] = []
     pos = 0
     for d in task.docs:
@@ -126,6 +182,14 @@ def score_task(model, tokenizer, task: Task, *, batch_size: int = 16, progress: 
             per_doc.append({"acc": float(np.argmax(lls) == d.gold)})
         else:
             per_doc.append(multiple_choice_metrics(lls, d.choices, d.gold))
+    return per_doc
+
+
+def score_task(model, tokenizer, task: Task, *, batch_size: int = 16, progress: bool = True) -> dict:
+    """Metrics of ``task`` (means over docs, with ``<metric>_stderr``) and ``n`` docs."""
+    flat = [r for d in task.docs for r in d.requests]
+    results = loglikelihood(model, tokenizer, flat, batch_size=batch_size, desc=task.name, progress=progress)
+    per_doc = doc_metrics(task, results)
     out: dict = {"n": len(per_doc)}
     for key in per_doc[0] if per_doc else []:
         if key == "ll":

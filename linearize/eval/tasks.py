@@ -56,7 +56,7 @@ class Task:
     docs: list[Doc]
 
 
-def _docs_of(lines: list[dict]) -> list[dict]:
+def source_docs(lines: list[dict]) -> list[dict]:
     """The source docs of an oe-eval request file, in order, unconditional requests dropped."""
     seen, docs = set(), []
     for line in lines:
@@ -72,13 +72,13 @@ def _mc(context: str, choices: list[str], gold: int) -> Doc:
 
 
 def _arc(name: str, limit: int | None) -> list[Doc]:
-    lines = _docs_of(read_requests(f"{name}/test_rc_5shot"))[:limit]
+    lines = source_docs(read_requests(f"{name}/test_rc_5shot"))[:limit]
     return [_mc(ln["doc"]["query"], ln["doc"]["choices"], ln["doc"]["gold"]) for ln in lines]
 
 
 def _piqa(limit: int | None) -> list[Doc]:
     out = []
-    for ln in _docs_of(read_requests("piqa/rc_0shot"))[:limit]:
+    for ln in source_docs(read_requests("piqa/rc_0shot"))[:limit]:
         d = ln["doc"]
         out.append(_mc(f"Question: {d['goal']}\nAnswer:", [d["sol1"], d["sol2"]], d["label"]))
     return out
@@ -86,7 +86,7 @@ def _piqa(limit: int | None) -> list[Doc]:
 
 def _hellaswag(limit: int | None) -> list[Doc]:
     # oe-eval's query/choices are lm-eval's preprocess() output already
-    return [_mc(ln["doc"]["query"], ln["doc"]["choices"], ln["doc"]["gold"]) for ln in _docs_of(read_requests("hellaswag/rc_0shot"))[:limit]]
+    return [_mc(ln["doc"]["query"], ln["doc"]["choices"], ln["doc"]["gold"]) for ln in source_docs(read_requests("hellaswag/rc_0shot"))[:limit]]
 
 
 def winogrande_doc(sentence: str, option1: str, option2: str, answer: str) -> Doc:
@@ -99,7 +99,7 @@ def winogrande_doc(sentence: str, option1: str, option2: str, answer: str) -> Do
 
 def _winogrande(limit: int | None) -> list[Doc]:
     out = []
-    for ln in _docs_of(read_requests("winogrande/rc_0shot"))[:limit]:
+    for ln in source_docs(read_requests("winogrande/rc_0shot"))[:limit]:
         d = ln["doc"]
         out.append(winogrande_doc(d["sentence"], d["option1"], d["option2"], d["answer"]))
     return out
@@ -107,7 +107,7 @@ def _winogrande(limit: int | None) -> list[Doc]:
 
 def _lambada(limit: int | None) -> list[Doc]:
     out = []
-    for ln in _docs_of(read_requests("lambada/bpb_0shot"))[:limit]:
+    for ln in source_docs(read_requests("lambada/bpb_0shot"))[:limit]:
         r = ln["request"]
         out.append(Doc([Request(r["context"], r["continuation"])]))
     return out

@@ -32,3 +32,32 @@ class SuccessorLM(nn.Module):
         logits = torch.zeros(*input_ids.shape, self.vocab)
         logits.scatter_(-1, ((input_ids + 1) % self.vocab)[..., None], self.margin)
         return SimpleNamespace(logits=logits + self.dummy)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer without merges: any text, one token per byte (ids 3..258)."""
+    from tokenizers import decoders
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 byte characters of GPT-2's byte-level BPE
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {ch: 3 + i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_byte_model_dir(path, *, linearized: bool = False, max_positions: int = 4096, seed: int = 0):
+    """A saved tiny random llama (fp32) with the byte tokenizer; optionally linearized first
+    (window 8, feature weights moved off their initial values)."""
+    from tests.tiny_models import perturb_added_weights, tiny_model
+
+    tok = byte_tokenizer()
+    model = tiny_model("llama", seed=seed, vocab_size=len(tok), max_position_embeddings=max_positions)
+    if linearized:
+        import linearize
+
+        model = linearize.convert(model, linearize.LinearizeConfig(window=8))
+        perturb_added_weights(model)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
