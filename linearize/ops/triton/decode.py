@@ -155,11 +155,18 @@ def _pow2(n: int) -> int:
 
 
 def default_block_d(B: int, Hf: int, D: int) -> int:
-    """Value-block width: enough programs to fill the GPU (about 1000+) with S slices of 8-32 KB each."""
-    bd = min(_pow2(D), 64)
-    while bd > 16 and B * Hf * (-(-D // bd)) < 2048:
-        bd //= 2
+    """Value-block width: 32 columns (an S slice of F x 32 fp32, ~32 registers a thread at the default
+    warps), 16 when that leaves fewer than about 1000 programs (small batches), and at most D."""
+    bd = min(_pow2(D), 32)
+    if B * Hf * (-(-D // bd)) < 1024:
+        bd = min(bd, 16)
     return bd
+
+
+def default_num_warps(FP: int, BD: int) -> int:
+    """About 32 S elements a thread, 4 to 8 warps. Register counts compiled for sm_90 (ptxas, bf16, W=64):
+    F=D=128 at BD=32: 120 registers with 4 warps -> 4 programs an SM, 64 KB of S in flight an SM."""
+    return max(4, min(8, FP * BD // 1024))
 
 
 def ring_step_triton(
@@ -214,7 +221,7 @@ def ring_step_triton(
     BD = block_d or default_block_d(d.B, d.Hf, d.D)
     ND = -(-d.D // BD)
     BW = block_w or max(1, min(_pow2(W), max(4096 // DP, 16)))
-    warps = num_warps or (4 if FP * BD <= 4096 else 8)
+    warps = num_warps or default_num_warps(FP, BD)
     grid = (d.B * d.Hf * ND,)
     _decode_kernel[grid](
         q, k, v, phi_q, phi_k, valid, gamma,
