@@ -50,8 +50,11 @@ def _pow2(n: int) -> int:
 
 def default_config(D: int, F: int) -> LaunchConfig:
     """A fixed table instead of autotuning: no first-call stall in ``generate`` or a short run."""
-    big = max(D, F) > 128
-    return LaunchConfig(C=32 if big else 64, BV=min(_pow2(D), 64), num_warps=4 if big else 4)
+    # Measured on an H100 at B=4, H=16, T=16K, D=F=128 (benchmarks/tune_chunk.py): C=64, BV=128, 8 warps,
+    # 2 stages was the fastest of 16 shapes for forward and forward+backward.
+    if max(D, F) > 128:
+        return LaunchConfig(C=32, BV=64, num_warps=4, num_stages=1)
+    return LaunchConfig(C=64, BV=min(_pow2(D), 128), num_warps=8, num_stages=2)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -141,8 +144,12 @@ class _HybridChunkFn(torch.autograd.Function):
         f32 = torch.float32
         dev = q.device
         dy = dy.contiguous()
-        delta = (dy.float() * y.float()).sum(-1).transpose(1, 2).contiguous()  # [B, H, T]
         kw = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        delta = _empty(B, H, T, dtype=f32, device=dev)
+        BT = 64
+        K.bwd_delta_kernel[(math.ceil(T / BT), B * H)](
+            y, dy, delta, *_strides(y), *_strides(dy), T, H, D=D, BD=BD, BT=BT, num_warps=4,
+        )
         strides_in = (*_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(dy), sM_b)
 
         dq = _empty(*q.shape, dtype=q.dtype, device=dev)
@@ -153,7 +160,9 @@ class _HybridChunkFn(torch.autograd.Function):
             q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, dgam, *strides_in,
             B, T, H, Hf, G, GQ, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, HAS_MASK=has_mask, PREC=prec, **kw,
         )
-        dk_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
+        atomic = NV > 1
+        final = not atomic and Gk == 1  # the last kernel to touch dv / dphi_k writes them in their dtype
+        dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
         dv_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
         dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
         K.bwd_dk_kernel[(n, B * Hf)](
@@ -170,25 +179,29 @@ class _HybridChunkFn(torch.autograd.Function):
         # Reverse exclusive prefix: segment s starts from the sums of every later segment.
         rev_dS = (seg_dS.flip(0).cumsum(0).flip(0) - seg_dS).contiguous()
         rev_dz = (seg_dz.flip(0).cumsum(0).flip(0) - seg_dz).contiguous()
-        atomic = NV > 1
+        dpq_out = dpq if atomic else _empty(B, T, H, F, dtype=phi_q.dtype, device=dev)
         K.bwd_dq_state_kernel[(nseg, B * Hf, NV)](
-            phi_k, v, m_arg, dy, den, delta, pre_S, pre_z, dpq,
+            phi_k, v, m_arg, dy, den, delta, pre_S, pre_z, dpq, dpq_out,
             *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
             B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
             ATOMIC=atomic, **kw,
         )
+        dv_out = _empty(B, T, Hkv, D, dtype=v.dtype, device=dev) if final else dv_b
+        dpk_out = _empty(B, T, Hf, F, dtype=phi_k.dtype, device=dev) if final else dpk
         K.bwd_dk_state_kernel[(nseg, B * Hf, NV)](
-            phi_q, phi_k, v, m_arg, dy, den, delta, rev_dS, rev_dz, dv_b, dpk,
+            phi_q, phi_k, v, m_arg, dy, den, delta, rev_dS, rev_dz, dv_b, dpk, dv_out, dpk_out,
             *_strides(phi_q), *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
             B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
-            ATOMIC=atomic, **kw,
+            ATOMIC=atomic, FINAL=final, **kw,
         )
+        if final:
+            dv_b, dpk = dv_out, dpk_out
         if Gk > 1:  # key feature maps per query head: k and v gradients summed over each KV group
             dk_b = dk_b.view(B, T, Hkv, Gk, D).sum(3)
             dv_b = dv_b.view(B, T, Hkv, Gk, D).sum(3)
         dgamma = dgam.sum((0, 1))
         return (
-            dq, dk_b.to(k.dtype), dv_b.to(v.dtype), dpq.to(phi_q.dtype), dpk.to(phi_k.dtype), dgamma,
+            dq, dk_b.to(k.dtype), dv_b.to(v.dtype), dpq_out.to(phi_q.dtype), dpk.to(phi_k.dtype), dgamma,
             None, None, None, None, None, None,
         )
 

@@ -147,9 +147,10 @@ def fwd_kernel(
                 a = tl.where(lin, a, 0.0)
                 acc_l += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
                 l_l += tl.sum(a, 1)
-            pqf = pq.to(tl.float32)
-            acc_l += tl.dot(pqf, S, input_precision=PREC)
-            l_l += tl.sum(pqf * z[None, :], 1)
+            # The running sum enters the product in the operand dtype (as fla does): half the bytes and
+            # twice the rate of tf32; it stays fp32 in registers.
+            acc_l += tl.dot(pq, S.to(pq.dtype), input_precision=PREC)
+            l_l += tl.sum(pq.to(tl.float32) * z[None, :], 1)
             gam = tl.load(GAMMA + h)
             den = gam * l_w + l_l
             ok = den > 0
@@ -301,7 +302,7 @@ def bwd_dk_kernel(
             da = tl.where(lin, dw, 0.0)
             dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, input_precision=PREC)
     out = (b * T + e[:, None]) * Hf + hf
-    tl.store(DK + out * D + rd[None, :], dk * scale, mask=e_in[:, None] & (rd[None, :] < D))
+    tl.store(DK + out * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty), mask=e_in[:, None] & (rd[None, :] < D))
     tl.store(DV + out * D + rd[None, :], dv, mask=e_in[:, None] & (rd[None, :] < D))
     tl.store(DPK + out * F + rf[None, :], dpk, mask=e_in[:, None] & (rf[None, :] < F))
 
@@ -338,13 +339,13 @@ def bwd_segment_sums_kernel(
         for g in tl.static_range(GQ):
             h = hf * GQ + g
             row = (b * H + h) * T + t
-            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F).to(tl.float32)
+            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
             dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rv, D).to(tl.float32)
             den = tl.load(DEN + row, mask=t_ok, other=0.0)
             delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
             inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-            acc += tl.dot(tl.trans(pq), dy * inv[:, None], input_precision=PREC)
-            accz -= tl.sum(pq * (delta * inv)[:, None], 0)
+            acc += tl.dot(tl.trans(pq), (dy * inv[:, None]).to(pq.dtype), input_precision=PREC)
+            accz -= tl.sum(pq.to(tl.float32) * (delta * inv)[:, None], 0)
     base = (s * B + b) * Hf + hf
     tl.store(OUT_S + base * F * D + rf[:, None] * D + rv[None, :], acc, mask=(rf[:, None] < F) & (rv[None, :] < D))
     if iv == 0:
@@ -353,13 +354,15 @@ def bwd_segment_sums_kernel(
 
 @triton.jit
 def bwd_dq_state_kernel(
-    PK, V, M, DY, DEN, DELTA, S0, Z0, DPQ,
+    PK, V, M, DY, DEN, DELTA, S0, Z0, DPQ, OUT,
     sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sDY_b, sDY_t, sDY_h, sM_b,
     B, T, H, Hf, Gk, n_chunks, n_per, nwin,
     F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
 ):
-    """dphi_q += (dy S^T - delta z) / den: the running sums rebuilt along the segment, as in the forward."""
+    """dphi_q += (dy S^T - delta z) / den: the running sums rebuilt along the segment, as in the forward.
+    Without value blocks (not ATOMIC) it writes the finished gradient to OUT in its own dtype; with them it
+    adds into the fp32 buffer DPQ."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv = tl.program_id(2)
@@ -385,13 +388,15 @@ def bwd_dq_state_kernel(
             den = tl.load(DEN + row, mask=t_ok, other=0.0)
             delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
             inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-            add = tl.dot(dy * inv[:, None], tl.trans(S), input_precision=PREC) - (delta * inv)[:, None] * z[None, :]
+            dyi = (dy * inv[:, None]).to(PK.dtype.element_ty)
+            add = tl.dot(dyi, tl.trans(S.to(PK.dtype.element_ty)), input_precision=PREC) - (delta * inv)[:, None] * z[None, :]
             ptr = DPQ + ((b * T + t[:, None]) * H + h) * F + rf[None, :]
             ok = t_ok[:, None] & (rf[None, :] < F)
             if ATOMIC:
                 tl.atomic_add(ptr, add, mask=ok)
             else:
-                tl.store(ptr, tl.load(ptr, mask=ok, other=0.0) + add, mask=ok)
+                tot = tl.load(ptr, mask=ok, other=0.0) + add
+                tl.store(OUT + ((b * T + t[:, None]) * H + h) * F + rf[None, :], tot.to(OUT.dtype.element_ty), mask=ok)
         e = (c - nwin) * C + rc
         k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
         pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, k_ok, sPK_t, rf, F)
@@ -402,13 +407,14 @@ def bwd_dq_state_kernel(
 
 @triton.jit
 def bwd_dk_state_kernel(
-    PQ, PK, V, M, DY, DEN, DELTA, DS0, DZ0, DV, DPK,
+    PQ, PK, V, M, DY, DEN, DELTA, DS0, DZ0, DV, DPK, OUT_V, OUT_PK,
     sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sDY_b, sDY_t, sDY_h, sM_b,
     B, T, H, Hf, Gk, n_chunks, n_per, nwin,
     F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
+    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr, FINAL: tl.constexpr,
 ):
-    """dv += phi_k dS, dphi_k += v dS^T + dz: the gradient sums carried backwards along the segment."""
+    """dv += phi_k dS, dphi_k += v dS^T + dz: the gradient sums carried backwards along the segment.
+    FINAL: write the finished dv / dphi_k to OUT_V / OUT_PK in their dtype instead of back to the buffers."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv = tl.program_id(2)
@@ -428,31 +434,54 @@ def bwd_dk_state_kernel(
         j = c_hi - 1 - (jj - c_lo)
         e = j * C + rc
         k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-        pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, k_ok, sPK_t, rf, F).to(tl.float32)
-        vv = _load_rows(V + b * sV_b + hk * sV_h, e, k_ok, sV_t, rv, D).to(tl.float32)
-        dv_add = tl.dot(pk, dS, input_precision=PREC)
-        dpk_add = tl.dot(vv, tl.trans(dS), input_precision=PREC) + dz[None, :]
+        pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, k_ok, sPK_t, rf, F)
+        vv = _load_rows(V + b * sV_b + hk * sV_h, e, k_ok, sV_t, rv, D)
+        dSh = dS.to(pk.dtype)
+        dv_add = tl.dot(pk, dSh, input_precision=PREC)
+        dpk_add = tl.dot(vv, tl.trans(dSh), input_precision=PREC) + dz[None, :]
         dpk_add = tl.where(k_ok[:, None], dpk_add, 0.0)
         out = (b * T + e[:, None]) * Hf + hf
         okv = (e[:, None] < T) & (rv[None, :] < D)
         pv = DV + out * D + rv[None, :]
-        tl.store(pv, tl.load(pv, mask=okv, other=0.0) + dv_add, mask=okv)
         okf = (e[:, None] < T) & (rf[None, :] < F)
         pf = DPK + out * F + rf[None, :]
-        if ATOMIC:
-            tl.atomic_add(pf, dpk_add, mask=okf)
+        if FINAL:
+            tl.store(OUT_V + out * D + rv[None, :], (tl.load(pv, mask=okv, other=0.0) + dv_add).to(OUT_V.dtype.element_ty), mask=okv)
+            tl.store(OUT_PK + out * F + rf[None, :], (tl.load(pf, mask=okf, other=0.0) + dpk_add).to(OUT_PK.dtype.element_ty), mask=okf)
         else:
-            tl.store(pf, tl.load(pf, mask=okf, other=0.0) + dpk_add, mask=okf)
+            tl.store(pv, tl.load(pv, mask=okv, other=0.0) + dv_add, mask=okv)
+            if ATOMIC:
+                tl.atomic_add(pf, dpk_add, mask=okf)
+            else:
+                tl.store(pf, tl.load(pf, mask=okf, other=0.0) + dpk_add, mask=okf)
         # Query chunk j + nwin now holds key chunk j - 1 in its running sum.
         t = (j + nwin) * C + rc
         t_ok = t < T
         for g in tl.static_range(GQ):
             h = hf * GQ + g
             row = (b * H + h) * T + t
-            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F).to(tl.float32)
+            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
             dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rv, D).to(tl.float32)
             den = tl.load(DEN + row, mask=t_ok, other=0.0)
             delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
             inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-            dS += tl.dot(tl.trans(pq), dy * inv[:, None], input_precision=PREC)
-            dz -= tl.where(iv == 0, tl.sum(pq * (delta * inv)[:, None], 0), 0.0)
+            dS += tl.dot(tl.trans(pq), (dy * inv[:, None]).to(pq.dtype), input_precision=PREC)
+            dz -= tl.where(iv == 0, tl.sum(pq.to(tl.float32) * (delta * inv)[:, None], 0), 0.0)
+
+
+@triton.jit
+def bwd_delta_kernel(
+    Y, DY, DELTA, sY_b, sY_t, sY_h, sDY_b, sDY_t, sDY_h, T, H,
+    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+):
+    """delta[b, h, t] = dy . y in fp32, one pass over both (no fp32 copies of them)."""
+    it = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t = it * BT + tl.arange(0, BT)
+    rd = tl.arange(0, BD)
+    ok = t < T
+    y = _load_rows(Y + b * sY_b + h * sY_h, t, ok, sY_t, rd, D).to(tl.float32)
+    dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, ok, sDY_t, rd, D).to(tl.float32)
+    tl.store(DELTA + (b * H + h) * T + t, tl.sum(y * dy, 1), mask=ok)
