@@ -13,11 +13,12 @@ model (T=4K, B=4, F=128, one key feature map per query head as the library's def
 (H=9, Hkv=3, D=64), Gemma3 (H=4, Hkv=1, D=256), Qwen2.5-0.5B (H=14, Hkv=2, D=64). Window 64, bf16.
 decode: B=64, H=16, D=F=128, fp32 state; SDPA against KV caches of 1K, 4K and 16K keys.
 
-Rows (``--only`` keys): ours (linearize.ops.hybrid_attention, whatever it dispatches to), ours-triton
-(hybrid_attention_triton called directly), ours-chunked (the PyTorch chunked path), sdpa-cudnn and
+Rows (``--only`` keys): ours (linearize.ops.hybrid_attention; the note says where it dispatched), ours-triton
+(hybrid_attention_triton called directly, --full), ours-chunked (the PyTorch chunked path), sdpa-cudnn and
 sdpa-flash (causal), flex-window (compiled FlexAttention, window-64 block mask built once outside timing),
-fla-linear (fla chunk_linear_attn, normalized), comp-cumsum (d) and comp-ones (d'), the composition of
-benchmarks/composition.py (its docstring derives it). Model rows run ours and SDPA only unless --full
+fla-linear (fla chunk_linear_attn, normalized), comp-cumsum (d), comp-lse (d with a sharp-LSE window
+max, forward+backward only) and comp-ones (d', --full), the composition of benchmarks/composition.py
+(its docstring derives it; the best of them is "composition (d)" in the targets). Model rows run ours and SDPA only unless --full
 (each new head shape costs FlexAttention compiles and fla autotuning, tens of seconds each).
 Forward: no autograd graph. Forward+backward: y = f(inputs), then torch.autograd.grad(y, inputs, dy) with
 one fixed random dy; inputs = q, k, v, phi_q, phi_k and the window weight for ours and (d); q, k, v for
@@ -81,7 +82,7 @@ from benchmarks.prefill import Case, HYBRID_PARAMS, all_rows, make_inputs, refer
 from benchmarks.report import ROOT, decode_lines, environment, header_lines, prefill_lines, write_results  # noqa: E402
 
 MODEL_ROWS = ("ours", "ours-triton", "ours-chunked", "sdpa-cudnn", "sdpa-flash")
-FULL_ONLY_ROWS = ("comp-ones",)
+FULL_ONLY_ROWS = ("ours-triton", "comp-ones")  # ours dispatches to the Triton kernel already
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-4}
 
 
@@ -174,11 +175,13 @@ def measure_prefill(row, be, case, mode, sets, args, deadline) -> dict:
         return r
     try:
         fn, call, r["variant"], r["first_call_s"] = build_first(row, be, case, mode, sets[0], be.device)
-        r["ms"] = time_eager(call, args.warmup_ms, args.rep_ms)
+        timed(r, lambda: time_eager(call, args.warmup_ms, args.rep_ms), args.repeat)
     except Exception as e:
         r["error"] = short_error(e)
         _cleanup(be.device, collect=True)
         return r
+    if row.key == "ours":
+        r["variant"] = "dispatches to " + ours_dispatch(sets[0])
     if args.graphs and case.T <= args.graph_max_T:
         try:
             r["graph_ms"] = time_graph([make_call(fn, I, row, mode) for I in sets], args.rep_ms)
@@ -188,6 +191,24 @@ def measure_prefill(row, be, case, mode, sets, args, deadline) -> dict:
             _cleanup(be.device, collect=True)
     fill_metrics(r, row.cost(case, mode), be.ceilings)
     return r
+
+
+def ours_dispatch(I) -> str:
+    """Which path linearize.ops.hybrid_attention takes for these inputs."""
+    try:
+        from linearize.ops import use_triton
+    except ImportError:
+        return "hybrid_attention_chunked"
+    return "hybrid_attention_triton" if use_triton(I.q, I.phi_q) else "hybrid_attention_chunked"
+
+
+def timed(r: dict, measure, repeat: int) -> None:
+    """r["ms"] = the median of ``repeat`` medians; with repeat > 1 also their spread (max - min) / median."""
+    ms = sorted(measure() for _ in range(max(1, repeat)))
+    r["ms"] = ms[len(ms) // 2]
+    if len(ms) > 1:
+        r["ms_repeats"] = ms
+        r["spread"] = (ms[-1] - ms[0]) / r["ms"]
 
 
 def fill_metrics(r: dict, cost: costs.Cost, ceilings: dict | None) -> None:
@@ -220,7 +241,7 @@ def check_row(row, be, case, mode, I, refs, dtype, ref_dtype) -> dict:
     if row.kind not in refs:
         refs[row.kind] = reference(row.kind, case, I, ref_dtype, grad=mode == "fwdbwd")
     y_ref, g_ref = refs[row.kind]
-    fn = build_first(row, be, case, mode, I, be.device)[0]
+    fn, _, variant, first = build_first(row, be, case, mode, I, be.device)
     if mode == "fwd":
         with torch.no_grad():
             y = fn(I)
@@ -238,18 +259,20 @@ def check_row(row, be, case, mode, I, refs, dtype, ref_dtype) -> dict:
         if g_ref.get(name) is not None:
             errs["d" + name] = rel_err(g, g_ref[name])
     worst = max(errs.values(), key=lambda e: math.inf if math.isnan(e) else e)
-    return {"errs": errs, "err": worst, "ok": not math.isnan(worst) and worst < TOL[dtype]}
+    return {"errs": errs, "err": worst, "ok": not math.isnan(worst) and worst < TOL[dtype], "first_call_s": first, "variant": variant}
 
 
-def run_checks(rows, be, case, modes, dtype, ref_dtype, seed, device) -> dict:
-    """{(row, mode): result} for every available row at the check shape ``case``."""
+def run_checks(rows, be, case, modes, dtype, ref_dtype, seed, device, deadline=math.inf) -> dict:
+    """{(row, mode): result} for every available row at the check shape ``case`` (until ``deadline``)."""
     out = {}
     for mode in modes:
         I = make_inputs(case, device, dtype, seed, grad=mode == "fwdbwd")
         refs: dict = {}
         for row in rows:
-            if row.available(be) or (device.type != "cuda" and row.cuda_only):
+            if row.available(be) or (device.type != "cuda" and row.cuda_only) or mode not in row.modes:
                 continue
+            if time.monotonic() > deadline:
+                break
             if device.type != "cuda" and mode == "fwdbwd" and row.meta.get("cpu_fwd_only"):
                 continue
             try:
@@ -284,7 +307,7 @@ def measure_decode(row, be, dc: DecodeCase, args, deadline, device, dtype=torch.
         if device.type == "cuda":
             torch.cuda.synchronize()
         r["first_call_s"] = time.perf_counter() - t0
-        r["ms"] = time_eager(step, args.warmup_ms, args.rep_ms)
+        timed(r, lambda: time_eager(step, args.warmup_ms, args.rep_ms), args.repeat)
     except Exception as e:
         r["error"] = short_error(e)
         _cleanup(device, collect=True)
@@ -331,7 +354,7 @@ def targets(rows: list[dict]) -> list[str]:
         cud = _find(rows, c16, "fwdbwd", "sdpa-cudnn")
         if cud:
             out.append(f"  vs cuDNN SDPA causal {cud:.2f} ms: {cud / ours16:.1f}x (target >= 5x): {ok(cud / ours16 >= 5)}")
-        comp = _best(rows, c16, "fwdbwd", ("comp-cumsum", "comp-ones"))
+        comp = _best(rows, c16, "fwdbwd", ("comp-cumsum", "comp-lse", "comp-ones"))
         if comp:
             out.append(f"  vs composition (d) {comp:.2f} ms: {comp / ours16:.1f}x (target >= 1.5x): {ok(comp / ours16 >= 1.5)}")
         floor = _find(rows, c16, "fwdbwd", "ours", "floor_ms") or _find(rows, c16, "fwdbwd", "ours-triton", "floor_ms")
@@ -385,6 +408,7 @@ def parse_args(argv=None):
     p.add_argument("--check-T", type=int, default=1000)
     p.add_argument("--budget-s", type=float, default=420, help="stop starting new rows after this many seconds")
     p.add_argument("--rep-ms", type=float, default=100)
+    p.add_argument("--repeat", type=int, default=1, help="time each row this many times (spread in the JSON and notes)")
     p.add_argument("--warmup-ms", type=float, default=25)
     p.add_argument("--flex-static", action="store_true", help="compile FlexAttention per shape (default: dynamic shapes)")
     p.add_argument("--out-dir", default=None, help="default benchmarks/results (the smoke run writes nothing unless given)")
@@ -433,7 +457,7 @@ def smoke(args) -> int:
     for case in smoke_cases():
         checks = run_checks(rows, be, case, ["fwd", "fwdbwd"], torch.float32, torch.float64, args.seed, device)
         for row in rows:
-            for mode in ("fwd", "fwdbwd"):
+            for mode in row.modes:
                 c = checks.get((row.key, mode))
                 r = {"section": "prefill", "case": case.name, "mode": mode, "row": row.key, "label": row.label}
                 if c is None:
@@ -528,6 +552,7 @@ def run(args, device, cases: dict, decode_lens: list, decode_base: DecodeCase = 
     tol = TOL[dtype]
     modes = [m for m in args.modes.split(",") if m]
     checks: dict = {}
+    shown_cold: set = set()  # the check's cold first-call times go on the first case of each head shape
     for group in [g for g in args.groups.split(",") if g]:
         if group == "decode":
             for cache_len in decode_lens:
@@ -558,7 +583,7 @@ def run(args, device, cases: dict, decode_lens: list, decode_base: DecodeCase = 
             if args.check and case.heads_key() not in checks and time.monotonic() < deadline:
                 cc = case.with_(B=1, T=min(args.check_T, case.T), name=case.name + " (check)")
                 t0 = time.monotonic()
-                checks[case.heads_key()] = run_checks(rows, be, cc, modes, dtype, ref_dtype, args.seed + 1, device)
+                checks[case.heads_key()] = run_checks(rows, be, cc, modes, dtype, ref_dtype, args.seed + 1, device, deadline)
                 print(f"checked {case.name} head shape at T={cc.T} in {time.monotonic() - t0:.0f} s: "
                       + ", ".join(f"{k}/{m} {v['err']:.1e}" if v.get("err") is not None else f"{k}/{m} {v.get('error')}"
                                   for (k, m), v in checks[case.heads_key()].items()), flush=True)
@@ -573,10 +598,13 @@ def run(args, device, cases: dict, decode_lens: list, decode_base: DecodeCase = 
                     _cleanup(device, collect=True)
                     continue
                 for row in rows:
+                    if mode not in row.modes:
+                        continue
                     r = measure_prefill(row, be, case, mode, sets, args, deadline)
                     c = checks.get(case.heads_key(), {}).get((row.key, mode))
                     if c:
-                        r.update(check_err=c.get("err"), check_ok=c["ok"], check_errs=c.get("errs"), check_error=c.get("error"))
+                        r.update(check_err=c.get("err"), check_ok=c["ok"], check_errs=c.get("errs"), check_error=c.get("error"),
+                                 cold_first_call_s=c.get("first_call_s") if case.heads_key() not in shown_cold else None)
                     results.append(r)
                     print(f"{case.name:34s} {mode:6s} {row.key:13s} " + (f"{r['ms']:9.3f} ms" if r.get("ms") else "")
                           + (f" graph {r['graph_ms']:8.3f}" if r.get("graph_ms") else "")
@@ -584,6 +612,7 @@ def run(args, device, cases: dict, decode_lens: list, decode_base: DecodeCase = 
                     _cleanup(device)
                 del sets
                 _cleanup(device, collect=True)
+            shown_cold.add(case.heads_key())
             save()
     summary = targets(results)
     print()

@@ -22,7 +22,7 @@ class Backends:
         self.flex_dynamic = flex_dynamic
         self._masks: dict = {}
         self._flex: dict = {}
-        self._combine: Optional[Callable] = None
+        self._combine: Optional[tuple] = None
         self.ceilings: Optional[dict] = None  # set by the runner after measuring them
 
     # --- FlexAttention -------------------------------------------------------------------------------
@@ -48,12 +48,14 @@ class Backends:
             self._masks[key] = create_block_mask(band_mask_mod(window), None, None, T, T, device=self.device)
         return self._masks[key]
 
-    def combine(self) -> Callable:
-        """The composition's elementwise glue, fused by torch.compile on CUDA."""
-        from .composition import combine
+    def glue(self, compiled: bool = True) -> tuple[Callable, Callable]:
+        """The composition's PyTorch glue (combine, window_max), fused by torch.compile on CUDA."""
+        from .composition import combine, window_max
 
+        if not compiled or self.device.type != "cuda":
+            return combine, window_max
         if self._combine is None:
-            self._combine = torch.compile(combine, dynamic=True) if self.device.type == "cuda" else combine
+            self._combine = (torch.compile(combine, dynamic=True), torch.compile(window_max, dynamic=True))
         return self._combine
 
     # --- optional packages ---------------------------------------------------------------------------

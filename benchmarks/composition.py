@@ -21,9 +21,15 @@ m_i = max_{j in W(i)} s_ij, g the window weight. The hybrid (``linearize.ops.hyb
 m_i does not cancel (it sets how much the window weighs against the linear part), so it must be the
 window max and, for training, its gradient must flow (to q_i and the argmax key). FlexAttention's
 ``max_scores`` (``return_aux=AuxRequest(max_scores=True)``) gives it exactly but is not differentiable,
-so under autograd m_i = scale q_i.k_(j*(i)) with j* the window argmax, found without grad by a banded
-score product in PyTorch (top-2 candidates re-scored in fp32, so bf16 rounding cannot pick a wrong
-near-tie). The forward-only path uses ``max_scores`` when the device has it.
+so under autograd m_i comes from one of two ``max_fn``:
+  * ``window_max`` (exact): m_i = scale q_i.k_(j*(i)) with j* the window argmax, found without grad by a
+    banded score product in PyTorch (top-2 candidates re-scored in fp32, so bf16 rounding cannot pick a
+    wrong near-tie); torch.compile fuses it on CUDA;
+  * ``sharp_lse_max_fn`` (FlexAttention only): m_i ~ lse_i(beta s) / beta, a second Flex call at scale
+    beta * scale with a dummy 16-wide value, differentiable through Flex's LSE gradient; its error is
+    0 <= m~ - m <= log(w) / beta (4e-4 for w = 64, beta = 1e4), far under bf16 rounding, and its gradient
+    is softmax(beta s), the argmax's one-hot up to ties.
+The forward-only path uses ``max_scores`` when the device has it.
 
 The window and linear kernels are plugged in (``WindowFn``, ``LinearFn``): on CUDA, compiled
 FlexAttention and fla; on CPU (the smoke test), FlexAttention's eager path or a dense PyTorch window,
@@ -122,6 +128,7 @@ def hybrid_composition(
     scale: Optional[float] = None,
     den: str = "cumsum",
     combine_fn: Callable = combine,
+    max_fn: Optional[Callable] = None,
 ) -> torch.Tensor:
     """The hybrid from a window-softmax kernel with its LSE and a linear-attention kernel. Same shapes as
     ``linearize.ops.hybrid_attention``: q [B,T,H,D], k/v [B,T,Hkv,D], phi_q [B,T,H,F], phi_k [B,T,Hf,F]."""
@@ -135,7 +142,7 @@ def hybrid_composition(
 
     o_w, lse, m = window_fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, not need_grad)
     if need_grad or m is None:
-        m = window_max(q, k, window, scale)
+        m = (max_fn or window_max)(q, k, window, scale)
 
     pk = shift_right(phi_k, window)  # [B,T,Hf,F]
     vs = shift_right(v, window)  # [B,T,Hkv,D]
@@ -184,6 +191,36 @@ def fla_linear_fn(pq: torch.Tensor, pk: torch.Tensor, v: torch.Tensor) -> torch.
     from fla.ops.linear_attn import chunk_linear_attn
 
     return chunk_linear_attn(pq, pk, v, scale=1.0, normalize=False)[0]
+
+
+def sharp_lse_max_fn(block_mask, flex, beta: float = 1e4) -> Callable:
+    """m_i ~ lse(beta s_i.) / beta from a second FlexAttention call (see the module docstring). -> [B,H,T]."""
+    from torch.nn.attention import flex_attention as fa
+
+    aux_request = getattr(fa, "AuxRequest", None)
+    value_dim = [16]  # the narrowest value Flex takes; the full head dim if it refuses a narrower one
+
+    def m_fn(q, k, window, scale):
+        qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+        gqa = qh.shape[1] != kh.shape[1]
+
+        def call(dv):
+            vd = kh.new_zeros(kh.shape[:-1] + (dv,))
+            if aux_request is not None:
+                return flex(qh, kh, vd, block_mask=block_mask, scale=scale * beta, enable_gqa=gqa,
+                            return_aux=aux_request(lse=True))[1].lse
+            return flex(qh, kh, vd, block_mask=block_mask, scale=scale * beta, enable_gqa=gqa, return_lse=True)[1]
+
+        try:
+            lse = call(value_dim[0])
+        except Exception:
+            if value_dim[0] == kh.shape[-1]:
+                raise
+            value_dim[0] = kh.shape[-1]
+            lse = call(value_dim[0])
+        return lse / beta
+
+    return m_fn
 
 
 def band_mask_mod(window: int):

@@ -16,7 +16,9 @@ import torch.nn.functional as Fn
 
 from . import costs
 from .backends import Backends
-from .composition import fla_linear_fn, flex_window_fn, hybrid_composition, torch_linear_fn, torch_window_fn
+from .composition import (
+    fla_linear_fn, flex_window_fn, hybrid_composition, sharp_lse_max_fn, torch_linear_fn, torch_window_fn,
+)
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Row:
     available: Callable[[Backends], Optional[str]] = lambda be: None
     cuda_only: bool = False
     meta: dict = field(default_factory=dict)
+    modes: tuple = ("fwd", "fwdbwd")  # comp-lse differs from comp-cumsum only under autograd
 
     def cost(self, c: Case, mode: str) -> costs.Cost:
         if self.kind == "hybrid":
@@ -193,23 +196,36 @@ def _fla_linear(be, c, mode):
     return f
 
 
-def _composition(den: str, dynamic: bool) -> Builder:
+def _composition(den: str, dynamic: bool, m_path: str = "argmax", glue_compiled: bool = True) -> Builder:
     def build(be, c, mode):
+        comb, wmax = be.glue(glue_compiled)
         if be.device.type == "cuda":
             la, why = be.fla
             if la is None:
                 raise RuntimeError(why)
-            wf, lf = flex_window_fn(be.block_mask(c.T, c.window), be.flex(dynamic)), fla_linear_fn
+            bm, flex = be.block_mask(c.T, c.window), be.flex(dynamic)
+            wf, lf = flex_window_fn(bm, flex), fla_linear_fn
+            if m_path == "lse":
+                wmax = sharp_lse_max_fn(bm, flex)
         else:  # CPU: Flex's eager path has no backward there; a dense PyTorch window instead
+            if m_path == "lse":
+                raise RuntimeError("the sharp-LSE max needs FlexAttention's backward (CUDA)")
             wf = torch_window_fn(c.window) if mode == "fwdbwd" else flex_window_fn(be.block_mask(c.T, c.window), be.flex())
             lf = torch_linear_fn
-        comb = be.combine()
         return lambda I: hybrid_composition(
             I.q, I.k, I.v, I.phi_q, I.phi_k, window=c.window, window_weight=I.gamma,
-            window_fn=wf, linear_fn=lf, den=den, combine_fn=comb,
+            window_fn=wf, linear_fn=lf, den=den, combine_fn=comb, max_fn=wmax,
         )
 
     return build
+
+
+def _composition_variants(den: str, m_path: str = "argmax") -> list:
+    return [
+        ("flex dynamic shapes", _composition(den, True, m_path)),
+        ("flex static shapes", _composition(den, False, m_path)),
+        ("flex dynamic shapes, glue eager", _composition(den, True, m_path, glue_compiled=False)),
+    ]
 
 
 def _need_fla(be):
@@ -224,21 +240,20 @@ def all_rows() -> list[Row]:
             available=lambda be: be.ours_triton[1]),
         Row("ours-chunked", "ours: chunked PyTorch", "hybrid", "bthd", HYBRID_PARAMS, [("", _ours_chunked)]),
         Row("sdpa-cudnn", "(a) SDPA causal, cuDNN", "causal", "bhtd", HEADS_PARAMS,
-            [("native GQA", _sdpa("CUDNN_ATTENTION", False)), ("K/V repeated", _sdpa("CUDNN_ATTENTION", True))], cuda_only=True),
+            [("", _sdpa("CUDNN_ATTENTION", False)), ("K/V repeated", _sdpa("CUDNN_ATTENTION", True))], cuda_only=True),
         Row("sdpa-flash", "(a) SDPA causal, flash", "causal", "bhtd", HEADS_PARAMS,
-            [("native GQA", _sdpa("FLASH_ATTENTION", False)), ("K/V repeated", _sdpa("FLASH_ATTENTION", True))], cuda_only=True),
+            [("", _sdpa("FLASH_ATTENTION", False)), ("K/V repeated", _sdpa("FLASH_ATTENTION", True))], cuda_only=True),
         Row("flex-window", "(b) FlexAttention, window-64 block mask", "window", "bhtd", HEADS_PARAMS, flex_builders,
             meta={"cpu_fwd_only": True}),
         Row("fla-linear", "(c) fla chunk_linear_attn (normalized)", "linear", "bthd", LINEAR_PARAMS, [("", _fla_linear)],
             available=lambda be: be.fla[1], cuda_only=True),
         Row("comp-cumsum", "(d) Flex window+LSE, fla linear (normalize=False) on shifted keys, cumsum denominator",
-            "hybrid", "bthd", HYBRID_PARAMS,
-            [("flex dynamic shapes", _composition("cumsum", True)), ("flex static shapes", _composition("cumsum", False))],
-            available=_need_fla),
+            "hybrid", "bthd", HYBRID_PARAMS, _composition_variants("cumsum"), available=_need_fla),
+        Row("comp-lse", "(d) with m from a second, sharp Flex LSE instead of the argmax (training only)",
+            "hybrid", "bthd", HYBRID_PARAMS, _composition_variants("cumsum", "lse"), available=_need_fla,
+            cuda_only=True, modes=("fwdbwd",)),
         Row("comp-ones", "(d') as (d), denominator from a ones column appended to v (one fla call)",
-            "hybrid", "bthd", HYBRID_PARAMS,
-            [("flex dynamic shapes", _composition("ones", True)), ("flex static shapes", _composition("ones", False))],
-            available=_need_fla),
+            "hybrid", "bthd", HYBRID_PARAMS, _composition_variants("ones"), available=_need_fla),
     ]
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def git_commit(override: str | None = None) -> dict:
     """Commit of the checkout, from git if it is there, else from .git files, else ``override``/unknown."""
-    if override:
+    if override and override != "unknown":
         return {"commit": override, "source": "--commit"}
     try:
         sha = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -91,13 +91,15 @@ def prefill_lines(rows: list[dict], mode: str, markdown: bool) -> list[str]:
         if r.get("section") != "prefill" or r["mode"] != mode:
             continue
         note = r.get("error") or r.get("variant") or ""
+        if r.get("spread") is not None:
+            note = f"spread {100 * r['spread']:.0f}% " + note
         if r.get("graph_error"):
             note += f" [graph: {r['graph_error']}]"
         err = r.get("check_err")
         err_s = "-" if err is None else (f"{err:.1e}" + ("" if r.get("check_ok", True) else " BAD"))
         out.append([r["case"], r["row"], _f(r.get("ms"), 3), _f(r.get("graph_ms"), 3), _f(r.get("tflops"), 1),
                     _f(r.get("gbps"), 0), _f(r.get("floor_ms"), 3), _f(r.get("frac_floor"), 0, 100), err_s,
-                    _f(r.get("first_call_s"), 1), note[:120]])
+                    _f(r.get("cold_first_call_s") or r.get("first_call_s"), 1), note[:120]])
     return _table(head, out, markdown)
 
 
@@ -168,7 +170,7 @@ def write_results(out_dir: Path, stem: str, payload: dict, summary: list[str], c
            "replay, per call; TFLOP/s, GB/s and % floor use the eager ms and the FLOP/byte counts in "
            "benchmarks/attention.py's docstring; floor = max(FLOPs / matmul ceiling, bytes / copy ceiling); "
            "err = max relative error of output and gradients vs hybrid_attention_reference at the check shape; "
-           "first s = the first call (compile, autotune)."]
+           "first s = the first call of that row's head shape (compile, autotune; at the check shape when checked)."]
     mpath.write_text("\n".join(md) + "\n")
     paths = [jpath, mpath]
     if copy_to:
