@@ -78,7 +78,7 @@ import torch  # noqa: E402
 from benchmarks import costs  # noqa: E402
 from benchmarks.backends import Backends, short_error  # noqa: E402
 from benchmarks.decode import DecodeCase, all_decode_rows, check_decode_row  # noqa: E402
-from benchmarks.prefill import Case, HYBRID_PARAMS, all_rows, make_inputs, reference, to_bthd  # noqa: E402
+from benchmarks.prefill import Case, all_rows, make_inputs, reference, to_bthd  # noqa: E402
 from benchmarks.report import ROOT, decode_lines, environment, header_lines, prefill_lines, write_results  # noqa: E402
 
 MODEL_ROWS = ("ours", "ours-triton", "ours-chunked", "sdpa-cudnn", "sdpa-flash")
@@ -318,7 +318,6 @@ def measure_decode(row, be, dc: DecodeCase, args, deadline, device, dtype=torch.
         except Exception as e:
             r["graph_error"] = short_error(e)
             _cleanup(device, collect=True)
-    del step
     fill_metrics(r, row.cost(dc), be.ceilings)
     if row.key.startswith("ours") and be.ceilings:
         sb = costs.hybrid_decode_state_floor_bytes(dc.B, dc.Hf, dc.D, dc.F)

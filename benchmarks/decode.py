@@ -198,7 +198,7 @@ def check_decode_row(row: DecodeRow, be: Backends, device, dtype, ref_dtype, B=2
     Hybrid rows: state = chunked prefill of T-1 tokens, then one step. Linear rows: S, z summed directly,
     reference with window = 0 (fla: numerator only). SDPA: the KV cache holds all T keys, window = T.
     """
-    from linearize.ops import HybridState, hybrid_attention_chunked, hybrid_attention_reference, hybrid_attention_step
+    from linearize.ops import hybrid_attention_chunked, hybrid_attention_reference, hybrid_attention_step
     from linearize.ops.ring import ring_from_state, ring_step, ring_step_torch
 
     g = torch.Generator(device=device).manual_seed(seed)

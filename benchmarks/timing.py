@@ -112,22 +112,28 @@ def time_graph(fns: Sequence[Callable[[], object]], rep_ms: float = 100) -> floa
         torch.cuda.synchronize()
 
 
+def _copy_gbps(numel: int, device: str, rep_ms: float) -> tuple[float, float]:
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = time_eager(lambda: dst.copy_(src), rep_ms=rep_ms)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9, ms
+
+
+def _matmul_tflops(n: int, device: str, rep_ms: float) -> tuple[float, float]:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = time_eager(lambda: a @ b, rep_ms=rep_ms)
+    return 2 * n**3 / (ms * 1e-3) / 1e12, ms
+
+
 def measure_ceilings(rep_ms: float = 200, device: str = "cuda") -> dict[str, float]:
     """Copy bandwidth (GB/s, read + write) over 1 GiB, and bf16 matmul TFLOP/s at 8192^3 on random data.
 
     ``device="cpu"`` measures small stand-ins (64 MiB, 256^3), for dry runs of the benchmark's logic."""
     cpu = device == "cpu"
-    src = torch.randn(2**24 if cpu else 2**28, device=device)  # 1 GiB of fp32 on the GPU
-    dst = torch.empty_like(src)
-    ms = time_eager(lambda: dst.copy_(src), rep_ms=rep_ms)
-    gbps = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-    del src, dst
     n = 256 if cpu else 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms_mm = time_eager(lambda: a @ b, rep_ms=rep_ms)
-    tflops = 2 * n**3 / (ms_mm * 1e-3) / 1e12
-    del a, b
+    gbps, ms = _copy_gbps(2**24 if cpu else 2**28, device, rep_ms)  # 1 GiB of fp32 on the GPU
+    tflops, ms_mm = _matmul_tflops(n, device, rep_ms)
     if not cpu:
         torch.cuda.empty_cache()
     return {"copy_gbps": gbps, "matmul_bf16_tflops": tflops, "copy_ms": ms, "matmul_ms": ms_mm, "matmul_n": n}
