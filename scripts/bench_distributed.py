@@ -1,0 +1,134 @@
+"""Stage-2 (LoRA) throughput on 1 GPU against N GPUs: same model, same per-GPU batch, FSDP2 over NCCL.
+
+    python3 scripts/bench_distributed.py --gpus 1,2 --out results/distributed-bench-h200x2
+
+Each setting is a real `linearize convert ... --nproc N` run (stage 1 skipped, stage 2 only), so what
+is timed is the pipeline's own training step: forward, backward, FSDP all-gathers and gradient
+reduce-scatters, clipping, AdamW. The global batch is ``per_gpu_batch x N`` rows (the 1-GPU run is
+the plain single-process path). Throughput is the median of the per-step ``tokens_per_s`` that rank 0
+writes to metrics.jsonl (global tokens over wall time per step), after ``--warmup`` steps. NVLink
+multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
+
+Writes OUT/bench.json and OUT/bench.md (and keeps each run's metrics as OUT/metrics-<N>gpu.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def synthetic_text(path: Path, words: int = 400_000, seed: int = 0) -> Path:
+    """Plain English-like text (throughput does not depend on what the tokens say)."""
+    rnd = random.Random(seed)
+    vocab = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+             "they you were her she there had been one all we their has would when if so no what up out more who").split()
+    paras = [" ".join(rnd.choice(vocab) for _ in range(rnd.randint(80, 200))) + "." for _ in range(words // 140)]
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+def run_one(args, n: int, source: str, work: Path, env: dict) -> dict:
+    out = work / f"run-{n}gpu"
+    sets = {
+        "data.source": source, "data.seq_len": args.seq_len, "data.val_tokens": 4 * args.seq_len,
+        "stage1.steps": 0, "stage2.steps": args.steps, "stage2.batch_size": args.per_gpu_batch * n,
+        "stage2.grad_accum": args.grad_accum, "checkpoint_every": 10**6, "samples": "[Hello]", "sample_tokens": 4,
+        "device": args.device,
+    }
+    cmd = [sys.executable, "-m", "linearize", "convert", args.model, "--out", str(out), "--nproc", str(n)]
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        sys.exit(f"{n}-GPU run failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    steps = [l for l in lines if l["stage"] == "stage2"]
+    timed = [l["tokens_per_s"] for l in steps[args.warmup :]]
+    report = json.loads((out / "report.json").read_text())
+    (args.out / f"metrics-{n}gpu.jsonl").write_text((out / "metrics.jsonl").read_text())
+    return {
+        "gpus": n,
+        "global_batch_rows": args.per_gpu_batch * n,
+        "tokens_per_step": args.per_gpu_batch * n * args.grad_accum * args.seq_len,
+        "tokens_per_s_median": statistics.median(timed),
+        "tokens_per_s_min": min(timed),
+        "tokens_per_s_max": max(timed),
+        "step_seconds_median": args.per_gpu_batch * n * args.grad_accum * args.seq_len / statistics.median(timed),
+        "timed_steps": len(timed),
+        "final_loss": steps[-1]["loss"],
+        "peak_memory_mib_rank0": report["peak_memory_mb"],
+        "device": report["environment"]["device"],
+        "run_wall_seconds": wall,
+        "command": " ".join(cmd),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--gpus", default="1,2", help="process counts to compare, e.g. 1,2")
+    ap.add_argument("--per-gpu-batch", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--source", default="synthetic", help="'synthetic' (generated text) or any data.source")
+    ap.add_argument("--device", default="cuda", help="cuda (NCCL); cpu only to smoke-test this script (gloo)")
+    ap.add_argument("--out", type=Path, default=Path("results/distributed-bench"))
+    ap.add_argument("--work", type=Path, default=Path("/tmp/linearize-bench"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for run_dir in args.work.glob("run-*gpu"):  # a new measurement, not a resume
+        shutil.rmtree(run_dir)
+    source = str(synthetic_text(args.work / "text.txt")) if args.source == "synthetic" else args.source
+    env = os.environ | NO_MULTICAST | {"TQDM_DISABLE": "1"}
+
+    import torch
+
+    results = [run_one(args, int(n), source, args.work, env) for n in args.gpus.split(",")]
+    base = results[0]
+    for r in results:
+        r["speedup_vs_first"] = r["tokens_per_s_median"] / base["tokens_per_s_median"]
+        r["scaling_efficiency"] = r["speedup_vs_first"] / (r["gpus"] / base["gpus"])
+    summary = {
+        "what": "stage-2 LoRA training throughput (tokens/s, global), FSDP2 over NCCL, same per-GPU batch",
+        "model": args.model, "seq_len": args.seq_len, "per_gpu_batch": args.per_gpu_batch, "grad_accum": args.grad_accum,
+        "steps": args.steps, "warmup": args.warmup, "data": args.source,
+        "torch": torch.__version__, "env": NO_MULTICAST, "results": results,
+    }
+    (args.out / "bench.json").write_text(json.dumps(summary, indent=2))
+    md = [
+        f"# Stage-2 throughput, {args.model}: {' vs '.join(str(r['gpus']) for r in results)} GPU(s)", "",
+        f"Per-GPU batch {args.per_gpu_batch} x {args.seq_len} tokens (x{args.grad_accum} accumulation), {args.steps} steps, "
+        f"median over steps after the first {args.warmup}; torch {torch.__version__}; device {base['device']}; "
+        "NVLink multicast off (" + ", ".join(f"{k}={v}" for k, v in NO_MULTICAST.items()) + ").", "",
+        "| GPUs | global batch (rows) | tokens/s (median) | min - max | s/step | speedup | efficiency | peak MiB (rank 0) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        md.append(
+            f"| {r['gpus']} | {r['global_batch_rows']} | {r['tokens_per_s_median']:,.0f} | {r['tokens_per_s_min']:,.0f} - "
+            f"{r['tokens_per_s_max']:,.0f} | {r['step_seconds_median']:.3f} | {r['speedup_vs_first']:.2f}x | "
+            f"{100 * r['scaling_efficiency']:.0f}% | {r['peak_memory_mib_rank0']:,.0f} |"
+        )
+    md += ["", "Commands:", ""] + [f"    {r['command']}" for r in results] + [""]
+    (args.out / "bench.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
