@@ -223,8 +223,8 @@ def _composition(den: str, dynamic: bool, m_path: str = "argmax", glue_compiled:
 def _composition_variants(den: str, m_path: str = "argmax") -> list:
     return [
         ("flex dynamic shapes", _composition(den, True, m_path)),
-        ("flex static shapes", _composition(den, False, m_path)),
         ("flex dynamic shapes, glue eager", _composition(den, True, m_path, glue_compiled=False)),
+        ("flex static shapes", _composition(den, False, m_path)),
     ]
 
 
