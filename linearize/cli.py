@@ -151,8 +151,8 @@ def convert_cmd(
         except LaunchError as e:
             _fail(str(e))
         return
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    where = f"rank {os.environ.get('RANK', '?')}/{world}: " if world > 1 else ""
+    world = os.environ.get("WORLD_SIZE", "1")
+    where = f"rank {os.environ.get('RANK', '?')}/{world}: " if world not in ("", "1") else ""  # which process says it
     try:
         report = run_conversion(cfg, out, resume=resume, echo=_echo)
     except (RunError, DistributedError, NonFiniteLossError, FileNotFoundError, ValueError) as e:
