@@ -46,6 +46,8 @@ def _check(B, T, H, Hkv, D, F, Hf, W, dtype, *, mask=None, seed=0, config=None):
     floor = max(g.norm().item() for g in grr) * 1e-2  # gamma's gradient is ~0 when all keys are in the window
     for name, a, b in zip("q k v phi_q phi_k gamma".split(), gr, grr):
         assert not torch.isnan(a).any(), name
+        if name == "gamma" and T <= W:
+            continue  # every key is in the window: gamma cancels, its gradient is rounding noise around 0
         err = (a.double() - b).norm().item() / max(b.norm().item(), floor)
         assert err < 2 * tol, (name, err)
 
