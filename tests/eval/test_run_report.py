@@ -39,6 +39,13 @@ def test_evaluate_writes_report(tiny_dir, tmp_path, monkeypatch):
     md = (tmp_path / "ev" / "eval.md").read_text()
     assert "ppl@16" in md and "passkey@64" in md and md.count("|") > 10
     assert (tmp_path / "ev" / "eval.png").stat().st_size > 1000
+    # throughput and peak memory per model and per task
+    res = saved["resources"][rep["models"][0]]
+    assert res["params"] > 0 and res["peak_mem_mb"] > 0 and res["memory"] == "cpu_peak_rss"
+    for task in tasks:
+        t = res["tasks"][task]
+        assert t["tokens"] > 0 and t["tokens_per_s"] > 0 and t["peak_mem_mb"] > 0 and t["forwards"] >= 1
+    assert "## Speed and memory (cpu, float32)" in md and "tok/s" in md
     with pytest.raises(ValueError, match="max_position_embeddings"):
         evaluate([str(model_dir)], [f"ppl:{text}@4096"], limit=1, device="cpu", progress=False)
     with pytest.raises(FileNotFoundError):

@@ -82,3 +82,79 @@ def test_mc_task_scoring_end_to_end():
     doc = Doc([Request("the sea", " " + c) for c in (right, "moon dark")], gold=0, choices=[right, "moon dark"])
     out = score_task(SuccessorLM(vocab=len(vocab)), tok, Task("x", "multiple_choice", [doc, doc]), progress=False)
     assert out["acc"] == 1.0 and out["n"] == 2 and np.isfinite(out["acc_stderr"])
+
+
+def _mmlu_like_pairs(seed=0, vocab=96):
+    """Shared contexts with one-token answers (MMLU), a shared multi-token prefix, odd lengths."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    ctxs = [rand(n) for n in (37, 5, 1, 64, 13)]
+    pairs = [(c, [t]) for c in ctxs for t in (40, 41, 42, 43)]
+    pairs += [(ctxs[0], [50, 51, 52]), (ctxs[0] + [50], [51, 53]), (ctxs[1], [7, 7]), (ctxs[3], rand(9))]
+    return pairs
+
+
+@pytest.mark.parametrize("linearized", [False, True])
+def test_shared_forward_equals_per_request_reference(linearized):
+    from linearize.eval.scoring import loglikelihood_tokens_reference
+
+    model = tiny_model("llama")
+    if linearized:
+        import linearize
+        from tests.tiny_models import perturb_added_weights
+
+        model = linearize.convert(model, linearize.LinearizeConfig(window=4))
+        perturb_added_weights(model)
+    pairs = _mmlu_like_pairs()
+    ref = loglikelihood_tokens_reference(model, pairs)
+    for bs in (1, 3, 64):
+        fast = loglikelihood_tokens(model, pairs, batch_size=bs, progress=False)
+        for (a, ga), (b, gb) in zip(fast, ref):
+            assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_shared_forward_runs_one_forward_per_distinct_input():
+    from linearize.eval.meter import Meter
+
+    model = tiny_model("llama")
+    pairs = _mmlu_like_pairs()
+    with Meter(model) as m:
+        loglikelihood_tokens(model, pairs, batch_size=1, progress=False)
+    distinct = {tuple((c + t)[:-1]) for c, t in pairs}
+    assert m.forwards == len(distinct) < len(pairs)
+    assert m.tokens == sum(len(x) for x in distinct)
+
+
+def test_mmlu_task_scores_like_the_reference_path():
+    """score_task on MMLU-style docs (shared context, answers " A".." D") = metrics from the reference path."""
+    from linearize.eval.scoring import doc_metrics, encode_pair, loglikelihood_tokens_reference
+    from linearize.eval.tasks import mmlu_docs
+    from tests.eval.helpers import byte_tokenizer
+
+    tok = byte_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=1024)
+    dev = [{"question": f"Which {i}?", "choices": ["sea", "ship", "wind", "sun"], "answer": i % 4} for i in range(5)]
+    test = [{"question": f"Why {w} now?", "choices": ["blue", "grey", "cold", "warm"], "answer": j % 4} for j, w in enumerate(["a", "bb", "ccc"])]
+    task = Task("mmlu", "multiple_choice", mmlu_docs("astronomy", test, dev))
+    flat = [r for d in task.docs for r in d.requests]
+    ref = loglikelihood_tokens_reference(model, [encode_pair(tok, r.context, r.continuation) for r in flat])
+    expected = doc_metrics(task, ref)
+    got = score_task(model, tok, task, batch_size=2, progress=False)
+    assert got["acc"] == pytest.approx(np.mean([m["acc"] for m in expected])) and got["n"] == 3
+    assert got["subjects"]["astronomy"]["n"] == 3 and "acc_norm" not in got
+
+
+def test_meter_counts_unpadded_tokens_and_memory():
+    from linearize.eval.meter import Meter
+
+    model = tiny_model("llama")
+    with Meter(model) as m:
+        ids = torch.randint(3, 96, (2, 10))
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        model(input_ids=ids, attention_mask=mask)
+        model(input_ids=ids[:1])
+    r = m.result()
+    assert r["tokens"] == 10 + 6 + 10 and r["forwards"] == 2 and r["peak_mem_mb"] > 10 and r["memory"] == "cpu_peak_rss"
+    model(input_ids=ids)  # the hook is gone
+    assert m.tokens == 26
