@@ -119,3 +119,32 @@ def test_prefill_in_pieces(W):
     assert rel_err(torch.cat([y1, y2], 1), full) < 2e-5
     for a, b in zip(st2, full_state):
         assert rel_err(a, b) < 2e-5
+
+
+@inside
+def test_half_precision_and_constant_window_weight():
+    """fp16 operands (the interpreter's bf16 stores are not faithful): outputs and gradients, gamma's too,
+    against fp64 on the same rounded inputs; and a plain-float window weight (no gamma gradient kept)."""
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2)
+    for T, W in [(90, 20), (50, 64)]:
+        ins64 = random_inputs(2, T, 4, 2, 16, 32, 2, dtype=torch.float64, seed=T)
+        ins = [t.to(torch.float16).requires_grad_(True) for t in ins64[:5]] + [ins64[5].float().requires_grad_(True)]
+        ref = [t.detach().double().requires_grad_(True) for t in ins]
+        y, _ = hybrid_attention_triton(*ins[:5], window=W, window_weight=ins[5], config=cfg)
+        yr, _ = hybrid_attention_chunked(*ref[:5], window=W, window_weight=ref[5])
+        assert rel_err(y, yr) < 5e-3
+        dy = torch.randn(y.shape, dtype=torch.float64)
+        gr = torch.autograd.grad(y, ins, dy.half(), allow_unused=True, materialize_grads=True)
+        grr = torch.autograd.grad(yr, ref, dy, allow_unused=True, materialize_grads=True)
+        floor = max(g.norm().item() for g in grr) * 1e-2
+        errs = {n: _grad_err(a, b, floor) for n, a, b in zip("q k v phi_q phi_k gamma".split(), gr, grr)}
+        assert max(errs.values()) < 1e-2, errs
+    q, k, v, pq, pk, _ = random_inputs(1, 40, 2, 1, 16, 16, 1, dtype=torch.float32, seed=5, requires_grad=True)
+    y, _ = hybrid_attention_triton(q, k, v, pq, pk, window=7, window_weight=0.3, config=cfg)
+    yr, _ = hybrid_attention_chunked(q, k, v, pq, pk, window=7, window_weight=0.3)
+    dy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, (q, k, v, pq, pk), dy), torch.autograd.grad(yr, (q, k, v, pq, pk), dy)):
+        assert rel_err(a, b) < 1e-4

@@ -83,7 +83,7 @@ def _prec(dtype: torch.dtype) -> str:
 
 class _HybridChunkFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig):
+    def forward(ctx, q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig, store_u: bool):
         B, T, H, D = q.shape
         Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
         G, Gk, GQ = H // Hkv, Hf // Hkv, H // Hf
@@ -114,23 +114,24 @@ class _HybridChunkFn(torch.autograd.Function):
         pre_S, pre_z = pre_S.contiguous(), pre_z.contiguous()
 
         y = _empty(*q.shape, dtype=q.dtype, device=dev)
+        u = _empty(*q.shape, dtype=q.dtype, device=dev) if store_u else y
         mx = _empty(B, H, T, dtype=f32, device=dev)
         den = _empty(B, H, T, dtype=f32, device=dev)
         arg = _empty(B, H, T, dtype=torch.int32, device=dev)
         K.fwd_kernel[(nseg, B * Hf, NV)](
-            q, k, v, phi_q, phi_k, m_arg, gamma, pre_S, pre_z, y, mx, den, arg,
+            q, k, v, phi_q, phi_k, m_arg, gamma, pre_S, pre_z, y, u, mx, den, arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
             B, T, H, Hf, Gk, n, n_per, nwin, W, scale,
-            D=D, F=F, BD=BD, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+            D=D, F=F, BD=BD, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        ctx.save_for_backward(q, k, v, phi_q, phi_k, gamma, mask, y, mx, den, arg, pre_S, pre_z)
+        ctx.save_for_backward(q, k, v, phi_q, phi_k, gamma, mask, y, u if store_u else None, mx, den, arg, pre_S, pre_z)
         ctx.meta = (W, nwin, scale, cfg, n, n_per, nseg, NV, BV)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, v, phi_q, phi_k, gamma, mask, y, mx, den, arg, pre_S, pre_z = ctx.saved_tensors
+        q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z = ctx.saved_tensors
         W, nwin, scale, cfg, n, n_per, nseg, NV, BV = ctx.meta
         B, T, H, D = q.shape
         Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
@@ -147,17 +148,19 @@ class _HybridChunkFn(torch.autograd.Function):
         kw = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         delta = _empty(B, H, T, dtype=f32, device=dev)
         BT = 64
+        has_u = u is not None
+        dgam = _empty(math.ceil(T / BT), B, H, dtype=f32, device=dev) if has_u else delta
         K.bwd_delta_kernel[(math.ceil(T / BT), B * H)](
-            y, dy, delta, *_strides(y), *_strides(dy), T, H, D=D, BD=BD, BT=BT, num_warps=4,
+            y, u if has_u else y, dy, delta, dgam, *_strides(y), *_strides(dy), B, T, H,
+            D=D, BD=BD, BT=BT, HAS_U=has_u, num_warps=4,
         )
         strides_in = (*_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(dy), sM_b)
 
         dq = _empty(*q.shape, dtype=q.dtype, device=dev)
         dpq = _empty(B, T, H, F, dtype=f32, device=dev)
         corr = _empty(B, H, T, dtype=f32, device=dev)
-        dgam = _empty(n, B, H, dtype=f32, device=dev)
         K.bwd_dq_kernel[(n, B * H)](
-            q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, dgam, *strides_in,
+            q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, *strides_in,
             B, T, H, Hf, G, GQ, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, HAS_MASK=has_mask, PREC=prec, **kw,
         )
         atomic = NV > 1
@@ -199,10 +202,10 @@ class _HybridChunkFn(torch.autograd.Function):
         if Gk > 1:  # key feature maps per query head: k and v gradients summed over each KV group
             dk_b = dk_b.view(B, T, Hkv, Gk, D).sum(3)
             dv_b = dv_b.view(B, T, Hkv, Gk, D).sum(3)
-        dgamma = dgam.sum((0, 1))
+        dgamma = dgam.sum((0, 1)) if has_u else None
         return (
             dq, dk_b.to(k.dtype), dv_b.to(v.dtype), dpq_out.to(phi_q.dtype), dpk.to(phi_k.dtype), dgamma,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -254,7 +257,8 @@ def hybrid_attention_triton(
     S0 = initial_state.S.detach().to(torch.float32).contiguous()
     z0 = initial_state.z.detach().to(torch.float32).contiguous()
     cfg = config or default_config(d.D, d.F)
-    y = _HybridChunkFn.apply(q_run, k_run, v_run, pq_run, pk_run, gamma, mask_u8, S0, z0, window, scale, cfg)
+    store_u = torch.is_grad_enabled() and gamma.requires_grad  # (grad mode is off inside Function.forward)
+    y = _HybridChunkFn.apply(q_run, k_run, v_run, pq_run, pk_run, gamma, mask_u8, S0, z0, window, scale, cfg, store_u)
     if L:
         y = y[:, L:]
     if not output_final_state:

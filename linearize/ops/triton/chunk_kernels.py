@@ -18,7 +18,8 @@ also split the value dimension into blocks of ``BV`` (each block owns ``S[:, blo
 Backward. With ``dw_te = (dy_t . v_e - delta_t) / den_t`` and ``delta_t = dy_t . y_t``:
   dv_e += w_te dy_t / den_t;  linear: dphi_q += dw a-partner, dphi_k likewise;
   window: ds_te = w_te dw_te, plus the path through the max: ``dm_t = -sum_e ds_te`` lands on the arg-max
-  key of row t (as torch's ``amax`` backward does); ``dgamma += sum exp(s - m) dw``.
+  key of row t (as torch's ``amax`` backward does). ``dgamma = sum_t dy_t . u_t`` with ``u = dy/dgamma`` formed by the
+  forward in fp32 (the form ``sum exp(s - m) dw`` cancels, and loses the half-precision bits of y).
 """
 
 from __future__ import annotations
@@ -82,15 +83,16 @@ def fwd_segment_sums_kernel(
 
 @triton.jit
 def fwd_kernel(
-    Q, K, V, PQ, PK, M, GAMMA, S0, Z0, Y, MAX, DEN, ARG,
+    Q, K, V, PQ, PK, M, GAMMA, S0, Z0, Y, U, MAX, DEN, ARG,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sY_b, sY_t, sY_h, sM_b,
     B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr,
 ):
     """Outputs of one segment of chunks, for the GQ query heads that share feature head hf, V-block iv.
-    Also stores, per query, the window max m, the denominator and the arg-max key (for the backward)."""
+    Also stores, per query, the window max m, the denominator and the arg-max key (for the backward), and
+    with STORE_U the exact dy/dgamma direction u = (A_w l_lin - l_w A_lin) / den^2 (laid out like Y)."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv = tl.program_id(2)
@@ -157,6 +159,12 @@ def fwd_kernel(
             y = tl.where(ok[:, None], (gam * acc_w + acc_l) / tl.where(ok, den, 1.0)[:, None], 0.0)
             yp = Y + b * sY_b + h * sY_h + t[:, None] * sY_t + rv[None, :]
             tl.store(yp, y.to(Y.dtype.element_ty), mask=t_ok[:, None] & (rv[None, :] < D))
+            if STORE_U:
+                # d y / d gamma, formed here in fp32: in the backward, dy . y - dy . y_window would cancel.
+                inv2 = tl.where(ok, 1.0 / tl.where(ok, den * den, 1.0), 0.0)
+                u = (acc_w * l_l[:, None] - l_w[:, None] * acc_l) * inv2[:, None]
+                up = U + b * sY_b + h * sY_h + t[:, None] * sY_t + rv[None, :]
+                tl.store(up, u.to(U.dtype.element_ty), mask=t_ok[:, None] & (rv[None, :] < D))
             if iv == 0:
                 row = (b * H + h) * T + t
                 tl.store(MAX + row, tl.where(m_i == float("-inf"), 0.0, m_i), mask=t_ok)
@@ -176,14 +184,14 @@ def fwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR, DGAM,
+    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sDY_b, sDY_t, sDY_h, sM_b,
     B, T, H, Hf, G, GQ, n_chunks, nwin, W, scale,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq (complete), dphi_q (intra part), the max-path correction per query and dgamma per chunk."""
+    """dq (complete), dphi_q (intra part) and the max-path correction per query."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -211,7 +219,6 @@ def bwd_dq_kernel(
     dq = tl.zeros([C, BD], dtype=tl.float32)
     dpq = tl.zeros([C, BF], dtype=tl.float32)
     rs = tl.zeros([C], dtype=tl.float32)
-    dg = tl.zeros([C], dtype=tl.float32)
     for j in range(tl.maximum(c - nwin, 0), c + 1):
         e = j * C + rc
         k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
@@ -225,10 +232,8 @@ def bwd_dq_kernel(
         ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
         dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
         dw = (dp - delta[:, None]) * inv[:, None]
-        exdw = ex * dw
-        ds = gam * exdw
+        ds = gam * ex * dw
         rs += tl.sum(ds, 1)
-        dg += tl.sum(exdw, 1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         da = tl.where(lin, dw, 0.0)
         dpq += tl.dot(da.to(pk.dtype), pk, input_precision=PREC)
@@ -240,7 +245,6 @@ def bwd_dq_kernel(
              mask=t_ok[:, None] & (rd[None, :] < D))
     tl.store(DPQ + ((b * T + t[:, None]) * H + h) * F + rf[None, :], dpq, mask=t_ok[:, None] & (rf[None, :] < F))
     tl.store(CORR + row, corr, mask=t_ok)
-    tl.store(DGAM + (c * B + b) * H + h, tl.sum(dg, 0))
 
 
 @triton.jit
@@ -471,10 +475,11 @@ def bwd_dk_state_kernel(
 
 @triton.jit
 def bwd_delta_kernel(
-    Y, DY, DELTA, sY_b, sY_t, sY_h, sDY_b, sDY_t, sDY_h, T, H,
-    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
+    Y, U, DY, DELTA, DGAM, sY_b, sY_t, sY_h, sDY_b, sDY_t, sDY_h, B, T, H,
+    D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, HAS_U: tl.constexpr,
 ):
-    """delta[b, h, t] = dy . y in fp32, one pass over both (no fp32 copies of them)."""
+    """delta[b, h, t] = dy . y in fp32, one pass over both (no fp32 copies of them); with HAS_U also this
+    block's share of dgamma[h] = sum_t dy . u."""
     it = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -485,3 +490,6 @@ def bwd_delta_kernel(
     y = _load_rows(Y + b * sY_b + h * sY_h, t, ok, sY_t, rd, D).to(tl.float32)
     dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, ok, sDY_t, rd, D).to(tl.float32)
     tl.store(DELTA + (b * H + h) * T + t, tl.sum(y * dy, 1), mask=ok)
+    if HAS_U:
+        u = _load_rows(U + b * sY_b + h * sY_h, t, ok, sY_t, rd, D).to(tl.float32)
+        tl.store(DGAM + (it * B + b) * H + h, tl.sum(tl.sum(u * dy, 1), 0))
