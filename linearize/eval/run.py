@@ -154,7 +154,7 @@ def evaluate(
         "resources": resources,
         "settings": {"limit": limit, "device": device, "dtype": str(torch_dtype).removeprefix("torch."), "batch_size": batch_size, "seed": seed},
         "notes": [
-            "zero-shot tasks and MMLU (5-shot) follow lm-evaluation-harness 0.4 prompts and metrics (linearize.eval.scoring)",
+            "zero-shot tasks and MMLU (5-shot): lm-evaluation-harness 0.4.13 prompts and metrics (linearize.eval.scoring; checked per doc against lm-eval itself in tests/eval/test_lm_eval_equivalence.py)",
             "ppl: sliding window, stride = context/2; passkey/mqar: greedy exact match (linearize.eval.recall)",
             "resources: tokens = non-padding tokens through the model's forward; peak memory = CUDA max_memory_allocated or CPU peak RSS of the process (linearize.eval.meter)",
         ],

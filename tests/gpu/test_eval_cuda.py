@@ -75,7 +75,7 @@ def test_cuda_bf16_default_runs_batched(setup):
 
 
 def test_lm_eval_hflm_on_cuda_agrees_with_our_scorer(setup, tmp_path):
-    import lm_eval
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed on this machine (the eval extra)")
     from lm_eval.tasks import TaskManager
 
     from linearize.eval import lm_eval_model
