@@ -85,8 +85,11 @@ def sliding_perplexity(
     stride = stride or max(length // 2, 1)
     if not 0 < stride <= length:
         raise ValueError(f"stride must be in 1..{length}, got {stride}")
+    from .scoring import _takes_logits_to_keep
+
     device = next(model.parameters()).device
     wins = windows(ids.numel(), length, stride)[:limit]
+    keep = _takes_logits_to_keep(model)
     nll, count = 0.0, 0
     for s in tqdm(range(0, len(wins), batch_size), desc=f"ppl@{length}", leave=False, disable=not progress, dynamic_ncols=True):
         batch = wins[s : s + batch_size]
@@ -96,10 +99,15 @@ def sliding_perplexity(
         for i, (b, e, _) in enumerate(batch):
             x[i, : e - b] = ids[b:e]
             mask[i, : e - b] = 1
-        logits = model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        kw = {}
+        span = max(sc for _, _, sc in batch)
+        if keep:  # only the positions that predict scored tokens go through the LM head: (B, span)
+            kw["logits_to_keep"] = torch.stack([torch.arange(e - b - 1 - span, e - b - 1).clamp(min=0) for b, e, _ in batch]).to(device)
+        logits = model(input_ids=x.to(device), attention_mask=mask.to(device), use_cache=False, **kw).logits
         for i, (b, e, scored) in enumerate(batch):
             n = e - b
-            lp = torch.log_softmax(logits[i, n - scored - 1 : n - 1].float(), dim=-1)
+            end = span if keep else n - 1
+            lp = torch.log_softmax(logits[i, end - scored : end].float(), dim=-1)
             tgt = x[i, n - scored : n].to(lp.device)
             nll -= lp.gather(1, tgt[:, None]).sum().item()
             count += scored

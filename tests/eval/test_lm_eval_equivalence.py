@@ -120,3 +120,17 @@ def test_cli_args_defaults():
     assert cli_args(["ls", "tasks"]) == ["ls", "tasks"]
     got = cli_args(["--tasks", "offline_piqa", "--include_path", "/x"])
     assert got.count("--include_path") == 1
+
+
+def test_lm_eval_model_wraps_a_loaded_model(env):
+    import torch
+
+    from linearize.eval import lm_eval_model
+    from linearize.models import load
+
+    model_dir, _ = env
+    model, tok = load(str(model_dir), dtype=torch.float32)
+    lm = lm_eval_model(model, tok, batch_size=2)
+    assert lm.model is model and lm.device.type == "cpu" and lm.batch_size == 2
+    ((ll, greedy),) = lm._loglikelihood_tokens([(("a", " b"), [5, 6], [7])])
+    assert ll < 0 and isinstance(greedy, bool)
