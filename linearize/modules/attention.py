@@ -201,6 +201,11 @@ def _new_token_mask(padding_mask: torch.Tensor | None, B: int, T: int) -> torch.
     if padding_mask.shape[0] != B or padding_mask.shape[1] < T:
         raise ValueError(f"attention_mask of shape {tuple(padding_mask.shape)} does not cover {T} new tokens of batch {B}")
     m = padding_mask[:, -T:].bool()
+    if T == 1:
+        # decode: keep the mask rather than test it on the host; the test is a device sync in every layer
+        # of every step (and forbids capturing the step in a CUDA graph), and an all-True mask gives the
+        # same result as None
+        return m
     return None if bool(m.all()) else m
 
 
