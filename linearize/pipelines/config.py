@@ -20,7 +20,9 @@ class DataConfig:
     seq_len: int = 1024
     val_fraction: float = 0.05
     val_tokens: int = 65536  # validation tokens used for the report's perplexities
-    eval_ood_source: str | None = None  # optional out-of-domain text for the report
+    #: text from a domain not used in training (a corpus, file or mix, as ``source``): the report adds
+    #: its validation perplexity for every evaluated model; it must share no source with ``source``
+    eval_ood_source: str | None = None
 
 
 @dataclass
@@ -49,6 +51,9 @@ class LoraConfig:
 @dataclass
 class RunConfig:
     model: str = "smollm2-135m"
+    #: False = the softmax control: no conversion and no attention transfer, only the same stage-2 LoRA
+    #: on the same data, so that what domain adaptation alone gives is not credited to the conversion
+    convert: bool = True
     linearize: LinearizeConfig = field(default_factory=LinearizeConfig)
     data: DataConfig = field(default_factory=DataConfig)
     # LoLCATs defaults: attention transfer with AdamW at lr 1e-2, LoRA finetuning at lr 1e-4
@@ -90,6 +95,17 @@ class RunConfig:
             raise ValueError(f"invalid transfer_block={self.transfer_block!r}: give [first, end) with 0 <= first < end")
         if self.checkpoint_every < 1:
             raise ValueError("invalid checkpoint_every: must be >= 1")
+        if not isinstance(self.convert, bool):
+            raise ValueError(f"invalid convert={self.convert!r}: must be true or false")
+
+    def check(self) -> None:
+        """Checks across sections, made once every layer of settings is applied (so that the order of
+        ``--set`` items does not matter); one-line ``ValueError``."""
+        if not self.convert:
+            if self.stage1.steps > 0 or self.transfer_block is not None:
+                raise ValueError("convert=false (the softmax control) has no attention transfer: set stage1.steps=0 and no transfer_block")
+            if self.stage2.steps == 0:
+                raise ValueError("convert=false (the softmax control) trains only stage 2: set stage2.steps > 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -183,6 +199,7 @@ def build_config(
             cfg = _merge(cfg, values, "")
         except (ValueError, TypeError) as e:
             raise ValueError(f"{origin}: {e}") from None
+    cfg.check()
     return cfg
 
 

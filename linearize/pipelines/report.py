@@ -63,19 +63,29 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
               + (f"; {procs} processes (stage 1 block-wise over layers, stage 2 FSDP2 data-parallel)" if procs > 1 else "")]
     lines += [f"- data: `{report['data']['source']}`, seq_len {report['data']['seq_len']}, "
               f"{report['data']['train_rows']} train rows / {report['data']['val_rows']} validation rows"]
-    lin = report["linearize"]
-    lines += [f"- hybrid attention: window {lin['window']}, feature map {lin['feature_map']} (f={lin['feature_dim']}), "
-              f"{len(lin['layers'])} layers converted"]
+    lin = report.get("linearize")
+    if lin is None:  # convert=false
+        lines += ["- attention: softmax, not converted (the control run: the same stage-2 LoRA on the same data)"]
+    else:
+        lines += [f"- hybrid attention: window {lin['window']}, feature map {lin['feature_map']} (f={lin['feature_dim']}), "
+                  f"{len(lin['layers'])} layers converted"]
     lines += [f"- wall time {report['wall_seconds']:.0f} s; peak memory {report['peak_memory_mb']:.0f} MB", ""]
 
-    lines += ["## Validation perplexity", "", "| model | loss | perplexity | vs base |", "|---|---:|---:|---:|"]
-    evals = report["evals"]
+    evals, ood = report["evals"], report.get("evals_ood") or {}
+    ood_source = report.get("config", {}).get("data", {}).get("eval_ood_source")
+    head = "| model | loss | perplexity | vs base |" + (f" out of domain (`{ood_source}`) | vs base |" if ood else "")
+    lines += ["## Validation perplexity", "", head, "|---|---:|---:|---:|" + ("---:|---:|" if ood else "")]
     base_ppl = evals.get("base", {}).get("ppl")
+    base_ood = ood.get("base", {}).get("ppl")
     for key, label in EVAL_ROWS:
         if key in evals:
             e = evals[key]
             ratio = f"{e['ppl'] / base_ppl:.2f}x" if base_ppl else ""
-            lines.append(f"| {label} | {e['loss']:.4f} | {e['ppl']:.2f} | {ratio} |")
+            row = f"| {label} | {e['loss']:.4f} | {e['ppl']:.2f} | {ratio} |"
+            if ood:
+                o = ood.get(key)
+                row += f" {o['ppl']:.2f} | {o['ppl'] / base_ood:.2f}x |" if o and base_ood else " – | |"
+            lines.append(row)
     lines += ["", "## Training", "", "| stage | steps | tokens | trained params | % of model | final loss | time |", "|---|---:|---:|---:|---:|---:|---:|"]
     total = report["total_params"]
     for name, st in report["stages"].items():

@@ -138,6 +138,10 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     from ..models import load as load_model
 
     t_start = time.perf_counter()
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise RunError(str(e)) from None
     state = _prepare_out(cfg, out, resume, d)
     # wall time over every segment of a resumed run: earlier segments' time is kept in state.json
     before = state.get("wall_seconds_before", 0.0) + state.pop("wall_seconds_segment", 0.0)
@@ -149,6 +153,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
             atomic_write_json(out / "state.json", state)
 
     state.setdefault("evals", {})
+    state.setdefault("evals_ood", {})
     state.setdefault("samples", {})
     state.setdefault("stages", {})
     device = pick_device(cfg.device) if not d.enabled else d.device
@@ -183,15 +188,20 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     train_rows, val_rows = splits.train, splits.val
     if train_rows.shape[0] == 0 or val_rows.shape[0] == 0:
         raise RunError(f"data {cfg.data.source!r} gives {train_rows.shape[0]} train / {val_rows.shape[0]} validation rows of {cfg.data.seq_len} tokens; use more text or a shorter data.seq_len")
+    ood_rows = _ood_rows(cfg, tokenizer, d) if cfg.data.eval_ood_source else None
     total_params = sum(p.numel() for p in model.parameters())
 
     def evaluate(key: str, m, shared: bool = True) -> None:
-        """Validation perplexity, shared out over the ranks (``shared``) or by this process alone."""
+        """Validation perplexity (and out-of-domain, if asked for), shared out over the ranks (``shared``) or by this process alone."""
         if key not in state["evals"]:
             state["evals"][key] = perplexity(m, val_rows, device, desc=f"eval {key}", dist=d if shared else SINGLE)
             save_state()
+        if ood_rows is not None and key not in state["evals_ood"]:
+            state["evals_ood"][key] = perplexity(m, ood_rows, device, desc=f"eval {key} (out of domain)", dist=d if shared else SINGLE)
+            save_state()
         e = state["evals"][key]
-        echo(f"validation ppl [{key}]: {e['ppl']:.2f} (loss {e['loss']:.4f})")
+        ood = f"; out of domain {state['evals_ood'][key]['ppl']:.2f}" if ood_rows is not None else ""
+        echo(f"validation ppl [{key}]: {e['ppl']:.2f} (loss {e['loss']:.4f}){ood}")
 
     def samples(key: str, m) -> None:
         if key not in state["samples"]:
@@ -203,9 +213,12 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     evaluate("base", model)
     samples("base", model)
 
-    convert(model, cfg.linearize)
-    model.to(device)
-    evaluate("swapped", model)
+    if cfg.convert:
+        convert(model, cfg.linearize)
+        model.to(device)
+        evaluate("swapped", model)
+    else:
+        echo("convert=false: the softmax control (no conversion, no attention transfer; stage 2 only)")
 
     ckpts = CheckpointManager(out / "checkpoints", dist=d)
     latest = ckpts.latest() if resume else None
@@ -217,54 +230,55 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
 
     # ---- stage 1: attention transfer ---------------------------------------------------------------
     stage1_file = out / "stage1_final.safetensors"
-    all_params = _transfer_params(model, device)
-    params = dict(all_params)  # the trained ones: all, or those of transfer_block
-    block = None
-    if cfg.transfer_block is not None:
-        a, b = cfg.transfer_block
-        if b > model.config.num_hidden_layers:
-            raise RunError(f"transfer_block={cfg.transfer_block} ends past the model's {model.config.num_hidden_layers} layers")
-        block = (a, b)
-        params = {k: p for k, p in params.items() if a <= _layer_of(k) < b}
-    loss1 = transfer_loss if block is None else functools.partial(transfer_loss, block=block)
-    mine, parallel1 = params, None
-    if d.enabled and "stage1" not in state["stages"] and cfg.stage1.steps > 0:
-        # block-wise across ranks: each rank trains one contiguous block of the trained layers on the whole batch
-        trained_ids = sorted({layer.layer_idx for layer in linearized_layers(model)} & {_layer_of(k) for k in params})
-        blocks = distributed.split_blocks(trained_ids, d.world)
-        block = blocks[d.rank]
-        mine = {k: p for k, p in params.items() if block[0] <= _layer_of(k) < block[1]}
-        loss1, parallel1 = functools.partial(transfer_loss, block=block), "layers"
-        echo(f"stage 1 blocks of layers per rank: {[list(b) for b in blocks]}")
-        d.broadcast_tensors(list(all_params.values()))  # one starting point whatever each rank's RNG did
-    for k, p in all_params.items():
-        p.requires_grad_(k in mine)
-    if "stage1" not in state["stages"]:
-        if cfg.stage1.steps > 0:
-            result = train_stage(
-                "stage1", model, mine, loss1, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
-                checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
-                resume_from=latest if latest is not None and latest.stage == "stage1" else None,
-                dist=d, parallel=parallel1,
-            )
-            state["stages"]["stage1"] = _stage_record(result)
-            if d.enabled:  # stitch: every rank gets every block's trained weights
-                for part in d.all_gather_object({k: p.detach().cpu() for k, p in mine.items()}):
-                    _copy_into({k: params[k] for k in part}, part)
+    if cfg.convert:  # the softmax control (convert=false) has no stage 1
+        all_params = _transfer_params(model, device)
+        params = dict(all_params)  # the trained ones: all, or those of transfer_block
+        block = None
+        if cfg.transfer_block is not None:
+            a, b = cfg.transfer_block
+            if b > model.config.num_hidden_layers:
+                raise RunError(f"transfer_block={cfg.transfer_block} ends past the model's {model.config.num_hidden_layers} layers")
+            block = (a, b)
+            params = {k: p for k, p in params.items() if a <= _layer_of(k) < b}
+        loss1 = transfer_loss if block is None else functools.partial(transfer_loss, block=block)
+        mine, parallel1 = params, None
+        if d.enabled and "stage1" not in state["stages"] and cfg.stage1.steps > 0:
+            # block-wise across ranks: each rank trains one contiguous block of the trained layers on the whole batch
+            trained_ids = sorted({layer.layer_idx for layer in linearized_layers(model)} & {_layer_of(k) for k in params})
+            blocks = distributed.split_blocks(trained_ids, d.world)
+            block = blocks[d.rank]
+            mine = {k: p for k, p in params.items() if block[0] <= _layer_of(k) < block[1]}
+            loss1, parallel1 = functools.partial(transfer_loss, block=block), "layers"
+            echo(f"stage 1 blocks of layers per rank: {[list(b) for b in blocks]}")
+            d.broadcast_tensors(list(all_params.values()))  # one starting point whatever each rank's RNG did
+        for k, p in all_params.items():
+            p.requires_grad_(k in mine)
+        if "stage1" not in state["stages"]:
+            if cfg.stage1.steps > 0:
+                result = train_stage(
+                    "stage1", model, mine, loss1, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
+                    checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
+                    resume_from=latest if latest is not None and latest.stage == "stage1" else None,
+                    dist=d, parallel=parallel1,
+                )
+                state["stages"]["stage1"] = _stage_record(result)
+                if d.enabled:  # stitch: every rank gets every block's trained weights
+                    for part in d.all_gather_object({k: p.detach().cpu() for k, p in mine.items()}):
+                        _copy_into({k: params[k] for k in part}, part)
+            else:
+                state["stages"]["stage1"] = {"steps": 0, "tokens": 0, "seconds": 0.0, "final_loss": None, "trainable_params": 0}
+            if d.is_main:
+                tmp = stage1_file.with_suffix(".tmp")
+                save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, tmp)
+                tmp.replace(stage1_file)
+            save_state()
+            d.barrier()
         else:
-            state["stages"]["stage1"] = {"steps": 0, "tokens": 0, "seconds": 0.0, "final_loss": None, "trainable_params": 0}
-        if d.is_main:
-            tmp = stage1_file.with_suffix(".tmp")
-            save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, tmp)
-            tmp.replace(stage1_file)
-        save_state()
-        d.barrier()
-    else:
-        _copy_into(params, load_file(stage1_file))
-    for p in all_params.values():
-        p.requires_grad_(False)
-    set_mode(model, "hybrid")
-    evaluate("stage1", model)
+            _copy_into(params, load_file(stage1_file))
+        for p in all_params.values():
+            p.requires_grad_(False)
+        set_mode(model, "hybrid")
+        evaluate("stage1", model)
 
     # ---- stage 2: LoRA -----------------------------------------------------------------------------
     if cfg.stage2.steps > 0:
@@ -325,9 +339,11 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
                         "torch": torch.__version__, "transformers": transformers.__version__, "processes": d.world},
         "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "train_rows": int(train_rows.shape[0]), "val_rows": int(val_rows.shape[0])},
-        "linearize": model.config.linearize,
+        "convert": cfg.convert,
+        "linearize": getattr(model.config, "linearize", None),  # None: the softmax control
         "total_params": total_params,
         "evals": state["evals"],
+        "evals_ood": state["evals_ood"],
         "stages": state["stages"],
         "samples": state["samples"],
         "sample_prompts": cfg.samples,
@@ -345,14 +361,18 @@ def _rebuild(cfg: RunConfig, load: Callable, dtype: torch.dtype, device: torch.d
     """A fresh unsharded linearized model with the stitched stage-1 weights and LoRA adapters (to load)."""
     model, _ = load(cfg.model, dtype=dtype)
     model.to(device)
-    convert(model, cfg.linearize)
-    model.to(device)
-    params = _transfer_params(model, device)
-    weights = load_file(stage1_file)
-    _copy_into({k: params[k] for k in weights}, weights)
-    for p in params.values():
-        p.requires_grad_(False)
-    set_mode(model, "hybrid")
+    if cfg.convert:
+        convert(model, cfg.linearize)
+        model.to(device)
+        params = _transfer_params(model, device)
+        weights = load_file(stage1_file)
+        _copy_into({k: params[k] for k in weights}, weights)
+        for p in params.values():
+            p.requires_grad_(False)
+        set_mode(model, "hybrid")
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
     return add_lora(model, cfg.lora)
 
 
@@ -374,6 +394,25 @@ def _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_r
     save_state()
     weights = {k: p.full_tensor().cpu() for k, p in lora_params.items()}  # a collective: every rank takes part
     return weights if d.is_main else None
+
+
+def _ood_rows(cfg: RunConfig, tokenizer, d: Dist) -> torch.Tensor:
+    """Validation rows of ``data.eval_ood_source``; it must share no source with the training data."""
+    from .. import data as data_lib
+    from ..data.build import parse_source
+
+    ood, train = cfg.data.eval_ood_source, cfg.data.source
+    trained = {(s.kind, s.fingerprint) for s in parse_source(train)}  # a file by its content, whatever its path
+    shared = [s.value for s in parse_source(ood) if (s.kind, s.fingerprint) in trained]
+    if shared:
+        raise RunError(f"data.eval_ood_source={ood!r} shares {shared} with data.source={train!r}; choose text not used in training")
+    with d.main_first():
+        # one training row is the least build_dataset takes: the training side of this text is never used
+        splits = data_lib.build_dataset(ood, tokenizer, cfg.data.seq_len, val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+                                        max_train_tokens=cfg.data.seq_len, max_val_tokens=cfg.data.val_tokens)
+    if splits.val.shape[0] == 0:
+        raise RunError(f"data.eval_ood_source={ood!r} gives no validation row of {cfg.data.seq_len} tokens; use more text or a shorter data.seq_len")
+    return splits.val
 
 
 def _stage_record(result) -> dict[str, Any]:
