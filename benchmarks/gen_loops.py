@@ -1,0 +1,289 @@
+"""The two decode loops that ``generate.py`` times, and the largest-batch search.
+
+* ``run_generate``: HF ``model.generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)``; the prefill
+  ends at the first call of a logits processor (one device sync there), the decode is the rest.
+* ``run_lean``: a prefill, then one ``model(...)`` call per token with the cache and a greedy argmax.
+  The step feeds its own output back (the argmax is copied into the input buffer, the position advances on
+  the device), so with ``graph=True`` it is captured once in a CUDA graph and replayed: two eager steps
+  first (capture warm-up, on a side stream), the capture (timed apart, not in the decode time), then
+  replays. A step that cannot be captured raises ``GraphCaptureError`` (the caller reruns it eagerly).
+* ``largest_batch``: doubling then bisection over a ``probe(B) -> bool``; ``probe_fits`` is the probe: a
+  prefill and a few decode steps in a cache sized for the whole run, OOM caught.
+
+Caches: ``make_cache("static", ...)`` is transformers' ``StaticCache`` sized for the whole run (the base
+model's capturable cache); ``"dynamic"`` is the ``DynamicCache`` that ``generate`` builds, in which a
+linearized layer installs its ``HybridCacheLayer`` (the ring state, updated in place by the Triton kernel).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class GraphCaptureError(RuntimeError):
+    """The decode step could not be captured in a CUDA graph."""
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def short_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
+
+
+def is_oom(e: BaseException) -> bool:
+    msg = str(e)
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in msg
+
+
+def free_memory(device: torch.device) -> None:
+    """Drop what an aborted run left (exception frames hold tensors) and give cached blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:
+            pass
+        torch.cuda.empty_cache()
+
+
+def make_cache(model, kind: str, max_len: int):
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    if kind == "dynamic":
+        return DynamicCache(config=model.config)
+    raise ValueError(f"cache kind must be 'static' or 'dynamic'; got {kind!r}")
+
+
+@dataclass
+class LoopResult:
+    loop: str  # "generate" or "lean"
+    generated: int  # new tokens per sequence (the requested N unless cut by a deadline)
+    prefill_s: float  # the prompt's forward (generate: with its set-up) up to the first token
+    decode_s: float  # the decode forwards after the prefill (lean+graph: eager steps + replays, no capture)
+    decode_steps: int  # forwards timed in decode_s
+    graph: bool = False
+    capture_s: float | None = None
+    cut: bool = False  # stopped by the deadline before N tokens
+    steady_s: float | None = None  # the replays alone (lean + graph), else decode_s: what a longer run costs per step
+    steady_steps: int = 0
+    tokens: torch.Tensor | None = field(default=None, repr=False)  # [B, generated] on the CPU, if kept
+
+    @property
+    def step_s(self) -> float | None:
+        return self.decode_s / self.decode_steps if self.decode_steps else None
+
+    @property
+    def steady_step_s(self) -> float | None:
+        if self.steady_s is not None and self.steady_steps:
+            return self.steady_s / self.steady_steps
+        return self.step_s
+
+
+def run_lean(
+    model,
+    ids: torch.Tensor,
+    new_tokens: int,
+    *,
+    cache,
+    graph: bool = False,
+    deadline: float | None = None,
+    keep_tokens: bool = False,
+    eager_steps: int = 2,
+) -> LoopResult:
+    """Greedy decoding of ``new_tokens`` tokens after the prompt ``ids`` [B, P], one forward per token.
+
+    No attention mask is passed (the prompts have no padding), so no step reads device values on the host.
+    ``deadline`` (time.monotonic) stops the decode early (``cut``); the check costs no sync.
+    """
+    device = ids.device
+    B, P = ids.shape
+    steps = max(new_tokens - 1, 0)
+    out = torch.zeros(B, new_tokens, dtype=torch.long, device=device) if keep_tokens else None
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                       position_ids=torch.arange(P, device=device)[None], logits_to_keep=1).logits
+        tok = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+        del logits
+        sync(device)
+        prefill_s = time.perf_counter() - t0
+
+        tok_buf = tok.clone()
+        pos = torch.full((1, 1), P, dtype=torch.long, device=device)
+        idx = torch.ones(1, dtype=torch.long, device=device)
+        if out is not None:
+            out[:, :1] = tok
+
+        def step():
+            o = model(input_ids=tok_buf, past_key_values=cache, use_cache=True, position_ids=pos, logits_to_keep=1)
+            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+            tok_buf.copy_(nxt)
+            pos.add_(1)
+            if out is not None:
+                out.index_copy_(1, idx, nxt)
+                idx.add_(1)
+
+        done, decode_s, capture_s, cut = 0, 0.0, None, False
+        first = 0  # steps before the timed loop below (the eager warm-up of a capture)
+        g = None
+        if graph and device.type == "cuda" and steps > eager_steps:
+            t1 = time.perf_counter()
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graphs asks
+                for _ in range(eager_steps):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            sync(device)
+            done = first = eager_steps
+            decode_s += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            g = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(g):
+                    step()
+            except Exception as e:
+                raise GraphCaptureError(short_error(e)) from None
+            sync(device)
+            capture_s = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        run = g.replay if g is not None else step
+        while done < steps:
+            run()
+            done += 1
+            if deadline is not None and time.monotonic() > deadline and done < steps:
+                cut = True
+                break
+        sync(device)
+        steady_s = time.perf_counter() - t3
+        decode_s += steady_s
+        del g
+    tokens = out[:, : done + 1].cpu() if out is not None else None
+    return LoopResult("lean", done + 1, prefill_s, decode_s, done, graph=capture_s is not None, capture_s=capture_s,
+                      cut=cut, steady_s=steady_s, steady_steps=done - first, tokens=tokens)
+
+
+def run_generate(
+    model,
+    ids: torch.Tensor,
+    new_tokens: int,
+    *,
+    pad_token_id: int,
+    max_time: float | None = None,
+    keep_tokens: bool = False,
+    cache=None,
+) -> LoopResult:
+    """HF ``generate``, greedy, exactly ``new_tokens`` tokens (EOS suppressed by min_new_tokens), with a
+    2D attention mask of ones as a user would pass. ``max_time`` (seconds) cuts it (``cut``). ``cache``: a
+    fresh cache to pass in (to inspect it afterwards); None lets ``generate`` build its DynamicCache."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    device = ids.device
+
+    class FirstCall(LogitsProcessor):
+        """Time of the first logits processor call: the prompt's forward is done (one sync)."""
+
+        t: float | None = None
+
+        def __call__(self, input_ids, scores):
+            if self.t is None:
+                sync(device)
+                self.t = time.perf_counter()
+            return scores
+
+    clock = FirstCall()
+    with torch.no_grad():
+        sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, num_beams=1, pad_token_id=pad_token_id, logits_processor=LogitsProcessorList([clock]),
+            max_time=max_time, use_cache=True, **({} if cache is None else {"past_key_values": cache}),
+        )
+        sync(device)
+        t_end = time.perf_counter()
+    generated = out.shape[1] - ids.shape[1]
+    return LoopResult("generate", generated, clock.t - t0, t_end - clock.t, max(generated - 1, 0),
+                      cut=generated < new_tokens, tokens=out[:, ids.shape[1]:].cpu() if keep_tokens else None)
+
+
+def probe_fits(model, B: int, prompt_len: int, new_tokens: int, cache_kind: str, vocab: int, device: torch.device,
+               steps: int = 3, seed: int = 0) -> tuple[bool, int | None, str | None]:
+    """Whether batch ``B`` fits: a prefill and ``steps`` decode steps in a cache sized for ``prompt_len +
+    new_tokens`` tokens (a static cache is allocated whole at the prefill; the ring state never grows after
+    the first decode step), so memory at token N is what this touches. Returns (fits, peak bytes, error)."""
+    err = None
+    try:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        ids = torch.randint(3, vocab, (B, prompt_len), generator=g).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        cache = make_cache(model, cache_kind, prompt_len + new_tokens)
+        run_lean(model, ids, steps + 1, cache=cache)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        del cache, ids
+    except Exception as e:  # noqa: BLE001 - OOM is the answer we look for; anything else is reported
+        err = "OOM" if is_oom(e) else short_error(e)
+    free_memory(device)
+    return (err is None, peak if err is None else None, err)
+
+
+def largest_batch(probe: Callable[[int], bool], *, start: int, max_batch: int, time_cap_s: float,
+                  resolution: float = 0.03, clock: Callable[[], float] = time.monotonic) -> dict:
+    """The largest B with ``probe(B)`` true: double from ``start`` (or halve while it fails) to bracket it,
+    then bisect until the bracket is within ``resolution`` (relative) or 1. Stops at ``time_cap_s`` or
+    ``max_batch``. Returns {"largest", "smallest_failing", "probes": [[B, ok], ...], "stopped"}."""
+    t0 = clock()
+    probes: list[list] = []
+    lo, hi = 0, None
+
+    def test(b: int) -> bool:
+        ok = bool(probe(b))
+        probes.append([b, ok])
+        return ok
+
+    def out_of_time() -> bool:
+        return clock() - t0 > time_cap_s
+
+    b = max(1, min(start, max_batch))
+    stopped = "converged"
+    while True:  # bracket
+        ok = test(b)
+        if ok:
+            lo = b
+            if hi is not None:
+                break
+            if b >= max_batch:
+                stopped = "max batch"
+                break
+            b = min(2 * b, max_batch)
+        else:
+            hi = b
+            if lo or b == 1:
+                break
+            b = max(1, b // 2)
+        if out_of_time():
+            stopped = "time cap"
+            break
+    while stopped == "converged" and hi is not None and hi - lo > max(1, int(resolution * lo)):  # bisect
+        if out_of_time():
+            stopped = "time cap"
+            break
+        mid = (lo + hi) // 2
+        if test(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {"largest": lo, "smallest_failing": hi, "probes": probes, "stopped": stopped, "seconds": clock() - t0}

@@ -1,0 +1,552 @@
+"""Generation speed and memory (issue 6, item 4): the base model against the linearized one, whole models.
+
+One command on a GPU prints a table and writes JSON + markdown under benchmarks/results/ (the exact device
+command, with the wheel install and the GGUF staging, is in benchmarks/README.md):
+
+    python benchmarks/generate.py                      # SmolLM2-135M, batch 1/16/64/256, 128 + 4096 tokens
+    python benchmarks/generate.py --quick              # 1024 generated tokens
+    python benchmarks/generate.py --tokens 16384 --batches 64 --loops lean    # the >= 10x goal
+    python benchmarks/generate.py --checkpoint runs/smol/model                 # a trained linearized model
+    python benchmarks/generate.py --smoke              # CPU, tiny random model: lean tokens == generate's
+
+Models. base: ``linearize.models.load(--model)`` in bf16, SDPA attention, transformers' KV caches.
+linearized: the same weights through ``linearize.convert`` (``--set key=value`` sets LinearizeConfig fields;
+default window 64, Hedgehog F=128 per query head), with its feature maps as initialised: untrained,
+which costs the same per token as trained ones, so speed and memory hold but the text is not meaningful.
+``--checkpoint DIR`` takes a converted (trained) model instead. On CUDA every linearized layer decodes on
+the fp32 ring state, updated in place by the Triton kernel (the "decode path" column checks it).
+
+Rows. For each batch B in --batches: a 128-token prompt (random token ids, seeded, the same for both
+models, no padding), then N = --tokens new tokens, greedy. Two decode loops per model:
+  * generate: ``model.generate(max_new_tokens=N, min_new_tokens=N, do_sample=False)``, as a user calls it
+    (base: DynamicCache; linearized: HybridCacheLayer in the DynamicCache generate builds);
+  * lean: the model's forward once per token with the cache and an argmax (benchmarks/gen_loops.py),
+    captured in a CUDA graph and replayed (--no-graphs: eager). Base: StaticCache sized prompt + N (which
+    is capturable; SDPA then reads all prompt + N slots, masked, every step: the static cache's price).
+    Linearized: the DynamicCache/ring, capturable when every layer is linearized.
+Measured per row: prefill ms (the prompt's forward; for generate up to the first logits processor call,
+set-up included), decode tokens/s = B (N - 1) / decode seconds (the N - 1 forwards after the prefill,
+CUDA-synchronized; CUDA-graph capture is timed apart and excluded), step ms, peak memory
+(torch.cuda.max_memory_allocated after reset_peak_memory_stats, weights included; the other model is moved
+to the CPU meanwhile). Each row first runs its loop on a few tokens (compiles kernels, estimates the row).
+The headline compares each model's fastest loop at --headline-batch (64); the table has both loops.
+
+Largest batch that fits at N tokens, per model: doubling from --fit-start, then bisection to 3%, each
+probe a prefill plus 3 decode steps in a cache sized for prompt + N tokens (the lean loop's caches: the
+static KV cache is allocated whole; the ring state does not grow after the first step), so the memory of
+token N is reached; torch.cuda.OutOfMemoryError is caught. --fit-time-s caps each search.
+
+The floor of a decode step (benchmarks/gen_floor.py evaluates it from the model's modules). Bytes, with
+e = bytes of the model dtype (2, bf16), L_s / L_h the softmax / linearized layers, T the keys a base
+step attends to (prompt + i at step i, its own included; min(T, window) on a sliding layer):
+    bytes = P e                                       weights read once (P params; tied embeddings once,
+                                                      an untied input embedding only at the B rows)
+          + sum_{L_s} B (T + 1) 2 Hkv D e             the KV cache read, the new k, v written
+          + sum_{L_h} [ 2 * 4 B H' (F D + F)          the fp32 state S, z read and written
+                      + B (W - 1) 2 Hkv D e           the window tail's keys and values read
+                      + B H' F e                      the evicted key's features read
+                      + B (2 Hkv D + H' F) e ]        the new k, v, phi_k written into the ring
+          + B V e                                     the logits written
+(activations between kernels, a few B x hidden vectors a layer, are not counted). FLOPs = 2 B (matmul
+params, feature maps included) + sum_{L_s} 4 B H D T + sum_{L_h} B H (4 D W + 4 F D + 3 F).
+floor of a run = sum over its N - 1 steps of max(bytes / copy bandwidth, FLOPs / matmul rate), both
+measured in the run (1 GiB device copy; 8192^3 bf16 matmul). "x floor" = decode seconds / floor.
+For SmolLM2-135M (30 layers, H 9, Hkv 3, D 64; linearized H' 9, F 128, W 64) a step at batch 64 reads
+270 MB of weights, plus 1.13 GB of state (linearized) or 3.2 GB of KV at the mean T of a 4096-token run.
+
+Budget. Rows run in this order: lean at --headline-batch, lean at the other batches, the largest-batch
+searches, generate at --headline-batch, generate at the others. No row starts after --budget-s (default
+420 s, counted from the start, model loading included); a row whose estimate (from its warm-up) does not
+fit in what is left is skipped, and a running row stops at the deadline (marked "cut", not comparable).
+Results are written after every row. Skipped rows say so; run them in a later call (--batches, --loops,
+--models, --no-fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `linearize` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "benchmarks"
+
+import torch  # noqa: E402
+
+from benchmarks.gen_floor import ModelShape, decode_run_cost, model_shape, state_bytes_per_sequence  # noqa: E402
+from benchmarks.gen_loops import (  # noqa: E402
+    GraphCaptureError, LoopResult, free_memory, is_oom, largest_batch, make_cache, probe_fits, run_generate,
+    run_lean, short_error,
+)
+from benchmarks.gen_report import print_report, write_report  # noqa: E402
+from benchmarks.report import ROOT, environment  # noqa: E402
+
+GIB = 2**30
+LABELS = {"base": "base (SDPA, HF KV cache)", "ours": "linearized (ring state, Triton decode)"}
+
+
+@dataclass
+class Subject:
+    """One model under test and how its lean loop runs."""
+
+    key: str  # "base" or "ours"
+    model: torch.nn.Module
+    shape: ModelShape
+    lean_cache: str  # "static" (base) or "dynamic" (linearized: HybridCacheLayer inside)
+    capturable: str | None = None  # None, or why the lean step is not captured
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.key]
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    device: torch.device
+    deadline: float
+    vocab: int
+    pad_token_id: int
+    ceilings: dict | None
+
+
+# ---- models ------------------------------------------------------------------------------------------
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    """``--set key=value`` pairs for LinearizeConfig; values are JSON where they parse (true, 16, [0, 1])."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SystemExit(f"--set takes key=value; got {pair!r}")
+        k, v = pair.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def subjects_for(base, ours, device: torch.device, models: list[str]) -> dict[str, Subject]:
+    """Wrap the two models; the linearized lean step is capturable only when every layer is linearized
+    (a kept softmax layer grows a DynamicCache by concatenation: new shapes every step)."""
+    out = {}
+    if "base" in models:
+        out["base"] = Subject("base", base, model_shape(base), "static")
+    if "ours" in models:
+        shape = model_shape(ours)
+        why = None if all(L.kind == "hybrid" for L in shape.layers) else "some layers kept softmax (DynamicCache concatenates)"
+        out["ours"] = Subject("ours", ours, shape, "dynamic", why)
+    return out
+
+
+def load_real(args) -> tuple[dict, dict]:
+    """The base model and its linearized twin (converted here, or --checkpoint), on the CPU in --dtype."""
+    import linearize
+    from linearize.models import load
+    from transformers import AutoModelForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    base, tok = load(args.model, dtype=dtype)
+    info = {"model": args.model, "dtype": args.dtype, "params": sum(p.numel() for p in base.parameters())}
+    if args.checkpoint:
+        ours = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).eval()
+        info["linearized"] = f"checkpoint {args.checkpoint}"
+        info["linearize_config"] = getattr(ours.config, "linearize", None)
+    else:
+        ours, _ = load(args.model, dtype=dtype)
+        cfg = linearize.LinearizeConfig(**parse_settings(args.set))
+        ours = linearize.convert(ours, cfg)
+        info["linearized"] = "converted here; feature maps untrained (speed and memory only: the text is not meaningful)"
+        info["linearize_config"] = cfg.to_dict()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else 0)
+    info["pad_token_id"] = pad
+    return {"base": base, "ours": ours}, info
+
+
+def activate(subjects: dict[str, Subject], key: str, device: torch.device) -> None:
+    """Only the model under test on the device, so that peak memory and the largest batch are its own."""
+    if device.type != "cuda":
+        return
+    for k, s in subjects.items():
+        if k != key:
+            s.model.to("cpu")
+    free_memory(device)
+    subjects[key].model.to(device)
+
+
+def decode_path(cache) -> str | None:
+    """Where the linearized layers decoded: on the ring state (the Triton kernel), or the PyTorch step."""
+    from linearize.modules.cache import HybridCacheLayer
+    from linearize.ops.ring import RingState
+
+    layers = [layer for layer in getattr(cache, "layers", []) if isinstance(layer, HybridCacheLayer)]
+    if not layers:
+        return None
+    rings = sum(isinstance(layer.held, RingState) for layer in layers)
+    return "ring kernel" if rings == len(layers) else f"torch step ({len(layers) - rings}/{len(layers)} layers)"
+
+
+# ---- rows --------------------------------------------------------------------------------------------
+
+
+def prompt_ids(ctx: Context, B: int) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(ctx.args.seed)
+    return torch.randint(3, ctx.vocab, (B, ctx.args.prompt_len), generator=g).to(ctx.device)
+
+
+def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, *, graph: bool, total: int,
+             deadline: float | None, keep_tokens: bool = False) -> tuple[LoopResult, str | None]:
+    """One run of ``loop`` for ``n`` new tokens; a lean cache is sized for ``total`` new tokens (the row's N,
+    so a warm-up costs per step what the row does). Returns the result and the linearized decode path."""
+    if loop == "lean":
+        cache = make_cache(subj.model, subj.lean_cache, ids.shape[1] + total)
+        res = run_lean(subj.model, ids, n, cache=cache, graph=graph, deadline=deadline, keep_tokens=keep_tokens)
+        return res, decode_path(cache)
+    max_time = None if deadline is None else max(deadline - time.monotonic(), 1.0)
+    # the linearized model gets the DynamicCache generate would build, so that its decode path can be read
+    cache = make_cache(subj.model, "dynamic", 0) if subj.key == "ours" else None
+    res = run_generate(subj.model, ids, n, pad_token_id=ctx.pad_token_id, max_time=max_time, keep_tokens=keep_tokens,
+                       cache=cache)
+    return res, decode_path(cache)
+
+
+def decode_row(subj: Subject, loop: str, B: int, ctx: Context) -> dict:
+    a, dev = ctx.args, ctx.device
+    N = a.tokens
+    r = {"section": "decode", "model": subj.key, "label": subj.label, "loop": loop, "batch": B,
+         "prompt": a.prompt_len, "new_tokens": N}
+    left = ctx.deadline - time.monotonic()
+    if left <= 0:
+        r["error"] = "skipped: --budget-s reached"
+        return r
+    graph = loop == "lean" and a.graphs and dev.type == "cuda"
+    if graph and subj.capturable:
+        r["graph_error"], graph = subj.capturable, False
+    ids = prompt_ids(ctx, B)
+    warm_n = min(N, a.warmup_tokens)
+    res = path = None
+    try:
+        w = None
+        try:
+            w, _ = run_loop(subj, loop, ids, warm_n, ctx, graph=graph, total=N, deadline=None)
+        except GraphCaptureError as e:
+            r["graph_error"], graph = str(e), False
+        free_memory(dev)  # outside the except: its traceback holds the failed run's tensors
+        if w is None:
+            w, _ = run_loop(subj, loop, ids, warm_n, ctx, graph=False, total=N, deadline=None)
+            free_memory(dev)
+        est = (w.steady_step_s or 0.0) * (N - 1)
+        r["estimate_s"] = est
+        left = ctx.deadline - time.monotonic()
+        if est > left:
+            r["error"] = f"skipped: estimated {est:.0f} s > {max(left, 0):.0f} s left of --budget-s"
+        else:
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            res, path = run_loop(subj, loop, ids, N, ctx, graph=graph, total=N, deadline=ctx.deadline)
+            if dev.type == "cuda":
+                r["peak_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
+    except Exception as e:  # noqa: BLE001 - a failed row is a row with its error
+        r["error"] = "OOM" if is_oom(e) else short_error(e)
+    if res is None:
+        del ids
+        free_memory(dev)
+        return r
+    del ids
+    free_memory(dev)
+    fill_decode_metrics(r, res, subj.shape, ctx)
+    if path:
+        r["decode_path"] = path
+    return r
+
+
+def fill_decode_metrics(r: dict, res: LoopResult, shape: ModelShape, ctx: Context) -> None:
+    B, P = r["batch"], r["prompt"]
+    r.update(generated=res.generated, cut=res.cut, graph=res.graph, capture_s=res.capture_s,
+             prefill_ms=res.prefill_s * 1e3, decode_s=res.decode_s, decode_steps=res.decode_steps)
+    if res.cut:
+        r["note"] = f"cut at {res.generated}/{r['new_tokens']} tokens by --budget-s: not comparable"
+    if not res.decode_steps or res.decode_s <= 0:
+        return
+    r["tok_s"] = B * res.decode_steps / res.decode_s
+    r["step_ms"] = res.decode_s / res.decode_steps * 1e3
+    r["cache_gib"] = B * state_bytes_per_sequence(shape, P + res.generated) / GIB
+    cost = decode_run_cost(shape, B, P, res.generated)
+    r["bytes_per_step"] = cost.bytes / cost.steps
+    r["bytes_parts_per_step"] = {k: v / cost.steps for k, v in cost.parts.items()}
+    r["flops_per_step"] = cost.flops / cost.steps
+    if ctx.ceilings:
+        floor = cost.floor_s(ctx.ceilings["copy_gbps"], ctx.ceilings.get("matmul_bf16_tflops"))
+        r["floor_step_ms"] = floor / cost.steps * 1e3
+        r["x_floor"] = res.decode_s / floor
+
+
+def fit_row(subj: Subject, ctx: Context) -> dict:
+    a, dev = ctx.args, ctx.device
+    r = {"section": "fit", "model": subj.key, "label": subj.label, "cache": subj.lean_cache,
+         "prompt": a.prompt_len, "new_tokens": a.tokens}
+    if dev.type != "cuda":
+        r["error"] = "needs CUDA (memory limits)"
+        return r
+    cap = min(a.fit_time_s, ctx.deadline - time.monotonic())
+    if cap <= 1:
+        r["error"] = "skipped: --budget-s reached"
+        return r
+    details = []
+
+    def probe(B: int) -> bool:
+        ok, peak, err = probe_fits(subj.model, B, a.prompt_len, a.tokens, subj.lean_cache, ctx.vocab, dev, seed=a.seed)
+        details.append({"batch": B, "fits": ok, "peak_gib": None if peak is None else peak / GIB, "error": err})
+        print(f"  fit {subj.key:4s} B={B:6d} " + (f"fits, peak {peak / GIB:.1f} GiB" if ok else f"fails: {err}"), flush=True)
+        return ok
+
+    res = largest_batch(probe, start=a.fit_start, max_batch=a.fit_max_batch, time_cap_s=cap)
+    r.update(largest=res["largest"], smallest_failing=res["smallest_failing"], stopped=res["stopped"],
+             seconds=res["seconds"], probes=details,
+             state_gib_per_seq=state_bytes_per_sequence(subj.shape, a.prompt_len + a.tokens) / GIB)
+    errs = {d["error"] for d in details if d["error"] and d["error"] != "OOM"}
+    if errs:
+        r["note"] = "failures other than OOM: " + "; ".join(sorted(errs))
+    return r
+
+
+# ---- plan and summary ----------------------------------------------------------------------------------
+
+
+def plan(args) -> list[tuple]:
+    """(kind, loop, batch, model) in priority order; see the module docstring."""
+    batches = [int(b) for b in args.batches.split(",") if b]
+    head = [b for b in batches if b == args.headline_batch]
+    order = head + [b for b in batches if b != args.headline_batch]
+    models = [m for m in ("ours", "base") if m in args.models.split(",")]
+    loops = [loop for loop in ("lean", "generate") if loop in args.loops.split(",")]
+    tasks = []
+    if "lean" in loops:
+        tasks += [("decode", "lean", b, m) for b in order for m in models]
+    if args.fit:
+        tasks += [("fit", None, None, m) for m in models]
+    if "generate" in loops:
+        tasks += [("decode", "generate", b, m) for b in order for m in models]
+    return tasks
+
+
+def _best(rows: list[dict], model: str, B: int):
+    ok = [r for r in rows if r["section"] == "decode" and r["model"] == model and r["batch"] == B
+          and r.get("tok_s") and not r.get("cut")]
+    return max(ok, key=lambda r: r["tok_s"]) if ok else None
+
+
+def loop_name(r: dict) -> str:
+    return r["loop"] + (" + CUDA graph" if r.get("graph") else "")
+
+
+def goals(rows: list[dict], args) -> list[str]:
+    """Issue 6's decode goals, from this run's numbers only."""
+    out = []
+    ok = lambda c: "met" if c else "MISSED"  # noqa: E731
+    N, Bh = args.tokens, args.headline_batch
+    o, b = _best(rows, "ours", Bh), _best(rows, "base", Bh)
+    if o and b:
+        ratio = o["tok_s"] / b["tok_s"]
+        goal = {4096: 3, 16384: 10}.get(N)
+        line = (f"decode tokens/s at batch {Bh} x {N} new tokens: linearized {o['tok_s']:.0f} ({loop_name(o)}) vs "
+                f"base {b['tok_s']:.0f} ({loop_name(b)}): {ratio:.2f}x")
+        out.append(line + (f" (goal >= {goal}x): {ok(ratio >= goal)}" if goal else " (the goals are at 4096 and 16384 tokens)"))
+        for loop in ("lean", "generate"):
+            pair = [next((r for r in rows if r["section"] == "decode" and r["model"] == m and r["batch"] == Bh
+                          and r["loop"] == loop and r.get("tok_s") and not r.get("cut")), None) for m in ("ours", "base")]
+            if all(pair):
+                out.append(f"  same loop ({loop}): linearized {pair[0]['tok_s']:.0f} vs base {pair[1]['tok_s']:.0f} tokens/s: "
+                           f"{pair[0]['tok_s'] / pair[1]['tok_s']:.2f}x")
+    fits = {r["model"]: r for r in rows if r["section"] == "fit" and r.get("largest")}
+    if "ours" in fits and "base" in fits:
+        fo, fb = fits["ours"], fits["base"]
+        ratio = fo["largest"] / fb["largest"]
+        bound = lambda r: "" if r["stopped"] == "converged" else ">= "  # noqa: E731
+        line = (f"largest batch at {N} new tokens: linearized {bound(fo)}{fo['largest']}, base {bound(fb)}{fb['largest']}: "
+                f"{'>= ' if fo['stopped'] != 'converged' else ''}{ratio:.1f}x")
+        out.append(line + (f" (goal >= 8x): {ok(ratio >= 8)}" if N == 4096 else " (the goal is at 4096 tokens)"))
+    if o and o.get("x_floor"):
+        out.append(f"linearized step at batch {Bh}: {o['step_ms']:.3f} ms vs floor {o['floor_step_ms']:.3f} ms: "
+                   f"{o['x_floor']:.2f}x the floor (goal <= 1.5x): {ok(o['x_floor'] <= 1.5)}")
+    if b and b.get("x_floor"):
+        out.append(f"  base step at batch {Bh}: {b['step_ms']:.3f} ms vs floor {b['floor_step_ms']:.3f} ms: {b['x_floor']:.2f}x")
+    return out
+
+
+# ---- driver ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny random model, few tokens: lean tokens == generate's")
+    p.add_argument("--quick", action="store_true", help="1024 new tokens (unless --tokens is given)")
+    p.add_argument("--model", default="smollm2-135m", help="alias, .gguf, HF dir or hub id (linearize.models.load)")
+    p.add_argument("--checkpoint", default=None, help="a converted (trained) linearized model dir, instead of converting here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="LinearizeConfig field for the conversion")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--tokens", type=int, default=None, help="new tokens per sequence (default 4096; --quick 1024)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--batches", default="1,16,64,256")
+    p.add_argument("--headline-batch", type=int, default=64)
+    p.add_argument("--models", default="ours,base")
+    p.add_argument("--loops", default="lean,generate")
+    p.add_argument("--no-graphs", dest="graphs", action="store_false", help="lean loop eager, no CUDA graph")
+    p.add_argument("--no-fit", dest="fit", action="store_false", help="skip the largest-batch searches")
+    p.add_argument("--fit-start", type=int, default=64)
+    p.add_argument("--fit-max-batch", type=int, default=65536)
+    p.add_argument("--fit-time-s", type=float, default=60, help="cap of each largest-batch search")
+    p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of each row's warm-up run")
+    p.add_argument("--budget-s", type=float, default=420, help="no row starts (and running rows stop) after this")
+    p.add_argument("--out-dir", default=None, help="default benchmarks/results (the smoke run writes nothing unless given)")
+    p.add_argument("--copy-to", default=None, help="also copy the JSON and markdown here (e.g. $OUT on the device)")
+    p.add_argument("--commit", default=None, help="git commit to stamp when the checkout has no .git")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.tokens is None:
+        args.tokens = 12 if args.smoke else (1024 if args.quick else 4096)
+    if args.tokens < 2:
+        p.error("--tokens must be >= 2 (one from the prefill, then decode steps)")
+    return args
+
+
+def environment_stamp(commit: str | None) -> dict:
+    import transformers
+
+    env = environment(commit)
+    env["transformers"] = transformers.__version__
+    return env
+
+
+def run(args, device: torch.device, models: dict, info: dict, t_start: float | None = None) -> list[dict]:
+    """Every planned row on ``device``, results written after each; returns the rows. A CPU device runs the
+    same logic (the smoke test), with wall-clock numbers that mean nothing and no memory figures."""
+    from benchmarks.timing import measure_ceilings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generate's per-call notices would bury the table
+    t_start = time.monotonic() if t_start is None else t_start
+    env = environment_stamp(args.commit)
+    ceilings = measure_ceilings(device=device.type)
+    print(f"device {env['device']}; torch {env['torch']}, triton {env['triton']}, transformers {env['transformers']}; "
+          f"commit {env['git']['commit']}", flush=True)
+    print(f"ceilings: copy {ceilings['copy_gbps']:.0f} GB/s, bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s", flush=True)
+    subjects = subjects_for(models.get("base"), models.get("ours"), device, args.models.split(","))
+    ctx = Context(args, device, t_start + args.budget_s, models[next(iter(models))].config.vocab_size,
+                  info.get("pad_token_id", 0), ceilings)
+    info = info | {"layers": {k: {"hybrid": s.shape.hybrid_layers, "total": len(s.shape.layers)} for k, s in subjects.items()},
+                   "weight_bytes": {k: s.shape.weight_bytes for k, s in subjects.items()}}
+    rows: list[dict] = []
+    out_dir = Path(args.out_dir) if args.out_dir else (None if args.smoke else ROOT / "benchmarks" / "results")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower()
+    stem = f"generate-{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    payload = {"environment": env, "ceilings": ceilings, "models": info, "rows": rows, "command": " ".join(sys.argv),
+               "args": vars(args)}
+
+    def save():
+        payload["elapsed_s"] = time.monotonic() - t_start
+        payload["goals"] = goals(rows, args)
+        if out_dir is not None:
+            write_report(out_dir, stem, payload, args.copy_to)
+
+    active = None
+    for kind, loop, B, key in plan(args):
+        if key not in subjects:
+            continue
+        if key != active:
+            activate(subjects, key, device)
+            active = key
+        r = decode_row(subjects[key], loop, B, ctx) if kind == "decode" else fit_row(subjects[key], ctx)
+        rows.append(r)
+        print(row_line(r), flush=True)
+        save()
+    print()
+    print_report(payload)
+    save()
+    if out_dir is not None:
+        print(f"\nwrote {out_dir}/{stem}.json and .md" + (f" (copied to {args.copy_to})" if args.copy_to else ""))
+    print(f"{time.monotonic() - t_start:.0f} s in all")
+    return rows
+
+
+def row_line(r: dict) -> str:
+    if r["section"] == "fit":
+        return (f"fit    {r['model']:4s} " + (f"largest {r['largest']} (first failing {r['smallest_failing']}, {r['stopped']}, "
+                f"{r['seconds']:.0f} s)" if "largest" in r else r.get("error", "")))
+    s = f"{r['loop']:8s} {r['model']:4s} B={r['batch']:<4d} "
+    if r.get("tok_s"):
+        s += (f"{r['tok_s']:10.0f} tok/s  step {r['step_ms']:.3f} ms" + (f" ({r['x_floor']:.2f}x floor)" if r.get("x_floor") else "")
+              + f"  prefill {r['prefill_ms']:.1f} ms" + (f"  peak {r['peak_gib']:.2f} GiB" if r.get("peak_gib") else "")
+              + ("  graph" if r.get("graph") else ""))
+    for k in ("error", "graph_error", "note"):
+        if r.get(k):
+            s += f"  [{k}: {r[k]}]"
+    return s
+
+
+def smoke(args) -> int:
+    """CPU, a tiny random llama and its linearized twin: the lean loop's greedy tokens equal generate's
+    (both models), then the whole driver on the tiny models (wall-clock numbers, no claims)."""
+    sys.path.insert(0, str(ROOT))
+    import linearize
+    from tests.tiny_models import perturb_added_weights, tiny_model
+
+    t_start = time.monotonic()
+    device = torch.device("cpu")
+    base = tiny_model("llama", seed=args.seed)
+    ours = linearize.convert(tiny_model("llama", seed=args.seed), linearize.LinearizeConfig(window=4, feature_dim=6))
+    perturb_added_weights(ours)
+    models = {"base": base, "ours": ours}
+    subjects = subjects_for(base, ours, device, ["base", "ours"])
+    ctx = Context(args, device, float("inf"), base.config.vocab_size, 0, None)
+    failures = []
+    ids = prompt_ids(ctx, 3)
+    n = args.tokens
+    for key, subj in subjects.items():
+        lean, _ = run_loop(subj, "lean", ids, n, ctx, graph=False, total=n, deadline=None, keep_tokens=True)
+        gen, _ = run_loop(subj, "generate", ids, n, ctx, graph=False, total=n, deadline=None, keep_tokens=True)
+        same = lean.tokens.shape == gen.tokens.shape and torch.equal(lean.tokens, gen.tokens)
+        print(f"{key}: lean {tuple(lean.tokens.shape)} vs generate {tuple(gen.tokens.shape)} greedy tokens: "
+              + ("equal" if same else "DIFFERENT"))
+        if not same:
+            failures.append(f"{key}: lean loop tokens differ from generate's\n{lean.tokens}\n{gen.tokens}")
+    info = {"model": "tiny random llama (tests/tiny_models.py)", "dtype": "float32",
+            "linearized": "converted here; random feature maps", "pad_token_id": 0}
+    rows = run(args, device, models, info, t_start)
+    bad = [r for r in rows if r.get("error") and not (r["section"] == "fit" and "needs CUDA" in r["error"])]
+    failures += [f"row {r['loop']} {r['model']} B={r['batch']}: {r['error']}" for r in bad]
+    if failures:
+        print("\nSMOKE FAILED:\n  " + "\n  ".join(failures))
+        return 1
+    print("\nsmoke OK: the lean loop's greedy tokens equal generate's for both models; every row ran")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        if args.batches == "1,16,64,256":
+            args.batches = "1,3"
+        if args.headline_batch == 64:
+            args.headline_batch = int(args.batches.split(",")[-1])
+        if args.prompt_len == 128:
+            args.prompt_len = 16
+        return smoke(args)
+    if not torch.cuda.is_available():
+        raise SystemExit("the benchmark needs CUDA; use --smoke on a CPU machine")
+    t_start = time.monotonic()
+    models, info = load_real(args)
+    print(f"loaded {args.model} twice ({info['params'] / 1e6:.0f}M parameters, {args.dtype}) in "
+          f"{time.monotonic() - t_start:.0f} s; linearized: {info['linearized']}", flush=True)
+    run(args, torch.device("cuda"), models, info, t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

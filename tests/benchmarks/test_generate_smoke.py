@@ -1,0 +1,118 @@
+"""The generation benchmark on a CPU: its smoke run (lean loop tokens == generate's, then the whole driver on
+tiny models; the wall-clock numbers mean nothing), the largest-batch search, and the floor's byte count."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_script_entry_point():
+    """``python benchmarks/generate.py`` (as a script, not a package) parses its arguments."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "generate.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--smoke" in proc.stdout and "floor" in proc.stdout
+
+
+def test_smoke_tokens_match_and_driver_writes_results(tmp_path, capsys):
+    from benchmarks import generate as G
+
+    assert G.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "smoke OK" in out and "base: lean (3, 12) vs generate (3, 12) greedy tokens: equal" in out
+    assert "ours: lean (3, 12) vs generate (3, 12) greedy tokens: equal" in out
+    (jpath,) = tmp_path.glob("generate-cpu-*.json")
+    assert "## Decode" in jpath.with_suffix(".md").read_text()
+    payload = json.loads(jpath.read_text())
+    assert payload["environment"]["transformers"] and payload["environment"]["git"]["commit"]
+    rows = [r for r in payload["rows"] if r["section"] == "decode"]
+    assert {(r["model"], r["loop"], r["batch"]) for r in rows} == {
+        (m, loop, b) for m in ("ours", "base") for loop in ("lean", "generate") for b in (1, 3)}
+    for r in rows:
+        assert r["generated"] == 12 and r["decode_steps"] == 11 and r["tok_s"] > 0 and r["floor_step_ms"] > 0, r
+        assert not r["cut"] and "error" not in r, r
+    assert [r["model"] for r in payload["rows"] if r["section"] == "fit"] == ["ours", "base"]
+    assert payload["goals"][0].startswith("decode tokens/s at batch 3 x 12 new tokens")
+
+
+def test_plan_order_and_budget_skips(tmp_path):
+    from benchmarks import generate as G
+
+    args = G.parse_args(["--batches", "1,64,256"])
+    tasks = G.plan(args)
+    assert tasks[:2] == [("decode", "lean", 64, "ours"), ("decode", "lean", 64, "base")]
+    assert tasks.index(("fit", None, None, "ours")) == 6
+    assert tasks[8:10] == [("decode", "generate", 64, "ours"), ("decode", "generate", 64, "base")]
+    assert G.parse_args(["--quick"]).tokens == 1024 and G.parse_args([]).tokens == 4096
+    assert G.parse_settings(["window=16", "feature_map=t2r", "feature_map_per_kv_head=true"]) == {
+        "window": 16, "feature_map": "t2r", "feature_map_per_kv_head": True}
+
+
+@pytest.mark.parametrize("limit", [1, 5, 63, 64, 65, 100, 1000, 4096, 5000])
+def test_largest_batch_finds_the_limit(limit):
+    from benchmarks.gen_loops import largest_batch
+
+    seen = []
+    res = largest_batch(lambda b: seen.append(b) or b <= limit, start=64, max_batch=10**6, time_cap_s=1e9, resolution=0)
+    assert res["largest"] == limit and res["smallest_failing"] == limit + 1 and res["stopped"] == "converged"
+    assert len(seen) <= 2 * 20  # doubling then bisection: logarithmic
+
+
+def test_largest_batch_resolution_caps_and_nothing_fits():
+    from benchmarks.gen_loops import largest_batch
+
+    res = largest_batch(lambda b: b <= 3000, start=64, max_batch=10**6, time_cap_s=1e9, resolution=0.03)
+    assert res["largest"] <= 3000 < res["smallest_failing"] and res["smallest_failing"] - res["largest"] <= 0.03 * res["largest"]
+    res = largest_batch(lambda b: True, start=64, max_batch=300, time_cap_s=1e9)
+    assert res["largest"] == 300 and res["smallest_failing"] is None and res["stopped"] == "max batch"
+    res = largest_batch(lambda b: False, start=64, max_batch=300, time_cap_s=1e9)
+    assert res["largest"] == 0 and res["smallest_failing"] == 1
+    ticks = iter(range(1000))
+    res = largest_batch(lambda b: b <= 10**5, start=64, max_batch=10**6, time_cap_s=3, clock=lambda: next(ticks))
+    assert res["stopped"] == "time cap" and 0 < res["largest"] <= 10**5 and res["smallest_failing"] is None
+
+
+def test_floor_bytes_match_the_docstring_formula():
+    """SmolLM2-135M's shape (30 layers, H 9 / Hkv 3, D 64): a linearized step at batch 64 moves the weights,
+    the fp32 state twice, the window tail and the logits; a base step the weights, KV at its length and logits."""
+    from benchmarks.gen_floor import LayerShape, ModelShape, decode_run_cost, keys_summed, state_bytes_per_sequence
+
+    P_w, V, B = 134_515_008 * 2, 49152, 64
+    lin = ModelShape(tuple(LayerShape("hybrid", 9, 3, 64, 9, 128, 64) for _ in range(30)), P_w, 0, 10**8, V, 2)
+    base = ModelShape(tuple(LayerShape("softmax", 9, 3, 64) for _ in range(30)), P_w, 0, 10**8, V, 2)
+    c = decode_run_cost(lin, B, 128, 4096)
+    per_layer = 2 * 4 * B * 9 * (128 * 64 + 128) + B * (63 * 2 * 3 * 64 * 2 + 9 * 128 * 2) + B * (2 * 3 * 64 + 9 * 128) * 2
+    assert c.steps == 4095
+    assert c.bytes / c.steps == pytest.approx(P_w + 30 * per_layer + B * V * 2)
+    assert 1.1e9 < c.parts["state"] / c.steps < 1.2e9  # the docstring's 1.13 GB at batch 64
+    cb = decode_run_cost(base, B, 128, 4096)
+    kv = 30 * B * 2 * 3 * 64 * 2 * (keys_summed(128, 4096) + 4095)
+    assert cb.bytes == pytest.approx((P_w + B * V * 2) * 4095 + kv)
+    assert keys_summed(128, 4096) == sum(128 + i for i in range(1, 4096))
+    assert keys_summed(10, 50, window=16) == sum(min(10 + i, 16) for i in range(1, 50))
+    assert 3.0e9 < cb.parts["kv"] / cb.steps < 3.4e9  # the docstring's 3.2 GB at the mean length
+    assert state_bytes_per_sequence(base, 4224) == 30 * 4224 * 2 * 3 * 64 * 2
+
+
+def test_model_shape_reads_the_modules():
+    import linearize
+    from benchmarks.gen_floor import model_shape
+    from tests.tiny_models import tiny_model
+
+    base = tiny_model("llama")
+    s = model_shape(base)
+    assert [L.kind for L in s.layers] == ["softmax"] * 3 and s.layers[0].H == 4 and s.layers[0].Hkv == 2 and s.layers[0].D == 8
+    emb = base.get_input_embeddings().weight
+    assert s.embed_row_bytes == 32 * 4  # untied: the input embedding is read at the B rows only
+    assert s.weight_bytes == sum(p.numel() * 4 for p in base.parameters()) - emb.numel() * 4
+    ours = linearize.convert(tiny_model("llama", tie_word_embeddings=True), linearize.LinearizeConfig(window=4, feature_dim=6))
+    s = model_shape(ours)
+    assert [L.kind for L in s.layers] == ["hybrid"] * 3 and s.layers[0].F == 12 and s.layers[0].Hf == 4 and s.layers[0].window == 4
+    assert s.embed_row_bytes == 0 and s.weight_bytes == sum(p.numel() * 4 for p in ours.parameters())
+    assert s.hybrid_layers == 3 and torch.is_tensor(ours.get_output_embeddings().weight)
