@@ -49,10 +49,11 @@ step attends to (prompt + i at step i, its own included; min(T, window) on a sli
           + B V e                                     the logits written
 (activations between kernels, a few B x hidden vectors a layer, are not counted). FLOPs = 2 B (matmul
 params, feature maps included) + sum_{L_s} 4 B H D T + sum_{L_h} B H (4 D W + 4 F D + 3 F).
-floor of a run = sum over its N - 1 steps of max(bytes / copy bandwidth, FLOPs / matmul rate), both
-measured in the run (1 GiB device copy; 8192^3 bf16 matmul). "x floor" = decode seconds / floor.
-For SmolLM2-135M (30 layers, H 9, Hkv 3, D 64; linearized H' 9, F 128, W 64) a step at batch 64 reads
-270 MB of weights, plus 1.13 GB of state (linearized) or 3.2 GB of KV at the mean T of a 4096-token run.
+floor of a run = max(bytes / copy bandwidth, FLOPs / matmul rate), bytes and FLOPs summed over its N - 1
+steps, both rates measured in the run (1 GiB device copy; 8192^3 bf16 matmul); "floor ms" is that over
+N - 1 and "x floor" = decode seconds / floor. For SmolLM2-135M (30 layers, H 9, Hkv 3, D 64; linearized
+H' 9, F 128, W 64) a step at batch 64 reads 270 MB of weights, plus 1.15 GB of state read and written
+(linearized) or 3.2 GB of KV at the mean T of a 4096-token run: bytes, not FLOPs, set the floor.
 
 Budget. Rows run in this order: lean at --headline-batch, lean at the other batches, the largest-batch
 searches, generate at --headline-batch, generate at the others. No row starts after --budget-s (default

@@ -90,7 +90,7 @@ def test_floor_bytes_match_the_docstring_formula():
     per_layer = 2 * 4 * B * 9 * (128 * 64 + 128) + B * (63 * 2 * 3 * 64 * 2 + 9 * 128 * 2) + B * (2 * 3 * 64 + 9 * 128) * 2
     assert c.steps == 4095
     assert c.bytes / c.steps == pytest.approx(P_w + 30 * per_layer + B * V * 2)
-    assert 1.1e9 < c.parts["state"] / c.steps < 1.2e9  # the docstring's 1.13 GB at batch 64
+    assert 1.1e9 < c.parts["state"] / c.steps < 1.2e9  # the docstring's 1.15 GB at batch 64
     cb = decode_run_cost(base, B, 128, 4096)
     kv = 30 * B * 2 * 3 * 64 * 2 * (keys_summed(128, 4096) + 4095)
     assert cb.bytes == pytest.approx((P_w + B * V * 2) * 4095 + kv)
