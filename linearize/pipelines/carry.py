@@ -241,8 +241,9 @@ def build_bundle(corpora: list[str], cache: Path, dest: Path, *, with_eval: bool
 
 
 def prepare(models: list[str], corpora: list[str], out: Path, *, repo: Path, whl: Path | None, with_eval: bool = True,
-            echo=print) -> dict:
-    """Fetch and bundle what the device needs for ``models`` and write the call plan into ``out``."""
+            dry_run: bool = False, echo=print) -> dict:
+    """Fetch and bundle what the device needs for ``models`` and write the call plan into ``out``
+    (``dry_run``: only return the plan's markdown under ``"markdown"``, writing no pieces)."""
     from ..models.hub import ALIASES, fetch_gguf
 
     cache = cache_root()
@@ -260,6 +261,13 @@ def prepare(models: list[str], corpora: list[str], out: Path, *, repo: Path, whl
     wheels = sum(p.stat().st_size for p in whl.glob("*.whl")) if whl is not None and whl.is_dir() else 0
     capacity = CALL_BYTES - tree - MARGIN
     calls = plan_calls(items, capacity, first_reserved=wheels)
+    if dry_run:
+        plan = {"tree_bytes": tree, "wheels": sorted(p.name for p in whl.glob("*.whl")) if wheels else [],
+                "files": [{"rel": i.rel, "bytes": i.size, "sha256": "(not computed)", "pieces": sum(p.rel == i.rel for c in calls for p in c)} for i in items],
+                "calls": [{"call": n, "carry": [f"{out}/call{n:02d}"] if n > 1 or not wheels else [str(whl), f"{out}/call{n:02d}"],
+                           "bytes": sum(p.size for p in c), "completes": [p.rel for p in c if p.offset + p.size == next(i.size for i in items if i.rel == p.rel)]}
+                          for n, c in enumerate(calls, 1)]}
+        return plan | {"markdown": plan_markdown(plan)}
     return write_plan(items, calls, out, repo=repo, whl=whl if wheels else None, tree=tree)
 
 
@@ -339,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(".carry/gpu"))
     p.add_argument("--whl", type=Path, default=Path(".whl"), help="wheels carried whole by the first call")
     p.add_argument("--no-eval", action="store_true", help="leave the eval data out of the bundle")
+    p.add_argument("--dry-run", action="store_true", help="print the plan only; write no pieces")
     s = sub.add_parser("stage", help="there: copy pieces, join, check, unpack")
     s.add_argument("--carry", type=Path, default=Path(".carry"))
     s.add_argument("--stage", type=Path, default=Path("~/stage").expanduser())
@@ -349,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 2 if res["bad"] else 0
     plan = prepare(args.models, [c for c in args.corpora.split(",") if c], args.out, repo=Path.cwd(),
-                   whl=args.whl if args.whl.is_dir() else None, with_eval=not args.no_eval)
-    print((args.out / "plan.md").read_text())
+                   whl=args.whl if args.whl.is_dir() else None, with_eval=not args.no_eval, dry_run=args.dry_run)
+    print(plan["markdown"] if args.dry_run else (args.out / "plan.md").read_text())
     return 0
 
 

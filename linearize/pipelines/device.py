@@ -354,6 +354,10 @@ def run_queue(path: Path, runs: Path, echo: Callable[[str], None] = print) -> di
     the next one starts, so one bad setting does not idle the machine."""
     phases = {}
     entries = [parser_run(argparse.ArgumentParser(prog="queue line", exit_on_error=False)).parse_args(a) for a in parse_queue(path)]
+    for args in entries:  # an earlier call's "waiting" is stale now: these are queued until their turn
+        st = runs / args.name / "status.json"
+        if st.exists() and json.loads(st.read_text()).get("phase") == "waiting":
+            _status(runs / args.name, phase="queued", missing=[])
     for args in entries:
         t0 = time.perf_counter()
         try:

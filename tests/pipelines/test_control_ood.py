@@ -85,3 +85,32 @@ def test_out_of_domain_text_must_not_be_training_text(setup, tmp_path):
     with pytest.raises(RunError, match="shares") as e:
         run_conversion(build_config(None, None, over, model=str(model_dir)), tmp_path / "run", echo=lambda m: None)
     assert "\n" not in str(e.value)
+
+
+def test_control_with_two_processes_equals_one(setup, tmp_path):
+    """FSDP2 stage 2 on the unconverted model (the rebuild after sharding skips the conversion)."""
+    import sys
+
+    import torch.distributed as dist
+
+    from .test_distributed import losses, run_ok
+    from .test_resume import env
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    model_dir, text, _ = setup
+    sets = [a for s in tiny_overrides(text, 0, 4) + ["convert=false", "stage2.batch_size=4", "stage2.grad_accum=2"] for a in ("--set", s)]
+    environ = env(tmp_path / "cache")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_ok([sys.executable, "-m", "linearize", "convert", str(model_dir), "--out", str(one), *sets], environ)
+    run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "linearize", "convert", str(model_dir), "--out", str(two), *sets], environ)
+    l1, l2 = losses(one, "stage2"), losses(two, "stage2")
+    assert len(l1) == len(l2) == 4
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=0)
+    m1, m2 = load_file(one / "model" / "model.safetensors"), load_file(two / "model" / "model.safetensors")
+    assert m1.keys() == m2.keys() and not any("feature_map" in k for k in m1)
+    for k in m1:
+        torch.testing.assert_close(m2[k], m1[k], rtol=1e-4, atol=1e-6)
+    r2 = json.loads((two / "report.json").read_text())
+    assert r2["environment"]["processes"] == 2 and r2["linearize"] is None and set(r2["evals"]) == {"base", "stage2"}

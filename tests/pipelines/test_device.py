@@ -1,7 +1,9 @@
 """The device runner on a tiny model (CPU): queue, resumed evaluation, shared base results, waiting, bundle."""
 
+import argparse
 import json
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +11,8 @@ from linearize.pipelines import device
 from linearize.pipelines.config import build_config
 
 from .tiny_run import make_model_dir, make_text, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +115,8 @@ def test_failed_run_is_recorded_and_the_queue_goes_on(setup, tmp_path):
     assert st["phase"] == "failed" and "longer than the model takes" in st["error"]
 
 
-def test_a_run_waits_for_its_carried_inputs(tmp_path):
+def test_a_run_waits_for_its_carried_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the queue line names configs/ relative to the checkout, as on the device
     queue = tmp_path / "q.txt"
     queue.write_text("smollm2-135m main --config configs/smollm2-135m.yaml --suite quick --done-dir none\n")
     assert device.run_queue(queue, tmp_path / "runs", echo=lambda m: None) == {"main": "waiting"}
@@ -122,14 +127,14 @@ def test_a_run_waits_for_its_carried_inputs(tmp_path):
 
 
 def test_suites_hold_out_the_in_domain_text_only_when_the_eval_split_is_the_training_split(tmp_path):
-    cfg = build_config("full", "configs/smollm2-135m.yaml", [], model="smollm2-135m")
+    cfg = build_config("full", ROOT / "configs/smollm2-135m.yaml", [], model="smollm2-135m")
     tasks, roles = device.suite_tasks("full", cfg, echo=lambda m: None)
     assert roles == {"in_domain": "ppl:austen+shakespeare+sharegpt@512,2048,4096", "out_of_domain": "ppl:pydocs@512,2048,4096"}
     names = [t for t, _ in tasks]
     for want in ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "lambada", "mmlu", "passkey@1024,2048,4096", "mqar"):
         assert want in names
     notes = []
-    other_split = build_config("full", "configs/smollm2-135m.yaml", ["seed=1"], model="smollm2-135m")
+    other_split = build_config("full", ROOT / "configs/smollm2-135m.yaml", ["seed=1"], model="smollm2-135m")
     assert "in_domain" not in device.suite_tasks("quick", other_split, echo=notes.append)[1] and notes
     text = tmp_path / "t.txt"
     text.write_text("x")
@@ -139,9 +144,8 @@ def test_suites_hold_out_the_in_domain_text_only_when_the_eval_split_is_the_trai
         device.suite_tasks("huge", cfg)
 
 
-def test_every_config_file_builds():
-    from pathlib import Path
-
+def test_every_config_file_builds(monkeypatch):
+    monkeypatch.chdir(ROOT)
     files = sorted(Path("configs").rglob("*.yaml"))
     assert len(files) >= 12
     for f in files:
@@ -151,5 +155,5 @@ def test_every_config_file_builds():
         assert cfg.data.eval_ood_source == "pydocs" and "pydocs" not in cfg.data.source, f
     for q in sorted(Path("configs/queues").glob("*.txt")):
         for line in device.parse_queue(q):
-            args = device.parser_run(__import__("argparse").ArgumentParser()).parse_args(line)
+            args = device.parser_run(argparse.ArgumentParser()).parse_args(line)
             build_config(None if args.preset == "none" else args.preset, args.config, args.sets, model=args.model)

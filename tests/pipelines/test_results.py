@@ -90,6 +90,6 @@ def test_table_json_and_plot_through_the_script(tmp_path):
 
 
 def test_the_table_reads_the_quick_h100_run(tmp_path):
-    rows = write_table([Path("results/smollm2-135m-h100-quick")], tmp_path)
+    rows = write_table([Path(__file__).resolve().parents[2] / "results/smollm2-135m-h100-quick"], tmp_path)
     assert rows[0]["ratios"]["ppl@2048"] == pytest.approx(39.68 / 14.61, rel=1e-3)
     assert rows[0]["goals"]["passkey4k"]["met"] is False
