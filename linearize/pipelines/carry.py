@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 MiB = 2**20

@@ -25,7 +25,6 @@ import gc
 import hashlib
 import io
 import json
-import math
 import re
 import shlex
 import sys
