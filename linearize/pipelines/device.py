@@ -312,16 +312,15 @@ def run_one(args: argparse.Namespace, runs: Path, echo: Callable[[str], None] = 
         return "waiting"
     _status(run_dir, run=args.name, model=args.model, phase="convert", missing=[], error=None)
     if not (run_dir / "report.json").exists():
+        import torch
+
+        if torch.cuda.is_available():  # the report's peak memory is this run's, not an earlier run's in this process
+            torch.cuda.reset_peak_memory_stats()
         echo(f"[{args.name}] converting {args.model} -> {run_dir}")
         run_conversion(cfg, run_dir, resume=(run_dir / "config.yaml").exists(), echo=echo)
         gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if tasks:
         _status(run_dir, phase="eval")
         echo(f"[{args.name}] evaluating base and converted model on {len(tasks)} tasks")
