@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
@@ -34,3 +36,23 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if b.norm() == 0:
         return a.norm().item()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# -- Triton's CPU interpreter ---------------------------------------------------------------------------
+# TRITON_INTERPRET=1 must be set before a kernel module is imported (``@triton.jit`` decides then), so an
+# interpreter test file re-runs itself in a subprocess with it set; its kernel tests run only in there.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_file_under_interpreter(path: str, timeout: int) -> str:
+    """Run the pytest file ``path`` with TRITON_INTERPRET=1 in a subprocess; assert it passed; its stdout."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", path],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
+    return r.stdout

@@ -6,16 +6,12 @@ session re-runs this file in a subprocess with it set; the kernel tests run only
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.ops.helpers import left_pad_mask, random_inputs, rel_err
+from tests.ops.helpers import INTERPRETING, left_pad_mask, random_inputs, rel_err, run_file_under_interpreter
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_run")
 
@@ -23,13 +19,8 @@ inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPR
 def test_interpreter_run():
     if INTERPRETING:
         pytest.skip("this is the subprocess")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout
+    out = run_file_under_interpreter(__file__, timeout=1200)
+    assert " passed" in out
 
 
 def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:

@@ -6,14 +6,12 @@ tests themselves only run inside that subprocess.
 """
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from tests.ops.helpers import INTERPRETING, run_file_under_interpreter
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_run")
 
@@ -21,13 +19,8 @@ inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPR
 def test_interpreter_run():
     if INTERPRETING:
         pytest.skip("this is the subprocess")
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    r = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
-    assert " passed" in r.stdout and "skipped" in r.stdout
+    out = run_file_under_interpreter(__file__, timeout=900)
+    assert " passed" in out and "skipped" in out
 
 
 def _clone(ring):

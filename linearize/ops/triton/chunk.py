@@ -86,7 +86,7 @@ class _HybridChunkFn(torch.autograd.Function):
     def forward(ctx, q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig, store_u: bool):
         B, T, H, D = q.shape
         Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
-        G, Gk, GQ = H // Hkv, Hf // Hkv, H // Hf
+        Gk, GQ = Hf // Hkv, H // Hf
         C = cfg.C
         n = math.ceil(T / C)
         W = min(window, T)

@@ -42,6 +42,31 @@ def _key_ok(M, b, sM_b, e, T, HAS_MASK: tl.constexpr):
     return ok
 
 
+@triton.jit
+def _load_sums(S_ptr, Z_ptr, base, rf, rv, F, D):
+    """The [F, BV] block rv of running sum S and all of z, from [.., F, D] / [.., F] fp32 buffers at ``base``."""
+    S = tl.load(S_ptr + base * F * D + rf[:, None] * D + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < D), other=0.0)
+    z = tl.load(Z_ptr + base * F + rf, mask=rf < F, other=0.0)
+    return S, z
+
+
+@triton.jit
+def _store_sums(S_ptr, Z_ptr, base, rf, rv, F, D, S, z, iv):
+    """Inverse of ``_load_sums``; z is written once, by value block 0."""
+    tl.store(S_ptr + base * F * D + rf[:, None] * D + rv[None, :], S, mask=(rf[:, None] < F) & (rv[None, :] < D))
+    if iv == 0:
+        tl.store(Z_ptr + base * F + rf, z, mask=rf < F)
+
+
+@triton.jit
+def _key_chunk_sums(PKb, Vb, M, b, sM_b, e, T, sPK_t, sV_t, rf, rv, F, D, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """(phi_k^T v [F, BV], sum phi_k [F]) over keys ``e`` (padding and out-of-range keys count nothing)."""
+    ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+    pk = _load_rows(PKb, e, ok, sPK_t, rf, F)
+    vv = _load_rows(Vb, e, ok, sV_t, rv, D)
+    return tl.dot(tl.trans(pk), vv, input_precision=PREC), tl.sum(pk.to(tl.float32), 0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------------------
@@ -69,16 +94,11 @@ def fwd_segment_sums_kernel(
     c_lo = tl.maximum(s * n_per - nwin, 0)
     c_hi = tl.minimum((s + 1) * n_per - nwin, n_chunks)
     for c in range(c_lo, c_hi):
-        e = c * C + rc
-        ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-        pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, ok, sPK_t, rf, F)
-        vv = _load_rows(V + b * sV_b + hk * sV_h, e, ok, sV_t, rv, D)
-        acc += tl.dot(tl.trans(pk), vv, input_precision=PREC)
-        accz += tl.sum(pk.to(tl.float32), 0)
-    base = (s * B + b) * Hf + hf
-    tl.store(OUT_S + base * F * D + rf[:, None] * D + rv[None, :], acc, mask=(rf[:, None] < F) & (rv[None, :] < D))
-    if iv == 0:
-        tl.store(OUT_Z + base * F + rf, accz, mask=rf < F)
+        dS, dz = _key_chunk_sums(PK + b * sPK_b + hf * sPK_h, V + b * sV_b + hk * sV_h, M, b, sM_b, c * C + rc, T,
+                                 sPK_t, sV_t, rf, rv, F, D, HAS_MASK, PREC)
+        acc += dS
+        accz += dz
+    _store_sums(OUT_S, OUT_Z, (s * B + b) * Hf + hf, rf, rv, F, D, acc, accz, iv)
 
 
 @triton.jit
@@ -104,8 +124,7 @@ def fwd_kernel(
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
     base = (s * B + b) * Hf + hf
-    S = tl.load(S0 + base * F * D + rf[:, None] * D + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < D), other=0.0)
-    z = tl.load(Z0 + base * F + rf, mask=rf < F, other=0.0)
+    S, z = _load_sums(S0, Z0, base, rf, rv, F, D)
     Kb = K + b * sK_b + hk * sK_h
     Vb = V + b * sV_b + hk * sV_h
     PKb = PK + b * sPK_b + hf * sPK_h
@@ -171,12 +190,9 @@ def fwd_kernel(
                 tl.store(DEN + row, den, mask=t_ok)
                 tl.store(ARG + row, arg, mask=t_ok)
         # Key chunk c - nwin is now wholly in the linear set of every later query chunk.
-        e = (c - nwin) * C + rc
-        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-        pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-        vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
-        S += tl.dot(tl.trans(pk), vv, input_precision=PREC)
-        z += tl.sum(pk.to(tl.float32), 0)
+        dS, dz = _key_chunk_sums(PKb, Vb, M, b, sM_b, (c - nwin) * C + rc, T, sPK_t, sV_t, rf, rv, F, D, HAS_MASK, PREC)
+        S += dS
+        z += dz
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -205,7 +221,6 @@ def bwd_dq_kernel(
     t_ok = t < T
     row = (b * H + h) * T + t
     q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
-    pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
     dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
     mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
     den = tl.load(DEN + row, mask=t_ok, other=0.0)
@@ -350,10 +365,7 @@ def bwd_segment_sums_kernel(
             inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
             acc += tl.dot(tl.trans(pq), (dy * inv[:, None]).to(pq.dtype), input_precision=PREC)
             accz -= tl.sum(pq.to(tl.float32) * (delta * inv)[:, None], 0)
-    base = (s * B + b) * Hf + hf
-    tl.store(OUT_S + base * F * D + rf[:, None] * D + rv[None, :], acc, mask=(rf[:, None] < F) & (rv[None, :] < D))
-    if iv == 0:
-        tl.store(OUT_Z + base * F + rf, accz, mask=rf < F)
+    _store_sums(OUT_S, OUT_Z, (s * B + b) * Hf + hf, rf, rv, F, D, acc, accz, iv)
 
 
 @triton.jit
@@ -377,8 +389,7 @@ def bwd_dq_state_kernel(
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
     base = (s * B + b) * Hf + hf
-    S = tl.load(S0 + base * F * D + rf[:, None] * D + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < D), other=0.0)
-    z = tl.load(Z0 + base * F + rf, mask=rf < F, other=0.0)
+    S, z = _load_sums(S0, Z0, base, rf, rv, F, D)
     z = tl.where(iv == 0, z, 0.0)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
@@ -401,12 +412,10 @@ def bwd_dq_state_kernel(
             else:
                 tot = tl.load(ptr, mask=ok, other=0.0) + add
                 tl.store(OUT + ((b * T + t[:, None]) * H + h) * F + rf[None, :], tot.to(OUT.dtype.element_ty), mask=ok)
-        e = (c - nwin) * C + rc
-        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-        pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, k_ok, sPK_t, rf, F)
-        vv = _load_rows(V + b * sV_b + hk * sV_h, e, k_ok, sV_t, rv, D)
-        S += tl.dot(tl.trans(pk), vv, input_precision=PREC)
-        z += tl.where(iv == 0, tl.sum(pk.to(tl.float32), 0), 0.0)
+        dS, dz = _key_chunk_sums(PK + b * sPK_b + hf * sPK_h, V + b * sV_b + hk * sV_h, M, b, sM_b, (c - nwin) * C + rc, T,
+                                 sPK_t, sV_t, rf, rv, F, D, HAS_MASK, PREC)
+        S += dS
+        z += tl.where(iv == 0, dz, 0.0)
 
 
 @triton.jit
@@ -429,8 +438,7 @@ def bwd_dk_state_kernel(
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
     base = (s * B + b) * Hf + hf
-    dS = tl.load(DS0 + base * F * D + rf[:, None] * D + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < D), other=0.0)
-    dz = tl.load(DZ0 + base * F + rf, mask=rf < F, other=0.0)
+    dS, dz = _load_sums(DS0, DZ0, base, rf, rv, F, D)
     dz = tl.where(iv == 0, dz, 0.0)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
