@@ -65,6 +65,10 @@ class RunConfig:
     transfer_block: list[int] | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
+    #: several processes: "sharded" = no device holds the whole model (stage 1 a pipeline of blocks, stage 2,
+    #: evaluations and samples on FSDP2 shards, export merged on rank 0's CPU); "replicate" = every rank holds
+    #: the whole model; "auto" = sharded with several processes (one process always holds the whole model)
+    placement: str = "auto"
     checkpoint_every: int = 25  # optimizer steps between checkpoints
     samples: list[str] = field(
         default_factory=lambda: [
@@ -93,6 +97,8 @@ class RunConfig:
             len(self.transfer_block) != 2 or not 0 <= self.transfer_block[0] < self.transfer_block[1]
         ):
             raise ValueError(f"invalid transfer_block={self.transfer_block!r}: give [first, end) with 0 <= first < end")
+        if self.placement not in ("auto", "replicate", "sharded"):
+            raise ValueError(f"invalid placement={self.placement!r}: choose auto, replicate or sharded")
         if self.checkpoint_every < 1:
             raise ValueError("invalid checkpoint_every: must be >= 1")
         if not isinstance(self.convert, bool):

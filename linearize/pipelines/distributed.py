@@ -83,6 +83,15 @@ class Dist:
             group = self.group if t.device.type == "cpu" else None
             dist.broadcast(t.data, src=src, group=group)
 
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        """Point-to-point send to rank ``dst`` (NCCL for CUDA tensors, gloo for CPU ones); pairs with :meth:`recv`."""
+        dist.send(tensor, dst, group=self.group if tensor.device.type == "cpu" else None)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Receive into ``tensor`` (its shape and dtype must be the sender's) from rank ``src``; returns it."""
+        dist.recv(tensor, src, group=self.group if tensor.device.type == "cpu" else None)
+        return tensor
+
     @contextmanager
     def main_first(self) -> Iterator[None]:
         """Let rank 0 do a cached step (download, dequantize, tokenize) before the others read the cache."""

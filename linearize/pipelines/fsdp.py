@@ -1,17 +1,21 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``) for stage 2: every decoder layer, then the root.
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): every decoder layer, then the causal LM as the root.
 
 Each rank keeps 1/world of every parameter: the frozen base weights as well as the LoRA adapters,
 their gradients and their AdamW state, so the model's memory is shared out. Before a layer runs,
 FSDP all-gathers its weights; after the backward it reduce-scatters (averages) the gradients of the
 trainable ones only. On CUDA the gathered weights are bf16 and gradients are reduced in fp32 (the
 sharded LoRA masters stay fp32); on CPU everything is fp32.
+
+A model on the CPU is sharded straight onto the mesh's device: ``fully_shard`` moves one unit's full
+weights to the GPU, keeps this rank's shard and frees the rest, so no GPU ever holds the whole model
+(the sharded placement builds its models this way; see :mod:`.placement`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from .distributed import Dist
@@ -23,16 +27,44 @@ def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()  # fp32 compute and reduction (CPU, gloo)
 
 
-def decoder_layers(peft_model: nn.Module) -> nn.ModuleList:
-    """The decoder layers under a peft-wrapped HF causal LM (``model.model.layers`` for every supported arch)."""
-    return peft_model.get_base_model().base_model.layers
+def _mesh(device_type: str, world: int) -> DeviceMesh:
+    return init_device_mesh(device_type, (world,))  # (over the whole world it reuses the default group)
+
+
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The HF ``*ForCausalLM`` inside a peft wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of an HF causal LM, peft-wrapped or not (``model.model.layers`` for every supported arch)."""
+    return causal_lm(model).base_model.layers
+
+
+def shard_model(model: nn.Module, d: Dist) -> nn.Module:
+    """Shard ``model`` (peft-wrapped or not) in place over all ranks: layers as units, embeddings/norm/head in the root.
+
+    The root is the causal LM, not the peft wrapper: HF ``generate`` (and peft's) calls the causal LM's own
+    forward, which must be the one that gathers the root's weights.
+    """
+    mesh = _mesh(d.device.type, d.world)
+    mp = mixed_precision(d.device)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(causal_lm(model), mesh=mesh, mp_policy=mp)
+    return model
 
 
 def shard_for_lora(peft_model: nn.Module, d: Dist) -> nn.Module:
-    """Shard ``peft_model`` in place over all ranks (layers as units, embeddings and head in the root unit)."""
-    mesh = init_device_mesh(d.device.type, (d.world,))
-    mp = mixed_precision(d.device)
-    for layer in decoder_layers(peft_model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(peft_model, mesh=mesh, mp_policy=mp)
-    return peft_model
+    """Stage 2: shard the peft-wrapped model (see :func:`shard_model`)."""
+    return shard_model(peft_model, d)
+
+
+def local_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers this rank holds off ``meta`` (a sharded parameter counts its local shard)."""
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if local.device.type != "meta":
+            total += local.numel() * local.element_size()
+    return total

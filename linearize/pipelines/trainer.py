@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -139,24 +140,35 @@ def train_stage(
     bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True, **quiet)
     model.train()
     loss_value = None
-    sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP: reduce gradients once per step
+    # FSDP: reduce gradients once per step (the first FSDP module met is the topmost; it sets its sub-units too)
+    fsdp_root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
+    sync = fsdp_root.set_requires_gradient_sync if fsdp_root is not None else None
     for step in range(start, cfg.steps):
         t_step = time.perf_counter()
-        total = 0.0
+        micro_losses = []
         for micro in range(cfg.grad_accum):
             idx = batch_rows(rows.shape[0], step, micro, cfg, seed)
             batch = rows[local_rows(idx, dist) if parallel == "data" else idx].to(device)
             if sync is not None:
                 sync(micro == cfg.grad_accum - 1)
             loss = loss_fn(model, batch) / cfg.grad_accum
-            whole = dist.all_reduce(loss.detach().clone(), reduce_op) if dist.enabled else loss
-            if not torch.isfinite(whole):
-                raise NonFiniteLossError(
-                    f"{name}: loss is {whole.item()} at step {step}; lower {name}.lr or check the data "
-                    f"(the last checkpoint in {checkpoints.root} is kept)"
-                )
+            micro_losses.append(loss.detach().float())
             loss.backward()
-            total += whole.item()
+        # one reduction per step, after the backward passes: a collective per micro-batch would hold every rank
+        # at each one (a pipelined stage 1 could not overlap a rank's backward with the next rank's forward)
+        whole = torch.stack(micro_losses)
+        if dist.enabled:
+            whole = dist.all_reduce(whole, reduce_op)
+        values = whole.tolist()
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:  # before the optimizer step: the weights and the last checkpoint stay good
+            raise NonFiniteLossError(
+                f"{name}: loss is {bad[0]} at step {step}; lower {name}.lr or check the data "
+                f"(the last checkpoint in {checkpoints.root} is kept)"
+            )
+        total = 0.0
+        for v in values:  # (the order of the former per-micro-batch sum)
+            total += v
         if cfg.max_grad_norm:
             clip_grad_norm(list(params.values()), cfg.max_grad_norm, parallel, dist)
         opt.step()

@@ -38,16 +38,35 @@ def set_mode(model: nn.Module, mode: str, layers: list[LinearizedAttention] | No
         layer.mode = mode
 
 
+class _PassThrough(nn.Module):
+    """Stands for a decoder layer that runs elsewhere (an earlier block, another rank): hands its input on."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
 @contextmanager
-def only_first_layers(model: nn.Module, n: int) -> Iterator[None]:
-    """Run the decoder on its first ``n`` layers only (block-wise transfer needs nothing after the block)."""
+def only_layers(model: nn.Module, start: int, end: int) -> Iterator[None]:
+    """Run the decoder on layers ``start..end-1`` only, and make it return what leaves layer ``end - 1``.
+
+    Inside, ``model.base_model(inputs_embeds=h)`` takes ``h`` [B, T, hidden] as the hidden states entering
+    layer ``start`` (``input_ids`` as usual when ``start == 0``); HF still builds the masks and the rotary
+    embeddings. The layers before ``start`` are stand-ins that pass their input on, so every layer keeps its
+    index (Gemma 3 picks each layer's mask and rotary kind by it); the layers from ``end`` on are left out and
+    the final norm is skipped, so ``last_hidden_state`` is the hidden states at the block boundary.
+    """
     base = model.base_model
-    full = base.layers
-    base.layers = nn.ModuleList(list(full)[:n])
+    full, norm = base.layers, getattr(base, "norm", None)
+    skip = _PassThrough()
+    base.layers = nn.ModuleList([skip] * start + list(full)[start:end])
+    if norm is not None:
+        base.norm = nn.Identity()
     try:
         yield
     finally:
         base.layers = full
+        if norm is not None:
+            base.norm = norm
 
 
 def autocast(device: torch.device):
@@ -62,24 +81,38 @@ def transfer_loss(model: nn.Module, input_ids: torch.Tensor, block: tuple[int, i
     ``block=(a, b)`` trains decoder layers a..b-1 only: earlier layers run their softmax (cheap, and
     exactly the teacher's inputs at the block boundary), later layers are not run at all.
     """
+    end = len(model.base_model.layers) if block is None else block[1]
+    return span_transfer_loss(model, input_ids, (0, end), block or (0, end))[0]
+
+
+def span_transfer_loss(
+    model: nn.Module, inputs: torch.Tensor, span: tuple[int, int], block: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transfer loss of the linearized layers in ``block=(a, b)``, run on layers ``span=(s, b)`` only (s <= a).
+
+    ``inputs``: token ids [B, T] when ``s == 0``, else the teacher's hidden states [B, T, hidden] entering
+    layer ``s``. Layers s..a-1 run their softmax; the trained ones run in "transfer" mode, whose layer
+    outputs are the teacher's (the hybrid output only feeds the loss). Returns ``(loss, boundary)``:
+    ``boundary`` [B, T, hidden] (no graph) is the teacher's hidden states leaving layer b-1, the inputs of
+    the next block; so blocks chained span after span give each block exactly its whole-model inputs.
+    """
+    s, end = span
+    a, b = block
+    if not s <= a < b == end:
+        raise ValueError(f"block {block} must end the span {span} and start inside it")
     layers = linearized_layers(model)
-    if block is None:
-        trained = layers
-        n_run = len(model.base_model.layers)
-    else:
-        a, b = block
-        trained = [l for l in layers if a <= l.layer_idx < b]
-        n_run = b
-        set_mode(model, "softmax", [l for l in layers if l.layer_idx < a])
+    trained = [l for l in layers if a <= l.layer_idx < b]
     if not trained:
         raise ValueError(f"no linearized layer in block {block}")
+    set_mode(model, "softmax", [l for l in layers if s <= l.layer_idx < a])
     set_mode(model, "transfer", trained)
+    given = {"input_ids": inputs} if inputs.dtype in (torch.int32, torch.int64) else {"inputs_embeds": inputs}
     try:
-        with only_first_layers(model, n_run), autocast(input_ids.device):
-            model.base_model(input_ids=input_ids, use_cache=False)
+        with only_layers(model, s, end), autocast(inputs.device):
+            boundary = model.base_model(**given, use_cache=False).last_hidden_state
         loss = sum(F.mse_loss(l.transfer_outputs[0].float(), l.transfer_outputs[1].float()) for l in trained)
     finally:
         for l in trained:
             l.transfer_outputs = None
         set_mode(model, "hybrid")
-    return loss
+    return loss, boundary.detach()
