@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import platform
 import resource
@@ -31,10 +32,13 @@ from safetensors.torch import load_file, save_file
 from ..convert import convert, linearized_layers
 from . import distributed
 from .checkpoint import CheckpointManager, atomic_write_json, atomic_write_text
+from .fsdp import local_bytes, shard_for_lora, shard_model
 from .config import RunConfig, config_from_dict
 from .distributed import SINGLE, Dist
 from .evaluate import perplexity, sample
 from .finetune import add_lora, lm_loss, lora_parameters
+from .placement import PipelinedTransferLoss, describe, place_span, stage1_spans
+from .placement import resolve as resolve_placement
 from .report import plot_losses, write_report
 from .trainer import train_stage, truncate_metrics
 from .transfer import freeze_for_transfer, set_mode, transfer_loss
@@ -81,7 +85,8 @@ def _prepare_out(cfg: RunConfig, out: Path, resume: bool, d: Dist = SINGLE) -> d
         if not resume:
             raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         saved = config_from_dict(yaml.safe_load(cfg_path.read_text()))
-        if saved != cfg:
+        # the placement may change on resume, as the process count may: both give the same run
+        if dataclasses.replace(saved, placement=cfg.placement) != cfg:
             raise RunError(f"the settings differ from the run saved in {out}; resume with the same settings or use another --out")
         state_path = out / "state.json"
         return json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -159,20 +164,29 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     device = pick_device(cfg.device) if not d.enabled else d.device
     logger = make_logger(cfg.logger, out) if d.is_main else None
     torch.manual_seed(cfg.seed)
+    placement = resolve_placement(cfg.placement, d.world)
+    sharded = placement == "sharded"
+    state["placement"] = {"mode": placement} | {k: v for k, v in state.get("placement", {}).items() if k != "mode"}
     if d.enabled:
-        echo(f"{d.world} processes on {device.type}: stage 1 block-wise over layers, stage 2 FSDP2 data-parallel")
+        how = ("stage 1 a pipeline of blocks of layers (each rank holds its block only), stage 2 FSDP2 data-parallel "
+               "on shards built from the CPU; no device holds the whole model") if sharded else (
+               "stage 1 block-wise over layers, stage 2 FSDP2 data-parallel; every rank holds the whole model")
+        echo(f"{d.world} processes on {device.type}, placement {placement}: {how}")
         if cfg.stage2.steps > 0 and cfg.stage2.batch_size % d.world:
             raise RunError(
                 f"stage2.batch_size={cfg.stage2.batch_size} does not split over {d.world} processes: use a multiple of "
                 f"{d.world} (it is the global batch, shared out equally)"
             )
+    elif cfg.placement == "sharded":
+        echo("placement=sharded with one process: it holds the whole model")
 
     echo(f"loading {cfg.model} ...")
     load = model_loader or load_model
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with d.main_first():  # rank 0 fetches and converts into the cache; the others then read it
         model, tokenizer = load(cfg.model, dtype=dtype)
-    model.to(device)
+    if not sharded:
+        model.to(device)  # (sharded: the model stays on the CPU until it is placed or sharded)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.data.seq_len > max_pos:
         raise RunError(f"data.seq_len={cfg.data.seq_len} is longer than the model takes (max_position_embeddings={max_pos})")
@@ -192,12 +206,14 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     total_params = sum(p.numel() for p in model.parameters())
 
     def evaluate(key: str, m, shared: bool = True) -> None:
-        """Validation perplexity (and out-of-domain, if asked for), shared out over the ranks (``shared``) or by this process alone."""
+        """Validation perplexity (and out-of-domain, if asked for), shared out over the ranks (``shared``) or by
+        this process alone; on a sharded model every rank joins every forward."""
+        kw = {"dist": d if shared else SINGLE, "collective": sharded and shared}
         if key not in state["evals"]:
-            state["evals"][key] = perplexity(m, val_rows, device, desc=f"eval {key}", dist=d if shared else SINGLE)
+            state["evals"][key] = perplexity(m, val_rows, device, desc=f"eval {key}", **kw)
             save_state()
         if ood_rows is not None and key not in state["evals_ood"]:
-            state["evals_ood"][key] = perplexity(m, ood_rows, device, desc=f"eval {key} (out of domain)", dist=d if shared else SINGLE)
+            state["evals_ood"][key] = perplexity(m, ood_rows, device, desc=f"eval {key} (out of domain)", **kw)
             save_state()
         e = state["evals"][key]
         ood = f"; out of domain {state['evals_ood'][key]['ppl']:.2f}" if ood_rows is not None else ""
@@ -205,19 +221,42 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
 
     def samples(key: str, m) -> None:
         if key not in state["samples"]:
-            if d.is_main:  # generation is short and sequential: rank 0 alone, the others wait
+            if sharded:  # every rank steps the sharded model's generation together
+                state["samples"][key] = sample(m, tokenizer, cfg.samples, cfg.sample_tokens, device, synced=True)
+                save_state()
+            elif d.is_main:  # generation is short and sequential: rank 0 alone, the others wait
                 state["samples"][key] = sample(m, tokenizer, cfg.samples, cfg.sample_tokens, device)
                 save_state()
             d.barrier()
 
-    evaluate("base", model)
-    samples("base", model)
+    def missing(key: str, sample_key: str | None = None) -> bool:
+        """Whether evaluation ``key`` (or samples ``sample_key``) is still to do (a sharded model is built only then)."""
+        return (key not in state["evals"] or (ood_rows is not None and key not in state["evals_ood"])
+                or (sample_key is not None and sample_key not in state["samples"]))
 
-    if cfg.convert:
-        convert(model, cfg.linearize)
-        model.to(device)
-        evaluate("swapped", model)
+    build = functools.partial(_build, cfg, load, dtype, device, out / "stage1_final.safetensors")
+    if sharded:
+        if missing("base", "base"):
+            shard_model(model, d)  # the loaded CPU model, straight onto the devices in shards
+            evaluate("base", model)
+            samples("base", model)
+        else:
+            evaluate("base", model)  # (already done: only echoes it)
+        del model
+        _free(device)
+        if cfg.convert:
+            m = shard_model(build(converted=True), d) if missing("swapped") else None
+            evaluate("swapped", m)
+            del m
+            _free(device)
     else:
+        evaluate("base", model)
+        samples("base", model)
+        if cfg.convert:
+            convert(model, cfg.linearize)
+            model.to(device)
+            evaluate("swapped", model)
+    if not cfg.convert:
         echo("convert=false: the softmax control (no conversion, no attention transfer; stage 2 only)")
 
     ckpts = CheckpointManager(out / "checkpoints", dist=d)
@@ -230,16 +269,29 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
 
     # ---- stage 1: attention transfer ---------------------------------------------------------------
     stage1_file = out / "stage1_final.safetensors"
-    if cfg.convert:  # the softmax control (convert=false) has no stage 1
-        all_params = _transfer_params(model, device)
-        params = dict(all_params)  # the trained ones: all, or those of transfer_block
-        block = None
-        if cfg.transfer_block is not None:
-            a, b = cfg.transfer_block
-            if b > model.config.num_hidden_layers:
-                raise RunError(f"transfer_block={cfg.transfer_block} ends past the model's {model.config.num_hidden_layers} layers")
-            block = (a, b)
-            params = {k: p for k, p in params.items() if a <= _layer_of(k) < b}
+    if cfg.convert and sharded:  # the softmax control (convert=false) has no stage 1
+        if "stage1" not in state["stages"]:
+            if cfg.stage1.steps > 0:
+                result, held = _stage1_pipelined(cfg, load, dtype, device, train_rows, ckpts, latest, metrics, logger, d, stage1_file, echo)
+                state["stages"]["stage1"] = _stage_record(result)
+                state["placement"]["stage1"] = held
+            else:
+                state["stages"]["stage1"] = {"steps": 0, "tokens": 0, "seconds": 0.0, "final_loss": None, "trainable_params": 0}
+                if d.is_main:
+                    _save_stage1(stage1_file, _trained_params(build(converted=True), cfg, device)[1])
+            save_state()
+            d.barrier()
+        if cfg.stage2.steps == 0 and missing("stage1", "linearized"):
+            m = shard_model(build(converted=True, trained=True), d)
+            evaluate("stage1", m)
+            samples("linearized", m)
+            del m
+            _free(device)
+        elif cfg.stage2.steps == 0:
+            evaluate("stage1", None)
+    elif cfg.convert:
+        all_params, params = _trained_params(model, cfg, device)
+        block = tuple(cfg.transfer_block) if cfg.transfer_block is not None else None
         loss1 = transfer_loss if block is None else functools.partial(transfer_loss, block=block)
         mine, parallel1 = params, None
         if d.enabled and "stage1" not in state["stages"] and cfg.stage1.steps > 0:
@@ -268,9 +320,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
             else:
                 state["stages"]["stage1"] = {"steps": 0, "tokens": 0, "seconds": 0.0, "final_loss": None, "trainable_params": 0}
             if d.is_main:
-                tmp = stage1_file.with_suffix(".tmp")
-                save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, tmp)
-                tmp.replace(stage1_file)
+                _save_stage1(stage1_file, params)
             save_state()
             d.barrier()
         else:
@@ -281,19 +331,34 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         evaluate("stage1", model)
 
     # ---- stage 2: LoRA -----------------------------------------------------------------------------
-    if cfg.stage2.steps > 0:
+    if sharded:
+        weights = None
+        if cfg.stage2.steps > 0:
+            weights, held = _stage2_sharded(cfg, state, save_state, evaluate, samples, build, train_rows, ckpts, latest, metrics, logger, d)
+            state["placement"]["stage2"] = held
+        peaks = d.all_gather_object(_peak_mb(device))
+        if not d.is_main:  # rank 0 alone merges and exports, on its CPU; the others wait
+            d.barrier()
+            return {}
+        model = build(converted=cfg.convert, trained=cfg.convert, lora=weights is not None)  # on the CPU
+        if weights is not None:
+            _copy_into(lora_parameters(model), weights)
+            if cfg.lora.keep_adapters:
+                model.save_pretrained(out / "adapter")
+            model = model.merge_and_unload()
+    elif cfg.stage2.steps > 0:
         peft_model = add_lora(model, cfg.lora)
         lora_params = lora_parameters(peft_model)
         if d.enabled:
             weights = _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_rows, ckpts, latest, metrics, logger, d)
             # FSDP2 sharded the model in place: rank 0 merges the adapters into a fresh unsharded copy
             del peft_model, lora_params, model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            _free(device)
+            peaks = d.all_gather_object(_peak_mb(device))
             if not d.is_main:  # rank 0 alone evaluates, exports and samples the merged model
                 d.barrier()
                 return {}
-            peft_model = _rebuild(cfg, load, dtype, device, stage1_file)
+            peft_model = build(converted=cfg.convert, trained=cfg.convert, lora=True).to(device)
             _copy_into(lora_parameters(peft_model), weights)
             if cfg.lora.keep_adapters:
                 peft_model.save_pretrained(out / "adapter")
@@ -312,10 +377,13 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
             if cfg.lora.keep_adapters:
                 peft_model.save_pretrained(out / "adapter")
             model = peft_model.merge_and_unload()
+            peaks = [_peak_mb(device)]
         evaluate("stage2", model, shared=False)
-    elif not d.is_main:
-        d.barrier()
-        return {}
+    else:
+        peaks = d.all_gather_object(_peak_mb(device))
+        if not d.is_main:
+            d.barrier()
+            return {}
 
     # ---- export and report (rank 0) -----------------------------------------------------------------
     export = out / "model"
@@ -330,14 +398,14 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         save_state()
 
     plots = [str(p.relative_to(out)) for p in plot_losses(metrics, out / "plots")]
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     import transformers
 
     report = {
         "model": cfg.model,
         "output": str(export),
         "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-                        "torch": torch.__version__, "transformers": transformers.__version__, "processes": d.world},
+                        "torch": torch.__version__, "transformers": transformers.__version__, "processes": d.world,
+                        "placement": placement},
         "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "train_rows": int(train_rows.shape[0]), "val_rows": int(val_rows.shape[0])},
         "convert": cfg.convert,
         "linearize": getattr(model.config, "linearize", None),  # None: the softmax control
@@ -349,7 +417,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         "sample_prompts": cfg.samples,
         "plots": plots,
         "wall_seconds": state.get("wall_seconds_before", 0.0) + time.perf_counter() - t_start,
-        "peak_memory_mb": peak,
+        "peak_memory_mb": _peak_mb(device),
+        "peak_memory_mb_per_rank": peaks,  # each rank's peak before rank 0's export
+        "placement": state["placement"],
         "config": cfg.to_dict(),
     }
     write_report(out, report)
@@ -357,29 +427,117 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     return report
 
 
-def _rebuild(cfg: RunConfig, load: Callable, dtype: torch.dtype, device: torch.device, stage1_file: Path):
-    """A fresh unsharded linearized model with the stitched stage-1 weights and LoRA adapters (to load)."""
+def _peak_mb(device: torch.device) -> float:
+    """This process's peak memory: CUDA ``max_memory_allocated``, or the CPU peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _trained_params(model, cfg: RunConfig, device: torch.device) -> tuple[dict, dict]:
+    """(all transfer weights, the ones stage 1 trains: all, or those of ``transfer_block``); freezes the rest."""
+    all_params = _transfer_params(model, device)
+    if cfg.transfer_block is None:
+        return all_params, dict(all_params)
+    a, b = cfg.transfer_block
+    if b > model.config.num_hidden_layers:
+        raise RunError(f"transfer_block={cfg.transfer_block} ends past the model's {model.config.num_hidden_layers} layers")
+    return all_params, {k: p for k, p in all_params.items() if a <= _layer_of(k) < b}
+
+
+def _save_stage1(path: Path, params: dict[str, torch.Tensor]) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: p.detach().cpu().contiguous() for k, p in params.items()}, tmp)
+    tmp.replace(path)
+
+
+def _build(cfg: RunConfig, load: Callable, dtype: torch.dtype, device: torch.device, stage1_file: Path, *,
+           converted: bool = False, trained: bool = False, lora: bool = False):
+    """A fresh model on the CPU, frozen: the base, converted, with the stitched stage-1 weights (hybrid mode), with
+    new LoRA adapters, as asked. ``device`` (where it will run) decides the dtype of the transfer weights."""
     model, _ = load(cfg.model, dtype=dtype)
-    model.to(device)
-    if cfg.convert:
+    if converted:
         convert(model, cfg.linearize)
-        model.to(device)
-        params = _transfer_params(model, device)
+    if trained:
+        params = _transfer_params(model, device)  # fp32 masters on CUDA, as the model that trained them
         weights = load_file(stage1_file)
         _copy_into({k: params[k] for k in weights}, weights)
-        for p in params.values():
-            p.requires_grad_(False)
         set_mode(model, "hybrid")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return add_lora(model, cfg.lora) if lora else model
+
+
+def _stage1_pipelined(cfg, load, dtype, device, train_rows, ckpts, latest, metrics, logger, d: Dist, stage1_file: Path, echo):
+    """Sharded stage 1: each rank holds and runs only its span of layers, fed by the previous rank (see :mod:`.placement`).
+
+    Returns the stage result and what each rank held (a list, one entry per rank); rank 0 writes the stitched weights.
+    """
+    model, _ = load(cfg.model, dtype=dtype)  # on the CPU (memory-mapped): only the span goes to the device
+    convert(model, cfg.linearize)
+    trained = set(_trained_params(model, cfg, device)[1])  # names only: the tensors of other spans go to meta
+    trained_ids = sorted({layer.layer_idx for layer in linearized_layers(model)} & {_layer_of(k) for k in trained})
+    blocks = distributed.split_blocks(trained_ids, d.world)
+    spans = stage1_spans(blocks)
+    echo(f"stage 1 pipeline: layers held per rank {[list(s) for s in spans]}, trained {[list(b) for b in blocks]}")
+    span, block = spans[d.rank], blocks[d.rank]
+    place_span(model, span, device, embeddings=d.rank == 0)
+    all_params = _transfer_params(model, device)  # (again: placing made new meta tensors for the other spans)
+    mine = {k: p for k, p in all_params.items() if k in trained and block[0] <= _layer_of(k) < block[1]}
+    for k, p in all_params.items():
+        p.requires_grad_(k in mine)
+    loss = PipelinedTransferLoss(span, block, d, model.config.hidden_size, model.get_input_embeddings().weight.dtype)
+    result = train_stage(
+        "stage1", model, mine, loss, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
+        checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
+        resume_from=latest if latest is not None and latest.stage == "stage1" else None, dist=d, parallel="layers",
+    )
+    held = describe(model, device) | {"rank": d.rank, "span": list(span), "block": list(block), "peak_mb": _peak_mb(device)}
+    parts = d.all_gather_object({k: p.detach().cpu() for k, p in mine.items()})
+    if d.is_main:  # stitch the blocks into one file
+        _save_stage1(stage1_file, {k: v for part in parts for k, v in part.items()})
+    held = d.all_gather_object(held)
+    del model, all_params, mine, loss
+    _free(device)
+    return result, held
+
+
+def _stage2_sharded(cfg, state, save_state, evaluate, samples, build, train_rows, ckpts, latest, metrics, logger, d: Dist):
+    """Sharded stage 2: the LoRA model built on the CPU, sharded by FSDP2 onto the devices, trained, evaluated and
+    sampled by all ranks together. Returns (the full adapter weights on rank 0's CPU, else None; what each rank held)."""
+    peft_model = build(converted=cfg.convert, trained=cfg.convert, lora=True)
+    d.broadcast_tensors(list(lora_parameters(peft_model).values()))  # one LoRA initialisation on every rank
+    shard_model(peft_model, d)
+    lora_params = lora_parameters(peft_model)  # now sharded DTensors, same names
+    if cfg.convert:
+        evaluate("stage1", peft_model)  # LoRA's B starts at zero: so far this is exactly the stage-1 model
+    if "stage2" in state["stages"]:
+        ckpts.latest().restore(lora_params, dist=d)  # DCP reads each rank's shards
     else:
-        for p in model.parameters():
-            p.requires_grad_(False)
-    return add_lora(model, cfg.lora)
+        result = train_stage(
+            "stage2", peft_model, lora_params, lm_loss, train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
+            checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=d.device, log=logger,
+            resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
+        )
+        state["stages"]["stage2"] = _stage_record(result)
+        save_state()
+    evaluate("stage2", peft_model)
+    samples("linearized", peft_model)
+    held = d.all_gather_object({"rank": d.rank, "bytes_here": local_bytes(peft_model), "peak_mb": _peak_mb(d.device)})
+    weights = {k: p.full_tensor().cpu() for k, p in lora_params.items()}  # a collective: every rank takes part
+    del peft_model, lora_params
+    _free(d.device)
+    return (weights if d.is_main else None), held
 
 
 def _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_rows, ckpts, latest, metrics, logger, d: Dist):
     """Stage 2 with FSDP2 over all ranks (sharding ``peft_model`` in place); the full adapter weights on rank 0."""
-    from .fsdp import shard_for_lora
-
     if "stage2" in state["stages"]:
         return ckpts.latest().load_weights() if d.is_main else None
     d.broadcast_tensors(list(lora_params.values()))  # one LoRA initialisation on every rank

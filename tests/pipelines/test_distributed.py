@@ -1,8 +1,13 @@
 """Several processes on CPU (gloo, 2 processes, tiny model) against one process over the same global batch.
 
-- stage 1 block-wise (one block of layers per rank) equals single-process training of all layers;
+Both placements (``replicate``: every rank holds the whole model; ``sharded``, the default with several
+processes: no rank does):
+- stage 1 block-wise (one block of layers per rank; sharded: a pipeline, each rank holding only its
+  span of layers, fed the teacher's boundary states by the rank before) equals single-process training;
 - stage 2 data-parallel with FSDP2 equals single-process training (gradient accumulation included);
-- a killed 2-process run resumes, with 1 process and then with 2 (DCP reshards the checkpoints);
+- sharded: each rank held only its layers in stage 1 and a shard in stage 2; the export, merged on
+  rank 0's CPU, loads with from_pretrained and gives the replicate export's outputs;
+- a killed 2-process (sharded) run resumes with 2 processes, killed again, then with 1 (DCP reshards the checkpoints);
 - bad set-ups are one-line errors.
 """
 
@@ -113,18 +118,23 @@ def assert_close_weights(a, b, rtol, atol):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One single-process run and one uninterrupted 2-process run of the same settings."""
+    """One single-process run and two uninterrupted 2-process runs (sharded, the default; replicate) of the same settings."""
     base = tmp_path_factory.mktemp("dist")
     model_dir, text = make_model_dir(base / "tiny"), make_text(base / "text.txt")
     environ = env(base / "cache")
-    one, two = base / "one", base / "two"
+    one, two, two_rep = base / "one", base / "two", base / "two-replicate"
     run_ok(single(model_dir, one, text), environ)
     run_ok(torchrun(model_dir, two, text, 2), environ)
-    return {"model_dir": model_dir, "text": text, "env": environ, "one": one, "two": two, "base": base}
+    run_ok(torchrun(model_dir, two_rep, text, 2, "--set", "placement=replicate"), environ)
+    return {"model_dir": model_dir, "text": text, "env": environ, "one": one, "two": two, "replicate": two_rep, "base": base}
 
 
-def test_block_wise_stage1_equals_single_process(runs):
-    one, two = runs["one"], runs["two"]
+PLACEMENTS = {"sharded": "two", "replicate": "replicate"}
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_block_wise_stage1_equals_single_process(runs, placement):
+    one, two = runs["one"], runs[PLACEMENTS[placement]]
     l1, l2 = losses(one, "stage1"), losses(two, "stage1")
     assert len(l1) == len(l2) == 6 and l1[-1] < l1[0]  # it trains
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=0)
@@ -132,11 +142,20 @@ def test_block_wise_stage1_equals_single_process(runs):
     assert_close_weights(w2, w1, rtol=1e-5, atol=1e-7)  # the blocks, stitched, are the one-process weights
     r1, r2 = (json.loads((p / "report.json").read_text()) for p in (one, two))
     assert r2["environment"]["processes"] == 2 and r1["environment"]["processes"] == 1
+    assert r2["environment"]["placement"] == placement and r1["environment"]["placement"] == "replicate"
     assert r2["stages"]["stage1"]["trainable_params"] == r1["stages"]["stage1"]["trainable_params"]
 
 
-def test_data_parallel_stage2_equals_single_process(runs):
-    one, two = runs["one"], runs["two"]
+def test_pipelined_stage1_equals_block_wise(runs):
+    """The pipeline (boundary states sent rank to rank) and the frozen forward on every rank train the same weights."""
+    assert losses(runs["two"], "stage1") == losses(runs["replicate"], "stage1")  # (bitwise on CPU)
+    w1, w2 = (load_file(runs[k] / "stage1_final.safetensors") for k in ("replicate", "two"))
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_data_parallel_stage2_equals_single_process(runs, placement):
+    one, two = runs["one"], runs[PLACEMENTS[placement]]
     l1, l2 = losses(one, "stage2"), losses(two, "stage2")
     assert len(l1) == len(l2) == 6
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=0)
@@ -147,17 +166,51 @@ def test_data_parallel_stage2_equals_single_process(runs):
     assert moved  # LoRA was merged into the exported weights, so the comparison above compares trained weights
     r1, r2 = (json.loads((p / "report.json").read_text()) for p in (one, two))
     assert r2["stages"]["stage2"]["trainable_params"] == r1["stages"]["stage2"]["trainable_params"]
-    for key in ("base", "swapped", "stage1", "stage2"):
+    for key in ("base", "swapped", "stage1", "stage2"):  # (sharded: evaluated on the FSDP shards by both ranks)
         assert r2["evals"][key]["ppl"] == pytest.approx(r1["evals"][key]["ppl"], rel=1e-5)
+        assert r2["evals"][key]["tokens"] == r1["evals"][key]["tokens"]
+    assert r2["samples"].keys() == r1["samples"].keys() == {"base", "linearized"}
 
 
-def test_killed_two_process_run_resumes_with_one_then_two(runs):
-    """Killed mid stage 1 (2 processes), resumed by 1 process and killed early in stage 2, finished by 2 processes."""
+def test_sharded_ranks_hold_only_their_share(runs):
+    """Stage 1: each rank had on its device only the layers of its span (others on meta), the embeddings on rank 0
+    only; stage 2: a shard of the model. What each rank reports is in report.json."""
+    report = json.loads((runs["two"] / "report.json").read_text())
+    held = report["placement"]["stage1"]
+    assert [h["rank"] for h in held] == [0, 1] and [h["span"] for h in held] == [[0, 1], [1, 2]]
+    for h in held:
+        assert h["layers_here"] == list(range(*h["span"]))  # the 2 layers: one per rank
+        assert h["embeddings_here"] == (h["rank"] == 0)
+        assert h["off_meta_devices"] == ["cpu"]  # (the training device here)
+        assert 0 < h["bytes_here"] < 0.6 * h["model_bytes"]
+    model_bytes = held[0]["model_bytes"]
+    for h in report["placement"]["stage2"]:  # the LoRA model, halved (the adapters add a few percent)
+        assert 0.4 * model_bytes < h["bytes_here"] < 0.7 * model_bytes
+    assert json.loads((runs["replicate"] / "report.json").read_text())["placement"] == {"mode": "replicate"}
+
+
+def test_sharded_export_loads_and_matches_replicate(runs):
+    """Rank 0 merged the gathered adapters on its CPU: the export loads with from_pretrained and equals the replicate one."""
+    import linearize  # noqa: F401  (registers the linearized classes)
+    from transformers import AutoModelForCausalLM
+
+    a, b = (AutoModelForCausalLM.from_pretrained(runs[k] / "model").eval() for k in ("replicate", "two"))
+    assert linearize.is_linearized(a) and linearize.is_linearized(b)
+    ids = torch.randint(3, 32, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(b(input_ids=ids).logits, a(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(b.generate(ids[:1, :4], max_new_tokens=6, do_sample=False), a.generate(ids[:1, :4], max_new_tokens=6, do_sample=False))
+
+
+def test_killed_two_process_run_resumes_with_two_then_one(runs):
+    """Killed mid stage 1 (2 processes, sharded: a pipeline), resumed by 2 processes (the CLI's own torchrun launcher;
+    the stage-1 checkpoint goes back into the pipeline) and killed mid stage 2 (FSDP), finished by 1 process."""
     model_dir, text, environ = runs["model_dir"], runs["text"], runs["env"]
     out = runs["base"] / "killed"
     run_and_kill(torchrun(model_dir, out, text, 2), environ, out, "stage1", 3)
-    run_and_kill(single(model_dir, out, text, "--resume"), environ, out, "stage2", 1)
-    run_ok(single(model_dir, out, text, "--resume", "--nproc", "2"), environ)  # the CLI's own torchrun launcher
+    run_and_kill(single(model_dir, out, text, "--resume", "--nproc", "2"), environ, out, "stage2", 3)
+    assert json.loads((out / "checkpoints" / "LATEST").read_text())["stage"] == "stage2"  # written by the 2 shards
+    run_ok(single(model_dir, out, text, "--resume"), environ)
 
     ref = runs["two"]
     assert [(l["stage"], l["step"]) for l in metric_lines(out)] == [(l["stage"], l["step"]) for l in metric_lines(ref)]
