@@ -8,6 +8,8 @@ reduce-scatters, clipping, AdamW. The global batch is ``per_gpu_batch x N`` rows
 the plain single-process path). Throughput is the median of the per-step ``tokens_per_s`` that rank 0
 writes to metrics.jsonl (global tokens over wall time per step), after ``--warmup`` steps. NVLink
 multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
+``--placement`` (default auto: sharded with several processes) is passed to every run; stage 2 trains
+the same FSDP2 shards either way, only where the model is built before sharding differs.
 
 Writes OUT/bench.json and OUT/bench.md (and keeps each run's metrics as OUT/metrics-<N>gpu.jsonl).
 """
@@ -44,7 +46,7 @@ def run_one(args, n: int, source: str, work: Path, env: dict) -> dict:
         "data.source": source, "data.seq_len": args.seq_len, "data.val_tokens": 4 * args.seq_len,
         "stage1.steps": 0, "stage2.steps": args.steps, "stage2.batch_size": args.per_gpu_batch * n,
         "stage2.grad_accum": args.grad_accum, "checkpoint_every": 10**6, "samples": "[Hello]", "sample_tokens": 4,
-        "device": args.device,
+        "device": args.device, "placement": args.placement,
     }
     cmd = [sys.executable, "-m", "linearize", "convert", args.model, "--out", str(out), "--nproc", str(n)]
     for k, v in sets.items():
@@ -70,6 +72,8 @@ def run_one(args, n: int, source: str, work: Path, env: dict) -> dict:
         "timed_steps": len(timed),
         "final_loss": steps[-1]["loss"],
         "peak_memory_mib_rank0": report["peak_memory_mb"],
+        "peak_memory_mib_per_rank": report.get("peak_memory_mb_per_rank"),  # before rank 0's export
+        "placement": report["environment"].get("placement", "replicate"),
         "device": report["environment"]["device"],
         "run_wall_seconds": wall,
         "command": " ".join(cmd),
@@ -87,6 +91,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--source", default="synthetic", help="'synthetic' (generated text) or any data.source")
     ap.add_argument("--device", default="cuda", help="cuda (NCCL); cpu only to smoke-test this script (gloo)")
+    ap.add_argument("--placement", default="auto", help="auto (sharded with several processes) | sharded | replicate")
     ap.add_argument("--out", type=Path, default=Path("results/distributed-bench"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/linearize-bench"))
     args = ap.parse_args()
@@ -116,14 +121,14 @@ def main() -> None:
         f"Per-GPU batch {args.per_gpu_batch} x {args.seq_len} tokens (x{args.grad_accum} accumulation), {args.steps} steps, "
         f"median over steps after the first {args.warmup}; torch {torch.__version__}; device {base['device']}; "
         "NVLink multicast off (" + ", ".join(f"{k}={v}" for k, v in NO_MULTICAST.items()) + ").", "",
-        "| GPUs | global batch (rows) | tokens/s (median) | min - max | s/step | speedup | efficiency | peak MiB (rank 0) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| GPUs | placement | global batch (rows) | tokens/s (median) | min - max | s/step | speedup | efficiency | peak MiB per rank (before export) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         md.append(
-            f"| {r['gpus']} | {r['global_batch_rows']} | {r['tokens_per_s_median']:,.0f} | {r['tokens_per_s_min']:,.0f} - "
+            f"| {r['gpus']} | {r['placement']} | {r['global_batch_rows']} | {r['tokens_per_s_median']:,.0f} | {r['tokens_per_s_min']:,.0f} - "
             f"{r['tokens_per_s_max']:,.0f} | {r['step_seconds_median']:.3f} | {r['speedup_vs_first']:.2f}x | "
-            f"{100 * r['scaling_efficiency']:.0f}% | {r['peak_memory_mib_rank0']:,.0f} |"
+            f"{100 * r['scaling_efficiency']:.0f}% | {', '.join(f'{p:,.0f}' for p in r['peak_memory_mib_per_rank'] or [r['peak_memory_mib_rank0']])} |"
         )
     md += ["", "Commands:", ""] + [f"    {r['command']}" for r in results] + [""]
     (args.out / "bench.md").write_text("\n".join(md))

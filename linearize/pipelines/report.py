@@ -59,8 +59,10 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
     lines = [f"# linearize report: {report['model']}", ""]
     env = report.get("environment", {})
     procs = env.get("processes", 1)
+    how = {"sharded": "sharded placement: stage 1 a pipeline of blocks of layers, stage 2 FSDP2 data-parallel",
+           "replicate": "replicated placement: stage 1 block-wise over layers, stage 2 FSDP2 data-parallel"}
     lines += [f"- device: {env.get('device')}; torch {env.get('torch')}, transformers {env.get('transformers')}"
-              + (f"; {procs} processes (stage 1 block-wise over layers, stage 2 FSDP2 data-parallel)" if procs > 1 else "")]
+              + (f"; {procs} processes ({how[env.get('placement', 'replicate')]})" if procs > 1 else "")]
     lines += [f"- data: `{report['data']['source']}`, seq_len {report['data']['seq_len']}, "
               f"{report['data']['train_rows']} train rows / {report['data']['val_rows']} validation rows"]
     lin = report.get("linearize")
@@ -69,7 +71,9 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
     else:
         lines += [f"- hybrid attention: window {lin['window']}, feature map {lin['feature_map']} (f={lin['feature_dim']}), "
                   f"{len(lin['layers'])} layers converted"]
-    lines += [f"- wall time {report['wall_seconds']:.0f} s; peak memory {report['peak_memory_mb']:.0f} MB", ""]
+    peaks = report.get("peak_memory_mb_per_rank") or []
+    per_rank = f" (per rank before the export: {', '.join(f'{p:.0f}' for p in peaks)} MB)" if len(peaks) > 1 else ""
+    lines += [f"- wall time {report['wall_seconds']:.0f} s; peak memory {report['peak_memory_mb']:.0f} MB{per_rank}", ""]
 
     evals, ood = report["evals"], report.get("evals_ood") or {}
     ood_source = report.get("config", {}).get("data", {}).get("eval_ood_source")
