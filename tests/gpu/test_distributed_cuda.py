@@ -93,10 +93,15 @@ def test_sharded_export_loads_and_matches_replicate(runs):
 
 
 def test_killed_sharded_run_resumes(runs):
-    """Killed mid stage 1 on 2 GPUs (sharded), resumed on 2 GPUs to the end: the same run, to bf16 tolerance."""
+    """Killed mid stage 1 on 2 GPUs (sharded: the pipeline), resumed on 2 GPUs and killed mid stage 2 (FSDP shards),
+    resumed on 2 GPUs to the end: the same run, to bf16 tolerance."""
     out = runs["base"] / "killed"
     model_dir, text, environ = runs["model_dir"], runs["text"], runs["env"]
+    latest = lambda: json.loads((out / "checkpoints" / "LATEST").read_text())  # noqa: E731
     run_and_kill(command(model_dir, out, text, 2), environ, out, "stage1", 3)
+    assert latest()["stage"] == "stage1"
+    run_and_kill(command(model_dir, out, text, 2, resume=True), environ, out, "stage2", 3)
+    assert latest()["stage"] == "stage2"
     run_ok(command(model_dir, out, text, 2, resume=True), environ)
     ref = runs["sharded"]
     assert [(l["stage"], l["step"]) for l in metric_lines(out)] == [(l["stage"], l["step"]) for l in metric_lines(ref)]

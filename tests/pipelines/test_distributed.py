@@ -7,7 +7,7 @@ processes: no rank does):
 - stage 2 data-parallel with FSDP2 equals single-process training (gradient accumulation included);
 - sharded: each rank held only its layers in stage 1 and a shard in stage 2; the export, merged on
   rank 0's CPU, loads with from_pretrained and gives the replicate export's outputs;
-- a killed 2-process (sharded) run resumes with 2 processes, killed again, then with 1 (DCP reshards the checkpoints);
+- a killed 2-process (sharded) run resumes with 2 processes, is killed again and finished by 1 (DCP reshards);
 - bad set-ups are one-line errors.
 """
 
@@ -202,14 +202,17 @@ def test_sharded_export_loads_and_matches_replicate(runs):
         assert torch.equal(b.generate(ids[:1, :4], max_new_tokens=6, do_sample=False), a.generate(ids[:1, :4], max_new_tokens=6, do_sample=False))
 
 
-def test_killed_two_process_run_resumes_with_two_then_one(runs):
-    """Killed mid stage 1 (2 processes, sharded: a pipeline), resumed by 2 processes (the CLI's own torchrun launcher;
-    the stage-1 checkpoint goes back into the pipeline) and killed mid stage 2 (FSDP), finished by 1 process."""
+def test_killed_two_process_run_resumes(runs):
+    """Killed mid stage 1 (2 processes, sharded: a pipeline); resumed by 2 processes (the CLI's own torchrun launcher;
+    the stage-1 checkpoint goes back into the pipeline) and killed mid stage 2 (FSDP shards); finished by 1 process
+    (DCP reshards the 2 processes' checkpoint). tests/gpu/test_distributed_cuda.py resumes stage 2 on 2 processes."""
     model_dir, text, environ = runs["model_dir"], runs["text"], runs["env"]
     out = runs["base"] / "killed"
+    latest = lambda: json.loads((out / "checkpoints" / "LATEST").read_text())  # noqa: E731
     run_and_kill(torchrun(model_dir, out, text, 2), environ, out, "stage1", 3)
+    assert latest()["stage"] == "stage1"
     run_and_kill(single(model_dir, out, text, "--resume", "--nproc", "2"), environ, out, "stage2", 3)
-    assert json.loads((out / "checkpoints" / "LATEST").read_text())["stage"] == "stage2"  # written by the 2 shards
+    assert latest()["stage"] == "stage2"  # written by the 2 shards
     run_ok(single(model_dir, out, text, "--resume"), environ)
 
     ref = runs["two"]
