@@ -128,7 +128,8 @@ def convert_cmd(
     """Linearize MODEL: attention transfer, then LoRA; writes OUT/model, OUT/report.md and checkpoints.
 
     Several processes: `--nproc N` (or `torchrun --nproc_per_node N -m linearize convert ...`) trains
-    stage 1 block-wise (a block of layers per process) and stage 2 with FSDP2 data parallelism.
+    stage 1 block-wise (a block of layers per process) and stage 2 with FSDP2 data parallelism; by
+    default no GPU holds the whole model (`--set placement=replicate` gives every process a full copy).
     """
     import os
 

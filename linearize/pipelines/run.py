@@ -234,7 +234,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         return (key not in state["evals"] or (ood_rows is not None and key not in state["evals_ood"])
                 or (sample_key is not None and sample_key not in state["samples"]))
 
-    build = functools.partial(_build, cfg, load, dtype, device, out / "stage1_final.safetensors")
+    stage1_file = out / "stage1_final.safetensors"
+    build = functools.partial(_build, cfg, load, dtype, device, stage1_file)  # a fresh CPU model, as asked
     if sharded:
         if missing("base", "base"):
             shard_model(model, d)  # the loaded CPU model, straight onto the devices in shards
@@ -268,7 +269,6 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         echo(f"resuming from {latest.stage} step {latest.step}" + (f" (written by {latest.world_size} processes)" if latest.world_size != d.world else ""))
 
     # ---- stage 1: attention transfer ---------------------------------------------------------------
-    stage1_file = out / "stage1_final.safetensors"
     if cfg.convert and sharded:  # the softmax control (convert=false) has no stage 1
         if "stage1" not in state["stages"]:
             if cfg.stage1.steps > 0:
