@@ -393,8 +393,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     if export.exists():
         shutil.rmtree(export)
     tmp_export.rename(export)
-    if "linearized" not in state["samples"]:
-        state["samples"]["linearized"] = sample(model, tokenizer, cfg.samples, cfg.sample_tokens, device)
+    if "linearized" not in state["samples"]:  # (sharded: sampled on the shards already; the model here is on the CPU)
+        state["samples"]["linearized"] = sample(model, tokenizer, cfg.samples, cfg.sample_tokens, next(model.parameters()).device)
         save_state()
 
     plots = [str(p.relative_to(out)) for p in plot_losses(metrics, out / "plots")]
