@@ -103,3 +103,11 @@ def test_placement_values():
     assert resolve("auto", 2) == "sharded" and resolve("replicate", 4) == "replicate"
     with pytest.raises(ValueError, match="invalid placement='pipeline': choose auto, replicate or sharded"):
         resolve("pipeline", 2)
+
+
+def test_bad_placement_setting_is_one_line():
+    from linearize.pipelines.config import build_config
+
+    assert build_config(None, None, ["placement=replicate"]).placement == "replicate"
+    with pytest.raises(ValueError, match="^--set placement=pipeline: invalid placement='pipeline': choose auto, replicate or sharded$"):
+        build_config(None, None, ["placement=pipeline"])
