@@ -67,6 +67,17 @@ fi
 left=$((deadline - $(date +%s)))
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', '| transformers', transformers.__version__, '| peft', peft.__version__)"
 logs=()
+# A call that reaches the device's limit returns only what is already in $OUT: bundle every 2 minutes too.
+bundle_now() {
+  local la=(); for l in "${logs[@]}"; do la+=(--log "$l"); done
+  python3 -m linearize.pipelines.device --runs "$runs" bundle "${bundle_args[@]}" --to "$out" "${la[@]}"
+}
+# TERM ends the loop between bundles: bash runs the trap only once a running bundle has finished.
+start_bundler() {
+  ( trap 'exit 0' TERM; while true; do sleep "${LINEARIZE_BUNDLE_EVERY:-120}" & wait $!; bundle_now > /dev/null 2>&1; done ) &
+  bundler=$!
+}
+bundler=""
 if [ "$left" -le 20 ]; then
   rc=124; echo "== no time left for runs this call"; logs=("$log")
 elif [ "${#lanes[@]}" -gt 0 ]; then
@@ -79,6 +90,7 @@ elif [ "${#lanes[@]}" -gt 0 ]; then
       > "$lane_log" 2>&1 &
     pids+=($!)
   done
+  start_bundler
   # one lane's progress on the console (the others are in their logs, which come back in the bundle)
   tail -n +1 -f "${logs[0]}" --pid "${pids[0]}" &
   rc=0
@@ -89,7 +101,8 @@ elif [ "${#lanes[@]}" -gt 0 ]; then
     [ "$r" -ne 0 ] && rc=$r
   done
 else
-  logs=("$log")
+  logs=("$log"); : > "$log"
+  start_bundler
   echo "== ${cmd[*]}: ${left}s before the deadline; log $log"
   timeout -s KILL "$left" python3 -m linearize.pipelines.device --runs "$runs" "${cmd[@]}" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
@@ -97,7 +110,8 @@ else
 fi
 
 # 4. what comes back
-log_args=(); for l in "${logs[@]}"; do log_args+=(--log "$l"); done
-python3 -m linearize.pipelines.device --runs "$runs" bundle "${bundle_args[@]}" --to "$out" "${log_args[@]}"
+if [ -n "$bundler" ]; then kill "$bundler" 2>/dev/null; wait "$bundler" 2>/dev/null; fi  # lets a bundle in progress finish
+bundle_now
+rm -f "$out"/.*.tmp
 echo "== rc $rc; $(( $(date +%s) - t0 ))s in this call"
 exit 0

@@ -24,6 +24,7 @@ import argparse
 import gc
 import hashlib
 import io
+import os
 import json
 import re
 import shlex
@@ -403,7 +404,10 @@ def bundle(run_dirs: list[Path], dest: Path, name: str = "runs", log: Path | lis
     ``dest/<name>-summary.md``: two files, well inside what a device call returns (8 files)."""
     dest.mkdir(parents=True, exist_ok=True)
     tar_path = dest / f"{name}.tar.gz"
-    with tarfile.open(tar_path, "w:gz") as tar:
+    # Written beside and renamed into place: a call killed at the device's limit returns whatever is in
+    # $OUT, so a bundle must never be seen half-written (gpu_convert.sh re-bundles every few minutes).
+    tmp_tar = dest / f".{name}.tar.gz.{os.getpid()}.tmp"
+    with tarfile.open(tmp_tar, "w:gz") as tar:
         for d in run_dirs:
             if not d.is_dir():
                 continue
@@ -421,8 +425,11 @@ def bundle(run_dirs: list[Path], dest: Path, name: str = "runs", log: Path | lis
                 info = tarfile.TarInfo("logs/" + lg.name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp_tar, tar_path)
     md = dest / f"{name}-summary.md"
-    md.write_text(summary([d for d in run_dirs if d.is_dir()]))
+    tmp_md = dest / f".{name}-summary.md.{os.getpid()}.tmp"
+    tmp_md.write_text(summary([d for d in run_dirs if d.is_dir()]))
+    os.replace(tmp_md, md)
     return [tar_path, md]
 
 

@@ -142,21 +142,23 @@ def train_stage(
     sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP: reduce gradients once per step
     for step in range(start, cfg.steps):
         t_step = time.perf_counter()
-        total = 0.0
+        whole_losses = []
         for micro in range(cfg.grad_accum):
             idx = batch_rows(rows.shape[0], step, micro, cfg, seed)
             batch = rows[local_rows(idx, dist) if parallel == "data" else idx].to(device)
             if sync is not None:
                 sync(micro == cfg.grad_accum - 1)
             loss = loss_fn(model, batch) / cfg.grad_accum
-            whole = dist.all_reduce(loss.detach().clone(), reduce_op) if dist.enabled else loss
-            if not torch.isfinite(whole):
-                raise NonFiniteLossError(
-                    f"{name}: loss is {whole.item()} at step {step}; lower {name}.lr or check the data "
-                    f"(the last checkpoint in {checkpoints.root} is kept)"
-                )
+            whole_losses.append(dist.all_reduce(loss.detach().clone(), reduce_op) if dist.enabled else loss.detach())
             loss.backward()
-            total += whole.item()
+        # One host sync per step, after the backward (a check before it would stall the GPU between the
+        # forward and the backward). A non-finite loss still stops the run before the optimizer step.
+        total = torch.stack(whole_losses).sum().item()
+        if not math.isfinite(total):
+            raise NonFiniteLossError(
+                f"{name}: loss is {total} at step {step}; lower {name}.lr or check the data "
+                f"(the last checkpoint in {checkpoints.root} is kept)"
+            )
         if cfg.max_grad_norm:
             clip_grad_norm(list(params.values()), cfg.max_grad_norm, parallel, dist)
         opt.step()
