@@ -26,6 +26,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +46,14 @@ def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype,
     from linearize.pipelines.finetune import add_lora, lm_loss, lora_parameters
     from linearize.pipelines.transfer import freeze_for_transfer, set_mode, transfer_loss
 
-    model, _ = load(model_name, dtype=dtype)
+    if model_name.endswith(".json"):  # the architecture alone, random weights: timing needs no checkpoint
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        fields = json.loads(Path(model_name).read_text())
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model, _ = load(model_name, dtype=dtype)
     model.to(device)
     n_matmul = matmul_params(model)
     convert(model, LinearizeConfig(**lin_cfg))
@@ -174,7 +182,8 @@ def markdown(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="alias, .gguf, HF dir or hub id")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="alias, .gguf, HF dir or hub id; or a config.json (random weights, e.g. benchmarks/configs/smollm2-135m.json)")
     ap.add_argument("--stages", default="1,2")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
@@ -185,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
     device = torch.device(args.device)
     stages = [run_stage(args, int(s), device) for s in args.stages.split(",")]
     summary = {
