@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# On the lent 2-GPU machine (nvidia-h200-x2), from the repository root, in one call:
-#   bash scripts/bench_distributed.sh [OUT_DIR]        # default results/distributed-bench-h200x2
-# Stages the carried GGUF/wheels (scripts/device_stage.sh), then measures stage-2 tokens/s on 1 and 2 GPUs
-# with the same per-GPU batch (scripts/bench_distributed.py). NVLink multicast stays off.
-set -euo pipefail
+# On the lent 2-GPU machine (nvidia-h200-x2), from the repository root, after the SmolLM2 staging calls of
+# docs/gpu-runs.md (the GGUF must be staged; or pass BENCH_MODEL=<an HF dir>):
+#   bash scripts/bench_distributed.sh [OUT_DIR]        # default $OUT/distributed-bench, else results/distributed-bench-h200x2
+# Measures stage-2 tokens/s on 1 and 2 GPUs with the same per-GPU batch (scripts/bench_distributed.py), at
+# 8 rows per GPU (the pipeline's default; host-bound for a 135M model, see
+# benchmarks/results/train-step-h200-20261123) and at 32 rows per GPU, then runs the 2-GPU correctness test.
+# NVLink multicast stays off.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-bash scripts/device_stage.sh
-export LINEARIZE_CACHE="${LINEARIZE_CACHE:-$HOME/lcache}"
-if [ -d /tmp/site ]; then export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"; fi
+export LINEARIZE_CACHE="${LINEARIZE_CACHE:-$HOME/lcache}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+site=${LINEARIZE_SITE:-$HOME/site}
+if compgen -G ".whl/*.whl" > /dev/null && [ ! -e "$site/transformers" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+fi
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+python3 -m linearize.pipelines.carry stage --carry .carry --stage "$HOME/stage" || true
+out=${1:-${OUT:-results}/distributed-bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 scripts/bench_distributed.py --model smollm2-135m --gpus 1,2 --per-gpu-batch 8 --seq-len 1024 --steps 40 --warmup 5 \
-    --out "${1:-results/distributed-bench-h200x2}"
+for rows in 8 32; do
+  timeout 200 python3 scripts/bench_distributed.py --model "${BENCH_MODEL:-smollm2-135m}" --gpus 1,2 --per-gpu-batch "$rows" \
+    --seq-len 1024 --steps 30 --warmup 5 --out "$out/batch$rows" | tail -8
+done
 # the correctness check on CUDA/NCCL: 2 processes against 1 on a tiny model (bf16 tolerances)
-python3 -m pytest -q tests/gpu/test_distributed_cuda.py
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_distributed_cuda.py 2>&1 | tail -3

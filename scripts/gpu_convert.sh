@@ -3,6 +3,12 @@
 #
 #   bash scripts/gpu_convert.sh MODEL RUN_NAME [--config F] [--set k=v ...] [--suite full|quick|none]
 #   bash scripts/gpu_convert.sh --queue configs/queues/FILE.txt      # several runs, in order
+#   bash scripts/gpu_convert.sh --lanes Q1.txt Q2.txt ...             # queues side by side, lane i on GPU i
+#
+# Lanes: on a machine with several GPUs (nvidia-h200-x2), each queue file runs in its own process pinned to
+# one GPU (CUDA_VISIBLE_DEVICES = lane index mod GPU count), each with its own log. Lanes share the cache:
+# the GGUF->bf16 conversion and the tokenized data are written atomically, so two lanes that build the same
+# one at once both finish and keep one copy. Runs of different lanes must have different names.
 #
 # 1. installs the carried wheels (.whl/*.whl -> ~/site, once per machine);
 # 2. stages the carried pieces (.carry/**: joins, checks sha256, unpacks into ~/lcache), see
@@ -43,26 +49,69 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -m linearize.pipelines.carry stage --carry .carry --stage "$HOME/stage" || echo "staging reported a damaged file: carry its call again"
 
 # 3. the run(s), under the deadline
-log="$runs/_logs/call-$(date +%Y%m%d-%H%M%S).log"
+stamp=$(date +%Y%m%d-%H%M%S)
+log="$runs/_logs/call-$stamp.log"
+lanes=()
 if [ "$1" = "--queue" ]; then
   [ "$#" -eq 2 ] || { echo "usage: $0 --queue FILE" >&2; exit 2; }
   cmd=(queue "$2"); bundle_args=(--queue "$2")
+elif [ "$1" = "--lanes" ]; then
+  shift
+  [ "$#" -ge 1 ] || { echo "usage: $0 --lanes QUEUE_FILE..." >&2; exit 2; }
+  lanes=("$@"); bundle_args=()
+  for q in "${lanes[@]}"; do bundle_args+=(--queue "$q"); done
 else
   [ "$#" -ge 2 ] || { echo "usage: $0 MODEL RUN_NAME [options]" >&2; exit 2; }
   cmd=(run "$@"); bundle_args=("$2")
 fi
 left=$((deadline - $(date +%s)))
-python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', '| transformers', transformers.__version__, '| peft', peft.__version__)"
-echo "== ${cmd[*]}: ${left}s before the deadline; log $log"
-if [ "$left" -gt 20 ]; then
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count(), torch.cuda.get_device_name() if torch.cuda.is_available() else '', '| transformers', transformers.__version__, '| peft', peft.__version__)"
+logs=()
+# A call that reaches the device's limit returns only what is already in $OUT: bundle every 2 minutes too.
+bundle_now() {
+  local la=(); for l in "${logs[@]}"; do la+=(--log "$l"); done
+  python3 -m linearize.pipelines.device --runs "$runs" bundle "${bundle_args[@]}" --to "$out" "${la[@]}"
+}
+# TERM ends the loop between bundles: bash runs the trap only once a running bundle has finished.
+start_bundler() {
+  ( trap 'exit 0' TERM; while true; do sleep "${LINEARIZE_BUNDLE_EVERY:-120}" & wait $!; bundle_now > /dev/null 2>&1; done ) &
+  bundler=$!
+}
+bundler=""
+if [ "$left" -le 20 ]; then
+  rc=124; echo "== no time left for runs this call"; logs=("$log")
+elif [ "${#lanes[@]}" -gt 0 ]; then
+  ngpu=$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")
+  pids=()
+  for i in "${!lanes[@]}"; do
+    lane_log="$runs/_logs/call-$stamp-lane$i.log"; logs+=("$lane_log"); : > "$lane_log"
+    echo "== lane $i on GPU $((i % ngpu)): queue ${lanes[$i]}; ${left}s before the deadline; log $lane_log"
+    CUDA_VISIBLE_DEVICES=$((i % ngpu)) timeout -s KILL "$left" python3 -m linearize.pipelines.device --runs "$runs" queue "${lanes[$i]}" \
+      > "$lane_log" 2>&1 &
+    pids+=($!)
+  done
+  start_bundler
+  # one lane's progress on the console (the others are in their logs, which come back in the bundle)
+  tail -n +1 -f "${logs[0]}" --pid "${pids[0]}" &
+  rc=0
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}"; r=$?
+    echo "== lane $i exit $r"; tail -n 5 "${logs[$i]}"
+    [ "$r" -eq 137 ] && echo "== lane $i: deadline reached: killed; send the same command again to go on"
+    [ "$r" -ne 0 ] && rc=$r
+  done
+else
+  logs=("$log"); : > "$log"
+  start_bundler
+  echo "== ${cmd[*]}: ${left}s before the deadline; log $log"
   timeout -s KILL "$left" python3 -m linearize.pipelines.device --runs "$runs" "${cmd[@]}" 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 137 ] && echo "== deadline reached: killed; send the same command again to go on"
-else
-  rc=124; echo "== no time left for runs this call"
 fi
 
 # 4. what comes back
-python3 -m linearize.pipelines.device --runs "$runs" bundle "${bundle_args[@]}" --to "$out" --log "$log"
+if [ -n "$bundler" ]; then kill "$bundler" 2>/dev/null; wait "$bundler" 2>/dev/null; fi  # lets a bundle in progress finish
+bundle_now
+rm -f "$out"/.*.tmp
 echo "== rc $rc; $(( $(date +%s) - t0 ))s in this call"
 exit 0

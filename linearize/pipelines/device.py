@@ -24,6 +24,7 @@ import argparse
 import gc
 import hashlib
 import io
+import os
 import json
 import re
 import shlex
@@ -398,12 +399,15 @@ def summary(run_dirs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bundle(run_dirs: list[Path], dest: Path, name: str = "runs", log: Path | None = None) -> list[Path]:
+def bundle(run_dirs: list[Path], dest: Path, name: str = "runs", log: Path | list[Path] | None = None) -> list[Path]:
     """``dest/<name>.tar.gz`` (each run's reports, metrics, plots and eval; never weights) and
     ``dest/<name>-summary.md``: two files, well inside what a device call returns (8 files)."""
     dest.mkdir(parents=True, exist_ok=True)
     tar_path = dest / f"{name}.tar.gz"
-    with tarfile.open(tar_path, "w:gz") as tar:
+    # Written beside and renamed into place: a call killed at the device's limit returns whatever is in
+    # $OUT, so a bundle must never be seen half-written (gpu_convert.sh re-bundles every few minutes).
+    tmp_tar = dest / f".{name}.tar.gz.{os.getpid()}.tmp"
+    with tarfile.open(tmp_tar, "w:gz") as tar:
         for d in run_dirs:
             if not d.is_dir():
                 continue
@@ -414,13 +418,18 @@ def bundle(run_dirs: list[Path], dest: Path, name: str = "runs", log: Path | Non
         for d in {d.parent / "_base" for d in run_dirs}:
             for f in sorted(d.glob("*/*.json")) if d.is_dir() else []:  # the base models' eval results: seeds for later sessions
                 tar.add(f, arcname=f"_base/{f.parent.name}/{f.name}")
-        if log is not None and log.is_file():
-            data = log.read_bytes()[-2_000_000:]  # the tail: progress bars can make a long log
-            info = tarfile.TarInfo("logs/" + log.name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+        logs = [log] if isinstance(log, Path) else list(log or [])
+        for lg in logs:
+            if lg.is_file():
+                data = lg.read_bytes()[-2_000_000:]  # the tail: progress bars can make a long log
+                info = tarfile.TarInfo("logs/" + lg.name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp_tar, tar_path)
     md = dest / f"{name}-summary.md"
-    md.write_text(summary([d for d in run_dirs if d.is_dir()]))
+    tmp_md = dest / f".{name}-summary.md.{os.getpid()}.tmp"
+    tmp_md.write_text(summary([d for d in run_dirs if d.is_dir()]))
+    os.replace(tmp_md, md)
     return [tar_path, md]
 
 
@@ -436,10 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("file", type=Path)
     b = sub.add_parser("bundle", help="reports, metrics, plots and eval of runs into DIR (a tar.gz and a summary)")
     b.add_argument("names", nargs="*", help="run names (or give --queue)")
-    b.add_argument("--queue", type=Path, default=None)
+    b.add_argument("--queue", type=Path, action="append", default=[], help="a queue file whose runs to bundle (repeatable)")
     b.add_argument("--to", type=Path, required=True)
     b.add_argument("--name", default="runs", help="file name stem in DIR")
-    b.add_argument("--log", type=Path, default=None, help="a log whose tail goes into the tar")
+    b.add_argument("--log", type=Path, action="append", default=[], help="a log whose tail goes into the tar (repeatable)")
     args = ap.parse_args(argv)
     runs = args.runs.expanduser()
     runs.mkdir(parents=True, exist_ok=True)
@@ -455,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         phases = run_queue(args.file, runs)
         print(json.dumps(phases))
         return 0 if all(p.startswith("done") for p in phases.values()) else 3
-    names = list(args.names) + ([a[1] for a in parse_queue(args.queue)] if args.queue else [])
+    names = list(dict.fromkeys(list(args.names) + [a[1] for q in args.queue for a in parse_queue(q)]))
     if not names:
         ap.error("bundle: give run names or --queue")
     paths = bundle([runs / n for n in names], args.to.expanduser(), args.name, args.log)

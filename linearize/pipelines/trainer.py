@@ -154,21 +154,19 @@ def train_stage(
             loss = loss_fn(model, batch) / cfg.grad_accum
             micro_losses.append(loss.detach().float())
             loss.backward()
-        # one reduction per step, after the backward passes: a collective per micro-batch would hold every rank
-        # at each one (a pipelined stage 1 could not overlap a rank's backward with the next rank's forward)
+        # One host sync and one loss reduction per step, after the backward passes: a check before the backward
+        # would stall the GPU between forward and backward, and a collective per micro-batch would hold every
+        # rank at each one (a pipelined stage 1 could not overlap a rank's backward with the next rank's forward).
+        # A non-finite loss still stops the run before the optimizer step.
         whole = torch.stack(micro_losses)
         if dist.enabled:
-            whole = dist.all_reduce(whole, reduce_op)
-        values = whole.tolist()
-        bad = [v for v in values if not math.isfinite(v)]
-        if bad:  # before the optimizer step: the weights and the last checkpoint stay good
+            whole = dist.all_reduce(whole, reduce_op)  # (per micro-batch, over ranks)
+        total = whole.sum().item()
+        if not math.isfinite(total):
             raise NonFiniteLossError(
-                f"{name}: loss is {bad[0]} at step {step}; lower {name}.lr or check the data "
+                f"{name}: loss is {total} at step {step}; lower {name}.lr or check the data "
                 f"(the last checkpoint in {checkpoints.root} is kept)"
             )
-        total = 0.0
-        for v in values:  # (the order of the former per-micro-batch sum)
-            total += v
         if cfg.max_grad_norm:
             clip_grad_norm(list(params.values()), cfg.max_grad_norm, parallel, dist)
         opt.step()

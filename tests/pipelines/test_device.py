@@ -157,3 +157,27 @@ def test_every_config_file_builds(monkeypatch):
         for line in device.parse_queue(q):
             args = device.parser_run(argparse.ArgumentParser()).parse_args(line)
             build_config(None if args.preset == "none" else args.preset, args.config, args.sets, model=args.model)
+
+
+def test_bundle_of_lanes_takes_every_queue_and_log(tmp_path):
+    """`gpu_convert.sh --lanes Q1 Q2` bundles the runs of every lane's queue and every lane's log."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    queues, logs = [], []
+    for i, names in enumerate((["a", "b"], ["c", "a"])):  # a run named in two queues is bundled once
+        q = tmp_path / f"q{i}.txt"
+        q.write_text("".join(f"smollm2-135m {n} --suite quick\n" for n in names))
+        queues.append(q)
+        lg = tmp_path / f"lane{i}.log"
+        lg.write_text(f"lane {i}\n")
+        logs.append(lg)
+    for n in "abc":
+        device._status(runs / n, run=n, phase="waiting", missing=["model"])
+    argv = ["--runs", str(runs), "bundle", "--to", str(out)]
+    for q, lg in zip(queues, logs):
+        argv += ["--queue", str(q), "--log", str(lg)]
+    assert device.main(argv) == 0
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = tar.getnames()
+    assert {"logs/lane0.log", "logs/lane1.log"} <= set(names)
+    md = (out / "runs-summary.md").read_text()
+    assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "waiting" in line] == ["a", "b", "c"]

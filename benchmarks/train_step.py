@@ -1,0 +1,216 @@
+"""Training-step throughput of the two conversion stages, and where a step's time goes.
+
+    python benchmarks/train_step.py --model smollm2-135m --batch 8 --seq-len 1024 --out benchmarks/results/train-step
+
+Each stage runs the pipeline's own loss functions (``transfer_loss`` for stage 1, ``lm_loss`` through peft
+LoRA for stage 2) with AdamW on random token batches (throughput does not depend on what the tokens say),
+single process. Per step: CUDA-event time of forward + backward + optimizer step (median over the timed
+steps after ``--warmup``), and host wall time. With ``--profile N``, N more steps run under
+torch.profiler; the report gives the GPU-busy fraction (the union of kernel intervals over the wall
+time: far under 1 means the step is bound by the host launching kernels, not by the GPU), kernels per
+step, and the top kernels and host ops.
+
+FLOP model (stated, not measured): a dense forward is 2 N flops per token (N = parameters in matmuls,
+embeddings excluded, LM head included). Stage 2 trains adapters only, so its backward computes input
+gradients (2 N per token) but no base-weight gradients: ~4 N per token plus attention. Stage 1 runs the
+frozen forward once (2 N) and, per converted layer, the hybrid attention beside the softmax one; its backward
+reaches only the feature maps. Attention FLOPs are left out of both (small at 1K tokens for these models),
+so the achieved TFLOP/s shown are lower bounds.
+
+Writes OUT/train_step.json and OUT/train_step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that enter matmuls per token: every Linear's weight (the LM head included)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype, lin_cfg: dict):
+    """The model as the pipeline trains it in ``stage``, its trainable parameters, and the loss function."""
+    from linearize import LinearizeConfig, convert
+    from linearize.models import load
+    from linearize.pipelines.config import LoraConfig
+    from linearize.pipelines.finetune import add_lora, lm_loss, lora_parameters
+    from linearize.pipelines.transfer import freeze_for_transfer, set_mode, transfer_loss
+
+    if model_name.endswith(".json"):  # the architecture alone, random weights: timing needs no checkpoint
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        fields = json.loads(Path(model_name).read_text())
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        model, _ = load(model_name, dtype=dtype)
+    model.to(device)
+    n_matmul = matmul_params(model)
+    convert(model, LinearizeConfig(**lin_cfg))
+    model.to(device)
+    if stage == 1:
+        params = freeze_for_transfer(model)
+        return model, params, transfer_loss, n_matmul
+    for p in model.parameters():
+        p.requires_grad_(False)
+    set_mode(model, "hybrid")
+    peft_model = add_lora(model, LoraConfig())
+    return peft_model, lora_parameters(peft_model), lm_loss, n_matmul
+
+
+def gpu_busy(prof, wall_s: float) -> tuple[float, int, list[dict], list[dict]]:
+    """(union of kernel intervals / wall, kernels, top kernels, top host ops) from a finished profiler."""
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    avgs = prof.key_averages()
+    kern = sorted((a for a in avgs if a.device_type.name == "CUDA" or getattr(a, "self_device_time_total", 0) > 0),
+                  key=lambda a: a.self_device_time_total, reverse=True)
+    top_k = [{"name": a.key[:90], "calls": a.count, "ms_total": a.self_device_time_total / 1e3} for a in kern[:15]]
+    host = sorted(avgs, key=lambda a: a.self_cpu_time_total, reverse=True)
+    top_h = [{"name": a.key[:90], "calls": a.count, "ms_total": a.self_cpu_time_total / 1e3} for a in host[:15]]
+    return busy / 1e6 / wall_s, len(events), top_k, top_h
+
+
+def run_stage(args, stage: int, device: torch.device) -> dict:
+    from linearize.pipelines.transfer import autocast  # noqa: F401  (the loss functions autocast themselves)
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, params, loss_fn, n_matmul = build(args.model, stage, device, dtype, json.loads(args.linearize))
+    vocab = model.config.vocab_size
+    opt = torch.optim.AdamW(list(params.values()), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (args.batch, args.seq_len), generator=g).to(device) for _ in range(4)]
+    model.train()
+
+    def step(i: int) -> None:
+        loss = loss_fn(model, batches[i % len(batches)])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for i in range(args.warmup):
+        step(i)
+    sync()
+    gpu_ms, wall_ms = [], []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step(i)
+            b.record()
+            b.synchronize()
+            gpu_ms.append(a.elapsed_time(b))
+        else:
+            step(i)
+        wall_ms.append((time.perf_counter() - t0) * 1e3)
+    tokens = args.batch * args.seq_len
+    med = statistics.median(gpu_ms or wall_ms)
+    per_token = 4 * n_matmul if stage == 2 else 2 * n_matmul
+    out = {
+        "stage": stage, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
+        "trainable_params": sum(p.numel() for p in params.values()), "matmul_params": n_matmul,
+        "step_ms_median": med, "step_ms_min": min(gpu_ms or wall_ms), "wall_ms_median": statistics.median(wall_ms),
+        "tokens_per_s": tokens / med * 1e3, "flop_model_per_token": per_token,
+        "tflops_lower_bound": per_token * tokens / med / 1e9,
+        "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+    }
+    if args.profile > 0:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sync()
+        with profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            for i in range(args.profile):
+                step(i)
+            sync()
+            wall = time.perf_counter() - t0
+        busy, n_kernels, top_k, top_h = gpu_busy(prof, wall)
+        out["profile"] = {"steps": args.profile, "wall_ms_per_step": wall / args.profile * 1e3,
+                          "gpu_busy_fraction": busy if device.type == "cuda" else None,
+                          "kernels_per_step": n_kernels / args.profile, "top_kernels": top_k, "top_host_ops": top_h}
+    del model, params, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# Training step, {summary['model']}", "",
+             f"Device {summary['device']}; torch {summary['torch']}; batch {summary['batch']} x {summary['seq_len']} tokens; "
+             f"linearize config {summary['linearize']}; median of {summary['steps']} steps after {summary['warmup']} warm-up.", "",
+             "| stage | step ms (median) | host wall ms | tokens/s | TFLOP/s (lower bound) | GPU busy | kernels/step | peak MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["stages"]:
+        p = r.get("profile", {})
+        busy = p.get("gpu_busy_fraction")
+        lines.append(f"| {r['stage']} | {r['step_ms_median']:.1f} | {r['wall_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['tflops_lower_bound']:.1f} | {'–' if busy is None else f'{100 * busy:.0f}%'} | "
+                     f"{p.get('kernels_per_step', 0):.0f} | {r['peak_mem_mib'] or 0:,.0f} |")
+    for r in summary["stages"]:
+        if "profile" not in r:
+            continue
+        lines += ["", f"## Stage {r['stage']}: top kernels ({r['profile']['steps']} profiled steps)", "", "| kernel | calls | ms |", "|---|---:|---:|"]
+        lines += [f"| `{k['name']}` | {k['calls']} | {k['ms_total']:.2f} |" for k in r["profile"]["top_kernels"]]
+        lines += ["", f"## Stage {r['stage']}: top host ops", "", "| op | calls | self ms |", "|---|---:|---:|"]
+        lines += [f"| `{k['name']}` | {k['calls']} | {k['ms_total']:.2f} |" for k in r["profile"]["top_host_ops"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="alias, .gguf, HF dir or hub id; or a config.json (random weights, e.g. benchmarks/configs/smollm2-135m.json)")
+    ap.add_argument("--stages", default="1,2")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--profile", type=int, default=3, help="steps under torch.profiler (0: none)")
+    ap.add_argument("--linearize", default="{}", help="LinearizeConfig fields as JSON")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+    device = torch.device(args.device)
+    stages = [run_stage(args, int(s), device) for s in args.stages.split(",")]
+    summary = {
+        "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
+        "linearize": args.linearize, "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "stages": stages,
+    }
+    md = markdown(summary)
+    print(md)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_step.json").write_text(json.dumps(summary, indent=2))
+        (args.out / "train_step.md").write_text(md)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
