@@ -1,13 +1,13 @@
 """Two CUDA processes (NCCL, FSDP2 with bf16 all-gathers / fp32 reductions) against one, on a tiny model.
 
-The CPU tests (tests/pipelines/test_distributed.py) check equality in fp32 with gloo; here the same
-runs go through NCCL and bf16 autocast, so the tolerances are bf16's. Both placements run: ``sharded``
-(the default with several processes: stage 1 a pipeline of blocks sending boundary states over NCCL,
-everything else on FSDP2 shards built from the CPU, export merged on rank 0's CPU) and ``replicate``.
-A larger random model (1.6 GB of bf16 weights) then shows that under the sharded placement no GPU's
-peak comes near the model's size, while under the replicated one every GPU holds all of it.
+The CPU tests (tests/pipelines/test_distributed.py) check equality in fp32 with gloo, for both placements;
+here the same runs go through NCCL and bf16 autocast, so the tolerances are bf16's. The 2-GPU runs use the
+default ``sharded`` placement (stage 1 a pipeline of blocks sending boundary states over NCCL, everything
+else on FSDP2 shards built from the CPU, export merged on rank 0's CPU). A larger random model (1.6 GB of
+bf16 weights) then shows that no GPU's peak comes near the model's size; a ``replicate`` run of it shows
+the other placement still runs (and holds the whole model on each GPU).
 
-    python -m pytest -q tests/gpu/test_distributed_cuda.py      # on a host with 2 GPUs (about 3 min)
+    timeout 540 python -m pytest -q tests/gpu/test_distributed_cuda.py      # on a host with 2 GPUs
 """
 
 import json
@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.pipelines.test_distributed import losses, overrides, run_and_kill, run_ok
 from tests.pipelines.test_resume import env, metric_lines
@@ -42,50 +41,40 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("cuda-dist")
     model_dir, text = make_model_dir(base / "tiny"), make_text(base / "text.txt")
     environ = env(base / "cache") | NO_MULTICAST
-    paths = {"one": base / "one", "sharded": base / "two", "replicate": base / "two-replicate"}
-    run_ok(command(model_dir, paths["one"], text, 1), environ)
-    run_ok(command(model_dir, paths["sharded"], text, 2), environ)
-    run_ok(command(model_dir, paths["replicate"], text, 2, "placement=replicate"), environ)
-    return paths | {"model_dir": model_dir, "text": text, "env": environ, "base": base}
+    one, two = base / "one", base / "two"
+    run_ok(command(model_dir, one, text, 1), environ)
+    run_ok(command(model_dir, two, text, 2), environ)
+    return {"one": one, "two": two, "model_dir": model_dir, "text": text, "env": environ, "base": base}
 
 
-@pytest.mark.parametrize("placement", ["sharded", "replicate"])
-def test_two_gpus_equal_one(runs, placement):
-    one, two = runs["one"], runs[placement]
+def test_two_gpus_equal_one(runs):
+    """Stage 1 pipelined over 2 GPUs equals one GPU training every layer; stage 2 (FSDP2) equals one GPU's steps."""
+    one, two = runs["one"], runs["two"]
     for stage in ("stage1", "stage2"):
         a, b = torch.tensor(losses(one, stage)), torch.tensor(losses(two, stage))
         assert len(a) == len(b) == 6
         torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-6)
     r1, r2 = report(one), report(two)
-    assert r2["environment"]["processes"] == 2 and r2["environment"]["placement"] == placement
-    for key in ("base", "swapped", "stage1", "stage2"):
+    assert r2["environment"]["processes"] == 2 and r2["environment"]["placement"] == "sharded"
+    for key in ("base", "swapped", "stage1", "stage2"):  # (2 GPUs: on the FSDP shards, every rank in every forward)
         assert r2["evals"][key]["ppl"] == pytest.approx(r1["evals"][key]["ppl"], rel=2e-2)
 
 
-def test_pipelined_stage1_equals_block_wise(runs):
-    """Boundary states sent over NCCL give the blocks the inputs the frozen forward on every rank gives them."""
-    a, b = torch.tensor(losses(runs["replicate"], "stage1")), torch.tensor(losses(runs["sharded"], "stage1"))
-    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-7)  # (the same bf16 kernels on the same inputs)
-    w1, w2 = (load_file(runs[k] / "stage1_final.safetensors") for k in ("replicate", "sharded"))
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-2, atol=1e-4, msg=lambda m: f"{k}: {m}")
-
-
 def test_sharded_ranks_hold_only_their_share(runs):
-    held = report(runs["sharded"])["placement"]
+    held = report(runs["two"])["placement"]
     for h in held["stage1"]:
         assert h["layers_here"] == list(range(*h["span"])) and h["embeddings_here"] == (h["rank"] == 0)
         assert h["off_meta_devices"] == ["cuda"] and h["bytes_here"] < 0.6 * h["model_bytes"]
     assert len(held["stage2"]) == 2
 
 
-def test_sharded_export_loads_and_matches_replicate(runs):
-    """Rank 0 merged the adapters on its CPU (sharded) or its GPU (replicate): the same model, to bf16 rounding."""
-    import linearize  # noqa: F401
+def test_sharded_export_loads_and_matches_one_gpu(runs):
+    """Rank 0 merged the adapters on its CPU: the export loads with from_pretrained and gives the 1-GPU export's outputs."""
+    import linearize
     from transformers import AutoModelForCausalLM
 
-    a, b = (AutoModelForCausalLM.from_pretrained(runs[k] / "model", dtype=torch.float32).cuda().eval() for k in ("replicate", "sharded"))
+    a, b = (AutoModelForCausalLM.from_pretrained(runs[k] / "model", dtype=torch.float32).cuda().eval() for k in ("one", "two"))
+    assert linearize.is_linearized(b)
     ids = torch.randint(3, 32, (2, 20), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         la, lb = a(input_ids=ids).logits, b(input_ids=ids).logits
@@ -93,17 +82,14 @@ def test_sharded_export_loads_and_matches_replicate(runs):
 
 
 def test_killed_sharded_run_resumes(runs):
-    """Killed mid stage 1 on 2 GPUs (sharded: the pipeline), resumed on 2 GPUs and killed mid stage 2 (FSDP shards),
-    resumed on 2 GPUs to the end: the same run, to bf16 tolerance."""
+    """Killed mid stage 2 on 2 GPUs (FSDP shards from the CPU), resumed on 2 GPUs to the end: the same run, to bf16
+    tolerance. (The CPU test also kills one mid stage 1 and resumes the pipeline.)"""
     out = runs["base"] / "killed"
     model_dir, text, environ = runs["model_dir"], runs["text"], runs["env"]
-    latest = lambda: json.loads((out / "checkpoints" / "LATEST").read_text())  # noqa: E731
-    run_and_kill(command(model_dir, out, text, 2), environ, out, "stage1", 3)
-    assert latest()["stage"] == "stage1"
-    run_and_kill(command(model_dir, out, text, 2, resume=True), environ, out, "stage2", 3)
-    assert latest()["stage"] == "stage2"
+    run_and_kill(command(model_dir, out, text, 2), environ, out, "stage2", 3)
+    assert json.loads((out / "checkpoints" / "LATEST").read_text())["stage"] == "stage2"
     run_ok(command(model_dir, out, text, 2, resume=True), environ)
-    ref = runs["sharded"]
+    ref = runs["two"]
     assert [(l["stage"], l["step"]) for l in metric_lines(out)] == [(l["stage"], l["step"]) for l in metric_lines(ref)]
     for stage in ("stage1", "stage2"):
         torch.testing.assert_close(torch.tensor(losses(out, stage)), torch.tensor(losses(ref, stage)), rtol=1e-2, atol=1e-6)
@@ -128,15 +114,15 @@ def _large_model_dir(path):
     return small, bytes_
 
 
-def test_sharded_gpus_never_hold_the_whole_model(runs):
-    """Per-rank CUDA peaks (max_memory_allocated over the whole run, before rank 0's CPU export): sharded well under
-    the model's weights on both GPUs, replicated over them."""
+def test_no_gpu_holds_the_whole_model(runs):
+    """Per-rank CUDA peaks (max_memory_allocated over the whole run, before rank 0's CPU export) of a sharded run stay
+    well under the model's weights on both GPUs; a replicated run holds all of them on each."""
     model_dir, model_bytes = _large_model_dir(runs["base"] / "large")
     short = ["stage1.steps=2", "stage2.steps=2", "checkpoint_every=2", "stage1.grad_accum=1", "stage2.grad_accum=1"]
     peaks = {}
     for placement in ("sharded", "replicate"):
         out = runs["base"] / f"large-{placement}"
-        run_ok(command(model_dir, out, runs["text"], 2, f"placement={placement}", *short), runs["env"], timeout=900)
+        run_ok(command(model_dir, out, runs["text"], 2, f"placement={placement}", *short), runs["env"], timeout=300)
         peaks[placement] = [mb * 2**20 for mb in report(out)["peak_memory_mb_per_rank"]]
     print(f"model {model_bytes / 2**30:.2f} GiB; peaks per rank (GiB): "
           + "; ".join(f"{k} {[round(p / 2**30, 2) for p in v]}" for k, v in peaks.items()))
