@@ -22,5 +22,7 @@ for rows in 8 32; do
   timeout 200 python3 scripts/bench_distributed.py --model "${BENCH_MODEL:-smollm2-135m}" --gpus 1,2 --per-gpu-batch "$rows" \
     --seq-len 1024 --steps 30 --warmup 5 --out "$out/batch$rows" | tail -8
 done
-# the correctness check on CUDA/NCCL: 2 processes against 1 on a tiny model (bf16 tolerances)
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_distributed_cuda.py 2>&1 | tail -3
+# the correctness checks on CUDA/NCCL that need only the two set-up runs (2 processes sharded against 1, the
+# layers each rank held, the export); the whole file (+ a kill/resume and a 1.6 GB model's per-rank peaks)
+# takes 4-6 min: `python3 -m pytest -q -s tests/gpu/test_distributed_cuda.py` as a call of its own
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_distributed_cuda.py -k "equal_one or hold_only or matches_one_gpu" 2>&1 | tail -3
