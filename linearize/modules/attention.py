@@ -168,9 +168,12 @@ class LinearizedAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
+        cache=None,
         past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        # transformers >= 5.24 passes the layer's cache as ``cache`` (``past_key_values`` before)
+        past_key_values = cache if cache is not None else past_key_values
         padding_mask = kwargs.pop(PADDING_MASK_KWARG, None)
         for unused in ("position_ids", "use_cache", "cache_position", "output_attentions"):
             kwargs.pop(unused, None)
