@@ -169,8 +169,11 @@ class LinearizedAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
+        # transformers >= 5.24 hands the cache to attention layers as ``cache`` (``past_key_values`` before)
+        cache = cache if cache is not None else past_key_values
         padding_mask = kwargs.pop(PADDING_MASK_KWARG, None)
         for unused in ("position_ids", "use_cache", "cache_position", "output_attentions"):
             kwargs.pop(unused, None)
@@ -178,19 +181,19 @@ class LinearizedAttention(nn.Module):
         q, k, v = self.qkv(hidden_states, position_embeddings)
 
         if self.mode == "softmax":
-            if past_key_values is not None:
+            if cache is not None:
                 raise RuntimeError("softmax mode of a linearized layer cannot use a cache; pass use_cache=False")
             y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
         else:
             key_mask = _new_token_mask(padding_mask, B, T)
             if self.mode == "transfer":
-                if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
+                if cache is not None and cache.get_seq_length(self.layer_idx) > 0:
                     raise RuntimeError("attention transfer runs on whole sequences; pass use_cache=False")
                 y_hybrid = self.hybrid_attention(q, k, v, key_mask, None)
                 y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
                 self.transfer_outputs = (y_hybrid.reshape(B, T, -1), y.reshape(B, T, -1))
             else:
-                y = self.hybrid_attention(q, k, v, key_mask, past_key_values)
+                y = self.hybrid_attention(q, k, v, key_mask, cache)
         return self.o_proj(y.reshape(B, T, -1)), None
 
 
