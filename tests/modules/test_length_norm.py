@@ -5,8 +5,12 @@ Checked against a plain reference (counts by brute force, ``hybrid_attention_ref
 phi_q, fp64), and cached prefill / decode (ordered and ring) against the full forward, padded batches.
 """
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, DynamicCache
 
 import linearize
@@ -17,6 +21,7 @@ from linearize.modules.attention import PADDING_MASK_KWARG
 from linearize.modules.cache import HybridCacheLayer
 from linearize.modules.length_norm import length_scale, linear_key_counts
 from linearize.ops import hybrid_attention_reference
+from linearize.pipelines.config import build_config, config_from_dict
 from linearize.ops.ring import RingState
 from linearize.pipelines.transfer import freeze_for_transfer, transfer_loss
 
@@ -305,3 +310,19 @@ def test_bad_settings_are_one_line_errors(kw):
     with pytest.raises(ValueError, match=f"LinearizeConfig.{next(iter(kw))}") as e:
         LinearizeConfig(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_settings_round_trip_through_overrides_yaml_and_the_ablation_file(tmp_path):
+    cfg = build_config(None, None, ["linearize.length_norm=true", "linearize.length_norm_from=128"])
+    assert cfg.linearize.length_norm is True and cfg.linearize.length_norm_from == 128
+    assert config_from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+    f = tmp_path / "c.yaml"
+    f.write_text("linearize: {length_norm: true, length_norm_from: 64}\n")
+    assert build_config(None, f).linearize == LinearizeConfig(length_norm=True, length_norm_from=64)
+    with pytest.raises(ValueError, match="--set linearize.length_norm_from=0: invalid LinearizeConfig.length_norm_from"):
+        build_config(None, None, ["linearize.length_norm_from=0"])
+    root = Path(__file__).resolve().parents[2]
+    plain = build_config("full", root / "configs/ablations/smollm2-plain.yaml")
+    normed = build_config("full", root / "configs/ablations/smollm2-lennorm.yaml")
+    assert normed.linearize == LinearizeConfig(**(plain.linearize.to_dict() | {"length_norm": True, "length_norm_from": 256}))
+    assert dataclasses.replace(normed, linearize=plain.linearize) == plain  # nothing else differs
