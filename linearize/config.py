@@ -23,6 +23,14 @@ class LinearizeConfig:
         local layers, Qwen's optional sliding layers). Off by default: those layers already decode with a
         bounded KV cache, and their teacher never looks past its window.
     chunk_size: query chunk of the PyTorch path (memory O(T * (window + chunk))).
+    length_norm: learn a per-head power-law decay of the linear part with the number of keys it sums.
+        The linear part sums phi_q . phi_k over every valid key older than the window, so its share of
+        the shared normalizer grows ~linearly with that count n, while softmax mass on distant keys grows
+        sub-linearly (RoPE's long-range decay): trained at one length, the window/linear balance drifts at
+        another. On, phi_q of query i is scaled by (L0 / max(n_i, L0)) ** alpha_h, alpha_h a learned
+        ``length_alpha`` [H] that starts at 0 (the plain recipe), so the linear mass grows like
+        n^(1 - alpha) past L0.
+    length_norm_from: L0 of ``length_norm``, the key count below which the linear part is not rescaled.
     """
 
     window: int = 64
@@ -34,6 +42,8 @@ class LinearizeConfig:
     softmax_layers: list[int] = field(default_factory=list)
     convert_sliding_layers: bool = False
     chunk_size: int = 64
+    length_norm: bool = False
+    length_norm_from: int = 256
 
     def __post_init__(self) -> None:
         from .modules.feature_maps import FEATURE_MAPS
@@ -51,6 +61,10 @@ class LinearizeConfig:
             raise bad("window_weight_init", "must be in (0, 1) (it is a sigmoid)")
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise bad("chunk_size", "must be an int >= 1")
+        if not isinstance(self.length_norm, bool):
+            raise bad("length_norm", "must be true or false")
+        if not isinstance(self.length_norm_from, int) or isinstance(self.length_norm_from, bool) or self.length_norm_from < 1:
+            raise bad("length_norm_from", "must be an int >= 1")
         for name in ("layers", "softmax_layers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in value)):

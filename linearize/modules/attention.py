@@ -2,7 +2,7 @@
 
 It keeps the base module's ``q_proj/k_proj/v_proj/o_proj`` (and ``q_norm/k_norm``) as the same objects
 under the same names, so peft's usual LoRA targets and the checkpoint keys stay what they were; it adds
-two feature maps and a per-head window weight.
+two feature maps, a per-head window weight and, with ``length_norm``, a per-head length exponent.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..config import LinearizeConfig
 from ..ops import HybridState, hybrid_attention_stateful, hybrid_attention_step
-from ..ops.ring import ring_kernel_serves, ring_step
+from ..ops.ring import ring_kernel_serves, ring_step, ring_tail_mask
 from .cache import hybrid_cache_layer
 from .feature_maps import build_feature_map
+from .length_norm import linear_key_counts, scale_phi_q
 
 #: kwarg that carries the 2D padding mask [B, past + T] from the model's forward to each layer
 PADDING_MASK_KWARG = "linearize_padding_mask"
@@ -73,6 +74,9 @@ class LinearizedAttention(nn.Module):
         self.feature_map_k = build_feature_map(config.feature_map, key_heads, self.head_dim, config.feature_dim)
         self.window_weight_init = config.window_weight_init
         self.window_logit = nn.Parameter(torch.empty(self.num_heads))
+        self.length_norm_from = config.length_norm_from
+        # alpha [H] of LinearizeConfig.length_norm; absent when off, so plain checkpoints keep their keys
+        self.length_alpha = nn.Parameter(torch.empty(self.num_heads)) if config.length_norm else None
         self.reset_parameters()
         ref = self.q_proj.weight
         self.to(device=ref.device, dtype=ref.dtype)
@@ -81,10 +85,13 @@ class LinearizedAttention(nn.Module):
         self.transfer_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reset_parameters(self) -> None:
-        """Initialise what conversion added: identity-slice feature maps and gamma = window_weight_init."""
+        """Initialise what conversion added: identity-slice feature maps, gamma = window_weight_init and
+        length exponents 0 (no length normalization: the plain recipe)."""
         p = self.window_weight_init
         with torch.no_grad():
             self.window_logit.fill_(math.log(p / (1 - p)))
+            if self.length_alpha is not None:
+                self.length_alpha.zero_()
         self.feature_map_q.reset_parameters()
         self.feature_map_k.reset_parameters()
 
@@ -97,6 +104,7 @@ class LinearizedAttention(nn.Module):
         return (
             f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
             f"window={self.window}, feature_map={self.feature_map_q.name}, F={self.feature_map_q.output_dim}"
+            + (f", length_norm_from={self.length_norm_from}" if self.length_alpha is not None else "")
         )
 
     def qkv(
@@ -135,31 +143,52 @@ class LinearizedAttention(nn.Module):
         """[B,T,H,D] through the hybrid attention, continuing and updating ``cache`` if given."""
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
         args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
+        B, T = q.shape[:2]
+        # what the cache counts (valid tokens) only when length normalization needs it
+        valid = None
+        if self.length_alpha is not None:
+            valid = key_mask if key_mask is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
         if cache is None:
+            if valid is not None:
+                phi_q = self._length_scaled(phi_q, linear_key_counts(valid, self.window))
             y, _ = hybrid_attention_stateful(q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, **args)
             return y
         layer = hybrid_cache_layer(cache, self.layer_idx, self.window)
-        T = q.shape[1]
+        if valid is not None and layer.has_state and layer.valid_count is None:
+            raise RuntimeError(f"layer {self.layer_idx} of the cache was filled without length_norm's token counts; use a fresh cache")
         if layer.has_state and T == 1:
             if self._decode_in_place(layer, q, k, v, phi_q, phi_k, args["window_weight"]):
                 # the Triton kernel updates the layer's ring state in place (no new tensors, no host sync)
                 ring = layer.ring_state()
+                if valid is not None:
+                    phi_q = self._length_scaled(phi_q, linear_key_counts(valid, self.window, layer.valid_count, ring_tail_mask(ring)))
                 y = ring_step(q, k, v, phi_q, phi_k, ring, window_weight=args["window_weight"], scale=self.scaling, attention_mask=key_mask)
-                layer.advance(T)
+                layer.advance(T, valid)
                 return y
-            y, state = hybrid_attention_step(q, k, v, phi_q, phi_k, layer.hybrid_state(), **args)
+            state = layer.hybrid_state()
+            if valid is not None:
+                phi_q = self._length_scaled(phi_q, linear_key_counts(valid, self.window, layer.valid_count, state.mask))
+            y, state = hybrid_attention_step(q, k, v, phi_q, phi_k, state, **args)
         else:
+            state = layer.hybrid_state()
+            if valid is not None:
+                tail = state.mask if state is not None else None
+                phi_q = self._length_scaled(phi_q, linear_key_counts(valid, self.window, layer.valid_count, tail))
             y, state = hybrid_attention_stateful(
-                q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, initial_state=layer.hybrid_state(), output_final_state=True, **args
+                q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, initial_state=state, output_final_state=True, **args
             )
-        layer.update_state(_detached(state), T)
+        layer.update_state(_detached(state), T, valid)
         return y
 
-    @staticmethod
-    def _decode_in_place(layer, q, k, v, phi_q, phi_k, gamma) -> bool:
+    def _length_scaled(self, phi_q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """phi_q [B,T,H,F] scaled for ``length_norm`` by the linear-set key counts [B,T] of its queries."""
+        return scale_phi_q(phi_q, counts, self.length_alpha, self.length_norm_from)
+
+    def _decode_in_place(self, layer, q, k, v, phi_q, phi_k, gamma) -> bool:
         """Decode on the ring state with the Triton kernel: on CUDA when it serves these inputs, and when
         no gradient is wanted (the kernel has no backward; training through a cache keeps the step)."""
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, phi_q, phi_k, gamma)):
+        wanted = (q, k, v, phi_q, phi_k, gamma) + ((self.length_alpha,) if self.length_alpha is not None else ())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in wanted):
             return False
         return ring_kernel_serves(q, k, v, phi_q, phi_k, layer.held)
 
@@ -168,12 +197,12 @@ class LinearizedAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        cache=None,
         past_key_values=None,
+        cache=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        # transformers >= 5.24 passes the layer's cache as ``cache`` (``past_key_values`` before)
-        past_key_values = cache if cache is not None else past_key_values
+        # transformers >= 5.24 hands the cache to attention layers as ``cache`` (``past_key_values`` before)
+        cache = cache if cache is not None else past_key_values
         padding_mask = kwargs.pop(PADDING_MASK_KWARG, None)
         for unused in ("position_ids", "use_cache", "cache_position", "output_attentions"):
             kwargs.pop(unused, None)
@@ -181,19 +210,19 @@ class LinearizedAttention(nn.Module):
         q, k, v = self.qkv(hidden_states, position_embeddings)
 
         if self.mode == "softmax":
-            if past_key_values is not None:
+            if cache is not None:
                 raise RuntimeError("softmax mode of a linearized layer cannot use a cache; pass use_cache=False")
             y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
         else:
             key_mask = _new_token_mask(padding_mask, B, T)
             if self.mode == "transfer":
-                if past_key_values is not None and past_key_values.get_seq_length(self.layer_idx) > 0:
+                if cache is not None and cache.get_seq_length(self.layer_idx) > 0:
                     raise RuntimeError("attention transfer runs on whole sequences; pass use_cache=False")
                 y_hybrid = self.hybrid_attention(q, k, v, key_mask, None)
                 y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
                 self.transfer_outputs = (y_hybrid.reshape(B, T, -1), y.reshape(B, T, -1))
             else:
-                y = self.hybrid_attention(q, k, v, key_mask, past_key_values)
+                y = self.hybrid_attention(q, k, v, key_mask, cache)
         return self.o_proj(y.reshape(B, T, -1)), None
 
 

@@ -24,6 +24,11 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     when decode hands back to a prefill). ``keys``/``values`` mirror the tail for introspection: the
     ordered tail [B, L, Hkv, D] (L <= window - 1), or the ring [B, window, Hkv, D] in slot order. The
     cache is not croppable: a recurrent sum cannot give a token back.
+
+    ``valid_count`` [B] (int64, on the state's device) counts each row's valid (non-padding) tokens so
+    far, for ``LinearizeConfig.length_norm``; None when the attention does not ask for it. It is kept
+    apart from the state, so it is the same whichever form the state is in, and a ring step updates it in
+    place (no host sync, CUDA-graph capturable).
     """
 
     # Not a sliding layer for mask purposes: the masks sized from sliding layers belong to the softmax
@@ -35,6 +40,7 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         self.window = window
         self._state: HybridState | None = None
         self._ring: RingState | None = None
+        self.valid_count: torch.Tensor | None = None
         self.cumulative_length = 0
 
     # -- the interface our attention uses ------------------------------------------------------------
@@ -68,14 +74,23 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             self._mirror()
         return self._ring
 
-    def update_state(self, state: HybridState, num_new_tokens: int) -> None:
+    def update_state(self, state: HybridState, num_new_tokens: int, valid: torch.Tensor | None = None) -> None:
+        """Hold ``state`` after ``num_new_tokens`` more tokens; ``valid`` [B, T] (bool) also counts the
+        valid ones into ``valid_count``."""
         self._state, self._ring = state, None
         self.cumulative_length += num_new_tokens
+        if valid is not None:
+            new = valid.long().sum(1)
+            self.valid_count = new if self.valid_count is None else self.valid_count + new
         self._mirror()
 
-    def advance(self, num_new_tokens: int) -> None:
-        """Count tokens that an in-place step added to the ring."""
+    def advance(self, num_new_tokens: int, valid: torch.Tensor | None = None) -> None:
+        """Count tokens that an in-place step added to the ring; ``valid`` [B, T] counts in place."""
         self.cumulative_length += num_new_tokens
+        if valid is not None:
+            if self.valid_count is None:
+                raise RuntimeError("valid tokens were not counted from the start of this cache")
+            self.valid_count.add_(valid.long().sum(1))
 
     def _mirror(self, track_device: bool = True) -> None:
         """Expose the state through the attributes transformers' generic code reads."""
@@ -117,6 +132,7 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
     def reset(self) -> None:
         self._state, self._ring = None, None
+        self.valid_count = None
         self.cumulative_length = 0
         self._mirror()
 
@@ -125,6 +141,8 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             self._ring = self._ring.index_batch(index)
         elif self._state is not None:
             self._state = self._state.index_batch(index)
+        if self.valid_count is not None:
+            self.valid_count = self.valid_count.index_select(0, index.to(self.valid_count.device))
         self._mirror()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -146,6 +164,8 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             self._ring = self._ring.to(device)
         elif self._state is not None:
             self._state = self._state.to(device)
+        if self.valid_count is not None:
+            self.valid_count = self.valid_count.to(device, non_blocking=True)
 
     def offload(self) -> None:
         if self.has_state:

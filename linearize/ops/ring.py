@@ -120,6 +120,19 @@ def ring_to_state(ring: RingState) -> HybridState:
     )
 
 
+def ring_tail_mask(ring: RingState) -> torch.Tensor:
+    """Validity [B, max(W - 1, 0)] of the tail, oldest first, as it stands before a step. No host sync.
+
+    Slots ``(p + 1) % W, ..., (p + W - 1) % W``: the tail of ``min(p, W - 1)`` keys, preceded (while it is
+    not full) by never-written slots, which are False. The free slot ``p % W`` is left out: its old key is
+    already in the sums."""
+    W = ring.slots
+    if W == 0:
+        return ring.mask[:, :0]
+    idx = (ring.pos + 1 + torch.arange(W - 1, device=ring.pos.device)) % W
+    return ring.mask.index_select(1, idx)
+
+
 def check_ring(ring: RingState, q, k, v, phi_q, phi_k):
     """Shapes of the step's inputs against the ring; returns the ``Dims``. Host-side only (no sync)."""
     d = check_inputs(q, k, v, phi_q, phi_k, ring.window)

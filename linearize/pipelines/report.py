@@ -69,8 +69,9 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
     if lin is None:  # convert=false
         lines += ["- attention: softmax, not converted (the control run: the same stage-2 LoRA on the same data)"]
     else:
+        norm = f"length normalization from {lin['length_norm_from']} keys, " if lin.get("length_norm") else ""
         lines += [f"- hybrid attention: window {lin['window']}, feature map {lin['feature_map']} (f={lin['feature_dim']}), "
-                  f"{len(lin['layers'])} layers converted"]
+                  f"{norm}{len(lin['layers'])} layers converted"]
     peaks = report.get("peak_memory_mb_per_rank") or []
     per_rank = f" (per rank before the export: {', '.join(f'{p:.0f}' for p in peaks)} MB)" if len(peaks) > 1 else ""
     lines += [f"- wall time {report['wall_seconds']:.0f} s; peak memory {report['peak_memory_mb']:.0f} MB{per_rank}", ""]

@@ -138,7 +138,8 @@ def recipe(report: dict | None) -> str:
     if cfg.get("convert") is False or (report.get("linearize") is None and "convert" in report):
         return f"softmax control: LoRA only ({steps})"
     lin = report.get("linearize") or cfg.get("linearize") or {}
-    return f"w{lin.get('window')} {lin.get('feature_map')}/f{lin.get('feature_dim')} ({steps} @ {cfg.get('data', {}).get('seq_len')})"
+    norm = f" lennorm{lin.get('length_norm_from')}" if lin.get("length_norm") else ""
+    return f"w{lin.get('window')} {lin.get('feature_map')}/f{lin.get('feature_dim')}{norm} ({steps} @ {cfg.get('data', {}).get('seq_len')})"
 
 
 def run_row(run: dict) -> dict[str, Any]:

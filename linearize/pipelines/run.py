@@ -6,7 +6,7 @@ Layout of ``out``::
     state.json             finished evaluations, samples and stages
     metrics.jsonl          one line per optimizer step
     checkpoints/           atomic training checkpoints + LATEST
-    stage1_final.safetensors   trained feature maps and window weights
+    stage1_final.safetensors   trained feature maps and window weights (and length exponents)
     model/                 the exported linearized model (LoRA merged), loads with from_pretrained
     adapter/               the LoRA adapters, if lora.keep_adapters
     report.json, report.md, plots/*.png

@@ -1,5 +1,6 @@
-"""Stage 1, attention transfer: train only the feature maps and window weights so that each layer's
-hybrid output matches its softmax output (MSE, summed over layers), every layer fed the teacher's inputs."""
+"""Stage 1, attention transfer: train only the feature maps and window weights (and the length exponents,
+with ``length_norm``) so that each layer's hybrid output matches its softmax output (MSE, summed over
+layers), every layer fed the teacher's inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..convert import linearized_layers
 from ..modules.attention import LinearizedAttention
 
 #: parameter-name parts that attention transfer trains
-TRANSFER_MARKERS = ("feature_map_q", "feature_map_k", "window_logit")
+TRANSFER_MARKERS = ("feature_map_q", "feature_map_k", "window_logit", "length_alpha")
 
 
 def transfer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

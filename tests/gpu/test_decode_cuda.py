@@ -158,3 +158,61 @@ def test_bf16_generate_runs_on_the_kernel():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.shape == (4, 17)
     assert all(isinstance(layer.held, RingState) for layer in cache.layers if isinstance(layer, HybridCacheLayer))
+
+
+def _length_norm_model(window):
+    """length_norm from 3 keys (so short sequences reach it), alpha random and nonzero."""
+    cfg = LinearizeConfig(window=window, feature_dim=6, length_norm=True, length_norm_from=3)
+    model = linearize.convert(tiny_model("llama"), cfg)
+    perturb_added_weights(model)
+    return model.cuda()
+
+
+@pytest.mark.parametrize("window", [0, 1, 4])
+def test_length_norm_decode_on_the_kernel_equals_full_forward(window):
+    """Ring decode on the kernel with each row's own count of valid keys, left-padded batch."""
+    model = _length_norm_model(window)
+    ids = torch.randint(3, 96, (3, 24), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :9] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        out = [model(ids[:, :7], attention_mask=mask[:, :7], past_key_values=cache).logits]
+        out += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits for t in range(7, 24)]
+    layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
+    assert layers and all(isinstance(layer.held, RingState) for layer in layers), "decode did not run on the kernel"
+    assert all(torch.equal(layer.valid_count, mask.sum(1)) for layer in layers)
+    valid = mask.bool()
+    torch.testing.assert_close(torch.cat(out, 1)[valid], full[valid], rtol=2e-3, atol=2e-3)
+
+
+def test_length_norm_decode_replays_in_a_cuda_graph_without_host_sync():
+    """The count update is in place: graph replay gives the eager loop's and generate's tokens, and a
+    step (with a padding mask) makes no host sync."""
+    from benchmarks.gen_loops import run_generate, run_lean
+
+    from linearize.modules.attention import PADDING_MASK_KWARG
+
+    model = _length_norm_model(4)
+    ids = torch.randint(3, 96, (3, 10), device="cuda")
+    graphed = run_lean(model, ids, 20, cache=DynamicCache(config=model.config), graph=True, keep_tokens=True)
+    eager = run_lean(model, ids, 20, cache=DynamicCache(config=model.config), graph=False, keep_tokens=True)
+    gen = run_generate(model, ids, 20, pad_token_id=0, keep_tokens=True)
+    assert graphed.graph and torch.equal(graphed.tokens, eager.tokens) and torch.equal(eager.tokens, gen.tokens)
+
+    cache = DynamicCache(config=model.config)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids[:, :1], past_key_values=cache, position_ids=torch.full((1, 1), 10, device="cuda"))  # ring from here
+        torch.cuda.synchronize()
+        mask = torch.ones(3, 12, dtype=torch.long, device="cuda")
+        hidden = torch.randn(3, 1, 32, device="cuda")
+        pe = model.model.rotary_emb(hidden, torch.full((1, 1), 11, device="cuda"))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            attn(hidden, pe, past_key_values=cache, **{PADDING_MASK_KWARG: mask})
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from linearize.ops import HybridState, hybrid_attention_chunked, hybrid_attention_step
-from linearize.ops.ring import ring_from_state, ring_slots, ring_step_torch, ring_to_state
+from linearize.ops.ring import ring_from_state, ring_slots, ring_step_torch, ring_tail_mask, ring_to_state
 
 from .helpers import left_pad_mask, random_inputs
 
@@ -94,6 +94,30 @@ def test_index_batch_reorders_like_the_ordered_state():
     idx = torch.tensor([2, 0, 0, 1])
     assert_states_equal(ring_to_state(ring.index_batch(idx)), state.index_batch(idx))
     assert_states_equal(ring_to_state(ring.to("cpu")), state)
+
+
+@pytest.mark.parametrize("window", [0, 1, 2, 5])
+@pytest.mark.parametrize("prefill", [0, 2, 9])
+def test_tail_mask_is_the_ordered_tail(window, prefill):
+    """Before every step, ring_tail_mask is the ordered state's tail mask, left-filled with False to W - 1."""
+    T = 16
+    q, k, v, pq, pk, g = random_inputs(2, T, 4, 2, 8, 6, 2, dtype=torch.float64, seed=11)
+    mask = left_pad_mask(2, T, [0, 3])
+    mask[0, 7] = False
+    _, state = hybrid_attention_chunked(
+        q[:, :prefill], k[:, :prefill], v[:, :prefill], pq[:, :prefill], pk[:, :prefill],
+        window=window, window_weight=g, attention_mask=mask[:, :prefill], output_final_state=True,
+    )
+    ring = ring_from_state(state, window)
+    for t in range(prefill, T):
+        want = torch.zeros(2, max(ring_slots(window) - 1, 0), dtype=torch.bool)
+        if state.tail_len:
+            want[:, -state.tail_len :] = state.mask
+        assert torch.equal(ring_tail_mask(ring), want), f"step {t}"
+        sl = slice(t, t + 1)
+        args = (q[:, sl], k[:, sl], v[:, sl], pq[:, sl], pk[:, sl])
+        _, state = hybrid_attention_step(*args, state, window=window, window_weight=g, attention_mask=mask[:, sl])
+        ring_step_torch(*args, ring, window_weight=g, attention_mask=mask[:, sl])
 
 
 def test_step_checks_shapes():

@@ -136,3 +136,24 @@ def test_block_wise_run_trains_only_its_block(setup, tmp_path):
     over = tiny_overrides(text, steps1=3, steps2=0, every=3) + ["transfer_block=[1, 2]"]
     report = run_conversion(build_config(None, None, over, model=str(model_dir)), tmp_path / "run", echo=lambda m: None)
     assert report["stages"]["stage1"]["trainable_params"] == 4 * 8 * 4 * 2 + 4  # layer 1 only
+
+
+def test_length_norm_run_trains_saves_and_exports_alpha(setup, tmp_path):
+    """Stage 1 trains length_alpha (4 per layer more); stage1_final holds it; the export keeps it unchanged
+    by the LoRA merge; the exported model reloads with it."""
+    from safetensors.torch import load_file
+
+    model_dir, text = setup
+    over = tiny_overrides(text, steps1=4, steps2=2, every=4) + ["linearize.length_norm=true", "linearize.length_norm_from=4"]
+    report = run_conversion(build_config(None, None, over, model=str(model_dir)), tmp_path / "run", echo=lambda m: None)
+    assert report["stages"]["stage1"]["trainable_params"] == 2 * (4 * 8 * 4 * 2 + 4 + 4)
+    stage1 = load_file(tmp_path / "run" / "stage1_final.safetensors")
+    trained = {k: v for k, v in stage1.items() if k.endswith("length_alpha")}
+    assert len(trained) == 2 and all(v.abs().max() > 0 for v in trained.values())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    assert model.config.linearize["length_norm"] is True
+    exported = {n: p for n, p in model.named_parameters() if n.endswith("length_alpha")}
+    assert exported.keys() == trained.keys()
+    for k in trained:
+        torch.testing.assert_close(exported[k].float(), trained[k].float(), rtol=0, atol=0)
+    assert "length normalization from 4 keys" in (tmp_path / "run" / "report.md").read_text()
