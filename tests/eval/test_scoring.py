@@ -158,3 +158,29 @@ def test_meter_counts_unpadded_tokens_and_memory():
     assert r["tokens"] == 10 + 6 + 10 and r["forwards"] == 2 and r["peak_mem_mb"] > 10 and r["memory"] == "cpu_peak_rss"
     model(input_ids=ids)  # the hook is gone
     assert m.tokens == 26
+
+
+def _byte_bpe_tokenizer():
+    """A small byte-level BPE (GPT-2 style, merges across a context/continuation boundary possible)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    text = ["the sea ship sails. The question: what is 2+2? Answer: A B C D", "hellaswag ends in a dog runs , fast"] * 20
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<s>")
+
+
+@pytest.mark.parametrize("make_tok", [word_tokenizer, _byte_bpe_tokenizer], ids=["word", "byte-bpe"])
+def test_encode_pairs_equals_encode_pair(make_tok):
+    """The batched, deduplicated encoding gives encode_pair's tokens for every request: shared contexts
+    (MMLU's answers), trailing spaces moved to the continuation, empty contexts, repeated pairs."""
+    from linearize.eval.scoring import encode_pairs
+
+    tok = make_tok()
+    q = "The question: what is 2+2? Answer:"
+    pairs = [(q, " A"), (q, " B"), (q, " C"), (q, " D"), ("the sea ", "ship"), ("the sea", " ship"), ("", "ship sails"),
+             ("hellaswag ends in a dog", " runs , fast."), ("the sea ", "ship"), ("  ", "the sea")]
+    assert encode_pairs(tok, pairs, chunk=3) == [encode_pair(tok, c, x) for c, x in pairs]
