@@ -20,12 +20,12 @@
 # 4. always bundles what there is into $OUT: runs.tar.gz (reports, metrics, plots, eval json/md/png,
 #    the log's tail) and runs-summary.md (2 files).
 #
-# LINEARIZE_CALL_SECONDS (default 560): seconds from the start of this script after which the runs are
+# LINEARIZE_CALL_SECONDS (default 500): seconds from the start of this script after which the runs are
 # killed, leaving time to bundle inside the device's 600 s. LINEARIZE_DEADLINE (epoch s) overrides it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
-deadline=${LINEARIZE_DEADLINE:-$((t0 + ${LINEARIZE_CALL_SECONDS:-560}))}
+deadline=${LINEARIZE_DEADLINE:-$((t0 + ${LINEARIZE_CALL_SECONDS:-500}))}
 site=${LINEARIZE_SITE:-$HOME/site}
 runs=${LINEARIZE_RUNS:-$HOME/runs}
 out=${OUT:-$HOME/out}
