@@ -411,7 +411,10 @@ def bundle(run_dirs: list[Path], dest: Path, name: str = "runs", log: Path | lis
         for d in run_dirs:
             if not d.is_dir():
                 continue
-            files = [d / f for f in BUNDLED] + sorted((d / "plots").glob("*.png")) if (d / "plots").is_dir() else [d / f for f in BUNDLED]
+            files = [d / f for f in BUNDLED] + sorted(d.glob("plots/*.png"))
+            # per-task results of an eval still in progress: a record of what the session measured (a later
+            # session retrains the model, so they are not used to resume)
+            files += sorted(d.glob("eval_parts/*.json"))
             for f in files:
                 if f.is_file():
                     tar.add(f, arcname=f"{d.name}/{f.relative_to(d)}")

@@ -63,6 +63,9 @@ def test_queue_runs_evaluates_side_by_side_and_bundles(setup, tmp_path):
     names = tarfile.open(paths[0]).getnames()
     for want in ("lin/report.json", "lin/eval/eval.json", "lin/plots/loss_stage1.png", "ctl/metrics.jsonl", "logs/call.log"):
         assert want in names, want
+    # the converted model's per-task results come back too (a record of an eval cut short)
+    assert {n for n in names if n.startswith("lin/eval_parts/")} == {f"lin/eval_parts/{p.name}" for p in (runs / "lin" / "eval_parts").glob("*.json")}
+    assert any(n.startswith("lin/eval_parts/") for n in names)
     assert any(n.startswith("_base/") for n in names) and not any("/model/" in n or "checkpoints" in n for n in names)
     md = paths[1].read_text()
     assert "| lin | done | 2/2 | 2/2 |" in md and "| ctl | done | –/– | 2/2 |" in md and "Results so far" in md
