@@ -37,7 +37,8 @@ class LinearizeConfig:
         mass of the other old keys dilutes them as n grows. On, one feature is appended to phi_q and
         phi_k (F -> F + 1, at most 256): 1 on the first S valid keys (0 elsewhere) and
         exp(q_i . u_h + c_h) on queries (post-RoPE q, exponent capped at 30), u [H, D] and c [H] learned
-        (``sink_u``, ``sink_c``, both 0 at first). ``length_norm`` does not scale this feature.
+        (``sink_u``, ``sink_c``, both 0 at first). ``length_norm`` does not scale this feature. The
+        Triton kernels pad F + 1 = 129 (hedgehog, f = 64) to 256-wide feature tiles: a cost.
     """
 
     window: int = 64

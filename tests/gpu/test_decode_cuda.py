@@ -216,3 +216,65 @@ def test_length_norm_decode_replays_in_a_cuda_graph_without_host_sync():
             attn(hidden, pe, past_key_values=cache, **{PADDING_MASK_KWARG: mask})
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def _sink_model(window, **cfg):
+    """4 sink tokens, u and c random and nonzero; F = 12 + 1."""
+    model = linearize.convert(tiny_model("llama"), LinearizeConfig(window=window, feature_dim=6, sink_tokens=4, **cfg))
+    perturb_added_weights(model)
+    return model.cuda()
+
+
+@pytest.mark.parametrize("length_norm", [False, True], ids=["sinks", "sinks+length_norm"])
+@pytest.mark.parametrize("prefill", [7, 2], ids=["prefill", "prefill<S"])
+@pytest.mark.parametrize("window", [0, 1, 4])
+def test_sink_decode_on_the_kernel_equals_full_forward(window, prefill, length_norm):
+    """Ring decode on the kernel with each row's own sinks (the first 4 valid tokens), left-padded batch:
+    row 2's sinks, and after a 2-token prefill every row's, are decode tokens."""
+    model = _sink_model(window, **(dict(length_norm=True, length_norm_from=3) if length_norm else {}))
+    ids = torch.randint(3, 96, (3, 24), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :9] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        out = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache).logits]
+        out += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits for t in range(prefill, 24)]
+    layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
+    assert layers and all(isinstance(layer.held, RingState) for layer in layers), "decode did not run on the kernel"
+    assert all(layer.held.phi_k.shape[-1] == 13 for layer in layers)
+    assert all(torch.equal(layer.valid_count, mask.sum(1)) for layer in layers)
+    valid = mask.bool()
+    torch.testing.assert_close(torch.cat(out, 1)[valid], full[valid], rtol=2e-3, atol=2e-3)
+
+
+def test_sink_decode_replays_in_a_cuda_graph_without_host_sync():
+    """The sink ranks come from the in-place count: graph replay gives the eager loop's and generate's
+    tokens (a 1-token prompt: run_lean takes 2 eager steps, so the first replay feeds the 4th token, a sink,
+    and the next ones ordinary tokens), and a step makes no host sync."""
+    from benchmarks.gen_loops import run_generate, run_lean
+
+    from linearize.modules.attention import PADDING_MASK_KWARG
+
+    model = _sink_model(4)
+    ids = torch.randint(3, 96, (3, 1), device="cuda")
+    graphed = run_lean(model, ids, 20, cache=DynamicCache(config=model.config), graph=True, keep_tokens=True)
+    eager = run_lean(model, ids, 20, cache=DynamicCache(config=model.config), graph=False, keep_tokens=True)
+    gen = run_generate(model, ids, 20, pad_token_id=0, keep_tokens=True)
+    assert graphed.graph and torch.equal(graphed.tokens, eager.tokens) and torch.equal(eager.tokens, gen.tokens)
+
+    cache = DynamicCache(config=model.config)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids[:, :1], past_key_values=cache, position_ids=torch.full((1, 1), 1, device="cuda"))  # ring from here
+        torch.cuda.synchronize()
+        mask = torch.ones(3, 3, dtype=torch.long, device="cuda")
+        hidden = torch.randn(3, 1, 32, device="cuda")
+        pe = model.model.rotary_emb(hidden, torch.full((1, 1), 2, device="cuda"))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            attn(hidden, pe, past_key_values=cache, **{PADDING_MASK_KWARG: mask})
+        finally:
+            torch.cuda.set_sync_debug_mode(0)

@@ -198,24 +198,31 @@ def cached(model, ids, mask, cuts):
     return torch.cat(out, 1), cache
 
 
-@pytest.mark.parametrize("length_norm", [False, True], ids=["sinks", "sinks+length_norm"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("window", [0, 1, 4])
-@pytest.mark.parametrize("cuts", [(9,), (6, 14), (2,)], ids=["prefill", "prefill-in-2", "prefill<S"])
-def test_cached_decode_equals_full_forward(decode_path, dtype, tol, window, cuts, length_norm):
-    """Left padding (0, 5, 12) puts row 2's sinks, and for ``prefill<S`` every row's, in the decode steps."""
-    extra = dict(length_norm=True, length_norm_from=L0) if length_norm else {}
-    model = converted(window, dtype, **extra)
+def check_cached_equals_full(model, tol, ring):
     ids, mask = ids_and_mask()
     with torch.no_grad():
         full = model(ids, attention_mask=mask, use_cache=False).logits
-    got, cache = cached(model, ids, mask, cuts)
-    valid = mask.bool()
-    torch.testing.assert_close(got[valid], full[valid], rtol=tol, atol=tol)
-    layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
-    assert all(torch.equal(layer.valid_count, mask.sum(1)) for layer in layers)
-    if decode_path == "ring" and window >= 2:
-        assert all(isinstance(layer.held, RingState) for layer in layers)
+    for cuts in ((9,), (6, 14), (2,)):
+        got, cache = cached(model, ids, mask, cuts)
+        valid = mask.bool()
+        torch.testing.assert_close(got[valid], full[valid], rtol=tol, atol=tol, msg=lambda m: f"cuts {cuts}: {m}")
+        layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
+        assert all(torch.equal(layer.valid_count, mask.sum(1)) for layer in layers)
+        if ring and model.config.linearize["window"] >= 2:
+            assert all(isinstance(layer.held, RingState) for layer in layers)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.float64, 1e-10)], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("window", [0, 1, 4])
+def test_cached_decode_equals_full_forward(decode_path, dtype, tol, window):
+    """A prefill (cut at 9), a prefill in 2 pieces (6, 14) and one shorter than S (2), then decode. Left
+    padding (0, 5, 12) puts row 2's sinks in the decode steps after the cut at 9, and every row's after 2."""
+    check_cached_equals_full(converted(window, dtype), tol, decode_path == "ring")
+
+
+def test_cached_decode_with_length_norm_equals_full_forward(decode_path):
+    model = converted(4, length_norm=True, length_norm_from=L0)
+    check_cached_equals_full(model, 1e-4, decode_path == "ring")
 
 
 def test_ring_decode_then_prefill_again(monkeypatch):
