@@ -285,8 +285,10 @@ def test_sink_decode_replays_in_a_cuda_graph_without_host_sync():
 def test_sink_forward_and_gradients_on_the_kernels_equal_the_torch_path(monkeypatch):
     """F + 1 = 129 through the Triton chunk kernel, forward and backward (u, c get the kernel's dphi_q),
     against the PyTorch path on the same GPU, fp32, left-padded."""
+    import linearize.pipelines.transfer as transfer_mod
     from linearize.pipelines.transfer import freeze_for_transfer, transfer_loss
 
+    monkeypatch.setattr(transfer_mod, "autocast", lambda device: torch.autocast("cuda", enabled=False))  # fp32 both ways
     ids = torch.randint(3, 96, (3, 40), device="cuda")
     mask = torch.ones_like(ids)
     mask[1, :7] = 0
