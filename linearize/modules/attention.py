@@ -122,10 +122,15 @@ class LinearizedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"window={self.window}, feature_map={self.feature_map_q.name}, F={self.feature_map_q.output_dim}"
+            f"window={self.window}, feature_map={self.feature_map_q.name}, F={self.num_features}"
             + (f", length_norm_from={self.length_norm_from}" if self.length_alpha is not None else "")
             + (f", sink_tokens={self.sink_tokens}" if self.sink_tokens else "")
         )
+
+    @property
+    def num_features(self) -> int:
+        """F the ops see: the feature maps' output, plus the sink feature when ``sink_tokens`` is on."""
+        return self.feature_map_q.output_dim + (1 if self.sink_tokens else 0)
 
     @property
     def counts_tokens(self) -> bool:

@@ -346,3 +346,15 @@ def test_settings_round_trip_through_overrides_yaml_and_the_ablation_file(tmp_pa
     sinked = build_config("full", root / "configs/ablations/smollm2-sink4.yaml")
     assert sinked.linearize == LinearizeConfig(**(plain.linearize.to_dict() | {"sink_tokens": 4}))
     assert dataclasses.replace(sinked, linearize=plain.linearize) == plain  # nothing else differs
+
+
+def test_the_state_holds_one_more_feature():
+    """The ops see F + 1 features: the module says so, and the cached state is that wide."""
+    model = converted(4)
+    layer = linearize.linearized_layers(model)[0]
+    F = layer.feature_map_q.output_dim
+    assert layer.num_features == F + 1 and f"F={F + 1}" in repr(layer)
+    ids, mask = ids_and_mask(T=9)
+    _, cache = cached(model, ids, mask, (9,))
+    held = [layer.held for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
+    assert held and all(st.S.shape[-2] == F + 1 and st.phi_k.shape[-1] == F + 1 for st in held)
