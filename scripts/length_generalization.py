@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     if previous is not None and readme.exists() and READING in readme.read_text():
         reading = readme.read_text()[readme.read_text().index(READING):]
     (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    readme.write_text(markdown(result, lengths) + reading)
+    readme.write_text(markdown(result, lengths) + ("\n" + reading if reading else ""))
     print(markdown(result, lengths))
 
 
