@@ -55,7 +55,7 @@ def _state_bytes(model, seq_len: int, batch: int = 1) -> tuple[int, int]:
     kv = 2 * batch * seq_len * any_layer.num_kv_heads * any_layer.head_dim * 2 * n_layers
     state = 0
     for layer in layers:
-        Hf, F, D = layer.feature_map_k.num_heads, layer.feature_map_k.output_dim, layer.head_dim
+        Hf, F, D = layer.feature_map_k.num_heads, layer.num_features, layer.head_dim
         tail = max(layer.window - 1, 0)
         state += batch * (4 * Hf * F * (D + 1) + tail * (2 * layer.num_kv_heads * D * 2 + Hf * F * 2))
     kept = n_layers - len(layers)

@@ -31,6 +31,14 @@ class LinearizeConfig:
         ``length_alpha`` [H] that starts at 0 (the plain recipe), so the linear mass grows like
         n^(1 - alpha) past L0.
     length_norm_from: L0 of ``length_norm``, the key count below which the linear part is not rescaled.
+    sink_tokens: S, the number of leading valid tokens of each sequence treated as attention sinks; 0 =
+        off. Softmax puts a large, length-independent share of its mass on the first tokens; once they
+        leave the window the linear part's bounded features cannot give them that weight, and the ~n
+        mass of the other old keys dilutes them as n grows. On, one feature is appended to phi_q and
+        phi_k (F -> F + 1, at most 256): 1 on the first S valid keys (0 elsewhere) and
+        exp(q_i . u_h + c_h) on queries (post-RoPE q, exponent capped at 30), u [H, D] and c [H] learned
+        (``sink_u``, ``sink_c``, both 0 at first). ``length_norm`` does not scale this feature. The
+        Triton kernels pad F + 1 = 129 (hedgehog, f = 64) to 256-wide feature tiles: a cost.
     """
 
     window: int = 64
@@ -44,6 +52,7 @@ class LinearizeConfig:
     chunk_size: int = 64
     length_norm: bool = False
     length_norm_from: int = 256
+    sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         from .modules.feature_maps import FEATURE_MAPS
@@ -65,6 +74,8 @@ class LinearizeConfig:
             raise bad("length_norm", "must be true or false")
         if not isinstance(self.length_norm_from, int) or isinstance(self.length_norm_from, bool) or self.length_norm_from < 1:
             raise bad("length_norm_from", "must be an int >= 1")
+        if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
+            raise bad("sink_tokens", "must be an int >= 0")
         for name in ("layers", "softmax_layers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in value)):

@@ -11,8 +11,8 @@ from .config import LinearizeConfig
 from .modules.attention import PADDING_MASK_KWARG, LinearizedAttention
 
 
-#: parameter-name parts that only conversion adds (feature maps, window weights, length exponents)
-_ADDED_PARAM_MARKERS = {"feature_map_q", "feature_map_k", "window_logit", "length_alpha"}
+#: parameter-name parts that only conversion adds (feature maps, window weights, length exponents, sink u/c)
+_ADDED_PARAM_MARKERS = {"feature_map_q", "feature_map_k", "window_logit", "length_alpha", "sink_u", "sink_c"}
 
 
 class CheckpointError(ValueError):

@@ -39,6 +39,6 @@ def perturb_added_weights(model, scale=0.3, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "feature_map" in name or "window_logit" in name or "length_alpha" in name:
+            if any(m in name for m in ("feature_map", "window_logit", "length_alpha", "sink_u", "sink_c")):
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
 

@@ -2,7 +2,8 @@
 
 It keeps the base module's ``q_proj/k_proj/v_proj/o_proj`` (and ``q_norm/k_norm``) as the same objects
 under the same names, so peft's usual LoRA targets and the checkpoint keys stay what they were; it adds
-two feature maps, a per-head window weight and, with ``length_norm``, a per-head length exponent.
+two feature maps, a per-head window weight and, with ``length_norm``, a per-head length exponent, and with
+``sink_tokens``, the per-head query vector and bias of the sink feature.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from ..ops.ring import ring_kernel_serves, ring_step, ring_tail_mask
 from .cache import hybrid_cache_layer
 from .feature_maps import build_feature_map
 from .length_norm import linear_key_counts, scale_phi_q
+from .sink import sink_key_feature, sink_keys, sink_query_feature
+
+#: features the fused kernels take (``linearize.ops.use_triton``, the decode kernel)
+MAX_FEATURES = 256
 
 #: kwarg that carries the 2D padding mask [B, past + T] from the model's forward to each layer
 PADDING_MASK_KWARG = "linearize_padding_mask"
@@ -77,6 +82,18 @@ class LinearizedAttention(nn.Module):
         self.length_norm_from = config.length_norm_from
         # alpha [H] of LinearizeConfig.length_norm; absent when off, so plain checkpoints keep their keys
         self.length_alpha = nn.Parameter(torch.empty(self.num_heads)) if config.length_norm else None
+        self.sink_tokens = config.sink_tokens
+        # u [H, D] and c [H] of LinearizeConfig.sink_tokens; absent when off, like length_alpha
+        self.sink_u = self.sink_c = None
+        if self.sink_tokens:
+            F = self.feature_map_q.output_dim
+            if F + 1 > MAX_FEATURES:
+                raise ValueError(
+                    f"sink_tokens adds a feature to the {F} of feature map {config.feature_map!r} (feature_dim "
+                    f"{config.feature_dim}): {F + 1} > {MAX_FEATURES}, the most the kernels take; lower feature_dim"
+                )
+            self.sink_u = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
+            self.sink_c = nn.Parameter(torch.empty(self.num_heads))
         self.reset_parameters()
         ref = self.q_proj.weight
         self.to(device=ref.device, dtype=ref.dtype)
@@ -85,13 +102,15 @@ class LinearizedAttention(nn.Module):
         self.transfer_outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reset_parameters(self) -> None:
-        """Initialise what conversion added: identity-slice feature maps, gamma = window_weight_init and
-        length exponents 0 (no length normalization: the plain recipe)."""
+        """Initialise what conversion added: identity-slice feature maps, gamma = window_weight_init,
+        length exponents 0 (no length normalization: the plain recipe) and sink u, c = 0 (each sink key
+        starts with weight exp(0) = 1 on top of its ordinary features)."""
         p = self.window_weight_init
         with torch.no_grad():
             self.window_logit.fill_(math.log(p / (1 - p)))
-            if self.length_alpha is not None:
-                self.length_alpha.zero_()
+            for param in (self.length_alpha, self.sink_u, self.sink_c):
+                if param is not None:
+                    param.zero_()
         self.feature_map_q.reset_parameters()
         self.feature_map_k.reset_parameters()
 
@@ -103,9 +122,20 @@ class LinearizedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"layer={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"window={self.window}, feature_map={self.feature_map_q.name}, F={self.feature_map_q.output_dim}"
+            f"window={self.window}, feature_map={self.feature_map_q.name}, F={self.num_features}"
             + (f", length_norm_from={self.length_norm_from}" if self.length_alpha is not None else "")
+            + (f", sink_tokens={self.sink_tokens}" if self.sink_tokens else "")
         )
+
+    @property
+    def num_features(self) -> int:
+        """F the ops see: the feature maps' output, plus the sink feature when ``sink_tokens`` is on."""
+        return self.feature_map_q.output_dim + (1 if self.sink_tokens else 0)
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether the cache must count each row's valid tokens (``length_norm``'s n_i, the sinks' ranks)."""
+        return self.length_alpha is not None or self.sink_tokens > 0
 
     def qkv(
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
@@ -144,50 +174,62 @@ class LinearizedAttention(nn.Module):
         phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
         args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
         B, T = q.shape[:2]
-        # what the cache counts (valid tokens) only when length normalization needs it
+        # what the cache counts (valid tokens) only when length normalization or the sinks need it
         valid = None
-        if self.length_alpha is not None:
+        if self.counts_tokens:
             valid = key_mask if key_mask is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
         if cache is None:
-            if valid is not None:
-                phi_q = self._length_scaled(phi_q, linear_key_counts(valid, self.window))
+            phi_q, phi_k = self._features(q, phi_q, phi_k, valid, None, None)
             y, _ = hybrid_attention_stateful(q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, **args)
             return y
         layer = hybrid_cache_layer(cache, self.layer_idx, self.window)
         if valid is not None and layer.has_state and layer.valid_count is None:
-            raise RuntimeError(f"layer {self.layer_idx} of the cache was filled without length_norm's token counts; use a fresh cache")
+            raise RuntimeError(
+                f"layer {self.layer_idx} of the cache was filled without the token counts that length_norm and "
+                "sink_tokens need; use a fresh cache"
+            )
+        seen = layer.valid_count  # None on a fresh layer
         if layer.has_state and T == 1:
             if self._decode_in_place(layer, q, k, v, phi_q, phi_k, args["window_weight"]):
                 # the Triton kernel updates the layer's ring state in place (no new tensors, no host sync)
                 ring = layer.ring_state()
-                if valid is not None:
-                    phi_q = self._length_scaled(phi_q, linear_key_counts(valid, self.window, layer.valid_count, ring_tail_mask(ring)))
+                tail = ring_tail_mask(ring) if self.length_alpha is not None else None
+                phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, tail)
                 y = ring_step(q, k, v, phi_q, phi_k, ring, window_weight=args["window_weight"], scale=self.scaling, attention_mask=key_mask)
                 layer.advance(T, valid)
                 return y
             state = layer.hybrid_state()
-            if valid is not None:
-                phi_q = self._length_scaled(phi_q, linear_key_counts(valid, self.window, layer.valid_count, state.mask))
+            phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, state.mask)
             y, state = hybrid_attention_step(q, k, v, phi_q, phi_k, state, **args)
         else:
             state = layer.hybrid_state()
-            if valid is not None:
-                tail = state.mask if state is not None else None
-                phi_q = self._length_scaled(phi_q, linear_key_counts(valid, self.window, layer.valid_count, tail))
+            phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, state.mask if state is not None else None)
             y, state = hybrid_attention_stateful(
                 q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, initial_state=state, output_final_state=True, **args
             )
         layer.update_state(_detached(state), T, valid)
         return y
 
-    def _length_scaled(self, phi_q: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """phi_q [B,T,H,F] scaled for ``length_norm`` by the linear-set key counts [B,T] of its queries."""
-        return scale_phi_q(phi_q, counts, self.length_alpha, self.length_norm_from)
+    def _features(self, q, phi_q, phi_k, valid, seen, tail) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi_q [B,T,H,F'], phi_k [B,T,H',F'] as the ops take them: phi_q scaled for ``length_norm``, then
+        (``sink_tokens``) the sink feature appended to both (F' = F + 1). ``valid`` [B,T] (None when neither
+        is on), ``seen`` [B] and ``tail`` [B,L] continue a cached sequence (see ``linear_key_counts``)."""
+        if self.length_alpha is not None:
+            counts = linear_key_counts(valid, self.window, seen, tail)
+            phi_q = scale_phi_q(phi_q, counts, self.length_alpha, self.length_norm_from)
+        if self.sink_tokens:
+            is_sink = sink_keys(valid, self.sink_tokens, seen)
+            phi_q = torch.cat([phi_q, sink_query_feature(q, self.sink_u, self.sink_c, phi_q.dtype)], -1)
+            phi_k = torch.cat([phi_k, sink_key_feature(is_sink, phi_k.shape[2], phi_k.dtype)], -1)
+        return phi_q, phi_k
 
     def _decode_in_place(self, layer, q, k, v, phi_q, phi_k, gamma) -> bool:
         """Decode on the ring state with the Triton kernel: on CUDA when it serves these inputs, and when
-        no gradient is wanted (the kernel has no backward; training through a cache keeps the step)."""
-        wanted = (q, k, v, phi_q, phi_k, gamma) + ((self.length_alpha,) if self.length_alpha is not None else ())
+        no gradient is wanted (the kernel has no backward; training through a cache keeps the step).
+        phi_q, phi_k are the maps' features before ``_features``; the kernel takes F + 1 as well (checked
+        at construction), and the dtypes do not change."""
+        added = tuple(p for p in (self.length_alpha, self.sink_u, self.sink_c) if p is not None)
+        wanted = (q, k, v, phi_q, phi_k, gamma) + added
         if torch.is_grad_enabled() and any(t.requires_grad for t in wanted):
             return False
         return ring_kernel_serves(q, k, v, phi_q, phi_k, layer.held)

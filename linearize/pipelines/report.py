@@ -70,6 +70,7 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
         lines += ["- attention: softmax, not converted (the control run: the same stage-2 LoRA on the same data)"]
     else:
         norm = f"length normalization from {lin['length_norm_from']} keys, " if lin.get("length_norm") else ""
+        norm += f"{lin['sink_tokens']} sink tokens, " if lin.get("sink_tokens") else ""
         lines += [f"- hybrid attention: window {lin['window']}, feature map {lin['feature_map']} (f={lin['feature_dim']}), "
                   f"{norm}{len(lin['layers'])} layers converted"]
     peaks = report.get("peak_memory_mb_per_rank") or []

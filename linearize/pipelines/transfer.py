@@ -1,6 +1,6 @@
-"""Stage 1, attention transfer: train only the feature maps and window weights (and the length exponents,
-with ``length_norm``) so that each layer's hybrid output matches its softmax output (MSE, summed over
-layers), every layer fed the teacher's inputs."""
+"""Stage 1, attention transfer: train only the feature maps and window weights (and the length exponents
+of ``length_norm``, the sink feature's u and c of ``sink_tokens``) so that each layer's hybrid output
+matches its softmax output (MSE, summed over layers), every layer fed the teacher's inputs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..convert import linearized_layers
 from ..modules.attention import LinearizedAttention
 
 #: parameter-name parts that attention transfer trains
-TRANSFER_MARKERS = ("feature_map_q", "feature_map_k", "window_logit", "length_alpha")
+TRANSFER_MARKERS = ("feature_map_q", "feature_map_k", "window_logit", "length_alpha", "sink_u", "sink_c")
 
 
 def transfer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

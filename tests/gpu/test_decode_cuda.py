@@ -216,3 +216,95 @@ def test_length_norm_decode_replays_in_a_cuda_graph_without_host_sync():
             attn(hidden, pe, past_key_values=cache, **{PADDING_MASK_KWARG: mask})
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def _sink_model(window, **cfg):
+    """4 sink tokens, u and c random and nonzero; F = 12 + 1 unless ``feature_dim`` says otherwise."""
+    cfg = {"feature_dim": 6} | cfg
+    model = linearize.convert(tiny_model("llama"), LinearizeConfig(window=window, sink_tokens=4, **cfg))
+    perturb_added_weights(model)
+    return model.cuda()
+
+
+@pytest.mark.parametrize("length_norm", [False, True], ids=["sinks", "sinks+length_norm"])
+@pytest.mark.parametrize("prefill", [7, 2], ids=["prefill", "prefill<S"])
+@pytest.mark.parametrize("window,f", [(0, 6), (1, 6), (4, 6), (4, 64)], ids=["w0", "w1", "w4", "w4-F129"])
+def test_sink_decode_on_the_kernel_equals_full_forward(window, f, prefill, length_norm):
+    """Ring decode on the kernel with each row's own sinks (the first 4 valid tokens), left-padded batch:
+    row 2's sinks, and after a 2-token prefill every row's, are decode tokens. f = 64 gives the default
+    F + 1 = 129 features, which the kernels pad to 256."""
+    model = _sink_model(window, feature_dim=f, **(dict(length_norm=True, length_norm_from=3) if length_norm else {}))
+    ids = torch.randint(3, 96, (3, 24), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    mask[2, :9] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        out = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache).logits]
+        out += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits for t in range(prefill, 24)]
+    layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
+    assert layers and all(isinstance(layer.held, RingState) for layer in layers), "decode did not run on the kernel"
+    assert all(layer.held.phi_k.shape[-1] == 2 * f + 1 for layer in layers)
+    assert all(torch.equal(layer.valid_count, mask.sum(1)) for layer in layers)
+    valid = mask.bool()
+    torch.testing.assert_close(torch.cat(out, 1)[valid], full[valid], rtol=2e-3, atol=2e-3)
+
+
+def test_sink_decode_replays_in_a_cuda_graph_without_host_sync():
+    """The sink ranks come from the in-place count: graph replay gives the eager loop's and generate's
+    tokens (a 1-token prompt: run_lean takes 2 eager steps, so the first replay feeds the 4th token, a sink,
+    and the next ones ordinary tokens), and a step makes no host sync."""
+    from benchmarks.gen_loops import run_generate, run_lean
+
+    from linearize.modules.attention import PADDING_MASK_KWARG
+
+    model = _sink_model(4)
+    ids = torch.randint(3, 96, (3, 1), device="cuda")
+    graphed = run_lean(model, ids, 20, cache=DynamicCache(config=model.config), graph=True, keep_tokens=True)
+    eager = run_lean(model, ids, 20, cache=DynamicCache(config=model.config), graph=False, keep_tokens=True)
+    gen = run_generate(model, ids, 20, pad_token_id=0, keep_tokens=True)
+    assert graphed.graph and torch.equal(graphed.tokens, eager.tokens) and torch.equal(eager.tokens, gen.tokens)
+
+    cache = DynamicCache(config=model.config)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids[:, :1], past_key_values=cache, position_ids=torch.full((1, 1), 1, device="cuda"))  # ring from here
+        torch.cuda.synchronize()
+        mask = torch.ones(3, 3, dtype=torch.long, device="cuda")
+        hidden = torch.randn(3, 1, 32, device="cuda")
+        pe = model.model.rotary_emb(hidden, torch.full((1, 1), 2, device="cuda"))
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            attn(hidden, pe, past_key_values=cache, **{PADDING_MASK_KWARG: mask})
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def test_sink_forward_and_gradients_on_the_kernels_equal_the_torch_path(monkeypatch):
+    """F + 1 = 129 through the Triton chunk kernel, forward and backward (u, c get the kernel's dphi_q),
+    against the PyTorch path on the same GPU, fp32, left-padded."""
+    import linearize.pipelines.transfer as transfer_mod
+    from linearize.pipelines.transfer import freeze_for_transfer, transfer_loss
+
+    monkeypatch.setattr(transfer_mod, "autocast", lambda device: torch.autocast("cuda", enabled=False))  # fp32 both ways
+    ids = torch.randint(3, 96, (3, 40), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    results = []
+    for kernels in ("auto", "torch"):
+        monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
+        model = _sink_model(8, feature_dim=64)
+        with torch.no_grad():
+            logits = model(ids, attention_mask=mask, use_cache=False).logits
+        params = freeze_for_transfer(model)
+        transfer_loss(model, ids).backward()
+        grads = {n: p.grad.clone() for n, p in params.items() if n.endswith(("sink_u", "sink_c"))}
+        results.append((logits, grads))
+    (fast, g_fast), (slow, g_slow) = results
+    valid = mask.bool()
+    assert rel_err(fast[valid], slow[valid]) < 1e-3
+    assert g_fast.keys() == g_slow.keys() and g_fast
+    for n in g_fast:
+        assert g_fast[n].abs().sum() > 0 and rel_err(g_fast[n], g_slow[n]) < 1e-2, n

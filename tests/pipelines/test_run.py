@@ -157,3 +157,24 @@ def test_length_norm_run_trains_saves_and_exports_alpha(setup, tmp_path):
     for k in trained:
         torch.testing.assert_close(exported[k].float(), trained[k].float(), rtol=0, atol=0)
     assert "length normalization from 4 keys" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_sink_run_trains_saves_and_exports_u_and_c(setup, tmp_path):
+    """Stage 1 trains sink_u [4, 8] and sink_c [4] per layer; stage1_final holds them; the export keeps
+    them unchanged by the LoRA merge; the exported model reloads with them."""
+    from safetensors.torch import load_file
+
+    model_dir, text = setup
+    over = tiny_overrides(text, steps1=4, steps2=2, every=4) + ["linearize.sink_tokens=2"]
+    report = run_conversion(build_config(None, None, over, model=str(model_dir)), tmp_path / "run", echo=lambda m: None)
+    assert report["stages"]["stage1"]["trainable_params"] == 2 * (4 * 8 * 4 * 2 + 4 + 4 * 8 + 4)
+    stage1 = load_file(tmp_path / "run" / "stage1_final.safetensors")
+    trained = {k: v for k, v in stage1.items() if k.endswith(("sink_u", "sink_c"))}
+    assert len(trained) == 4 and all(v.abs().max() > 0 for v in trained.values())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    assert model.config.linearize["sink_tokens"] == 2
+    exported = {n: p for n, p in model.named_parameters() if n.endswith(("sink_u", "sink_c"))}
+    assert exported.keys() == trained.keys()
+    for k in trained:
+        torch.testing.assert_close(exported[k].float(), trained[k].float(), rtol=0, atol=0)
+    assert "2 sink tokens" in (tmp_path / "run" / "report.md").read_text()
