@@ -29,6 +29,7 @@ from linearize.pipelines.transfer import freeze_for_transfer, transfer_loss
 
 from ..ops.helpers import left_pad_mask
 from ..tiny_models import perturb_added_weights, tiny_model
+from .cache_helpers import assert_padded_generation_equals_unpadded, brute_counts, cached, decode_path, ids_and_mask  # noqa: F401 (decode_path: a fixture)
 
 S = 4
 L0 = 3  # length_norm_from, when combined: small, so that the tiny sequences reach past it
@@ -45,13 +46,6 @@ def sink_params(model):
     return [(layer.sink_u, layer.sink_c) for layer in linearize.linearized_layers(model)]
 
 
-def ids_and_mask(B=3, T=21, pads=(0, 5, 12), seed=0):
-    ids = torch.randint(3, 96, (B, T), generator=torch.Generator().manual_seed(seed))
-    mask = left_pad_mask(B, T, pads).long()
-    ids[mask == 0] = 0
-    return ids, mask
-
-
 def brute_sinks(mask: torch.Tensor, sinks: int) -> torch.Tensor:
     """is_sink[b, j]: key j is valid and at most ``sinks`` valid keys of row b end at j, by a loop."""
     B, T = mask.shape
@@ -63,16 +57,6 @@ def brute_sinks(mask: torch.Tensor, sinks: int) -> torch.Tensor:
                 seen += 1
                 out[b, j] = seen <= sinks
     return out
-
-
-def brute_counts(mask: torch.Tensor, window: int) -> torch.Tensor:
-    """length_norm's n[b, i] = valid keys j with j <= i - window, by a loop."""
-    B, T = mask.shape
-    n = torch.zeros(B, T, dtype=torch.long)
-    for b in range(B):
-        for i in range(T):
-            n[b, i] = int(mask[b, : max(i - window + 1, 0)].sum())
-    return n
 
 
 # -- the pure functions ---------------------------------------------------------------------------------
@@ -179,25 +163,6 @@ def test_sink_tokens_zero_is_exactly_the_plain_model():
 
 
 # -- cached prefill and decode equal the full forward ---------------------------------------------------
-@pytest.fixture(params=["ordered", "ring"])
-def decode_path(request, monkeypatch):
-    if request.param == "ring":  # the in-place ring step (ring_step_torch on CPU), as on CUDA
-        monkeypatch.setattr(attention_mod, "ring_kernel_serves", lambda *a: True)
-    return request.param
-
-
-def cached(model, ids, mask, cuts):
-    """Prefill in pieces ending at each cut, then decode token by token; logits [B, T, V]."""
-    T = ids.shape[1]
-    cache = DynamicCache(config=model.config)
-    out, start = [], 0
-    with torch.no_grad():
-        for end in list(cuts) + list(range(cuts[-1] + 1, T + 1)):
-            out.append(model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache).logits)
-            start = end
-    return torch.cat(out, 1), cache
-
-
 def check_cached_equals_full(model, tol, ring):
     ids, mask = ids_and_mask()
     with torch.no_grad():
@@ -251,19 +216,7 @@ def test_generate_ring_equals_ordered(monkeypatch, kw):
 def test_padded_batched_generation_equals_unpadded():
     """Each row's sinks are its own first tokens: a left-padded batch generates what each prompt does alone
     (the 2-token prompt's sinks include 2 generated tokens)."""
-    model = converted(3)
-    prompts = [torch.randint(3, 96, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12, 2)]
-    L = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), L, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, L - len(p) :], mask[i, L - len(p) :] = p, 1
-    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        batched = model.generate(ids, attention_mask=mask, **kw)
-        for i, p in enumerate(prompts):
-            single = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), **kw)
-            assert torch.equal(batched[i, L:], single[0, len(p) :]), f"sequence {i}"
+    assert_padded_generation_equals_unpadded(converted(3), (7, 12, 2))
 
 
 def test_a_cache_filled_without_counts_is_refused():
