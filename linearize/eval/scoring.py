@@ -156,7 +156,7 @@ def loglikelihood_tokens(
             kept = logits.float()  # [B, span, V]
         else:
             idx = torch.stack([torch.arange(n - span, n).clamp(min=0) for n in lens]).to(device)
-            kept = logits.float().gather(1, idx[:, :, None].expand(-1, -1, logits.shape[-1]))
+            kept = logits.gather(1, idx[:, :, None].expand(-1, -1, logits.shape[-1])).float()  # [B, span, V]: only the scored rows in fp32
         lp = torch.log_softmax(kept, dim=-1)
         greedy = lp.argmax(-1)  # [B, span]
         reqs_flat = [(b, i, cont) for b, (_, reqs) in enumerate(batch) for i, cont in reqs]
