@@ -241,9 +241,12 @@ def build_bundle(corpora: list[str], cache: Path, dest: Path, *, with_eval: bool
 
 
 def prepare(models: list[str], corpora: list[str], out: Path, *, repo: Path, whl: Path | None, with_eval: bool = True,
-            dry_run: bool = False, echo=print) -> dict:
+            dry_run: bool = False, models_first: bool = False, echo=print) -> dict:
     """Fetch and bundle what the device needs for ``models`` and write the call plan into ``out``
-    (``dry_run``: only return the plan's markdown under ``"markdown"``, writing no pieces)."""
+    (``dry_run``: only return the plan's markdown under ``"markdown"``, writing no pieces).
+
+    ``models_first`` carries the GGUFs before the corpus/eval bundle: a benchmark that needs only the
+    weights (benchmarks/generate.py) can then run in an earlier call, while the bundle is still on its way."""
     from ..models.hub import ALIASES, fetch_gguf
 
     cache = cache_root()
@@ -252,11 +255,13 @@ def prepare(models: list[str], corpora: list[str], out: Path, *, repo: Path, whl
         raise ValueError(f"unknown model alias {unknown[0]!r}; carry plans take {sorted(ALIASES)}")
     echo(f"bundling corpora {corpora} and the eval data ...")
     bundle = build_bundle(corpora, cache, cache / BUNDLE, with_eval=with_eval)
-    items = [Item(BUNDLE, bundle, bundle.stat().st_size)]
+    items = []
     for m in models:
         echo(f"fetching {m} ...")
         gguf = fetch_gguf(m)
         items.append(Item(str(gguf.relative_to(cache)), gguf, gguf.stat().st_size))
+    bundle_item = Item(BUNDLE, bundle, bundle.stat().st_size)
+    items = items + [bundle_item] if models_first else [bundle_item] + items
     tree = tree_bytes(repo)
     wheels = sum(p.stat().st_size for p in whl.glob("*.whl")) if whl is not None and whl.is_dir() else 0
     capacity = CALL_BYTES - tree - MARGIN
@@ -348,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--whl", type=Path, default=Path(".whl"), help="wheels carried whole by the first call")
     p.add_argument("--no-eval", action="store_true", help="leave the eval data out of the bundle")
     p.add_argument("--dry-run", action="store_true", help="print the plan only; write no pieces")
+    p.add_argument("--models-first", action="store_true",
+                   help="carry the GGUFs before the corpus/eval bundle (a weights-only benchmark can start a call earlier)")
     s = sub.add_parser("stage", help="there: copy pieces, join, check, unpack")
     s.add_argument("--carry", type=Path, default=Path(".carry"))
     s.add_argument("--stage", type=Path, default=Path("~/stage").expanduser())
@@ -358,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 2 if res["bad"] else 0
     plan = prepare(args.models, [c for c in args.corpora.split(",") if c], args.out, repo=Path.cwd(),
-                   whl=args.whl if args.whl.is_dir() else None, with_eval=not args.no_eval, dry_run=args.dry_run)
+                   whl=args.whl if args.whl.is_dir() else None, with_eval=not args.no_eval, dry_run=args.dry_run,
+                   models_first=args.models_first)
     print(plan["markdown"] if args.dry_run else (args.out / "plan.md").read_text())
     return 0
 

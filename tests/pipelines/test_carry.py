@@ -122,3 +122,27 @@ def test_carry_prepare_format_without_digest_is_joined(tmp_path):
     (carry / "gguf__m.gguf.count").write_text("2")
     res = stage(carry, tmp_path / "stage", tmp_path / "cache", echo=lambda m: None)
     assert res["ready"] == ["gguf/m.gguf"] and (tmp_path / "cache" / "gguf/m.gguf").read_bytes() == b"abcdef"
+
+
+@pytest.mark.parametrize("models_first", [False, True])
+def test_prepare_orders_the_bundle_and_the_weights(tmp_path, monkeypatch, models_first):
+    """--models-first puts the GGUF in the first calls (a weights-only benchmark can start earlier)."""
+    import linearize.models.hub as hub
+    import linearize.pipelines.carry as carry
+
+    cache = tmp_path / "cache"
+    (cache / "gguf").mkdir(parents=True)
+    gguf = cache / "gguf" / "m.gguf"
+    gguf.write_bytes(b"w" * (3 * MiB))
+    monkeypatch.setattr(carry, "cache_root", lambda: cache)
+    monkeypatch.setattr(carry, "build_bundle", lambda corpora, c, dst, with_eval=True: (dst.parent.mkdir(parents=True, exist_ok=True), dst.write_bytes(b"b" * MiB), dst)[2])
+    monkeypatch.setattr(hub, "fetch_gguf", lambda m: gguf)
+    monkeypatch.setitem(hub.ALIASES, "toy", hub.ALIASES[next(iter(hub.ALIASES))])
+    monkeypatch.setattr(carry, "CALL_BYTES", 5 * MiB // 2)
+    monkeypatch.setattr(carry, "MARGIN", 0)
+    monkeypatch.setattr(carry, "tree_bytes", lambda repo: 0)
+    plan = carry.prepare(["toy"], ["x"], tmp_path / "out", repo=tmp_path, whl=None, dry_run=True, models_first=models_first)
+    first = [f["rel"] for f in plan["files"]]
+    assert first == (["gguf/m.gguf", carry.BUNDLE] if models_first else [carry.BUNDLE, "gguf/m.gguf"])
+    assert plan["calls"][0]["completes"] == ([] if models_first else [carry.BUNDLE])
+    assert sum(c["bytes"] for c in plan["calls"]) == 4 * MiB
