@@ -57,6 +57,35 @@ def default_config(D: int, F: int) -> LaunchConfig:
     return LaunchConfig(C=64, BV=min(_pow2(D), 128), num_warps=8, num_stages=2)
 
 
+#: (kernel, constexprs) launches that ran out of shared memory with the config's num_stages: launched with 1.
+_ONE_STAGE: set[tuple] = set()
+
+
+def _launch(kernel, grid, *args, num_stages: int = 1, **kwargs) -> None:
+    """``kernel[grid](*args, ...)``; a launch that runs out of shared memory (the software pipeline's buffers
+    grow with num_stages, and with the GQ heads a program unrolls) is retried with ``num_stages=1``, which
+    changes no result and no buffer, and remembered so the next call skips the failing compile."""
+    from triton.runtime.errors import OutOfResources
+
+    # Triton compiles per constexprs and per int argument's ==1 / %16 class: the same key, the same binary.
+    spec = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int) and not isinstance(a, bool))
+    key = (getattr(kernel, "__name__", None) or repr(kernel), tuple(sorted(kwargs.items())), spec, num_stages)
+    if num_stages > 1 and key not in _ONE_STAGE:
+        try:
+            kernel[grid](*args, num_stages=num_stages, **kwargs)
+            return
+        except OutOfResources:
+            _ONE_STAGE.add(key)
+    try:
+        kernel[grid](*args, num_stages=1, **kwargs)
+    except OutOfResources as e:
+        name = getattr(kernel, "__name__", "kernel")
+        raise RuntimeError(
+            f"{name} needs more shared memory than this GPU has ({e}) even with num_stages=1; "
+            "pass a smaller config, e.g. config=LaunchConfig(C=32, BV=64, num_warps=4)"
+        ) from None
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -103,7 +132,7 @@ class _HybridChunkFn(torch.autograd.Function):
 
         seg_S = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
         seg_z = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
-        K.fwd_segment_sums_kernel[(nseg, B * Hf, NV)](
+        _launch(K.fwd_segment_sums_kernel, (nseg, B * Hf, NV),
             phi_k, v, m_arg, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
             B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -118,7 +147,7 @@ class _HybridChunkFn(torch.autograd.Function):
         mx = _empty(B, H, T, dtype=f32, device=dev)
         den = _empty(B, H, T, dtype=f32, device=dev)
         arg = _empty(B, H, T, dtype=torch.int32, device=dev)
-        K.fwd_kernel[(nseg, B * Hf, NV)](
+        _launch(K.fwd_kernel, (nseg, B * Hf, NV),
             q, k, v, phi_q, phi_k, m_arg, gamma, pre_S, pre_z, y, u, mx, den, arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
             B, T, H, Hf, Gk, n, n_per, nwin, W, scale,
@@ -159,7 +188,7 @@ class _HybridChunkFn(torch.autograd.Function):
         dq = _empty(*q.shape, dtype=q.dtype, device=dev)
         dpq = _empty(B, T, H, F, dtype=f32, device=dev)
         corr = _empty(B, H, T, dtype=f32, device=dev)
-        K.bwd_dq_kernel[(n, B * H)](
+        _launch(K.bwd_dq_kernel, (n, B * H),
             q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, *strides_in,
             B, T, H, Hf, G, GQ, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, HAS_MASK=has_mask, PREC=prec, **kw,
         )
@@ -168,14 +197,14 @@ class _HybridChunkFn(torch.autograd.Function):
         dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
         dv_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
         dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
-        K.bwd_dk_kernel[(n, B * Hf)](
+        _launch(K.bwd_dk_kernel, (n, B * Hf),
             q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, *strides_in,
             B, T, H, Hf, Gk, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, **kw,
         )
         # Running-sum parts.
         seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
         seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
-        K.bwd_segment_sums_kernel[(nseg, B * Hf, NV)](
+        _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
             phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
             B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
         )
@@ -183,7 +212,7 @@ class _HybridChunkFn(torch.autograd.Function):
         rev_dS = (seg_dS.flip(0).cumsum(0).flip(0) - seg_dS).contiguous()
         rev_dz = (seg_dz.flip(0).cumsum(0).flip(0) - seg_dz).contiguous()
         dpq_out = dpq if atomic else _empty(B, T, H, F, dtype=phi_q.dtype, device=dev)
-        K.bwd_dq_state_kernel[(nseg, B * Hf, NV)](
+        _launch(K.bwd_dq_state_kernel, (nseg, B * Hf, NV),
             phi_k, v, m_arg, dy, den, delta, pre_S, pre_z, dpq, dpq_out,
             *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
             B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
@@ -191,7 +220,7 @@ class _HybridChunkFn(torch.autograd.Function):
         )
         dv_out = _empty(B, T, Hkv, D, dtype=v.dtype, device=dev) if final else dv_b
         dpk_out = _empty(B, T, Hf, F, dtype=phi_k.dtype, device=dev) if final else dpk
-        K.bwd_dk_state_kernel[(nseg, B * Hf, NV)](
+        _launch(K.bwd_dk_state_kernel, (nseg, B * Hf, NV),
             phi_q, phi_k, v, m_arg, dy, den, delta, rev_dS, rev_dz, dv_b, dpk, dv_out, dpk_out,
             *_strides(phi_q), *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
             B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,

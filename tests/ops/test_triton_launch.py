@@ -1,0 +1,68 @@
+"""chunk._launch: a launch out of shared memory is retried with num_stages=1 (and remembered); one that
+does not fit even then gets a one-line error that names the kernel and the way out."""
+
+import importlib.util
+
+import pytest
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+
+class FakeKernel:
+    """Records launches; raises Triton's OutOfResources when num_stages exceeds ``max_stages``."""
+
+    __name__ = "fake_kernel"
+
+    def __init__(self, max_stages: int):
+        self.max_stages, self.calls = max_stages, []
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def run(*args, num_stages, **kwargs):
+            self.calls.append((grid, args, num_stages, kwargs))
+            if num_stages > self.max_stages:
+                raise OutOfResources(247552, 232448, "shared memory")
+
+        return run
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory(monkeypatch):
+    from linearize.ops.triton import chunk
+
+    monkeypatch.setattr(chunk, "_ONE_STAGE", set())
+
+
+def test_fits_launches_once_with_its_stages():
+    from linearize.ops.triton.chunk import _launch
+
+    k = FakeKernel(max_stages=2)
+    _launch(k, (3, 4), "x", 700, num_stages=2, num_warps=8, C=64)
+    assert [(c[0], c[2]) for c in k.calls] == [((3, 4), 2)]
+
+
+def test_out_of_shared_memory_retries_with_one_stage_and_remembers():
+    from linearize.ops.triton.chunk import _launch
+
+    k = FakeKernel(max_stages=1)
+    _launch(k, (3, 4), "x", 700, num_stages=2, num_warps=8, C=64)
+    assert [c[2] for c in k.calls] == [2, 1]
+    assert k.calls[1][1] == ("x", 700) and k.calls[1][3] == {"num_warps": 8, "C": 64}
+    _launch(k, (5, 4), "y", 701, num_stages=2, num_warps=8, C=64)  # same compile class: straight to 1 stage
+    assert [c[2] for c in k.calls] == [2, 1, 1]
+    _launch(k, (5, 4), "y", 1, num_stages=2, num_warps=8, C=64)  # T == 1 compiles apart: tried again
+    assert [c[2] for c in k.calls] == [2, 1, 1, 2, 1]
+    _launch(k, (5, 4), "y", 701, num_stages=2, num_warps=8, C=32)  # other constexprs: tried again
+    assert [c[2] for c in k.calls][-2:] == [2, 1]
+
+
+def test_too_big_even_with_one_stage_is_one_clear_line():
+    from linearize.ops.triton.chunk import _launch
+
+    k = FakeKernel(max_stages=0)
+    with pytest.raises(RuntimeError) as info:
+        _launch(k, (1,), 7, num_stages=2, num_warps=8, C=64)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("fake_kernel needs more shared memory")
+    assert "LaunchConfig(C=32" in msg
