@@ -39,6 +39,11 @@ class LinearizeConfig:
         exp(q_i . u_h + c_h) on queries (post-RoPE q, exponent capped at 30), u [H, D] and c [H] learned
         (``sink_u``, ``sink_c``, both 0 at first). ``length_norm`` does not scale this feature. The
         Triton kernels pad F + 1 = 129 (hedgehog, f = 64) to 256-wide feature tiles: a cost.
+    feature_rope: the feature maps read q and k after RoPE (true: LoLCATs) or before it (false). After
+        RoPE, phi sees each token's absolute rotation, and past the training length the slow RoPE
+        frequencies reach angles the maps were never trained on (the H200 run of 2026-12-03, trained at
+        1024: 1.17x the base's perplexity at 512, 4.96x at 2K, 51x at 4K). Before RoPE, the linear part
+        is position-free, as the window's exact softmax keeps the positions of the recent keys.
     """
 
     window: int = 64
@@ -53,6 +58,7 @@ class LinearizeConfig:
     length_norm: bool = False
     length_norm_from: int = 256
     sink_tokens: int = 0
+    feature_rope: bool = True
 
     def __post_init__(self) -> None:
         from .modules.feature_maps import FEATURE_MAPS
@@ -76,6 +82,8 @@ class LinearizeConfig:
             raise bad("length_norm_from", "must be an int >= 1")
         if not isinstance(self.sink_tokens, int) or isinstance(self.sink_tokens, bool) or self.sink_tokens < 0:
             raise bad("sink_tokens", "must be an int >= 0")
+        if not isinstance(self.feature_rope, bool):
+            raise bad("feature_rope", "must be true or false")
         for name in ("layers", "softmax_layers"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in value)):

@@ -37,7 +37,12 @@ from linearize.eval.run import evaluate
 from linearize.pipelines.config import build_config
 from linearize.pipelines.run import run_conversion
 
-VARIANTS = {"plain": [], "length_norm": ["linearize.length_norm=true"], "sink": ["linearize.sink_tokens=4"]}
+VARIANTS = {
+    "plain": [],
+    "length_norm": ["linearize.length_norm=true"],
+    "sink": ["linearize.sink_tokens=4"],
+    "nope": ["linearize.feature_rope=false"],  # feature maps on q, k before RoPE
+}
 
 #: settings that may differ between the calls merged into one results.json (they change no measurement)
 PER_CALL = {"variants", "fresh", "runs", "out"}

@@ -71,6 +71,7 @@ class LinearizedAttention(nn.Module):
         self._apply_rope = apply_rope
 
         self.window = config.window
+        self.feature_rope = config.feature_rope
         self.chunk_size = config.chunk_size
         self.feature_map_q = build_feature_map(config.feature_map, self.num_heads, self.head_dim, config.feature_dim)
         key_heads = self.num_kv_heads if config.feature_map_per_kv_head else self.num_heads
@@ -125,6 +126,7 @@ class LinearizedAttention(nn.Module):
             f"window={self.window}, feature_map={self.feature_map_q.name}, F={self.num_features}"
             + (f", length_norm_from={self.length_norm_from}" if self.length_alpha is not None else "")
             + (f", sink_tokens={self.sink_tokens}" if self.sink_tokens else "")
+            + ("" if self.feature_rope else ", feature_rope=False")
         )
 
     @property
@@ -141,6 +143,11 @@ class LinearizedAttention(nn.Module):
         self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B,T,H,D], k/v [B,T,Hkv,D], with the base model's q/k norms and RoPE applied."""
+        return self.project(hidden_states, position_embeddings)[:3]
+
+    def project(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+        """``qkv``'s q, k, v and the q, k the feature maps read: the same tensors, or (``feature_rope``
+        off) q and k before RoPE."""
         B, T, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)
         k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)
@@ -149,9 +156,12 @@ class LinearizedAttention(nn.Module):
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
+        fq, fk = q, k
         cos, sin = position_embeddings
         q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=2)
-        return q, k, v
+        if self.feature_rope:
+            fq, fk = q, k
+        return q, k, v, fq, fk
 
     def softmax_attention(self, q, k, v, attention_mask, **kwargs) -> torch.Tensor:
         """The base layer's own attention (through transformers' attention interface) -> [B,T,H,D]."""
@@ -169,9 +179,11 @@ class LinearizedAttention(nn.Module):
         )
         return out
 
-    def hybrid_attention(self, q, k, v, key_mask, cache) -> torch.Tensor:
-        """[B,T,H,D] through the hybrid attention, continuing and updating ``cache`` if given."""
-        phi_q, phi_k = self.feature_map_q(q), self.feature_map_k(k)
+    def hybrid_attention(self, q, k, v, key_mask, cache, fq=None, fk=None) -> torch.Tensor:
+        """[B,T,H,D] through the hybrid attention, continuing and updating ``cache`` if given. ``fq``,
+        ``fk``: what the feature maps read (``project``), q and k when None."""
+        phi_q = self.feature_map_q(q if fq is None else fq)
+        phi_k = self.feature_map_k(k if fk is None else fk)
         args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
         B, T = q.shape[:2]
         # what the cache counts (valid tokens) only when length normalization or the sinks need it
@@ -249,7 +261,7 @@ class LinearizedAttention(nn.Module):
         for unused in ("position_ids", "use_cache", "cache_position", "output_attentions"):
             kwargs.pop(unused, None)
         B, T, _ = hidden_states.shape
-        q, k, v = self.qkv(hidden_states, position_embeddings)
+        q, k, v, fq, fk = self.project(hidden_states, position_embeddings)
 
         if self.mode == "softmax":
             if cache is not None:
@@ -260,11 +272,11 @@ class LinearizedAttention(nn.Module):
             if self.mode == "transfer":
                 if cache is not None and cache.get_seq_length(self.layer_idx) > 0:
                     raise RuntimeError("attention transfer runs on whole sequences; pass use_cache=False")
-                y_hybrid = self.hybrid_attention(q, k, v, key_mask, None)
+                y_hybrid = self.hybrid_attention(q, k, v, key_mask, None, fq, fk)
                 y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
                 self.transfer_outputs = (y_hybrid.reshape(B, T, -1), y.reshape(B, T, -1))
             else:
-                y = self.hybrid_attention(q, k, v, key_mask, cache)
+                y = self.hybrid_attention(q, k, v, key_mask, cache, fq, fk)
         return self.o_proj(y.reshape(B, T, -1)), None
 
 
