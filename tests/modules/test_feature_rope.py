@@ -84,3 +84,17 @@ def test_attention_transfer_trains_the_maps_through_it():
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "feature_map" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_cli_override_and_the_ablation_row_differ_from_plain_only_there():
+    import dataclasses
+    from pathlib import Path
+
+    from linearize.pipelines.config import build_config
+
+    assert build_config(None, None, ["linearize.feature_rope=false"]).linearize.feature_rope is False
+    root = Path(__file__).resolve().parents[2]
+    plain = build_config("full", root / "configs/ablations/smollm2-plain.yaml")
+    nope = build_config("full", root / "configs/ablations/smollm2-nope.yaml")
+    assert nope.linearize == LinearizeConfig(**(plain.linearize.to_dict() | {"feature_rope": False}))
+    assert dataclasses.replace(nope, linearize=plain.linearize) == plain  # nothing else differs
