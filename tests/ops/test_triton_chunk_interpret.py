@@ -139,3 +139,37 @@ def test_half_precision_and_constant_window_weight():
     dy = torch.randn_like(y)
     for a, b in zip(torch.autograd.grad(y, (q, k, v, pq, pk), dy), torch.autograd.grad(yr, (q, k, v, pq, pk), dy)):
         assert rel_err(a, b) < 1e-4
+
+
+@inside
+def test_batch_over_the_grid_limit_runs_in_pieces(monkeypatch):
+    """B x H over CUDA's 65535 (lowered here to 5): slices of 2 sequences (H = 2), concatenated; outputs,
+    gradients, an initial state and the final state as one pass of the chunked path."""
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton import chunk
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    calls = []
+    real = chunk._HybridChunkFn.apply
+    monkeypatch.setattr(chunk._HybridChunkFn, "apply", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(chunk, "MAX_GRID_Y", 5)
+    q, k, v, pq, pk, g = random_inputs(5, 30, 2, 1, 16, 16, 2, dtype=torch.float32, seed=11, requires_grad=True)
+    m = left_pad_mask(5, 30, [0, 3, 0, 12, 1])
+    cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2)
+    args = dict(window=6, window_weight=g, attention_mask=m, output_final_state=True)
+    _, st0 = hybrid_attention_chunked(q[:, :11].detach(), k[:, :11].detach(), v[:, :11].detach(), pq[:, :11].detach(),
+                                      pk[:, :11].detach(), window=6, window_weight=g.detach(), attention_mask=m[:, :11],
+                                      output_final_state=True)
+    rest = [t[:, 11:] for t in (q, k, v, pq, pk)]
+    y, st = hybrid_attention_triton(*rest, initial_state=st0, config=cfg, **(args | {"attention_mask": m[:, 11:]}))
+    yr, sr = hybrid_attention_chunked(*rest, initial_state=st0, **(args | {"attention_mask": m[:, 11:]}))
+    assert calls == [2, 2, 1]
+    assert rel_err(y, yr) < 2e-5
+    for a, b in zip(st, sr):
+        assert a.shape == b.shape and rel_err(a, b) < 2e-5
+    dy = torch.randn_like(y)
+    ins = (q, k, v, pq, pk, g)
+    gr = torch.autograd.grad(y, ins, dy, allow_unused=True, materialize_grads=True)
+    grr = torch.autograd.grad(yr, ins, dy, allow_unused=True, materialize_grads=True)
+    scale = max(x.double().norm().item() for x in grr) * 1e-2
+    assert max(_grad_err(a, b, scale) for a, b in zip(gr, grr)) < 2e-4

@@ -34,6 +34,9 @@ class LaunchConfig:
     nseg: int | None = None  # segments per sequence; None = enough to fill the device
 
 
+#: CUDA's limit on a grid's second (and third) axis; the kernels put batch x heads there.
+MAX_GRID_Y = 65535
+
 #: Tests set this to fill every kernel output with NaN before launch, so an element left unwritten fails.
 POISON_OUTPUTS = False
 
@@ -257,6 +260,10 @@ def hybrid_attention_triton(
     phi_q [B,T,H,F], phi_k [B,T,Hkv|H,F], attention_mask [B,T]. Returns y [B,T,H,D] (q's dtype) and, if
     asked, the final ``HybridState``. Gradients flow to q, k, v, phi_q, phi_k and window_weight."""
     d = check_inputs(q, k, v, phi_q, phi_k, window)
+    if d.B * d.H > MAX_GRID_Y:
+        return _in_batch_pieces(q, k, v, phi_q, phi_k, window=window, window_weight=window_weight, scale=scale,
+                                attention_mask=attention_mask, initial_state=initial_state,
+                                output_final_state=output_final_state, config=config)
     scale = default_scale(scale, d.D)
     dev = q.device
     dtype = q.dtype
@@ -293,6 +300,25 @@ def hybrid_attention_triton(
     if not output_final_state:
         return y, None
     return y, _final_state(S0, z0, k_run, v_run, pk_run, valid_run, window, d)
+
+
+def _in_batch_pieces(q, k, v, phi_q, phi_k, *, attention_mask, initial_state, output_final_state, **kw):
+    """Sequences are independent: run batches whose B * H programs per chunk exceed CUDA's grid limit on
+    its second axis in slices that fit, and concatenate (gradients flow through the slices)."""
+    B, H = q.shape[0], q.shape[2]
+    step = max(1, MAX_GRID_Y // H)
+    ys, states = [], []
+    for i in range(0, B, step):
+        sl = slice(i, i + step)
+        init = None if initial_state is None else HybridState(*(t[sl] for t in initial_state))
+        mask = None if attention_mask is None else attention_mask[sl]
+        y, st = hybrid_attention_triton(q[sl], k[sl], v[sl], phi_q[sl], phi_k[sl], attention_mask=mask,
+                                        initial_state=init, output_final_state=output_final_state, **kw)
+        ys.append(y)
+        states.append(st)
+    if not output_final_state:
+        return torch.cat(ys), None
+    return torch.cat(ys), HybridState(*(torch.cat(parts) for parts in zip(*states)))
 
 
 def _final_state(S0, z0, k, v, pk, valid, window: int, d) -> HybridState:
