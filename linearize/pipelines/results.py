@@ -140,6 +140,7 @@ def recipe(report: dict | None) -> str:
     lin = report.get("linearize") or cfg.get("linearize") or {}
     norm = f" lennorm{lin.get('length_norm_from')}" if lin.get("length_norm") else ""
     norm += f" sink{lin['sink_tokens']}" if lin.get("sink_tokens") else ""
+    norm += " nope" if lin.get("feature_rope") is False else ""  # feature maps before RoPE
     return f"w{lin.get('window')} {lin.get('feature_map')}/f{lin.get('feature_dim')}{norm} ({steps} @ {cfg.get('data', {}).get('seq_len')})"
 
 

@@ -98,3 +98,13 @@ def test_cli_override_and_the_ablation_row_differ_from_plain_only_there():
     nope = build_config("full", root / "configs/ablations/smollm2-nope.yaml")
     assert nope.linearize == LinearizeConfig(**(plain.linearize.to_dict() | {"feature_rope": False}))
     assert dataclasses.replace(nope, linearize=plain.linearize) == plain  # nothing else differs
+
+
+def test_results_table_names_the_recipe():
+    from linearize.pipelines.results import recipe
+
+    report = {"config": {"data": {"seq_len": 1024}}, "stages": {"stage1": {"steps": 200}, "stage2": {"steps": 200}},
+              "linearize": LinearizeConfig(feature_rope=False).to_dict()}
+    assert recipe(report) == "w64 hedgehog/f64 nope (200+200 steps @ 1024)"
+    report["linearize"] = LinearizeConfig().to_dict()
+    assert "nope" not in recipe(report)
