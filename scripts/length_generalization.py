@@ -42,6 +42,7 @@ VARIANTS = {
     "length_norm": ["linearize.length_norm=true"],
     "sink": ["linearize.sink_tokens=4"],
     "nope": ["linearize.feature_rope=false"],  # feature maps on q, k before RoPE
+    "nope_lennorm": ["linearize.feature_rope=false", "linearize.length_norm=true"],
 }
 
 #: settings that may differ between the calls merged into one results.json (they change no measurement)

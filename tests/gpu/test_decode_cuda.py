@@ -114,15 +114,16 @@ def test_cuda_graph_replay_equals_eager(window):
         assert torch.equal(a, b)
 
 
-def _model(window, dtype=torch.float32):
-    model = linearize.convert(tiny_model("llama"), LinearizeConfig(window=window, feature_dim=6))
+def _model(window, dtype=torch.float32, **cfg):
+    model = linearize.convert(tiny_model("llama"), LinearizeConfig(window=window, feature_dim=6, **cfg))
     perturb_added_weights(model)
     return model.cuda().to(dtype)
 
 
+@pytest.mark.parametrize("feature_rope", [True, False], ids=["rope", "nope"])
 @pytest.mark.parametrize("window", [0, 1, 4])
-def test_model_decode_on_the_kernel_equals_full_forward(window):
-    model = _model(window)
+def test_model_decode_on_the_kernel_equals_full_forward(window, feature_rope):
+    model = _model(window, feature_rope=feature_rope)
     ids = torch.randint(3, 96, (3, 24), device="cuda")
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
