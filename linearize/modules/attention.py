@@ -179,11 +179,10 @@ class LinearizedAttention(nn.Module):
         )
         return out
 
-    def hybrid_attention(self, q, k, v, key_mask, cache, fq=None, fk=None) -> torch.Tensor:
+    def hybrid_attention(self, q, k, v, fq, fk, key_mask, cache) -> torch.Tensor:
         """[B,T,H,D] through the hybrid attention, continuing and updating ``cache`` if given. ``fq``,
-        ``fk``: what the feature maps read (``project``), q and k when None."""
-        phi_q = self.feature_map_q(q if fq is None else fq)
-        phi_k = self.feature_map_k(k if fk is None else fk)
+        ``fk``: what the feature maps read (``project``)."""
+        phi_q, phi_k = self.feature_map_q(fq), self.feature_map_k(fk)
         args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
         B, T = q.shape[:2]
         # what the cache counts (valid tokens) only when length normalization or the sinks need it
@@ -272,11 +271,11 @@ class LinearizedAttention(nn.Module):
             if self.mode == "transfer":
                 if cache is not None and cache.get_seq_length(self.layer_idx) > 0:
                     raise RuntimeError("attention transfer runs on whole sequences; pass use_cache=False")
-                y_hybrid = self.hybrid_attention(q, k, v, key_mask, None, fq, fk)
+                y_hybrid = self.hybrid_attention(q, k, v, fq, fk, key_mask, None)
                 y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
                 self.transfer_outputs = (y_hybrid.reshape(B, T, -1), y.reshape(B, T, -1))
             else:
-                y = self.hybrid_attention(q, k, v, key_mask, cache, fq, fk)
+                y = self.hybrid_attention(q, k, v, fq, fk, key_mask, cache)
         return self.o_proj(y.reshape(B, T, -1)), None
 
 

@@ -69,8 +69,9 @@ def test_step_decode_equals_full_forward(arch, window):
     assert cache.get_seq_length() == ids.shape[1]
 
 
-def test_chunked_prefill_then_decode_equals_full_forward(arch):
-    model = converted(arch, window=5)
+@pytest.mark.parametrize("feature_rope", [True, False], ids=["rope", "nope"])
+def test_chunked_prefill_then_decode_equals_full_forward(arch, feature_rope):
+    model = converted(arch, window=5, feature_rope=feature_rope)
     ids = ids_batch(T=30)
     with torch.no_grad():
         full = model(ids, use_cache=False).logits

@@ -1,25 +1,14 @@
 """LinearizeConfig.feature_rope=False: the feature maps read q and k before RoPE (a position-free linear
-part), everywhere the hybrid runs: full forward, chunked prefill, step decode and generation agree."""
+part). Prefill in pieces and step decode against the full forward: tests/models/test_convert.py."""
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import linearize
 from linearize import LinearizeConfig
 
-from ..tiny_models import ARCHS, perturb_added_weights, tiny_model
-
-
-def converted(arch, **cfg):
-    model = linearize.convert(tiny_model(arch), LinearizeConfig(**({"feature_dim": 6, "window": 4} | cfg)))
-    perturb_added_weights(model)
-    return model
-
-
-def ids_batch(B=2, T=20, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 96, (B, T), generator=g)
+from ..models.test_convert import converted, ids_batch
+from ..tiny_models import ARCHS
 
 
 def test_config_checks_the_value():
@@ -32,7 +21,7 @@ def test_config_checks_the_value():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_features_read_q_and_k_before_rope(arch):
     """Same hidden states at positions 0.. and 100..: q, k rotate, the maps' inputs do not."""
-    model = converted(arch, feature_rope=False)
+    model = converted(arch, window=4, feature_rope=False)
     layer = linearize.linearized_layers(model)[0]
     emb_fn = model.model.rotary_emb
     rotary = (lambda x, pos: emb_fn(x, pos, "full_attention")) if arch == "gemma3_text" else emb_fn
@@ -46,7 +35,7 @@ def test_features_read_q_and_k_before_rope(arch):
     assert not torch.allclose(q0, q1) and not torch.allclose(k0, k1)
     torch.testing.assert_close(fq0, fq1, rtol=0, atol=0)
     torch.testing.assert_close(fk0, fk1, rtol=0, atol=0)
-    on = linearize.linearized_layers(converted(arch))[0]
+    on = linearize.linearized_layers(converted(arch, window=4))[0]
     q, k, _, fq, fk = on.project(h, rotary(h, torch.arange(100, 105)[None]))
     assert fq is q and fk is k
 
@@ -55,27 +44,14 @@ def test_features_read_q_and_k_before_rope(arch):
 def test_changes_the_output(arch):
     ids = ids_batch(T=16)
     with torch.no_grad():
-        a = converted(arch).forward(ids, use_cache=False).logits
-        b = converted(arch, feature_rope=False).forward(ids, use_cache=False).logits
+        a = converted(arch, window=4).forward(ids, use_cache=False).logits
+        b = converted(arch, window=4, feature_rope=False).forward(ids, use_cache=False).logits
     assert not torch.allclose(a, b, atol=1e-4)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_prefill_in_pieces_and_step_decode_equal_full_forward(arch):
-    model = converted(arch, feature_rope=False)
-    ids = ids_batch(T=30)
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        cache = DynamicCache(config=model.config)
-        out = [model(ids[:, :11], past_key_values=cache).logits, model(ids[:, 11:17], past_key_values=cache).logits]
-        for t in range(17, 30):
-            out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
-    torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-4, atol=1e-4)
 
 
 def test_attention_transfer_trains_the_maps_through_it():
     """Transfer mode: the hybrid output (features of pre-RoPE q, k) gets a gradient into the maps."""
-    model = converted("llama", feature_rope=False)
+    model = converted("llama", window=4, feature_rope=False)
     layers = linearize.linearized_layers(model)
     for layer in layers:
         layer.mode = "transfer"
