@@ -48,6 +48,12 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # 2. carried pieces
 python3 -m linearize.pipelines.carry stage --carry .carry --stage "$HOME/stage" || echo "staging reported a damaged file: carry its call again"
 
+# trained weights an earlier call brought back (runs-weights.tar.partNN, copied into .carry/weights here):
+# a run the released machine took with it resumes from its last checkpoint instead of training again
+if compgen -G ".carry/weights/*-weights.tar.part*" > /dev/null; then
+  python3 -m linearize.pipelines.device --runs "$runs" restore .carry/weights || echo "restore failed: carry every part"
+fi
+
 # 3. the run(s), under the deadline
 stamp=$(date +%Y%m%d-%H%M%S)
 log="$runs/_logs/call-$stamp.log"
@@ -70,7 +76,7 @@ logs=()
 # A call that reaches the device's limit returns only what is already in $OUT: bundle every 2 minutes too.
 bundle_now() {
   local la=(); for l in "${logs[@]}"; do la+=(--log "$l"); done
-  python3 -m linearize.pipelines.device --runs "$runs" bundle "${bundle_args[@]}" --to "$out" "${la[@]}"
+  python3 -m linearize.pipelines.device --runs "$runs" bundle "${bundle_args[@]}" --to "$out" --weights "${la[@]}"
 }
 # TERM ends the loop between bundles: bash runs the trap only once a running bundle has finished.
 start_bundler() {

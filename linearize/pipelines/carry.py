@@ -289,7 +289,9 @@ def stage(carry: Path, stage_dir: Path, cache: Path, echo=print) -> dict:
     stage_dir.mkdir(parents=True, exist_ok=True)
     cache.mkdir(parents=True, exist_ok=True)
     if carry.is_dir():
-        found = [Path(root) / f for root, _, files in os.walk(carry, followlinks=True) for f in files]
+        # (.carry/weights holds trained runs' parts for `device restore`, not pieces of the cache)
+        found = [Path(root) / f for root, _, files in os.walk(carry, followlinks=True) for f in files
+                 if Path(root).relative_to(carry).parts[:1] != ("weights",)]
         for src in sorted(p for p in found if PART.match(p.name) or p.suffix in (".count", ".sha256")):
             dst = stage_dir / src.name
             if not dst.exists() or dst.stat().st_size != src.stat().st_size:

@@ -3,7 +3,8 @@ tasks, and a small bundle of results per call.
 
     python -m linearize.pipelines.device run MODEL NAME [--preset full] [--config F] [--set k=v ...] [--suite full|quick|none]
     python -m linearize.pipelines.device queue FILE          # one run per line: MODEL NAME [options as for run]
-    python -m linearize.pipelines.device bundle (NAME ... | --queue FILE) --to DIR
+    python -m linearize.pipelines.device bundle (NAME ... | --queue FILE) --to DIR [--weights]
+    python -m linearize.pipelines.device restore DIR        # unpack carried runs-weights.tar.partNN into RUNS
 
 ``scripts/gpu_convert.sh`` wraps these for the lent GPU (staging, environment, a deadline). A run is
 ``linearize convert`` into ``RUNS/NAME`` (``--resume`` when it exists: a call killed at its time limit
@@ -45,6 +46,13 @@ SUITES: dict[str, dict[str, int | None]] = {
     "quick": {"ppl": 64, **{t: 500 for t in ZERO_SHOT}, "lambada": 500, "mmlu": 10, "passkey@1024,2048,4096": None, "mqar": None},
     "none": {},
 }
+#: what a run needs to resume in a later session (or on a fresh machine): its trained weights, not the
+#: base model (which every session restages). Never the exported model (hundreds of MB).
+RESUMABLE = ("config.yaml", "state.json", "metrics.jsonl", "stage1_final.safetensors")
+#: one returned file's limit is 16 MiB (device README); parts stay under it with room for tar headers
+WEIGHT_PART_BYTES = 15 * 2**20
+#: parts of all runs together: the 8 returned files hold 64 MiB, and runs.tar.gz and the summary need room
+WEIGHT_TOTAL_BYTES = 45 * 2**20
 BUNDLED = ("config.yaml", "report.json", "report.md", "metrics.jsonl", "state.json", "status.json",
            "eval/eval.json", "eval/eval.md", "eval/eval.png")
 
@@ -436,6 +444,118 @@ def bundle(run_dirs: list[Path], dest: Path, name: str = "runs", log: Path | lis
     return [tar_path, md]
 
 
+def _resumable_files(d: Path) -> list[Path]:
+    """The files that let run ``d`` go on where it stands: settings, state, the stage-1 maps, the checkpoint
+    named by ``checkpoints/LATEST`` (weights + optimizer + RNG) and the eval results saved so far."""
+    files = [d / f for f in RESUMABLE if (d / f).is_file()]
+    latest = d / "checkpoints" / "LATEST"
+    if latest.is_file():
+        ck = d / "checkpoints" / json.loads(latest.read_text())["dir"]
+        files += [latest] + sorted(f for f in ck.rglob("*") if f.is_file())
+    return files + sorted(d.glob("eval_parts/*.json"))
+
+
+def bundle_weights(run_dirs: list[Path], dest: Path, name: str = "runs", echo: Callable[[str], None] = print) -> list[Path]:
+    """``dest/<name>-weights.tar.partNN``: the unfinished runs' resumable state (see :func:`restore`).
+
+    A model trained in a call whose machine is then released (its 30 s warm window passes, or the session
+    ends) used to be lost with it: the next call retrained. Only runs without ``eval/eval.json`` are taken,
+    in order, while they fit in :data:`WEIGHT_TOTAL_BYTES`. A run whose checkpoint is replaced while it
+    is read (training goes on beside the bundler) is left for the next bundle, never half-taken."""
+    import shutil
+    import tempfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".weights.") as tmp:
+        tar_path = Path(tmp) / "all.tar"
+        taken = []
+        with tarfile.open(tar_path, "w") as tar:
+            size = 0
+            for d in run_dirs:
+                if not (d / "state.json").is_file() or (d / "eval" / "eval.json").is_file():
+                    continue
+                try:
+                    files = _resumable_files(d)
+                    blobs = [(f, f.read_bytes()) for f in files]  # read all first: a checkpoint rotated away mid-read raises here
+                except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                    echo(f"[{d.name}] weights: checkpoint changing while read; left for the next bundle")
+                    continue
+                need = sum(len(b) + 1024 for _, b in blobs)
+                if size + need > WEIGHT_TOTAL_BYTES:
+                    echo(f"[{d.name}] weights: {need / 2**20:.1f} MiB do not fit beside the others; not bundled")
+                    continue
+                for f, data in blobs:
+                    info = tarfile.TarInfo(f"{d.name}/{f.relative_to(d)}")
+                    info.size, info.mtime = len(data), int(f.stat().st_mtime) if f.exists() else int(time.time())
+                    tar.addfile(info, io.BytesIO(data))
+                size += need
+                taken.append(d.name)
+        parts = []
+        with open(tar_path, "rb") as src:
+            while chunk := src.read(WEIGHT_PART_BYTES):
+                part = Path(tmp) / f"{name}-weights.tar.part{len(parts):02d}"
+                part.write_bytes(chunk)
+                parts.append(part)
+        for old in dest.glob(f"{name}-weights.tar.part*"):
+            old.unlink()
+        if not taken:
+            return []
+        out = []
+        for part in parts:
+            os.replace(part, dest / part.name)
+            out.append(dest / part.name)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def restore(src: Path, runs: Path, echo: Callable[[str], None] = print) -> list[str]:
+    """Unpack the ``*-weights.tar.partNN`` in ``src`` (joined in order) into ``runs``: each run's
+    resumable state, so the queue resumes it (stage 2 from its last checkpoint; a finished one exports and
+    evaluates without training). A run already in ``runs`` at the same or a later checkpoint is kept."""
+    restored = []
+    for stem in sorted({p.name.rsplit(".part", 1)[0] for p in src.glob("*-weights.tar.part*")}):
+        parts = sorted(src.glob(f"{stem}.part*"))
+        blob = b"".join(p.read_bytes() for p in parts)
+        try:
+            tar = tarfile.open(fileobj=io.BytesIO(blob), mode="r:")
+            members = tar.getmembers()
+        except tarfile.TarError as e:
+            raise ValueError(f"{src}/{stem}.part*: not a complete tar ({e}); carry every part of it") from None
+        for name in sorted({m.name.split("/", 1)[0] for m in members}):
+            here, theirs = _checkpoint_step(runs / name), _carried_step(tar, name)
+            if here is not None and (theirs is None or here >= theirs):
+                echo(f"[{name}] restore: {runs / name} is at {here}, the carried state at {theirs}: kept")
+                continue
+            import shutil
+
+            if (runs / name).exists():
+                shutil.rmtree(runs / name)
+            tar.extractall(runs, members=[m for m in members if m.name.startswith(name + "/")], filter="data")
+            echo(f"[{name}] restored from {stem} at {theirs}")
+            restored.append(name)
+    return restored
+
+
+def _order(stage: str, step: int) -> tuple[int, int]:
+    return (1 if stage == "stage2" else 0, step)
+
+
+def _checkpoint_step(d: Path) -> tuple[int, int] | None:
+    latest = d / "checkpoints" / "LATEST"
+    if latest.is_file():
+        m = json.loads(latest.read_text())
+        return _order(m["stage"], m["step"])
+    return (-1, 0) if (d / "state.json").is_file() else None
+
+
+def _carried_step(tar: tarfile.TarFile, name: str) -> tuple[int, int] | None:
+    try:
+        m = json.loads(tar.extractfile(f"{name}/checkpoints/LATEST").read())
+        return _order(m["stage"], m["step"])
+    except KeyError:
+        return (-1, 0)
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -452,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--to", type=Path, required=True)
     b.add_argument("--name", default="runs", help="file name stem in DIR")
     b.add_argument("--log", type=Path, action="append", default=[], help="a log whose tail goes into the tar (repeatable)")
+    b.add_argument("--weights", action="store_true", help="also NAME-weights.tar.partNN: unfinished runs' resumable state")
+    r = sub.add_parser("restore", help="unpack carried NAME-weights.tar.partNN files from DIR into the runs folder")
+    r.add_argument("src", type=Path)
     args = ap.parse_args(argv)
     runs = args.runs.expanduser()
     runs.mkdir(parents=True, exist_ok=True)
@@ -467,10 +590,19 @@ def main(argv: list[str] | None = None) -> int:
         phases = run_queue(args.file, runs)
         print(json.dumps(phases))
         return 0 if all(p.startswith("done") for p in phases.values()) else 3
+    if args.cmd == "restore":
+        try:
+            restore(args.src, runs)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     names = list(dict.fromkeys(list(args.names) + [a[1] for q in args.queue for a in parse_queue(q)]))
     if not names:
         ap.error("bundle: give run names or --queue")
     paths = bundle([runs / n for n in names], args.to.expanduser(), args.name, args.log)
+    if args.weights:
+        bundle_weights([runs / n for n in names], args.to.expanduser(), args.name)
     print(paths[1].read_text())
     return 0
 

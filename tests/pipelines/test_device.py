@@ -184,3 +184,47 @@ def test_bundle_of_lanes_takes_every_queue_and_log(tmp_path):
     assert {"logs/lane0.log", "logs/lane1.log"} <= set(names)
     md = (out / "runs-summary.md").read_text()
     assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "waiting" in line] == ["a", "b", "c"]
+
+
+def test_weights_bundle_restores_a_run_on_a_fresh_machine(setup, tmp_path, monkeypatch):
+    """A trained run comes back as weight parts and, restored into an empty runs folder, exports the same
+    model without training again (resuming mid-stage is test_resume's; the same checkpoint files travel)."""
+    from safetensors.torch import load_file
+
+    from linearize.pipelines import run as run_mod
+
+    model, text, other = setup
+    queue = tmp_path / "q.txt"
+    sets = " ".join(f"--set '{s}'" for s in tiny_overrides(text, 2, 2) + [f"data.eval_ood_source={other}"])
+    queue.write_text(f"{model} lin --preset none {sets} --suite none --done-dir none\n")
+    runs = tmp_path / "runs"
+    assert device.run_queue(queue, runs, echo=lambda m: None) == {"lin": "done"}
+    monkeypatch.setattr(device, "WEIGHT_PART_BYTES", 40_000)  # several parts, joined in order on restore
+    out = tmp_path / "out"
+    assert device.main(["--runs", str(runs), "bundle", "lin", "--to", str(out), "--weights"]) == 0
+    parts = sorted(out.glob("runs-weights.tar.part*"))
+    assert len(parts) > 1 and all(p.stat().st_size <= 40_000 for p in parts)
+
+    fresh = tmp_path / "fresh"
+    assert device.restore(out, fresh, echo=lambda m: None) == ["lin"]
+    assert not (fresh / "lin" / "model").exists() and (fresh / "lin" / "checkpoints" / "LATEST").is_file()
+
+    def no_training(*a, **k):
+        raise AssertionError("a restored finished run must not train again")
+
+    monkeypatch.setattr(run_mod, "train_stage", no_training)
+    assert device.run_queue(queue, fresh, echo=lambda m: None) == {"lin": "done"}
+    a = load_file(runs / "lin" / "model" / "model.safetensors")
+    b = load_file(fresh / "lin" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    # restoring again keeps what is there (same checkpoint), and a finished-and-evaluated run is not bundled
+    assert device.restore(out, fresh, echo=lambda m: None) == []
+    (runs / "lin" / "eval").mkdir()
+    (runs / "lin" / "eval" / "eval.json").write_text("{}")
+    assert device.bundle_weights([runs / "lin"], out, echo=lambda m: None) == [] and not list(out.glob("runs-weights*"))
+
+
+def test_restore_says_when_a_part_is_missing(tmp_path):
+    (tmp_path / "runs-weights.tar.part00").write_bytes(b"not a tar" * 100)
+    with pytest.raises(ValueError, match="carry every part"):
+        device.restore(tmp_path, tmp_path / "runs", echo=lambda m: None)
