@@ -97,13 +97,16 @@ def main() -> int:
         print("RESULT " + json.dumps(one(a.one, a.dtype, a.D, a.T, a.backward)), flush=True)
         return 0
     cfgs = [f"{C},{BV},{nw},{ns}" for C, BV, nw, ns in itertools.product((32, 64), (32, 64, 128), (4, 8), (1, 5))]
-    with ThreadPoolExecutor(a.jobs) as ex:
-        results = list(ex.map(lambda c: run_child(c, a), cfgs))
+    results = []
+    with ThreadPoolExecutor(a.jobs) as ex:  # printed as they finish: a sweep cut at a deadline keeps what it found
+        for r in ex.map(lambda c: run_child(c, a), cfgs):
+            print(json.dumps(r), flush=True)
+            results.append(r)
     if a.sanitize and _sanitizer():
         bad = [r["config"] for r in results if r.get("status") != "ok"][:2]
-        results += [run_child(c, a, sanitize=True) | {"sanitized": True} for c in bad]
-    for r in results:
-        print(json.dumps(r), flush=True)
+        for c in bad:
+            results.append(run_child(c, a, sanitize=True) | {"sanitized": True})
+            print(json.dumps(results[-1]), flush=True)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps({"dtype": a.dtype, "D": a.D, "T": a.T, "backward": a.backward, "results": results}, indent=1))
