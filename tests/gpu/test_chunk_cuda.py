@@ -81,8 +81,24 @@ def test_padding(W):
 def test_segments_and_value_blocks():
     from linearize.ops.triton.chunk import LaunchConfig
 
-    for cfg in (LaunchConfig(C=64, BV=32, num_warps=4, nseg=5), LaunchConfig(C=32, BV=128, num_warps=8, nseg=1)):
+    for cfg in (LaunchConfig(C=32, BV=32, num_warps=4, nseg=5), LaunchConfig(C=64, BV=64, num_warps=8, nseg=5),
+                LaunchConfig(C=32, BV=128, num_warps=8, nseg=1)):
         _check(2, 999, 4, 4, 128, 128, 4, 64, torch.bfloat16, config=cfg)
+
+
+def test_value_blocks_narrower_than_the_chunk_are_refused():
+    """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    q, k, v, pq, pk, g = (t.cuda() for t in random_inputs(1, 70, 2, 2, 128, 64, 2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="BV >= C"):
+        hybrid_attention_triton(q, k, v, pq, pk, window=64, window_weight=g, config=LaunchConfig(C=64, BV=32, num_warps=4))
+
+
+@pytest.mark.parametrize("D", [16, 32])
+def test_small_head_dims(D):
+    """Head dims under 64 get C = BV = the head dim (default_config), the blocks the sweep found right."""
+    _check(2, 300, 4, 2, D, 64, 2, 64, torch.bfloat16, seed=D)
 
 
 def test_long_sequence_memory_is_linear():

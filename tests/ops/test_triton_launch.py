@@ -4,6 +4,7 @@ does not fit even then gets a one-line error that names the kernel and the way o
 import importlib.util
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
@@ -66,3 +67,22 @@ def test_too_big_even_with_one_stage_is_one_clear_line():
     msg = str(info.value)
     assert "\n" not in msg and msg.startswith("fake_kernel needs more shared memory")
     assert "LaunchConfig(C=32" in msg
+
+
+@pytest.mark.parametrize("D", [16, 32, 64, 96, 128, 256])
+@pytest.mark.parametrize("F", [32, 64, 128, 256])
+def test_default_config_never_picks_value_blocks_narrower_than_the_chunk(D, F):
+    from linearize.ops.triton.chunk import _check_blocks, _pow2, default_config
+
+    cfg = default_config(D, F)
+    BV = min(cfg.BV, _pow2(D))  # as the forward clamps it
+    assert BV >= cfg.C
+    _check_blocks(cfg.C, BV, torch.device("cuda"))  # (a device type check only: no GPU needed)
+
+
+def test_value_blocks_narrower_than_the_chunk_are_refused_on_cuda_only():
+    from linearize.ops.triton.chunk import _check_blocks
+
+    with pytest.raises(ValueError, match=r"BV >= C, e.g. LaunchConfig\(C=32, BV=32"):
+        _check_blocks(64, 32, torch.device("cuda"))
+    _check_blocks(64, 32, torch.device("cpu"))  # the interpreter runs it right

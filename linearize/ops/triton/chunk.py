@@ -56,8 +56,22 @@ def default_config(D: int, F: int) -> LaunchConfig:
     # Measured on an H100 at B=4, H=16, T=16K, D=F=128 (benchmarks/tune_chunk.py): C=64, BV=128, 8 warps,
     # 2 stages was the fastest of 16 shapes for forward and forward+backward.
     if max(D, F) > 128:
-        return LaunchConfig(C=32, BV=64, num_warps=4, num_stages=1)
-    return LaunchConfig(C=64, BV=min(_pow2(D), 128), num_warps=8, num_stages=2)
+        C, BV, warps, stages = 32, 64, 4, 1
+    else:
+        C, BV, warps, stages = 64, min(_pow2(D), 128), 8, 2
+    C = min(C, BV, _pow2(D))  # the chunk no wider than the (clamped) value block: see _check_blocks
+    return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
+
+
+def _check_blocks(C: int, BV: int, device: torch.device) -> None:
+    """Value blocks narrower than the chunk are refused on CUDA: Triton 3.6 miscompiles ``fwd_kernel`` for
+    C=64, BV=32 on sm_90, with illegal shared-memory reads at 4 warps and silently wrong outputs at 8
+    (``scripts/sweep_launch_configs.py``, results/gpu-tests/sweep-*.json); every config with BV >= C was right."""
+    if BV < C and device.type == "cuda":
+        raise ValueError(
+            f"LaunchConfig: value block BV={BV} (after clamping to the head dim) is narrower than the chunk C={C}; "
+            f"Triton miscompiles that on CUDA: use BV >= C, e.g. LaunchConfig(C={BV}, BV={BV}, ...)"
+        )
 
 
 #: (kernel, constexprs) launches that ran out of shared memory with the config's num_stages: launched with 1.
@@ -124,6 +138,7 @@ class _HybridChunkFn(torch.autograd.Function):
         W = min(window, T)
         nwin = math.ceil((W - 1) / C) if W > 0 else 0
         BD, BF, BV = _pow2(D), _pow2(F), min(cfg.BV, _pow2(D))
+        _check_blocks(C, BV, q.device)
         NV = math.ceil(D / BV)
         n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
         has_mask = mask is not None
