@@ -141,6 +141,7 @@ def recipe(report: dict | None) -> str:
     norm = f" lennorm{lin.get('length_norm_from')}" if lin.get("length_norm") else ""
     norm += f" sink{lin['sink_tokens']}" if lin.get("sink_tokens") else ""
     norm += " nope" if lin.get("feature_rope") is False else ""  # feature maps before RoPE
+    norm += f" softmax{len(lin['softmax_layers'])}" if lin.get("softmax_layers") else ""  # layers kept softmax
     return f"w{lin.get('window')} {lin.get('feature_map')}/f{lin.get('feature_dim')}{norm} ({steps} @ {cfg.get('data', {}).get('seq_len')})"
 
 
@@ -284,6 +285,34 @@ def bar_plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def length_plot(rows: list[dict], path: Path) -> None:
+    """Perplexity against context length (512 / 2K / 4K), as a ratio to the base model, one line per run:
+    where length generalization breaks shows as a line leaving the 1.0 floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, (title, keys) in zip(axes, (("in-domain text (held out)", [f"ppl@{n}" for n in LENGTHS]),
+                                        ("out-of-domain text (pydocs)", [f"ood_ppl@{n}" for n in LENGTHS]))):
+        for i, r in enumerate(rows):
+            ys = [(r.get("ratios") or {}).get(k) for k in keys]
+            if all(y is not None for y in ys):  # tab20 and two line styles: no two runs look alike
+                ax.plot(LENGTHS, ys, marker="o", label=r["run"], color=plt.cm.tab20(i % 20), ls="-" if i % 2 == 0 else "--")
+        ax.axhline(1.05, color="k", ls="--", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("perplexity, x base (log)")
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_table(run_dirs: list[Path], out: Path, title: str | None = None) -> list[dict]:
     """``out/results.md``, ``results.json`` and ``results.png`` over ``run_dirs`` (in the order given)."""
     rows = [run_row(load_run(Path(d))) for d in run_dirs]
@@ -292,4 +321,5 @@ def write_table(run_dirs: list[Path], out: Path, title: str | None = None) -> li
     (out / "results.md").write_text(markdown(rows, title or "Conversion runs against their base models"))
     if any(r.get("ratios") for r in rows):
         bar_plot(rows, out / "results.png")
+        length_plot(rows, out / "results-length.png")
     return rows

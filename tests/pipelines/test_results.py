@@ -93,3 +93,12 @@ def test_the_table_reads_the_quick_h100_run(tmp_path):
     rows = write_table([Path(__file__).resolve().parents[2] / "results/smollm2-135m-h100-quick"], tmp_path)
     assert rows[0]["ratios"]["ppl@2048"] == pytest.approx(39.68 / 14.61, rel=1e-3)
     assert rows[0]["goals"]["passkey4k"]["met"] is False
+
+
+def test_recipe_names_every_setting_an_ablation_changes():
+    from linearize.pipelines.results import recipe
+
+    base = {"config": {"data": {"seq_len": 1024}}, "stages": {"stage1": {"steps": 200}, "stage2": {"steps": 200}}}
+    lin = {"window": 64, "feature_map": "hedgehog", "feature_dim": 64, "feature_rope": False, "softmax_layers": [7, 15, 23]}
+    assert recipe(base | {"linearize": lin}) == "w64 hedgehog/f64 nope softmax3 (200+200 steps @ 1024)"
+    assert recipe(base | {"linearize": lin | {"feature_rope": True, "softmax_layers": []}}) == "w64 hedgehog/f64 (200+200 steps @ 1024)"
