@@ -11,7 +11,8 @@ saved linearized model loads back with ``AutoModelForCausalLM.from_pretrained``.
 from . import models, ops
 from .config import LinearizeConfig
 from .convert import convert, is_linearized, linearized_layers
+from .decode import CompiledDecode
 from .modules.attention import LinearizedAttention
 
 __version__ = "0.1.0"
-__all__ = ["LinearizeConfig", "LinearizedAttention", "convert", "is_linearized", "linearized_layers", "models", "ops"]
+__all__ = ["CompiledDecode", "LinearizeConfig", "LinearizedAttention", "convert", "is_linearized", "linearized_layers", "models", "ops"]

@@ -18,7 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..config import LinearizeConfig
 from ..ops import HybridState, hybrid_attention_stateful, hybrid_attention_step
 from ..ops.ring import ring_kernel_serves, ring_step, ring_tail_mask
-from .cache import hybrid_cache_layer
+from .cache import DecodeMode, hybrid_cache_layer
 from .feature_maps import build_feature_map
 from .length_norm import linear_key_counts, scale_phi_q
 from .sink import sink_key_feature, sink_keys, sink_query_feature
@@ -206,7 +206,8 @@ class LinearizedAttention(nn.Module):
                 ring = layer.ring_state()
                 tail = ring_tail_mask(ring) if self.length_alpha is not None else None
                 phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, tail)
-                y = ring_step(q, k, v, phi_q, phi_k, ring, window_weight=args["window_weight"], scale=self.scaling, attention_mask=key_mask)
+                y = ring_step(q, k, v, phi_q, phi_k, ring, window_weight=args["window_weight"], scale=self.scaling,
+                              attention_mask=key_mask, kernel=DecodeMode.kernel)
                 layer.advance(T, valid)
                 return y
             state = layer.hybrid_state()
@@ -243,6 +244,8 @@ class LinearizedAttention(nn.Module):
         wanted = (q, k, v, phi_q, phi_k, gamma) + added
         if torch.is_grad_enabled() and any(t.requires_grad for t in wanted):
             return False
+        if DecodeMode.ring:  # a compiled step (linearize.decode): the ring, with or without the kernel
+            return True
         return ring_kernel_serves(q, k, v, phi_q, phi_k, layer.held)
 
     def forward(

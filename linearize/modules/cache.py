@@ -15,6 +15,22 @@ from ..ops import HybridState
 from ..ops.ring import RingState, ring_from_state, ring_to_state
 
 
+class DecodeMode:
+    """Set by ``linearize.decode.CompiledDecode`` around its compiled step (read while tracing; dynamo
+    guards on these values, which stay fixed across steps):
+
+    * ``ring``: decode steps run on the in-place ring state even where the Triton kernel does not serve
+      (``ring_step_torch``, which inductor then fuses): shapes and buffers never change between steps;
+    * ``kernel``: whether the ring step may use the Triton decode kernel (False: the PyTorch step);
+    * ``count_outside``: ``advance`` leaves ``cumulative_length`` to the caller. A Python int counted in
+      traced code is guarded on, and the compiled step would recompile at every token.
+    """
+
+    ring = False
+    kernel = True
+    count_outside = False
+
+
 class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     """Holds one layer's state: sums S, z (recurrent states 0 and 1) and the window tail.
 
@@ -86,7 +102,8 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
     def advance(self, num_new_tokens: int, valid: torch.Tensor | None = None) -> None:
         """Count tokens that an in-place step added to the ring; ``valid`` [B, T] counts in place."""
-        self.cumulative_length += num_new_tokens
+        if not DecodeMode.count_outside:
+            self.cumulative_length += num_new_tokens
         if valid is not None:
             if self.valid_count is None:
                 raise RuntimeError("valid tokens were not counted from the start of this cache")

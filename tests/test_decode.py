@@ -1,0 +1,67 @@
+"""CompiledDecode on CPU (inductor): equals the full forward, one graph for every step, clear refusals."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import linearize
+from linearize import CompiledDecode, LinearizeConfig
+from linearize.modules.cache import DecodeMode
+
+from .tiny_models import perturb_added_weights, tiny_model
+
+
+def _model(arch, **cfg):
+    model = linearize.convert(tiny_model(arch), LinearizeConfig(**({"feature_dim": 6, "window": 4} | cfg)))
+    perturb_added_weights(model)
+    return model
+
+
+def _positions(mask):
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@pytest.mark.parametrize("arch,cfg", [("llama", {}), ("gemma3_text", {"convert_sliding_layers": True, "feature_rope": False})],
+                         ids=["llama", "gemma3-nope"])
+def test_compiled_steps_equal_the_full_forward_without_recompiling(arch, cfg):
+    torch._dynamo.reset()
+    model = _model(arch, **cfg)
+    g = torch.Generator().manual_seed(0)
+    B, P, N = 3, 9, 5
+    ids = torch.randint(3, 96, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[1, :3] = 0  # a left-padded row: the prefill masks it into the state
+    step = CompiledDecode(model, kernel=False)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True).logits[:, -1:]
+        seq, full_mask = ids, mask
+        got = []
+        for i in range(N):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            full_mask = torch.cat([full_mask, torch.ones(B, 1, dtype=torch.long)], 1)
+            pos = _positions(full_mask)[:, -1:]
+            if i == 0:
+                logits = step(nxt, pos, cache)
+            else:  # every later token runs the graph the first one compiled
+                with torch._dynamo.config.patch(error_on_recompile=True):
+                    logits = step(nxt, pos, cache)
+            got.append(logits)
+        ref = model(input_ids=seq, attention_mask=full_mask, position_ids=_positions(full_mask)).logits[:, P:]
+    torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
+    assert cache.get_seq_length() == P + N
+    assert (DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside) == (False, True, False)  # restored
+
+
+def test_refusals_are_one_line_and_actionable():
+    gemma = _model("gemma3_text")  # its sliding layers stay softmax by default
+    with pytest.raises(ValueError, match="keeps 2 of 3 as softmax"):
+        CompiledDecode(gemma, compile=False)
+    model = _model("llama")
+    step = CompiledDecode(model, compile=False)
+    cache = DynamicCache(config=model.config)
+    with pytest.raises(ValueError, match="run the prompt through the model first"):
+        step(torch.ones(2, 1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="prefill eagerly"):
+        step(torch.ones(2, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long), cache)
