@@ -67,7 +67,7 @@ def make_cache(model, kind: str, max_len: int):
 
 @dataclass
 class LoopResult:
-    loop: str  # "generate" or "lean"
+    loop: str  # "generate", "lean" or "compiled" (the lean loop with a compiled step)
     generated: int  # new tokens per sequence (the requested N unless cut by a deadline)
     prefill_s: float  # the prompt's forward (generate: with its set-up) up to the first token
     decode_s: float  # the decode forwards after the prefill (lean+graph: eager steps + replays, no capture)
@@ -100,8 +100,12 @@ def run_lean(
     deadline: float | None = None,
     keep_tokens: bool = False,
     eager_steps: int = 2,
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> LoopResult:
     """Greedy decoding of ``new_tokens`` tokens after the prompt ``ids`` [B, P], one forward per token.
+    ``forward(tok [B, 1], pos [1, 1]) -> logits [B, 1, V]`` replaces the model's call in the decode steps
+    (a compiled step: ``linearize.CompiledDecode``, or ``torch.compile`` of the base model's forward);
+    the prefill is always the model's eager forward.
 
     No attention mask is passed (the prompts have no padding), so no step reads device values on the host.
     ``deadline`` (time.monotonic) stops the decode early (``cut``); the check costs no sync.
@@ -127,8 +131,11 @@ def run_lean(
             out[:, :1] = tok
 
         def step():
-            o = model(input_ids=tok_buf, past_key_values=cache, use_cache=True, position_ids=pos, logits_to_keep=1)
-            nxt = o.logits[:, -1].argmax(-1, keepdim=True)
+            if forward is not None:
+                lg = forward(tok_buf, pos)
+            else:
+                lg = model(input_ids=tok_buf, past_key_values=cache, use_cache=True, position_ids=pos, logits_to_keep=1).logits
+            nxt = lg[:, -1].argmax(-1, keepdim=True)
             tok_buf.copy_(nxt)
             pos.add_(1)
             if out is not None:
@@ -171,7 +178,7 @@ def run_lean(
         decode_s += steady_s
         del g
     tokens = out[:, : done + 1].cpu() if out is not None else None
-    return LoopResult("lean", done + 1, prefill_s, decode_s, done, graph=capture_s is not None, capture_s=capture_s,
+    return LoopResult("lean" if forward is None else "compiled", done + 1, prefill_s, decode_s, done, graph=capture_s is not None, capture_s=capture_s,
                       cut=cut, steady_s=steady_s, steady_steps=done - first, tokens=tokens)
 
 

@@ -99,6 +99,7 @@ class Subject:
     shape: ModelShape
     lean_cache: str  # "static" (base) or "dynamic" (linearized: HybridCacheLayer inside)
     capturable: str | None = None  # None, or why the lean step is not captured
+    compiled: object = None  # the compiled decode step, built on the first "compiled" row (one per model)
 
     @property
     def label(self) -> str:
@@ -204,9 +205,10 @@ def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, 
              deadline: float | None, keep_tokens: bool = False) -> tuple[LoopResult, str | None]:
     """One run of ``loop`` for ``n`` new tokens; a lean cache is sized for ``total`` new tokens (the row's N,
     so a warm-up costs per step what the row does). Returns the result and the linearized decode path."""
-    if loop == "lean":
+    if loop in ("lean", "compiled"):
         cache = make_cache(subj.model, subj.lean_cache, ids.shape[1] + total)
-        res = run_lean(subj.model, ids, n, cache=cache, graph=graph, deadline=deadline, keep_tokens=keep_tokens)
+        forward = compiled_forward(subj, cache, ctx) if loop == "compiled" else None
+        res = run_lean(subj.model, ids, n, cache=cache, graph=graph, deadline=deadline, keep_tokens=keep_tokens, forward=forward)
         return res, decode_path(cache)
     max_time = None if deadline is None else max(deadline - time.monotonic(), 1.0)
     # the linearized model gets the DynamicCache generate would build, so that its decode path can be read
@@ -214,6 +216,24 @@ def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, 
     res = run_generate(subj.model, ids, n, pad_token_id=ctx.pad_token_id, max_time=max_time, keep_tokens=keep_tokens,
                        cache=cache)
     return res, decode_path(cache)
+
+
+def compiled_forward(subj: Subject, cache, ctx: Context):
+    """The decode step compiled once per model (dynamic=False: each batch size compiles its own graph, in
+    the row's warm-up run): ``linearize.CompiledDecode`` for ours (the Triton kernel inside the graph
+    unless --compile-torch-step), ``torch.compile`` of the forward with its StaticCache for the base."""
+    if subj.compiled is None:
+        import linearize
+
+        if subj.key == "ours":
+            subj.compiled = linearize.CompiledDecode(subj.model, kernel=not ctx.args.compile_torch_step)
+        else:
+            model = subj.model
+            subj.compiled = torch.compile(
+                lambda t, p, c: model(input_ids=t, past_key_values=c, use_cache=True, position_ids=p, logits_to_keep=1).logits,
+                dynamic=False)
+    fn = subj.compiled
+    return lambda t, p: fn(t, p, cache)
 
 
 def decode_row(subj: Subject, loop: str, B: int, ctx: Context) -> dict:
@@ -225,7 +245,7 @@ def decode_row(subj: Subject, loop: str, B: int, ctx: Context) -> dict:
     if left <= 0:
         r["error"] = "skipped: --budget-s reached"
         return r
-    graph = loop == "lean" and a.graphs and dev.type == "cuda"
+    graph = loop in ("lean", "compiled") and a.graphs and dev.type == "cuda"
     if graph and subj.capturable:
         r["graph_error"], graph = subj.capturable, False
     ids = prompt_ids(ctx, B)
@@ -325,10 +345,11 @@ def plan(args) -> list[tuple]:
     head = [b for b in batches if b == args.headline_batch]
     order = head + [b for b in batches if b != args.headline_batch]
     models = [m for m in ("ours", "base") if m in args.models.split(",")]
-    loops = [loop for loop in ("lean", "generate") if loop in args.loops.split(",")]
+    loops = [loop for loop in ("lean", "compiled", "generate") if loop in args.loops.split(",")]
     tasks = []
-    if "lean" in loops:
-        tasks += [("decode", "lean", b, m) for b in order for m in models]
+    for loop in ("lean", "compiled"):
+        if loop in loops:
+            tasks += [("decode", loop, b, m) for b in order for m in models]
     if args.fit:
         tasks += [("fit", None, None, m) for m in models]
     if "generate" in loops:
@@ -358,7 +379,7 @@ def goals(rows: list[dict], args) -> list[str]:
         line = (f"decode tokens/s at batch {Bh} x {N} new tokens: linearized {o['tok_s']:.0f} ({loop_name(o)}) vs "
                 f"base {b['tok_s']:.0f} ({loop_name(b)}): {ratio:.2f}x")
         out.append(line + (f" (goal >= {goal}x): {ok(ratio >= goal)}" if goal else " (the goals are at 4096 and 16384 tokens)"))
-        for loop in ("lean", "generate"):
+        for loop in ("lean", "compiled", "generate"):
             pair = [next((r for r in rows if r["section"] == "decode" and r["model"] == m and r["batch"] == Bh
                           and r["loop"] == loop and r.get("tok_s") and not r.get("cut")), None) for m in ("ours", "base")]
             if all(pair):
@@ -396,7 +417,10 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--headline-batch", type=int, default=64)
     p.add_argument("--models", default="ours,base")
-    p.add_argument("--loops", default="lean,generate")
+    p.add_argument("--loops", default="lean,generate",
+                   help="lean, compiled (the lean loop with a torch.compile'd step; compiles per batch size) and generate")
+    p.add_argument("--compile-torch-step", action="store_true",
+                   help="compiled loop: the PyTorch ring step inside the graph (inductor fuses it) instead of the Triton kernel")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="lean loop eager, no CUDA graph")
     p.add_argument("--no-fit", dest="fit", action="store_false", help="skip the largest-batch searches")
     p.add_argument("--fit-start", type=int, default=64)
@@ -517,6 +541,12 @@ def smoke(args) -> int:
               + ("equal" if same else "DIFFERENT"))
         if not same:
             failures.append(f"{key}: lean loop tokens differ from generate's\n{lean.tokens}\n{gen.tokens}")
+        if "compiled" in args.loops.split(","):
+            comp, _ = run_loop(subj, "compiled", ids, n, ctx, graph=False, total=n, deadline=None, keep_tokens=True)
+            same = torch.equal(comp.tokens, gen.tokens)
+            print(f"{key}: compiled step vs generate greedy tokens: " + ("equal" if same else "DIFFERENT"))
+            if not same:
+                failures.append(f"{key}: compiled loop tokens differ from generate's\n{comp.tokens}\n{gen.tokens}")
     info = {"model": "tiny random llama (tests/tiny_models.py)", "dtype": "float32",
             "linearized": "converted here; random feature maps", "pad_token_id": 0}
     rows = run(args, device, models, info, t_start)

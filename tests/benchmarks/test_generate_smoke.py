@@ -116,3 +116,18 @@ def test_model_shape_reads_the_modules():
     assert [L.kind for L in s.layers] == ["hybrid"] * 3 and s.layers[0].F == 12 and s.layers[0].Hf == 4 and s.layers[0].window == 4
     assert s.embed_row_bytes == 0 and s.weight_bytes == sum(p.numel() * 4 for p in ours.parameters())
     assert s.hybrid_layers == 3 and torch.is_tensor(ours.get_output_embeddings().weight)
+
+
+def test_smoke_compiled_loop_tokens_match_generate(tmp_path, capsys):
+    """The compiled loop (linearize.CompiledDecode for ours, torch.compile with a StaticCache for the base)
+    decodes the same greedy tokens as generate, and its rows run."""
+    from benchmarks import generate as G
+
+    torch._dynamo.reset()
+    assert G.main(["--smoke", "--loops", "lean,compiled", "--batches", "3", "--no-fit", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ours: compiled step vs generate greedy tokens: equal" in out
+    assert "base: compiled step vs generate greedy tokens: equal" in out
+    payload = json.loads(next(tmp_path.glob("generate-cpu-*.json")).read_text())
+    comp = [r for r in payload["rows"] if r["section"] == "decode" and r["loop"] == "compiled"]
+    assert {r["model"] for r in comp} == {"ours", "base"} and all(r["tok_s"] > 0 and "error" not in r for r in comp)
