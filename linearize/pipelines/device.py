@@ -524,20 +524,28 @@ def restore(src: Path, runs: Path, echo: Callable[[str], None] = print) -> list[
         for name in sorted({m.name.split("/", 1)[0] for m in members}):
             here, theirs = _checkpoint_step(runs / name), _carried_step(tar, name)
             if here is not None and (theirs is None or here >= theirs):
-                echo(f"[{name}] restore: {runs / name} is at {here}, the carried state at {theirs}: kept")
+                echo(f"[{name}] restore: {runs / name} is at {_where(here)}, the carried state at {_where(theirs)}: kept")
                 continue
             import shutil
 
             if (runs / name).exists():
                 shutil.rmtree(runs / name)
             tar.extractall(runs, members=[m for m in members if m.name.startswith(name + "/")], filter="data")
-            echo(f"[{name}] restored from {stem} at {theirs}")
+            echo(f"[{name}] restored from {stem} at {_where(theirs)}")
             restored.append(name)
     return restored
 
 
 def _order(stage: str, step: int) -> tuple[int, int]:
     return (1 if stage == "stage2" else 0, step)
+
+
+def _where(order: tuple[int, int] | None) -> str:
+    if order is None:
+        return "nothing"
+    if order[0] < 0:
+        return "no checkpoint"
+    return f"{'stage2' if order[0] == 1 else 'stage1'} step {order[1]}"
 
 
 def _checkpoint_step(d: Path) -> tuple[int, int] | None:
