@@ -26,6 +26,7 @@ from typing import Any
 
 ZERO_SHOT = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "winogrande": "acc"}
 LENGTHS = (512, 2048, 4096)
+MMLU_CHANCE = 0.25  # 4 answer choices
 GOALS = {
     "zeroshot": "0-shot avg >= 100% base",
     "mmlu_lambada": "MMLU & LAMBADA >= 95% base",
@@ -99,6 +100,7 @@ def metrics(results: dict[str, dict], ind: str | None, ood: str | None) -> dict[
     out["zeroshot_avg"] = sum(zs.values()) / len(zs) if all(v is not None for v in zs.values()) else None
     out["lambada"] = (results.get("lambada") or {}).get("acc")
     out["mmlu"] = (results.get("mmlu") or {}).get("acc")
+    out["mmlu_stderr"] = (results.get("mmlu") or {}).get("acc_stderr")
     passkey = next((r for t, r in results.items() if t.split("@")[0] == "passkey"), None) or {}
     out["passkey@4096"] = passkey.get("acc@4096")
     mqar = next((r for t, r in results.items() if t.split("@")[0] == "mqar"), None) or {}
@@ -243,6 +245,11 @@ def markdown(rows: list[dict], title: str = "Conversion runs against their base 
     lines += ["", "Zero-shot average: PIQA acc, ARC-E acc, ARC-C acc_norm, HellaSwag acc_norm, WinoGrande acc. "
               "MQAR: mean accuracy over its pair counts; its goal is the difference to base in points. Perplexity texts:", ""]
     lines += [f"- {n}" for n in notes]
+    for model, r in bases.items():
+        b = r["base"]
+        if b.get("mmlu") is not None and b.get("mmlu_stderr") and abs(b["mmlu"] - MMLU_CHANCE) < 2 * b["mmlu_stderr"]:
+            lines += ["", f"MMLU: the base {model} scores {100 * b['mmlu']:.1f} ± {100 * b['mmlu_stderr']:.1f}, within two "
+                      f"standard errors of chance ({100 * MMLU_CHANCE:.0f}%, 4 choices); its ratio goal compares chance-level scores."]
     return "\n".join(lines) + "\n"
 
 

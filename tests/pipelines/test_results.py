@@ -102,3 +102,14 @@ def test_recipe_names_every_setting_an_ablation_changes():
     lin = {"window": 64, "feature_map": "hedgehog", "feature_dim": 64, "feature_rope": False, "softmax_layers": [7, 15, 23]}
     assert recipe(base | {"linearize": lin}) == "w64 hedgehog/f64 nope softmax3 (200+200 steps @ 1024)"
     assert recipe(base | {"linearize": lin | {"feature_rope": True, "softmax_layers": []}}) == "w64 hedgehog/f64 (200+200 steps @ 1024)"
+
+
+def test_a_base_at_chance_on_mmlu_is_said_so(tmp_path):
+    from linearize.pipelines.results import markdown
+
+    row = run_row(load_run(_run(tmp_path, "r", _scaled(1.0, 1.0, 1.0, 0.9))))
+    assert "MMLU: the base" not in markdown([row])  # no stderr: nothing claimed
+    row["base"] |= {"mmlu": 0.248, "mmlu_stderr": 0.004}
+    assert "scores 24.8 ± 0.4, within two standard errors of chance (25%" in markdown([row])
+    row["base"] |= {"mmlu": 0.45}
+    assert "MMLU: the base" not in markdown([row])
