@@ -21,8 +21,9 @@ def _positions(mask):
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-@pytest.mark.parametrize("arch,cfg", [("llama", {}), ("gemma3_text", {"convert_sliding_layers": True, "feature_rope": False})],
-                         ids=["llama", "gemma3-nope"])
+@pytest.mark.parametrize("arch,cfg", [("llama", {}), ("gemma3_text", {"convert_sliding_layers": True, "feature_rope": False}),
+                                      ("llama", {"length_norm": True, "length_norm_from": 2, "sink_tokens": 2})],
+                         ids=["llama", "gemma3-nope", "llama-lennorm-sink"])
 def test_compiled_steps_equal_the_full_forward_without_recompiling(arch, cfg):
     torch._dynamo.reset()
     model = _model(arch, **cfg)
