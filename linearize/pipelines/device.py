@@ -36,7 +36,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from .checkpoint import atomic_write_json
+from .checkpoint import LATEST, CheckpointManager, atomic_write_json
 
 PPL_LENGTHS = "512,2048,4096"
 ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
@@ -448,10 +448,9 @@ def _resumable_files(d: Path) -> list[Path]:
     """The files that let run ``d`` go on where it stands: settings, state, the stage-1 maps, the checkpoint
     named by ``checkpoints/LATEST`` (weights + optimizer + RNG) and the eval results saved so far."""
     files = [d / f for f in RESUMABLE if (d / f).is_file()]
-    latest = d / "checkpoints" / "LATEST"
-    if latest.is_file():
-        ck = d / "checkpoints" / json.loads(latest.read_text())["dir"]
-        files += [latest] + sorted(f for f in ck.rglob("*") if f.is_file())
+    ck = CheckpointManager(d / "checkpoints").latest()
+    if ck is not None:
+        files += [d / "checkpoints" / LATEST] + sorted(f for f in ck.path.rglob("*") if f.is_file())
     return files + sorted(d.glob("eval_parts/*.json"))
 
 
@@ -462,7 +461,6 @@ def bundle_weights(run_dirs: list[Path], dest: Path, name: str = "runs", echo: C
     ends) used to be lost with it: the next call retrained. Only runs without ``eval/eval.json`` are taken,
     in order, while they fit in :data:`WEIGHT_TOTAL_BYTES`. A run whose checkpoint is replaced while it
     is read (training goes on beside the bundler) is left for the next bundle, never half-taken."""
-    import shutil
     import tempfile
 
     dest.mkdir(parents=True, exist_ok=True)
@@ -477,7 +475,7 @@ def bundle_weights(run_dirs: list[Path], dest: Path, name: str = "runs", echo: C
                 try:
                     files = _resumable_files(d)
                     blobs = [(f, f.read_bytes()) for f in files]  # read all first: a checkpoint rotated away mid-read raises here
-                except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                except (FileNotFoundError, ValueError):  # (ValueError: LATEST names a checkpoint being replaced)
                     echo(f"[{d.name}] weights: checkpoint changing while read; left for the next bundle")
                     continue
                 need = sum(len(b) + 1024 for _, b in blobs)
@@ -504,7 +502,6 @@ def bundle_weights(run_dirs: list[Path], dest: Path, name: str = "runs", echo: C
         for part in parts:
             os.replace(part, dest / part.name)
             out.append(dest / part.name)
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -549,16 +546,15 @@ def _where(order: tuple[int, int] | None) -> str:
 
 
 def _checkpoint_step(d: Path) -> tuple[int, int] | None:
-    latest = d / "checkpoints" / "LATEST"
-    if latest.is_file():
-        m = json.loads(latest.read_text())
-        return _order(m["stage"], m["step"])
+    ck = CheckpointManager(d / "checkpoints").latest()
+    if ck is not None:
+        return _order(ck.stage, ck.step)
     return (-1, 0) if (d / "state.json").is_file() else None
 
 
 def _carried_step(tar: tarfile.TarFile, name: str) -> tuple[int, int] | None:
     try:
-        m = json.loads(tar.extractfile(f"{name}/checkpoints/LATEST").read())
+        m = json.loads(tar.extractfile(f"{name}/checkpoints/{LATEST}").read())
         return _order(m["stage"], m["step"])
     except KeyError:
         return (-1, 0)

@@ -72,10 +72,10 @@ def test_too_big_even_with_one_stage_is_one_clear_line():
 @pytest.mark.parametrize("D", [16, 32, 64, 96, 128, 256])
 @pytest.mark.parametrize("F", [32, 64, 128, 256])
 def test_default_config_never_picks_value_blocks_narrower_than_the_chunk(D, F):
-    from linearize.ops.triton.chunk import _check_blocks, _pow2, default_config
+    from linearize.ops.triton.chunk import _check_blocks, default_config, value_block
 
     cfg = default_config(D, F)
-    BV = min(cfg.BV, _pow2(D))  # as the forward clamps it
+    BV = value_block(cfg.BV, D)  # as the forward clamps it
     assert BV >= cfg.C
     _check_blocks(cfg.C, BV, torch.device("cuda"))  # (a device type check only: no GPU needed)
 

@@ -59,8 +59,13 @@ def default_config(D: int, F: int) -> LaunchConfig:
         C, BV, warps, stages = 32, 64, 4, 1
     else:
         C, BV, warps, stages = 64, min(_pow2(D), 128), 8, 2
-    C = min(C, BV, _pow2(D))  # the chunk no wider than the (clamped) value block: see _check_blocks
+    C = min(C, value_block(BV, D))  # the chunk no wider than the value block the kernels get: see _check_blocks
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
+
+
+def value_block(BV: int, D: int) -> int:
+    """The value block the kernels use for a config's ``BV``: clamped to the padded head dim."""
+    return min(BV, _pow2(D))
 
 
 def _check_blocks(C: int, BV: int, device: torch.device) -> None:
@@ -137,7 +142,7 @@ class _HybridChunkFn(torch.autograd.Function):
         n = math.ceil(T / C)
         W = min(window, T)
         nwin = math.ceil((W - 1) / C) if W > 0 else 0
-        BD, BF, BV = _pow2(D), _pow2(F), min(cfg.BV, _pow2(D))
+        BD, BF, BV = _pow2(D), _pow2(F), value_block(cfg.BV, D)
         _check_blocks(C, BV, q.device)
         NV = math.ceil(D / BV)
         n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
