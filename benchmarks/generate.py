@@ -146,6 +146,17 @@ def subjects_for(base, ours, device: torch.device, models: list[str]) -> dict[st
     return out
 
 
+def random_model(config_json: str, dtype: torch.dtype, seed: int):
+    """``AutoModelForCausalLM.from_config`` on a config.json (e.g. benchmarks/configs/smollm2-135m.json),
+    seeded, so the base and its twin start from the same weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = json.loads(Path(config_json).read_text())
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+
+
 def load_real(args) -> tuple[dict, dict]:
     """The base model and its linearized twin (converted here, or --checkpoint), on the CPU in --dtype."""
     import linearize
@@ -153,19 +164,28 @@ def load_real(args) -> tuple[dict, dict]:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, args.dtype)
-    base, tok = load(args.model, dtype=dtype)
+    if args.model.endswith(".json"):
+        # The architecture alone, with seeded random weights: a step costs the same whatever the weights
+        # hold (the token counts are fixed by min_new_tokens), and no GGUF has to travel to the device.
+        base, tok = random_model(args.model, dtype, args.seed), None
+    else:
+        base, tok = load(args.model, dtype=dtype)
     info = {"model": args.model, "dtype": args.dtype, "params": sum(p.numel() for p in base.parameters())}
+    if tok is None:
+        info["weights"] = "random (config only): speed and memory, not text"
     if args.checkpoint:
         ours = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).eval()
         info["linearized"] = f"checkpoint {args.checkpoint}"
         info["linearize_config"] = getattr(ours.config, "linearize", None)
     else:
-        ours, _ = load(args.model, dtype=dtype)
+        ours = random_model(args.model, dtype, args.seed) if tok is None else load(args.model, dtype=dtype)[0]
         cfg = linearize.LinearizeConfig(**parse_settings(args.set))
         ours = linearize.convert(ours, cfg)
         info["linearized"] = "converted here; feature maps untrained (speed and memory only: the text is not meaningful)"
         info["linearize_config"] = cfg.to_dict()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id if tok.eos_token_id is not None else 0)
+    src = tok if tok is not None else base.config
+    pad = src.pad_token_id if src.pad_token_id is not None else (src.eos_token_id if src.eos_token_id is not None else 0)
+    pad = pad[0] if isinstance(pad, list) else pad
     info["pad_token_id"] = pad
     return {"base": base, "ours": ours}, info
 
@@ -408,7 +428,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny random model, few tokens: lean tokens == generate's")
     p.add_argument("--quick", action="store_true", help="1024 new tokens (unless --tokens is given)")
-    p.add_argument("--model", default="smollm2-135m", help="alias, .gguf, HF dir or hub id (linearize.models.load)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="alias, .gguf, HF dir or hub id (linearize.models.load); or a config.json: random weights "
+                        "(e.g. benchmarks/configs/smollm2-135m.json; same cost per token, no weights to carry)")
     p.add_argument("--checkpoint", default=None, help="a converted (trained) linearized model dir, instead of converting here")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="LinearizeConfig field for the conversion")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

@@ -137,10 +137,11 @@ def missing_inputs(cfg, tasks: list[tuple[str, int | None]]) -> list[str]:
 
 def eval_side_by_side(entries: list[tuple[str, str, Path]], tasks: list[tuple[str, int | None]], out: Path, *,
                       device: str | None = None, dtype: str = "auto", batch_size: int = 32, seed: int = 0,
-                      extra: dict | None = None, echo: Callable[[str], None] = print) -> dict:
+                      extra: dict | None = None, first: str | None = None, echo: Callable[[str], None] = print) -> dict:
     """Evaluate ``entries`` = ``[(label, model name or dir, parts dir)]`` on ``tasks`` and write the
     report (``linearize eval``'s format, plus ``extra`` keys) to ``out``. Results already in a parts
-    dir are reused; each new one is saved as soon as it exists."""
+    dir are reused; each new one is saved as soon as it exists. ``first`` (a label) is evaluated before
+    the others; the report keeps the order of ``entries``."""
     import torch
 
     from ..eval.meter import Meter
@@ -154,7 +155,7 @@ def eval_side_by_side(entries: list[tuple[str, str, Path]], tasks: list[tuple[st
     results: dict[str, dict] = {}
     timing: dict[str, dict] = {}
     resources: dict[str, dict] = {}
-    for label, name, parts in entries:
+    for label, name, parts in sorted(entries, key=lambda e: e[0] != first):
         parts.mkdir(parents=True, exist_ok=True)
         model = tok = None
         results[label], timing[label], per_task = {}, {}, {}
@@ -185,6 +186,8 @@ def eval_side_by_side(entries: list[tuple[str, str, Path]], tasks: list[tuple[st
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    order = [label for label, _, _ in entries]
+    results, timing, resources = ({k: d[k] for k in order} for d in (results, timing, resources))
     limits = {t: lim for t, lim in tasks}
     report = {
         "models": list(results), "tasks": [t for t, _ in tasks], "results": results, "seconds": timing, "resources": resources,
@@ -273,6 +276,9 @@ def parser_run(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="with --tasks: cap per task")
     ap.add_argument("--batch-size", type=int, default=32, help="eval sequences per forward")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--base-only", action="store_true",
+                    help="evaluate only the base model on the suite (into RUNS/_base/MODEL, shared with its runs); no conversion. "
+                         "A queue in another lane can then convert and evaluate the linearized model meanwhile")
     ap.add_argument("--done-dir", type=Path, default=Path("results/issue6"),
                     help="results carried with the checkout: a run NAME with DIR/NAME/eval/eval.json and report.json is skipped, "
                          "and DIR/_base/<model> seeds the base model's saved eval results (default results/issue6)")
@@ -281,7 +287,7 @@ def parser_run(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def _finished_elsewhere(args: argparse.Namespace) -> bool:
     d = args.done_dir / args.name
-    return (d / "report.json").exists() and (d / "eval" / "eval.json").exists()
+    return (args.base_only or (d / "report.json").exists()) and (d / "eval" / "eval.json").exists()
 
 
 def _seed_base(args: argparse.Namespace, base_parts: Path) -> None:
@@ -319,6 +325,16 @@ def run_one(args: argparse.Namespace, runs: Path, echo: Callable[[str], None] = 
         echo(f"[{args.name}] waiting: not staged yet: {', '.join(missing)}")
         _status(run_dir, run=args.name, phase="waiting", missing=missing)
         return "waiting"
+    base_parts = runs / "_base" / _safe(args.model)
+    if args.base_only:
+        _status(run_dir, run=args.name, model=args.model, phase="eval", missing=[], error=None)
+        echo(f"[{args.name}] evaluating the base model {args.model} on {len(tasks)} tasks")
+        _seed_base(args, base_parts)
+        eval_side_by_side([(args.model, args.model, base_parts)], tasks, run_dir / "eval", dtype=args.dtype,
+                          batch_size=args.batch_size, seed=0, echo=echo,
+                          extra={"roles": {"base": args.model}, "ppl_roles": roles, "run": args.name})
+        _status(run_dir, phase="done")
+        return "done"
     _status(run_dir, run=args.name, model=args.model, phase="convert", missing=[], error=None)
     if not (run_dir / "report.json").exists():
         import torch
@@ -333,11 +349,11 @@ def run_one(args: argparse.Namespace, runs: Path, echo: Callable[[str], None] = 
     if tasks:
         _status(run_dir, phase="eval")
         echo(f"[{args.name}] evaluating base and converted model on {len(tasks)} tasks")
-        base_parts = runs / "_base" / _safe(args.model)
         _seed_base(args, base_parts)
+        # The converted model first: its results are the new ones, and a base-only lane may be busy with the base.
         eval_side_by_side(
             [(args.model, args.model, base_parts), (args.name, str(run_dir / "model"), run_dir / "eval_parts")], tasks, run_dir / "eval",
-            dtype=args.dtype, batch_size=args.batch_size, seed=0, echo=echo,
+            dtype=args.dtype, batch_size=args.batch_size, seed=0, echo=echo, first=args.name,
             extra={"roles": {"base": args.model, "linearized": args.name}, "ppl_roles": roles, "run": args.name},
         )
     _status(run_dir, phase="done")

@@ -105,7 +105,30 @@ def test_a_killed_evaluation_resumes_at_the_next_task(setup, tmp_path, monkeypat
     assert device.progress(runs / "lin")["phase"] == "eval"
     calls.clear()
     assert device.run_queue(queue, runs, echo=lambda m: None) == {"lin": "done"}
-    assert len(calls) == 4 + 4 - 2  # base: 2 were saved before the kill; the 2 left, then the converted model's 4
+    assert len(calls) == 4 - 2 + 4  # the converted model first: 2 were saved before the kill; the 2 left, then the base's 4
+
+
+def test_a_base_only_lane_fills_the_shared_base_results(setup, tmp_path, monkeypatch):
+    """`--base-only` evaluates the base alone (another lane converts meanwhile); the run then evaluates only
+    its converted model, and its report has both, base first."""
+    model, text, other = setup
+    runs = tmp_path / "runs"
+    base_q, run_q = tmp_path / "base.txt", tmp_path / "run.txt"
+    base_q.write_text(_line(model, "tiny-base", text, other) + " --base-only\n")
+    run_q.write_text(_line(model, "lin", text, other) + "\n")
+    from linearize.eval import run as eval_run
+
+    calls, original = [], eval_run.run_task
+    monkeypatch.setattr(eval_run, "run_task", lambda m, tok, task, **kw: calls.append(task) or original(m, tok, task, **kw))
+    assert device.run_queue(base_q, runs, echo=lambda m: None) == {"tiny-base": "done"}
+    assert len(calls) == 4 and not (runs / "tiny-base" / "report.json").exists()
+    ev = json.loads((runs / "tiny-base" / "eval" / "eval.json").read_text())
+    assert ev["models"] == [str(model)] and ev["roles"] == {"base": str(model)}
+    calls.clear()
+    assert device.run_queue(run_q, runs, echo=lambda m: None) == {"lin": "done"}
+    assert len(calls) == 4  # the converted model's only
+    ev2 = json.loads((runs / "lin" / "eval" / "eval.json").read_text())
+    assert ev2["models"] == [str(model), "lin"] and ev2["results"][str(model)] == ev["results"][str(model)]
 
 
 def test_failed_run_is_recorded_and_the_queue_goes_on(setup, tmp_path):
