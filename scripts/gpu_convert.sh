@@ -4,6 +4,7 @@
 #   bash scripts/gpu_convert.sh MODEL RUN_NAME [--config F] [--set k=v ...] [--suite full|quick|none]
 #   bash scripts/gpu_convert.sh --queue configs/queues/FILE.txt      # several runs, in order
 #   bash scripts/gpu_convert.sh --lanes Q1.txt Q2.txt ...             # queues side by side, lane i on GPU i
+#   bash scripts/gpu_convert.sh --stage-only                          # a staging call: wheels and pieces only
 #
 # Lanes: on a machine with several GPUs (nvidia-h200-x2), each queue file runs in its own process pinned to
 # one GPU (CUDA_VISIBLE_DEVICES = lane index mod GPU count), each with its own log. Lanes share the cache:
@@ -53,6 +54,11 @@ python3 -m linearize.pipelines.carry stage --carry .carry --stage "$HOME/stage" 
 if compgen -G ".carry/weights/*-weights.tar.part*" > /dev/null; then
   python3 -m linearize.pipelines.device --runs "$runs" restore .carry/weights || echo "restore failed: carry every part"
 fi
+
+echo "== wheels and pieces staged: $(( $(date +%s) - t0 ))s"
+# A call that only carries pieces (the model is not whole yet) starts no Python runs and bundles nothing:
+# on 2026-12-03 such a call spent ~60 s of device time starting processes that could only report "waiting".
+if [ "$1" = "--stage-only" ]; then exit 0; fi
 
 # 3. the run(s), under the deadline
 stamp=$(date +%Y%m%d-%H%M%S)

@@ -167,6 +167,9 @@ def run_row(run: dict) -> dict[str, Any]:
         res = ev.get("results", {})
         base = metrics(res.get(base_label, {}), ind, ood_task)
         cand = metrics(res.get(cand_label, {}), ind, ood_task) if cand_label else None
+        if row["model"] is None:  # a base-only evaluation (device queue --base-only): its model is the base
+            row["model"] = base_label
+        row["base_only"] = report is None and cand is None
         row |= {"base_label": base_label, "ppl_in_domain": ind, "ppl_out_of_domain": ood_task, "base": base, "converted": cand,
                 "eval_settings": ev.get("settings")}
         if cand is not None:
@@ -214,7 +217,8 @@ def markdown(rows: list[dict], title: str = "Conversion runs against their base 
     head = ["run", "model", "recipe", "train tokens", "train min", "ppl@512", "ppl@2K", "ppl@4K", "OOD ppl@2K",
             "0-shot avg", "LAMBADA", "MMLU", "passkey@4K", "MQAR"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
-    for r in rows:
+    runs = [r for r in rows if not r.get("base_only")]  # a base-only evaluation has no run row, only its base's
+    for r in runs:
         tok = f"{r['train_tokens'] / 1e6:.1f}M" if r.get("train_tokens") is not None else "–"
         mins = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") is not None else "–"
         c = r.get("converted") or {}
@@ -224,7 +228,7 @@ def markdown(rows: list[dict], title: str = "Conversion runs against their base 
                  _acc_cell(r, "mmlu"), pk, _acc_cell(r, "mqar")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "## Issue 6 goals", "", "| run | " + " | ".join(GOALS.values()) + " | met |", "|---|" + "---|" * len(GOALS) + "---:|"]
-    for r in rows:
+    for r in runs:
         g = r.get("goals") or {}
         met = f"{r['goals_met']}/{r['goals_measured']}" if "goals_met" in r else "–"
         lines.append(f"| {r['run']} | " + " | ".join(_goal_cell(g.get(k), GOAL_KINDS[k]) for k in GOALS) + f" | {met} |")

@@ -113,3 +113,20 @@ def test_a_base_at_chance_on_mmlu_is_said_so(tmp_path):
     assert "scores 24.8 ± 0.4, within two standard errors of chance (25%" in markdown([row])
     row["base"] |= {"mmlu": 0.45}
     assert "MMLU: the base" not in markdown([row])
+
+
+def test_a_base_only_evaluation_is_a_base_row_not_a_run(tmp_path):
+    """`device queue --base-only` leaves eval.json with one model and no report: the base models' table has
+    it, the runs and goals tables do not."""
+    from linearize.pipelines.results import markdown
+
+    d = tmp_path / "gemma-base"
+    (d / "eval").mkdir(parents=True)
+    (d / "eval" / "eval.json").write_text(json.dumps({
+        "models": ["gemma3-270m"], "results": {"gemma3-270m": BASE}, "roles": {"base": "gemma3-270m"},
+        "ppl_roles": {"in_domain": "ppl:austen+sharegpt@512,2048,4096", "out_of_domain": "ppl:pydocs@512,2048,4096"}}))
+    row = run_row(load_run(d))
+    assert row["base_only"] and row["model"] == "gemma3-270m" and row["converted"] is None
+    md = markdown([row, run_row(load_run(_run(tmp_path, "r", _scaled(1.0, 1.0, 1.0, 0.9))))])
+    assert "| gemma-base |" not in md and "| r |" in md
+    assert "| gemma3-270m | 20.00 | 15.00 |" in md and "| None |" not in md

@@ -10,9 +10,14 @@ import importlib.util
 import os
 
 
+# Looked up once: torch.compile traces the dispatch (linearize.decode.CompiledDecode), and dynamo refuses to
+# trace importlib's find_spec ("marked as skipped"; seen on the H200 on 2026-12-03). A constant it can read.
+_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def available() -> bool:
     """True when ``triton`` is importable (kernels then run on CUDA tensors, or on CPU in interpret mode)."""
-    return importlib.util.find_spec("triton") is not None
+    return _AVAILABLE
 
 
 def interpreting() -> bool:
