@@ -186,5 +186,38 @@ def generate(
     console.print(f"[dim]{n} tokens in {secs:.1f}s[/]")
 
 
+@app.command("retrieval-layers")
+def retrieval_layers(
+    model: str = typer.Argument(..., help="The base model: alias, .gguf file, HF dir or hub id."),
+    keep: list[int] = typer.Option([3], "--keep", help="How many layers to keep softmax (repeatable: one row per value)."),
+    window: int = typer.Option(64, help="The hybrid's window: the probe counts keys beyond it."),
+    sinks: int = typer.Option(0, help="Windowed layers also see the first SINKS tokens (as LinearizeConfig.sink_tokens)."),
+    length: int = typer.Option(1024, help="Passkey prompt length in tokens."),
+    examples: int = typer.Option(16, help="Passkey examples (seeded)."),
+    out: Path = typer.Option(Path("runs/retrieval-layers"), "--out", "-o", help="Writes MODEL.json, .md and .png here."),
+) -> None:
+    """Rank a base model's layers by how much they retrieve beyond the window (passkey), and check keeping
+    the top ones softmax against evenly spaced ones: a choice for LinearizeConfig.softmax_layers."""
+    import json
+
+    import torch
+
+    import linearize
+    from linearize.pipelines import retrieval
+
+    try:
+        lm, tokenizer = linearize.models.load(model, dtype=torch.float32)
+        res = retrieval.rank_and_check(lm.eval(), tokenizer, keep=keep, window=window, sinks=sinks, length=length, n=examples)
+    except (FileNotFoundError, RuntimeError, ValueError) as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(model).name.removesuffix(".gguf")
+    (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"{name}.md").write_text(retrieval.markdown(res, model))
+    retrieval.plot(res, out / f"{name}.png", model)
+    console.print(retrieval.markdown(res, model))
+    console.print(f"[dim]written: {out}/{name}.json, .md, .png[/]")
+
+
 if __name__ == "__main__":
     app()

@@ -60,6 +60,9 @@ def test_passkey_and_mqar_score_on_tiny_model():
     r1 = score_passkey(model, tok, (64, 128), limit=10, seed=0, progress=False)
     r2 = score_passkey(model, tok, (64, 128), limit=10, seed=0, progress=False)
     assert r1 == r2 and 0.0 <= r1["acc"] <= 1.0 and r1["n"] == 10 and "acc@128" in r1
+    # per depth: 5 depths x 2 lengths, 1 example per cell; the depth means average back to the total
+    depths = [r1[f"acc_depth{d:g}"] for d in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert sum(depths) / 5 == pytest.approx(r1["acc"])
     m1 = score_mqar(model, tok, (2, 4), limit=4, seed=1, progress=False)
     assert m1 == score_mqar(model, tok, (2, 4), limit=4, seed=1, progress=False)
     assert m1["queries"] == 2 * 2 + 2 * 4 and 0.0 <= m1["acc"] <= 1.0

@@ -1,0 +1,207 @@
+"""Which attention layers retrieve from far back, and which to keep softmax (issue 6: passkey, MQAR).
+
+A hybrid layer sees the last ``window`` keys exactly and everything older through a linear state, which
+cannot hold a 5-digit pass key 1,000 tokens back. Keeping a few layers softmax is the issue's remedy; which
+few matters. Two measurements on the **base** model, no training:
+
+* ``probe``: the attention mass that the positions predicting the pass key put on the key's tokens in
+  the needle, per layer and head, counted only where the needle lies beyond the window (what the linear
+  part would have to serve). A layer's score is its best head's mass (one retrieval head is enough).
+* ``window_only``: the passkey accuracy (greedy exact match) when every candidate layer except ``keep``
+  attends to its last ``window`` keys only: the hybrid with a linear part that contributes nothing, a
+  bound on what the kept layers carry alone.
+
+    linearize retrieval-layers smollm2-135m --keep 3        # rank, then check the top 3 against even spacing
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ..eval.recall import PASSKEY_DEPTHS, passkey_examples
+
+
+@dataclass
+class Example:
+    ids: list[int]  # context + answer
+    n_ctx: int  # context length: position n_ctx - 1 predicts the answer's first token
+    key_pos: list[int]  # positions of the pass key's tokens inside the needle (both mentions)
+
+
+def _find_all(seq: list[int], sub: list[int]) -> list[int]:
+    n = len(sub)
+    return [i for i in range(len(seq) - n + 1) if seq[i : i + n] == sub]
+
+
+def examples(tokenizer, length: int, n: int, seed: int = 0, min_distance: int = 0) -> list[Example]:
+    """``n`` passkey examples of ``length`` tokens whose needle ends at least ``min_distance`` tokens
+    before the question (depths cycle over the eval's, the deepest dropped when too close)."""
+    per_cell = max(1, -(-n // len(PASSKEY_DEPTHS)))
+    out = []
+    for ex in passkey_examples(tokenizer, (length,), PASSKEY_DEPTHS, per_cell, seed):
+        ctx, ans = list(ex["context"]), list(ex["answer"])
+        starts = _find_all(ctx, ans)
+        if not starts:
+            raise ValueError("the pass key's tokens were not found in the needle (tokenizer merges them differently)")
+        key_pos = [s + j for s in starts for j in range(len(ans))]
+        if len(ctx) - 1 - max(key_pos) < min_distance:
+            continue
+        out.append(Example(ctx + ans, len(ctx), key_pos))
+    random.Random(seed).shuffle(out)
+    if len(out) < n:
+        raise ValueError(f"only {len(out)} passkey examples of {length} tokens put the needle {min_distance}+ tokens back; "
+                         "use a longer --length")
+    return out[:n]
+
+
+def candidate_layers(model) -> list[int]:
+    """The layers a conversion would linearize by default: all but the model's own sliding-window ones."""
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    return [i for i, t in enumerate(types) if t != "sliding_attention"]
+
+
+def _attention_modules(model) -> list[torch.nn.Module]:
+    return [layer.self_attn for layer in model.model.layers]
+
+
+def probe(model, exs: Sequence[Example], window: int) -> torch.Tensor:
+    """``mass [L, H]``: mean over examples and predicting positions of the attention weight on the pass
+    key's tokens that lie more than ``window`` positions back (eager attention, fp32 softmax)."""
+    device = next(model.parameters()).device
+    saved = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    total = None
+    try:
+        with torch.no_grad():
+            for ex in exs:
+                ids = torch.tensor([ex.ids], device=device)
+                att = model(input_ids=ids, output_attentions=True, use_cache=False).attentions  # L x [1, H, T, T]
+                rows = torch.arange(ex.n_ctx - 1, len(ex.ids) - 1, device=device)  # the positions predicting the key
+                keys = torch.tensor(ex.key_pos, device=device)
+                far = (rows[:, None] - keys[None, :]) >= window  # beyond the window: the linear part's keys
+                m = torch.stack([(a[0][:, rows][:, :, keys].float() * far).sum(-1).mean(-1) for a in att])  # [L, H]
+                total = m if total is None else total + m
+    finally:
+        model.set_attn_implementation(saved)
+    return (total / len(exs)).cpu()
+
+
+@contextlib.contextmanager
+def window_only(model, layers: Sequence[int], window: int, sinks: int = 0) -> Iterator[None]:
+    """Within the block, the attention layers ``layers`` attend to their last ``window`` keys only, plus
+    the first ``sinks`` tokens (StreamingLLM's attention sinks; ``LinearizeConfig.sink_tokens``): a banded
+    causal mask replaces theirs (batch of one, no padding)."""
+    mods = _attention_modules(model)
+    saved = {}
+
+    def wrap(mod):
+        fwd = mod.forward
+
+        def forward(*args, **kwargs):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            T = h.shape[1]
+            i = torch.arange(T, device=h.device)
+            band = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :] < window) | (i[None, :] < sinks))
+            kwargs["attention_mask"] = band[None, None].expand(h.shape[0], 1, T, T)
+            return fwd(*args, **kwargs)
+
+        return fwd, forward
+
+    try:
+        for i in layers:
+            saved[i], mods[i].forward = wrap(mods[i])
+        yield
+    finally:
+        for i, fwd in saved.items():
+            mods[i].forward = fwd
+
+
+def passkey_accuracy(model, exs: Sequence[Example]) -> float:
+    """Greedy exact match of the pass key (teacher-forced, as ``linearize.eval`` scores passkey)."""
+    device = next(model.parameters()).device
+    hits = 0
+    with torch.no_grad():
+        for ex in exs:
+            logits = model(input_ids=torch.tensor([ex.ids], device=device), use_cache=False).logits[0]
+            pred = logits[ex.n_ctx - 1 : len(ex.ids) - 1].argmax(-1).tolist()
+            hits += pred == ex.ids[ex.n_ctx :]
+    return hits / len(exs)
+
+
+def evenly_spaced(candidates: Sequence[int], k: int) -> list[int]:
+    """``k`` of ``candidates`` at the middles of ``k`` equal parts (SmolLM2's 30 layers, k=3: 5, 15, 25)."""
+    n = len(candidates)
+    return sorted({candidates[min(n - 1, int((j + 0.5) * n / k))] for j in range(k)}) if k else []
+
+
+def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int = 64, sinks: int = 0, length: int = 1024,
+                   n: int = 16, seed: int = 0, compare: Sequence[Sequence[int]] = (), progress: bool = True) -> dict[str, Any]:
+    """The probe's ranking, and the passkey accuracy with ``window_only`` on every candidate but the
+    kept ones, for: the top k by the probe and ``evenly_spaced`` k, for each k in ``keep``; each list in
+    ``compare``; none kept (all windowed) and all kept (the base)."""
+    from tqdm.auto import tqdm
+
+    cands = candidate_layers(model)
+    if max(keep, default=0) > len(cands):
+        raise ValueError(f"--keep {max(keep)}: the model has only {len(cands)} layers a conversion would linearize")
+    exs = examples(tokenizer, length, n, seed, min_distance=window)
+    mass = probe(model, exs, window)
+    score = mass.max(-1).values
+    ranked = sorted(cands, key=lambda i: -float(score[i]))
+    sets = {}
+    for k in keep:
+        sets |= {f"probe top {k}": sorted(ranked[:k]), f"evenly spaced {k}": evenly_spaced(cands, k)}
+    for c in compare:
+        sets.setdefault("given " + ",".join(map(str, c)), sorted(c))
+    sets |= {"none kept (all windowed)": [], "all kept (base)": list(cands)}
+    acc = {}
+    for name, kept in tqdm(sets.items(), desc="window-only passkey", disable=not progress, leave=False):
+        with window_only(model, [i for i in cands if i not in kept], window, sinks):
+            acc[name] = passkey_accuracy(model, exs)
+    return {
+        "length": length, "window": window, "sinks": sinks, "examples": len(exs), "seed": seed, "candidates": cands,
+        "score_per_layer": {i: float(score[i]) for i in cands}, "best_head": {i: int(mass[i].argmax()) for i in cands},
+        "ranking": ranked, "keep": list(keep), "sets": sets, "passkey_acc": acc,
+    }
+
+
+def markdown(res: dict[str, Any], model_name: str) -> str:
+    lines = [f"# Retrieval layers: {model_name}", "",
+             f"Passkey at {res['length']} tokens, {res['examples']} examples (seed {res['seed']}), needle beyond the "
+             f"window of {res['window']}" + (f" (windowed layers also see the first {res['sinks']} tokens)" if res.get("sinks") else "")
+             + ". Score: the best head's attention mass on the pass key's tokens from the "
+             "positions that predict it.", "",
+             "| kept global (others see the window only) | layers | passkey acc |", "|---|---|---:|"]
+    for name, kept in res["sets"].items():
+        shown = ", ".join(map(str, kept)) if len(kept) <= 12 else f"{len(kept)} layers"
+        lines.append(f"| {name} | {shown or '–'} | {100 * res['passkey_acc'][name]:.0f}% |")
+    lines += ["", "| rank | layer | score | best head |", "|---:|---:|---:|---:|"]
+    for r, i in enumerate(res["ranking"], 1):
+        lines.append(f"| {r} | {i} | {res['score_per_layer'][i]:.3f} | {res['best_head'][i]} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict[str, Any], path: Path, model_name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = res["candidates"]
+    top = set(res["sets"].get(f"probe top {res['keep'][0]}", [])) if res.get("keep") else set()
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(cands) + 2), 3.2))
+    ax.bar(range(len(cands)), [res["score_per_layer"][i] for i in cands],
+           color=["tab:red" if i in top else "tab:blue" for i in cands])
+    ax.set_xticks(range(len(cands)), [str(i) for i in cands], fontsize=7)
+    ax.set_xlabel("layer (red: kept softmax by the probe)")
+    ax.set_ylabel("attention mass on the pass key")
+    ax.set_title(f"{model_name}: retrieval beyond the window of {res['window']} (passkey @ {res['length']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,108 @@
+"""Retrieval-layer probe (linearize.pipelines.retrieval) on a tiny random model and a character tokenizer."""
+
+import string
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from linearize.pipelines import retrieval as R
+
+
+@pytest.fixture(scope="module")
+def tok():
+    chars = ["<pad>", "<s>", "</s>", "<unk>", *sorted(set(string.printable) - set("\t\n\r\x0b\x0c"))]
+    t = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def test_examples_locate_both_mentions_of_the_key(tok):
+    exs = R.examples(tok, 700, 6, seed=1, min_distance=64)
+    assert len(exs) == 6
+    for ex in exs:
+        answer = ex.ids[ex.n_ctx:]
+        assert len(ex.key_pos) == 2 * len(answer)  # " The pass key is K. Remember it. K is the pass key."
+        assert [ex.ids[p] for p in ex.key_pos] == answer + answer
+        assert ex.n_ctx - 1 - max(ex.key_pos) >= 64
+    with pytest.raises(ValueError, match="longer --length"):
+        R.examples(tok, 700, 6, min_distance=690)
+
+
+def test_window_only_cuts_the_receptive_field_and_restores_the_model(model):
+    T, W = 40, 4
+    x = torch.randint(4, 90, (1, T))
+    y = x.clone()
+    y[0, :10] = torch.randint(4, 90, (10,))  # differs only > 3 layers x (W - 1) = 9 positions before the last
+    with torch.no_grad():
+        plain = model(input_ids=x).logits
+        with R.window_only(model, [0, 1, 2], W):
+            a, b = model(input_ids=x).logits, model(input_ids=y).logits
+            with R.window_only(model, [], W):
+                assert torch.equal(model(input_ids=x).logits, a)
+        with R.window_only(model, [0, 1, 2], T):  # a window as long as the text: the plain model
+            torch.testing.assert_close(model(input_ids=x).logits, plain, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a[0, -1], b[0, -1]) and not torch.allclose(plain[0, -1], model(input_ids=y).logits[0, -1])
+        assert torch.equal(model(input_ids=x).logits, plain)  # the forwards are restored
+
+
+def test_probe_counts_the_attention_on_the_key_beyond_the_window(model, tok):
+    exs = R.examples(tok, 300, 2, min_distance=16)
+    mass = R.probe(model, exs, window=16)
+    assert mass.shape == (3, 4) and model.config._attn_implementation == "sdpa"
+    want = torch.zeros(3, 4)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        for ex in exs:
+            att = model(input_ids=torch.tensor([ex.ids]), output_attentions=True).attentions
+            for layer in range(3):
+                for q in range(ex.n_ctx - 1, len(ex.ids) - 1):
+                    want[layer] += sum(att[layer][0, :, q, k] for k in ex.key_pos if q - k >= 16) / (len(ex.ids) - ex.n_ctx) / len(exs)
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(mass, want, rtol=1e-4, atol=1e-6)
+    assert (mass > 0).all()
+    assert torch.equal(R.probe(model, exs, window=1000), torch.zeros(3, 4))  # nothing beyond the window
+
+
+def test_rank_and_check_reports_every_set(model, tok):
+    res = R.rank_and_check(model, tok, keep=[1, 2], window=16, length=300, n=4, compare=[[1, 2]], progress=False)
+    assert sorted(res["ranking"]) == [0, 1, 2] and res["sets"]["probe top 1"] == [res["ranking"][0]]
+    assert res["sets"]["evenly spaced 2"] == R.evenly_spaced([0, 1, 2], 2) == [0, 2]
+    assert set(res["sets"]) == {"probe top 1", "evenly spaced 1", "probe top 2", "evenly spaced 2", "given 1,2",
+                                "none kept (all windowed)", "all kept (base)"}
+    exs = R.examples(tok, 300, 4, 0, min_distance=16)
+    assert res["passkey_acc"]["all kept (base)"] == R.passkey_accuracy(model, exs)
+    assert "| probe top 1 |" in R.markdown(res, "tiny")
+    assert R.evenly_spaced(list(range(30)), 3) == [5, 15, 25]
+    with pytest.raises(ValueError, match="only 3 layers"):
+        R.rank_and_check(model, tok, keep=[4], length=300, n=2)
+
+
+def test_the_command_writes_json_markdown_and_plot(model, tok, tmp_path):
+    from typer.testing import CliRunner
+
+    from linearize.cli import app
+
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(app, ["retrieval-layers", str(tmp_path / "tiny"), "--keep", "1", "--keep", "2", "--window", "16",
+                                 "--sinks", "2", "--length", "300", "--examples", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "probe top 2" in (out / "tiny.md").read_text() and (out / "tiny.png").stat().st_size > 0
+    import json
+
+    res = json.loads((out / "tiny.json").read_text())
+    assert res["sinks"] == 2 and res["keep"] == [1, 2]
+    r = CliRunner().invoke(app, ["retrieval-layers", str(tmp_path / "missing")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
