@@ -53,8 +53,9 @@ def convert(model: nn.Module, config: LinearizeConfig | dict | None = None) -> n
     return model
 
 
-def convert_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[int]:
-    """Replace the selected layers' attention; return the converted indices (sorted)."""
+def selected_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[int]:
+    """The decoder-layer indices ``config`` selects for conversion (sorted): ``layers`` (default: every
+    layer but the model's own sliding-window ones, unless ``convert_sliding_layers``) minus ``softmax_layers``."""
     layers = adapter.decoder_layers(model)
     n = len(layers)
     for name in ("layers", "softmax_layers"):
@@ -63,15 +64,18 @@ def convert_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[i
             raise ValueError(f"LinearizeConfig.{name} has indices {bad} but the model has {n} layers (0..{n - 1})")
     explicit = config.layers is not None
     wanted = sorted(set(config.layers if explicit else range(n)) - set(config.softmax_layers))
-    converted = []
-    for i in wanted:
+    return [i for i in wanted if explicit or config.convert_sliding_layers or not adapter.is_sliding_layer(layers[i].self_attn)]
+
+
+def convert_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[int]:
+    """Replace the selected layers' attention; return the converted indices (sorted)."""
+    layers = adapter.decoder_layers(model)
+    converted = selected_layers(model, adapter, config)
+    for i in converted:
         attn = layers[i].self_attn
-        if not explicit and adapter.is_sliding_layer(attn) and not config.convert_sliding_layers:
-            continue
         layers[i].self_attn = LinearizedAttention(
             attn, config, apply_rope=adapter.rope, teacher_sliding_window=adapter.teacher_sliding_window(attn)
         )
-        converted.append(i)
     if not converted:
         raise ValueError("no layer was selected for conversion; check LinearizeConfig.layers / softmax_layers")
     _install_padding_hook(model.base_model)

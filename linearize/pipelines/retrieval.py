@@ -61,13 +61,19 @@ def examples(tokenizer, length: int, n: int, seed: int = 0, min_distance: int = 
 
 
 def candidate_layers(model) -> list[int]:
-    """The layers a conversion would linearize by default: all but the model's own sliding-window ones."""
-    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
-    return [i for i, t in enumerate(types) if t != "sliding_attention"]
+    """The layers a conversion would linearize by default (``linearize.convert.selected_layers``): all but
+    the model's own sliding-window ones."""
+    from ..config import LinearizeConfig
+    from ..convert import selected_layers
+    from ..models import adapter_for
+
+    return selected_layers(model, adapter_for(model.config.model_type), LinearizeConfig())
 
 
 def _attention_modules(model) -> list[torch.nn.Module]:
-    return [layer.self_attn for layer in model.model.layers]
+    from ..models import adapter_for
+
+    return [layer.self_attn for layer in adapter_for(model.config.model_type).decoder_layers(model)]
 
 
 def probe(model, exs: Sequence[Example], window: int) -> torch.Tensor:
@@ -123,15 +129,12 @@ def window_only(model, layers: Sequence[int], window: int, sinks: int = 0) -> It
 
 
 def passkey_accuracy(model, exs: Sequence[Example]) -> float:
-    """Greedy exact match of the pass key (teacher-forced, as ``linearize.eval`` scores passkey)."""
-    device = next(model.parameters()).device
-    hits = 0
-    with torch.no_grad():
-        for ex in exs:
-            logits = model(input_ids=torch.tensor([ex.ids], device=device), use_cache=False).logits[0]
-            pred = logits[ex.n_ctx - 1 : len(ex.ids) - 1].argmax(-1).tolist()
-            hits += pred == ex.ids[ex.n_ctx :]
-    return hits / len(exs)
+    """Greedy exact match of the pass key, scored as ``linearize.eval`` scores passkey, one unpadded
+    request per forward (``window_only`` masks a batch of one)."""
+    from ..eval.scoring import loglikelihood_tokens_reference
+
+    res = loglikelihood_tokens_reference(model, [(ex.ids[: ex.n_ctx], ex.ids[ex.n_ctx :]) for ex in exs])
+    return sum(greedy for _, greedy in res) / len(exs)
 
 
 def evenly_spaced(candidates: Sequence[int], k: int) -> list[int]:
