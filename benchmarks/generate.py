@@ -84,6 +84,7 @@ from benchmarks.gen_loops import (  # noqa: E402
     run_lean, short_error,
 )
 from benchmarks.gen_report import print_report, write_report  # noqa: E402
+from benchmarks.random_model import random_model  # noqa: E402
 from benchmarks.report import ROOT, environment  # noqa: E402
 
 GIB = 2**30
@@ -146,17 +147,6 @@ def subjects_for(base, ours, device: torch.device, models: list[str]) -> dict[st
     return out
 
 
-def random_model(config_json: str, dtype: torch.dtype, seed: int):
-    """``AutoModelForCausalLM.from_config`` on a config.json (e.g. benchmarks/configs/smollm2-135m.json),
-    seeded, so the base and its twin start from the same weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    fields = json.loads(Path(config_json).read_text())
-    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
-
-
 def load_real(args) -> tuple[dict, dict]:
     """The base model and its linearized twin (converted here, or --checkpoint), on the CPU in --dtype."""
     import linearize
@@ -167,7 +157,7 @@ def load_real(args) -> tuple[dict, dict]:
     if args.model.endswith(".json"):
         # The architecture alone, with seeded random weights: a step costs the same whatever the weights
         # hold (the token counts are fixed by min_new_tokens), and no GGUF has to travel to the device.
-        base, tok = random_model(args.model, dtype, args.seed), None
+        base, tok = random_model(args.model, dtype, args.seed).eval(), None
     else:
         base, tok = load(args.model, dtype=dtype)
     info = {"model": args.model, "dtype": args.dtype, "params": sum(p.numel() for p in base.parameters())}
@@ -178,7 +168,7 @@ def load_real(args) -> tuple[dict, dict]:
         info["linearized"] = f"checkpoint {args.checkpoint}"
         info["linearize_config"] = getattr(ours.config, "linearize", None)
     else:
-        ours = random_model(args.model, dtype, args.seed) if tok is None else load(args.model, dtype=dtype)[0]
+        ours = random_model(args.model, dtype, args.seed).eval() if tok is None else load(args.model, dtype=dtype)[0]
         cfg = linearize.LinearizeConfig(**parse_settings(args.set))
         ours = linearize.convert(ours, cfg)
         info["linearized"] = "converted here; feature maps untrained (speed and memory only: the text is not meaningful)"

@@ -30,7 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `linearize` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "benchmarks"
+
+import torch  # noqa: E402
+
+from benchmarks.random_model import random_model  # noqa: E402
 
 
 def matmul_params(model: torch.nn.Module) -> int:
@@ -47,11 +53,7 @@ def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype,
     from linearize.pipelines.transfer import freeze_for_transfer, set_mode, transfer_loss
 
     if model_name.endswith(".json"):  # the architecture alone, random weights: timing needs no checkpoint
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        fields = json.loads(Path(model_name).read_text())
-        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = random_model(model_name, dtype)
     else:
         model, _ = load(model_name, dtype=dtype)
     model.to(device)

@@ -1,0 +1,21 @@
+"""A model built from a config.json alone, with random weights: what the speed benchmarks need, since a
+step costs the same whatever the weights hold, and no checkpoint has to travel to the GPU machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def random_model(config_json: str | Path, dtype: torch.dtype, seed: int | None = None):
+    """``AutoModelForCausalLM.from_config`` on a config.json (e.g. benchmarks/configs/smollm2-135m.json), SDPA
+    attention. ``seed`` seeds the initialization, so two calls give the same weights (a base and its twin)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = json.loads(Path(config_json).read_text())
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
