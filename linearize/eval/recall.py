@@ -102,8 +102,8 @@ def score_passkey(model, tokenizer, lengths=PASSKEY_LENGTHS, *, limit: int | Non
         sel = [h for h, e in zip(hits, exs) if e["length"] == length]
         if sel:
             out[f"acc@{length}"] = sum(sel) / len(sel)
-    # by depth, over the lengths: depth 1.0 puts the needle inside a 64-token window, so a hybrid that fails
-    # there loses even what its window sees (the linear part's share of the shared normalizer grows with T)
+    # by depth, over the lengths: depth 1.0 puts the needle just before the question, inside a 64-token
+    # window, so a hybrid failing there loses what its window sees, not only what its linear state holds
     for depth in PASSKEY_DEPTHS:
         sel = [h for h, e in zip(hits, exs) if e["depth"] == depth]
         if sel:
