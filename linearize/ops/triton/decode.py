@@ -147,7 +147,7 @@ def _decode_kernel(
             pk_raw = tl.load(PK + b * sPK_b + f * sPK_h + rf, mask=f_ok, other=0.0)
             tl.store(PKR + ((b * W + ns) * Hf + f) * F + rf, pk_raw.to(PKR.dtype.element_ty), mask=f_ok)
             if f == 0:
-                tl.store(MR + b * W + ns, valid_new.to(tl.uint8))
+                tl.store(MR + b * W + ns, valid_new.to(MR.dtype.element_ty))
 
 
 def _pow2(n: int) -> int:
@@ -225,7 +225,7 @@ def ring_step_triton(
     grid = (d.B * d.Hf * ND,)
     _decode_kernel[grid](
         q, k, v, phi_q, phi_k, valid, gamma,
-        ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask.view(torch.uint8), ring.pos,
+        ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos,
         out,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         phi_q.stride(0), phi_q.stride(2), phi_k.stride(0), phi_k.stride(2), out.stride(0), out.stride(2),
