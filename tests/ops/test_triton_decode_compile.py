@@ -36,7 +36,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid):
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=max(1, min(_pow2(W), max(4096 // DP, 16))),
         QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid,
     )
-    types = dict(VALID="*u8", GAMMA="*fp32", S="*fp32", Z="*fp32", MR="*i1", POS="*i64")  # the ring mask is a bool tensor
+    types = dict(VALID="*u8", GAMMA="*fp32", S="*fp32", Z="*fp32", MR="*u8", POS="*i64")
     sig = {n: types.get(n, "*" + dt) for n in POINTERS}
     sig |= {n: "i32" for n in STRIDES + ["B", "Hf", "Hkv"]} | {"scale": "fp32"} | {n: "constexpr" for n in const}
     names = list(sig)

@@ -34,10 +34,11 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-5, masked=True, **launch):
+def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-5, masked=True, step=None, **launch):
     from linearize.ops.ring import ring_step_torch
     from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
 
+    step = step or ring_step_triton
     B = 2
     _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=filled, seed=window)
     ref = _clone(ring)
@@ -45,7 +46,7 @@ def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-
         inputs, _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=0, seed=100 + t)
         mask = torch.tensor([[t % 3 != 2], [t % 2 == 0]]) if masked else None  # padding steps, in different rows
         out = torch.full_like(inputs[0], float("nan"))  # every element must be written
-        y = ring_step_triton(*inputs, ring, window_weight=gamma, attention_mask=mask, out=out, **launch)
+        y = step(*inputs, ring, window_weight=gamma, attention_mask=mask, out=out, **launch)
         y_ref = ring_step_torch(*inputs, ref, window_weight=gamma, attention_mask=mask)
         assert y is out and torch.isfinite(y).all()
         assert _rel(y, y_ref) < tol, f"step {t}: y rel err {_rel(y, y_ref):.2e}"
@@ -73,3 +74,31 @@ def test_half_inputs_odd_dims_and_ring_blocks(dtype):
 @inside
 def test_without_a_mask():
     _run(4, 2, False, 6, torch.float32, steps=4, masked=False)
+
+
+@inside
+def test_the_kernel_compiles_inside_a_torch_compiled_step():
+    """CompiledDecode calls the kernel inside torch.compile. The launch is a custom op (``linearize::ring_step``)
+    that mutates the ring, so inductor calls it as it is rather than lowering the kernel, which inductor 2.11
+    failed to do on the H200. Here inductor compiles the step (fullgraph); ring and output must match the
+    torch step over padded steps, as in eager. (Before the custom op, dynamo failed here as well: it cannot
+    trace the interpreter's launch.)"""
+    from linearize.ops.triton.decode import ring_step_triton
+
+    torch._dynamo.reset()
+    compiled = torch.compile(ring_step_triton, fullgraph=True)
+    _run(4, 2, False, 6, torch.float32, steps=4, step=compiled)
+
+
+@inside
+def test_the_custom_op_registration():
+    """torch.library's own checks of the op: schema (the mutated ring tensors), fake tensor and autograd
+    registration, dynamo."""
+    from linearize.ops.triton.decode import _ring_step_op, default_block_d, random_decode_problem
+
+    (q, k, v, pq, pk), ring, gamma = random_decode_problem(2, 4, 2, 16, 8, 6, dtype=torch.float32, device="cpu", filled=3)
+    out = torch.empty_like(q)
+    valid = torch.tensor([1, 0], dtype=torch.uint8)
+    args = (q, k, v, pq, pk, valid, gamma, ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
+            0.25, ring.window, 2, default_block_d(2, 2, 16), 8, 4)
+    torch.library.opcheck(_ring_step_op, args)

@@ -147,7 +147,7 @@ def _decode_kernel(
             pk_raw = tl.load(PK + b * sPK_b + f * sPK_h + rf, mask=f_ok, other=0.0)
             tl.store(PKR + ((b * W + ns) * Hf + f) * F + rf, pk_raw.to(PKR.dtype.element_ty), mask=f_ok)
             if f == 0:
-                tl.store(MR + b * W + ns, valid_new.to(MR.dtype.element_ty))
+                tl.store(MR + b * W + ns, valid_new.to(tl.uint8))
 
 
 def _pow2(n: int) -> int:
@@ -167,6 +167,46 @@ def default_num_warps(FP: int, BD: int) -> int:
     """About 32 S elements a thread, 4 to 8 warps. Register counts compiled for sm_90 (ptxas, bf16, W=64):
     F=D=128 at BD=32: 120 registers with 4 warps -> 4 programs an SM, 64 KB of S in flight an SM."""
     return max(4, min(8, FP * BD // 1024))
+
+
+# A custom op, so that torch.compile (linearize.CompiledDecode) treats the launch as one opaque call that
+# mutates the ring, instead of lowering the Triton kernel itself: inductor 2.11 failed on that lowering
+# twice on the H200 (2026-12-03: the bool mask's dtype view, then an error in its compile subprocess).
+@torch.library.custom_op(
+    "linearize::ring_step",
+    mutates_args=("S", "z", "kr", "vr", "pkr", "mask", "pos", "out"),
+)
+def _ring_step_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
+    valid: torch.Tensor | None, gamma: torch.Tensor,
+    S: torch.Tensor, z: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, pkr: torch.Tensor,
+    mask: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
+    scale: float, window: int, Hkv: int, BD: int, BW: int, num_warps: int,
+) -> None:
+    """One kernel launch; the shapes are checked by ``ring_step_triton``. Writes y to ``out``."""
+    B, _, H, D = q.shape
+    Hf, F = phi_k.shape[2], phi_k.shape[3]
+    W = kr.shape[1]
+    DP, FP = _pow2(D), _pow2(F)
+    ND = -(-D // BD)
+    G, Gk = H // Hkv, Hf // Hkv
+    has_valid = valid is not None
+    _decode_kernel[(B * Hf * ND,)](
+        q, k, v, phi_q, phi_k, valid if has_valid else gamma, gamma,
+        S, z, kr, vr, pkr, mask.view(torch.uint8), pos,
+        out,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+        phi_q.stride(0), phi_q.stride(2), phi_k.stride(0), phi_k.stride(2), out.stride(0), out.stride(2),
+        B, Hf, Hkv, scale,
+        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=ND, BW=BW,
+        QH=G // Gk, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid,
+        num_warps=num_warps,
+    )
+
+
+@_ring_step_op.register_fake
+def _(q, k, v, phi_q, phi_k, valid, gamma, S, z, kr, vr, pkr, mask, pos, out, scale, window, Hkv, BD, BW, num_warps):
+    return None
 
 
 def ring_step_triton(
@@ -208,31 +248,21 @@ def ring_step_triton(
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dim")
-    has_valid = attention_mask is not None
-    if has_valid:
+    valid = None
+    if attention_mask is not None:
         if attention_mask.shape != (d.B, 1):
             raise ValueError(f"attention_mask must be [B, 1] = [{d.B}, 1]; got {tuple(attention_mask.shape)}")
         valid = attention_mask.reshape(d.B).to(torch.uint8)
-    else:
-        valid = gamma  # unused (HAS_VALID=False)
 
     W = ring.slots
-    DP, FP = _pow2(d.D), _pow2(d.F)
+    DP = _pow2(d.D)
     BD = block_d or default_block_d(d.B, d.Hf, d.D)
-    ND = -(-d.D // BD)
     BW = block_w or max(1, min(_pow2(W), max(4096 // DP, 16)))
-    warps = num_warps or default_num_warps(FP, BD)
-    grid = (d.B * d.Hf * ND,)
-    _decode_kernel[grid](
+    warps = num_warps or default_num_warps(_pow2(d.F), BD)
+    _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
-        ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos,
-        out,
-        q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
-        phi_q.stride(0), phi_q.stride(2), phi_k.stride(0), phi_k.stride(2), out.stride(0), out.stride(2),
-        d.B, d.Hf, d.Hkv, default_scale(scale, d.D),
-        D=d.D, F=d.F, DP=DP, FP=FP, BD=BD, ND=ND, BW=BW,
-        QH=d.G // d.Gk, GK=d.Gk, WINDOW=min(ring.window, 2), W=W, HAS_VALID=has_valid,
-        num_warps=warps,
+        ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
+        float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps,
     )
     ring.pos.add_(1)
     return out
