@@ -39,6 +39,14 @@ def short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:200]}" if text else type(e).__name__
 
 
+def error_tail(e: BaseException, lines: int = 60) -> str:
+    """The end of the formatted exception, chained causes included (where the real error usually is)."""
+    import traceback
+
+    text = "".join(traceback.format_exception(e)).rstrip().splitlines()
+    return "\n".join(text[-lines:])
+
+
 def is_oom(e: BaseException) -> bool:
     msg = str(e)
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in msg.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in msg

@@ -80,7 +80,7 @@ import torch  # noqa: E402
 
 from benchmarks.gen_floor import ModelShape, decode_run_cost, model_shape, state_bytes_per_sequence  # noqa: E402
 from benchmarks.gen_loops import (  # noqa: E402
-    GraphCaptureError, LoopResult, free_memory, is_oom, largest_batch, make_cache, probe_fits, run_generate,
+    GraphCaptureError, LoopResult, error_tail, free_memory, is_oom, largest_batch, make_cache, probe_fits, run_generate,
     run_lean, short_error,
 )
 from benchmarks.gen_report import print_report, write_report  # noqa: E402
@@ -284,6 +284,9 @@ def decode_row(subj: Subject, loop: str, B: int, ctx: Context) -> dict:
                 r["peak_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
     except Exception as e:  # noqa: BLE001 - a failed row is a row with its error
         r["error"] = "OOM" if is_oom(e) else short_error(e)
+        if not is_oom(e):  # the first line alone did not say what failed (inductor's errors, 2026-12-03)
+            r["traceback"] = error_tail(e)
+            print(f"{loop} {subj.key} B={B}: {r['traceback']}", file=sys.stderr, flush=True)
     if res is None:
         del ids
         free_memory(dev)

@@ -131,3 +131,19 @@ def test_smoke_compiled_loop_tokens_match_generate(tmp_path, capsys):
     payload = json.loads(next(tmp_path.glob("generate-cpu-*.json")).read_text())
     comp = [r for r in payload["rows"] if r["section"] == "decode" and r["loop"] == "compiled"]
     assert {r["model"] for r in comp} == {"ours", "base"} and all(r["tok_s"] > 0 and "error" not in r for r in comp)
+
+
+def test_a_failed_row_keeps_the_cause_not_only_the_first_line():
+    """Inductor wraps the real error several lines down, in a chained exception (H200, 2026-12-03: the
+    row said only 'SubprocException: An exception occurred in a subprocess:')."""
+    from benchmarks.gen_loops import error_tail, short_error
+
+    try:
+        try:
+            raise ValueError("the real cause: pointer type *i1")
+        except ValueError as inner:
+            raise RuntimeError("An exception occurred in a subprocess:\n(details below)") from inner
+    except RuntimeError as e:
+        assert short_error(e) == "RuntimeError: An exception occurred in a subprocess:"
+        tail = error_tail(e)
+    assert "the real cause: pointer type *i1" in tail and "details below" in tail
