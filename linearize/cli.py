@@ -195,6 +195,8 @@ def retrieval_layers(
     length: int = typer.Option(1024, help="Passkey prompt length in tokens."),
     examples: int = typer.Option(16, help="Passkey examples (seeded)."),
     out: Path = typer.Option(Path("runs/retrieval-layers"), "--out", "-o", help="Writes MODEL.json, .md and .png here."),
+    write_config: Path | None = typer.Option(None, "--write-config", help="Also write a YAML for `convert --config` that keeps the chosen layers softmax."),
+    min_acc: float = typer.Option(0.5, "--min-acc", help="--write-config picks the fewest --keep layers whose window-only passkey reaches this (0-1)."),
 ) -> None:
     """Rank a base model's layers by how much they retrieve beyond the window (passkey), and check keeping
     the top ones softmax against evenly spaced ones: a choice for LinearizeConfig.softmax_layers."""
@@ -205,6 +207,8 @@ def retrieval_layers(
     import linearize
     from linearize.pipelines import retrieval
 
+    if not 0 <= min_acc <= 1:
+        _fail(f"--min-acc must be between 0 and 1; got {min_acc}")
     try:
         lm, tokenizer = linearize.models.load(model, dtype=torch.float32)
         res = retrieval.rank_and_check(lm.eval(), tokenizer, keep=keep, window=window, sinks=sinks, length=length, n=examples)
@@ -217,6 +221,10 @@ def retrieval_layers(
     retrieval.plot(res, out / f"{name}.png", model)
     console.print(retrieval.markdown(res, model))
     console.print(f"[dim]written: {out}/{name}.json, .md, .png[/]")
+    if write_config is not None:
+        write_config.parent.mkdir(parents=True, exist_ok=True)
+        write_config.write_text(retrieval.config_yaml(res, model, min_acc))
+        console.print(write_config.read_text().rstrip() + f"\n[dim]written: {write_config}[/]")
 
 
 if __name__ == "__main__":

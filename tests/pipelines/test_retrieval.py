@@ -104,5 +104,30 @@ def test_the_command_writes_json_markdown_and_plot(model, tok, tmp_path):
 
     res = json.loads((out / "tiny.json").read_text())
     assert res["sinks"] == 2 and res["keep"] == [1, 2]
+    # --write-config: a YAML that `convert --config` reads, with the layers `choose` picks from that result
+    cfg_path = tmp_path / "cfg" / "keep.yaml"
+    r = CliRunner().invoke(app, ["retrieval-layers", str(tmp_path / "tiny"), "--keep", "1", "--keep", "2", "--window", "16",
+                                 "--sinks", "2", "--length", "300", "--examples", "2", "--out", str(out),
+                                 "--write-config", str(cfg_path), "--min-acc", "0"])
+    assert r.exit_code == 0, r.output
+    from linearize.pipelines.config import build_config
+
+    res = json.loads((out / "tiny.json").read_text())
+    cfg = build_config(config_file=cfg_path)
+    assert cfg.linearize.softmax_layers == res["sets"]["probe top 1"]  # min-acc 0: the fewest layers tried
+    assert cfg.linearize.sink_tokens == 2 and cfg.linearize.window == 16
+    r = CliRunner().invoke(app, ["retrieval-layers", str(tmp_path / "tiny"), "--min-acc", "1.5"])
+    assert r.exit_code != 0 and "--min-acc" in r.output and "Traceback" not in r.output
     r = CliRunner().invoke(app, ["retrieval-layers", str(tmp_path / "missing")])
     assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+def test_choose_takes_the_fewest_layers_that_reach_the_accuracy():
+    res = {"keep": [10, 3, 6], "length": 1024, "window": 64, "sinks": 4,
+           "sets": {"probe top 3": [1, 2, 3], "probe top 6": [1, 2, 3, 4, 5, 6], "probe top 10": list(range(10))},
+           "passkey_acc": {"probe top 3": 0.0, "probe top 6": 0.5, "probe top 10": 0.75}}
+    assert R.choose(res, 0.5) == (6, [1, 2, 3, 4, 5, 6], True)
+    assert R.choose(res, 0.7) == (10, list(range(10)), True)
+    assert R.choose(res, 0.9) == (10, list(range(10)), False)  # none reaches it: the largest tried, flagged
+    text = R.config_yaml(res, "m", 0.9)
+    assert "no --keep value reached 90%" in text and "softmax_layers: [0, 1, 2" in text
