@@ -144,3 +144,31 @@ def test_window_weight_starts_at_point_one(arch):
     model = linearize.convert(tiny_model(arch))
     for layer in linearize.linearized_layers(model):
         torch.testing.assert_close(layer.window_weight, torch.full((layer.num_heads,), 0.1))
+
+
+def test_kept_softmax_layers_on_a_static_cache_are_refused(arch):
+    """transformers skips the decode mask unless every cache layer is compileable; ours are not, so a kept
+    softmax layer on a StaticLayer read the empty slots (6e-2 off the full forward, 2026-12-03). Refused in
+    one line; a dynamic cache decodes such a model exactly, and a fully linearized model takes a static
+    cache (every slot becomes ours)."""
+    from transformers import StaticCache
+
+    base = tiny_model(arch)
+    n = base.config.num_hidden_layers
+    ids = torch.randint(3, base.config.vocab_size, (2, 10))
+    lm = linearize.convert(base, LinearizeConfig(window=4, feature_dim=8, softmax_layers=[0], convert_sliding_layers=True))
+    perturb_added_weights(lm)
+    lm.eval()
+    with torch.no_grad():
+        full = lm(ids).logits
+        with pytest.raises(ValueError, match="layer 0 is kept softmax .* dynamic cache"):
+            lm(ids[:, :6], past_key_values=StaticCache(config=lm.config, max_cache_len=16), use_cache=True)
+        cache = DynamicCache(config=lm.config)
+        lm(ids[:, :6], past_key_values=cache, use_cache=True)
+        for t in range(6, 10):
+            lg = lm(ids[:, t : t + 1], past_key_values=cache, use_cache=True, position_ids=torch.full((2, 1), t)).logits
+            torch.testing.assert_close(lg[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
+        all_lin = linearize.convert(tiny_model(arch), LinearizeConfig(window=4, feature_dim=8, convert_sliding_layers=True)).eval()
+        static = StaticCache(config=all_lin.config, max_cache_len=16)
+        all_lin(ids[:, :6], past_key_values=static, use_cache=True)
+        assert sum(isinstance(layer, HybridCacheLayer) for layer in static.layers) == n
