@@ -121,6 +121,8 @@ def run_lean(
     device = ids.device
     B, P = ids.shape
     steps = max(new_tokens - 1, 0)
+    name = "lean" if forward is None else "compiled"
+    forward = forward or kept_softmax_step(model, cache)
     out = torch.zeros(B, new_tokens, dtype=torch.long, device=device) if keep_tokens else None
     with torch.no_grad():
         sync(device)
@@ -186,8 +188,26 @@ def run_lean(
         decode_s += steady_s
         del g
     tokens = out[:, : done + 1].cpu() if out is not None else None
-    return LoopResult("lean" if forward is None else "compiled", done + 1, prefill_s, decode_s, done, graph=capture_s is not None, capture_s=capture_s,
+    return LoopResult(name, done + 1, prefill_s, decode_s, done, graph=capture_s is not None, capture_s=capture_s,
                       cut=cut, steady_s=steady_s, steady_steps=done - first, tokens=tokens)
+
+
+def kept_softmax_step(model, cache) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The eager decode step of a linearized model that keeps softmax layers on a static cache: through
+    ``linearize.CompiledDecode(compile=False)``, which gives the kept layers their mask (the plain forward is
+    refused there: transformers would skip that mask beside our layers). None for every other model/cache."""
+    from transformers import StaticCache
+
+    from linearize.convert import is_linearized, linearized_layers
+
+    if not isinstance(cache, StaticCache) or not is_linearized(model):
+        return None
+    if len(linearized_layers(model)) == model.config.num_hidden_layers:
+        return None
+    import linearize
+
+    step = linearize.CompiledDecode(model, compile=False)
+    return lambda t, p: step(t, p, cache)
 
 
 def run_generate(

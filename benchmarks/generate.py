@@ -98,7 +98,7 @@ class Subject:
     key: str  # "base" or "ours"
     model: torch.nn.Module
     shape: ModelShape
-    lean_cache: str  # "static" (base) or "dynamic" (linearized: HybridCacheLayer inside)
+    lean_cache: str  # "static" (base; linearized with kept full-attention layers) or "dynamic" (HybridCacheLayer inside)
     capturable: str | None = None  # None, or why the lean step is not captured
     compiled: object = None  # the compiled decode step, built on the first "compiled" row (one per model)
 
@@ -135,15 +135,19 @@ def parse_settings(pairs: list[str]) -> dict:
 
 
 def subjects_for(base, ours, device: torch.device, models: list[str]) -> dict[str, Subject]:
-    """Wrap the two models; the linearized lean step is capturable only when every layer is linearized
-    (a kept softmax layer grows a DynamicCache by concatenation: new shapes every step)."""
+    """Wrap the two models. Kept full-attention softmax layers decode on a StaticCache, as the base does,
+    through ``linearize.CompiledDecode`` (eager in the lean loop), and stay capturable; kept sliding-window
+    layers (Gemma's) grow a DynamicCache by concatenation (new shapes every step): not capturable."""
     out = {}
     if "base" in models:
         out["base"] = Subject("base", base, model_shape(base), "static")
     if "ours" in models:
         shape = model_shape(ours)
-        why = None if all(L.kind == "hybrid" for L in shape.layers) else "some layers kept softmax (DynamicCache concatenates)"
-        out["ours"] = Subject("ours", ours, shape, "dynamic", why)
+        kept = [L for L in shape.layers if L.kind == "softmax"]
+        if any(L.window for L in kept):
+            out["ours"] = Subject("ours", ours, shape, "dynamic", "sliding-window layers kept softmax (DynamicCache concatenates)")
+        else:
+            out["ours"] = Subject("ours", ours, shape, "static" if kept else "dynamic")
     return out
 
 
@@ -540,7 +544,8 @@ def smoke(args) -> int:
     t_start = time.monotonic()
     device = torch.device("cpu")
     base = tiny_model("llama", seed=args.seed)
-    ours = linearize.convert(tiny_model("llama", seed=args.seed), linearize.LinearizeConfig(window=4, feature_dim=6))
+    cfg = linearize.LinearizeConfig(**({"window": 4, "feature_dim": 6} | parse_settings(args.set)))
+    ours = linearize.convert(tiny_model("llama", seed=args.seed), cfg)
     perturb_added_weights(ours)
     models = {"base": base, "ours": ours}
     subjects = subjects_for(base, ours, device, ["base", "ours"])

@@ -93,21 +93,27 @@ def _pass_padding_mask(module, args, kwargs):
     mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
     if torch.is_tensor(mask) and mask.dim() == 2:
         kwargs[PADDING_MASK_KWARG] = mask
-    _refuse_static_softmax_layers(module, kwargs.get("cache", kwargs.get("past_key_values")))
+    x = kwargs.get("input_ids", args[0] if args else None)
+    x = x if x is not None else kwargs.get("inputs_embeds")
+    one_token = torch.is_tensor(x) and x.dim() >= 2 and x.shape[1] == 1
+    if one_token and not (torch.is_tensor(mask) and mask.dim() == 4):  # a 4D mask is used as given (CompiledDecode's)
+        _refuse_static_softmax_layers(module, kwargs.get("cache", kwargs.get("past_key_values")))
     return args, kwargs
 
 
 def _refuse_static_softmax_layers(base_model: nn.Module, cache) -> None:
     """A kept softmax layer on a fixed-size (static) cache layer decodes wrong beside our layers: transformers
-    builds the decode mask only when *every* cache layer is compileable, and ours are not, so SDPA would read
-    the static cache's empty slots (measured: 6e-2 off the full forward). Refuse rather than be wrong."""
+    builds the one-token decode mask only when *every* cache layer is compileable, and ours are not, so SDPA
+    would read the static cache's empty slots (measured: 6e-2 off the full forward). A prefill's mask is built
+    (it is longer than one token). Refuse rather than be wrong."""
     if not isinstance(cache, Cache):
         return
     for i, layer in enumerate(base_model.layers):
         if i < len(cache.layers) and isinstance(cache.layers[i], StaticLayer) and not isinstance(layer.self_attn, LinearizedAttention):
             raise ValueError(
                 f"layer {i} is kept softmax and its cache layer is static ({type(cache.layers[i]).__name__}): this model "
-                "keeps softmax layers, so decode it with a dynamic cache (generate's default; not cache_implementation='static')"
+                "keeps softmax layers, so decode it with a dynamic cache (generate's default; not cache_implementation='static') "
+                "or with linearize.CompiledDecode"
             )
 
 

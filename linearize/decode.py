@@ -1,4 +1,4 @@
-"""A compiled decode step for a fully linearized model: one ``torch.compile`` graph per batch size.
+"""A compiled decode step for a linearized model: one ``torch.compile`` graph per batch size.
 
 Why: a decode step is launch-bound. The base SmolLM2-135M runs 1,109 small kernels a token (37 a
 layer), and ~4 µs each makes a 4-5 ms step against a 0.36 ms memory floor at batch 64, even replayed in a
@@ -6,7 +6,7 @@ CUDA graph (``benchmarks/README.md``). Inductor fuses the norms, RoPE, the featu
 elementwise glue into few kernels. The step stays capturable in a CUDA graph, because every state is
 updated in place.
 
-    step = CompiledDecode(model)                  # every attention layer must be linearized
+    step = CompiledDecode(model)                  # kept softmax layers: prefill into a StaticCache
     logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits   # prefill, eager
     logits = step(next_ids, position_ids, cache)  # [B, 1] ids, [1, 1] or [B, 1] positions -> [B, 1, V]
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
+from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from .convert import linearized_layers
 from .modules.cache import DecodeMode, HybridCacheLayer
@@ -40,20 +41,28 @@ def decode_mode(*, kernel: bool):
 
 
 class CompiledDecode:
-    """``step(input_ids [B, 1], position_ids, cache) -> logits [B, 1, V]``, compiled on first call.
+    """``step(input_ids [B, 1], position_ids, cache[, attention_mask]) -> logits [B, 1, V]``, compiled on first call.
 
     ``kernel``: use the Triton decode kernel inside the graph where it serves (CUDA); False gives inductor
     the PyTorch ring step. ``compile``: False runs the same step eagerly (a reference for tests).
     ``compile_options`` go to ``torch.compile`` (default ``fullgraph=True, dynamic=False``).
+
+    A model that keeps full-attention softmax layers (``LinearizeConfig.softmax_layers``) decodes here too,
+    on a ``transformers.StaticCache`` sized for the whole run (prompt + new tokens): its kept layers then
+    hold fixed buffers, and the step builds their mask on the device from the static layer's own token count.
+    Left padding of the prompt reaches those layers through ``attention_mask``, the 2D mask over every token
+    so far (as ``generate`` keeps it); the linearized layers took theirs from the prefill.
     """
 
     def __init__(self, model, *, kernel: bool = True, compile: bool = True, **compile_options):
-        n_attn = model.config.num_hidden_layers
-        n_lin = len(linearized_layers(model))
-        if n_lin != n_attn:
+        layers = model.base_model.layers
+        lin = {id(m) for m in linearized_layers(model)}
+        self.softmax_layers = [i for i, layer in enumerate(layers) if id(layer.self_attn) not in lin]
+        sliding = [i for i in self.softmax_layers if getattr(layers[i].self_attn, "sliding_window", None)]
+        if sliding:
             raise ValueError(
-                f"CompiledDecode needs every attention layer linearized; this model keeps {n_attn - n_lin} of {n_attn} "
-                "as softmax (their KV cache grows every token, so one static graph cannot serve them): decode it eagerly"
+                f"CompiledDecode serves kept full-attention layers; layers {sliding} are sliding-window softmax "
+                "(their static cache is a ring that a plain 4D mask cannot address): decode this model eagerly"
             )
         self.model = model
         self.kernel = kernel
@@ -62,25 +71,51 @@ class CompiledDecode:
         self._masks: dict[tuple, torch.Tensor] = {}
 
     def _forward(self, input_ids, position_ids, cache, mask4):
+        if self.softmax_layers:
+            # [B, 1, 1, L]: the kept layers' slots filled so far plus the new token's, minus left padding.
+            # The count is the static layer's device tensor, so the mask needs no host value (capturable).
+            static = cache.layers[self.softmax_layers[0]]
+            slots = torch.arange(mask4.shape[-1], device=mask4.device)
+            mask4 = mask4 & (slots <= static.cumulative_length)
         out = self.model(input_ids=input_ids, attention_mask=mask4, past_key_values=cache, use_cache=True,
                          position_ids=position_ids, logits_to_keep=1)
         return out.logits
 
-    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    def _check_cache(self, cache) -> list[HybridCacheLayer]:
+        layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
+        n_lin = self.model.config.num_hidden_layers - len(self.softmax_layers)
+        if len(layers) != n_lin or not all(layer.has_state for layer in layers):
+            raise ValueError("CompiledDecode continues a cache filled by a prefill of the same model; run the prompt through the model first")
+        for i in self.softmax_layers:
+            layer = cache.layers[i]
+            if not isinstance(layer, StaticLayer) or isinstance(layer, StaticSlidingWindowLayer) or not layer.is_initialized:
+                raise ValueError(
+                    f"layer {i} is kept softmax and its cache layer is {type(layer).__name__}: prefill into a "
+                    "transformers.StaticCache(config=model.config, max_cache_len=prompt + new tokens) for CompiledDecode"
+                )
+        return layers
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         if T != 1:
             raise ValueError(f"CompiledDecode takes one token per sequence ([B, 1] ids); got {tuple(input_ids.shape)}: prefill eagerly")
-        layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
-        if len(layers) != self.model.config.num_hidden_layers or not all(layer.has_state for layer in layers):
-            raise ValueError("CompiledDecode continues a cache filled by a prefill of the same model; run the prompt through the model first")
+        layers = self._check_cache(cache)
         for layer in layers:  # into ring form eagerly: the conversion is not part of the step
             layer.ring_state()
-        key = (B, input_ids.device)
+        L = cache.layers[self.softmax_layers[0]].max_cache_len if self.softmax_layers else 1
+        key = (B, L, input_ids.device)
         if key not in self._masks:
-            self._masks[key] = torch.ones(B, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+            self._masks[key] = torch.ones(B, 1, 1, L, dtype=torch.bool, device=input_ids.device)
+        mask4 = self._masks[key]
+        if attention_mask is not None and self.softmax_layers:
+            n = attention_mask.shape[-1]
+            if attention_mask.shape[0] != B or n > L:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be [{B}, n <= {L}] (every token so far)")
+            mask4[:, 0, 0, :n].copy_(attention_mask.bool())  # (eager: its width grows every token)
+            mask4[:, 0, 0, n:].fill_(True)
         with decode_mode(kernel=self.kernel):
             # (contiguous: a view's strides would be guarded on, and a growing buffer's view changes them)
-            logits = self._fn(input_ids.contiguous(), position_ids.contiguous(), cache, self._masks[key])
+            logits = self._fn(input_ids.contiguous(), position_ids.contiguous(), cache, mask4)
         for layer in layers:
             layer.cumulative_length += T
         return logits

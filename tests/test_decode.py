@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 import linearize
 from linearize import CompiledDecode, LinearizeConfig
@@ -22,9 +22,13 @@ def _positions(mask):
 
 
 @pytest.mark.parametrize("arch,cfg", [("llama", {}), ("gemma3_text", {"convert_sliding_layers": True, "feature_rope": False}),
-                                      ("llama", {"length_norm": True, "length_norm_from": 2, "sink_tokens": 2})],
-                         ids=["llama", "gemma3-nope", "llama-lennorm-sink"])
+                                      ("llama", {"length_norm": True, "length_norm_from": 2, "sink_tokens": 2}),
+                                      ("llama", {"softmax_layers": [0, 2], "sink_tokens": 2, "feature_rope": False}),
+                                      ("qwen2", {"softmax_layers": [1]})],
+                         ids=["llama", "gemma3-nope", "llama-lennorm-sink", "llama-kept-0-2", "qwen2-kept-1"])
 def test_compiled_steps_equal_the_full_forward_without_recompiling(arch, cfg):
+    """Kept softmax layers decode on a StaticCache (sized with room to spare: the unused slots must stay
+    masked), and the left padding reaches them through the 2D mask."""
     torch._dynamo.reset()
     model = _model(arch, **cfg)
     g = torch.Generator().manual_seed(0)
@@ -33,7 +37,8 @@ def test_compiled_steps_equal_the_full_forward_without_recompiling(arch, cfg):
     mask = torch.ones(B, P, dtype=torch.long)
     mask[1, :3] = 0  # a left-padded row: the prefill masks it into the state
     step = CompiledDecode(model, kernel=False)
-    cache = DynamicCache(config=model.config)
+    kept = bool(cfg.get("softmax_layers"))
+    cache = StaticCache(config=model.config, max_cache_len=P + N + 3) if kept else DynamicCache(config=model.config)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True).logits[:, -1:]
         seq, full_mask = ids, mask
@@ -43,22 +48,34 @@ def test_compiled_steps_equal_the_full_forward_without_recompiling(arch, cfg):
             seq = torch.cat([seq, nxt], 1)
             full_mask = torch.cat([full_mask, torch.ones(B, 1, dtype=torch.long)], 1)
             pos = _positions(full_mask)[:, -1:]
+            m2 = full_mask if kept else None
             if i == 0:
-                logits = step(nxt, pos, cache)
+                logits = step(nxt, pos, cache, m2)
             else:  # every later token runs the graph the first one compiled
                 with torch._dynamo.config.patch(error_on_recompile=True):
-                    logits = step(nxt, pos, cache)
+                    logits = step(nxt, pos, cache, m2)
             got.append(logits)
         ref = model(input_ids=seq, attention_mask=full_mask, position_ids=_positions(full_mask)).logits[:, P:]
     torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
-    assert cache.get_seq_length() == P + N
+    assert int(cache.get_seq_length()) == P + N
     assert (DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside) == (False, True, False)  # restored
 
 
 def test_refusals_are_one_line_and_actionable():
     gemma = _model("gemma3_text")  # its sliding layers stay softmax by default
-    with pytest.raises(ValueError, match="keeps 2 of 3 as softmax"):
+    with pytest.raises(ValueError, match=r"layers \[0, 2\] are sliding-window softmax"):
         CompiledDecode(gemma, compile=False)
+    kept = _model("llama", softmax_layers=[1])
+    step = CompiledDecode(kept, compile=False)
+    ids = torch.ones(2, 4, dtype=torch.long)
+    for cache in (DynamicCache(config=kept.config), None):
+        if cache is None:  # a static cache for every layer, but never prefilled
+            cache = StaticCache(config=kept.config, max_cache_len=8)
+        else:
+            with torch.no_grad():
+                kept(input_ids=ids, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="run the prompt through the model first|StaticCache"):
+            step(torch.ones(2, 1, dtype=torch.long), torch.full((1, 1), 4), cache)
     model = _model("llama")
     step = CompiledDecode(model, compile=False)
     cache = DynamicCache(config=model.config)

@@ -41,6 +41,19 @@ def test_smoke_tokens_match_and_driver_writes_results(tmp_path, capsys):
     assert payload["goals"][0].startswith("decode tokens/s at batch 3 x 12 new tokens")
 
 
+def test_smoke_with_kept_softmax_layers(capsys):
+    """A linearized model that keeps a softmax layer decodes in the lean and compiled loops on a StaticCache
+    (through CompiledDecode, which masks the kept layer's empty slots) to the same greedy tokens as
+    generate's dynamic cache."""
+    from benchmarks import generate as G
+
+    assert G.main(["--smoke", "--set", "softmax_layers=[1]", "--loops", "lean,compiled,generate", "--batches", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "ours 2/3" in out
+    assert "ours: lean (3, 12) vs generate (3, 12) greedy tokens: equal" in out
+    assert "ours: compiled step vs generate greedy tokens: equal" in out
+
+
 def test_plan_order_and_budget_skips(tmp_path):
     from benchmarks import generate as G
 

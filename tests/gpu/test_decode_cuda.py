@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 pytest.importorskip("triton")
 
-from transformers import DynamicCache  # noqa: E402
+from transformers import DynamicCache, StaticCache  # noqa: E402
 
 import linearize  # noqa: E402
 from linearize import LinearizeConfig  # noqa: E402
@@ -311,17 +311,19 @@ def test_sink_forward_and_gradients_on_the_kernels_equal_the_torch_path(monkeypa
         assert g_fast[n].abs().sum() > 0 and rel_err(g_fast[n], g_slow[n]) < 1e-2, n
 
 
+@pytest.mark.parametrize("kept", [[], [1]], ids=["all-linear", "kept-1"])
 @pytest.mark.parametrize("kernel", [True, False], ids=["triton-kernel", "torch-step"])
-def test_compiled_decode_equals_full_forward_and_replays_in_a_cuda_graph(kernel):
+def test_compiled_decode_equals_full_forward_and_replays_in_a_cuda_graph(kernel, kept):
     """linearize.CompiledDecode on CUDA: the Triton decode kernel inside the compiled graph (or inductor's own
-    ring step), equal to the full forward, then captured in a CUDA graph and replayed."""
+    ring step), equal to the full forward, then captured in a CUDA graph and replayed. A kept softmax layer
+    decodes on a StaticCache with room to spare (its mask comes from the static layer's device count)."""
     torch._dynamo.reset()
-    model = _model(4, feature_rope=False)
+    model = _model(4, feature_rope=False, softmax_layers=kept)
     step = linearize.CompiledDecode(model, kernel=kernel)
     ids = torch.randint(3, 96, (3, 24), device="cuda")
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cache = DynamicCache(config=model.config)
+        cache = StaticCache(config=model.config, max_cache_len=32) if kept else DynamicCache(config=model.config)
         out = [model(ids[:, :5], past_key_values=cache).logits[:, -1:]]
         for t in range(5, 12):
             out.append(step(ids[:, t : t + 1], torch.full((1, 1), t, device="cuda"), cache))

@@ -148,9 +148,9 @@ def test_window_weight_starts_at_point_one(arch):
 
 def test_kept_softmax_layers_on_a_static_cache_are_refused(arch):
     """transformers skips the decode mask unless every cache layer is compileable; ours are not, so a kept
-    softmax layer on a StaticLayer read the empty slots (6e-2 off the full forward, 2026-12-03). Refused in
-    one line; a dynamic cache decodes such a model exactly, and a fully linearized model takes a static
-    cache (every slot becomes ours)."""
+    softmax layer on a StaticLayer read the empty slots when decoding (6e-2 off the full forward, 2026-12-03).
+    Refused in one line; a dynamic cache decodes such a model exactly (so does CompiledDecode, which passes its
+    own mask: tests/test_decode.py), and a fully linearized model takes a static cache (every slot is ours)."""
     from transformers import StaticCache
 
     base = tiny_model(arch)
@@ -161,8 +161,11 @@ def test_kept_softmax_layers_on_a_static_cache_are_refused(arch):
     lm.eval()
     with torch.no_grad():
         full = lm(ids).logits
+        static = StaticCache(config=lm.config, max_cache_len=16)
+        pre = lm(ids[:, :6], past_key_values=static, use_cache=True).logits  # a prefill's mask is built: exact
+        torch.testing.assert_close(pre, full[:, :6], rtol=1e-4, atol=1e-4)
         with pytest.raises(ValueError, match="layer 0 is kept softmax .* dynamic cache"):
-            lm(ids[:, :6], past_key_values=StaticCache(config=lm.config, max_cache_len=16), use_cache=True)
+            lm(ids[:, 6:7], past_key_values=static, use_cache=True, position_ids=torch.full((2, 1), 6))
         cache = DynamicCache(config=lm.config)
         lm(ids[:, :6], past_key_values=cache, use_cache=True)
         for t in range(6, 10):
