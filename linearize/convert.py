@@ -80,6 +80,8 @@ def convert_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[i
     if not converted:
         raise ValueError("no layer was selected for conversion; check LinearizeConfig.layers / softmax_layers")
     _install_padding_hook(model.base_model)
+    # the layers kept softmax, for the hook's static-cache check (computed here, not on every forward)
+    model.base_model._linearize_kept = tuple(i for i, layer in enumerate(layers) if not isinstance(layer.self_attn, LinearizedAttention))
     return converted
 
 
@@ -108,8 +110,8 @@ def _refuse_static_softmax_layers(base_model: nn.Module, cache) -> None:
     (it is longer than one token). Refuse rather than be wrong."""
     if not isinstance(cache, Cache):
         return
-    for i, layer in enumerate(base_model.layers):
-        if i < len(cache.layers) and isinstance(cache.layers[i], StaticLayer) and not isinstance(layer.self_attn, LinearizedAttention):
+    for i in getattr(base_model, "_linearize_kept", ()):
+        if i < len(cache.layers) and isinstance(cache.layers[i], StaticLayer):
             raise ValueError(
                 f"layer {i} is kept softmax and its cache layer is static ({type(cache.layers[i]).__name__}): this model "
                 "keeps softmax layers, so decode it with a dynamic cache (generate's default; not cache_implementation='static') "
