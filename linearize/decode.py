@@ -102,12 +102,20 @@ class CompiledDecode:
         layers = self._check_cache(cache)
         for layer in layers:  # into ring form eagerly: the conversion is not part of the step
             layer.ring_state()
-        L = cache.layers[self.softmax_layers[0]].max_cache_len if self.softmax_layers else 1
-        key = (B, L, input_ids.device)
-        if key not in self._masks:
-            self._masks[key] = torch.ones(B, 1, 1, L, dtype=torch.bool, device=input_ids.device)
-        mask4 = self._masks[key]
+        if self.softmax_layers:
+            # The kept layers' padding belongs to this cache (this run), so the buffer lives on it: a later
+            # run on another cache starts unpadded, and a run keeps what its masks said so far.
+            L = cache.layers[self.softmax_layers[0]].max_cache_len
+            mask4 = getattr(cache, "_linearize_mask4", None)
+            if mask4 is None or mask4.shape != (B, 1, 1, L) or mask4.device != input_ids.device:
+                mask4 = cache._linearize_mask4 = torch.ones(B, 1, 1, L, dtype=torch.bool, device=input_ids.device)
+        else:
+            key = (B, input_ids.device)
+            if key not in self._masks:
+                self._masks[key] = torch.ones(B, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+            mask4 = self._masks[key]
         if attention_mask is not None and self.softmax_layers:
+            L = mask4.shape[-1]
             n = attention_mask.shape[-1]
             if attention_mask.shape[0] != B or n > L:
                 raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be [{B}, n <= {L}] (every token so far)")

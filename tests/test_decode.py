@@ -58,6 +58,15 @@ def test_compiled_steps_equal_the_full_forward_without_recompiling(arch, cfg):
         ref = model(input_ids=seq, attention_mask=full_mask, position_ids=_positions(full_mask)).logits[:, P:]
     torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
     assert int(cache.get_seq_length()) == P + N
+    if kept:  # a second run on a new cache, unpadded and without a mask: the first run's padding must not leak
+        cache2 = StaticCache(config=model.config, max_cache_len=P + N + 3)
+        with torch.no_grad():
+            logits = model(input_ids=ids, past_key_values=cache2, use_cache=True).logits[:, -1:]
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                got2 = step(nxt, torch.full((B, 1), P), cache2)
+            ref2 = model(input_ids=torch.cat([ids, nxt], 1)).logits[:, -1:]
+        torch.testing.assert_close(got2, ref2, rtol=1e-4, atol=1e-4)
     assert (DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside) == (False, True, False)  # restored
 
 
