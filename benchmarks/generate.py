@@ -195,16 +195,20 @@ def activate(subjects: dict[str, Subject], key: str, device: torch.device) -> No
     subjects[key].model.to(device)
 
 
-def decode_path(cache) -> str | None:
-    """Where the linearized layers decoded: on the ring state (the Triton kernel), or the PyTorch step."""
+def decode_path(cache, kernel: bool = True) -> str | None:
+    """Where the linearized layers decoded: on the ring state with the Triton kernel ("ring kernel"), on the
+    ring state with the PyTorch ring step (a CPU run, or ``CompiledDecode(kernel=False)``: inductor's fusion),
+    or on the ordered state's PyTorch step."""
     from linearize.modules.cache import HybridCacheLayer
     from linearize.ops.ring import RingState
 
     layers = [layer for layer in getattr(cache, "layers", []) if isinstance(layer, HybridCacheLayer)]
     if not layers:
         return None
-    rings = sum(isinstance(layer.held, RingState) for layer in layers)
-    return "ring kernel" if rings == len(layers) else f"torch step ({len(layers) - rings}/{len(layers)} layers)"
+    rings = [layer.held for layer in layers if isinstance(layer.held, RingState)]
+    if len(rings) == len(layers):
+        return "ring kernel" if kernel and rings[0].S.is_cuda else "ring, torch step"
+    return f"torch step ({len(layers) - len(rings)}/{len(layers)} layers)"
 
 
 # ---- rows --------------------------------------------------------------------------------------------
@@ -223,7 +227,7 @@ def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, 
         cache = make_cache(subj.model, subj.lean_cache, ids.shape[1] + total)
         forward = compiled_forward(subj, cache, ctx) if loop == "compiled" else None
         res = run_lean(subj.model, ids, n, cache=cache, graph=graph, deadline=deadline, keep_tokens=keep_tokens, forward=forward)
-        return res, decode_path(cache)
+        return res, decode_path(cache, kernel=not (loop == "compiled" and ctx.args.compile_torch_step))
     max_time = None if deadline is None else max(deadline - time.monotonic(), 1.0)
     # the linearized model gets the DynamicCache generate would build, so that its decode path can be read
     cache = make_cache(subj.model, "dynamic", 0) if subj.key == "ours" else None
