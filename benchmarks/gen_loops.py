@@ -198,11 +198,9 @@ def kept_softmax_step(model, cache) -> Callable[[torch.Tensor, torch.Tensor], to
     refused there: transformers would skip that mask beside our layers). None for every other model/cache."""
     from transformers import StaticCache
 
-    from linearize.convert import is_linearized, linearized_layers
+    from linearize.convert import kept_softmax_layers
 
-    if not isinstance(cache, StaticCache) or not is_linearized(model):
-        return None
-    if len(linearized_layers(model)) == model.config.num_hidden_layers:
+    if not isinstance(cache, StaticCache) or not kept_softmax_layers(model):
         return None
     import linearize
 

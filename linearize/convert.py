@@ -85,6 +85,11 @@ def convert_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[i
     return converted
 
 
+def kept_softmax_layers(model: nn.Module) -> tuple[int, ...]:
+    """Indices of the decoder layers a linearized model keeps as softmax attention (() for any other model)."""
+    return getattr(model.base_model, "_linearize_kept", ())
+
+
 def _install_padding_hook(base_model: nn.Module) -> None:
     """Pass the 2D padding mask to every layer: HF hands attention layers only a 4D (or no) mask."""
     if getattr(base_model, "_linearize_padding_hook", None) is None:
@@ -110,7 +115,7 @@ def _refuse_static_softmax_layers(base_model: nn.Module, cache) -> None:
     (it is longer than one token). Refuse rather than be wrong."""
     if not isinstance(cache, Cache):
         return
-    for i in getattr(base_model, "_linearize_kept", ()):
+    for i in getattr(base_model, "_linearize_kept", ()):  # (the hook sits on base_model: kept_softmax_layers' store)
         if i < len(cache.layers) and isinstance(cache.layers[i], StaticLayer):
             raise ValueError(
                 f"layer {i} is kept softmax and its cache layer is static ({type(cache.layers[i]).__name__}): this model "

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
-from .convert import linearized_layers
+from .convert import is_linearized, kept_softmax_layers
 from .modules.cache import DecodeMode, HybridCacheLayer
 
 
@@ -55,9 +55,10 @@ class CompiledDecode:
     """
 
     def __init__(self, model, *, kernel: bool = True, compile: bool = True, **compile_options):
+        if not is_linearized(model):
+            raise ValueError("CompiledDecode decodes a linearized model (linearize.convert); this one has no linearized layer")
         layers = model.base_model.layers
-        lin = {id(m) for m in linearized_layers(model)}
-        self.softmax_layers = [i for i, layer in enumerate(layers) if id(layer.self_attn) not in lin]
+        self.softmax_layers = list(kept_softmax_layers(model))
         sliding = [i for i in self.softmax_layers if getattr(layers[i].self_attn, "sliding_window", None)]
         if sliding:
             raise ValueError(

@@ -74,17 +74,18 @@ def test_refusals_are_one_line_and_actionable():
     gemma = _model("gemma3_text")  # its sliding layers stay softmax by default
     with pytest.raises(ValueError, match=r"layers \[0, 2\] are sliding-window softmax"):
         CompiledDecode(gemma, compile=False)
+    with pytest.raises(ValueError, match="has no linearized layer"):
+        CompiledDecode(tiny_model("llama"), compile=False)
     kept = _model("llama", softmax_layers=[1])
     step = CompiledDecode(kept, compile=False)
-    ids = torch.ones(2, 4, dtype=torch.long)
-    for cache in (DynamicCache(config=kept.config), None):
-        if cache is None:  # a static cache for every layer, but never prefilled
-            cache = StaticCache(config=kept.config, max_cache_len=8)
-        else:
-            with torch.no_grad():
-                kept(input_ids=ids, past_key_values=cache, use_cache=True)
-        with pytest.raises(ValueError, match="run the prompt through the model first|StaticCache"):
-            step(torch.ones(2, 1, dtype=torch.long), torch.full((1, 1), 4), cache)
+    tok, pos = torch.ones(2, 1, dtype=torch.long), torch.full((1, 1), 4)
+    dynamic = DynamicCache(config=kept.config)  # prefilled, but the kept layer's cache grows
+    with torch.no_grad():
+        kept(input_ids=torch.ones(2, 4, dtype=torch.long), past_key_values=dynamic, use_cache=True)
+    with pytest.raises(ValueError, match="run the prompt through the model first|StaticCache"):
+        step(tok, pos, dynamic)
+    with pytest.raises(ValueError, match="run the prompt through the model first|StaticCache"):
+        step(tok, pos, StaticCache(config=kept.config, max_cache_len=8))  # static, but never prefilled
     model = _model("llama")
     step = CompiledDecode(model, compile=False)
     cache = DynamicCache(config=model.config)

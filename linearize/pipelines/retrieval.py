@@ -193,11 +193,11 @@ def config_yaml(res: dict[str, Any], model_name: str, min_acc: float) -> str:
     why = (f"the fewest of --keep {','.join(map(str, res['keep']))} whose window-only passkey@{res['length']} reached "
            f"{100 * min_acc:.0f}% ({100 * acc:.0f}%)") if ok else (
            f"no --keep value reached {100 * min_acc:.0f}% window-only passkey@{res['length']}; the largest tried ({100 * acc:.0f}%)")
-    body = {"window": res["window"], "sink_tokens": res["sinks"], "softmax_layers": layers}
-    lines = [f"# linearize retrieval-layers {model_name}: the probe's top {k} layers kept softmax;",
-             f"# {why}.",
-             "linearize: {" + ", ".join(f"{key}: {val}" for key, val in body.items()) + "}"]
-    return "\n".join(lines) + "\n"
+    import yaml
+
+    body = {"linearize": {"window": res["window"], "sink_tokens": res["sinks"], "softmax_layers": layers}}
+    head = f"# linearize retrieval-layers {model_name}: the probe's top {k} layers kept softmax;\n# {why}.\n"
+    return head + yaml.safe_dump(body, default_flow_style=None, sort_keys=False)
 
 
 def markdown(res: dict[str, Any], model_name: str) -> str:
