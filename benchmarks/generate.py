@@ -10,6 +10,10 @@ command, with the wheel install and the GGUF staging, is in benchmarks/README.md
     python benchmarks/generate.py --smoke              # CPU, tiny random model: lean tokens == generate's
 
 Models. base: ``linearize.models.load(--model)`` in bf16, SDPA attention, transformers' KV caches.
+basek (only if asked, ``--models ours,base,basek``): the same base with its one-token attention on
+linearize's softmax decode kernel (``linearize.modules.softmax_decode``: GQA without repeat_kv, a static
+cache read only as far as it is filled). Not a baseline of the goals: it shows how much of a speed-up the
+kernel would give the base alone, since a linearized model's kept softmax layers use that kernel.
 linearized: the same weights through ``linearize.convert`` (``--set key=value`` sets LinearizeConfig fields;
 default window 64, Hedgehog F=128 per query head), with its feature maps as initialised: untrained,
 which costs the same per token as trained ones, so speed and memory hold but the text is not meaningful.
@@ -88,14 +92,15 @@ from benchmarks.random_model import random_model  # noqa: E402
 from benchmarks.report import ROOT, environment  # noqa: E402
 
 GIB = 2**30
-LABELS = {"base": "base (SDPA, HF KV cache)", "ours": "linearized (ring state, Triton decode)"}
+LABELS = {"base": "base (SDPA, HF KV cache)", "ours": "linearized (ring state, Triton decode)",
+          "basek": "base, its attention on linearize's softmax decode kernel (not a baseline: what the kernel alone gives)"}
 
 
 @dataclass
 class Subject:
     """One model under test and how its lean loop runs."""
 
-    key: str  # "base" or "ours"
+    key: str  # "base", "ours", or "basek" (the base model, its decode attention on our softmax kernel)
     model: torch.nn.Module
     shape: ModelShape
     lean_cache: str  # "static" (base; linearized with kept full-attention layers) or "dynamic" (HybridCacheLayer inside)
@@ -141,6 +146,8 @@ def subjects_for(base, ours, device: torch.device, models: list[str]) -> dict[st
     out = {}
     if "base" in models:
         out["base"] = Subject("base", base, model_shape(base), "static")
+    if "basek" in models:
+        out["basek"] = Subject("basek", base, model_shape(base), "static")
     if "ours" in models:
         shape = model_shape(ours)
         kept = [L for L in shape.layers if L.kind == "softmax"]
@@ -223,6 +230,23 @@ def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, 
              deadline: float | None, keep_tokens: bool = False) -> tuple[LoopResult, str | None]:
     """One run of ``loop`` for ``n`` new tokens; a lean cache is sized for ``total`` new tokens (the row's N,
     so a warm-up costs per step what the row does). Returns the result and the linearized decode path."""
+    from linearize.convert import kept_softmax_layers
+
+    if subj.key == "basek":  # every layer's one-token attention on the softmax decode kernel, captures included
+        from linearize.modules.softmax_decode import softmax_decode_kernel
+
+        with softmax_decode_kernel(subj.model):
+            res, _ = _run_loop(subj, loop, ids, n, ctx, graph=graph, total=total, deadline=deadline, keep_tokens=keep_tokens)
+        return res, "softmax kernel" if ctx.device.type == "cuda" else None
+    res, path = _run_loop(subj, loop, ids, n, ctx, graph=graph, total=total, deadline=deadline, keep_tokens=keep_tokens)
+    kernel = loop == "lean" or (loop == "compiled" and not ctx.args.compile_torch_step)
+    if path and kernel and kept_softmax_layers(subj.model) and ctx.device.type == "cuda":
+        path += " + softmax kernel"  # CompiledDecode's kept layers (the lean loop's eager step too)
+    return res, path
+
+
+def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, *, graph: bool, total: int,
+              deadline: float | None, keep_tokens: bool = False) -> tuple[LoopResult, str | None]:
     if loop in ("lean", "compiled"):
         cache = make_cache(subj.model, subj.lean_cache, ids.shape[1] + total)
         forward = compiled_forward(subj, cache, ctx) if loop == "compiled" else None
@@ -365,7 +389,7 @@ def plan(args) -> list[tuple]:
     batches = [int(b) for b in args.batches.split(",") if b]
     head = [b for b in batches if b == args.headline_batch]
     order = head + [b for b in batches if b != args.headline_batch]
-    models = [m for m in ("ours", "base") if m in args.models.split(",")]
+    models = [m for m in ("ours", "base", "basek") if m in args.models.split(",")]
     loops = [loop for loop in ("lean", "compiled", "generate") if loop in args.loops.split(",")]
     tasks = []
     for loop in ("lean", "compiled"):
@@ -406,6 +430,10 @@ def goals(rows: list[dict], args) -> list[str]:
             if all(pair):
                 out.append(f"  same loop ({loop}): linearized {pair[0]['tok_s']:.0f} vs base {pair[1]['tok_s']:.0f} tokens/s: "
                            f"{pair[0]['tok_s'] / pair[1]['tok_s']:.2f}x")
+    k = _best(rows, "basek", Bh)
+    if o and b and k:
+        out.append(f"  for scale, not a goal: the base on linearize's softmax decode kernel {k['tok_s']:.0f} tokens/s "
+                   f"({k['tok_s'] / b['tok_s']:.2f}x the base); linearized {o['tok_s'] / k['tok_s']:.2f}x that")
     fits = {r["model"]: r for r in rows if r["section"] == "fit" and r.get("largest")}
     if "ours" in fits and "base" in fits:
         fo, fb = fits["ours"], fits["base"]
@@ -439,7 +467,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--headline-batch", type=int, default=64)
-    p.add_argument("--models", default="ours,base")
+    p.add_argument("--models", default="ours,base",
+                   help="ours, base; and basek: the base with its one-token attention on linearize's softmax decode "
+                        "kernel (what the kernel gives without linearizing; not the baseline of the goals)")
     p.add_argument("--loops", default="lean,generate",
                    help="lean, compiled (the lean loop with a torch.compile'd step; compiles per batch size) and generate")
     p.add_argument("--compile-torch-step", action="store_true",
@@ -552,7 +582,7 @@ def smoke(args) -> int:
     ours = linearize.convert(tiny_model("llama", seed=args.seed), cfg)
     perturb_added_weights(ours)
     models = {"base": base, "ours": ours}
-    subjects = subjects_for(base, ours, device, ["base", "ours"])
+    subjects = subjects_for(base, ours, device, ["base", "ours", "basek"])
     ctx = Context(args, device, float("inf"), base.config.vocab_size, 0, None)
     failures = []
     ids = prompt_ids(ctx, 3)

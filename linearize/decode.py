@@ -16,18 +16,21 @@ What makes it one graph and no recompiles (``linearize.modules.cache.DecodeMode`
   ``kernel=False``, the PyTorch ring step that inductor fuses itself;
 * the cache's token count, a Python int, is advanced here after the step, not in the traced code;
 * a 4D all-true mask makes transformers' mask preparation return at once. It would otherwise read the growing
-  sequence length. A decode token is always valid: left padding was masked into the state by the prefill.
+  sequence length. A decode token is always valid: left padding was masked into the state by the prefill;
+* kept softmax layers attend through ``linearize.modules.softmax_decode`` (the Triton split-K kernel, which
+  reads a static cache only as far as its mask is True) while ``kernel`` is on, else through SDPA.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from .convert import is_linearized, kept_softmax_layers
 from .modules.cache import DecodeMode, HybridCacheLayer
+from .modules.softmax_decode import softmax_decode_kernel
 
 
 @contextmanager
@@ -43,8 +46,8 @@ def decode_mode(*, kernel: bool):
 class CompiledDecode:
     """``step(input_ids [B, 1], position_ids, cache[, attention_mask]) -> logits [B, 1, V]``, compiled on first call.
 
-    ``kernel``: use the Triton decode kernel inside the graph where it serves (CUDA); False gives inductor
-    the PyTorch ring step. ``compile``: False runs the same step eagerly (a reference for tests).
+    ``kernel``: use the Triton decode kernels inside the graph where they serve (CUDA): the ring step, and the
+    kept softmax layers' split-K attention; False gives inductor the PyTorch ring step and SDPA. ``compile``: False runs the same step eagerly (a reference for tests).
     ``compile_options`` go to ``torch.compile`` (default ``fullgraph=True, dynamic=False``).
 
     A model that keeps full-attention softmax layers (``LinearizeConfig.softmax_layers``) decodes here too,
@@ -122,7 +125,8 @@ class CompiledDecode:
                 raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must be [{B}, n <= {L}] (every token so far)")
             mask4[:, 0, 0, :n].copy_(attention_mask.bool())  # (eager: its width grows every token)
             mask4[:, 0, 0, n:].fill_(True)
-        with decode_mode(kernel=self.kernel):
+        kept = softmax_decode_kernel(self.model, self.softmax_layers) if self.kernel and self.softmax_layers else nullcontext()
+        with decode_mode(kernel=self.kernel), kept:
             # (contiguous: a view's strides would be guarded on, and a growing buffer's view changes them)
             logits = self._fn(input_ids.contiguous(), position_ids.contiguous(), cache, mask4)
         for layer in layers:
