@@ -260,6 +260,12 @@ def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context,
     return res, decode_path(cache)
 
 
+def compile_options(args) -> dict:
+    """``--compile-mode`` for both models' ``torch.compile`` (e.g. max-autotune-no-cudagraphs: inductor tunes
+    its own GEMM templates for the decode's small M; the lean loop captures the graph itself)."""
+    return {"mode": args.compile_mode} if args.compile_mode else {}
+
+
 def compiled_forward(subj: Subject, cache, ctx: Context):
     """The decode step compiled once per model (dynamic=False: each batch size compiles its own graph, in
     the row's warm-up run): ``linearize.CompiledDecode`` for ours (the Triton kernel inside the graph
@@ -268,12 +274,12 @@ def compiled_forward(subj: Subject, cache, ctx: Context):
         import linearize
 
         if subj.key == "ours":
-            subj.compiled = linearize.CompiledDecode(subj.model, kernel=not ctx.args.compile_torch_step)
+            subj.compiled = linearize.CompiledDecode(subj.model, kernel=not ctx.args.compile_torch_step, **compile_options(ctx.args))
         else:
             model = subj.model
             subj.compiled = torch.compile(
                 lambda t, p, c: model(input_ids=t, past_key_values=c, use_cache=True, position_ids=p, logits_to_keep=1).logits,
-                dynamic=False)
+                dynamic=False, **compile_options(ctx.args))
     fn = subj.compiled
     return lambda t, p: fn(t, p, cache)
 
@@ -474,6 +480,8 @@ def parse_args(argv=None):
                    help="lean, compiled (the lean loop with a torch.compile'd step; compiles per batch size) and generate")
     p.add_argument("--compile-torch-step", action="store_true",
                    help="compiled loop: the PyTorch ring step inside the graph (inductor fuses it) instead of the Triton kernel")
+    p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
+                   help="compiled loop: torch.compile's mode for both models (the modes with CUDA graphs would nest in the loop's own capture)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="lean loop eager, no CUDA graph")
     p.add_argument("--no-fit", dest="fit", action="store_false", help="skip the largest-batch searches")
     p.add_argument("--fit-start", type=int, default=64)
