@@ -30,7 +30,7 @@ def _device_ok(query: torch.Tensor) -> bool:
 
 def kernel_serves(query: torch.Tensor, key: torch.Tensor, attention_mask, dropout: float, kwargs: dict) -> bool:
     """One token a sequence where Triton serves (``_device_ok``), a plain causal softmax (no sliding
-    window, soft-capping, sinks or position bias), and no mask or a boolean ``[B, 1, 1, L]`` one."""
+    window, soft-capping, sinks or position bias), and no mask or a boolean ``[B or 1, 1, 1, L]`` one."""
     if query.shape[2] != 1 or dropout or not _device_ok(query):
         return False
     if any(kwargs.get(name) is not None for name in ("sliding_window", "softcap", "s_aux", "position_bias")):
@@ -44,7 +44,7 @@ def kernel_serves(query: torch.Tensor, key: torch.Tensor, attention_mask, dropou
         and attention_mask.dtype == torch.bool
         and attention_mask.dim() == 4
         and attention_mask.shape[1] == attention_mask.shape[2] == 1
-        and attention_mask.shape[0] == query.shape[0]
+        and attention_mask.shape[0] in (1, query.shape[0])  # (1: one mask broadcast over the batch)
         and attention_mask.shape[3] == key.shape[2]
     )
 
@@ -55,7 +55,7 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout:
     if kernel_serves(query, key, attention_mask, dropout, kwargs):
         from ..ops.triton.softmax_decode import softmax_decode_triton
 
-        mask = None if attention_mask is None else attention_mask[:, 0, 0, :]
+        mask = None if attention_mask is None else attention_mask[:, 0, 0, :].expand(query.shape[0], -1)
         return softmax_decode_triton(query, key, value, mask, scale=scaling), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 

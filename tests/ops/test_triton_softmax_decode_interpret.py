@@ -169,3 +169,36 @@ def test_compiled_decode_with_kept_layers_runs_them_on_the_kernel(monkeypatch, c
     # 2 kept layers x N steps (compiled: plus the fake-tensor runs while tracing, which launch nothing)
     assert merge.calls == 2 * N, f"{merge.calls} kernel launches; 2 kept layers x {N} steps expected"
     assert model.config._attn_implementation == "sdpa"  # restored after each step
+
+
+@inside
+def test_a_base_model_on_a_static_cache_through_the_kernel(monkeypatch):
+    """The benchmark's ``basek`` rows: a plain transformers model decoding on a StaticCache, with the masks
+    transformers builds, inside ``softmax_decode_kernel``: every layer's steps take the kernel and equal the
+    full forward."""
+    from transformers import StaticCache
+
+    from linearize.modules import softmax_decode as sd
+    from linearize.ops.triton import softmax_decode as kernel
+    from tests.tiny_models import tiny_model
+
+    launches = []
+    real = kernel._combine_kernel
+    monkeypatch.setattr(sd, "_device_ok", lambda q: True)
+    monkeypatch.setattr(kernel, "_combine_kernel", type("C", (), {"__getitem__": lambda self, g: launches.append(1) or real[g]})())
+    model = tiny_model("llama").eval()
+    B, P, N = 2, 7, 3
+    ids = torch.randint(3, 96, (B, P), generator=torch.Generator().manual_seed(1))
+    cache = StaticCache(config=model.config, max_cache_len=P + N + 17)
+    got = []
+    with torch.no_grad(), sd.softmax_decode_kernel(model):
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:]
+        seq = ids
+        for i in range(N):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((1, 1), P + i)).logits
+            got.append(logits)
+    ref = model(input_ids=seq).logits[:, P:]
+    torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
+    assert len(launches) == N * model.config.num_hidden_layers
