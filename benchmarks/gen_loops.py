@@ -86,6 +86,7 @@ class LoopResult:
     steady_s: float | None = None  # the replays alone (lean + graph), else decode_s: what a longer run costs per step
     steady_steps: int = 0
     tokens: torch.Tensor | None = field(default=None, repr=False)  # [B, generated] on the CPU, if kept
+    profile: dict | None = None  # profile_kernels' summary of extra eager steps, if asked
 
     @property
     def step_s(self) -> float | None:
@@ -109,6 +110,7 @@ def run_lean(
     keep_tokens: bool = False,
     eager_steps: int = 2,
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    profile_steps: int = 0,
 ) -> LoopResult:
     """Greedy decoding of ``new_tokens`` tokens after the prompt ``ids`` [B, P], one forward per token.
     ``forward(tok [B, 1], pos [1, 1]) -> logits [B, 1, V]`` replaces the model's call in the decode steps
@@ -117,6 +119,8 @@ def run_lean(
 
     No attention mask is passed (the prompts have no padding), so no step reads device values on the host.
     ``deadline`` (time.monotonic) stops the decode early (``cut``); the check costs no sync.
+    ``profile_steps``: then that many more steps, eager (not replayed), under the CUDA profiler
+    (``profile_kernels``); the cache must have room for them.
     """
     device = ids.device
     B, P = ids.shape
@@ -187,9 +191,34 @@ def run_lean(
         steady_s = time.perf_counter() - t3
         decode_s += steady_s
         del g
+        prof = profile_kernels(step, profile_steps, device) if profile_steps else None
     tokens = out[:, : done + 1].cpu() if out is not None else None
     return LoopResult(name, done + 1, prefill_s, decode_s, done, graph=capture_s is not None, capture_s=capture_s,
-                      cut=cut, steady_s=steady_s, steady_steps=done - first, tokens=tokens)
+                      cut=cut, steady_s=steady_s, steady_steps=done - first, tokens=tokens, profile=prof)
+
+
+def profile_kernels(step: Callable[[], None], steps: int, device: torch.device, top: int = 25) -> dict:
+    """GPU time and launches per step by kernel, over ``steps`` eager calls of ``step`` under torch.profiler
+    (CUDA activity only). A graph replays the same kernels; the sum of their times against the replayed step
+    time says how much of a step is kernels and how much is the gaps between them. On a CPU: the ops' self
+    CPU time (a dry run of this code)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        us = (getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)) if cuda else e.self_cpu_time_total
+        if us > 0:
+            rows.append({"kernel": e.key[:140], "launches_per_step": e.count / steps, "us_per_step": us / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"steps": steps, "kernel_us_per_step": sum(r["us_per_step"] for r in rows),
+            "launches_per_step": sum(r["launches_per_step"] for r in rows), "top": rows[:top]}
 
 
 def kept_softmax_step(model, cache) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:

@@ -94,6 +94,10 @@ def write_report(out_dir: Path, stem: str, payload: dict, copy_to: str | None) -
     dl = decode_lines(payload["rows"], True)
     if dl:
         md += ["## Decode", ""] + dl + [""]
+    profiled = [r for r in payload["rows"] if r.get("profile")]
+    if profiled:
+        md += ["## Kernel profile (eager steps of the warm-up run, torch.profiler)", "", "```"]
+        md += [profile_text(r, 25) for r in profiled] + ["```", ""]
     fl = fit_lines(payload["rows"], True)
     if fl:
         md += ["## Largest batch that fits", ""] + fl + [""]
@@ -117,3 +121,11 @@ def write_report(out_dir: Path, stem: str, payload: dict, copy_to: str | None) -
         for p in paths:
             shutil.copy(p, dest / p.name)
     return paths
+
+
+def profile_text(r: dict, n: int = 12) -> str:
+    p = r["profile"]
+    lines = [f"  profile ({r['loop']} {r['model']} B={r['batch']}, {p['steps']} eager steps): {p['launches_per_step']:.0f} "
+             f"launches and {p['kernel_us_per_step']:.0f} us of kernel time a step (the timed step: {r.get('step_ms', 0) * 1e3:.0f} us)"]
+    lines += [f"    {k['us_per_step']:8.1f} us  x{k['launches_per_step']:<5.0f} {k['kernel']}" for k in p["top"][:n]]
+    return "\n".join(lines)

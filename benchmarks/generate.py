@@ -87,7 +87,7 @@ from benchmarks.gen_loops import (  # noqa: E402
     GraphCaptureError, LoopResult, error_tail, free_memory, is_oom, largest_batch, make_cache, probe_fits, run_generate,
     run_lean, short_error,
 )
-from benchmarks.gen_report import print_report, write_report  # noqa: E402
+from benchmarks.gen_report import print_report, profile_text, write_report  # noqa: E402
 from benchmarks.random_model import random_model  # noqa: E402
 from benchmarks.report import ROOT, environment  # noqa: E402
 
@@ -227,7 +227,7 @@ def prompt_ids(ctx: Context, B: int) -> torch.Tensor:
 
 
 def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, *, graph: bool, total: int,
-             deadline: float | None, keep_tokens: bool = False) -> tuple[LoopResult, str | None]:
+             deadline: float | None, keep_tokens: bool = False, profile_steps: int = 0) -> tuple[LoopResult, str | None]:
     """One run of ``loop`` for ``n`` new tokens; a lean cache is sized for ``total`` new tokens (the row's N,
     so a warm-up costs per step what the row does). Returns the result and the linearized decode path."""
     from linearize.convert import kept_softmax_layers
@@ -236,9 +236,11 @@ def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, 
         from linearize.modules.softmax_decode import softmax_decode_kernel
 
         with softmax_decode_kernel(subj.model):
-            res, _ = _run_loop(subj, loop, ids, n, ctx, graph=graph, total=total, deadline=deadline, keep_tokens=keep_tokens)
+            res, _ = _run_loop(subj, loop, ids, n, ctx, graph=graph, total=total, deadline=deadline, keep_tokens=keep_tokens,
+                               profile_steps=profile_steps)
         return res, "softmax kernel" if ctx.device.type == "cuda" else None
-    res, path = _run_loop(subj, loop, ids, n, ctx, graph=graph, total=total, deadline=deadline, keep_tokens=keep_tokens)
+    res, path = _run_loop(subj, loop, ids, n, ctx, graph=graph, total=total, deadline=deadline, keep_tokens=keep_tokens,
+                          profile_steps=profile_steps)
     kernel = loop == "lean" or (loop == "compiled" and not ctx.args.compile_torch_step)
     if path and kernel and kept_softmax_layers(subj.model) and ctx.device.type == "cuda":
         path += " + softmax kernel"  # CompiledDecode's kept layers (the lean loop's eager step too)
@@ -246,11 +248,12 @@ def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, 
 
 
 def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, *, graph: bool, total: int,
-              deadline: float | None, keep_tokens: bool = False) -> tuple[LoopResult, str | None]:
+              deadline: float | None, keep_tokens: bool = False, profile_steps: int = 0) -> tuple[LoopResult, str | None]:
     if loop in ("lean", "compiled"):
-        cache = make_cache(subj.model, subj.lean_cache, ids.shape[1] + total)
+        cache = make_cache(subj.model, subj.lean_cache, ids.shape[1] + total + profile_steps)
         forward = compiled_forward(subj, cache, ctx) if loop == "compiled" else None
-        res = run_lean(subj.model, ids, n, cache=cache, graph=graph, deadline=deadline, keep_tokens=keep_tokens, forward=forward)
+        res = run_lean(subj.model, ids, n, cache=cache, graph=graph, deadline=deadline, keep_tokens=keep_tokens, forward=forward,
+                       profile_steps=profile_steps)
         return res, decode_path(cache, kernel=not (loop == "compiled" and ctx.args.compile_torch_step))
     max_time = None if deadline is None else max(deadline - time.monotonic(), 1.0)
     # the linearized model gets the DynamicCache generate would build, so that its decode path can be read
@@ -302,7 +305,9 @@ def decode_row(subj: Subject, loop: str, B: int, ctx: Context) -> dict:
     try:
         w = None
         try:
-            w, _ = run_loop(subj, loop, ids, warm_n, ctx, graph=graph, total=N, deadline=None)
+            # (the profile, if asked, comes from the warm-up run: the row's own run stays a plain timing)
+            prof = a.profile_steps if loop in ("lean", "compiled") and B == a.headline_batch else 0
+            w, _ = run_loop(subj, loop, ids, warm_n, ctx, graph=graph, total=N, deadline=None, profile_steps=prof)
         except GraphCaptureError as e:
             r["graph_error"], graph = str(e), False
         free_memory(dev)  # outside the except: its traceback holds the failed run's tensors
@@ -334,7 +339,11 @@ def decode_row(subj: Subject, loop: str, B: int, ctx: Context) -> dict:
     fill_decode_metrics(r, res, subj.shape, ctx)
     if path:
         r["decode_path"] = path
+    if w is not None and w.profile:
+        r["profile"] = w.profile
+        print(profile_text(r), flush=True)
     return r
+
 
 
 def fill_decode_metrics(r: dict, res: LoopResult, shape: ModelShape, ctx: Context) -> None:
@@ -483,6 +492,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                    help="compiled loop: torch.compile's mode for both models (the modes with CUDA graphs would nest in the loop's own capture)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="lean loop eager, no CUDA graph")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="lean/compiled rows at --headline-batch: profile this many extra eager steps of the warm-up "
+                        "run (GPU time and launches per kernel, in the log and the JSON)")
     p.add_argument("--no-fit", dest="fit", action="store_false", help="skip the largest-batch searches")
     p.add_argument("--fit-start", type=int, default=64)
     p.add_argument("--fit-max-batch", type=int, default=65536)

@@ -146,6 +146,23 @@ def test_smoke_compiled_loop_tokens_match_generate(tmp_path, capsys):
     assert {r["model"] for r in comp} == {"ours", "base"} and all(r["tok_s"] > 0 and "error" not in r for r in comp)
 
 
+def test_smoke_profile_and_basek_rows(tmp_path, capsys):
+    """--profile-steps: the headline batch's lean rows carry a per-kernel (on a CPU: per-op) profile, in the
+    JSON and the markdown; --models basek: the base on the softmax decode kernel runs as a row of its own."""
+    from benchmarks import generate as G
+
+    assert G.main(["--smoke", "--loops", "lean", "--batches", "3", "--no-fit", "--profile-steps", "2",
+                   "--models", "ours,base,basek", "--out-dir", str(tmp_path)]) == 0
+    assert "basek: lean (3, 12) vs generate (3, 12) greedy tokens: equal" in capsys.readouterr().out
+    js = next(tmp_path.glob("generate-cpu-*.json"))
+    rows = [r for r in json.loads(js.read_text())["rows"] if r["section"] == "decode"]
+    assert {r["model"] for r in rows} == {"ours", "base", "basek"} and all("error" not in r for r in rows)
+    for r in rows:
+        p = r["profile"]
+        assert p["steps"] == 2 and p["launches_per_step"] > 0 and p["top"][0]["us_per_step"] >= p["top"][-1]["us_per_step"]
+    assert "## Kernel profile" in js.with_suffix(".md").read_text()
+
+
 def test_a_failed_row_keeps_the_cause_not_only_the_first_line():
     """Inductor wraps the real error several lines down, in a chained exception (H200, 2026-12-03: the
     row said only 'SubprocException: An exception occurred in a subprocess:')."""
