@@ -47,7 +47,8 @@ class CompiledDecode:
     """``step(input_ids [B, 1], position_ids, cache[, attention_mask]) -> logits [B, 1, V]``, compiled on first call.
 
     ``kernel``: use the Triton decode kernels inside the graph where they serve (CUDA): the ring step, and the
-    kept softmax layers' split-K attention; False gives inductor the PyTorch ring step and SDPA. ``compile``: False runs the same step eagerly (a reference for tests).
+    kept softmax layers' split-K attention; False gives inductor the PyTorch ring step and SDPA.
+    ``compile``: False runs the same step eagerly (a reference for tests).
     ``compile_options`` go to ``torch.compile`` (default ``fullgraph=True, dynamic=False``).
 
     A model that keeps full-attention softmax layers (``LinearizeConfig.softmax_layers``) decodes here too,

@@ -77,8 +77,9 @@ def _configs(model, layers) -> list:
 
 @contextmanager
 def softmax_decode_kernel(model, layers=None):
-    """Within the block, the softmax layers ``layers`` (default: every decoder layer) attend through
-    ``decode_attention_forward``, where their config says SDPA. Restored on exit."""
+    """Within the block, the configs of the decoder layers ``layers`` (default: all) name
+    ``decode_attention_forward`` where they said SDPA; restored on exit. Layers that share a config (every
+    layer of most models) all switch; linearized layers do not read it while they decode."""
     layers = range(len(model.base_model.layers)) if layers is None else layers
     configs = [cfg for cfg in _configs(model, layers) if cfg._attn_implementation == "sdpa"]
     for cfg in configs:
