@@ -254,7 +254,13 @@ def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context,
         forward = compiled_forward(subj, cache, ctx) if loop == "compiled" else None
         res = run_lean(subj.model, ids, n, cache=cache, graph=graph, deadline=deadline, keep_tokens=keep_tokens, forward=forward,
                        profile_steps=profile_steps)
-        return res, decode_path(cache, kernel=not (loop == "compiled" and ctx.args.compile_torch_step))
+        path = decode_path(cache, kernel=not (loop == "compiled" and ctx.args.compile_torch_step))
+        if path == "ring kernel" and loop == "compiled" and ctx.args.fuse_maps:
+            from linearize.decode import fusable_map_layers
+
+            fused, n = len(fusable_map_layers(subj.model)), subj.shape.hybrid_layers
+            path += f", maps fused {fused}/{n}" if fused else ""
+        return res, path
     max_time = None if deadline is None else max(deadline - time.monotonic(), 1.0)
     # the linearized model gets the DynamicCache generate would build, so that its decode path can be read
     cache = make_cache(subj.model, "dynamic", 0) if subj.key == "ours" else None
@@ -277,7 +283,8 @@ def compiled_forward(subj: Subject, cache, ctx: Context):
         import linearize
 
         if subj.key == "ours":
-            subj.compiled = linearize.CompiledDecode(subj.model, kernel=not ctx.args.compile_torch_step, **compile_options(ctx.args))
+            subj.compiled = linearize.CompiledDecode(subj.model, kernel=not ctx.args.compile_torch_step,
+                                                     fuse_maps=ctx.args.fuse_maps, **compile_options(ctx.args))
         else:
             model = subj.model
             subj.compiled = torch.compile(
@@ -491,6 +498,9 @@ def parse_args(argv=None):
                    help="compiled loop: the PyTorch ring step inside the graph (inductor fuses it) instead of the Triton kernel")
     p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                    help="compiled loop: torch.compile's mode for both models (the modes with CUDA graphs would nest in the loop's own capture)")
+    p.add_argument("--no-fuse-maps", dest="fuse_maps", action="store_false",
+                   help="compiled loop: the feature maps run as their own kernels (default: the decode kernel computes "
+                        "Hedgehog maps of layers without length_norm or sinks)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="lean loop eager, no CUDA graph")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="lean/compiled rows at --headline-batch: profile this many extra eager steps of the warm-up "

@@ -34,13 +34,28 @@ from .modules.softmax_decode import softmax_decode_kernel
 
 
 @contextmanager
-def decode_mode(*, kernel: bool):
-    saved = (DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside)
-    DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside = True, kernel, True
+def decode_mode(*, kernel: bool, fuse_maps: bool = False):
+    saved = (DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside, DecodeMode.fuse_maps)
+    DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside, DecodeMode.fuse_maps = True, kernel, True, fuse_maps
     try:
         yield
     finally:
-        DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside = saved
+        DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside, DecodeMode.fuse_maps = saved
+
+
+def fusable_map_layers(model) -> list[int]:
+    """Indices of the linearized layers whose feature maps the decode kernel computes itself under
+    ``CompiledDecode(fuse_maps=True)``: Hedgehog maps, and no length_norm or sinks."""
+    from .modules.attention import LinearizedAttention
+    from .modules.feature_maps import HedgehogFeatureMap
+
+    out = []
+    for i, layer in enumerate(model.base_model.layers):
+        a = layer.self_attn
+        if isinstance(a, LinearizedAttention) and not a.counts_tokens and all(
+                isinstance(m, HedgehogFeatureMap) for m in (a.feature_map_q, a.feature_map_k)):
+            out.append(i)
+    return out
 
 
 class CompiledDecode:
@@ -48,7 +63,9 @@ class CompiledDecode:
 
     ``kernel``: use the Triton decode kernels inside the graph where they serve (CUDA): the ring step, and the
     kept softmax layers' split-K attention; False gives inductor the PyTorch ring step and SDPA.
-    ``compile``: False runs the same step eagerly (a reference for tests).
+    ``compile``: False runs the same step eagerly (a reference for tests). ``fuse_maps`` (with ``kernel``): the
+    kernel computes the Hedgehog feature maps of layers without length_norm or sinks itself, so the step has
+    no kernels of their own (False: the maps run as modules, as in ``generate``).
     ``compile_options`` go to ``torch.compile`` (default ``fullgraph=True, dynamic=False``).
 
     A model that keeps full-attention softmax layers (``LinearizeConfig.softmax_layers``) decodes here too,
@@ -58,7 +75,7 @@ class CompiledDecode:
     so far (as ``generate`` keeps it); the linearized layers took theirs from the prefill.
     """
 
-    def __init__(self, model, *, kernel: bool = True, compile: bool = True, **compile_options):
+    def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = True, **compile_options):
         if not is_linearized(model):
             raise ValueError("CompiledDecode decodes a linearized model (linearize.convert); this one has no linearized layer")
         layers = model.base_model.layers
@@ -71,6 +88,7 @@ class CompiledDecode:
             )
         self.model = model
         self.kernel = kernel
+        self.fuse_maps = fuse_maps and kernel
         opts = {"fullgraph": True, "dynamic": False} | compile_options
         self._fn = torch.compile(self._forward, **opts) if compile else self._forward
         self._masks: dict[tuple, torch.Tensor] = {}
@@ -127,7 +145,7 @@ class CompiledDecode:
             mask4[:, 0, 0, :n].copy_(attention_mask.bool())  # (eager: its width grows every token)
             mask4[:, 0, 0, n:].fill_(True)
         kept = softmax_decode_kernel(self.model, self.softmax_layers) if self.kernel and self.softmax_layers else nullcontext()
-        with decode_mode(kernel=self.kernel), kept:
+        with decode_mode(kernel=self.kernel, fuse_maps=self.fuse_maps), kept:
             # (contiguous: a view's strides would be guarded on, and a growing buffer's view changes them)
             logits = self._fn(input_ids.contiguous(), position_ids.contiguous(), cache, mask4)
         for layer in layers:

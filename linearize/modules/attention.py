@@ -19,7 +19,7 @@ from ..config import LinearizeConfig
 from ..ops import HybridState, hybrid_attention_stateful, hybrid_attention_step
 from ..ops.ring import ring_kernel_serves, ring_step, ring_tail_mask
 from .cache import DecodeMode, hybrid_cache_layer
-from .feature_maps import build_feature_map
+from .feature_maps import HedgehogFeatureMap, build_feature_map
 from .length_norm import linear_key_counts, scale_phi_q
 from .sink import sink_key_feature, sink_keys, sink_query_feature
 
@@ -207,7 +207,7 @@ class LinearizedAttention(nn.Module):
                 tail = ring_tail_mask(ring) if self.length_alpha is not None else None
                 phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, tail)
                 y = ring_step(q, k, v, phi_q, phi_k, ring, window_weight=args["window_weight"], scale=self.scaling,
-                              attention_mask=key_mask, kernel=DecodeMode.kernel)
+                              attention_mask=key_mask, kernel=DecodeMode.kernel, hedgehog=self._fused_maps(fq, fk))
                 layer.advance(T, valid)
                 return y
             state = layer.hybrid_state()
@@ -234,6 +234,15 @@ class LinearizedAttention(nn.Module):
             phi_q = torch.cat([phi_q, sink_query_feature(q, self.sink_u, self.sink_c, phi_q.dtype)], -1)
             phi_k = torch.cat([phi_k, sink_key_feature(is_sink, phi_k.shape[2], phi_k.dtype)], -1)
         return phi_q, phi_k
+
+    def _fused_maps(self, fq, fk):
+        """(fq, fk, Wq, Wk) for the decode kernel to compute the Hedgehog maps itself (``DecodeMode.fuse_maps``:
+        a compiled step), when phi goes into the kernel as the maps give it (no length_norm, no sinks); else None."""
+        if not DecodeMode.fuse_maps or self.counts_tokens:
+            return None
+        if not (isinstance(self.feature_map_q, HedgehogFeatureMap) and isinstance(self.feature_map_k, HedgehogFeatureMap)):
+            return None
+        return fq, fk, self.feature_map_q.weight.to(fq.dtype), self.feature_map_k.weight.to(fk.dtype)
 
     def _decode_in_place(self, layer, q, k, v, phi_q, phi_k, gamma) -> bool:
         """Decode on the ring state with the Triton kernel: on CUDA when it serves these inputs, and when

@@ -23,12 +23,15 @@ class DecodeMode:
       (``ring_step_torch``, which inductor then fuses): shapes and buffers never change between steps;
     * ``kernel``: whether the ring step may use the Triton decode kernel (False: the PyTorch step);
     * ``count_outside``: ``advance`` leaves ``cumulative_length`` to the caller. A Python int counted in
-      traced code is guarded on, and the compiled step would recompile at every token.
+      traced code is guarded on, and the compiled step would recompile at every token;
+    * ``fuse_maps``: Hedgehog layers (without length_norm or sinks) let the Triton kernel compute their
+      feature maps (``ring_step_triton(hedgehog=...)``), so the compiled step drops the maps' own kernels.
     """
 
     ring = False
     kernel = True
     count_outside = False
+    fuse_maps = False
 
 
 class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):

@@ -83,6 +83,35 @@ def _clone(ring: RingState) -> RingState:
     return RingState(*(t.clone() for t in (ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos)), window=ring.window)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("H,Hkv,D,f,per_q", [(9, 3, 64, 64, True), (9, 3, 64, 64, False), (16, 16, 128, 64, True), (4, 1, 256, 128, False)])
+def test_fused_hedgehog_maps_equal_the_maps_outside(H, Hkv, D, f, per_q, dtype):
+    """``hedgehog=``: the kernel computes the maps; against the unfused kernel fed HedgehogFeatureMap's features,
+    20 steps at B=64, window 64 (SmolLM2 per query head and per KV head, the benchmark shape, Gemma's D)."""
+    from linearize.modules.feature_maps import HedgehogFeatureMap
+
+    B, window, F = 64, 64, 2 * f
+    Hf = H if per_q else Hkv
+    g = torch.Generator().manual_seed(H + D)
+    maps = []
+    for heads in (H, Hf):
+        fm = HedgehogFeatureMap(heads, D, f)
+        with torch.no_grad():
+            fm.weight.copy_(torch.randn(fm.weight.shape, generator=g) * D**-0.5)
+        maps.append(fm.to("cuda", dtype))
+    _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=40)
+    ref = RingState(*(t.clone() for t in (ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos)), window=ring.window)
+    for t in range(20):
+        (q, k, v, _, _), _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=0, seed=50 + t)
+        fq, fk = torch.randn_like(q), torch.randn_like(k)
+        with torch.no_grad():
+            phi_q, phi_k = maps[0](fq), maps[1](fk)
+        y = ring_step_triton(q, k, v, phi_q, phi_k, ring, window_weight=gamma, hedgehog=(fq, fk, maps[0].weight, maps[1].weight))
+        y_ref = ring_step_triton(q, k, v, phi_q, phi_k, ref, window_weight=gamma)
+        assert rel_err(y, y_ref) < TOL[dtype], f"step {t}: y rel err {rel_err(y, y_ref):.2e}"
+        assert rel_err(ring.S, ref.S) < TOL[dtype], f"step {t}: S"
+
+
 @pytest.mark.parametrize("window", [0, 1, 64])
 def test_cuda_graph_replay_equals_eager(window):
     B, H, Hkv, D, F = 4, 8, 4, 128, 128

@@ -18,11 +18,11 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real kernels"),
 ]
 
-POINTERS = ["Q", "K", "V", "PQ", "PK", "VALID", "GAMMA", "S", "Z", "KR", "VR", "PKR", "MR", "POS", "Y"]
+POINTERS = ["Q", "K", "V", "PQ", "PK", "VALID", "GAMMA", "S", "Z", "KR", "VR", "PKR", "MR", "POS", "Y", "WQ", "WK"]
 STRIDES = ["sQ_b", "sQ_h", "sK_b", "sK_h", "sV_b", "sV_h", "sPQ_b", "sPQ_h", "sPK_b", "sPK_h", "sY_b", "sY_h"]
 
 
-def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid):
+def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fused=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,7 +34,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid):
     BD = default_block_d(B, Hf, D)
     const = dict(
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=max(1, min(_pow2(W), max(4096 // DP, 16))),
-        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid,
+        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FUSED=fused, BDW=16,
     )
     types = dict(VALID="*u8", GAMMA="*fp32", S="*fp32", Z="*fp32", MR="*u8", POS="*i64")
     sig = {n: types.get(n, "*" + dt) for n in POINTERS}
@@ -57,16 +57,19 @@ def resource_usage(kernel) -> dict:
 
 
 @pytest.mark.parametrize(
-    "dt,D,F,Hf,QH,GK,window,has_valid",
+    "dt,D,F,Hf,QH,GK,window,has_valid,fused",
     [
-        ("bf16", 128, 128, 16, 1, 1, 64, False),  # the benchmark shape (B=64, H=16)
-        ("fp16", 64, 64, 3, 3, 1, 64, True),  # SmolLM2: 9 query heads on 3 KV heads
-        ("bf16", 64, 64, 14, 1, 7, 128, False),  # Qwen2.5-0.5B, key features per query head
-        ("fp32", 256, 256, 1, 4, 1, 1, True),  # Gemma 3 head dim, largest feature dim
+        ("bf16", 128, 128, 16, 1, 1, 64, False, False),  # the benchmark shape (B=64, H=16)
+        ("fp16", 64, 64, 3, 3, 1, 64, True, False),  # SmolLM2: 9 query heads on 3 KV heads
+        ("bf16", 64, 64, 14, 1, 7, 128, False, False),  # Qwen2.5-0.5B, key features per query head
+        ("fp32", 256, 256, 1, 4, 1, 1, True, False),  # Gemma 3 head dim, largest feature dim
+        ("bf16", 64, 128, 9, 1, 3, 64, False, True),  # SmolLM2 as benchmarked (F 128 per query head), maps fused
+        ("bf16", 64, 128, 3, 3, 1, 64, True, True),  # maps fused, key maps per KV head
+        ("bf16", 128, 128, 16, 1, 1, 64, False, True),  # the benchmark shape, maps fused
     ],
 )
-def test_compiles_for_sm90_without_spills(dt, D, F, Hf, QH, GK, window, has_valid):
-    kernel = compile_sm90(dt, D, F, Hf, 64, QH, GK, window, has_valid)
+def test_compiles_for_sm90_without_spills(dt, D, F, Hf, QH, GK, window, has_valid, fused):
+    kernel = compile_sm90(dt, D, F, Hf, 64, QH, GK, window, has_valid, fused)
     use = resource_usage(kernel)
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     assert "ld.global.v4" in kernel.asm["ptx"] or "ld.global.v2" in kernel.asm["ptx"], "S is not loaded in vectors"

@@ -102,3 +102,99 @@ def test_the_custom_op_registration():
     args = (q, k, v, pq, pk, valid, gamma, ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
             0.25, ring.window, 2, default_block_d(2, 2, 16), 8, 4)
     torch.library.opcheck(_ring_step_op, args)
+
+
+@inside
+@pytest.mark.parametrize(
+    "window,H,Hkv,per_q,dtype,tol",
+    [(6, 4, 2, False, torch.float32, 1e-5), (6, 4, 2, True, torch.float32, 1e-5), (1, 3, 3, False, torch.float32, 1e-5),
+     (0, 4, 2, True, torch.float32, 1e-5), (6, 4, 2, False, torch.float16, 5e-3)],
+)
+def test_fused_hedgehog_maps_equal_the_maps_computed_outside(window, H, Hkv, per_q, dtype, tol):
+    """``hedgehog=(fq, fk, Wq, Wk)``: the kernel computes phi_q, phi_k itself. Output and ring must match the
+    torch ring step fed ``HedgehogFeatureMap``'s features of the same inputs, over padded steps (D=24 and
+    f=5: no powers of two; the weights read in row blocks)."""
+    from linearize.modules.feature_maps import HedgehogFeatureMap
+    from linearize.ops.ring import ring_step_torch
+    from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
+
+    B, D, f = 2, 24, 5
+    Hf = H if per_q else Hkv
+    g = torch.Generator().manual_seed(window + H)
+    maps = []
+    for heads in (H, Hf):
+        fm = HedgehogFeatureMap(heads, D, f)
+        with torch.no_grad():
+            fm.weight.copy_(torch.randn(fm.weight.shape, generator=g) * 0.4)
+        maps.append(fm)
+    _, ring, gamma = random_decode_problem(B, H, Hkv, D, 2 * f, window, per_q_features=per_q, dtype=dtype, device="cpu",
+                                           filled=max(window - 3, 0), seed=window)
+    ref = _clone(ring)
+    for t in range(5):
+        (q, k, v, _, _), _, _ = random_decode_problem(B, H, Hkv, D, 2 * f, window, per_q_features=per_q, dtype=dtype,
+                                                       device="cpu", filled=0, seed=100 + t)
+        fq, fk = torch.randn(q.shape, generator=g).to(dtype), torch.randn(k.shape, generator=g).to(dtype)
+        with torch.no_grad():
+            phi_q, phi_k = maps[0](fq), maps[1](fk)
+        mask = torch.tensor([[t % 3 != 2], [t % 2 == 0]])
+        out = torch.full_like(q, float("nan"))
+        y = ring_step_triton(q, k, v, phi_q, phi_k, ring, window_weight=gamma, attention_mask=mask, out=out, block_d=8,
+                             hedgehog=(fq, fk, maps[0].weight.detach().to(dtype), maps[1].weight.detach().to(dtype)))
+        y_ref = ring_step_torch(q, k, v, phi_q, phi_k, ref, window_weight=gamma, attention_mask=mask)
+        assert torch.isfinite(y).all() and _rel(y, y_ref) < tol, f"step {t}: y rel err {_rel(y, y_ref):.2e}"
+        assert _rel(ring.S, ref.S) < tol and _rel(ring.z, ref.z) < tol, f"step {t}: sums"
+        assert _rel(ring.phi_k.float(), ref.phi_k.float()) < tol, f"step {t}: the ring's phi_k"
+        for name in ("k", "v", "mask", "pos"):
+            assert torch.equal(getattr(ring, name), getattr(ref, name)), f"step {t}: ring {name}"
+
+
+@inside
+@pytest.mark.parametrize("compile,cfg,want", [(True, {}, True), (False, {"sink_tokens": 2}, False)], ids=["inductor", "sinks-eager"])
+def test_compiled_decode_fuses_the_maps_into_the_kernel(monkeypatch, compile, cfg, want):
+    """CompiledDecode on a tiny llama with the kernels made to serve on CPU: every layer's launch computes
+    its Hedgehog maps (FUSED), and the steps equal the full forward, padded row included; a layout with sinks
+    keeps the maps outside (its phi gets a sink feature the kernel does not compute)."""
+    from transformers import DynamicCache
+
+    import linearize
+    import linearize.ops as ops
+    from linearize.ops.triton import decode as dec
+    from tests.tiny_models import perturb_added_weights, tiny_model
+
+    class Spy:  # records each launch's FUSED flag, inside the op's body (which dynamo does not trace)
+        def __init__(self, fn):
+            self.fn, self.fused = fn, []
+
+        def __getitem__(self, grid):
+            launch = self.fn[grid]
+
+            def call(*a, **kw):
+                self.fused.append(kw["FUSED"])
+                return launch(*a, **kw)
+            return call
+
+    monkeypatch.setattr(ops, "use_triton", lambda q, phi_q: True)
+    spy = Spy(dec._decode_kernel)
+    monkeypatch.setattr(dec, "_decode_kernel", spy)
+    torch._dynamo.reset()
+    model = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(feature_dim=6, window=4, feature_rope=False, **cfg))
+    perturb_added_weights(model)
+    B, P, N = 2, 9, 3
+    ids = torch.randint(3, 96, (B, P), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[1, :3] = 0
+    pos_of = lambda m: (m.cumsum(-1) - 1).clamp(min=0)  # noqa: E731
+    step = linearize.CompiledDecode(model, compile=compile)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos_of(mask), past_key_values=cache, use_cache=True).logits[:, -1:]
+        seq, full, got = ids, mask, []
+        for _ in range(N):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq, full = torch.cat([seq, nxt], 1), torch.cat([full, torch.ones(B, 1, dtype=torch.long)], 1)
+            logits = step(nxt, pos_of(full)[:, -1:], cache)
+            got.append(logits)
+        ref = model(input_ids=seq, attention_mask=full, position_ids=pos_of(full)).logits[:, P:]
+    torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
+    layers = model.config.num_hidden_layers
+    assert spy.fused == [want] * (layers * N), f"{cfg}: FUSED per launch {spy.fused}"
