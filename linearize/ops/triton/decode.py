@@ -281,7 +281,6 @@ def ring_step_triton(
         if tuple(wq.shape) != (d.H, d.D, d.F // 2) or tuple(wk.shape) != (d.Hf, d.D, d.F // 2) or d.F % 2:
             raise ValueError(f"hedgehog weights must be [{d.H}, {d.D}, {d.F // 2}] and [{d.Hf}, {d.D}, {d.F // 2}]; "
                              f"got {tuple(wq.shape)}, {tuple(wk.shape)}")
-        phi_q, phi_k = fq, fk  # what the kernel reads in their place
         wq, wk = wq.contiguous(), wk.contiguous()
     if ring.S.dtype != torch.float32 or ring.z.dtype != torch.float32:
         raise ValueError(f"the decode kernel keeps the sums in float32; got S {ring.S.dtype}, z {ring.z.dtype}")
@@ -289,6 +288,8 @@ def ring_step_triton(
         raise ValueError(
             f"ring dtypes (k {ring.k.dtype}, phi_k {ring.phi_k.dtype}) must match the step's inputs (k {k.dtype}, phi_k {phi_k.dtype})"
         )
+    if hedgehog is not None:
+        phi_q, phi_k = fq, fk  # what the kernel reads in their place
     if d.D > 256 or d.F > 256:
         raise ValueError(f"the decode kernel supports head dim and feature dim up to 256; got D={d.D}, F={d.F}")
     for name, t in (("S", ring.S), ("z", ring.z), ("k", ring.k), ("v", ring.v), ("phi_k", ring.phi_k), ("mask", ring.mask)):
