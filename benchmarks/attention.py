@@ -79,7 +79,7 @@ from benchmarks import costs  # noqa: E402
 from benchmarks.backends import Backends, short_error  # noqa: E402
 from benchmarks.decode import DecodeCase, all_decode_rows, check_decode_row  # noqa: E402
 from benchmarks.prefill import Case, all_rows, make_inputs, reference, to_bthd  # noqa: E402
-from benchmarks.report import ROOT, decode_lines, environment, header_lines, prefill_lines, write_results  # noqa: E402
+from benchmarks.report import ROOT, decode_lines, environment, header_lines, prefill_lines, result_stem, write_results  # noqa: E402
 
 MODEL_ROWS = ("ours", "ours-triton", "ours-chunked", "sdpa-cudnn", "sdpa-flash")
 FULL_ONLY_ROWS = ("ours-triton", "comp-ones")  # ours dispatches to the Triton kernel already
@@ -538,8 +538,7 @@ def run(args, device, cases: dict, decode_lens: list, decode_base: DecodeCase = 
     print(f"ceilings: copy {be.ceilings['copy_gbps']:.0f} GB/s, bf16 matmul {be.ceilings['matmul_bf16_tflops']:.0f} TFLOP/s", flush=True)
 
     out_dir = Path(args.out_dir) if args.out_dir else ROOT / "benchmarks" / "results"
-    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower()
-    stem = f"attention-{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    stem = result_stem("attention", env["device"])
     results: list[dict] = []
     payload = {"environment": env, "ceilings": be.ceilings, "rows": results, "command": " ".join(sys.argv),
                "args": vars(args)}

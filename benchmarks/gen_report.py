@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from benchmarks.report import _table, header_lines
+from benchmarks.report import _table, header_lines, save_results
 
 
 def _f(x, nd=2, scale=1.0):
@@ -79,11 +78,6 @@ def print_report(payload: dict) -> None:
 
 
 def write_report(out_dir: Path, stem: str, payload: dict, copy_to: str | None) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    tmp = jpath.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    tmp.replace(jpath)
     env = payload["environment"]
     md = [f"# Generation benchmark: {env.get('device')}", ""]
     md += header_lines(env, payload.get("ceilings"), True) + [f"- transformers {env.get('transformers')}"]
@@ -113,14 +107,7 @@ def write_report(out_dir: Path, stem: str, payload: dict, copy_to: str | None) -
         "Largest batch: doubling then bisection (probes: B+ fits, B- fails), prefill + 3 steps in a cache "
         "sized for prompt + N tokens.",
     ]
-    mpath.write_text("\n".join(md) + "\n")
-    paths = [jpath, mpath]
-    if copy_to:
-        dest = Path(copy_to)
-        dest.mkdir(parents=True, exist_ok=True)
-        for p in paths:
-            shutil.copy(p, dest / p.name)
-    return paths
+    return save_results(out_dir, stem, payload, "\n".join(md) + "\n", copy_to)
 
 
 def profile_text(r: dict, n: int = 12) -> str:

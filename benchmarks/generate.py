@@ -89,7 +89,7 @@ from benchmarks.gen_loops import (  # noqa: E402
 )
 from benchmarks.gen_report import print_report, profile_text, write_report  # noqa: E402
 from benchmarks.random_model import random_model  # noqa: E402
-from benchmarks.report import ROOT, environment  # noqa: E402
+from benchmarks.report import ROOT, environment, result_stem  # noqa: E402
 
 GIB = 2**30
 LABELS = {"base": "base (SDPA, HF KV cache)", "ours": "linearized (ring state, Triton decode)",
@@ -230,8 +230,6 @@ def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, 
              deadline: float | None, keep_tokens: bool = False, profile_steps: int = 0) -> tuple[LoopResult, str | None]:
     """One run of ``loop`` for ``n`` new tokens; a lean cache is sized for ``total`` new tokens (the row's N,
     so a warm-up costs per step what the row does). Returns the result and the linearized decode path."""
-    from linearize.convert import kept_softmax_layers
-
     if subj.key == "basek":  # every layer's one-token attention on the softmax decode kernel, captures included
         from linearize.modules.softmax_decode import softmax_decode_kernel
 
@@ -239,27 +237,28 @@ def run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, 
             res, _ = _run_loop(subj, loop, ids, n, ctx, graph=graph, total=total, deadline=deadline, keep_tokens=keep_tokens,
                                profile_steps=profile_steps)
         return res, "softmax kernel" if ctx.device.type == "cuda" else None
-    res, path = _run_loop(subj, loop, ids, n, ctx, graph=graph, total=total, deadline=deadline, keep_tokens=keep_tokens,
-                          profile_steps=profile_steps)
-    kernel = loop == "lean" or (loop == "compiled" and not ctx.args.compile_torch_step)
-    if path and kernel and kept_softmax_layers(subj.model) and ctx.device.type == "cuda":
-        path += " + softmax kernel"  # CompiledDecode's kept layers (the lean loop's eager step too)
-    return res, path
+    return _run_loop(subj, loop, ids, n, ctx, graph=graph, total=total, deadline=deadline, keep_tokens=keep_tokens,
+                     profile_steps=profile_steps)
 
 
 def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context, *, graph: bool, total: int,
               deadline: float | None, keep_tokens: bool = False, profile_steps: int = 0) -> tuple[LoopResult, str | None]:
+    from linearize.convert import kept_softmax_layers
+
     if loop in ("lean", "compiled"):
         cache = make_cache(subj.model, subj.lean_cache, ids.shape[1] + total + profile_steps)
         forward = compiled_forward(subj, cache, ctx) if loop == "compiled" else None
         res = run_lean(subj.model, ids, n, cache=cache, graph=graph, deadline=deadline, keep_tokens=keep_tokens, forward=forward,
                        profile_steps=profile_steps)
-        path = decode_path(cache, kernel=not (loop == "compiled" and ctx.args.compile_torch_step))
+        kernel = not (loop == "compiled" and ctx.args.compile_torch_step)
+        path = decode_path(cache, kernel=kernel)
         if path == "ring kernel" and loop == "compiled" and ctx.args.fuse_maps:
             from linearize.decode import fusable_map_layers
 
-            fused, n = len(fusable_map_layers(subj.model)), subj.shape.hybrid_layers
-            path += f", maps fused {fused}/{n}" if fused else ""
+            fused = len(fusable_map_layers(subj.model))
+            path += f", maps fused {fused}/{subj.shape.hybrid_layers}" if fused else ""
+        if path and kernel and ctx.device.type == "cuda" and kept_softmax_layers(subj.model):
+            path += " + softmax kernel"  # CompiledDecode's kept layers (the lean loop's eager step too)
         return res, path
     max_time = None if deadline is None else max(deadline - time.monotonic(), 1.0)
     # the linearized model gets the DynamicCache generate would build, so that its decode path can be read
@@ -350,7 +349,6 @@ def decode_row(subj: Subject, loop: str, B: int, ctx: Context) -> dict:
         r["profile"] = w.profile
         print(profile_text(r), flush=True)
     return r
-
 
 
 def fill_decode_metrics(r: dict, res: LoopResult, shape: ModelShape, ctx: Context) -> None:
@@ -552,8 +550,7 @@ def run(args, device: torch.device, models: dict, info: dict, t_start: float | N
                    "weight_bytes": {k: s.shape.weight_bytes for k, s in subjects.items()}}
     rows: list[dict] = []
     out_dir = Path(args.out_dir) if args.out_dir else (None if args.smoke else ROOT / "benchmarks" / "results")
-    slug = "".join(ch if ch.isalnum() else "-" for ch in env["device"]).strip("-").lower()
-    stem = f"generate-{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    stem = result_stem("generate", env["device"])
     payload = {"environment": env, "ceilings": ceilings, "models": info, "rows": rows, "command": " ".join(sys.argv),
                "args": vars(args)}
 

@@ -9,6 +9,7 @@ import platform
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -147,13 +148,31 @@ def header_lines(env: dict, ceilings: dict | None, markdown: bool) -> list[str]:
     return [("- " + ln) if markdown else ln for ln in lines]
 
 
-def write_results(out_dir: Path, stem: str, payload: dict, summary: list[str], copy_to: str | None) -> list[Path]:
+def result_stem(prefix: str, device: str) -> str:
+    """``PREFIX-DEVICE-UTCSTAMP``, the file stem of one benchmark run's results (device name slugged)."""
+    slug = "".join(ch if ch.isalnum() else "-" for ch in device).strip("-").lower()
+    return f"{prefix}-{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def save_results(out_dir: Path, stem: str, payload: dict, markdown: str, copy_to: str | None) -> list[Path]:
+    """``stem.json`` (written atomically: a run cut mid-write keeps the last whole file) and ``stem.md`` in
+    ``out_dir``, both also copied to ``copy_to`` ($OUT on the device) if given."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    jpath = out_dir / f"{stem}.json"
-    mpath = out_dir / f"{stem}.md"
+    jpath, mpath = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     tmp = jpath.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1, default=str))
     tmp.replace(jpath)
+    mpath.write_text(markdown)
+    paths = [jpath, mpath]
+    if copy_to:
+        dest = Path(copy_to)
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            shutil.copy(p, dest / p.name)
+    return paths
+
+
+def write_results(out_dir: Path, stem: str, payload: dict, summary: list[str], copy_to: str | None) -> list[Path]:
     env, rows = payload["environment"], payload["rows"]
     md = [f"# Attention benchmark: {env.get('device')}", ""] + header_lines(env, payload.get("ceilings"), True)
     md += ["", f"Command: `{payload['command']}`", ""]
@@ -171,11 +190,4 @@ def write_results(out_dir: Path, stem: str, payload: dict, summary: list[str], c
            "benchmarks/attention.py's docstring; floor = max(FLOPs / matmul ceiling, bytes / copy ceiling); "
            "err = max relative error of output and gradients vs hybrid_attention_reference at the check shape; "
            "first s = the first call of that row's head shape (compile, autotune; at the check shape when checked)."]
-    mpath.write_text("\n".join(md) + "\n")
-    paths = [jpath, mpath]
-    if copy_to:
-        dest = Path(copy_to)
-        dest.mkdir(parents=True, exist_ok=True)
-        for p in paths:
-            shutil.copy(p, dest / p.name)
-    return paths
+    return save_results(out_dir, stem, payload, "\n".join(md) + "\n", copy_to)

@@ -23,9 +23,7 @@ output is first checked against ``softmax_decode_reference`` in fp64 (rel err in
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -160,14 +158,10 @@ def main(argv=None) -> int:
     bad = [r for r in payload["rows"] if r.get("error") or r["rel_err"] > (1e-4 if args.dtype == "float32" else 2e-2)]
     out_dir = Path(args.out_dir) if args.out_dir else (None if args.smoke else ROOT / "benchmarks" / "results")
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        slug = "".join(ch if ch.isalnum() else "-" for ch in payload["environment"]["device"]).strip("-").lower()
-        stem = f"softmax-decode-{slug}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-        files = {f"{stem}.json": json.dumps(payload, indent=1, default=str), f"{stem}.md": markdown(payload)}
-        for d in [out_dir] + ([Path(args.copy_to)] if args.copy_to else []):
-            d.mkdir(parents=True, exist_ok=True)
-            for name, text in files.items():
-                (d / name).write_text(text)
+        from benchmarks.report import result_stem, save_results
+
+        stem = result_stem("softmax-decode", payload["environment"]["device"])
+        save_results(out_dir, stem, payload, markdown(payload), args.copy_to)
         print(f"wrote {out_dir}/{stem}.json and .md")
     if bad:
         print("rows that failed or disagree with the reference:\n  " + "\n  ".join(line(r) for r in bad))

@@ -45,17 +45,11 @@ def decode_mode(*, kernel: bool, fuse_maps: bool = False):
 
 def fusable_map_layers(model) -> list[int]:
     """Indices of the linearized layers whose feature maps the decode kernel computes itself under
-    ``CompiledDecode(fuse_maps=True)``: Hedgehog maps, and no length_norm or sinks."""
+    ``CompiledDecode(fuse_maps=True)`` (``LinearizedAttention.maps_fusable``)."""
     from .modules.attention import LinearizedAttention
-    from .modules.feature_maps import HedgehogFeatureMap
 
-    out = []
-    for i, layer in enumerate(model.base_model.layers):
-        a = layer.self_attn
-        if isinstance(a, LinearizedAttention) and not a.counts_tokens and all(
-                isinstance(m, HedgehogFeatureMap) for m in (a.feature_map_q, a.feature_map_k)):
-            out.append(i)
-    return out
+    return [i for i, layer in enumerate(model.base_model.layers)
+            if isinstance(layer.self_attn, LinearizedAttention) and layer.self_attn.maps_fusable]
 
 
 class CompiledDecode:
@@ -91,7 +85,6 @@ class CompiledDecode:
         self.fuse_maps = fuse_maps and kernel
         opts = {"fullgraph": True, "dynamic": False} | compile_options
         self._fn = torch.compile(self._forward, **opts) if compile else self._forward
-        self._masks: dict[tuple, torch.Tensor] = {}
 
     def _forward(self, input_ids, position_ids, cache, mask4):
         if self.softmax_layers:
@@ -125,18 +118,13 @@ class CompiledDecode:
         layers = self._check_cache(cache)
         for layer in layers:  # into ring form eagerly: the conversion is not part of the step
             layer.ring_state()
-        if self.softmax_layers:
-            # The kept layers' padding belongs to this cache (this run), so the buffer lives on it: a later
-            # run on another cache starts unpadded, and a run keeps what its masks said so far.
-            L = cache.layers[self.softmax_layers[0]].max_cache_len
-            mask4 = getattr(cache, "_linearize_mask4", None)
-            if mask4 is None or mask4.shape != (B, 1, 1, L) or mask4.device != input_ids.device:
-                mask4 = cache._linearize_mask4 = torch.ones(B, 1, 1, L, dtype=torch.bool, device=input_ids.device)
-        else:
-            key = (B, input_ids.device)
-            if key not in self._masks:
-                self._masks[key] = torch.ones(B, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
-            mask4 = self._masks[key]
+        # The mask buffer belongs to this cache (this run), so it lives on it: the kept layers' padding then does
+        # not leak into a later run on another cache, and a run keeps what its masks said so far. Without kept
+        # layers it is one all-true slot.
+        L = cache.layers[self.softmax_layers[0]].max_cache_len if self.softmax_layers else 1
+        mask4 = getattr(cache, "_linearize_mask4", None)
+        if mask4 is None or mask4.shape != (B, 1, 1, L) or mask4.device != input_ids.device:
+            mask4 = cache._linearize_mask4 = torch.ones(B, 1, 1, L, dtype=torch.bool, device=input_ids.device)
         if attention_mask is not None and self.softmax_layers:
             L = mask4.shape[-1]
             n = attention_mask.shape[-1]

@@ -235,12 +235,17 @@ class LinearizedAttention(nn.Module):
             phi_k = torch.cat([phi_k, sink_key_feature(is_sink, phi_k.shape[2], phi_k.dtype)], -1)
         return phi_q, phi_k
 
+    @property
+    def maps_fusable(self) -> bool:
+        """Whether the decode kernel can compute this layer's feature maps itself: Hedgehog maps, and phi goes
+        into the kernel as the maps give it (no length_norm, no sinks)."""
+        maps = (self.feature_map_q, self.feature_map_k)
+        return not self.counts_tokens and all(isinstance(m, HedgehogFeatureMap) for m in maps)
+
     def _fused_maps(self, fq, fk):
         """(fq, fk, Wq, Wk) for the decode kernel to compute the Hedgehog maps itself (``DecodeMode.fuse_maps``:
-        a compiled step), when phi goes into the kernel as the maps give it (no length_norm, no sinks); else None."""
-        if not DecodeMode.fuse_maps or self.counts_tokens:
-            return None
-        if not (isinstance(self.feature_map_q, HedgehogFeatureMap) and isinstance(self.feature_map_k, HedgehogFeatureMap)):
+        a compiled step) where ``maps_fusable``; else None."""
+        if not (DecodeMode.fuse_maps and self.maps_fusable):
             return None
         return fq, fk, self.feature_map_q.weight.to(fq.dtype), self.feature_map_k.weight.to(fk.dtype)
 

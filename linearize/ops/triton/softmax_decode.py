@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ..common import default_scale
 from ..softmax_decode import check_decode_inputs
+from .decode import _pow2
 
 _NEG = tl.constexpr(-1.0e30)  # "minus infinity" that keeps exp(m - M) and m - M finite
 
@@ -112,10 +113,6 @@ def _combine_kernel(
         num += w[:, None] * tl.load(ACC + row[:, None] * D + rd[None, :], mask=gd_ok, other=0.0)
     y = num / tl.where(den > 0, den, 1.0)[:, None]  # an all-masked row: zeros
     tl.store(Y + b * sY_b + (j * G + rg)[:, None] * sY_h + rd[None, :], y.to(Y.dtype.element_ty), mask=gd_ok)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def default_num_warps(D: int, itemsize: int = 2) -> int:
