@@ -8,6 +8,7 @@ import linearize
 from linearize import CompiledDecode, LinearizeConfig
 from linearize.modules.cache import DecodeMode
 
+from .decode_steps import greedy_steps_and_full_forward
 from .tiny_models import perturb_added_weights, tiny_model
 
 
@@ -15,10 +16,6 @@ def _model(arch, **cfg):
     model = linearize.convert(tiny_model(arch), LinearizeConfig(**({"feature_dim": 6, "window": 4} | cfg)))
     perturb_added_weights(model)
     return model
-
-
-def _positions(mask):
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @pytest.mark.parametrize("arch,cfg", [("llama", {}), ("gemma3_text", {"convert_sliding_layers": True, "feature_rope": False}),
@@ -39,24 +36,9 @@ def test_compiled_steps_equal_the_full_forward_without_recompiling(arch, cfg):
     step = CompiledDecode(model, kernel=False)
     kept = bool(cfg.get("softmax_layers"))
     cache = StaticCache(config=model.config, max_cache_len=P + N + 3) if kept else DynamicCache(config=model.config)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True).logits[:, -1:]
-        seq, full_mask = ids, mask
-        got = []
-        for i in range(N):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            seq = torch.cat([seq, nxt], 1)
-            full_mask = torch.cat([full_mask, torch.ones(B, 1, dtype=torch.long)], 1)
-            pos = _positions(full_mask)[:, -1:]
-            m2 = full_mask if kept else None
-            if i == 0:
-                logits = step(nxt, pos, cache, m2)
-            else:  # every later token runs the graph the first one compiled
-                with torch._dynamo.config.patch(error_on_recompile=True):
-                    logits = step(nxt, pos, cache, m2)
-            got.append(logits)
-        ref = model(input_ids=seq, attention_mask=full_mask, position_ids=_positions(full_mask)).logits[:, P:]
-    torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
+    # every token after the first runs the graph the first one compiled
+    got, ref = greedy_steps_and_full_forward(model, step, cache, ids, mask, N, pass_mask=kept)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert int(cache.get_seq_length()) == P + N
     if kept:  # a second run on a new cache, unpadded and without a mask: the first run's padding must not leak
         cache2 = StaticCache(config=model.config, max_cache_len=P + N + 3)

@@ -19,7 +19,7 @@ from linearize.modules.cache import HybridCacheLayer  # noqa: E402
 from linearize.ops.ring import RingState, ring_step_torch  # noqa: E402
 from linearize.ops.triton.decode import random_decode_problem, ring_step_triton  # noqa: E402
 
-from ..ops.helpers import rel_err  # noqa: E402
+from ..ops.helpers import clone_ring, random_hedgehog_maps, rel_err  # noqa: E402
 from ..tiny_models import perturb_added_weights, tiny_model  # noqa: E402
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -79,28 +79,16 @@ def test_real_model_shapes():
         check_against_fp64(3, H, Hkv, D, 64, 64, torch.bfloat16, steps=4)
 
 
-def _clone(ring: RingState) -> RingState:
-    return RingState(*(t.clone() for t in (ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos)), window=ring.window)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("H,Hkv,D,f,per_q", [(9, 3, 64, 64, True), (9, 3, 64, 64, False), (16, 16, 128, 64, True), (4, 1, 256, 128, False)])
 def test_fused_hedgehog_maps_equal_the_maps_outside(H, Hkv, D, f, per_q, dtype):
     """``hedgehog=``: the kernel computes the maps; against the unfused kernel fed HedgehogFeatureMap's features,
     20 steps at B=64, window 64 (SmolLM2 per query head and per KV head, the benchmark shape, Gemma's D)."""
-    from linearize.modules.feature_maps import HedgehogFeatureMap
-
     B, window, F = 64, 64, 2 * f
     Hf = H if per_q else Hkv
-    g = torch.Generator().manual_seed(H + D)
-    maps = []
-    for heads in (H, Hf):
-        fm = HedgehogFeatureMap(heads, D, f)
-        with torch.no_grad():
-            fm.weight.copy_(torch.randn(fm.weight.shape, generator=g) * D**-0.5)
-        maps.append(fm.to("cuda", dtype))
+    maps = [m.to("cuda", dtype) for m in random_hedgehog_maps(H, Hf, D, f, torch.Generator().manual_seed(H + D), D**-0.5)]
     _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=40)
-    ref = RingState(*(t.clone() for t in (ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos)), window=ring.window)
+    ref = clone_ring(ring)
     for t in range(20):
         (q, k, v, _, _), _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=0, seed=50 + t)
         fq, fk = torch.randn_like(q), torch.randn_like(k)
@@ -119,13 +107,13 @@ def test_cuda_graph_replay_equals_eager(window):
     static_mask = torch.ones(B, 1, dtype=torch.bool, device="cuda")
     static_out = torch.empty_like(static_in[0])
     # warm up (compile) on a side stream, as torch.cuda.graphs asks, on a throwaway copy of the ring
-    warm = _clone(ring)
+    warm = clone_ring(ring)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         ring_step_triton(*static_in, warm, window_weight=gamma, attention_mask=static_mask, out=static_out)
     torch.cuda.current_stream().wait_stream(s)
-    eager = _clone(ring)
+    eager = clone_ring(ring)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ring_step_triton(*static_in, ring, window_weight=gamma, attention_mask=static_mask, out=static_out)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
+import pytest
 import torch
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
 
 def random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=0, requires_grad=False):
@@ -21,6 +25,27 @@ def random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=0, requires_
         for t in out:
             t.requires_grad_(True)
     return out
+
+
+def random_hedgehog_maps(heads_q: int, heads_k: int, D: int, f: int, generator: torch.Generator, scale: float):
+    """Query and key ``HedgehogFeatureMap``s (``heads_q`` / ``heads_k`` heads, F = 2f) with random weights
+    (std ``scale``) instead of the identity slice they start from."""
+    from linearize.modules.feature_maps import HedgehogFeatureMap
+
+    maps = []
+    for heads in (heads_q, heads_k):
+        fm = HedgehogFeatureMap(heads, D, f)
+        with torch.no_grad():
+            fm.weight.copy_(torch.randn(fm.weight.shape, generator=generator) * scale)
+        maps.append(fm)
+    return maps
+
+
+def clone_ring(ring):
+    """An independent copy of a ``RingState`` (the reference side of a kernel-vs-reference decode test)."""
+    from linearize.ops.ring import RingState
+
+    return RingState(*(t.clone() for t in (ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos)), window=ring.window)
 
 
 def left_pad_mask(B, T, pads):
@@ -42,6 +67,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 # TRITON_INTERPRET=1 must be set before a kernel module is imported (``@triton.jit`` decides then), so an
 # interpreter test file re-runs itself in a subprocess with it set; its kernel tests run only in there.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_run")
 
 
 def run_file_under_interpreter(path: str, timeout: int) -> str:

@@ -2,14 +2,15 @@
 shared memory on the H200 (2026-12-03, tests/gpu/test_chunk_cuda.py) need the bytes Triton reported there,
 and fit with the one-stage fallback of ``chunk._launch``."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+from tests.ops.helpers import needs_triton
+
+pytestmark = needs_triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 

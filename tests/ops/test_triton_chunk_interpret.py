@@ -5,15 +5,12 @@ path, at tiny shapes: outputs, final states and every gradient, on random data.
 session re-runs this file in a subprocess with it set; the kernel tests run only inside that subprocess.
 """
 
-import importlib.util
-
 import pytest
 import torch
 
-from tests.ops.helpers import INTERPRETING, left_pad_mask, random_inputs, rel_err, run_file_under_interpreter
+from tests.ops.helpers import INTERPRETING, inside, left_pad_mask, needs_triton, random_inputs, rel_err, run_file_under_interpreter
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_run")
+pytestmark = needs_triton
 
 
 def test_interpreter_run():

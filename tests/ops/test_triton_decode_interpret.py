@@ -5,15 +5,14 @@ the one test that runs in the normal session re-runs this file in a subprocess w
 tests themselves only run inside that subprocess.
 """
 
-import importlib.util
-
 import pytest
 import torch
 
-from tests.ops.helpers import INTERPRETING, run_file_under_interpreter
+from tests.ops.helpers import (
+    INTERPRETING, clone_ring, inside, needs_triton, random_hedgehog_maps, rel_err, run_file_under_interpreter,
+)
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_run")
+pytestmark = needs_triton
 
 
 def test_interpreter_run():
@@ -23,17 +22,6 @@ def test_interpreter_run():
     assert " passed" in out and "skipped" in out
 
 
-def _clone(ring):
-    from linearize.ops.ring import RingState
-
-    return RingState(*(t.clone() for t in (ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos)), window=ring.window)
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-5, masked=True, step=None, **launch):
     from linearize.ops.ring import ring_step_torch
     from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
@@ -41,7 +29,7 @@ def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-
     step = step or ring_step_triton
     B = 2
     _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=filled, seed=window)
-    ref = _clone(ring)
+    ref = clone_ring(ring)
     for t in range(steps):
         inputs, _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=0, seed=100 + t)
         mask = torch.tensor([[t % 3 != 2], [t % 2 == 0]]) if masked else None  # padding steps, in different rows
@@ -49,8 +37,8 @@ def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-
         y = step(*inputs, ring, window_weight=gamma, attention_mask=mask, out=out, **launch)
         y_ref = ring_step_torch(*inputs, ref, window_weight=gamma, attention_mask=mask)
         assert y is out and torch.isfinite(y).all()
-        assert _rel(y, y_ref) < tol, f"step {t}: y rel err {_rel(y, y_ref):.2e}"
-        assert _rel(ring.S, ref.S) < 1e-5 and _rel(ring.z, ref.z) < 1e-5, f"step {t}: sums"
+        assert rel_err(y, y_ref) < tol, f"step {t}: y rel err {rel_err(y, y_ref):.2e}"
+        assert rel_err(ring.S, ref.S) < 1e-5 and rel_err(ring.z, ref.z) < 1e-5, f"step {t}: sums"
         for name in ("k", "v", "phi_k", "mask", "pos"):
             assert torch.equal(getattr(ring, name), getattr(ref, name)), f"step {t}: ring {name}"
 
@@ -114,22 +102,16 @@ def test_fused_hedgehog_maps_equal_the_maps_computed_outside(window, H, Hkv, per
     """``hedgehog=(fq, fk, Wq, Wk)``: the kernel computes phi_q, phi_k itself. Output and ring must match the
     torch ring step fed ``HedgehogFeatureMap``'s features of the same inputs, over padded steps (D=24 and
     f=5: no powers of two; the weights read in row blocks)."""
-    from linearize.modules.feature_maps import HedgehogFeatureMap
     from linearize.ops.ring import ring_step_torch
     from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
 
     B, D, f = 2, 24, 5
     Hf = H if per_q else Hkv
     g = torch.Generator().manual_seed(window + H)
-    maps = []
-    for heads in (H, Hf):
-        fm = HedgehogFeatureMap(heads, D, f)
-        with torch.no_grad():
-            fm.weight.copy_(torch.randn(fm.weight.shape, generator=g) * 0.4)
-        maps.append(fm)
+    maps = random_hedgehog_maps(H, Hf, D, f, g, 0.4)
     _, ring, gamma = random_decode_problem(B, H, Hkv, D, 2 * f, window, per_q_features=per_q, dtype=dtype, device="cpu",
                                            filled=max(window - 3, 0), seed=window)
-    ref = _clone(ring)
+    ref = clone_ring(ring)
     for t in range(5):
         (q, k, v, _, _), _, _ = random_decode_problem(B, H, Hkv, D, 2 * f, window, per_q_features=per_q, dtype=dtype,
                                                        device="cpu", filled=0, seed=100 + t)
@@ -141,9 +123,9 @@ def test_fused_hedgehog_maps_equal_the_maps_computed_outside(window, H, Hkv, per
         y = ring_step_triton(q, k, v, phi_q, phi_k, ring, window_weight=gamma, attention_mask=mask, out=out, block_d=8,
                              hedgehog=(fq, fk, maps[0].weight.detach().to(dtype), maps[1].weight.detach().to(dtype)))
         y_ref = ring_step_torch(q, k, v, phi_q, phi_k, ref, window_weight=gamma, attention_mask=mask)
-        assert torch.isfinite(y).all() and _rel(y, y_ref) < tol, f"step {t}: y rel err {_rel(y, y_ref):.2e}"
-        assert _rel(ring.S, ref.S) < tol and _rel(ring.z, ref.z) < tol, f"step {t}: sums"
-        assert _rel(ring.phi_k.float(), ref.phi_k.float()) < tol, f"step {t}: the ring's phi_k"
+        assert torch.isfinite(y).all() and rel_err(y, y_ref) < tol, f"step {t}: y rel err {rel_err(y, y_ref):.2e}"
+        assert rel_err(ring.S, ref.S) < tol and rel_err(ring.z, ref.z) < tol, f"step {t}: sums"
+        assert rel_err(ring.phi_k.float(), ref.phi_k.float()) < tol, f"step {t}: the ring's phi_k"
         for name in ("k", "v", "mask", "pos"):
             assert torch.equal(getattr(ring, name), getattr(ref, name)), f"step {t}: ring {name}"
 
@@ -159,6 +141,7 @@ def test_compiled_decode_fuses_the_maps_into_the_kernel(monkeypatch, compile, cf
     import linearize
     import linearize.ops as ops
     from linearize.ops.triton import decode as dec
+    from tests.decode_steps import greedy_steps_and_full_forward
     from tests.tiny_models import perturb_added_weights, tiny_model
 
     class Spy:  # records each launch's FUSED flag, inside the op's body (which dynamo does not trace)
@@ -183,18 +166,8 @@ def test_compiled_decode_fuses_the_maps_into_the_kernel(monkeypatch, compile, cf
     ids = torch.randint(3, 96, (B, P), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(B, P, dtype=torch.long)
     mask[1, :3] = 0
-    pos_of = lambda m: (m.cumsum(-1) - 1).clamp(min=0)  # noqa: E731
     step = linearize.CompiledDecode(model, compile=compile)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos_of(mask), past_key_values=cache, use_cache=True).logits[:, -1:]
-        seq, full, got = ids, mask, []
-        for _ in range(N):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            seq, full = torch.cat([seq, nxt], 1), torch.cat([full, torch.ones(B, 1, dtype=torch.long)], 1)
-            logits = step(nxt, pos_of(full)[:, -1:], cache)
-            got.append(logits)
-        ref = model(input_ids=seq, attention_mask=full, position_ids=pos_of(full)).logits[:, P:]
-    torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
+    got, ref = greedy_steps_and_full_forward(model, step, DynamicCache(config=model.config), ids, mask, N, pass_mask=False)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     layers = model.config.num_hidden_layers
     assert spy.fused == [want] * (layers * N), f"{cfg}: FUSED per launch {spy.fused}"

@@ -1,12 +1,12 @@
 """chunk._launch: a launch out of shared memory is retried with num_stages=1 (and remembered); one that
 does not fit even then gets a one-line error that names the kernel and the way out."""
 
-import importlib.util
-
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+from tests.ops.helpers import needs_triton
+
+pytestmark = needs_triton
 
 
 class FakeKernel:

@@ -4,15 +4,12 @@ As in ``test_triton_decode_interpret.py``: the one test of the normal session re
 subprocess with ``TRITON_INTERPRET=1``; the kernel tests run only there.
 """
 
-import importlib.util
-
 import pytest
 import torch
 
-from tests.ops.helpers import INTERPRETING, run_file_under_interpreter
+from tests.ops.helpers import INTERPRETING, inside, needs_triton, rel_err, run_file_under_interpreter
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_run")
+pytestmark = needs_triton
 
 
 def test_interpreter_run():
@@ -20,11 +17,6 @@ def test_interpreter_run():
         pytest.skip("this is the subprocess")
     out = run_file_under_interpreter(__file__, timeout=900)
     assert " passed" in out
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _problem(B, H, Hkv, L, D, dtype, seed=0):
@@ -58,7 +50,7 @@ def test_kernel_equals_reference_fp32(H, Hkv, splits):
     y = softmax_decode_triton(q, k, v, mask, scale=0.3, block_n=16, splits=splits)
     ref = softmax_decode_reference(q, k, v, mask, scale=0.3)
     assert y.shape == (B, 1, H, D) and torch.isfinite(y).all()
-    assert _rel(y, ref) < 1e-5
+    assert rel_err(y, ref) < 1e-5
 
 
 @inside
@@ -75,7 +67,7 @@ def test_masked_slots_are_never_read():
     v[~mask[:, None, :, None].expand_as(v)] = float("nan")
     y = softmax_decode_triton(q, k, v, mask, block_n=16, splits=2)
     ref = softmax_decode_reference(q, k.nan_to_num(), v.nan_to_num(), mask)
-    assert torch.isfinite(y).all() and _rel(y, ref) < 1e-5
+    assert torch.isfinite(y).all() and rel_err(y, ref) < 1e-5
 
 
 @inside
@@ -90,7 +82,7 @@ def test_half_inputs_without_a_mask(dtype, tol):
     q, k, v = _problem(2, 6, 2, 70, 32, dtype, seed=3)
     y = softmax_decode_triton(q, k, v)
     ref = softmax_decode_reference(q.double(), k.double(), v.double())
-    assert y.dtype == dtype and _rel(y, ref) < tol
+    assert y.dtype == dtype and rel_err(y, ref) < tol
 
 
 @inside
@@ -114,7 +106,7 @@ def test_the_op_compiles_and_passes_opcheck():
     mask = _static_mask(2, 33, 30, [0, 2])
     torch._dynamo.reset()
     compiled = torch.compile(lambda q, k, v, m: softmax_decode_triton(q, k, v, m, scale=0.25), fullgraph=True)
-    assert _rel(compiled(q, k, v, mask), softmax_decode_reference(q, k, v, mask, scale=0.25)) < 1e-5
+    assert rel_err(compiled(q, k, v, mask), softmax_decode_reference(q, k, v, mask, scale=0.25)) < 1e-5
     torch.library.opcheck(_softmax_decode_op, (q, k, v, mask, 0.25, 16, 2, 2, 4))
     torch.library.opcheck(_softmax_decode_op, (q, k, v, None, 0.25, 16, 1, 3, 4))
 
@@ -130,6 +122,7 @@ def test_compiled_decode_with_kept_layers_runs_them_on_the_kernel(monkeypatch, c
     import linearize
     from linearize.modules import softmax_decode as sd
     from linearize.ops.triton import softmax_decode as kernel
+    from tests.decode_steps import greedy_steps_and_full_forward
     from tests.tiny_models import perturb_added_weights, tiny_model
 
     class Counted:  # the merge kernel's launches, counted inside the op's body (which dynamo does not trace)
@@ -150,22 +143,11 @@ def test_compiled_decode_with_kept_layers_runs_them_on_the_kernel(monkeypatch, c
     ids = torch.randint(3, 96, (B, P), generator=g)
     mask = torch.ones(B, P, dtype=torch.long)
     mask[1, :3] = 0
-    pos_of = lambda m: (m.cumsum(-1) - 1).clamp(min=0)  # noqa: E731
     torch._dynamo.reset()
     step = linearize.CompiledDecode(model, compile=compile)
     cache = StaticCache(config=model.config, max_cache_len=P + N + 20)  # 20 empty slots: a skipped block
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos_of(mask), past_key_values=cache, use_cache=True).logits[:, -1:]
-        seq, full = ids, mask
-        got = []
-        for i in range(N):
-            nxt = logits[:, -1].argmax(-1, keepdim=True)
-            seq, full = torch.cat([seq, nxt], 1), torch.cat([full, torch.ones(B, 1, dtype=torch.long)], 1)
-            with torch._dynamo.config.patch(error_on_recompile=i > 0):
-                logits = step(nxt, pos_of(full)[:, -1:], cache, full)
-            got.append(logits)
-        ref = model(input_ids=seq, attention_mask=full, position_ids=pos_of(full)).logits[:, P:]
-    torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
+    got, ref = greedy_steps_and_full_forward(model, step, cache, ids, mask, N, pass_mask=True)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     # 2 kept layers x N steps (compiled: plus the fake-tensor runs while tracing, which launch nothing)
     assert merge.calls == 2 * N, f"{merge.calls} kernel launches; 2 kept layers x {N} steps expected"
     assert model.config._attn_implementation == "sdpa"  # restored after each step
