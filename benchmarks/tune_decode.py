@@ -152,7 +152,6 @@ def run(args) -> dict:
         r["ms"] = time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
         rows.append(r)
         print(line(r), flush=True)
-        del sets, maps, outs
     return {"environment": env, "ceilings": ceilings, "args": vars(args), "command": " ".join(sys.argv), "rows": rows}
 
 
