@@ -45,7 +45,7 @@ def decode_mode(*, kernel: bool, fuse_maps: bool = False):
 
 def fusable_map_layers(model) -> list[int]:
     """Indices of the linearized layers whose feature maps the decode kernel computes itself under
-    ``CompiledDecode(fuse_maps=True)`` (``LinearizedAttention.maps_fusable``)."""
+    ``CompiledDecode(fuse_maps=True)`` (``LinearizedAttention.maps_fusable``; off by default)."""
     from .modules.attention import LinearizedAttention
 
     return [i for i, layer in enumerate(model.base_model.layers)
@@ -59,7 +59,9 @@ class CompiledDecode:
     kept softmax layers' split-K attention; False gives inductor the PyTorch ring step and SDPA.
     ``compile``: False runs the same step eagerly (a reference for tests). ``fuse_maps`` (with ``kernel``): the
     kernel computes the Hedgehog feature maps of layers without length_norm or sinks itself, so the step has
-    no kernels of their own (False: the maps run as modules, as in ``generate``).
+    no kernels of their own. Off by default: on the H200 the fused kernel was slower than the plain one plus
+    the maps that inductor fuses into its neighbours (SmolLM2, B 64: 36-70 us a layer against 21 us;
+    ``benchmarks/tune_decode.py``; in the whole step 19,439 against 26,366 tokens/s).
     ``compile_options`` go to ``torch.compile`` (default ``fullgraph=True, dynamic=False``).
 
     A model that keeps full-attention softmax layers (``LinearizeConfig.softmax_layers``) decodes here too,
@@ -69,7 +71,7 @@ class CompiledDecode:
     so far (as ``generate`` keeps it); the linearized layers took theirs from the prefill.
     """
 
-    def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = True, **compile_options):
+    def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = False, **compile_options):
         if not is_linearized(model):
             raise ValueError("CompiledDecode decodes a linearized model (linearize.convert); this one has no linearized layer")
         layers = model.base_model.layers

@@ -63,6 +63,8 @@ def resource_usage(kernel) -> dict:
         ("fp16", 64, 64, 3, 3, 1, 64, True, False),  # SmolLM2: 9 query heads on 3 KV heads
         ("bf16", 64, 64, 14, 1, 7, 128, False, False),  # Qwen2.5-0.5B, key features per query head
         ("fp32", 256, 256, 1, 4, 1, 1, True, False),  # Gemma 3 head dim, largest feature dim
+        ("bf16", 256, 128, 4, 1, 4, 64, False, False),  # Gemma 3 270M as converted (4 query heads on 1 KV head)
+        ("bf16", 256, 128, 4, 1, 4, 64, False, True),  # the same, maps fused
         ("bf16", 64, 128, 9, 1, 3, 64, False, True),  # SmolLM2 as benchmarked (F 128 per query head), maps fused
         ("bf16", 64, 128, 3, 3, 1, 64, True, True),  # maps fused, key maps per KV head
         ("bf16", 128, 128, 16, 1, 1, 64, False, True),  # the benchmark shape, maps fused
