@@ -246,7 +246,10 @@ def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context,
     from linearize.convert import kept_softmax_layers
 
     if loop in ("lean", "compiled"):
-        cache = make_cache(subj.model, subj.lean_cache, ids.shape[1] + total + profile_steps)
+        # Sized the same for the warm-up (which may profile --profile-steps more steps) and the timed run: a
+        # static cache of another length is another shape, and the compiled step would recompile inside the
+        # timed run (H200, 2026-12-03: 40 s of inductor counted as decode time, 5,321 instead of ~27,000 tok/s).
+        cache = make_cache(subj.model, subj.lean_cache, ids.shape[1] + total + ctx.args.profile_steps)
         forward = compiled_forward(subj, cache, ctx) if loop == "compiled" else None
         res = run_lean(subj.model, ids, n, cache=cache, graph=graph, deadline=deadline, keep_tokens=keep_tokens, forward=forward,
                        profile_steps=profile_steps)
@@ -361,6 +364,15 @@ def fill_decode_metrics(r: dict, res: LoopResult, shape: ModelShape, ctx: Contex
         return
     r["tok_s"] = B * res.decode_steps / res.decode_s
     r["step_ms"] = res.decode_s / res.decode_steps * 1e3
+    if res.graph and res.steady_steps:
+        # the replays alone, and what the eager steps before the capture cost: seconds there mean the step
+        # compiled (or recompiled) inside the timed run, which the row's tokens/s then carries
+        r["steady_step_ms"] = res.steady_s / res.steady_steps * 1e3
+        r["warm_steps_s"] = res.decode_s - res.steady_s
+        if r["warm_steps_s"] > max(1.0, 0.1 * res.decode_s):
+            r["note"] = (r.get("note", "") + "; " if r.get("note") else "") + (
+                f"its first eager steps took {r['warm_steps_s']:.1f} s (a compile inside the timed run?); "
+                f"the replays alone: {r['steady_step_ms']:.3f} ms a step")
     r["cache_gib"] = B * state_bytes_per_sequence(shape, P + res.generated) / GIB
     cost = decode_run_cost(shape, B, P, res.generated)
     r["bytes_per_step"] = cost.bytes / cost.steps

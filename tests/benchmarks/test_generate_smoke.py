@@ -177,3 +177,23 @@ def test_a_failed_row_keeps_the_cause_not_only_the_first_line():
         assert short_error(e) == "RuntimeError: An exception occurred in a subprocess:"
         tail = error_tail(e)
     assert "the real cause: pointer type *i1" in tail and "details below" in tail
+
+
+def test_warmup_and_timed_run_share_the_cache_shape(monkeypatch):
+    """--profile-steps sizes the warm-up's cache for its extra profiled steps; the timed run's cache must be
+    sized the same, or a static cache (kept softmax layers, the base) has another shape and the compiled step
+    recompiles inside the timed run (H200, 2026-12-03: 40 s of compiling counted as decode time)."""
+    from benchmarks import generate as G
+
+    sizes = []
+    real = G.make_cache
+
+    def spy(model, kind, max_len):
+        sizes.append((kind, max_len))
+        return real(model, kind, max_len)
+
+    monkeypatch.setattr(G, "make_cache", spy)
+    assert G.main(["--smoke", "--set", "softmax_layers=[1]", "--loops", "compiled", "--batches", "3", "--no-fit",
+                   "--profile-steps", "2", "--models", "ours"]) == 0
+    static = [n for kind, n in sizes if kind == "static"]
+    assert len(static) >= 2 and len(set(static)) == 1, sizes
