@@ -10,6 +10,8 @@ step n - prompt sees it):
   * ours                 ``linearize.ops.triton.softmax_decode`` with its default launch (reads the mask, then
                          only the blocks with a True);
   * ours BN=.. w=.. s=.. the same with other launches (block of keys, warps, splits): the tuning table;
+  * ours branchy/bounded the two loops (``bounded``: the mask's last True found first, then a loop without the
+                         per-block branch, which lets Triton pipeline the loads), and bounded launches;
   * hf-sdpa-static       transformers' ``sdpa_attention_forward`` as a kept layer calls it on a StaticCache:
                          repeat_kv (a copy of the cache per query head) and SDPA over all L slots with the mask;
   * sdpa-gqa-prefix      SDPA with enable_gqa on the first n slots, no mask: the best a dense kernel does when
@@ -36,6 +38,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHES = [(32, 4, None), (64, 4, None), (64, 8, None), (128, 8, None), (64, 4, 2), (64, 4, 16)]
+BOUNDED_LAUNCHES = [(64, 4, 2), (64, 4, 16), (128, 8, None), (32, 4, None)]
 
 
 def problem(B, H, Hkv, L, D, n, dtype, device, seed=0):
@@ -62,6 +65,11 @@ def rows_for(args, n: int, device, dtype) -> tuple[list, tuple]:
     for bn, w, s in LAUNCHES:
         out.append((f"ours BN={bn} w={w} s={s or 'auto'}",
                     lambda bn=bn, w=w, s=s: softmax_decode_triton(q, k, v, mask, block_n=bn, num_warps=w, splits=s)))
+    for bounded in (False, True):  # both loops, whichever is the default
+        out.append((f"ours {'bounded' if bounded else 'branchy'}", lambda b=bounded: softmax_decode_triton(q, k, v, mask, bounded=b)))
+    for bn, w, s in BOUNDED_LAUNCHES:
+        out.append((f"ours bounded BN={bn} w={w} s={s or 'auto'}", lambda bn=bn, w=w, s=s: softmax_decode_triton(
+            q, k, v, mask, block_n=bn, num_warps=w, splits=s, bounded=True)))
     out.append(("hf-sdpa-static", lambda: sdpa_attention_forward(module, q, k, v, mask4, scaling=D**-0.5)[0]))
     kp, vp = k[:, :, :n], v[:, :, :n]
     out.append(("sdpa-gqa-prefix", lambda: torch.nn.functional.scaled_dot_product_attention(

@@ -34,6 +34,7 @@ def problem(B, H, Hkv, L, D, dtype, filled, pad, seed=0):
     return q, k, v, mask, k_ref, v_ref
 
 
+@pytest.mark.parametrize("bounded", [False, True], ids=["branchy", "bounded"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     "B,H,Hkv,D,L,filled",
@@ -44,10 +45,10 @@ def problem(B, H, Hkv, L, D, dtype, filled, pad, seed=0):
         (2, 16, 16, 128, 129, 129),  # no grouping
     ],
 )
-def test_kernel_against_fp64(B, H, Hkv, D, L, filled, dtype):
+def test_kernel_against_fp64(B, H, Hkv, D, L, filled, dtype, bounded):
     pad = [(7 * b) % max(filled // 2, 1) for b in range(B)]
     q, k, v, mask, k_ref, v_ref = problem(B, H, Hkv, L, D, dtype, filled, pad, seed=B + D)
-    y = softmax_decode_triton(q, k, v, mask, scale=D**-0.5)
+    y = softmax_decode_triton(q, k, v, mask, scale=D**-0.5, bounded=bounded)
     ref = softmax_decode_reference(q.double(), k_ref, v_ref, mask, scale=D**-0.5)
     assert torch.isfinite(y).all()
     assert rel_err(y, ref) < TOL[dtype], f"rel err {rel_err(y, ref):.2e}"
@@ -61,7 +62,8 @@ def test_no_mask_and_every_launch():
         assert rel_err(y, ref) < TOL[torch.bfloat16], (block_n, splits)
 
 
-def test_a_cuda_graph_follows_the_mask():
+@pytest.mark.parametrize("bounded", [False, True], ids=["branchy", "bounded"])
+def test_a_cuda_graph_follows_the_mask(bounded):
     """Captured once, replayed as the cache fills: the mask (a fixed buffer, updated in place) is all that
     tells the kernel how many slots to read."""
     B, H, Hkv, L, D = 8, 9, 3, 512, 64
@@ -69,10 +71,10 @@ def test_a_cuda_graph_follows_the_mask():
     k, v = k_ref.to(torch.bfloat16), v_ref.to(torch.bfloat16)
     mask_buf = torch.zeros(B, L, dtype=torch.bool, device="cuda")
     mask_buf[:, :10] = True
-    softmax_decode_triton(q, k, v, mask_buf)  # compile outside the capture
+    softmax_decode_triton(q, k, v, mask_buf, bounded=bounded)  # compile outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        y = softmax_decode_triton(q, k, v, mask_buf)
+        y = softmax_decode_triton(q, k, v, mask_buf, bounded=bounded)
     for filled in (10, 11, 200, 512):
         mask_buf.zero_()
         mask_buf[:, :filled] = True

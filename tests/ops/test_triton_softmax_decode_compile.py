@@ -30,6 +30,7 @@ def _compile(fn, pointers: dict, ints: list[str], floats: list[str], const: dict
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
 
 
+@pytest.mark.parametrize("bounded", [False, True], ids=["branchy", "bounded"])
 @pytest.mark.parametrize(
     "dt,G,D,has_mask",
     [
@@ -40,7 +41,7 @@ def _compile(fn, pointers: dict, ints: list[str], floats: list[str], const: dict
         ("fp32", 2, 256, True),
     ],
 )
-def test_split_and_merge_compile_for_sm90_without_spills(dt, G, D, has_mask):
+def test_split_and_merge_compile_for_sm90_without_spills(dt, G, D, has_mask, bounded):
     from linearize.ops.triton.softmax_decode import _combine_kernel, _pow2, _split_kernel, default_launch, default_num_warps
 
     size = {"bf16": 2, "fp16": 2, "fp32": 4}[dt]
@@ -51,7 +52,7 @@ def test_split_and_merge_compile_for_sm90_without_spills(dt, G, D, has_mask):
         {"Q": dt, "K": dt, "V": dt, "MASK": "u8", "ACC": "fp32", "M": "fp32", "LSE": "fp32"},
         ["sQ_b", "sQ_h", "sK_b", "sK_h", "sK_l", "sV_b", "sV_h", "sV_l", "sM_b", "sM_l", "L", "Hkv", "NS", "blocks_per_split"],
         ["scale"],
-        dict(G=G, GP=GP, D=D, DP=DP, BN=BN, HAS_MASK=has_mask, IEEE=dt == "fp32"),
+        dict(G=G, GP=GP, D=D, DP=DP, BN=BN, HAS_MASK=has_mask, IEEE=dt == "fp32", BOUNDED=bounded, CH=1024),
         num_warps=default_num_warps(D, size),
     )
     merge = _compile(

@@ -35,9 +35,10 @@ def _static_mask(B, L, filled, pad):
 
 
 @inside
+@pytest.mark.parametrize("bounded", [False, True], ids=["branchy", "bounded"])
 @pytest.mark.parametrize("H,Hkv", [(9, 3), (4, 1), (2, 2)])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_kernel_equals_reference_fp32(H, Hkv, splits):
+def test_kernel_equals_reference_fp32(H, Hkv, splits, bounded):
     """A static cache filled to 37 of 53 slots (neither a multiple of the 16-key block), rows with
     different left padding (one whose padding covers a whole block, which is then skipped), D=24 (not a
     power of two); outputs NaN-poisoned by construction (a fresh tensor) and compared in full."""
@@ -47,14 +48,35 @@ def test_kernel_equals_reference_fp32(H, Hkv, splits):
     B, L, D = 3, 53, 24
     q, k, v = _problem(B, H, Hkv, L, D, torch.float32, seed=H + splits)
     mask = _static_mask(B, L, 37, [0, 5, 20])
-    y = softmax_decode_triton(q, k, v, mask, scale=0.3, block_n=16, splits=splits)
+    y = softmax_decode_triton(q, k, v, mask, scale=0.3, block_n=16, splits=splits, bounded=bounded)
     ref = softmax_decode_reference(q, k, v, mask, scale=0.3)
     assert y.shape == (B, 1, H, D) and torch.isfinite(y).all()
     assert rel_err(y, ref) < 1e-5
 
 
 @inside
-def test_masked_slots_are_never_read():
+def test_bounded_loop_with_holes_and_a_mask_longer_than_its_chunk():
+    """The bounded loop finds each row's last True over several 1024-slot chunks of the mask (L 1100), and
+    masks with holes (random) and a row whose only True is the last slot still match the reference."""
+    from linearize.ops.softmax_decode import softmax_decode_reference
+    from linearize.ops.triton.softmax_decode import softmax_decode_triton
+
+    B, H, Hkv, L, D = 3, 2, 1, 1100, 8
+    q, k, v = _problem(B, H, Hkv, L, D, torch.float32, seed=7)
+    g = torch.Generator().manual_seed(7)
+    mask = torch.rand(B, L, generator=g) < 0.3
+    mask[0, 1030:] = False  # last True inside the second chunk
+    mask[1, 700:] = False
+    mask[2] = False
+    mask[2, L - 1] = True
+    for splits in (1, 4):
+        y = softmax_decode_triton(q, k, v, mask, block_n=64, splits=splits, bounded=True)
+        assert rel_err(y, softmax_decode_reference(q, k, v, mask)) < 1e-5, splits
+
+
+@inside
+@pytest.mark.parametrize("bounded", [False, True], ids=["branchy", "bounded"])
+def test_masked_slots_are_never_read(bounded):
     """Keys and values behind the mask (the static cache's empty slots) are NaN: a kernel that reads and
     weights them, even by zero, gives NaN."""
     from linearize.ops.softmax_decode import softmax_decode_reference
@@ -65,7 +87,7 @@ def test_masked_slots_are_never_read():
     mask = _static_mask(B, L, 21, [0, 3])
     k[~mask[:, None, :, None].expand_as(k)] = float("nan")
     v[~mask[:, None, :, None].expand_as(v)] = float("nan")
-    y = softmax_decode_triton(q, k, v, mask, block_n=16, splits=2)
+    y = softmax_decode_triton(q, k, v, mask, block_n=16, splits=2, bounded=bounded)
     ref = softmax_decode_reference(q, k.nan_to_num(), v.nan_to_num(), mask)
     assert torch.isfinite(y).all() and rel_err(y, ref) < 1e-5
 
@@ -86,13 +108,14 @@ def test_half_inputs_without_a_mask(dtype, tol):
 
 
 @inside
-def test_an_all_masked_row_gives_zeros():
+@pytest.mark.parametrize("bounded", [False, True], ids=["branchy", "bounded"])
+def test_an_all_masked_row_gives_zeros(bounded):
     from linearize.ops.triton.softmax_decode import softmax_decode_triton
 
     q, k, v = _problem(2, 2, 1, 20, 16, torch.float32)
     mask = torch.zeros(2, 20, dtype=torch.bool)
     mask[0, :7] = True
-    y = softmax_decode_triton(q, k, v, mask, block_n=16)
+    y = softmax_decode_triton(q, k, v, mask, block_n=16, bounded=bounded)
     assert torch.equal(y[1], torch.zeros_like(y[1])) and y[0].abs().sum() > 0
 
 
@@ -108,6 +131,7 @@ def test_the_op_compiles_and_passes_opcheck():
     compiled = torch.compile(lambda q, k, v, m: softmax_decode_triton(q, k, v, m, scale=0.25), fullgraph=True)
     assert rel_err(compiled(q, k, v, mask), softmax_decode_reference(q, k, v, mask, scale=0.25)) < 1e-5
     torch.library.opcheck(_softmax_decode_op, (q, k, v, mask, 0.25, 16, 2, 2, 4))
+    torch.library.opcheck(_softmax_decode_op, (q, k, v, mask, 0.25, 16, 2, 2, 4, True))
     torch.library.opcheck(_softmax_decode_op, (q, k, v, None, 0.25, 16, 1, 3, 4))
 
 

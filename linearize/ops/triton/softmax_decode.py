@@ -38,7 +38,7 @@ def _split_kernel(
     sQ_b, sQ_h, sK_b, sK_h, sK_l, sV_b, sV_h, sV_l, sM_b, sM_l,
     L, Hkv, NS, blocks_per_split, scale,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr,
-    HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
+    HAS_MASK: tl.constexpr, IEEE: tl.constexpr, BOUNDED: tl.constexpr = False, CH: tl.constexpr = 1024,
 ):
     pid = tl.program_id(0)
     s = pid % NS
@@ -55,7 +55,17 @@ def _split_kernel(
     acc = tl.zeros([GP, DP], tl.float32)
     k_base = K + b * sK_b + j * sK_h
     v_base = V + b * sV_b + j * sV_h
-    for it in range(0, blocks_per_split):
+    n_it = blocks_per_split
+    if BOUNDED and HAS_MASK:
+        # The last True of the row bounds the loop (a static cache's empty tail costs one byte a slot, read
+        # once here), so the loop body needs no data-dependent branch and its loads can be pipelined.
+        hi = -1
+        for c0 in range(0, L, CH):
+            rc = c0 + tl.arange(0, CH)
+            mk = tl.load(MASK + b * sM_b + rc * sM_l, mask=rc < L, other=0)
+            hi = tl.maximum(hi, tl.max(tl.where(mk != 0, rc, -1), axis=0))
+        n_it = tl.minimum(n_it, tl.cdiv(tl.cdiv(hi + 1, BN) - s, NS))
+    for it in range(0, n_it):
         # split s takes blocks s, s + NS, s + 2 NS, ...: however far the cache is filled, every split has
         # about the same number of filled blocks (contiguous ranges would leave the later splits idle)
         rn = (it * NS + s) * BN + tl.arange(0, BN)
@@ -64,7 +74,9 @@ def _split_kernel(
             keep = (tl.load(MASK + b * sM_b + rn * sM_l, mask=n_ok, other=0) != 0) & n_ok
         else:
             keep = n_ok
-        if tl.max(keep.to(tl.int32), axis=0) > 0:  # an empty or fully padded block: no K/V traffic
+        # unbounded: an empty or fully padded block costs no K/V traffic; bounded: every block up to the
+        # last True is loaded (masked lanes stay unfetched), without the branch
+        if BOUNDED or tl.max(keep.to(tl.int32), axis=0) > 0:
             kv_ok = keep[:, None] & d_ok[None, :]
             k = tl.load(k_base + rn[:, None] * sK_l + rd[None, :], mask=kv_ok, other=0.0)
             v = tl.load(v_base + rn[:, None] * sV_l + rd[None, :], mask=kv_ok, other=0.0)
@@ -115,6 +127,11 @@ def _combine_kernel(
     tl.store(Y + b * sY_b + (j * G + rg)[:, None] * sY_h + rd[None, :], y.to(Y.dtype.element_ty), mask=gd_ok)
 
 
+# The bounded loop (``BOUNDED``) is CPU-tested only; flip this once benchmarks/softmax_decode.py's "bounded" rows
+# beat the branchy loop on a GPU.
+BOUNDED_DEFAULT = False
+
+
 def default_num_warps(D: int, itemsize: int = 2) -> int:
     """4 warps; 8 for rows over 256 bytes (head dim 256 in half, 128 in fp32), where 4 spill registers
     (ptxas for sm_90: tests/ops/test_triton_softmax_decode_compile.py)."""
@@ -137,7 +154,7 @@ def default_launch(B: int, Hkv: int, L: int, D: int, itemsize: int = 2) -> tuple
 @torch.library.custom_op("linearize::softmax_decode", mutates_args=())
 def _softmax_decode_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-    scale: float, BN: int, NS: int, per: int, num_warps: int,
+    scale: float, BN: int, NS: int, per: int, num_warps: int, bounded: bool = False,
 ) -> torch.Tensor:
     B, H, _, D = q.shape
     Hkv, L = k.shape[1], k.shape[2]
@@ -154,7 +171,7 @@ def _softmax_decode_op(
         q, k, v, mask, acc, m, lse,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), sm_b, sm_l,
         L, Hkv, NS, per, scale,
-        G=G, GP=GP, D=D, DP=DP, BN=BN, HAS_MASK=has_mask, IEEE=q.dtype == torch.float32,
+        G=G, GP=GP, D=D, DP=DP, BN=BN, HAS_MASK=has_mask, IEEE=q.dtype == torch.float32, BOUNDED=bounded,
         num_warps=num_warps,
     )
     _combine_kernel[(B * Hkv,)](acc, m, lse, y, y.stride(0), y.stride(2), Hkv, NS=NS, G=G, GP=GP, D=D, DP=DP, num_warps=num_warps)
@@ -162,7 +179,7 @@ def _softmax_decode_op(
 
 
 @_softmax_decode_op.register_fake
-def _(q, k, v, key_mask, scale, BN, NS, per, num_warps):
+def _(q, k, v, key_mask, scale, BN, NS, per, num_warps, bounded=False):
     B, H, _, D = q.shape
     return q.new_empty(B, 1, H, D)
 
@@ -170,10 +187,12 @@ def _(q, k, v, key_mask, scale, BN, NS, per, num_warps):
 def softmax_decode_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None, *,
     scale: float | None = None, block_n: int | None = None, splits: int | None = None, num_warps: int | None = None,
+    bounded: bool | None = None,
 ) -> torch.Tensor:
     """The Triton twin of ``softmax_decode_reference``: y [B, 1, H, D] in q's dtype. No host sync and no
     data-dependent shape (capturable in a CUDA graph). ``block_n``/``splits`` override the launch (tests,
-    tuning)."""
+    tuning). ``bounded``: find the mask's last True first and loop only up to it, without the per-block
+    branch (default ``BOUNDED_DEFAULT``: the branchy loop, the one measured on the H200 so far)."""
     B, H, Hkv, L, D = check_decode_inputs(q, k, v, key_mask)
     if D > 256:
         raise ValueError(f"the softmax decode kernel supports head dim up to 256; got {D}")
@@ -187,4 +206,5 @@ def softmax_decode_triton(
         per = -(-blocks // max(1, min(splits or NS, blocks)))
         NS = -(-blocks // per)
     warps = num_warps or default_num_warps(D, q.element_size())
-    return _softmax_decode_op(q, k, v, key_mask, float(default_scale(scale, D)), BN, NS, per, warps)
+    bounded = BOUNDED_DEFAULT if bounded is None else bounded
+    return _softmax_decode_op(q, k, v, key_mask, float(default_scale(scale, D)), BN, NS, per, warps, bounded)
