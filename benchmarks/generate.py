@@ -260,6 +260,8 @@ def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context,
 
             fused = len(fusable_map_layers(subj.model))
             path += f", maps fused {fused}/{subj.shape.hybrid_layers}" if fused else ""
+        if path and loop == "compiled" and ctx.args.fuse_projections:
+            path += ", fused projections"
         if path and kernel and ctx.device.type == "cuda" and kept_softmax_layers(subj.model):
             path += " + softmax kernel"  # CompiledDecode's kept layers (the lean loop's eager step too)
         return res, path
@@ -286,7 +288,8 @@ def compiled_forward(subj: Subject, cache, ctx: Context):
 
         if subj.key == "ours":
             subj.compiled = linearize.CompiledDecode(subj.model, kernel=not ctx.args.compile_torch_step,
-                                                     fuse_maps=ctx.args.fuse_maps, **compile_options(ctx.args))
+                                                     fuse_maps=ctx.args.fuse_maps, fuse_projections=ctx.args.fuse_projections,
+                                                     **compile_options(ctx.args))
         else:
             model = subj.model
             subj.compiled = torch.compile(
@@ -511,6 +514,9 @@ def parse_args(argv=None):
     p.add_argument("--fuse-maps", action="store_true",
                    help="compiled loop: the decode kernel computes the Hedgehog maps of layers without length_norm or "
                         "sinks (default: the maps run as modules, which inductor fuses; measured faster on the H200)")
+    p.add_argument("--fuse-projections", action="store_true",
+                   help="compiled loop, ours: one GEMM for q/k/v and one for gate/up a layer (concatenated weight copies; "
+                        "linearize.modules.fused_projections)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="lean loop eager, no CUDA graph")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="lean/compiled rows at --headline-batch: profile this many extra eager steps of the warm-up "

@@ -30,6 +30,7 @@ from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from .convert import is_linearized, kept_softmax_layers
 from .modules.cache import DecodeMode, HybridCacheLayer
+from .modules.fused_projections import FusedProjections
 from .modules.softmax_decode import softmax_decode_kernel
 
 
@@ -62,6 +63,9 @@ class CompiledDecode:
     no kernels of their own. Off by default: on the H200 the fused kernel was slower than the plain one plus
     the maps that inductor fuses into its neighbours (SmolLM2, B 64: 36-70 us a layer against 21 us;
     ``benchmarks/tune_decode.py``; in the whole step 19,439 against 26,366 tokens/s).
+    ``fuse_projections``: one GEMM for q/k/v and one for gate/up in every layer that allows it, from
+    concatenated copies of those weights (``linearize.modules.fused_projections``: 3 fewer launches a layer,
+    for one more copy of those weights in memory; off by default until measured on a GPU).
     ``compile_options`` go to ``torch.compile`` (default ``fullgraph=True, dynamic=False``).
 
     A model that keeps full-attention softmax layers (``LinearizeConfig.softmax_layers``) decodes here too,
@@ -71,7 +75,8 @@ class CompiledDecode:
     so far (as ``generate`` keeps it); the linearized layers took theirs from the prefill.
     """
 
-    def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = False, **compile_options):
+    def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = False,
+                 fuse_projections: bool = False, **compile_options):
         if not is_linearized(model):
             raise ValueError("CompiledDecode decodes a linearized model (linearize.convert); this one has no linearized layer")
         layers = model.base_model.layers
@@ -85,6 +90,7 @@ class CompiledDecode:
         self.model = model
         self.kernel = kernel
         self.fuse_maps = fuse_maps and kernel
+        self.fused = FusedProjections(model) if fuse_projections else None
         opts = {"fullgraph": True, "dynamic": False} | compile_options
         self._fn = torch.compile(self._forward, **opts) if compile else self._forward
 
@@ -135,7 +141,8 @@ class CompiledDecode:
             mask4[:, 0, 0, :n].copy_(attention_mask.bool())  # (eager: its width grows every token)
             mask4[:, 0, 0, n:].fill_(True)
         kept = softmax_decode_kernel(self.model, self.softmax_layers) if self.kernel and self.softmax_layers else nullcontext()
-        with decode_mode(kernel=self.kernel, fuse_maps=self.fuse_maps), kept:
+        fused = self.fused.active() if self.fused is not None else nullcontext()
+        with decode_mode(kernel=self.kernel, fuse_maps=self.fuse_maps), kept, fused:
             # (contiguous: a view's strides would be guarded on, and a growing buffer's view changes them)
             logits = self._fn(input_ids.contiguous(), position_ids.contiguous(), cache, mask4)
         for layer in layers:

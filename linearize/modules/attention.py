@@ -64,6 +64,8 @@ class LinearizedAttention(nn.Module):
         self.num_heads = self.q_proj.out_features // self.head_dim
         self.num_kv_heads = self.k_proj.out_features // self.head_dim
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
+        # (W [Nq + 2 Nkv, hidden], b) while linearize.modules.fused_projections is active: one GEMM for q, k, v
+        self.fused_qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.scaling = base.scaling
         self.attention_dropout = getattr(base, "attention_dropout", 0.0)
         self.is_causal = True
@@ -149,9 +151,14 @@ class LinearizedAttention(nn.Module):
         """``qkv``'s q, k, v and the q, k the feature maps read: the same tensors, or (``feature_rope``
         off) q and k before RoPE."""
         B, T, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)
-        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)
-        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim)
+        if self.fused_qkv is not None:
+            sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
+            q, k, v = (x.view(B, T, -1, self.head_dim)
+                       for x in nn.functional.linear(hidden_states, *self.fused_qkv).split(sizes, dim=-1))
+        else:
+            q = self.q_proj(hidden_states).view(B, T, -1, self.head_dim)
+            k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)
+            v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:

@@ -197,3 +197,12 @@ def test_warmup_and_timed_run_share_the_cache_shape(monkeypatch):
                    "--profile-steps", "2", "--models", "ours"]) == 0
     static = [n for kind, n in sizes if kind == "static"]
     assert len(static) >= 2 and len(set(static)) == 1, sizes
+
+
+def test_smoke_compiled_with_fused_projections(capsys):
+    """--fuse-projections: the compiled step with one q/k/v and one gate/up GEMM a layer gives generate's tokens."""
+    from benchmarks import generate as G
+
+    assert G.main(["--smoke", "--loops", "compiled", "--batches", "3", "--no-fit", "--models", "ours",
+                   "--fuse-projections"]) == 0
+    assert "ours: compiled step vs generate greedy tokens: equal" in capsys.readouterr().out

@@ -1,0 +1,123 @@
+"""CompiledDecode(fuse_projections=True): one GEMM for q/k/v and one for gate/up, equal to the plain step."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import DynamicCache, StaticCache
+
+import linearize
+from linearize import CompiledDecode, LinearizeConfig
+from linearize.modules.fused_projections import FusedProjections
+from tests.decode_steps import greedy_steps_and_full_forward
+from tests.tiny_models import perturb_added_weights, tiny_model
+
+
+def _model(arch, **cfg):
+    model = linearize.convert(tiny_model(arch), LinearizeConfig(**({"feature_dim": 6, "window": 4} | cfg)))
+    perturb_added_weights(model)
+    return model
+
+
+def _run(model, step, kept: bool, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, P = 3, 9
+    ids = torch.randint(3, 96, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[1, :3] = 0
+    cache = StaticCache(config=model.config, max_cache_len=P + n + 2) if kept else DynamicCache(config=model.config)
+    return greedy_steps_and_full_forward(model, step, cache, ids, mask, n, pass_mask=kept)
+
+
+@pytest.mark.parametrize(
+    "arch,cfg,want",
+    [("llama", {}, (3, 3)), ("qwen2", {"softmax_layers": [1]}, (2, 3)),
+     ("gemma3_text", {"convert_sliding_layers": True, "feature_rope": False}, (3, 3))],
+    ids=["llama", "qwen2-bias-kept-1", "gemma3"],
+)
+def test_fused_step_equals_the_full_forward(arch, cfg, want):
+    """Eager steps through the fused projections (q/k/v biases in qwen2, gelu in Gemma's MLP; a kept softmax
+    layer keeps its own q/k/v but gets the fused MLP), equal to the full forward; afterwards the modules are
+    as they were."""
+    model = _model(arch, **cfg)
+    step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
+    assert step.fused.fused_layers == want and step.fused.extra_bytes() > 0
+    got, ref = _run(model, step, kept=bool(cfg.get("softmax_layers")))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    for layer in model.base_model.layers:
+        assert "forward" not in vars(layer.mlp) and not hasattr(layer.mlp, "_linearize_gate_up")
+        assert getattr(layer.self_attn, "fused_qkv", None) is None
+
+
+def test_compiled_fused_step_has_fewer_gemms_and_no_recompile():
+    """Under inductor: equal to the full forward, one graph for every step, and the generated code holds 3
+    fewer matrix products a layer than the plain step's."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model = _model("llama")
+    counts = {}
+    for fuse in (False, True):
+        torch._dynamo.reset()
+        step = CompiledDecode(model, kernel=False, fuse_projections=fuse)
+        codes = []
+
+        def recording(*a, step=step, codes=codes):
+            if codes:  # the first step's code is the graph every step runs
+                return step(*a)
+            out, code = run_and_get_code(lambda: step(*a))
+            codes.extend(code)
+            return out
+
+        got, ref = _run(model, recording, kept=False, n=3)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        counts[fuse] = len(re.findall(r"extern_kernels\.(?:mm|addmm)\(", "\n".join(codes)))
+    layers = model.config.num_hidden_layers
+    assert counts[False] - counts[True] == 3 * layers, counts
+
+
+def test_copies_follow_weight_updates():
+    """An in-place weight update (as an optimizer step) after the copies were built: the next step rebuilds
+    them and still equals the full forward."""
+    model = _model("llama")
+    step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
+    _run(model, step, kept=False, n=2)
+    with torch.no_grad():
+        for layer in model.base_model.layers:
+            layer.self_attn.k_proj.weight.mul_(1.5)
+            layer.mlp.up_proj.weight.add_(0.01)
+    got, ref = _run(model, step, kept=False, n=3, seed=1)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_wrapped_projections_and_other_mlps_are_left_alone():
+    """A wrapped q_proj (as peft's LoRA layer) keeps its layer's q/k/v unfused; an MLP whose forward is not
+    down(act(gate(x)) * up(x)) keeps its forward."""
+
+    class Wrapped(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.out_features = inner, inner.out_features
+
+        def forward(self, x):
+            return self.inner(x)
+
+    class Swapped(nn.Module):  # the MLP with gate and up exchanged
+        def __init__(self, mlp):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.up_proj(x)) * self.gate_proj(x))
+
+    model = _model("llama")
+    layers = model.base_model.layers
+    layers[0].self_attn.q_proj = Wrapped(layers[0].self_attn.q_proj)
+    layers[1].mlp = Swapped(layers[1].mlp)
+    fused = FusedProjections(model)
+    n = model.config.num_hidden_layers
+    assert fused.fused_layers == (n - 1, n - 1)
+    assert layers[0].self_attn not in [a for a, _ in fused.attn] and layers[1].mlp not in [m for m, _ in fused.mlps]
+    step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
+    got, ref = _run(model, step, kept=False)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
