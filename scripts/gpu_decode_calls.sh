@@ -5,7 +5,8 @@
 #   bash scripts/gpu_decode_calls.sh 1 SHA   # GPU tests of the softmax decode kernel (both loops) and of
 #                                            # CompiledDecode; the kernel alone (branchy vs bounded loop, in
 #                                            # CUDA graphs); the retr10 layout's compiled step, full length
-#   bash scripts/gpu_decode_calls.sh 2 SHA   # retr10 lean, and the base on the softmax kernel (basek)
+#   bash scripts/gpu_decode_calls.sh 2 SHA   # the compiled step with fused projections (4K and 16K), the base on
+#                                            # the softmax kernel (basek), the launch sweep at Gemma/Qwen shapes
 #   bash scripts/gpu_decode_calls.sh 3 SHA   # the largest batch at 4096 tokens: all linear, per-KV-head key
 #                                            # maps, retr10, the base (issue 6's >= 8x goal)
 #
@@ -33,8 +34,14 @@ case "$call" in
     tail -45 "$out/bench-retr10.log"
     ;;
   2)
-    timeout 300 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models basek --batches 64 --no-fit \
-      --budget-s 280" > "$out/bench-basek.log" 2>&1
+    timeout 150 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
+      --fuse-projections --profile-steps 10 --budget-s 130" > "$out/bench-fused-proj.log" 2>&1
+    tail -30 "$out/bench-fused-proj.log"
+    timeout 120 bash -c "$(declare -f gen); out=$out sha=$sha; gen --tokens 16384 --loops compiled --models ours --batches 64 \
+      --no-fit --fuse-projections --budget-s 100" > "$out/bench-fused-proj-16k.log" 2>&1
+    tail -12 "$out/bench-fused-proj-16k.log"
+    timeout 150 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models basek --batches 64 --no-fit \
+      --budget-s 130" > "$out/bench-basek.log" 2>&1
     tail -30 "$out/bench-basek.log"
     timeout 150 python3 benchmarks/tune_decode.py --quick --presets gemma3,qwen2.5 --copy-to "$out" --commit "$sha" \
       > "$out/tune-decode.log" 2>&1
