@@ -68,6 +68,8 @@ class FusedProjections:
         self._copies: dict[int, tuple] = {}  # id(module) -> (versions, (W, b))
         self.refresh()
         self.mlps = [(m, p) for m, p in self.mlps if self._mlp_matches(m)]
+        kept = {id(m) for m, _ in self.attn + self.mlps}
+        self._copies = {k: v for k, v in self._copies.items() if k in kept}  # a rejected MLP's copy is freed
 
     @property
     def fused_layers(self) -> tuple[int, int]:

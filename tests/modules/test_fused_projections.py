@@ -118,6 +118,7 @@ def test_wrapped_projections_and_other_mlps_are_left_alone():
     n = model.config.num_hidden_layers
     assert fused.fused_layers == (n - 1, n - 1)
     assert layers[0].self_attn not in [a for a, _ in fused.attn] and layers[1].mlp not in [m for m, _ in fused.mlps]
+    assert len(fused._copies) == 2 * (n - 1)  # no copy held for what is not fused
     step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
     got, ref = _run(model, step, kept=False)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
