@@ -328,15 +328,20 @@ def test_sink_forward_and_gradients_on_the_kernels_equal_the_torch_path(monkeypa
         assert g_fast[n].abs().sum() > 0 and rel_err(g_fast[n], g_slow[n]) < 1e-2, n
 
 
-@pytest.mark.parametrize("kept", [[], [1]], ids=["all-linear", "kept-1"])
-@pytest.mark.parametrize("kernel", [True, False], ids=["triton-kernel", "torch-step"])
-def test_compiled_decode_equals_full_forward_and_replays_in_a_cuda_graph(kernel, kept):
+@pytest.mark.parametrize(
+    "kernel,kept,fuse",
+    [(True, [], False), (True, [1], False), (False, [], False), (False, [1], False), (True, [], True), (True, [1], True)],
+    ids=["triton-kernel-all-linear", "triton-kernel-kept-1", "torch-step-all-linear", "torch-step-kept-1",
+         "triton-kernel-all-linear-fused-proj", "triton-kernel-kept-1-fused-proj"],
+)
+def test_compiled_decode_equals_full_forward_and_replays_in_a_cuda_graph(kernel, kept, fuse):
     """linearize.CompiledDecode on CUDA: the Triton decode kernel inside the compiled graph (or inductor's own
     ring step), equal to the full forward, then captured in a CUDA graph and replayed. A kept softmax layer
-    decodes on a StaticCache with room to spare (its mask comes from the static layer's device count)."""
+    decodes on a StaticCache with room to spare (its mask comes from the static layer's device count).
+    ``fuse``: one GEMM for q/k/v and one for gate/up (fuse_projections)."""
     torch._dynamo.reset()
     model = _model(4, feature_rope=False, softmax_layers=kept)
-    step = linearize.CompiledDecode(model, kernel=kernel)
+    step = linearize.CompiledDecode(model, kernel=kernel, fuse_projections=fuse)
     ids = torch.randint(3, 96, (3, 24), device="cuda")
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
