@@ -66,6 +66,11 @@ class RingState:
         t[1] = t[1].transpose(0, 1).contiguous()
         return RingState(*t, pos=self.pos, window=self.window)
 
+    def clone(self) -> "RingState":
+        """An independent copy, ``pos`` included (a step's reference side, or a snapshot before timing)."""
+        return RingState(*(t.clone() for t in (self.S, self.z, self.k, self.v, self.phi_k, self.mask, self.pos)),
+                         window=self.window)
+
     def index_batch(self, index: torch.Tensor) -> "RingState":
         """Select / reorder / repeat sequences (beam search, batch pruning). All sequences share ``pos``."""
         return self._map(lambda t: t.index_select(0, index.to(t.device)).contiguous())

@@ -19,7 +19,7 @@ from linearize.modules.cache import HybridCacheLayer  # noqa: E402
 from linearize.ops.ring import RingState, ring_step_torch  # noqa: E402
 from linearize.ops.triton.decode import random_decode_problem, ring_step_triton  # noqa: E402
 
-from ..ops.helpers import clone_ring, random_hedgehog_maps, rel_err  # noqa: E402
+from ..ops.helpers import random_hedgehog_maps, rel_err  # noqa: E402
 from ..tiny_models import perturb_added_weights, tiny_model  # noqa: E402
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -88,7 +88,7 @@ def test_fused_hedgehog_maps_equal_the_maps_outside(H, Hkv, D, f, per_q, dtype):
     Hf = H if per_q else Hkv
     maps = [m.to("cuda", dtype) for m in random_hedgehog_maps(H, Hf, D, f, torch.Generator().manual_seed(H + D), D**-0.5)]
     _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=40)
-    ref = clone_ring(ring)
+    ref = ring.clone()
     for t in range(20):
         (q, k, v, _, _), _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=0, seed=50 + t)
         fq, fk = torch.randn_like(q), torch.randn_like(k)
@@ -107,13 +107,13 @@ def test_cuda_graph_replay_equals_eager(window):
     static_mask = torch.ones(B, 1, dtype=torch.bool, device="cuda")
     static_out = torch.empty_like(static_in[0])
     # warm up (compile) on a side stream, as torch.cuda.graphs asks, on a throwaway copy of the ring
-    warm = clone_ring(ring)
+    warm = ring.clone()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         ring_step_triton(*static_in, warm, window_weight=gamma, attention_mask=static_mask, out=static_out)
     torch.cuda.current_stream().wait_stream(s)
-    eager = clone_ring(ring)
+    eager = ring.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         ring_step_triton(*static_in, ring, window_weight=gamma, attention_mask=static_mask, out=static_out)

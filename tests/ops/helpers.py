@@ -41,13 +41,6 @@ def random_hedgehog_maps(heads_q: int, heads_k: int, D: int, f: int, generator: 
     return maps
 
 
-def clone_ring(ring):
-    """An independent copy of a ``RingState`` (the reference side of a kernel-vs-reference decode test)."""
-    from linearize.ops.ring import RingState
-
-    return RingState(*(t.clone() for t in (ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos)), window=ring.window)
-
-
 def left_pad_mask(B, T, pads):
     m = torch.ones(B, T, dtype=torch.bool)
     for b, p in enumerate(pads):

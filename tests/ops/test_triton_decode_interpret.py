@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.ops.helpers import (
-    INTERPRETING, clone_ring, inside, needs_triton, random_hedgehog_maps, rel_err, run_file_under_interpreter,
+    INTERPRETING, inside, needs_triton, random_hedgehog_maps, rel_err, run_file_under_interpreter,
 )
 
 pytestmark = needs_triton
@@ -29,7 +29,7 @@ def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-
     step = step or ring_step_triton
     B = 2
     _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=filled, seed=window)
-    ref = clone_ring(ring)
+    ref = ring.clone()
     for t in range(steps):
         inputs, _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=0, seed=100 + t)
         mask = torch.tensor([[t % 3 != 2], [t % 2 == 0]]) if masked else None  # padding steps, in different rows
@@ -111,7 +111,7 @@ def test_fused_hedgehog_maps_equal_the_maps_computed_outside(window, H, Hkv, per
     maps = random_hedgehog_maps(H, Hf, D, f, g, 0.4)
     _, ring, gamma = random_decode_problem(B, H, Hkv, D, 2 * f, window, per_q_features=per_q, dtype=dtype, device="cpu",
                                            filled=max(window - 3, 0), seed=window)
-    ref = clone_ring(ring)
+    ref = ring.clone()
     for t in range(5):
         (q, k, v, _, _), _, _ = random_decode_problem(B, H, Hkv, D, 2 * f, window, per_q_features=per_q, dtype=dtype,
                                                        device="cpu", filled=0, seed=100 + t)
