@@ -172,6 +172,34 @@ def save_results(out_dir: Path, stem: str, payload: dict, markdown: str, copy_to
     return paths
 
 
+def add_kernel_bench_args(p, smoke_help: str) -> None:
+    """The options the one-kernel benchmarks (softmax_decode, tune_decode) share: --smoke and where results go."""
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--out-dir", default=None, help="default benchmarks/results (the smoke run writes nothing unless given)")
+    p.add_argument("--copy-to", default=None, help="also copy the JSON and markdown here ($OUT on the device)")
+    p.add_argument("--commit", default=None, help="git commit to stamp when the checkout has no .git")
+
+
+def require_interpreter_or_cuda(args, what: str) -> None:
+    """--smoke runs under Triton's interpreter, anything else on CUDA: a one-line SystemExit otherwise."""
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("--smoke runs the kernel under Triton's interpreter: set TRITON_INTERPRET=1")
+    elif not torch.cuda.is_available():
+        raise SystemExit(f"{what} needs CUDA; use --smoke (with TRITON_INTERPRET=1) on a CPU machine")
+
+
+def save_kernel_bench(args, prefix: str, payload: dict, markdown: str) -> None:
+    """A one-kernel benchmark's JSON and markdown into --out-dir (default benchmarks/results; a smoke run
+    writes only where --out-dir says)."""
+    out_dir = Path(args.out_dir) if args.out_dir else (None if args.smoke else ROOT / "benchmarks" / "results")
+    if out_dir is None:
+        return
+    stem = result_stem(prefix, payload["environment"]["device"])
+    save_results(out_dir, stem, payload, markdown, args.copy_to)
+    print(f"wrote {out_dir}/{stem}.json and .md")
+
+
 def write_results(out_dir: Path, stem: str, payload: dict, summary: list[str], copy_to: str | None) -> list[Path]:
     env, rows = payload["environment"], payload["rows"]
     md = [f"# Attention benchmark: {env.get('device')}", ""] + header_lines(env, payload.get("ceilings"), True)

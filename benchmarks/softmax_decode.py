@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.report import add_kernel_bench_args, require_interpreter_or_cuda, save_kernel_bench  # noqa: E402
 LAUNCHES = [(32, 4, None), (64, 4, None), (64, 8, None), (128, 8, None), (64, 4, 2), (64, 4, 16)]
 BOUNDED_LAUNCHES = [(64, 4, 2), (64, 4, 16), (128, 8, None), (32, 4, None)]
 
@@ -151,29 +151,15 @@ def main(argv=None) -> int:
     p.add_argument("--filled", default="256,1024,2176,4224", help="fill levels (2176: the mean of a 4096-token run)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--rep-ms", type=float, default=100)
-    p.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1, tiny shapes: every row runs and agrees")
-    p.add_argument("--out-dir", default=None, help="default benchmarks/results (the smoke run writes nothing unless given)")
-    p.add_argument("--copy-to", default=None, help="also copy the JSON and markdown here ($OUT on the device)")
-    p.add_argument("--commit", default=None, help="git commit to stamp when the checkout has no .git")
+    add_kernel_bench_args(p, "CPU under TRITON_INTERPRET=1, tiny shapes: every row runs and agrees")
     args = p.parse_args(argv)
+    require_interpreter_or_cuda(args, "the benchmark")
     if args.smoke:
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("--smoke runs the kernel under Triton's interpreter: set TRITON_INTERPRET=1")
         args.batch, args.heads, args.kv_heads, args.head_dim, args.cache, args.filled = 2, 6, 2, 16, 200, "37,200"
         args.dtype, args.rep_ms = "float32", 1
-    elif not torch.cuda.is_available():
-        raise SystemExit("the benchmark needs CUDA; use --smoke (with TRITON_INTERPRET=1) on a CPU machine")
     payload = run(args)
     bad = [r for r in payload["rows"] if r.get("error") or r["rel_err"] > (1e-4 if args.dtype == "float32" else 2e-2)]
-    out_dir = Path(args.out_dir) if args.out_dir else (None if args.smoke else ROOT / "benchmarks" / "results")
-    if out_dir is not None:
-        from benchmarks.report import result_stem, save_results
-
-        stem = result_stem("softmax-decode", payload["environment"]["device"])
-        save_results(out_dir, stem, payload, markdown(payload), args.copy_to)
-        print(f"wrote {out_dir}/{stem}.json and .md")
+    save_kernel_bench(args, "softmax-decode", payload, markdown(payload))
     if bad:
         print("rows that failed or disagree with the reference:\n  " + "\n  ".join(line(r) for r in bad))
         return 1

@@ -37,7 +37,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.report import add_kernel_bench_args, require_interpreter_or_cuda, save_kernel_bench  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,7 @@ def run(args) -> dict:
     from benchmarks import costs
     from benchmarks.report import environment
     from benchmarks.timing import measure_ceilings, rotation_sets, time_eager, time_graph
-    from linearize.ops.ring import RingState
     from linearize.ops.triton.decode import ring_step_triton
-
-    def clone_ring(r):
-        return RingState(*(t.clone() for t in (r.S, r.z, r.k, r.v, r.phi_k, r.mask, r.pos)), window=r.window)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -131,13 +127,13 @@ def run(args) -> dict:
             return ring_step_triton(q, k, v, pq, pk, ring if ring is not None else r, window_weight=gamma, out=outs[i],
                                     block_d=bd, block_w=bw, num_warps=w, hedgehog=(q, k, wq, wk) if fused else None)
 
-        ring0, cfgs = clone_ring(sets[0][1]), configs(s, args.quick)  # a snapshot: timing advances the rings
-        ref = step(0, *cfgs[0], ring=clone_ring(ring0)).double().clone()
+        ring0, cfgs = sets[0][1].clone(), configs(s, args.quick)  # a snapshot: timing advances the rings
+        ref = step(0, *cfgs[0], ring=ring0.clone()).double().clone()
         for fused, bd, w, bw in cfgs:
             r = {"preset": name, "shape": asdict(s), "row": f"{'fused' if fused else 'unfused'} BD{bd} w{w} BW{bw}",
                  "fused": fused, "BD": bd, "warps": w, "BW": bw, "default": (bd, w, bw) == cfgs[0][1:], "floor_ms": floor_ms}
             try:
-                y = step(0, fused, bd, w, bw, ring=clone_ring(ring0)).double()
+                y = step(0, fused, bd, w, bw, ring=ring0.clone()).double()
                 r["rel_err"] = float(((y - ref).norm() / ref.norm()).item())
                 fns = [lambda i=i: step(i, fused, bd, w, bw) for i in range(n_sets)]
                 r["ms"] = time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
@@ -199,32 +195,18 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="smollm2,smollm2-kvmaps,issue5", help=f"comma list of {sorted(PRESETS)}")
     p.add_argument("--quick", action="store_true", help="a smaller sweep (BD 16/32/D, warps 2/4/8, the default BW)")
     p.add_argument("--rep-ms", type=float, default=50)
-    p.add_argument("--smoke", action="store_true", help="CPU under TRITON_INTERPRET=1, a tiny shape, fp32")
-    p.add_argument("--out-dir", default=None, help="default benchmarks/results (the smoke run writes nothing unless given)")
-    p.add_argument("--copy-to", default=None, help="also copy the JSON and markdown here ($OUT on the device)")
-    p.add_argument("--commit", default=None, help="git commit to stamp when the checkout has no .git")
+    add_kernel_bench_args(p, "CPU under TRITON_INTERPRET=1, a tiny shape, fp32")
     args = p.parse_args(argv)
+    require_interpreter_or_cuda(args, "the sweep")
     if args.smoke:
-        import os
-
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise SystemExit("--smoke runs the kernel under Triton's interpreter: set TRITON_INTERPRET=1")
         args.presets, args.quick = "smoke", True
-    elif not torch.cuda.is_available():
-        raise SystemExit("the sweep needs CUDA; use --smoke (with TRITON_INTERPRET=1) on a CPU machine")
     unknown = set(args.presets.split(",")) - set(PRESETS)
     if unknown:
         raise SystemExit(f"unknown preset(s) {sorted(unknown)}; choose from {sorted(PRESETS)}")
     payload = run(args)
     tol = 1e-4 if args.smoke else 2e-2
     bad = [r for r in payload["rows"] if r.get("error") or r.get("rel_err", 0) > tol]
-    out_dir = Path(args.out_dir) if args.out_dir else (None if args.smoke else ROOT / "benchmarks" / "results")
-    if out_dir is not None:
-        from benchmarks.report import result_stem, save_results
-
-        stem = result_stem("tune-decode", payload["environment"]["device"])
-        save_results(out_dir, stem, payload, markdown(payload), args.copy_to)
-        print(f"wrote {out_dir}/{stem}.json and .md")
+    save_kernel_bench(args, "tune-decode", payload, markdown(payload))
     if bad:
         print("configs that failed or disagree with the default launch:\n  " + "\n".join(line(r) for r in bad))
         return 1

@@ -10,16 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.helpers import run_interpreted_smoke
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_smoke_rows_agree_and_files_are_written(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "softmax_decode.py"), "--smoke", "--out-dir", str(tmp_path)],
-                       env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (js,) = tmp_path.glob("softmax-decode-*.json")
+    js = run_interpreted_smoke("softmax_decode.py", tmp_path, "softmax-decode", timeout=600)
     rows = json.loads(js.read_text())["rows"]
     names = {row["row"] for row in rows}
     assert {"ours", "hf-sdpa-static", "sdpa-gqa-prefix"} <= names and len(rows) == 2 * len(names)
