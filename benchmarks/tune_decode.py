@@ -83,11 +83,12 @@ def hedgehog(x, w, heads: int):
 
 
 def configs(s: Shape, quick: bool):
-    from linearize.ops.triton.decode import _pow2, default_block_d, default_num_warps
+    from linearize.ops.ring import ring_slots
+    from linearize.ops.triton.decode import _pow2, default_block_d, default_block_w, default_num_warps
 
     bd0 = default_block_d(s.B, s.Hf, s.D)
     w0 = default_num_warps(_pow2(s.F), bd0)
-    bw0 = max(1, min(_pow2(s.window), max(4096 // _pow2(s.D), 16)))
+    bw0 = default_block_w(ring_slots(s.window), s.D)
     out = [(False, bd0, w0, bw0), (True, bd0, w0, bw0)]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]

@@ -27,13 +27,13 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fused=False):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from linearize.ops.triton.decode import _decode_kernel, _pow2, default_block_d, default_num_warps
+    from linearize.ops.triton.decode import _decode_kernel, _pow2, default_block_d, default_block_w, default_num_warps
 
     W = window if window >= 2 else 0
     DP, FP = _pow2(D), _pow2(F)
     BD = default_block_d(B, Hf, D)
     const = dict(
-        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=max(1, min(_pow2(W), max(4096 // DP, 16))),
+        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=default_block_w(W, D),
         QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FUSED=fused, BDW=16,
     )
     types = dict(VALID="*u8", GAMMA="*fp32", S="*fp32", Z="*fp32", MR="*u8", POS="*i64")

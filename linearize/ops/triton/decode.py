@@ -196,6 +196,12 @@ def default_block_d(B: int, Hf: int, D: int) -> int:
     return min(_pow2(D), 128)
 
 
+def default_block_w(W: int, D: int) -> int:
+    """Window block: ring slots loaded per iteration of the window loop, a [BW, D] key tile of at most 4096
+    elements (16 to the ring's slots)."""
+    return max(1, min(_pow2(W), max(4096 // _pow2(D), 16)))
+
+
 def default_num_warps(FP: int, BD: int) -> int:
     """4 warps (fastest at every measured shape: 8 was 20-40% slower), 8 once the S slice passes 128 fp32
     registers a thread at 4 (F x BD > 16384: head dim 256 with 256 features), which would spill."""
@@ -308,9 +314,8 @@ def ring_step_triton(
         valid = attention_mask.reshape(d.B).to(torch.uint8)
 
     W = ring.slots
-    DP = _pow2(d.D)
     BD = block_d or default_block_d(d.B, d.Hf, d.D)
-    BW = block_w or max(1, min(_pow2(W), max(4096 // DP, 16)))
+    BW = block_w or default_block_w(W, d.D)
     warps = num_warps or default_num_warps(_pow2(d.F), BD)
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
