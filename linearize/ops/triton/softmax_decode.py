@@ -127,9 +127,10 @@ def _combine_kernel(
     tl.store(Y + b * sY_b + (j * G + rg)[:, None] * sY_h + rd[None, :], y.to(Y.dtype.element_ty), mask=gd_ok)
 
 
-# The bounded loop (``BOUNDED``) is CPU-tested only; flip this once benchmarks/softmax_decode.py's "bounded" rows
-# beat the branchy loop on a GPU.
-BOUNDED_DEFAULT = False
+# The bounded loop won on the H200 at every fill of a 4224-slot cache, B=64, 3 KV heads, D=64 (18.1/29.2/46.3/
+# 74.9 us against the branchy loop's 23.6/42.2/66.5/102.3 at 256/1024/2176/4224 filled keys, CUDA graphs;
+# benchmarks/results/softmax-decode-nvidia-h200-20261203-221345).
+BOUNDED_DEFAULT = True
 
 
 def default_num_warps(D: int, itemsize: int = 2) -> int:
@@ -140,11 +141,16 @@ def default_num_warps(D: int, itemsize: int = 2) -> int:
 
 def default_launch(B: int, Hkv: int, L: int, D: int, itemsize: int = 2) -> tuple[int, int, int]:
     """(BN keys a block, NS splits, blocks a split): a K and a V tile of at most 16 KB each (BN 16 to 64),
-    about 1024 programs in all (8 an SM on an H100), at least 4 blocks a split so a program's loads
-    overlap, at most 32 splits (the merge's unrolled loop)."""
+    about 384 programs in all (about 3 an SM on an H100/H200), at least 4 blocks a split so a program's loads
+    overlap, at most 32 splits (the merge's unrolled loop).
+
+    384, not more: with the bounded loop, 2 splits (384 programs) beat 6 (1152) at every fill on the H200
+    (13.2/22.4/37.7/61.4 us against 18.1/29.2/46.3/74.9 at 256/1024/2176/4224 keys, B=64, 3 KV heads, D=64;
+    benchmarks/results/softmax-decode-nvidia-h200-20261203-221345): each split re-reads q and adds a merge
+    row, and more programs than the SMs can hold at once only queue."""
     BN = max(16, min(64, 16384 // (D * itemsize)))
     blocks = max(-(-L // BN), 1)
-    ns = max(1, min(32, -(-1024 // (B * Hkv)), -(-blocks // 4)))
+    ns = max(1, min(32, -(-384 // (B * Hkv)), -(-blocks // 4)))
     per = -(-blocks // ns)
     return BN, -(-blocks // per), per
 
@@ -192,7 +198,7 @@ def softmax_decode_triton(
     """The Triton twin of ``softmax_decode_reference``: y [B, 1, H, D] in q's dtype. No host sync and no
     data-dependent shape (capturable in a CUDA graph). ``block_n``/``splits`` override the launch (tests,
     tuning). ``bounded``: find the mask's last True first and loop only up to it, without the per-block
-    branch (default ``BOUNDED_DEFAULT``: the branchy loop, the one measured on the H200 so far)."""
+    branch (default ``BOUNDED_DEFAULT``: the bounded loop, the faster one on the H200)."""
     B, H, Hkv, L, D = check_decode_inputs(q, k, v, key_mask)
     if D > 256:
         raise ValueError(f"the softmax decode kernel supports head dim up to 256; got {D}")
