@@ -260,7 +260,8 @@ def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context,
 
             fused = len(fusable_map_layers(subj.model))
             path += f", maps fused {fused}/{subj.shape.hybrid_layers}" if fused else ""
-        if path and loop == "compiled" and ctx.args.fuse_projections:
+        fused = getattr(subj.compiled, "fused", None) if loop == "compiled" else None
+        if path and fused is not None and any(fused.fused_layers):
             path += ", fused projections"
         if path and kernel and ctx.device.type == "cuda" and kept_softmax_layers(subj.model):
             path += " + softmax kernel"  # CompiledDecode's kept layers (the lean loop's eager step too)
@@ -514,9 +515,9 @@ def parse_args(argv=None):
     p.add_argument("--fuse-maps", action="store_true",
                    help="compiled loop: the decode kernel computes the Hedgehog maps of layers without length_norm or "
                         "sinks (default: the maps run as modules, which inductor fuses; measured faster on the H200)")
-    p.add_argument("--fuse-projections", action="store_true",
+    p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled loop, ours: one GEMM for q/k/v and one for gate/up a layer (concatenated weight copies; "
-                        "linearize.modules.fused_projections)")
+                        "linearize.modules.fused_projections); default: CompiledDecode's (on CUDA when the copies fit)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="lean loop eager, no CUDA graph")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="lean/compiled rows at --headline-batch: profile this many extra eager steps of the warm-up "

@@ -328,6 +328,18 @@ def test_sink_forward_and_gradients_on_the_kernels_equal_the_torch_path(monkeypa
         assert g_fast[n].abs().sum() > 0 and rel_err(g_fast[n], g_slow[n]) < 1e-2, n
 
 
+def test_compiled_decode_fuses_projections_by_default_when_the_copies_fit(monkeypatch):
+    """On CUDA the default fuses q/k/v and gate/up (a tiny model's copies fit); with no room for the copies
+    (``FUSE_MAX_FREE_FRACTION`` 0) it does not; an explicit False wins."""
+    import linearize.decode as decode
+
+    model = _model(4, feature_rope=False)
+    assert linearize.CompiledDecode(model, compile=False).fused is not None
+    assert linearize.CompiledDecode(model, compile=False, fuse_projections=False).fused is None
+    monkeypatch.setattr(decode, "FUSE_MAX_FREE_FRACTION", 0.0)
+    assert linearize.CompiledDecode(model, compile=False).fused is None
+
+
 @pytest.mark.parametrize(
     "kernel,kept,fuse",
     [(True, [], False), (True, [1], False), (False, [], False), (False, [1], False), (True, [], True), (True, [1], True)],

@@ -122,3 +122,13 @@ def test_wrapped_projections_and_other_mlps_are_left_alone():
     step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
     got, ref = _run(model, step, kept=False)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_default_is_off_on_cpu():
+    """The default (None) fuses only on CUDA, where it was measured faster (tests/gpu checks it is on there)."""
+    from linearize.decode import fuse_projections_fit
+
+    model = _model("llama")
+    assert not fuse_projections_fit(model)
+    assert CompiledDecode(model, kernel=False, compile=False).fused is None
+    assert CompiledDecode(model, kernel=False, compile=False, fuse_projections=True).fused is not None
