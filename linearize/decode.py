@@ -84,8 +84,8 @@ class CompiledDecode:
     concatenated copies of those weights (``linearize.modules.fused_projections``: 3 fewer launches a layer,
     for one more copy of those weights in memory). On the H200 it took SmolLM2's step at B 64 from 2.305 to
     2.007 ms (``benchmarks/results/generate-nvidia-h200-20261203-225408``). Default (None): on when the model
-    is on CUDA and the copies take at most ``FUSE_MAX_FREE_FRACTION`` of the free device memory (a 135M model's
-    140 MB, yes; a 70B model's ~50 GB on one GPU, no); True or False forces it.
+    is on CUDA and the copies take at most ``FUSE_MAX_FREE_FRACTION`` of the free device memory (SmolLM2-135M's
+    140 MB, yes; an 8B model's 9 GB beside its 16 GB of weights on an 80 GB GPU, no); True or False forces it.
     ``compile_options`` go to ``torch.compile`` (default ``fullgraph=True, dynamic=False``).
 
     A model that keeps full-attention softmax layers (``LinearizeConfig.softmax_layers``) decodes here too,
