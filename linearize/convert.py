@@ -147,7 +147,10 @@ class LinearizedMixin:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """transformers' loader, plus one-line errors for a corrupt or incomplete linearized checkpoint."""
+        from .models.hub import NO_HUB_KERNELS
+
         want_info = kwargs.pop("output_loading_info", False)
+        kwargs = NO_HUB_KERNELS | kwargs
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         except SafetensorError as e:

@@ -56,6 +56,12 @@ __all__ = [
 
 _CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough to keep memory flat
 
+# transformers >= 5.25 loads with use_kernels=True by default: model.train()/eval() then "kernelize" the model,
+# swapping layers' forwards for kernels fetched from the Hub. We turn it off: the Hub may be unreachable, a
+# distributed rank's model is partly on the meta device (kernelize refuses it), and the forwards we convert
+# and test are transformers' own. (5.23 has the same argument, default False.)
+NO_HUB_KERNELS = {"use_kernels": False}
+
 
 class FetchError(RuntimeError):
     """A built-in model could not be fetched, or what was fetched does not match its digest."""
@@ -405,6 +411,7 @@ def _convert_gguf(gguf: Path, target: Path, sha256: str) -> None:
         gguf_file=gguf.name,
         dtype=torch.bfloat16,
         quantization_config=GgufConfig(dequantize=True),
+        **NO_HUB_KERNELS,
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     _strip_quantization(model)
@@ -489,7 +496,7 @@ def load(
     source = resolve(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto")
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto", **NO_HUB_KERNELS)
     except Exception as err:
         if not is_hub_id:
             raise

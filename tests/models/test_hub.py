@@ -401,3 +401,22 @@ def test_smollm2_cached_load_keeps_bf16(smollm2):
     model, _ = hub.load("smollm2-135m")  # the fixture has populated the cache: this is the fast path
     assert model.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_loaded_models_do_not_kernelize_from_the_hub(tmp_path):
+    """transformers >= 5.25 loads with use_kernels=True, and then train()/eval() swap layer forwards for Hub
+    kernels (and refuse a model partly on the meta device, as a pipeline rank's is). Our loaders turn it off,
+    for a base model dir and for a saved linearized model."""
+    import linearize
+    from linearize.convert import is_linearized
+    from tests.pipelines.tiny_run import make_model_dir
+    from transformers import AutoModelForCausalLM
+
+    model, _ = linearize.models.load(str(make_model_dir(tmp_path / "base")))
+    assert not model.use_kernels
+    model.train()  # would kernelize here if it were on
+    assert not model.use_kernels
+    lin = linearize.convert(model, linearize.LinearizeConfig(feature_dim=4, window=4))
+    lin.save_pretrained(tmp_path / "lin")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "lin")
+    assert is_linearized(again) and not again.use_kernels
