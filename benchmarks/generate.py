@@ -260,8 +260,8 @@ def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context,
 
             fused = len(fusable_map_layers(subj.model))
             path += f", maps fused {fused}/{subj.shape.hybrid_layers}" if fused else ""
-        fused = getattr(subj.compiled, "fused", None) if loop == "compiled" else None
-        if path and fused is not None and any(fused.fused_layers):
+        projections = getattr(subj.compiled, "fused", None) if loop == "compiled" else None
+        if path and projections is not None and any(projections.fused_layers):
             path += ", fused projections"
         if path and kernel and ctx.device.type == "cuda" and kept_softmax_layers(subj.model):
             path += " + softmax kernel"  # CompiledDecode's kept layers (the lean loop's eager step too)

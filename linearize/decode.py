@@ -30,7 +30,7 @@ from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from .convert import is_linearized, kept_softmax_layers
 from .modules.cache import DecodeMode, HybridCacheLayer
-from .modules.fused_projections import FusedProjections
+from .modules.fused_projections import FusedProjections, fused_copy_bytes
 from .modules.softmax_decode import softmax_decode_kernel
 
 
@@ -57,17 +57,14 @@ FUSE_MAX_FREE_FRACTION = 0.1
 
 
 def fuse_projections_fit(model) -> bool:
-    """``CompiledDecode``'s default for ``fuse_projections``: the model is on CUDA and one more copy of its
-    q/k/v and gate/up weights (an upper bound on what ``FusedProjections`` builds) fits in
-    ``FUSE_MAX_FREE_FRACTION`` of the device's free memory, leaving the rest to the batch's states."""
+    """``CompiledDecode``'s default for ``fuse_projections``: the model is on CUDA and the weight copies
+    ``FusedProjections`` would build fit in ``FUSE_MAX_FREE_FRACTION`` of the device's free memory, leaving
+    the rest to the batch's states."""
     w = next(model.parameters())
     if w.device.type != "cuda":
         return False
-    names = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-    need = sum(p.numel() * p.element_size() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in names
-               for p in m.parameters(recurse=False))
     free, _ = torch.cuda.mem_get_info(w.device)
-    return need <= FUSE_MAX_FREE_FRACTION * free
+    return fused_copy_bytes(model) <= FUSE_MAX_FREE_FRACTION * free
 
 
 class CompiledDecode:

@@ -50,21 +50,33 @@ def _fused_mlp_forward(self, x):
     return self.down_proj(self.act_fn(gate) * up)
 
 
+def fusable_parts(model) -> tuple[list[tuple[LinearizedAttention, tuple]], list[tuple[nn.Module, tuple]]]:
+    """(attention layers with their plain q/k/v, MLPs with their plain gate/up) that ``FusedProjections``
+    may fuse; an MLP whose forward is not ``down(act(gate(x)) * up(x))`` is dropped later, on a random input."""
+    attns, mlps = [], []
+    for layer in model.base_model.layers:
+        attn = getattr(layer, "self_attn", None)
+        if isinstance(attn, LinearizedAttention) and _plain(attn.q_proj, attn.k_proj, attn.v_proj):
+            attns.append((attn, (attn.q_proj, attn.k_proj, attn.v_proj)))
+        mlp = getattr(layer, "mlp", None)
+        parts = tuple(getattr(mlp, n, None) for n in ("gate_proj", "up_proj"))
+        if (mlp is not None and all(isinstance(p, nn.Module) for p in parts) and _plain(*parts)
+                and isinstance(getattr(mlp, "down_proj", None), nn.Module) and callable(getattr(mlp, "act_fn", None))):
+            mlps.append((mlp, parts))
+    return attns, mlps
+
+
+def fused_copy_bytes(model) -> int:
+    """Bytes ``FusedProjections(model)`` would allocate at most (before the MLP check), without building it."""
+    attns, mlps = fusable_parts(model)
+    return sum(p.numel() * p.element_size() for _, parts in attns + mlps for m in parts for p in m.parameters(recurse=False))
+
+
 class FusedProjections:
     """Concatenated q/k/v and gate/up weights of a model's decoder layers, and the switch that uses them."""
 
     def __init__(self, model):
-        self.attn: list[tuple[LinearizedAttention, tuple]] = []
-        self.mlps: list[tuple[nn.Module, tuple]] = []
-        for layer in model.base_model.layers:
-            attn = getattr(layer, "self_attn", None)
-            if isinstance(attn, LinearizedAttention) and _plain(attn.q_proj, attn.k_proj, attn.v_proj):
-                self.attn.append((attn, (attn.q_proj, attn.k_proj, attn.v_proj)))
-            mlp = getattr(layer, "mlp", None)
-            parts = tuple(getattr(mlp, n, None) for n in ("gate_proj", "up_proj"))
-            if (mlp is not None and all(isinstance(p, nn.Module) for p in parts) and _plain(*parts)
-                    and isinstance(getattr(mlp, "down_proj", None), nn.Module) and callable(getattr(mlp, "act_fn", None))):
-                self.mlps.append((mlp, parts))
+        self.attn, self.mlps = fusable_parts(model)
         self._copies: dict[int, tuple] = {}  # id(module) -> (versions, (W, b))
         self.refresh()
         self.mlps = [(m, p) for m, p in self.mlps if self._mlp_matches(m)]

@@ -7,7 +7,7 @@ from transformers import DynamicCache, StaticCache
 
 import linearize
 from linearize import CompiledDecode, LinearizeConfig
-from linearize.modules.fused_projections import FusedProjections
+from linearize.modules.fused_projections import FusedProjections, fused_copy_bytes
 from tests.decode_steps import greedy_steps_and_full_forward
 from tests.tiny_models import perturb_added_weights, tiny_model
 
@@ -41,6 +41,7 @@ def test_fused_step_equals_the_full_forward(arch, cfg, want):
     model = _model(arch, **cfg)
     step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
     assert step.fused.fused_layers == want and step.fused.extra_bytes() > 0
+    assert fused_copy_bytes(model) == step.fused.extra_bytes()  # what the CUDA default sizes up, built
     got, ref = _run(model, step, kept=bool(cfg.get("softmax_layers")))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     for layer in model.base_model.layers:
