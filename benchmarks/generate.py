@@ -255,11 +255,11 @@ def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context,
                        profile_steps=profile_steps)
         kernel = not (loop == "compiled" and ctx.args.compile_torch_step)
         path = decode_path(cache, kernel=kernel)
-        if path == "ring kernel" and loop == "compiled" and ctx.args.fuse_maps:
+        if path == "ring kernel" and loop == "compiled" and getattr(subj.compiled, "fuse_maps", False):
             from linearize.decode import fusable_map_layers
 
-            fused = len(fusable_map_layers(subj.model))
-            path += f", maps fused {fused}/{subj.shape.hybrid_layers}" if fused else ""
+            maps = len(fusable_map_layers(subj.model))
+            path += f", map kernel {maps}/{subj.shape.hybrid_layers}" if maps else ""
         projections = getattr(subj.compiled, "fused", None) if loop == "compiled" else None
         if path and projections is not None and any(projections.fused_layers):
             path += ", fused projections"
@@ -288,8 +288,9 @@ def compiled_forward(subj: Subject, cache, ctx: Context):
         import linearize
 
         if subj.key == "ours":
+            maps = {} if ctx.args.fuse_maps is None else {"fuse_maps": ctx.args.fuse_maps}
             subj.compiled = linearize.CompiledDecode(subj.model, kernel=not ctx.args.compile_torch_step,
-                                                     fuse_maps=ctx.args.fuse_maps, fuse_projections=ctx.args.fuse_projections,
+                                                     fuse_projections=ctx.args.fuse_projections, **maps,
                                                      **compile_options(ctx.args))
         else:
             model = subj.model
@@ -512,9 +513,9 @@ def parse_args(argv=None):
                    help="compiled loop: the PyTorch ring step inside the graph (inductor fuses it) instead of the Triton kernel")
     p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                    help="compiled loop: torch.compile's mode for both models (the modes with CUDA graphs would nest in the loop's own capture)")
-    p.add_argument("--fuse-maps", action="store_true",
-                   help="compiled loop: the decode kernel computes the Hedgehog maps of layers without length_norm or "
-                        "sinks (default: the maps run as modules, which inductor fuses; measured faster on the H200)")
+    p.add_argument("--fuse-maps", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled loop, ours: both Hedgehog maps of a layer in one Triton launch "
+                        "(linearize.ops.triton.feature_maps) instead of the modules; default: CompiledDecode's (on)")
     p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled loop, ours: one GEMM for q/k/v and one for gate/up a layer (concatenated weight copies; "
                         "linearize.modules.fused_projections); default: CompiledDecode's (on CUDA when the copies fit)")

@@ -1,26 +1,28 @@
-"""Launch sweep of the ring decode kernel (``ring_step_triton``) at real models' decode shapes, with the
-Hedgehog maps fused into the kernel or computed outside, every row timed inside a CUDA graph.
+"""Launch sweep of the ring decode kernel (``ring_step_triton``) at real models' decode shapes, and the cost of
+the Hedgehog maps beside it (the Triton map kernel against the maps as PyTorch and inductor compute them), every
+row timed inside a CUDA graph.
 
     python benchmarks/tune_decode.py                       # smollm2, smollm2-kvmaps, issue5 presets
     python benchmarks/tune_decode.py --presets smollm2 --quick
     TRITON_INTERPRET=1 python benchmarks/tune_decode.py --smoke     # CPU: every config runs and agrees
 
-Why: in a compiled SmolLM2 decode step (B 64) the ring kernel took 39 µs a layer unfused and 67 µs with the
-maps fused (H200, 2026-12-03), against about 10 µs of state traffic. This table says which launch (value
-block BD, warps, window block BW) is fastest per shape, and whether fusing the maps pays once the maps'
-own kernels are counted.
+Why: a compiled SmolLM2 decode step (B 64, H200) spends ~17.5 us a layer in the ring kernel against ~9 us
+of state traffic, and 12.5 us a layer in the six kernels of the two feature maps. This table says which
+launch (value block BD, warps, window block BW) is fastest per shape, and what the maps cost each way.
 
 Rows per preset:
-  * ``unfused BD.. w.. BW..``: the kernel reading phi_q, phi_k computed beforehand;
-  * ``fused BD.. w.. BW..``: the kernel computing them from q, k and the Hedgehog weights;
-  * ``maps outside (torch)``: the maps of q and k as ``HedgehogFeatureMap`` computes them (einsum, two
-    softmaxes, cat), the work the fused kernel absorbs; unfused total = kernel + this row (an eager bound:
-    inductor fuses part of it into neighbouring kernels in a compiled step).
+  * ``BD.. w.. BW..``: the ring kernel reading phi_q, phi_k computed beforehand;
+  * ``maps: triton (1 launch)``: ``hedgehog_pair_triton``, both maps of the step in one kernel (what
+    ``CompiledDecode(fuse_maps=True)`` runs);
+  * ``maps: torch eager`` / ``maps: torch compiled``: ``HedgehogFeatureMap`` on q and k, eagerly and through
+    ``torch.compile`` (inductor: a permuted copy, a batched GEMM per map, softmax reductions; in a compiled
+    step some of its pointwise work fuses into neighbouring kernels).
 Timing: ``benchmarks.timing.time_graph`` over enough independent rings that no replay finds its state in L2
 (a layer's state is cold in a real step: the other layers' states pass through L2 in between).
 Floor: ``costs.hybrid_decode_cost`` bytes (S and z read and written in fp32, the window's keys and values,
 the step's inputs and outputs) over the copy bandwidth measured in the same run.
-Each config's output is checked against the default unfused launch on the same ring (rel err).
+Each ring config's output is checked against the default launch on the same ring, and the map kernel's
+against the PyTorch maps (rel err).
 """
 
 from __future__ import annotations
@@ -62,24 +64,21 @@ PRESETS = {
 
 
 def problem(s: Shape, device, dtype, seed: int):
-    """(q, k, v, phi_q, phi_k), a full ring, gamma, Hedgehog weights (Wq [H,D,F/2], Wk [Hf,D,F/2]) and the
-    feature maps of q and k under those weights (so fused and unfused rows compute the same thing)."""
+    """(q, k, v), a full ring, gamma and Hedgehog maps (query [H heads], key [Hf heads]; F = 2 f) with random
+    weights, whose features of q and k the ring rows read."""
     from linearize.ops.triton.decode import random_decode_problem
 
     (q, k, v, _, _), ring, gamma = random_decode_problem(
         s.B, s.H, s.Hkv, s.D, s.F, s.window, per_q_features=s.Hf == s.H, dtype=dtype, device=device, seed=seed)
+    from linearize.modules.feature_maps import HedgehogFeatureMap
+
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
-    wq = (torch.randn(s.H, s.D, s.F // 2, generator=g) * s.D**-0.5).to(device, dtype)
-    wk = (torch.randn(s.Hf, s.D, s.F // 2, generator=g) * s.D**-0.5).to(device, dtype)
-    return (q, k, v), ring, gamma, (wq, wk)
-
-
-def hedgehog(x, w, heads: int):
-    """x [B,1,Hx,D] -> [B,1,heads,F] with W [heads,D,F/2]; x's head j serves heads j*G..(j+1)*G-1."""
-    if x.shape[2] != heads:
-        x = x.repeat_interleave(heads // x.shape[2], dim=2)
-    u = torch.einsum("bthd,hdf->bthf", x, w).float()
-    return torch.cat([torch.softmax(u, -1), torch.softmax(-u, -1)], -1).to(x.dtype)
+    maps = []
+    for heads in (s.H, s.Hf):
+        fm = HedgehogFeatureMap(heads, s.D, s.F // 2).requires_grad_(False)
+        fm.weight.copy_(torch.randn(fm.weight.shape, generator=g) * s.D**-0.5)
+        maps.append(fm.to(device, dtype))
+    return (q, k, v), ring, gamma, tuple(maps)
 
 
 def configs(s: Shape, quick: bool):
@@ -89,14 +88,14 @@ def configs(s: Shape, quick: bool):
     bd0 = default_block_d(s.B, s.Hf, s.D)
     w0 = default_num_warps(_pow2(s.F), bd0)
     bw0 = default_block_w(ring_slots(s.window), s.D)
-    out = [(False, bd0, w0, bw0), (True, bd0, w0, bw0)]
+    out = [(bd0, w0, bw0)]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]
     else:
         bds, ws, bws = [16, 32, 64, 128], [1, 2, 4, 8], sorted({16, 32, bw0})
-    for fused, bd, w, bw in itertools.product([False, True], bds, ws, bws):
-        if bd <= _pow2(s.D) and bw <= _pow2(s.window) and (fused, bd, w, bw) not in out:
-            out.append((fused, bd, w, bw))
+    for bd, w, bw in itertools.product(bds, ws, bws):
+        if bd <= _pow2(s.D) and bw <= _pow2(s.window) and (bd, w, bw) not in out:
+            out.append((bd, w, bw))
     return out
 
 
@@ -105,6 +104,7 @@ def run(args) -> dict:
     from benchmarks.report import environment
     from benchmarks.timing import measure_ceilings, rotation_sets, time_eager, time_graph
     from linearize.ops.triton.decode import ring_step_triton
+    from linearize.ops.triton.feature_maps import hedgehog_pair_triton
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -118,75 +118,96 @@ def run(args) -> dict:
         floor_ms = cost.bytes / (ceilings["copy_gbps"] * 1e9) * 1e3
         n_sets = 1 if args.smoke else rotation_sets(cost.bytes)
         sets = [problem(s, device, dtype, seed) for seed in range(n_sets)]
-        maps = [(hedgehog(q, wq, s.H), hedgehog(k, wk, s.Hf)) for (q, k, _), _, _, (wq, wk) in sets]
+        with torch.no_grad():
+            phis = [(fq(q), fk(k)) for (q, k, _), _, _, (fq, fk) in sets]
         outs = [torch.empty_like(x[0]) for x, *_ in sets]
         print(f"\n{name}: {asdict(s)}; {n_sets} rotating rings; floor {floor_ms * 1e3:.1f} us ({cost.bytes / 1e6:.1f} MB)", flush=True)
 
-        def step(i, fused, bd, w, bw, ring=None):
-            (q, k, v), r, gamma, (wq, wk) = sets[i]
-            pq, pk = maps[i]
+        def step(i, bd, w, bw, ring=None):
+            (q, k, v), r, gamma, _ = sets[i]
+            pq, pk = phis[i]
             return ring_step_triton(q, k, v, pq, pk, ring if ring is not None else r, window_weight=gamma, out=outs[i],
-                                    block_d=bd, block_w=bw, num_warps=w, hedgehog=(q, k, wq, wk) if fused else None)
+                                    block_d=bd, block_w=bw, num_warps=w)
+
+        def timed(fns):
+            return time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
 
         ring0, cfgs = sets[0][1].clone(), configs(s, args.quick)  # a snapshot: timing advances the rings
         ref = step(0, *cfgs[0], ring=ring0.clone()).double().clone()
-        for fused, bd, w, bw in cfgs:
-            r = {"preset": name, "shape": asdict(s), "row": f"{'fused' if fused else 'unfused'} BD{bd} w{w} BW{bw}",
-                 "fused": fused, "BD": bd, "warps": w, "BW": bw, "default": (bd, w, bw) == cfgs[0][1:], "floor_ms": floor_ms}
+        for bd, w, bw in cfgs:
+            r = {"preset": name, "shape": asdict(s), "row": f"BD{bd} w{w} BW{bw}", "kind": "ring",
+                 "BD": bd, "warps": w, "BW": bw, "default": (bd, w, bw) == cfgs[0], "floor_ms": floor_ms}
             try:
-                y = step(0, fused, bd, w, bw, ring=ring0.clone()).double()
+                y = step(0, bd, w, bw, ring=ring0.clone()).double()
                 r["rel_err"] = float(((y - ref).norm() / ref.norm()).item())
-                fns = [lambda i=i: step(i, fused, bd, w, bw) for i in range(n_sets)]
-                r["ms"] = time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
+                r["ms"] = timed([lambda i=i: step(i, bd, w, bw) for i in range(n_sets)])
                 r["pct_floor"] = 100 * floor_ms / r["ms"]
             except Exception as ex:  # noqa: BLE001 - a failed config is a row with its error
                 r["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"
             rows.append(r)
             print(line(r), flush=True)
-        fns = [lambda i=i: hedgehog(sets[i][0][0], sets[i][3][0], s.H) + 0 * hedgehog(sets[i][0][1], sets[i][3][1], s.Hf).sum()
-               for i in range(n_sets)]
-        r = {"preset": name, "shape": asdict(s), "row": "maps outside (torch)", "floor_ms": floor_ms}
-        r["ms"] = time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
-        rows.append(r)
-        print(line(r), flush=True)
+
+        def torch_maps(i, fn=None):
+            (q, k, _), _, _, (fq, fk) = sets[i]
+            return (fn or (lambda a, b: (fq(a), fk(b))))(q, k)
+
+        def triton_maps(i):
+            (q, k, _), _, _, (fq, fk) = sets[i]
+            return hedgehog_pair_triton(q, k, fq.weight, fk.weight)
+
+        # (set 0's maps baked into the graph; every set's q, k go through it)
+        compiled = torch.compile(lambda a, b, fq=sets[0][3][0], fk=sets[0][3][1]: (fq(a), fk(b)), fullgraph=True, dynamic=False)
+        with torch.no_grad():
+            variants = [("maps: triton (1 launch)", triton_maps), ("maps: torch eager", torch_maps),
+                        ("maps: torch compiled", lambda i: torch_maps(i, compiled))]
+            for row, fn in variants:
+                r = {"preset": name, "shape": asdict(s), "row": row, "kind": "maps", "floor_ms": floor_ms}
+                try:
+                    got = fn(0)
+                    r["rel_err"] = max(float(((a.double() - b.double()).norm() / b.double().norm()).item())
+                                       for a, b in zip(got, phis[0]))
+                    r["ms"] = timed([lambda i=i: fn(i) for i in range(n_sets)])
+                except Exception as ex:  # noqa: BLE001
+                    r["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"
+                rows.append(r)
+                print(line(r), flush=True)
     return {"environment": env, "ceilings": ceilings, "args": vars(args), "command": " ".join(sys.argv), "rows": rows}
 
 
 def line(r: dict) -> str:
     if r.get("error"):
         return f"  {r['row']:28s} ERROR {r['error']}"
-    tail = f"  {r['pct_floor']:5.1f}% floor  err {r['rel_err']:.1e}" + ("  (default)" if r.get("default") else "") if "rel_err" in r else ""
+    tail = f"  {r['pct_floor']:5.1f}% floor" if "pct_floor" in r else " " * 13
+    tail += f"  err {r['rel_err']:.1e}" + ("  (default)" if r.get("default") else "") if "rel_err" in r else ""
     return f"  {r['row']:28s} {r['ms'] * 1e3:8.1f} us{tail}"
 
 
-def best(rows: list[dict], preset: str, fused: bool) -> dict | None:
-    ok = [r for r in rows if r["preset"] == preset and r.get("fused") is fused and "ms" in r]
+def best(rows: list[dict], preset: str) -> dict | None:
+    ok = [r for r in rows if r["preset"] == preset and r.get("kind") == "ring" and "ms" in r]
     return min(ok, key=lambda r: r["ms"]) if ok else None
 
 
 def markdown(p: dict) -> str:
     from benchmarks.report import header_lines
 
-    md = [f"# Ring decode kernel launch sweep: {p['environment']['device']}", ""] + header_lines(p["environment"], p["ceilings"], True)
-    md += ["", f"Command: `{p['command']}`", ""]
+    md = [f"# Ring decode kernel launch sweep and feature maps: {p['environment']['device']}", ""]
+    md += header_lines(p["environment"], p["ceilings"], True) + ["", f"Command: `{p['command']}`", ""]
     for preset in dict.fromkeys(r["preset"] for r in p["rows"]):
         rs = [r for r in p["rows"] if r["preset"] == preset]
         md += [f"## {preset}: {rs[0]['shape']}", "", f"floor {rs[0]['floor_ms'] * 1e3:.1f} µs", ""]
-        maps = next((r for r in rs if r["row"].startswith("maps")), None)
-        for fused in (False, True):
-            b = best(p["rows"], preset, fused)
-            if b:
-                md.append(f"- best {'fused' if fused else 'unfused'}: {b['row']}, {b['ms'] * 1e3:.1f} µs ({b['pct_floor']:.0f}% of floor)")
-        if maps:
-            md.append(f"- maps outside (torch, eager bound): {maps['ms'] * 1e3:.1f} µs")
+        b = best(p["rows"], preset)
+        if b:
+            md.append(f"- best ring launch: {b['row']}, {b['ms'] * 1e3:.1f} µs ({b['pct_floor']:.0f}% of floor)")
+        for r in rs:
+            if r.get("kind") == "maps" and "ms" in r:
+                md.append(f"- {r['row']}: {r['ms'] * 1e3:.1f} µs (rel err {r['rel_err']:.1e} against the PyTorch maps)")
         md += ["", "| row | µs | % floor | rel err | |", "|---|---:|---:|---:|---|"]
         for r in sorted((r for r in rs if "ms" in r or r.get("error")), key=lambda r: r.get("ms", 1e9)):
             if r.get("error"):
                 md.append(f"| {r['row']} | - | - | - | {r['error']} |")
-            elif "rel_err" in r:
-                md.append(f"| {r['row']} | {r['ms'] * 1e3:.1f} | {r['pct_floor']:.0f} | {r['rel_err']:.1e} | {'default' if r['default'] else ''} |")
             else:
-                md.append(f"| {r['row']} | {r['ms'] * 1e3:.1f} | | | |")
+                pct = f"{r['pct_floor']:.0f}" if "pct_floor" in r else ""
+                md.append(f"| {r['row']} | {r['ms'] * 1e3:.1f} | {pct} | {r['rel_err']:.1e} | {'default' if r.get('default') else ''} |")
         md.append("")
     return "\n".join(md) + "\n"
 

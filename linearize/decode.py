@@ -45,8 +45,8 @@ def decode_mode(*, kernel: bool, fuse_maps: bool = False):
 
 
 def fusable_map_layers(model) -> list[int]:
-    """Indices of the linearized layers whose feature maps the decode kernel computes itself under
-    ``CompiledDecode(fuse_maps=True)`` (``LinearizedAttention.maps_fusable``; off by default)."""
+    """Indices of the linearized layers whose feature maps ``CompiledDecode(fuse_maps=True)`` computes with
+    the Triton map kernel (``LinearizedAttention.maps_fusable``: Hedgehog maps)."""
     from .modules.attention import LinearizedAttention
 
     return [i for i, layer in enumerate(model.base_model.layers)
@@ -72,11 +72,12 @@ class CompiledDecode:
 
     ``kernel``: use the Triton decode kernels inside the graph where they serve (CUDA): the ring step, and the
     kept softmax layers' split-K attention; False gives inductor the PyTorch ring step and SDPA.
-    ``compile``: False runs the same step eagerly (a reference for tests). ``fuse_maps`` (with ``kernel``): the
-    kernel computes the Hedgehog feature maps of layers without length_norm or sinks itself, so the step has
-    no kernels of their own. Off by default: on the H200 the fused kernel was slower than the plain one plus
-    the maps that inductor fuses into its neighbours (SmolLM2, B 64: 36-70 us a layer against 21 us;
-    ``benchmarks/tune_decode.py``; in the whole step 19,439 against 26,366 tokens/s).
+    ``compile``: False runs the same step eagerly (a reference for tests). ``fuse_maps`` (with ``kernel``, on by
+    default): a layer's two Hedgehog feature maps run as one Triton launch
+    (``linearize.ops.triton.feature_maps``) instead of the six kernels inductor makes of them (a permuted
+    copy, two batched GEMMs, two softmax reductions and their pointwise halves: 12.5 us a layer of SmolLM2 at
+    B 64 on the H200). (Computing the maps inside the ring kernel itself was slower there: 36-70 us a layer
+    against 21.)
     ``fuse_projections``: one GEMM for q/k/v and one for gate/up in every layer that allows it, from
     concatenated copies of those weights (``linearize.modules.fused_projections``: 3 fewer launches a layer,
     for one more copy of those weights in memory). On the H200 it took SmolLM2's step at B 64 from 2.305 to
@@ -92,7 +93,7 @@ class CompiledDecode:
     so far (as ``generate`` keeps it); the linearized layers took theirs from the prefill.
     """
 
-    def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = False,
+    def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = True,
                  fuse_projections: bool | None = None, **compile_options):
         if not is_linearized(model):
             raise ValueError("CompiledDecode decodes a linearized model (linearize.convert); this one has no linearized layer")

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The decode measurements of docs/gpu-runs.md's next-session plan, one device call each (random-weight
-# SmolLM2-135M: nothing to stage but the wheels; carry [".whl"] in call 1):
+# SmolLM2-135M: nothing to stage but the wheels; carry [".whl"] in call 1). Each call first stages whatever
+# pieces it carries (gpu_convert.sh --stage-only), so a model's staging calls can run these too:
 #
-#   bash scripts/gpu_decode_calls.sh 1 SHA   # GPU tests of the softmax decode kernel and of CompiledDecode
-#                                            # (its fused-projection default included); the compiled step at
-#                                            # its defaults, retr10 layout and all linear (with a profile)
-#   bash scripts/gpu_decode_calls.sh 2 SHA   # ours and the base at 16K new tokens in one run (the 10x goal)
-#   bash scripts/gpu_decode_calls.sh 3 SHA   # the largest batch at 4096 tokens: all linear and the base, then
+#   bash scripts/gpu_decode_calls.sh 1 SHA   # GPU tests of the decode kernels (ring, softmax, Hedgehog maps)
+#                                            # and of CompiledDecode; the ring/map launch sweep (tune_decode);
+#                                            # the compiled all-linear step with the map kernel (profiled) and
+#                                            # without it, side by side
+#   bash scripts/gpu_decode_calls.sh 2 SHA   # ours at 16K new tokens (the 10x goal, against the base's
+#                                            # 17.61 ms step measured on 2026-12-03), then the retr10 layout
+#   bash scripts/gpu_decode_calls.sh 3 SHA   # ours and the base at 16K new tokens in one run
+#   bash scripts/gpu_decode_calls.sh 4 SHA   # the largest batch at 4096 tokens: all linear and the base, then
 #                                            # per-KV-head key maps (issue 6's >= 8x goal)
 #
 # Everything goes to $OUT (logs, JSON, markdown); each step has its own timeout so that the call ends before
@@ -24,22 +28,33 @@ gen() { python3 benchmarks/generate.py --model benchmarks/configs/smollm2-135m.j
 RETR10=(--set 'softmax_layers=[7,8,14,15,17,18,20,21,22,23]' --set sink_tokens=4 --set feature_rope=false)
 case "$call" in
   1)
-    timeout 170 python3 -m pytest -q -x tests/gpu/test_softmax_decode_cuda.py tests/gpu/test_decode_cuda.py \
-      -k "softmax or compiled_decode" 2>&1 | tail -30 | tee "$out/tests.log"
-    timeout 150 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
-      --budget-s 130 ${RETR10[*]@Q}" > "$out/bench-retr10.log" 2>&1
-    tail -14 "$out/bench-retr10.log"
-    timeout 150 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
-      --profile-steps 10 --budget-s 130" > "$out/bench-all-linear.log" 2>&1
-    tail -30 "$out/bench-all-linear.log"
+    timeout 200 python3 -m pytest -q -x tests/gpu/test_softmax_decode_cuda.py tests/gpu/test_decode_cuda.py \
+      -k "softmax or compiled_decode or map_kernel" 2>&1 | tail -30 | tee "$out/tests.log"
+    timeout 120 python3 benchmarks/tune_decode.py --presets smollm2,gemma3 --quick --commit "$sha" --copy-to "$out" \
+      > "$out/tune.log" 2>&1
+    grep -E "^  maps|default|^smollm2|^gemma3" "$out/tune.log"
+    timeout 120 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
+      --profile-steps 10 --budget-s 100" > "$out/bench-maps.log" 2>&1
+    tail -24 "$out/bench-maps.log"
+    timeout 110 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
+      --no-fuse-maps --budget-s 90" > "$out/bench-no-maps.log" 2>&1
+    tail -12 "$out/bench-no-maps.log"
     ;;
   2)
+    timeout 150 bash -c "$(declare -f gen); out=$out sha=$sha; gen --tokens 16384 --loops compiled --models ours \
+      --batches 64 --no-fit --budget-s 130" > "$out/bench-16k.log" 2>&1
+    tail -12 "$out/bench-16k.log"
+    timeout 150 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
+      --budget-s 130 ${RETR10[*]@Q}" > "$out/bench-retr10.log" 2>&1
+    tail -12 "$out/bench-retr10.log"
+    ;;
+  3)
     # ours and the base at 16K new tokens in one run (the base alone takes ~320 s)
     timeout 530 bash -c "$(declare -f gen); out=$out sha=$sha; gen --tokens 16384 --loops compiled,lean --models ours,base \
       --batches 64 --no-fit --budget-s 510" > "$out/bench-16k.log" 2>&1
     tail -20 "$out/bench-16k.log"
     ;;
-  3)
+  4)
     timeout 250 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops lean --models ours,base --batches 64 --budget-s 240" \
       > "$out/fit-all-linear.log" 2>&1
     tail -30 "$out/fit-all-linear.log"
@@ -47,5 +62,8 @@ case "$call" in
       --set feature_map_per_kv_head=true" > "$out/fit-kvmaps.log" 2>&1
     tail -30 "$out/fit-kvmaps.log"
     ;;
-  *) echo "call must be 1, 2 or 3" >&2; exit 2 ;;
+  *) echo "call must be 1, 2, 3 or 4" >&2; exit 2 ;;
 esac
+# At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
+(cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
+ls -la "$out"

@@ -16,7 +16,7 @@ import torch.nn as nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..config import LinearizeConfig
-from ..ops import HybridState, hybrid_attention_stateful, hybrid_attention_step
+from ..ops import HybridState, hybrid_attention_stateful, hybrid_attention_step, use_triton
 from ..ops.ring import ring_kernel_serves, ring_step, ring_tail_mask
 from .cache import DecodeMode, hybrid_cache_layer
 from .feature_maps import HedgehogFeatureMap, build_feature_map
@@ -189,9 +189,9 @@ class LinearizedAttention(nn.Module):
     def hybrid_attention(self, q, k, v, fq, fk, key_mask, cache) -> torch.Tensor:
         """[B,T,H,D] through the hybrid attention, continuing and updating ``cache`` if given. ``fq``,
         ``fk``: what the feature maps read (``project``)."""
-        phi_q, phi_k = self.feature_map_q(fq), self.feature_map_k(fk)
-        args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
         B, T = q.shape[:2]
+        phi_q, phi_k = self._feature_maps(fq, fk, decoding=cache is not None and T == 1)
+        args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
         # what the cache counts (valid tokens) only when length normalization or the sinks need it
         valid = None
         if self.counts_tokens:
@@ -214,7 +214,7 @@ class LinearizedAttention(nn.Module):
                 tail = ring_tail_mask(ring) if self.length_alpha is not None else None
                 phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, tail)
                 y = ring_step(q, k, v, phi_q, phi_k, ring, window_weight=args["window_weight"], scale=self.scaling,
-                              attention_mask=key_mask, kernel=DecodeMode.kernel, hedgehog=self._fused_maps(fq, fk))
+                              attention_mask=key_mask, kernel=DecodeMode.kernel)
                 layer.advance(T, valid)
                 return y
             state = layer.hybrid_state()
@@ -244,17 +244,23 @@ class LinearizedAttention(nn.Module):
 
     @property
     def maps_fusable(self) -> bool:
-        """Whether the decode kernel can compute this layer's feature maps itself: Hedgehog maps, and phi goes
-        into the kernel as the maps give it (no length_norm, no sinks)."""
-        maps = (self.feature_map_q, self.feature_map_k)
-        return not self.counts_tokens and all(isinstance(m, HedgehogFeatureMap) for m in maps)
+        """Whether a decode step may compute this layer's feature maps with the Triton map kernel
+        (``linearize.ops.triton.feature_maps``): both are Hedgehog maps. length_norm and the sinks act on
+        the maps' output, so they do not matter here."""
+        return all(isinstance(m, HedgehogFeatureMap) for m in (self.feature_map_q, self.feature_map_k))
 
-    def _fused_maps(self, fq, fk):
-        """(fq, fk, Wq, Wk) for the decode kernel to compute the Hedgehog maps itself (``DecodeMode.fuse_maps``:
-        a compiled step) where ``maps_fusable``; else None."""
-        if not (DecodeMode.fuse_maps and self.maps_fusable):
-            return None
-        return fq, fk, self.feature_map_q.weight.to(fq.dtype), self.feature_map_k.weight.to(fk.dtype)
+    def _feature_maps(self, fq, fk, *, decoding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi_q [B,T,H,F], phi_k [B,T,H',F]: the maps' modules, or, in a decode step under
+        ``DecodeMode.fuse_maps`` (a compiled step with the kernels), one Triton launch for both where it
+        serves (``maps_fusable``, CUDA, no gradient wanted: the kernel has no backward)."""
+        if decoding and DecodeMode.fuse_maps and DecodeMode.kernel and self.maps_fusable:
+            wq, wk = self.feature_map_q.weight, self.feature_map_k.weight
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (fq, fk, wq, wk))
+            if use_triton(fq, fq) and fk.dtype == fq.dtype and wq.shape[-1] <= 128 and not grad:
+                from ..ops.triton.feature_maps import hedgehog_pair_triton
+
+                return hedgehog_pair_triton(fq, fk, wq, wk)
+        return self.feature_map_q(fq), self.feature_map_k(fk)
 
     def _decode_in_place(self, layer, q, k, v, phi_q, phi_k, gamma) -> bool:
         """Decode on the ring state with the Triton kernel: on CUDA when it serves these inputs, and when

@@ -24,8 +24,8 @@ class DecodeMode:
     * ``kernel``: whether the ring step may use the Triton decode kernel (False: the PyTorch step);
     * ``count_outside``: ``advance`` leaves ``cumulative_length`` to the caller. A Python int counted in
       traced code is guarded on, and the compiled step would recompile at every token;
-    * ``fuse_maps``: Hedgehog layers (without length_norm or sinks) let the Triton kernel compute their
-      feature maps (``ring_step_triton(hedgehog=...)``), so the compiled step drops the maps' own kernels.
+    * ``fuse_maps``: Hedgehog layers compute both feature maps of a decode step in one Triton launch
+      (``linearize.ops.triton.feature_maps``) instead of the modules' six kernels.
     """
 
     ring = False

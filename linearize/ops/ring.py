@@ -246,15 +246,12 @@ def ring_kernel_serves(q, k, v, phi_q, phi_k, state: RingState | HybridState) ->
     )
 
 
-def ring_step(q, k, v, phi_q, phi_k, ring: RingState, *, window_weight, scale=None, attention_mask=None, kernel: bool = True,
-              hedgehog=None) -> torch.Tensor:
+def ring_step(q, k, v, phi_q, phi_k, ring: RingState, *, window_weight, scale=None, attention_mask=None, kernel: bool = True) -> torch.Tensor:
     """One in-place decode step: the Triton kernel where it serves (``ring_kernel_serves``) and ``kernel``
-    allows it, else ``ring_step_torch``. Shapes as ``ring_step_torch``; no host sync either way.
-    ``hedgehog`` (the maps' inputs and weights, see ``ring_step_triton``) goes to the kernel, which then
-    computes phi_q, phi_k itself; the PyTorch step uses the phi_q, phi_k given."""
+    allows it, else ``ring_step_torch``. Shapes as ``ring_step_torch``; no host sync either way."""
     args = dict(window_weight=window_weight, scale=scale, attention_mask=attention_mask)
     if kernel and ring_kernel_serves(q, k, v, phi_q, phi_k, ring):
         from .triton.decode import ring_step_triton
 
-        return ring_step_triton(q, k, v, phi_q, phi_k, ring, hedgehog=hedgehog, **args)
+        return ring_step_triton(q, k, v, phi_q, phi_k, ring, **args)
     return ring_step_torch(q, k, v, phi_q, phi_k, ring, **args)

@@ -18,11 +18,11 @@ pytestmark = [
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real kernels"),
 ]
 
-POINTERS = ["Q", "K", "V", "PQ", "PK", "VALID", "GAMMA", "S", "Z", "KR", "VR", "PKR", "MR", "POS", "Y", "WQ", "WK"]
+POINTERS = ["Q", "K", "V", "PQ", "PK", "VALID", "GAMMA", "S", "Z", "KR", "VR", "PKR", "MR", "POS", "Y"]
 STRIDES = ["sQ_b", "sQ_h", "sK_b", "sK_h", "sV_b", "sV_h", "sPQ_b", "sPQ_h", "sPK_b", "sPK_h", "sY_b", "sY_h"]
 
 
-def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fused=False):
+def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,7 +34,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fused=False):
     BD = default_block_d(B, Hf, D)
     const = dict(
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=default_block_w(W, D),
-        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FUSED=fused, BDW=16,
+        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid,
     )
     types = dict(VALID="*u8", GAMMA="*fp32", S="*fp32", Z="*fp32", MR="*u8", POS="*i64")
     sig = {n: types.get(n, "*" + dt) for n in POINTERS}
@@ -57,21 +57,56 @@ def resource_usage(kernel) -> dict:
 
 
 @pytest.mark.parametrize(
-    "dt,D,F,Hf,QH,GK,window,has_valid,fused",
+    "dt,D,F,Hf,QH,GK,window,has_valid",
     [
-        ("bf16", 128, 128, 16, 1, 1, 64, False, False),  # the benchmark shape (B=64, H=16)
-        ("fp16", 64, 64, 3, 3, 1, 64, True, False),  # SmolLM2: 9 query heads on 3 KV heads
-        ("bf16", 64, 64, 14, 1, 7, 128, False, False),  # Qwen2.5-0.5B, key features per query head
-        ("fp32", 256, 256, 1, 4, 1, 1, True, False),  # Gemma 3 head dim, largest feature dim
-        ("bf16", 256, 128, 4, 1, 4, 64, False, False),  # Gemma 3 270M as converted (4 query heads on 1 KV head)
-        ("bf16", 256, 128, 4, 1, 4, 64, False, True),  # the same, maps fused
-        ("bf16", 64, 128, 9, 1, 3, 64, False, True),  # SmolLM2 as benchmarked (F 128 per query head), maps fused
-        ("bf16", 64, 128, 3, 3, 1, 64, True, True),  # maps fused, key maps per KV head
-        ("bf16", 128, 128, 16, 1, 1, 64, False, True),  # the benchmark shape, maps fused
+        ("bf16", 128, 128, 16, 1, 1, 64, False),  # the benchmark shape (B=64, H=16)
+        ("fp16", 64, 64, 3, 3, 1, 64, True),  # SmolLM2: 9 query heads on 3 KV heads
+        ("bf16", 64, 128, 9, 1, 3, 64, False),  # SmolLM2 as benchmarked (F 128 per query head)
+        ("bf16", 64, 64, 14, 1, 7, 128, False),  # Qwen2.5-0.5B, key features per query head
+        ("fp32", 256, 256, 1, 4, 1, 1, True),  # Gemma 3 head dim, largest feature dim
+        ("bf16", 256, 128, 4, 1, 4, 64, False),  # Gemma 3 270M as converted (4 query heads on 1 KV head)
     ],
 )
-def test_compiles_for_sm90_without_spills(dt, D, F, Hf, QH, GK, window, has_valid, fused):
-    kernel = compile_sm90(dt, D, F, Hf, 64, QH, GK, window, has_valid, fused)
+def test_compiles_for_sm90_without_spills(dt, D, F, Hf, QH, GK, window, has_valid):
+    kernel = compile_sm90(dt, D, F, Hf, 64, QH, GK, window, has_valid)
     use = resource_usage(kernel)
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     assert "ld.global.v4" in kernel.asm["ptx"] or "ld.global.v2" in kernel.asm["ptx"], "S is not loaded in vectors"
+
+
+def compile_maps_sm90(dt, H, D, f, BR, GQ=1, GK=3):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import torch
+
+    from linearize.ops.triton.feature_maps import _hedgehog_pair_kernel, _pow2_at_least_16, block_k
+
+    bk = block_k(D, torch.float32 if dt == "fp32" else torch.bfloat16)
+    const = dict(H=H, GQ=GQ, GK=GK, D=D, DP=_pow2_at_least_16(D), FH=f, FHP=_pow2_at_least_16(f), BR=BR, BK=bk, IEEE=dt == "fp32")
+    ptrs, ints = ["XQ", "XK", "WQ", "WK", "YQ", "YK"], ["R", "sXQ_r", "sXK_r", "sYQ_r", "sYK_r"]
+    sig = {n: "*" + dt for n in ptrs} | {n: "i32" for n in ints} | {n: "constexpr" for n in const}
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs + ints[1:]}
+    src = ASTSource(fn=_hedgehog_pair_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+
+
+@pytest.mark.parametrize(
+    "dt,H,D,f",
+    [("bf16", 9, 64, 64),  # SmolLM2, Qwen2.5 (D 64)
+     ("bf16", 4, 256, 64),  # Gemma 3 (D 256)
+     ("bf16", 16, 128, 128),  # the issue-5 shape, the largest f
+     ("fp32", 4, 256, 128)],  # fp32 (ieee dot) at the largest sizes
+)
+def test_map_kernel_compiles_for_sm90_without_spills(dt, H, D, f):
+    from linearize.ops.triton.feature_maps import default_block_rows
+
+    import torch
+
+    kernel = compile_maps_sm90(dt, H, D, f, default_block_rows(64, torch.float32 if dt == "fp32" else torch.bfloat16))
+    use = resource_usage(kernel)
+    assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
+    if dt != "fp32":
+        assert "mma" in kernel.asm["ptx"], "the per-head projection does not use tensor cores"

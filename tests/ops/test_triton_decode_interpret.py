@@ -94,76 +94,59 @@ def test_the_custom_op_registration():
 
 @inside
 @pytest.mark.parametrize(
-    "window,H,Hkv,per_q,dtype,tol",
-    [(6, 4, 2, False, torch.float32, 1e-5), (6, 4, 2, True, torch.float32, 1e-5), (1, 3, 3, False, torch.float32, 1e-5),
-     (0, 4, 2, True, torch.float32, 1e-5), (6, 4, 2, False, torch.float16, 5e-3)],
+    "B,T,H,Hkv,Hk,D,f,dtype,tol",
+    [(3, 1, 4, 2, 4, 24, 5, torch.float32, 1e-6),  # keys per query head over 2 KV heads; D, f not powers of two
+     (2, 5, 4, 2, 2, 16, 8, torch.float32, 1e-6),  # several tokens a row, key maps per KV head
+     (1, 1, 3, 3, 3, 40, 20, torch.float16, 1e-3),
+     (17, 1, 6, 2, 6, 16, 16, torch.float16, 1e-3)],  # rows over two programs (block of 16), the last one partial
 )
-def test_fused_hedgehog_maps_equal_the_maps_computed_outside(window, H, Hkv, per_q, dtype, tol):
-    """``hedgehog=(fq, fk, Wq, Wk)``: the kernel computes phi_q, phi_k itself. Output and ring must match the
-    torch ring step fed ``HedgehogFeatureMap``'s features of the same inputs, over padded steps (D=24 and
-    f=5: no powers of two; the weights read in row blocks)."""
-    from linearize.ops.ring import ring_step_torch
-    from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
+def test_hedgehog_pair_kernel_equals_the_feature_map_modules(B, T, H, Hkv, Hk, D, f, dtype, tol):
+    """``hedgehog_pair_triton`` against ``HedgehogFeatureMap`` on the same inputs: q and k are views of one fused
+    projection (strided heads), as a decode step hands them over."""
+    from linearize.ops.triton.feature_maps import hedgehog_pair_triton
 
-    B, D, f = 2, 24, 5
-    Hf = H if per_q else Hkv
-    g = torch.Generator().manual_seed(window + H)
-    maps = random_hedgehog_maps(H, Hf, D, f, g, 0.4)
-    _, ring, gamma = random_decode_problem(B, H, Hkv, D, 2 * f, window, per_q_features=per_q, dtype=dtype, device="cpu",
-                                           filled=max(window - 3, 0), seed=window)
-    ref = ring.clone()
-    for t in range(5):
-        (q, k, v, _, _), _, _ = random_decode_problem(B, H, Hkv, D, 2 * f, window, per_q_features=per_q, dtype=dtype,
-                                                       device="cpu", filled=0, seed=100 + t)
-        fq, fk = torch.randn(q.shape, generator=g).to(dtype), torch.randn(k.shape, generator=g).to(dtype)
-        with torch.no_grad():
-            phi_q, phi_k = maps[0](fq), maps[1](fk)
-        mask = torch.tensor([[t % 3 != 2], [t % 2 == 0]])
-        out = torch.full_like(q, float("nan"))
-        y = ring_step_triton(q, k, v, phi_q, phi_k, ring, window_weight=gamma, attention_mask=mask, out=out, block_d=8,
-                             hedgehog=(fq, fk, maps[0].weight.detach().to(dtype), maps[1].weight.detach().to(dtype)))
-        y_ref = ring_step_torch(q, k, v, phi_q, phi_k, ref, window_weight=gamma, attention_mask=mask)
-        assert torch.isfinite(y).all() and rel_err(y, y_ref) < tol, f"step {t}: y rel err {rel_err(y, y_ref):.2e}"
-        assert rel_err(ring.S, ref.S) < tol and rel_err(ring.z, ref.z) < tol, f"step {t}: sums"
-        assert rel_err(ring.phi_k.float(), ref.phi_k.float()) < tol, f"step {t}: the ring's phi_k"
-        for name in ("k", "v", "mask", "pos"):
-            assert torch.equal(getattr(ring, name), getattr(ref, name)), f"step {t}: ring {name}"
+    g = torch.Generator().manual_seed(B + D)
+    mq, mk = (m.to(dtype) for m in random_hedgehog_maps(H, Hk, D, f, g, 0.4))
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    q, k, _ = qkv.view(B, T, -1, D).split([H, Hkv, Hkv], dim=2)
+    with torch.no_grad():
+        ref_q, ref_k = mq(q), mk(k)
+    got_q, got_k = hedgehog_pair_triton(q, k, mq.weight.detach(), mk.weight.detach(), block_rows=16)
+    assert got_q.shape == ref_q.shape and got_k.shape == ref_k.shape and got_q.dtype == dtype
+    assert torch.isfinite(got_q).all() and torch.isfinite(got_k).all()
+    assert rel_err(got_q, ref_q) < tol and rel_err(got_k, ref_k) < tol, (rel_err(got_q, ref_q), rel_err(got_k, ref_k))
 
 
 @inside
 @pytest.mark.parametrize(
     "compile,cfg,fuse,want",
-    [(True, {}, True, True), (False, {"sink_tokens": 2}, True, False), (False, {}, None, False)],
-    ids=["inductor", "sinks-eager", "default-unfused"],
+    [(True, {}, None, True), (False, {"sink_tokens": 2}, True, True), (False, {}, False, False)],
+    ids=["inductor-default", "sinks-eager", "off"],
 )
-def test_compiled_decode_fuses_the_maps_into_the_kernel(monkeypatch, compile, cfg, fuse, want):
-    """CompiledDecode(fuse_maps=True) on a tiny llama with the kernels made to serve on CPU: every layer's
-    launch computes its Hedgehog maps (FUSED), and the steps equal the full forward, padded row included; a
-    layout with sinks keeps the maps outside (its phi gets a sink feature the kernel does not compute); the
-    default (fuse_maps=False, measured faster on the H200) keeps them outside too."""
+def test_compiled_decode_runs_the_map_kernel(monkeypatch, compile, cfg, fuse, want):
+    """CompiledDecode on a tiny llama with the kernels made to serve on CPU: by default every layer's step computes
+    its two Hedgehog maps in one launch of the map kernel (sinks too: their feature is appended afterwards),
+    ``fuse_maps=False`` uses the modules; the steps equal the full forward either way, padded row included."""
     from transformers import DynamicCache
 
     import linearize
     import linearize.ops as ops
-    from linearize.ops.triton import decode as dec
+    from linearize.ops.triton import feature_maps as fmk
     from tests.decode_steps import greedy_steps_and_full_forward
     from tests.tiny_models import perturb_added_weights, tiny_model
 
-    class Spy:  # records each launch's FUSED flag, inside the op's body (which dynamo does not trace)
+    class Spy:  # counts the map kernel's launches, inside the op's body (which dynamo does not trace)
         def __init__(self, fn):
-            self.fn, self.fused = fn, []
+            self.fn, self.launches = fn, 0
 
         def __getitem__(self, grid):
-            launch = self.fn[grid]
-
-            def call(*a, **kw):
-                self.fused.append(kw["FUSED"])
-                return launch(*a, **kw)
-            return call
+            self.launches += 1
+            return self.fn[grid]
 
     monkeypatch.setattr(ops, "use_triton", lambda q, phi_q: True)
-    spy = Spy(dec._decode_kernel)
-    monkeypatch.setattr(dec, "_decode_kernel", spy)
+    monkeypatch.setattr("linearize.modules.attention.use_triton", lambda q, phi_q: True)
+    spy = Spy(fmk._hedgehog_pair_kernel)
+    monkeypatch.setattr(fmk, "_hedgehog_pair_kernel", spy)
     torch._dynamo.reset()
     model = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(feature_dim=6, window=4, feature_rope=False, **cfg))
     perturb_added_weights(model)
@@ -175,4 +158,4 @@ def test_compiled_decode_fuses_the_maps_into_the_kernel(monkeypatch, compile, cf
     got, ref = greedy_steps_and_full_forward(model, step, DynamicCache(config=model.config), ids, mask, N, pass_mask=False)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     layers = model.config.num_hidden_layers
-    assert spy.fused == [want] * (layers * N), f"{cfg}: FUSED per launch {spy.fused}"
+    assert spy.launches == (layers * N if want else 0), f"{cfg}: {spy.launches} map-kernel launches"

@@ -32,42 +32,15 @@ from ..state import HybridState
 
 
 @triton.jit
-def _hedgehog(X, WT, rf, D: tl.constexpr, DP: tl.constexpr, F: tl.constexpr, FP: tl.constexpr, BDW: tl.constexpr):
-    """Hedgehog features of one head's input x [D] (at X) with its W [D, F/2] (at WT, row-major), as
-    ``HedgehogFeatureMap`` computes them: u = xW rounded to x's dtype, [softmax(u), softmax(-u)] in fp32,
-    rounded to x's dtype. -> [FP] fp32, 0 beyond F. W is read in row blocks of BDW (registers)."""
-    FH: tl.constexpr = F // 2
-    ok = rf < F
-    first = rf < FH
-    col = tl.where(first, rf, rf - FH)
-    u = tl.zeros([FP], tl.float32)
-    for d0 in tl.static_range(0, DP, BDW):
-        rdx = d0 + tl.arange(0, BDW)
-        x = tl.load(X + rdx, mask=rdx < D, other=0.0).to(tl.float32)
-        w = tl.load(WT + rdx[:, None] * FH + col[None, :], mask=(rdx < D)[:, None] & ok[None, :], other=0.0)
-        u += tl.sum(x[:, None] * w.to(tl.float32), 0)
-    u = u.to(X.dtype.element_ty).to(tl.float32)
-    u = tl.where(first, u, -u)
-    m1 = tl.max(tl.where(first & ok, u, float("-inf")), 0)
-    m2 = tl.max(tl.where((~first) & ok, u, float("-inf")), 0)
-    e = tl.where(ok, tl.exp(u - tl.where(first, m1, m2)), 0.0)
-    s1 = tl.sum(tl.where(first, e, 0.0), 0)
-    s2 = tl.sum(tl.where(first, 0.0, e), 0)
-    return (e / tl.where(first, s1, s2)).to(X.dtype.element_ty).to(tl.float32)
-
-
-@triton.jit
 def _decode_kernel(
-    Q, K, V, PQ, PK, VALID, GAMMA,  # step inputs (FUSED: PQ, PK are the feature maps' inputs, [B,1,H,D], [B,1,Hkv,D])
+    Q, K, V, PQ, PK, VALID, GAMMA,  # step inputs
     S, Z, KR, VR, PKR, MR, POS,  # ring state (contiguous)
     Y,
-    WQ, WK,  # FUSED: Hedgehog weights [H, D, F/2], [Hf, D, F/2] (contiguous)
     sQ_b, sQ_h, sK_b, sK_h, sV_b, sV_h, sPQ_b, sPQ_h, sPK_b, sPK_h, sY_b, sY_h,
     B, Hf, Hkv, scale,
     D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
     BD: tl.constexpr, ND: tl.constexpr, BW: tl.constexpr,
     QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, HAS_VALID: tl.constexpr,
-    FUSED: tl.constexpr = False, BDW: tl.constexpr = 16,
 ):
     pid = tl.program_id(0)
     pid_d = pid % ND
@@ -92,10 +65,7 @@ def _decode_kernel(
     s_tile = tl.load(s_ptrs, mask=sd_ok, other=0.0)
     zb = B * Hf * F
     z_vec = tl.load(Z + par * zb + bf * F + rf, mask=f_ok, other=0.0)
-    if FUSED:  # phi(k) of the new key from its KV head's input and this feature head's weights
-        pk_new = _hedgehog(PK + b * sPK_b + j * sPK_h, WK + f * D * (F // 2), rf, D, DP, F, FP, BDW)
-    else:
-        pk_new = tl.load(PK + b * sPK_b + f * sPK_h + rf, mask=f_ok, other=0.0).to(tl.float32)
+    pk_new = tl.load(PK + b * sPK_b + f * sPK_h + rf, mask=f_ok, other=0.0).to(tl.float32)
     pk_store = pk_new  # what the ring keeps for this key (before the padding mask)
     pk_new = tl.where(valid_new, pk_new, 0.0)
     v_new = tl.load(V + b * sV_b + j * sV_h + rd, mask=d_ok, other=0.0).to(tl.float32)
@@ -117,10 +87,7 @@ def _decode_kernel(
 
     for g in tl.static_range(QH):
         h = f * QH + g
-        if FUSED:
-            pq = _hedgehog(PQ + b * sPQ_b + h * sPQ_h, WQ + h * D * (F // 2), rf, D, DP, F, FP, BDW)
-        else:
-            pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
+        pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
         num = tl.sum(pq[:, None] * s_tile, 0)  # [BD]
         den = tl.sum(pq * z_vec, 0)
         if WINDOW >= 1:
@@ -221,10 +188,8 @@ def _ring_step_op(
     S: torch.Tensor, z: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, pkr: torch.Tensor,
     mask: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
     scale: float, window: int, Hkv: int, BD: int, BW: int, num_warps: int,
-    wq: torch.Tensor | None = None, wk: torch.Tensor | None = None,
 ) -> None:
-    """One kernel launch; the shapes are checked by ``ring_step_triton``. Writes y to ``out``. With ``wq``,
-    ``wk`` (Hedgehog weights) phi_q, phi_k are the feature maps' inputs and the kernel computes the maps."""
+    """One kernel launch; the shapes are checked by ``ring_step_triton``. Writes y to ``out``."""
     B, _, H, D = q.shape
     Hf, F = pkr.shape[2], pkr.shape[3]
     W = kr.shape[1]
@@ -232,24 +197,21 @@ def _ring_step_op(
     ND = -(-D // BD)
     G, Gk = H // Hkv, Hf // Hkv
     has_valid = valid is not None
-    fused = wq is not None
     _decode_kernel[(B * Hf * ND,)](
         q, k, v, phi_q, phi_k, valid if has_valid else gamma, gamma,
         S, z, kr, vr, pkr, mask.view(torch.uint8), pos,
         out,
-        wq if fused else gamma, wk if fused else gamma,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         phi_q.stride(0), phi_q.stride(2), phi_k.stride(0), phi_k.stride(2), out.stride(0), out.stride(2),
         B, Hf, Hkv, scale,
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=ND, BW=BW,
-        QH=G // Gk, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FUSED=fused,
+        QH=G // Gk, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid,
         num_warps=num_warps,
     )
 
 
 @_ring_step_op.register_fake
-def _(q, k, v, phi_q, phi_k, valid, gamma, S, z, kr, vr, pkr, mask, pos, out, scale, window, Hkv, BD, BW, num_warps,
-      wq=None, wk=None):
+def _(q, k, v, phi_q, phi_k, valid, gamma, S, z, kr, vr, pkr, mask, pos, out, scale, window, Hkv, BD, BW, num_warps):
     return None
 
 
@@ -268,34 +230,19 @@ def ring_step_triton(
     block_d: int | None = None,
     block_w: int | None = None,
     num_warps: int | None = None,
-    hedgehog: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The Triton twin of ``ring_step_torch``: y [B,1,H,D] in q's dtype, ``ring`` advanced in place.
 
     ``out`` (optional, [B,1,H,D] in q's dtype) receives y, so that a captured graph has a fixed output.
     ``block_d``/``block_w``/``num_warps`` override the launch configuration (benchmarks, tuning).
-    ``hedgehog = (fq [B,1,H,D], fk [B,1,Hkv,D], Wq [H,D,F/2], Wk [Hf,D,F/2])``: the kernel computes phi_q and
-    phi_k itself, as ``HedgehogFeatureMap`` on those inputs (phi_q, phi_k then only give the shapes; their
-    values are not read, so a compiled step drops the maps' own kernels).
     """
     d = check_ring(ring, q, k, v, phi_q, phi_k)
-    wq = wk = None
-    if hedgehog is not None:
-        fq, fk, wq, wk = hedgehog
-        if fq.shape != q.shape or fk.shape != k.shape or fq.dtype != q.dtype or fk.dtype != k.dtype:
-            raise ValueError(f"hedgehog inputs must be shaped and typed as q and k; got {tuple(fq.shape)}, {tuple(fk.shape)}")
-        if tuple(wq.shape) != (d.H, d.D, d.F // 2) or tuple(wk.shape) != (d.Hf, d.D, d.F // 2) or d.F % 2:
-            raise ValueError(f"hedgehog weights must be [{d.H}, {d.D}, {d.F // 2}] and [{d.Hf}, {d.D}, {d.F // 2}]; "
-                             f"got {tuple(wq.shape)}, {tuple(wk.shape)}")
-        wq, wk = wq.contiguous(), wk.contiguous()
     if ring.S.dtype != torch.float32 or ring.z.dtype != torch.float32:
         raise ValueError(f"the decode kernel keeps the sums in float32; got S {ring.S.dtype}, z {ring.z.dtype}")
     if ring.k.dtype != k.dtype or ring.v.dtype != v.dtype or ring.phi_k.dtype != phi_k.dtype:
         raise ValueError(
             f"ring dtypes (k {ring.k.dtype}, phi_k {ring.phi_k.dtype}) must match the step's inputs (k {k.dtype}, phi_k {phi_k.dtype})"
         )
-    if hedgehog is not None:
-        phi_q, phi_k = fq, fk  # what the kernel reads in their place
     if d.D > 256 or d.F > 256:
         raise ValueError(f"the decode kernel supports head dim and feature dim up to 256; got D={d.D}, F={d.F}")
     for name, t in (("S", ring.S), ("z", ring.z), ("k", ring.k), ("v", ring.v), ("phi_k", ring.phi_k), ("mask", ring.mask)):
@@ -320,7 +267,7 @@ def ring_step_triton(
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
-        float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps, wq, wk,
+        float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps,
     )
     ring.pos.add_(1)
     return out

@@ -1,0 +1,145 @@
+"""Triton Hedgehog feature maps for decode: phi_q and phi_k of one step in one launch, no autograd.
+
+Why: in a compiled decode step (``linearize.CompiledDecode``) the two maps of a layer cost six kernels (a
+permuted copy of the input, one batched GEMM per map, and inductor's softmax as a reduction plus a
+pointwise kernel per map): 12.5 us a layer of SmolLM2 at B 64 on the H200, for a few hundred KB of traffic
+(``benchmarks/results/generate-nvidia-h200-20261203-225408.log``). This is one kernel for both.
+Computing them inside the ring kernel instead was measured slower (its S tile stays live in registers).
+
+Same math as ``HedgehogFeatureMap.forward``: u = x W per head, rounded to x's dtype (what the einsum
+returns), then [softmax(u), softmax(-u)] in fp32, rounded to x's dtype. One program per (output head,
+block of BR rows); rows are the B*T tokens. The output heads of a map read input head ``h // G``
+(G = output heads / input heads: keys of a GQA model with maps per query head), as ``_project`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _hedgehog_rows(X, W, Y, h, r0, R, sX_r, sY_r,
+                   G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr,
+                   BR: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """Rows r0..r0+BR of output head h: X [R, Hx, D] (row stride sX_r, head stride D), W [H, D, FH],
+    Y [R, H, 2 FH] (row stride sY_r, head stride 2 FH)."""
+    rr = r0 + tl.arange(0, BR)
+    r_ok = rr < R
+    rf = tl.arange(0, FHP)
+    f_ok = rf < FH
+    x_rows = X + rr[:, None].to(tl.int64) * sX_r + (h // G) * D
+    u = tl.zeros([BR, FHP], tl.float32)
+    for d0 in tl.static_range(0, DP, BK):  # the head dim in slices: a whole [D, f] tile of W would spill
+        rd = d0 + tl.arange(0, BK)
+        d_ok = rd < D
+        x = tl.load(x_rows + rd[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(W + h * D * FH + rd[:, None] * FH + rf[None, :], mask=d_ok[:, None] & f_ok[None, :], other=0.0)
+        if IEEE:
+            u += tl.dot(x, w, input_precision="ieee")
+        else:
+            u += tl.dot(x, w)
+    u = u.to(X.dtype.element_ty).to(tl.float32)
+    pos = tl.where(f_ok[None, :], u, float("-inf"))
+    neg = tl.where(f_ok[None, :], -u, float("-inf"))
+    e1 = tl.exp(pos - tl.max(pos, 1)[:, None])
+    e2 = tl.exp(neg - tl.max(neg, 1)[:, None])
+    p1 = e1 / tl.sum(e1, 1)[:, None]
+    p2 = e2 / tl.sum(e2, 1)[:, None]
+    out = Y + rr[:, None].to(tl.int64) * sY_r + h * 2 * FH + rf[None, :]
+    ok = r_ok[:, None] & f_ok[None, :]
+    tl.store(out, p1.to(Y.dtype.element_ty), mask=ok)
+    tl.store(out + FH, p2.to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _hedgehog_pair_kernel(
+    XQ, XK, WQ, WK, YQ, YK, R, sXQ_r, sXK_r, sYQ_r, sYK_r,
+    H: tl.constexpr, GQ: tl.constexpr, GK: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """Programs 0..H-1 along axis 0 serve the query map's heads, the rest the key map's."""
+    pid = tl.program_id(0)
+    r0 = tl.program_id(1) * BR
+    if pid < H:
+        _hedgehog_rows(XQ, WQ, YQ, pid, r0, R, sXQ_r, sYQ_r, GQ, D, DP, FH, FHP, BR, BK, IEEE)
+    else:
+        _hedgehog_rows(XK, WK, YK, pid - H, r0, R, sXK_r, sYK_r, GK, D, DP, FH, FHP, BR, BK, IEEE)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    """tl.dot takes dims of at least 16."""
+    return max(16, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def block_k(D: int, dtype: torch.dtype) -> int:
+    """Head-dim slice per dot: 64 (16 in fp32), so W's tile stays in registers at D 256, f 128 (sm_90 compile
+    of ``tests/ops/test_triton_decode_compile.py``: fp32 spilled at 32 x 32)."""
+    return min(_pow2_at_least_16(D), 16 if dtype == torch.float32 else 64)
+
+
+def default_block_rows(R: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Rows per program: 32 at most (several programs per head at decode batches; 16 in fp32, whose tiles are
+    twice the registers), 16 at least (tl.dot)."""
+    return min(16 if dtype == torch.float32 else 32, _pow2_at_least_16(R))
+
+
+@torch.library.custom_op("linearize::hedgehog_pair", mutates_args=())
+def _hedgehog_pair_op(xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, block_rows: int,
+                      num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch; shapes checked by ``hedgehog_pair_triton``. An opaque op to torch.compile, like the ring step."""
+    B, T, Hq_in, D = xq.shape
+    Hk_in = xk.shape[2]
+    H, _, FH = wq.shape
+    Hk = wk.shape[0]
+    R = B * T
+    xq2, xk2 = xq.reshape(R, Hq_in, D), xk.reshape(R, Hk_in, D)
+    yq = torch.empty(B, T, H, 2 * FH, dtype=xq.dtype, device=xq.device)
+    yk = torch.empty(B, T, Hk, 2 * FH, dtype=xk.dtype, device=xk.device)
+    if R == 0:
+        return yq, yk
+    grid = (H + Hk, triton.cdiv(R, block_rows))
+    _hedgehog_pair_kernel[grid](
+        xq2, xk2, wq, wk, yq, yk, R, xq2.stride(0), xk2.stride(0), H * 2 * FH, Hk * 2 * FH,
+        H=H, GQ=H // Hq_in, GK=Hk // Hk_in, D=D, DP=_pow2_at_least_16(D), FH=FH, FHP=_pow2_at_least_16(FH),
+        BR=block_rows, BK=block_k(D, xq.dtype), IEEE=xq.dtype == torch.float32, num_warps=num_warps,
+    )
+    return yq, yk
+
+
+@_hedgehog_pair_op.register_fake
+def _(xq, xk, wq, wk, block_rows, num_warps):
+    B, T = xq.shape[:2]
+    return xq.new_empty(B, T, wq.shape[0], 2 * wq.shape[2]), xk.new_empty(B, T, wk.shape[0], 2 * wk.shape[2])
+
+
+def hedgehog_pair_triton(
+    xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, *,
+    block_rows: int | None = None, num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(HedgehogFeatureMap(wq)(xq), HedgehogFeatureMap(wk)(xk))`` in one launch, without autograd.
+
+    xq [B,T,Hq,D], xk [B,T,Hk',D] (same dtype, last two dims packed: a view of a fused projection is
+    fine); wq [H,D,f], wk [Hk,D,f] with H % Hq == 0 and Hk % Hk' == 0 (cast to x's dtype, as the map does).
+    -> phi_q [B,T,H,2f], phi_k [B,T,Hk,2f] in x's dtype, contiguous.
+    """
+    if xq.dim() != 4 or xk.dim() != 4 or xq.shape[:2] != xk.shape[:2] or xq.shape[3] != xk.shape[3]:
+        raise ValueError(f"xq, xk must be [B, T, heads, D] with the same B, T, D; got {tuple(xq.shape)}, {tuple(xk.shape)}")
+    if xq.dtype != xk.dtype:
+        raise ValueError(f"xq and xk must share a dtype; got {xq.dtype}, {xk.dtype}")
+    D = xq.shape[3]
+    if wq.dim() != 3 or wk.dim() != 3 or wq.shape[1] != D or wk.shape[1:] != wq.shape[1:]:
+        raise ValueError(f"weights must be [H, {D}, f] with one f; got {tuple(wq.shape)}, {tuple(wk.shape)}")
+    if wq.shape[0] % xq.shape[2] or wk.shape[0] % xk.shape[2]:
+        raise ValueError(f"map heads ({wq.shape[0]}, {wk.shape[0]}) must be multiples of the input heads "
+                         f"({xq.shape[2]}, {xk.shape[2]})")
+    if D > 256 or wq.shape[2] > 128:
+        raise ValueError(f"the map kernel takes head dim <= 256 and f <= 128; got D={D}, f={wq.shape[2]}")
+    xq, xk = (x if x.stride(3) == 1 and x.stride(2) == D else x.contiguous() for x in (xq, xk))
+    # one row stride over (B, T): a [B, 1, H, D] view always has it; a longer T needs its rows evenly spaced
+    xq, xk = (x if x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1) else x.contiguous() for x in (xq, xk))
+    wq, wk = wq.to(xq.dtype).contiguous(), wk.to(xq.dtype).contiguous()
+    R = xq.shape[0] * xq.shape[1]
+    return _hedgehog_pair_op(xq, xk, wq, wk, block_rows or default_block_rows(R, xq.dtype), num_warps)
