@@ -28,9 +28,9 @@ gen() { python3 benchmarks/generate.py --model benchmarks/configs/smollm2-135m.j
 RETR10=(--set 'softmax_layers=[7,8,14,15,17,18,20,21,22,23]' --set sink_tokens=4 --set feature_rope=false)
 case "$call" in
   1)
-    timeout 200 python3 -m pytest -q -x tests/gpu/test_softmax_decode_cuda.py tests/gpu/test_decode_cuda.py \
+    timeout 170 python3 -m pytest -q -x tests/gpu/test_softmax_decode_cuda.py tests/gpu/test_decode_cuda.py \
       -k "softmax or compiled_decode or map_kernel" 2>&1 | tail -30 | tee "$out/tests.log"
-    timeout 120 python3 benchmarks/tune_decode.py --presets smollm2,gemma3 --quick --commit "$sha" --copy-to "$out" \
+    timeout 100 python3 benchmarks/tune_decode.py --presets smollm2,gemma3 --quick --commit "$sha" --copy-to "$out" \
       > "$out/tune.log" 2>&1
     grep -E "^  maps|default|^smollm2|^gemma3" "$out/tune.log"
     timeout 120 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
