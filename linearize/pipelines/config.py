@@ -46,6 +46,15 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     keep_adapters: bool = False  # export the adapters next to the merged model
+    #: which decoder layers get adapters: "all", "linearized" (only the converted layers: the kept softmax ones
+    #: stay exactly the base's), or a list of layer indices
+    layers: str | list[int] = "all"
+
+    def __post_init__(self) -> None:
+        ok = self.layers in ("all", "linearized") or (
+            isinstance(self.layers, list) and self.layers and all(isinstance(i, int) and i >= 0 for i in self.layers))
+        if not ok:
+            raise ValueError(f"invalid lora.layers={self.layers!r}: give all, linearized or a list of layer indices")
 
 
 @dataclass
@@ -112,6 +121,8 @@ class RunConfig:
                 raise ValueError("convert=false (the softmax control) has no attention transfer: set stage1.steps=0 and no transfer_block")
             if self.stage2.steps == 0:
                 raise ValueError("convert=false (the softmax control) trains only stage 2: set stage2.steps > 0")
+            if self.lora.layers == "linearized":
+                raise ValueError("convert=false (the softmax control) has no linearized layers: set lora.layers to all or a list")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

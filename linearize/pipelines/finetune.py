@@ -9,11 +9,33 @@ from .config import LoraConfig
 from .transfer import autocast
 
 
+def lora_layers(model: nn.Module, cfg: LoraConfig) -> list[int] | None:
+    """The decoder layers ``cfg.layers`` names (None: all of them)."""
+    if cfg.layers == "all":
+        return None
+    n = model.config.num_hidden_layers
+    if cfg.layers == "linearized":
+        from ..convert import linearized_layers
+
+        idx = sorted(m.layer_idx for m in linearized_layers(model))
+        if not idx:
+            raise ValueError("lora.layers=linearized, but the model has no linearized layer: convert it first, or use all")
+        return idx
+    bad = [i for i in cfg.layers if i >= n]
+    if bad:
+        raise ValueError(f"lora.layers {bad} are out of range: the model has {n} layers (0..{n - 1})")
+    return sorted(set(cfg.layers))
+
+
 def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
-    """Wrap ``model`` with peft LoRA adapters; only the adapters are trainable."""
+    """Wrap ``model`` with peft LoRA adapters on ``cfg.targets`` in the layers ``cfg.layers`` names; only the
+    adapters are trainable."""
     import peft
 
-    lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets), bias="none")
+    layers = lora_layers(model, cfg)
+    where = {} if layers is None else {"layers_to_transform": layers, "layers_pattern": "layers"}
+    lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.targets),
+                           bias="none", **where)
     return peft.get_peft_model(model, lora)
 
 

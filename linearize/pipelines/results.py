@@ -144,6 +144,8 @@ def recipe(report: dict | None) -> str:
     norm += f" sink{lin['sink_tokens']}" if lin.get("sink_tokens") else ""
     norm += " nope" if lin.get("feature_rope") is False else ""  # feature maps before RoPE
     norm += f" softmax{len(lin['softmax_layers'])}" if lin.get("softmax_layers") else ""  # layers kept softmax
+    layers = (cfg.get("lora") or {}).get("layers", "all")
+    norm += "" if layers == "all" else " lora:lin" if layers == "linearized" else f" lora:{len(layers)}"
     return f"w{lin.get('window')} {lin.get('feature_map')}/f{lin.get('feature_dim')}{norm} ({steps} @ {cfg.get('data', {}).get('seq_len')})"
 
 

@@ -102,6 +102,8 @@ def test_recipe_names_every_setting_an_ablation_changes():
     lin = {"window": 64, "feature_map": "hedgehog", "feature_dim": 64, "feature_rope": False, "softmax_layers": [7, 15, 23]}
     assert recipe(base | {"linearize": lin}) == "w64 hedgehog/f64 nope softmax3 (200+200 steps @ 1024)"
     assert recipe(base | {"linearize": lin | {"feature_rope": True, "softmax_layers": []}}) == "w64 hedgehog/f64 (200+200 steps @ 1024)"
+    lora_lin = {"config": base["config"] | {"lora": {"layers": "linearized"}}}
+    assert recipe(base | lora_lin | {"linearize": lin}) == "w64 hedgehog/f64 nope softmax3 lora:lin (200+200 steps @ 1024)"
 
 
 def test_a_base_at_chance_on_mmlu_is_said_so(tmp_path):
