@@ -66,11 +66,11 @@ PRESETS = {
 def problem(s: Shape, device, dtype, seed: int):
     """(q, k, v), a full ring, gamma and Hedgehog maps (query [H heads], key [Hf heads]; F = 2 f) with random
     weights, whose features of q and k the ring rows read."""
+    from linearize.modules.feature_maps import HedgehogFeatureMap
     from linearize.ops.triton.decode import random_decode_problem
 
     (q, k, v, _, _), ring, gamma = random_decode_problem(
         s.B, s.H, s.Hkv, s.D, s.F, s.window, per_q_features=s.Hf == s.H, dtype=dtype, device=device, seed=seed)
-    from linearize.modules.feature_maps import HedgehogFeatureMap
 
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     maps = []
@@ -148,13 +148,13 @@ def run(args) -> dict:
                 r["ms"] = timed([lambda i=i: step(i, bd, w, bw, fc) for i in range(n_sets)])
                 r["pct_floor"] = 100 * floor_ms / r["ms"]
             except Exception as ex:  # noqa: BLE001 - a failed config is a row with its error
-                r["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"
+                r["error"] = error_text(ex)
             rows.append(r)
             print(line(r), flush=True)
 
-        def torch_maps(i, fn=None):
+        def torch_maps(i):
             (q, k, _), _, _, (fq, fk) = sets[i]
-            return (fn or (lambda a, b: (fq(a), fk(b))))(q, k)
+            return fq(q), fk(k)
 
         def triton_maps(i):
             (q, k, _), _, _, (fq, fk) = sets[i]
@@ -164,7 +164,7 @@ def run(args) -> dict:
         compiled = torch.compile(lambda a, b, fq=sets[0][3][0], fk=sets[0][3][1]: (fq(a), fk(b)), fullgraph=True, dynamic=False)
         with torch.no_grad():
             variants = [("maps: triton (1 launch)", triton_maps), ("maps: torch eager", torch_maps),
-                        ("maps: torch compiled", lambda i: torch_maps(i, compiled))]
+                        ("maps: torch compiled", lambda i: compiled(*sets[i][0][:2]))]
             for row, fn in variants:
                 r = {"preset": name, "shape": asdict(s), "row": row, "kind": "maps", "floor_ms": floor_ms}
                 try:
@@ -173,10 +173,15 @@ def run(args) -> dict:
                                        for a, b in zip(got, phis[0]))
                     r["ms"] = timed([lambda i=i: fn(i) for i in range(n_sets)])
                 except Exception as ex:  # noqa: BLE001
-                    r["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"
+                    r["error"] = error_text(ex)
                 rows.append(r)
                 print(line(r), flush=True)
     return {"environment": env, "ceilings": ceilings, "args": vars(args), "command": " ".join(sys.argv), "rows": rows}
+
+
+def error_text(ex: Exception) -> str:
+    """A failed row's error: the exception's type and the first line of its message."""
+    return f"{type(ex).__name__}: {str(ex).splitlines()[0][:200] if str(ex) else ''}"
 
 
 def line(r: dict) -> str:

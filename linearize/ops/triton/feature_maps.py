@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .decode import _pow2
+
 
 @triton.jit
 def _hedgehog_rows(X, W, Y, h, r0, R, sX_r, sY_r,
@@ -71,7 +73,7 @@ def _hedgehog_pair_kernel(
 
 def _pow2_at_least_16(n: int) -> int:
     """tl.dot takes dims of at least 16."""
-    return max(16, 1 << max(int(n) - 1, 0).bit_length())
+    return max(16, _pow2(n))
 
 
 def block_k(D: int, dtype: torch.dtype) -> int:
