@@ -1,6 +1,11 @@
 """Pick the launch table of the fused chunk kernels: time forward and forward+backward for a few block shapes.
 
     python benchmarks/tune_chunk.py [--T 16384] [--B 4] [--H 16] [--D 128] [--F 128] [--out FILE.json]
+    python benchmarks/tune_chunk.py --T 2048 --nseg 0,8,16,32 --shapes default,64x64x4x2   # segments per sequence
+
+``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default, enough programs to fill
+the device twice): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
+larger segment-prefix buffer ([nseg, B, H', F, D] fp32, written, summed and read once more).
 
 Times with ``triton.testing.do_bench`` (median of repeats, warm-up excluded); every config is first
 checked against the default one (relative error of y < 1e-2) so a fast wrong config cannot win.
@@ -18,7 +23,39 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import time_graph  # noqa: E402
 from linearize.ops.triton.chunk import LaunchConfig, default_config, hybrid_attention_triton  # noqa: E402
+
+
+ALL_SHAPES = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 4, 2), (64, 128, 8, 3), (64, 128, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2)]
+
+
+def label(cfg: LaunchConfig) -> str:
+    return f"C={cfg.C:3d} BV={cfg.BV:3d} warps={cfg.num_warps} stages={cfg.num_stages} nseg={cfg.nseg or 'auto'}"
+
+
+def candidates(base: LaunchConfig, shapes: str, nsegs: list[int]) -> list[LaunchConfig]:
+    """The default config first (the reference of the error check), then every (shape, nseg) pair once."""
+    if shapes == "all":
+        picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
+    else:
+        picked = []
+        for item in shapes.split(","):
+            if item == "default":
+                picked.append((base.C, base.BV, base.num_warps, base.num_stages))
+            else:
+                try:
+                    C, BV, w, st = (int(x) for x in item.split("x"))
+                except ValueError:
+                    raise SystemExit(f"--shapes: {item!r} is neither 'default' nor CxBVxWARPSxSTAGES (e.g. 64x64x4x2)") from None
+                picked.append((C, BV, w, st))
+    out = [base]
+    for C, BV, w, st in picked:
+        for n in nsegs:
+            cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None)
+            if cfg not in out:
+                out.append(cfg)
+    return out
 
 
 def main() -> None:
@@ -31,6 +68,11 @@ def main() -> None:
     ap.add_argument("--F", type=int, default=128)
     ap.add_argument("--W", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--graph", action="store_true",
+                    help="also time forward+backward replayed in a CUDA graph (short T, where launches dominate)")
+    ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
+    ap.add_argument("--shapes", default="all",
+                    help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")
     a = ap.parse_args()
     import triton.testing
 
@@ -69,12 +111,7 @@ def main() -> None:
     t2 = time.perf_counter()
     print(f"first call (compile + run): forward {t1 - t0:.1f} s, then forward+backward {t2 - t1:.1f} s", flush=True)
     rows = []
-    shapes = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 4, 2), (64, 128, 8, 3), (64, 128, 4, 3), (32, 128, 4, 2), (32, 128, 8, 2)]
-    cands = [base] + [
-        LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st)
-        for C, BV, w, st in shapes
-        if (C, BV, w, st) != (base.C, base.BV, base.num_warps, base.num_stages)
-    ]
+    cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")])
     for cfg in cands:
         try:
             err = ((fwd(cfg).float() - y0.float()).norm() / y0.float().norm()).item()
@@ -83,25 +120,35 @@ def main() -> None:
                 continue
             f = triton.testing.do_bench(lambda: fwd(cfg), warmup=50, rep=300, return_mode="median")
             fb = triton.testing.do_bench(lambda: fwd_bwd(cfg), warmup=50, rep=300, return_mode="median")
-            rows.append(dict(cfg=cfg.__dict__, fwd_ms=f, fwd_bwd_ms=fb))
-            print(f"C={cfg.C:3d} BV={cfg.BV:3d} warps={cfg.num_warps} stages={cfg.num_stages}: fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms", flush=True)
+            row = dict(cfg=cfg.__dict__, fwd_ms=f, fwd_bwd_ms=fb)
+            extra = ""
+            if a.graph:
+                row["fwd_bwd_graph_ms"] = time_graph([lambda: fwd_bwd(cfg)])
+                extra = f"  graph {row['fwd_bwd_graph_ms']:7.3f} ms"
+            rows.append(row)
+            print(f"{label(cfg)}: fwd {f:7.3f} ms  fwd+bwd {fb:7.3f} ms{extra}", flush=True)
         except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory) is a row, not a crash
             rows.append(dict(cfg=cfg.__dict__, error=f"{type(e).__name__}: {str(e)[:200]}"))
-            print(f"C={cfg.C} BV={cfg.BV} warps={cfg.num_warps} stages={cfg.num_stages}: {type(e).__name__}", flush=True)
+            print(f"{label(cfg)}: {type(e).__name__}", flush=True)
 
-    from torch.profiler import ProfilerActivity, profile
-
-    fwd_bwd(base)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            fwd_bwd(base)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
     ok = [r for r in rows if "fwd_bwd_ms" in r]
     best = min(ok, key=lambda r: r["fwd_bwd_ms"]) if ok else None
     print("best fwd+bwd:", best)
     bestf = min(ok, key=lambda r: r["fwd_ms"]) if ok else None
     print("best fwd:", bestf)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    # Per-kernel time of the default and of the fastest config: where a change of launch moved the time.
+    profiled = [base] + ([LaunchConfig(**best["cfg"])] if best and LaunchConfig(**best["cfg"]) != base else [])
+    for cfg in profiled:
+        fwd_bwd(cfg)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fwd_bwd(cfg)
+            torch.cuda.synchronize()
+        print(f"profile, 5 x forward+backward, {label(cfg)}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
     if a.out:
         Path(a.out).write_text(json.dumps(dict(shape=dict(B=B, T=T, H=H, Hkv=Hkv, D=D, F=F, W=a.W), device=torch.cuda.get_device_name(), rows=rows), indent=1))
 

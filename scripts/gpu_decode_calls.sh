@@ -12,12 +12,14 @@
 #   bash scripts/gpu_decode_calls.sh 3 SHA   # ours and the base at 16K new tokens in one run
 #   bash scripts/gpu_decode_calls.sh 4 SHA   # the largest batch at 4096 tokens: all linear and the base, then
 #                                            # per-KV-head key maps (issue 6's >= 8x goal)
+#   bash scripts/gpu_decode_calls.sh 5 SHA   # not decode: the training kernels' segment count (issue 5), swept at
+#                                            # B4 H16 D=F=128 T=16K and T=2K (with CUDA-graph timings) by tune_chunk
 #
 # Everything goes to $OUT (logs, JSON, markdown); each step has its own timeout so that the call ends before
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1, 2 or 3}
+call=${1:?call number 1 to 5}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -59,7 +61,15 @@ case "$call" in
       --set feature_map_per_kv_head=true" > "$out/fit-kvmaps.log" 2>&1
     tail -30 "$out/fit-kvmaps.log"
     ;;
-  *) echo "call must be 1, 2, 3 or 4" >&2; exit 2 ;;
+  5)
+    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --nseg 0,16,32,64 --shapes default,64x64x4x2 \
+      --out "$out/tune-chunk-16k.json" > "$out/tune-chunk-16k.log" 2>&1
+    grep -E "^C=|first call|best" "$out/tune-chunk-16k.log"
+    timeout 150 python3 benchmarks/tune_chunk.py --T 2048 --graph --nseg 0,8,16,32 --shapes default,64x64x4x2 \
+      --out "$out/tune-chunk-2k.json" > "$out/tune-chunk-2k.log" 2>&1
+    grep -E "^C=|first call|best" "$out/tune-chunk-2k.log"
+    ;;
+  *) echo "call must be 1, 2, 3, 4 or 5" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

@@ -1,0 +1,24 @@
+"""tune_chunk's candidate list (the timing itself needs CUDA)."""
+
+import pytest
+
+from benchmarks.tune_chunk import ALL_SHAPES, candidates
+from linearize.ops.triton.chunk import LaunchConfig, default_config
+
+
+def test_default_first_then_each_shape_and_segment_count_once():
+    base = default_config(128, 128)
+    cands = candidates(base, "default,64x64x4x2", [0, 16, 32])
+    assert cands[0] == base
+    assert len(cands) == len(set(cands)) == 6
+    assert LaunchConfig(C=64, BV=64, num_warps=4, num_stages=2, nseg=32) in cands
+    assert {c.nseg for c in cands} == {None, 16, 32}
+
+
+def test_all_shapes_with_the_default_segments():
+    assert len(candidates(default_config(128, 128), "all", [0])) == 1 + len(ALL_SHAPES)
+
+
+def test_bad_shape_is_one_line_error():
+    with pytest.raises(SystemExit, match="CxBVxWARPSxSTAGES"):
+        candidates(default_config(128, 128), "64x64", [0])
