@@ -88,9 +88,10 @@ def configs(s: Shape, quick: bool):
     from linearize.ops.triton.decode import _pow2, default_block_d, default_block_w, default_chunk_rows, default_num_warps
 
     bd0 = default_block_d(s.B, s.Hf, s.D)
-    w0 = default_num_warps(_pow2(s.F), bd0)
+    fc0 = default_chunk_rows(s.F, s.D, bd0, s.Hf == s.H)
+    w0 = default_num_warps(_pow2(s.F), bd0, fc0)
     bw0 = default_block_w(ring_slots(s.window), s.D)
-    out = [(bd0, w0, bw0, default_chunk_rows(s.F, bd0))]
+    out = [(bd0, w0, bw0, fc0)]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]
     else:

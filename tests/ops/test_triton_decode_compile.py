@@ -42,7 +42,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0):
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS + STRIDES}
     src = ASTSource(fn=_decode_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=default_num_warps(FP, BD)))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=default_num_warps(FP, BD, fc)))
 
 
 def resource_usage(kernel) -> dict:

@@ -115,9 +115,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def _segments(n_chunks: int, programs_per_segment: int, device: torch.device, nseg: int | None) -> tuple[int, int]:
-    """(n_per, nseg): chunks per segment and segment count."""
+    """(n_per, nseg): chunks per segment and segment count.
+
+    Default: about 8 programs an SM (more programs hide the latency of each one's sequential walk), but at least
+    4 chunks a segment (each segment costs a prefix-sum entry of F x D fp32 and a partial walk). On the H200 at
+    B=4, H=16, D=F=128 (``benchmarks/tune_chunk.py --nseg``, 2026-12-04) this picks the fastest counts of the
+    sweep: 16 at T=16K (forward+backward 9.37 ms with the old 2-programs-an-SM rule's 5 -> 8.75) and 8 at T=2K
+    (1.82 -> 1.58 ms)."""
     if nseg is None:
-        nseg = max(1, math.ceil(2 * _num_sms(device) / max(programs_per_segment, 1)))
+        nseg = max(1, min(math.ceil(8 * _num_sms(device) / max(programs_per_segment, 1)), n_chunks // 4))
     nseg = max(1, min(nseg, n_chunks))
     n_per = math.ceil(n_chunks / nseg)
     return n_per, math.ceil(n_chunks / n_per)

@@ -222,15 +222,25 @@ def default_block_w(W: int, D: int) -> int:
     return max(1, min(_pow2(W), max(4096 // _pow2(D), 16)))
 
 
-def default_chunk_rows(F: int, BD: int) -> int:
-    """0: each program holds its S slice whole, the launch measured fastest so far. The chunked variant
-    (``chunk_rows``) is new and awaits ``benchmarks/tune_decode.py`` on a GPU."""
+def default_chunk_rows(F: int, D: int, BD: int, per_query_features: bool) -> int:
+    """Feature rows of S a program streams at a time (0: it holds its S slice whole).
+
+    64 where measured faster (H200, ``benchmarks/tune_decode.py``, 2026-12-04, B=64): key features per query
+    head, F > 64 and one value block per head. SmolLM2 (D 64, F 128) 21.6 -> 18.6 us, the issue-5 shape
+    (D = F = 128) 68.7 -> 54.8 us, both at 2 warps (``default_num_warps``). Head dim 256 (Gemma 3: two value
+    blocks) was not swept in the chunked form, so it keeps S whole."""
+    if per_query_features and _pow2(F) > 64 and BD == _pow2(D):
+        return 64
     return 0
 
 
-def default_num_warps(FP: int, BD: int) -> int:
-    """4 warps (fastest at every measured shape: 8 was 20-40% slower), 8 once the S slice passes 128 fp32
-    registers a thread at 4 (F x BD > 16384: head dim 256 with 256 features), which would spill."""
+def default_num_warps(FP: int, BD: int, FC: int = 0) -> int:
+    """2 warps with S streamed in row chunks (``FC``; the smaller live slice needs fewer threads: 4 warps were
+    7-14% slower, 8 warps 40-50%). Holding S whole: 4 warps (fastest at every measured shape: 8 was 20-40%
+    slower), 8 once the S slice passes 128 fp32 registers a thread at 4 (F x BD > 16384: head dim 256 with 256
+    features), which would spill."""
+    if FC:
+        return 2
     return 4 if FP * BD <= 16384 else 8
 
 
@@ -325,8 +335,8 @@ def ring_step_triton(
     W = ring.slots
     BD = block_d or default_block_d(d.B, d.Hf, d.D)
     BW = block_w or default_block_w(W, d.D)
-    warps = num_warps or default_num_warps(_pow2(d.F), BD)
-    FC = default_chunk_rows(d.F, BD) if chunk_rows is None else chunk_rows
+    FC = default_chunk_rows(d.F, d.D, BD, d.Hf == d.H) if chunk_rows is None else chunk_rows
+    warps = num_warps or default_num_warps(_pow2(d.F), BD, FC)
     if FC:
         if FC < 16 or FC & (FC - 1) or FC > _pow2(d.F):
             raise ValueError(f"chunk_rows must be 0 or a power of two in [16, {_pow2(d.F)}]; got {FC}")
