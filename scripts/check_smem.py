@@ -3,6 +3,10 @@ without a GPU (Triton's bundled ptxas): catches "out of resource: shared memory"
 
     python scripts/check_smem.py                      # the cases below, sm_90 (H100/H200: 227 KiB a block)
     python scripts/check_smem.py --arch 80 --limit 166912   # A100 (163 KiB)
+    python scripts/check_smem.py --registers          # also registers a thread and spill bytes (cuobjdump)
+
+Registers matter as much as shared memory here: a kernel at 255 registers a thread with 8 warps fills an SM's
+register file alone, so one program runs per SM, and anything over 255 spills to local memory (``STACK``).
 
 How: ``hybrid_attention_triton`` forward + backward runs on CPU tensors with every kernel replaced by a
 recorder (no kernel executes; the values are garbage), which keeps each launch's argument types, int
@@ -88,7 +92,8 @@ def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None) -> list[dict]
     return list(unique.values())
 
 
-def shared_bytes(launch: dict, arch: int, num_stages: int | None = None) -> int:
+def compile_launch(launch: dict, arch: int, num_stages: int | None = None):
+    """The launch compiled for ``arch`` with Triton's own specialization rules (see the module docstring)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -111,21 +116,52 @@ def shared_bytes(launch: dict, arch: int, num_stages: int | None = None) -> int:
     opts = dict(launch["opts"])
     if num_stages is not None:
         opts["num_stages"] = num_stages
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts).metadata.shared
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
-def check(launches: list[dict], arch: int, limit: int, kernels: set[str] | None = None) -> list[dict]:
-    """Per launch: shared bytes with its stages and, if over ``limit``, with one stage (what ``_launch`` does)."""
+def shared_bytes(launch: dict, arch: int, num_stages: int | None = None) -> int:
+    return compile_launch(launch, arch, num_stages).metadata.shared
+
+
+def resource_usage(kernel) -> dict[str, int]:
+    """{'REG': registers a thread, 'STACK': spill bytes a thread, 'LOCAL', 'SHARED'} of a compiled kernel, read
+    from its cubin by the cuobjdump that ships with Triton."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", out)}
+
+
+def check(launches: list[dict], arch: int, limit: int, kernels: set[str] | None = None, registers: bool = False) -> list[dict]:
+    """Per launch: shared bytes with its stages and, if over ``limit``, with one stage (what ``_launch`` does);
+    with ``registers``, also the registers a thread and spill bytes of the binary that would run."""
     rows = []
     for r in launches:
         if kernels is not None and r["kernel"] not in kernels:
             continue
-        first = shared_bytes(r, arch)
-        one = shared_bytes(r, arch, num_stages=1) if first > limit and r["opts"]["num_stages"] > 1 else None
+        kernel = compile_launch(r, arch)
+        first = kernel.metadata.shared
+        one = None
+        if first > limit and r["opts"]["num_stages"] > 1:
+            kernel = compile_launch(r, arch, num_stages=1)
+            one = kernel.metadata.shared
         used = first if one is None else one
-        rows.append({"kernel": r["kernel"], "stages": r["opts"]["num_stages"], "warps": r["opts"].get("num_warps"),
-                     "constexprs": {k: v for k, v in r["constexprs"].items() if k in ("C", "BV", "GQ", "D", "F")},
-                     "shared": first, "shared_1_stage": one, "fits": used <= limit})
+        row = {"kernel": r["kernel"], "stages": r["opts"]["num_stages"], "warps": r["opts"].get("num_warps"),
+               "constexprs": {k: v for k, v in r["constexprs"].items() if k in ("C", "BV", "GQ", "D", "F")},
+               "shared": first, "shared_1_stage": one, "fits": used <= limit}
+        if registers:
+            use = resource_usage(kernel)
+            row |= {"registers": use.get("REG"), "spill_bytes": use.get("STACK", 0) + use.get("LOCAL", 0)}
+        rows.append(row)
     return rows
 
 
@@ -133,15 +169,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: H100/H200, 80: A100)")
     ap.add_argument("--limit", type=int, default=H100_SMEM, help="shared bytes a block may use on that GPU")
+    ap.add_argument("--registers", action="store_true", help="also registers a thread and spill bytes")
     args = ap.parse_args(argv)
     bad = 0
     for name, *shape in CASES:
-        rows = check(record_launches(*shape), args.arch, args.limit)
+        rows = check(record_launches(*shape), args.arch, args.limit, registers=args.registers)
         for r in rows:
             fallback = "" if r["shared_1_stage"] is None else f" -> {r['shared_1_stage'] / 1024:.1f} KiB with 1 stage"
             flag = "" if r["fits"] else "  OVER THE LIMIT"
+            regs = f", {r['registers']} registers, {r['spill_bytes']} B spilled" if args.registers else ""
             print(f"{name:22s} {r['kernel']:26s} stages {r['stages']} warps {r['warps']} {r['constexprs']}: "
-                  f"{r['shared'] / 1024:.1f} KiB{fallback}{flag}", flush=True)
+                  f"{r['shared'] / 1024:.1f} KiB{fallback}{regs}{flag}", flush=True)
             bad += not r["fits"]
     print(f"sm_{args.arch}, limit {args.limit / 1024:.1f} KiB: {bad} launch(es) over the limit")
     return 1 if bad else 0

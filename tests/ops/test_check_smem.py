@@ -27,3 +27,15 @@ def test_h200_overflows_are_reproduced_and_fit_with_one_stage(shape, reported):
     (row,) = check_smem.check(launches, 90, check_smem.H100_SMEM, kernels={"bwd_dk_state_kernel"})
     assert row["stages"] == 2 and row["shared"] == reported
     assert row["shared_1_stage"] <= check_smem.H100_SMEM and row["fits"]
+
+
+def test_register_report_reads_the_binary_that_would_run():
+    """--registers: registers a thread and spill bytes from the cubin. The benchmark shape's forward is the kernel
+    whose pressure the notes discuss (benchmarks/NOTES-chunk.md); here only that the report is read and sane."""
+    import check_smem
+
+    launches = check_smem.record_launches(2, 200, 4, 4, 128, 128, 4, 64, torch.bfloat16)
+    rows = check_smem.check(launches, 90, check_smem.H100_SMEM, kernels={"fwd_kernel", "bwd_delta_kernel"}, registers=True)
+    assert {r["kernel"] for r in rows} == {"fwd_kernel", "bwd_delta_kernel"}
+    for r in rows:
+        assert 16 <= r["registers"] <= 255 and r["spill_bytes"] >= 0
