@@ -69,6 +69,8 @@ def resource_usage(kernel) -> dict:
         ("bf16", 64, 128, 9, 1, 3, 64, True, 32),  # SmolLM2
         ("bf16", 256, 128, 4, 1, 4, 64, False, 16),  # Gemma 3
         ("fp32", 256, 256, 4, 1, 4, 1, True, 64),  # the largest dims in fp32
+        ("bf16", 64, 128, 9, 1, 3, 64, False, 64),  # SmolLM2's default launch since 2026-12-04 (2 warps)
+        ("bf16", 128, 128, 16, 1, 1, 64, False, 64),  # the benchmark shape's default launch
     ],
 )
 def test_compiles_for_sm90_without_spills(dt, D, F, Hf, QH, GK, window, has_valid, fc):
@@ -114,3 +116,17 @@ def test_map_kernel_compiles_for_sm90_without_spills(dt, H, D, f):
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     if dt != "fp32":
         assert "mma" in kernel.asm["ptx"], "the per-head projection does not use tensor cores"
+
+
+def test_default_chunk_rows_follows_the_measured_shapes():
+    """Row chunks (2 warps) where the H200 sweep measured them faster: key features per query head, F > 64, one
+    value block spanning the head; S whole elsewhere (per-KV-head features, F <= 64, Gemma's two value blocks)."""
+    from linearize.ops.triton.decode import default_block_d, default_chunk_rows, default_num_warps
+
+    smol = default_chunk_rows(128, 64, default_block_d(64, 9, 64), True)
+    issue5 = default_chunk_rows(128, 128, default_block_d(64, 16, 128), True)
+    assert smol == issue5 == 64 and default_num_warps(128, 64, smol) == 2
+    assert default_chunk_rows(128, 64, 64, False) == 0  # one feature head serves several query heads
+    assert default_chunk_rows(64, 64, 64, True) == 0  # one chunk would be all of S
+    assert default_chunk_rows(128, 256, default_block_d(64, 4, 256), True) == 0  # Gemma 3: not swept chunked
+    assert default_num_warps(128, 64, 0) == 4

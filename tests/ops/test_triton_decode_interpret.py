@@ -60,6 +60,17 @@ def test_s_streamed_in_row_chunks_equals_torch_ring_step(window, H, Hkv):
     _run(H, Hkv, True, window, torch.float32, steps=5, F=40, filled=max(window - 3, 0), block_d=8, chunk_rows=16)
 
 
+
+@inside
+@pytest.mark.parametrize("window", [1, 6])
+def test_default_launch_where_it_streams_rows(window):
+    """The default launch at a shape where ``default_chunk_rows`` picks 64-row chunks (key features per query
+    head, F = 128 > 64, one value block a head): two chunks of S a program, at the default 2 warps."""
+    from linearize.ops.triton.decode import _pow2, default_block_d, default_chunk_rows
+
+    assert default_chunk_rows(128, 16, default_block_d(2, 4, 16), True) == 64 == _pow2(128) // 2
+    _run(4, 2, True, window, torch.float32, steps=4, F=128, filled=max(window - 3, 0))
+
 @inside
 def test_chunk_rows_refuses_what_it_cannot_serve():
     from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
