@@ -85,9 +85,13 @@ def key_mask(attention_mask: torch.Tensor | None, B: int, T: int, device) -> tor
 def window_exp(s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """exp(s - m) on the allowed keys (0 elsewhere), m the row max over allowed keys (0 if none):
     the window part of the hybrid, unnormalized, since it shares its normalizer with the linear part."""
-    m = s.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True)
+    masked = s.masked_fill(~allowed, float("-inf"))
+    m = masked.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    return torch.where(allowed, torch.exp(s - m), torch.zeros_like(s))
+    # exp of the masked scores, not where(allowed, exp(s - m), 0): a key outside the window whose score is far
+    # above the row's max (Qwen2.5's layer 2 has such future keys) overflows exp to inf, and where()'s backward
+    # multiplies that inf by a zero gradient: NaN in every gradient below the layer.
+    return torch.exp(masked - m)
 
 
 def safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
