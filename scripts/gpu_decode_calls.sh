@@ -14,12 +14,14 @@
 #                                            # per-KV-head key maps (issue 6's >= 8x goal)
 #   bash scripts/gpu_decode_calls.sh 5 SHA   # not decode: the training kernels' segment count (issue 5), swept at
 #                                            # B4 H16 D=F=128 T=16K and T=2K (with CUDA-graph timings) by tune_chunk
+#   bash scripts/gpu_decode_calls.sh 6 SHA   # issue 6's batch table at the current defaults: ours compiled and the
+#                                            # base's lean loop at batch 1, 16, 64 and 256 x 4096 new tokens
 #
 # Everything goes to $OUT (logs, JSON, markdown); each step has its own timeout so that the call ends before
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 5}
+call=${1:?call number 1 to 6}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -69,7 +71,15 @@ case "$call" in
       --out "$out/tune-chunk-2k.json" > "$out/tune-chunk-2k.log" 2>&1
     grep -E "^C=|first call|best" "$out/tune-chunk-2k.log"
     ;;
-  *) echo "call must be 1, 2, 3, 4 or 5" >&2; exit 2 ;;
+  6)
+    timeout 270 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 1,16,64,256 \
+      --no-fit --budget-s 250" > "$out/bench-batches-ours.log" 2>&1
+    tail -12 "$out/bench-batches-ours.log"
+    timeout 250 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops lean --models base --batches 1,16,64,256 \
+      --no-fit --budget-s 230" > "$out/bench-batches-base.log" 2>&1
+    tail -12 "$out/bench-batches-base.log"
+    ;;
+  *) echo "call must be 1 to 6" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
