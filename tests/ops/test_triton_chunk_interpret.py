@@ -170,3 +170,29 @@ def test_batch_over_the_grid_limit_runs_in_pieces(monkeypatch):
     grr = torch.autograd.grad(yr, ins, dy, allow_unused=True, materialize_grads=True)
     scale = max(x.double().norm().item() for x in grr) * 1e-2
     assert max(_grad_err(a, b, scale) for a, b in zip(gr, grr)) < 2e-4
+
+
+@inside
+@pytest.mark.parametrize("W", [1, 5, 17])
+def test_steep_scores_outside_the_window(W):
+    """Every future key outscores every key a query may see by up to ~1500: the kernels' exp must never meet
+    those scores unmasked (the PyTorch path's backward once turned them into NaN: tests/ops/test_window_exp.py)."""
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    T = 45
+    q, k, v, pq, pk, g = random_inputs(1, T, 2, 1, 16, 16, 1, dtype=torch.float32, seed=W)
+    q[..., 0] = 60.0
+    k[..., 0] = 100.0 * torch.arange(T, dtype=torch.float32).view(1, T, 1) / T
+    ins = [t.detach().requires_grad_(True) for t in (q, k, v, pq, pk, g)]
+    args = dict(window=W, window_weight=ins[5])
+    y, _ = hybrid_attention_triton(*ins[:5], config=LaunchConfig(C=16, BV=16, num_warps=4), **args)
+    yr, _ = hybrid_attention_chunked(*ins[:5], **args)
+    assert torch.isfinite(y).all() and rel_err(y, yr) < 2e-5
+    dy = torch.randn_like(y)
+    gr = torch.autograd.grad(y, ins, dy)
+    grr = torch.autograd.grad(yr, ins, dy)
+    scale = max(x.double().norm().item() for x in grr) * 1e-2
+    for name, a, b in zip("q k v phi_q phi_k gamma".split(), gr, grr):
+        assert torch.isfinite(a).all(), name
+        assert _grad_err(a, b, scale) < 2e-4, name
