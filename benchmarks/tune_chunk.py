@@ -31,10 +31,11 @@ ALL_SHAPES = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 4, 2), (64, 128, 8, 3), 
 
 
 def label(cfg: LaunchConfig) -> str:
-    return f"C={cfg.C:3d} BV={cfg.BV:3d} warps={cfg.num_warps} stages={cfg.num_stages} nseg={cfg.nseg or 'auto'}"
+    return (f"C={cfg.C:3d} BV={cfg.BV:3d} warps={cfg.num_warps} stages={cfg.num_stages} nseg={cfg.nseg or 'auto'}"
+            + (" one_acc" if cfg.one_acc else ""))
 
 
-def candidates(base: LaunchConfig, shapes: str, nsegs: list[int]) -> list[LaunchConfig]:
+def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False) -> list[LaunchConfig]:
     """The default config first (the reference of the error check), then every (shape, nseg) pair once."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
@@ -52,9 +53,10 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int]) -> list[Launch
     out = [base]
     for C, BV, w, st in picked:
         for n in nsegs:
-            cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None)
-            if cfg not in out:
-                out.append(cfg)
+            for oa in (False, True) if one_acc else (False,):
+                cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None, one_acc=oa)
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 
@@ -70,6 +72,9 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--graph", action="store_true",
                     help="also time forward+backward replayed in a CUDA graph (short T, where launches dominate)")
+    ap.add_argument("--one-acc", action="store_true",
+                    help="also each config with one_acc (the forward's one-accumulator form; its forward rows only: "
+                         "with the window weight trained, forward+backward keeps two accumulators)")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")
@@ -111,7 +116,7 @@ def main() -> None:
     t2 = time.perf_counter()
     print(f"first call (compile + run): forward {t1 - t0:.1f} s, then forward+backward {t2 - t1:.1f} s", flush=True)
     rows = []
-    cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")])
+    cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc)
     for cfg in cands:
         try:
             err = ((fwd(cfg).float() - y0.float()).norm() / y0.float().norm()).item()

@@ -46,8 +46,9 @@ CASES = [
 ]
 
 
-def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None) -> list[dict]:
-    """Every kernel launch of one forward + backward, as {kernel, args: {name: (type, int value)}, constexprs, opts}."""
+def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None, gamma_grad: bool = True) -> list[dict]:
+    """Every kernel launch of one forward + backward, as {kernel, args: {name: (type, int value)}, constexprs, opts}.
+    ``gamma_grad=False`` freezes the window weight (the forward then skips u, and may take ``one_acc``)."""
     from linearize.ops.triton import chunk
     from linearize.ops.triton import chunk_kernels as K
 
@@ -83,6 +84,7 @@ def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None) -> list[dict]
         for n in names:
             setattr(K, n, Recorder(n, saved[n]))
         ins = [t.requires_grad_(True) for t in random_inputs(B, T, H, Hkv, D, F, Hf, dtype=dtype)]
+        ins[5].requires_grad_(gamma_grad)
         y, _ = chunk.hybrid_attention_triton(*ins[:5], window=W, window_weight=ins[5], config=config)
         y.float().sum().backward()
     finally:

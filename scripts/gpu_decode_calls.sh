@@ -12,8 +12,9 @@
 #   bash scripts/gpu_decode_calls.sh 3 SHA   # ours and the base at 16K new tokens in one run
 #   bash scripts/gpu_decode_calls.sh 4 SHA   # the largest batch at 4096 tokens: all linear and the base, then
 #                                            # per-KV-head key maps (issue 6's >= 8x goal)
-#   bash scripts/gpu_decode_calls.sh 5 SHA   # not decode: the training kernels' segment count (issue 5), swept at
-#                                            # B4 H16 D=F=128 T=16K and T=2K (with CUDA-graph timings) by tune_chunk
+#   bash scripts/gpu_decode_calls.sh 5 SHA   # not decode: the training kernels' launch (issue 5): segments, BV 64 at 8
+#                                            # warps and the forward's one-accumulator form, at B4 H16 D=F=128, T=16K and
+#                                            # T=2K (with CUDA-graph timings), by tune_chunk
 #   bash scripts/gpu_decode_calls.sh 6 SHA   # issue 6's batch table at the current defaults: ours compiled and the
 #                                            # base's lean loop at batch 1, 16, 64 and 256 x 4096 new tokens
 #
@@ -64,10 +65,10 @@ case "$call" in
     tail -30 "$out/fit-kvmaps.log"
     ;;
   5)
-    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --nseg 0,16,32,64 --shapes default,64x64x4x2 \
+    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --nseg 0,32 --one-acc --shapes default,64x64x8x2 \
       --out "$out/tune-chunk-16k.json" > "$out/tune-chunk-16k.log" 2>&1
     grep -E "^C=|first call|best" "$out/tune-chunk-16k.log"
-    timeout 150 python3 benchmarks/tune_chunk.py --T 2048 --graph --nseg 0,8,16,32 --shapes default,64x64x4x2 \
+    timeout 150 python3 benchmarks/tune_chunk.py --T 2048 --graph --nseg 0,16 --one-acc --shapes default,64x64x8x2 \
       --out "$out/tune-chunk-2k.json" > "$out/tune-chunk-2k.log" 2>&1
     grep -E "^C=|first call|best" "$out/tune-chunk-2k.log"
     ;;

@@ -22,3 +22,9 @@ def test_all_shapes_with_the_default_segments():
 def test_bad_shape_is_one_line_error():
     with pytest.raises(SystemExit, match="CxBVxWARPSxSTAGES"):
         candidates(default_config(128, 128), "64x64", [0])
+
+
+def test_one_acc_doubles_the_list():
+    base = default_config(128, 128)
+    cands = candidates(base, "default", [0, 16], one_acc=True)
+    assert len(cands) == 4 and sum(c.one_acc for c in cands) == 2 and cands[0] == base

@@ -39,3 +39,15 @@ def test_register_report_reads_the_binary_that_would_run():
     assert {r["kernel"] for r in rows} == {"fwd_kernel", "bwd_delta_kernel"}
     for r in rows:
         assert 16 <= r["registers"] <= 255 and r["spill_bytes"] >= 0
+
+
+def test_one_acc_reaches_the_forward_only_when_the_window_weight_is_frozen():
+    import check_smem
+
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    cfg = LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2, one_acc=True)
+    shape = (2, 200, 4, 4, 128, 128, 4, 64, torch.bfloat16)
+    flags = {g: [r["constexprs"]["ONE_ACC"] for r in check_smem.record_launches(*shape, config=cfg, gamma_grad=g)
+                 if r["kernel"] == "fwd_kernel"] for g in (True, False)}
+    assert flags == {True: [False], False: [True]}

@@ -196,3 +196,46 @@ def test_steep_scores_outside_the_window(W):
     for name, a, b in zip("q k v phi_q phi_k gamma".split(), gr, grr):
         assert torch.isfinite(a).all(), name
         assert _grad_err(a, b, scale) < 2e-4, name
+
+
+@inside
+@pytest.mark.parametrize("case", [(1, 40, 2, 1, 16, 16, 1, 5), (2, 37, 4, 2, 16, 32, 4, 1), (1, 50, 3, 1, 32, 16, 1, 17),
+                                  (2, 33, 2, 2, 16, 16, 2, 100), (1, 9, 2, 2, 16, 16, 2, 4)])
+def test_one_accumulator_forward(case):
+    """``LaunchConfig(one_acc=True)``: the window max in a first pass and one accumulator. Same outputs, the same
+    saved max / arg-max (so the backward's gradients match too), with padding; used only where the window weight
+    needs no gradient (with one, the kernel falls back to two accumulators for u = dy/dgamma)."""
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    B, T, H, Hkv, D, F, Hf, W = case
+    q, k, v, pq, pk, g = random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=W, requires_grad=True)
+    g = g.detach()  # frozen window weight: no u, so ONE_ACC runs
+    mask = left_pad_mask(B, T, [0, 3][:B])
+    ins = (q, k, v, pq, pk)
+    args = dict(window=W, window_weight=g, attention_mask=mask, output_final_state=True)
+    y, st = hybrid_attention_triton(*ins, config=LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, one_acc=True), **args)
+    y2, _ = hybrid_attention_triton(*ins, config=LaunchConfig(C=16, BV=16, num_warps=4, nseg=2), **args)
+    yr, sr = hybrid_attention_chunked(*ins, **args)
+    assert torch.isfinite(y).all() and rel_err(y, yr) < 2e-5 and rel_err(y, y2) < 2e-5
+    for a, b in zip(st, sr):
+        assert rel_err(a, b) < 2e-5
+    dy = torch.randn_like(y)
+    gr = torch.autograd.grad(y, ins, dy)
+    grr = torch.autograd.grad(yr, ins, dy)
+    scale = max(x.double().norm().item() for x in grr) * 1e-2
+    errs = {n: _grad_err(a, b, scale) for n, a, b in zip("q k v phi_q phi_k".split(), gr, grr)}
+    assert max(errs.values()) < 2e-4, errs
+
+
+@inside
+def test_one_accumulator_steps_aside_when_gamma_needs_a_gradient():
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    q, k, v, pq, pk, g = random_inputs(1, 40, 2, 1, 16, 16, 1, dtype=torch.float32, seed=3, requires_grad=True)
+    y, _ = hybrid_attention_triton(q, k, v, pq, pk, window=5, window_weight=g,
+                                   config=LaunchConfig(C=16, BV=16, num_warps=4, one_acc=True))
+    yr, _ = hybrid_attention_chunked(q, k, v, pq, pk, window=5, window_weight=g)
+    (dg,), (dgr,) = torch.autograd.grad(y.sum(), [g]), torch.autograd.grad(yr.sum(), [g])
+    assert rel_err(y, yr) < 2e-5 and rel_err(dg, dgr) < 1e-4

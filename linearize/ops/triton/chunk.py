@@ -32,6 +32,9 @@ class LaunchConfig:
     num_warps: int
     num_stages: int = 1
     nseg: int | None = None  # segments per sequence; None = enough to fill the device
+    # Forward only where the window weight needs no gradient (prefill, evaluation, a frozen weight): the window max
+    # in a first pass, then one accumulator (fwd_kernel's ONE_ACC). Off until a GPU sweep measures it.
+    one_acc: bool = False
 
 
 #: CUDA's limit on a grid's second (and third) axis; the kernels put batch x heads there.
@@ -181,7 +184,7 @@ class _HybridChunkFn(torch.autograd.Function):
             *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
             B, T, H, Hf, Gk, n, n_per, nwin, W, scale,
             D=D, F=F, BD=BD, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            ONE_ACC=cfg.one_acc and not store_u, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         ctx.save_for_backward(q, k, v, phi_q, phi_k, gamma, mask, y, u if store_u else None, mx, den, arg, pre_S, pre_z)
         ctx.meta = (W, nwin, scale, cfg, n, n_per, nseg, NV, BV)

@@ -102,17 +102,61 @@ def fwd_segment_sums_kernel(
 
 
 @triton.jit
+def _fwd_window_one_acc(q, pq, Kb, Vb, PKb, M, b, sM_b, t, c, nwin, W, T, scale, gam, sK_t, sV_t, sPK_t, rd, rf, rv, rc,
+                        D, F, C: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """fwd_kernel's window and near-linear part for ONE_ACC: (sum_e (gamma p + a) v [C, BV], l_w, l_l, m, arg).
+    Pass 1 finds the window max and its key in the same order and with the same strict comparison as the
+    online form, so ties pick the same key."""
+    m_i = tl.full([C], float("-inf"), dtype=tl.float32)
+    arg = tl.zeros([C], dtype=tl.int32)
+    for j in range(tl.maximum(c - nwin, 0), c + 1):
+        e = j * C + rc
+        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+        k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
+        diff = t[:, None] - e[None, :]
+        win = (diff >= 0) & (diff < W) & k_ok[None, :]
+        sm = tl.where(win, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
+        tmax = tl.max(sm, 1)
+        arg = tl.where(tmax > m_i, j * C + tl.argmax(sm, 1), arg)
+        m_i = tl.maximum(m_i, tmax)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    l_w = tl.zeros([C], dtype=tl.float32)
+    l_l = tl.zeros([C], dtype=tl.float32)
+    for j in range(tl.maximum(c - nwin, 0), c + 1):
+        e = j * C + rc
+        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+        k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
+        vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
+        pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
+        diff = t[:, None] - e[None, :]
+        win = (diff >= 0) & (diff < W) & k_ok[None, :]
+        lin = (diff >= W) & k_ok[None, :]
+        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+        p = tl.where(win, tl.exp(sc - m_safe[:, None]), 0.0)
+        a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
+        acc += tl.dot((gam * p + a).to(vv.dtype), vv, input_precision=PREC)
+        l_w += tl.sum(p, 1)
+        l_l += tl.sum(a, 1)
+    return acc, l_w, l_l, m_i, arg
+
+
+@triton.jit
 def fwd_kernel(
     Q, K, V, PQ, PK, M, GAMMA, S0, Z0, Y, U, MAX, DEN, ARG,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sY_b, sY_t, sY_h, sM_b,
     B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr,
+    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr, ONE_ACC: tl.constexpr = False,
 ):
     """Outputs of one segment of chunks, for the GQ query heads that share feature head hf, V-block iv.
     Also stores, per query, the window max m, the denominator and the arg-max key (for the backward), and
-    with STORE_U the exact dy/dgamma direction u = (A_w l_lin - l_w A_lin) / den^2 (laid out like Y)."""
+    with STORE_U the exact dy/dgamma direction u = (A_w l_lin - l_w A_lin) / den^2 (laid out like Y).
+    ONE_ACC (not with STORE_U, which needs the window's numerator apart): find the window max in a first pass over
+    the key chunks, then accumulate (gamma exp(s - m) + a) v in one product: one [C, BV] fp32 accumulator and one
+    product a key chunk fewer, for one more q.k a key chunk: a smaller live set (benchmarks/NOTES-chunk.md)."""
+    tl.static_assert(not (ONE_ACC and STORE_U), "ONE_ACC has no separate window numerator for u")
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv = tl.program_id(2)
@@ -141,41 +185,50 @@ def fwd_kernel(
             l_w = tl.zeros([C], dtype=tl.float32)
             l_l = tl.zeros([C], dtype=tl.float32)
             arg = tl.zeros([C], dtype=tl.int32)
-            acc_w = tl.zeros([C, BV], dtype=tl.float32)
             acc_l = tl.zeros([C, BV], dtype=tl.float32)
-            for j in range(tl.maximum(c - nwin, 0), c + 1):
-                e = j * C + rc
-                k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-                k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
-                vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
-                pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-                diff = t[:, None] - e[None, :]
-                win = (diff >= 0) & (diff < W) & k_ok[None, :]
-                lin = (diff >= W) & k_ok[None, :]
-                sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-                sm = tl.where(win, sc, float("-inf"))
-                tmax = tl.max(sm, 1)
-                targ = tl.argmax(sm, 1)
-                m_new = tl.maximum(m_i, tmax)
-                arg = tl.where(tmax > m_i, j * C + targ, arg)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m_i - m_safe)
-                p = tl.where(win, tl.exp(sc - m_safe[:, None]), 0.0)
-                acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
-                l_w = l_w * alpha + tl.sum(p, 1)
-                m_i = m_new
-                a = tl.dot(pq, tl.trans(pk), input_precision=PREC)
-                a = tl.where(lin, a, 0.0)
-                acc_l += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
-                l_l += tl.sum(a, 1)
+            gam = tl.load(GAMMA + h)
+            if ONE_ACC:
+                acc_l, l_w, l_l, m_i, arg = _fwd_window_one_acc(
+                    q, pq, Kb, Vb, PKb, M, b, sM_b, t, c, nwin, W, T, scale, gam, sK_t, sV_t, sPK_t, rd, rf, rv, rc,
+                    D, F, C, BV, HAS_MASK, PREC)
+            else:
+                acc_w = tl.zeros([C, BV], dtype=tl.float32)
+                for j in range(tl.maximum(c - nwin, 0), c + 1):
+                    e = j * C + rc
+                    k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+                    k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
+                    vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
+                    pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
+                    diff = t[:, None] - e[None, :]
+                    win = (diff >= 0) & (diff < W) & k_ok[None, :]
+                    lin = (diff >= W) & k_ok[None, :]
+                    sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                    sm = tl.where(win, sc, float("-inf"))
+                    tmax = tl.max(sm, 1)
+                    targ = tl.argmax(sm, 1)
+                    m_new = tl.maximum(m_i, tmax)
+                    arg = tl.where(tmax > m_i, j * C + targ, arg)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m_i - m_safe)
+                    p = tl.where(win, tl.exp(sc - m_safe[:, None]), 0.0)
+                    acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+                    l_w = l_w * alpha + tl.sum(p, 1)
+                    m_i = m_new
+                    a = tl.dot(pq, tl.trans(pk), input_precision=PREC)
+                    a = tl.where(lin, a, 0.0)
+                    acc_l += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
+                    l_l += tl.sum(a, 1)
             # The running sum enters the product in the operand dtype (as fla does): half the bytes and
             # twice the rate of tf32; it stays fp32 in registers.
             acc_l += tl.dot(pq, S.to(pq.dtype), input_precision=PREC)
             l_l += tl.sum(pq.to(tl.float32) * z[None, :], 1)
-            gam = tl.load(GAMMA + h)
             den = gam * l_w + l_l
             ok = den > 0
-            y = tl.where(ok[:, None], (gam * acc_w + acc_l) / tl.where(ok, den, 1.0)[:, None], 0.0)
+            if ONE_ACC:
+                num = acc_l
+            else:
+                num = gam * acc_w + acc_l
+            y = tl.where(ok[:, None], num / tl.where(ok, den, 1.0)[:, None], 0.0)
             yp = Y + b * sY_b + h * sY_h + t[:, None] * sY_t + rv[None, :]
             tl.store(yp, y.to(Y.dtype.element_ty), mask=t_ok[:, None] & (rv[None, :] < D))
             if STORE_U:
