@@ -121,10 +121,6 @@ def compile_launch(launch: dict, arch: int, num_stages: int | None = None):
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
 
 
-def shared_bytes(launch: dict, arch: int, num_stages: int | None = None) -> int:
-    return compile_launch(launch, arch, num_stages).metadata.shared
-
-
 def resource_usage(kernel) -> dict[str, int]:
     """{'REG': registers a thread, 'STACK': spill bytes a thread, 'LOCAL', 'SHARED'} of a compiled kernel, read
     from its cubin by the cuobjdump that ships with Triton."""

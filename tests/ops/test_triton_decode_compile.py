@@ -7,9 +7,8 @@ benchmark and real-model shapes, with the 16-byte alignment that a CUDA launch s
 
 import importlib.util
 import os
-import re
-import subprocess
-import tempfile
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +16,9 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
     pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles real kernels"),
 ]
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from check_smem import resource_usage  # noqa: E402  (registers and spills read from a cubin: one copy, the script's)
 
 POINTERS = ["Q", "K", "V", "PQ", "PK", "VALID", "GAMMA", "S", "Z", "KR", "VR", "PKR", "MR", "POS", "Y"]
 STRIDES = ["sQ_b", "sQ_h", "sK_b", "sK_h", "sV_b", "sV_h", "sPQ_b", "sPQ_h", "sPK_b", "sPK_h", "sY_b", "sY_h"]
@@ -43,17 +45,6 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0):
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS + STRIDES}
     src = ASTSource(fn=_decode_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=default_num_warps(FP, BD, fc)))
-
-
-def resource_usage(kernel) -> dict:
-    import triton
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return {k: int(v) for k, v in re.findall(r"(REG|STACK|LOCAL):(\d+)", out)}
 
 
 @pytest.mark.parametrize(
