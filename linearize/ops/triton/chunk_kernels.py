@@ -43,6 +43,14 @@ def _key_ok(M, b, sM_b, e, T, HAS_MASK: tl.constexpr):
 
 
 @triton.jit
+def _window_and_linear(t, e, k_ok, W):
+    """[len(t), len(e)] masks of query t against key e: in the window (0 <= t - e < W) and in the linear set
+    (t - e >= W); padding keys (k_ok False) in neither."""
+    diff = t[:, None] - e[None, :]
+    return (diff >= 0) & (diff < W) & k_ok[None, :], (diff >= W) & k_ok[None, :]
+
+
+@triton.jit
 def _load_sums(S_ptr, Z_ptr, base, rf, rv, F, D):
     """The [F, BV] block rv of running sum S and all of z, from [.., F, D] / [.., F] fp32 buffers at ``base``."""
     S = tl.load(S_ptr + base * F * D + rf[:, None] * D + rv[None, :], mask=(rf[:, None] < F) & (rv[None, :] < D), other=0.0)
@@ -113,8 +121,7 @@ def _fwd_window_one_acc(q, pq, Kb, Vb, PKb, M, b, sM_b, t, c, nwin, W, T, scale,
         e = j * C + rc
         k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
         k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
-        diff = t[:, None] - e[None, :]
-        win = (diff >= 0) & (diff < W) & k_ok[None, :]
+        win, _ = _window_and_linear(t, e, k_ok, W)
         sm = tl.where(win, tl.dot(q, tl.trans(k), input_precision=PREC) * scale, float("-inf"))
         tmax = tl.max(sm, 1)
         arg = tl.where(tmax > m_i, j * C + tl.argmax(sm, 1), arg)
@@ -129,9 +136,7 @@ def _fwd_window_one_acc(q, pq, Kb, Vb, PKb, M, b, sM_b, t, c, nwin, W, T, scale,
         k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
         vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
         pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-        diff = t[:, None] - e[None, :]
-        win = (diff >= 0) & (diff < W) & k_ok[None, :]
-        lin = (diff >= W) & k_ok[None, :]
+        win, lin = _window_and_linear(t, e, k_ok, W)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         p = tl.where(win, tl.exp(sc - m_safe[:, None]), 0.0)
         a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
@@ -199,9 +204,7 @@ def fwd_kernel(
                     k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
                     vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
                     pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-                    diff = t[:, None] - e[None, :]
-                    win = (diff >= 0) & (diff < W) & k_ok[None, :]
-                    lin = (diff >= W) & k_ok[None, :]
+                    win, lin = _window_and_linear(t, e, k_ok, W)
                     sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
                     sm = tl.where(win, sc, float("-inf"))
                     tmax = tl.max(sm, 1)
@@ -293,9 +296,7 @@ def bwd_dq_kernel(
         k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
         vv = _load_rows(Vb, e, k_ok, sV_t, rd, D)
         pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-        diff = t[:, None] - e[None, :]
-        win = (diff >= 0) & (diff < W) & k_ok[None, :]
-        lin = (diff >= W) & k_ok[None, :]
+        win, lin = _window_and_linear(t, e, k_ok, W)
         sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
         ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
         dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
@@ -359,9 +360,7 @@ def bwd_dk_kernel(
             arg = tl.load(ARG + row, mask=t_ok, other=-1)
             corr = tl.load(CORR + row, mask=t_ok, other=0.0)
             inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-            diff = t[:, None] - e[None, :]
-            win = (diff >= 0) & (diff < W) & k_ok[None, :]
-            lin = (diff >= W) & k_ok[None, :]
+            win, lin = _window_and_linear(t, e, k_ok, W)
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
             dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
