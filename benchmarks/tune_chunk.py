@@ -3,8 +3,8 @@
     python benchmarks/tune_chunk.py [--T 16384] [--B 4] [--H 16] [--D 128] [--F 128] [--out FILE.json]
     python benchmarks/tune_chunk.py --T 2048 --nseg 0,8,16,32 --shapes default,64x64x4x2   # segments per sequence
 
-``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default, enough programs to fill
-the device twice): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
+``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
+at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
 larger segment-prefix buffer ([nseg, B, H', F, D] fp32, written, summed and read once more).
 
 Times with ``triton.testing.do_bench`` (median of repeats, warm-up excluded); every config is first
@@ -145,7 +145,8 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     # Per-kernel time of the default and of the fastest config: where a change of launch moved the time.
-    profiled = [base] + ([LaunchConfig(**best["cfg"])] if best and LaunchConfig(**best["cfg"]) != base else [])
+    fastest = LaunchConfig(**best["cfg"]) if best else base
+    profiled = [base] + ([fastest] if fastest != base else [])
     for cfg in profiled:
         fwd_bwd(cfg)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
