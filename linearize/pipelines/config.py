@@ -72,6 +72,10 @@ class RunConfig:
     #: block-wise attention transfer: [a, b] trains only layers a..b-1, from block inputs streamed
     #: through the frozen softmax layers before a (layers after b are not run); None = all layers
     transfer_block: list[int] | None = None
+    #: start from another run's trained feature maps instead of training stage 1: that run's directory (or its
+    #: stage1_final.safetensors); a relative path not found from here is looked up beside this run's --out, so
+    #: queued runs can name a sibling run. Needs stage1.steps=0; its linearize settings must give the same maps
+    stage1_from: str | None = None
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     #: several processes: "sharded" = no device holds the whole model (stage 1 a pipeline of blocks, stage 2,
@@ -123,6 +127,11 @@ class RunConfig:
                 raise ValueError("convert=false (the softmax control) trains only stage 2: set stage2.steps > 0")
             if self.lora.layers == "linearized":
                 raise ValueError("convert=false (the softmax control) has no linearized layers: set lora.layers to all or a list")
+        if self.stage1_from is not None:
+            if not self.convert:
+                raise ValueError("stage1_from needs convert=true: the softmax control has no feature maps")
+            if self.stage1.steps > 0 or self.transfer_block is not None:
+                raise ValueError(f"stage1_from={self.stage1_from!r} takes that run's trained maps as they are: set stage1.steps=0 and no transfer_block")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

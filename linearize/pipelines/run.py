@@ -269,6 +269,12 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         echo(f"resuming from {latest.stage} step {latest.step}" + (f" (written by {latest.world_size} processes)" if latest.world_size != d.world else ""))
 
     # ---- stage 1: attention transfer ---------------------------------------------------------------
+    if cfg.stage1_from is not None and "stage1" not in state["stages"]:
+        names = freeze_for_transfer(build(converted=True) if sharded else model)
+        record = _adopt_stage1(cfg.stage1_from, out, stage1_file, {k: tuple(p.shape) for k, p in names.items()}, d)
+        echo(f"stage 1 from {record['from']} ({record['steps']} steps there)")
+        state["stages"]["stage1"] = record
+        save_state()
     if cfg.convert and sharded:  # the softmax control (convert=false) has no stage 1
         if "stage1" not in state["stages"]:
             if cfg.stage1.steps > 0:
@@ -449,6 +455,43 @@ def _trained_params(model, cfg: RunConfig, device: torch.device) -> tuple[dict, 
     if b > model.config.num_hidden_layers:
         raise RunError(f"transfer_block={cfg.transfer_block} ends past the model's {model.config.num_hidden_layers} layers")
     return all_params, {k: p for k, p in all_params.items() if a <= _layer_of(k) < b}
+
+
+def _adopt_stage1(src: str, out: Path, stage1_file: Path, expected: dict[str, tuple], d: Dist) -> dict[str, Any]:
+    """Copy another run's trained feature maps in as this run's stage 1 (``stage1_from``), after checking that
+    they are exactly this model's transfer weights; returns the stage record (the source run's steps, tokens and
+    loss, with ``from``), so the report counts the tokens those maps were trained on."""
+    given = Path(src).expanduser()
+    tries = [given] if given.is_absolute() else [given, out.parent / given]
+    files = [t / "stage1_final.safetensors" if t.is_dir() else t for t in tries if t.exists()]
+    if not files:
+        raise RunError(f"stage1_from={src!r}: not found (looked at {', '.join(str(t) for t in tries)}); run that conversion first")
+    file = next((f for f in files if f.is_file()), files[0])
+    if not file.is_file():
+        raise RunError(f"stage1_from={src!r}: {file} does not exist yet; that run has not finished its stage 1")
+    try:
+        weights = load_file(file)
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise RunError(f"stage1_from={src!r}: {file} is not a readable safetensors file ({e})") from None
+    missing = sorted(set(expected) - set(weights))
+    extra = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if tuple(weights[k].shape) != expected[k])
+    if missing or extra or wrong:
+        first = (missing or extra or wrong)[0]
+        raise RunError(
+            f"stage1_from={src!r}: its maps do not fit this model and linearize settings ({len(missing)} missing, "
+            f"{len(extra)} extra, {len(wrong)} of another shape, e.g. {first}); use the run converted with the same settings"
+        )
+    if d.is_main:
+        _save_stage1(stage1_file, weights)
+    d.barrier()
+    record = {"steps": 0, "tokens": 0, "seconds": 0.0, "final_loss": None, "trainable_params": sum(w.numel() for w in weights.values())}
+    state_path = file.parent / "state.json"
+    if state_path.exists():
+        src_record = json.loads(state_path.read_text()).get("stages", {}).get("stage1")
+        if src_record:
+            record.update(src_record)
+    return record | {"from": str(file)}
 
 
 def _save_stage1(path: Path, params: dict[str, torch.Tensor]) -> None:
