@@ -251,3 +251,15 @@ def test_restore_says_when_a_part_is_missing(tmp_path):
     (tmp_path / "runs-weights.tar.part00").write_bytes(b"not a tar" * 100)
     with pytest.raises(ValueError, match="carry every part"):
         device.restore(tmp_path, tmp_path / "runs", echo=lambda m: None)
+
+
+def test_a_queued_run_takes_an_earlier_runs_maps_by_name(setup, tmp_path):
+    """``stage1_from=<run name>`` in a queue: the name resolves beside the run, in the queue's runs directory."""
+    model, text, other = setup
+    queue = tmp_path / "q.txt"
+    queue.write_text(_line(model, "maps", text, other, "stage2.steps=0") + "\n"
+                     + _line(model, "reuse", text, other, "stage1.steps=0", "stage1_from=maps") + "\n")
+    runs = tmp_path / "runs"
+    assert device.run_queue(queue, runs, echo=lambda m: None) == {"maps": "done", "reuse": "done"}
+    st = json.loads((runs / "reuse" / "report.json").read_text())["stages"]["stage1"]
+    assert st["from"] == str(runs / "maps" / "stage1_final.safetensors") and st["steps"] == 2
