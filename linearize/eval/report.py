@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -82,30 +83,84 @@ def resources_table(report: dict) -> list[str]:
     return lines
 
 
+#: the accuracy a task is read by in the plot (and in the Mamba / GLA / LoLCATs zero-shot tables); others: ``acc``
+PRIMARY_ACC = {"arc_challenge": "acc_norm", "hellaswag": "acc_norm"}
+
+
+def plot_rows(results: dict[str, dict[str, dict]]) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(accuracy rows, perplexity rows) of the plot: one accuracy a task (its ``PRIMARY_ACC``) plus its per-length
+    or per-count breakdown (``acc@N``: passkey, MQAR), and every ``ppl@L`` / ``perplexity``; the table keeps
+    every metric, the plot only what is read."""
+    acc, ppl = [], []
+    for task, key in rows(results):
+        base = task.split("@")[0].split(" ")[0]
+        if key == PRIMARY_ACC.get(base, "acc") or key.startswith("acc@"):
+            acc.append((task, key))
+        elif key.startswith(("ppl@", "perplexity")):
+            ppl.append((task, key))
+
+    def order(r: tuple[str, str]) -> tuple[int, float]:  # a task's rows stay together, @N in numeric order
+        suffix = r[1].partition("@")[2]
+        return (tasks.index(r[0]), float(suffix) if suffix.replace(".", "", 1).isdigit() else -1.0)
+
+    tasks = list(dict.fromkeys(t for t, _ in rows(results)))
+    return sorted(acc, key=order), sorted(ppl, key=order)
+
+
+def _label(task: str, key: str) -> str:
+    name = task.split("@")[0] if task.startswith(("passkey", "mqar")) else task
+    if name.startswith("ppl:"):
+        name = name[4:].split("@")[0]
+        name = name if len(name) <= 28 else name[:27] + "…"
+    return f"{name} {key}"
+
+
+def _minor_label(ax, x: float, _pos) -> str:
+    """Log-axis minor tick labels: every one across less than two decades, else 2 and 5 only (readable either way)."""
+    lo, hi = ax.get_xlim()
+    lead = f"{x:.0e}"[0]
+    return f"{x:g}" if hi / max(lo, 1e-12) < 100 or lead in "25" else ""
+
+
 def bar_plot(report: dict, path: Path) -> None:
+    """Horizontal bars, models side by side: accuracies (with one standard error) in one panel, perplexities
+    (log scale) in another. One bar group a metric that is read; the markdown table has the rest."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(report["results"])
-    all_rows = rows(report["results"])
-    groups = [("accuracy", [r for r in all_rows if r[1].startswith("acc")]), ("perplexity", [r for r in all_rows if r[1].startswith(("ppl", "perplexity"))])]
-    groups = [g for g in groups if g[1]]
-    fig, axes = plt.subplots(len(groups) or 1, 1, figsize=(max(6, 0.9 * max((len(g[1]) for g in groups), default=1) * len(models) + 2), 4 * max(len(groups), 1)), squeeze=False)
-    width = 0.8 / max(len(models), 1)
+    groups = [g for g in zip(("accuracy (%)", "perplexity (log scale)"), plot_rows(report["results"])) if g[1]]
+    if not groups:
+        groups = [("no metrics", [])]
+    heights = [max(len(rs), 1) * (0.18 * len(models) + 0.12) + 0.9 for _, rs in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    bar = 0.8 / max(len(models), 1)
     for ax, (title, rs) in zip(axes[:, 0], groups):
+        pct = title.startswith("accuracy")
         for j, m in enumerate(models):
-            vals = [report["results"][m].get(t, {}).get(k, float("nan")) for t, k in rs]
-            ax.bar([i + j * width for i in range(len(rs))], vals, width, label=m)
-        ax.set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(rs))])
-        ax.set_xticklabels([f"{t}\n{k}" for t, k in rs], fontsize=7, rotation=30, ha="right")
-        ax.set_ylabel(title)
-        if title == "perplexity":
-            ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+            res = report["results"][m]
+            vals = [res.get(t, {}).get(k, float("nan")) * (100 if pct else 1) for t, k in rs]
+            errs = [100 * (res.get(t, {}).get(f"{k}_stderr") or 0.0) if pct else 0.0 for t, k in rs]
+            errs = [0.0 if e != e else e for e in errs]  # a NaN stderr (one doc) draws no bar
+            ax.barh([i + j * bar for i in range(len(rs))], vals, bar, xerr=errs if pct else None, label=m,
+                    error_kw={"elinewidth": 0.8, "capsize": 1.5})
+        ax.set_yticks([i + bar * (len(models) - 1) / 2 for i in range(len(rs))])
+        ax.set_yticklabels([_label(t, k) for t, k in rs], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(title, fontsize=9)
+        if not pct:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(functools.partial(_minor_label, ax)))
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper center", ncol=len(models), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / sum(heights)))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

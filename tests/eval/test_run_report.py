@@ -81,3 +81,19 @@ def test_task_lists_keep_their_at_lists_across_commas():
     got = expand_tasks(["ppl:austen@512,2048,passkey@1024,4096,mqar@4,16", "piqa"])
     assert got == ["ppl:austen@512,2048", "passkey@1024,4096", "mqar@4,16", "piqa"]
     assert expand_tasks(["zeroshot,lambada"])[:2] == ["arc_easy", "arc_challenge"]
+
+
+def test_the_plot_shows_one_accuracy_a_task_and_its_breakdowns_in_numeric_order():
+    from linearize.eval.report import plot_rows
+
+    results = {"m": {
+        "hellaswag": {"acc": 0.3, "acc_norm": 0.4, "acc_bytes": 0.4, "n": 10},
+        "piqa": {"acc": 0.6, "acc_norm": 0.6, "acc_stderr": 0.01},
+        "mqar@4,16,8": {"acc": 0.9, "acc@16": 0.8, "acc@4": 1.0, "acc@8": 0.9},
+        "ppl:text@512,2048": {"ppl@2048": 5.0, "ppl@512": 6.0, "tokens@512": 100, "source_tokens": 9},
+        "lambada": {"acc": 0.3, "perplexity": 20.0},
+    }}
+    acc, ppl = plot_rows(results)
+    assert acc == [("hellaswag", "acc_norm"), ("piqa", "acc"), ("mqar@4,16,8", "acc"), ("mqar@4,16,8", "acc@4"),
+                   ("mqar@4,16,8", "acc@8"), ("mqar@4,16,8", "acc@16"), ("lambada", "acc")]
+    assert ppl == [("ppl:text@512,2048", "ppl@512"), ("ppl:text@512,2048", "ppl@2048"), ("lambada", "perplexity")]
