@@ -107,7 +107,13 @@ def write_report(out_dir: Path, stem: str, payload: dict, copy_to: str | None) -
         "Largest batch: doubling then bisection (probes: B+ fits, B- fails), prefill + 3 steps in a cache "
         "sized for prompt + N tokens.",
     ]
-    return save_results(out_dir, stem, payload, "\n".join(md) + "\n", copy_to)
+    paths = save_results(out_dir, stem, payload, "\n".join(md) + "\n", copy_to)
+    png = batch_plot([payload], out_dir / f"{stem}.png")
+    if png is not None and copy_to:
+        import shutil
+
+        shutil.copy2(png, Path(copy_to) / png.name)
+    return paths + ([png] if png is not None else [])
 
 
 def profile_text(r: dict, n: int = 12) -> str:
@@ -116,3 +122,70 @@ def profile_text(r: dict, n: int = 12) -> str:
              f"launches and {p['kernel_us_per_step']:.0f} us of kernel time a step (the timed step: {r.get('step_ms', 0) * 1e3:.0f} us)"]
     lines += [f"    {k['us_per_step']:8.1f} us  x{k['launches_per_step']:<5.0f} {k['kernel']}" for k in p["top"][:n]]
     return "\n".join(lines)
+
+
+def batch_plot(payloads: list[dict], path: Path, title: str | None = None) -> Path | None:
+    """tokens/s and peak memory against the batch, one line per (model, loop), from the decode rows of one or
+    more generation benchmark results (e.g. ours and the base timed in separate calls; a later file's row
+    replaces an earlier one's of the same model, loop and batch); each model's largest batch that fits, where
+    measured, is a marker on the memory panel's device-memory line. Returns None if no row has two batches."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[tuple[str, str], dict[int, dict]] = {}
+    fits: dict[str, dict] = {}
+    labels: dict[str, str] = {}
+    for p in payloads:
+        for r in p["rows"]:
+            if r["section"] == "decode" and r.get("tok_s") and not r.get("cut"):
+                lines.setdefault((r["model"], loop_name_of(r)), {})[r["batch"]] = r
+                labels[r["model"]] = r.get("label") or r["model"]
+            elif r["section"] == "fit" and r.get("largest"):
+                fits[r["model"]] = r
+    lines = {k: v for k, v in lines.items() if len(v) >= 2}
+    if not lines:
+        return None
+    env = payloads[-1]["environment"]
+    tokens = sorted({r["new_tokens"] for v in lines.values() for r in v.values()})
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    order = sorted({m for m, _ in lines} | set(fits), key=lambda m: (m != "ours", m))
+    color = {m: f"C{i}" for i, m in enumerate(order)}
+    for (model, loop), by_b in sorted(lines.items(), key=lambda kv: (order.index(kv[0][0]), kv[0][1])):
+        bs = sorted(by_b)
+        style = {"marker": "o", "color": color[model], "linestyle": "-" if model == "ours" else "--"}
+        a1.plot(bs, [by_b[b]["tok_s"] for b in bs], label=f"{labels[model]}, {loop}", **style)
+        mem = [b for b in bs if by_b[b].get("peak_gib") is not None]  # (no CUDA: no peak)
+        if mem:
+            a2.plot(mem, [by_b[b]["peak_gib"] for b in mem], **style)
+    total = env.get("memory_gib")
+    if total:  # the device's memory, and where each model's largest batch meets it
+        a2.axhline(total, color="grey", linewidth=0.8, label=f"{env.get('device')}: {total:g} GiB")
+        for model in order:
+            if model in fits:
+                a2.scatter([fits[model]["largest"]], [total], marker="v", s=60, zorder=3, color=color[model],
+                           label=f"{model}: largest batch {fits[model]['largest']:,}")
+        a2.legend(fontsize=8, loc="lower right")
+    for a, ylabel in ((a1, "decode tokens/s"), (a2, "peak memory (GiB)")):
+        if not a.lines:  # (a CPU run has no peak memory: the panel stays empty, on linear axes)
+            a.set_ylabel(f"{ylabel}: not measured")
+            continue
+        a.set_xscale("log", base=2)
+        a.set_yscale("log")
+        a.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x:,.0f}"))
+        a.set_xlabel("batch (sequences)")
+        a.set_ylabel(ylabel)
+        a.grid(alpha=0.3, which="both")
+    a1.legend(fontsize=8)
+    fig.suptitle(title or f"Decode, {tokens[0] if len(tokens) == 1 else tokens} new tokens after a "
+                 f"{payloads[-1]['args']['prompt_len']}-token prompt ({env.get('device')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def loop_name_of(r: dict) -> str:
+    return r["loop"] + ("+graph" if r.get("graph") else "")
