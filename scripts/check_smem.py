@@ -11,7 +11,8 @@ register file alone, so one program runs per SM, and anything over 255 spills to
 How: ``hybrid_attention_triton`` forward + backward runs on CPU tensors with every kernel replaced by a
 recorder (no kernel executes; the values are garbage), which keeps each launch's argument types, int
 values and constexprs. Each distinct launch is then compiled with Triton's own specialization rules
-(ints equal to 1 become constants, ints and pointers divisible by 16 get the divisibility hint; pointers
+(ints equal to 1 become constants, ints and pointers divisible by 16 get the divisibility hint, except the ints a
+kernel marks ``do_not_specialize``; pointers
 are taken as 16-byte aligned, as CUDA allocations are), and ``metadata.shared`` is read. A launch over the
 limit is compiled again with ``num_stages=1``, the fallback ``chunk._launch`` takes on the device.
 Exit status 1 if any launch stays over the limit.
@@ -103,8 +104,12 @@ def compile_launch(launch: dict, arch: int, num_stages: int | None = None):
 
     fn = getattr(K, launch["kernel"])
     sig, constexprs, attrs = {}, dict(launch["constexprs"]), {}
+    plain = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}  # (chunk_kernels.LENGTH_ARGS)
     for name, (ty, value) in launch["args"].items():
         i = fn.arg_names.index(name)
+        if name in plain:
+            sig[name] = ty
+            continue
         if ty == "i32" and value == 1:
             constexprs[name] = 1
             continue

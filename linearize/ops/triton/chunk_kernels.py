@@ -24,8 +24,24 @@ Backward. With ``dw_te = (dy_t . v_e - delta_t) / den_t`` and ``delta_t = dy_t .
 
 from __future__ import annotations
 
+import inspect
+
 import triton
 import triton.language as tl
+
+#: ints that vary with the batch and the sequence length. Triton would otherwise compile a kernel again for
+#: each pattern of them (== 1, divisible by 16, neither): 16 forward compiles, seconds each, for one model's
+#: evaluation at mixed lengths (tests/ops/test_triton_specialization.py). The forward kernels (evaluation,
+#: prefill: any length) take them unspecialized, with the same sm_90 registers and spills (scripts/check_smem.py
+#: --registers); the backward kernels keep the hints: training runs at one length, and bwd_dk spills more
+#: without them (72 -> 120 B a thread at the benchmark shape).
+LENGTH_ARGS = ("B", "T", "n_chunks", "n_per", "W")
+
+
+def _jit_lengths(fn):
+    """``triton.jit`` that does not specialize on the ``LENGTH_ARGS`` the kernel takes (the forward kernels)."""
+    names = [n for n in LENGTH_ARGS if n in inspect.signature(fn).parameters]
+    return triton.jit(do_not_specialize=names)(fn)
 
 
 @triton.jit
@@ -78,7 +94,7 @@ def _key_chunk_sums(PKb, Vb, M, b, sM_b, e, T, sPK_t, sV_t, rf, rv, F, D, HAS_MA
 # ---------------------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------------------
-@triton.jit
+@_jit_lengths
 def fwd_segment_sums_kernel(
     PK, V, M, OUT_S, OUT_Z,
     sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sM_b,
@@ -146,7 +162,7 @@ def _fwd_window_one_acc(q, pq, Kb, Vb, PKb, M, b, sM_b, t, c, nwin, W, T, scale,
     return acc, l_w, l_l, m_i, arg
 
 
-@triton.jit
+@_jit_lengths
 def fwd_kernel(
     Q, K, V, PQ, PK, M, GAMMA, S0, Z0, Y, U, MAX, DEN, ARG,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
