@@ -1,10 +1,13 @@
-"""Decode-cache bytes a sequence holds, per layout of SmolLM2-135M (issue 6's largest-batch goal), from the
-shapes alone (``benchmarks.gen_floor.state_bytes_per_sequence``; no GPU, random weights).
+"""Decode-cache bytes a sequence holds, per layout of SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma3-270M (issue 6's
+largest-batch goal), from the shapes alone (``benchmarks.gen_floor.state_bytes_per_sequence``; no GPU, random
+weights from ``benchmarks/configs/*.json``).
 
-    python scripts/cache_bytes.py [--tokens 4224] [--out results/issue6/cache-bytes.md]
+    python scripts/cache_bytes.py [--tokens 4224] [--models smollm2-135m,qwen2.5-coder-0.5b,gemma3-270m] [--out results/issue6/cache-bytes.md]
 
 The largest batch that fits is about (free memory - weights - activations) / these bytes, so base / layout
-is an upper bound on the largest-batch ratio (the measured all-linear ratio, 5.9x, sits under its 6.5x).
+is an upper bound on the largest-batch ratio (the measured all-linear ratio of SmolLM2, 5.9x, sits under its
+6.5x). The columns split a hybrid layer's bytes: the fp32 sums S and z, the ring's k and v, and the ring's
+feature-mapped keys phi_k (kept so that a key leaving the window needs no feature map).
 """
 
 from __future__ import annotations
@@ -21,31 +24,71 @@ import linearize  # noqa: E402
 from benchmarks.gen_floor import model_shape, state_bytes_per_sequence  # noqa: E402
 from benchmarks.random_model import random_model  # noqa: E402
 
-CONFIG = "benchmarks/configs/smollm2-135m.json"
 RETR10 = [7, 8, 14, 15, 17, 18, 20, 21, 22, 23]
-LAYOUTS = {
-    "all 30 linearized (smol-main)": {"feature_rope": False},
-    "all 30 linearized, key maps per KV head (abl-nope-kvmaps)": {"feature_rope": False, "feature_map_per_kv_head": True},
-    "10 kept softmax (smol-retr10)": {"feature_rope": False, "sink_tokens": 4, "softmax_layers": RETR10},
-    "10 kept, key maps per KV head": {"feature_rope": False, "sink_tokens": 4, "softmax_layers": RETR10, "feature_map_per_kv_head": True},
-    "6 kept (abl-nope-retr6)": {"feature_rope": False, "sink_tokens": 4, "softmax_layers": [7, 8, 17, 18, 21, 23]},
-    "15 kept (abl-nope-retr15)": {"feature_rope": False, "sink_tokens": 4,
-                                  "softmax_layers": [4, 5, 6, 7, 8, 14, 15, 17, 18, 19, 20, 21, 22, 23, 24]},
+NOPE = {"feature_rope": False}
+KV = {"feature_map_per_kv_head": True}
+MODELS = {
+    "smollm2-135m": ("SmolLM2-135M", {
+        "all 30 linearized (smol-main)": NOPE,
+        "all 30 linearized, key maps per KV head (abl-nope-kvmaps)": NOPE | KV,
+        "10 kept softmax (smol-retr10)": NOPE | {"sink_tokens": 4, "softmax_layers": RETR10},
+        "10 kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_layers": RETR10} | KV,
+        "6 kept (abl-nope-retr6)": NOPE | {"sink_tokens": 4, "softmax_layers": [7, 8, 17, 18, 21, 23]},
+        "15 kept (abl-nope-retr15)": NOPE | {"sink_tokens": 4, "softmax_layers": [4, 5, 6, 7, 8, 14, 15, 17, 18, 19, 20, 21, 22, 23, 24]},
+    }),
+    "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B (14 query heads a 2 KV heads: per-query-head key maps make a state 7x a per-KV-head one)", {
+        "all 24 linearized (qwen-main)": NOPE,
+        "all 24 linearized, key maps per KV head": NOPE | KV,
+        "4 kept softmax (qwen-retr4)": NOPE | {"sink_tokens": 4, "softmax_layers": [9, 11, 16, 17]},
+        "4 kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_layers": [9, 11, 16, 17]} | KV,
+        "8 kept softmax (qwen-retr8)": NOPE | {"sink_tokens": 4, "softmax_layers": [3, 7, 9, 11, 13, 14, 16, 17]},
+        "8 kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_layers": [3, 7, 9, 11, 13, 14, 16, 17]} | KV,
+    }),
+    "gemma3-270m": ("Gemma3-270M (15 local layers of 512-token windows, kept by every layout; 3 global)", {
+        "the 3 global layers linearized (gemma-main)": NOPE,
+        "layer 17 linearized, 5 and 11 kept (gemma-retr2-stage1)": NOPE | {"sink_tokens": 4, "softmax_layers": [5, 11]},
+    }),
 }
+
+
+def _split(shape) -> dict[str, int]:
+    """Bytes a sequence holds in the hybrid layers: sums, ring k/v, ring phi_k (with the mask byte)."""
+    e, out = shape.elem, {"sums": 0, "kv": 0, "phi": 0}
+    for L in shape.layers:
+        if L.kind != "softmax":
+            W = L.window if L.window >= 2 else 0
+            out["sums"] += 4 * L.Hf * (L.F * L.D + 2 * L.F)
+            out["kv"] += W * 2 * L.Hkv * L.D * e
+            out["phi"] += W * (L.Hf * L.F * e + 1)
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=128 + 4096, help="sequence length at the end of the run")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     a = p.parse_args(argv)
-    base = state_bytes_per_sequence(model_shape(random_model(CONFIG, torch.bfloat16, 0)), a.tokens)
-    lines = [f"Decode cache per sequence at {a.tokens} tokens, SmolLM2-135M, bf16 (`python scripts/cache_bytes.py`)", "",
-             "| layout | MiB / sequence | base / layout |", "|---|---:|---:|", f"| base (KV cache, 30 layers) | {base / 2**20:.1f} | 1.0x |"]
-    for name, cfg in LAYOUTS.items():
-        model = linearize.convert(random_model(CONFIG, torch.bfloat16, 0), linearize.LinearizeConfig(**cfg))
-        n = state_bytes_per_sequence(model_shape(model), a.tokens)
-        lines.append(f"| {name} | {n / 2**20:.1f} | {base / n:.1f}x |")
+    root = Path(__file__).resolve().parent.parent
+    lines = [f"Decode cache per sequence at {a.tokens} tokens, bf16, random weights from `benchmarks/configs/` "
+             f"(`python scripts/cache_bytes.py`)"]
+    for key in a.models.split(","):
+        if key not in MODELS:
+            p.error(f"unknown model {key!r}: choose from {', '.join(MODELS)}")
+        title, layouts = MODELS[key]
+        config = root / "benchmarks" / "configs" / f"{key}.json"
+        base_model = random_model(config, torch.bfloat16, 0)
+        base = state_bytes_per_sequence(model_shape(base_model), a.tokens)
+        lines += ["", f"**{title}**", "",
+                  "| layout | MiB / sequence | of it: sums S, z | ring k, v | ring phi_k | base / layout |",
+                  "|---|---:|---:|---:|---:|---:|",
+                  f"| base (KV cache, {base_model.config.num_hidden_layers} layers) | {base / 2**20:.1f} | | | | 1.0x |"]
+        del base_model
+        for name, cfg in layouts.items():
+            shape = model_shape(linearize.convert(random_model(config, torch.bfloat16, 0), linearize.LinearizeConfig(**cfg)))
+            n, parts = state_bytes_per_sequence(shape, a.tokens), _split(shape)
+            lines.append(f"| {name} | {n / 2**20:.1f} | {parts['sums'] / 2**20:.1f} | {parts['kv'] / 2**20:.1f} | "
+                         f"{parts['phi'] / 2**20:.1f} | {base / n:.1f}x |")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
