@@ -17,12 +17,16 @@
 #                                            # T=2K (with CUDA-graph timings), by tune_chunk
 #   bash scripts/gpu_decode_calls.sh 6 SHA   # issue 6's batch table at the current defaults: ours compiled and the
 #                                            # base's lean loop at batch 1, 16, 64 and 256 x 4096 new tokens
+#   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
+#                                            # length ints in the forward): their GPU tests, the compiles over 16
+#                                            # evaluation-like shapes (compile_count.py), and the default launch at
+#                                            # 16K and 2K against the tenth session's 8.72 / 1.91 ms (no change expected)
 #
 # Everything goes to $OUT (logs, JSON, markdown); each step has its own timeout so that the call ends before
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 6}
+call=${1:?call number 1 to 7}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -80,7 +84,16 @@ case "$call" in
       --no-fit --budget-s 230" > "$out/bench-batches-base.log" 2>&1
     tail -12 "$out/bench-batches-base.log"
     ;;
-  *) echo "call must be 1 to 6" >&2; exit 2 ;;
+  7)
+    timeout 200 python3 -m pytest -q -x tests/gpu/test_chunk_cuda.py 2>&1 | tail -15 | tee "$out/tests.log"
+    timeout 100 python3 benchmarks/compile_count.py --copy-to "$out" --commit "$sha" 2>&1 | tee "$out/compile-count.log" | tail -3
+    timeout 120 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --out "$out/tune-chunk-16k.json" \
+      > "$out/tune-chunk-16k.log" 2>&1
+    timeout 90 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --out "$out/tune-chunk-2k.json" \
+      > "$out/tune-chunk-2k.log" 2>&1
+    grep -hE "^C=|first call" "$out"/tune-chunk-*.log
+    ;;
+  *) echo "call must be 1 to 7" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
