@@ -97,7 +97,8 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
     for name, st in report["stages"].items():
         pct = 100 * st["trainable_params"] / total if total else 0.0
         final = f"{st['final_loss']:.4g}" if st.get("final_loss") is not None else "-"
-        lines.append(f"| {name} | {st['steps']} | {st['tokens']:,} | {st['trainable_params']:,} | {pct:.3f}% | {final} | {st['seconds']:.0f} s |")
+        label = f"{name} (maps of `{Path(st['from']).parent.name}`, stage1_from)" if st.get("from") else name
+        lines.append(f"| {label} | {st['steps']} | {st['tokens']:,} | {st['trainable_params']:,} | {pct:.3f}% | {final} | {st['seconds']:.0f} s |")
     if report.get("plots"):
         lines += [""] + [f"![{Path(p).stem}]({p})" for p in report["plots"]]
     samples = report.get("samples", {})

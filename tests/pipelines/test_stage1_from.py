@@ -43,6 +43,7 @@ def test_a_run_from_another_runs_maps_equals_training_them_itself(setup, tmp_pat
     # stage 2 goes on from there exactly as in a run that trained its own stage 1
     assert reuse["stages"]["stage2"]["steps"] == 4
     torch.testing.assert_close(torch.tensor(reuse["evals"]["stage2"]["loss"]), torch.tensor(whole["evals"]["stage2"]["loss"]), rtol=1e-5, atol=0)
+    assert "| stage1 (maps of `src`, stage1_from) | 6 |" in (tmp_path / "runs" / "reuse" / "report.md").read_text()
     saved = json.loads((tmp_path / "runs" / "reuse" / "state.json").read_text())
     assert saved["stages"]["stage1"]["from"] == st["from"]
 
