@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("compile_count.py times compiles on CUDA; on this machine run tests/ops/test_triton_specialization.py")
         return 0
-    from benchmarks.report import environment, save_results
+    from benchmarks.report import environment, result_stem, save_results
     from linearize.ops.triton import chunk
     from linearize.ops.triton import chunk_kernels as K
 
@@ -76,9 +76,8 @@ def main(argv=None) -> int:
           f"{len(shapes)} shapes (B x T) in {total:.1f} s, first calls, fresh Triton cache; variants compiled: "
           + ", ".join(f"{k} {v}" for k, v in variants.items()), "", "| B | T | first call s |", "|---:|---:|---:|"]
     md += [f"| {r['B']} | {r['T']} | {r['first_call_s']:.2f} |" for r in rows]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    name = str(payload["environment"].get("device", "cuda")).lower().replace(" ", "-")
-    save_results(Path(a.out_dir), f"compile-count-{name}-{stamp}", payload, "\n".join(md) + "\n", a.copy_to)
+    stem = result_stem("compile-count", str(payload["environment"].get("device", "cuda")))
+    save_results(Path(a.out_dir), stem, payload, "\n".join(md) + "\n", a.copy_to)
     return 0
 
 

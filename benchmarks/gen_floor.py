@@ -134,6 +134,13 @@ def decode_run_cost(shape: ModelShape, B: int, prompt: int, new_tokens: int) -> 
     return RunCost(steps=steps, bytes=sum(parts.values()), flops=flops, parts=parts)
 
 
+def hybrid_bytes_per_sequence(L, elem: int) -> dict[str, int]:
+    """Bytes a sequence holds in hybrid layer ``L``: the fp32 sums S and double-buffered z (``sums``), the ring's
+    W slots of k and v (``kv``), and its feature-mapped keys phi_k with the mask byte (``phi``)."""
+    W = L.window if L.window >= 2 else 0
+    return {"sums": FP32 * L.Hf * (L.F * L.D + 2 * L.F), "kv": W * 2 * L.Hkv * L.D * elem, "phi": W * (L.Hf * L.F * elem + 1)}
+
+
 def state_bytes_per_sequence(shape: ModelShape, total_len: int) -> int:
     """Bytes a sequence holds in the cache at ``total_len`` tokens: KV of softmax layers, or the fp32 state
     plus the ring (W slots of k, v, phi_k and a mask byte) of hybrid layers."""
@@ -144,6 +151,5 @@ def state_bytes_per_sequence(shape: ModelShape, total_len: int) -> int:
             t = min(total_len, L.window) if L.window else total_len
             n += t * 2 * L.Hkv * L.D * e
         else:
-            W = L.window if L.window >= 2 else 0
-            n += FP32 * L.Hf * (L.F * L.D + 2 * L.F) + W * ((2 * L.Hkv * L.D + L.Hf * L.F) * e + 1)
+            n += sum(hybrid_bytes_per_sequence(L, e).values())
     return n

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from benchmarks.report import _table, header_lines, save_results
@@ -19,6 +20,11 @@ def _note(r: dict) -> str:
     return "; ".join(parts)
 
 
+def loop_name_of(r: dict) -> str:
+    """A decode row's loop as the tables and plots show it (``lean+graph``: replayed in a CUDA graph)."""
+    return r["loop"] + ("+graph" if r.get("graph") else "")
+
+
 def decode_lines(rows: list[dict], markdown: bool) -> list[str]:
     head = ["model", "loop", "B", "new tok", "prefill ms", "decode tok/s", "step ms", "floor ms", "x floor", "peak GiB",
             "cache GiB", "decode path", "note"]
@@ -26,8 +32,7 @@ def decode_lines(rows: list[dict], markdown: bool) -> list[str]:
     for r in rows:
         if r["section"] != "decode":
             continue
-        loop = r["loop"] + ("+graph" if r.get("graph") else "")
-        out.append([r["model"], loop, r["batch"], r.get("generated", r["new_tokens"]), _f(r.get("prefill_ms"), 1),
+        out.append([r["model"], loop_name_of(r), r["batch"], r.get("generated", r["new_tokens"]), _f(r.get("prefill_ms"), 1),
                     _f(r.get("tok_s"), 0), _f(r.get("step_ms"), 3), _f(r.get("floor_step_ms"), 3), _f(r.get("x_floor"), 2),
                     _f(r.get("peak_gib"), 2), _f(r.get("cache_gib"), 2), r.get("decode_path") or "-", _note(r)[:110]])
     return _table(head, out, markdown)
@@ -110,8 +115,6 @@ def write_report(out_dir: Path, stem: str, payload: dict, copy_to: str | None) -
     paths = save_results(out_dir, stem, payload, "\n".join(md) + "\n", copy_to)
     png = batch_plot([payload], out_dir / f"{stem}.png")
     if png is not None and copy_to:
-        import shutil
-
         shutil.copy2(png, Path(copy_to) / png.name)
     return paths + ([png] if png is not None else [])
 
@@ -185,7 +188,3 @@ def batch_plot(payloads: list[dict], path: Path, title: str | None = None) -> Pa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def loop_name_of(r: dict) -> str:
-    return r["loop"] + ("+graph" if r.get("graph") else "")

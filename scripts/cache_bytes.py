@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import linearize  # noqa: E402
-from benchmarks.gen_floor import model_shape, state_bytes_per_sequence  # noqa: E402
+from benchmarks.gen_floor import hybrid_bytes_per_sequence, model_shape, state_bytes_per_sequence  # noqa: E402
 from benchmarks.random_model import random_model  # noqa: E402
 
 RETR10 = [7, 8, 14, 15, 17, 18, 20, 21, 22, 23]
@@ -52,14 +52,12 @@ MODELS = {
 
 
 def _split(shape) -> dict[str, int]:
-    """Bytes a sequence holds in the hybrid layers: sums, ring k/v, ring phi_k (with the mask byte)."""
-    e, out = shape.elem, {"sums": 0, "kv": 0, "phi": 0}
+    """Bytes a sequence holds in the hybrid layers, summed by part (``gen_floor.hybrid_bytes_per_sequence``)."""
+    out = {"sums": 0, "kv": 0, "phi": 0}
     for L in shape.layers:
         if L.kind != "softmax":
-            W = L.window if L.window >= 2 else 0
-            out["sums"] += 4 * L.Hf * (L.F * L.D + 2 * L.F)
-            out["kv"] += W * 2 * L.Hkv * L.D * e
-            out["phi"] += W * (L.Hf * L.F * e + 1)
+            for k, v in hybrid_bytes_per_sequence(L, shape.elem).items():
+                out[k] += v
     return out
 
 

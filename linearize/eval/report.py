@@ -92,7 +92,8 @@ def plot_rows(results: dict[str, dict[str, dict]]) -> tuple[list[tuple[str, str]
     or per-count breakdown (``acc@N``: passkey, MQAR), and every ``ppl@L`` / ``perplexity``; the table keeps
     every metric, the plot only what is read."""
     acc, ppl = [], []
-    for task, key in rows(results):
+    every = rows(results)
+    for task, key in every:
         base = task.split("@")[0].split(" ")[0]
         if key == PRIMARY_ACC.get(base, "acc") or key.startswith("acc@"):
             acc.append((task, key))
@@ -103,7 +104,7 @@ def plot_rows(results: dict[str, dict[str, dict]]) -> tuple[list[tuple[str, str]
         suffix = r[1].partition("@")[2]
         return (tasks.index(r[0]), float(suffix) if suffix.replace(".", "", 1).isdigit() else -1.0)
 
-    tasks = list(dict.fromkeys(t for t, _ in rows(results)))
+    tasks = list(dict.fromkeys(t for t, _ in every))
     return sorted(acc, key=order), sorted(ppl, key=order)
 
 

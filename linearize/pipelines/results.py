@@ -24,7 +24,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-ZERO_SHOT = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm", "winogrande": "acc"}
+from ..eval.report import PRIMARY_ACC
+
+ZERO_SHOT = {t: PRIMARY_ACC.get(t, "acc") for t in ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")}
 LENGTHS = (512, 2048, 4096)
 MMLU_CHANCE = 0.25  # 4 answer choices
 GOALS = {

@@ -89,22 +89,17 @@ def test_out_of_domain_text_must_not_be_training_text(setup, tmp_path):
 
 def test_control_with_two_processes_equals_one(setup, tmp_path):
     """FSDP2 stage 2 on the unconverted model (the rebuild after sharding skips the conversion)."""
-    import sys
-
     import torch.distributed as dist
 
-    from .test_distributed import losses, run_ok
+    from .test_distributed import losses, one_and_two_processes
     from .test_resume import env
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
     model_dir, text, _ = setup
-    sets = [a for s in tiny_overrides(text, 0, 4) + ["convert=false", "stage2.batch_size=4", "stage2.grad_accum=2"] for a in ("--set", s)]
-    environ = env(tmp_path / "cache")
     one, two = tmp_path / "one", tmp_path / "two"
-    run_ok([sys.executable, "-m", "linearize", "convert", str(model_dir), "--out", str(one), *sets], environ)
-    run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "linearize", "convert", str(model_dir), "--out", str(two), *sets], environ)
+    one_and_two_processes(model_dir, one, two, tiny_overrides(text, 0, 4) + ["convert=false", "stage2.batch_size=4", "stage2.grad_accum=2"],
+                          env(tmp_path / "cache"))
     l1, l2 = losses(one, "stage2"), losses(two, "stage2")
     assert len(l1) == len(l2) == 4
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=0)

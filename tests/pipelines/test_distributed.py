@@ -71,6 +71,14 @@ def run_ok(cmd, environ, timeout=240):
     return done
 
 
+def one_and_two_processes(model_dir, one, two, settings, environ) -> None:
+    """`linearize convert` into ``one`` with one process and into ``two`` with two (torchrun), same ``--set`` items."""
+    sets = [a for s in settings for a in ("--set", s)]
+    run_ok([sys.executable, "-m", "linearize", "convert", str(model_dir), "--out", str(one), *sets], environ)
+    run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "linearize", "convert", str(model_dir), "--out", str(two), *sets], environ)
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (torchrun starts its workers in their own sessions, so a process group kill misses them)."""
     children: dict[int, list[int]] = {}

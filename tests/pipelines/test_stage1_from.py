@@ -89,23 +89,18 @@ def test_stage1_from_bad_settings_are_one_line_errors(extra, match):
 
 def test_stage1_from_with_two_sharded_processes_equals_one(setup, tmp_path):
     """The sharded placement builds its models from the adopted file: the same stage 2 as one process."""
-    import sys
-
     import torch.distributed as dist
 
-    from .test_distributed import losses, run_ok
+    from .test_distributed import losses, one_and_two_processes
     from .test_resume import env
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
     model_dir, text = setup
     _run(model_dir, text, tmp_path / "runs" / "src", 4, 0)
-    sets = [a for s in tiny_overrides(text, 0, 4) + ["stage1_from=src", "stage2.batch_size=4"] for a in ("--set", s)]
-    environ = env(tmp_path / "cache")
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
-    run_ok([sys.executable, "-m", "linearize", "convert", str(model_dir), "--out", str(one), *sets], environ)
-    run_ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "linearize", "convert", str(model_dir), "--out", str(two), *sets], environ)
+    one_and_two_processes(model_dir, one, two, tiny_overrides(text, 0, 4) + ["stage1_from=src", "stage2.batch_size=4"],
+                          env(tmp_path / "cache"))
     l1, l2 = losses(one, "stage2"), losses(two, "stage2")
     assert len(l1) == len(l2) == 4
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=0)
