@@ -58,6 +58,27 @@ class LoraConfig:
 
 
 @dataclass
+class Stage2LossConfig:
+    """Stage 2's objective, ``ce_weight * CE + kl_weight * KL``. CE is next-token cross-entropy on the training
+    text (LoLCATs). KL is KL(teacher || student) of the next-token distributions at every position, at
+    ``temperature`` (scaled by its square, as in Hinton et al.): distillation from the unconverted base, the
+    same weights with every linearized layer run as softmax and the adapters off. CE alone adapts the model
+    to the training text, which can cost accuracy elsewhere (the softmax controls lose LAMBADA); KL alone
+    pulls it back toward the base it replaces, at the cost of one more forward pass a step."""
+
+    ce_weight: float = 1.0
+    kl_weight: float = 0.0
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        """Made once all settings are applied (``RunConfig.check``), so ``--set`` items may come in any order."""
+        if self.ce_weight < 0 or self.kl_weight < 0 or self.ce_weight + self.kl_weight <= 0:
+            raise ValueError(f"invalid stage2_loss weights ce={self.ce_weight}, kl={self.kl_weight}: both >= 0, not both 0")
+        if self.temperature <= 0:
+            raise ValueError(f"invalid stage2_loss.temperature={self.temperature}: must be > 0")
+
+
+@dataclass
 class RunConfig:
     model: str = "smollm2-135m"
     #: False = the softmax control: no conversion and no attention transfer, only the same stage-2 LoRA
@@ -69,6 +90,7 @@ class RunConfig:
     stage1: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=1e-2, batch_size=8))
     stage2: StageConfig = field(default_factory=lambda: StageConfig(steps=200, lr=1e-4, batch_size=8))
     lora: LoraConfig = field(default_factory=LoraConfig)
+    stage2_loss: Stage2LossConfig = field(default_factory=Stage2LossConfig)
     #: block-wise attention transfer: [a, b] trains only layers a..b-1, from block inputs streamed
     #: through the frozen softmax layers before a (layers after b are not run); None = all layers
     transfer_block: list[int] | None = None
@@ -127,6 +149,9 @@ class RunConfig:
                 raise ValueError("convert=false (the softmax control) trains only stage 2: set stage2.steps > 0")
             if self.lora.layers == "linearized":
                 raise ValueError("convert=false (the softmax control) has no linearized layers: set lora.layers to all or a list")
+            if self.stage2_loss.ce_weight == 0:
+                raise ValueError("convert=false with stage2_loss.ce_weight=0 distills the base into itself (the KL starts and stays at 0): give ce_weight > 0")
+        self.stage2_loss.validate()
         if self.stage1_from is not None:
             if not self.convert:
                 raise ValueError("stage1_from needs convert=true: the softmax control has no feature maps")

@@ -131,6 +131,19 @@ def missing_inputs(cfg, tasks: list[tuple[str, int | None]]) -> list[str]:
     return missing
 
 
+def _missing_maps(cfg, run_dir: Path) -> list[str]:
+    """``stage1_from`` naming maps that are not there yet (a sibling run of another lane still in stage 1, or
+    a run restored later from carried weights): the run waits for them instead of failing. Once this run has
+    adopted them (its own ``stage1_final.safetensors``) they are not needed again."""
+    if cfg.stage1_from is None or (run_dir / "stage1_final.safetensors").is_file():
+        return []
+    given = Path(cfg.stage1_from).expanduser()
+    tries = [given] if given.is_absolute() else [given, run_dir.parent / given]
+    if any((t / "stage1_final.safetensors").is_file() if t.is_dir() else t.is_file() for t in tries):
+        return []
+    return [f"maps of {cfg.stage1_from} (stage1_from)"]
+
+
 # ---------------------------------------------------------------------------------------------------
 # evaluation with one saved result per (model, task)
 
@@ -320,7 +333,7 @@ def run_one(args: argparse.Namespace, runs: Path, echo: Callable[[str], None] = 
                  (("in_domain", cfg.data.source), ("out_of_domain", cfg.data.eval_ood_source)) if want in src.values()}
     else:
         tasks, roles = suite_tasks(args.suite, cfg, echo)
-    missing = missing_inputs(cfg, tasks)
+    missing = missing_inputs(cfg, tasks) + _missing_maps(cfg, run_dir)
     if missing:
         echo(f"[{args.name}] waiting: not staged yet: {', '.join(missing)}")
         _status(run_dir, run=args.name, phase="waiting", missing=missing)

@@ -1,11 +1,17 @@
-"""Stage 2, LoRA: low-rank adapters on q/k/v/o (peft), next-token cross-entropy."""
+"""Stage 2, LoRA: low-rank adapters on q/k/v/o (peft), trained on next-token cross-entropy, on a KL divergence
+to the unconverted base (distillation), or on both (``Stage2LossConfig``)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .config import LoraConfig
+from ..convert import linearized_layers
+from .config import LoraConfig, Stage2LossConfig
 from .transfer import autocast
 
 
@@ -46,3 +52,50 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     with autocast(input_ids.device):
         return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss.float()
+
+
+@contextmanager
+def as_teacher(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` as the base it was converted from: every linearized layer in softmax mode (the base's own
+    projections, which LoRA does not touch once disabled) and peft's adapters off. Modes are restored after."""
+    layers = linearized_layers(model)
+    modes = [layer.mode for layer in layers]
+    disable = getattr(model, "disable_adapter", None)
+    try:
+        for layer in layers:
+            layer.mode = "softmax"
+        with disable() if disable is not None else nullcontext():
+            yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.mode = mode
+
+
+def kl_to_teacher(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) between next-token distributions, in fp32, times
+    ``temperature**2`` so that gradients keep their scale across temperatures."""
+    V = student_BTV.shape[-1]
+    s = F.log_softmax(student_BTV.reshape(-1, V).float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_BTV.reshape(-1, V).float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def stage2_loss(cfg: Stage2LossConfig) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """The stage-2 loss function ``(model, input_ids [B, T]) -> scalar`` that ``cfg`` names."""
+    cfg.validate()
+    if cfg.kl_weight == 0:
+        if cfg.ce_weight == 1:
+            return lm_loss
+        return lambda model, input_ids: cfg.ce_weight * lm_loss(model, input_ids)
+
+    def loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        with autocast(input_ids.device):
+            with torch.no_grad(), as_teacher(model):
+                teacher = model(input_ids=input_ids, use_cache=False).logits
+            out = model(input_ids=input_ids, labels=input_ids if cfg.ce_weight else None, use_cache=False)
+        total = cfg.kl_weight * kl_to_teacher(out.logits, teacher, cfg.temperature)
+        if cfg.ce_weight:
+            total = total + cfg.ce_weight * out.loss.float()
+        return total
+
+    return loss

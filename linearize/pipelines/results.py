@@ -139,8 +139,10 @@ def recipe(report: dict | None) -> str:
     cfg = report.get("config") or {}
     s1, s2 = (report.get("stages") or {}).get("stage1", {}), (report.get("stages") or {}).get("stage2", {})
     steps = f"{s1.get('steps', 0)}+{s2.get('steps', 0)} steps"
+    loss = cfg.get("stage2_loss") or {}
+    kl = "" if not loss.get("kl_weight") or not s2.get("steps") else " kl" if not loss.get("ce_weight") else " ce+kl"
     if cfg.get("convert") is False or (report.get("linearize") is None and "convert" in report):
-        return f"softmax control: LoRA only ({steps})"
+        return f"softmax control: LoRA only{kl} ({steps})"
     lin = report.get("linearize") or cfg.get("linearize") or {}
     norm = f" lennorm{lin.get('length_norm_from')}" if lin.get("length_norm") else ""
     norm += f" sink{lin['sink_tokens']}" if lin.get("sink_tokens") else ""
@@ -148,6 +150,7 @@ def recipe(report: dict | None) -> str:
     norm += f" softmax{len(lin['softmax_layers'])}" if lin.get("softmax_layers") else ""  # layers kept softmax
     layers = (cfg.get("lora") or {}).get("layers", "all")
     norm += "" if layers == "all" else " lora:lin" if layers == "linearized" else f" lora:{len(layers)}"
+    norm += kl  # stage 2 distilled from the base
     return f"w{lin.get('window')} {lin.get('feature_map')}/f{lin.get('feature_dim')}{norm} ({steps} @ {cfg.get('data', {}).get('seq_len')})"
 
 

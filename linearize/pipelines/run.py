@@ -36,7 +36,7 @@ from .fsdp import local_bytes, shard_for_lora, shard_model
 from .config import RunConfig, config_from_dict
 from .distributed import SINGLE, Dist
 from .evaluate import perplexity, sample
-from .finetune import add_lora, lm_loss, lora_parameters
+from .finetune import add_lora, lora_parameters, stage2_loss
 from .placement import PipelinedTransferLoss, describe, place_span, stage1_spans
 from .placement import resolve as resolve_placement
 from .report import plot_losses, write_report
@@ -372,7 +372,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         else:
             if "stage2" not in state["stages"]:
                 result = train_stage(
-                    "stage2", peft_model, lora_params, lm_loss, train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
+                    "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
                     checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
                     resume_from=latest if latest is not None and latest.stage == "stage2" else None,
                 )
@@ -564,7 +564,7 @@ def _stage2_sharded(cfg, state, save_state, evaluate, samples, build, train_rows
         ckpts.latest().restore(lora_params, dist=d)  # DCP reads each rank's shards
     else:
         result = train_stage(
-            "stage2", peft_model, lora_params, lm_loss, train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
+            "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
             checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=d.device, log=logger,
             resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
         )
@@ -587,7 +587,7 @@ def _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_r
     shard_for_lora(peft_model, d)
     lora_params = lora_parameters(peft_model)  # now sharded DTensors, same names
     result = train_stage(
-        "stage2", peft_model, lora_params, lm_loss, train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
+        "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
         checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=d.device, log=logger,
         resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
     )

@@ -263,3 +263,17 @@ def test_a_queued_run_takes_an_earlier_runs_maps_by_name(setup, tmp_path):
     assert device.run_queue(queue, runs, echo=lambda m: None) == {"maps": "done", "reuse": "done"}
     st = json.loads((runs / "reuse" / "report.json").read_text())["stages"]["stage1"]
     assert st["from"] == str(runs / "maps" / "stage1_final.safetensors") and st["steps"] == 2
+
+
+def test_a_run_waits_for_maps_another_lane_has_not_made_yet(setup, tmp_path):
+    """``stage1_from`` naming a run that has not finished its stage 1 (another lane's, or carried weights not
+    restored yet): the run waits, and the next call takes the maps."""
+    model, text, other = setup
+    queue = tmp_path / "q.txt"
+    queue.write_text(_line(model, "reuse", text, other, "stage1.steps=0", "stage1_from=maps") + "\n"
+                     + _line(model, "maps", text, other, "stage2.steps=0") + "\n")
+    runs = tmp_path / "runs"
+    lines = []
+    assert device.run_queue(queue, runs, echo=lines.append) == {"reuse": "waiting", "maps": "done"}
+    assert any("waiting" in m and "maps of maps (stage1_from)" in m for m in lines)
+    assert device.run_queue(queue, runs, echo=lambda m: None) == {"reuse": "done", "maps": "done"}
