@@ -27,6 +27,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 deadline=${LINEARIZE_DEADLINE:-$((t0 + ${LINEARIZE_CALL_SECONDS:-500}))}
+# the runs see it too: an evaluation near it skips the tasks that would not finish and runs the shorter ones
+export LINEARIZE_DEADLINE=$deadline
 site=${LINEARIZE_SITE:-$HOME/site}
 runs=${LINEARIZE_RUNS:-$HOME/runs}
 out=${OUT:-$HOME/out}

@@ -148,13 +148,47 @@ def _missing_maps(cfg, run_dir: Path) -> list[str]:
 # evaluation with one saved result per (model, task)
 
 
+#: how much longer than the base a converted model's task may take (measured on the H200: 1.1-1.6x once the
+#: kernels are compiled), and the seconds added for loading and the first call's compiles
+EXPECTED_SLOWDOWN, EXPECTED_EXTRA_S = 1.6, 15.0
+
+
+def call_deadline() -> float | None:
+    """The device call's deadline (epoch seconds) that ``scripts/gpu_convert.sh`` exports, if any."""
+    raw = os.environ.get("LINEARIZE_DEADLINE")
+    try:
+        return float(raw) if raw else None
+    except ValueError:
+        raise ValueError(f"LINEARIZE_DEADLINE={raw!r} is not epoch seconds") from None
+
+
+def expected_seconds(parts_dirs: list[Path], key: str) -> float | None:
+    """What a task should take, from the same task's saved result in other parts dirs (the base model's):
+    its measured seconds times ``EXPECTED_SLOWDOWN`` plus ``EXPECTED_EXTRA_S``; None when none has it."""
+    for d in parts_dirs:
+        f = d / f"{key}.json"
+        if f.exists():
+            return float(json.loads(f.read_text())["meter"]["seconds"]) * EXPECTED_SLOWDOWN + EXPECTED_EXTRA_S
+    return None
+
+
+class Deferred(Exception):
+    """Tasks left for the next call: each would have run past the call's deadline."""
+
+
 def eval_side_by_side(entries: list[tuple[str, str, Path]], tasks: list[tuple[str, int | None]], out: Path, *,
                       device: str | None = None, dtype: str = "auto", batch_size: int = 32, seed: int = 0,
-                      extra: dict | None = None, first: str | None = None, echo: Callable[[str], None] = print) -> dict:
+                      extra: dict | None = None, first: str | None = None, deadline: float | None = None,
+                      echo: Callable[[str], None] = print) -> dict:
     """Evaluate ``entries`` = ``[(label, model name or dir, parts dir)]`` on ``tasks`` and write the
     report (``linearize eval``'s format, plus ``extra`` keys) to ``out``. Results already in a parts
     dir are reused; each new one is saved as soon as it exists. ``first`` (a label) is evaluated before
-    the others; the report keeps the order of ``entries``."""
+    the others; the report keeps the order of ``entries``.
+
+    With a ``deadline`` (epoch seconds), a task whose expected time (``expected_seconds``, from another
+    entry's saved result) does not fit in what is left is skipped, so that shorter ones still finish
+    before the call is killed; then ``Deferred`` is raised, no report is written, and the next call
+    evaluates what was skipped."""
     import torch
 
     from ..eval.meter import Meter
@@ -168,12 +202,21 @@ def eval_side_by_side(entries: list[tuple[str, str, Path]], tasks: list[tuple[st
     results: dict[str, dict] = {}
     timing: dict[str, dict] = {}
     resources: dict[str, dict] = {}
+    deferred: list[str] = []
     for label, name, parts in sorted(entries, key=lambda e: e[0] != first):
         parts.mkdir(parents=True, exist_ok=True)
         model = tok = None
         results[label], timing[label], per_task = {}, {}, {}
         for task, limit in tasks:
-            f = parts / f"{task_key(task, limit, seed, dname, batch_size)}.json"
+            key = task_key(task, limit, seed, dname, batch_size)
+            f = parts / f"{key}.json"
+            if not f.exists() and deadline is not None:
+                need = expected_seconds([p for _, _, p in entries if p != parts], key)
+                left = deadline - time.time()
+                if need is not None and need > left:
+                    echo(f"{label}: {task} deferred to the next call (expected ~{need:.0f} s, {left:.0f} s left)")
+                    deferred.append(f"{label}: {task}")
+                    continue
             if not f.exists():
                 if model is None:
                     echo(f"loading {name}")
@@ -199,6 +242,8 @@ def eval_side_by_side(entries: list[tuple[str, str, Path]], tasks: list[tuple[st
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    if deferred:
+        raise Deferred(f"{len(deferred)} evaluations left for the next call: {', '.join(deferred)}")
     order = [label for label, _, _ in entries]
     results, timing, resources = ({k: d[k] for k in order} for d in (results, timing, resources))
     limits = {t: lim for t, lim in tasks}
@@ -364,11 +409,16 @@ def run_one(args: argparse.Namespace, runs: Path, echo: Callable[[str], None] = 
         echo(f"[{args.name}] evaluating base and converted model on {len(tasks)} tasks")
         _seed_base(args, base_parts)
         # The converted model first: its results are the new ones, and a base-only lane may be busy with the base.
-        eval_side_by_side(
-            [(args.model, args.model, base_parts), (args.name, str(run_dir / "model"), run_dir / "eval_parts")], tasks, run_dir / "eval",
-            dtype=args.dtype, batch_size=args.batch_size, seed=0, echo=echo, first=args.name,
-            extra={"roles": {"base": args.model, "linearized": args.name}, "ppl_roles": roles, "run": args.name},
-        )
+        try:
+            eval_side_by_side(
+                [(args.model, args.model, base_parts), (args.name, str(run_dir / "model"), run_dir / "eval_parts")], tasks,
+                run_dir / "eval", dtype=args.dtype, batch_size=args.batch_size, seed=0, echo=echo, first=args.name,
+                deadline=call_deadline(),  # near it, the tasks that still fit run first
+                extra={"roles": {"base": args.model, "linearized": args.name}, "ppl_roles": roles, "run": args.name},
+            )
+        except Deferred as e:
+            echo(f"[{args.name}] {e}")
+            return "eval deferred"
     _status(run_dir, phase="done")
     return "done"
 

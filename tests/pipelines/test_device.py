@@ -277,3 +277,45 @@ def test_a_run_waits_for_maps_another_lane_has_not_made_yet(setup, tmp_path):
     assert device.run_queue(queue, runs, echo=lines.append) == {"reuse": "waiting", "maps": "done"}
     assert any("waiting" in m and "maps of maps (stage1_from)" in m for m in lines)
     assert device.run_queue(queue, runs, echo=lambda m: None) == {"reuse": "done", "maps": "done"}
+
+
+def test_near_the_deadline_an_evaluation_runs_what_fits_and_defers_the_rest(setup, tmp_path, monkeypatch):
+    """Tasks the base took long on are left for the next call when they would not fit before the deadline,
+    and the short ones still run; the next call finishes the run."""
+    import time
+
+    model, text, other = setup
+    queue = tmp_path / "q.txt"
+    queue.write_text(_line(model, "lin", text, other) + "\n")
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("LINEARIZE_DEADLINE", str(time.time() + 3600))
+    assert device.run_queue(queue, runs, echo=lambda m: None) == {"lin": "done"}
+    base = runs / "_base" / device._safe(str(model))
+    slow = [f for f in base.glob("passkey*.json")] + [f for f in base.glob("mqar*.json")]
+    assert len(slow) == 2
+    for f in slow:  # as if the base had taken an hour on passkey and MQAR
+        rec = json.loads(f.read_text())
+        rec["meter"]["seconds"] = 3600.0
+        f.write_text(json.dumps(rec))
+    for f in (runs / "lin" / "eval_parts").glob("*.json"):
+        if not f.name.startswith("_"):
+            f.unlink()
+    (runs / "lin" / "eval" / "eval.json").unlink()
+    lines = []
+    monkeypatch.setenv("LINEARIZE_DEADLINE", str(time.time() + 600))
+    assert device.run_queue(queue, runs, echo=lines.append) == {"lin": "eval deferred"}
+    done = sorted(f.name.split("-")[0] for f in (runs / "lin" / "eval_parts").glob("*.json") if not f.name.startswith("_"))
+    assert len(done) == 2 and all(n.startswith("ppl") for n in done)  # the two perplexities ran
+    assert sum("deferred to the next call" in m for m in lines) == 2
+    assert not (runs / "lin" / "eval" / "eval.json").exists()
+    assert device.progress(runs / "lin")["phase"] == "eval"
+    monkeypatch.delenv("LINEARIZE_DEADLINE")
+    assert device.run_queue(queue, runs, echo=lambda m: None) == {"lin": "done"}
+    assert (runs / "lin" / "eval" / "eval.json").exists()
+
+
+def test_a_bad_deadline_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("LINEARIZE_DEADLINE", "soon")
+    with pytest.raises(ValueError, match="LINEARIZE_DEADLINE") as e:
+        device.call_deadline()
+    assert "\n" not in str(e.value)
