@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..convert import linearized_layers
 from .config import LoraConfig, Stage2LossConfig
@@ -71,13 +72,30 @@ def as_teacher(model: nn.Module) -> Iterator[None]:
             layer.mode = mode
 
 
-def kl_to_teacher(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def _kl_sum(s_NV: torch.Tensor, t_NV: torch.Tensor, temperature: float) -> torch.Tensor:
+    s = F.log_softmax(s_NV.float() / temperature, dim=-1)
+    t = F.log_softmax(t_NV.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="sum")
+
+
+def kl_to_teacher(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, temperature: float = 1.0,
+                  chunk_rows: int = 1024) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) between next-token distributions, in fp32, times
-    ``temperature**2`` so that gradients keep their scale across temperatures."""
+    ``temperature**2`` so that gradients keep their scale across temperatures.
+
+    Computed ``chunk_rows`` positions at a time under activation checkpointing: the fp32 log-probabilities
+    of a [B*T, V] batch would otherwise be kept for the backward (Gemma 3's 262K vocabulary at 8 x 1024
+    tokens: 8.6 GB each); this way one chunk's exist at a time, recomputed in the backward."""
     V = student_BTV.shape[-1]
-    s = F.log_softmax(student_BTV.reshape(-1, V).float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_BTV.reshape(-1, V).float() / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    s, t = student_BTV.reshape(-1, V), teacher_BTV.reshape(-1, V)
+    total = student_BTV.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.shape[0], chunk_rows):
+        part = (s[i:i + chunk_rows], t[i:i + chunk_rows], temperature)
+        if torch.is_grad_enabled() and s.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(_kl_sum, *part, use_reentrant=False)
+        else:
+            total = total + _kl_sum(*part)
+    return total / s.shape[0] * temperature**2
 
 
 def stage2_loss(cfg: Stage2LossConfig) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:

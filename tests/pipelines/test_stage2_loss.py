@@ -73,6 +73,20 @@ def test_kl_matches_its_definition_in_float64():
     assert kl_to_teacher(s, s).abs() < 1e-6
 
 
+def test_kl_in_chunks_equals_kl_at_once_with_gradients():
+    g = torch.Generator().manual_seed(2)
+    t = torch.randn(2, 7, 13, generator=g, dtype=torch.float64)
+    s1 = torch.randn(2, 7, 13, generator=g, dtype=torch.float64, requires_grad=True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    a, b = kl_to_teacher(s1, t, 1.5, chunk_rows=3), kl_to_teacher(s2, t, 1.5, chunk_rows=10**6)  # 14 rows: 3+3+3+3+2
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(s1.grad, s2.grad, rtol=1e-5, atol=1e-9)
+    with torch.no_grad():
+        torch.testing.assert_close(kl_to_teacher(s1, t, 1.5, chunk_rows=3), a.detach())
+
+
 def test_the_losses_it_builds():
     _, peft_model = _adapted("llama")
     ids = torch.randint(3, 96, (2, 17), generator=torch.Generator().manual_seed(0))
