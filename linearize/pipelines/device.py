@@ -135,11 +135,11 @@ def _missing_maps(cfg, run_dir: Path) -> list[str]:
     """``stage1_from`` naming maps that are not there yet (a sibling run of another lane still in stage 1, or
     a run restored later from carried weights): the run waits for them instead of failing. Once this run has
     adopted them (its own ``stage1_final.safetensors``) they are not needed again."""
-    if cfg.stage1_from is None or (run_dir / "stage1_final.safetensors").is_file():
+    from .run import STAGE1_FILE, stage1_from_files
+
+    if cfg.stage1_from is None or (run_dir / STAGE1_FILE).is_file():
         return []
-    given = Path(cfg.stage1_from).expanduser()
-    tries = [given] if given.is_absolute() else [given, run_dir.parent / given]
-    if any((t / "stage1_final.safetensors").is_file() if t.is_dir() else t.is_file() for t in tries):
+    if any(f.is_file() for f in stage1_from_files(cfg.stage1_from, run_dir)[1]):
         return []
     return [f"maps of {cfg.stage1_from} (stage1_from)"]
 

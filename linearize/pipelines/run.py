@@ -43,6 +43,9 @@ from .report import plot_losses, write_report
 from .trainer import train_stage, truncate_metrics
 from .transfer import freeze_for_transfer, set_mode, transfer_loss
 
+#: a run's trained stage-1 weights (maps, window weights, ...), beside its checkpoints
+STAGE1_FILE = "stage1_final.safetensors"
+
 
 def make_logger(kind: str | None, out: Path) -> Callable[[dict], None] | None:
     """Mirror metrics to wandb or tensorboard, only when asked for (and installed)."""
@@ -234,7 +237,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         return (key not in state["evals"] or (ood_rows is not None and key not in state["evals_ood"])
                 or (sample_key is not None and sample_key not in state["samples"]))
 
-    stage1_file = out / "stage1_final.safetensors"
+    stage1_file = out / STAGE1_FILE
     build = functools.partial(_build, cfg, load, dtype, device, stage1_file)  # a fresh CPU model, as asked
     if sharded:
         if missing("base", "base"):
@@ -457,13 +460,20 @@ def _trained_params(model, cfg: RunConfig, device: torch.device) -> tuple[dict, 
     return all_params, {k: p for k, p in all_params.items() if a <= _layer_of(k) < b}
 
 
+def stage1_from_files(src: str, out: Path) -> tuple[list[Path], list[Path]]:
+    """Where ``stage1_from=src`` may point for the run in ``out``: ``(the paths tried, the maps files of those
+    that exist)``. A directory means its ``stage1_final.safetensors``; a relative path is tried from here,
+    then beside ``out``. A file listed may not exist yet (a directory whose run is still in stage 1)."""
+    given = Path(src).expanduser()
+    tries = [given] if given.is_absolute() else [given, out.parent / given]
+    return tries, [t / STAGE1_FILE if t.is_dir() else t for t in tries if t.exists()]
+
+
 def _adopt_stage1(src: str, out: Path, stage1_file: Path, expected: dict[str, tuple], d: Dist) -> dict[str, Any]:
     """Copy another run's trained feature maps in as this run's stage 1 (``stage1_from``), after checking that
     they are exactly this model's transfer weights; returns the stage record (the source run's steps, tokens and
     loss, with ``from``), so the report counts the tokens those maps were trained on."""
-    given = Path(src).expanduser()
-    tries = [given] if given.is_absolute() else [given, out.parent / given]
-    files = [t / "stage1_final.safetensors" if t.is_dir() else t for t in tries if t.exists()]
+    tries, files = stage1_from_files(src, out)
     if not files:
         raise RunError(f"stage1_from={src!r}: not found (looked at {', '.join(str(t) for t in tries)}); run that conversion first")
     file = next((f for f in files if f.is_file()), files[0])

@@ -11,21 +11,14 @@ import linearize
 from linearize.pipelines.config import build_config
 from linearize.pipelines.run import RunError, run_conversion
 
-from .tiny_run import make_model_dir, make_text, tiny_overrides
+from .tiny_run import tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
-@pytest.fixture
-def setup(tmp_path):
-    return make_model_dir(tmp_path / "tiny"), make_text(tmp_path / "text.txt"), make_text(tmp_path / "other.txt", paragraphs=40, seed=7)
-
-
-def test_control_trains_lora_on_the_softmax_model(setup, tmp_path):
-    model_dir, text, _ = setup
+def test_control_trains_lora_on_the_softmax_model(setup_ood, tmp_path):
+    model_dir, text, _ = setup_ood
     over = tiny_overrides(text, steps1=0, steps2=4) + ["convert=false"]
     report = run_conversion(build_config(None, None, over, model=str(model_dir)), tmp_path / "run", echo=lambda m: None)
     assert set(report["evals"]) == {"base", "stage2"}  # no swapped / stage-1 model exists
@@ -43,9 +36,9 @@ def test_control_trains_lora_on_the_softmax_model(setup, tmp_path):
     assert "softmax, not converted" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_control_and_linearized_runs_see_the_same_stage2_batches(setup, tmp_path):
+def test_control_and_linearized_runs_see_the_same_stage2_batches(setup_ood, tmp_path):
     """Same data, same order: the control differs from a linearized run only by the conversion."""
-    model_dir, text, _ = setup
+    model_dir, text, _ = setup_ood
     ctl = run_conversion(build_config(None, None, tiny_overrides(text, 0, 3) + ["convert=false"], model=str(model_dir)),
                          tmp_path / "ctl", echo=lambda m: None)
     lin = run_conversion(build_config(None, None, tiny_overrides(text, 0, 3), model=str(model_dir)), tmp_path / "lin", echo=lambda m: None)
@@ -65,8 +58,8 @@ def test_control_bad_settings_are_one_line_errors(extra, match):
     assert "\n" not in str(e.value)
 
 
-def test_out_of_domain_perplexity_for_every_model(setup, tmp_path):
-    model_dir, text, other = setup
+def test_out_of_domain_perplexity_for_every_model(setup_ood, tmp_path):
+    model_dir, text, other = setup_ood
     over = tiny_overrides(text, steps1=2, steps2=2) + [f"data.eval_ood_source={other}"]
     report = run_conversion(build_config(None, None, over, model=str(model_dir)), tmp_path / "run", echo=lambda m: None)
     assert set(report["evals_ood"]) == set(report["evals"]) == {"base", "swapped", "stage1", "stage2"}
@@ -79,15 +72,15 @@ def test_out_of_domain_perplexity_for_every_model(setup, tmp_path):
     assert again["evals_ood"] == report["evals_ood"]
 
 
-def test_out_of_domain_text_must_not_be_training_text(setup, tmp_path):
-    model_dir, text, other = setup
+def test_out_of_domain_text_must_not_be_training_text(setup_ood, tmp_path):
+    model_dir, text, other = setup_ood
     over = tiny_overrides(text) + [f"data.source={text}+{other}", f"data.eval_ood_source={other}"]
     with pytest.raises(RunError, match="shares") as e:
         run_conversion(build_config(None, None, over, model=str(model_dir)), tmp_path / "run", echo=lambda m: None)
     assert "\n" not in str(e.value)
 
 
-def test_control_with_two_processes_equals_one(setup, tmp_path):
+def test_control_with_two_processes_equals_one(setup_ood, tmp_path):
     """FSDP2 stage 2 on the unconverted model (the rebuild after sharding skips the conversion)."""
     import torch.distributed as dist
 
@@ -96,7 +89,7 @@ def test_control_with_two_processes_equals_one(setup, tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    model_dir, text, _ = setup
+    model_dir, text, _ = setup_ood
     one, two = tmp_path / "one", tmp_path / "two"
     one_and_two_processes(model_dir, one, two, tiny_overrides(text, 0, 4) + ["convert=false", "stage2.batch_size=4", "stage2.grad_accum=2"],
                           env(tmp_path / "cache"))

@@ -10,20 +10,17 @@ import pytest
 from linearize.pipelines import device
 from linearize.pipelines.config import build_config
 
-from .tiny_run import make_model_dir, make_text, tiny_overrides
+from .tiny_run import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+pytestmark = pytest.mark.usefixtures("own_cache")
+
+
 @pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture
-def setup(tmp_path):
-    return make_model_dir(tmp_path / "tiny"), make_text(tmp_path / "text.txt"), make_text(tmp_path / "other.txt", paragraphs=40, seed=7)
 
 
 def _line(model, name, text, other, *extra):
@@ -32,8 +29,8 @@ def _line(model, name, text, other, *extra):
     return f"{model} {name} --preset none {sets} --tasks '{tasks}' --limit 2 --batch-size 4 --done-dir none"
 
 
-def test_queue_runs_evaluates_side_by_side_and_bundles(setup, tmp_path):
-    model, text, other = setup
+def test_queue_runs_evaluates_side_by_side_and_bundles(setup_ood, tmp_path):
+    model, text, other = setup_ood
     queue = tmp_path / "q.txt"
     queue.write_text("# a converted run and its control\n" + _line(model, "lin", text, other) + "\n"
                      + _line(model, "ctl", text, other, "convert=false", "stage1.steps=0") + "\n")
@@ -81,8 +78,8 @@ class Killed(BaseException):
     """Not an Exception: the queue's per-run error handling must not swallow it, as it cannot swallow a SIGKILL."""
 
 
-def test_a_killed_evaluation_resumes_at_the_next_task(setup, tmp_path, monkeypatch):
-    model, text, other = setup
+def test_a_killed_evaluation_resumes_at_the_next_task(setup_ood, tmp_path, monkeypatch):
+    model, text, other = setup_ood
     queue = tmp_path / "q.txt"
     queue.write_text(_line(model, "lin", text, other) + "\n")
     runs = tmp_path / "runs"
@@ -108,10 +105,10 @@ def test_a_killed_evaluation_resumes_at_the_next_task(setup, tmp_path, monkeypat
     assert len(calls) == 4 - 2 + 4  # the converted model first: 2 were saved before the kill; the 2 left, then the base's 4
 
 
-def test_a_base_only_lane_fills_the_shared_base_results(setup, tmp_path, monkeypatch):
+def test_a_base_only_lane_fills_the_shared_base_results(setup_ood, tmp_path, monkeypatch):
     """`--base-only` evaluates the base alone (another lane converts meanwhile); the run then evaluates only
     its converted model, and its report has both, base first."""
-    model, text, other = setup
+    model, text, other = setup_ood
     runs = tmp_path / "runs"
     base_q, run_q = tmp_path / "base.txt", tmp_path / "run.txt"
     base_q.write_text(_line(model, "tiny-base", text, other) + " --base-only\n")
@@ -131,8 +128,8 @@ def test_a_base_only_lane_fills_the_shared_base_results(setup, tmp_path, monkeyp
     assert ev2["models"] == [str(model), "lin"] and ev2["results"][str(model)] == ev["results"][str(model)]
 
 
-def test_failed_run_is_recorded_and_the_queue_goes_on(setup, tmp_path):
-    model, text, other = setup
+def test_failed_run_is_recorded_and_the_queue_goes_on(setup_ood, tmp_path):
+    model, text, other = setup_ood
     queue = tmp_path / "q.txt"
     queue.write_text(_line(model, "bad", text, other, "data.seq_len=4096") + "\n" + _line(model, "good", text, other) + "\n")
     phases = device.run_queue(queue, tmp_path / "runs", echo=lambda m: None)
@@ -209,14 +206,14 @@ def test_bundle_of_lanes_takes_every_queue_and_log(tmp_path):
     assert [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "waiting" in line] == ["a", "b", "c"]
 
 
-def test_weights_bundle_restores_a_run_on_a_fresh_machine(setup, tmp_path, monkeypatch):
+def test_weights_bundle_restores_a_run_on_a_fresh_machine(setup_ood, tmp_path, monkeypatch):
     """A trained run comes back as weight parts and, restored into an empty runs folder, exports the same
     model without training again (resuming mid-stage is test_resume's; the same checkpoint files travel)."""
     from safetensors.torch import load_file
 
     from linearize.pipelines import run as run_mod
 
-    model, text, other = setup
+    model, text, other = setup_ood
     queue = tmp_path / "q.txt"
     sets = " ".join(f"--set '{s}'" for s in tiny_overrides(text, 2, 2) + [f"data.eval_ood_source={other}"])
     queue.write_text(f"{model} lin --preset none {sets} --suite none --done-dir none\n")
@@ -253,9 +250,9 @@ def test_restore_says_when_a_part_is_missing(tmp_path):
         device.restore(tmp_path, tmp_path / "runs", echo=lambda m: None)
 
 
-def test_a_queued_run_takes_an_earlier_runs_maps_by_name(setup, tmp_path):
+def test_a_queued_run_takes_an_earlier_runs_maps_by_name(setup_ood, tmp_path):
     """``stage1_from=<run name>`` in a queue: the name resolves beside the run, in the queue's runs directory."""
-    model, text, other = setup
+    model, text, other = setup_ood
     queue = tmp_path / "q.txt"
     queue.write_text(_line(model, "maps", text, other, "stage2.steps=0") + "\n"
                      + _line(model, "reuse", text, other, "stage1.steps=0", "stage1_from=maps") + "\n")
@@ -265,10 +262,10 @@ def test_a_queued_run_takes_an_earlier_runs_maps_by_name(setup, tmp_path):
     assert st["from"] == str(runs / "maps" / "stage1_final.safetensors") and st["steps"] == 2
 
 
-def test_a_run_waits_for_maps_another_lane_has_not_made_yet(setup, tmp_path):
+def test_a_run_waits_for_maps_another_lane_has_not_made_yet(setup_ood, tmp_path):
     """``stage1_from`` naming a run that has not finished its stage 1 (another lane's, or carried weights not
     restored yet): the run waits, and the next call takes the maps."""
-    model, text, other = setup
+    model, text, other = setup_ood
     queue = tmp_path / "q.txt"
     queue.write_text(_line(model, "reuse", text, other, "stage1.steps=0", "stage1_from=maps") + "\n"
                      + _line(model, "maps", text, other, "stage2.steps=0") + "\n")
@@ -279,12 +276,12 @@ def test_a_run_waits_for_maps_another_lane_has_not_made_yet(setup, tmp_path):
     assert device.run_queue(queue, runs, echo=lambda m: None) == {"reuse": "done", "maps": "done"}
 
 
-def test_near_the_deadline_an_evaluation_runs_what_fits_and_defers_the_rest(setup, tmp_path, monkeypatch):
+def test_near_the_deadline_an_evaluation_runs_what_fits_and_defers_the_rest(setup_ood, tmp_path, monkeypatch):
     """Tasks the base took long on are left for the next call when they would not fit before the deadline,
     and the short ones still run; the next call finishes the run."""
     import time
 
-    model, text, other = setup
+    model, text, other = setup_ood
     queue = tmp_path / "q.txt"
     queue.write_text(_line(model, "lin", text, other) + "\n")
     runs = tmp_path / "runs"

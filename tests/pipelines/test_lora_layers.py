@@ -14,9 +14,7 @@ from ..tiny_models import tiny_model
 from .tiny_run import make_model_dir, make_text, tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def _adapted_layers(peft_model) -> set[int]:

@@ -11,17 +11,10 @@ from linearize.pipelines.config import build_config
 from linearize.pipelines.run import RunError, run_conversion
 from linearize.pipelines.trainer import NonFiniteLossError
 
-from .tiny_run import make_model_dir, make_text, tiny_overrides
+from .tiny_run import tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def setup(tmp_path):
-    return make_model_dir(tmp_path / "tiny"), make_text(tmp_path / "text.txt")
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def test_both_stages_export_reload_generate(setup, tmp_path):

@@ -9,17 +9,10 @@ from safetensors.torch import load_file
 from linearize.pipelines.config import build_config
 from linearize.pipelines.run import RunError, run_conversion
 
-from .tiny_run import make_model_dir, make_text, tiny_overrides
+from .tiny_run import tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def setup(tmp_path):
-    return make_model_dir(tmp_path / "tiny"), make_text(tmp_path / "text.txt")
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def _run(model_dir, text, out, steps1, steps2, *extra):

@@ -13,12 +13,10 @@ from linearize.pipelines.results import recipe
 from linearize.pipelines.run import run_conversion
 
 from ..tiny_models import ARCHS, perturb_added_weights, tiny_model
-from .tiny_run import make_model_dir, make_text, tiny_overrides
+from .tiny_run import tiny_overrides
 
 
-@pytest.fixture(autouse=True)
-def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("own_cache")
 
 
 def _adapted(arch: str):
@@ -118,8 +116,8 @@ def test_bad_settings_are_one_line_errors(items, match):
     assert "\n" not in str(e.value)
 
 
-def test_a_distilled_run_moves_toward_the_base_and_says_so(tmp_path):
-    model_dir, text = make_model_dir(tmp_path / "tiny"), make_text(tmp_path / "text.txt")
+def test_a_distilled_run_moves_toward_the_base_and_says_so(setup, tmp_path):
+    model_dir, text = setup
 
     def run(name, *extra):
         # no attention transfer: the untrained maps leave the student far from its teacher, for LoRA to close
@@ -137,7 +135,7 @@ def test_a_distilled_run_moves_toward_the_base_and_says_so(tmp_path):
     assert " kl" not in recipe(run("ce"))
 
 
-def test_distillation_with_two_sharded_processes_equals_one(tmp_path):
+def test_distillation_with_two_sharded_processes_equals_one(setup, tmp_path):
     """FSDP2 shards (gloo): the teacher pass (softmax modes, adapters off) runs on the sharded model as well."""
     import torch.distributed as dist
 
@@ -146,7 +144,7 @@ def test_distillation_with_two_sharded_processes_equals_one(tmp_path):
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
-    model_dir, text = make_model_dir(tmp_path / "tiny"), make_text(tmp_path / "text.txt")
+    model_dir, text = setup
     one, two = tmp_path / "one", tmp_path / "two"
     one_and_two_processes(model_dir, one, two, tiny_overrides(text, 2, 4) + [
         "stage2.batch_size=4", "stage2_loss.kl_weight=1", "stage2_loss.ce_weight=0.5"], env(tmp_path / "cache"))
