@@ -53,8 +53,10 @@ RESUMABLE = ("config.yaml", "state.json", "metrics.jsonl", "stage1_final.safeten
 WEIGHT_PART_BYTES = 15 * 2**20
 #: parts of all runs together: the 8 returned files hold 64 MiB, and runs.tar.gz and the summary need room
 WEIGHT_TOTAL_BYTES = 45 * 2**20
+#: an evaluation cut short by the call's deadline: the report so far, with ``partial.deferred`` (the tasks left)
+PARTIAL = "partial.json"
 BUNDLED = ("config.yaml", "report.json", "report.md", "metrics.jsonl", "state.json", "status.json",
-           "eval/eval.json", "eval/eval.md", "eval/eval.png")
+           "eval/eval.json", "eval/eval.md", "eval/eval.png", f"eval/{PARTIAL}")
 
 
 def _safe(name: str) -> str:
@@ -242,8 +244,6 @@ def eval_side_by_side(entries: list[tuple[str, str, Path]], tasks: list[tuple[st
         gc.collect()
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-    if deferred:
-        raise Deferred(f"{len(deferred)} evaluations left for the next call: {', '.join(deferred)}")
     order = [label for label, _, _ in entries]
     results, timing, resources = ({k: d[k] for k in order} for d in (results, timing, resources))
     limits = {t: lim for t, lim in tasks}
@@ -258,7 +258,13 @@ def eval_side_by_side(entries: list[tuple[str, str, Path]], tasks: list[tuple[st
         ],
         **(extra or {}),
     }
+    if deferred:
+        # What this call measured, readable now (results tables mark the row partial); eval.json stays the
+        # finished report only, so a finished run is never mistaken for a partial one or the reverse.
+        atomic_write_json(out / PARTIAL, {**report, "partial": {"deferred": deferred}})
+        raise Deferred(f"{len(deferred)} evaluations left for the next call: {', '.join(deferred)}")
     write_report(report, out)
+    (out / PARTIAL).unlink(missing_ok=True)
     return report
 
 

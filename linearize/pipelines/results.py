@@ -46,11 +46,13 @@ def _read(path: Path) -> dict | None:
 
 
 def load_run(path: Path) -> dict[str, Any]:
-    """``{"name", "dir", "report", "eval", "status"}`` of a run directory (missing parts are None)."""
+    """``{"name", "dir", "report", "eval", "status"}`` of a run directory (missing parts are None). Without a
+    finished evaluation (``eval/eval.json``), one cut short by a device call's deadline (``eval/partial.json``)
+    stands in; its ``partial`` key lists the tasks left."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run directory")
-    ev = _read(path / "eval" / "eval.json") or _read(path / "eval.json")
+    ev = _read(path / "eval" / "eval.json") or _read(path / "eval.json") or _read(path / "eval" / "partial.json")
     report = _read(path / "report.json")
     if ev is None and report is None:
         raise FileNotFoundError(f"{path}: neither report.json nor eval/eval.json (or eval.json) is there")
@@ -121,7 +123,9 @@ def goals(cand: dict, base: dict) -> dict[str, dict]:
 
     zs = _ratio(cand["zeroshot_avg"], base["zeroshot_avg"])
     mm, lb = _ratio(cand["mmlu"], base["mmlu"]), _ratio(cand["lambada"], base["lambada"])
-    worst = None if mm is None or lb is None else min(mm, lb)
+    known = [v for v in (mm, lb) if v is not None]
+    # one of the two measured (a partial evaluation) decides the goal only when it already misses it
+    worst = min(known) if len(known) == 2 or (known and min(known) < 0.95) else None
     p2k = _ratio(cand["ppl@2048"], base["ppl@2048"])
     mq = None if cand["mqar"] is None or base["mqar"] is None else cand["mqar"] - base["mqar"]
     return {
@@ -184,9 +188,17 @@ def run_row(run: dict) -> dict[str, Any]:
             row["goals"] = goals(cand, base)
             row["goals_met"] = sum(1 for g in row["goals"].values() if g["met"])
             row["goals_measured"] = sum(1 for g in row["goals"].values() if g["met"] is not None)
+        if ev.get("partial"):
+            row["partial"] = list(ev["partial"].get("deferred", []))
     if run.get("status"):
         row["status"] = run["status"].get("phase")
     return row
+
+
+def _run_cell(row: dict) -> str:
+    """The run's name; a partial evaluation says which tasks it lacks."""
+    left = [t.split(": ", 1)[-1] for t in row.get("partial") or []]
+    return f"{row['run']} (partial: no {', '.join(dict.fromkeys(left))})" if left else row["run"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,7 +242,7 @@ def markdown(rows: list[dict], title: str = "Conversion runs against their base 
         mins = f"{r['train_seconds'] / 60:.1f}" if r.get("train_seconds") is not None else "–"
         c = r.get("converted") or {}
         pk = "–" if c.get("passkey@4096") is None else f"{100 * c['passkey@4096']:.0f}%"
-        cells = [r["run"], r.get("model") or "?", r["recipe"], tok, mins, _ppl_cell(r, "ppl@512"), _ppl_cell(r, "ppl@2048"),
+        cells = [_run_cell(r), r.get("model") or "?", r["recipe"], tok, mins, _ppl_cell(r, "ppl@512"), _ppl_cell(r, "ppl@2048"),
                  _ppl_cell(r, "ppl@4096"), _ppl_cell(r, "ood_ppl@2048"), _acc_cell(r, "zeroshot_avg"), _acc_cell(r, "lambada"),
                  _acc_cell(r, "mmlu"), pk, _acc_cell(r, "mqar")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -238,7 +250,7 @@ def markdown(rows: list[dict], title: str = "Conversion runs against their base 
     for r in runs:
         g = r.get("goals") or {}
         met = f"{r['goals_met']}/{r['goals_measured']}" if "goals_met" in r else "–"
-        lines.append(f"| {r['run']} | " + " | ".join(_goal_cell(g.get(k), GOAL_KINDS[k]) for k in GOALS) + f" | {met} |")
+        lines.append(f"| {_run_cell(r)} | " + " | ".join(_goal_cell(g.get(k), GOAL_KINDS[k]) for k in GOALS) + f" | {met} |")
     bases = {}
     for r in rows:
         if r.get("base") and r.get("model") not in bases:

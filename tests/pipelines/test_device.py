@@ -306,9 +306,17 @@ def test_near_the_deadline_an_evaluation_runs_what_fits_and_defers_the_rest(setu
     assert sum("deferred to the next call" in m for m in lines) == 2
     assert not (runs / "lin" / "eval" / "eval.json").exists()
     assert device.progress(runs / "lin")["phase"] == "eval"
+    # what the cut call measured is readable now, in the bundle and in its summary's table
+    partial = json.loads((runs / "lin" / "eval" / device.PARTIAL).read_text())
+    assert len(partial["partial"]["deferred"]) == 2 and all(t.startswith("ppl") for t in partial["results"]["lin"])
+    device.bundle([runs / "lin"], tmp_path / "out")
+    with tarfile.open(tmp_path / "out" / "runs.tar.gz") as tar:
+        assert f"lin/eval/{device.PARTIAL}" in tar.getnames()
+    assert "lin (partial: no " in (tmp_path / "out" / "runs-summary.md").read_text()
     monkeypatch.delenv("LINEARIZE_DEADLINE")
     assert device.run_queue(queue, runs, echo=lambda m: None) == {"lin": "done"}
     assert (runs / "lin" / "eval" / "eval.json").exists()
+    assert not (runs / "lin" / "eval" / device.PARTIAL).exists()
 
 
 def test_a_bad_deadline_is_a_one_line_error(monkeypatch):

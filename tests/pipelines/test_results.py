@@ -72,6 +72,32 @@ def test_partial_runs_and_old_reports(tmp_path):
         load_run(tmp_path / "empty")
 
 
+def test_an_evaluation_cut_by_the_deadline_is_a_partial_row(tmp_path):
+    """eval/partial.json (written when a device call defers tasks) stands in for eval.json: the row says which
+    tasks it lacks, a goal is decided only by what was measured, and a finished eval.json wins over it."""
+    cand = {k: v for k, v in _scaled(1.0, 1.1, 0.14, 0.12).items() if k not in ("hellaswag", "mmlu")}
+    cand["lambada"] = {"acc": 0.30 * 0.78}
+    d = _run(tmp_path, "cut", cand)
+    ev = json.loads((d / "eval" / "eval.json").read_text())
+    (d / "eval" / "eval.json").unlink()
+    (d / "eval" / "partial.json").write_text(json.dumps({**ev, "partial": {"deferred": ["cut: hellaswag", "cut: mmlu"]}}))
+    row = run_row(load_run(d))
+    assert row["partial"] == ["cut: hellaswag", "cut: mmlu"]
+    assert row["goals"]["zeroshot"]["met"] is None  # HellaSwag missing: no average
+    assert row["goals"]["mmlu_lambada"]["met"] is False and row["goals"]["mmlu_lambada"]["value"] == pytest.approx(0.78)
+    assert row["goals_measured"] == 4 and row["goals_met"] == 0
+    write_table([d], tmp_path / "out")
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert md.count("cut (partial: no hellaswag, mmlu)") == 2  # the results row and the goals row
+    # a LAMBADA that passes says nothing about the goal while MMLU is missing
+    cand["lambada"] = {"acc": 0.30}
+    ev["results"]["cut"] = cand
+    (d / "eval" / "partial.json").write_text(json.dumps({**ev, "partial": {"deferred": ["cut: mmlu"]}}))
+    assert run_row(load_run(d))["goals"]["mmlu_lambada"]["met"] is None
+    (d / "eval" / "eval.json").write_text(json.dumps(ev))
+    assert "partial" not in run_row(load_run(d))
+
+
 def test_table_json_and_plot_through_the_script(tmp_path):
     dirs = [_run(tmp_path, "abl-plain", _scaled(0.98, 1.3, 0.2, 0.5)), _run(tmp_path, "abl-control", _scaled(1.02, 0.97, 1.0, 0.9), convert=False)]
     out = tmp_path / "table"
