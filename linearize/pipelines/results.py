@@ -137,6 +137,10 @@ def goals(cand: dict, base: dict) -> dict[str, dict]:
     }
 
 
+#: the default stage-2 learning rate (``RunConfig``); a run at another one says so in its recipe
+STAGE2_LR = 1e-4
+
+
 def recipe(report: dict | None) -> str:
     if report is None:
         return "?"
@@ -144,13 +148,18 @@ def recipe(report: dict | None) -> str:
     s1, s2 = (report.get("stages") or {}).get("stage1", {}), (report.get("stages") or {}).get("stage2", {})
     steps = f"{s1.get('steps', 0)}+{s2.get('steps', 0)} steps"
     loss = cfg.get("stage2_loss") or {}
-    kl = "" if not loss.get("kl_weight") or not s2.get("steps") else " kl" if not loss.get("ce_weight") else " ce+kl"
+    w = lambda x: "" if x == 1 else f"{x:g}"  # noqa: E731  (a weight other than 1 is named)
+    kl = ("" if not loss.get("kl_weight") or not s2.get("steps") else f" {w(loss['kl_weight'])}kl" if not loss.get("ce_weight")
+          else f" {w(loss['ce_weight'])}ce+{w(loss['kl_weight'])}kl")
+    lr2 = (cfg.get("stage2") or {}).get("lr")
+    kl += f" lr{lr2:g}" if s2.get("steps") and lr2 is not None and lr2 != STAGE2_LR else ""
     if cfg.get("convert") is False or (report.get("linearize") is None and "convert" in report):
         return f"softmax control: LoRA only{kl} ({steps})"
     lin = report.get("linearize") or cfg.get("linearize") or {}
     norm = f" lennorm{lin.get('length_norm_from')}" if lin.get("length_norm") else ""
     norm += f" sink{lin['sink_tokens']}" if lin.get("sink_tokens") else ""
     norm += " nope" if lin.get("feature_rope") is False else ""  # feature maps before RoPE
+    norm += " kvmaps" if lin.get("feature_map_per_kv_head") else ""  # key maps per KV head
     norm += f" softmax{len(lin['softmax_layers'])}" if lin.get("softmax_layers") else ""  # layers kept softmax
     layers = (cfg.get("lora") or {}).get("layers", "all")
     norm += "" if layers == "all" else " lora:lin" if layers == "linearized" else f" lora:{len(layers)}"

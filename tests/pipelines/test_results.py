@@ -130,6 +130,18 @@ def test_recipe_names_every_setting_an_ablation_changes():
     assert recipe(base | {"linearize": lin | {"feature_rope": True, "softmax_layers": []}}) == "w64 hedgehog/f64 (200+200 steps @ 1024)"
     lora_lin = {"config": base["config"] | {"lora": {"layers": "linearized"}}}
     assert recipe(base | lora_lin | {"linearize": lin}) == "w64 hedgehog/f64 nope softmax3 lora:lin (200+200 steps @ 1024)"
+    kv = lin | {"feature_map_per_kv_head": True}
+    distilled = {"config": lora_lin["config"] | {"stage2_loss": {"ce_weight": 0.1, "kl_weight": 1.0}, "stage2": {"lr": 3e-4}}}
+    assert recipe(base | distilled | {"linearize": kv}) == "w64 hedgehog/f64 nope kvmaps softmax3 lora:lin 0.1ce+kl lr0.0003 (200+200 steps @ 1024)"
+    plain_kl = {"config": base["config"] | {"stage2_loss": {"ce_weight": 0.0, "kl_weight": 1.0}, "stage2": {"lr": 1e-4}}}
+    assert recipe(base | plain_kl | {"linearize": lin}) == "w64 hedgehog/f64 nope softmax3 kl (200+200 steps @ 1024)"
+
+
+def test_the_default_stage2_lr_is_the_configs():
+    from linearize.pipelines.config import RunConfig
+    from linearize.pipelines.results import STAGE2_LR
+
+    assert RunConfig().stage2.lr == STAGE2_LR
 
 
 def test_a_base_at_chance_on_mmlu_is_said_so(tmp_path):

@@ -129,9 +129,9 @@ def test_a_distilled_run_moves_toward_the_base_and_says_so(setup, tmp_path):
               if json.loads(line).get("stage") == "stage2" and "loss" in json.loads(line)]
     assert len(losses) == 8 and all(v >= 0 for v in losses) and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
     assert kl["config"]["stage2_loss"] == {"ce_weight": 0.0, "kl_weight": 1.0, "temperature": 1.0}
-    assert recipe(kl).endswith("kl (0+8 steps @ 32)")
+    assert recipe(kl).endswith(" kl lr0.01 (0+8 steps @ 32)")  # (the learning rate is not the default 1e-4)
     both = run("both", "stage2_loss.kl_weight=0.5")
-    assert " ce+kl " in recipe(both)
+    assert " ce+0.5kl " in recipe(both)
     assert " kl" not in recipe(run("ce"))
 
 
