@@ -18,7 +18,7 @@
 #   bash scripts/gpu_decode_calls.sh 6 SHA   # issue 6's batch table at the current defaults: ours compiled and the
 #                                            # base's lean loop at batch 1, 16, 64 and 256 x 4096 new tokens
 #   bash scripts/gpu_decode_calls.sh 8 SHA   # not decode: every chunk-kernel GPU test (33 ids: fp32 one (T, W) an id),
-#                                            # 14 processes at a time, 300 s an id; nothing else (~250-400 s)
+#                                            # 14 processes at a time, 300 s an id, 400 s in all; nothing else
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
 #                                            # evaluation-like shapes (compile_count.py), and the default launch at
@@ -88,14 +88,14 @@ case "$call" in
     ;;
   8)
     ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py 2>/dev/null | grep "::")
-    TEST_TIMEOUT=300 timeout 480 bash scripts/gpu_tests_parallel.sh "$out/tests.log" 14 $ids
+    TEST_TIMEOUT=300 TOTAL_TIMEOUT=400 bash scripts/gpu_tests_parallel.sh "$out/tests.log" 14 $ids
     sed -n '/=== summary/,$p' "$out/tests.log"
     ;;
   7)
     # 17 tests of ~45-80 s each (compile-bound): one pytest process each, 12 at a time (one process in 200 s ran
     # 3); the 16 fp32 ids take call 8
     ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py 2>/dev/null | grep "::" | grep -v fp32)
-    TEST_TIMEOUT=200 timeout 230 bash scripts/gpu_tests_parallel.sh "$out/tests.log" 12 $ids
+    TEST_TIMEOUT=200 TOTAL_TIMEOUT=230 bash scripts/gpu_tests_parallel.sh "$out/tests.log" 12 $ids
     sed -n '/=== summary/,$p' "$out/tests.log"
     timeout 100 python3 benchmarks/compile_count.py --copy-to "$out" --commit "$sha" 2>&1 | tee "$out/compile-count.log" | tail -3
     timeout 120 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --out "$out/tune-chunk-16k.json" \
