@@ -18,7 +18,8 @@
 #   bash scripts/gpu_decode_calls.sh 6 SHA   # issue 6's batch table at the current defaults: ours compiled and the
 #                                            # base's lean loop at batch 1, 16, 64 and 256 x 4096 new tokens
 #   bash scripts/gpu_decode_calls.sh 8 SHA   # not decode: every chunk-kernel GPU test (33 ids: fp32 one (T, W) an id),
-#                                            # 14 processes at a time, 300 s an id, 400 s in all; nothing else
+#                                            # 14 processes at a time, 300 s an id, 330 s in all; then the default
+#                                            # launch at 2K (graph) and 16K with the one-pass segment prefix
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
 #                                            # evaluation-like shapes (compile_count.py), and the default launch at
@@ -88,8 +89,15 @@ case "$call" in
     ;;
   8)
     ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py 2>/dev/null | grep "::")
-    TEST_TIMEOUT=300 TOTAL_TIMEOUT=400 bash scripts/gpu_tests_parallel.sh "$out/tests.log" 14 $ids
+    TEST_TIMEOUT=300 TOTAL_TIMEOUT=330 bash scripts/gpu_tests_parallel.sh "$out/tests.log" 14 $ids
     sed -n '/=== summary/,$p' "$out/tests.log"
+    # the default launch with the segment prefix in one Triton pass (was torch's cumsum, flips and subtractions:
+    # 0.35 ms at 16K and 0.18 ms at 2K in the twelfth session's profile)
+    timeout 70 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --out "$out/tune-chunk-2k.json" \
+      > "$out/tune-chunk-2k.log" 2>&1
+    timeout 90 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --out "$out/tune-chunk-16k.json" \
+      > "$out/tune-chunk-16k.log" 2>&1
+    grep -hE "^C=|first call" "$out"/tune-chunk-*.log
     ;;
   7)
     # 17 tests of ~45-80 s each (compile-bound): one pytest process each, 12 at a time (one process in 200 s ran

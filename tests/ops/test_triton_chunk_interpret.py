@@ -239,3 +239,25 @@ def test_one_accumulator_steps_aside_when_gamma_needs_a_gradient():
     yr, _ = hybrid_attention_chunked(q, k, v, pq, pk, window=5, window_weight=g)
     (dg,), (dgr,) = torch.autograd.grad(y.sum(), [g]), torch.autograd.grad(yr.sum(), [g])
     assert rel_err(y, yr) < 2e-5 and rel_err(dg, dgr) < 1e-4
+
+
+@needs_triton
+@inside
+@pytest.mark.parametrize("nseg", [1, 2, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_segment_prefix_against_torch(nseg, reverse):
+    """The exclusive prefix over segments (forward: seeded with the initial sums; backward: reversed, from 0)
+    against its torch form, on a block count that is not a multiple of the kernel's block."""
+    from linearize.ops.triton import chunk
+
+    g = torch.Generator().manual_seed(nseg)
+    x = torch.randn(nseg, 3, 2, 7, 50, generator=g)  # 2100 elements a segment: 3 blocks of 1024, the last partial
+    init = None if reverse else torch.randn(3, 2, 7, 50, generator=g)
+    chunk.POISON_OUTPUTS = True
+    try:
+        out = chunk._segment_prefix(x, init, reverse=reverse)
+    finally:
+        chunk.POISON_OUTPUTS = False
+    ref = x.flip(0).cumsum(0).flip(0) - x if reverse else x.cumsum(0) - x + init
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)

@@ -55,16 +55,17 @@ def _launch_keys(shapes, grad: bool) -> dict[str, set]:
 def test_forward_kernels_compile_once_across_batch_sizes_and_lengths():
     shapes = [(B, T) for B in (32, 7, 1) for T in (2, 17, 48, 64, 100, 128, 129, 700, 1024)]
     keys = _launch_keys(shapes, grad=False)
-    assert set(keys) == {"fwd_kernel", "fwd_segment_sums_kernel"}
-    assert {k: len(v) for k, v in keys.items()} == {"fwd_kernel": 1, "fwd_segment_sums_kernel": 1}
+    assert set(keys) == {"fwd_kernel", "fwd_segment_sums_kernel", "segment_prefix_kernel"}
+    assert {k: len(v) for k, v in keys.items()} == {"fwd_kernel": 1, "fwd_segment_sums_kernel": 1, "segment_prefix_kernel": 1}
     # T = 1 has no earlier key chunk in its window (nwin = 0, kept specialized: at 1 the loop over window chunks
     # unrolls): one more variant, and only one whatever the batch
     one = _launch_keys(shapes + [(B, 1) for B in (32, 7, 1)], grad=False)
-    assert {k: len(v) for k, v in one.items()} == {"fwd_kernel": 2, "fwd_segment_sums_kernel": 2}
+    assert {k: len(v) for k, v in one.items()} == {"fwd_kernel": 2, "fwd_segment_sums_kernel": 2, "segment_prefix_kernel": 1}
 
 
 def test_backward_kernels_keep_their_hints_at_one_training_length():
     """Training runs at one length: one key per kernel there, with the divisibility hints kept (fewer spills)."""
     keys = _launch_keys([(8, 1024)], grad=True)
-    assert len(keys) == 8 and all(len(v) == 1 for v in keys.values())
+    assert len(keys) == 9 and all(len(v) == 1 for n, v in keys.items() if n != "segment_prefix_kernel")
+    assert len(keys["segment_prefix_kernel"]) == 2  # the forward's prefix (seeded) and the backward's (reversed)
     assert "16" in next(iter(keys["bwd_dk_kernel"]))[0]  # some int argument still carries the divisibility hint

@@ -132,6 +132,20 @@ def _segments(n_chunks: int, programs_per_segment: int, device: torch.device, ns
     return n_per, math.ceil(n_chunks / n_per)
 
 
+def _segment_prefix(x: torch.Tensor, init: torch.Tensor | None, reverse: bool = False) -> torch.Tensor:
+    """``out[s] = init + sum(x[:s])`` (``sum(x[s+1:])`` if ``reverse``; ``init`` 0 if None) for segment sums
+    ``x`` [nseg, ...] fp32 contiguous, ``init`` of shape ``x[0]``; one Triton pass (``segment_prefix_kernel``).
+    The torch form, ``x.cumsum(0) - x + init``, is the reference in the tests."""
+    out = _empty(*x.shape, dtype=x.dtype, device=x.device)
+    n = x[0].numel()
+    block = 1024
+    K.segment_prefix_kernel[(math.ceil(n / block),)](
+        x, x if init is None else init.contiguous(), out, x.shape[0], n,
+        HAS_INIT=init is not None, REVERSE=reverse, BLOCK=block, num_warps=4,
+    )
+    return out
+
+
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -170,9 +184,7 @@ class _HybridChunkFn(torch.autograd.Function):
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         # Exclusive prefix over segments, seeded with the initial sums.
-        pre_S = torch.cumsum(seg_S, 0) - seg_S + S0.to(f32).unsqueeze(0)
-        pre_z = torch.cumsum(seg_z, 0) - seg_z + z0.to(f32).unsqueeze(0)
-        pre_S, pre_z = pre_S.contiguous(), pre_z.contiguous()
+        pre_S, pre_z = _segment_prefix(seg_S, S0), _segment_prefix(seg_z, z0)
 
         y = _empty(*q.shape, dtype=q.dtype, device=dev)
         u = _empty(*q.shape, dtype=q.dtype, device=dev) if store_u else y
@@ -241,8 +253,7 @@ class _HybridChunkFn(torch.autograd.Function):
             B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
         )
         # Reverse exclusive prefix: segment s starts from the sums of every later segment.
-        rev_dS = (seg_dS.flip(0).cumsum(0).flip(0) - seg_dS).contiguous()
-        rev_dz = (seg_dz.flip(0).cumsum(0).flip(0) - seg_dz).contiguous()
+        rev_dS, rev_dz = _segment_prefix(seg_dS, None, reverse=True), _segment_prefix(seg_dz, None, reverse=True)
         dpq_out = dpq if atomic else _empty(B, T, H, F, dtype=phi_q.dtype, device=dev)
         _launch(K.bwd_dq_state_kernel, (nseg, B * Hf, NV),
             phi_k, v, m_arg, dy, den, delta, pre_S, pre_z, dpq, dpq_out,

@@ -125,6 +125,27 @@ def fwd_segment_sums_kernel(
     _store_sums(OUT_S, OUT_Z, (s * B + b) * Hf + hf, rf, rv, F, D, acc, accz, iv)
 
 
+@triton.jit(do_not_specialize=["nseg", "N"])
+def segment_prefix_kernel(X, INIT, OUT, nseg, N, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """Exclusive prefix over segments: OUT[s] = INIT + sum of X[s'] for s' < s (s' > s with REVERSE), X and OUT
+    [nseg, N] fp32, INIT [N] (or 0). One pass over X, instead of torch's cumsum, flips and subtractions
+    (four to five passes and launches over the segment sums: ~15% of forward+backward at T = 2K)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    if HAS_INIT:
+        acc = tl.load(INIT + offs, mask=ok, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, nseg):
+        if REVERSE:
+            sg = nseg - 1 - i
+        else:
+            sg = i
+        x = tl.load(X + sg * N + offs, mask=ok, other=0.0)
+        tl.store(OUT + sg * N + offs, acc, mask=ok)
+        acc += x
+
+
 @triton.jit
 def _fwd_window_one_acc(q, pq, Kb, Vb, PKb, M, b, sM_b, t, c, nwin, W, T, scale, gam, sK_t, sV_t, sPK_t, rd, rf, rv, rc,
                         D, F, C: tl.constexpr, BV: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
