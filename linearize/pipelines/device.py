@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .checkpoint import LATEST, CheckpointManager, atomic_write_json
+from .results import PARTIAL
 
 PPL_LENGTHS = "512,2048,4096"
 ZERO_SHOT = ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")
@@ -53,8 +54,6 @@ RESUMABLE = ("config.yaml", "state.json", "metrics.jsonl", "stage1_final.safeten
 WEIGHT_PART_BYTES = 15 * 2**20
 #: parts of all runs together: the 8 returned files hold 64 MiB, and runs.tar.gz and the summary need room
 WEIGHT_TOTAL_BYTES = 45 * 2**20
-#: an evaluation cut short by the call's deadline: the report so far, with ``partial.deferred`` (the tasks left)
-PARTIAL = "partial.json"
 BUNDLED = ("config.yaml", "report.json", "report.md", "metrics.jsonl", "state.json", "status.json",
            "eval/eval.json", "eval/eval.md", "eval/eval.png", f"eval/{PARTIAL}")
 

@@ -25,10 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from ..eval.report import PRIMARY_ACC
+from .config import RunConfig
 
 ZERO_SHOT = {t: PRIMARY_ACC.get(t, "acc") for t in ("piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande")}
 LENGTHS = (512, 2048, 4096)
 MMLU_CHANCE = 0.25  # 4 answer choices
+#: an evaluation cut short by a device call's deadline, in a run's ``eval/`` (``device.eval_side_by_side``
+#: writes it): the report so far, with ``partial.deferred`` (the tasks left)
+PARTIAL = "partial.json"
 GOALS = {
     "zeroshot": "0-shot avg >= 100% base",
     "mmlu_lambada": "MMLU & LAMBADA >= 95% base",
@@ -52,7 +56,7 @@ def load_run(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such run directory")
-    ev = _read(path / "eval" / "eval.json") or _read(path / "eval.json") or _read(path / "eval" / "partial.json")
+    ev = _read(path / "eval" / "eval.json") or _read(path / "eval.json") or _read(path / "eval" / PARTIAL)
     report = _read(path / "report.json")
     if ev is None and report is None:
         raise FileNotFoundError(f"{path}: neither report.json nor eval/eval.json (or eval.json) is there")
@@ -123,22 +127,22 @@ def goals(cand: dict, base: dict) -> dict[str, dict]:
 
     zs = _ratio(cand["zeroshot_avg"], base["zeroshot_avg"])
     mm, lb = _ratio(cand["mmlu"], base["mmlu"]), _ratio(cand["lambada"], base["lambada"])
-    known = [v for v in (mm, lb) if v is not None]
+    known, target = [v for v in (mm, lb) if v is not None], 0.95
     # one of the two measured (a partial evaluation) decides the goal only when it already misses it
-    worst = min(known) if len(known) == 2 or (known and min(known) < 0.95) else None
+    worst = min(known) if len(known) == 2 or (known and min(known) < target) else None
     p2k = _ratio(cand["ppl@2048"], base["ppl@2048"])
     mq = None if cand["mqar"] is None or base["mqar"] is None else cand["mqar"] - base["mqar"]
     return {
         "zeroshot": goal(zs, 1.0, lambda v: v >= 1.0),
-        "mmlu_lambada": goal(worst, 0.95, lambda v: v >= 0.95),
+        "mmlu_lambada": goal(worst, target, lambda v: v >= target),
         "ppl2k": goal(p2k, 1.05, lambda v: v <= 1.05),
         "passkey4k": goal(cand["passkey@4096"], 0.90, lambda v: v >= 0.90),
         "mqar": goal(mq, 0.0, lambda v: v >= 0.0),
     }
 
 
-#: the default stage-2 learning rate (``RunConfig``); a run at another one says so in its recipe
-STAGE2_LR = 1e-4
+#: the default stage-2 learning rate; a run at another one says so in its recipe
+STAGE2_LR = RunConfig().stage2.lr
 
 
 def recipe(report: dict | None) -> str:

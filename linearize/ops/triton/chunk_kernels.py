@@ -129,7 +129,7 @@ def fwd_segment_sums_kernel(
 def segment_prefix_kernel(X, INIT, OUT, nseg, N, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr, BLOCK: tl.constexpr):
     """Exclusive prefix over segments: OUT[s] = INIT + sum of X[s'] for s' < s (s' > s with REVERSE), X and OUT
     [nseg, N] fp32, INIT [N] (or 0). One pass over X, instead of torch's cumsum, flips and subtractions
-    (four to five passes and launches over the segment sums: ~15% of forward+backward at T = 2K)."""
+    (14 launches and four to five passes over the segment sums: 13% of forward+backward at T = 2K on the H200)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     if HAS_INIT:
