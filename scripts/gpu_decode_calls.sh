@@ -37,6 +37,21 @@ bash scripts/gpu_convert.sh --stage-only > "$out/stage.log" 2>&1 || true
 export PYTHONPATH="$HOME/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 gen() { python3 benchmarks/generate.py --model benchmarks/configs/smollm2-135m.json --copy-to "$out" --commit "$sha" "$@"; }
+# the chunk GPU tests as parallel pytest processes: JOBS TEST_TIMEOUT TOTAL_TIMEOUT [grep -v pattern]
+chunk_tests() {
+  local ids
+  ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py 2>/dev/null | grep "::" | grep -v "${4:-^$}")
+  TEST_TIMEOUT=$2 TOTAL_TIMEOUT=$3 bash scripts/gpu_tests_parallel.sh "$out/tests.log" "$1" $ids
+  sed -n '/=== summary/,$p' "$out/tests.log"
+}
+# the chunk kernels' default launch at 16K (forward, forward+backward) and 2K (also in CUDA graphs): SECONDS_16K SECONDS_2K
+tune_default() {
+  timeout "$1" python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --out "$out/tune-chunk-16k.json" \
+    > "$out/tune-chunk-16k.log" 2>&1
+  timeout "$2" python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --out "$out/tune-chunk-2k.json" \
+    > "$out/tune-chunk-2k.log" 2>&1
+  grep -hE "^C=|first call" "$out"/tune-chunk-*.log
+}
 RETR10=(--set 'softmax_layers=[7,8,14,15,17,18,20,21,22,23]' --set sink_tokens=4 --set feature_rope=false)
 case "$call" in
   1)
@@ -88,31 +103,19 @@ case "$call" in
     tail -12 "$out/bench-batches-base.log"
     ;;
   8)
-    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py 2>/dev/null | grep "::")
-    TEST_TIMEOUT=300 TOTAL_TIMEOUT=330 bash scripts/gpu_tests_parallel.sh "$out/tests.log" 14 $ids
-    sed -n '/=== summary/,$p' "$out/tests.log"
+    chunk_tests 14 300 330
     # the default launch with the segment prefix in one Triton pass (was torch's cumsum, flips and subtractions:
     # 0.35 ms at 16K and 0.18 ms at 2K in the twelfth session's profile)
-    timeout 70 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --out "$out/tune-chunk-2k.json" \
-      > "$out/tune-chunk-2k.log" 2>&1
-    timeout 90 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --out "$out/tune-chunk-16k.json" \
-      > "$out/tune-chunk-16k.log" 2>&1
-    grep -hE "^C=|first call" "$out"/tune-chunk-*.log
+    tune_default 90 70
     ;;
   7)
     # 17 tests of ~45-80 s each (compile-bound): one pytest process each, 12 at a time (one process in 200 s ran
     # 3); the 16 fp32 ids take call 8
-    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py 2>/dev/null | grep "::" | grep -v fp32)
-    TEST_TIMEOUT=200 TOTAL_TIMEOUT=230 bash scripts/gpu_tests_parallel.sh "$out/tests.log" 12 $ids
-    sed -n '/=== summary/,$p' "$out/tests.log"
+    chunk_tests 12 200 230 fp32
     timeout 100 python3 benchmarks/compile_count.py --copy-to "$out" --commit "$sha" 2>&1 | tee "$out/compile-count.log" | tail -3
-    timeout 120 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --out "$out/tune-chunk-16k.json" \
-      > "$out/tune-chunk-16k.log" 2>&1
-    timeout 90 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --out "$out/tune-chunk-2k.json" \
-      > "$out/tune-chunk-2k.log" 2>&1
-    grep -hE "^C=|first call" "$out"/tune-chunk-*.log
+    tune_default 120 90
     ;;
-  *) echo "call must be 1 to 7" >&2; exit 2 ;;
+  *) echo "call must be 1 to 8" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
