@@ -9,7 +9,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .distributed import SINGLE, Dist
-from .transfer import autocast
+from .finetune import lora_autocast
 
 
 @torch.no_grad()
@@ -41,7 +41,7 @@ def perplexity(
     for j in tqdm(ids, desc=desc, unit="batch", leave=False, dynamic_ncols=True, **quiet):
         real = j < n_batches
         batch = (rows[j * batch_size : (j + 1) * batch_size] if real else rows[:1]).to(device)
-        with autocast(device):
+        with lora_autocast(model, device):
             logits = model(input_ids=batch, use_cache=False).logits.float()
         if not real:
             continue
