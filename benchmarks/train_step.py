@@ -72,25 +72,12 @@ def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype,
 
 def gpu_busy(prof, wall_s: float) -> tuple[float, int, list[dict], list[dict]]:
     """(union of kernel intervals / wall, kernels, top kernels, top host ops) from a finished profiler."""
-    events = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                busy += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        busy += cur_e - cur_s
-    avgs = prof.key_averages()
-    kern = sorted((a for a in avgs if a.device_type.name == "CUDA" or getattr(a, "self_device_time_total", 0) > 0),
-                  key=lambda a: a.self_device_time_total, reverse=True)
-    top_k = [{"name": a.key[:90], "calls": a.count, "ms_total": a.self_device_time_total / 1e3} for a in kern[:15]]
-    host = sorted(avgs, key=lambda a: a.self_cpu_time_total, reverse=True)
-    top_h = [{"name": a.key[:90], "calls": a.count, "ms_total": a.self_cpu_time_total / 1e3} for a in host[:15]]
-    return busy / 1e6 / wall_s, len(events), top_k, top_h
+    from linearize.pipelines.profiling import gpu_busy as busy_fraction, top_ops
+
+    busy, n_kernels = busy_fraction(prof, wall_s)
+    rename = lambda rows: [{"name": r["name"][:90], "calls": r["calls"], "ms_total": r["ms"]} for r in rows]  # noqa: E731
+    return (busy, n_kernels, rename(top_ops(prof, "self_device_time_total", 15)),
+            rename(top_ops(prof, "self_cpu_time_total", 15)))
 
 
 def run_stage(args, stage: int, device: torch.device) -> dict:

@@ -11,7 +11,9 @@ multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVS
 ``--placement`` (default auto: sharded with several processes) is passed to every run; stage 2 trains
 the same FSDP2 shards either way, only where the model is built before sharding differs.
 
-Writes OUT/bench.json and OUT/bench.md (and keeps each run's metrics as OUT/metrics-<N>gpu.jsonl).
+Writes OUT/bench.json and OUT/bench.md (and keeps each run's metrics as OUT/metrics-<N>gpu.jsonl); with
+``--profile START:COUNT`` also each rank's profile of those steps, OUT/profile-<N>gpu-rank<r>.md: what the
+N-GPU step spends beyond the 1-GPU one, by op, on the host and on the device.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def run_one(args, n: int, source: str, work: Path, env: dict) -> dict:
     cmd = [sys.executable, "-m", "linearize", "convert", args.model, "--out", str(out), "--nproc", str(n)]
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
+    if args.profile:  # each rank profiles these steps (linearize.pipelines.profiling)
+        env = env | {"LINEARIZE_PROFILE": args.profile}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -58,9 +62,15 @@ def run_one(args, n: int, source: str, work: Path, env: dict) -> dict:
         sys.exit(f"{n}-GPU run failed ({done.returncode}):\n{done.stderr[-4000:]}")
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     steps = [l for l in lines if l["stage"] == "stage2"]
-    timed = [l["tokens_per_s"] for l in steps[args.warmup :]]
+    skip = set()
+    if args.profile:
+        a, c = (int(x) for x in args.profile.split(":"))
+        skip = set(range(a + 1, a + c + 1))  # metrics count steps from 1
+    timed = [l["tokens_per_s"] for l in steps[args.warmup :] if l["step"] not in skip]
     report = json.loads((out / "report.json").read_text())
     (args.out / f"metrics-{n}gpu.jsonl").write_text((out / "metrics.jsonl").read_text())
+    for prof in sorted(out.glob("profile-stage2-rank*.md")):
+        shutil.copy(prof, args.out / f"profile-{n}gpu-{prof.stem.split('-')[-1]}.md")
     return {
         "gpus": n,
         "global_batch_rows": args.per_gpu_batch * n,
@@ -92,6 +102,9 @@ def main() -> None:
     ap.add_argument("--source", default="synthetic", help="'synthetic' (generated text) or any data.source")
     ap.add_argument("--device", default="cuda", help="cuda (NCCL); cpu only to smoke-test this script (gloo)")
     ap.add_argument("--placement", default="auto", help="auto (sharded with several processes) | sharded | replicate")
+    ap.add_argument("--profile", default="", help="START:COUNT: profile those stage-2 steps on every rank "
+                    "(LINEARIZE_PROFILE); writes OUT/profile-<N>gpu-rank<r>.md (host and device time by op). "
+                    "Profiled steps run slower: they are left out of the timed median.")
     ap.add_argument("--out", type=Path, default=Path("results/distributed-bench"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/linearize-bench"))
     args = ap.parse_args()

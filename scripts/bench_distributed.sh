@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the lent 2-GPU machine (nvidia-h200-x2), from the repository root, after the SmolLM2 staging calls of
 # docs/gpu-runs.md (the GGUF must be staged; or pass BENCH_MODEL=<an HF dir>):
-#   bash scripts/bench_distributed.sh [OUT_DIR]        # default $OUT/distributed-bench, else results/distributed-bench-h200x2
+#   bash scripts/bench_distributed.sh [OUT_DIR]        # default ~/distributed-bench; with $OUT set, also
+#                                                      # $OUT/distributed-bench.tar.gz and $OUT/bench-batch{8,32}.md
 # Measures stage-2 tokens/s on 1 and 2 GPUs with the same per-GPU batch (scripts/bench_distributed.py), at
 # 8 rows per GPU (the pipeline's default; host-bound for a 135M model, see
 # benchmarks/results/train-step-h200-20261123) and at 32 rows per GPU, then runs the 2-GPU correctness test.
@@ -16,13 +17,19 @@ if compgen -G ".whl/*.whl" > /dev/null && [ ! -e "$site/transformers" ]; then
 fi
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -m linearize.pipelines.carry stage --carry .carry --stage "$HOME/stage" || true
-out=${1:-${OUT:-results}/distributed-bench}
+out=${1:-$HOME/distributed-bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 for rows in 8 32; do
+  # steps 10-12 profiled on every rank (left out of the timed median): where the 2-GPU step's extra time goes
   timeout 200 python3 scripts/bench_distributed.py --model "${BENCH_MODEL:-smollm2-135m}" --gpus 1,2 --per-gpu-batch "$rows" \
-    --seq-len 1024 --steps 30 --warmup 5 --out "$out/batch$rows" | tail -8
+    --seq-len 1024 --steps 30 --warmup 5 --profile 10:3 --out "$out/batch$rows" | tail -8
 done
 # the correctness checks on CUDA/NCCL that need only the two set-up runs (2 processes sharded against 1, the
 # layers each rank held, the export); the whole file (+ a kill/resume and a 1.6 GB model's per-rank peaks)
 # takes 4-6 min: `python3 -m pytest -q -s tests/gpu/test_distributed_cuda.py` as a call of its own
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_distributed_cuda.py -k "equal_one or hold_only or matches_one_gpu" 2>&1 | tail -3
+# the device returns at most 8 files: one archive, plus the two tables to read at once
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/distributed-bench.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"
+  for rows in 8 32; do cp "$out/batch$rows/bench.md" "$OUT/bench-batch$rows.md" 2>/dev/null || true; done
+fi

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import StageConfig
 from .distributed import SINGLE, Dist
+from .profiling import StepProfiler
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
@@ -143,7 +144,9 @@ def train_stage(
     # FSDP: reduce gradients once per step (the first FSDP module met is the topmost; it sets its sub-units too)
     fsdp_root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
     sync = fsdp_root.set_requires_gradient_sync if fsdp_root is not None else None
+    profiler = StepProfiler(name, metrics_path.parent, dist.rank)  # LINEARIZE_PROFILE=START:COUNT, else off
     for step in range(start, cfg.steps):
+        profiler.before(step)
         t_step = time.perf_counter()
         micro_losses = []
         for micro in range(cfg.grad_accum):
@@ -183,6 +186,7 @@ def train_stage(
                 log(record)
         bar.set_postfix(loss=f"{total:.4g}", tok_s=f"{tokens_per_step / dt:.0f}")
         bar.update(1)
+        profiler.after(step, last=step + 1 == cfg.steps)
         if (step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps:
             checkpoints.save(
                 name,
