@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import gc
 import json
+import os
 import platform
 import resource
 import shutil
@@ -33,6 +34,7 @@ from ..convert import convert, linearized_layers
 from . import distributed
 from .checkpoint import CheckpointManager, atomic_write_json, atomic_write_text
 from .fsdp import local_bytes, shard_for_lora, shard_model
+from .profiling import ENV as PROFILE_ENV, parse_window
 from .config import RunConfig, config_from_dict
 from .distributed import SINGLE, Dist
 from .evaluate import perplexity, sample
@@ -148,6 +150,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     t_start = time.perf_counter()
     try:
         cfg.check()
+        parse_window(os.environ.get(PROFILE_ENV))  # a bad LINEARIZE_PROFILE fails here, not after the model loads
     except ValueError as e:
         raise RunError(str(e)) from None
     state = _prepare_out(cfg, out, resume, d)

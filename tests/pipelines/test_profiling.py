@@ -70,3 +70,15 @@ def test_profiler_is_inert_outside_its_window(tmp_path):
         prof.before(step)
         assert prof.after(step) is None
     assert prof.prof is None and not list(tmp_path.iterdir())
+
+
+def test_bad_spec_stops_a_conversion_before_it_loads_anything(tmp_path, monkeypatch):
+    from linearize.pipelines.config import build_config
+    from linearize.pipelines.run import RunError, run_conversion
+
+    monkeypatch.setenv(ENV, "10")
+    loaded = []
+    with pytest.raises(RunError, match=f"{ENV}='10'"):
+        run_conversion(build_config(None, None, [], model="smollm2-135m"), tmp_path / "run", echo=lambda m: None,
+                       model_loader=lambda *a, **k: loaded.append(1))
+    assert not loaded and not (tmp_path / "run").exists()
