@@ -130,6 +130,9 @@ def convert_cmd(
     Several processes: `--nproc N` (or `torchrun --nproc_per_node N -m linearize convert ...`) trains
     stage 1 block-wise (a block of layers per process) and stage 2 with FSDP2 data parallelism; by
     default no GPU holds the whole model (`--set placement=replicate` gives every process a full copy).
+
+    Where a step's time goes: `LINEARIZE_PROFILE=10:3 linearize convert ...` profiles steps 10-12 of each
+    stage and writes OUT/profile-<stage>-rank<r>.md.
     """
     import os
 
