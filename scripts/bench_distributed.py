@@ -29,6 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from linearize.pipelines.profiling import parse_window  # noqa: E402
+
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -62,10 +66,8 @@ def run_one(args, n: int, source: str, work: Path, env: dict) -> dict:
         sys.exit(f"{n}-GPU run failed ({done.returncode}):\n{done.stderr[-4000:]}")
     lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
     steps = [l for l in lines if l["stage"] == "stage2"]
-    skip = set()
-    if args.profile:
-        a, c = (int(x) for x in args.profile.split(":"))
-        skip = set(range(a + 1, a + c + 1))  # metrics count steps from 1
+    window = parse_window(args.profile)
+    skip = set(range(window[0] + 1, window[1] + 1)) if window else set()  # metrics count steps from 1
     timed = [l["tokens_per_s"] for l in steps[args.warmup :] if l["step"] not in skip]
     report = json.loads((out / "report.json").read_text())
     (args.out / f"metrics-{n}gpu.jsonl").write_text((out / "metrics.jsonl").read_text())
@@ -108,6 +110,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("results/distributed-bench"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/linearize-bench"))
     args = ap.parse_args()
+    try:
+        parse_window(args.profile)  # before any run starts
+    except ValueError as e:
+        ap.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
     for run_dir in args.work.glob("run-*gpu"):  # a new measurement, not a resume
