@@ -20,6 +20,9 @@
 #   bash scripts/gpu_decode_calls.sh 8 SHA   # not decode: every chunk-kernel GPU test (33 ids: fp32 one (T, W) an id),
 #                                            # 14 processes at a time, 300 s an id, 330 s in all; then the default
 #                                            # launch at 2K (graph) and 16K with the one-pass segment prefix
+#   bash scripts/gpu_decode_calls.sh 9 SHA   # issue 6's decode floor on the other two models (random weights, B=64 x 4096):
+#                                            # Qwen2.5-0.5B all linear and in qwen-retr8's layout (compiled, profiled), its
+#                                            # base's lean loop; Gemma3-270M in gemma-retr2-stage1's layout and its base
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
 #                                            # evaluation-like shapes (compile_count.py), and the default launch at
@@ -29,14 +32,14 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 8}
+call=${1:?call number 1 to 9}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
 bash scripts/gpu_convert.sh --stage-only > "$out/stage.log" 2>&1 || true
 export PYTHONPATH="$HOME/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-gen() { python3 benchmarks/generate.py --model benchmarks/configs/smollm2-135m.json --copy-to "$out" --commit "$sha" "$@"; }
+gen() { python3 benchmarks/generate.py --model "${model:-benchmarks/configs/smollm2-135m.json}" --copy-to "$out" --commit "$sha" "$@"; }
 # the chunk GPU tests as parallel pytest processes: JOBS TEST_TIMEOUT TOTAL_TIMEOUT [grep -v pattern]
 chunk_tests() {
   local ids
@@ -51,6 +54,12 @@ tune_default() {
   timeout "$2" python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --out "$out/tune-chunk-2k.json" \
     > "$out/tune-chunk-2k.log" 2>&1
   grep -hE "^C=|first call" "$out"/tune-chunk-*.log
+}
+# one decode row of another model: LOG SECONDS MODEL_CONFIG GEN_ARGS...
+row() {
+  local log=$1 secs=$2 m=$3; shift 3
+  timeout "$secs" bash -c "$(declare -f gen); out=$out sha=$sha model=$m; gen ${*@Q}" > "$out/$log" 2>&1
+  tail -8 "$out/$log"
 }
 RETR10=(--set 'softmax_layers=[7,8,14,15,17,18,20,21,22,23]' --set sink_tokens=4 --set feature_rope=false)
 case "$call" in
@@ -115,7 +124,20 @@ case "$call" in
     timeout 100 python3 benchmarks/compile_count.py --copy-to "$out" --commit "$sha" 2>&1 | tee "$out/compile-count.log" | tail -3
     tune_default 120 90
     ;;
-  *) echo "call must be 1 to 8" >&2; exit 2 ;;
+  9)
+    # The floor ratio depends on the model: SmolLM2-135M's M=64 GEMMs are latency-bound (0.53 of its 1.50 ms step),
+    # the larger models' read more weight per launch. Layouts: configs/ablations/qwen2.5-coder-0.5b-retrieval8-*.yaml
+    # and configs/gemma3-270m-retrieval.yaml.
+    q=benchmarks/configs/qwen2.5-coder-0.5b.json g=benchmarks/configs/gemma3-270m.json
+    row qwen-linear.log 110 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95
+    row qwen-retr8.log 110 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95 \
+      --set 'softmax_layers=[3,7,9,11,13,14,16,17]' --set sink_tokens=4 --set feature_rope=false
+    row qwen-base.log 110 "$q" --loops lean --models base --batches 64 --no-fit --budget-s 95
+    row gemma-retr2.log 100 "$g" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 85 \
+      --set 'softmax_layers=[5,11]' --set sink_tokens=4 --set feature_rope=false
+    row gemma-base.log 100 "$g" --loops lean --models base --batches 64 --no-fit --budget-s 85
+    ;;
+  *) echo "call must be 1 to 9" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
