@@ -62,7 +62,10 @@ def model_shape(model: nn.Module) -> ModelShape:
         D = a.head_dim
         H, Hkv = a.q_proj.out_features // D, a.k_proj.out_features // D
         if isinstance(a, LinearizedAttention):
-            layers.append(LayerShape("hybrid", H, Hkv, D, a.feature_map_k.num_heads, a.num_features, a.window))
+            Hh, Hkh = a.num_hybrid_heads, a.num_hybrid_kv_heads
+            layers.append(LayerShape("hybrid", Hh, Hkh, D, a.feature_map_k.num_heads, a.num_features, a.window))
+            if Hh < H:  # heads kept softmax inside the layer (LinearizeConfig.softmax_heads): a second entry
+                layers.append(LayerShape("softmax", H - Hh, Hkv - Hkh, D))
         else:
             layers.append(LayerShape("softmax", H, Hkv, D, window=int(getattr(a, "sliding_window", None) or 0)))
     emb_in, emb_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight

@@ -57,7 +57,8 @@ def _state_bytes(model, seq_len: int, batch: int = 1) -> tuple[int, int]:
     for layer in layers:
         Hf, F, D = layer.feature_map_k.num_heads, layer.num_features, layer.head_dim
         tail = max(layer.window - 1, 0)
-        state += batch * (4 * Hf * F * (D + 1) + tail * (2 * layer.num_kv_heads * D * 2 + Hf * F * 2))
+        state += batch * (4 * Hf * F * (D + 1) + tail * (2 * layer.num_hybrid_kv_heads * D * 2 + Hf * F * 2))
+        state += 2 * batch * seq_len * len(layer.kept_kv_heads) * D * 2  # heads kept softmax: their KV cache
     kept = n_layers - len(layers)
     state += 2 * batch * seq_len * any_layer.num_kv_heads * any_layer.head_dim * 2 * kept
     return kv, state

@@ -19,6 +19,12 @@ class LinearizeConfig:
         (LoLCATs' choice, state [B, H, F, D]); GQA models then keep a state G times smaller.
     layers: indices of the layers to convert; None = every eligible layer.
     softmax_layers: indices of layers to keep as softmax attention (applied after ``layers``).
+    softmax_heads: [layer, kv_head] pairs whose KV head (with its query heads) keeps exact full softmax
+        attention inside a converted layer, beside the hybrid on the layer's other heads. Retrieval sits in
+        a few heads (``linearize retrieval-layers --heads``: Qwen2.5-0.5B's top 3 KV heads of 48 carry
+        passkey, where whole layers need 4 layers, 8 KV heads), and a kept head costs a KV cache of its own,
+        so keeping heads instead of layers keeps the cache small. A layer listed with every KV head is kept
+        whole, as in ``softmax_layers``.
     convert_sliding_layers: also convert layers whose softmax is already sliding-window (Gemma 3's
         local layers, Qwen's optional sliding layers). Off by default: those layers already decode with a
         bounded KV cache, and their teacher never looks past its window.
@@ -53,6 +59,7 @@ class LinearizeConfig:
     feature_map_per_kv_head: bool = False
     layers: list[int] | None = None
     softmax_layers: list[int] = field(default_factory=list)
+    softmax_heads: list[list[int]] = field(default_factory=list)
     convert_sliding_layers: bool = False
     chunk_size: int = 64
     length_norm: bool = False
@@ -88,9 +95,20 @@ class LinearizeConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in value)):
                 raise bad(name, "must be a list of layer indices >= 0")
+        pairs = self.softmax_heads
+        if not isinstance(pairs, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in p)
+            for p in pairs
+        ):
+            raise bad("softmax_heads", "must be a list of [layer, kv_head] pairs of ints >= 0, e.g. [[16, 0], [9, 1]]")
         if self.layers is not None:
             self.layers = list(self.layers)
         self.softmax_layers = list(self.softmax_layers)
+        self.softmax_heads = [list(p) for p in sorted({tuple(p) for p in pairs})]
+
+    def kept_heads(self, layer: int) -> list[int]:
+        """The KV heads of ``layer`` that ``softmax_heads`` keeps softmax (sorted)."""
+        return [h for i, h in self.softmax_heads if i == layer]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -64,8 +64,22 @@ def selected_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[
         if bad:
             raise ValueError(f"LinearizeConfig.{name} has indices {bad} but the model has {n} layers (0..{n - 1})")
     explicit = config.layers is not None
-    wanted = sorted(set(config.layers if explicit else range(n)) - set(config.softmax_layers))
-    return [i for i in wanted if explicit or config.convert_sliding_layers or not adapter.is_sliding_layer(layers[i].self_attn)]
+    wanted = sorted(set(config.layers if explicit else range(n)) - set(config.softmax_layers) - _wholly_kept(model, config))
+    selected = [i for i in wanted if explicit or config.convert_sliding_layers or not adapter.is_sliding_layer(layers[i].self_attn)]
+    stray = sorted({i for i, _ in config.softmax_heads} - set(selected) - _wholly_kept(model, config) - set(config.softmax_layers))
+    if stray:
+        raise ValueError(f"LinearizeConfig.softmax_heads names heads of layers {stray}, which this conversion does not "
+                         f"linearize (converted: {selected}); drop them, they are softmax already")
+    return selected
+
+
+def _wholly_kept(model: nn.Module, config: LinearizeConfig) -> set[int]:
+    """Layers whose every KV head ``softmax_heads`` lists: kept softmax whole. Checks the head indices."""
+    Hkv = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    bad = [p for p in config.softmax_heads if p[1] >= Hkv]
+    if bad:
+        raise ValueError(f"LinearizeConfig.softmax_heads has {bad}: the model has {Hkv} KV heads a layer (0..{Hkv - 1})")
+    return {i for i, _ in config.softmax_heads if len(config.kept_heads(i)) == Hkv}
 
 
 def convert_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[int]:
@@ -75,7 +89,8 @@ def convert_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[i
     for i in converted:
         attn = layers[i].self_attn
         layers[i].self_attn = LinearizedAttention(
-            attn, config, apply_rope=adapter.rope, teacher_sliding_window=adapter.teacher_sliding_window(attn)
+            attn, config, apply_rope=adapter.rope, teacher_sliding_window=adapter.teacher_sliding_window(attn),
+            kept_kv_heads=config.kept_heads(i),
         )
     if not converted:
         raise ValueError("no layer was selected for conversion; check LinearizeConfig.layers / softmax_layers")

@@ -28,7 +28,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
-from .convert import is_linearized, kept_softmax_layers
+from .convert import is_linearized, kept_softmax_layers, linearized_layers
 from .modules.cache import DecodeMode, HybridCacheLayer
 from .modules.fused_projections import FusedProjections, fused_copy_bytes
 from .modules.softmax_decode import softmax_decode_kernel
@@ -104,6 +104,12 @@ class CompiledDecode:
             raise ValueError(
                 f"CompiledDecode serves kept full-attention layers; layers {sliding} are sliding-window softmax "
                 "(their static cache is a ring that a plain 4D mask cannot address): decode this model eagerly"
+            )
+        mixed = [a.layer_idx for a in linearized_layers(model) if a.kept_kv_heads]
+        if mixed:
+            raise ValueError(
+                f"CompiledDecode does not serve heads kept softmax inside linearized layers (layers {mixed}, "
+                "LinearizeConfig.softmax_heads: their KV cache grows by concatenation); decode this model with generate"
             )
         self.model = model
         self.kernel = kernel

@@ -4,12 +4,16 @@ It keeps the base module's ``q_proj/k_proj/v_proj/o_proj`` (and ``q_norm/k_norm`
 under the same names, so peft's usual LoRA targets and the checkpoint keys stay what they were; it adds
 two feature maps, a per-head window weight and, with ``length_norm``, a per-head length exponent, and with
 ``sink_tokens``, the per-head query vector and bias of the sink feature.
+
+With ``kept_kv_heads`` (``LinearizeConfig.softmax_heads``) those KV heads and their query heads keep the
+base's exact full softmax, and only the other heads are hybrid: the added parameters then cover the hybrid
+heads only (``num_hybrid_heads``), and the cache holds a KV cache for the kept heads beside the state.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -50,6 +54,7 @@ class LinearizedAttention(nn.Module):
         *,
         apply_rope: RopeFn,
         teacher_sliding_window: int | None = None,
+        kept_kv_heads: Sequence[int] = (),
     ):
         super().__init__()
         hf = base.config
@@ -72,19 +77,36 @@ class LinearizedAttention(nn.Module):
         self.sliding_window = teacher_sliding_window
         self._apply_rope = apply_rope
 
+        G = self.num_key_value_groups
+        self.kept_kv_heads = sorted(set(kept_kv_heads))
+        if any(not 0 <= h < self.num_kv_heads for h in self.kept_kv_heads):
+            raise ValueError(f"kept KV heads {self.kept_kv_heads} out of range: layer {self.layer_idx} has {self.num_kv_heads}")
+        hybrid_kv = [h for h in range(self.num_kv_heads) if h not in self.kept_kv_heads]
+        if not hybrid_kv:
+            raise ValueError(f"layer {self.layer_idx}: every KV head is kept softmax; keep the layer instead (softmax_layers)")
+        # head indices of each part ([hybrid], [kept]), whole GQA groups, as Python lists (index tensors are made
+        # per device on first use: buffers created under transformers' meta-device init would not be loaded)
+        self._head_split = (
+            ([h * G + g for h in hybrid_kv for g in range(G)], hybrid_kv),
+            ([h * G + g for h in self.kept_kv_heads for g in range(G)], self.kept_kv_heads),
+        )
+        self._head_index: dict[torch.device, tuple[torch.Tensor, ...]] = {}
+        self.num_hybrid_heads, self.num_hybrid_kv_heads = len(hybrid_kv) * G, len(hybrid_kv)
+        Hh = self.num_hybrid_heads
+
         self.window = config.window
         self.feature_rope = config.feature_rope
         self.chunk_size = config.chunk_size
-        self.feature_map_q = build_feature_map(config.feature_map, self.num_heads, self.head_dim, config.feature_dim)
-        key_heads = self.num_kv_heads if config.feature_map_per_kv_head else self.num_heads
+        self.feature_map_q = build_feature_map(config.feature_map, Hh, self.head_dim, config.feature_dim)
+        key_heads = self.num_hybrid_kv_heads if config.feature_map_per_kv_head else Hh
         if not self.feature_map_q.has_params:
-            key_heads = self.num_kv_heads  # nothing per head to learn: share across the GQA group
+            key_heads = self.num_hybrid_kv_heads  # nothing per head to learn: share across the GQA group
         self.feature_map_k = build_feature_map(config.feature_map, key_heads, self.head_dim, config.feature_dim)
         self.window_weight_init = config.window_weight_init
-        self.window_logit = nn.Parameter(torch.empty(self.num_heads))
+        self.window_logit = nn.Parameter(torch.empty(Hh))
         self.length_norm_from = config.length_norm_from
         # alpha [H] of LinearizeConfig.length_norm; absent when off, so plain checkpoints keep their keys
-        self.length_alpha = nn.Parameter(torch.empty(self.num_heads)) if config.length_norm else None
+        self.length_alpha = nn.Parameter(torch.empty(Hh)) if config.length_norm else None
         self.sink_tokens = config.sink_tokens
         # u [H, D] and c [H] of LinearizeConfig.sink_tokens; absent when off, like length_alpha
         self.sink_u = self.sink_c = None
@@ -95,8 +117,8 @@ class LinearizedAttention(nn.Module):
                     f"sink_tokens adds a feature to the {F} of feature map {config.feature_map!r} (feature_dim "
                     f"{config.feature_dim}): {F + 1} > {MAX_FEATURES}, the most the kernels take; lower feature_dim"
                 )
-            self.sink_u = nn.Parameter(torch.empty(self.num_heads, self.head_dim))
-            self.sink_c = nn.Parameter(torch.empty(self.num_heads))
+            self.sink_u = nn.Parameter(torch.empty(Hh, self.head_dim))
+            self.sink_c = nn.Parameter(torch.empty(Hh))
         self.reset_parameters()
         ref = self.q_proj.weight
         self.to(device=ref.device, dtype=ref.dtype)
@@ -129,6 +151,7 @@ class LinearizedAttention(nn.Module):
             + (f", length_norm_from={self.length_norm_from}" if self.length_alpha is not None else "")
             + (f", sink_tokens={self.sink_tokens}" if self.sink_tokens else "")
             + ("" if self.feature_rope else ", feature_rope=False")
+            + (f", softmax_kv_heads={self.kept_kv_heads}" if self.kept_kv_heads else "")
         )
 
     @property
@@ -298,15 +321,61 @@ class LinearizedAttention(nn.Module):
             y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
         else:
             key_mask = _new_token_mask(padding_mask, B, T)
+            # the hybrid heads' part (all heads unless some are kept softmax)
+            hq, hkv, sq, skv = self._split_index(q.device)
+            part = (q, k, v, fq, fk) if not self.kept_kv_heads else (
+                q.index_select(2, hq), k.index_select(2, hkv), v.index_select(2, hkv), fq.index_select(2, hq), fk.index_select(2, hkv))
             if self.mode == "transfer":
                 if cache is not None and cache.get_seq_length(self.layer_idx) > 0:
                     raise RuntimeError("attention transfer runs on whole sequences; pass use_cache=False")
-                y_hybrid = self.hybrid_attention(q, k, v, fq, fk, key_mask, None)
+                y_hybrid = self.hybrid_attention(*part, key_mask, None)
                 y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
+                if self.kept_kv_heads:  # the kept heads are the teacher's own: nothing to learn there
+                    y_hybrid = self._merge_heads(y_hybrid, y.index_select(2, sq))
                 self.transfer_outputs = (y_hybrid.reshape(B, T, -1), y.reshape(B, T, -1))
             else:
-                y = self.hybrid_attention(q, k, v, fq, fk, key_mask, cache)
+                y = self.hybrid_attention(*part, key_mask, cache)
+                if self.kept_kv_heads:
+                    qs, ks, vs = q.index_select(2, sq), k.index_select(2, skv), v.index_select(2, skv)
+                    if cache is None:
+                        y_kept = self.softmax_attention(qs, ks, vs, attention_mask, **kwargs)
+                    else:
+                        ks, vs = hybrid_cache_layer(cache, self.layer_idx, self.window).append_kept(ks, vs)
+                        y_kept = self._kept_attention(qs, ks, vs, padding_mask)
+                    y = self._merge_heads(y, y_kept)
         return self.o_proj(y.reshape(B, T, -1)), None
+
+    def _split_index(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(hybrid q heads, hybrid KV heads, kept q heads, kept KV heads, the order that puts [hybrid, kept]
+        query heads back in place) as index tensors on ``device``; made once per device (not in a step)."""
+        idx = self._head_index.get(device)
+        if idx is None:
+            (hq, hkv), (sq, skv) = self._head_split
+            order = sorted(range(self.num_heads), key=(hq + sq).__getitem__)
+            idx = self._head_index[device] = tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (hq, hkv, sq, skv, order))
+        return idx[:4]
+
+    def _merge_heads(self, y_hybrid: torch.Tensor, y_kept: torch.Tensor) -> torch.Tensor:
+        """[B, T, H, D] from the hybrid heads' [B, T, Hh, D] and the kept heads' [B, T, H - Hh, D]."""
+        self._split_index(y_hybrid.device)
+        return torch.cat([y_hybrid, y_kept], 2).index_select(2, self._head_index[y_hybrid.device][4])
+
+    def _kept_attention(self, q, k, v, padding_mask) -> torch.Tensor:
+        """Exact causal softmax of the kept heads over their cache: q [B,T,Hs,D] (the last T of the L keys),
+        k, v [B,L,Hks,D] -> [B,T,Hs,D]. ``padding_mask`` [B, >= L] (2D, every token so far) or None."""
+        T, L = q.shape[1], k.shape[1]
+        i = torch.arange(L - T, L, device=q.device)
+        j = torch.arange(L, device=q.device)
+        allow = j[None, :] <= i[:, None]  # [T, L]
+        mask = allow if T > 1 else None
+        if padding_mask is not None and padding_mask.dim() == 2 and padding_mask.shape[1] >= L:
+            # a padding query keeps its own key: a row with no key at all would be NaN
+            mask = (allow & padding_mask[:, None, -L:].bool()) | (j[None, :] == i[:, None])
+            mask = mask[:, None]  # [B, 1, T, L]
+        y = nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scaling,
+            enable_gqa=self.num_key_value_groups > 1)
+        return y.transpose(1, 2)
 
 
 def _new_token_mask(padding_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:

@@ -44,6 +44,9 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     ordered tail [B, L, Hkv, D] (L <= window - 1), or the ring [B, window, Hkv, D] in slot order. The
     cache is not croppable: a recurrent sum cannot give a token back.
 
+    ``kept_k``, ``kept_v`` [B, past, Hs, D] are the KV cache of the heads the layer keeps softmax
+    (``LinearizeConfig.softmax_heads``; None without them), grown by ``append_kept``.
+
     ``valid_count`` [B] (int64, on the state's device) counts each row's valid (non-padding) tokens so
     far, for ``LinearizeConfig.length_norm``; None when the attention does not ask for it. It is kept
     apart from the state, so it is the same whichever form the state is in, and a ring step updates it in
@@ -60,6 +63,8 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         self._state: HybridState | None = None
         self._ring: RingState | None = None
         self.valid_count: torch.Tensor | None = None
+        self.kept_k: torch.Tensor | None = None
+        self.kept_v: torch.Tensor | None = None
         self.cumulative_length = 0
 
     # -- the interface our attention uses ------------------------------------------------------------
@@ -102,6 +107,13 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             new = valid.long().sum(1)
             self.valid_count = new if self.valid_count is None else self.valid_count + new
         self._mirror()
+
+    def append_kept(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the kept heads' new keys and values [B, T, Hs, D]; return all of them so far [B, past + T, Hs, D]."""
+        if self.kept_k is not None:
+            k, v = torch.cat([self.kept_k, k], 1), torch.cat([self.kept_v, v], 1)
+        self.kept_k, self.kept_v = k.detach(), v.detach()  # values, not graphs (as ``_detached`` for the state)
+        return k, v
 
     def advance(self, num_new_tokens: int, valid: torch.Tensor | None = None) -> None:
         """Count tokens that an in-place step added to the ring; ``valid`` [B, T] counts in place."""
@@ -152,7 +164,7 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
     def reset(self) -> None:
         self._state, self._ring = None, None
-        self.valid_count = None
+        self.valid_count = self.kept_k = self.kept_v = None
         self.cumulative_length = 0
         self._mirror()
 
@@ -163,6 +175,9 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             self._state = self._state.index_batch(index)
         if self.valid_count is not None:
             self.valid_count = self.valid_count.index_select(0, index.to(self.valid_count.device))
+        if self.kept_k is not None:
+            i = index.to(self.kept_k.device)
+            self.kept_k, self.kept_v = self.kept_k.index_select(0, i), self.kept_v.index_select(0, i)
         self._mirror()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -186,6 +201,8 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             self._state = self._state.to(device)
         if self.valid_count is not None:
             self.valid_count = self.valid_count.to(device, non_blocking=True)
+        if self.kept_k is not None:
+            self.kept_k, self.kept_v = self.kept_k.to(device), self.kept_v.to(device)
 
     def offload(self) -> None:
         if self.has_state:
