@@ -201,9 +201,10 @@ def retrieval_layers(
     out: Path = typer.Option(Path("runs/retrieval-layers"), "--out", "-o", help="Writes MODEL.json, .md and .png here."),
     write_config: Path | None = typer.Option(None, "--write-config", help="Also write a YAML for `convert --config` that keeps the chosen layers softmax."),
     min_acc: float = typer.Option(0.5, "--min-acc", help="--write-config picks the fewest --keep layers whose window-only passkey reaches this (0-1)."),
+    heads: bool = typer.Option(False, "--heads", help="Rank and keep KV heads instead of whole layers (LinearizeConfig.softmax_heads): a smaller KV cache for the same retrieval."),
 ) -> None:
-    """Rank a base model's layers by how much they retrieve beyond the window (passkey), and check keeping
-    the top ones softmax against evenly spaced ones: a choice for LinearizeConfig.softmax_layers."""
+    """Rank a base model's layers (or, with --heads, KV heads) by how much they retrieve beyond the window
+    (passkey), and check keeping the top ones softmax: a choice for LinearizeConfig.softmax_layers (softmax_heads)."""
     import json
 
     import torch
@@ -215,11 +216,12 @@ def retrieval_layers(
         _fail(f"--min-acc must be between 0 and 1; got {min_acc}")
     try:
         lm, tokenizer = linearize.models.load(model, dtype=torch.float32)
-        res = retrieval.rank_and_check(lm.eval(), tokenizer, keep=keep, window=window, sinks=sinks, length=length, n=examples)
+        res = retrieval.rank_and_check(lm.eval(), tokenizer, keep=keep, window=window, sinks=sinks, length=length, n=examples,
+                                       heads=heads)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
-    name = Path(model).name.removesuffix(".gguf")
+    name = Path(model).name.removesuffix(".gguf") + ("-heads" if heads else "")
     (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / f"{name}.md").write_text(retrieval.markdown(res, model))
     retrieval.plot(res, out / f"{name}.png", model)

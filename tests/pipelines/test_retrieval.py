@@ -131,3 +131,45 @@ def test_choose_takes_the_fewest_layers_that_reach_the_accuracy():
     assert R.choose(res, 0.9) == (10, list(range(10)), False)  # none reaches it: the largest tried, flagged
     text = R.config_yaml(res, "m", 0.9)
     assert "no --keep value reached 90%" in text and "softmax_layers: [0, 1, 2" in text
+
+
+def test_window_only_keeps_the_named_heads_global(model):
+    T, W = 40, 4
+    x = torch.randint(4, 90, (1, T))
+    mods = R._attention_modules(model)
+    seen = []
+    hook = mods[1].o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].unflatten(-1, (4, 8))))
+    try:
+        with torch.no_grad():
+            model(input_ids=x)
+            with R.window_only(model, [1], W, kept_heads=[[1, 1]]):  # KV head 1 = query heads 2, 3
+                model(input_ids=x)
+            with R.window_only(model, [1], W):
+                model(input_ids=x)
+    finally:
+        hook.remove()
+    plain, mixed, windowed = seen
+    torch.testing.assert_close(mixed[..., 2:, :], plain[..., 2:, :], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[..., :2, :], windowed[..., :2, :], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(windowed[0, -1, 2:], plain[0, -1, 2:], atol=1e-4)
+
+
+def test_rank_and_check_by_heads(model, tok, tmp_path):
+    res = R.rank_and_check(model, tok, keep=[1, 3], window=16, length=300, n=4, compare=[[[0, 1]]], progress=False, heads=True)
+    assert res["unit"] == "heads" and sorted(res["ranking"]) == [[i, h] for i in range(3) for h in range(2)]
+    assert res["sets"]["probe top 1"] == [res["ranking"][0]] and res["sets"]["given 0/1"] == [[0, 1]]
+    exs = R.examples(tok, 300, 4, 0, min_distance=16)
+    assert res["passkey_acc"]["all kept (base)"] == R.passkey_accuracy(model, exs)
+    scores = [res["score_per_head"][f"{i}/{h}"] for i, h in res["ranking"]]
+    assert scores == sorted(scores, reverse=True)
+    assert "| probe top 3 |" in R.markdown(res, "tiny") and "| rank | layer | KV head |" in R.markdown(res, "tiny")
+    R.plot(res, tmp_path / "h.png", "tiny")
+    assert (tmp_path / "h.png").stat().st_size > 0
+    text = R.config_yaml(res, "tiny", 0.0)
+    assert "softmax_heads:" in text and "--heads" in text
+    from linearize.pipelines.config import build_config
+
+    (tmp_path / "keep.yaml").write_text(text)
+    assert build_config(config_file=tmp_path / "keep.yaml").linearize.softmax_heads == res["sets"]["probe top 1"]
+    with pytest.raises(ValueError, match="only 6 KV heads"):
+        R.rank_and_check(model, tok, keep=[7], length=300, n=2, heads=True)
