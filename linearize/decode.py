@@ -105,12 +105,8 @@ class CompiledDecode:
                 f"CompiledDecode serves kept full-attention layers; layers {sliding} are sliding-window softmax "
                 "(their static cache is a ring that a plain 4D mask cannot address): decode this model eagerly"
             )
-        mixed = [a.layer_idx for a in linearized_layers(model) if a.kept_kv_heads]
-        if mixed:
-            raise ValueError(
-                f"CompiledDecode does not serve heads kept softmax inside linearized layers (layers {mixed}, "
-                "LinearizeConfig.softmax_heads: their KV cache grows by concatenation); decode this model with generate"
-            )
+        # layers with heads kept softmax (LinearizeConfig.softmax_heads): their KV buffers grow outside the step
+        self.kept_head_layers = [a.layer_idx for a in linearized_layers(model) if a.kept_kv_heads]
         self.model = model
         self.kernel = kernel
         self.fuse_maps = fuse_maps and kernel
@@ -152,6 +148,10 @@ class CompiledDecode:
         layers = self._check_cache(cache)
         for layer in layers:  # into ring form eagerly: the conversion is not part of the step
             layer.ring_state()
+        mixed = [cache.layers[i] for i in self.kept_head_layers]
+        for layer in mixed:  # room for this token, doubling (a new shape recompiles: reserve_kept_heads avoids it)
+            if layer.kept_filled + T > layer.kept_k.shape[2]:
+                layer.reserve_kept(max(2 * layer.kept_k.shape[2], layer.kept_filled + T))
         # The mask buffer belongs to this cache (this run), so it lives on it: the kept layers' padding then does
         # not leak into a later run on another cache, and a run keeps what its masks said so far. Without kept
         # layers it is one all-true slot.
@@ -173,4 +173,16 @@ class CompiledDecode:
             logits = self._fn(input_ids.contiguous(), position_ids.contiguous(), cache, mask4)
         for layer in layers:
             layer.cumulative_length += T
+        for layer in mixed:
+            layer.kept_filled += T
         return logits
+
+
+def reserve_kept_heads(cache, max_len: int) -> None:
+    """Have the heads that layers keep softmax (``LinearizeConfig.softmax_heads``) hold ``max_len`` tokens in
+    ``cache`` without growing: allocated whole by the prefill (the memory of the last token from the first;
+    a compiled step then never meets a new shape). Call it before the prefill; layers already filled grow now."""
+    cache._linearize_kept_capacity = max_len
+    for layer in cache.layers:
+        if isinstance(layer, HybridCacheLayer):
+            layer.reserve_kept(max_len)

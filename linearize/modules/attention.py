@@ -22,6 +22,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..config import LinearizeConfig
 from ..ops import HybridState, hybrid_attention_stateful, hybrid_attention_step, use_triton
 from ..ops.ring import ring_kernel_serves, ring_step, ring_tail_mask
+from ..ops.softmax_decode import softmax_decode_reference
 from .cache import DecodeMode, hybrid_cache_layer
 from .feature_maps import HedgehogFeatureMap, build_feature_map
 from .length_norm import linear_key_counts, scale_phi_q
@@ -340,8 +341,8 @@ class LinearizedAttention(nn.Module):
                     if cache is None:
                         y_kept = self.softmax_attention(qs, ks, vs, attention_mask, **kwargs)
                     else:
-                        ks, vs = hybrid_cache_layer(cache, self.layer_idx, self.window).append_kept(ks, vs)
-                        y_kept = self._kept_attention(qs, ks, vs, padding_mask)
+                        ks, vs, valid = hybrid_cache_layer(cache, self.layer_idx, self.window).append_kept(ks, vs, key_mask)
+                        y_kept = self._kept_attention(qs, ks, vs, valid)
                     y = self._merge_heads(y, y_kept)
         return self.o_proj(y.reshape(B, T, -1)), None
 
@@ -360,23 +361,26 @@ class LinearizedAttention(nn.Module):
         self._split_index(y_hybrid.device)
         return torch.cat([y_hybrid, y_kept], 2).index_select(2, self._head_index[y_hybrid.device][4])
 
-    def _kept_attention(self, q, k, v, padding_mask) -> torch.Tensor:
+    def _kept_attention(self, q, k, v, valid) -> torch.Tensor:
         """Exact causal softmax of the kept heads over their cache: q [B,T,Hs,D] (the last T of the L keys),
-        k, v [B,L,Hks,D] -> [B,T,Hs,D]. ``padding_mask`` [B, >= L] (2D, every token so far) or None."""
-        T, L = q.shape[1], k.shape[1]
+        k, v [B,Hks,L,D], ``valid`` [B, L] (a written, valid key) -> [B,T,Hs,D]. One token reads the cache
+        through ``linearize.ops.softmax_decode`` (the Triton split-K kernel where it serves: GQA without a
+        copy, only the valid slots read), a prefill through SDPA."""
+        T, L = q.shape[1], k.shape[2]
+        if T == 1:
+            qh = q.transpose(1, 2)
+            if DecodeMode.kernel and use_triton(qh, qh) and qh.dtype == k.dtype:
+                from ..ops.triton.softmax_decode import softmax_decode_triton
+
+                return softmax_decode_triton(qh, k, v, valid, scale=self.scaling)
+            return softmax_decode_reference(qh, k, v, valid, scale=self.scaling)
         i = torch.arange(L - T, L, device=q.device)
         j = torch.arange(L, device=q.device)
-        allow = j[None, :] <= i[:, None]  # [T, L]
-        mask = allow if T > 1 else None
-        if padding_mask is not None and padding_mask.dim() == 2 and padding_mask.shape[1] >= L:
-            # a padding query keeps its own key: a row with no key at all would be NaN
-            mask = (allow & padding_mask[:, None, -L:].bool()) | (j[None, :] == i[:, None])
-            mask = mask[:, None]  # [B, 1, T, L]
+        # a padding query keeps its own key: a row with no key at all would be NaN
+        mask = ((j[None, :] <= i[:, None]) & valid[:, None, :]) | (j[None, :] == i[:, None])
         y = nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=self.scaling,
-            enable_gqa=self.num_key_value_groups > 1)
+            q.transpose(1, 2), k, v, attn_mask=mask[:, None], scale=self.scaling, enable_gqa=self.num_key_value_groups > 1)
         return y.transpose(1, 2)
-
 
 def _new_token_mask(padding_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
     """Validity [B, T] of this call's tokens from a 2D mask over [past + new] tokens."""

@@ -44,8 +44,13 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
     ordered tail [B, L, Hkv, D] (L <= window - 1), or the ring [B, window, Hkv, D] in slot order. The
     cache is not croppable: a recurrent sum cannot give a token back.
 
-    ``kept_k``, ``kept_v`` [B, past, Hs, D] are the KV cache of the heads the layer keeps softmax
-    (``LinearizeConfig.softmax_heads``; None without them), grown by ``append_kept``.
+    ``kept_k``, ``kept_v`` [B, Hs, capacity, D] are the KV cache of the heads the layer keeps softmax
+    (``LinearizeConfig.softmax_heads``; None without them), in the layout of transformers' attention functions
+    and of ``linearize.ops.softmax_decode``. ``kept_valid`` [B, capacity] marks the slots written with a valid
+    token, which is all a one-token step needs to know of the fill (no host value: capturable); ``kept_pos``
+    [1] (device) counts the slots written, ``kept_filled`` its host mirror (eager only: ``CompiledDecode``
+    advances it outside the step, as ``cumulative_length``). The capacity doubles as needed, eagerly, or is
+    set once by ``reserve_kept`` (``linearize.decode.reserve_kept_heads``) so that a compiled step never grows it.
 
     ``valid_count`` [B] (int64, on the state's device) counts each row's valid (non-padding) tokens so
     far, for ``LinearizeConfig.length_norm``; None when the attention does not ask for it. It is kept
@@ -65,6 +70,10 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         self.valid_count: torch.Tensor | None = None
         self.kept_k: torch.Tensor | None = None
         self.kept_v: torch.Tensor | None = None
+        self.kept_valid: torch.Tensor | None = None
+        self.kept_pos: torch.Tensor | None = None
+        self.kept_filled = 0
+        self.kept_capacity = 0  # the least capacity to allocate (reserve_kept)
         self.cumulative_length = 0
 
     # -- the interface our attention uses ------------------------------------------------------------
@@ -108,12 +117,52 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             self.valid_count = new if self.valid_count is None else self.valid_count + new
         self._mirror()
 
-    def append_kept(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the kept heads' new keys and values [B, T, Hs, D]; return all of them so far [B, past + T, Hs, D]."""
-        if self.kept_k is not None:
-            k, v = torch.cat([self.kept_k, k], 1), torch.cat([self.kept_v, v], 1)
-        self.kept_k, self.kept_v = k.detach(), v.detach()  # values, not graphs (as ``_detached`` for the state)
-        return k, v
+    def reserve_kept(self, capacity: int) -> None:
+        """Hold at least ``capacity`` tokens of the kept heads' KV cache from now on (allocated now if it exists)."""
+        self.kept_capacity = max(self.kept_capacity, capacity)
+        if self.kept_k is not None and self.kept_k.shape[2] < capacity:
+            self._grow_kept(capacity)
+
+    def _grow_kept(self, capacity: int) -> None:
+        k, v, valid = self.kept_k, self.kept_v, self.kept_valid
+        B, Hs, n, D = k.shape
+        self.kept_k, self.kept_v = k.new_zeros(B, Hs, capacity, D), v.new_zeros(B, Hs, capacity, D)
+        self.kept_valid = valid.new_zeros(B, capacity)
+        self.kept_k[:, :, :n], self.kept_v[:, :, :n], self.kept_valid[:, :n] = k, v, valid
+
+    def append_kept(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """Write the kept heads' new keys and values [B, T, Hs, D] (``valid`` [B, T] bool, None: all valid).
+        Returns (keys, values [B, Hs, L, D], valid [B, L]): for T = 1 the whole buffers (L = capacity; unwritten
+        slots not valid), for a prefill (T > 1) the L = written slots so far."""
+        B, T, Hs, D = k.shape
+        if self.kept_k is None:
+            cap = max(self.kept_capacity, T, 64)
+            self.kept_k, self.kept_v = k.new_zeros(B, Hs, cap, D), v.new_zeros(B, Hs, cap, D)
+            self.kept_valid = torch.zeros(B, cap, dtype=torch.bool, device=k.device)
+            self.kept_pos = torch.zeros(1, dtype=torch.long, device=k.device)
+        counted = not DecodeMode.count_outside
+        if counted and self.kept_filled + T > self.kept_k.shape[2]:  # eager: double (a compiled step was reserved)
+            self._grow_kept(max(2 * self.kept_k.shape[2], self.kept_filled + T))
+        ok = torch.ones(B, T, dtype=torch.bool, device=k.device) if valid is None else valid.bool()
+        kt, vt = k.detach().transpose(1, 2).to(self.kept_k.dtype), v.detach().transpose(1, 2).to(self.kept_v.dtype)
+        if T == 1:  # at the device's count: no host value, so a compiled step neither recompiles nor syncs
+            self.kept_k.index_copy_(2, self.kept_pos, kt)
+            self.kept_v.index_copy_(2, self.kept_pos, vt)
+            self.kept_valid.index_copy_(1, self.kept_pos, ok)
+            self.kept_pos.add_(1)
+            if counted:
+                self.kept_filled += 1
+            return self.kept_k, self.kept_v, self.kept_valid
+        if not counted:
+            raise RuntimeError("a compiled decode step takes one token; prefill eagerly")
+        a, b = self.kept_filled, self.kept_filled + T
+        self.kept_k[:, :, a:b], self.kept_v[:, :, a:b], self.kept_valid[:, a:b] = kt, vt, ok
+        self.kept_pos.fill_(b)
+        self.kept_filled = b
+        # this call's own keys keep their graph (training through a cache); the cache keeps values
+        keys = torch.cat([self.kept_k[:, :, :a], k.transpose(1, 2)], 2)
+        values = torch.cat([self.kept_v[:, :, :a], v.transpose(1, 2)], 2)
+        return keys, values, self.kept_valid[:, :b]
 
     def advance(self, num_new_tokens: int, valid: torch.Tensor | None = None) -> None:
         """Count tokens that an in-place step added to the ring; ``valid`` [B, T] counts in place."""
@@ -164,7 +213,8 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
 
     def reset(self) -> None:
         self._state, self._ring = None, None
-        self.valid_count = self.kept_k = self.kept_v = None
+        self.valid_count = self.kept_k = self.kept_v = self.kept_valid = self.kept_pos = None
+        self.kept_filled = 0
         self.cumulative_length = 0
         self._mirror()
 
@@ -177,7 +227,7 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             self.valid_count = self.valid_count.index_select(0, index.to(self.valid_count.device))
         if self.kept_k is not None:
             i = index.to(self.kept_k.device)
-            self.kept_k, self.kept_v = self.kept_k.index_select(0, i), self.kept_v.index_select(0, i)
+            self.kept_k, self.kept_v, self.kept_valid = (t.index_select(0, i) for t in (self.kept_k, self.kept_v, self.kept_valid))
         self._mirror()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -202,7 +252,8 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         if self.valid_count is not None:
             self.valid_count = self.valid_count.to(device, non_blocking=True)
         if self.kept_k is not None:
-            self.kept_k, self.kept_v = self.kept_k.to(device), self.kept_v.to(device)
+            self.kept_k, self.kept_v, self.kept_valid, self.kept_pos = (
+                t.to(device) for t in (self.kept_k, self.kept_v, self.kept_valid, self.kept_pos))
 
     def offload(self) -> None:
         if self.has_state:
@@ -235,4 +286,5 @@ def hybrid_cache_layer(cache: Cache, layer_idx: int, window: int) -> HybridCache
             f"layer {layer_idx} of the cache already holds softmax keys/values; a linearized layer needs a fresh cache"
         )
     layers[layer_idx] = HybridCacheLayer(window)
+    layers[layer_idx].kept_capacity = getattr(cache, "_linearize_kept_capacity", 0)  # (linearize.decode.reserve_kept_heads)
     return layers[layer_idx]

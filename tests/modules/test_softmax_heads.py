@@ -76,7 +76,8 @@ def test_cached_prefill_and_decode_equal_the_full_forward(decode_path, cfg):
     valid = mask.bool()
     assert torch.allclose(got[valid], full[valid], atol=1e-5), (got[valid] - full[valid]).abs().max()
     layer = cache.layers[1]
-    assert layer.kept_k.shape == (3, 21, 1, 8) and layer.cumulative_length == 21
+    assert layer.kept_k.shape[:2] == (3, 1) and layer.kept_filled == layer.cumulative_length == 21
+    assert torch.equal(layer.kept_valid[:, :21], mask.bool()) and not layer.kept_valid[:, 21:].any()
 
 
 def test_padded_generation_equals_unpadded():
@@ -135,7 +136,43 @@ def test_state_bytes_count_the_kept_heads_kv_cache():
     assert s_mixed == s_plain - hybrid_head + 2 * T * D * 2
 
 
-def test_compiled_decode_refuses_kept_heads_in_one_line():
-    with pytest.raises(ValueError, match="softmax_heads") as e:
-        linearize.CompiledDecode(converted(), compile=False)
-    assert "\n" not in str(e.value)
+@pytest.mark.parametrize("reserve", [True, False], ids=["reserved", "growing"])
+def test_compiled_decode_equals_the_full_forward(reserve):
+    """Reserved and compiled, every step after the first reuses the first one's graph (the kept heads write at a
+    device count); growing, the buffers double outside the step (64 slots, then 128)."""
+    from transformers import DynamicCache
+
+    from linearize.decode import reserve_kept_heads
+
+    from ..decode_steps import greedy_steps_and_full_forward
+
+    torch._dynamo.reset()
+    model = converted(kept=[[0, 1], [1, 0]], sink_tokens=2, feature_rope=False)
+    g = torch.Generator().manual_seed(0)
+    B, P, N = 3, 60, 8
+    ids = torch.randint(3, 96, (B, P), generator=g)
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[1, :3] = 0
+    cache = DynamicCache(config=model.config)
+    if reserve:
+        reserve_kept_heads(cache, P + N)
+    step = linearize.CompiledDecode(model, kernel=False, compile=reserve)  # (growing: the same step, eager)
+    got, ref = greedy_steps_and_full_forward(model, step, cache, ids, mask, N, pass_mask=False, no_recompile=reserve)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    layer = cache.layers[1]
+    assert layer.kept_filled == P + N and int(layer.kept_pos) == P + N
+    assert layer.kept_k.shape[2] == (P + N if reserve else 128)
+
+
+def test_buffers_grow_and_batch_ops_keep_the_kept_heads():
+    model = converted()
+    ids, mask = ids_and_mask(T=70, pads=(0, 5, 40))
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+    got, cache = cached(model, ids, mask, cuts=(30, 66))  # 64 slots, then 128 at token 67
+    valid = mask.bool()
+    assert torch.allclose(got[valid], full[valid], atol=1e-5)
+    layer = cache.layers[1]
+    assert layer.kept_k.shape[2] == 128
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert layer.kept_k.shape[0] == layer.kept_valid.shape[0] == 2 and torch.equal(layer.kept_valid[0, :70], valid[2])
