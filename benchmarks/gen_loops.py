@@ -12,7 +12,8 @@
 
 Caches: ``make_cache("static", ...)`` is transformers' ``StaticCache`` sized for the whole run (the base
 model's capturable cache); ``"dynamic"`` is the ``DynamicCache`` that ``generate`` builds, in which a
-linearized layer installs its ``HybridCacheLayer`` (the ring state, updated in place by the Triton kernel).
+linearized layer installs its ``HybridCacheLayer`` (the ring state, updated in place by the Triton kernel),
+with the KV buffers of any heads it keeps softmax (``LinearizeConfig.softmax_heads``) sized for the whole run.
 """
 
 from __future__ import annotations
@@ -69,7 +70,11 @@ def make_cache(model, kind: str, max_len: int):
     if kind == "static":
         return StaticCache(config=model.config, max_cache_len=max_len)
     if kind == "dynamic":
-        return DynamicCache(config=model.config)
+        from linearize.decode import reserve_kept_heads
+
+        cache = DynamicCache(config=model.config)
+        reserve_kept_heads(cache, max_len)  # heads kept softmax (softmax_heads): whole buffers, as a static cache's
+        return cache
     raise ValueError(f"cache kind must be 'static' or 'dynamic'; got {kind!r}")
 
 

@@ -149,9 +149,12 @@ def subjects_for(base, ours, device: torch.device, models: list[str]) -> dict[st
     if "basek" in models:
         out["basek"] = Subject("basek", base, model_shape(base), "static")
     if "ours" in models:
+        from linearize.convert import kept_softmax_layers
+
         shape = model_shape(ours)
-        kept = [L for L in shape.layers if L.kind == "softmax"]
-        if any(L.window for L in kept):
+        # whole layers kept softmax (heads kept inside a linearized layer live in its own cache layer)
+        kept = [ours.base_model.layers[i].self_attn for i in kept_softmax_layers(ours)]
+        if any(getattr(a, "sliding_window", None) for a in kept):
             out["ours"] = Subject("ours", ours, shape, "dynamic", "sliding-window layers kept softmax (DynamicCache concatenates)")
         else:
             out["ours"] = Subject("ours", ours, shape, "static" if kept else "dynamic")
