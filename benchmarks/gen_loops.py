@@ -116,6 +116,7 @@ def run_lean(
     eager_steps: int = 2,
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     profile_steps: int = 0,
+    prefill_chunk: int | None = None,
 ) -> LoopResult:
     """Greedy decoding of ``new_tokens`` tokens after the prompt ``ids`` [B, P], one forward per token.
     ``forward(tok [B, 1], pos [1, 1]) -> logits [B, 1, V]`` replaces the model's call in the decode steps
@@ -125,7 +126,8 @@ def run_lean(
     No attention mask is passed (the prompts have no padding), so no step reads device values on the host.
     ``deadline`` (time.monotonic) stops the decode early (``cut``); the check costs no sync.
     ``profile_steps``: then that many more steps, eager (not replayed), under the CUDA profiler
-    (``profile_kernels``); the cache must have room for them.
+    (``profile_kernels``); the cache must have room for them. ``prefill_chunk``: prefill the prompt that many
+    tokens a forward (``prefill_spans``), continuing the cache, instead of in one.
     """
     device = ids.device
     B, P = ids.shape
@@ -136,8 +138,9 @@ def run_lean(
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True,
-                       position_ids=torch.arange(P, device=device)[None], logits_to_keep=1).logits
+        for a, b in prefill_spans(P, prefill_chunk):
+            logits = model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True,
+                           position_ids=torch.arange(a, b, device=device)[None], logits_to_keep=1).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
         del logits
         sync(device)
@@ -200,6 +203,18 @@ def run_lean(
     tokens = out[:, : done + 1].cpu() if out is not None else None
     return LoopResult(name, done + 1, prefill_s, decode_s, done, graph=capture_s is not None, capture_s=capture_s,
                       cut=cut, steady_s=steady_s, steady_steps=done - first, tokens=tokens, profile=prof)
+
+
+def prefill_spans(P: int, chunk: int | None) -> list[tuple[int, int]]:
+    """[a, b) spans of a P-token prompt, ``chunk`` tokens each (None: one span), none of one token: a one-token
+    forward is a decode step, which a model with kept softmax layers on a static cache refuses."""
+    if not chunk or chunk >= P:
+        return [(0, P)]
+    chunk = max(chunk, 2)
+    cuts = list(range(0, P, chunk)) + [P]
+    if cuts[-1] - cuts[-2] == 1:
+        del cuts[-2]
+    return list(zip(cuts[:-1], cuts[1:]))
 
 
 def profile_kernels(step: Callable[[], None], steps: int, device: torch.device, top: int = 25) -> dict:
@@ -286,11 +301,18 @@ def run_generate(
                       cut=generated < new_tokens, tokens=out[:, ids.shape[1]:].cpu() if keep_tokens else None)
 
 
+#: tokens a forward of the largest-batch probe's prefill: the memory at token N is the cache's and one decode
+#: step's, not the transients of a 128-token forward over every row at once (SmolLM2: its MLP's [B, 128, 3072]
+#: activations; Qwen2.5-0.5B's [B, 128, 9728] are ~2.5 MB a row, 40% of a 3-head layout's 6 MiB cache)
+FIT_PREFILL_CHUNK = 16
+
+
 def probe_fits(model, B: int, prompt_len: int, new_tokens: int, cache_kind: str, vocab: int, device: torch.device,
-               steps: int = 3, seed: int = 0) -> tuple[bool, int | None, str | None]:
-    """Whether batch ``B`` fits: a prefill and ``steps`` decode steps in a cache sized for ``prompt_len +
-    new_tokens`` tokens (a static cache is allocated whole at the prefill; the ring state never grows after
-    the first decode step), so memory at token N is what this touches. Returns (fits, peak bytes, error)."""
+               steps: int = 3, seed: int = 0, prefill_chunk: int | None = FIT_PREFILL_CHUNK) -> tuple[bool, int | None, str | None]:
+    """Whether batch ``B`` fits: a prefill (``prefill_chunk`` tokens a forward, for both models) and ``steps``
+    decode steps in a cache sized for ``prompt_len + new_tokens`` tokens (a static cache is allocated whole at
+    the prefill; the ring state never grows after the first decode step), so memory at token N is what this
+    touches. Returns (fits, peak bytes, error)."""
     err = None
     try:
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -298,7 +320,7 @@ def probe_fits(model, B: int, prompt_len: int, new_tokens: int, cache_kind: str,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         cache = make_cache(model, cache_kind, prompt_len + new_tokens)
-        run_lean(model, ids, steps + 1, cache=cache)
+        run_lean(model, ids, steps + 1, cache=cache, prefill_chunk=prefill_chunk)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         del cache, ids
     except Exception as e:  # noqa: BLE001 - OOM is the answer we look for; anything else is reported

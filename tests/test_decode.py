@@ -94,3 +94,16 @@ def test_the_kernel_dispatch_traces_in_one_graph(monkeypatch):
 
     x = torch.randn(3)
     assert torch.equal(f(x), x + 1 if want else x - 1)
+
+
+def test_a_static_cache_prefilled_in_pieces_equals_the_full_forward():
+    """Kept softmax layers on a StaticCache, prompt prefilled in two forwards: transformers sizes every mask from
+    the first cache layer (ours), which must then give the static cache's length, not its own count."""
+    model = _model("llama", softmax_layers=[1])
+    ids = torch.randint(3, 96, (2, 21), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(config=model.config, max_cache_len=30)
+    with torch.no_grad():
+        a = model(input_ids=ids[:, :13], past_key_values=cache, use_cache=True).logits
+        b = model(input_ids=ids[:, 13:], past_key_values=cache, use_cache=True, position_ids=torch.arange(13, 21)[None]).logits
+        full = model(input_ids=ids).logits
+    torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-5, atol=1e-5)

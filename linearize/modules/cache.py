@@ -9,7 +9,7 @@ kept as softmax), so a linearized attention swaps its slot's fresh layer for thi
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, LinearAttentionAndSlidingWindowAttentionLayer
+from transformers.cache_utils import Cache, LinearAttentionAndSlidingWindowAttentionLayer, StaticLayer, StaticSlidingWindowLayer
 
 from ..ops import HybridState
 from ..ops.ring import RingState, ring_from_state, ring_to_state
@@ -74,6 +74,7 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         self.kept_pos: torch.Tensor | None = None
         self.kept_filled = 0
         self.kept_capacity = 0  # the least capacity to allocate (reserve_kept)
+        self.static_len = 0  # the static cache's length when this layer took a static layer's slot
         self.cumulative_length = 0
 
     # -- the interface our attention uses ------------------------------------------------------------
@@ -197,7 +198,10 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         return self.cumulative_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        # Sized like a full-attention layer, so a mask built from this slot fits the softmax layers.
+        # Sized like a full-attention layer, so a mask built from this slot (transformers sizes the masks from the
+        # first layer) fits the softmax layers: a static cache's whole length when the slot was a static layer.
+        if self.static_len:
+            return self.static_len, 0
         return self.cumulative_length + query_length, 0
 
     def get_max_length(self) -> int:
@@ -285,6 +289,8 @@ def hybrid_cache_layer(cache: Cache, layer_idx: int, window: int) -> HybridCache
         raise ValueError(
             f"layer {layer_idx} of the cache already holds softmax keys/values; a linearized layer needs a fresh cache"
         )
-    layers[layer_idx] = HybridCacheLayer(window)
-    layers[layer_idx].kept_capacity = getattr(cache, "_linearize_kept_capacity", 0)  # (linearize.decode.reserve_kept_heads)
-    return layers[layer_idx]
+    new = layers[layer_idx] = HybridCacheLayer(window)
+    new.kept_capacity = getattr(cache, "_linearize_kept_capacity", 0)  # (linearize.decode.reserve_kept_heads)
+    if isinstance(layer, StaticLayer) and not isinstance(layer, StaticSlidingWindowLayer):
+        new.static_len = layer.max_cache_len
+    return new

@@ -217,3 +217,30 @@ def test_smoke_compiled_with_fused_projections(capsys):
     assert G.main(["--smoke", "--loops", "compiled", "--batches", "3", "--no-fit", "--models", "ours",
                    "--fuse-projections"]) == 0
     assert "ours: compiled step vs generate greedy tokens: equal" in capsys.readouterr().out
+
+
+def test_prefill_spans_never_leave_one_token():
+    from benchmarks.gen_loops import prefill_spans
+
+    assert prefill_spans(128, 16) == [(a, a + 16) for a in range(0, 128, 16)]
+    assert prefill_spans(33, 16) == [(0, 16), (16, 33)]  # not (32, 33): a one-token forward is a decode step
+    assert prefill_spans(34, 16) == [(0, 16), (16, 32), (32, 34)]
+    assert prefill_spans(10, None) == prefill_spans(10, 16) == [(0, 10)]
+
+
+@pytest.mark.parametrize("cfg", [None, {"softmax_layers": [1]}, {"softmax_heads": [[1, 0]], "feature_map_per_kv_head": True}],
+                         ids=["base", "kept-layer", "kept-heads"])
+def test_chunked_prefill_decodes_the_same_tokens(cfg):
+    """The largest-batch probe prefills 16 tokens a forward: the same greedy tokens as one prefill forward."""
+    import linearize
+    from benchmarks.gen_loops import make_cache, run_lean
+    from tests.tiny_models import perturb_added_weights, tiny_model
+
+    model = tiny_model("llama")
+    if cfg is not None:
+        model = linearize.convert(model, linearize.LinearizeConfig(feature_dim=6, window=4, **cfg))
+        perturb_added_weights(model)
+    kind = "dynamic" if cfg is not None and not cfg.get("softmax_layers") else "static"
+    ids = torch.randint(3, 96, (2, 37), generator=torch.Generator().manual_seed(0))
+    runs = [run_lean(model, ids, 6, cache=make_cache(model, kind, 37 + 6), keep_tokens=True, prefill_chunk=c) for c in (None, 8)]
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
