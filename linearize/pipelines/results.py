@@ -165,6 +165,7 @@ def recipe(report: dict | None) -> str:
     norm += " nope" if lin.get("feature_rope") is False else ""  # feature maps before RoPE
     norm += " kvmaps" if lin.get("feature_map_per_kv_head") else ""  # key maps per KV head
     norm += f" softmax{len(lin['softmax_layers'])}" if lin.get("softmax_layers") else ""  # layers kept softmax
+    norm += f" heads{len(lin['softmax_heads'])}" if lin.get("softmax_heads") else ""  # KV heads kept softmax
     layers = (cfg.get("lora") or {}).get("layers", "all")
     norm += "" if layers == "all" else " lora:lin" if layers == "linearized" else f" lora:{len(layers)}"
     norm += kl  # stage 2 distilled from the base

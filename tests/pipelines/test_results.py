@@ -135,6 +135,8 @@ def test_recipe_names_every_setting_an_ablation_changes():
     assert recipe(base | distilled | {"linearize": kv}) == "w64 hedgehog/f64 nope kvmaps softmax3 lora:lin 0.1ce+kl lr0.0003 (200+200 steps @ 1024)"
     plain_kl = {"config": base["config"] | {"stage2_loss": {"ce_weight": 0.0, "kl_weight": 1.0}, "stage2": {"lr": 1e-4}}}
     assert recipe(base | plain_kl | {"linearize": lin}) == "w64 hedgehog/f64 nope softmax3 kl (200+200 steps @ 1024)"
+    heads = lin | {"softmax_layers": [], "softmax_heads": [[9, 1], [16, 0], [16, 1]], "feature_map_per_kv_head": True}
+    assert recipe(base | plain_kl | {"linearize": heads}) == "w64 hedgehog/f64 nope kvmaps heads3 kl (200+200 steps @ 1024)"
 
 
 def test_the_default_stage2_lr_is_the_configs():
