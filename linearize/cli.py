@@ -224,7 +224,7 @@ def retrieval_layers(
     name = Path(model).name.removesuffix(".gguf") + ("-heads" if heads else "")
     (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / f"{name}.md").write_text(retrieval.markdown(res, model))
-    retrieval.plot(res, out / f"{name}.png", model)
+    retrieval.plot(res, out / f"{name}.png", model, min_acc)
     console.print(retrieval.markdown(res, model))
     console.print(f"[dim]written: {out}/{name}.json, .md, .png[/]")
     if write_config is not None:

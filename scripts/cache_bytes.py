@@ -25,6 +25,10 @@ from benchmarks.gen_floor import hybrid_bytes_per_sequence, model_shape, state_b
 from benchmarks.random_model import random_model  # noqa: E402
 
 RETR10 = [7, 8, 14, 15, 17, 18, 20, 21, 22, 23]
+# KV heads kept softmax by `linearize retrieval-layers MODEL --heads` (results/issue6/retrieval-layers/*-heads-sink4.md)
+SMOL_HEADS = [[18, 2], [23, 0], [7, 2], [17, 1], [8, 0], [21, 2], [14, 1], [20, 1], [20, 2], [15, 2], [22, 2], [21, 0], [6, 0],
+              [14, 0], [22, 1], [19, 1], [21, 1], [5, 1], [7, 0], [8, 1]]  # the probe's order
+QWEN_HEADS = [[16, 0], [16, 1], [9, 1], [11, 1], [17, 1], [7, 1]]
 NOPE = {"feature_rope": False}
 KV = {"feature_map_per_kv_head": True}
 MODELS = {
@@ -35,6 +39,8 @@ MODELS = {
         "10 kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_layers": RETR10} | KV,
         "6 kept (abl-nope-retr6)": NOPE | {"sink_tokens": 4, "softmax_layers": [7, 8, 17, 18, 21, 23]},
         "15 kept (abl-nope-retr15)": NOPE | {"sink_tokens": 4, "softmax_layers": [4, 5, 6, 7, 8, 14, 15, 17, 18, 19, 20, 21, 22, 23, 24]},
+        "15 KV heads kept (of 90), key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_heads": SMOL_HEADS[:15]} | KV,
+        "20 KV heads kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_heads": SMOL_HEADS[:20]} | KV,
     }),
     "qwen2.5-coder-0.5b": ("Qwen2.5-Coder-0.5B (14 query heads a 2 KV heads: per-query-head key maps make a state 7x a per-KV-head one)", {
         "all 24 linearized (qwen-main)": NOPE,
@@ -43,6 +49,10 @@ MODELS = {
         "4 kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_layers": [9, 11, 16, 17]} | KV,
         "8 kept softmax (qwen-retr8)": NOPE | {"sink_tokens": 4, "softmax_layers": [3, 7, 9, 11, 13, 14, 16, 17]},
         "8 kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_layers": [3, 7, 9, 11, 13, 14, 16, 17]} | KV,
+        "3 KV heads kept (of 48)": NOPE | {"sink_tokens": 4, "softmax_heads": QWEN_HEADS[:3]},
+        "3 KV heads kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_heads": QWEN_HEADS[:3]} | KV,
+        "4 KV heads kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_heads": QWEN_HEADS[:4]} | KV,
+        "6 KV heads kept, key maps per KV head": NOPE | {"sink_tokens": 4, "softmax_heads": QWEN_HEADS[:6]} | KV,
     }),
     "gemma3-270m": ("Gemma3-270M (15 local layers of 512-token windows, kept by every layout; 3 global)", {
         "the 3 global layers linearized (gemma-main)": NOPE,

@@ -23,6 +23,9 @@
 #   bash scripts/gpu_decode_calls.sh 9 SHA   # issue 6's decode floor on the other two models (random weights, B=64 x 4096):
 #                                            # Qwen2.5-0.5B all linear and in qwen-retr8's layout (compiled, profiled), its
 #                                            # base's lean loop; Gemma3-270M in gemma-retr2-stage1's layout and its base
+#   bash scripts/gpu_decode_calls.sh 10 SHA  # issue 6's largest batch on random-weight Qwen2.5-0.5B: the base against
+#                                            # 3 KV heads kept softmax with per-KV-head key maps (qwen-heads3-kvmaps-kl's
+#                                            # layout, 6.0 vs 49.5 MiB a sequence), and that layout's compiled step
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
 #                                            # evaluation-like shapes (compile_count.py), and the default launch at
@@ -32,7 +35,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 9}
+call=${1:?call number 1 to 10}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -137,7 +140,13 @@ case "$call" in
       --set 'softmax_layers=[5,11]' --set sink_tokens=4 --set feature_rope=false
     row gemma-base.log 100 "$g" --loops lean --models base --batches 64 --no-fit --budget-s 85
     ;;
-  *) echo "call must be 1 to 9" >&2; exit 2 ;;
+  10)
+    q=benchmarks/configs/qwen2.5-coder-0.5b.json
+    HEADS3=(--set 'softmax_heads=[[9,1],[16,0],[16,1]]' --set feature_map_per_kv_head=true --set sink_tokens=4 --set feature_rope=false)
+    row qwen-heads3.log 200 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 185 "${HEADS3[@]}"
+    row qwen-heads3-fit.log 330 "$q" --loops lean --models ours,base --batches 64 --fit-time-s 120 --budget-s 315 "${HEADS3[@]}"
+    ;;
+  *) echo "call must be 1 to 10" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

@@ -275,7 +275,7 @@ def markdown(res: dict[str, Any], model_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict[str, Any], path: Path, model_name: str) -> None:
+def plot(res: dict[str, Any], path: Path, model_name: str, min_acc: float = 0.5) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,7 +283,7 @@ def plot(res: dict[str, Any], path: Path, model_name: str) -> None:
 
     cands = res["candidates"]
     if res.get("unit") == "heads":
-        _plot_heads(res, path, model_name, plt)
+        _plot_heads(res, path, model_name, plt, min_acc)
         return
     top = set(res["sets"].get(f"probe top {res['keep'][0]}", [])) if res.get("keep") else set()
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(cands) + 2), 3.2))
@@ -298,19 +298,20 @@ def plot(res: dict[str, Any], path: Path, model_name: str) -> None:
     plt.close(fig)
 
 
-def _plot_heads(res: dict[str, Any], path: Path, model_name: str, plt) -> None:
-    """Heat map layer x KV head of the scores; the smallest kept set (probe top k) circled."""
+def _plot_heads(res: dict[str, Any], path: Path, model_name: str, plt, min_acc: float) -> None:
+    """Heat map layer x KV head of the scores; ``choose``'s kept set circled (the fewest top k that reach ``min_acc``)."""
     cands = res["candidates"]
     Hkv = 1 + max(h for _, h in res["ranking"])
     grid = [[res["score_per_head"][f"{i}/{h}"] for i in cands] for h in range(Hkv)]  # [Hkv, layers]
     fig, ax = plt.subplots(figsize=(max(6, 0.3 * len(cands) + 2), 1.2 + 0.35 * Hkv))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
-    k = min(res["keep"]) if res.get("keep") else 0
-    for i, h in res["sets"].get(f"probe top {k}", []):
+    k, kept, _ = choose(res, min_acc) if res.get("keep") else (0, [], False)
+    for i, h in kept:
         ax.plot(cands.index(i), h, "o", ms=10, mfc="none", mec="red", mew=1.5)
     ax.set_xticks(range(len(cands)), [str(i) for i in cands], fontsize=7)
     ax.set_yticks(range(Hkv), [str(h) for h in range(Hkv)], fontsize=7)
-    ax.set_xlabel(f"layer (red circles: the probe's top {k} KV heads)" if k else "layer")
+    acc = res["passkey_acc"].get(f"probe top {k}", 0.0)
+    ax.set_xlabel(f"layer (red: the probe's top {k} KV heads, window-only passkey {100 * acc:.0f}%)" if k else "layer")
     ax.set_ylabel("KV head")
     fig.colorbar(im, ax=ax, label="mass on the pass key")
     ax.set_title(f"{model_name}: retrieval beyond the window of {res['window']} (passkey @ {res['length']})", fontsize=9)
