@@ -26,6 +26,7 @@ from ..ops.softmax_decode import softmax_decode_reference
 from .cache import DecodeMode, hybrid_cache_layer
 from .feature_maps import HedgehogFeatureMap, build_feature_map
 from .length_norm import linear_key_counts, scale_phi_q
+from .softmax_decode import kernel_serves
 from .sink import sink_key_feature, sink_keys, sink_query_feature
 
 #: features the fused kernels take (``linearize.ops.use_triton``, the decode kernel)
@@ -369,7 +370,7 @@ class LinearizedAttention(nn.Module):
         T, L = q.shape[1], k.shape[2]
         if T == 1:
             qh = q.transpose(1, 2)
-            if DecodeMode.kernel and use_triton(qh, qh) and qh.dtype == k.dtype:
+            if DecodeMode.kernel and kernel_serves(qh, k, None, 0.0, {}):  # (the kept softmax layers' test)
                 from ..ops.triton.softmax_decode import softmax_decode_triton
 
                 return softmax_decode_triton(qh, k, v, valid, scale=self.scaling)

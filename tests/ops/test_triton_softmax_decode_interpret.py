@@ -178,6 +178,41 @@ def test_compiled_decode_with_kept_layers_runs_them_on_the_kernel(monkeypatch, c
 
 
 @inside
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "inductor"])
+def test_compiled_decode_with_kept_heads_runs_them_on_the_kernel(monkeypatch, compile):
+    """Heads kept softmax inside linearized layers (softmax_heads): their one-token steps read the layer's
+    fixed KV buffers through the kernel (made to serve on CPU), left padding included, and equal the full
+    forward; compiled, in one graph."""
+    from transformers import DynamicCache
+
+    import linearize
+    from linearize.decode import reserve_kept_heads
+    from linearize.modules import softmax_decode as sd
+    from linearize.ops.triton import softmax_decode as kernel
+    from tests.decode_steps import greedy_steps_and_full_forward
+    from tests.tiny_models import perturb_added_weights, tiny_model
+
+    calls = []
+    real = kernel._combine_kernel
+    monkeypatch.setattr(sd, "_device_ok", lambda q: True)
+    monkeypatch.setattr(kernel, "_combine_kernel", type("C", (), {"__getitem__": lambda self, g: calls.append(1) or real[g]})())
+    cfg = linearize.LinearizeConfig(feature_dim=6, window=4, softmax_heads=[[0, 1], [2, 0]], feature_rope=False)
+    model = linearize.convert(tiny_model("llama"), cfg)
+    perturb_added_weights(model)
+    B, P, N = 3, 9, 4
+    ids = torch.randint(3, 96, (B, P), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(B, P, dtype=torch.long)
+    mask[1, :3] = 0
+    torch._dynamo.reset()
+    step = linearize.CompiledDecode(model, compile=compile)
+    cache = DynamicCache(config=model.config)
+    reserve_kept_heads(cache, P + N + 20)  # 20 slots never written: masked, skipped
+    got, ref = greedy_steps_and_full_forward(model, step, cache, ids, mask, N, pass_mask=False)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2 * N, f"{len(calls)} kernel launches; 2 layers with kept heads x {N} steps expected"
+
+
+@inside
 def test_a_base_model_on_a_static_cache_through_the_kernel(monkeypatch):
     """The benchmark's ``basek`` rows: a plain transformers model decoding on a StaticCache, with the masks
     transformers builds, inside ``softmax_decode_kernel``: every layer's steps take the kernel and equal the
