@@ -23,9 +23,11 @@
 #   bash scripts/gpu_decode_calls.sh 9 SHA   # issue 6's decode floor on the other two models (random weights, B=64 x 4096):
 #                                            # Qwen2.5-0.5B all linear and in qwen-retr8's layout (compiled, profiled), its
 #                                            # base's lean loop; Gemma3-270M in gemma-retr2-stage1's layout and its base
-#   bash scripts/gpu_decode_calls.sh 10 SHA  # issue 6's largest batch on random-weight Qwen2.5-0.5B: the base against
-#                                            # 3 KV heads kept softmax with per-KV-head key maps (qwen-heads3-kvmaps-kl's
-#                                            # layout, 6.0 vs 49.5 MiB a sequence), and that layout's compiled step
+#   bash scripts/gpu_decode_calls.sh 10 SHA  # KV heads kept softmax (softmax_heads): their GPU tests (CompiledDecode,
+#                                            # CUDA graph), then issue 6's largest batch on random-weight Qwen2.5-0.5B, the
+#                                            # base against 3 kept KV heads with per-KV-head key maps (qwen-heads3-kvmaps-kl's
+#                                            # layout: 6.0 vs 49.5 MiB a sequence), ~330 s
+#   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
 #                                            # evaluation-like shapes (compile_count.py), and the default launch at
@@ -35,7 +37,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 10}
+call=${1:?call number 1 to 11}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -64,6 +66,8 @@ row() {
   timeout "$secs" bash -c "$(declare -f gen); out=$out sha=$sha model=$m; gen ${*@Q}" > "$out/$log" 2>&1
   tail -8 "$out/$log"
 }
+QWEN=benchmarks/configs/qwen2.5-coder-0.5b.json
+HEADS3=(--set 'softmax_heads=[[9,1],[16,0],[16,1]]' --set feature_map_per_kv_head=true --set sink_tokens=4 --set feature_rope=false)
 RETR10=(--set 'softmax_layers=[7,8,14,15,17,18,20,21,22,23]' --set sink_tokens=4 --set feature_rope=false)
 case "$call" in
   1)
@@ -141,12 +145,15 @@ case "$call" in
     row gemma-base.log 100 "$g" --loops lean --models base --batches 64 --no-fit --budget-s 85
     ;;
   10)
-    q=benchmarks/configs/qwen2.5-coder-0.5b.json
-    HEADS3=(--set 'softmax_heads=[[9,1],[16,0],[16,1]]' --set feature_map_per_kv_head=true --set sink_tokens=4 --set feature_rope=false)
-    row qwen-heads3.log 200 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 185 "${HEADS3[@]}"
-    row qwen-heads3-fit.log 330 "$q" --loops lean --models ours,base --batches 64 --fit-time-s 120 --budget-s 315 "${HEADS3[@]}"
+    timeout 100 python3 -m pytest -q -x tests/gpu/test_decode_cuda.py -k "kept-heads" 2>&1 | tail -5 | tee "$out/tests.log"
+    row qwen-heads3-fit.log 250 "$QWEN" --loops lean --models ours,base --batches 64 --fit-time-s 80 --budget-s 235 "${HEADS3[@]}"
     ;;
-  *) echo "call must be 1 to 10" >&2; exit 2 ;;
+  11)
+    row qwen-heads3.log 200 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 185 "${HEADS3[@]}"
+    row qwen-retr8.log 200 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 185 \
+      --set 'softmax_layers=[3,7,9,11,13,14,16,17]' --set sink_tokens=4 --set feature_rope=false
+    ;;
+  *) echo "call must be 1 to 11" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
