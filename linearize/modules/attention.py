@@ -324,9 +324,11 @@ class LinearizedAttention(nn.Module):
         else:
             key_mask = _new_token_mask(padding_mask, B, T)
             # the hybrid heads' part (all heads unless some are kept softmax)
-            hq, hkv, sq, skv = self._split_index(q.device)
-            part = (q, k, v, fq, fk) if not self.kept_kv_heads else (
-                q.index_select(2, hq), k.index_select(2, hkv), v.index_select(2, hkv), fq.index_select(2, hq), fk.index_select(2, hkv))
+            part = (q, k, v, fq, fk)
+            if self.kept_kv_heads:
+                hq, hkv, sq, skv = self._split_index(q.device)
+                part = (q.index_select(2, hq), k.index_select(2, hkv), v.index_select(2, hkv), fq.index_select(2, hq),
+                        fk.index_select(2, hkv))
             if self.mode == "transfer":
                 if cache is not None and cache.get_seq_length(self.layer_idx) > 0:
                     raise RuntimeError("attention transfer runs on whole sequences; pass use_cache=False")
