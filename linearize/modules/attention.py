@@ -107,10 +107,10 @@ class LinearizedAttention(nn.Module):
         self.window_weight_init = config.window_weight_init
         self.window_logit = nn.Parameter(torch.empty(Hh))
         self.length_norm_from = config.length_norm_from
-        # alpha [H] of LinearizeConfig.length_norm; absent when off, so plain checkpoints keep their keys
+        # alpha [Hh] (hybrid heads) of LinearizeConfig.length_norm; absent when off, so plain checkpoints keep their keys
         self.length_alpha = nn.Parameter(torch.empty(Hh)) if config.length_norm else None
         self.sink_tokens = config.sink_tokens
-        # u [H, D] and c [H] of LinearizeConfig.sink_tokens; absent when off, like length_alpha
+        # u [Hh, D] and c [Hh] of LinearizeConfig.sink_tokens; absent when off, like length_alpha
         self.sink_u = self.sink_c = None
         if self.sink_tokens:
             F = self.feature_map_q.output_dim
