@@ -202,6 +202,7 @@ def retrieval_layers(
     write_config: Path | None = typer.Option(None, "--write-config", help="Also write a YAML for `convert --config` that keeps the chosen layers softmax."),
     min_acc: float = typer.Option(0.5, "--min-acc", help="--write-config picks the fewest --keep layers whose window-only passkey reaches this (0-1)."),
     heads: bool = typer.Option(False, "--heads", help="Rank and keep KV heads instead of whole layers (LinearizeConfig.softmax_heads): a smaller KV cache for the same retrieval."),
+    mqar: int = typer.Option(0, "--mqar", help="Also score every kept set on this many MQAR sequences (0: passkey only)."),
 ) -> None:
     """Rank a base model's layers (or, with --heads, KV heads) by how much they retrieve beyond the window
     (passkey), and check keeping the top ones softmax: a choice for LinearizeConfig.softmax_layers (softmax_heads)."""
@@ -217,7 +218,7 @@ def retrieval_layers(
     try:
         lm, tokenizer = linearize.models.load(model, dtype=torch.float32)
         res = retrieval.rank_and_check(lm.eval(), tokenizer, keep=keep, window=window, sinks=sinks, length=length, n=examples,
-                                       heads=heads)
+                                       heads=heads, mqar=mqar)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)

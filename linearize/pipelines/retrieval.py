@@ -170,11 +170,12 @@ def evenly_spaced(candidates: Sequence[int], k: int) -> list[int]:
 
 def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int = 64, sinks: int = 0, length: int = 1024,
                    n: int = 16, seed: int = 0, compare: Sequence[Sequence[int]] = (), progress: bool = True,
-                   heads: bool = False) -> dict[str, Any]:
+                   heads: bool = False, mqar: int = 0) -> dict[str, Any]:
     """The probe's ranking, and the passkey accuracy with ``window_only`` on every candidate but the
     kept ones, for: the top k by the probe and ``evenly_spaced`` k, for each k in ``keep``; each list in
     ``compare``; none kept (all windowed) and all kept (the base). ``heads``: rank and keep KV heads
-    ([layer, kv_head] pairs; no even spacing) instead of layers."""
+    ([layer, kv_head] pairs; no even spacing) instead of layers. ``mqar``: also score each set on that many
+    MQAR sequences (``linearize.eval.recall.score_mqar``, seed 0: the suite's first ones), in ``mqar_acc``."""
     from tqdm.auto import tqdm
 
     cands = candidate_layers(model)
@@ -201,18 +202,24 @@ def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int 
         for c in compare:
             sets.setdefault("given " + ",".join(map(str, c)), sorted(c))
     sets |= {"none kept (all windowed)": [], "all kept (base)": list(units)}
-    acc = {}
+    acc, mqar_acc = {}, {}
     for name, kept in tqdm(sets.items(), desc="window-only passkey", disable=not progress, leave=False):
         ctx = window_only(model, cands, window, sinks, kept_heads=kept) if heads else \
             window_only(model, [i for i in cands if i not in kept], window, sinks)
         with ctx:
             acc[name] = passkey_accuracy(model, exs)
+            if mqar:
+                from ..eval.recall import score_mqar
+
+                with torch.no_grad():  # right-padded batches: window_only's causal band never reaches the padding
+                    mqar_acc[name] = score_mqar(model, tokenizer, limit=mqar, progress=False)["acc"]
     res = {"unit": "heads" if heads else "layers", "length": length, "window": window, "sinks": sinks, "examples": len(exs),
            "seed": seed, "candidates": cands}
     if heads:
         res["score_per_head"] = {f"{i}/{h}": float(kv_score[i, h]) for i, h in units}
     else:
         res |= {"score_per_layer": {i: float(score[i]) for i in cands}, "best_head": {i: int(mass[i].argmax()) for i in cands}}
+    res |= {"mqar_examples": mqar, "mqar_acc": mqar_acc} if mqar else {}
     return res | {"ranking": ranked, "keep": list(keep), "sets": sets, "passkey_acc": acc}
 
 
@@ -259,9 +266,13 @@ def markdown(res: dict[str, Any], model_name: str) -> str:
              f"window of {res['window']}" + (f" (windowed {'heads' if heads else 'layers'} also see the first {res['sinks']} tokens)" if res.get("sinks") else "")
              + ". Score: " + ("a KV head's best query head's" if heads else "the best head's")
              + " attention mass on the pass key's tokens from the positions that predict it.", "",
-             f"| kept global (others see the window only) | {unit} | passkey acc |", "|---|---|---:|"]
+             f"| kept global (others see the window only) | {unit} | passkey acc |" + (" MQAR acc |" if res.get("mqar_acc") else ""),
+             "|---|---|---:|" + ("---:|" if res.get("mqar_acc") else "")]
     for name, kept in res["sets"].items():
-        lines.append(f"| {name} | {_shown(kept, heads) or '–'} | {100 * res['passkey_acc'][name]:.0f}% |")
+        mq = f" {100 * res['mqar_acc'][name]:.1f}% |" if res.get("mqar_acc") else ""
+        lines.append(f"| {name} | {_shown(kept, heads) or '–'} | {100 * res['passkey_acc'][name]:.0f}% |{mq}")
+    if res.get("mqar_acc"):
+        lines.append(f"\nMQAR: the suite's first {res['mqar_examples']} sequences (4 to 64 pairs), greedy, per query.")
     if heads:
         lines += ["", "| rank | layer | KV head | score |", "|---:|---:|---:|---:|"]
         for r, (i, h) in enumerate(res["ranking"][:30], 1):

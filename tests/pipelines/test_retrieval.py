@@ -155,7 +155,12 @@ def test_window_only_keeps_the_named_heads_global(model):
 
 
 def test_rank_and_check_by_heads(model, tok, tmp_path):
-    res = R.rank_and_check(model, tok, keep=[1, 3], window=16, length=300, n=4, compare=[[[0, 1]]], progress=False, heads=True)
+    res = R.rank_and_check(model, tok, keep=[1, 3], window=16, length=300, n=4, compare=[[[0, 1]]], progress=False, heads=True,
+                           mqar=5)
+    from linearize.eval.recall import score_mqar
+
+    assert res["mqar_acc"]["all kept (base)"] == score_mqar(model, tok, limit=5, progress=False)["acc"]
+    assert set(res["mqar_acc"]) == set(res["sets"]) and "| MQAR acc |" in R.markdown(res, "tiny")
     assert res["unit"] == "heads" and sorted(res["ranking"]) == [[i, h] for i in range(3) for h in range(2)]
     assert res["sets"]["probe top 1"] == [res["ranking"][0]] and res["sets"]["given 0/1"] == [[0, 1]]
     exs = R.examples(tok, 300, 4, 0, min_distance=16)
