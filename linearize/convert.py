@@ -64,9 +64,10 @@ def selected_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[
         if bad:
             raise ValueError(f"LinearizeConfig.{name} has indices {bad} but the model has {n} layers (0..{n - 1})")
     explicit = config.layers is not None
-    wanted = sorted(set(config.layers if explicit else range(n)) - set(config.softmax_layers) - _wholly_kept(model, config))
+    whole = _wholly_kept(model, config)
+    wanted = sorted(set(config.layers if explicit else range(n)) - set(config.softmax_layers) - whole)
     selected = [i for i in wanted if explicit or config.convert_sliding_layers or not adapter.is_sliding_layer(layers[i].self_attn)]
-    stray = sorted({i for i, _ in config.softmax_heads} - set(selected) - _wholly_kept(model, config) - set(config.softmax_layers))
+    stray = sorted({i for i, _ in config.softmax_heads} - set(selected) - whole - set(config.softmax_layers))
     if stray:
         raise ValueError(f"LinearizeConfig.softmax_heads names heads of layers {stray}, which this conversion does not "
                          f"linearize (converted: {selected}); drop them, they are softmax already")

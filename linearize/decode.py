@@ -149,9 +149,8 @@ class CompiledDecode:
         for layer in layers:  # into ring form eagerly: the conversion is not part of the step
             layer.ring_state()
         mixed = [cache.layers[i] for i in self.kept_head_layers]
-        for layer in mixed:  # room for this token, doubling (a new shape recompiles: reserve_kept_heads avoids it)
-            if layer.kept_filled + T > layer.kept_k.shape[2]:
-                layer.reserve_kept(max(2 * layer.kept_k.shape[2], layer.kept_filled + T))
+        for layer in mixed:  # room for this token, outside the step (reserve_kept_heads: room for the whole run)
+            layer.make_room_kept(layer.kept_filled + T)
         # The mask buffer belongs to this cache (this run), so it lives on it: the kept layers' padding then does
         # not leak into a later run on another cache, and a run keeps what its masks said so far. Without kept
         # layers it is one all-true slot.

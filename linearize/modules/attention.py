@@ -326,7 +326,7 @@ class LinearizedAttention(nn.Module):
             # the hybrid heads' part (all heads unless some are kept softmax)
             part = (q, k, v, fq, fk)
             if self.kept_kv_heads:
-                hq, hkv, sq, skv = self._split_index(q.device)
+                hq, hkv, sq, skv, order = self._split_index(q.device)
                 part = (q.index_select(2, hq), k.index_select(2, hkv), v.index_select(2, hkv), fq.index_select(2, hq),
                         fk.index_select(2, hkv))
             if self.mode == "transfer":
@@ -335,7 +335,7 @@ class LinearizedAttention(nn.Module):
                 y_hybrid = self.hybrid_attention(*part, key_mask, None)
                 y = self.softmax_attention(q, k, v, attention_mask, **kwargs)
                 if self.kept_kv_heads:  # the kept heads are the teacher's own: nothing to learn there
-                    y_hybrid = self._merge_heads(y_hybrid, y.index_select(2, sq))
+                    y_hybrid = torch.cat([y_hybrid, y.index_select(2, sq)], 2).index_select(2, order)
                 self.transfer_outputs = (y_hybrid.reshape(B, T, -1), y.reshape(B, T, -1))
             else:
                 y = self.hybrid_attention(*part, key_mask, cache)
@@ -346,7 +346,7 @@ class LinearizedAttention(nn.Module):
                     else:
                         ks, vs, valid = hybrid_cache_layer(cache, self.layer_idx, self.window).append_kept(ks, vs, key_mask)
                         y_kept = self._kept_attention(qs, ks, vs, valid)
-                    y = self._merge_heads(y, y_kept)
+                    y = torch.cat([y, y_kept], 2).index_select(2, order)  # [hybrid, kept] heads back in place
         return self.o_proj(y.reshape(B, T, -1)), None
 
     def _split_index(self, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -357,12 +357,7 @@ class LinearizedAttention(nn.Module):
             (hq, hkv), (sq, skv) = self._head_split
             order = sorted(range(self.num_heads), key=(hq + sq).__getitem__)
             idx = self._head_index[device] = tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (hq, hkv, sq, skv, order))
-        return idx[:4]
-
-    def _merge_heads(self, y_hybrid: torch.Tensor, y_kept: torch.Tensor) -> torch.Tensor:
-        """[B, T, H, D] from the hybrid heads' [B, T, Hh, D] and the kept heads' [B, T, H - Hh, D]."""
-        self._split_index(y_hybrid.device)
-        return torch.cat([y_hybrid, y_kept], 2).index_select(2, self._head_index[y_hybrid.device][4])
+        return idx
 
     def _kept_attention(self, q, k, v, valid) -> torch.Tensor:
         """Exact causal softmax of the kept heads over their cache: q [B,T,Hs,D] (the last T of the L keys),

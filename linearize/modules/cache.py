@@ -124,6 +124,12 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
         if self.kept_k is not None and self.kept_k.shape[2] < capacity:
             self._grow_kept(capacity)
 
+    def make_room_kept(self, n: int) -> None:
+        """Room for ``n`` tokens of the kept heads, doubling the buffers if they are short (a new shape: a compiled
+        step recompiles, which ``reserve_kept`` avoids)."""
+        if n > self.kept_k.shape[2]:
+            self._grow_kept(max(2 * self.kept_k.shape[2], n))
+
     def _grow_kept(self, capacity: int) -> None:
         k, v, valid = self.kept_k, self.kept_v, self.kept_valid
         B, Hs, n, D = k.shape
@@ -142,8 +148,8 @@ class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):
             self.kept_valid = torch.zeros(B, cap, dtype=torch.bool, device=k.device)
             self.kept_pos = torch.zeros(1, dtype=torch.long, device=k.device)
         counted = not DecodeMode.count_outside
-        if counted and self.kept_filled + T > self.kept_k.shape[2]:  # eager: double (a compiled step was reserved)
-            self._grow_kept(max(2 * self.kept_k.shape[2], self.kept_filled + T))
+        if counted:  # eager (CompiledDecode makes the room before its step)
+            self.make_room_kept(self.kept_filled + T)
         ok = torch.ones(B, T, dtype=torch.bool, device=k.device) if valid is None else valid.bool()
         kt, vt = k.detach().transpose(1, 2).to(self.kept_k.dtype), v.detach().transpose(1, 2).to(self.kept_v.dtype)
         if T == 1:  # at the device's count: no host value, so a compiled step neither recompiles nor syncs
