@@ -178,6 +178,8 @@ def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int 
     MQAR sequences (``linearize.eval.recall.score_mqar``, seed 0: the suite's first ones), in ``mqar_acc``."""
     from tqdm.auto import tqdm
 
+    from ..eval.recall import score_mqar
+
     cands = candidate_layers(model)
     H, Hkv = _heads(model)
     units = [[i, h] for i in cands for h in range(Hkv)] if heads else list(cands)
@@ -209,8 +211,6 @@ def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int 
         with ctx:
             acc[name] = passkey_accuracy(model, exs)
             if mqar:
-                from ..eval.recall import score_mqar
-
                 with torch.no_grad():  # right-padded batches: window_only's causal band never reaches the padding
                     mqar_acc[name] = score_mqar(model, tokenizer, limit=mqar, progress=False)["acc"]
     res = {"unit": "heads" if heads else "layers", "length": length, "window": window, "sinks": sinks, "examples": len(exs),
