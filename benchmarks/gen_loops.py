@@ -117,6 +117,7 @@ def run_lean(
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     profile_steps: int = 0,
     prefill_chunk: int | None = None,
+    grow_to: int | None = None,
 ) -> LoopResult:
     """Greedy decoding of ``new_tokens`` tokens after the prompt ``ids`` [B, P], one forward per token.
     ``forward(tok [B, 1], pos [1, 1]) -> logits [B, 1, V]`` replaces the model's call in the decode steps
@@ -127,7 +128,9 @@ def run_lean(
     ``deadline`` (time.monotonic) stops the decode early (``cut``); the check costs no sync.
     ``profile_steps``: then that many more steps, eager (not replayed), under the CUDA profiler
     (``profile_kernels``); the cache must have room for them. ``prefill_chunk``: prefill the prompt that many
-    tokens a forward (``prefill_spans``), continuing the cache, instead of in one.
+    tokens a forward (``prefill_spans``), continuing the cache, instead of in one. ``grow_to``: after the
+    prefill, grow the cache's full-attention DynamicCache layers to that many tokens (``grow_kv_layers``) and
+    decode from there (a memory probe: the tokens then mean nothing).
     """
     device = ids.device
     B, P = ids.shape
@@ -143,11 +146,12 @@ def run_lean(
                            position_ids=torch.arange(a, b, device=device)[None], logits_to_keep=1).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
         del logits
+        start = grow_to if grow_to is not None and grow_kv_layers(cache, grow_to) else P
         sync(device)
         prefill_s = time.perf_counter() - t0
 
         tok_buf = tok.clone()
-        pos = torch.full((1, 1), P, dtype=torch.long, device=device)
+        pos = torch.full((1, 1), start, dtype=torch.long, device=device)
         idx = torch.ones(1, dtype=torch.long, device=device)
         if out is not None:
             out[:, :1] = tok
@@ -203,6 +207,30 @@ def run_lean(
     tokens = out[:, : done + 1].cpu() if out is not None else None
     return LoopResult(name, done + 1, prefill_s, decode_s, done, graph=capture_s is not None, capture_s=capture_s,
                       cut=cut, steady_s=steady_s, steady_steps=done - first, tokens=tokens, profile=prof)
+
+
+def grow_kv_layers(cache, length: int) -> int:
+    """Grow each full-attention layer of a ``DynamicCache`` to ``length`` tokens in place (zeros after what it
+    holds), one layer at a time: the memory that cache holds at token ``length``, without the steps to get there
+    (it grows by concatenation, a new tensor a step). Sliding-window and linearized layers are bounded and left
+    as they are. Returns how many layers grew."""
+    from transformers.cache_utils import DynamicLayer
+
+    grown = 0
+    for layer in getattr(cache, "layers", ()):
+        if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.dim() != 4:
+            continue
+        have = layer.keys.shape[-2]
+        if have >= length:
+            continue
+        for name in ("keys", "values"):
+            old = getattr(layer, name)
+            new = old.new_zeros(*old.shape[:-2], length, old.shape[-1])
+            new[..., :have, :] = old
+            setattr(layer, name, new)
+            del old  # before the next allocation: one layer's tensor extra at a time
+        grown += 1
+    return grown
 
 
 def prefill_spans(P: int, chunk: int | None) -> list[tuple[int, int]]:
@@ -310,9 +338,11 @@ FIT_PREFILL_CHUNK = 16
 def probe_fits(model, B: int, prompt_len: int, new_tokens: int, cache_kind: str, vocab: int, device: torch.device,
                steps: int = 3, seed: int = 0, prefill_chunk: int | None = FIT_PREFILL_CHUNK) -> tuple[bool, int | None, str | None]:
     """Whether batch ``B`` fits: a prefill (``prefill_chunk`` tokens a forward, for both models) and ``steps``
-    decode steps in a cache sized for ``prompt_len + new_tokens`` tokens (a static cache is allocated whole at
-    the prefill; the ring state never grows after the first decode step), so memory at token N is what this
-    touches. Returns (fits, peak bytes, error)."""
+    decode steps in a cache sized for ``prompt_len + new_tokens`` tokens, so memory at token N is what this
+    touches: a static cache is allocated whole at the prefill; the ring state never grows after the first decode
+    step; a DynamicCache's full-attention layers are grown after the prefill to the length the last step extends
+    (``grow_kv_layers``; an upper bound on what fits, since a real run's growth by concatenation can also
+    fragment memory). Returns (fits, peak bytes, error)."""
     err = None
     try:
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -320,7 +350,8 @@ def probe_fits(model, B: int, prompt_len: int, new_tokens: int, cache_kind: str,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         cache = make_cache(model, cache_kind, prompt_len + new_tokens)
-        run_lean(model, ids, steps + 1, cache=cache, prefill_chunk=prefill_chunk)
+        grow_to = max(prompt_len, prompt_len + new_tokens - 1 - steps) if cache_kind == "dynamic" else None
+        run_lean(model, ids, steps + 1, cache=cache, prefill_chunk=prefill_chunk, grow_to=grow_to)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         del cache, ids
     except Exception as e:  # noqa: BLE001 - OOM is the answer we look for; anything else is reported

@@ -25,6 +25,15 @@ def loop_name_of(r: dict) -> str:
     return r["loop"] + ("+graph" if r.get("graph") else "")
 
 
+def largest_fits(rows: list[dict]) -> dict[str, dict]:
+    """Each model's fit row with the largest batch, over the caches it was probed on (the base: static, dynamic)."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["section"] == "fit" and r.get("largest") and r["largest"] > best.get(r["model"], {}).get("largest", 0):
+            best[r["model"]] = r
+    return best
+
+
 def decode_lines(rows: list[dict], markdown: bool) -> list[str]:
     head = ["model", "loop", "B", "new tok", "prefill ms", "decode tok/s", "step ms", "floor ms", "x floor", "peak GiB",
             "cache GiB", "decode path", "note"]
@@ -146,8 +155,7 @@ def batch_plot(payloads: list[dict], path: Path, title: str | None = None) -> Pa
             if r["section"] == "decode" and r.get("tok_s") and not r.get("cut"):
                 lines.setdefault((r["model"], loop_name_of(r)), {})[r["batch"]] = r
                 labels[r["model"]] = r.get("label") or r["model"]
-            elif r["section"] == "fit" and r.get("largest"):
-                fits[r["model"]] = r
+        fits |= largest_fits(p["rows"])
     lines = {k: v for k, v in lines.items() if len(v) >= 2}
     if not lines:
         return None

@@ -36,9 +36,12 @@ to the CPU meanwhile). Each row first runs its loop on a few tokens (compiles ke
 The headline compares each model's fastest loop at --headline-batch (64); the table has both loops.
 
 Largest batch that fits at N tokens, per model: doubling from --fit-start, then bisection to 3%, each
-probe a prefill plus 3 decode steps in a cache sized for prompt + N tokens (the lean loop's caches: the
-static KV cache is allocated whole; the ring state does not grow after the first step), so the memory of
-token N is reached; torch.cuda.OutOfMemoryError is caught. --fit-time-s caps each search.
+probe a prefill (16 tokens a forward) plus 3 decode steps in a cache sized for prompt + N tokens (the lean
+loop's caches: the static KV cache is allocated whole; the ring state does not grow after the first step),
+so the memory of token N is reached; torch.cuda.OutOfMemoryError is caught. --fit-time-s caps each search.
+The base is also probed on a DynamicCache grown to token N after the prefill: its decode steps then need no
+mask, so transformers' SDPA runs GQA natively, where a static cache's masked multi-token forwards expand the
+keys of the whole cache per layer (repeat_kv). The goal compares against the base's larger result.
 
 The floor of a decode step (benchmarks/gen_floor.py evaluates it from the model's modules). Bytes, with
 e = bytes of the model dtype (2, bf16), L_s / L_h the softmax / linearized layers, T the keys a base
@@ -87,7 +90,7 @@ from benchmarks.gen_loops import (  # noqa: E402
     GraphCaptureError, LoopResult, error_tail, free_memory, is_oom, largest_batch, make_cache, probe_fits, run_generate,
     run_lean, short_error,
 )
-from benchmarks.gen_report import print_report, profile_text, write_report  # noqa: E402
+from benchmarks.gen_report import largest_fits, print_report, profile_text, write_report  # noqa: E402
 from benchmarks.random_model import random_model  # noqa: E402
 from benchmarks.report import ROOT, environment, result_stem  # noqa: E402
 
@@ -392,9 +395,11 @@ def fill_decode_metrics(r: dict, res: LoopResult, shape: ModelShape, ctx: Contex
         r["x_floor"] = res.decode_s / floor
 
 
-def fit_row(subj: Subject, ctx: Context) -> dict:
+def fit_row(subj: Subject, ctx: Context, cache: str | None = None) -> dict:
+    """The largest batch of ``subj`` on its lean loop's cache, or on ``cache`` ("static" / "dynamic")."""
     a, dev = ctx.args, ctx.device
-    r = {"section": "fit", "model": subj.key, "label": subj.label, "cache": subj.lean_cache,
+    cache = cache or subj.lean_cache
+    r = {"section": "fit", "model": subj.key, "label": subj.label, "cache": cache,
          "prompt": a.prompt_len, "new_tokens": a.tokens}
     if dev.type != "cuda":
         r["error"] = "needs CUDA (memory limits)"
@@ -406,9 +411,9 @@ def fit_row(subj: Subject, ctx: Context) -> dict:
     details = []
 
     def probe(B: int) -> bool:
-        ok, peak, err = probe_fits(subj.model, B, a.prompt_len, a.tokens, subj.lean_cache, ctx.vocab, dev, seed=a.seed)
+        ok, peak, err = probe_fits(subj.model, B, a.prompt_len, a.tokens, cache, ctx.vocab, dev, seed=a.seed)
         details.append({"batch": B, "fits": ok, "peak_gib": None if peak is None else peak / GIB, "error": err})
-        print(f"  fit {subj.key:4s} B={B:6d} " + (f"fits, peak {peak / GIB:.1f} GiB" if ok else f"fails: {err}"), flush=True)
+        print(f"  fit {subj.key:4s} {cache:7s} B={B:6d} " + (f"fits, peak {peak / GIB:.1f} GiB" if ok else f"fails: {err}"), flush=True)
         return ok
 
     res = largest_batch(probe, start=a.fit_start, max_batch=a.fit_max_batch, time_cap_s=cap)
@@ -435,8 +440,8 @@ def plan(args) -> list[tuple]:
     for loop in ("lean", "compiled"):
         if loop in loops:
             tasks += [("decode", loop, b, m) for b in order for m in models]
-    if args.fit:
-        tasks += [("fit", None, None, m) for m in models]
+    if args.fit:  # the base also on a DynamicCache: no mask at its decode steps, so GQA without repeat_kv
+        tasks += [t for m in models for t in [("fit", None, None, m)] + ([("fit", "dynamic", None, m)] if m == "base" else [])]
     if "generate" in loops:
         tasks += [("decode", "generate", b, m) for b in order for m in models]
     return tasks
@@ -474,12 +479,15 @@ def goals(rows: list[dict], args) -> list[str]:
     if o and b and k:
         out.append(f"  for scale, not a goal: the base on linearize's softmax decode kernel {k['tok_s']:.0f} tokens/s "
                    f"({k['tok_s'] / b['tok_s']:.2f}x the base); linearized {o['tok_s'] / k['tok_s']:.2f}x that")
-    fits = {r["model"]: r for r in rows if r["section"] == "fit" and r.get("largest")}
+    fits = largest_fits(rows)
     if "ours" in fits and "base" in fits:
         fo, fb = fits["ours"], fits["base"]
         ratio = fo["largest"] / fb["largest"]
         bound = lambda r: "" if r["stopped"] == "converged" else ">= "  # noqa: E731
-        line = (f"largest batch at {N} new tokens: linearized {bound(fo)}{fo['largest']}, base {bound(fb)}{fb['largest']}: "
+        others = [f"{r['cache']} {bound(r)}{r['largest']}" for r in rows
+                  if r["section"] == "fit" and r["model"] == "base" and r.get("largest") and r is not fb]
+        line = (f"largest batch at {N} new tokens: linearized {bound(fo)}{fo['largest']} ({fo['cache']} cache), "
+                f"base {bound(fb)}{fb['largest']} ({fb['cache']} cache" + "".join(f"; {o}" for o in others) + "): "
                 f"{'>= ' if fo['stopped'] != 'converged' else ''}{ratio:.1f}x")
         out.append(line + (f" (goal >= 8x): {ok(ratio >= 8)}" if N == 4096 else " (the goal is at 4096 tokens)"))
     if o and o.get("x_floor"):
@@ -590,7 +598,7 @@ def run(args, device: torch.device, models: dict, info: dict, t_start: float | N
         if key != active:
             activate(subjects, key, device)
             active = key
-        r = decode_row(subjects[key], loop, B, ctx) if kind == "decode" else fit_row(subjects[key], ctx)
+        r = decode_row(subjects[key], loop, B, ctx) if kind == "decode" else fit_row(subjects[key], ctx, loop)
         rows.append(r)
         print(row_line(r), flush=True)
         save()
@@ -605,7 +613,7 @@ def run(args, device: torch.device, models: dict, info: dict, t_start: float | N
 
 def row_line(r: dict) -> str:
     if r["section"] == "fit":
-        return (f"fit    {r['model']:4s} " + (f"largest {r['largest']} (first failing {r['smallest_failing']}, {r['stopped']}, "
+        return (f"fit    {r['model']:4s} {r['cache']:7s} " + (f"largest {r['largest']} (first failing {r['smallest_failing']}, {r['stopped']}, "
                 f"{r['seconds']:.0f} s)" if "largest" in r else r.get("error", "")))
     s = f"{r['loop']:8s} {r['model']:4s} B={r['batch']:<4d} "
     if r.get("tok_s"):

@@ -37,7 +37,8 @@ def test_smoke_tokens_match_and_driver_writes_results(tmp_path, capsys):
     for r in rows:
         assert r["generated"] == 12 and r["decode_steps"] == 11 and r["tok_s"] > 0 and r["floor_step_ms"] > 0, r
         assert not r["cut"] and "error" not in r, r
-    assert [r["model"] for r in payload["rows"] if r["section"] == "fit"] == ["ours", "base"]
+    assert [(r["model"], r["cache"]) for r in payload["rows"] if r["section"] == "fit"] == [
+        ("ours", "dynamic"), ("base", "static"), ("base", "dynamic")]
     assert payload["goals"][0].startswith("decode tokens/s at batch 3 x 12 new tokens")
 
 
@@ -71,8 +72,8 @@ def test_plan_order_and_budget_skips(tmp_path):
     args = G.parse_args(["--batches", "1,64,256"])
     tasks = G.plan(args)
     assert tasks[:2] == [("decode", "lean", 64, "ours"), ("decode", "lean", 64, "base")]
-    assert tasks.index(("fit", None, None, "ours")) == 6
-    assert tasks[8:10] == [("decode", "generate", 64, "ours"), ("decode", "generate", 64, "base")]
+    assert tasks[6:9] == [("fit", None, None, "ours"), ("fit", None, None, "base"), ("fit", "dynamic", None, "base")]
+    assert tasks[9:11] == [("decode", "generate", 64, "ours"), ("decode", "generate", 64, "base")]
     assert G.parse_args(["--quick"]).tokens == 1024 and G.parse_args([]).tokens == 4096
     assert G.parse_settings(["window=16", "feature_map=t2r", "feature_map_per_kv_head=true"]) == {
         "window": 16, "feature_map": "t2r", "feature_map_per_kv_head": True}
@@ -244,3 +245,39 @@ def test_chunked_prefill_decodes_the_same_tokens(cfg):
     ids = torch.randint(3, 96, (2, 37), generator=torch.Generator().manual_seed(0))
     runs = [run_lean(model, ids, 6, cache=make_cache(model, kind, 37 + 6), keep_tokens=True, prefill_chunk=c) for c in (None, 8)]
     assert torch.equal(runs[0].tokens, runs[1].tokens)
+
+
+def test_grown_dynamic_cache_holds_token_n_and_decodes_on():
+    """The base's DynamicCache probe: after the prefill its full-attention layers are grown to the length a real
+    run reaches (prompt + N - 1 after the last step), the decode goes on from there, and nothing else grows."""
+    import linearize
+    from benchmarks.gen_loops import grow_kv_layers, make_cache, probe_fits, run_lean
+    from tests.tiny_models import tiny_model
+
+    base = tiny_model("llama")
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    cache = make_cache(base, "dynamic", 0)
+    before = run_lean(base, ids, 1, cache=make_cache(base, "dynamic", 0), keep_tokens=True).tokens
+    res = run_lean(base, ids, 4, cache=cache, grow_to=30, keep_tokens=True)
+    assert res.generated == 4 and torch.equal(res.tokens[:, :1], before)  # the prefill's token is the prompt's
+    for layer in cache.layers:
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == 33  # 30 + 3 decode steps
+        assert torch.count_nonzero(layer.keys[..., 9:30, :]) == 0  # the grown span
+    assert grow_kv_layers(cache, 10) == 0  # never shrinks
+    assert probe_fits(base, 2, 8, 16, "dynamic", 96, torch.device("cpu")) == (True, None, None)
+
+    ours = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(feature_dim=6, window=4, softmax_heads=[[1, 0]]))
+    cache = make_cache(ours, "dynamic", 40)
+    run_lean(ours, ids, 2, cache=cache, prefill_chunk=4)
+    assert grow_kv_layers(cache, 40) == 0  # linearized layers (and the heads they keep) are not DynamicLayers
+    assert cache.get_seq_length() == 10
+
+
+def test_goal_takes_the_base_on_its_larger_cache():
+    from benchmarks import generate as G
+
+    fit = lambda m, c, b: {"section": "fit", "model": m, "cache": c, "largest": b, "smallest_failing": b + 1,  # noqa: E731
+                           "stopped": "converged"}
+    rows = [fit("ours", "dynamic", 9000), fit("base", "static", 1000), fit("base", "dynamic", 1200)]
+    line = next(g for g in G.goals(rows, G.parse_args([])) if g.startswith("largest batch"))
+    assert "base 1200 (dynamic cache; static 1000): 7.5x (goal >= 8x): MISSED" in line

@@ -108,6 +108,17 @@ def test_oom_is_caught_and_the_search_goes_on():
     free = torch.cuda.get_device_properties(0).total_memory / (512 * 2**20)
     assert 0.5 * free < res["largest"] < free and res["smallest_failing"] > res["largest"], res
     assert set(errors) <= {None, "OOM"}, errors
+    # the same cache grown as a DynamicCache: it holds as much at token N, so the limit is within 10% of the static one
+    errors.clear()
+
+    def probe_dynamic(B):
+        ok, _, err = probe_fits(base, B, 8, N, "dynamic", 96, DEV)
+        errors.append(err)
+        return ok
+
+    dyn = largest_batch(probe_dynamic, start=16, max_batch=4096, time_cap_s=90)
+    assert 0.9 * res["largest"] <= dyn["largest"] <= 1.1 * res["largest"], (res, dyn)
+    assert set(errors) <= {None, "OOM"}, errors
 
 
 def test_driver_end_to_end_on_tiny_models(tmp_path):
