@@ -22,20 +22,10 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-FP32 = 4
+from linearize.cache_bytes import FP32, LayerShape, cache_bytes_per_sequence, hybrid_bytes_per_sequence, layer_shapes
 
-
-@dataclass(frozen=True)
-class LayerShape:
-    """One decoder layer's attention: ``hybrid`` (linearized) or ``softmax`` (a KV cache)."""
-
-    kind: str
-    H: int
-    Hkv: int
-    D: int
-    Hf: int = 0  # key feature heads H' (hybrid)
-    F: int = 0  # features per head (hybrid)
-    window: int = 0  # hybrid: softmax window; softmax: sliding window (0 = full attention)
+__all__ = ["FP32", "LayerShape", "ModelShape", "decode_run_cost", "hybrid_bytes_per_sequence", "keys_summed", "model_shape",
+           "state_bytes_per_sequence"]
 
 
 @dataclass(frozen=True)
@@ -54,20 +44,6 @@ class ModelShape:
 
 def model_shape(model: nn.Module) -> ModelShape:
     """Read the shapes a decode step touches off an HF causal LM, linearized or not."""
-    from linearize.convert import LinearizedAttention
-
-    layers = []
-    for layer in model.base_model.layers:
-        a = layer.self_attn
-        D = a.head_dim
-        H, Hkv = a.q_proj.out_features // D, a.k_proj.out_features // D
-        if isinstance(a, LinearizedAttention):
-            Hh, Hkh = a.num_hybrid_heads, a.num_hybrid_kv_heads
-            layers.append(LayerShape("hybrid", Hh, Hkh, D, a.feature_map_k.num_heads, a.num_features, a.window))
-            if Hh < H:  # heads kept softmax inside the layer (LinearizeConfig.softmax_heads): a second entry
-                layers.append(LayerShape("softmax", H - Hh, Hkv - Hkh, D))
-        else:
-            layers.append(LayerShape("softmax", H, Hkv, D, window=int(getattr(a, "sliding_window", None) or 0)))
     emb_in, emb_out = model.get_input_embeddings().weight, model.get_output_embeddings().weight
     tied = emb_in.data_ptr() == emb_out.data_ptr()
     seen, weight_bytes = set(), 0
@@ -79,7 +55,7 @@ def model_shape(model: nn.Module) -> ModelShape:
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     matmul += sum(p.numel() for n, p in model.named_parameters() if "feature_map" in n and n.endswith("weight"))
     return ModelShape(
-        layers=tuple(layers),
+        layers=layer_shapes(model),
         weight_bytes=weight_bytes,
         embed_row_bytes=0 if tied else emb_in.shape[1] * emb_in.element_size(),
         matmul_params=matmul,
@@ -137,22 +113,6 @@ def decode_run_cost(shape: ModelShape, B: int, prompt: int, new_tokens: int) -> 
     return RunCost(steps=steps, bytes=sum(parts.values()), flops=flops, parts=parts)
 
 
-def hybrid_bytes_per_sequence(L, elem: int) -> dict[str, int]:
-    """Bytes a sequence holds in hybrid layer ``L``: the fp32 sums S and double-buffered z (``sums``), the ring's
-    W slots of k and v (``kv``), and its feature-mapped keys phi_k with the mask byte (``phi``)."""
-    W = L.window if L.window >= 2 else 0
-    return {"sums": FP32 * L.Hf * (L.F * L.D + 2 * L.F), "kv": W * 2 * L.Hkv * L.D * elem, "phi": W * (L.Hf * L.F * elem + 1)}
-
-
 def state_bytes_per_sequence(shape: ModelShape, total_len: int) -> int:
-    """Bytes a sequence holds in the cache at ``total_len`` tokens: KV of softmax layers, or the fp32 state
-    plus the ring (W slots of k, v, phi_k and a mask byte) of hybrid layers."""
-    e = shape.elem
-    n = 0
-    for L in shape.layers:
-        if L.kind == "softmax":
-            t = min(total_len, L.window) if L.window else total_len
-            n += t * 2 * L.Hkv * L.D * e
-        else:
-            n += sum(hybrid_bytes_per_sequence(L, e).values())
-    return n
+    """Bytes a sequence holds in the cache at ``total_len`` tokens (``linearize.cache_bytes``), in the model dtype."""
+    return cache_bytes_per_sequence(shape.layers, shape.elem, total_len)

@@ -46,22 +46,11 @@ def _stream(model, tokenizer, prompt: str, max_new_tokens: int, chat: bool = Tru
 
 
 def _state_bytes(model, seq_len: int, batch: int = 1) -> tuple[int, int]:
-    """(KV-cache bytes of the base model, state bytes of the linearized model) at ``seq_len`` tokens, bf16 KV / fp32 state."""
-    import linearize
+    """(KV-cache bytes of the base model, cache bytes of the linearized ``model``) at ``seq_len`` tokens, caches
+    in bf16 (the sums in fp32; ``linearize.cache_bytes``)."""
+    from .cache_bytes import base_layer_shapes, cache_bytes_per_sequence, layer_shapes
 
-    layers = linearize.linearized_layers(model)
-    n_layers = model.config.num_hidden_layers
-    any_layer = layers[0]
-    kv = 2 * batch * seq_len * any_layer.num_kv_heads * any_layer.head_dim * 2 * n_layers
-    state = 0
-    for layer in layers:
-        Hf, F, D = layer.feature_map_k.num_heads, layer.num_features, layer.head_dim
-        tail = max(layer.window - 1, 0)
-        state += batch * (4 * Hf * F * (D + 1) + tail * (2 * layer.num_hybrid_kv_heads * D * 2 + Hf * F * 2))
-        state += 2 * batch * seq_len * len(layer.kept_kv_heads) * D * 2  # heads kept softmax: their KV cache
-    kept = n_layers - len(layers)
-    state += 2 * batch * seq_len * any_layer.num_kv_heads * any_layer.head_dim * 2 * kept
-    return kv, state
+    return tuple(batch * cache_bytes_per_sequence(shapes, 2, seq_len) for shapes in (base_layer_shapes(model), layer_shapes(model)))
 
 
 @app.command()

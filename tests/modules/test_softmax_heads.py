@@ -132,8 +132,11 @@ def test_state_bytes_count_the_kept_heads_kv_cache():
     _, s_mixed = _state_bytes(mixed, T)
     a = mixed.base_model.layers[1].self_attn
     F, D = a.num_features, a.head_dim
-    hybrid_head = 4 * 2 * F * (D + 1) + 3 * (2 * D * 2 + 2 * F * 2)  # per-query-head maps: 2 feature heads a KV head
+    W = 4  # ring slots: k, v, the features of 2 feature heads (per-query-head maps) and a mask byte each
+    hybrid_head = 4 * 2 * F * (D + 2) + W * (2 * D * 2 + 2 * F * 2)
     assert s_mixed == s_plain - hybrid_head + 2 * T * D * 2
+    base_kv = 3 * T * 2 * 2 * D * 2  # 3 layers, 2 KV heads, k and v, bf16
+    assert kv == base_kv and _state_bytes(plain, T, batch=3)[0] == 3 * base_kv
 
 
 @pytest.mark.parametrize("reserve", [True, False], ids=["reserved", "growing"])
