@@ -17,6 +17,10 @@ frozen forward once (2 N) and, per converted layer, the hybrid attention beside 
 reaches only the feature maps. Attention FLOPs are left out of both (small at 1K tokens for these models),
 so the achieved TFLOP/s shown are lower bounds.
 
+``--map-kernel both`` times each stage twice in the same run, the layers' Hedgehog maps through the Triton map
+kernel (one launch for a layer's two maps, forward and backward; the default on CUDA) and through the maps'
+modules (``HedgehogFeatureMap.kernel = False``), one row each.
+
 Writes OUT/train_step.json and OUT/train_step.md.
 """
 
@@ -151,20 +155,22 @@ def markdown(summary: dict) -> str:
     lines = [f"# Training step, {summary['model']}", "",
              f"Device {summary['device']}; torch {summary['torch']}; batch {summary['batch']} x {summary['seq_len']} tokens; "
              f"linearize config {summary['linearize']}; median of {summary['steps']} steps after {summary['warmup']} warm-up.", "",
-             "| stage | step ms (median) | host wall ms | tokens/s | TFLOP/s (lower bound) | GPU busy | kernels/step | peak MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| stage | maps | step ms (median) | host wall ms | tokens/s | TFLOP/s (lower bound) | GPU busy | kernels/step | peak MiB |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["stages"]:
         p = r.get("profile", {})
         busy = p.get("gpu_busy_fraction")
-        lines.append(f"| {r['stage']} | {r['step_ms_median']:.1f} | {r['wall_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | "
+        maps = "map kernel" if r.get("map_kernel", True) else "modules"
+        lines.append(f"| {r['stage']} | {maps} | {r['step_ms_median']:.1f} | {r['wall_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tflops_lower_bound']:.1f} | {'–' if busy is None else f'{100 * busy:.0f}%'} | "
                      f"{p.get('kernels_per_step', 0):.0f} | {r['peak_mem_mib'] or 0:,.0f} |")
     for r in summary["stages"]:
         if "profile" not in r:
             continue
-        lines += ["", f"## Stage {r['stage']}: top kernels ({r['profile']['steps']} profiled steps)", "", "| kernel | calls | ms |", "|---|---:|---:|"]
+        maps = "" if r.get("map_kernel", True) else ", maps through the modules"
+        lines += ["", f"## Stage {r['stage']}{maps}: top kernels ({r['profile']['steps']} profiled steps)", "", "| kernel | calls | ms |", "|---|---:|---:|"]
         lines += [f"| `{k['name']}` | {k['calls']} | {k['ms_total']:.2f} |" for k in r["profile"]["top_kernels"]]
-        lines += ["", f"## Stage {r['stage']}: top host ops", "", "| op | calls | self ms |", "|---|---:|---:|"]
+        lines += ["", f"## Stage {r['stage']}{maps}: top host ops", "", "| op | calls | self ms |", "|---|---:|---:|"]
         lines += [f"| `{k['name']}` | {k['calls']} | {k['ms_total']:.2f} |" for k in r["profile"]["top_host_ops"]]
     return "\n".join(lines) + "\n"
 
@@ -180,15 +186,24 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--profile", type=int, default=3, help="steps under torch.profiler (0: none)")
     ap.add_argument("--linearize", default="{}", help="LinearizeConfig fields as JSON")
+    ap.add_argument("--map-kernel", choices=["on", "off", "both"], default="on",
+                    help="Hedgehog maps through the Triton map kernel (on), the modules (off), or each stage both ways")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
     device = torch.device(args.device)
-    stages = [run_stage(args, int(s), device) for s in args.stages.split(",")]
+    from linearize.modules.feature_maps import HedgehogFeatureMap
+
+    stages = []
+    for s in args.stages.split(","):
+        for kernel in {"on": [True], "off": [False], "both": [True, False]}[args.map_kernel]:
+            HedgehogFeatureMap.kernel = kernel
+            stages.append(run_stage(args, int(s), device) | {"map_kernel": kernel})
+    HedgehogFeatureMap.kernel = True
     summary = {
         "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-        "linearize": args.linearize, "torch": torch.__version__,
+        "linearize": args.linearize, "torch": torch.__version__, "map_kernel": args.map_kernel,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
         "stages": stages,
     }

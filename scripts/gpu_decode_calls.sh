@@ -24,9 +24,12 @@
 #                                            # Qwen2.5-0.5B all linear and in qwen-retr8's layout (compiled, profiled), its
 #                                            # base's lean loop; Gemma3-270M in gemma-retr2-stage1's layout and its base
 #   bash scripts/gpu_decode_calls.sh 10 SHA  # KV heads kept softmax (softmax_heads): their GPU tests (CompiledDecode,
-#                                            # CUDA graph), then issue 6's largest batch on random-weight Qwen2.5-0.5B, the
-#                                            # base against 3 kept KV heads with per-KV-head key maps (qwen-heads3-kvmaps-kl's
-#                                            # layout: 6.0 vs 49.5 MiB a sequence), ~330 s
+#                                            # CUDA graph); the Hedgehog map kernels' forward + backward GPU tests and
+#                                            # the SmolLM2 training step with the map kernel and with the modules
+#                                            # (train_step --map-kernel both, issue 5); then issue 6's largest batch on
+#                                            # random-weight Qwen2.5-0.5B, the base (static and grown DynamicCache) against
+#                                            # 3 kept KV heads with per-KV-head key maps (qwen-heads3-kvmaps-kl's layout:
+#                                            # 6.0 vs 49.5 MiB a sequence), ~570 s at most
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -146,7 +149,11 @@ case "$call" in
     ;;
   10)
     timeout 100 python3 -m pytest -q -x tests/gpu/test_decode_cuda.py -k "kept-heads" 2>&1 | tail -5 | tee "$out/tests.log"
-    row qwen-heads3-fit.log 250 "$QWEN" --loops lean --models ours,base --batches 64 --fit-time-s 80 --budget-s 235 "${HEADS3[@]}"
+    timeout 90 python3 -m pytest -q tests/gpu/test_feature_maps_cuda.py 2>&1 | tail -5 | tee -a "$out/tests.log"
+    timeout 100 python3 benchmarks/train_step.py --model benchmarks/configs/smollm2-135m.json --batch 8 --seq-len 1024 \
+      --steps 10 --warmup 3 --profile 0 --map-kernel both --out "$out/train-step-maps" > "$out/train-step-maps.log" 2>&1
+    grep -E "^\| [12] \|" "$out/train-step-maps.log"
+    row qwen-heads3-fit.log 280 "$QWEN" --loops lean --models ours,base --batches 64 --fit-time-s 70 --budget-s 265 "${HEADS3[@]}"
     ;;
   11)
     row qwen-heads3.log 200 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 185 "${HEADS3[@]}"

@@ -215,7 +215,7 @@ class LinearizedAttention(nn.Module):
         """[B,T,H,D] through the hybrid attention, continuing and updating ``cache`` if given. ``fq``,
         ``fk``: what the feature maps read (``project``)."""
         B, T = q.shape[:2]
-        phi_q, phi_k = self._feature_maps(fq, fk, decoding=cache is not None and T == 1)
+        phi_q, phi_k = self._feature_maps(fq, fk)
         args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
         # what the cache counts (valid tokens) only when length normalization or the sinks need it
         valid = None
@@ -274,17 +274,17 @@ class LinearizedAttention(nn.Module):
         the maps' output, so they do not matter here."""
         return all(isinstance(m, HedgehogFeatureMap) for m in (self.feature_map_q, self.feature_map_k))
 
-    def _feature_maps(self, fq, fk, *, decoding: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """phi_q [B,T,H,F], phi_k [B,T,H',F]: the maps' modules, or, in a decode step under
-        ``DecodeMode.fuse_maps`` (a compiled step with the kernels), one Triton launch for both where it
-        serves (``maps_fusable``, CUDA, no gradient wanted: the kernel has no backward)."""
-        if decoding and DecodeMode.fuse_maps and DecodeMode.kernel and self.maps_fusable:
-            wq, wk = self.feature_map_q.weight, self.feature_map_k.weight
-            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (fq, fk, wq, wk))
-            if use_triton(fq, fq) and fk.dtype == fq.dtype and wq.shape[-1] <= 128 and not grad:
-                from ..ops.triton.feature_maps import hedgehog_pair_triton
+    def _feature_maps(self, fq, fk) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi_q [B,T,H,F], phi_k [B,T,H',F]: one Triton launch for both maps (forward and backward,
+        ``linearize.ops.triton.feature_maps``) where it serves (``maps_fusable``, the fused kernels on, f <= 128,
+        ``HedgehogFeatureMap.kernel``), else the maps' modules. A compiled decode step uses it only under
+        ``DecodeMode.fuse_maps`` with the kernels on (``CompiledDecode(fuse_maps=...)``)."""
+        wq, wk = getattr(self.feature_map_q, "weight", None), getattr(self.feature_map_k, "weight", None)
+        if (self.maps_fusable and HedgehogFeatureMap.kernel and (not DecodeMode.ring or (DecodeMode.fuse_maps and DecodeMode.kernel))
+                and use_triton(fq, fq) and fk.dtype == fq.dtype and wq.shape[-1] <= 128):
+            from ..ops.triton.feature_maps import hedgehog_pair_triton
 
-                return hedgehog_pair_triton(fq, fk, wq, wk)
+            return hedgehog_pair_triton(fq, fk, wq, wk)
         return self.feature_map_q(fq), self.feature_map_k(fk)
 
     def _decode_in_place(self, layer, q, k, v, phi_q, phi_k, gamma) -> bool:

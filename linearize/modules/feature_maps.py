@@ -85,8 +85,12 @@ class ProjectedFeatureMap(FeatureMap):
 class HedgehogFeatureMap(ProjectedFeatureMap):
     """LoLCATs' Hedgehog map: [softmax(xW), softmax(-xW)] per head, W [H, D, f] with no bias, F = 2f.
 
-    The softmax runs in fp32: it is where bf16 would lose the most.
+    The softmax runs in fp32: it is where bf16 would lose the most. This is the reference: a linearized layer
+    whose two maps are Hedgehog maps computes both in one Triton kernel on CUDA (``linearize.ops.triton.
+    feature_maps``, forward and backward) unless ``HedgehogFeatureMap.kernel`` is False (timing, debugging).
     """
+
+    kernel = True
 
     @property
     def output_dim(self) -> int:

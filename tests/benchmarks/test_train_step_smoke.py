@@ -17,4 +17,15 @@ def test_train_step_benchmark_cpu(tmp_path):
     assert one["stage"] == 1 and two["stage"] == 2 and one["trainable_params"] != two["trainable_params"] > 0
     assert all(r["tokens_per_s"] > 0 and r["profile"]["top_host_ops"] for r in s["stages"])
     assert json.loads((out / "train_step.json").read_text())["stages"][0]["tokens_per_step"] == 80
-    assert "| 1 |" in (out / "train_step.md").read_text()
+    assert "| 1 | map kernel |" in (out / "train_step.md").read_text()
+
+
+def test_map_kernel_both_gives_a_row_each(tmp_path):
+    from benchmarks.train_step import main
+    from linearize.modules.feature_maps import HedgehogFeatureMap
+
+    model = tiny_byte_model_dir(tmp_path / "m")
+    s = main(["--model", str(model), "--device", "cpu", "--steps", "1", "--warmup", "0", "--profile", "0", "--stages", "1",
+              "--batch", "1", "--seq-len", "16", "--map-kernel", "both"])
+    assert [(r["stage"], r["map_kernel"]) for r in s["stages"]] == [(1, True), (1, False)]
+    assert HedgehogFeatureMap.kernel is True  # set back

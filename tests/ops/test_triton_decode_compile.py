@@ -71,25 +71,30 @@ def test_compiles_for_sm90_without_spills(dt, D, F, Hf, QH, GK, window, has_vali
     assert "ld.global.v4" in kernel.asm["ptx"] or "ld.global.v2" in kernel.asm["ptx"], "S is not loaded in vectors"
 
 
-def compile_maps_sm90(dt, H, D, f, BR, GQ=1, GK=3):
+def compile_maps_sm90(dt, H, D, f, BR, GQ=1, GK=3, backward=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import torch
 
-    from linearize.ops.triton.feature_maps import _hedgehog_pair_kernel, _pow2_at_least_16, block_k
+    from linearize.ops.triton.feature_maps import _hedgehog_pair_du_kernel, _hedgehog_pair_kernel, _pow2_at_least_16, block_k
 
     bk = block_k(D, torch.float32 if dt == "fp32" else torch.bfloat16)
     const = dict(H=H, GQ=GQ, GK=GK, D=D, DP=_pow2_at_least_16(D), FH=f, FHP=_pow2_at_least_16(f), BR=BR, BK=bk, IEEE=dt == "fp32")
-    ptrs, ints = ["XQ", "XK", "WQ", "WK", "YQ", "YK"], ["R", "sXQ_r", "sXK_r", "sYQ_r", "sYK_r"]
+    if backward:
+        fn, ptrs, ints = _hedgehog_pair_du_kernel, ["XQ", "XK", "WQ", "WK", "DYQ", "DYK", "DUQ", "DUK"], ["R", "sXQ_r", "sXK_r"]
+        const = {"H": H, "HK": H} | {k: v for k, v in const.items() if k != "H"}
+    else:
+        fn, ptrs, ints = _hedgehog_pair_kernel, ["XQ", "XK", "WQ", "WK", "YQ", "YK"], ["R", "sXQ_r", "sXK_r", "sYQ_r", "sYK_r"]
     sig = {n: "*" + dt for n in ptrs} | {n: "i32" for n in ints} | {n: "constexpr" for n in const}
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs + ints[1:]}
-    src = ASTSource(fn=_hedgehog_pair_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
 
 
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward-du"])
 @pytest.mark.parametrize(
     "dt,H,D,f",
     [("bf16", 9, 64, 64),  # SmolLM2, Qwen2.5 (D 64)
@@ -97,12 +102,12 @@ def compile_maps_sm90(dt, H, D, f, BR, GQ=1, GK=3):
      ("bf16", 16, 128, 128),  # the issue-5 shape, the largest f
      ("fp32", 4, 256, 128)],  # fp32 (ieee dot) at the largest sizes
 )
-def test_map_kernel_compiles_for_sm90_without_spills(dt, H, D, f):
+def test_map_kernel_compiles_for_sm90_without_spills(dt, H, D, f, backward):
     from linearize.ops.triton.feature_maps import default_block_rows
 
     import torch
 
-    kernel = compile_maps_sm90(dt, H, D, f, default_block_rows(64, torch.float32 if dt == "fp32" else torch.bfloat16))
+    kernel = compile_maps_sm90(dt, H, D, f, default_block_rows(64, torch.float32 if dt == "fp32" else torch.bfloat16), backward=backward)
     use = resource_usage(kernel)
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     if dt != "fp32":

@@ -167,12 +167,12 @@ def test_compiled_decode_runs_the_map_kernel(monkeypatch, compile, cfg, fuse, wa
     from tests.decode_steps import greedy_steps_and_full_forward
     from tests.tiny_models import perturb_added_weights, tiny_model
 
-    class Spy:  # counts the map kernel's launches, inside the op's body (which dynamo does not trace)
+    class Spy:  # counts the map kernel's launches in decode steps, inside the op's body (which dynamo does not trace)
         def __init__(self, fn):
-            self.fn, self.launches = fn, 0
+            self.fn, self.launches, self.stepping = fn, 0, False
 
         def __getitem__(self, grid):
-            self.launches += 1
+            self.launches += self.stepping
             return self.fn[grid]
 
     monkeypatch.setattr(ops, "use_triton", lambda q, phi_q: True)
@@ -186,7 +186,15 @@ def test_compiled_decode_runs_the_map_kernel(monkeypatch, compile, cfg, fuse, wa
     ids = torch.randint(3, 96, (B, P), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(B, P, dtype=torch.long)
     mask[1, :3] = 0
-    step = linearize.CompiledDecode(model, compile=compile, **({} if fuse is None else {"fuse_maps": fuse}))
+    compiled = linearize.CompiledDecode(model, compile=compile, **({} if fuse is None else {"fuse_maps": fuse}))
+
+    def step(*args):
+        spy.stepping = True
+        try:
+            return compiled(*args)
+        finally:
+            spy.stepping = False
+
     got, ref = greedy_steps_and_full_forward(model, step, DynamicCache(config=model.config), ids, mask, N, pass_mask=False)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     layers = model.config.num_hidden_layers

@@ -1,14 +1,19 @@
-"""Triton Hedgehog feature maps for decode: phi_q and phi_k of one step in one launch, no autograd.
+"""Triton Hedgehog feature maps: phi_q and phi_k of a layer in one launch, forward and backward.
 
-Why: in a compiled decode step (``linearize.CompiledDecode``) the two maps of a layer cost six kernels (a
-permuted copy of the input, one batched GEMM per map, and inductor's softmax as a reduction plus a
-pointwise kernel per map): 12.5 us a layer of SmolLM2 at B 64 on the H200, for a few hundred KB of traffic
-(``benchmarks/results/generate-nvidia-h200-20261203-225408.log``). This is one kernel for both.
-Computing them inside the ring kernel instead was measured slower (its S tile stays live in registers).
+Why: the modules compute a map in ~8 kernels (a permuted copy of the input, the batched GEMM and its copy
+back, the fp32 cast, neg, two softmaxes, cat, the cast back) and about as many in the backward, each a pass
+over [B, T, H, F] tensors, some in fp32. In a compiled decode step that was 12.5 us a layer of SmolLM2 at
+B 64 on the H200 for a few hundred KB of traffic (``benchmarks/results/generate-nvidia-h200-20261203-225408.log``);
+in training it is a dozen passes over the features per map and layer. Here a forward is one kernel for both
+maps, and a backward one kernel for both maps' du = dL/d(xW) plus the two GEMMs of each map's projection
+(dx = du W^T, dW = x^T du, as the modules' einsum backward does them). Computing the maps inside the ring
+kernel instead was measured slower (its S tile stays live in registers).
 
 Same math as ``HedgehogFeatureMap.forward``: u = x W per head, rounded to x's dtype (what the einsum
-returns), then [softmax(u), softmax(-u)] in fp32, rounded to x's dtype. One program per (output head,
-block of BR rows); rows are the B*T tokens. The output heads of a map read input head ``h // G``
+returns), then [softmax(u), softmax(-u)] in fp32, rounded to x's dtype; the backward recomputes u and the
+softmaxes in fp32 (as autograd keeps them), du = p1 (g1 - <g1, p1>) - p2 (g2 - <g2, p2>) in fp32 from the
+output gradient halves g1, g2, rounded to x's dtype (the gradient of the fp32 cast). One program per (output
+head, block of BR rows); rows are the B*T tokens. The output heads of a map read input head ``h // G``
 (G = output heads / input heads: keys of a GQA model with maps per query head), as ``_project`` does.
 """
 
@@ -22,11 +27,12 @@ from .decode import _pow2
 
 
 @triton.jit
-def _hedgehog_rows(X, W, Y, h, r0, R, sX_r, sY_r,
-                   G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr,
-                   BR: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
-    """Rows r0..r0+BR of output head h: X [R, Hx, D] (row stride sX_r, head stride D), W [H, D, FH],
-    Y [R, H, 2 FH] (row stride sY_r, head stride 2 FH)."""
+def _hedgehog_softmaxes(X, W, h, r0, R, sX_r,
+                        G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr,
+                        BR: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """softmax(u), softmax(-u) [BR, FHP] (fp32) of rows r0..r0+BR of output head h, u = x W rounded to x's
+    dtype; X [R, Hx, D] (row stride sX_r, head stride D), W [H, D, FH]. Also the rows, their mask, the
+    feature offsets and theirs."""
     rr = r0 + tl.arange(0, BR)
     r_ok = rr < R
     rf = tl.arange(0, FHP)
@@ -47,12 +53,33 @@ def _hedgehog_rows(X, W, Y, h, r0, R, sX_r, sY_r,
     neg = tl.where(f_ok[None, :], -u, float("-inf"))
     e1 = tl.exp(pos - tl.max(pos, 1)[:, None])
     e2 = tl.exp(neg - tl.max(neg, 1)[:, None])
-    p1 = e1 / tl.sum(e1, 1)[:, None]
-    p2 = e2 / tl.sum(e2, 1)[:, None]
+    return e1 / tl.sum(e1, 1)[:, None], e2 / tl.sum(e2, 1)[:, None], rr, r_ok, rf, f_ok
+
+
+@triton.jit
+def _hedgehog_rows(X, W, Y, h, r0, R, sX_r, sY_r,
+                   G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr,
+                   BR: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """Y [R, H, 2 FH] (row stride sY_r, head stride 2 FH) at rows r0..r0+BR of output head h."""
+    p1, p2, rr, r_ok, rf, f_ok = _hedgehog_softmaxes(X, W, h, r0, R, sX_r, G, D, DP, FH, FHP, BR, BK, IEEE)
     out = Y + rr[:, None].to(tl.int64) * sY_r + h * 2 * FH + rf[None, :]
     ok = r_ok[:, None] & f_ok[None, :]
     tl.store(out, p1.to(Y.dtype.element_ty), mask=ok)
     tl.store(out + FH, p2.to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _hedgehog_du_rows(X, W, DY, DU, h, r0, R, sX_r,
+                      H: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr,
+                      FHP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
+    """DU [R, H, FH] (contiguous, X's dtype) at rows r0..r0+BR of output head h, from DY [R, H, 2 FH] (contiguous)."""
+    p1, p2, rr, r_ok, rf, f_ok = _hedgehog_softmaxes(X, W, h, r0, R, sX_r, G, D, DP, FH, FHP, BR, BK, IEEE)
+    ok = r_ok[:, None] & f_ok[None, :]
+    dy = DY + rr[:, None].to(tl.int64) * (H * 2 * FH) + h * 2 * FH + rf[None, :]
+    g1 = tl.load(dy, mask=ok, other=0.0).to(tl.float32)
+    g2 = tl.load(dy + FH, mask=ok, other=0.0).to(tl.float32)
+    du = p1 * (g1 - tl.sum(g1 * p1, 1)[:, None]) - p2 * (g2 - tl.sum(g2 * p2, 1)[:, None])
+    tl.store(DU + rr[:, None].to(tl.int64) * (H * FH) + h * FH + rf[None, :], du.to(DU.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -69,6 +96,22 @@ def _hedgehog_pair_kernel(
         _hedgehog_rows(XQ, WQ, YQ, pid, r0, R, sXQ_r, sYQ_r, GQ, D, DP, FH, FHP, BR, BK, IEEE)
     else:
         _hedgehog_rows(XK, WK, YK, pid - H, r0, R, sXK_r, sYK_r, GK, D, DP, FH, FHP, BR, BK, IEEE)
+
+
+@triton.jit
+def _hedgehog_pair_du_kernel(
+    XQ, XK, WQ, WK, DYQ, DYK, DUQ, DUK, R, sXQ_r, sXK_r,
+    H: tl.constexpr, HK: tl.constexpr, GQ: tl.constexpr, GK: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    """The backward's du of both maps: programs 0..H-1 along axis 0 the query map's heads, the rest the key map's."""
+    pid = tl.program_id(0)
+    r0 = tl.program_id(1) * BR
+    if pid < H:
+        _hedgehog_du_rows(XQ, WQ, DYQ, DUQ, pid, r0, R, sXQ_r, H, GQ, D, DP, FH, FHP, BR, BK, IEEE)
+    else:
+        _hedgehog_du_rows(XK, WK, DYK, DUK, pid - H, r0, R, sXK_r, HK, GK, D, DP, FH, FHP, BR, BK, IEEE)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -117,11 +160,71 @@ def _(xq, xk, wq, wk, block_rows, num_warps):
     return xq.new_empty(B, T, wq.shape[0], 2 * wq.shape[2]), xk.new_empty(B, T, wk.shape[0], 2 * wk.shape[2])
 
 
+@torch.library.custom_op("linearize::hedgehog_pair_du", mutates_args=())
+def _hedgehog_pair_du_op(xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, dyq: torch.Tensor,
+                         dyk: torch.Tensor, block_rows: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """du [B,T,H,f] of both maps (x's dtype) from the output gradients dy [B,T,H,2f]: one launch."""
+    B, T, Hq_in, D = xq.shape
+    Hk_in = xk.shape[2]
+    H, _, FH = wq.shape
+    Hk = wk.shape[0]
+    R = B * T
+    xq2, xk2 = xq.reshape(R, Hq_in, D), xk.reshape(R, Hk_in, D)
+    duq = torch.empty(B, T, H, FH, dtype=xq.dtype, device=xq.device)
+    duk = torch.empty(B, T, Hk, FH, dtype=xk.dtype, device=xk.device)
+    if R == 0:
+        return duq, duk
+    grid = (H + Hk, triton.cdiv(R, block_rows))
+    _hedgehog_pair_du_kernel[grid](
+        xq2, xk2, wq, wk, dyq.contiguous(), dyk.contiguous(), duq, duk, R, xq2.stride(0), xk2.stride(0),
+        H=H, HK=Hk, GQ=H // Hq_in, GK=Hk // Hk_in, D=D, DP=_pow2_at_least_16(D), FH=FH, FHP=_pow2_at_least_16(FH),
+        BR=block_rows, BK=block_k(D, xq.dtype), IEEE=xq.dtype == torch.float32, num_warps=num_warps,
+    )
+    return duq, duk
+
+
+@_hedgehog_pair_du_op.register_fake
+def _(xq, xk, wq, wk, dyq, dyk, block_rows, num_warps):
+    B, T = xq.shape[:2]
+    return xq.new_empty(B, T, wq.shape[0], wq.shape[2]), xk.new_empty(B, T, wk.shape[0], wk.shape[2])
+
+
+def _projection_grads(x: torch.Tensor, w: torch.Tensor, du: torch.Tensor, need_x: bool, need_w: bool):
+    """dx [B,T,Hx,D] and dW [H,D,f] of u = x W (``FeatureMap._project``) from du [B,T,H,f]: its einsum's backward."""
+    B, T, Hx, D = x.shape
+    H, _, FH = w.shape
+    du5 = du.view(B, T, Hx, H // Hx, FH)
+    dx = torch.einsum("bthgf,hgdf->bthd", du5, w.view(Hx, H // Hx, D, FH)) if need_x else None
+    dw = torch.einsum("bthd,bthgf->hgdf", x, du5).reshape(H, D, FH) if need_w else None
+    return dx, dw
+
+
+def _pair_setup(ctx, inputs, output):
+    xq, xk, wq, wk, block_rows, num_warps = inputs
+    ctx.save_for_backward(xq, xk, wq, wk)
+    ctx.launch = (block_rows, num_warps)
+
+
+def _pair_backward(ctx, dyq, dyk):
+    xq, xk, wq, wk = ctx.saved_tensors
+    dyq = torch.zeros(*xq.shape[:2], wq.shape[0], 2 * wq.shape[2], dtype=xq.dtype, device=xq.device) if dyq is None else dyq
+    dyk = torch.zeros(*xk.shape[:2], wk.shape[0], 2 * wk.shape[2], dtype=xk.dtype, device=xk.device) if dyk is None else dyk
+    duq, duk = _hedgehog_pair_du_op(xq, xk, wq, wk, dyq.to(xq.dtype), dyk.to(xk.dtype), *ctx.launch)
+    need = ctx.needs_input_grad
+    dxq, dwq = _projection_grads(xq, wq, duq, need[0], need[2])
+    dxk, dwk = _projection_grads(xk, wk, duk, need[1], need[3])
+    return dxq, dxk, dwq, dwk, None, None
+
+
+_hedgehog_pair_op.register_autograd(_pair_backward, setup_context=_pair_setup)
+
+
 def hedgehog_pair_triton(
     xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, *,
     block_rows: int | None = None, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(HedgehogFeatureMap(wq)(xq), HedgehogFeatureMap(wk)(xk))`` in one launch, without autograd.
+    """``(HedgehogFeatureMap(wq)(xq), HedgehogFeatureMap(wk)(xk))`` in one launch, differentiable in all four
+    inputs (the backward: one launch for both maps' du, then each projection's two GEMMs).
 
     xq [B,T,Hq,D], xk [B,T,Hk',D] (same dtype, last two dims packed: a view of a fused projection is
     fine); wq [H,D,f], wk [Hk,D,f] with H % Hq == 0 and Hk % Hk' == 0 (cast to x's dtype, as the map does).

@@ -1,0 +1,137 @@
+"""The Triton Hedgehog map kernels' forward and backward under Triton's CPU interpreter, against the modules'
+autograd, at tiny shapes; and a linearized layer that uses them for training. (bf16 is left to the GPU tests:
+the interpreter computes it through numpy, which has no bf16.)"""
+
+import pytest
+import torch
+
+from tests.ops.helpers import INTERPRETING, inside, needs_triton, random_hedgehog_maps, rel_err, run_file_under_interpreter
+
+pytestmark = needs_triton
+
+
+def test_interpreter_run():
+    if INTERPRETING:
+        pytest.skip("this is the subprocess")
+    out = run_file_under_interpreter(__file__, timeout=900)
+    assert " passed" in out and "skipped" in out
+
+
+def _maps_and_inputs(B, T, H, Hkv, Hk, D, f, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    mq, mk = (m.to(dtype) for m in random_hedgehog_maps(H, Hk, D, f, g, 0.4))
+    qkv = torch.randn(B, T, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    return mq, mk, qkv, g
+
+
+@inside
+@pytest.mark.parametrize(
+    "B,T,H,Hkv,Hk,D,f,dtype,tol",
+    [(2, 19, 4, 2, 4, 16, 8, torch.float32, 1e-5),  # key maps per query head over 2 KV heads (G = 2); rows: 38 over 3 programs
+     (3, 7, 4, 2, 2, 24, 5, torch.float32, 1e-5),  # key maps per KV head; D, f not powers of two
+     (1, 33, 6, 2, 6, 16, 16, torch.float16, 2e-3),  # G = 3, the last program partial
+     (2, 1, 3, 3, 3, 40, 20, torch.float16, 2e-3)],  # a decode-like step, MHA
+)
+def test_forward_and_gradients_equal_the_modules(B, T, H, Hkv, Hk, D, f, dtype, tol):
+    """Outputs, and the gradients of both inputs (views of one fused projection: strided heads) and both weights
+    (fp32 parameters, cast as the modules cast them) under a random output gradient, against autograd through
+    ``HedgehogFeatureMap``."""
+    from linearize.ops.triton.feature_maps import hedgehog_pair_triton
+
+    mq, mk, qkv, g = _maps_and_inputs(B, T, H, Hkv, Hk, D, f, dtype, seed=B * T + D)
+    wq, wk = (m.weight.detach().float().clone().requires_grad_() for m in (mq, mk))
+    results = []
+    for kernel in (False, True):
+        x = qkv.clone().requires_grad_()
+        q, k, _ = x.view(B, T, -1, D).split([H, Hkv, Hkv], dim=2)
+        for m, w in ((mq, wq), (mk, wk)):  # the modules read fp32 weights too, so both paths cast the same way
+            m.weight = torch.nn.Parameter(w.detach().clone())
+        if kernel:
+            yq, yk = hedgehog_pair_triton(q, k, wq, wk, block_rows=16)
+        else:
+            yq, yk = mq(q), mk(k)
+        gq = torch.randn(yq.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        gk = torch.randn(yk.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+        ((yq.float() * gq.float()).sum() + (yk.float() * gk.float()).sum()).backward()
+        grads = (x.grad, wq.grad.clone(), wk.grad.clone()) if kernel else (x.grad, mq.weight.grad, mk.weight.grad)
+        results.append((yq.detach(), yk.detach()) + grads)
+        wq.grad = wk.grad = None
+    names = ("phi_q", "phi_k", "d qkv", "d W_q", "d W_k")
+    for name, ref, got in zip(names, *results):
+        assert got.shape == ref.shape and got.dtype == ref.dtype and torch.isfinite(got).all(), name
+        assert rel_err(got, ref) < tol, f"{name}: rel err {rel_err(got, ref):.2e}"
+
+
+@inside
+def test_weights_only_and_one_map_used():
+    """Stage 1 trains the maps on frozen inputs: only the weights' gradients are asked for; a loss that reads
+    only phi_k leaves phi_q's gradient undefined, and W_q gets zeros."""
+    from linearize.ops.triton.feature_maps import hedgehog_pair_triton
+
+    mq, mk, qkv, _ = _maps_and_inputs(2, 9, 4, 2, 2, 16, 8, torch.float32, seed=3)
+    q, k, _ = qkv.view(2, 9, -1, 16).split([4, 2, 2], dim=2)
+    wq, wk = (m.weight.detach().clone().requires_grad_() for m in (mq, mk))
+    _, yk = hedgehog_pair_triton(q, k, wq, wk)
+    yk.square().sum().backward()
+    mk.weight.grad = None
+    mk(k).square().sum().backward()
+    assert rel_err(wk.grad, mk.weight.grad) < 1e-5 and torch.equal(wq.grad, torch.zeros_like(wq))
+
+
+@inside
+def test_ops_pass_opcheck():
+    """Schemas, fake kernels and the autograd registration, as torch.compile relies on them."""
+    from linearize.ops.triton.feature_maps import _hedgehog_pair_du_op, _hedgehog_pair_op
+
+    mq, mk, qkv, g = _maps_and_inputs(2, 5, 4, 2, 4, 16, 8, torch.float32, seed=4)
+    q, k, _ = qkv.view(2, 5, -1, 16).split([4, 2, 2], dim=2)
+    q, k = q.contiguous().requires_grad_(), k.contiguous().requires_grad_()
+    wq, wk = (m.weight.detach().clone().requires_grad_() for m in (mq, mk))
+    torch.library.opcheck(_hedgehog_pair_op, (q, k, wq, wk, 16, 4))
+    dyq, dyk = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 5, 4, 16, generator=g)
+    torch.library.opcheck(_hedgehog_pair_du_op, (q.detach(), k.detach(), wq.detach(), wk.detach(), dyq, dyk, 16, 4))
+
+
+@inside
+@pytest.mark.parametrize("cfg", [{}, {"feature_map_per_kv_head": True, "sink_tokens": 2, "softmax_heads": [[1, 0]]}],
+                         ids=["default", "kvmaps-sinks-kept-head"])
+def test_a_transfer_step_through_the_kernel_equals_the_modules(monkeypatch, cfg):
+    """A linearized tiny llama with the kernels made to serve on CPU: stage 1's loss (each layer's hybrid output
+    against its softmax output) and the maps' gradients equal the modules' path; the kernel ran once a layer in
+    the forward and once in the backward."""
+    import linearize
+    import linearize.ops as ops
+    from linearize.modules.feature_maps import HedgehogFeatureMap
+    from linearize.ops.triton import feature_maps as fmk
+    from linearize.pipelines.transfer import freeze_for_transfer, transfer_loss
+    from tests.tiny_models import perturb_added_weights, tiny_model
+
+    monkeypatch.setattr(ops, "use_triton", lambda q, phi_q: False)  # the chunk kernels stay off (PyTorch path);
+    monkeypatch.setattr("linearize.modules.attention.use_triton", lambda q, phi_q: True)  # only the maps run Triton
+    launches = {"fwd": 0, "du": 0}
+    for name, key in (("_hedgehog_pair_kernel", "fwd"), ("_hedgehog_pair_du_kernel", "du")):
+        fn = getattr(fmk, name)
+
+        class Spy:
+            def __getitem__(self, grid, fn=fn, key=key):
+                launches[key] += 1
+                return fn[grid]
+
+        monkeypatch.setattr(fmk, name, Spy())
+    model = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(feature_dim=6, window=4, **cfg))
+    perturb_added_weights(model)
+    ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(0))
+    maps = [p for n, p in freeze_for_transfer(model).items() if "feature_map" in n]
+    losses, grads = [], []
+    for kernel in (True, False):
+        monkeypatch.setattr(HedgehogFeatureMap, "kernel", kernel)
+        model.zero_grad()
+        loss = transfer_loss(model, ids)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in maps])
+    assert torch.allclose(losses[0], losses[1], rtol=1e-5), losses
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-4
+    layers = model.config.num_hidden_layers
+    assert launches == {"fwd": layers, "du": layers}, launches
