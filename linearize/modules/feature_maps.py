@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import math
+import os
 from typing import Callable
 
 import torch
@@ -87,10 +88,11 @@ class HedgehogFeatureMap(ProjectedFeatureMap):
 
     The softmax runs in fp32: it is where bf16 would lose the most. This is the reference: a linearized layer
     whose two maps are Hedgehog maps computes both in one Triton kernel on CUDA (``linearize.ops.triton.
-    feature_maps``, forward and backward) unless ``HedgehogFeatureMap.kernel`` is False (timing, debugging).
+    feature_maps``, forward and backward) unless ``HedgehogFeatureMap.kernel`` is False (timing, debugging; the
+    environment's ``LINEARIZE_MAP_KERNEL=0`` sets that at import; ``LINEARIZE_KERNELS=torch`` turns off every kernel).
     """
 
-    kernel = True
+    kernel = os.environ.get("LINEARIZE_MAP_KERNEL", "1") != "0"
 
     @property
     def output_dim(self) -> int:
