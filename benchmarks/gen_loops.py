@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from linearize.models import cache_kwarg
+
 
 class GraphCaptureError(RuntimeError):
     """The decode step could not be captured in a CUDA graph."""
@@ -136,13 +138,14 @@ def run_lean(
     B, P = ids.shape
     steps = max(new_tokens - 1, 0)
     name = "lean" if forward is None else "compiled"
+    kw = cache_kwarg()
     forward = forward or kept_softmax_step(model, cache)
     out = torch.zeros(B, new_tokens, dtype=torch.long, device=device) if keep_tokens else None
     with torch.no_grad():
         sync(device)
         t0 = time.perf_counter()
         for a, b in prefill_spans(P, prefill_chunk):
-            logits = model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True,
+            logits = model(input_ids=ids[:, a:b], **{kw: cache}, use_cache=True,
                            position_ids=torch.arange(a, b, device=device)[None], logits_to_keep=1).logits
         tok = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
         del logits
@@ -160,7 +163,7 @@ def run_lean(
             if forward is not None:
                 lg = forward(tok_buf, pos)
             else:
-                lg = model(input_ids=tok_buf, past_key_values=cache, use_cache=True, position_ids=pos, logits_to_keep=1).logits
+                lg = model(input_ids=tok_buf, **{kw: cache}, use_cache=True, position_ids=pos, logits_to_keep=1).logits
             nxt = lg[:, -1].argmax(-1, keepdim=True)
             tok_buf.copy_(nxt)
             pos.add_(1)
@@ -320,7 +323,7 @@ def run_generate(
         out = model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=False, num_beams=1, pad_token_id=pad_token_id, logits_processor=LogitsProcessorList([clock]),
-            max_time=max_time, use_cache=True, **({} if cache is None else {"past_key_values": cache}),
+            max_time=max_time, use_cache=True, **({} if cache is None else {cache_kwarg(): cache}),
         )
         sync(device)
         t_end = time.perf_counter()

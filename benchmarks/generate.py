@@ -86,6 +86,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `lineari
 import torch  # noqa: E402
 
 from benchmarks.gen_floor import ModelShape, decode_run_cost, model_shape, state_bytes_per_sequence  # noqa: E402
+from linearize.models import cache_kwarg  # noqa: E402
 from benchmarks.gen_loops import (  # noqa: E402
     GraphCaptureError, LoopResult, error_tail, free_memory, is_oom, largest_batch, make_cache, probe_fits, run_generate,
     run_lean, short_error,
@@ -299,9 +300,9 @@ def compiled_forward(subj: Subject, cache, ctx: Context):
                                                      fuse_projections=ctx.args.fuse_projections, **maps,
                                                      **compile_options(ctx.args))
         else:
-            model = subj.model
+            model, kw = subj.model, cache_kwarg()
             subj.compiled = torch.compile(
-                lambda t, p, c: model(input_ids=t, past_key_values=c, use_cache=True, position_ids=p, logits_to_keep=1).logits,
+                lambda t, p, c: model(input_ids=t, **{kw: c}, use_cache=True, position_ids=p, logits_to_keep=1).logits,
                 dynamic=False, **compile_options(ctx.args))
     fn = subj.compiled
     return lambda t, p: fn(t, p, cache)

@@ -7,7 +7,7 @@ elementwise glue into few kernels. The step stays capturable in a CUDA graph, be
 updated in place.
 
     step = CompiledDecode(model)                  # kept softmax layers: prefill into a StaticCache
-    logits = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits   # prefill, eager
+    logits = model(input_ids=prompt, cache=cache, use_cache=True).logits   # prefill, eager (past_key_values= before 5.24)
     logits = step(next_ids, position_ids, cache)  # [B, 1] ids, [1, 1] or [B, 1] positions -> [B, 1, V]
 
 What makes it one graph and no recompiles (``linearize.modules.cache.DecodeMode`` while the step runs):
@@ -29,6 +29,7 @@ import torch
 from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 
 from .convert import is_linearized, kept_softmax_layers, linearized_layers
+from .models import cache_kwarg
 from .modules.cache import DecodeMode, HybridCacheLayer
 from .modules.fused_projections import FusedProjections, fused_copy_bytes
 from .modules.softmax_decode import softmax_decode_kernel
@@ -114,6 +115,7 @@ class CompiledDecode:
             fuse_projections = fuse_projections_fit(model)
         self.fused = FusedProjections(model) if fuse_projections else None
         opts = {"fullgraph": True, "dynamic": False} | compile_options
+        self._cache_kw = cache_kwarg()  # a str fixed before tracing
         self._fn = torch.compile(self._forward, **opts) if compile else self._forward
 
     def _forward(self, input_ids, position_ids, cache, mask4):
@@ -123,8 +125,8 @@ class CompiledDecode:
             static = cache.layers[self.softmax_layers[0]]
             slots = torch.arange(mask4.shape[-1], device=mask4.device)
             mask4 = mask4 & (slots <= static.cumulative_length)
-        out = self.model(input_ids=input_ids, attention_mask=mask4, past_key_values=cache, use_cache=True,
-                         position_ids=position_ids, logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask4, use_cache=True, position_ids=position_ids,
+                         logits_to_keep=1, **{self._cache_kw: cache})
         return out.logits
 
     def _check_cache(self, cache) -> list[HybridCacheLayer]:

@@ -107,3 +107,26 @@ def test_a_static_cache_prefilled_in_pieces_equals_the_full_forward():
         b = model(input_ids=ids[:, 13:], past_key_values=cache, use_cache=True, position_ids=torch.arange(13, 21)[None]).logits
         full = model(input_ids=ids).logits
     torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_steps_pass_the_cache_by_the_installed_transformers_keyword():
+    """transformers 5.24 renamed a forward's ``past_key_values`` to ``cache`` (the old name warns, and goes in
+    5.40): CompiledDecode and the benchmark loops pass it by whichever name the installed version takes."""
+    import inspect
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.gen_loops import make_cache, run_lean
+    from linearize.models import cache_kwarg
+
+    assert cache_kwarg() in inspect.signature(LlamaForCausalLM.forward).parameters
+    model = linearize.convert(tiny_model("llama"), LinearizeConfig(feature_dim=6, window=4))
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*", category=FutureWarning)
+        run_lean(model, ids, 3, cache=make_cache(model, "dynamic", 10), forward=None)
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids, use_cache=True, **{cache_kwarg(): cache})
+        step = CompiledDecode(model, compile=False)
+        assert step(ids[:, -1:], torch.full((1, 1), 7), cache).shape[:2] == (2, 1)

@@ -1,7 +1,7 @@
 """Architecture adapters (one thin file each) and model loading (``load``)."""
 
 from . import gemma3, llama, mistral, qwen2, qwen3  # noqa: F401  (registers the adapters)
-from .base import ADAPTERS, ArchAdapter, adapter_for
+from .base import ADAPTERS, ArchAdapter, adapter_for, cache_kwarg
 
 SUPPORTED_ARCHITECTURES = tuple(sorted(ADAPTERS))
 
@@ -13,4 +13,4 @@ def load(name_or_path, **kwargs):
     return _load(name_or_path, **kwargs)
 
 
-__all__ = ["ADAPTERS", "ArchAdapter", "SUPPORTED_ARCHITECTURES", "adapter_for", "load"]
+__all__ = ["ADAPTERS", "ArchAdapter", "SUPPORTED_ARCHITECTURES", "adapter_for", "cache_kwarg", "load"]

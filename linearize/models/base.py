@@ -9,6 +9,8 @@ so ``AutoModelForCausalLM.from_pretrained(dir)`` rebuilds a saved linearized mod
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,6 +18,15 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 ADAPTERS: dict[str, "ArchAdapter"] = {}
+
+
+@functools.cache
+def cache_kwarg() -> str:
+    """The keyword a causal LM's forward takes its cache by: ``cache`` since transformers 5.24, where
+    ``past_key_values`` is deprecated (removed in 5.40); ``past_key_values`` before."""
+    from transformers import LlamaForCausalLM
+
+    return "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @dataclass
