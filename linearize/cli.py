@@ -192,6 +192,8 @@ def retrieval_layers(
     min_acc: float = typer.Option(0.5, "--min-acc", help="--write-config picks the fewest --keep layers whose window-only passkey reaches this (0-1)."),
     heads: bool = typer.Option(False, "--heads", help="Rank and keep KV heads instead of whole layers (LinearizeConfig.softmax_heads): a smaller KV cache for the same retrieval."),
     mqar: int = typer.Option(0, "--mqar", help="Also score every kept set on this many MQAR sequences (0: passkey only)."),
+    rank_by: str = typer.Option("passkey", "--rank-by", help="Rank by the passkey probe, the MQAR probe (mass on the queried pair), or both (each over its max, summed)."),
+    mqar_probe: int = typer.Option(20, "--mqar-probe", help="MQAR sequences (seed 1) for --rank-by mqar/both."),
 ) -> None:
     """Rank a base model's layers (or, with --heads, KV heads) by how much they retrieve beyond the window
     (passkey), and check keeping the top ones softmax: a choice for LinearizeConfig.softmax_layers (softmax_heads)."""
@@ -204,14 +206,18 @@ def retrieval_layers(
 
     if not 0 <= min_acc <= 1:
         _fail(f"--min-acc must be between 0 and 1; got {min_acc}")
+    if rank_by not in retrieval.RANK_BY:
+        _fail(f"--rank-by must be one of {', '.join(retrieval.RANK_BY)}; got {rank_by!r}")
+    if mqar_probe < 1:
+        _fail(f"--mqar-probe must be at least 1; got {mqar_probe}")
     try:
         lm, tokenizer = linearize.models.load(model, dtype=torch.float32)
         res = retrieval.rank_and_check(lm.eval(), tokenizer, keep=keep, window=window, sinks=sinks, length=length, n=examples,
-                                       heads=heads, mqar=mqar)
+                                       heads=heads, mqar=mqar, rank_by=rank_by, mqar_probe_n=mqar_probe)
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         _fail(str(e))
     out.mkdir(parents=True, exist_ok=True)
-    name = Path(model).name.removesuffix(".gguf") + ("-heads" if heads else "")
+    name = Path(model).name.removesuffix(".gguf") + ("-heads" if heads else "") + ("" if rank_by == "passkey" else f"-rank-{rank_by}")
     (out / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     (out / f"{name}.md").write_text(retrieval.markdown(res, model))
     retrieval.plot(res, out / f"{name}.png", model, min_acc)

@@ -111,15 +111,20 @@ def score_passkey(model, tokenizer, lengths=PASSKEY_LENGTHS, *, limit: int | Non
     return out
 
 
-def mqar_example(tokenizer, pairs: int, rng: random.Random) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of one MQAR sequence and the ``[start, end)`` spans of its query answers."""
+def mqar_example(tokenizer, pairs: int, rng: random.Random, *, lines: bool = False):
+    """Token ids of one MQAR sequence and the ``[start, end)`` spans of its query answers; with ``lines``, also
+    the ``[start, end)`` span of each queried pair's "key: value" line in the memory part, in the order of the
+    answer spans (where the answer is to be read from)."""
     if pairs > len(KEY_WORDS):
         raise ValueError(f"mqar supports at most {len(KEY_WORDS)} pairs, got {pairs}")
     keys = rng.sample(KEY_WORDS, pairs)
     values = [str(rng.randint(10, 99)) for _ in keys]
     ids = _bos(tokenizer) + _enc(tokenizer, "Remember the number after each word.\n")
+    memory = []
     for k, v in zip(keys, values):
-        ids += _enc(tokenizer, f"{k}: {v}\n")
+        line = _enc(tokenizer, f"{k}: {v}\n")
+        memory.append((len(ids), len(ids) + len(line)))
+        ids += line
     ids += _enc(tokenizer, "Now recall them.\n")
     spans = []
     order = list(range(pairs))
@@ -129,7 +134,19 @@ def mqar_example(tokenizer, pairs: int, rng: random.Random) -> tuple[list[int], 
         ans = _enc(tokenizer, f" {values[j]}")
         spans.append((len(ids), len(ids) + len(ans)))
         ids += ans + _enc(tokenizer, "\n")
-    return ids, spans
+    return (ids, spans, [memory[j] for j in order]) if lines else (ids, spans)
+
+
+def mqar_sequences(tokenizer, pairs=MQAR_PAIRS, *, limit: int | None = None, seed: int = 0, lines: bool = False) -> tuple[list, list[int]]:
+    """The suite's MQAR sequences (``mqar_example``; ``limit`` spread over ``pairs``, else 10 each) and their pair counts."""
+    rng = random.Random(seed)
+    per = max(1, limit // len(pairs)) if limit else 10
+    seqs, tags = [], []
+    for p in pairs:
+        for _ in range(per):
+            seqs.append(mqar_example(tokenizer, p, rng, lines=lines))
+            tags.append(p)
+    return seqs, tags
 
 
 @torch.no_grad()
@@ -152,13 +169,7 @@ def greedy_spans(model, seqs: list[tuple[list[int], list[tuple[int, int]]]], *, 
 
 
 def score_mqar(model, tokenizer, pairs=MQAR_PAIRS, *, limit: int | None = None, seed: int = 0, batch_size: int = 4, progress: bool = True) -> dict:
-    rng = random.Random(seed)
-    per = max(1, limit // len(pairs)) if limit else 10
-    seqs, tags = [], []
-    for p in pairs:
-        for _ in range(per):
-            seqs.append(mqar_example(tokenizer, p, rng))
-            tags.append(p)
+    seqs, tags = mqar_sequences(tokenizer, pairs, limit=limit, seed=seed)
     longest = max(len(ids) for ids, _ in seqs)
     check_length(model, longest, "mqar")
     hits = greedy_spans(model, seqs, batch_size=batch_size, progress=progress)

@@ -17,6 +17,10 @@ layer sees its window only (CPU, 12 examples at 1K, sinks 4: Qwen2.5-Coder-0.5B 
 its top 3 KV heads of 48, where whole layers need 4 layers = 8 KV heads; SmolLM2-135M needs 20-30 of 90 KV
 heads for 83-92%, where its top 10 layers = 30 KV heads give 75%).
 
+``rank_by="mqar"`` ranks by a second probe, the mass that the positions predicting an MQAR answer put on the
+queried pair's line; ``"both"`` sums the two, each over its largest (Qwen2.5-Coder-0.5B: the passkey top 3 KV
+heads keep passkey and lose MQAR, the MQAR top 3 the reverse; ``results/issue6/README.md``).
+
     linearize retrieval-layers smollm2-135m --keep 3        # rank, then check the top 3 against even spacing
     linearize retrieval-layers qwen2.5-coder-0.5b --heads --keep 2 --keep 3 --keep 4
 """
@@ -83,26 +87,48 @@ def _attention_modules(model) -> list[torch.nn.Module]:
     return [layer.self_attn for layer in adapter_for(model.config.model_type).decoder_layers(model)]
 
 
-def probe(model, exs: Sequence[Example], window: int) -> torch.Tensor:
-    """``mass [L, H]``: mean over examples and predicting positions of the attention weight on the pass
-    key's tokens that lie more than ``window`` positions back (eager attention, fp32 softmax)."""
+def _attention_mass(model, seqs: Sequence[tuple[list[int], list[tuple[list[int], list[int]]]]], window: int) -> torch.Tensor:
+    """``mass [L, H]``: for each sequence (ids, targets), each target (rows, keys): the attention weight that the
+    positions ``rows`` put on the positions ``keys`` more than ``window`` back, summed over keys, averaged over rows;
+    averaged over targets, then sequences (eager attention, fp32 softmax, one sequence a forward)."""
     device = next(model.parameters()).device
     saved = model.config._attn_implementation
     model.set_attn_implementation("eager")
     total = None
     try:
         with torch.no_grad():
-            for ex in exs:
-                ids = torch.tensor([ex.ids], device=device)
-                att = model(input_ids=ids, output_attentions=True, use_cache=False).attentions  # L x [1, H, T, T]
-                rows = torch.arange(ex.n_ctx - 1, len(ex.ids) - 1, device=device)  # the positions predicting the key
-                keys = torch.tensor(ex.key_pos, device=device)
-                far = (rows[:, None] - keys[None, :]) >= window  # beyond the window: the linear part's keys
-                m = torch.stack([(a[0][:, rows][:, :, keys].float() * far).sum(-1).mean(-1) for a in att])  # [L, H]
+            for ids, targets in seqs:
+                att = model(input_ids=torch.tensor([ids], device=device), output_attentions=True, use_cache=False).attentions
+                m = 0
+                for rows, keys in targets:
+                    r, k = torch.tensor(rows, device=device), torch.tensor(keys, device=device)
+                    far = (r[:, None] - k[None, :]) >= window  # beyond the window: the linear part's keys
+                    m = m + torch.stack([(a[0][:, r][:, :, k].float() * far).sum(-1).mean(-1) for a in att])  # [L, H]
+                m = m / len(targets)
                 total = m if total is None else total + m
     finally:
         model.set_attn_implementation(saved)
-    return (total / len(exs)).cpu()
+    return (total / len(seqs)).cpu()
+
+
+def probe(model, exs: Sequence[Example], window: int) -> torch.Tensor:
+    """``mass [L, H]``: mean over examples and predicting positions of the attention weight on the pass
+    key's tokens that lie more than ``window`` positions back (eager attention, fp32 softmax)."""
+    return _attention_mass(model, [(ex.ids, [(list(range(ex.n_ctx - 1, len(ex.ids) - 1)), ex.key_pos)]) for ex in exs], window)
+
+
+def mqar_probe(model, tokenizer, n: int, window: int, seed: int = 1) -> torch.Tensor:
+    """``mass [L, H]`` of MQAR: the attention weight that the positions predicting each query's answer put on the
+    queried pair's "key: value" line, where it lies more than ``window`` back; ``n`` sequences of 4 to 64 pairs
+    (``linearize.eval.recall.mqar_sequences``; seed 1 by default, so not the sequences the suite scores)."""
+    from ..eval.recall import mqar_sequences
+
+    seqs, _ = mqar_sequences(tokenizer, limit=n, seed=seed, lines=True)
+    return _attention_mass(model, [(ids, [(list(range(a - 1, b - 1)), list(range(s, e))) for (a, b), (s, e) in zip(spans, lines)])
+                                   for ids, spans, lines in seqs], window)
+
+
+RANK_BY = ("passkey", "mqar", "both")
 
 
 def _heads(model) -> tuple[int, int]:
@@ -170,16 +196,20 @@ def evenly_spaced(candidates: Sequence[int], k: int) -> list[int]:
 
 def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int = 64, sinks: int = 0, length: int = 1024,
                    n: int = 16, seed: int = 0, compare: Sequence[Sequence[int]] = (), progress: bool = True,
-                   heads: bool = False, mqar: int = 0) -> dict[str, Any]:
+                   heads: bool = False, mqar: int = 0, rank_by: str = "passkey", mqar_probe_n: int = 20) -> dict[str, Any]:
     """The probe's ranking, and the passkey accuracy with ``window_only`` on every candidate but the
     kept ones, for: the top k by the probe and ``evenly_spaced`` k, for each k in ``keep``; each list in
     ``compare``; none kept (all windowed) and all kept (the base). ``heads``: rank and keep KV heads
     ([layer, kv_head] pairs; no even spacing) instead of layers. ``mqar``: also score each set on that many
-    MQAR sequences (``linearize.eval.recall.score_mqar``, seed 0: the suite's first ones), in ``mqar_acc``."""
+    MQAR sequences (``linearize.eval.recall.score_mqar``, seed 0: the suite's first ones), in ``mqar_acc``.
+    ``rank_by``: the probe's score is the passkey mass, the MQAR mass (``mqar_probe`` on ``mqar_probe_n``
+    sequences of another seed), or ``both``: the sum of the two, each divided by its largest unit's."""
     from tqdm.auto import tqdm
 
     from ..eval.recall import score_mqar
 
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {', '.join(RANK_BY)}; got {rank_by!r}")
     cands = candidate_layers(model)
     H, Hkv = _heads(model)
     units = [[i, h] for i in cands for h in range(Hkv)] if heads else list(cands)
@@ -187,17 +217,30 @@ def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int 
         what = "KV heads in the layers" if heads else "layers"
         raise ValueError(f"--keep {max(keep)}: the model has only {len(units)} {what} a conversion would linearize")
     exs = examples(tokenizer, length, n, seed, min_distance=window)
-    mass = probe(model, exs, window)
+    masses = {}
+    if rank_by != "mqar":
+        masses["passkey"] = probe(model, exs, window)
+    if rank_by != "passkey":
+        masses["mqar"] = mqar_probe(model, tokenizer, mqar_probe_n, window)
+
+    def unit_scores(mass: torch.Tensor) -> torch.Tensor:
+        """[L, Hkv] (a KV head's best query head) or [L] (a layer's best head)."""
+        return mass.view(mass.shape[0], Hkv, H // Hkv).max(-1).values if heads else mass.max(-1).values
+
+    parts = {k: unit_scores(m) for k, m in masses.items()}
+    # one probe: its own mass; both: each over its largest candidate's, summed (the two masses' scales differ)
+    combined = next(iter(parts.values())) if len(parts) == 1 else sum(p / p[cands].max().clamp_min(1e-12) for p in parts.values())
+    mass = masses.get("passkey", masses.get("mqar"))  # best_head (layers) comes from the passkey mass if there is one
     sets = {}
     if heads:
-        kv_score = mass.view(mass.shape[0], Hkv, H // Hkv).max(-1).values  # [L, Hkv]: a KV head's best query head
+        kv_score = combined
         ranked = sorted(units, key=lambda u: -float(kv_score[u[0], u[1]]))
         for k in keep:
             sets[f"probe top {k}"] = sorted(ranked[:k])
         for c in compare:
             sets.setdefault("given " + ",".join(f"{a}/{b}" for a, b in c), sorted(map(list, c)))
     else:
-        score = mass.max(-1).values
+        score = combined
         ranked = sorted(cands, key=lambda i: -float(score[i]))
         for k in keep:
             sets |= {f"probe top {k}": sorted(ranked[:k]), f"evenly spaced {k}": evenly_spaced(cands, k)}
@@ -214,11 +257,15 @@ def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int 
                 with torch.no_grad():  # right-padded batches: window_only's causal band never reaches the padding
                     mqar_acc[name] = score_mqar(model, tokenizer, limit=mqar, progress=False)["acc"]
     res = {"unit": "heads" if heads else "layers", "length": length, "window": window, "sinks": sinks, "examples": len(exs),
-           "seed": seed, "candidates": cands}
+           "seed": seed, "candidates": cands, "rank_by": rank_by}
+    if rank_by != "passkey":
+        res["mqar_probe_examples"] = mqar_probe_n
     if heads:
         res["score_per_head"] = {f"{i}/{h}": float(kv_score[i, h]) for i, h in units}
+        res["scores_by_probe"] = {k: {f"{i}/{h}": float(p[i, h]) for i, h in units} for k, p in parts.items()}
     else:
-        res |= {"score_per_layer": {i: float(score[i]) for i in cands}, "best_head": {i: int(mass[i].argmax()) for i in cands}}
+        res |= {"score_per_layer": {i: float(score[i]) for i in cands}, "best_head": {i: int(mass[i].argmax()) for i in cands},
+                "scores_by_probe": {k: {i: float(p[i]) for i in cands} for k, p in parts.items()}}
     res |= {"mqar_examples": mqar, "mqar_acc": mqar_acc} if mqar else {}
     return res | {"ranking": ranked, "keep": list(keep), "sets": sets, "passkey_acc": acc}
 
@@ -247,7 +294,8 @@ def config_yaml(res: dict[str, Any], model_name: str, min_acc: float) -> str:
 
     key = "softmax_heads" if heads else "softmax_layers"
     body = {"linearize": {"window": res["window"], "sink_tokens": res["sinks"], key: layers}}
-    head = (f"# linearize retrieval-layers {model_name}{' --heads' if heads else ''}: the probe's top {k} "
+    rank = "" if res.get("rank_by", "passkey") == "passkey" else f" --rank-by {res['rank_by']}"
+    head = (f"# linearize retrieval-layers {model_name}{' --heads' if heads else ''}{rank}: the probe's top {k} "
             f"{'KV heads' if heads else 'layers'} kept softmax;\n# {why}.\n")
     return head + yaml.safe_dump(body, default_flow_style=None, sort_keys=False)
 
@@ -258,14 +306,22 @@ def _shown(kept: list, heads: bool) -> str:
     return ", ".join(f"{a}/{b}" for a, b in kept) if heads else ", ".join(map(str, kept))
 
 
+def _score_text(res: dict[str, Any]) -> str:
+    """What the ranking score is, for the tables and plots."""
+    passkey = "attention mass on the pass key's tokens from the positions that predict it"
+    mqar = (f"attention mass on the queried pair's line from the positions that predict an MQAR answer "
+            f"({res.get('mqar_probe_examples')} sequences, seed 1)")
+    return {"passkey": passkey, "mqar": mqar,
+            "both": f"{passkey}, plus its {mqar}, each divided by its largest"}[res.get("rank_by", "passkey")]
+
+
 def markdown(res: dict[str, Any], model_name: str) -> str:
     heads = res.get("unit") == "heads"
     unit = "KV heads (layer/head)" if heads else "layers"
     lines = [f"# Retrieval {'heads' if heads else 'layers'}: {model_name}", "",
              f"Passkey at {res['length']} tokens, {res['examples']} examples (seed {res['seed']}), needle beyond the "
              f"window of {res['window']}" + (f" (windowed {'heads' if heads else 'layers'} also see the first {res['sinks']} tokens)" if res.get("sinks") else "")
-             + ". Score: " + ("a KV head's best query head's" if heads else "the best head's")
-             + " attention mass on the pass key's tokens from the positions that predict it.", "",
+             + ". Score: " + ("a KV head's best query head's" if heads else "the best head's") + " " + _score_text(res) + ".", "",
              f"| kept global (others see the window only) | {unit} | passkey acc |" + (" MQAR acc |" if res.get("mqar_acc") else ""),
              "|---|---|---:|" + ("---:|" if res.get("mqar_acc") else "")]
     for name, kept in res["sets"].items():
@@ -302,7 +358,8 @@ def plot(res: dict[str, Any], path: Path, model_name: str, min_acc: float = 0.5)
            color=["tab:red" if i in top else "tab:blue" for i in cands])
     ax.set_xticks(range(len(cands)), [str(i) for i in cands], fontsize=7)
     ax.set_xlabel("layer (red: kept softmax by the probe)")
-    ax.set_ylabel("attention mass on the pass key")
+    ax.set_ylabel({"passkey": "attention mass on the pass key", "mqar": "attention mass on the MQAR pair",
+                   "both": "passkey + MQAR mass (each / its max)"}[res.get("rank_by", "passkey")])
     ax.set_title(f"{model_name}: retrieval beyond the window of {res['window']} (passkey @ {res['length']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -324,7 +381,8 @@ def _plot_heads(res: dict[str, Any], path: Path, model_name: str, plt, min_acc: 
     acc = res["passkey_acc"].get(f"probe top {k}", 0.0)
     ax.set_xlabel(f"layer (red: the probe's top {k} KV heads, window-only passkey {100 * acc:.0f}%)" if k else "layer")
     ax.set_ylabel("KV head")
-    fig.colorbar(im, ax=ax, label="mass on the pass key")
+    fig.colorbar(im, ax=ax, label={"passkey": "mass on the pass key", "mqar": "mass on the MQAR pair",
+                                   "both": "passkey + MQAR mass (each / its max)"}[res.get("rank_by", "passkey")])
     ax.set_title(f"{model_name}: retrieval beyond the window of {res['window']} (passkey @ {res['length']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

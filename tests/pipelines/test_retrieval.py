@@ -178,3 +178,81 @@ def test_rank_and_check_by_heads(model, tok, tmp_path):
     assert build_config(config_file=tmp_path / "keep.yaml").linearize.softmax_heads == res["sets"]["probe top 1"]
     with pytest.raises(ValueError, match="only 6 KV heads"):
         R.rank_and_check(model, tok, keep=[7], length=300, n=2, heads=True)
+
+
+def test_mqar_lines_leave_the_suite_sequences_unchanged(tok):
+    """``lines=True`` adds where each queried pair sits, drawing the same random numbers: the suite's sequences
+    (what ``score_mqar`` scores) do not change."""
+    import random
+
+    from linearize.eval.recall import mqar_example, mqar_sequences
+
+    plain = mqar_example(tok, 8, random.Random(3))
+    ids, spans, lines = mqar_example(tok, 8, random.Random(3), lines=True)
+    assert (ids, spans) == plain and len(lines) == len(spans) == 8
+    colon = tok.convert_tokens_to_ids(":")
+    for (a, b), (s, e) in zip(spans, lines):
+        line = ids[s:e]  # "key: value\n", a token a character
+        n = line.index(colon) + 1
+        assert ids[a - n:a] == line[:n]  # the query names the line's key ...
+        assert ids[a:b] == line[n:n + b - a]  # ... and its answer is the line's value
+    assert [s[:2] for s in mqar_sequences(tok, limit=10, seed=0, lines=True)[0]] == mqar_sequences(tok, limit=10, seed=0)[0]
+
+
+def test_mqar_probe_counts_the_attention_on_the_queried_line(model, tok):
+    from linearize.eval.recall import mqar_sequences
+
+    mass = R.mqar_probe(model, tok, 5, window=8)
+    seqs, _ = mqar_sequences(tok, limit=5, seed=1, lines=True)
+    want = torch.zeros(3, 4)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        for ids, spans, lines in seqs:
+            att = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+            for layer in range(3):
+                per = torch.zeros(4)
+                for (a, b), (s, e) in zip(spans, lines):
+                    rows = range(a - 1, b - 1)
+                    per += sum(sum(att[layer][0, :, q, k] for k in range(s, e) if q - k >= 8) for q in rows) / len(rows)
+                want[layer] += per / len(spans) / len(seqs)
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(mass, want, rtol=1e-4, atol=1e-6)
+    assert (mass > 0).all()
+
+
+@pytest.mark.parametrize("rank_by", ["mqar", "both"])
+def test_rank_by_mqar_or_both(model, tok, tmp_path, rank_by):
+    """The ranking follows the chosen probe: MQAR's KV-head scores, or the sum of the two normalized scores."""
+    res = R.rank_and_check(model, tok, keep=[1, 2], window=8, length=300, n=2, progress=False, heads=True,
+                           rank_by=rank_by, mqar_probe_n=5)
+    probes = res["scores_by_probe"]
+    assert set(probes) == ({"mqar"} if rank_by == "mqar" else {"passkey", "mqar"}) and res["rank_by"] == rank_by
+    if rank_by == "mqar":
+        want = probes["mqar"]
+    else:
+        top = {k: max(v.values()) for k, v in probes.items()}
+        want = {u: probes["passkey"][u] / top["passkey"] + probes["mqar"][u] / top["mqar"] for u in probes["mqar"]}
+    assert res["score_per_head"] == pytest.approx(want)
+    scores = [res["score_per_head"][f"{i}/{h}"] for i, h in res["ranking"]]
+    assert scores == sorted(scores, reverse=True)
+    assert "MQAR answer" in R.markdown(res, "tiny") and f"--rank-by {rank_by}" in R.config_yaml(res, "tiny", 0.0)
+    R.plot(res, tmp_path / "h.png", "tiny")
+    with pytest.raises(ValueError, match="rank_by must be one of"):
+        R.rank_and_check(model, tok, keep=[1], length=300, n=2, rank_by="lambada")
+
+
+def test_the_command_takes_rank_by(model, tok, tmp_path):
+    from typer.testing import CliRunner
+
+    from linearize.cli import app
+
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "out"
+    args = ["retrieval-layers", str(tmp_path / "tiny"), "--heads", "--keep", "1", "--window", "8", "--length", "300",
+            "--examples", "2", "--out", str(out)]
+    r = CliRunner().invoke(app, args + ["--rank-by", "both", "--mqar-probe", "3"])
+    assert r.exit_code == 0, r.output
+    assert (out / "tiny-heads-rank-both.json").exists() and (out / "tiny-heads-rank-both.png").stat().st_size > 0
+    r = CliRunner().invoke(app, args + ["--rank-by", "nope"])
+    assert r.exit_code != 0 and "--rank-by" in r.output and "Traceback" not in r.output
