@@ -84,18 +84,18 @@ def _hedgehog_du_rows(X, W, DY, DU, h, r0, R, sX_r,
 
 @triton.jit
 def _hedgehog_pair_kernel(
-    XQ, XK, WQ, WK, YQ, YK, R, sXQ_r, sXK_r, sYQ_r, sYK_r,
-    H: tl.constexpr, GQ: tl.constexpr, GK: tl.constexpr,
+    XQ, XK, WQ, WK, YQ, YK, R, sXQ_r, sXK_r,
+    H: tl.constexpr, HK: tl.constexpr, GQ: tl.constexpr, GK: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Programs 0..H-1 along axis 0 serve the query map's heads, the rest the key map's."""
+    """Both maps' outputs (contiguous): programs 0..H-1 along axis 0 serve the query map's heads, the rest the key map's."""
     pid = tl.program_id(0)
     r0 = tl.program_id(1) * BR
     if pid < H:
-        _hedgehog_rows(XQ, WQ, YQ, pid, r0, R, sXQ_r, sYQ_r, GQ, D, DP, FH, FHP, BR, BK, IEEE)
+        _hedgehog_rows(XQ, WQ, YQ, pid, r0, R, sXQ_r, H * 2 * FH, GQ, D, DP, FH, FHP, BR, BK, IEEE)
     else:
-        _hedgehog_rows(XK, WK, YK, pid - H, r0, R, sXK_r, sYK_r, GK, D, DP, FH, FHP, BR, BK, IEEE)
+        _hedgehog_rows(XK, WK, YK, pid - H, r0, R, sXK_r, HK * 2 * FH, GK, D, DP, FH, FHP, BR, BK, IEEE)
 
 
 @triton.jit
@@ -131,62 +131,54 @@ def default_block_rows(R: int, dtype: torch.dtype = torch.bfloat16) -> int:
     return min(16 if dtype == torch.float32 else 32, _pow2_at_least_16(R))
 
 
-@torch.library.custom_op("linearize::hedgehog_pair", mutates_args=())
-def _hedgehog_pair_op(xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, block_rows: int,
-                      num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One launch; shapes checked by ``hedgehog_pair_triton``. An opaque op to torch.compile, like the ring step."""
+def _launch_pair(kernel, xq, xk, wq, wk, grads: tuple, width: int, block_rows: int, num_warps: int):
+    """Both maps' outputs, [B,T,H,width * f] and [B,T,Hk,width * f] in x's dtype, from one launch of ``kernel`` over
+    (the two maps' output heads, blocks of rows): its arguments are the inputs, ``grads`` (the backward's output
+    gradients), the outputs, the row count and the inputs' row strides, then the shapes."""
     B, T, Hq_in, D = xq.shape
     Hk_in = xk.shape[2]
     H, _, FH = wq.shape
     Hk = wk.shape[0]
     R = B * T
     xq2, xk2 = xq.reshape(R, Hq_in, D), xk.reshape(R, Hk_in, D)
-    yq = torch.empty(B, T, H, 2 * FH, dtype=xq.dtype, device=xq.device)
-    yk = torch.empty(B, T, Hk, 2 * FH, dtype=xk.dtype, device=xk.device)
-    if R == 0:
-        return yq, yk
-    grid = (H + Hk, triton.cdiv(R, block_rows))
-    _hedgehog_pair_kernel[grid](
-        xq2, xk2, wq, wk, yq, yk, R, xq2.stride(0), xk2.stride(0), H * 2 * FH, Hk * 2 * FH,
-        H=H, GQ=H // Hq_in, GK=Hk // Hk_in, D=D, DP=_pow2_at_least_16(D), FH=FH, FHP=_pow2_at_least_16(FH),
-        BR=block_rows, BK=block_k(D, xq.dtype), IEEE=xq.dtype == torch.float32, num_warps=num_warps,
-    )
-    return yq, yk
+    oq = torch.empty(B, T, H, width * FH, dtype=xq.dtype, device=xq.device)
+    ok = torch.empty(B, T, Hk, width * FH, dtype=xk.dtype, device=xk.device)
+    if R:
+        kernel[(H + Hk, triton.cdiv(R, block_rows))](
+            xq2, xk2, wq, wk, *grads, oq, ok, R, xq2.stride(0), xk2.stride(0),
+            H=H, HK=Hk, GQ=H // Hq_in, GK=Hk // Hk_in, D=D, DP=_pow2_at_least_16(D), FH=FH, FHP=_pow2_at_least_16(FH),
+            BR=block_rows, BK=block_k(D, xq.dtype), IEEE=xq.dtype == torch.float32, num_warps=num_warps,
+        )
+    return oq, ok
+
+
+def _pair_like(xq, xk, wq, wk, width: int):
+    B, T = xq.shape[:2]
+    return xq.new_empty(B, T, wq.shape[0], width * wq.shape[2]), xk.new_empty(B, T, wk.shape[0], width * wk.shape[2])
+
+
+@torch.library.custom_op("linearize::hedgehog_pair", mutates_args=())
+def _hedgehog_pair_op(xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, block_rows: int,
+                      num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch; shapes checked by ``hedgehog_pair_triton``. An opaque op to torch.compile, like the ring step."""
+    return _launch_pair(_hedgehog_pair_kernel, xq, xk, wq, wk, (), 2, block_rows, num_warps)
 
 
 @_hedgehog_pair_op.register_fake
 def _(xq, xk, wq, wk, block_rows, num_warps):
-    B, T = xq.shape[:2]
-    return xq.new_empty(B, T, wq.shape[0], 2 * wq.shape[2]), xk.new_empty(B, T, wk.shape[0], 2 * wk.shape[2])
+    return _pair_like(xq, xk, wq, wk, 2)
 
 
 @torch.library.custom_op("linearize::hedgehog_pair_du", mutates_args=())
 def _hedgehog_pair_du_op(xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, dyq: torch.Tensor,
                          dyk: torch.Tensor, block_rows: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """du [B,T,H,f] of both maps (x's dtype) from the output gradients dy [B,T,H,2f]: one launch."""
-    B, T, Hq_in, D = xq.shape
-    Hk_in = xk.shape[2]
-    H, _, FH = wq.shape
-    Hk = wk.shape[0]
-    R = B * T
-    xq2, xk2 = xq.reshape(R, Hq_in, D), xk.reshape(R, Hk_in, D)
-    duq = torch.empty(B, T, H, FH, dtype=xq.dtype, device=xq.device)
-    duk = torch.empty(B, T, Hk, FH, dtype=xk.dtype, device=xk.device)
-    if R == 0:
-        return duq, duk
-    grid = (H + Hk, triton.cdiv(R, block_rows))
-    _hedgehog_pair_du_kernel[grid](
-        xq2, xk2, wq, wk, dyq.contiguous(), dyk.contiguous(), duq, duk, R, xq2.stride(0), xk2.stride(0),
-        H=H, HK=Hk, GQ=H // Hq_in, GK=Hk // Hk_in, D=D, DP=_pow2_at_least_16(D), FH=FH, FHP=_pow2_at_least_16(FH),
-        BR=block_rows, BK=block_k(D, xq.dtype), IEEE=xq.dtype == torch.float32, num_warps=num_warps,
-    )
-    return duq, duk
+    return _launch_pair(_hedgehog_pair_du_kernel, xq, xk, wq, wk, (dyq.contiguous(), dyk.contiguous()), 1, block_rows, num_warps)
 
 
 @_hedgehog_pair_du_op.register_fake
 def _(xq, xk, wq, wk, dyq, dyk, block_rows, num_warps):
-    B, T = xq.shape[:2]
-    return xq.new_empty(B, T, wq.shape[0], wq.shape[2]), xk.new_empty(B, T, wk.shape[0], wk.shape[2])
+    return _pair_like(xq, xk, wq, wk, 1)
 
 
 def _projection_grads(x: torch.Tensor, w: torch.Tensor, du: torch.Tensor, need_x: bool, need_w: bool):
