@@ -78,16 +78,12 @@ def compile_maps_sm90(dt, H, D, f, BR, GQ=1, GK=3, backward=False):
 
     import torch
 
-    from linearize.ops.triton.feature_maps import _hedgehog_pair_du_kernel, _hedgehog_pair_kernel, _pow2_at_least_16, block_k
+    from linearize.ops.triton.feature_maps import _hedgehog_pair_kernel, _pow2_at_least_16, block_k
 
     bk = block_k(D, torch.float32 if dt == "fp32" else torch.bfloat16)
     const = dict(H=H, GQ=GQ, GK=GK, D=D, DP=_pow2_at_least_16(D), FH=f, FHP=_pow2_at_least_16(f), BR=BR, BK=bk, IEEE=dt == "fp32")
-    const = {"H": H, "HK": H} | {k: v for k, v in const.items() if k != "H"}
-    ints = ["R", "sXQ_r", "sXK_r"]
-    if backward:
-        fn, ptrs = _hedgehog_pair_du_kernel, ["XQ", "XK", "WQ", "WK", "DYQ", "DYK", "DUQ", "DUK"]
-    else:
-        fn, ptrs = _hedgehog_pair_kernel, ["XQ", "XK", "WQ", "WK", "YQ", "YK"]
+    const = {"H": H, "HK": H} | {k: v for k, v in const.items() if k != "H"} | {"BACKWARD": backward}
+    fn, ptrs, ints = _hedgehog_pair_kernel, ["XQ", "XK", "WQ", "WK", "DYQ", "DYK", "OQ", "OK"], ["R", "sXQ_r", "sXK_r"]
     sig = {n: "*" + dt for n in ptrs} | {n: "i32" for n in ints} | {n: "constexpr" for n in const}
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs + ints[1:]}

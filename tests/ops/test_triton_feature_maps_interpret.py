@@ -109,22 +109,24 @@ def test_a_transfer_step_through_the_kernel_equals_the_modules(monkeypatch, cfg)
     monkeypatch.setattr(ops, "use_triton", lambda q, phi_q: False)  # the chunk kernels stay off (PyTorch path);
     monkeypatch.setattr("linearize.modules.attention.use_triton", lambda q, phi_q: True)  # only the maps run Triton
     launches = {"fwd": 0, "du": 0}
-    for name, key in (("_hedgehog_pair_kernel", "fwd"), ("_hedgehog_pair_du_kernel", "du")):
-        fn = getattr(fmk, name)
+    pair_kernel = fmk._hedgehog_pair_kernel
 
-        class Spy:
-            def __getitem__(self, grid, fn=fn, key=key):
-                launches[key] += 1
-                return fn[grid]
+    class Spy:  # counts launches by direction
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches["du" if kwargs["BACKWARD"] else "fwd"] += 1
+                return pair_kernel[grid](*args, **kwargs)
 
-        monkeypatch.setattr(fmk, name, Spy())
+            return launch
+
+    monkeypatch.setattr(fmk, "_hedgehog_pair_kernel", Spy())
     model = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(feature_dim=6, window=4, **cfg))
     perturb_added_weights(model)
     ids = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(0))
     maps = [p for n, p in freeze_for_transfer(model).items() if "feature_map" in n]
     losses, grads = [], []
-    for kernel in (True, False):
-        monkeypatch.setattr(HedgehogFeatureMap, "kernel", kernel)
+    for use_kernel in (True, False):
+        monkeypatch.setattr(HedgehogFeatureMap, "kernel", use_kernel)
         model.zero_grad()
         loss = transfer_loss(model, ids)
         loss.backward()

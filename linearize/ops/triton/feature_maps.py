@@ -84,34 +84,25 @@ def _hedgehog_du_rows(X, W, DY, DU, h, r0, R, sX_r,
 
 @triton.jit
 def _hedgehog_pair_kernel(
-    XQ, XK, WQ, WK, YQ, YK, R, sXQ_r, sXK_r,
+    XQ, XK, WQ, WK, DYQ, DYK, OQ, OK, R, sXQ_r, sXK_r,
     H: tl.constexpr, HK: tl.constexpr, GQ: tl.constexpr, GK: tl.constexpr,
     D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-    IEEE: tl.constexpr,
+    IEEE: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    """Both maps' outputs (contiguous): programs 0..H-1 along axis 0 serve the query map's heads, the rest the key map's."""
+    """Both maps (contiguous outputs O): programs 0..H-1 along axis 0 serve the query map's heads, the rest the key
+    map's. The forward writes phi [R, H, 2 FH] (DY unused); BACKWARD writes du [R, H, FH] from DY [R, H, 2 FH]."""
     pid = tl.program_id(0)
     r0 = tl.program_id(1) * BR
-    if pid < H:
-        _hedgehog_rows(XQ, WQ, YQ, pid, r0, R, sXQ_r, H * 2 * FH, GQ, D, DP, FH, FHP, BR, BK, IEEE)
+    if BACKWARD:
+        if pid < H:
+            _hedgehog_du_rows(XQ, WQ, DYQ, OQ, pid, r0, R, sXQ_r, H, GQ, D, DP, FH, FHP, BR, BK, IEEE)
+        else:
+            _hedgehog_du_rows(XK, WK, DYK, OK, pid - H, r0, R, sXK_r, HK, GK, D, DP, FH, FHP, BR, BK, IEEE)
     else:
-        _hedgehog_rows(XK, WK, YK, pid - H, r0, R, sXK_r, HK * 2 * FH, GK, D, DP, FH, FHP, BR, BK, IEEE)
-
-
-@triton.jit
-def _hedgehog_pair_du_kernel(
-    XQ, XK, WQ, WK, DYQ, DYK, DUQ, DUK, R, sXQ_r, sXK_r,
-    H: tl.constexpr, HK: tl.constexpr, GQ: tl.constexpr, GK: tl.constexpr,
-    D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
-    IEEE: tl.constexpr,
-):
-    """The backward's du of both maps: programs 0..H-1 along axis 0 the query map's heads, the rest the key map's."""
-    pid = tl.program_id(0)
-    r0 = tl.program_id(1) * BR
-    if pid < H:
-        _hedgehog_du_rows(XQ, WQ, DYQ, DUQ, pid, r0, R, sXQ_r, H, GQ, D, DP, FH, FHP, BR, BK, IEEE)
-    else:
-        _hedgehog_du_rows(XK, WK, DYK, DUK, pid - H, r0, R, sXK_r, HK, GK, D, DP, FH, FHP, BR, BK, IEEE)
+        if pid < H:
+            _hedgehog_rows(XQ, WQ, OQ, pid, r0, R, sXQ_r, H * 2 * FH, GQ, D, DP, FH, FHP, BR, BK, IEEE)
+        else:
+            _hedgehog_rows(XK, WK, OK, pid - H, r0, R, sXK_r, HK * 2 * FH, GK, D, DP, FH, FHP, BR, BK, IEEE)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -131,10 +122,11 @@ def default_block_rows(R: int, dtype: torch.dtype = torch.bfloat16) -> int:
     return min(16 if dtype == torch.float32 else 32, _pow2_at_least_16(R))
 
 
-def _launch_pair(kernel, xq, xk, wq, wk, grads: tuple, width: int, block_rows: int, num_warps: int):
-    """Both maps' outputs, [B,T,H,width * f] and [B,T,Hk,width * f] in x's dtype, from one launch of ``kernel`` over
-    (the two maps' output heads, blocks of rows): its arguments are the inputs, ``grads`` (the backward's output
-    gradients), the outputs, the row count and the inputs' row strides, then the shapes."""
+def _launch_pair(xq, xk, wq, wk, grads: tuple | None, block_rows: int, num_warps: int):
+    """One launch of ``_hedgehog_pair_kernel`` over (the two maps' output heads, blocks of rows): the maps' outputs
+    phi [B,T,H,2f] / [B,T,Hk,2f] (``grads`` None), or their du [B,T,H,f] / [B,T,Hk,f] from ``grads`` = (dy_q, dy_k),
+    in x's dtype."""
+    width = 2 if grads is None else 1
     B, T, Hq_in, D = xq.shape
     Hk_in = xk.shape[2]
     H, _, FH = wq.shape
@@ -144,10 +136,12 @@ def _launch_pair(kernel, xq, xk, wq, wk, grads: tuple, width: int, block_rows: i
     oq = torch.empty(B, T, H, width * FH, dtype=xq.dtype, device=xq.device)
     ok = torch.empty(B, T, Hk, width * FH, dtype=xk.dtype, device=xk.device)
     if R:
-        kernel[(H + Hk, triton.cdiv(R, block_rows))](
-            xq2, xk2, wq, wk, *grads, oq, ok, R, xq2.stride(0), xk2.stride(0),
+        dyq, dyk = (oq, ok) if grads is None else (g.contiguous() for g in grads)
+        _hedgehog_pair_kernel[(H + Hk, triton.cdiv(R, block_rows))](
+            xq2, xk2, wq, wk, dyq, dyk, oq, ok, R, xq2.stride(0), xk2.stride(0),
             H=H, HK=Hk, GQ=H // Hq_in, GK=Hk // Hk_in, D=D, DP=_pow2_at_least_16(D), FH=FH, FHP=_pow2_at_least_16(FH),
-            BR=block_rows, BK=block_k(D, xq.dtype), IEEE=xq.dtype == torch.float32, num_warps=num_warps,
+            BR=block_rows, BK=block_k(D, xq.dtype), IEEE=xq.dtype == torch.float32, BACKWARD=grads is not None,
+            num_warps=num_warps,
         )
     return oq, ok
 
@@ -161,7 +155,7 @@ def _pair_like(xq, xk, wq, wk, width: int):
 def _hedgehog_pair_op(xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, block_rows: int,
                       num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch; shapes checked by ``hedgehog_pair_triton``. An opaque op to torch.compile, like the ring step."""
-    return _launch_pair(_hedgehog_pair_kernel, xq, xk, wq, wk, (), 2, block_rows, num_warps)
+    return _launch_pair(xq, xk, wq, wk, None, block_rows, num_warps)
 
 
 @_hedgehog_pair_op.register_fake
@@ -173,7 +167,7 @@ def _(xq, xk, wq, wk, block_rows, num_warps):
 def _hedgehog_pair_du_op(xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, dyq: torch.Tensor,
                          dyk: torch.Tensor, block_rows: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """du [B,T,H,f] of both maps (x's dtype) from the output gradients dy [B,T,H,2f]: one launch."""
-    return _launch_pair(_hedgehog_pair_du_kernel, xq, xk, wq, wk, (dyq.contiguous(), dyk.contiguous()), 1, block_rows, num_warps)
+    return _launch_pair(xq, xk, wq, wk, (dyq, dyk), block_rows, num_warps)
 
 
 @_hedgehog_pair_du_op.register_fake
