@@ -578,7 +578,7 @@ def run(args, device: torch.device, models: dict, info: dict, t_start: float | N
     subjects = subjects_for(models.get("base"), models.get("ours"), device, args.models.split(","))
     ctx = Context(args, device, t_start + args.budget_s, models[next(iter(models))].config.vocab_size,
                   info.get("pad_token_id", 0), ceilings)
-    info = info | {"layers": {k: {"hybrid": s.shape.hybrid_layers, "total": len(s.shape.layers)} for k, s in subjects.items()},
+    info = info | {"layers": {k: {"hybrid": s.shape.hybrid_layers, "total": len(s.model.base_model.layers)} for k, s in subjects.items()},
                    "weight_bytes": {k: s.shape.weight_bytes for k, s in subjects.items()}}
     rows: list[dict] = []
     out_dir = Path(args.out_dir) if args.out_dir else (None if args.smoke else ROOT / "benchmarks" / "results")
