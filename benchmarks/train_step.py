@@ -195,12 +195,14 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     from linearize.modules.feature_maps import HedgehogFeatureMap
 
-    stages = []
-    for s in args.stages.split(","):
-        for kernel in {"on": [True], "off": [False], "both": [True, False]}[args.map_kernel]:
-            HedgehogFeatureMap.kernel = kernel
-            stages.append(run_stage(args, int(s), device) | {"map_kernel": kernel})
-    HedgehogFeatureMap.kernel = True
+    stages, default = [], HedgehogFeatureMap.kernel
+    try:
+        for s in args.stages.split(","):
+            for kernel in {"on": [True], "off": [False], "both": [True, False]}[args.map_kernel]:
+                HedgehogFeatureMap.kernel = kernel
+                stages.append(run_stage(args, int(s), device) | {"map_kernel": kernel})
+    finally:
+        HedgehogFeatureMap.kernel = default
     summary = {
         "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
         "linearize": args.linearize, "torch": torch.__version__, "map_kernel": args.map_kernel,

@@ -231,16 +231,15 @@ def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int 
     # one probe: its own mass; both: each over its largest candidate's, summed (the two masses' scales differ)
     combined = next(iter(parts.values())) if len(parts) == 1 else sum(p / p[cands].max().clamp_min(1e-12) for p in parts.values())
     mass = masses.get("passkey", masses.get("mqar"))  # best_head (layers) comes from the passkey mass if there is one
+    score = combined
     sets = {}
     if heads:
-        kv_score = combined
-        ranked = sorted(units, key=lambda u: -float(kv_score[u[0], u[1]]))
+        ranked = sorted(units, key=lambda u: -float(score[u[0], u[1]]))
         for k in keep:
             sets[f"probe top {k}"] = sorted(ranked[:k])
         for c in compare:
             sets.setdefault("given " + ",".join(f"{a}/{b}" for a, b in c), sorted(map(list, c)))
     else:
-        score = combined
         ranked = sorted(cands, key=lambda i: -float(score[i]))
         for k in keep:
             sets |= {f"probe top {k}": sorted(ranked[:k]), f"evenly spaced {k}": evenly_spaced(cands, k)}
@@ -261,7 +260,7 @@ def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int 
     if rank_by != "passkey":
         res["mqar_probe_examples"] = mqar_probe_n
     if heads:
-        res["score_per_head"] = {f"{i}/{h}": float(kv_score[i, h]) for i, h in units}
+        res["score_per_head"] = {f"{i}/{h}": float(score[i, h]) for i, h in units}
         res["scores_by_probe"] = {k: {f"{i}/{h}": float(p[i, h]) for i, h in units} for k, p in parts.items()}
     else:
         res |= {"score_per_layer": {i: float(score[i]) for i in cands}, "best_head": {i: int(mass[i].argmax()) for i in cands},
@@ -315,6 +314,12 @@ def _score_text(res: dict[str, Any]) -> str:
             "both": f"{passkey}, plus its {mqar}, each divided by its largest"}[res.get("rank_by", "passkey")]
 
 
+def _score_label(res: dict[str, Any], prefix: str) -> str:
+    """The ranking score's axis label (``prefix``: "attention mass" or "mass")."""
+    return {"passkey": f"{prefix} on the pass key", "mqar": f"{prefix} on the MQAR pair",
+            "both": "passkey + MQAR mass (each / its max)"}[res.get("rank_by", "passkey")]
+
+
 def markdown(res: dict[str, Any], model_name: str) -> str:
     heads = res.get("unit") == "heads"
     unit = "KV heads (layer/head)" if heads else "layers"
@@ -358,8 +363,7 @@ def plot(res: dict[str, Any], path: Path, model_name: str, min_acc: float = 0.5)
            color=["tab:red" if i in top else "tab:blue" for i in cands])
     ax.set_xticks(range(len(cands)), [str(i) for i in cands], fontsize=7)
     ax.set_xlabel("layer (red: kept softmax by the probe)")
-    ax.set_ylabel({"passkey": "attention mass on the pass key", "mqar": "attention mass on the MQAR pair",
-                   "both": "passkey + MQAR mass (each / its max)"}[res.get("rank_by", "passkey")])
+    ax.set_ylabel(_score_label(res, "attention mass"))
     ax.set_title(f"{model_name}: retrieval beyond the window of {res['window']} (passkey @ {res['length']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -381,8 +385,7 @@ def _plot_heads(res: dict[str, Any], path: Path, model_name: str, plt, min_acc: 
     acc = res["passkey_acc"].get(f"probe top {k}", 0.0)
     ax.set_xlabel(f"layer (red: the probe's top {k} KV heads, window-only passkey {100 * acc:.0f}%)" if k else "layer")
     ax.set_ylabel("KV head")
-    fig.colorbar(im, ax=ax, label={"passkey": "mass on the pass key", "mqar": "mass on the MQAR pair",
-                                   "both": "passkey + MQAR mass (each / its max)"}[res.get("rank_by", "passkey")])
+    fig.colorbar(im, ax=ax, label=_score_label(res, "mass"))
     ax.set_title(f"{model_name}: retrieval beyond the window of {res['window']} (passkey @ {res['length']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

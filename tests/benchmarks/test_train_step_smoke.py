@@ -28,4 +28,4 @@ def test_map_kernel_both_gives_a_row_each(tmp_path):
     s = main(["--model", str(model), "--device", "cpu", "--steps", "1", "--warmup", "0", "--profile", "0", "--stages", "1",
               "--batch", "1", "--seq-len", "16", "--map-kernel", "both"])
     assert [(r["stage"], r["map_kernel"]) for r in s["stages"]] == [(1, True), (1, False)]
-    assert HedgehogFeatureMap.kernel is True  # set back
+    assert HedgehogFeatureMap.kernel is True  # set back to what it was

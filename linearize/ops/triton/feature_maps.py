@@ -133,8 +133,7 @@ def _launch_pair(xq, xk, wq, wk, grads: tuple | None, block_rows: int, num_warps
     Hk = wk.shape[0]
     R = B * T
     xq2, xk2 = xq.reshape(R, Hq_in, D), xk.reshape(R, Hk_in, D)
-    oq = torch.empty(B, T, H, width * FH, dtype=xq.dtype, device=xq.device)
-    ok = torch.empty(B, T, Hk, width * FH, dtype=xk.dtype, device=xk.device)
+    oq, ok = _pair_like(xq, xk, wq, wk, width)
     if R:
         dyq, dyk = (oq, ok) if grads is None else (g.contiguous() for g in grads)
         _hedgehog_pair_kernel[(H + Hk, triton.cdiv(R, block_rows))](
@@ -147,6 +146,7 @@ def _launch_pair(xq, xk, wq, wk, grads: tuple | None, block_rows: int, num_warps
 
 
 def _pair_like(xq, xk, wq, wk, width: int):
+    """Uninitialized [B,T,H,width * f] and [B,T,Hk,width * f] in x's dtype and device (outputs, fakes, gradients)."""
     B, T = xq.shape[:2]
     return xq.new_empty(B, T, wq.shape[0], width * wq.shape[2]), xk.new_empty(B, T, wk.shape[0], width * wk.shape[2])
 
@@ -193,8 +193,9 @@ def _pair_setup(ctx, inputs, output):
 
 def _pair_backward(ctx, dyq, dyk):
     xq, xk, wq, wk = ctx.saved_tensors
-    dyq = torch.zeros(*xq.shape[:2], wq.shape[0], 2 * wq.shape[2], dtype=xq.dtype, device=xq.device) if dyq is None else dyq
-    dyk = torch.zeros(*xk.shape[:2], wk.shape[0], 2 * wk.shape[2], dtype=xk.dtype, device=xk.device) if dyk is None else dyk
+    if dyq is None or dyk is None:  # an output the loss did not read
+        zq, zk = (t.zero_() for t in _pair_like(xq, xk, wq, wk, 2))
+        dyq, dyk = zq if dyq is None else dyq, zk if dyk is None else dyk
     duq, duk = _hedgehog_pair_du_op(xq, xk, wq, wk, dyq.to(xq.dtype), dyk.to(xk.dtype), *ctx.launch)
     need = ctx.needs_input_grad
     dxq, dwq = _projection_grads(xq, wq, duq, need[0], need[2])
