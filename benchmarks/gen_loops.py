@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from linearize.decode import kept_heads_short
 from linearize.models import cache_kwarg
 
 
@@ -70,7 +71,7 @@ def make_cache(model, kind: str, max_len: int):
     from transformers import DynamicCache, StaticCache
 
     if kind == "static":
-        return StaticCache(config=model.config, max_cache_len=max_len)
+        return StaticCache(config=model.config, max_cache_len=max_len)  # (kept heads sized alike: hybrid_cache_layer)
     if kind == "dynamic":
         from linearize.decode import reserve_kept_heads
 
@@ -175,6 +176,9 @@ def run_lean(
         first = 0  # steps before the timed loop below (the eager warm-up of a capture)
         g = None
         if graph and device.type == "cuda" and steps > eager_steps:
+            short = kept_heads_short(cache, start + steps + profile_steps)
+            if short:
+                raise GraphCaptureError(short)
             t1 = time.perf_counter()
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))

@@ -179,6 +179,17 @@ class CompiledDecode:
         return logits
 
 
+def kept_heads_short(cache, length: int) -> str | None:
+    """Why a step captured now (a CUDA graph) would write past the KV buffers of heads kept softmax before the
+    cache holds ``length`` tokens, or None. Replays cannot grow those buffers; ``reserve_kept_heads`` before
+    the prefill sizes them for the whole run."""
+    for i, layer in enumerate(cache.layers):
+        if isinstance(layer, HybridCacheLayer) and layer.kept_k is not None and layer.kept_k.shape[2] < length:
+            return (f"layer {i}'s heads kept softmax hold {layer.kept_k.shape[2]} tokens, fewer than the {length} this "
+                    f"run reaches: call linearize.decode.reserve_kept_heads(cache, {length}) before the prefill")
+    return None
+
+
 def reserve_kept_heads(cache, max_len: int) -> None:
     """Have the heads that layers keep softmax (``LinearizeConfig.softmax_heads``) hold ``max_len`` tokens in
     ``cache`` without growing: allocated whole by the prefill (the memory of the last token from the first;

@@ -30,8 +30,8 @@
 #                                            # random-weight Qwen2.5-0.5B, the base (static and grown DynamicCache) against
 #                                            # 3 kept KV heads with per-KV-head key maps (qwen-heads3-kvmaps-kl's layout:
 #                                            # 6.0 vs 49.5 MiB a sequence), ~570 s at most
-#   bash scripts/gpu_decode_calls.sh 12 SHA  # call 10's Qwen heads3 row under faulthandler (its segfault), then eager
-#                                            # and 512-token variants if it crashes again, else the fit row alone
+#   bash scripts/gpu_decode_calls.sh 12 SHA  # call 10's Qwen heads3 largest-batch row again after the fix of its
+#                                            # segfault (kept heads' buffers on a static cache), its GPU test first
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -163,19 +163,15 @@ case "$call" in
       --set 'softmax_layers=[3,7,9,11,13,14,16,17]' --set sink_tokens=4 --set feature_rope=false
     ;;
   12)
-    # the fifteenth session's segfault in row 10's first row (heads3 lean, B=64 x 4096): under faulthandler (the
-    # Python stack of the crash), then, only if it crashes again, eager (no CUDA graph) and a short fill (512 new
-    # tokens) to tell graph capture from the kernels' long-cache launch; if it does not crash, the fit row itself
+    # the fifteenth session's segfault in call 10's heads3 row: a static cache (layer 16 keeps both KV heads, so
+    # the layout has a kept layer) left the kept heads' buffers at the prefill's size and the graph's replays
+    # wrote past them (fixed: a static cache sizes them for its whole length). The regression test, then the
+    # row again under faulthandler.
     export PYTHONFAULTHANDLER=1
-    row qwen-heads3-b64.log 150 "$QWEN" --loops lean --models ours --batches 64 --no-fit --budget-s 120 "${HEADS3[@]}"
-    if grep -qE "Segmentation fault|Fatal Python error" "$out/qwen-heads3-b64.log"; then
-      grep -A40 "Fatal Python error" "$out/qwen-heads3-b64.log" | head -60
-      row qwen-heads3-b64-eager.log 100 "$QWEN" --loops lean --models ours --batches 64 --no-fit --no-graphs --budget-s 80 "${HEADS3[@]}"
-      row qwen-heads3-b64-t512.log 100 "$QWEN" --loops lean --models ours --batches 64 --no-fit --tokens 512 --budget-s 80 "${HEADS3[@]}"
-    else
-      row qwen-heads3-fit.log 250 "$QWEN" --loops lean --models ours,base --batches 64 --fit-time-s 60 --budget-s 235 "${HEADS3[@]}"
-      grep -A40 "Fatal Python error" "$out/qwen-heads3-fit.log" | head -60
-    fi
+    timeout 100 python3 -m pytest -q tests/gpu/test_generate_bench_cuda.py -k "kept_layers_and_heads or graph_replay" 2>&1 \
+      | tail -3 | tee "$out/tests.log"
+    row qwen-heads3-fit.log 300 "$QWEN" --loops lean --models ours,base --batches 64 --fit-time-s 70 --budget-s 285 "${HEADS3[@]}"
+    grep -A30 "Fatal Python error" "$out/qwen-heads3-fit.log" | head -40
     ;;
   *) echo "call must be 1 to 12" >&2; exit 2 ;;
 esac

@@ -299,4 +299,7 @@ def hybrid_cache_layer(cache: Cache, layer_idx: int, window: int) -> HybridCache
     new.kept_capacity = getattr(cache, "_linearize_kept_capacity", 0)  # (linearize.decode.reserve_kept_heads)
     if isinstance(layer, StaticLayer) and not isinstance(layer, StaticSlidingWindowLayer):
         new.static_len = layer.max_cache_len
+        # a static cache is sized for the whole run: so are the kept heads' buffers, which a step captured in
+        # a CUDA graph could not grow (replays would write past them)
+        new.kept_capacity = max(new.kept_capacity, layer.max_cache_len)
     return new

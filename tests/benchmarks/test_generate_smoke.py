@@ -281,3 +281,31 @@ def test_goal_takes_the_base_on_its_larger_cache():
     rows = [fit("ours", "dynamic", 9000), fit("base", "static", 1000), fit("base", "dynamic", 1200)]
     line = next(g for g in G.goals(rows, G.parse_args([])) if g.startswith("largest batch"))
     assert "base 1200 (dynamic cache; static 1000): 7.5x (goal >= 8x): MISSED" in line
+
+
+def test_static_cache_sizes_the_kept_heads_for_the_whole_run():
+    """Layers and heads kept softmax together decode on a static cache (the kept layers' mask). The kept heads'
+    buffers must hold the static cache's whole length from the prefill on: a captured step cannot grow them,
+    and replays would write past them (the fifteenth session's segfault on the H200). The capture guard
+    names a layer that is short."""
+    import linearize
+    from benchmarks.gen_loops import run_lean
+    from linearize.decode import kept_heads_short
+    from linearize.modules.cache import HybridCacheLayer
+    from tests.tiny_models import tiny_model
+    from transformers import DynamicCache, StaticCache
+
+    model = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(
+        feature_dim=6, window=4, softmax_layers=[0], softmax_heads=[[1, 0]]))
+    ids = torch.randint(3, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(config=model.config, max_cache_len=9 + 100)  # (the kept heads' first buffer: 64 slots)
+    run_lean(model, ids, 3, cache=cache)
+    kept = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer) and layer.kept_k is not None]
+    assert kept and all(layer.kept_k.shape[2] >= 109 for layer in kept)
+    assert kept_heads_short(cache, 109) is None
+
+    heads_only = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(feature_dim=6, window=4, softmax_heads=[[1, 0]]))
+    bare = DynamicCache(config=heads_only.config)  # not reserved: the buffers start at 64 slots and double
+    run_lean(heads_only, ids, 3, cache=bare)
+    why = kept_heads_short(bare, 109)
+    assert why is not None and "layer 1" in why and "reserve_kept_heads(cache, 109)" in why

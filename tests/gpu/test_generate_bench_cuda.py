@@ -135,3 +135,18 @@ def test_driver_end_to_end_on_tiny_models(tmp_path):
     assert fits["ours"]["largest"] == 256 and fits["base"]["largest"] == 256
     (jpath,) = tmp_path.glob("generate-*.json")
     assert json.loads(jpath.read_text())["goals"]
+
+
+def test_graph_replay_with_kept_layers_and_heads_past_the_first_buffer():
+    """Layers and heads kept softmax (a static cache) captured in a CUDA graph and replayed for more tokens than
+    the kept heads' first buffer holds (64 slots): the replays must write inside buffers sized for the whole run
+    and give the eager loop's tokens (the fifteenth session's B=64 x 4096 heads3 row crashed here)."""
+    model = linearize.convert(tiny_model("llama"), LinearizeConfig(window=4, feature_dim=6, softmax_layers=[0], softmax_heads=[[1, 0]]))
+    perturb_added_weights(model)
+    model = model.to(DEV)
+    ids = torch.randint(3, 96, (3, 10), device=DEV)
+    N = 90
+    graphed = run_lean(model, ids, N, cache=make_cache(model, "static", 10 + N), graph=True, keep_tokens=True)
+    assert graphed.graph and graphed.decode_steps == N - 1
+    eager = run_lean(model, ids, N, cache=make_cache(model, "static", 10 + N), graph=False, keep_tokens=True)
+    assert torch.equal(graphed.tokens, eager.tokens)
