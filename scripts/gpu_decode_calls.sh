@@ -32,6 +32,7 @@
 #                                            # 6.0 vs 49.5 MiB a sequence), ~570 s at most
 #   bash scripts/gpu_decode_calls.sh 12 SHA  # call 10's Qwen heads3 largest-batch row again after the fix of its
 #                                            # segfault (kept heads' buffers on a static cache), its GPU test first
+#   bash scripts/gpu_decode_calls.sh 13 SHA  # call 9's three Qwen rows alone (~330 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -42,7 +43,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 12}
+call=${1:?call number 1 to 13}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -173,7 +174,15 @@ case "$call" in
     row qwen-heads3-fit.log 300 "$QWEN" --loops lean --models ours,base --batches 64 --fit-time-s 70 --budget-s 285 "${HEADS3[@]}"
     grep -A30 "Fatal Python error" "$out/qwen-heads3-fit.log" | head -40
     ;;
-  *) echo "call must be 1 to 12" >&2; exit 2 ;;
+  13)
+    # call 9's Qwen rows alone (issue 6's decode floor on a model whose GEMMs read more weight a launch)
+    q=benchmarks/configs/qwen2.5-coder-0.5b.json
+    row qwen-linear.log 110 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95
+    row qwen-retr8.log 110 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95 \
+      --set 'softmax_layers=[3,7,9,11,13,14,16,17]' --set sink_tokens=4 --set feature_rope=false
+    row qwen-base.log 110 "$q" --loops lean --models base --batches 64 --no-fit --budget-s 95
+    ;;
+  *) echo "call must be 1 to 13" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
