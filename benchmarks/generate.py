@@ -412,9 +412,12 @@ def fit_row(subj: Subject, ctx: Context, cache: str | None = None) -> dict:
     details = []
 
     def probe(B: int) -> bool:
+        t0 = time.monotonic()
         ok, peak, err = probe_fits(subj.model, B, a.prompt_len, a.tokens, cache, ctx.vocab, dev, seed=a.seed)
-        details.append({"batch": B, "fits": ok, "peak_gib": None if peak is None else peak / GIB, "error": err})
-        print(f"  fit {subj.key:4s} {cache:7s} B={B:6d} " + (f"fits, peak {peak / GIB:.1f} GiB" if ok else f"fails: {err}"), flush=True)
+        s = time.monotonic() - t0  # (a slow probe, not memory, is what stops a search at its time cap)
+        details.append({"batch": B, "fits": ok, "peak_gib": None if peak is None else peak / GIB, "error": err, "seconds": s})
+        print(f"  fit {subj.key:4s} {cache:7s} B={B:6d} " + (f"fits, peak {peak / GIB:.1f} GiB" if ok else f"fails: {err}")
+              + f" ({s:.1f} s)", flush=True)
         return ok
 
     res = largest_batch(probe, start=a.fit_start, max_batch=a.fit_max_batch, time_cap_s=cap)
