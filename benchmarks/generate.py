@@ -38,7 +38,8 @@ The headline compares each model's fastest loop at --headline-batch (64); the ta
 Largest batch that fits at N tokens, per model: doubling from --fit-start, then bisection to 3%, each
 probe a prefill (16 tokens a forward) plus 3 decode steps in a cache sized for prompt + N tokens (the lean
 loop's caches: the static KV cache is allocated whole; the ring state does not grow after the first step),
-so the memory of token N is reached; torch.cuda.OutOfMemoryError is caught. --fit-time-s caps each search.
+so the memory of token N is reached; torch.cuda.OutOfMemoryError is caught. --fit-time-s caps each search
+(after a warm-up probe at batch 2, which compiles the chunked prefill's kernels outside that cap).
 The base is also probed on a DynamicCache grown to token N after the prefill: its decode steps then need no
 mask, so transformers' SDPA runs GQA natively, where a static cache's masked multi-token forwards expand the
 keys of the whole cache per layer (repeat_kv). The goal compares against the base's larger result.
@@ -420,6 +421,13 @@ def fit_row(subj: Subject, ctx: Context, cache: str | None = None) -> dict:
               + f" ({s:.1f} s)", flush=True)
         return ok
 
+    # A warm-up probe at batch 2 first, outside the search's time: the 16-token chunked prefill compiles its own
+    # kernel variants, which the rows' one-forward prefill did not (heads3 on Qwen: two probes in a 70 s cap)
+    t0 = time.monotonic()
+    probe_fits(subj.model, 2, a.prompt_len, a.tokens, cache, ctx.vocab, dev, seed=a.seed)
+    r["warmup_s"] = time.monotonic() - t0
+    print(f"  fit {subj.key:4s} {cache:7s} warm-up at B=2: {r['warmup_s']:.1f} s (not counted)", flush=True)
+    cap = min(a.fit_time_s, ctx.deadline - time.monotonic())
     res = largest_batch(probe, start=a.fit_start, max_batch=a.fit_max_batch, time_cap_s=cap)
     r.update(largest=res["largest"], smallest_failing=res["smallest_failing"], stopped=res["stopped"],
              seconds=res["seconds"], probes=details,
