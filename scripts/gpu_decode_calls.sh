@@ -33,6 +33,7 @@
 #   bash scripts/gpu_decode_calls.sh 12 SHA  # call 10's Qwen heads3 largest-batch row again after the fix of its
 #                                            # segfault (kept heads' buffers on a static cache), its GPU test first
 #   bash scripts/gpu_decode_calls.sh 13 SHA  # call 9's three Qwen rows alone (~330 s)
+#   bash scripts/gpu_decode_calls.sh 14 SHA  # Qwen all linear compiled with max-autotune GEMMs (the floor's GEMM part)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -43,7 +44,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 13}
+call=${1:?call number 1 to 14}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -182,7 +183,14 @@ case "$call" in
       --set 'softmax_layers=[3,7,9,11,13,14,16,17]' --set sink_tokens=4 --set feature_rope=false
     row qwen-base.log 110 "$q" --loops lean --models base --batches 64 --no-fit --budget-s 95
     ;;
-  *) echo "call must be 1 to 13" >&2; exit 2 ;;
+  14)
+    # the floor's GEMM part (issue 6): Qwen all linear, compiled, with inductor's GEMM templates tuned for M = 64
+    # (max-autotune-no-cudagraphs; cuBLAS ran these at 2-3.5x their weight-read time) against call 13's 1.818 ms
+    q=benchmarks/configs/qwen2.5-coder-0.5b.json
+    row qwen-linear-autotune.log 420 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 \
+      --compile-mode max-autotune-no-cudagraphs --budget-s 400
+    ;;
+  *) echo "call must be 1 to 14" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

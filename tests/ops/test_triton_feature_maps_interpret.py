@@ -137,3 +137,27 @@ def test_a_transfer_step_through_the_kernel_equals_the_modules(monkeypatch, cfg)
         assert rel_err(a, b) < 1e-4
     layers = model.config.num_hidden_layers
     assert launches == {"fwd": layers, "du": layers}, launches
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_launch_grid_stays_inside_cuda_limits_at_millions_of_rows(monkeypatch, backward):
+    """A prefill of 4096 x 1024 tokens is 4M rows: the launch must keep every grid axis but the first under CUDA's
+    65,535 (a second axis of row blocks failed with 'invalid argument' beyond 2M rows). Meta tensors and a
+    recording launcher: nothing runs."""
+    import linearize.ops.triton.feature_maps as fm
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(fm, "_hedgehog_pair_kernel", Recorder())
+    B, T, H, Hk, D, f = 4096, 1024, 14, 2, 64, 64
+    xq, xk = torch.empty(B, T, H, D, device="meta"), torch.empty(B, T, Hk, D, device="meta")
+    wq, wk = torch.empty(H, D, f, device="meta"), torch.empty(Hk, D, f, device="meta")
+    grads = (torch.empty(B, T, H, 2 * f, device="meta"), torch.empty(B, T, Hk, 2 * f, device="meta")) if backward else None
+    fm._launch_pair(xq, xk, wq, wk, grads, block_rows=32, num_warps=4)
+    (grid,) = grids
+    assert grid[0] == (H + Hk) * (B * T // 32) < 2**31 and all(n <= 65535 for n in grid[1:])

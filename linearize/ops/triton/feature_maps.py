@@ -89,10 +89,12 @@ def _hedgehog_pair_kernel(
     D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
     IEEE: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    """Both maps (contiguous outputs O): programs 0..H-1 along axis 0 serve the query map's heads, the rest the key
-    map's. The forward writes phi [R, H, 2 FH] (DY unused); BACKWARD writes du [R, H, FH] from DY [R, H, 2 FH]."""
-    pid = tl.program_id(0)
-    r0 = tl.program_id(1) * BR
+    """Both maps (contiguous outputs O), on a 1D grid of (H + HK) x row blocks, the head varying fastest (a row
+    block's programs run together and share its rows in L2; axis 0 also has no 65,535 limit, which a second axis
+    of row blocks met at 2M rows): heads 0..H-1 serve the query map, the rest the key map. The forward writes
+    phi [R, H, 2 FH] (DY unused); BACKWARD writes du [R, H, FH] from DY [R, H, 2 FH]."""
+    pid = tl.program_id(0) % (H + HK)
+    r0 = (tl.program_id(0) // (H + HK)) * BR
     if BACKWARD:
         if pid < H:
             _hedgehog_du_rows(XQ, WQ, DYQ, OQ, pid, r0, R, sXQ_r, H, GQ, D, DP, FH, FHP, BR, BK, IEEE)
@@ -136,7 +138,7 @@ def _launch_pair(xq, xk, wq, wk, grads: tuple | None, block_rows: int, num_warps
     oq, ok = _pair_like(xq, xk, wq, wk, width)
     if R:
         dyq, dyk = (oq, ok) if grads is None else (g.contiguous() for g in grads)
-        _hedgehog_pair_kernel[(H + Hk, triton.cdiv(R, block_rows))](
+        _hedgehog_pair_kernel[((H + Hk) * triton.cdiv(R, block_rows),)](
             xq2, xk2, wq, wk, dyq, dyk, oq, ok, R, xq2.stride(0), xk2.stride(0),
             H=H, HK=Hk, GQ=H // Hq_in, GK=Hk // Hk_in, D=D, DP=_pow2_at_least_16(D), FH=FH, FHP=_pow2_at_least_16(FH),
             BR=block_rows, BK=block_k(D, xq.dtype), IEEE=xq.dtype == torch.float32, BACKWARD=grads is not None,
