@@ -173,13 +173,16 @@ def load_real(args) -> tuple[dict, dict]:
     from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, args.dtype)
+    want_base = bool({"base", "basek"} & set(args.models.split(",")))
+    init = "cuda" if torch.cuda.is_available() else None  # where random weights are drawn (random_model)
     if args.model.endswith(".json"):
         # The architecture alone, with seeded random weights: a step costs the same whatever the weights
         # hold (the token counts are fixed by min_new_tokens), and no GGUF has to travel to the device.
-        base, tok = random_model(args.model, dtype, args.seed).eval(), None
+        # (No base unless a row needs it: an 8B model's twin is 16 GB of host memory and its initialization.)
+        base, tok = (random_model(args.model, dtype, args.seed, init).eval() if want_base else None), None
     else:
         base, tok = load(args.model, dtype=dtype)
-    info = {"model": args.model, "dtype": args.dtype, "params": sum(p.numel() for p in base.parameters())}
+    info = {"model": args.model, "dtype": args.dtype}
     if tok is None:
         info["weights"] = "random (config only): speed and memory, not text"
     if args.checkpoint:
@@ -187,16 +190,17 @@ def load_real(args) -> tuple[dict, dict]:
         info["linearized"] = f"checkpoint {args.checkpoint}"
         info["linearize_config"] = getattr(ours.config, "linearize", None)
     else:
-        ours = random_model(args.model, dtype, args.seed).eval() if tok is None else load(args.model, dtype=dtype)[0]
+        ours = random_model(args.model, dtype, args.seed, init).eval() if tok is None else load(args.model, dtype=dtype)[0]
         cfg = linearize.LinearizeConfig(**parse_settings(args.set))
         ours = linearize.convert(ours, cfg)
         info["linearized"] = "converted here; feature maps untrained (speed and memory only: the text is not meaningful)"
         info["linearize_config"] = cfg.to_dict()
-    src = tok if tok is not None else base.config
+    info["params"] = sum(p.numel() for p in (base if base is not None else ours).parameters())
+    src = tok if tok is not None else ours.config
     pad = src.pad_token_id if src.pad_token_id is not None else (src.eos_token_id if src.eos_token_id is not None else 0)
     pad = pad[0] if isinstance(pad, list) else pad
     info["pad_token_id"] = pad
-    return {"base": base, "ours": ours}, info
+    return {k: m for k, m in (("base", base), ("ours", ours)) if m is not None}, info
 
 
 def activate(subjects: dict[str, Subject], key: str, device: torch.device) -> None:
@@ -697,7 +701,7 @@ def main(argv=None) -> int:
         raise SystemExit("the benchmark needs CUDA; use --smoke on a CPU machine")
     t_start = time.monotonic()
     models, info = load_real(args)
-    print(f"loaded {args.model} twice ({info['params'] / 1e6:.0f}M parameters, {args.dtype}) in "
+    print(f"loaded {args.model} {'twice' if len(models) == 2 else 'once'} ({info['params'] / 1e6:.0f}M parameters, {args.dtype}) in "
           f"{time.monotonic() - t_start:.0f} s; linearized: {info['linearized']}", flush=True)
     run(args, torch.device("cuda"), models, info, t_start)
     return 0

@@ -309,3 +309,22 @@ def test_static_cache_sizes_the_kept_heads_for_the_whole_run():
     run_lean(heads_only, ids, 3, cache=bare)
     why = kept_heads_short(bare, 109)
     assert why is not None and "layer 1" in why and "reserve_kept_heads(cache, 109)" in why
+
+
+def test_random_weight_models_load_only_what_the_rows_need(tmp_path):
+    """A config-only model (benchmarks/configs/*.json) loads the base only when a base row is asked for: an 8B
+    architecture's twin would be 16 GB of host memory and its initialization for nothing."""
+    import json
+
+    from benchmarks import generate as G
+    from tests.tiny_models import TINY
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps({"model_type": "llama", **TINY}))
+    args = G.parse_args(["--model", str(cfg), "--models", "ours", "--set", "feature_dim=4", "--set", "window=4"])
+    models, info = G.load_real(args)
+    assert list(models) == ["ours"] and info["params"] > 0 and info["pad_token_id"] == 0
+    args = G.parse_args(["--model", str(cfg), "--models", "ours,base", "--set", "feature_dim=4", "--set", "window=4"])
+    models, _ = G.load_real(args)
+    assert sorted(models) == ["base", "ours"]
+    assert torch.equal(models["base"].lm_head.weight, models["ours"].lm_head.weight)  # one seed: twins
