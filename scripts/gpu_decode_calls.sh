@@ -203,8 +203,8 @@ case "$call" in
     row llama8b-base.log 240 "$l" --loops lean --models base --batches 64 --fit-time-s 60 --budget-s 225
     ;;
   16)
-    # call 15's 8B with key maps per KV head (the state 4x smaller: 25 against 88 MB a sequence at 4224 tokens;
-    # the base's KV cache is 554 MB, so the all-linear default's bound is 6.3x and this one's 21x)
+    # call 15's 8B with key maps per KV head (linearize.cache_bytes at 4224 tokens: 28.3 MiB a sequence against the
+    # default's 89.0 and the base's KV cache of 528.0, so bounds of 18.7x and 5.9x)
     l=benchmarks/configs/llama3.1-8b.json
     row llama8b-kvmaps.log 250 "$l" --loops compiled --models ours --batches 64 --fit-time-s 60 --profile-steps 5 --budget-s 235 \
       --set feature_map_per_kv_head=true
