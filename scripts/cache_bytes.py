@@ -1,8 +1,9 @@
-"""Decode-cache bytes a sequence holds, per layout of SmolLM2-135M, Qwen2.5-Coder-0.5B and Gemma3-270M (issue 6's
-largest-batch goal), from the shapes alone (``benchmarks.gen_floor.state_bytes_per_sequence``; no GPU, random
-weights from ``benchmarks/configs/*.json``).
+"""Decode-cache bytes a sequence holds, per layout of SmolLM2-135M, Qwen2.5-Coder-0.5B, Gemma3-270M and the
+Llama-3.1-8B architecture (issue 6's largest-batch goal), from the shapes alone
+(``benchmarks.gen_floor.state_bytes_per_sequence``; no GPU, models built on the meta device from
+``benchmarks/configs/*.json``).
 
-    python scripts/cache_bytes.py [--tokens 4224] [--models smollm2-135m,qwen2.5-coder-0.5b,gemma3-270m] [--out results/issue6/cache-bytes.md]
+    python scripts/cache_bytes.py [--tokens 4224] [--models smollm2-135m,qwen2.5-coder-0.5b,gemma3-270m,llama3.1-8b] [--out results/issue6/cache-bytes.md]
 
 The largest batch that fits is about (free memory - weights - activations) / these bytes, so base / layout
 is an upper bound on the largest-batch ratio (the measured all-linear ratio of SmolLM2, 5.9x, sits under its
@@ -58,6 +59,10 @@ MODELS = {
         "the 3 global layers linearized (gemma-main)": NOPE,
         "layer 17 linearized, 5 and 11 kept (gemma-retr2-stage1)": NOPE | {"sink_tokens": 4, "softmax_layers": [5, 11]},
     }),
+    "llama3.1-8b": ("Llama-3.1-8B architecture (LoLCATs' headline size; random weights: `gpu_decode_calls.sh 15`, `16`)", {
+        "all 32 linearized (LoLCATs' layout: key maps per query head)": {},
+        "all 32 linearized, key maps per KV head": KV,
+    }),
 }
 
 
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
             p.error(f"unknown model {key!r}: choose from {', '.join(MODELS)}")
         title, layouts = MODELS[key]
         config = root / "benchmarks" / "configs" / f"{key}.json"
-        base_model = random_model(config, torch.bfloat16, 0)
+        base_model = random_model(config, torch.bfloat16, 0, "meta")
         base = state_bytes_per_sequence(model_shape(base_model), a.tokens)
         lines += ["", f"**{title}**", "",
                   "| layout | MiB / sequence | of it: sums S, z | ring k, v | ring phi_k | base / layout |",
@@ -93,7 +98,7 @@ def main(argv=None) -> int:
                   f"| base (KV cache, {base_model.config.num_hidden_layers} layers) | {base / 2**20:.1f} | | | | 1.0x |"]
         del base_model
         for name, cfg in layouts.items():
-            shape = model_shape(linearize.convert(random_model(config, torch.bfloat16, 0), linearize.LinearizeConfig(**cfg)))
+            shape = model_shape(linearize.convert(random_model(config, torch.bfloat16, 0, "meta"), linearize.LinearizeConfig(**cfg)))
             n, parts = state_bytes_per_sequence(shape, a.tokens), _split(shape)
             lines.append(f"| {name} | {n / 2**20:.1f} | {parts['sums'] / 2**20:.1f} | {parts['kv'] / 2**20:.1f} | "
                          f"{parts['phi'] / 2**20:.1f} | {base / n:.1f}x |")
