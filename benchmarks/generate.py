@@ -432,6 +432,9 @@ def fit_row(subj: Subject, ctx: Context, cache: str | None = None) -> dict:
     r["warmup_s"] = time.monotonic() - t0
     print(f"  fit {subj.key:4s} {cache:7s} warm-up at B=2: {r['warmup_s']:.1f} s (not counted)", flush=True)
     cap = min(a.fit_time_s, ctx.deadline - time.monotonic())
+    if cap <= 1:
+        r["error"] = "skipped: --budget-s reached (after the warm-up probe)"
+        return r
     res = largest_batch(probe, start=a.fit_start, max_batch=a.fit_max_batch, time_cap_s=cap)
     r.update(largest=res["largest"], smallest_failing=res["smallest_failing"], stopped=res["stopped"],
              seconds=res["seconds"], probes=details,
