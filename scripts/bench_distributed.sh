@@ -2,7 +2,7 @@
 # On the lent 2-GPU machine (nvidia-h200-x2), from the repository root, after the SmolLM2 staging calls of
 # docs/gpu-runs.md (the GGUF must be staged; or pass BENCH_MODEL=<an HF dir>):
 #   bash scripts/bench_distributed.sh [OUT_DIR]        # default ~/distributed-bench; with $OUT set, also
-#                                                      # $OUT/distributed-bench.tar.gz and $OUT/bench-batch{8,32}.md
+#                                                      # $OUT/distributed-bench.tar.gz and $OUT/bench-batch{8-replicate,8-sharded,32-replicate}.md
 # Measures stage-2 tokens/s on 1 and 2 GPUs with the same per-GPU batch (scripts/bench_distributed.py), at
 # 8 rows per GPU (the pipeline's default; host-bound for a 135M model, see
 # benchmarks/results/train-step-h200-20261123) and at 32 rows per GPU, then runs the 2-GPU correctness test.
@@ -19,17 +19,21 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -m linearize.pipelines.carry stage --carry .carry --stage "$HOME/stage" || true
 out=${1:-$HOME/distributed-bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-for rows in 8 32; do
+# The replicate placement's stage 2 shards only the LoRA adapters (the frozen weights whole on every rank: no
+# per-layer all-gathers); sharded, the default with several processes, shards everything (1.25x on 2 x H200 at 8
+# rows, 2026-11-23). Both at 8 rows a GPU, side by side, then replicate at 32.
+for run in 8:replicate 8:sharded 32:replicate; do
+  rows=${run%%:*} pl=${run##*:}
   # steps 10-12 profiled on every rank (left out of the timed median): where the 2-GPU step's extra time goes
-  timeout 200 python3 scripts/bench_distributed.py --model "${BENCH_MODEL:-smollm2-135m}" --gpus 1,2 --per-gpu-batch "$rows" \
-    --seq-len 1024 --steps 30 --warmup 5 --profile 10:3 --out "$out/batch$rows" | tail -8
+  timeout 160 python3 scripts/bench_distributed.py --model "${BENCH_MODEL:-smollm2-135m}" --gpus 1,2 --per-gpu-batch "$rows" \
+    --placement "$pl" --seq-len 1024 --steps 30 --warmup 5 --profile 10:3 --out "$out/batch$rows-$pl" | tail -8
 done
 # the correctness checks on CUDA/NCCL that need only the two set-up runs (2 processes sharded against 1, the
 # layers each rank held, the export); the whole file (+ a kill/resume and a 1.6 GB model's per-rank peaks)
 # takes 4-6 min: `python3 -m pytest -q -s tests/gpu/test_distributed_cuda.py` as a call of its own
-timeout 200 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_distributed_cuda.py -k "equal_one or hold_only or matches_one_gpu" 2>&1 | tail -3
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_distributed_cuda.py -k "equal_one or hold_only or matches_one_gpu" 2>&1 | tail -3
 # the device returns at most 8 files: one archive, plus the two tables to read at once
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/distributed-bench.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"
-  for rows in 8 32; do cp "$out/batch$rows/bench.md" "$OUT/bench-batch$rows.md" 2>/dev/null || true; done
+  for run in 8-replicate 8-sharded 32-replicate; do cp "$out/batch$run/bench.md" "$OUT/bench-batch$run.md" 2>/dev/null || true; done
 fi

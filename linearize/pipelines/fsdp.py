@@ -8,7 +8,8 @@ sharded LoRA masters stay fp32); on CPU everything is fp32.
 
 A model on the CPU is sharded straight onto the mesh's device: ``fully_shard`` moves one unit's full
 weights to the GPU, keeps this rank's shard and frees the rest, so no GPU ever holds the whole model
-(the sharded placement builds its models this way; see :mod:`.placement`).
+(the sharded placement builds its models this way; see :mod:`.placement`). The replicate placement's stage 2
+shards only the adapters (:func:`shard_for_lora`): its ranks hold the whole model anyway.
 """
 
 from __future__ import annotations
@@ -56,8 +57,19 @@ def shard_model(model: nn.Module, d: Dist) -> nn.Module:
 
 
 def shard_for_lora(peft_model: nn.Module, d: Dist) -> nn.Module:
-    """Stage 2: shard the peft-wrapped model (see :func:`shard_model`)."""
-    return shard_model(peft_model, d)
+    """Stage 2 of the ``replicate`` placement, where every rank already holds the whole model on its device: FSDP2
+    shards only the trainable parameters (the LoRA adapters), with the frozen weights as ``ignored_params``, left
+    whole in place. So no layer all-gathers its base weights, twice a step, to compute what every rank already
+    has: on a 2-process gloo step of SmolLM2 that was 2,600 of the step's 6,100 ``aten::copy_`` calls, and on
+    2 x H200 the step took 0.425 s against one GPU's 0.265. The adapters stay gathered from forward to backward
+    (``reshard_after_forward=False``: they are a few MB); their gradients are reduce-scattered as before."""
+    mesh = _mesh(d.device.type, d.world)
+    mp = mixed_precision(d.device)
+    frozen = {p for p in peft_model.parameters() if not p.requires_grad}
+    for layer in decoder_layers(peft_model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=frozen)
+    fully_shard(causal_lm(peft_model), mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=frozen)
+    return peft_model
 
 
 def local_bytes(model: nn.Module) -> int:

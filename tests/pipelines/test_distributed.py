@@ -232,6 +232,21 @@ def test_killed_two_process_run_resumes(runs):
     assert json.loads((out / "checkpoints" / "LATEST").read_text())["stage"] == "stage2"
 
 
+def test_killed_replicate_run_resumes_its_adapter_shards(runs):
+    """The replicate placement's stage 2 shards only the LoRA adapters (the frozen weights whole on every rank):
+    killed mid stage 2, resumed by 2 processes from the adapters' DCP shards, it ends where the uninterrupted run
+    does."""
+    model_dir, text, environ = runs["model_dir"], runs["text"], runs["env"]
+    out = runs["base"] / "killed-replicate"
+    latest = lambda: json.loads((out / "checkpoints" / "LATEST").read_text())  # noqa: E731
+    run_and_kill(torchrun(model_dir, out, text, 2, "--set", "placement=replicate"), environ, out, "stage2", 3)
+    assert latest()["stage"] == "stage2"
+    run_ok(torchrun(model_dir, out, text, 2, "--set", "placement=replicate", "--resume"), environ)
+    ref = runs["replicate"]
+    torch.testing.assert_close(torch.tensor(losses(out, "stage2")), torch.tensor(losses(ref, "stage2")), rtol=1e-5, atol=0)
+    assert_close_weights(load_file(out / "model" / "model.safetensors"), load_file(ref / "model" / "model.safetensors"), rtol=1e-4, atol=1e-6)
+
+
 # ---- bad set-ups: one-line errors ---------------------------------------------------------------------
 
 
