@@ -78,6 +78,14 @@ row() {
 QWEN=benchmarks/configs/qwen2.5-coder-0.5b.json
 HEADS3=(--set 'softmax_heads=[[9,1],[16,0],[16,1]]' --set feature_map_per_kv_head=true --set sink_tokens=4 --set feature_rope=false)
 RETR10=(--set 'softmax_layers=[7,8,14,15,17,18,20,21,22,23]' --set sink_tokens=4 --set feature_rope=false)
+RETR8=(--set 'softmax_layers=[3,7,9,11,13,14,16,17]' --set sink_tokens=4 --set feature_rope=false)
+# issue 6's decode floor on Qwen (random weights, B=64 x 4096): all linear and qwen-retr8's layout compiled (profiled),
+# the base's lean loop
+qwen_floor_rows() {
+  row qwen-linear.log 110 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95
+  row qwen-retr8.log 110 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95 "${RETR8[@]}"
+  row qwen-base.log 110 "$QWEN" --loops lean --models base --batches 64 --no-fit --budget-s 95
+}
 case "$call" in
   1)
     timeout 200 python3 -m pytest -q -x tests/gpu/test_softmax_decode_cuda.py tests/gpu/test_decode_cuda.py \
@@ -144,11 +152,8 @@ case "$call" in
     # The floor ratio depends on the model: SmolLM2-135M's M=64 GEMMs are latency-bound (0.53 of its 1.50 ms step),
     # the larger models' read more weight per launch. Layouts: configs/ablations/qwen2.5-coder-0.5b-retrieval8-*.yaml
     # and configs/gemma3-270m-retrieval.yaml.
-    q=benchmarks/configs/qwen2.5-coder-0.5b.json g=benchmarks/configs/gemma3-270m.json
-    row qwen-linear.log 110 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95
-    row qwen-retr8.log 110 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95 \
-      --set 'softmax_layers=[3,7,9,11,13,14,16,17]' --set sink_tokens=4 --set feature_rope=false
-    row qwen-base.log 110 "$q" --loops lean --models base --batches 64 --no-fit --budget-s 95
+    g=benchmarks/configs/gemma3-270m.json
+    qwen_floor_rows
     row gemma-retr2.log 100 "$g" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 85 \
       --set 'softmax_layers=[5,11]' --set sink_tokens=4 --set feature_rope=false
     row gemma-base.log 100 "$g" --loops lean --models base --batches 64 --no-fit --budget-s 85
@@ -163,8 +168,7 @@ case "$call" in
     ;;
   11)
     row qwen-heads3.log 200 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 185 "${HEADS3[@]}"
-    row qwen-retr8.log 200 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 185 \
-      --set 'softmax_layers=[3,7,9,11,13,14,16,17]' --set sink_tokens=4 --set feature_rope=false
+    row qwen-retr8.log 200 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 185 "${RETR8[@]}"
     ;;
   12)
     # the fifteenth session's segfault in call 10's heads3 row: a static cache (layer 16 keeps both KV heads, so
@@ -179,17 +183,12 @@ case "$call" in
     ;;
   13)
     # call 9's Qwen rows alone (issue 6's decode floor on a model whose GEMMs read more weight a launch)
-    q=benchmarks/configs/qwen2.5-coder-0.5b.json
-    row qwen-linear.log 110 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95
-    row qwen-retr8.log 110 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95 \
-      --set 'softmax_layers=[3,7,9,11,13,14,16,17]' --set sink_tokens=4 --set feature_rope=false
-    row qwen-base.log 110 "$q" --loops lean --models base --batches 64 --no-fit --budget-s 95
+    qwen_floor_rows
     ;;
   14)
     # the floor's GEMM part (issue 6): Qwen all linear, compiled, with inductor's GEMM templates tuned for M = 64
     # (max-autotune-no-cudagraphs; cuBLAS ran these at 2-3.5x their weight-read time) against call 13's 1.818 ms
-    q=benchmarks/configs/qwen2.5-coder-0.5b.json
-    row qwen-linear-autotune.log 420 "$q" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 \
+    row qwen-linear-autotune.log 420 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 \
       --compile-mode max-autotune-no-cudagraphs --budget-s 400
     ;;
   15)

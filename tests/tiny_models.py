@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -32,6 +34,12 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(8.0)
     return model
+
+
+def tiny_config_json(path: Path, model_type: str = "llama") -> Path:
+    """The tiny model's config as a ``benchmarks/configs/*.json``-style file (for ``benchmarks.random_model``)."""
+    path.write_text(json.dumps({"model_type": model_type, **TINY, **ARCH_EXTRA[model_type]}))
+    return path
 
 
 def perturb_added_weights(model, scale=0.3, seed=1):

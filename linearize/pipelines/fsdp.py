@@ -42,17 +42,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return causal_lm(model).base_model.layers
 
 
-def shard_model(model: nn.Module, d: Dist) -> nn.Module:
+def shard_model(model: nn.Module, d: Dist, *, trainable_only: bool = False) -> nn.Module:
     """Shard ``model`` (peft-wrapped or not) in place over all ranks: layers as units, embeddings/norm/head in the root.
 
     The root is the causal LM, not the peft wrapper: HF ``generate`` (and peft's) calls the causal LM's own
-    forward, which must be the one that gathers the root's weights.
+    forward, which must be the one that gathers the root's weights. ``trainable_only``: see :func:`shard_for_lora`.
     """
     mesh = _mesh(d.device.type, d.world)
-    mp = mixed_precision(d.device)
+    kw = {"mesh": mesh, "mp_policy": mixed_precision(d.device)}
+    if trainable_only:
+        kw |= {"reshard_after_forward": False, "ignored_params": {p for p in model.parameters() if not p.requires_grad}}
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(causal_lm(model), mesh=mesh, mp_policy=mp)
+        fully_shard(layer, **kw)
+    fully_shard(causal_lm(model), **kw)
     return model
 
 
@@ -63,13 +65,7 @@ def shard_for_lora(peft_model: nn.Module, d: Dist) -> nn.Module:
     has: on a 2-process gloo step of SmolLM2 that was 2,600 of the step's 6,100 ``aten::copy_`` calls, and on
     2 x H200 the step took 0.425 s against one GPU's 0.265. The adapters stay gathered from forward to backward
     (``reshard_after_forward=False``: they are a few MB); their gradients are reduce-scattered as before."""
-    mesh = _mesh(d.device.type, d.world)
-    mp = mixed_precision(d.device)
-    frozen = {p for p in peft_model.parameters() if not p.requires_grad}
-    for layer in decoder_layers(peft_model):
-        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=frozen)
-    fully_shard(causal_lm(peft_model), mesh=mesh, mp_policy=mp, reshard_after_forward=False, ignored_params=frozen)
-    return peft_model
+    return shard_model(peft_model, d, trainable_only=True)
 
 
 def local_bytes(model: nn.Module) -> int:

@@ -229,9 +229,8 @@ def rank_and_check(model, tokenizer, *, keep: Sequence[int] = (3,), window: int 
 
     parts = {k: unit_scores(m) for k, m in masses.items()}
     # one probe: its own mass; both: each over its largest candidate's, summed (the two masses' scales differ)
-    combined = next(iter(parts.values())) if len(parts) == 1 else sum(p / p[cands].max().clamp_min(1e-12) for p in parts.values())
+    score = next(iter(parts.values())) if len(parts) == 1 else sum(p / p[cands].max().clamp_min(1e-12) for p in parts.values())
     mass = masses.get("passkey", masses.get("mqar"))  # best_head (layers) comes from the passkey mass if there is one
-    score = combined
     sets = {}
     if heads:
         ranked = sorted(units, key=lambda u: -float(score[u[0], u[1]]))

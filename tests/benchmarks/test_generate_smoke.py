@@ -314,13 +314,10 @@ def test_static_cache_sizes_the_kept_heads_for_the_whole_run():
 def test_random_weight_models_load_only_what_the_rows_need(tmp_path):
     """A config-only model (benchmarks/configs/*.json) loads the base only when a base row is asked for: an 8B
     architecture's twin would be 16 GB of host memory and its initialization for nothing."""
-    import json
-
     from benchmarks import generate as G
-    from tests.tiny_models import TINY
+    from tests.tiny_models import tiny_config_json
 
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps({"model_type": "llama", **TINY}))
+    cfg = tiny_config_json(tmp_path / "tiny.json")
     args = G.parse_args(["--model", str(cfg), "--models", "ours", "--set", "feature_dim=4", "--set", "window=4"])
     models, info = G.load_real(args)
     assert list(models) == ["ours"] and info["params"] > 0 and info["pad_token_id"] == 0

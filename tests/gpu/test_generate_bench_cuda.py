@@ -155,14 +155,11 @@ def test_graph_replay_with_kept_layers_and_heads_past_the_first_buffer():
 def test_random_weights_drawn_on_the_gpu_are_seeded_twins_on_the_cpu(tmp_path):
     """generate.py draws a config-only model's weights on the GPU (an 8B model's CPU initialization takes
     minutes): two draws with one seed are the same weights, returned on the CPU."""
-    import json
-
     from benchmarks.random_model import random_model
 
-    from ..tiny_models import TINY
+    from ..tiny_models import tiny_config_json
 
-    cfg = tmp_path / "tiny.json"
-    cfg.write_text(json.dumps({"model_type": "llama", **TINY}))
+    cfg = tiny_config_json(tmp_path / "tiny.json")
     a, b = (random_model(cfg, torch.bfloat16, 3, "cuda") for _ in range(2))
     assert all(p.device.type == "cpu" for p in a.parameters())
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
