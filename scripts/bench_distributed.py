@@ -1,15 +1,17 @@
-"""Stage-2 (LoRA) throughput on 1 GPU against N GPUs: same model, same per-GPU batch, FSDP2 over NCCL.
+"""Stage-2 (LoRA) throughput on 1 GPU against N GPUs: same model, same per-GPU batch, over NCCL.
 
     python3 scripts/bench_distributed.py --gpus 1,2 --out results/distributed-bench-h200x2
+    python3 scripts/bench_distributed.py --device cpu --model host-proxy --per-gpu-batch 1 --seq-len 64   # host overhead, CPU
 
 Each setting is a real `linearize convert ... --nproc N` run (stage 1 skipped, stage 2 only), so what
-is timed is the pipeline's own training step: forward, backward, FSDP all-gathers and gradient
-reduce-scatters, clipping, AdamW. The global batch is ``per_gpu_batch x N`` rows (the 1-GPU run is
-the plain single-process path). Throughput is the median of the per-step ``tokens_per_s`` that rank 0
-writes to metrics.jsonl (global tokens over wall time per step), after ``--warmup`` steps. NVLink
-multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1).
-``--placement`` (default auto: sharded with several processes) is passed to every run; stage 2 trains
-the same FSDP2 shards either way, only where the model is built before sharding differs.
+is timed is the pipeline's own training step: forward, backward, the gradient collectives, clipping,
+AdamW. The global batch is ``per_gpu_batch x N`` rows (the 1-GPU run is the plain single-process path).
+Throughput is the median of the per-step ``tokens_per_s`` that rank 0 writes to metrics.jsonl (global
+tokens over wall time per step), after ``--warmup`` steps. NVLink multicast stays off
+(NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1). ``--placement``
+(default auto: sharded with several processes) is passed to every run: ``sharded`` trains FSDP2 shards of
+the whole model, ``replicate`` the whole model on every GPU with DDP (one bucketed all-reduce of the LoRA
+gradients).
 
 Writes OUT/bench.json and OUT/bench.md (and keeps each run's metrics as OUT/metrics-<N>gpu.jsonl); with
 ``--profile START:COUNT`` also each rank's profile of those steps, OUT/profile-<N>gpu-rank<r>.md: what the
@@ -43,6 +45,29 @@ def synthetic_text(path: Path, words: int = 400_000, seed: int = 0) -> Path:
              "they you were her she there had been one all we their has would when if so no what up out more who").split()
     paras = [" ".join(rnd.choice(vocab) for _ in range(rnd.randint(80, 200))) + "." for _ in range(words // 140)]
     path.write_text("\n\n".join(paras))
+    return path
+
+
+def host_proxy_model(path: Path) -> Path:
+    """SmolLM2-135M's module structure (30 layers, 9 query / 3 KV heads, LoRA on q/k/v/o) at tiny widths, random
+    weights, a word-level tokenizer: its compute is negligible, so a step's time is its host overhead (dispatch,
+    hooks, collectives), the regime stage 2 of a small model is in on a GPU. ``--model host-proxy`` on the CPU
+    compares placements' overheads where no GPU is at hand."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    import torch
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", *sorted(set(synthetic_text(path.parent / "proxy-words.txt", 2000).read_text().split()))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=len(words), hidden_size=72, intermediate_size=96, num_hidden_layers=30,
+                               num_attention_heads=9, num_key_value_heads=3, head_dim=8, max_position_embeddings=4096,
+                               pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
     return path
 
 
@@ -94,7 +119,8 @@ def run_one(args, n: int, source: str, work: Path, env: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m", help="a model name or directory; 'host-proxy': a SmolLM2-shaped "
+                    "model at tiny widths, whose step is its host overhead (see host_proxy_model)")
     ap.add_argument("--gpus", default="1,2", help="process counts to compare, e.g. 1,2")
     ap.add_argument("--per-gpu-batch", type=int, default=8)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -119,6 +145,8 @@ def main() -> None:
     for run_dir in args.work.glob("run-*gpu"):  # a new measurement, not a resume
         shutil.rmtree(run_dir)
     source = str(synthetic_text(args.work / "text.txt")) if args.source == "synthetic" else args.source
+    if args.model == "host-proxy":
+        args.model = str(host_proxy_model(args.work / "host-proxy"))
     env = os.environ | NO_MULTICAST | {"TQDM_DISABLE": "1"}
 
     import torch
@@ -129,7 +157,7 @@ def main() -> None:
         r["speedup_vs_first"] = r["tokens_per_s_median"] / base["tokens_per_s_median"]
         r["scaling_efficiency"] = r["speedup_vs_first"] / (r["gpus"] / base["gpus"])
     summary = {
-        "what": "stage-2 LoRA training throughput (tokens/s, global), FSDP2 over NCCL, same per-GPU batch",
+        "what": "stage-2 LoRA training throughput (tokens/s, global), same per-GPU batch: FSDP2 (sharded) or DDP (replicate)",
         "model": args.model, "seq_len": args.seq_len, "per_gpu_batch": args.per_gpu_batch, "grad_accum": args.grad_accum,
         "steps": args.steps, "warmup": args.warmup, "data": args.source,
         "torch": torch.__version__, "env": NO_MULTICAST, "results": results,

@@ -19,9 +19,9 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -m linearize.pipelines.carry stage --carry .carry --stage "$HOME/stage" || true
 out=${1:-$HOME/distributed-bench}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-# The replicate placement's stage 2 shards only the LoRA adapters (the frozen weights whole on every rank: no
-# per-layer all-gathers); sharded, the default with several processes, shards everything (1.25x on 2 x H200 at 8
-# rows, 2026-11-23). Both at 8 rows a GPU, side by side, then replicate at 32.
+# The replicate placement's stage 2 is DDP: one bucketed all-reduce of the LoRA gradients, no per-layer hooks
+# (linearize/pipelines/replicate.py); sharded, the default with several processes, is FSDP2 over everything (1.25x
+# on 2 x H200 at 8 rows, 2026-11-23). Both at 8 rows a GPU, side by side, then replicate at 32.
 for run in 8:replicate 8:sharded 32:replicate; do
   rows=${run%%:*} pl=${run##*:}
   # steps 10-12 profiled on every rank (left out of the timed median): where the 2-GPU step's extra time goes

@@ -9,7 +9,7 @@ sharded LoRA masters stay fp32); on CPU everything is fp32.
 A model on the CPU is sharded straight onto the mesh's device: ``fully_shard`` moves one unit's full
 weights to the GPU, keeps this rank's shard and frees the rest, so no GPU ever holds the whole model
 (the sharded placement builds its models this way; see :mod:`.placement`). The replicate placement's stage 2
-shards only the adapters (:func:`shard_for_lora`): its ranks hold the whole model anyway.
+does not use FSDP: its ranks hold the whole model anyway (:mod:`.replicate`).
 """
 
 from __future__ import annotations
@@ -42,30 +42,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return causal_lm(model).base_model.layers
 
 
-def shard_model(model: nn.Module, d: Dist, *, trainable_only: bool = False) -> nn.Module:
+def shard_model(model: nn.Module, d: Dist) -> nn.Module:
     """Shard ``model`` (peft-wrapped or not) in place over all ranks: layers as units, embeddings/norm/head in the root.
 
     The root is the causal LM, not the peft wrapper: HF ``generate`` (and peft's) calls the causal LM's own
-    forward, which must be the one that gathers the root's weights. ``trainable_only``: see :func:`shard_for_lora`.
+    forward, which must be the one that gathers the root's weights.
     """
     mesh = _mesh(d.device.type, d.world)
     kw = {"mesh": mesh, "mp_policy": mixed_precision(d.device)}
-    if trainable_only:
-        kw |= {"reshard_after_forward": False, "ignored_params": {p for p in model.parameters() if not p.requires_grad}}
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(causal_lm(model), **kw)
     return model
-
-
-def shard_for_lora(peft_model: nn.Module, d: Dist) -> nn.Module:
-    """Stage 2 of the ``replicate`` placement, where every rank already holds the whole model on its device: FSDP2
-    shards only the trainable parameters (the LoRA adapters), with the frozen weights as ``ignored_params``, left
-    whole in place. So no layer all-gathers its base weights, twice a step, to compute what every rank already
-    has: on a 2-process gloo step of SmolLM2 that was 2,600 of the step's 6,100 ``aten::copy_`` calls, and on
-    2 x H200 the step took 0.425 s against one GPU's 0.265. The adapters stay gathered from forward to backward
-    (``reshard_after_forward=False``: they are a few MB); their gradients are reduce-scattered as before."""
-    return shard_model(peft_model, d, trainable_only=True)
 
 
 def local_bytes(model: nn.Module) -> int:

@@ -1,9 +1,9 @@
 """Where the model's weights live in a multi-process run: ``replicate`` or ``sharded`` (``placement`` setting).
 
 ``replicate``: every rank holds the whole model on its device (stage 1 block-wise, each rank running the
-frozen softmax forward up to its block; stage 2 data-parallel with FSDP2 sharding only the LoRA adapters, the
-frozen weights left whole on every rank, so no layer all-gathers them; rank 0 merges and exports on its
-device). The model must fit one device; it is the faster choice when it does.
+frozen softmax forward up to its block; stage 2 data-parallel with DDP, which all-reduces the LoRA adapters'
+gradients and nothing else (:mod:`.replicate`); rank 0 merges and exports on its device). The model must fit
+one device; it is the faster choice when it does.
 
 ``sharded``: no device ever holds the whole model.
 

@@ -60,7 +60,7 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
     env = report.get("environment", {})
     procs = env.get("processes", 1)
     how = {"sharded": "sharded placement: stage 1 a pipeline of blocks of layers, stage 2 FSDP2 data-parallel",
-           "replicate": "replicated placement: stage 1 block-wise over layers, stage 2 FSDP2 data-parallel"}
+           "replicate": "replicated placement: stage 1 block-wise over layers, stage 2 DDP data-parallel"}
     lines += [f"- device: {env.get('device')}; torch {env.get('torch')}, transformers {env.get('transformers')}"
               + (f"; {procs} processes ({how[env.get('placement', 'replicate')]})" if procs > 1 else "")]
     lines += [f"- data: `{report['data']['source']}`, seq_len {report['data']['seq_len']}, "

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from ..convert import convert, linearized_layers
 from . import distributed
 from .checkpoint import CheckpointManager, atomic_write_json, atomic_write_text
-from .fsdp import local_bytes, shard_for_lora, shard_model
+from .fsdp import local_bytes, shard_model
 from .profiling import ENV as PROFILE_ENV, parse_window
 from .config import RunConfig, config_from_dict
 from .distributed import SINGLE, Dist
@@ -41,6 +41,7 @@ from .evaluate import perplexity, sample
 from .finetune import add_lora, lora_parameters, stage2_loss
 from .placement import PipelinedTransferLoss, describe, place_span, stage1_spans
 from .placement import resolve as resolve_placement
+from .replicate import replicate_for_lora
 from .report import plot_losses, write_report
 from .trainer import train_stage, truncate_metrics
 from .transfer import freeze_for_transfer, set_mode, transfer_loss
@@ -133,7 +134,7 @@ def run_conversion(
     """Run (or resume) a whole conversion and return the report dict (``{}`` on ranks other than 0).
 
     Under torchrun (WORLD_SIZE > 1) every process runs this: evaluations are shared out by rows,
-    stage 1 trains one contiguous block of layers per rank, stage 2 is FSDP2 data-parallel, and rank 0
+    stage 1 trains one contiguous block of layers per rank, stage 2 is data-parallel, and rank 0
     alone writes files, samples and exports.
     """
     d = distributed.setup(cfg.device)
@@ -176,7 +177,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     if d.enabled:
         how = ("stage 1 a pipeline of blocks of layers (each rank holds its block only), stage 2 FSDP2 data-parallel "
                "on shards built from the CPU; no device holds the whole model") if sharded else (
-               "stage 1 block-wise over layers, stage 2 FSDP2 data-parallel; every rank holds the whole model")
+               "stage 1 block-wise over layers, stage 2 DDP data-parallel; every rank holds the whole model")
         echo(f"{d.world} processes on {device.type}, placement {placement}: {how}")
         if cfg.stage2.steps > 0 and cfg.stage2.batch_size % d.world:
             raise RunError(
@@ -363,7 +364,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         lora_params = lora_parameters(peft_model)
         if d.enabled:
             weights = _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_rows, ckpts, latest, metrics, logger, d)
-            # FSDP2 sharded the model in place: rank 0 merges the adapters into a fresh unsharded copy
+            # rank 0 merges the adapters into a fresh copy (DDP's hooks stay on the trained one)
             del peft_model, lora_params, model
             _free(device)
             peaks = d.all_gather_object(_peak_mb(device))
@@ -593,12 +594,12 @@ def _stage2_sharded(cfg, state, save_state, evaluate, samples, build, train_rows
 
 
 def _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_rows, ckpts, latest, metrics, logger, d: Dist):
-    """Stage 2 with FSDP2 over all ranks (sharding ``peft_model`` in place); the full adapter weights on rank 0."""
+    """Stage 2 of the replicate placement: DDP over all ranks (gradient all-reduce, :mod:`.replicate`); the adapter
+    weights on rank 0."""
     if "stage2" in state["stages"]:
         return ckpts.latest().load_weights() if d.is_main else None
     d.broadcast_tensors(list(lora_params.values()))  # one LoRA initialisation on every rank
-    shard_for_lora(peft_model, d)
-    lora_params = lora_parameters(peft_model)  # now sharded DTensors, same names
+    replicate_for_lora(peft_model, d)
     result = train_stage(
         "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
         checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=d.device, log=logger,
@@ -606,8 +607,7 @@ def _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_r
     )
     state["stages"]["stage2"] = _stage_record(result)
     save_state()
-    weights = {k: p.full_tensor().cpu() for k, p in lora_params.items()}  # a collective: every rank takes part
-    return weights if d.is_main else None
+    return {k: p.detach().cpu() for k, p in lora_params.items()} if d.is_main else None  # the same on every rank
 
 
 def _ood_rows(cfg: RunConfig, tokenizer, d: Dist) -> torch.Tensor:

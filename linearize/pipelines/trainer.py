@@ -11,7 +11,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-from torch.distributed.fsdp import FSDPModule
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -63,7 +62,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, parallel: str | 
     """Clip by the norm of the whole model's gradient, as one process training everything would.
 
     ``parallel="layers"``: each rank holds the gradients of its own layers only, so the squared norms are
-    summed over ranks. FSDP gradients (``"data"``) are DTensors and clip_grad_norm_ reduces them itself.
+    summed over ranks. Data-parallel gradients (``"data"``) are either FSDP's DTensors, which clip_grad_norm_
+    reduces itself, or DDP's all-reduced tensors, the same on every rank.
     """
     if parallel != "layers" or not d.enabled:
         torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -110,7 +110,7 @@ def train_stage(
     position are restored, so the run continues exactly as if it had not stopped.
 
     Several processes (``dist``): ``parallel="data"`` splits every global micro-batch into equal
-    contiguous shares, one per rank, and FSDP averages the gradients, so a step equals one process's
+    contiguous shares, one per rank, and FSDP or DDP averages the gradients, so a step equals one process's
     step over the whole batch; ``parallel="layers"`` gives every rank the whole batch and its own
     layers (``params`` holds only those), the loss being a sum over layers. Either way the logged loss
     and the clipping norm are those of the whole model on the whole batch. Only rank 0 logs.
@@ -141,9 +141,10 @@ def train_stage(
     bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", dynamic_ncols=True, **quiet)
     model.train()
     loss_value = None
-    # FSDP: reduce gradients once per step (the first FSDP module met is the topmost; it sets its sub-units too)
-    fsdp_root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
-    sync = fsdp_root.set_requires_gradient_sync if fsdp_root is not None else None
+    # FSDP2 or DDP (replicate): reduce gradients once per step, at the last micro-batch (the first such module met
+    # is the topmost; FSDP's sets its sub-units too)
+    dp_root = next((m for m in model.modules() if hasattr(m, "set_requires_gradient_sync")), None)
+    sync = dp_root.set_requires_gradient_sync if dp_root is not None else None
     profiler = StepProfiler(name, metrics_path.parent, dist.rank)  # LINEARIZE_PROFILE=START:COUNT, else off
     for step in range(start, cfg.steps):
         profiler.before(step)

@@ -180,6 +180,20 @@ def test_data_parallel_stage2_equals_single_process(runs, placement):
     assert r2["samples"].keys() == r1["samples"].keys() == {"base", "linearized"}
 
 
+def test_replicate_stage2_with_kl_equals_single_process(runs):
+    """KL to the teacher plus CE (the recipe of the converted models that meet the quality goals): the teacher's
+    no-grad forward passes through DDP's hooks too, and the 2-process replicate run still equals one process."""
+    model_dir, text, environ, base = runs["model_dir"], runs["text"], runs["env"], runs["base"]
+    loss = ["--set", "stage2_loss.kl_weight=1", "--set", "stage2_loss.ce_weight=0.3", "--set", "stage1.steps=2"]
+    one, two = base / "kl-one", base / "kl-two"
+    run_ok(single(model_dir, one, text, *loss), environ)
+    run_ok(torchrun(model_dir, two, text, 2, "--set", "placement=replicate", *loss), environ)
+    l1, l2 = losses(one, "stage2"), losses(two, "stage2")
+    assert len(l1) == len(l2) == 6 and l1 != losses(runs["one"], "stage2")  # (another objective than CE alone)
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=0)
+    assert_close_weights(load_file(two / "model" / "model.safetensors"), load_file(one / "model" / "model.safetensors"), rtol=1e-4, atol=1e-6)
+
+
 def test_sharded_ranks_hold_only_their_share(runs):
     """Stage 1: each rank had on its device only the layers of its span (others on meta), the embeddings on rank 0
     only; stage 2: a shard of the model. What each rank reports is in report.json."""
@@ -232,10 +246,10 @@ def test_killed_two_process_run_resumes(runs):
     assert json.loads((out / "checkpoints" / "LATEST").read_text())["stage"] == "stage2"
 
 
-def test_killed_replicate_run_resumes_its_adapter_shards(runs):
-    """The replicate placement's stage 2 shards only the LoRA adapters (the frozen weights whole on every rank):
-    killed mid stage 2, resumed by 2 processes from the adapters' DCP shards, it ends where the uninterrupted run
-    does."""
+def test_killed_replicate_run_resumes(runs):
+    """The replicate placement's stage 2 is DDP (the adapters plain tensors, the same on every rank, which DCP
+    writes once): killed mid stage 2, resumed by 2 processes from that checkpoint, it ends where the
+    uninterrupted run does."""
     model_dir, text, environ = runs["model_dir"], runs["text"], runs["env"]
     out = runs["base"] / "killed-replicate"
     latest = lambda: json.loads((out / "checkpoints" / "LATEST").read_text())  # noqa: E731
