@@ -9,7 +9,7 @@ AdamW. The global batch is ``per_gpu_batch x N`` rows (the 1-GPU run is the plai
 Throughput is the median of the per-step ``tokens_per_s`` that rank 0 writes to metrics.jsonl (global
 tokens over wall time per step), after ``--warmup`` steps. NVLink multicast stays off
 (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1). ``--placement``
-(default auto: sharded with several processes) is passed to every run: ``sharded`` trains FSDP2 shards of
+(default auto: replicate where the weights take at most 10% of a GPU, else sharded) is passed to every run: ``sharded`` trains FSDP2 shards of
 the whole model, ``replicate`` the whole model on every GPU with DDP (one bucketed all-reduce of the LoRA
 gradients).
 
@@ -129,7 +129,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--source", default="synthetic", help="'synthetic' (generated text) or any data.source")
     ap.add_argument("--device", default="cuda", help="cuda (NCCL); cpu only to smoke-test this script (gloo)")
-    ap.add_argument("--placement", default="auto", help="auto (sharded with several processes) | sharded | replicate")
+    ap.add_argument("--placement", default="auto", help="auto (replicate when the weights take <= 10%% of a GPU, else sharded) | sharded | replicate")
     ap.add_argument("--profile", default="", help="START:COUNT: profile those stage-2 steps on every rank "
                     "(LINEARIZE_PROFILE); writes OUT/profile-<N>gpu-rank<r>.md (host and device time by op). "
                     "Profiled steps run slower: they are left out of the timed median.")

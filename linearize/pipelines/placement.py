@@ -26,6 +26,8 @@ per process; a dtype conversion (e.g. an fp32 checkpoint run in bf16) makes one 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn as nn
 
@@ -34,17 +36,33 @@ from .fsdp import local_bytes
 from .transfer import span_transfer_loss
 
 PLACEMENTS = ("auto", "replicate", "sharded")
-#: what ``placement=auto`` means with more than one process (one process always holds the whole model)
-MULTI_PROCESS_DEFAULT = "sharded"
+#: with several processes ``placement=auto`` replicates a model whose weights take at most this share of each
+#: device's memory (the rest is left to activations, which both placements hold alike), else shards it: at bf16,
+#: models up to ~4B parameters on an 80 GB GPU, e.g. SmolLM2-135M (0.3% of it) but not Llama-3.1-8B (20%)
+AUTO_REPLICATE_SHARE = 0.10
 
 
-def resolve(placement: str, world: int) -> str:
-    """``replicate`` or ``sharded`` for a run of ``world`` processes."""
+def resolve(placement: str, world: int, weight_bytes: int | None = None, device_bytes: int | None = None) -> tuple[str, str]:
+    """(``replicate`` or ``sharded``, why) for a run of ``world`` processes. ``auto`` with several processes needs
+    the model's ``weight_bytes`` and the smallest rank's ``device_bytes`` (see :data:`AUTO_REPLICATE_SHARE`)."""
     if placement not in PLACEMENTS:
         raise ValueError(f"invalid placement={placement!r}: choose auto, replicate or sharded")
     if world == 1:
-        return "replicate"
-    return MULTI_PROCESS_DEFAULT if placement == "auto" else placement
+        return "replicate", "one process holds the whole model"
+    if placement != "auto":
+        return placement, f"placement={placement}"
+    share = weight_bytes / device_bytes
+    gb = f"the weights ({weight_bytes / 1e9:.2f} GB) take {100 * share:.1f}% of each device's {device_bytes / 1e9:.0f} GB"
+    if share <= AUTO_REPLICATE_SHARE:
+        return "replicate", f"placement=auto: {gb}, so every device holds them all (placement=sharded shards them)"
+    return "sharded", f"placement=auto: {gb}, more than {100 * AUTO_REPLICATE_SHARE:.0f}%, so they are sharded"
+
+
+def device_bytes(device: torch.device, local_world: int) -> int:
+    """Memory of ``device``: a GPU's own; for the CPU, the host's RAM shared out over the processes on it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(local_world, 1)
 
 
 def stage1_spans(blocks: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -39,7 +39,7 @@ from .config import RunConfig, config_from_dict
 from .distributed import SINGLE, Dist
 from .evaluate import perplexity, sample
 from .finetune import add_lora, lora_parameters, stage2_loss
-from .placement import PipelinedTransferLoss, describe, place_span, stage1_spans
+from .placement import PipelinedTransferLoss, describe, device_bytes, place_span, stage1_spans
 from .placement import resolve as resolve_placement
 from .replicate import replicate_for_lora
 from .report import plot_losses, write_report
@@ -171,14 +171,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     device = pick_device(cfg.device) if not d.enabled else d.device
     logger = make_logger(cfg.logger, out) if d.is_main else None
     torch.manual_seed(cfg.seed)
-    placement = resolve_placement(cfg.placement, d.world)
-    sharded = placement == "sharded"
-    state["placement"] = {"mode": placement} | {k: v for k, v in state.get("placement", {}).items() if k != "mode"}
     if d.enabled:
-        how = ("stage 1 a pipeline of blocks of layers (each rank holds its block only), stage 2 FSDP2 data-parallel "
-               "on shards built from the CPU; no device holds the whole model") if sharded else (
-               "stage 1 block-wise over layers, stage 2 DDP data-parallel; every rank holds the whole model")
-        echo(f"{d.world} processes on {device.type}, placement {placement}: {how}")
         if cfg.stage2.steps > 0 and cfg.stage2.batch_size % d.world:
             raise RunError(
                 f"stage2.batch_size={cfg.stage2.batch_size} does not split over {d.world} processes: use a multiple of "
@@ -192,6 +185,17 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with d.main_first():  # rank 0 fetches and converts into the cache; the others then read it
         model, tokenizer = load(cfg.model, dtype=dtype)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    memory = min(d.all_gather_object(device_bytes(device, local_world))) if d.enabled and cfg.placement == "auto" else None
+    placement, why = resolve_placement(cfg.placement, d.world, weight_bytes, memory)
+    sharded = placement == "sharded"
+    state["placement"] = {"mode": placement} | {k: v for k, v in state.get("placement", {}).items() if k != "mode"}
+    if d.enabled:
+        how = ("stage 1 a pipeline of blocks of layers (each rank holds its block only), stage 2 FSDP2 data-parallel "
+               "on shards built from the CPU; no device holds the whole model") if sharded else (
+               "stage 1 block-wise over layers, stage 2 DDP data-parallel; every rank holds the whole model")
+        echo(f"{d.world} processes on {device.type}, placement {placement} ({why}): {how}")
     if not sharded:
         model.to(device)  # (sharded: the model stays on the CPU until it is placed or sharded)
     max_pos = getattr(model.config, "max_position_embeddings", None)

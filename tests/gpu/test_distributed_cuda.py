@@ -2,8 +2,9 @@
 
 The CPU tests (tests/pipelines/test_distributed.py) check equality in fp32 with gloo, for both placements;
 here the same runs go through NCCL and bf16 autocast, so the tolerances are bf16's. The 2-GPU runs use the
-default ``sharded`` placement (stage 1 a pipeline of blocks sending boundary states over NCCL, everything
-else on FSDP2 shards built from the CPU, export merged on rank 0's CPU). A larger random model (1.6 GB of
+``sharded`` placement (stage 1 a pipeline of blocks sending boundary states over NCCL, everything else on
+FSDP2 shards built from the CPU, export merged on rank 0's CPU), and the default ``auto``, which replicates a
+model this small (stage 2 DDP over NCCL). A larger random model (1.6 GB of
 bf16 weights) then shows that no GPU's peak comes near the model's size; a ``replicate`` run of it shows
 the other placement still runs (and holds the whole model on each GPU).
 
@@ -41,10 +42,11 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("cuda-dist")
     model_dir, text = make_model_dir(base / "tiny"), make_text(base / "text.txt")
     environ = env(base / "cache") | NO_MULTICAST
-    one, two = base / "one", base / "two"
+    one, two, rep = base / "one", base / "two", base / "replicate"
     run_ok(command(model_dir, one, text, 1), environ)
-    run_ok(command(model_dir, two, text, 2), environ)
-    return {"one": one, "two": two, "model_dir": model_dir, "text": text, "env": environ, "base": base}
+    run_ok(command(model_dir, two, text, 2, "placement=sharded"), environ)
+    run_ok(command(model_dir, rep, text, 2), environ)  # placement=auto: replicate
+    return {"one": one, "two": two, "replicate": rep, "model_dir": model_dir, "text": text, "env": environ, "base": base}
 
 
 def test_two_gpus_equal_one(runs):
@@ -58,6 +60,17 @@ def test_two_gpus_equal_one(runs):
     assert r2["environment"]["processes"] == 2 and r2["environment"]["placement"] == "sharded"
     for key in ("base", "swapped", "stage1", "stage2"):  # (2 GPUs: on the FSDP shards, every rank in every forward)
         assert r2["evals"][key]["ppl"] == pytest.approx(r1["evals"][key]["ppl"], rel=2e-2)
+
+
+def test_two_gpus_replicated_equal_one(runs):
+    """The default placement for a small model: stage 1 block-wise, stage 2 DDP (NCCL all-reduce of the LoRA gradients)."""
+    one, rep = runs["one"], runs["replicate"]
+    for stage in ("stage1", "stage2"):
+        a, b = torch.tensor(losses(one, stage)), torch.tensor(losses(rep, stage))
+        assert len(a) == len(b) == 6
+        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-6)
+    assert report(rep)["environment"]["placement"] == "replicate"
+    assert report(rep)["evals"]["stage2"]["ppl"] == pytest.approx(report(one)["evals"]["stage2"]["ppl"], rel=2e-2)
 
 
 def test_sharded_ranks_hold_only_their_share(runs):
@@ -86,9 +99,9 @@ def test_killed_sharded_run_resumes(runs):
     tolerance. (The CPU test also kills one mid stage 1 and resumes the pipeline.)"""
     out = runs["base"] / "killed"
     model_dir, text, environ = runs["model_dir"], runs["text"], runs["env"]
-    run_and_kill(command(model_dir, out, text, 2), environ, out, "stage2", 3)
+    run_and_kill(command(model_dir, out, text, 2, "placement=sharded"), environ, out, "stage2", 3)
     assert json.loads((out / "checkpoints" / "LATEST").read_text())["stage"] == "stage2"
-    run_ok(command(model_dir, out, text, 2, resume=True), environ)
+    run_ok(command(model_dir, out, text, 2, "placement=sharded", resume=True), environ)
     ref = runs["two"]
     assert [(l["stage"], l["step"]) for l in metric_lines(out)] == [(l["stage"], l["step"]) for l in metric_lines(ref)]
     for stage in ("stage1", "stage2"):

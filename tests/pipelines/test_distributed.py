@@ -1,10 +1,11 @@
 """Several processes on CPU (gloo, 2 processes, tiny model) against one process over the same global batch.
 
-Both placements (``replicate``: every rank holds the whole model; ``sharded``, the default with several
-processes: no rank does):
+Both placements (``replicate``: every rank holds the whole model, what ``auto`` picks for this small one;
+``sharded``: no rank does):
 - stage 1 block-wise (one block of layers per rank; sharded: a pipeline, each rank holding only its
   span of layers, fed the teacher's boundary states by the rank before) equals single-process training;
-- stage 2 data-parallel with FSDP2 equals single-process training (gradient accumulation included);
+- stage 2 data-parallel (sharded: FSDP2; replicate: DDP) equals single-process training (gradient accumulation
+  included; replicate also with the KL + CE objective);
 - sharded: each rank held only its layers in stage 1 and a shard in stage 2; the export, merged on
   rank 0's CPU, loads with from_pretrained and gives the replicate export's outputs;
 - a killed 2-process (sharded) run resumes with 2 processes, is killed again and finished by 1 (DCP reshards);
@@ -126,15 +127,17 @@ def assert_close_weights(a, b, rtol, atol):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One single-process run and two uninterrupted 2-process runs (sharded, the default; replicate) of the same settings."""
+    """One single-process run and two uninterrupted 2-process runs (sharded; replicate, which the default ``auto``
+    picks for a model this small) of the same settings."""
     base = tmp_path_factory.mktemp("dist")
     model_dir, text = make_model_dir(base / "tiny"), make_text(base / "text.txt")
     environ = env(base / "cache")
     one, two, two_rep = base / "one", base / "two", base / "two-replicate"
     run_ok(single(model_dir, one, text), environ)
-    run_ok(torchrun(model_dir, two, text, 2), environ)
-    run_ok(torchrun(model_dir, two_rep, text, 2, "--set", "placement=replicate"), environ)
-    return {"model_dir": model_dir, "text": text, "env": environ, "one": one, "two": two, "replicate": two_rep, "base": base}
+    run_ok(torchrun(model_dir, two, text, 2, "--set", "placement=sharded"), environ)
+    auto = run_ok(torchrun(model_dir, two_rep, text, 2), environ)  # placement=auto
+    return {"model_dir": model_dir, "text": text, "env": environ, "one": one, "two": two, "replicate": two_rep, "base": base,
+            "auto_log": auto.stdout.decode() + auto.stderr.decode()}
 
 
 PLACEMENTS = {"sharded": "two", "replicate": "replicate"}
@@ -152,6 +155,12 @@ def test_block_wise_stage1_equals_single_process(runs, placement):
     assert r2["environment"]["processes"] == 2 and r1["environment"]["processes"] == 1
     assert r2["environment"]["placement"] == placement and r1["environment"]["placement"] == "replicate"
     assert r2["stages"]["stage1"]["trainable_params"] == r1["stages"]["stage1"]["trainable_params"]
+
+
+def test_auto_placement_says_what_it_chose_and_why(runs):
+    log = " ".join(runs["auto_log"].replace(">", " ").split())  # (the console wraps long lines)
+    assert "2 processes on cpu, placement replicate (placement=auto: the weights (" in log
+    assert "so every device holds them all (placement=sharded shards them)" in log
 
 
 def test_pipelined_stage1_equals_block_wise(runs):
@@ -231,9 +240,9 @@ def test_killed_two_process_run_resumes(runs):
     model_dir, text, environ = runs["model_dir"], runs["text"], runs["env"]
     out = runs["base"] / "killed"
     latest = lambda: json.loads((out / "checkpoints" / "LATEST").read_text())  # noqa: E731
-    run_and_kill(torchrun(model_dir, out, text, 2), environ, out, "stage1", 3)
+    run_and_kill(torchrun(model_dir, out, text, 2, "--set", "placement=sharded"), environ, out, "stage1", 3)
     assert latest()["stage"] == "stage1"
-    run_and_kill(single(model_dir, out, text, "--resume", "--nproc", "2"), environ, out, "stage2", 3)
+    run_and_kill(single(model_dir, out, text, "--resume", "--nproc", "2", "--set", "placement=sharded"), environ, out, "stage2", 3)
     assert latest()["stage"] == "stage2"  # written by the 2 shards
     run_ok(single(model_dir, out, text, "--resume"), environ)
 

@@ -7,7 +7,7 @@ import torch
 
 import linearize
 from linearize.convert import linearized_layers
-from linearize.pipelines.placement import describe, place_span, resolve, stage1_spans
+from linearize.pipelines.placement import AUTO_REPLICATE_SHARE, describe, device_bytes, place_span, resolve, stage1_spans
 from linearize.pipelines.transfer import freeze_for_transfer, span_transfer_loss, transfer_loss
 
 from ..tiny_models import perturb_added_weights, tiny_model
@@ -99,10 +99,27 @@ def test_place_span_keeps_only_its_layers(tied):
 
 
 def test_placement_values():
-    assert resolve("auto", 1) == "replicate" and resolve("sharded", 1) == "replicate"
-    assert resolve("auto", 2) == "sharded" and resolve("replicate", 4) == "replicate"
+    assert resolve("auto", 1)[0] == "replicate" and resolve("sharded", 1)[0] == "replicate"
+    assert resolve("sharded", 2)[0] == "sharded" and resolve("replicate", 4)[0] == "replicate"
     with pytest.raises(ValueError, match="invalid placement='pipeline': choose auto, replicate or sharded"):
         resolve("pipeline", 2)
+
+
+def test_auto_placement_replicates_small_models_and_shards_large_ones():
+    gpu = 80 * 10**9  # an H100's memory
+    smol, llama8b = 135 * 10**6 * 2, 8 * 10**9 * 2  # bf16 weights
+    mode, why = resolve("auto", 2, smol, gpu)
+    assert mode == "replicate" and "0.3% of each device's 80 GB" in why and "placement=sharded" in why
+    mode, why = resolve("auto", 8, llama8b, gpu)
+    assert mode == "sharded" and "20.0%" in why
+    assert resolve("auto", 2, int(AUTO_REPLICATE_SHARE * gpu), gpu)[0] == "replicate"  # the bound itself replicates
+    assert resolve("auto", 2, int(AUTO_REPLICATE_SHARE * gpu) + 1, gpu)[0] == "sharded"
+    assert resolve("replicate", 2, llama8b, gpu)[0] == "replicate"  # an explicit choice is kept
+
+
+def test_device_bytes_on_cpu_shares_the_host_out():
+    one, four = device_bytes(torch.device("cpu"), 1), device_bytes(torch.device("cpu"), 4)
+    assert one > 10**8 and four == one // 4
 
 
 def test_bad_placement_setting_is_one_line():
