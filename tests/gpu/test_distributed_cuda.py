@@ -49,28 +49,19 @@ def runs(tmp_path_factory):
     return {"one": one, "two": two, "replicate": rep, "model_dir": model_dir, "text": text, "env": environ, "base": base}
 
 
-def test_two_gpus_equal_one(runs):
-    """Stage 1 pipelined over 2 GPUs equals one GPU training every layer; stage 2 (FSDP2) equals one GPU's steps."""
-    one, two = runs["one"], runs["two"]
+@pytest.mark.parametrize("placement", ["sharded", "replicate"])
+def test_two_gpus_equal_one(runs, placement):
+    """sharded: stage 1 pipelined over 2 GPUs, stage 2 FSDP2; replicate (the default for a model this small): stage 1
+    block-wise, stage 2 DDP (an NCCL all-reduce of the LoRA gradients). Either equals one GPU's steps."""
+    one, two = runs["one"], runs["two" if placement == "sharded" else "replicate"]
     for stage in ("stage1", "stage2"):
         a, b = torch.tensor(losses(one, stage)), torch.tensor(losses(two, stage))
         assert len(a) == len(b) == 6
         torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-6)
     r1, r2 = report(one), report(two)
-    assert r2["environment"]["processes"] == 2 and r2["environment"]["placement"] == "sharded"
-    for key in ("base", "swapped", "stage1", "stage2"):  # (2 GPUs: on the FSDP shards, every rank in every forward)
+    assert r2["environment"]["processes"] == 2 and r2["environment"]["placement"] == placement
+    for key in ("base", "swapped", "stage1", "stage2"):  # (sharded: on the FSDP shards, every rank in every forward)
         assert r2["evals"][key]["ppl"] == pytest.approx(r1["evals"][key]["ppl"], rel=2e-2)
-
-
-def test_two_gpus_replicated_equal_one(runs):
-    """The default placement for a small model: stage 1 block-wise, stage 2 DDP (NCCL all-reduce of the LoRA gradients)."""
-    one, rep = runs["one"], runs["replicate"]
-    for stage in ("stage1", "stage2"):
-        a, b = torch.tensor(losses(one, stage)), torch.tensor(losses(rep, stage))
-        assert len(a) == len(b) == 6
-        torch.testing.assert_close(b, a, rtol=2e-2, atol=1e-6)
-    assert report(rep)["environment"]["placement"] == "replicate"
-    assert report(rep)["evals"]["stage2"]["ppl"] == pytest.approx(report(one)["evals"]["stage2"]["ppl"], rel=2e-2)
 
 
 def test_sharded_ranks_hold_only_their_share(runs):
