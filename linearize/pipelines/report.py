@@ -63,6 +63,8 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
            "replicate": "replicated placement: stage 1 block-wise over layers, stage 2 DDP data-parallel"}
     lines += [f"- device: {env.get('device')}; torch {env.get('torch')}, transformers {env.get('transformers')}"
               + (f"; {procs} processes ({how[env.get('placement', 'replicate')]})" if procs > 1 else "")]
+    if procs > 1 and env.get("placement_reason"):
+        lines += [f"- placement chosen by {env['placement_reason']}"]
     lines += [f"- data: `{report['data']['source']}`, seq_len {report['data']['seq_len']}, "
               f"{report['data']['train_rows']} train rows / {report['data']['val_rows']} validation rows"]
     lin = report.get("linearize")

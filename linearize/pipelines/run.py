@@ -422,7 +422,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         "output": str(export),
         "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
                         "torch": torch.__version__, "transformers": transformers.__version__, "processes": d.world,
-                        "placement": placement},
+                        "placement": placement, "placement_reason": why},
         "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "train_rows": int(train_rows.shape[0]), "val_rows": int(val_rows.shape[0])},
         "convert": cfg.convert,
         "linearize": getattr(model.config, "linearize", None),  # None: the softmax control

@@ -161,6 +161,9 @@ def test_auto_placement_says_what_it_chose_and_why(runs):
     log = " ".join(runs["auto_log"].replace(">", " ").split())  # (the console wraps long lines)
     assert "2 processes on cpu, placement replicate (placement=auto: the weights (" in log
     assert "so every device holds them all (placement=sharded shards them)" in log
+    report = json.loads((runs["replicate"] / "report.json").read_text())
+    assert report["environment"]["placement_reason"].startswith("placement=auto: the weights (")
+    assert "- placement chosen by placement=auto: the weights (" in (runs["replicate"] / "report.md").read_text()
 
 
 def test_pipelined_stage1_equals_block_wise(runs):
