@@ -11,7 +11,8 @@ of state traffic, and 12.5 us a layer in the six kernels of the two feature maps
 launch (value block BD, warps, window block BW) is fastest per shape, and what the maps cost each way.
 
 Rows per preset:
-  * ``BD.. w.. BW..``: the ring kernel reading phi_q, phi_k computed beforehand;
+  * ``BD.. w.. BW.. [FC..] [P]``: the ring kernel reading phi_q, phi_k computed beforehand (FC: S streamed in
+    chunks of that many rows; P: each chunk loaded one step ahead, the first before the window part);
   * ``maps: triton (1 launch)``: ``hedgehog_pair_triton``, both maps of the step in one kernel (what
     ``CompiledDecode(fuse_maps=True)`` runs);
   * ``maps: torch eager`` / ``maps: torch compiled``: ``HedgehogFeatureMap`` on q and k, eagerly and through
@@ -82,26 +83,28 @@ def problem(s: Shape, device, dtype, seed: int):
 
 
 def configs(s: Shape, quick: bool):
-    """(BD, warps, BW, FC) launches, the default first. FC > 0 (S streamed in row chunks) only where key features
-    are per query head."""
+    """(BD, warps, BW, FC, prefetch) launches, the default first. FC > 0 (S streamed in row chunks) only where key
+    features are per query head; each chunked launch also with its chunks loaded one step ahead (prefetch)."""
     from linearize.ops.ring import ring_slots
-    from linearize.ops.triton.decode import _pow2, default_block_d, default_block_w, default_chunk_rows, default_num_warps
+    from linearize.ops.triton.decode import (
+        _pow2, default_block_d, default_block_w, default_chunk_rows, default_num_warps, default_prefetch,
+    )
 
     bd0 = default_block_d(s.B, s.Hf, s.D)
     fc0 = default_chunk_rows(s.F, s.D, bd0, s.Hf == s.H)
     w0 = default_num_warps(_pow2(s.F), bd0, fc0)
     bw0 = default_block_w(ring_slots(s.window), s.D)
-    out = [(bd0, w0, bw0, fc0)]
+    out = [(bd0, w0, bw0, fc0, default_prefetch(fc0))]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]
     else:
         bds, ws, bws = [16, 32, 64, 128], [1, 2, 4, 8], sorted({16, 32, bw0})
     fcs = [0] + ([fc for fc in (16, 32, 64) if fc <= _pow2(s.F)] if s.Hf == s.H else [])
-    for bd, w, bw, fc in itertools.product(bds, ws, bws, fcs):
-        if bd <= _pow2(s.D) and bw <= _pow2(s.window) and (bd, w, bw, fc) not in out:
+    for bd, w, bw, fc, pf in itertools.product(bds, ws, bws, fcs, (False, True)):
+        if bd <= _pow2(s.D) and bw <= _pow2(s.window) and (bd, w, bw, fc, pf) not in out and (fc or not pf):
             if fc and quick and bd != bd0:  # quick: chunks only at the default value block
                 continue
-            out.append((bd, w, bw, fc))
+            out.append((bd, w, bw, fc, pf))
     return out
 
 
@@ -129,24 +132,25 @@ def run(args) -> dict:
         outs = [torch.empty_like(x[0]) for x, *_ in sets]
         print(f"\n{name}: {asdict(s)}; {n_sets} rotating rings; floor {floor_ms * 1e3:.1f} us ({cost.bytes / 1e6:.1f} MB)", flush=True)
 
-        def step(i, bd, w, bw, fc, ring=None):
+        def step(i, bd, w, bw, fc, pf, ring=None):
             (q, k, v), r, gamma, _ = sets[i]
             pq, pk = phis[i]
             return ring_step_triton(q, k, v, pq, pk, ring if ring is not None else r, window_weight=gamma, out=outs[i],
-                                    block_d=bd, block_w=bw, num_warps=w, chunk_rows=fc)
+                                    block_d=bd, block_w=bw, num_warps=w, chunk_rows=fc, prefetch=pf)
 
         def timed(fns):
             return time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
 
         ring0, cfgs = sets[0][1].clone(), configs(s, args.quick)  # a snapshot: timing advances the rings
         ref = step(0, *cfgs[0], ring=ring0.clone()).double().clone()
-        for bd, w, bw, fc in cfgs:
-            r = {"preset": name, "shape": asdict(s), "row": f"BD{bd} w{w} BW{bw}" + (f" FC{fc}" if fc else ""), "kind": "ring",
-                 "BD": bd, "warps": w, "BW": bw, "FC": fc, "default": (bd, w, bw, fc) == cfgs[0], "floor_ms": floor_ms}
+        for bd, w, bw, fc, pf in cfgs:
+            r = {"preset": name, "shape": asdict(s), "row": f"BD{bd} w{w} BW{bw}" + (f" FC{fc}" if fc else "") + (" P" if pf else ""),
+                 "kind": "ring", "BD": bd, "warps": w, "BW": bw, "FC": fc, "prefetch": pf,
+                 "default": (bd, w, bw, fc, pf) == cfgs[0], "floor_ms": floor_ms}
             try:
-                y = step(0, bd, w, bw, fc, ring=ring0.clone()).double()
+                y = step(0, bd, w, bw, fc, pf, ring=ring0.clone()).double()
                 r["rel_err"] = float(((y - ref).norm() / ref.norm()).item())
-                r["ms"] = timed([lambda i=i: step(i, bd, w, bw, fc) for i in range(n_sets)])
+                r["ms"] = timed([lambda i=i: step(i, bd, w, bw, fc, pf) for i in range(n_sets)])
                 r["pct_floor"] = 100 * floor_ms / r["ms"]
             except Exception as ex:  # noqa: BLE001 - a failed config is a row with its error
                 r["error"] = error_text(ex)

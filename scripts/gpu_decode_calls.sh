@@ -36,6 +36,8 @@
 #   bash scripts/gpu_decode_calls.sh 14 SHA  # Qwen all linear compiled with max-autotune GEMMs (the floor's GEMM part)
 #   bash scripts/gpu_decode_calls.sh 15 SHA  # the decode goals on a random-weight Llama-3.1-8B architecture (~550 s)
 #   bash scripts/gpu_decode_calls.sh 16 SHA  # the same 8B with key maps per KV head (~400 s)
+#   bash scripts/gpu_decode_calls.sh 17 SHA  # the ring kernel's chunks loaded one step ahead (PREFETCH): GPU tests, the
+#                                            # sweep's P rows, Qwen's compiled step without and with it (~560 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -46,7 +48,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 16}
+call=${1:?call number 1 to 17}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -209,7 +211,19 @@ case "$call" in
     row llama8b-kvmaps.log 330 "$l" --loops compiled --models ours --batches 64 --fit-time-s 150 --profile-steps 5 --budget-s 315 \
       --set feature_map_per_kv_head=true
     ;;
-  *) echo "call must be 1 to 16" >&2; exit 2 ;;
+  17)
+    # the ring kernel with its S chunks loaded one step ahead (PREFETCH; seventeenth session, CPU only): its GPU tests,
+    # the launch sweep's P rows at Qwen's, SmolLM2's and issue 5's shapes, then Qwen's compiled all-linear step
+    # without and with it (LINEARIZE_DECODE_PREFETCH=1; call 13: 1.818 ms, the ring kernel 24.4 us a layer)
+    timeout 120 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "row_chunks" 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 200 python3 benchmarks/tune_decode.py --presets qwen2.5,smollm2,issue5 --quick --commit "$sha" --copy-to "$out" \
+      > "$out/tune.log" 2>&1
+    grep -E "^  maps|default| P|^qwen2.5|^smollm2|^issue5" "$out/tune.log"
+    row qwen-linear.log 110 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95
+    (export LINEARIZE_DECODE_PREFETCH=1
+     row qwen-linear-prefetch.log 110 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95)
+    ;;
+  *) echo "call must be 1 to 17" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

@@ -75,13 +75,15 @@ def test_launch_configs_agree(block_d, block_w, num_warps, chunk_rows):
                        chunk_rows=chunk_rows)
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [0, 1, 64])
 @pytest.mark.parametrize("H,Hkv,D,F,chunk_rows", [(9, 3, 64, 128, 32), (4, 1, 256, 128, 16), (6, 3, 64, 48, 16)])
-def test_s_in_row_chunks_matches_fp64_reference(H, Hkv, D, F, chunk_rows, window, dtype):
+def test_s_in_row_chunks_matches_fp64_reference(H, Hkv, D, F, chunk_rows, window, dtype, prefetch):
     """``chunk_rows``: S streamed in row chunks (SmolLM2, Gemma 3, and F = 48 with a masked last chunk), key
-    features per query head, padded rows, the ring wrapping."""
-    check_against_fp64(5, H, Hkv, D, F, window, dtype, per_q=True, steps=8, seed=D + F, chunk_rows=chunk_rows)
+    features per query head, padded rows, the ring wrapping; ``prefetch``: each chunk loaded one step ahead."""
+    check_against_fp64(5, H, Hkv, D, F, window, dtype, per_q=True, steps=8, seed=D + F, chunk_rows=chunk_rows,
+                       prefetch=prefetch)
 
 
 def test_real_model_shapes():

@@ -24,7 +24,7 @@ POINTERS = ["Q", "K", "V", "PQ", "PK", "VALID", "GAMMA", "S", "Z", "KR", "VR", "
 STRIDES = ["sQ_b", "sQ_h", "sK_b", "sK_h", "sV_b", "sV_h", "sPQ_b", "sPQ_h", "sPK_b", "sPK_h", "sY_b", "sY_h"]
 
 
-def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0):
+def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=False, num_warps=None):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -36,7 +36,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0):
     BD = default_block_d(B, Hf, D)
     const = dict(
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=default_block_w(W, D),
-        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=fc,
+        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=fc, PREFETCH=prefetch,
     )
     types = dict(VALID="*u8", GAMMA="*fp32", S="*fp32", Z="*fp32", MR="*u8", POS="*i64")
     sig = {n: types.get(n, "*" + dt) for n in POINTERS}
@@ -44,7 +44,8 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0):
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS + STRIDES}
     src = ASTSource(fn=_decode_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=default_num_warps(FP, BD, fc)))
+    warps = num_warps or default_num_warps(FP, BD, fc)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
 
 @pytest.mark.parametrize(
@@ -69,6 +70,27 @@ def test_compiles_for_sm90_without_spills(dt, D, F, Hf, QH, GK, window, has_vali
     use = resource_usage(kernel)
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     assert "ld.global.v4" in kernel.asm["ptx"] or "ld.global.v2" in kernel.asm["ptx"], "S is not loaded in vectors"
+
+
+@pytest.mark.parametrize(
+    "name,D,Hf,GK,warps",
+    [("smollm2", 64, 9, 3, 2), ("qwen2.5", 64, 14, 7, 2), ("issue5", 128, 16, 1, 4)],
+)
+def test_prefetching_chunks_compiles_without_spills_and_loads_earlier(name, D, Hf, GK, warps):
+    """PREFETCH (not the default yet): two S chunks live at once, still no spills (at 4 warps for D = 128, where 2
+    spill); and in the PTX the first chunk's loads come before the window softmax's exponentials, where the
+    plain chunked launch issues every S load after them."""
+    def loads_before_exp(kernel):
+        body = kernel.asm["ptx"].splitlines()
+        first_exp = next(i for i, line in enumerate(body) if "ex2.approx" in line)
+        return sum("ld.global" in line for line in body[:first_exp])
+
+    plain = compile_sm90("bf16", D, 128, Hf, 64, 1, GK, 64, False, fc=64, num_warps=warps)
+    ahead = compile_sm90("bf16", D, 128, Hf, 64, 1, GK, 64, False, fc=64, prefetch=True, num_warps=warps)
+    use = resource_usage(ahead)
+    assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
+    chunk_vectors = 64 * D // (32 * warps) // 4  # one chunk's fp32 values a thread, in 16-byte loads
+    assert loads_before_exp(ahead) >= loads_before_exp(plain) + chunk_vectors
 
 
 def compile_maps_sm90(dt, H, D, f, BR, GQ=1, GK=3, backward=False):

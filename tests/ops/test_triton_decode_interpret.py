@@ -52,12 +52,15 @@ def test_kernel_equals_torch_ring_step(window, H, Hkv, per_q):
 
 
 @inside
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("window", [0, 1, 2, 6])
 @pytest.mark.parametrize("H,Hkv", [(4, 2), (3, 3)])
-def test_s_streamed_in_row_chunks_equals_torch_ring_step(window, H, Hkv):
-    """``chunk_rows``: S read, read out, updated and written in chunks of 16 feature rows (F = 40: three full
-    chunks and a masked tail), two value blocks per head; key features per query head."""
-    _run(H, Hkv, True, window, torch.float32, steps=5, F=40, filled=max(window - 3, 0), block_d=8, chunk_rows=16)
+def test_s_streamed_in_row_chunks_equals_torch_ring_step(window, H, Hkv, prefetch):
+    """``chunk_rows``: S read, read out, updated and written in chunks of 16 feature rows (F = 40: two full
+    chunks, a masked one and one wholly past F), two value blocks per head; key features per query head.
+    ``prefetch``: each chunk loaded one step ahead, the first before the window part."""
+    _run(H, Hkv, True, window, torch.float32, steps=5, F=40, filled=max(window - 3, 0), block_d=8, chunk_rows=16,
+         prefetch=prefetch)
 
 
 
@@ -70,6 +73,7 @@ def test_default_launch_where_it_streams_rows(window):
 
     assert default_chunk_rows(128, 16, default_block_d(2, 4, 16), True) == 64 == _pow2(128) // 2
     _run(4, 2, True, window, torch.float32, steps=4, F=128, filled=max(window - 3, 0))
+    _run(4, 2, True, window, torch.float32, steps=4, F=128, filled=max(window - 3, 0), prefetch=True)
 
 @inside
 def test_chunk_rows_refuses_what_it_cannot_serve():

@@ -25,6 +25,8 @@ cost per step does not depend on the position).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -83,11 +85,16 @@ def _decode_kernel(
     D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
     BD: tl.constexpr, ND: tl.constexpr, BW: tl.constexpr,
     QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, HAS_VALID: tl.constexpr,
-    FC: tl.constexpr = 0,
+    FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
 ):
     """FC (rows of S per chunk, QH == 1 only): 0 holds the program's whole S slice in registers at once;
     FC < FP streams it in row chunks (read, read out, update, write back), the window part first, so that
-    fewer registers are live and more programs share an SM."""
+    fewer registers are live and more programs share an SM.
+
+    PREFETCH (with FC): the first chunk's load is issued before the window part and each next chunk's before
+    the current one is read out, so a program's S loads overlap its other work instead of each waiting in
+    turn. Where every program of the launch is resident at once (SmolLM2, Qwen2.5: B x Hf programs of 2 warps),
+    the kernel's time is one program's chain of dependent loads, which this shortens; it holds two chunks."""
     pid = tl.program_id(0)
     pid_d = pid % ND
     bf = (pid // ND).to(tl.int64)
@@ -126,6 +133,9 @@ def _decode_kernel(
         h = f
         pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
         den = tl.sum(pq * z_vec, 0)
+        if PREFETCH:
+            rn = tl.arange(0, FC)
+            s_next = tl.load(S + bf * F * D + rn[:, None] * D + rd[None, :], mask=(rn < F)[:, None] & d_ok[None, :], other=0.0)
         if WINDOW >= 1:
             acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h,
                                   scale, Hkv, D, DP, BW, W)
@@ -137,7 +147,14 @@ def _decode_kernel(
             c_ok = rc < F
             c_ptrs = S + bf * F * D + rc[:, None] * D + rd[None, :]
             cd_ok = c_ok[:, None] & d_ok[None, :]
-            s_c = tl.load(c_ptrs, mask=cd_ok, other=0.0)
+            if PREFETCH:
+                s_c = s_next
+                if c0 + FC < FP:
+                    rn = c0 + FC + tl.arange(0, FC)
+                    s_next = tl.load(S + bf * F * D + rn[:, None] * D + rd[None, :], mask=(rn < F)[:, None] & d_ok[None, :],
+                                     other=0.0)
+            else:
+                s_c = tl.load(c_ptrs, mask=cd_ok, other=0.0)
             pq_c = tl.load(PQ + b * sPQ_b + h * sPQ_h + rc, mask=c_ok, other=0.0).to(tl.float32)
             if WINDOW <= 1:
                 pkn_c = tl.load(PK + b * sPK_b + f * sPK_h + rc, mask=c_ok, other=0.0).to(tl.float32)
@@ -234,6 +251,18 @@ def default_chunk_rows(F: int, D: int, BD: int, per_query_features: bool) -> int
     return 0
 
 
+#: ``LINEARIZE_DECODE_PREFETCH=1`` (read at import) turns ``default_prefetch`` on, to time whole decode steps with it
+_PREFETCH_ENV = os.environ.get("LINEARIZE_DECODE_PREFETCH", "0") == "1"
+
+
+def default_prefetch(FC: int) -> bool:
+    """Off unless ``LINEARIZE_DECODE_PREFETCH=1``: the prefetching variant (``_decode_kernel``'s PREFETCH) is
+    correct (interpreter tests) and compiles for sm_90 without spills at SmolLM2's and Qwen2.5's shapes (205
+    registers a thread at 2 warps, against 152), but is not yet timed on a GPU (``benchmarks/tune_decode.py``
+    sweeps it: rows marked P)."""
+    return bool(FC) and _PREFETCH_ENV
+
+
 def default_num_warps(FP: int, BD: int, FC: int = 0) -> int:
     """2 warps with S streamed in row chunks (``FC``; the smaller live slice needs fewer threads: 4 warps were
     7-14% slower, 8 warps 40-50%). Holding S whole: 4 warps (fastest at every measured shape: 8 was 20-40%
@@ -256,7 +285,7 @@ def _ring_step_op(
     valid: torch.Tensor | None, gamma: torch.Tensor,
     S: torch.Tensor, z: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, pkr: torch.Tensor,
     mask: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
-    scale: float, window: int, Hkv: int, BD: int, BW: int, num_warps: int, FC: int = 0,
+    scale: float, window: int, Hkv: int, BD: int, BW: int, num_warps: int, FC: int = 0, prefetch: bool = False,
 ) -> None:
     """One kernel launch; the shapes are checked by ``ring_step_triton``. Writes y to ``out``."""
     B, _, H, D = q.shape
@@ -274,13 +303,14 @@ def _ring_step_op(
         phi_q.stride(0), phi_q.stride(2), phi_k.stride(0), phi_k.stride(2), out.stride(0), out.stride(2),
         B, Hf, Hkv, scale,
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=ND, BW=BW,
-        QH=G // Gk, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=FC,
+        QH=G // Gk, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=FC, PREFETCH=bool(FC and prefetch),
         num_warps=num_warps,
     )
 
 
 @_ring_step_op.register_fake
-def _(q, k, v, phi_q, phi_k, valid, gamma, S, z, kr, vr, pkr, mask, pos, out, scale, window, Hkv, BD, BW, num_warps, FC=0):
+def _(q, k, v, phi_q, phi_k, valid, gamma, S, z, kr, vr, pkr, mask, pos, out, scale, window, Hkv, BD, BW, num_warps, FC=0,
+      prefetch=False):
     return None
 
 
@@ -300,13 +330,15 @@ def ring_step_triton(
     block_w: int | None = None,
     num_warps: int | None = None,
     chunk_rows: int | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """The Triton twin of ``ring_step_torch``: y [B,1,H,D] in q's dtype, ``ring`` advanced in place.
 
     ``out`` (optional, [B,1,H,D] in q's dtype) receives y, so that a captured graph has a fixed output.
     ``block_d``/``block_w``/``num_warps``/``chunk_rows`` override the launch configuration (benchmarks,
     tuning). ``chunk_rows`` (a power of two >= 16, with key features per query head): stream each program's
-    S slice in chunks of that many feature rows instead of holding it whole (0).
+    S slice in chunks of that many feature rows instead of holding it whole (0). ``prefetch`` (with chunks):
+    issue each chunk's load one step ahead (``_decode_kernel``'s PREFETCH; default ``default_prefetch``).
     """
     d = check_ring(ring, q, k, v, phi_q, phi_k)
     if ring.S.dtype != torch.float32 or ring.z.dtype != torch.float32:
@@ -346,6 +378,7 @@ def ring_step_triton(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
         float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps, FC,
+        default_prefetch(FC) if prefetch is None else prefetch,
     )
     ring.pos.add_(1)
     return out
