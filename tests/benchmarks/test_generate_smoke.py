@@ -325,3 +325,29 @@ def test_random_weight_models_load_only_what_the_rows_need(tmp_path):
     models, _ = G.load_real(args)
     assert sorted(models) == ["base", "ours"]
     assert torch.equal(models["base"].lm_head.weight, models["ours"].lm_head.weight)  # one seed: twins
+
+
+@pytest.mark.parametrize("kv_maps", [False, True])
+def test_llama31_8b_config_at_tiny_widths_decodes_like_its_full_forward(tmp_path, kv_maps):
+    """``benchmarks/configs/llama3.1-8b.json`` (what gpu_decode_calls.sh 15 and 16 time) with its architecture kept:
+    llama3 RoPE scaling, 4 query heads a KV head, untied head; only the widths and depth cut. Converted (both key-map
+    layouts, maps moved off their identity start), greedy cached decode's logits equal the full forward's."""
+    import linearize
+    from benchmarks.random_model import random_model
+    from tests.tiny_models import perturb_added_weights
+
+    cfg = json.loads((ROOT / "benchmarks/configs/llama3.1-8b.json").read_text())
+    assert cfg["rope_parameters"]["rope_type"] == "llama3" and cfg["num_attention_heads"] == 4 * cfg["num_key_value_heads"]
+    cfg |= {"num_hidden_layers": 2, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8,
+            "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 500}
+    path = tmp_path / "llama31-tiny.json"
+    path.write_text(json.dumps(cfg))
+    model = linearize.convert(random_model(path, torch.float32, 0).eval(),
+                              linearize.LinearizeConfig(window=16, feature_dim=8, feature_map_per_kv_head=kv_maps))
+    perturb_added_weights(model)
+    ids = torch.randint(3, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        full = model(input_ids=out.sequences).logits[:, ids.shape[1] - 1:-1]
+    torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=1e-4, atol=1e-4)
