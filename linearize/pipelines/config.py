@@ -102,7 +102,8 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     #: several processes: "sharded" = no device holds the whole model (stage 1 a pipeline of blocks, stage 2,
     #: evaluations and samples on FSDP2 shards, export merged on rank 0's CPU); "replicate" = every rank holds
-    #: the whole model; "auto" = sharded with several processes (one process always holds the whole model)
+    #: the whole model (stage 2 DDP); "auto" = replicate when the weights take <= 10% of each device's memory,
+    #: else sharded (placement.AUTO_REPLICATE_SHARE; one process always holds the whole model)
     placement: str = "auto"
     checkpoint_every: int = 25  # optimizer steps between checkpoints
     samples: list[str] = field(
