@@ -34,8 +34,9 @@
 #                                            # segfault (kept heads' buffers on a static cache), its GPU test first
 #   bash scripts/gpu_decode_calls.sh 13 SHA  # call 9's three Qwen rows alone (~330 s)
 #   bash scripts/gpu_decode_calls.sh 14 SHA  # Qwen all linear compiled with max-autotune GEMMs (the floor's GEMM part)
-#   bash scripts/gpu_decode_calls.sh 15 SHA  # the decode goals on a random-weight Llama-3.1-8B architecture (~550 s)
-#   bash scripts/gpu_decode_calls.sh 16 SHA  # the same 8B with key maps per KV head (~400 s)
+#   bash scripts/gpu_decode_calls.sh 16 SHA  # a random-weight Llama-3.1-8B architecture: the base, then ours with key maps
+#                                            # per KV head (the >= 8x largest batch; ~560 s)
+#   bash scripts/gpu_decode_calls.sh 15 SHA  # the same 8B in LoLCATs' layout (key maps per query head; ~370 s)
 #   bash scripts/gpu_decode_calls.sh 17 SHA  # the ring kernel's chunks loaded one step ahead (PREFETCH): GPU tests, the
 #                                            # sweep's P rows, Qwen's compiled step without and with it (~540 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
@@ -194,21 +195,23 @@ case "$call" in
       --compile-mode max-autotune-no-cudagraphs --budget-s 400
     ;;
   15)
-    # issue 6's decode goals at LoLCATs' headline size: a random-weight Llama-3.1-8B architecture (32 layers, 32 / 8
-    # heads of 128; 16 GB of weights, so weight reads dominate a step as they do not at 135M-0.5B). Ours all
-    # linear, compiled, and the base's lean loop, each in its own process (one 8B model each), B = 64 x 4096 and
-    # the largest batch at 4096
-    # (an 8B probe prefills up to thousands of rows at 2 TFLOP a token row: ours gets 90 s of search)
-    l=benchmarks/configs/llama3.1-8b.json
-    row llama8b-ours.log 300 "$l" --loops compiled --models ours --batches 64 --fit-time-s 90 --profile-steps 5 --budget-s 285
-    row llama8b-base.log 250 "$l" --loops lean --models base --batches 64 --fit-time-s 60 --budget-s 235
-    ;;
-  16)
-    # call 15's 8B with key maps per KV head (linearize.cache_bytes at 4224 tokens: 28.3 MiB a sequence against the
-    # default's 89.0 and the base's KV cache of 528.0, so bounds of 18.7x and 5.9x)
+    # issue 6's decode goals at LoLCATs' headline size, LoLCATs' layout: a random-weight Llama-3.1-8B architecture
+    # (32 layers, 32 / 8 heads of 128; 16 GB of weights, so weight reads dominate a step as they do not at 135M-0.5B),
+    # all linear with key maps per query head, compiled, B = 64 x 4096 and the largest batch at 4096 (an 8B probe
+    # prefills up to thousands of rows at 2 TFLOP a token row). The base's rows are call 16's (run it first); the GPU
+    # test of GPU-drawn random weights first
     l=benchmarks/configs/llama3.1-8b.json
     timeout 60 python3 -m pytest -q tests/gpu/test_generate_bench_cuda.py -k "random_weights" 2>&1 | tail -2 | tee "$out/tests.log"
-    row llama8b-kvmaps.log 330 "$l" --loops compiled --models ours --batches 64 --fit-time-s 150 --profile-steps 5 --budget-s 315 \
+    row llama8b-ours.log 300 "$l" --loops compiled --models ours --batches 64 --fit-time-s 90 --profile-steps 5 --budget-s 285
+    ;;
+  16)
+    # the 8B base (lean loop, B = 64 x 4096 and its largest batch on a static and a grown DynamicCache), then ours
+    # with key maps per KV head in its own process (one 8B model each): the >= 8x largest batch at LoLCATs' size
+    # (linearize.cache_bytes at 4224 tokens: 28.3 MiB a sequence against the base's KV cache of 528.0, a bound of
+    # 18.7x; the default layout's 89.0, 5.9x, is call 15's)
+    l=benchmarks/configs/llama3.1-8b.json
+    row llama8b-base.log 250 "$l" --loops lean --models base --batches 64 --fit-time-s 60 --budget-s 235
+    row llama8b-kvmaps.log 300 "$l" --loops compiled --models ours --batches 64 --fit-time-s 120 --profile-steps 5 --budget-s 285 \
       --set feature_map_per_kv_head=true
     ;;
   17)
