@@ -260,14 +260,16 @@ def test_killed_two_process_run_resumes(runs):
 
 def test_killed_replicate_run_resumes(runs):
     """The replicate placement's stage 2 is DDP (the adapters plain tensors, the same on every rank, which DCP
-    writes once): killed mid stage 2, resumed by 2 processes from that checkpoint, it ends where the
-    uninterrupted run does."""
+    writes once): killed mid stage 2, resumed by 2 processes from that checkpoint and killed again, then finished
+    by 1 process from the resumed run's checkpoint, it ends where the uninterrupted run does."""
     model_dir, text, environ = runs["model_dir"], runs["text"], runs["env"]
     out = runs["base"] / "killed-replicate"
     latest = lambda: json.loads((out / "checkpoints" / "LATEST").read_text())  # noqa: E731
     run_and_kill(torchrun(model_dir, out, text, 2, "--set", "placement=replicate"), environ, out, "stage2", 3)
-    assert latest()["stage"] == "stage2"
-    run_ok(torchrun(model_dir, out, text, 2, "--set", "placement=replicate", "--resume"), environ)
+    assert latest()["stage"] == "stage2" and latest()["step"] >= 2
+    run_and_kill(torchrun(model_dir, out, text, 2, "--set", "placement=replicate", "--resume"), environ, out, "stage2", 5)
+    assert latest()["stage"] == "stage2" and latest()["step"] >= 4  # written by the resumed DDP ranks
+    run_ok(single(model_dir, out, text, "--resume"), environ)
     ref = runs["replicate"]
     torch.testing.assert_close(torch.tensor(losses(out, "stage2")), torch.tensor(losses(ref, "stage2")), rtol=1e-5, atol=0)
     assert_close_weights(load_file(out / "model" / "model.safetensors"), load_file(ref / "model" / "model.safetensors"), rtol=1e-4, atol=1e-6)
