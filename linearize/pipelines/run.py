@@ -185,9 +185,10 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     with d.main_first():  # rank 0 fetches and converts into the cache; the others then read it
         model, tokenizer = load(cfg.model, dtype=dtype)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", d.world))
-    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    memory = min(d.all_gather_object(device_bytes(device, local_world))) if d.enabled and cfg.placement == "auto" else None
+    weight_bytes = memory = None
+    if d.enabled and cfg.placement == "auto":  # the choice needs the model's size and the smallest rank's memory
+        weight_bytes = local_bytes(model)  # (the whole model: it is loaded, not yet placed)
+        memory = min(d.all_gather_object(device_bytes(device, int(os.environ.get("LOCAL_WORLD_SIZE", d.world)))))
     placement, why = resolve_placement(cfg.placement, d.world, weight_bytes, memory)
     sharded = placement == "sharded"
     state["placement"] = {"mode": placement} | {k: v for k, v in state.get("placement", {}).items() if k != "mode"}
@@ -366,35 +367,28 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
     elif cfg.stage2.steps > 0:
         peft_model = add_lora(model, cfg.lora)
         lora_params = lora_parameters(peft_model)
-        if d.enabled:
-            weights = _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_rows, ckpts, latest, metrics, logger, d)
-            # rank 0 merges the adapters into a fresh copy (DDP's hooks stay on the trained one)
+        if "stage2" not in state["stages"]:
+            if d.enabled:  # the replicate placement: DDP over all ranks (:mod:`.replicate`)
+                d.broadcast_tensors(list(lora_params.values()))  # one LoRA initialisation on every rank
+                replicate_for_lora(peft_model, d)
+            result = train_stage(
+                "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
+                checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
+                resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
+            )
+            state["stages"]["stage2"] = _stage_record(result)
+            save_state()
+        elif d.is_main:
+            _copy_into(lora_params, ckpts.latest().load_weights())
+        peaks = d.all_gather_object(_peak_mb(device))
+        if not d.is_main:  # rank 0 alone evaluates, exports and samples, on the trained model it holds
             del peft_model, lora_params, model
             _free(device)
-            peaks = d.all_gather_object(_peak_mb(device))
-            if not d.is_main:  # rank 0 alone evaluates, exports and samples the merged model
-                d.barrier()
-                return {}
-            peft_model = build(converted=cfg.convert, trained=cfg.convert, lora=True).to(device)
-            _copy_into(lora_parameters(peft_model), weights)
-            if cfg.lora.keep_adapters:
-                peft_model.save_pretrained(out / "adapter")
-            model = peft_model.merge_and_unload()
-        else:
-            if "stage2" not in state["stages"]:
-                result = train_stage(
-                    "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
-                    checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
-                    resume_from=latest if latest is not None and latest.stage == "stage2" else None,
-                )
-                state["stages"]["stage2"] = _stage_record(result)
-                save_state()
-            else:
-                _copy_into(lora_params, ckpts.latest().load_weights())
-            if cfg.lora.keep_adapters:
-                peft_model.save_pretrained(out / "adapter")
-            model = peft_model.merge_and_unload()
-            peaks = [_peak_mb(device)]
+            d.barrier()
+            return {}
+        if cfg.lora.keep_adapters:
+            peft_model.save_pretrained(out / "adapter")
+        model = peft_model.merge_and_unload()
         evaluate("stage2", model, shared=False)
     else:
         peaks = d.all_gather_object(_peak_mb(device))
@@ -595,23 +589,6 @@ def _stage2_sharded(cfg, state, save_state, evaluate, samples, build, train_rows
     del peft_model, lora_params
     _free(d.device)
     return (weights if d.is_main else None), held
-
-
-def _stage2_distributed(cfg, state, save_state, peft_model, lora_params, train_rows, ckpts, latest, metrics, logger, d: Dist):
-    """Stage 2 of the replicate placement: DDP over all ranks (gradient all-reduce, :mod:`.replicate`); the adapter
-    weights on rank 0."""
-    if "stage2" in state["stages"]:
-        return ckpts.latest().load_weights() if d.is_main else None
-    d.broadcast_tensors(list(lora_params.values()))  # one LoRA initialisation on every rank
-    replicate_for_lora(peft_model, d)
-    result = train_stage(
-        "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
-        checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=d.device, log=logger,
-        resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
-    )
-    state["stages"]["stage2"] = _stage_record(result)
-    save_state()
-    return {k: p.detach().cpu() for k, p in lora_params.items()} if d.is_main else None  # the same on every rank
 
 
 def _ood_rows(cfg: RunConfig, tokenizer, d: Dist) -> torch.Tensor:

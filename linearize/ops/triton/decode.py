@@ -76,6 +76,13 @@ def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, 
 
 
 @triton.jit
+def _s_rows(S, bf, c0, rd, d_ok, F: tl.constexpr, D: tl.constexpr, FC: tl.constexpr):
+    """Pointers and mask of rows c0 .. c0 + FC of the S slice [F, D] of feature head ``bf``, value columns ``rd``."""
+    rc = c0 + tl.arange(0, FC)
+    return S + bf * F * D + rc[:, None] * D + rd[None, :], (rc < F)[:, None] & d_ok[None, :]
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, PQ, PK, VALID, GAMMA,  # step inputs
     S, Z, KR, VR, PKR, MR, POS,  # ring state (contiguous)
@@ -134,8 +141,8 @@ def _decode_kernel(
         pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
         den = tl.sum(pq * z_vec, 0)
         if PREFETCH:
-            rn = tl.arange(0, FC)
-            s_next = tl.load(S + bf * F * D + rn[:, None] * D + rd[None, :], mask=(rn < F)[:, None] & d_ok[None, :], other=0.0)
+            n_ptrs, n_ok = _s_rows(S, bf, 0, rd, d_ok, F, D, FC)
+            s_next = tl.load(n_ptrs, mask=n_ok, other=0.0)
         if WINDOW >= 1:
             acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h,
                                   scale, Hkv, D, DP, BW, W)
@@ -145,14 +152,12 @@ def _decode_kernel(
         for c0 in tl.static_range(0, FP, FC):
             rc = c0 + tl.arange(0, FC)
             c_ok = rc < F
-            c_ptrs = S + bf * F * D + rc[:, None] * D + rd[None, :]
-            cd_ok = c_ok[:, None] & d_ok[None, :]
+            c_ptrs, cd_ok = _s_rows(S, bf, c0, rd, d_ok, F, D, FC)
             if PREFETCH:
                 s_c = s_next
                 if c0 + FC < FP:
-                    rn = c0 + FC + tl.arange(0, FC)
-                    s_next = tl.load(S + bf * F * D + rn[:, None] * D + rd[None, :], mask=(rn < F)[:, None] & d_ok[None, :],
-                                     other=0.0)
+                    n_ptrs, n_ok = _s_rows(S, bf, c0 + FC, rd, d_ok, F, D, FC)
+                    s_next = tl.load(n_ptrs, mask=n_ok, other=0.0)
             else:
                 s_c = tl.load(c_ptrs, mask=cd_ok, other=0.0)
             pq_c = tl.load(PQ + b * sPQ_b + h * sPQ_h + rc, mask=c_ok, other=0.0).to(tl.float32)
