@@ -147,8 +147,8 @@ def test_batch_over_the_grid_limit_runs_in_pieces(monkeypatch):
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
 
     calls = []
-    real = chunk._HybridChunkFn.apply
-    monkeypatch.setattr(chunk._HybridChunkFn, "apply", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    real = chunk._hybrid_chunk_op
+    monkeypatch.setattr(chunk, "_hybrid_chunk_op", lambda *a: calls.append(a[0].shape[0]) or real(*a))
     monkeypatch.setattr(chunk, "MAX_GRID_Y", 5)
     q, k, v, pq, pk, g = random_inputs(5, 30, 2, 1, 16, 16, 2, dtype=torch.float32, seed=11, requires_grad=True)
     m = left_pad_mask(5, 30, [0, 3, 0, 12, 1])
@@ -261,3 +261,40 @@ def test_segment_prefix_against_torch(nseg, reverse):
     ref = x.flip(0).cumsum(0).flip(0) - x if reverse else x.cumsum(0) - x + init
     assert not out.isnan().any()
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-5)
+
+
+@inside
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+def test_ops_pass_opcheck(masked):
+    """The forward and backward custom ops: schemas, fake kernels (shapes, dtypes, the segment count) and the
+    autograd registration, as torch.compile relies on them; gamma with and without a gradient (u stored or not)."""
+    from linearize.ops.triton.chunk import LaunchConfig, _hybrid_chunk_op, _launch_ints
+
+    q, k, v, pq, pk, g = random_inputs(2, 21, 4, 2, 16, 8, 4, dtype=torch.float32, seed=5, requires_grad=True)
+    mask = left_pad_mask(2, 21, [0, 5]).to(torch.uint8).contiguous() if masked else None
+    S0, z0 = torch.zeros(2, 4, 8, 16), torch.zeros(2, 4, 8)
+    launch = _launch_ints(LaunchConfig(C=16, BV=16, num_warps=4, nseg=2))
+    for store_u in (True, False):
+        gamma = g if store_u else g.detach()
+        torch.library.opcheck(_hybrid_chunk_op, (q, k, v, pq, pk, gamma, mask, S0, z0, 6, 0.25, *launch, store_u))
+
+
+@inside
+def test_compiled_function_equals_eager():
+    """torch.compile around the kernels (inductor on this CPU; the ops stay opaque launches): output and every
+    gradient as eager, with glue before and after the op for inductor to fuse."""
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2)
+
+    def f(q, k, v, pq, pk, g):
+        y, _ = hybrid_attention_triton(q * 1.5, k, v, pq.exp(), pk.exp(), window=6, window_weight=g.sigmoid(), config=cfg)
+        return (y.tanh() * 2).sum(-1)
+
+    ins = random_inputs(2, 37, 4, 2, 16, 8, 2, dtype=torch.float32, seed=6, requires_grad=True)
+    dy = torch.randn(2, 37, 4, generator=torch.Generator().manual_seed(1))
+    out = [f(*ins), torch.compile(f, fullgraph=True)(*ins)]
+    grads = [torch.autograd.grad(o, ins, dy) for o in out]
+    assert rel_err(out[1], out[0]) < 1e-6
+    for a, b in zip(*grads):
+        assert rel_err(b, a) < 1e-6

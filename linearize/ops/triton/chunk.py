@@ -155,130 +155,207 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-class _HybridChunkFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig, store_u: bool):
-        B, T, H, D = q.shape
-        Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
-        Gk, GQ = Hf // Hkv, H // Hf
-        C = cfg.C
-        n = math.ceil(T / C)
-        W = min(window, T)
-        nwin = math.ceil((W - 1) / C) if W > 0 else 0
-        BD, BF, BV = _pow2(D), _pow2(F), value_block(cfg.BV, D)
-        _check_blocks(C, BV, q.device)
-        NV = math.ceil(D / BV)
-        n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
-        has_mask = mask is not None
-        m_arg = mask if has_mask else q
-        sM_b = mask.stride(0) if has_mask else 0
-        prec = _prec(q.dtype)
-        f32 = torch.float32
-        dev = q.device
+def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig,
+                   store_u: bool):
+    """-> (y, u or None, mx, den, arg, pre_S, pre_z): the output and what the backward reads."""
+    B, T, H, D = q.shape
+    Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
+    Gk, GQ = Hf // Hkv, H // Hf
+    C = cfg.C
+    n = math.ceil(T / C)
+    W = min(window, T)
+    nwin = math.ceil((W - 1) / C) if W > 0 else 0
+    BD, BF, BV = _pow2(D), _pow2(F), value_block(cfg.BV, D)
+    _check_blocks(C, BV, q.device)
+    NV = math.ceil(D / BV)
+    n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
+    has_mask = mask is not None
+    m_arg = mask if has_mask else q
+    sM_b = mask.stride(0) if has_mask else 0
+    prec = _prec(q.dtype)
+    f32 = torch.float32
+    dev = q.device
 
-        seg_S = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
-        seg_z = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
-        _launch(K.fwd_segment_sums_kernel, (nseg, B * Hf, NV),
-            phi_k, v, m_arg, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
-            B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        # Exclusive prefix over segments, seeded with the initial sums.
-        pre_S, pre_z = _segment_prefix(seg_S, S0), _segment_prefix(seg_z, z0)
+    seg_S = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
+    seg_z = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
+    _launch(K.fwd_segment_sums_kernel, (nseg, B * Hf, NV),
+        phi_k, v, m_arg, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
+        B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # Exclusive prefix over segments, seeded with the initial sums.
+    pre_S, pre_z = _segment_prefix(seg_S, S0), _segment_prefix(seg_z, z0)
 
-        y = _empty(*q.shape, dtype=q.dtype, device=dev)
-        u = _empty(*q.shape, dtype=q.dtype, device=dev) if store_u else y
-        mx = _empty(B, H, T, dtype=f32, device=dev)
-        den = _empty(B, H, T, dtype=f32, device=dev)
-        arg = _empty(B, H, T, dtype=torch.int32, device=dev)
-        _launch(K.fwd_kernel, (nseg, B * Hf, NV),
-            q, k, v, phi_q, phi_k, m_arg, gamma, pre_S, pre_z, y, u, mx, den, arg,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
-            B, T, H, Hf, Gk, n, n_per, nwin, W, scale,
-            D=D, F=F, BD=BD, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
-            ONE_ACC=cfg.one_acc and not store_u, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        ctx.save_for_backward(q, k, v, phi_q, phi_k, gamma, mask, y, u if store_u else None, mx, den, arg, pre_S, pre_z)
-        ctx.meta = (W, nwin, scale, cfg, n, n_per, nseg, NV, BV)
-        return y
+    y = _empty(*q.shape, dtype=q.dtype, device=dev)
+    u = _empty(*q.shape, dtype=q.dtype, device=dev) if store_u else y
+    mx = _empty(B, H, T, dtype=f32, device=dev)
+    den = _empty(B, H, T, dtype=f32, device=dev)
+    arg = _empty(B, H, T, dtype=torch.int32, device=dev)
+    _launch(K.fwd_kernel, (nseg, B * Hf, NV),
+        q, k, v, phi_q, phi_k, m_arg, gamma, pre_S, pre_z, y, u, mx, den, arg,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
+        B, T, H, Hf, Gk, n, n_per, nwin, W, scale,
+        D=D, F=F, BD=BD, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
+        ONE_ACC=cfg.one_acc and not store_u, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y, (u if store_u else None), mx, den, arg, pre_S, pre_z
 
-    @staticmethod
-    def backward(ctx, dy):
-        q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z = ctx.saved_tensors
-        W, nwin, scale, cfg, n, n_per, nseg, NV, BV = ctx.meta
-        B, T, H, D = q.shape
-        Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
-        G, Gk, GQ = H // Hkv, Hf // Hkv, H // Hf
-        C = cfg.C
-        BD, BF = _pow2(D), _pow2(F)
-        has_mask = mask is not None
-        m_arg = mask if has_mask else q
-        sM_b = mask.stride(0) if has_mask else 0
-        prec = _prec(q.dtype)
-        f32 = torch.float32
-        dev = q.device
-        dy = dy.contiguous()
-        kw = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        delta = _empty(B, H, T, dtype=f32, device=dev)
-        BT = 64
-        has_u = u is not None
-        dgam = _empty(math.ceil(T / BT), B, H, dtype=f32, device=dev) if has_u else delta
-        K.bwd_delta_kernel[(math.ceil(T / BT), B * H)](
-            y, u if has_u else y, dy, delta, dgam, *_strides(y), *_strides(dy), B, T, H,
-            D=D, BD=BD, BT=BT, HAS_U=has_u, num_warps=4,
-        )
-        strides_in = (*_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(dy), sM_b)
 
-        dq = _empty(*q.shape, dtype=q.dtype, device=dev)
-        dpq = _empty(B, T, H, F, dtype=f32, device=dev)
-        corr = _empty(B, H, T, dtype=f32, device=dev)
-        _launch(K.bwd_dq_kernel, (n, B * H),
-            q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, *strides_in,
-            B, T, H, Hf, G, GQ, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, HAS_MASK=has_mask, PREC=prec, **kw,
-        )
-        atomic = NV > 1
-        final = not atomic and Gk == 1  # the last kernel to touch dv / dphi_k writes them in their dtype
-        dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
-        dv_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
-        dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
-        _launch(K.bwd_dk_kernel, (n, B * Hf),
-            q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, *strides_in,
-            B, T, H, Hf, Gk, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, **kw,
-        )
-        # Running-sum parts.
-        seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
-        seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
-        _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
-            phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
-            B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
-        )
-        # Reverse exclusive prefix: segment s starts from the sums of every later segment.
-        rev_dS, rev_dz = _segment_prefix(seg_dS, None, reverse=True), _segment_prefix(seg_dz, None, reverse=True)
-        dpq_out = dpq if atomic else _empty(B, T, H, F, dtype=phi_q.dtype, device=dev)
-        _launch(K.bwd_dq_state_kernel, (nseg, B * Hf, NV),
-            phi_k, v, m_arg, dy, den, delta, pre_S, pre_z, dpq, dpq_out,
-            *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
-            B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
-            ATOMIC=atomic, **kw,
-        )
-        dv_out = _empty(B, T, Hkv, D, dtype=v.dtype, device=dev) if final else dv_b
-        dpk_out = _empty(B, T, Hf, F, dtype=phi_k.dtype, device=dev) if final else dpk
-        _launch(K.bwd_dk_state_kernel, (nseg, B * Hf, NV),
-            phi_q, phi_k, v, m_arg, dy, den, delta, rev_dS, rev_dz, dv_b, dpk, dv_out, dpk_out,
-            *_strides(phi_q), *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
-            B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
-            ATOMIC=atomic, FINAL=final, **kw,
-        )
-        if final:
-            dv_b, dpk = dv_out, dpk_out
-        if Gk > 1:  # key feature maps per query head: k and v gradients summed over each KV group
-            dk_b = dk_b.view(B, T, Hkv, Gk, D).sum(3)
-            dv_b = dv_b.view(B, T, Hkv, Gk, D).sum(3)
-        dgamma = dgam.sum((0, 1)) if has_u else None
-        return (
-            dq, dk_b.to(k.dtype), dv_b.to(v.dtype), dpq_out.to(phi_q.dtype), dpk.to(phi_k.dtype), dgamma,
-            None, None, None, None, None, None, None,
-        )
+def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, window: int,
+                    scale: float, cfg: LaunchConfig):
+    """-> (dq, dk, dv, dphi_q, dphi_k, dgamma or None, the latter where the forward stored no u)."""
+    B, T, H, D = q.shape
+    Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
+    G, Gk, GQ = H // Hkv, Hf // Hkv, H // Hf
+    C = cfg.C
+    n = math.ceil(T / C)
+    W = min(window, T)
+    nwin = math.ceil((W - 1) / C) if W > 0 else 0
+    BD, BF, BV = _pow2(D), _pow2(F), value_block(cfg.BV, D)
+    NV = math.ceil(D / BV)
+    n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
+    has_mask = mask is not None
+    m_arg = mask if has_mask else q
+    sM_b = mask.stride(0) if has_mask else 0
+    prec = _prec(q.dtype)
+    f32 = torch.float32
+    dev = q.device
+    dy = dy.contiguous()
+    kw = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    delta = _empty(B, H, T, dtype=f32, device=dev)
+    BT = 64
+    has_u = u is not None
+    dgam = _empty(math.ceil(T / BT), B, H, dtype=f32, device=dev) if has_u else delta
+    K.bwd_delta_kernel[(math.ceil(T / BT), B * H)](
+        y, u if has_u else y, dy, delta, dgam, *_strides(y), *_strides(dy), B, T, H,
+        D=D, BD=BD, BT=BT, HAS_U=has_u, num_warps=4,
+    )
+    strides_in = (*_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(dy), sM_b)
+
+    dq = _empty(*q.shape, dtype=q.dtype, device=dev)
+    dpq = _empty(B, T, H, F, dtype=f32, device=dev)
+    corr = _empty(B, H, T, dtype=f32, device=dev)
+    _launch(K.bwd_dq_kernel, (n, B * H),
+        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, *strides_in,
+        B, T, H, Hf, G, GQ, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, HAS_MASK=has_mask, PREC=prec, **kw,
+    )
+    atomic = NV > 1
+    final = not atomic and Gk == 1  # the last kernel to touch dv / dphi_k writes them in their dtype
+    dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
+    dv_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
+    dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
+    _launch(K.bwd_dk_kernel, (n, B * Hf),
+        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, *strides_in,
+        B, T, H, Hf, Gk, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, **kw,
+    )
+    # Running-sum parts.
+    seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
+    seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
+    _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
+        phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
+        B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
+    )
+    # Reverse exclusive prefix: segment s starts from the sums of every later segment.
+    rev_dS, rev_dz = _segment_prefix(seg_dS, None, reverse=True), _segment_prefix(seg_dz, None, reverse=True)
+    dpq_out = dpq if atomic else _empty(B, T, H, F, dtype=phi_q.dtype, device=dev)
+    _launch(K.bwd_dq_state_kernel, (nseg, B * Hf, NV),
+        phi_k, v, m_arg, dy, den, delta, pre_S, pre_z, dpq, dpq_out,
+        *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
+        B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+        ATOMIC=atomic, **kw,
+    )
+    dv_out = _empty(B, T, Hkv, D, dtype=v.dtype, device=dev) if final else dv_b
+    dpk_out = _empty(B, T, Hf, F, dtype=phi_k.dtype, device=dev) if final else dpk
+    _launch(K.bwd_dk_state_kernel, (nseg, B * Hf, NV),
+        phi_q, phi_k, v, m_arg, dy, den, delta, rev_dS, rev_dz, dv_b, dpk, dv_out, dpk_out,
+        *_strides(phi_q), *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
+        B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+        ATOMIC=atomic, FINAL=final, **kw,
+    )
+    if final:
+        dv_b, dpk = dv_out, dpk_out
+    if Gk > 1:  # key feature maps per query head: k and v gradients summed over each KV group
+        dk_b = dk_b.view(B, T, Hkv, Gk, D).sum(3)
+        dv_b = dv_b.view(B, T, Hkv, Gk, D).sum(3)
+    dgamma = dgam.sum((0, 1)) if has_u else None
+    return dq, dk_b.to(k.dtype), dv_b.to(v.dtype), dpq_out.to(phi_q.dtype), dpk.to(phi_k.dtype), dgamma
+
+# The forward and backward as torch.library custom ops, with the backward registered as the forward's autograd:
+# opaque ops to torch.compile (``compile`` in training: inductor fuses the glue around them and never traces into
+# the launches), the same code eagerly. A LaunchConfig travels as ints (nseg -1: None).
+Launch = tuple[int, int, int, int, int, bool]
+
+
+def _cfg(launch) -> LaunchConfig:
+    C, BV, warps, stages, nseg, one_acc = launch
+    return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg, one_acc=one_acc)
+
+
+def _launch_ints(cfg: LaunchConfig) -> tuple:
+    return cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, cfg.one_acc
+
+
+@torch.library.custom_op("linearize::hybrid_chunk", mutates_args=())
+def _hybrid_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
+                     gamma: torch.Tensor, mask: torch.Tensor | None, S0: torch.Tensor, z0: torch.Tensor, window: int,
+                     scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int, one_acc: bool,
+                     store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor, torch.Tensor]:
+    """(y, u, mx, den, arg, pre_S, pre_z); u is empty where not stored (an op's outputs may not alias)."""
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc))
+    y, u, *rest = _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, cfg, store_u)
+    return (y, q.new_empty(0) if u is None else u, *rest)
+
+
+@_hybrid_chunk_op.register_fake
+def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warps, num_stages, nseg, one_acc, store_u):
+    B, T, H, D = q.shape
+    Hf, F = phi_k.shape[2], phi_q.shape[3]
+    NV = math.ceil(D / value_block(BV, D))
+    _, n_seg = _segments(math.ceil(T / C), B * Hf * NV, q.device, None if nseg < 0 else nseg)
+    f32 = torch.float32
+    return (q.new_empty(q.shape), q.new_empty(q.shape if store_u else (0,)), q.new_empty(B, H, T, dtype=f32),
+            q.new_empty(B, H, T, dtype=f32), q.new_empty(B, H, T, dtype=torch.int32),
+            q.new_empty(n_seg, B, Hf, F, D, dtype=f32), q.new_empty(n_seg, B, Hf, F, dtype=f32))
+
+
+@torch.library.custom_op("linearize::hybrid_chunk_backward", mutates_args=())
+def _hybrid_chunk_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              phi_q: torch.Tensor, phi_k: torch.Tensor, gamma: torch.Tensor,
+                              mask: torch.Tensor | None, y: torch.Tensor, u: torch.Tensor, mx: torch.Tensor,
+                              den: torch.Tensor, arg: torch.Tensor, pre_S: torch.Tensor, pre_z: torch.Tensor,
+                              window: int, scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int,
+                              one_acc: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dphi_q, dphi_k, dgamma); dgamma is empty where the forward stored no u."""
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc))
+    *grads, dgamma = _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u if u.numel() else None, mx, den,
+                                     arg, pre_S, pre_z, window, scale, cfg)
+    return (*grads, gamma.new_empty(0) if dgamma is None else dgamma)
+
+
+@_hybrid_chunk_backward_op.register_fake
+def _(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, window, scale, *launch):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), phi_q.new_empty(phi_q.shape),
+            phi_k.new_empty(phi_k.shape), gamma.new_empty(gamma.shape if u.numel() else (0,), dtype=torch.float32))
+
+
+def _chunk_setup(ctx, inputs, output):
+    q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, *launch = inputs
+    y, u, mx, den, arg, pre_S, pre_z = output
+    ctx.save_for_backward(q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z)
+    ctx.meta = (window, scale, *launch[:-1])  # (store_u is read off u)
+    ctx.mark_non_differentiable(u, mx, den, arg, pre_S, pre_z)
+
+
+def _chunk_autograd(ctx, dy, *_):
+    q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z = ctx.saved_tensors
+    *grads, dgamma = _hybrid_chunk_backward_op(dy.contiguous(), q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den,
+                                               arg, pre_S, pre_z, *ctx.meta)
+    return (*grads, dgamma if dgamma.numel() else None) + (None,) * 12
+
+
+_hybrid_chunk_op.register_autograd(_chunk_autograd, setup_context=_chunk_setup)
 
 
 def hybrid_attention_triton(
@@ -333,8 +410,9 @@ def hybrid_attention_triton(
     S0 = initial_state.S.detach().to(torch.float32).contiguous()
     z0 = initial_state.z.detach().to(torch.float32).contiguous()
     cfg = config or default_config(d.D, d.F)
-    store_u = torch.is_grad_enabled() and gamma.requires_grad  # (grad mode is off inside Function.forward)
-    y = _HybridChunkFn.apply(q_run, k_run, v_run, pq_run, pk_run, gamma, mask_u8, S0, z0, window, scale, cfg, store_u)
+    store_u = torch.is_grad_enabled() and gamma.requires_grad  # (read here: grad mode is off inside the op)
+    y = _hybrid_chunk_op(q_run, k_run, v_run, pq_run, pk_run, gamma, mask_u8, S0, z0, window, scale,
+                         *_launch_ints(cfg), store_u)[0]
     if L:
         y = y[:, L:]
     if not output_final_state:
