@@ -105,6 +105,9 @@ class RunConfig:
     #: the whole model (stage 2 DDP); "auto" = replicate when the weights take <= 10% of each device's memory,
     #: else sharded (placement.AUTO_REPLICATE_SHARE; one process always holds the whole model)
     placement: str = "auto"
+    #: run the decoder layers through torch.compile while the stages train (inductor fuses the glue around the
+    #: kernels; compiles take tens of seconds at the start of each stage): single process and replicate placement
+    compile: bool = False
     checkpoint_every: int = 25  # optimizer steps between checkpoints
     samples: list[str] = field(
         default_factory=lambda: [

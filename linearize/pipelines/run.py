@@ -39,6 +39,7 @@ from .config import RunConfig, config_from_dict
 from .distributed import SINGLE, Dist
 from .evaluate import perplexity, sample
 from .finetune import add_lora, lora_parameters, stage2_loss
+from .compile import compiled_layers
 from .placement import PipelinedTransferLoss, describe, device_bytes, place_span, stage1_spans
 from .placement import resolve as resolve_placement
 from .replicate import replicate_for_lora
@@ -91,8 +92,8 @@ def _prepare_out(cfg: RunConfig, out: Path, resume: bool, d: Dist = SINGLE) -> d
         if not resume:
             raise RunError(f"{out} already holds a run; pass --resume to continue it, or choose another --out")
         saved = config_from_dict(yaml.safe_load(cfg_path.read_text()))
-        # the placement may change on resume, as the process count may: both give the same run
-        if dataclasses.replace(saved, placement=cfg.placement) != cfg:
+        # the placement may change on resume, as the process count may, and compile may: each gives the same run
+        if dataclasses.replace(saved, placement=cfg.placement, compile=cfg.compile) != cfg:
             raise RunError(f"the settings differ from the run saved in {out}; resume with the same settings or use another --out")
         state_path = out / "state.json"
         return json.loads(state_path.read_text()) if state_path.exists() else {}
@@ -197,6 +198,9 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
                "on shards built from the CPU; no device holds the whole model") if sharded else (
                "stage 1 block-wise over layers, stage 2 DDP data-parallel; every rank holds the whole model")
         echo(f"{d.world} processes on {device.type}, placement {placement} ({why}): {how}")
+    if cfg.compile:
+        echo("compile=true: the training stages run their decoder layers through torch.compile"
+             + (" (not under the sharded placement: its stages train eagerly)" if sharded else ""))
     if not sharded:
         model.to(device)  # (sharded: the model stays on the CPU until it is placed or sharded)
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -325,12 +329,13 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
             p.requires_grad_(k in mine)
         if "stage1" not in state["stages"]:
             if cfg.stage1.steps > 0:
-                result = train_stage(
-                    "stage1", model, mine, loss1, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
-                    checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
-                    resume_from=latest if latest is not None and latest.stage == "stage1" else None,
-                    dist=d, parallel=parallel1,
-                )
+                with compiled_layers(model, cfg.compile):
+                    result = train_stage(
+                        "stage1", model, mine, loss1, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
+                        checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
+                        resume_from=latest if latest is not None and latest.stage == "stage1" else None,
+                        dist=d, parallel=parallel1,
+                    )
                 state["stages"]["stage1"] = _stage_record(result)
                 if d.enabled:  # stitch: every rank gets every block's trained weights
                     for part in d.all_gather_object({k: p.detach().cpu() for k, p in mine.items()}):
@@ -371,11 +376,12 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
             if d.enabled:  # the replicate placement: DDP over all ranks (:mod:`.replicate`)
                 d.broadcast_tensors(list(lora_params.values()))  # one LoRA initialisation on every rank
                 replicate_for_lora(peft_model, d)
-            result = train_stage(
-                "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
-                checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
-                resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
-            )
+            with compiled_layers(peft_model, cfg.compile):
+                result = train_stage(
+                    "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1,
+                    checkpoints=ckpts, checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
+                    resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
+                )
             state["stages"]["stage2"] = _stage_record(result)
             save_state()
         elif d.is_main:
