@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py --model smollm2-135m --batch 8 --seq-len 1024 --out benchmarks/results/train-step
 
-Each stage runs the pipeline's own loss functions (``transfer_loss`` for stage 1, ``lm_loss`` through peft
+Each stage runs the pipeline's own loss functions (``transfer_loss`` for stage 1, ``stage2_loss`` through peft
 LoRA for stage 2) with AdamW on random token batches (throughput does not depend on what the tokens say),
 single process. Per step: CUDA-event time of forward + backward + optimizer step (median over the timed
 steps after ``--warmup``), and host wall time. With ``--profile N``, N more steps run under
@@ -16,6 +16,11 @@ gradients (2 N per token) but no base-weight gradients: ~4 N per token plus atte
 frozen forward once (2 N) and, per converted layer, the hybrid attention beside the softmax one; its backward
 reaches only the feature maps. Attention FLOPs are left out of both (small at 1K tokens for these models),
 so the achieved TFLOP/s shown are lower bounds.
+
+``--compile both`` times each stage eagerly and with its decoder layers through torch.compile (the pipeline's
+``compile=true``, ``linearize.pipelines.compile``), one row each; the first warm-up step's time (the compiles)
+is reported apart. ``--kl-weight W`` trains stage 2 on W x KL to the softmax teacher + CE, as the conversions of
+``results/issue6`` did (the teacher's forward is then part of the step).
 
 ``--map-kernel both`` times each stage twice in the same run, the layers' Hedgehog maps through the Triton map
 kernel (one launch for a layer's two maps, forward and backward; the default on CUDA) and through the maps'
@@ -48,12 +53,12 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype, lin_cfg: dict):
+def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype, lin_cfg: dict, kl_weight: float = 0.0):
     """The model as the pipeline trains it in ``stage``, its trainable parameters, and the loss function."""
     from linearize import LinearizeConfig, convert
     from linearize.models import load
-    from linearize.pipelines.config import LoraConfig
-    from linearize.pipelines.finetune import add_lora, lm_loss, lora_parameters
+    from linearize.pipelines.config import LoraConfig, Stage2LossConfig
+    from linearize.pipelines.finetune import add_lora, lora_parameters, stage2_loss
     from linearize.pipelines.transfer import freeze_for_transfer, set_mode, transfer_loss
 
     if model_name.endswith(".json"):  # the architecture alone, random weights: timing needs no checkpoint
@@ -71,7 +76,7 @@ def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype,
         p.requires_grad_(False)
     set_mode(model, "hybrid")
     peft_model = add_lora(model, LoraConfig())
-    return peft_model, lora_parameters(peft_model), lm_loss, n_matmul
+    return peft_model, lora_parameters(peft_model), stage2_loss(Stage2LossConfig(kl_weight=kl_weight)), n_matmul
 
 
 def gpu_busy(prof, wall_s: float) -> tuple[float, int, list[dict], list[dict]]:
@@ -84,11 +89,21 @@ def gpu_busy(prof, wall_s: float) -> tuple[float, int, list[dict], list[dict]]:
             rename(top_ops(prof, "self_cpu_time_total", 15)))
 
 
-def run_stage(args, stage: int, device: torch.device) -> dict:
-    from linearize.pipelines.transfer import autocast  # noqa: F401  (the loss functions autocast themselves)
+def run_stage(args, stage: int, device: torch.device, compiled: bool = False) -> dict:
+    from linearize.pipelines.compile import compiled_layers
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, params, loss_fn, n_matmul = build(args.model, stage, device, dtype, json.loads(args.linearize))
+    model, params, loss_fn, n_matmul = build(args.model, stage, device, dtype, json.loads(args.linearize), args.kl_weight)
+    with compiled_layers(model, compiled):
+        out = _time_stage(args, stage, device, model, params, loss_fn, n_matmul) | {"compiled": compiled}
+    del model, params, loss_fn
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def _time_stage(args, stage: int, device: torch.device, model, params, loss_fn, n_matmul: int) -> dict:
     vocab = model.config.vocab_size
     opt = torch.optim.AdamW(list(params.values()), lr=1e-4)
     g = torch.Generator().manual_seed(0)
@@ -102,8 +117,12 @@ def run_stage(args, stage: int, device: torch.device) -> dict:
         opt.zero_grad(set_to_none=True)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    first_s = None
     for i in range(args.warmup):
+        t0 = time.perf_counter()
         step(i)
+        sync()
+        first_s = first_s if first_s is not None else time.perf_counter() - t0
     sync()
     gpu_ms, wall_ms = [], []
     for i in range(args.steps):
@@ -125,7 +144,7 @@ def run_stage(args, stage: int, device: torch.device) -> dict:
         "stage": stage, "batch": args.batch, "seq_len": args.seq_len, "tokens_per_step": tokens,
         "trainable_params": sum(p.numel() for p in params.values()), "matmul_params": n_matmul,
         "step_ms_median": med, "step_ms_min": min(gpu_ms or wall_ms), "wall_ms_median": statistics.median(wall_ms),
-        "tokens_per_s": tokens / med * 1e3, "flop_model_per_token": per_token,
+        "tokens_per_s": tokens / med * 1e3, "flop_model_per_token": per_token, "first_step_s": first_s,
         "tflops_lower_bound": per_token * tokens / med / 1e9,
         "peak_mem_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
     }
@@ -144,30 +163,30 @@ def run_stage(args, stage: int, device: torch.device) -> dict:
         out["profile"] = {"steps": args.profile, "wall_ms_per_step": wall / args.profile * 1e3,
                           "gpu_busy_fraction": busy if device.type == "cuda" else None,
                           "kernels_per_step": n_kernels / args.profile, "top_kernels": top_k, "top_host_ops": top_h}
-    del model, params, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
     return out
 
 
 def markdown(summary: dict) -> str:
     lines = [f"# Training step, {summary['model']}", "",
              f"Device {summary['device']}; torch {summary['torch']}; batch {summary['batch']} x {summary['seq_len']} tokens; "
-             f"linearize config {summary['linearize']}; median of {summary['steps']} steps after {summary['warmup']} warm-up.", "",
-             "| stage | maps | step ms (median) | host wall ms | tokens/s | TFLOP/s (lower bound) | GPU busy | kernels/step | peak MiB |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"linearize config {summary['linearize']}; stage-2 KL weight {summary.get('kl_weight', 0.0)}; median of "
+             f"{summary['steps']} steps after {summary['warmup']} warm-up (the first warm-up step's time apart: compiles).", "",
+             "| stage | maps | layers | first step s | step ms (median) | host wall ms | tokens/s | TFLOP/s (lower bound) "
+             "| GPU busy | kernels/step | peak MiB |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["stages"]:
         p = r.get("profile", {})
         busy = p.get("gpu_busy_fraction")
         maps = "map kernel" if r.get("map_kernel", True) else "modules"
-        lines.append(f"| {r['stage']} | {maps} | {r['step_ms_median']:.1f} | {r['wall_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | "
+        first = "–" if r.get("first_step_s") is None else f"{r['first_step_s']:.1f}"
+        layers = "compiled" if r.get("compiled") else "eager"
+        lines.append(f"| {r['stage']} | {maps} | {layers} | {first} | {r['step_ms_median']:.1f} | {r['wall_ms_median']:.1f} | {r['tokens_per_s']:,.0f} | "
                      f"{r['tflops_lower_bound']:.1f} | {'–' if busy is None else f'{100 * busy:.0f}%'} | "
                      f"{p.get('kernels_per_step', 0):.0f} | {r['peak_mem_mib'] or 0:,.0f} |")
     for r in summary["stages"]:
         if "profile" not in r:
             continue
-        maps = "" if r.get("map_kernel", True) else ", maps through the modules"
+        maps = ("" if r.get("map_kernel", True) else ", maps through the modules") + (", compiled layers" if r.get("compiled") else "")
         lines += ["", f"## Stage {r['stage']}{maps}: top kernels ({r['profile']['steps']} profiled steps)", "", "| kernel | calls | ms |", "|---|---:|---:|"]
         lines += [f"| `{k['name']}` | {k['calls']} | {k['ms_total']:.2f} |" for k in r["profile"]["top_kernels"]]
         lines += ["", f"## Stage {r['stage']}{maps}: top host ops", "", "| op | calls | self ms |", "|---|---:|---:|"]
@@ -188,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--linearize", default="{}", help="LinearizeConfig fields as JSON")
     ap.add_argument("--map-kernel", choices=["on", "off", "both"], default="on",
                     help="Hedgehog maps through the Triton map kernel (on), the modules (off), or each stage both ways")
+    ap.add_argument("--compile", choices=["on", "off", "both"], default="off",
+                    help="decoder layers through torch.compile (on), eager (off), or each stage both ways")
+    ap.add_argument("--kl-weight", type=float, default=0.0, help="stage 2: KL-to-teacher weight beside CE (0: CE only)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -199,13 +221,15 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for s in args.stages.split(","):
             for kernel in {"on": [True], "off": [False], "both": [True, False]}[args.map_kernel]:
-                HedgehogFeatureMap.kernel = kernel
-                stages.append(run_stage(args, int(s), device) | {"map_kernel": kernel})
+                for compiled in {"on": [True], "off": [False], "both": [False, True]}[args.compile]:
+                    HedgehogFeatureMap.kernel = kernel
+                    stages.append(run_stage(args, int(s), device, compiled) | {"map_kernel": kernel})
     finally:
         HedgehogFeatureMap.kernel = default
     summary = {
         "model": args.model, "batch": args.batch, "seq_len": args.seq_len, "steps": args.steps, "warmup": args.warmup,
-        "linearize": args.linearize, "torch": torch.__version__, "map_kernel": args.map_kernel,
+        "linearize": args.linearize, "torch": torch.__version__, "map_kernel": args.map_kernel, "compile": args.compile,
+        "kl_weight": args.kl_weight,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
         "stages": stages,
     }

@@ -39,6 +39,10 @@
 #   bash scripts/gpu_decode_calls.sh 15 SHA  # the same 8B in LoLCATs' layout (key maps per query head; ~370 s)
 #   bash scripts/gpu_decode_calls.sh 17 SHA  # the ring kernel's chunks loaded one step ahead (PREFETCH): GPU tests, the
 #                                            # sweep's P rows, Qwen's compiled step without and with it (~540 s)
+#   bash scripts/gpu_decode_calls.sh 18 SHA  # not decode: training with compile=true (eighteenth session, CPU only): its
+#                                            # GPU test, the chunk kernels' GPU tests through the custom ops (bf16 ids), then
+#                                            # the SmolLM2 training step eager against compiled, both stages, stage 2 on
+#                                            # KL + CE, profiled (~450 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -49,7 +53,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 17}
+call=${1:?call number 1 to 18}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -227,7 +231,19 @@ case "$call" in
     (export LINEARIZE_DECODE_PREFETCH=1
      row qwen-linear-prefetch.log 110 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95)
     ;;
-  *) echo "call must be 1 to 17" >&2; exit 2 ;;
+  18)
+    # training with its decoder layers through torch.compile (compile=true; the chunk kernels now custom ops): the
+    # compiled-vs-eager GPU test, the chunk GPU tests in bf16 (the ops' eager path), then SmolLM2's step at 8 x 1024,
+    # eager and compiled, stage 2 on KL + CE as issue 6's conversions; eager: stage 1 117 ms, stage 2 240 ms (CE only,
+    # results/train-step-maps-h200-20261205, GPU busy ~21-27% in November)
+    timeout 120 python3 -m pytest -q tests/gpu/test_compile_cuda.py 2>&1 | tail -3 | tee "$out/tests.log"
+    chunk_tests 8 120 150 "fp32\|float32"
+    timeout 330 python3 benchmarks/train_step.py --model benchmarks/configs/smollm2-135m.json --batch 8 --seq-len 1024 \
+      --steps 10 --warmup 3 --profile 2 --compile both --kl-weight 1.0 --out "$out/train-step-compile" \
+      > "$out/train-step-compile.log" 2>&1
+    grep -E "^\| [12] \|" "$out/train-step-compile.log"
+    ;;
+  *) echo "call must be 1 to 18" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

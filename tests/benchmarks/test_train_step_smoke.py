@@ -29,3 +29,13 @@ def test_map_kernel_both_gives_a_row_each(tmp_path):
               "--batch", "1", "--seq-len", "16", "--map-kernel", "both"])
     assert [(r["stage"], r["map_kernel"]) for r in s["stages"]] == [(1, True), (1, False)]
     assert HedgehogFeatureMap.kernel is True  # set back to what it was
+
+
+def test_compile_both_gives_an_eager_and_a_compiled_row(tmp_path):
+    from benchmarks.train_step import main
+
+    model = tiny_byte_model_dir(tmp_path / "m")
+    s = main(["--model", str(model), "--device", "cpu", "--steps", "1", "--warmup", "1", "--profile", "0", "--stages", "2",
+              "--batch", "1", "--seq-len", "16", "--compile", "both", "--kl-weight", "0.5"])
+    assert [(r["stage"], r["compiled"]) for r in s["stages"]] == [(2, False), (2, True)]
+    assert all(r["first_step_s"] > 0 for r in s["stages"]) and s["kl_weight"] == 0.5
