@@ -387,3 +387,16 @@ def test_block_gradients_equal_full_model_gradients():
                     torch.testing.assert_close(p.grad, full[k], rtol=1e-6, atol=1e-9)
                 else:
                     assert p.grad is None or not bool(p.grad.any()), k  # no gradient leaks across blocks
+
+
+def test_replicate_with_compiled_layers_equals_single_process(runs):
+    """compile=true under DDP (the replicate placement): each rank runs its decoder layers compiled, in stage 1
+    (block-wise) and stage 2 (DDP's hooks around the compiled layers); the run equals the eager single process."""
+    model_dir, text, environ, base = runs["model_dir"], runs["text"], runs["env"], runs["base"]
+    out = base / "two-compiled"
+    done = run_ok(torchrun(model_dir, out, text, 2, "--set", "placement=replicate", "--set", "compile=true"), environ)
+    assert "compile=true" in done.stdout.decode() + done.stderr.decode()
+    for stage in ("stage1", "stage2"):
+        torch.testing.assert_close(torch.tensor(losses(out, stage)), torch.tensor(losses(runs["one"], stage)), rtol=1e-4, atol=0)
+    assert_close_weights(load_file(out / "model" / "model.safetensors"), load_file(runs["one"] / "model" / "model.safetensors"),
+                         rtol=1e-4, atol=1e-6)
