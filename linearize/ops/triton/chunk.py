@@ -92,15 +92,18 @@ def _launch(kernel, grid, *args, num_stages: int = 1, **kwargs) -> None:
     changes no result and no buffer, and remembered so the next call skips the failing compile."""
     from triton.runtime.errors import OutOfResources
 
-    # Triton compiles per constexprs and per int argument's ==1 / %16 class: the same key, the same binary.
-    spec = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int) and not isinstance(a, bool))
-    key = (getattr(kernel, "__name__", None) or repr(kernel), tuple(sorted(kwargs.items())), spec, num_stages)
-    if num_stages > 1 and key not in _ONE_STAGE:
+    def key() -> tuple:
+        # Triton compiles per constexprs and per int argument's ==1 / %16 class: the same key, the same binary.
+        # (Built only where a launch failed before: ~16 us a launch on the host, which small models' steps wait on.)
+        spec = tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int) and not isinstance(a, bool))
+        return getattr(kernel, "__name__", None) or repr(kernel), tuple(sorted(kwargs.items())), spec, num_stages
+
+    if num_stages > 1 and not (_ONE_STAGE and key() in _ONE_STAGE):
         try:
             kernel[grid](*args, num_stages=num_stages, **kwargs)
             return
         except OutOfResources:
-            _ONE_STAGE.add(key)
+            _ONE_STAGE.add(key())
     try:
         kernel[grid](*args, num_stages=1, **kwargs)
     except OutOfResources as e:
@@ -297,7 +300,7 @@ def _launch_ints(cfg: LaunchConfig) -> tuple:
 
 @torch.library.custom_op("linearize::hybrid_chunk", mutates_args=())
 def _hybrid_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
-                     gamma: torch.Tensor, mask: torch.Tensor | None, S0: torch.Tensor, z0: torch.Tensor, window: int,
+                     gamma: torch.Tensor, mask: torch.Tensor | None, S0: torch.Tensor | None, z0: torch.Tensor | None, window: int,
                      scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int, one_acc: bool,
                      store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor]:
@@ -346,9 +349,12 @@ def _chunk_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z)
     ctx.meta = (window, scale, *launch[:-1])  # (store_u is read off u)
     ctx.mark_non_differentiable(u, mx, den, arg, pre_S, pre_z)
+    ctx.set_materialize_grads(False)  # (else autograd fills a zero gradient for each of those, pre_S's 67 MB at 16K)
 
 
 def _chunk_autograd(ctx, dy, *_):
+    if dy is None:  # (y unused by the loss)
+        return (None,) * 18
     q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z = ctx.saved_tensors
     *grads, dgamma = _hybrid_chunk_backward_op(dy.contiguous(), q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den,
                                                arg, pre_S, pre_z, *ctx.meta)
@@ -389,11 +395,15 @@ def hybrid_attention_triton(
     k, v, phi_q, phi_k = (x.to(dtype) for x in (k, v, phi_q, phi_k))
     q, k, v, phi_q, phi_k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, phi_q, phi_k))
     valid = key_mask(attention_mask, d.B, d.T, dev) if attention_mask is not None else None
-    if initial_state is None:
-        initial_state = HybridState.empty(d.B, d.Hkv, d.D, d.Hf, d.F, dtype=dtype, device=dev, phi_dtype=dtype)
-    L = initial_state.tail_len
+    def empty() -> HybridState:
+        return HybridState.empty(d.B, d.Hkv, d.D, d.Hf, d.F, dtype=dtype, device=dev, phi_dtype=dtype)
+
+    # No initial state (training, a whole prefill): none is built; the kernels start from zero sums without
+    # reading any (two fills and two reads fewer a layer, and their host calls).
+    given = initial_state is not None
+    L = initial_state.tail_len if given else 0
     if d.T == 0:
-        return q.new_zeros(q.shape), (initial_state if output_final_state else None)
+        return q.new_zeros(q.shape), ((initial_state if given else empty()) if output_final_state else None)
     if L:  # the tail's keys lead the sequence; its query rows are dummies and are dropped
         def lead(tail, new):
             return torch.cat([tail.to(new.dtype), new], dim=1)
@@ -407,8 +417,8 @@ def hybrid_attention_triton(
     else:
         q_run, k_run, v_run, pq_run, pk_run, valid_run = q, k, v, phi_q, phi_k, valid
     mask_u8 = None if valid_run is None or bool(valid_run.all()) else valid_run.to(torch.uint8).contiguous()
-    S0 = initial_state.S.detach().to(torch.float32).contiguous()
-    z0 = initial_state.z.detach().to(torch.float32).contiguous()
+    S0 = initial_state.S.detach().to(torch.float32).contiguous() if given else None
+    z0 = initial_state.z.detach().to(torch.float32).contiguous() if given else None
     cfg = config or default_config(d.D, d.F)
     store_u = torch.is_grad_enabled() and gamma.requires_grad  # (read here: grad mode is off inside the op)
     y = _hybrid_chunk_op(q_run, k_run, v_run, pq_run, pk_run, gamma, mask_u8, S0, z0, window, scale,
@@ -417,7 +427,8 @@ def hybrid_attention_triton(
         y = y[:, L:]
     if not output_final_state:
         return y, None
-    return y, _final_state(S0, z0, k_run, v_run, pk_run, valid_run, window, d)
+    init = initial_state if given else empty()
+    return y, _final_state(init.S.float(), init.z.float(), k_run, v_run, pk_run, valid_run, window, d)
 
 
 def _in_batch_pieces(q, k, v, phi_q, phi_k, *, attention_mask, initial_state, output_final_state, **kw):
