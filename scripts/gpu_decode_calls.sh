@@ -40,7 +40,7 @@
 #   bash scripts/gpu_decode_calls.sh 17 SHA  # the ring kernel's chunks loaded one step ahead (PREFETCH): GPU tests, the
 #                                            # sweep's P rows, Qwen's compiled step without and with it (~540 s)
 #   bash scripts/gpu_decode_calls.sh 18 SHA  # not decode: training with compile=true (eighteenth session, CPU only): its
-#                                            # GPU test, the chunk kernels' GPU tests through the custom ops (bf16 ids), then
+#                                            # GPU test, the chunk kernels' GPU tests (bf16 / fp16 ids), then
 #                                            # the SmolLM2 training step eager against compiled, both stages, stage 2 on
 #                                            # KL + CE, profiled (~450 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
@@ -232,8 +232,9 @@ case "$call" in
      row qwen-linear-prefetch.log 110 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95)
     ;;
   18)
-    # training with its decoder layers through torch.compile (compile=true; the chunk kernels now custom ops): the
-    # compiled-vs-eager GPU test, the chunk GPU tests in bf16 (the ops' eager path), then SmolLM2's step at 8 x 1024,
+    # training with its decoder layers through torch.compile (compile=true; under it the chunk kernels run as custom
+    # ops): the compiled-vs-eager GPU test, the chunk GPU tests in bf16 / fp16 (the eager path no longer builds a zero
+    # initial state), then SmolLM2's step at 8 x 1024,
     # eager and compiled, stage 2 on KL + CE as issue 6's conversions; eager: stage 1 117 ms, stage 2 240 ms (CE only,
     # results/train-step-maps-h200-20261205, GPU busy ~21-27% in November)
     timeout 120 python3 -m pytest -q tests/gpu/test_compile_cuda.py 2>&1 | tail -3 | tee "$out/tests.log"
