@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 
@@ -75,3 +77,15 @@ def run_file_under_interpreter(path: str, timeout: int) -> str:
     )
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-3000:]
     return r.stdout
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten (and custom) ops dispatched inside, by name: ``with CountOps() as c: ...; c.ops["mm"]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))

@@ -304,20 +304,8 @@ def test_compiled_function_equals_eager():
 def test_a_training_call_fills_nothing():
     """Forward + backward without an initial state, eagerly and through the custom ops torch.compile calls: no zero
     state built and read, and no zero gradient filled for the op's saved outputs (pre_S alone is 67 MB at 16K)."""
-    import collections
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = collections.Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops[func.overloadpacket.__name__] += 1
-            return func(*args, **(kwargs or {}))
+    from tests.ops.helpers import CountOps as Count
 
     q, k, v, pq, pk, g = random_inputs(2, 40, 4, 2, 16, 8, 4, dtype=torch.float32, seed=9, requires_grad=True)
     dy = torch.randn(2, 40, 4, 16)

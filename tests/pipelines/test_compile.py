@@ -68,38 +68,15 @@ def test_compiled_layers_context():
 def test_compiled_stage2_step_on_other_architectures(model_type):
     """Gemma 3 (sliding and global layers: two layer kinds in one compiled frame; q/k norms): a stage-2 step on
     KL + CE equals the eager step, with no graph break."""
-    from torch._dynamo.utils import counters
-
     import linearize
-    from linearize.pipelines.config import LoraConfig, Stage2LossConfig
-    from linearize.pipelines.finetune import add_lora, lora_parameters, stage2_loss
     from tests.tiny_models import perturb_added_weights, tiny_model
+
+    from .compile_helpers import eager_and_compiled, stage_setup
 
     model = linearize.convert(tiny_model(model_type), linearize.LinearizeConfig(feature_dim=6, window=4))
     perturb_added_weights(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model = add_lora(model, LoraConfig())
-    params = lora_parameters(model)
-    with torch.no_grad():
-        for name, p in params.items():
-            if "lora_B" in name:
-                p.normal_(generator=torch.Generator().manual_seed(len(name)))
-    loss_fn = stage2_loss(Stage2LossConfig(kl_weight=1.0, ce_weight=0.3))
-    model.train()
     ids = torch.randint(3, 96, (2, 29), generator=torch.Generator().manual_seed(0))
-    results = []
-    for compiled in (False, True):
-        torch._dynamo.reset()
-        counters.clear()
-        model.zero_grad()
-        with compiled_layers(model, compiled):
-            loss = loss_fn(model, ids)
-            loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in params.items()}))
-        if compiled:
-            assert counters["stats"]["unique_graphs"] >= 2 and not counters["graph_break"], dict(counters["graph_break"])
-    (l0, g0), (l1, g1) = results
+    (l0, g0), (l1, g1) = eager_and_compiled(*stage_setup(model, 2), ids)
     assert l1.item() == pytest.approx(l0.item(), rel=1e-5)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6)

@@ -6,27 +6,15 @@ as the pipeline trains on CUDA.
 
 from __future__ import annotations
 
-import collections
-
 import peft
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from linearize import LinearizeConfig, convert
 from linearize.pipelines import finetune
 from linearize.pipelines.config import LoraConfig, Stage2LossConfig
-
-
-class CountOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+from tests.ops.helpers import CountOps
 
 
 def bf16_lora_model(seed: int = 0) -> torch.nn.Module:

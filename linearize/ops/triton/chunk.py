@@ -158,23 +158,33 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
 
 
-def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig,
-                   store_u: bool):
-    """-> (y, u or None, mx, den, arg, pre_S, pre_z): the output and what the backward reads."""
+def _geometry(q, k, phi_q, phi_k, window: int, cfg: LaunchConfig) -> tuple:
+    """(B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg) of a call: shapes, chunks (n of C), the
+    window's chunks, padded blocks, value blocks and segments; the forward, the backward and the op's fake agree."""
     B, T, H, D = q.shape
     Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
-    Gk, GQ = Hf // Hkv, H // Hf
     C = cfg.C
     n = math.ceil(T / C)
     W = min(window, T)
     nwin = math.ceil((W - 1) / C) if W > 0 else 0
     BD, BF, BV = _pow2(D), _pow2(F), value_block(cfg.BV, D)
-    _check_blocks(C, BV, q.device)
     NV = math.ceil(D / BV)
     n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
-    has_mask = mask is not None
-    m_arg = mask if has_mask else q
-    sM_b = mask.stride(0) if has_mask else 0
+    return B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg
+
+
+def _mask_arg(mask, q) -> tuple[bool, torch.Tensor, int]:
+    """(has_mask, the mask pointer the kernels get (q's where there is none: never read), its batch stride)."""
+    return mask is not None, (mask if mask is not None else q), (mask.stride(0) if mask is not None else 0)
+
+
+def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig,
+                   store_u: bool):
+    """-> (y, u or None, mx, den, arg, pre_S, pre_z): the output and what the backward reads."""
+    B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg = _geometry(q, k, phi_q, phi_k, window, cfg)
+    Gk, GQ = Hf // Hkv, H // Hf
+    _check_blocks(C, BV, q.device)
+    has_mask, m_arg, sM_b = _mask_arg(mask, q)
     prec = _prec(q.dtype)
     f32 = torch.float32
     dev = q.device
@@ -207,19 +217,9 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
 def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, window: int,
                     scale: float, cfg: LaunchConfig):
     """-> (dq, dk, dv, dphi_q, dphi_k, dgamma or None, the latter where the forward stored no u)."""
-    B, T, H, D = q.shape
-    Hkv, Hf, F = k.shape[2], phi_k.shape[2], phi_q.shape[3]
+    B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg = _geometry(q, k, phi_q, phi_k, window, cfg)
     G, Gk, GQ = H // Hkv, Hf // Hkv, H // Hf
-    C = cfg.C
-    n = math.ceil(T / C)
-    W = min(window, T)
-    nwin = math.ceil((W - 1) / C) if W > 0 else 0
-    BD, BF, BV = _pow2(D), _pow2(F), value_block(cfg.BV, D)
-    NV = math.ceil(D / BV)
-    n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
-    has_mask = mask is not None
-    m_arg = mask if has_mask else q
-    sM_b = mask.stride(0) if has_mask else 0
+    has_mask, m_arg, sM_b = _mask_arg(mask, q)
     prec = _prec(q.dtype)
     f32 = torch.float32
     dev = q.device
@@ -329,10 +329,8 @@ def _hybrid_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: t
 
 @_hybrid_chunk_op.register_fake
 def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warps, num_stages, nseg, one_acc, store_u):
-    B, T, H, D = q.shape
-    Hf, F = phi_k.shape[2], phi_q.shape[3]
-    NV = math.ceil(D / value_block(BV, D))
-    _, n_seg = _segments(math.ceil(T / C), B * Hf * NV, q.device, None if nseg < 0 else nseg)
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc))
+    B, T, H, D, _, Hf, F, *_, n_seg = _geometry(q, k, phi_q, phi_k, window, cfg)
     f32 = torch.float32
     return (q.new_empty(q.shape), q.new_empty(q.shape if store_u else (0,)), q.new_empty(B, H, T, dtype=f32),
             q.new_empty(B, H, T, dtype=f32), q.new_empty(B, H, T, dtype=torch.int32),
