@@ -77,7 +77,7 @@ def run_one(args, n: int, source: str, work: Path, env: dict) -> dict:
         "data.source": source, "data.seq_len": args.seq_len, "data.val_tokens": 4 * args.seq_len,
         "stage1.steps": 0, "stage2.steps": args.steps, "stage2.batch_size": args.per_gpu_batch * n,
         "stage2.grad_accum": args.grad_accum, "checkpoint_every": 10**6, "samples": "[Hello]", "sample_tokens": 4,
-        "device": args.device, "placement": args.placement,
+        "device": args.device, "placement": args.placement, "compile": str(args.compile).lower(),
     }
     cmd = [sys.executable, "-m", "linearize", "convert", args.model, "--out", str(out), "--nproc", str(n)]
     for k, v in sets.items():
@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="START:COUNT: profile those stage-2 steps on every rank "
                     "(LINEARIZE_PROFILE); writes OUT/profile-<N>gpu-rank<r>.md (host and device time by op). "
                     "Profiled steps run slower: they are left out of the timed median.")
+    ap.add_argument("--compile", action="store_true", help="compile=true: the decoder layers through torch.compile "
+                    "(the first warm-up steps then hold the compiles)")
     ap.add_argument("--out", type=Path, default=Path("results/distributed-bench"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/linearize-bench"))
     args = ap.parse_args()
@@ -159,14 +161,15 @@ def main() -> None:
     summary = {
         "what": "stage-2 LoRA training throughput (tokens/s, global), same per-GPU batch: FSDP2 (sharded) or DDP (replicate)",
         "model": args.model, "seq_len": args.seq_len, "per_gpu_batch": args.per_gpu_batch, "grad_accum": args.grad_accum,
-        "steps": args.steps, "warmup": args.warmup, "data": args.source,
+        "steps": args.steps, "warmup": args.warmup, "data": args.source, "compile": args.compile,
         "torch": torch.__version__, "env": NO_MULTICAST, "results": results,
     }
     (args.out / "bench.json").write_text(json.dumps(summary, indent=2))
     md = [
         f"# Stage-2 throughput, {args.model}: {' vs '.join(str(r['gpus']) for r in results)} GPU(s)", "",
         f"Per-GPU batch {args.per_gpu_batch} x {args.seq_len} tokens (x{args.grad_accum} accumulation), {args.steps} steps, "
-        f"median over steps after the first {args.warmup}; torch {torch.__version__}; device {base['device']}; "
+        f"median over steps after the first {args.warmup}; decoder layers {'compiled' if args.compile else 'eager'}; "
+        f"torch {torch.__version__}; device {base['device']}; "
         "NVLink multicast off (" + ", ".join(f"{k}={v}" for k, v in NO_MULTICAST.items()) + ").", "",
         "| GPUs | placement | global batch (rows) | tokens/s (median) | min - max | s/step | speedup | efficiency | peak MiB per rank (before export) |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -22,11 +22,15 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 # The replicate placement's stage 2 is DDP: one bucketed all-reduce of the LoRA gradients, no per-layer hooks
 # (linearize/pipelines/replicate.py); sharded, the default with several processes, is FSDP2 over everything (1.25x
 # on 2 x H200 at 8 rows, 2026-11-23). Both at 8 rows a GPU, side by side, then replicate at 32.
-for run in 8:replicate 8:sharded 32:replicate; do
-  rows=${run%%:*} pl=${run##*:}
+# BENCH_RUNS picks others: ROWS:PLACEMENT[:compile], e.g. BENCH_RUNS="8:replicate:compile" (compile=true; its
+# warm-up steps hold the compiles, ~1 min in each process) as a call of its own.
+runs=${BENCH_RUNS:-8:replicate 8:sharded 32:replicate}
+for run in $runs; do
+  IFS=: read -r rows pl comp <<< "$run"
   # steps 10-12 profiled on every rank (left out of the timed median): where the 2-GPU step's extra time goes
-  timeout 160 python3 scripts/bench_distributed.py --model "${BENCH_MODEL:-smollm2-135m}" --gpus 1,2 --per-gpu-batch "$rows" \
-    --placement "$pl" --seq-len 1024 --steps 30 --warmup 5 --profile 10:3 --out "$out/batch$rows-$pl" | tail -8
+  timeout "${BENCH_RUN_SECONDS:-160}" python3 scripts/bench_distributed.py --model "${BENCH_MODEL:-smollm2-135m}" --gpus 1,2 \
+    --per-gpu-batch "$rows" --placement "$pl" ${comp:+--compile} --seq-len 1024 --steps 30 --warmup 5 --profile 10:3 \
+    --out "$out/batch$rows-$pl${comp:+-compile}" | tail -8
 done
 # the correctness checks on CUDA/NCCL that need only the two set-up runs (2 processes sharded against 1, the
 # layers each rank held, the export); the whole file (+ a kill/resume and a 1.6 GB model's per-rank peaks)
@@ -35,5 +39,8 @@ timeout 100 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_distributed_
 # the device returns at most 8 files: one archive, plus the two tables to read at once
 if [ -n "${OUT:-}" ]; then
   tar czf "$OUT/distributed-bench.tar.gz" -C "$(dirname "$out")" "$(basename "$out")"
-  for run in 8-replicate 8-sharded 32-replicate; do cp "$out/batch$run/bench.md" "$OUT/bench-batch$run.md" 2>/dev/null || true; done
+  for run in $runs; do
+    IFS=: read -r rows pl comp <<< "$run"
+    cp "$out/batch$rows-$pl${comp:+-compile}/bench.md" "$OUT/bench-batch$rows-$pl${comp:+-compile}.md" 2>/dev/null || true
+  done
 fi
