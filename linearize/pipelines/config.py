@@ -106,7 +106,7 @@ class RunConfig:
     #: else sharded (placement.AUTO_REPLICATE_SHARE; one process always holds the whole model)
     placement: str = "auto"
     #: run the decoder layers through torch.compile while the stages train (inductor fuses the glue around the
-    #: kernels; compiles take tens of seconds at the start of each stage): single process and replicate placement
+    #: kernels; compiles take tens of seconds at the start of each stage); any placement
     compile: bool = False
     checkpoint_every: int = 25  # optimizer steps between checkpoints
     samples: list[str] = field(

@@ -199,8 +199,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
                "stage 1 block-wise over layers, stage 2 DDP data-parallel; every rank holds the whole model")
         echo(f"{d.world} processes on {device.type}, placement {placement} ({why}): {how}")
     if cfg.compile:
-        echo("compile=true: the training stages run their decoder layers through torch.compile"
-             + (" (not under the sharded placement: its stages train eagerly)" if sharded else ""))
+        echo("compile=true: the training stages run their decoder layers through torch.compile")
     if not sharded:
         model.to(device)  # (sharded: the model stays on the CPU until it is placed or sharded)
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -554,11 +553,12 @@ def _stage1_pipelined(cfg, load, dtype, device, train_rows, ckpts, latest, metri
     for k, p in all_params.items():
         p.requires_grad_(k in mine)
     loss = PipelinedTransferLoss(span, block, d, model.config.hidden_size, model.get_input_embeddings().weight.dtype)
-    result = train_stage(
-        "stage1", model, mine, loss, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
-        checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
-        resume_from=latest if latest is not None and latest.stage == "stage1" else None, dist=d, parallel="layers",
-    )
+    with compiled_layers(model, cfg.compile):
+        result = train_stage(
+            "stage1", model, mine, loss, train_rows, cfg.stage1, seed=cfg.seed, checkpoints=ckpts,
+            checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
+            resume_from=latest if latest is not None and latest.stage == "stage1" else None, dist=d, parallel="layers",
+        )
     held = describe(model, device) | {"rank": d.rank, "span": list(span), "block": list(block), "peak_mb": _peak_mb(device)}
     parts = d.all_gather_object({k: p.detach().cpu() for k, p in mine.items()})
     if d.is_main:  # stitch the blocks into one file
@@ -581,11 +581,12 @@ def _stage2_sharded(cfg, state, save_state, evaluate, samples, build, train_rows
     if "stage2" in state["stages"]:
         ckpts.latest().restore(lora_params, dist=d)  # DCP reads each rank's shards
     else:
-        result = train_stage(
-            "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1, checkpoints=ckpts,
-            checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=d.device, log=logger,
-            resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
-        )
+        with compiled_layers(peft_model, cfg.compile):  # (each layer's FSDP2 hooks run outside its graph)
+            result = train_stage(
+                "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1,
+                checkpoints=ckpts, checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=d.device, log=logger,
+                resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
+            )
         state["stages"]["stage2"] = _stage_record(result)
         save_state()
     evaluate("stage2", peft_model)

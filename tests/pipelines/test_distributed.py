@@ -400,3 +400,15 @@ def test_replicate_with_compiled_layers_equals_single_process(runs):
         torch.testing.assert_close(torch.tensor(losses(out, stage)), torch.tensor(losses(runs["one"], stage)), rtol=1e-4, atol=0)
     assert_close_weights(load_file(out / "model" / "model.safetensors"), load_file(runs["one"] / "model" / "model.safetensors"),
                          rtol=1e-4, atol=1e-6)
+
+
+def test_sharded_with_compiled_layers_equals_single_process(runs):
+    """compile=true under the sharded placement: the stage-1 pipeline's spans and the FSDP2 stage 2 (its per-layer
+    hooks around the compiled layers) train what the eager single process trains."""
+    model_dir, text, environ, base = runs["model_dir"], runs["text"], runs["env"], runs["base"]
+    out = base / "two-sharded-compiled"
+    run_ok(torchrun(model_dir, out, text, 2, "--set", "placement=sharded", "--set", "compile=true"), environ)
+    for stage in ("stage1", "stage2"):
+        torch.testing.assert_close(torch.tensor(losses(out, stage)), torch.tensor(losses(runs["one"], stage)), rtol=1e-4, atol=0)
+    assert_close_weights(load_file(out / "model" / "model.safetensors"), load_file(runs["one"] / "model" / "model.safetensors"),
+                         rtol=1e-4, atol=1e-6)
