@@ -65,6 +65,8 @@ def write_report(out: Path, report: dict[str, Any]) -> str:
               + (f"; {procs} processes ({how[env.get('placement', 'replicate')]})" if procs > 1 else "")]
     if procs > 1 and env.get("placement_reason"):
         lines += [f"- placement chosen by {env['placement_reason']}"]
+    if env.get("compiled_layers"):
+        lines += ["- training with compiled decoder layers (`compile=true`): each stage's time includes its compiles"]
     lines += [f"- data: `{report['data']['source']}`, seq_len {report['data']['seq_len']}, "
               f"{report['data']['train_rows']} train rows / {report['data']['val_rows']} validation rows"]
     lin = report.get("linearize")

@@ -199,7 +199,8 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
                "stage 1 block-wise over layers, stage 2 DDP data-parallel; every rank holds the whole model")
         echo(f"{d.world} processes on {device.type}, placement {placement} ({why}): {how}")
     if cfg.compile:
-        echo("compile=true: the training stages run their decoder layers through torch.compile")
+        echo("compile=true: the training stages run their decoder layers through torch.compile; each stage's first "
+             "step holds the compiles (tens of seconds)")
     if not sharded:
         model.to(device)  # (sharded: the model stays on the CPU until it is placed or sharded)
     max_pos = getattr(model.config, "max_position_embeddings", None)
@@ -421,7 +422,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
         "output": str(export),
         "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
                         "torch": torch.__version__, "transformers": transformers.__version__, "processes": d.world,
-                        "placement": placement, "placement_reason": why},
+                        "placement": placement, "placement_reason": why, "compiled_layers": cfg.compile},
         "data": {"source": cfg.data.source, "seq_len": cfg.data.seq_len, "train_rows": int(train_rows.shape[0]), "val_rows": int(val_rows.shape[0])},
         "convert": cfg.convert,
         "linearize": getattr(model.config, "linearize", None),  # None: the softmax control

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from linearize.pipelines.compile import compiled_layers, decoder_layers
 from linearize.pipelines.config import build_config
-from linearize.pipelines.run import run_conversion
+from linearize.pipelines.run import RunError, run_conversion
 
 from .tiny_run import tiny_overrides
 
@@ -35,10 +35,19 @@ def test_compiled_run_equals_eager_run(setup, tmp_path):
         cfg = build_config(None, None, over + [f"compile={flag}"], model=str(model_dir))
         run_conversion(cfg, tmp_path / flag, echo=lines.append)
         runs[flag] = (_losses(tmp_path / flag), load_file(tmp_path / flag / "model" / "model.safetensors"))
+        report = json.loads((tmp_path / flag / "report.json").read_text())
+        assert report["environment"]["compiled_layers"] is (flag == "true")
+        assert ("compiled decoder layers" in (tmp_path / flag / "report.md").read_text()) is (flag == "true")
         if flag == "true":
             assert any("compile=true" in l for l in lines)
             assert counters["stats"]["unique_graphs"] >= 3  # stage 1; stage 2's student and teacher
             assert not counters["graph_break"], dict(counters["graph_break"])
+    # compile may change on resume (it gives the same run), as the placement may; other settings may not
+    resumed = build_config(None, None, over + ["compile=true"], model=str(model_dir))
+    run_conversion(resumed, tmp_path / "false", echo=lambda m: None, resume=True)
+    with pytest.raises(RunError, match="settings differ"):
+        run_conversion(build_config(None, None, over + ["compile=true", "stage2.lr=0.5"], model=str(model_dir)),
+                       tmp_path / "false", echo=lambda m: None, resume=True)
     (eager, w_eager), (comp, w_comp) = runs["false"], runs["true"]
     assert [s for s, _ in comp] == [s for s, _ in eager] == ["stage1"] * 4 + ["stage2"] * 3
     for (_, a), (_, b) in zip(comp, eager):
