@@ -73,16 +73,21 @@ def test_compiled_layers_context():
             pass
 
 
-@pytest.mark.parametrize("model_type", ["gemma3_text"])
-def test_compiled_stage2_step_on_other_architectures(model_type):
-    """Gemma 3 (sliding and global layers: two layer kinds in one compiled frame; q/k norms): a stage-2 step on
-    KL + CE equals the eager step, with no graph break."""
+RETRIEVAL = {"softmax_layers": [2], "softmax_heads": [[0, 1]], "feature_map_per_kv_head": True, "sink_tokens": 2,
+             "feature_rope": False, "length_norm": True}
+
+
+@pytest.mark.parametrize("model_type,layout", [("gemma3_text", {}), ("llama", RETRIEVAL)], ids=["gemma3", "llama-retrieval"])
+def test_compiled_stage2_step_on_other_layouts(model_type, layout):
+    """Gemma 3 (sliding and global layers: two layer kinds in one compiled frame; q/k norms), and a layout of the
+    issue-6 conversions (a kept softmax layer, a kept KV head, key maps per KV head, sink tokens, length
+    normalization): a stage-2 step on KL + CE equals the eager step, with no graph break."""
     import linearize
     from tests.tiny_models import perturb_added_weights, tiny_model
 
     from .compile_helpers import eager_and_compiled, stage_setup
 
-    model = linearize.convert(tiny_model(model_type), linearize.LinearizeConfig(feature_dim=6, window=4))
+    model = linearize.convert(tiny_model(model_type), linearize.LinearizeConfig(feature_dim=6, window=4, **layout))
     perturb_added_weights(model)
     ids = torch.randint(3, 96, (2, 29), generator=torch.Generator().manual_seed(0))
     (l0, g0), (l1, g1) = eager_and_compiled(*stage_setup(model, 2), ids)
