@@ -53,7 +53,8 @@ def matmul_params(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype, lin_cfg: dict, kl_weight: float = 0.0):
+def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype, lin_cfg: dict, kl_weight: float = 0.0,
+          compiled: bool = False):
     """The model as the pipeline trains it in ``stage``, its trainable parameters, and the loss function."""
     from linearize import LinearizeConfig, convert
     from linearize.models import load
@@ -76,7 +77,7 @@ def build(model_name: str, stage: int, device: torch.device, dtype: torch.dtype,
         p.requires_grad_(False)
     set_mode(model, "hybrid")
     peft_model = add_lora(model, LoraConfig())
-    return peft_model, lora_parameters(peft_model), stage2_loss(Stage2LossConfig(kl_weight=kl_weight)), n_matmul
+    return peft_model, lora_parameters(peft_model), stage2_loss(Stage2LossConfig(kl_weight=kl_weight), compiled), n_matmul
 
 
 def gpu_busy(prof, wall_s: float) -> tuple[float, int, list[dict], list[dict]]:
@@ -93,7 +94,8 @@ def run_stage(args, stage: int, device: torch.device, compiled: bool = False) ->
     from linearize.pipelines.compile import compiled_layers
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, params, loss_fn, n_matmul = build(args.model, stage, device, dtype, json.loads(args.linearize), args.kl_weight)
+    model, params, loss_fn, n_matmul = build(args.model, stage, device, dtype, json.loads(args.linearize), args.kl_weight,
+                                             compiled)
     with compiled_layers(model, compiled):
         out = _time_stage(args, stage, device, model, params, loss_fn, n_matmul) | {"compiled": compiled}
     del model, params, loss_fn

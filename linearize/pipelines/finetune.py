@@ -3,6 +3,7 @@ to the unconverted base (distillation), or on both (``Stage2LossConfig``)."""
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
@@ -95,28 +96,39 @@ def _kl_sum(s_NV: torch.Tensor, t_NV: torch.Tensor, temperature: float) -> torch
     return F.kl_div(s, t, log_target=True, reduction="sum")
 
 
+@functools.cache
+def _kl_sum_compiled() -> Callable:
+    """``_kl_sum`` through torch.compile (``compile=true``): the casts, log-softmaxes and KL over a chunk's [rows, V]
+    fp32 tensors fused into few passes (each unfused pass over SmolLM2's 1024 x 49K chunk moves ~200 MB). Built on
+    first use: importing dynamo takes seconds."""
+    return torch.compile(_kl_sum, dynamic=False)
+
+
 def kl_to_teacher(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, temperature: float = 1.0,
-                  chunk_rows: int = 1024) -> torch.Tensor:
+                  chunk_rows: int = 1024, compiled: bool = False) -> torch.Tensor:
     """Mean over positions of KL(teacher || student) between next-token distributions, in fp32, times
     ``temperature**2`` so that gradients keep their scale across temperatures.
 
     Computed ``chunk_rows`` positions at a time under activation checkpointing: the fp32 log-probabilities
     of a [B*T, V] batch would otherwise be kept for the backward (Gemma 3's 262K vocabulary at 8 x 1024
-    tokens: 8.6 GB each); this way one chunk's exist at a time, recomputed in the backward."""
+    tokens: 8.6 GB each); this way one chunk's exist at a time, recomputed in the backward. ``compiled``: each chunk's
+    KL through torch.compile (the same values)."""
+    kl_sum = _kl_sum_compiled() if compiled else _kl_sum
     V = student_BTV.shape[-1]
     s, t = student_BTV.reshape(-1, V), teacher_BTV.reshape(-1, V)
     total = student_BTV.new_zeros((), dtype=torch.float32)
     for i in range(0, s.shape[0], chunk_rows):
         part = (s[i:i + chunk_rows], t[i:i + chunk_rows], temperature)
         if torch.is_grad_enabled() and s.requires_grad:
-            total = total + torch.utils.checkpoint.checkpoint(_kl_sum, *part, use_reentrant=False)
+            total = total + torch.utils.checkpoint.checkpoint(kl_sum, *part, use_reentrant=False)
         else:
-            total = total + _kl_sum(*part)
+            total = total + kl_sum(*part)
     return total / s.shape[0] * temperature**2
 
 
-def stage2_loss(cfg: Stage2LossConfig) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """The stage-2 loss function ``(model, input_ids [B, T]) -> scalar`` that ``cfg`` names."""
+def stage2_loss(cfg: Stage2LossConfig, compiled: bool = False) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """The stage-2 loss function ``(model, input_ids [B, T]) -> scalar`` that ``cfg`` names; ``compiled``
+    (``compile=true``): its KL term through torch.compile."""
     cfg.validate()
     if cfg.kl_weight == 0:
         if cfg.ce_weight == 1:
@@ -128,7 +140,7 @@ def stage2_loss(cfg: Stage2LossConfig) -> Callable[[nn.Module, torch.Tensor], to
             with torch.no_grad(), as_teacher(model):
                 teacher = model(input_ids=input_ids, use_cache=False).logits
             out = model(input_ids=input_ids, labels=input_ids if cfg.ce_weight else None, use_cache=False)
-        total = cfg.kl_weight * kl_to_teacher(out.logits, teacher, cfg.temperature)
+        total = cfg.kl_weight * kl_to_teacher(out.logits, teacher, cfg.temperature, compiled=compiled)
         if cfg.ce_weight:
             total = total + cfg.ce_weight * out.loss.float()
         return total

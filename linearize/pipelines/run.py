@@ -378,7 +378,7 @@ def _run(cfg: RunConfig, out: Path, resume: bool, model_loader: Callable | None,
                 replicate_for_lora(peft_model, d)
             with compiled_layers(peft_model, cfg.compile):
                 result = train_stage(
-                    "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1,
+                    "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss, cfg.compile), train_rows, cfg.stage2, seed=cfg.seed + 1,
                     checkpoints=ckpts, checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=device, log=logger,
                     resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
                 )
@@ -584,7 +584,7 @@ def _stage2_sharded(cfg, state, save_state, evaluate, samples, build, train_rows
     else:
         with compiled_layers(peft_model, cfg.compile):  # (each layer's FSDP2 hooks run outside its graph)
             result = train_stage(
-                "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss), train_rows, cfg.stage2, seed=cfg.seed + 1,
+                "stage2", peft_model, lora_params, stage2_loss(cfg.stage2_loss, cfg.compile), train_rows, cfg.stage2, seed=cfg.seed + 1,
                 checkpoints=ckpts, checkpoint_every=cfg.checkpoint_every, metrics_path=metrics, device=d.device, log=logger,
                 resume_from=latest if latest is not None and latest.stage == "stage2" else None, dist=d, parallel="data",
             )
