@@ -79,6 +79,20 @@ def run_file_under_interpreter(path: str, timeout: int) -> str:
     return r.stdout
 
 
+def interpreter_run_test(path: str, timeout: int, skips: bool = False):
+    """The test an interpreter test file defines as ``test_interpreter_run = interpreter_run_test(__file__, ...)``:
+    outside the interpreter it re-runs the file under it and checks that tests passed (and, with ``skips``, that
+    some were skipped there too); inside, it skips itself."""
+
+    def test_interpreter_run():
+        if INTERPRETING:
+            pytest.skip("this is the subprocess")
+        out = run_file_under_interpreter(path, timeout=timeout)
+        assert " passed" in out and (not skips or "skipped" in out)
+
+    return test_interpreter_run
+
+
 class CountOps(TorchDispatchMode):
     """Counts the aten (and custom) ops dispatched inside, by name: ``with CountOps() as c: ...; c.ops["mm"]``."""
 

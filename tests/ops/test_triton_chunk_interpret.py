@@ -8,16 +8,12 @@ session re-runs this file in a subprocess with it set; the kernel tests run only
 import pytest
 import torch
 
-from tests.ops.helpers import INTERPRETING, inside, left_pad_mask, needs_triton, random_inputs, rel_err, run_file_under_interpreter
+from tests.ops.helpers import inside, interpreter_run_test, left_pad_mask, needs_triton, random_inputs, rel_err
 
 pytestmark = needs_triton
 
 
-def test_interpreter_run():
-    if INTERPRETING:
-        pytest.skip("this is the subprocess")
-    out = run_file_under_interpreter(__file__, timeout=1200)
-    assert " passed" in out
+test_interpreter_run = interpreter_run_test(__file__, timeout=1200)
 
 
 def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:

@@ -9,17 +9,13 @@ import pytest
 import torch
 
 from tests.ops.helpers import (
-    INTERPRETING, inside, needs_triton, random_hedgehog_maps, rel_err, run_file_under_interpreter,
+    inside, interpreter_run_test, needs_triton, random_hedgehog_maps, rel_err,
 )
 
 pytestmark = needs_triton
 
 
-def test_interpreter_run():
-    if INTERPRETING:
-        pytest.skip("this is the subprocess")
-    out = run_file_under_interpreter(__file__, timeout=900)
-    assert " passed" in out and "skipped" in out
+test_interpreter_run = interpreter_run_test(__file__, timeout=900, skips=True)
 
 
 def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-5, masked=True, step=None, **launch):

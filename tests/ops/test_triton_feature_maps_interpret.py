@@ -5,16 +5,12 @@ the interpreter computes it through numpy, which has no bf16.)"""
 import pytest
 import torch
 
-from tests.ops.helpers import INTERPRETING, inside, needs_triton, random_hedgehog_maps, rel_err, run_file_under_interpreter
+from tests.ops.helpers import inside, interpreter_run_test, needs_triton, random_hedgehog_maps, rel_err
 
 pytestmark = needs_triton
 
 
-def test_interpreter_run():
-    if INTERPRETING:
-        pytest.skip("this is the subprocess")
-    out = run_file_under_interpreter(__file__, timeout=900)
-    assert " passed" in out and "skipped" in out
+test_interpreter_run = interpreter_run_test(__file__, timeout=900, skips=True)
 
 
 def _maps_and_inputs(B, T, H, Hkv, Hk, D, f, dtype, seed):

@@ -7,16 +7,12 @@ subprocess with ``TRITON_INTERPRET=1``; the kernel tests run only there.
 import pytest
 import torch
 
-from tests.ops.helpers import INTERPRETING, inside, needs_triton, rel_err, run_file_under_interpreter
+from tests.ops.helpers import inside, interpreter_run_test, needs_triton, rel_err
 
 pytestmark = needs_triton
 
 
-def test_interpreter_run():
-    if INTERPRETING:
-        pytest.skip("this is the subprocess")
-    out = run_file_under_interpreter(__file__, timeout=900)
-    assert " passed" in out
+test_interpreter_run = interpreter_run_test(__file__, timeout=900)
 
 
 def _problem(B, H, Hkv, L, D, dtype, seed=0):

@@ -5,16 +5,12 @@ compiled too) equals the eager step, with no graph break, and the kernels ran as
 import pytest
 import torch
 
-from tests.ops.helpers import INTERPRETING, inside, needs_triton, rel_err, run_file_under_interpreter
+from tests.ops.helpers import inside, interpreter_run_test, needs_triton, rel_err
 
 pytestmark = needs_triton
 
 
-def test_interpreter_run():
-    if INTERPRETING:
-        pytest.skip("this is the subprocess")
-    out = run_file_under_interpreter(__file__, timeout=900)
-    assert " passed" in out
+test_interpreter_run = interpreter_run_test(__file__, timeout=900)
 
 
 @inside
