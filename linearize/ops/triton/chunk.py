@@ -305,8 +305,6 @@ class _HybridChunkFn(torch.autograd.Function):
         return (*_chunk_backward(dy, *ctx.saved_tensors, *ctx.meta),) + (None,) * 7
 
 
-
-
 def _cfg(launch) -> LaunchConfig:
     C, BV, warps, stages, nseg, one_acc = launch
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg, one_acc=one_acc)
@@ -372,8 +370,8 @@ def _chunk_autograd(ctx, dy, *_):
     if dy is None:  # (y unused by the loss)
         return (None,) * 18
     q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z = ctx.saved_tensors
-    *grads, dgamma = _hybrid_chunk_backward_op(dy.contiguous(), q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den,
-                                               arg, pre_S, pre_z, *ctx.meta)
+    *grads, dgamma = _hybrid_chunk_backward_op(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z,
+                                               *ctx.meta)
     return (*grads, dgamma if dgamma.numel() else None) + (None,) * 12
 
 
