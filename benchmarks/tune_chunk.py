@@ -3,12 +3,16 @@
     python benchmarks/tune_chunk.py [--T 16384] [--B 4] [--H 16] [--D 128] [--F 128] [--out FILE.json]
     python benchmarks/tune_chunk.py --T 2048 --nseg 0,8,16,32 --shapes default,64x64x4x2   # segments per sequence
 
+``--intra 32x4,16x4`` also runs each shape with the backward's intra kernels (bwd_dq, bwd_dk) on blocks of C_intra
+rows at that many warps (``LaunchConfig.C_intra`` / ``warps_intra``): fewer registers a program, so more programs an SM.
+
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
 larger segment-prefix buffer ([nseg, B, H', F, D] fp32, written, summed and read once more).
 
 Times with ``triton.testing.do_bench`` (median of repeats, warm-up excluded); every config is first
-checked against the default one (relative error of y < 1e-2) so a fast wrong config cannot win.
+checked against the default one (relative error of y and of every gradient < 1e-2) so a fast wrong config
+cannot win.
 Also prints a per-kernel breakdown of the default config from the torch profiler.
 """
 
@@ -32,10 +36,12 @@ ALL_SHAPES = [(64, 64, 4, 2), (64, 64, 8, 2), (64, 128, 4, 2), (64, 128, 8, 3), 
 
 def label(cfg: LaunchConfig) -> str:
     return (f"C={cfg.C:3d} BV={cfg.BV:3d} warps={cfg.num_warps} stages={cfg.num_stages} nseg={cfg.nseg or 'auto'}"
-            + (" one_acc" if cfg.one_acc else ""))
+            + (" one_acc" if cfg.one_acc else "")
+            + (f" intra={cfg.C_intra}x{cfg.warps_intra or cfg.num_warps}" if cfg.C_intra else ""))
 
 
-def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False) -> list[LaunchConfig]:
+def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False,
+               intra: list[tuple[int, int]] = ()) -> list[LaunchConfig]:
     """The default config first (the reference of the error check), then every (shape, nseg) pair once."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
@@ -54,9 +60,11 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
     for C, BV, w, st in picked:
         for n in nsegs:
             for oa in (False, True) if one_acc else (False,):
-                cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None, one_acc=oa)
-                if cfg not in out:
-                    out.append(cfg)
+                for ci, wi in [(None, None)] + [x for x in intra if C % x[0] == 0 and x[0] <= C]:
+                    cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None, one_acc=oa,
+                                       C_intra=ci, warps_intra=wi)
+                    if cfg not in out:
+                        out.append(cfg)
     return out
 
 
@@ -75,6 +83,8 @@ def main() -> None:
     ap.add_argument("--one-acc", action="store_true",
                     help="also each config with one_acc (the forward's one-accumulator form; its forward rows only: "
                          "with the window weight trained, forward+backward keeps two accumulators)")
+    ap.add_argument("--intra", default="",
+                    help="comma list of C_INTRAxWARPS: also each shape with the backward's intra kernels on those blocks")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")
@@ -100,7 +110,7 @@ def main() -> None:
 
     def fwd_bwd(cfg):
         y, _ = hybrid_attention_triton(q, k, v, pq, pk, window=a.W, window_weight=gamma, config=cfg)
-        torch.autograd.grad(y, leaves, dy)
+        return torch.autograd.grad(y, leaves, dy)
 
     base = default_config(D, F)
     import time
@@ -111,15 +121,20 @@ def main() -> None:
     y0 = fwd(base)
     torch.cuda.synchronize()
     t1 = time.perf_counter()
-    fwd_bwd(base)
+    g0 = fwd_bwd(base)
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     print(f"first call (compile + run): forward {t1 - t0:.1f} s, then forward+backward {t2 - t1:.1f} s", flush=True)
     rows = []
-    cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc)
+    intra = [tuple(int(x) for x in item.split("x")) for item in a.intra.split(",") if item]
+    cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra)
+
+    def rel(x, ref):
+        return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
+
     for cfg in cands:
         try:
-            err = ((fwd(cfg).float() - y0.float()).norm() / y0.float().norm()).item()
+            err = max([rel(fwd(cfg), y0)] + [rel(x, ref) for x, ref in zip(fwd_bwd(cfg), g0)])
             if not err < 1e-2:
                 rows.append(dict(cfg=cfg.__dict__, error=f"mismatch {err:.2e}"))
                 continue

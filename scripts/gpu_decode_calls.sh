@@ -40,9 +40,12 @@
 #   bash scripts/gpu_decode_calls.sh 17 SHA  # the ring kernel's chunks loaded one step ahead (PREFETCH): GPU tests, the
 #                                            # sweep's P rows, Qwen's compiled step without and with it (~540 s)
 #   bash scripts/gpu_decode_calls.sh 18 SHA  # not decode: training with compile=true (eighteenth session, CPU only): its
-#                                            # GPU test, the chunk kernels' GPU tests (bf16 / fp16 ids), then
+#                                            # GPU test, then
 #                                            # the SmolLM2 training step eager against compiled, both stages, stage 2 on
-#                                            # KL + CE, profiled (~450 s)
+#                                            # KL + CE, profiled (~330 s)
+#   bash scripts/gpu_decode_calls.sh 19 SHA  # not decode: the chunk GPU tests (bf16 / fp16 ids), then the backward's
+#                                            # intra kernels on smaller blocks (C_intra) at 16K and 2K, by tune_chunk
+#                                            # (~420 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -53,7 +56,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 18}
+call=${1:?call number 1 to 19}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -233,18 +236,28 @@ case "$call" in
     ;;
   18)
     # training with its decoder layers through torch.compile (compile=true; under it the chunk kernels run as custom
-    # ops): the compiled-vs-eager GPU test, the chunk GPU tests in bf16 / fp16 (the eager path no longer builds a zero
-    # initial state), then SmolLM2's step at 8 x 1024,
+    # ops): the compiled-vs-eager GPU test (the chunk GPU tests moved to call 19), then SmolLM2's step at 8 x 1024,
     # eager and compiled, stage 2 on KL + CE as issue 6's conversions; eager: stage 1 117 ms, stage 2 240 ms (CE only,
     # results/train-step-maps-h200-20261205, GPU busy ~21-27% in November)
     timeout 120 python3 -m pytest -q tests/gpu/test_compile_cuda.py 2>&1 | tail -3 | tee "$out/tests.log"
-    chunk_tests 8 120 150 "fp32\|float32"
     timeout 330 python3 benchmarks/train_step.py --model benchmarks/configs/smollm2-135m.json --batch 8 --seq-len 1024 \
       --steps 10 --warmup 3 --profile 2 --compile both --kl-weight 1.0 --out "$out/train-step-compile" \
       > "$out/train-step-compile.log" 2>&1
     grep -E "^\| [12] \|" "$out/train-step-compile.log"
     ;;
-  *) echo "call must be 1 to 18" >&2; exit 2 ;;
+  19)
+    # the backward's intra kernels on blocks smaller than the chunk (LaunchConfig.C_intra / warps_intra; nineteenth
+    # session, CPU only: sm_90 C_intra 32 at 4 warps fits 2 programs an SM, 16 at 4 warps 3-4, against 1): the chunk GPU
+    # tests but fp32 (the new test_intra_blocks among them; the eager path no longer builds a zero initial state),
+    # then the launch at 16K and at 2K (CUDA graph) with each intra block, beside the default (16K 8.62 ms, 2K graph 1.23)
+    chunk_tests 8 120 150 "fp32\|float32"
+    timeout 150 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,32x8,16x4,16x2 \
+      --out "$out/tune-chunk-intra-16k.json" > "$out/tune-chunk-intra-16k.log" 2>&1
+    timeout 120 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4,32x8,16x4,16x2 \
+      --out "$out/tune-chunk-intra-2k.json" > "$out/tune-chunk-intra-2k.log" 2>&1
+    grep -hE "^C=|first call|^best" "$out"/tune-chunk-intra-*.log
+    ;;
+  *) echo "call must be 1 to 19" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

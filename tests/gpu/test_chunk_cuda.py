@@ -96,6 +96,19 @@ def test_segments_and_value_blocks():
         _check(2, 999, 4, 4, 128, 128, 4, 64, torch.bfloat16, config=cfg)
 
 
+@pytest.mark.parametrize("intra", [(32, 4), (32, 8), (16, 4), (16, 2)], ids=lambda x: "C{}w{}".format(*x))
+@pytest.mark.parametrize("W", [64, 200])
+def test_intra_blocks(intra, W):
+    """The backward's intra kernels on blocks smaller than the chunk (``LaunchConfig.C_intra``), bf16 with padding,
+    and on SmolLM2's heads (3 query heads a key map)."""
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    cfg = LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2, C_intra=intra[0], warps_intra=intra[1])
+    _check(3, 1000, 4, 4, 128, 128, 4, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]))
+    cfg = LaunchConfig(C=64, BV=64, num_warps=8, num_stages=2, C_intra=intra[0], warps_intra=intra[1])
+    _check(2, 700, 9, 3, 64, 128, 3, W, torch.bfloat16, config=cfg, seed=W)
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

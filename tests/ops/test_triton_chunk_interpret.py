@@ -22,12 +22,12 @@ def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:
     return (a.double() - b.double()).norm().item() / max(b.double().norm().item(), ref_scale)
 
 
-def _check(B, T, H, Hkv, D, F, Hf, W, *, C=16, BV=16, nseg=None, mask=None, seed=0, tol=2e-5):
+def _check(B, T, H, Hkv, D, F, Hf, W, *, C=16, BV=16, nseg=None, mask=None, seed=0, tol=2e-5, C_intra=None):
     from linearize.ops import hybrid_attention_chunked
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
 
     q, k, v, pq, pk, g = random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=seed, requires_grad=True)
-    cfg = LaunchConfig(C=C, BV=BV, num_warps=4, nseg=nseg)
+    cfg = LaunchConfig(C=C, BV=BV, num_warps=4, nseg=nseg, C_intra=C_intra, warps_intra=C_intra and 2)
     args = dict(window=W, window_weight=g, attention_mask=mask, output_final_state=True)
     y, st = hybrid_attention_triton(q, k, v, pq, pk, config=cfg, **args)
     yr, sr = hybrid_attention_chunked(q, k, v, pq, pk, **args)
@@ -62,6 +62,26 @@ CASES = [
 @pytest.mark.parametrize("nseg", [1, 3])
 def test_kernel_matches_chunked(case, nseg):
     _check(*case, nseg=nseg)
+
+
+@inside
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("C", [32, 64])
+def test_intra_blocks_smaller_than_the_chunk(case, C):
+    """``LaunchConfig(C_intra=16)``: the backward's intra kernels on blocks of 16 rows while the forward and the
+    running-sum kernels walk chunks of 32 or 64, so the intra / running-sum split of each (query, key) pair must
+    follow the outer chunks: every gradient as the reference, with padding in the batch."""
+    B, T = case[:2]
+    _check(*case, C=C, nseg=2, C_intra=16, mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+def test_intra_block_must_divide_the_chunk():
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    for bad in (8, 24, 128):
+        with pytest.raises(ValueError, match="C_intra"):
+            LaunchConfig(C=64, BV=64, num_warps=4, C_intra=bad)
+    assert LaunchConfig(C=64, BV=64, num_warps=4, C_intra=32).C_intra == 32
 
 
 @inside

@@ -35,6 +35,17 @@ class LaunchConfig:
     # Forward only where the window weight needs no gradient (prefill, evaluation, a frozen weight): the window max
     # in a first pass, then one accumulator (fwd_kernel's ONE_ACC). Off until a GPU sweep measures it.
     one_acc: bool = False
+    # The backward's intra kernels (bwd_dq, bwd_dk: one program a block of queries / keys) on blocks of C_intra
+    # rows (a divisor of C, >= 16) with warps_intra warps; None: C and num_warps. Smaller blocks need fewer
+    # registers (sm_90, D = F = 128: C 32 at 4 warps 184 / 255, against 236 / 255 at 8 warps, i.e. two programs an
+    # SM instead of one) and score fewer keys. Off until a GPU sweep times it.
+    C_intra: int | None = None
+    warps_intra: int | None = None
+
+    def __post_init__(self):
+        ci = self.C_intra
+        if ci is not None and (ci < 16 or ci & (ci - 1) or self.C % ci):
+            raise ValueError(f"LaunchConfig: C_intra={ci} must be a power of two >= 16 that divides C={self.C}")
 
 
 #: CUDA's limit on a grid's second (and third) axis; the kernels put batch x heads there.
@@ -238,18 +249,22 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     dq = _empty(*q.shape, dtype=q.dtype, device=dev)
     dpq = _empty(B, T, H, F, dtype=f32, device=dev)
     corr = _empty(B, H, T, dtype=f32, device=dev)
-    _launch(K.bwd_dq_kernel, (n, B * H),
+    Ci = cfg.C_intra or C
+    ni = math.ceil(T / Ci)
+    kwi = dict(kw, num_warps=cfg.warps_intra or cfg.num_warps)
+    _launch(K.bwd_dq_kernel, (ni, B * H),
         q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, *strides_in,
-        B, T, H, Hf, G, GQ, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, HAS_MASK=has_mask, PREC=prec, **kw,
+        B, T, H, Hf, G, GQ, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec, **kwi,
     )
     atomic = NV > 1
     final = not atomic and Gk == 1  # the last kernel to touch dv / dphi_k writes them in their dtype
     dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
     dv_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
     dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
-    _launch(K.bwd_dk_kernel, (n, B * Hf),
+    _launch(K.bwd_dk_kernel, (ni, B * Hf),
         q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, *strides_in,
-        B, T, H, Hf, Gk, n, nwin, W, scale, D=D, F=F, BD=BD, BF=BF, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, **kw,
+        B, T, H, Hf, Gk, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+        **kwi,
     )
     # Running-sum parts.
     seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
@@ -306,29 +321,33 @@ class _HybridChunkFn(torch.autograd.Function):
 
 
 def _cfg(launch) -> LaunchConfig:
-    C, BV, warps, stages, nseg, one_acc = launch
-    return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg, one_acc=one_acc)
+    C, BV, warps, stages, nseg, one_acc, C_intra, warps_intra = launch
+    return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg, one_acc=one_acc,
+                        C_intra=C_intra or None, warps_intra=warps_intra or None)
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
-    return cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, cfg.one_acc
+    """A LaunchConfig as the custom ops' arguments (None: -1 for nseg, 0 for the intra fields)."""
+    return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, cfg.one_acc,
+            cfg.C_intra or 0, cfg.warps_intra or 0)
 
 
 @torch.library.custom_op("linearize::hybrid_chunk", mutates_args=())
 def _hybrid_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
                      gamma: torch.Tensor, mask: torch.Tensor | None, S0: torch.Tensor | None, z0: torch.Tensor | None, window: int,
                      scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int, one_acc: bool,
-                     store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     C_intra: int, warps_intra: int, store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor]:
     """(y, u, mx, den, arg, pre_S, pre_z); u is empty where not stored (an op's outputs may not alias)."""
-    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc))
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc, C_intra, warps_intra))
     y, u, *rest = _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, cfg, store_u)
     return (y, q.new_empty(0) if u is None else u, *rest)
 
 
 @_hybrid_chunk_op.register_fake
-def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warps, num_stages, nseg, one_acc, store_u):
-    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc))
+def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warps, num_stages, nseg, one_acc, C_intra,
+      warps_intra, store_u):
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc, C_intra, warps_intra))
     B, T, H, D, _, Hf, F, *_, n_seg = _geometry(q, k, phi_q, phi_k, window, cfg)
     f32 = torch.float32
     return (q.new_empty(q.shape), q.new_empty(q.shape if store_u else (0,)), q.new_empty(B, H, T, dtype=f32),
@@ -342,10 +361,10 @@ def _hybrid_chunk_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                               mask: torch.Tensor | None, y: torch.Tensor, u: torch.Tensor, mx: torch.Tensor,
                               den: torch.Tensor, arg: torch.Tensor, pre_S: torch.Tensor, pre_z: torch.Tensor,
                               window: int, scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int,
-                              one_acc: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              one_acc: bool, C_intra: int, warps_intra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dphi_q, dphi_k, dgamma); dgamma is empty where the forward stored no u."""
-    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc))
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc, C_intra, warps_intra))
     *grads, dgamma = _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u if u.numel() else None, mx, den,
                                      arg, pre_S, pre_z, window, scale, cfg)
     return (*grads, gamma.new_empty(0) if dgamma is None else dgamma)
@@ -368,11 +387,11 @@ def _chunk_setup(ctx, inputs, output):
 
 def _chunk_autograd(ctx, dy, *_):
     if dy is None:  # (y unused by the loss)
-        return (None,) * 18
+        return (None,) * 20
     q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z = ctx.saved_tensors
     *grads, dgamma = _hybrid_chunk_backward_op(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z,
                                                *ctx.meta)
-    return (*grads, dgamma if dgamma.numel() else None) + (None,) * 12
+    return (*grads, dgamma if dgamma.numel() else None) + (None,) * 14
 
 
 _hybrid_chunk_op.register_autograd(_chunk_autograd, setup_context=_chunk_setup)

@@ -296,11 +296,13 @@ def bwd_dq_kernel(
     Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sDY_b, sDY_t, sDY_h, sM_b,
-    B, T, H, Hf, G, GQ, n_chunks, nwin, W, scale,
+    B, T, H, Hf, G, GQ, n_chunks, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dq (complete), dphi_q (intra part) and the max-path correction per query."""
+    """dq (complete), dphi_q (intra part) and the max-path correction per query, for a block of C queries.
+    The intra part is every key in the state kernels' chunk (Cs, a multiple of C: ``LaunchConfig.C_intra``) and
+    the nwin chunks before it; the running-sum kernels take the keys before those."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -327,7 +329,7 @@ def bwd_dq_kernel(
     dq = tl.zeros([C, BD], dtype=tl.float32)
     dpq = tl.zeros([C, BF], dtype=tl.float32)
     rs = tl.zeros([C], dtype=tl.float32)
-    for j in range(tl.maximum(c - nwin, 0), c + 1):
+    for j in range(tl.maximum((c * C // Cs - nwin) * (Cs // C), 0), c + 1):
         e = j * C + rc
         k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
         k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
@@ -358,12 +360,13 @@ def bwd_dk_kernel(
     Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sDY_b, sDY_t, sDY_h, sM_b,
-    B, T, H, Hf, Gk, n_chunks, nwin, W, scale,
+    B, T, H, Hf, Gk, n_chunks, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
     GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
 ):
-    """dk (complete), dv and dphi_k (intra parts) of key chunk j for feature head hf, summed over its GQ
-    query heads. Written to fp32 buffers laid out [B, T, Hf, X]."""
+    """dk (complete), dv and dphi_k (intra parts) of a block j of C keys for feature head hf, summed over its GQ
+    query heads: the queries of the state kernels' chunk (Cs) that holds it and of the nwin chunks after.
+    Written to fp32 buffers laid out [B, T, Hf, X]."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hf
@@ -384,7 +387,7 @@ def bwd_dk_kernel(
     for g in tl.static_range(GQ):
         h = hf * GQ + g
         gam = tl.load(GAMMA + h)
-        for i in range(j, tl.minimum(j + nwin, n_chunks - 1) + 1):
+        for i in range(j, tl.minimum((j * C // Cs + nwin + 1) * (Cs // C), n_chunks)):
             t = i * C + rc
             t_ok = t < T
             row = (b * H + h) * T + t
