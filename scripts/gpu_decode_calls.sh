@@ -250,7 +250,7 @@ case "$call" in
     # session, CPU only: sm_90 C_intra 32 at 4 warps fits 2 programs an SM, 16 at 4 warps 3-4, against 1): the chunk GPU
     # tests but fp32 (the new test_intra_blocks among them; the eager path no longer builds a zero initial state),
     # then the launch at 16K and at 2K (CUDA graph) with each intra block, beside the default (16K 8.62 ms, 2K graph 1.23)
-    chunk_tests 8 120 150 "fp32\|float32"
+    chunk_tests 12 150 190 "fp32\|float32"
     timeout 150 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,32x8,16x4,16x2 \
       --out "$out/tune-chunk-intra-16k.json" > "$out/tune-chunk-intra-16k.log" 2>&1
     timeout 120 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4,32x8,16x4,16x2 \
