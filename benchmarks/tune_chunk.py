@@ -68,6 +68,18 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
     return out
 
 
+def parse_intra(text: str) -> list[tuple[int, int]]:
+    """'32x4,16x2' -> [(32, 4), (16, 2)] (C_intra, warps_intra)."""
+    out = []
+    for item in filter(None, text.split(",")):
+        try:
+            ci, w = (int(x) for x in item.split("x"))
+        except ValueError:
+            raise SystemExit(f"--intra: {item!r} is not C_INTRAxWARPS (e.g. 32x4)") from None
+        out.append((ci, w))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, default=16384)
@@ -126,7 +138,7 @@ def main() -> None:
     t2 = time.perf_counter()
     print(f"first call (compile + run): forward {t1 - t0:.1f} s, then forward+backward {t2 - t1:.1f} s", flush=True)
     rows = []
-    intra = [tuple(int(x) for x in item.split("x")) for item in a.intra.split(",") if item]
+    intra = parse_intra(a.intra)
     cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra)
 
     def rel(x, ref):

@@ -28,3 +28,19 @@ def test_one_acc_doubles_the_list():
     base = default_config(128, 128)
     cands = candidates(base, "default", [0, 16], one_acc=True)
     assert len(cands) == 4 and sum(c.one_acc for c in cands) == 2 and cands[0] == base
+
+
+def test_intra_blocks_follow_each_shape_and_skip_blocks_that_do_not_divide_its_chunk():
+    base = default_config(128, 128)  # C 64
+    cands = candidates(base, "default,32x128x8x2", [0], intra=[(32, 4), (16, 2), (64, 4)])
+    assert cands[0] == base
+    assert [(c.C, c.C_intra, c.warps_intra) for c in cands[1:]] == [
+        (64, 32, 4), (64, 16, 2), (64, 64, 4), (32, None, None), (32, 32, 4), (32, 16, 2)]
+
+
+def test_intra_flag_parses_and_rejects_in_one_line():
+    from benchmarks.tune_chunk import parse_intra
+
+    assert parse_intra("32x4,16x2") == [(32, 4), (16, 2)] and parse_intra("") == []
+    with pytest.raises(SystemExit, match="C_INTRAxWARPS"):
+        parse_intra("32")
