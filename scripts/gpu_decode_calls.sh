@@ -44,8 +44,8 @@
 #                                            # the SmolLM2 training step eager against compiled, both stages, stage 2 on
 #                                            # KL + CE, profiled (~330 s)
 #   bash scripts/gpu_decode_calls.sh 19 SHA  # not decode: the chunk GPU tests (bf16 / fp16 ids), then the backward's
-#                                            # intra kernels on smaller blocks (C_intra) at 16K and 2K, by tune_chunk
-#                                            # (~420 s)
+#                                            # intra kernels on smaller blocks (C_intra) and the two-pass forward
+#                                            # (split_forward) at 16K and 2K, by tune_chunk (~540 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -246,14 +246,16 @@ case "$call" in
     grep -E "^\| [12] \|" "$out/train-step-compile.log"
     ;;
   19)
-    # the backward's intra kernels on blocks smaller than the chunk (LaunchConfig.C_intra / warps_intra; nineteenth
-    # session, CPU only: sm_90 C_intra 32 at 4 warps fits 2 programs an SM, 16 at 4 warps 3-4, against 1): the chunk GPU
-    # tests but fp32 (the new test_intra_blocks among them; the eager path no longer builds a zero initial state),
-    # then the launch at 16K and at 2K (CUDA graph) with each intra block, beside the default (16K 8.62 ms, 2K graph 1.23)
-    chunk_tests 12 150 190 "fp32\|float32"
-    timeout 150 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,32x8,16x4,16x2 \
+    # issue 5's 16K forward+backward, two changes of launch shape built on the CPU in the nineteenth session (sm_90:
+    # the heavy kernels at 255 registers run one program an SM): the backward's intra kernels on blocks smaller than
+    # the chunk (LaunchConfig.C_intra / warps_intra: 2-4 programs an SM), and the forward in two passes
+    # (split_forward: each chunk's running sums written down, then one light program a block of queries). The chunk
+    # GPU tests but fp32 first (test_intra_blocks and test_split_forward among them; the eager path no longer builds a
+    # zero initial state), then tune_chunk at 16K and at 2K (CUDA graph) beside the default (16K 8.62 ms, 2K graph 1.23)
+    chunk_tests 12 150 170 "fp32\|float32"
+    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,16x4,16x2 --split \
       --out "$out/tune-chunk-intra-16k.json" > "$out/tune-chunk-intra-16k.log" 2>&1
-    timeout 120 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4,32x8,16x4,16x2 \
+    timeout 160 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4,16x4,16x2 --split \
       --out "$out/tune-chunk-intra-2k.json" > "$out/tune-chunk-intra-2k.log" 2>&1
     grep -hE "^C=|first call|^best" "$out"/tune-chunk-intra-*.log
     ;;

@@ -44,3 +44,8 @@ def test_intra_flag_parses_and_rejects_in_one_line():
     assert parse_intra("32x4,16x2") == [(32, 4), (16, 2)] and parse_intra("") == []
     with pytest.raises(SystemExit, match="C_INTRAxWARPS"):
         parse_intra("32")
+
+
+def test_split_pairs_every_intra_block_with_both_forwards():
+    cands = candidates(default_config(128, 128), "default", [0], intra=[(32, 4)], split=True)
+    assert [(c.C_intra, c.split_forward) for c in cands] == [(None, False), (None, True), (32, False), (32, True)]

@@ -96,17 +96,22 @@ def test_segments_and_value_blocks():
         _check(2, 999, 4, 4, 128, 128, 4, 64, torch.bfloat16, config=cfg)
 
 
-@pytest.mark.parametrize("intra", [(32, 4), (32, 8), (16, 4), (16, 2)], ids=lambda x: "C{}w{}".format(*x))
-@pytest.mark.parametrize("W", [64, 200])
-def test_intra_blocks(intra, W):
-    """The backward's intra kernels on blocks smaller than the chunk (``LaunchConfig.C_intra``), bf16 with padding,
-    and on SmolLM2's heads (3 query heads a key map)."""
+@pytest.mark.parametrize("intra", [None, (32, 4), (16, 4), (16, 2)], ids=lambda x: "C{}w{}".format(*x) if x else "C64")
+@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split"])
+def test_intra_blocks(intra, split):
+    """The backward's intra kernels on blocks smaller than the chunk (``LaunchConfig.C_intra``) and the forward in
+    two passes (``split_forward``), bf16 with padding at W = 64 and 200, and on SmolLM2's heads (3 query heads a
+    key map)."""
     from linearize.ops.triton.chunk import LaunchConfig
 
-    cfg = LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2, C_intra=intra[0], warps_intra=intra[1])
-    _check(3, 1000, 4, 4, 128, 128, 4, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]))
-    cfg = LaunchConfig(C=64, BV=64, num_warps=8, num_stages=2, C_intra=intra[0], warps_intra=intra[1])
-    _check(2, 700, 9, 3, 64, 128, 3, W, torch.bfloat16, config=cfg, seed=W)
+    if intra is None and not split:
+        pytest.skip("the default launch: the other tests")
+    ci, wi = intra or (None, None)
+    for W in (64, 200):
+        cfg = LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2, C_intra=ci, warps_intra=wi, split_forward=split)
+        _check(3, 1000, 4, 4, 128, 128, 4, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]))
+        cfg = LaunchConfig(C=64, BV=64, num_warps=8, num_stages=2, C_intra=ci, warps_intra=wi, split_forward=split)
+        _check(2, 700, 9, 3, 64, 128, 3, W, torch.bfloat16, config=cfg, seed=W)
 
 
 def test_value_blocks_narrower_than_the_chunk_are_refused():

@@ -22,12 +22,14 @@ def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:
     return (a.double() - b.double()).norm().item() / max(b.double().norm().item(), ref_scale)
 
 
-def _check(B, T, H, Hkv, D, F, Hf, W, *, C=16, BV=16, nseg=None, mask=None, seed=0, tol=2e-5, C_intra=None):
+def _check(B, T, H, Hkv, D, F, Hf, W, *, C=16, BV=16, nseg=None, mask=None, seed=0, tol=2e-5, C_intra=None,
+           split_forward=False):
     from linearize.ops import hybrid_attention_chunked
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
 
     q, k, v, pq, pk, g = random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=seed, requires_grad=True)
-    cfg = LaunchConfig(C=C, BV=BV, num_warps=4, nseg=nseg, C_intra=C_intra, warps_intra=C_intra and 2)
+    cfg = LaunchConfig(C=C, BV=BV, num_warps=4, nseg=nseg, C_intra=C_intra, warps_intra=C_intra and 2,
+                       split_forward=split_forward)
     args = dict(window=W, window_weight=g, attention_mask=mask, output_final_state=True)
     y, st = hybrid_attention_triton(q, k, v, pq, pk, config=cfg, **args)
     yr, sr = hybrid_attention_chunked(q, k, v, pq, pk, **args)
@@ -73,6 +75,47 @@ def test_intra_blocks_smaller_than_the_chunk(case, C):
     follow the outer chunks: every gradient as the reference, with padding in the batch."""
     B, T = case[:2]
     _check(*case, C=C, nseg=2, C_intra=16, mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("C_intra", [None, 16])
+def test_split_forward(case, C_intra):
+    """``LaunchConfig(split_forward=True)``: each chunk's running sums written by a walk, then one program a block
+    of queries (the chunk, or blocks of 16 in chunks of 32): outputs, final states and every gradient as the
+    reference, with padding in the batch (the backward reads what the one-pass forward saves)."""
+    B, T = case[:2]
+    _check(*case, C=16 if C_intra is None else 32, nseg=2, C_intra=C_intra, split_forward=True,
+           mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
+def test_split_forward_with_value_blocks_and_an_initial_state():
+    """Value blocks (each program a slice of D; z written once) and a prefill from a state: both forwards agree."""
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    q, k, v, pq, pk, g = random_inputs(2, 45, 4, 2, 24, 20, 2, dtype=torch.float32, seed=11)
+    args = dict(window=9, window_weight=g, attention_mask=left_pad_mask(2, 45, [0, 7]), output_final_state=True)
+    cut = 19
+    outs = []
+    for split in (False, True):
+        cfg = LaunchConfig(C=32, BV=16, num_warps=4, nseg=2, split_forward=split, C_intra=16 if split else None)
+        _, st = hybrid_attention_triton(*(x[:, :cut] for x in (q, k, v, pq, pk)), config=cfg,
+                                        **dict(args, attention_mask=args["attention_mask"][:, :cut]))
+        y, st2 = hybrid_attention_triton(*(x[:, cut:] for x in (q, k, v, pq, pk)), config=cfg, initial_state=st,
+                                         **dict(args, attention_mask=args["attention_mask"][:, cut:]))
+        outs.append((y, st2))
+    (y0, s0), (y1, s1) = outs
+    assert rel_err(y1, y0) < 1e-6
+    for a, b in zip(s1, s0):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_split_forward_excludes_one_acc():
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    with pytest.raises(ValueError, match="split_forward"):
+        LaunchConfig(C=64, BV=64, num_warps=4, one_acc=True, split_forward=True)
 
 
 def test_intra_block_must_divide_the_chunk():

@@ -41,11 +41,18 @@ class LaunchConfig:
     # SM instead of one) and score fewer keys. Off until a GPU sweep times it.
     C_intra: int | None = None
     warps_intra: int | None = None
+    # The forward in two passes: a light walk writes each chunk's running sums ([n_chunks, B, H', F, D] in the
+    # inputs' dtype, the dtype fwd_kernel's product takes them in), then one program a block of C_intra queries
+    # (at warps_intra) does the rest, with no fp32 running sum in its registers. Same outputs, more memory traffic,
+    # more and lighter programs. Off until a GPU sweep times it.
+    split_forward: bool = False
 
     def __post_init__(self):
         ci = self.C_intra
         if ci is not None and (ci < 16 or ci & (ci - 1) or self.C % ci):
             raise ValueError(f"LaunchConfig: C_intra={ci} must be a power of two >= 16 that divides C={self.C}")
+        if self.split_forward and self.one_acc:
+            raise ValueError("LaunchConfig: one_acc is a form of the one-pass forward; pass it or split_forward")
 
 
 #: CUDA's limit on a grid's second (and third) axis; the kernels put batch x heads there.
@@ -215,6 +222,24 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
     mx = _empty(B, H, T, dtype=f32, device=dev)
     den = _empty(B, H, T, dtype=f32, device=dev)
     arg = _empty(B, H, T, dtype=torch.int32, device=dev)
+    if cfg.split_forward:
+        cs = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev)
+        cz = _empty(n, B, Hf, F, dtype=f32, device=dev)
+        _launch(K.fwd_chunk_states_kernel, (nseg, B * Hf, NV),
+            phi_k, v, m_arg, pre_S, pre_z, cs, cz, *_strides(phi_k), *_strides(v), sM_b,
+            B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        Ci = cfg.C_intra or C
+        ni = math.ceil(T / Ci)
+        _launch(K.fwd_blocks_kernel, (ni, B * H, NV),
+            q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, y, u, mx, den, arg,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
+            B, T, H, Hf, Gk, GQ, ni, nwin, W, scale, C,
+            D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
+            num_warps=cfg.warps_intra or cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return y, (u if store_u else None), mx, den, arg, pre_S, pre_z
     _launch(K.fwd_kernel, (nseg, B * Hf, NV),
         q, k, v, phi_q, phi_k, m_arg, gamma, pre_S, pre_z, y, u, mx, den, arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
@@ -321,33 +346,35 @@ class _HybridChunkFn(torch.autograd.Function):
 
 
 def _cfg(launch) -> LaunchConfig:
-    C, BV, warps, stages, nseg, one_acc, C_intra, warps_intra = launch
-    return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg, one_acc=one_acc,
+    C, BV, warps, stages, nseg, flags, C_intra, warps_intra = launch
+    return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg,
+                        one_acc=bool(flags & 1), split_forward=bool(flags & 2),
                         C_intra=C_intra or None, warps_intra=warps_intra or None)
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
-    """A LaunchConfig as the custom ops' arguments (None: -1 for nseg, 0 for the intra fields)."""
-    return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, cfg.one_acc,
-            cfg.C_intra or 0, cfg.warps_intra or 0)
+    """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
+    2: split_forward), C_intra (0: None), warps_intra (0: None))."""
+    return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg,
+            int(cfg.one_acc) | 2 * int(cfg.split_forward), cfg.C_intra or 0, cfg.warps_intra or 0)
 
 
 @torch.library.custom_op("linearize::hybrid_chunk", mutates_args=())
 def _hybrid_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
                      gamma: torch.Tensor, mask: torch.Tensor | None, S0: torch.Tensor | None, z0: torch.Tensor | None, window: int,
-                     scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int, one_acc: bool,
+                     scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int, flags: int,
                      C_intra: int, warps_intra: int, store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor]:
     """(y, u, mx, den, arg, pre_S, pre_z); u is empty where not stored (an op's outputs may not alias)."""
-    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc, C_intra, warps_intra))
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
     y, u, *rest = _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, cfg, store_u)
     return (y, q.new_empty(0) if u is None else u, *rest)
 
 
 @_hybrid_chunk_op.register_fake
-def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warps, num_stages, nseg, one_acc, C_intra,
+def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warps, num_stages, nseg, flags, C_intra,
       warps_intra, store_u):
-    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc, C_intra, warps_intra))
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
     B, T, H, D, _, Hf, F, *_, n_seg = _geometry(q, k, phi_q, phi_k, window, cfg)
     f32 = torch.float32
     return (q.new_empty(q.shape), q.new_empty(q.shape if store_u else (0,)), q.new_empty(B, H, T, dtype=f32),
@@ -361,10 +388,10 @@ def _hybrid_chunk_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                               mask: torch.Tensor | None, y: torch.Tensor, u: torch.Tensor, mx: torch.Tensor,
                               den: torch.Tensor, arg: torch.Tensor, pre_S: torch.Tensor, pre_z: torch.Tensor,
                               window: int, scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int,
-                              one_acc: bool, C_intra: int, warps_intra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              flags: int, C_intra: int, warps_intra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                       torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dphi_q, dphi_k, dgamma); dgamma is empty where the forward stored no u."""
-    cfg = _cfg((C, BV, num_warps, num_stages, nseg, one_acc, C_intra, warps_intra))
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
     *grads, dgamma = _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u if u.numel() else None, mx, den,
                                      arg, pre_S, pre_z, window, scale, cfg)
     return (*grads, gamma.new_empty(0) if dgamma is None else dgamma)

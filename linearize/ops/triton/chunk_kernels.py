@@ -183,6 +183,61 @@ def _fwd_window_one_acc(q, pq, Kb, Vb, PKb, M, b, sM_b, t, c, nwin, W, T, scale,
     return acc, l_w, l_l, m_i, arg
 
 
+@triton.jit
+def _fwd_window_step(q, pq, Kb, Vb, PKb, M, b, sM_b, t, j, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+                     acc_w, acc_l, l_w, l_l, m_i, arg, C: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """The forward's two-accumulator step over key block j (C keys): the window's online softmax (max, arg-max
+    key, numerator, denominator) and the near keys' linear terms."""
+    e = j * C + rc
+    k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+    k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
+    vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
+    pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
+    win, lin = _window_and_linear(t, e, k_ok, W)
+    sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    sm = tl.where(win, sc, float("-inf"))
+    tmax = tl.max(sm, 1)
+    targ = tl.argmax(sm, 1)
+    m_new = tl.maximum(m_i, tmax)
+    arg = tl.where(tmax > m_i, j * C + targ, arg)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.where(win, tl.exp(sc - m_safe[:, None]), 0.0)
+    acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+    l_w = l_w * alpha + tl.sum(p, 1)
+    a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
+    acc_l += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
+    l_l += tl.sum(a, 1)
+    return acc_w, acc_l, l_w, l_l, m_new, arg
+
+
+@triton.jit
+def _fwd_store(Y, U, MAX, DEN, ARG, b, h, H, T, t, t_ok, rv, sY_b, sY_t, sY_h, D, gam, acc_w, acc_l, l_w, l_l, m_i, arg,
+               iv, ONE_ACC: tl.constexpr, STORE_U: tl.constexpr):
+    """y = (gamma A_w + A_lin) / den for query rows t, value block rv; u (STORE_U) and, from value block 0, the
+    window max, the denominator and the arg-max key per row. ONE_ACC: acc_l already holds gamma A_w + A_lin."""
+    den = gam * l_w + l_l
+    ok = den > 0
+    if ONE_ACC:
+        num = acc_l
+    else:
+        num = gam * acc_w + acc_l
+    y = tl.where(ok[:, None], num / tl.where(ok, den, 1.0)[:, None], 0.0)
+    yp = Y + b * sY_b + h * sY_h + t[:, None] * sY_t + rv[None, :]
+    tl.store(yp, y.to(Y.dtype.element_ty), mask=t_ok[:, None] & (rv[None, :] < D))
+    if STORE_U:
+        # d y / d gamma, formed here in fp32: in the backward, dy . y - dy . y_window would cancel.
+        inv2 = tl.where(ok, 1.0 / tl.where(ok, den * den, 1.0), 0.0)
+        u = (acc_w * l_l[:, None] - l_w[:, None] * acc_l) * inv2[:, None]
+        up = U + b * sY_b + h * sY_h + t[:, None] * sY_t + rv[None, :]
+        tl.store(up, u.to(U.dtype.element_ty), mask=t_ok[:, None] & (rv[None, :] < D))
+    if iv == 0:
+        row = (b * H + h) * T + t
+        tl.store(MAX + row, tl.where(m_i == float("-inf"), 0.0, m_i), mask=t_ok)
+        tl.store(DEN + row, den, mask=t_ok)
+        tl.store(ARG + row, arg, mask=t_ok)
+
+
 @_jit_lengths
 def fwd_kernel(
     Q, K, V, PQ, PK, M, GAMMA, S0, Z0, Y, U, MAX, DEN, ARG,
@@ -236,56 +291,103 @@ def fwd_kernel(
             else:
                 acc_w = tl.zeros([C, BV], dtype=tl.float32)
                 for j in range(tl.maximum(c - nwin, 0), c + 1):
-                    e = j * C + rc
-                    k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-                    k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
-                    vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
-                    pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-                    win, lin = _window_and_linear(t, e, k_ok, W)
-                    sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-                    sm = tl.where(win, sc, float("-inf"))
-                    tmax = tl.max(sm, 1)
-                    targ = tl.argmax(sm, 1)
-                    m_new = tl.maximum(m_i, tmax)
-                    arg = tl.where(tmax > m_i, j * C + targ, arg)
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m_i - m_safe)
-                    p = tl.where(win, tl.exp(sc - m_safe[:, None]), 0.0)
-                    acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
-                    l_w = l_w * alpha + tl.sum(p, 1)
-                    m_i = m_new
-                    a = tl.dot(pq, tl.trans(pk), input_precision=PREC)
-                    a = tl.where(lin, a, 0.0)
-                    acc_l += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
-                    l_l += tl.sum(a, 1)
+                    acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_step(
+                        q, pq, Kb, Vb, PKb, M, b, sM_b, t, j, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+                        acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC)
             # The running sum enters the product in the operand dtype (as fla does): half the bytes and
             # twice the rate of tf32; it stays fp32 in registers.
             acc_l += tl.dot(pq, S.to(pq.dtype), input_precision=PREC)
             l_l += tl.sum(pq.to(tl.float32) * z[None, :], 1)
-            den = gam * l_w + l_l
-            ok = den > 0
-            if ONE_ACC:
-                num = acc_l
-            else:
-                num = gam * acc_w + acc_l
-            y = tl.where(ok[:, None], num / tl.where(ok, den, 1.0)[:, None], 0.0)
-            yp = Y + b * sY_b + h * sY_h + t[:, None] * sY_t + rv[None, :]
-            tl.store(yp, y.to(Y.dtype.element_ty), mask=t_ok[:, None] & (rv[None, :] < D))
-            if STORE_U:
-                # d y / d gamma, formed here in fp32: in the backward, dy . y - dy . y_window would cancel.
-                inv2 = tl.where(ok, 1.0 / tl.where(ok, den * den, 1.0), 0.0)
-                u = (acc_w * l_l[:, None] - l_w[:, None] * acc_l) * inv2[:, None]
-                up = U + b * sY_b + h * sY_h + t[:, None] * sY_t + rv[None, :]
-                tl.store(up, u.to(U.dtype.element_ty), mask=t_ok[:, None] & (rv[None, :] < D))
-            if iv == 0:
-                row = (b * H + h) * T + t
-                tl.store(MAX + row, tl.where(m_i == float("-inf"), 0.0, m_i), mask=t_ok)
-                tl.store(DEN + row, den, mask=t_ok)
-                tl.store(ARG + row, arg, mask=t_ok)
+            _fwd_store(Y, U, MAX, DEN, ARG, b, h, H, T, t, t_ok, rv, sY_b, sY_t, sY_h, D, gam, acc_w, acc_l, l_w, l_l,
+                       m_i, arg, iv, ONE_ACC, STORE_U)
         # Key chunk c - nwin is now wholly in the linear set of every later query chunk.
         dS, dz = _key_chunk_sums(PKb, Vb, M, b, sM_b, (c - nwin) * C + rc, T, sPK_t, sV_t, rf, rv, F, D, HAS_MASK, PREC)
         S += dS
         z += dz
+
+
+# ---------------------------------------------------------------------------------------------------------
+# forward in two passes (LaunchConfig.split_forward): each chunk's running sums written down by a light walk,
+# then every block of queries in parallel, with no fp32 running sum held in registers
+# ---------------------------------------------------------------------------------------------------------
+@_jit_lengths
+def fwd_chunk_states_kernel(
+    PK, V, M, S0, Z0, CS, CZ,
+    sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sM_b,
+    B, T, Hf, Gk, n_chunks, n_per, nwin,
+    F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+):
+    """CS[c] = the running sum S that query chunk c reads (phi_k v^T over key chunks < c - nwin), in the inputs'
+    dtype (the dtype fwd_kernel's product takes it in), CZ[c] = z in fp32: laid out [n_chunks, B, Hf, F, D|1].
+    One program a segment, started from its prefix (S0, Z0) as fwd_kernel is."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // Hf
+    hf = bh % Hf
+    hk = hf // Gk
+    rf = tl.arange(0, BF)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    S, z = _load_sums(S0, Z0, (s * B + b) * Hf + hf, rf, rv, F, D)
+    c_lo = s * n_per
+    c_hi = tl.minimum((s + 1) * n_per, n_chunks)
+    for c in range(c_lo, c_hi):
+        _store_sums(CS, CZ, (c * B + b) * Hf + hf, rf, rv, F, D, S.to(CS.dtype.element_ty), z, iv)
+        dS, dz = _key_chunk_sums(PK + b * sPK_b + hf * sPK_h, V + b * sV_b + hk * sV_h, M, b, sM_b, (c - nwin) * C + rc,
+                                 T, sPK_t, sV_t, rf, rv, F, D, HAS_MASK, PREC)
+        S += dS
+        z += dz
+
+
+@_jit_lengths
+def fwd_blocks_kernel(
+    Q, K, V, PQ, PK, M, GAMMA, CS, CZ, Y, U, MAX, DEN, ARG,
+    sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
+    sY_b, sY_t, sY_h, sM_b,
+    B, T, H, Hf, Gk, GQ, n_chunks, nwin, W, scale, Cs,
+    D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr,
+):
+    """fwd_kernel's outputs for one block of C queries (C divides the walk's chunk Cs; n_chunks counts blocks),
+    query head h, value block iv: the window and near-linear keys (those of the block's chunk of Cs and the nwin
+    chunks before it) as fwd_kernel takes them, plus phi_q . CS[chunk] for the keys before those."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hf = h // GQ
+    hk = hf // Gk
+    rd = tl.arange(0, BD)
+    rf = tl.arange(0, BF)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    t = i * C + rc
+    t_ok = t < T
+    c = i * C // Cs
+    q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
+    pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
+    Kb = K + b * sK_b + hk * sK_h
+    Vb = V + b * sV_b + hk * sV_h
+    PKb = PK + b * sPK_b + hf * sPK_h
+    m_i = tl.full([C], float("-inf"), dtype=tl.float32)
+    l_w = tl.zeros([C], dtype=tl.float32)
+    l_l = tl.zeros([C], dtype=tl.float32)
+    arg = tl.zeros([C], dtype=tl.int32)
+    acc_w = tl.zeros([C, BV], dtype=tl.float32)
+    acc_l = tl.zeros([C, BV], dtype=tl.float32)
+    gam = tl.load(GAMMA + h)
+    for j in range(tl.maximum((c - nwin) * (Cs // C), 0), i + 1):
+        acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_step(
+            q, pq, Kb, Vb, PKb, M, b, sM_b, t, j, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+            acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC)
+    S, z = _load_sums(CS, CZ, (c * B + b) * Hf + hf, rf, rv, F, D)
+    acc_l += tl.dot(pq, S.to(pq.dtype), input_precision=PREC)
+    l_l += tl.sum(pq.to(tl.float32) * z[None, :], 1)
+    _fwd_store(Y, U, MAX, DEN, ARG, b, h, H, T, t, t_ok, rv, sY_b, sY_t, sY_h, D, gam, acc_w, acc_l, l_w, l_l, m_i, arg,
+               iv, False, STORE_U)
 
 
 # ---------------------------------------------------------------------------------------------------------
