@@ -288,6 +288,7 @@ def fwd_kernel(
                 acc_l, l_w, l_l, m_i, arg = _fwd_window_one_acc(
                     q, pq, Kb, Vb, PKb, M, b, sM_b, t, c, nwin, W, T, scale, gam, sK_t, sV_t, sPK_t, rd, rf, rv, rc,
                     D, F, C, BV, HAS_MASK, PREC)
+                acc_w = acc_l  # (unread: with ONE_ACC the stores take acc_l alone)
             else:
                 acc_w = tl.zeros([C, BV], dtype=tl.float32)
                 for j in range(tl.maximum(c - nwin, 0), c + 1):
