@@ -23,13 +23,13 @@ def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:
 
 
 def _check(B, T, H, Hkv, D, F, Hf, W, *, C=16, BV=16, nseg=None, mask=None, seed=0, tol=2e-5, C_intra=None,
-           split_forward=False):
+           split_forward=False, fold_backward=False):
     from linearize.ops import hybrid_attention_chunked
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
 
     q, k, v, pq, pk, g = random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=seed, requires_grad=True)
     cfg = LaunchConfig(C=C, BV=BV, num_warps=4, nseg=nseg, C_intra=C_intra, warps_intra=C_intra and 2,
-                       split_forward=split_forward)
+                       split_forward=split_forward, fold_backward=fold_backward)
     args = dict(window=W, window_weight=g, attention_mask=mask, output_final_state=True)
     y, st = hybrid_attention_triton(q, k, v, pq, pk, config=cfg, **args)
     yr, sr = hybrid_attention_chunked(q, k, v, pq, pk, **args)
@@ -87,6 +87,41 @@ def test_split_forward(case, C_intra):
     B, T = case[:2]
     _check(*case, C=16 if C_intra is None else 32, nseg=2, C_intra=C_intra, split_forward=True,
            mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("C_intra", [None, 16])
+def test_fold_backward(case, C_intra):
+    """``LaunchConfig(fold_backward=True)``: the intra kernels also take the running-sum parts, from each chunk's
+    sums and gradient sums, and no running-sum walk runs: every gradient as the reference, with padding, value
+    blocks of 16 (the walks split D, the intra kernels do not), with both forwards."""
+    B, T = case[:2]
+    _check(*case, C=16 if C_intra is None else 32, nseg=2, C_intra=C_intra, split_forward=C_intra is not None,
+           fold_backward=True, mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
+def test_fold_backward_with_odd_dims_and_an_initial_state():
+    """D and F not powers of two, D over two value blocks, the window weight frozen, and a piece of a prefill
+    started from a state: the same gradients as the walks."""
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    _check(1, 45, 2, 1, 24, 20, 1, 9, BV=16, nseg=2, fold_backward=True)
+    q, k, v, pq, pk, g = random_inputs(2, 45, 4, 2, 24, 20, 2, dtype=torch.float32, seed=12, requires_grad=True)
+    m = left_pad_mask(2, 45, [0, 7])
+    base = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2)
+    with torch.no_grad():
+        _, st = hybrid_attention_triton(q[:, :19], k[:, :19], v[:, :19], pq[:, :19], pk[:, :19], window=9,
+                                        window_weight=g, attention_mask=m[:, :19], output_final_state=True, config=base)
+    grads = []
+    for fold in (False, True):
+        cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, fold_backward=fold)
+        y, _ = hybrid_attention_triton(q[:, 19:], k[:, 19:], v[:, 19:], pq[:, 19:], pk[:, 19:], window=9,
+                                       window_weight=g.detach(), attention_mask=m[:, 19:], initial_state=st, config=cfg)
+        grads.append(torch.autograd.grad(y, (q, k, v, pq, pk), torch.ones_like(y)))
+    for a, b in zip(*grads):
+        assert rel_err(a, b) < 1e-5
 
 
 @inside

@@ -46,6 +46,10 @@ class LaunchConfig:
     # (at warps_intra) does the rest, with no fp32 running sum in its registers. Same outputs, more memory traffic,
     # more and lighter programs. Off until a GPU sweep times it.
     split_forward: bool = False
+    # The backward without its two sequential running-sum walks (bwd_dq_state, bwd_dk_state): each chunk's sums
+    # (walked again, as split_forward does) and gradient sums (a light reverse walk) written down, and the intra
+    # kernels add their parts and write finished gradients. Off until a GPU sweep times it.
+    fold_backward: bool = False
 
     def __post_init__(self):
         ci = self.C_intra
@@ -196,6 +200,21 @@ def _mask_arg(mask, q) -> tuple[bool, torch.Tensor, int]:
     return mask is not None, (mask if mask is not None else q), (mask.stride(0) if mask is not None else 0)
 
 
+def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: LaunchConfig):
+    """(CS [n_chunks, B, H', F, D] in phi_q's dtype, CZ [n_chunks, B, H', F] fp32): the running sums each query
+    chunk reads, walked from the segment prefixes (fwd_chunk_states_kernel)."""
+    B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg = _geometry(q, v, phi_q, phi_k, window, cfg)
+    has_mask, m_arg, sM_b = _mask_arg(mask, q)
+    cs = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=q.device)
+    cz = _empty(n, B, Hf, F, dtype=torch.float32, device=q.device)
+    _launch(K.fwd_chunk_states_kernel, (nseg, B * Hf, NV),
+        phi_k, v, m_arg, pre_S, pre_z, cs, cz, *_strides(phi_k), *_strides(v), sM_b,
+        B, T, Hf, Hf // Hkv, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=_prec(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return cs, cz
+
+
 def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig,
                    store_u: bool):
     """-> (y, u or None, mx, den, arg, pre_S, pre_z): the output and what the backward reads."""
@@ -223,13 +242,7 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
     den = _empty(B, H, T, dtype=f32, device=dev)
     arg = _empty(B, H, T, dtype=torch.int32, device=dev)
     if cfg.split_forward:
-        cs = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev)
-        cz = _empty(n, B, Hf, F, dtype=f32, device=dev)
-        _launch(K.fwd_chunk_states_kernel, (nseg, B * Hf, NV),
-            phi_k, v, m_arg, pre_S, pre_z, cs, cz, *_strides(phi_k), *_strides(v), sM_b,
-            B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
         Ci = cfg.C_intra or C
         ni = math.ceil(T / Ci)
         _launch(K.fwd_blocks_kernel, (ni, B * H, NV),
@@ -272,25 +285,36 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     strides_in = (*_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(dy), sM_b)
 
     dq = _empty(*q.shape, dtype=q.dtype, device=dev)
-    dpq = _empty(B, T, H, F, dtype=f32, device=dev)
+    fold = cfg.fold_backward
+    # Folded, the intra kernels also take the running-sum parts (from each chunk's sums, walked again here, and each
+    # chunk's gradient sums) and write finished dphi_q / dv / dphi_k: no bwd_*_state walks, no fp32 buffers.
+    cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg) if fold else (dy, dy)
+    dpq = _empty(B, T, H, F, dtype=phi_q.dtype if fold else f32, device=dev)
     corr = _empty(B, H, T, dtype=f32, device=dev)
     Ci = cfg.C_intra or C
     ni = math.ceil(T / Ci)
     kwi = dict(kw, num_warps=cfg.warps_intra or cfg.num_warps)
     _launch(K.bwd_dq_kernel, (ni, B * H),
-        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, *strides_in,
-        B, T, H, Hf, G, GQ, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec, **kwi,
+        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz, *strides_in,
+        B, T, H, Hf, G, GQ, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec,
+        FOLD=fold, **kwi,
     )
-    atomic = NV > 1
-    final = not atomic and Gk == 1  # the last kernel to touch dv / dphi_k writes them in their dtype
+    del cs, cz
     dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
-    dv_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
-    dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
-    _launch(K.bwd_dk_kernel, (ni, B * Hf),
-        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, *strides_in,
-        B, T, H, Hf, Gk, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
-        **kwi,
-    )
+
+    def dk_kernel(dv_b, dpk, cds, cdz):
+        _launch(K.bwd_dk_kernel, (ni, B * Hf),
+            q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, cds, cdz, *strides_in,
+            B, T, H, Hf, Gk, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+            FOLD=fold, **kwi,
+        )
+
+    atomic = NV > 1 and not fold
+    final = not atomic and Gk == 1  # the last kernel to touch dv / dphi_k writes them in their dtype
+    if not fold:
+        dv_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
+        dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
+        dk_kernel(dv_b, dpk, dy, dy)
     # Running-sum parts.
     seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
     seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
@@ -300,23 +324,35 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     )
     # Reverse exclusive prefix: segment s starts from the sums of every later segment.
     rev_dS, rev_dz = _segment_prefix(seg_dS, None, reverse=True), _segment_prefix(seg_dz, None, reverse=True)
-    dpq_out = dpq if atomic else _empty(B, T, H, F, dtype=phi_q.dtype, device=dev)
-    _launch(K.bwd_dq_state_kernel, (nseg, B * Hf, NV),
-        phi_k, v, m_arg, dy, den, delta, pre_S, pre_z, dpq, dpq_out,
-        *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
-        B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
-        ATOMIC=atomic, **kw,
-    )
-    dv_out = _empty(B, T, Hkv, D, dtype=v.dtype, device=dev) if final else dv_b
-    dpk_out = _empty(B, T, Hf, F, dtype=phi_k.dtype, device=dev) if final else dpk
-    _launch(K.bwd_dk_state_kernel, (nseg, B * Hf, NV),
-        phi_q, phi_k, v, m_arg, dy, den, delta, rev_dS, rev_dz, dv_b, dpk, dv_out, dpk_out,
-        *_strides(phi_q), *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
-        B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
-        ATOMIC=atomic, FINAL=final, **kw,
-    )
-    if final:
-        dv_b, dpk = dv_out, dpk_out
+    if fold:
+        cds = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev)
+        cdz = _empty(n, B, Hf, F, dtype=f32, device=dev)
+        _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, NV),
+            phi_q, dy, den, delta, rev_dS, rev_dz, cds, cdz, *_strides(phi_q), *_strides(dy),
+            B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
+        )
+        dv_b = _empty(B, T, Hf, D, dtype=v.dtype if final else f32, device=dev)
+        dpk = _empty(B, T, Hf, F, dtype=phi_k.dtype if final else f32, device=dev)
+        dk_kernel(dv_b, dpk, cds, cdz)
+        dpq_out = dpq
+    else:
+        dpq_out = dpq if atomic else _empty(B, T, H, F, dtype=phi_q.dtype, device=dev)
+        _launch(K.bwd_dq_state_kernel, (nseg, B * Hf, NV),
+            phi_k, v, m_arg, dy, den, delta, pre_S, pre_z, dpq, dpq_out,
+            *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
+            B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+            ATOMIC=atomic, **kw,
+        )
+        dv_out = _empty(B, T, Hkv, D, dtype=v.dtype, device=dev) if final else dv_b
+        dpk_out = _empty(B, T, Hf, F, dtype=phi_k.dtype, device=dev) if final else dpk
+        _launch(K.bwd_dk_state_kernel, (nseg, B * Hf, NV),
+            phi_q, phi_k, v, m_arg, dy, den, delta, rev_dS, rev_dz, dv_b, dpk, dv_out, dpk_out,
+            *_strides(phi_q), *_strides(phi_k), *_strides(v), *_strides(dy), sM_b,
+            B, T, H, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+            ATOMIC=atomic, FINAL=final, **kw,
+        )
+        if final:
+            dv_b, dpk = dv_out, dpk_out
     if Gk > 1:  # key feature maps per query head: k and v gradients summed over each KV group
         dk_b = dk_b.view(B, T, Hkv, Gk, D).sum(3)
         dv_b = dv_b.view(B, T, Hkv, Gk, D).sum(3)
@@ -348,15 +384,16 @@ class _HybridChunkFn(torch.autograd.Function):
 def _cfg(launch) -> LaunchConfig:
     C, BV, warps, stages, nseg, flags, C_intra, warps_intra = launch
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg,
-                        one_acc=bool(flags & 1), split_forward=bool(flags & 2),
+                        one_acc=bool(flags & 1), split_forward=bool(flags & 2), fold_backward=bool(flags & 4),
                         C_intra=C_intra or None, warps_intra=warps_intra or None)
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
-    2: split_forward), C_intra (0: None), warps_intra (0: None))."""
-    return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg,
-            int(cfg.one_acc) | 2 * int(cfg.split_forward), cfg.C_intra or 0, cfg.warps_intra or 0)
+    2: split_forward, 4: fold_backward), C_intra (0: None), warps_intra (0: None))."""
+    flags = int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward)
+    return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
+            cfg.C_intra or 0, cfg.warps_intra or 0)
 
 
 @torch.library.custom_op("linearize::hybrid_chunk", mutates_args=())

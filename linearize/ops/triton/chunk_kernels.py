@@ -396,16 +396,18 @@ def fwd_blocks_kernel(
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR,
+    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR, CS, CZ,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sDY_b, sDY_t, sDY_h, sM_b,
     B, T, H, Hf, G, GQ, n_chunks, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False,
 ):
     """dq (complete), dphi_q (intra part) and the max-path correction per query, for a block of C queries.
     The intra part is every key in the state kernels' chunk (Cs, a multiple of C: ``LaunchConfig.C_intra``) and
-    the nwin chunks before it; the running-sum kernels take the keys before those."""
+    the nwin chunks before it; the running-sum kernels take the keys before those. FOLD: also their part,
+    (dy S^T - delta z) / den from the chunk's running sums CS / CZ (fwd_chunk_states_kernel's), so dphi_q is
+    complete (written in DPQ's dtype) and bwd_dq_state_kernel does not run."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -449,27 +451,37 @@ def bwd_dq_kernel(
         da = tl.where(lin, dw, 0.0)
         dpq += tl.dot(da.to(pk.dtype), pk, input_precision=PREC)
     corr = -rs
+    if FOLD:
+        cb = ((c * C // Cs) * B + b) * Hf + hf
+        S = tl.load(CS + cb * F * D + rf[:, None] * D + rd[None, :], mask=(rf[:, None] < F) & (rd[None, :] < D), other=0.0)
+        z = tl.load(CZ + cb * F + rf, mask=rf < F, other=0.0)
+        dyi = (dy.to(tl.float32) * inv[:, None]).to(PK.dtype.element_ty)
+        dpq += tl.dot(dyi, tl.trans(S.to(PK.dtype.element_ty)), input_precision=PREC) - (delta * inv)[:, None] * z[None, :]
     # The max m_t = s(t, arg_t) carries dm_t = corr_t back to that one key.
     kg = _load_rows(Kb, arg, t_ok, sK_t, rd, D).to(tl.float32)
     dq = (dq + corr[:, None] * kg) * scale
     tl.store(DQ + b * sQ_b + h * sQ_h + t[:, None] * sQ_t + rd[None, :], dq.to(DQ.dtype.element_ty),
              mask=t_ok[:, None] & (rd[None, :] < D))
-    tl.store(DPQ + ((b * T + t[:, None]) * H + h) * F + rf[None, :], dpq, mask=t_ok[:, None] & (rf[None, :] < F))
+    tl.store(DPQ + ((b * T + t[:, None]) * H + h) * F + rf[None, :], dpq.to(DPQ.dtype.element_ty),
+             mask=t_ok[:, None] & (rf[None, :] < F))
     tl.store(CORR + row, corr, mask=t_ok)
 
 
 @triton.jit
 def bwd_dk_kernel(
-    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK,
+    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sDY_b, sDY_t, sDY_h, sM_b,
     B, T, H, Hf, Gk, n_chunks, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
-    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False,
 ):
     """dk (complete), dv and dphi_k (intra parts) of a block j of C keys for feature head hf, summed over its GQ
     query heads: the queries of the state kernels' chunk (Cs) that holds it and of the nwin chunks after.
-    Written to fp32 buffers laid out [B, T, Hf, X]."""
+    Written laid out [B, T, Hf, X], dv and dphi_k to fp32 buffers unless FOLD: then they also take the later
+    queries' part, phi_k dS and v dS^T + dz from the chunk's gradient sums CDS / CDZ
+    (bwd_chunk_dstates_kernel's), are complete, are written in DV's / DPK's dtype, and bwd_dk_state_kernel does
+    not run."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hf
@@ -515,10 +527,17 @@ def bwd_dk_kernel(
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
             da = tl.where(lin, dw, 0.0)
             dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, input_precision=PREC)
+    if FOLD:
+        cb = ((j * C // Cs) * B + b) * Hf + hf
+        dS = tl.load(CDS + cb * F * D + rf[:, None] * D + rd[None, :], mask=(rf[:, None] < F) & (rd[None, :] < D),
+                     other=0.0).to(pk.dtype)
+        dz = tl.load(CDZ + cb * F + rf, mask=rf < F, other=0.0)
+        dv += tl.where(k_ok[:, None], tl.dot(pk, dS, input_precision=PREC), 0.0)
+        dpk += tl.where(k_ok[:, None], tl.dot(vv, tl.trans(dS), input_precision=PREC) + dz[None, :], 0.0)
     out = (b * T + e[:, None]) * Hf + hf
     tl.store(DK + out * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty), mask=e_in[:, None] & (rd[None, :] < D))
-    tl.store(DV + out * D + rd[None, :], dv, mask=e_in[:, None] & (rd[None, :] < D))
-    tl.store(DPK + out * F + rf[None, :], dpk, mask=e_in[:, None] & (rf[None, :] < F))
+    tl.store(DV + out * D + rd[None, :], dv.to(DV.dtype.element_ty), mask=e_in[:, None] & (rd[None, :] < D))
+    tl.store(DPK + out * F + rf[None, :], dpk.to(DPK.dtype.element_ty), mask=e_in[:, None] & (rf[None, :] < F))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -674,6 +693,46 @@ def bwd_dk_state_kernel(
             inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
             dS += tl.dot(tl.trans(pq), (dy * inv[:, None]).to(pq.dtype), input_precision=PREC)
             dz -= tl.where(iv == 0, tl.sum(pq.to(tl.float32) * (delta * inv)[:, None], 0), 0.0)
+
+
+@triton.jit
+def bwd_chunk_dstates_kernel(
+    PQ, DY, DEN, DELTA, DS0, DZ0, CDS, CDZ,
+    sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h,
+    B, T, H, Hf, n_chunks, n_per, nwin,
+    F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GQ: tl.constexpr, PREC: tl.constexpr,
+):
+    """CDS[j] = the gradient sum dS that key chunk j receives from the queries of chunks > j + nwin
+    (sum phi_q (dy / den)^T), in phi_q's dtype (the dtype bwd_dk_state_kernel's products take it in), CDZ[j] = dz
+    in fp32: bwd_dk_state_kernel's walk backwards along a segment from its reverse prefix (DS0, DZ0), without its
+    dv / dphi_k work, which bwd_dk_kernel's FOLD then does for every key block in parallel."""
+    s = tl.program_id(0)
+    bh = tl.program_id(1)
+    iv = tl.program_id(2)
+    b = bh // Hf
+    hf = bh % Hf
+    rf = tl.arange(0, BF)
+    rv = iv * BV + tl.arange(0, BV)
+    rc = tl.arange(0, C)
+    dS, dz = _load_sums(DS0, DZ0, (s * B + b) * Hf + hf, rf, rv, F, D)
+    c_lo = s * n_per
+    c_hi = tl.minimum((s + 1) * n_per, n_chunks)
+    for jj in range(c_lo, c_hi):
+        j = c_hi - 1 - (jj - c_lo)
+        _store_sums(CDS, CDZ, (j * B + b) * Hf + hf, rf, rv, F, D, dS.to(CDS.dtype.element_ty), dz, iv)
+        t = (j + nwin) * C + rc
+        t_ok = t < T
+        for g in tl.static_range(GQ):
+            h = hf * GQ + g
+            row = (b * H + h) * T + t
+            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
+            dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rv, D).to(tl.float32)
+            den = tl.load(DEN + row, mask=t_ok, other=0.0)
+            delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+            inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+            dS += tl.dot(tl.trans(pq), (dy * inv[:, None]).to(pq.dtype), input_precision=PREC)
+            dz -= tl.sum(pq.to(tl.float32) * (delta * inv)[:, None], 0)
 
 
 @triton.jit
