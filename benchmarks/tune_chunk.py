@@ -6,8 +6,9 @@
 ``--intra 32x4,16x4`` also runs each shape with the backward's intra kernels (bwd_dq, bwd_dk) on blocks of C_intra
 rows at that many warps (``LaunchConfig.C_intra`` / ``warps_intra``): fewer registers a program, so more programs an SM.
 
-``--split`` also runs each of those with the forward in two passes (``LaunchConfig.split_forward``: a walk writes
-each chunk's running sums, then one program a block of C_intra queries does the rest).
+``--forms one-pass,split,fold,split+fold`` runs each of those in each form: the forward in two passes
+(``LaunchConfig.split_forward``: a walk writes each chunk's running sums, then one program a block of C_intra
+queries does the rest) and the backward without its running-sum walks (``fold_backward``).
 
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
@@ -41,11 +42,14 @@ def label(cfg: LaunchConfig) -> str:
     return (f"C={cfg.C:3d} BV={cfg.BV:3d} warps={cfg.num_warps} stages={cfg.num_stages} nseg={cfg.nseg or 'auto'}"
             + (" one_acc" if cfg.one_acc else "")
             + (f" intra={cfg.C_intra}x{cfg.warps_intra or cfg.num_warps}" if cfg.C_intra else "")
-            + (" split" if cfg.split_forward else ""))
+            + (" split" if cfg.split_forward else "") + (" fold" if cfg.fold_backward else ""))
+
+
+FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
 
 
 def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False,
-               intra: list[tuple[int, int]] = (), split: bool = False) -> list[LaunchConfig]:
+               intra: list[tuple[int, int]] = (), forms: list[str] = ("one-pass",)) -> list[LaunchConfig]:
     """The default config first (the reference of the error check), then every (shape, nseg) pair once."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
@@ -65,9 +69,14 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
         for n in nsegs:
             for oa in (False, True) if one_acc else (False,):
                 for ci, wi in [(None, None)] + [x for x in intra if C % x[0] == 0 and x[0] <= C]:
-                    for sp in (False, True) if split and not oa else (False,):
+                    for form in forms:
+                        if form not in FORMS:
+                            raise SystemExit(f"--forms: {form!r} is not one of {', '.join(FORMS)}")
+                        sp, fo = FORMS[form]
+                        if oa and sp:
+                            continue
                         cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None, one_acc=oa,
-                                           C_intra=ci, warps_intra=wi, split_forward=sp)
+                                           C_intra=ci, warps_intra=wi, split_forward=sp, fold_backward=fo)
                         if cfg not in out:
                             out.append(cfg)
     return out
@@ -102,7 +111,8 @@ def main() -> None:
                          "with the window weight trained, forward+backward keeps two accumulators)")
     ap.add_argument("--intra", default="",
                     help="comma list of C_INTRAxWARPS: also each shape with the backward's intra kernels on those blocks")
-    ap.add_argument("--split", action="store_true", help="also each config with the forward in two passes (split_forward)")
+    ap.add_argument("--forms", default="one-pass",
+                    help="comma list of one-pass, split (split_forward), fold (fold_backward), split+fold")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")
@@ -145,7 +155,7 @@ def main() -> None:
     print(f"first call (compile + run): forward {t1 - t0:.1f} s, then forward+backward {t2 - t1:.1f} s", flush=True)
     rows = []
     intra = parse_intra(a.intra)
-    cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra, a.split)
+    cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra, a.forms.split(","))
 
     def rel(x, ref):
         return ((x.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -246,17 +246,18 @@ case "$call" in
     grep -E "^\| [12] \|" "$out/train-step-compile.log"
     ;;
   19)
-    # issue 5's 16K forward+backward, two changes of launch shape built on the CPU in the nineteenth session (sm_90:
-    # the heavy kernels at 255 registers run one program an SM): the backward's intra kernels on blocks smaller than
-    # the chunk (LaunchConfig.C_intra / warps_intra: 2-4 programs an SM), and the forward in two passes
-    # (split_forward: each chunk's running sums written down, then one light program a block of queries). The chunk
-    # GPU tests but fp32 first (test_intra_blocks and test_split_forward among them; the eager path no longer builds a
-    # zero initial state), then tune_chunk at 16K and at 2K (CUDA graph) beside the default (16K 8.62 ms, 2K graph 1.23)
+    # issue 5's 16K forward+backward, three changes built on the CPU in the nineteenth session (sm_90: the heavy
+    # kernels at 255 registers run one program an SM): the backward's intra kernels on blocks smaller than the chunk
+    # (LaunchConfig.C_intra / warps_intra: 2-4 programs an SM), the forward in two passes (split_forward: each chunk's
+    # running sums written down, then one light program a block of queries) and the backward without its two
+    # running-sum walks (fold_backward). The chunk GPU tests but fp32 first (test_intra_blocks among them; the eager
+    # path no longer builds a zero initial state), then tune_chunk at 16K and at 2K (CUDA graph) beside the default
+    # (16K 8.62 ms, 2K graph 1.23)
     chunk_tests 12 150 170 "fp32\|float32"
-    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,16x4,16x2 --split \
-      --out "$out/tune-chunk-intra-16k.json" > "$out/tune-chunk-intra-16k.log" 2>&1
-    timeout 160 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4,16x4,16x2 --split \
-      --out "$out/tune-chunk-intra-2k.json" > "$out/tune-chunk-intra-2k.log" 2>&1
+    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,16x4,16x2 \
+      --forms one-pass,split+fold --out "$out/tune-chunk-intra-16k.json" > "$out/tune-chunk-intra-16k.log" 2>&1
+    timeout 160 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4,16x4,16x2 \
+      --forms one-pass,split+fold --out "$out/tune-chunk-intra-2k.json" > "$out/tune-chunk-intra-2k.log" 2>&1
     grep -hE "^C=|first call|^best" "$out"/tune-chunk-intra-*.log
     ;;
   *) echo "call must be 1 to 19" >&2; exit 2 ;;

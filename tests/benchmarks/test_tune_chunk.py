@@ -46,6 +46,9 @@ def test_intra_flag_parses_and_rejects_in_one_line():
         parse_intra("32")
 
 
-def test_split_pairs_every_intra_block_with_both_forwards():
-    cands = candidates(default_config(128, 128), "default", [0], intra=[(32, 4)], split=True)
-    assert [(c.C_intra, c.split_forward) for c in cands] == [(None, False), (None, True), (32, False), (32, True)]
+def test_forms_pair_with_every_intra_block():
+    cands = candidates(default_config(128, 128), "default", [0], intra=[(32, 4)], forms=["one-pass", "split+fold"])
+    assert [(c.C_intra, c.split_forward, c.fold_backward) for c in cands] == [
+        (None, False, False), (None, True, True), (32, False, False), (32, True, True)]
+    with pytest.raises(SystemExit, match="--forms"):
+        candidates(default_config(128, 128), "default", [0], forms=["fused"])

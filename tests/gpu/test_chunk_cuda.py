@@ -97,21 +97,25 @@ def test_segments_and_value_blocks():
 
 
 @pytest.mark.parametrize("intra", [None, (32, 4), (16, 4), (16, 2)], ids=lambda x: "C{}w{}".format(*x) if x else "C64")
-@pytest.mark.parametrize("split", [False, True], ids=["one-pass", "split"])
-def test_intra_blocks(intra, split):
-    """The backward's intra kernels on blocks smaller than the chunk (``LaunchConfig.C_intra``) and the forward in
-    two passes (``split_forward``), bf16 with padding at W = 64 and 200, and on SmolLM2's heads (3 query heads a
-    key map)."""
+@pytest.mark.parametrize("form", [(False, False), (False, True), (True, True)], ids=["one-pass", "fold", "split+fold"])
+def test_intra_blocks(intra, form):
+    """The backward's intra kernels on blocks smaller than the chunk (``LaunchConfig.C_intra``), the forward in
+    two passes (``split_forward``) and the backward without its running-sum walks (``fold_backward``), bf16 with
+    padding at W = 64 and 200, on the benchmark's heads, SmolLM2's (3 query heads a key map) and Gemma 3's
+    (D = 256: the walks split D in value blocks, the intra kernels do not)."""
     from linearize.ops.triton.chunk import LaunchConfig
 
-    if intra is None and not split:
+    split, fold = form
+    if intra is None and not (split or fold):
         pytest.skip("the default launch: the other tests")
     ci, wi = intra or (None, None)
     for W in (64, 200):
-        cfg = LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2, C_intra=ci, warps_intra=wi, split_forward=split)
+        kw = dict(num_stages=2, C_intra=ci, warps_intra=wi, split_forward=split, fold_backward=fold)
+        cfg = LaunchConfig(C=64, BV=128, num_warps=8, **kw)
         _check(3, 1000, 4, 4, 128, 128, 4, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]))
-        cfg = LaunchConfig(C=64, BV=64, num_warps=8, num_stages=2, C_intra=ci, warps_intra=wi, split_forward=split)
-        _check(2, 700, 9, 3, 64, 128, 3, W, torch.bfloat16, config=cfg, seed=W)
+        _check(2, 700, 9, 3, 64, 128, 3, W, torch.bfloat16, config=LaunchConfig(C=64, BV=64, num_warps=8, **kw), seed=W)
+        _check(2, 300, 4, 1, 256, 128, 1, W, torch.bfloat16, config=LaunchConfig(C=32, BV=64, num_warps=4,
+               **dict(kw, C_intra=ci and min(ci, 32), num_stages=1)), seed=W)
 
 
 def test_value_blocks_narrower_than_the_chunk_are_refused():
