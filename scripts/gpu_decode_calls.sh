@@ -46,6 +46,7 @@
 #   bash scripts/gpu_decode_calls.sh 19 SHA  # not decode: the chunk GPU tests (bf16 / fp16 ids), then the backward's
 #                                            # intra kernels on smaller blocks (C_intra) and the two-pass forward
 #                                            # (split_forward) at 16K and 2K, by tune_chunk (~540 s)
+#   bash scripts/gpu_decode_calls.sh 20 SHA  # call 19 cut to ~350 s: its new GPU tests and the 16K sweep
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -56,7 +57,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 19}
+call=${1:?call number 1 to 20}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -260,7 +261,14 @@ case "$call" in
       --forms one-pass,split+fold --out "$out/tune-chunk-intra-2k.json" > "$out/tune-chunk-intra-2k.log" 2>&1
     grep -hE "^C=|first call|^best" "$out"/tune-chunk-intra-*.log
     ;;
-  *) echo "call must be 1 to 19" >&2; exit 2 ;;
+  20)
+    # call 19 cut to fit ~350 s: its new GPU tests only (test_intra_blocks), then the 16K sweep alone
+    chunk_tests 12 120 130 "fp32\|float32\|against_reference\|real_model\|padding\|segments\|small_head\|long_seq\|refused"
+    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,16x4,16x2 \
+      --forms one-pass,split+fold --out "$out/tune-chunk-intra-16k.json" > "$out/tune-chunk-intra-16k.log" 2>&1
+    grep -hE "^C=|first call|^best" "$out"/tune-chunk-intra-*.log
+    ;;
+  *) echo "call must be 1 to 20" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
