@@ -398,9 +398,10 @@ def _launch_ints(cfg: LaunchConfig) -> tuple:
 
 @torch.library.custom_op("linearize::hybrid_chunk", mutates_args=())
 def _hybrid_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
-                     gamma: torch.Tensor, mask: torch.Tensor | None, S0: torch.Tensor | None, z0: torch.Tensor | None, window: int,
-                     scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int, flags: int,
-                     C_intra: int, warps_intra: int, store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     gamma: torch.Tensor, mask: torch.Tensor | None, S0: torch.Tensor | None,
+                     z0: torch.Tensor | None, window: int, scale: float, C: int, BV: int, num_warps: int,
+                     num_stages: int, nseg: int, flags: int, C_intra: int, warps_intra: int,
+                     store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor]:
     """(y, u, mx, den, arg, pre_S, pre_z); u is empty where not stored (an op's outputs may not alias)."""
     cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
@@ -425,8 +426,9 @@ def _hybrid_chunk_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                               mask: torch.Tensor | None, y: torch.Tensor, u: torch.Tensor, mx: torch.Tensor,
                               den: torch.Tensor, arg: torch.Tensor, pre_S: torch.Tensor, pre_z: torch.Tensor,
                               window: int, scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int,
-                              flags: int, C_intra: int, warps_intra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                      torch.Tensor, torch.Tensor]:
+                              flags: int, C_intra: int,
+                              warps_intra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                         torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dphi_q, dphi_k, dgamma); dgamma is empty where the forward stored no u."""
     cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
     *grads, dgamma = _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u if u.numel() else None, mx, den,
