@@ -544,6 +544,26 @@ def bwd_dk_kernel(
 # backward: the running-sum parts
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
+def _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, t, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rf, rv, F, D,
+                       dS, dz, zw, GQ: tl.constexpr, PREC: tl.constexpr):
+    """(dS + sum phi_q^T (dy / den) [F, BV], dz - zw sum phi_q delta / den [F]) over query rows t of the GQ query
+    heads of feature head hf: what those queries add to the gradient sums of every earlier key (zw 0 leaves dz to
+    value block 0)."""
+    t_ok = t < T
+    for g in tl.static_range(GQ):
+        h = hf * GQ + g
+        row = (b * H + h) * T + t
+        pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
+        dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rv, D).to(tl.float32)
+        den = tl.load(DEN + row, mask=t_ok, other=0.0)
+        delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+        inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+        dS += tl.dot(tl.trans(pq), (dy * inv[:, None]).to(pq.dtype), input_precision=PREC)
+        dz -= zw * tl.sum(pq.to(tl.float32) * (delta * inv)[:, None], 0)
+    return dS, dz
+
+
+@triton.jit
 def bwd_segment_sums_kernel(
     PQ, DY, DEN, DELTA, OUT_S, OUT_Z,
     sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h,
@@ -567,18 +587,8 @@ def bwd_segment_sums_kernel(
     c_lo = s * n_per + nwin
     c_hi = tl.minimum((s + 1) * n_per + nwin, n_chunks)
     for c in range(c_lo, c_hi):
-        t = c * C + rc
-        t_ok = t < T
-        for g in tl.static_range(GQ):
-            h = hf * GQ + g
-            row = (b * H + h) * T + t
-            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
-            dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rv, D).to(tl.float32)
-            den = tl.load(DEN + row, mask=t_ok, other=0.0)
-            delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
-            inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-            acc += tl.dot(tl.trans(pq), (dy * inv[:, None]).to(pq.dtype), input_precision=PREC)
-            accz -= tl.sum(pq.to(tl.float32) * (delta * inv)[:, None], 0)
+        acc, accz = _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, c * C + rc, sPQ_b, sPQ_t, sPQ_h,
+                                       sDY_b, sDY_t, sDY_h, rf, rv, F, D, acc, accz, 1.0, GQ, PREC)
     _store_sums(OUT_S, OUT_Z, (s * B + b) * Hf + hf, rf, rv, F, D, acc, accz, iv)
 
 
@@ -633,27 +643,6 @@ def bwd_dq_state_kernel(
 
 
 @triton.jit
-def _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, t, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rf, rv, F, D,
-                       BF: tl.constexpr, BV: tl.constexpr, GQ: tl.constexpr, PREC: tl.constexpr):
-    """(sum phi_q^T (dy / den) [F, BV], sum phi_q delta / den [F]) over query rows t of the GQ query heads of
-    feature head hf: what those queries add to the gradient sums of every earlier key."""
-    t_ok = t < T
-    dS = tl.zeros([BF, BV], dtype=tl.float32)
-    dz = tl.zeros([BF], dtype=tl.float32)
-    for g in tl.static_range(GQ):
-        h = hf * GQ + g
-        row = (b * H + h) * T + t
-        pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
-        dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rv, D).to(tl.float32)
-        den = tl.load(DEN + row, mask=t_ok, other=0.0)
-        delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
-        inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-        dS += tl.dot(tl.trans(pq), (dy * inv[:, None]).to(pq.dtype), input_precision=PREC)
-        dz += tl.sum(pq.to(tl.float32) * (delta * inv)[:, None], 0)
-    return dS, dz
-
-
-@triton.jit
 def bwd_dk_state_kernel(
     PQ, PK, V, M, DY, DEN, DELTA, DS0, DZ0, DV, DPK, OUT_V, OUT_PK,
     sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sDY_b, sDY_t, sDY_h, sM_b,
@@ -702,10 +691,8 @@ def bwd_dk_state_kernel(
             else:
                 tl.store(pf, tl.load(pf, mask=okf, other=0.0) + dpk_add, mask=okf)
         # Query chunk j + nwin now holds key chunk j - 1 in its running sum.
-        ddS, ddz = _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, (j + nwin) * C + rc, sPQ_b, sPQ_t, sPQ_h,
-                                      sDY_b, sDY_t, sDY_h, rf, rv, F, D, BF, BV, GQ, PREC)
-        dS += ddS
-        dz -= tl.where(iv == 0, ddz, 0.0)
+        dS, dz = _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, (j + nwin) * C + rc, sPQ_b, sPQ_t, sPQ_h,
+                                    sDY_b, sDY_t, sDY_h, rf, rv, F, D, dS, dz, tl.where(iv == 0, 1.0, 0.0), GQ, PREC)
 
 
 @triton.jit
@@ -734,10 +721,8 @@ def bwd_chunk_dstates_kernel(
     for jj in range(c_lo, c_hi):
         j = c_hi - 1 - (jj - c_lo)
         _store_sums(CDS, CDZ, (j * B + b) * Hf + hf, rf, rv, F, D, dS.to(CDS.dtype.element_ty), dz, iv)
-        ddS, ddz = _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, (j + nwin) * C + rc, sPQ_b, sPQ_t, sPQ_h,
-                                      sDY_b, sDY_t, sDY_h, rf, rv, F, D, BF, BV, GQ, PREC)
-        dS += ddS
-        dz -= ddz
+        dS, dz = _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, (j + nwin) * C + rc, sPQ_b, sPQ_t, sPQ_h,
+                                    sDY_b, sDY_t, sDY_h, rf, rv, F, D, dS, dz, 1.0, GQ, PREC)
 
 
 @triton.jit
