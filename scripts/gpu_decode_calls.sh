@@ -263,7 +263,9 @@ case "$call" in
     ;;
   20)
     # call 19 cut to fit ~350 s: its new GPU tests only (test_intra_blocks), then the 16K sweep alone
-    chunk_tests 12 120 130 "fp32\|float32\|against_reference\|real_model\|padding\|segments\|small_head\|long_seq\|refused"
+    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py 2>/dev/null | grep "::test_intra_blocks")
+    TEST_TIMEOUT=120 TOTAL_TIMEOUT=130 bash scripts/gpu_tests_parallel.sh "$out/tests.log" 12 $ids
+    sed -n '/=== summary/,$p' "$out/tests.log"
     timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,16x4,16x2 \
       --forms one-pass,split+fold --out "$out/tune-chunk-intra-16k.json" > "$out/tune-chunk-intra-16k.log" 2>&1
     grep -hE "^C=|first call|^best" "$out"/tune-chunk-intra-*.log

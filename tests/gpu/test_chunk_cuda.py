@@ -96,8 +96,14 @@ def test_segments_and_value_blocks():
         _check(2, 999, 4, 4, 128, 128, 4, 64, torch.bfloat16, config=cfg)
 
 
-@pytest.mark.parametrize("intra", [None, (32, 4), (16, 4), (16, 2)], ids=lambda x: "C{}w{}".format(*x) if x else "C64")
-@pytest.mark.parametrize("form", [(False, False), (False, True), (True, True)], ids=["one-pass", "fold", "split+fold"])
+_FORMS = {"one-pass": (False, False), "fold": (False, True), "split+fold": (True, True)}
+# every (block, form) pair but the default launch's (C 64, one pass), which the other tests cover
+_INTRA_FORMS = [(intra, form) for form in _FORMS for intra in [None, (32, 4), (16, 4), (16, 2)]
+                if intra is not None or form != "one-pass"]
+
+
+@pytest.mark.parametrize("intra,form", _INTRA_FORMS,
+                         ids=[f"{f}-" + ("C{}w{}".format(*i) if i else "C64") for i, f in _INTRA_FORMS])
 def test_intra_blocks(intra, form):
     """The backward's intra kernels on blocks smaller than the chunk (``LaunchConfig.C_intra``), the forward in
     two passes (``split_forward``) and the backward without its running-sum walks (``fold_backward``), bf16 with
@@ -105,9 +111,7 @@ def test_intra_blocks(intra, form):
     (D = 256: the walks split D in value blocks, the intra kernels do not)."""
     from linearize.ops.triton.chunk import LaunchConfig
 
-    split, fold = form
-    if intra is None and not (split or fold):
-        pytest.skip("the default launch: the other tests")
+    split, fold = _FORMS[form]
     ci, wi = intra or (None, None)
     for W in (64, 200):
         kw = dict(num_stages=2, C_intra=ci, warps_intra=wi, split_forward=split, fold_backward=fold)

@@ -452,9 +452,7 @@ def bwd_dq_kernel(
         dpq += tl.dot(da.to(pk.dtype), pk, input_precision=PREC)
     corr = -rs
     if FOLD:
-        cb = ((c * C // Cs) * B + b) * Hf + hf
-        S = tl.load(CS + cb * F * D + rf[:, None] * D + rd[None, :], mask=(rf[:, None] < F) & (rd[None, :] < D), other=0.0)
-        z = tl.load(CZ + cb * F + rf, mask=rf < F, other=0.0)
+        S, z = _load_sums(CS, CZ, ((c * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
         dyi = (dy.to(tl.float32) * inv[:, None]).to(PK.dtype.element_ty)
         dpq += tl.dot(dyi, tl.trans(S.to(PK.dtype.element_ty)), input_precision=PREC) - (delta * inv)[:, None] * z[None, :]
     # The max m_t = s(t, arg_t) carries dm_t = corr_t back to that one key.
@@ -528,10 +526,8 @@ def bwd_dk_kernel(
             da = tl.where(lin, dw, 0.0)
             dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, input_precision=PREC)
     if FOLD:
-        cb = ((j * C // Cs) * B + b) * Hf + hf
-        dS = tl.load(CDS + cb * F * D + rf[:, None] * D + rd[None, :], mask=(rf[:, None] < F) & (rd[None, :] < D),
-                     other=0.0).to(pk.dtype)
-        dz = tl.load(CDZ + cb * F + rf, mask=rf < F, other=0.0)
+        dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
+        dS = dS.to(pk.dtype)
         dv += tl.where(k_ok[:, None], tl.dot(pk, dS, input_precision=PREC), 0.0)
         dpk += tl.where(k_ok[:, None], tl.dot(vv, tl.trans(dS), input_precision=PREC) + dz[None, :], 0.0)
     out = (b * T + e[:, None]) * Hf + hf
