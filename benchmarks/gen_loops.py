@@ -350,7 +350,7 @@ def probe_fits(model, B: int, prompt_len: int, new_tokens: int, cache_kind: str,
     step; a DynamicCache's full-attention layers are grown after the prefill to the length the last step extends
     (``grow_kv_layers``; an upper bound on what fits, since a real run's growth by concatenation can also
     fragment memory). Returns (fits, peak bytes, error)."""
-    err = None
+    err = peak = cache = ids = None
     try:
         g = torch.Generator(device="cpu").manual_seed(seed)
         ids = torch.randint(3, vocab, (B, prompt_len), generator=g).to(device)
@@ -360,9 +360,13 @@ def probe_fits(model, B: int, prompt_len: int, new_tokens: int, cache_kind: str,
         grow_to = max(prompt_len, prompt_len + new_tokens - 1 - steps) if cache_kind == "dynamic" else None
         run_lean(model, ids, steps + 1, cache=cache, prefill_chunk=prefill_chunk, grow_to=grow_to)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        del cache, ids
     except Exception as e:  # noqa: BLE001 - OOM is the answer we look for; anything else is reported
         err = "OOM" if is_oom(e) else short_error(e)
+    # Unreferenced before empty_cache: a failed probe's partly allocated cache (a StaticCache allocates its layers
+    # at the prefill) kept its segments reserved past empty_cache, and the next, smaller probe split them and ran
+    # out among their leftovers. On the H100 (2026-12-05) the 8B base fit 64 sequences at 52 GiB of 79, and every
+    # probe after the first OOM failed, down to 65.
+    cache = ids = None
     free_memory(device)
     return (err is None, peak if err is None else None, err)
 

@@ -94,7 +94,7 @@ def configs(s: Shape, quick: bool):
     fc0 = default_chunk_rows(s.F, s.D, bd0, s.Hf == s.H)
     w0 = default_num_warps(_pow2(s.F), bd0, fc0)
     bw0 = default_block_w(ring_slots(s.window), s.D)
-    out = [(bd0, w0, bw0, fc0, default_prefetch(fc0))]
+    out = [(bd0, w0, bw0, fc0, default_prefetch(fc0, bd0))]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]
     else:

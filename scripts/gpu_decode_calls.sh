@@ -47,6 +47,8 @@
 #                                            # intra kernels on smaller blocks (C_intra) and the two-pass forward
 #                                            # (split_forward) at 16K and 2K, by tune_chunk (~540 s)
 #   bash scripts/gpu_decode_calls.sh 20 SHA  # call 19 cut to ~350 s: its new GPU tests and the 16K sweep
+#   bash scripts/gpu_decode_calls.sh 21 SHA  # the compile test against an fp32 step, the chunk GPU tests at the folded
+#                                            # default launch, its 16K / 2K timings (~300 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -57,7 +59,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 20}
+call=${1:?call number 1 to 21}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -225,13 +227,14 @@ case "$call" in
   17)
     # the ring kernel with its S chunks loaded one step ahead (PREFETCH; seventeenth session, CPU only): its GPU tests,
     # the launch sweep's P rows at Qwen's shape (SmolLM2's has the same D and F) and issue 5's (~30 launches a preset,
-    # each compiled once: ~1 s), then Qwen's compiled all-linear step without and with it (LINEARIZE_DECODE_PREFETCH=1;
+    # each compiled once: ~1 s), then Qwen's compiled all-linear step without and with it (LINEARIZE_DECODE_PREFETCH=0 / 1;
     # call 13: 1.818 ms, the ring kernel 24.4 us a layer)
     timeout 90 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "row_chunks and True" 2>&1 | tail -3 | tee "$out/tests.log"
     timeout 230 python3 benchmarks/tune_decode.py --presets qwen2.5,issue5 --quick --commit "$sha" --copy-to "$out" \
       > "$out/tune.log" 2>&1
     grep -E "^  maps|default| P|^qwen2.5|^issue5" "$out/tune.log"
-    row qwen-linear.log 110 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95
+    (export LINEARIZE_DECODE_PREFETCH=0
+     row qwen-linear.log 110 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95)
     (export LINEARIZE_DECODE_PREFETCH=1
      row qwen-linear-prefetch.log 110 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --profile-steps 10 --budget-s 95)
     ;;
@@ -270,7 +273,17 @@ case "$call" in
       --forms one-pass,split+fold --out "$out/tune-chunk-intra-16k.json" > "$out/tune-chunk-intra-16k.log" 2>&1
     grep -hE "^C=|first call|^best" "$out"/tune-chunk-intra-*.log
     ;;
-  *) echo "call must be 1 to 20" >&2; exit 2 ;;
+  21)
+    # after the twentieth session (H100): the compile test in its new form (compiled and eager bf16 steps each
+    # against the same step in fp32), the chunk GPU tests but fp32 at the new default launch (the backward folded
+    # on blocks of 32 where C = 64), and that default at 16K and 2K (H100: 7.87 ms, 2K graph 1.15)
+    timeout 150 python3 -m pytest -q tests/gpu/test_compile_cuda.py -p no:logging 2>&1 | grep -v DEBUG | tail -5 \
+      | tee "$out/tests-compile.log"
+    chunk_tests 12 150 170 "fp32\|float32"
+    tune_default 120 100
+    grep -hE "^C=|first call" "$out"/tune-chunk-*.log
+    ;;
+  *) echo "call must be 1 to 21" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

@@ -351,3 +351,31 @@ def test_llama31_8b_config_at_tiny_widths_decodes_like_its_full_forward(tmp_path
                              output_logits=True, return_dict_in_generate=True, pad_token_id=0)
         full = model(input_ids=out.sequences).logits[:, ids.shape[1] - 1:-1]
     torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failed_probe_drops_its_cache_before_giving_memory_back(monkeypatch):
+    """A probe that runs out of memory must hold no reference to its (partly allocated) cache when it empties the
+    allocator's cache: a kept reference left its blocks reserved, and later, smaller probes failed among them."""
+    import weakref
+
+    from benchmarks import gen_loops
+    from tests.tiny_models import tiny_model
+
+    class Cache:  # stands for a StaticCache whose layers were allocated before the OOM
+        pass
+
+    refs, alive_at_free = [], []
+
+    def make_cache(model, kind, max_len):
+        cache = Cache()
+        refs.append(weakref.ref(cache))
+        return cache
+
+    def run_lean(model, ids, steps, cache=None, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.10 GiB")
+
+    monkeypatch.setattr(gen_loops, "make_cache", make_cache)
+    monkeypatch.setattr(gen_loops, "run_lean", run_lean)
+    monkeypatch.setattr(gen_loops, "free_memory", lambda device: alive_at_free.append(refs[-1]() is not None))
+    assert gen_loops.probe_fits(tiny_model("llama"), 4, 8, 16, "static", 96, torch.device("cpu")) == (False, None, "OOM")
+    assert alive_at_free == [False]

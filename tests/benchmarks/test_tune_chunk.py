@@ -3,7 +3,24 @@
 import pytest
 
 from benchmarks.tune_chunk import ALL_SHAPES, candidates
-from linearize.ops.triton.chunk import LaunchConfig, default_config
+from linearize.ops.triton.chunk import LaunchConfig
+
+# A plain one-pass base, so that these tests follow the candidate logic, not default_config's table (whose C 64
+# answer now carries C_intra and fold_backward, which the listed shapes leave off).
+PLAIN = LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2)
+
+
+def default_config(D, F):
+    return PLAIN
+
+
+def test_a_folded_default_is_listed_first_and_its_one_pass_shape_apart():
+    from linearize.ops.triton.chunk import default_config as table
+
+    base = table(128, 128)
+    assert base.fold_backward and base.C_intra == 32
+    cands = candidates(base, "default", [0])
+    assert cands == [base, LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2)]
 
 
 def test_default_first_then_each_shape_and_segment_count_once():

@@ -145,3 +145,18 @@ def test_default_chunk_rows_follows_the_measured_shapes():
     assert default_chunk_rows(64, 64, 64, True) == 0  # one chunk would be all of S
     assert default_chunk_rows(128, 256, default_block_d(64, 4, 256), True) == 0  # Gemma 3: not swept chunked
     assert default_num_warps(128, 64, 0) == 4
+
+
+def test_default_prefetch_where_the_h100_measured_it_faster(monkeypatch):
+    """Chunks loaded one step ahead for 64-column value blocks streamed in row chunks (Qwen2.5's and SmolLM2's
+    heads); not for 128-column blocks (slower there) nor where S is held whole (no chunks to load ahead).
+    ``LINEARIZE_DECODE_PREFETCH`` 0 / 1 overrides the table, for timing whole steps either way."""
+    from linearize.ops.triton import decode
+
+    monkeypatch.setattr(decode, "_PREFETCH_ENV", None)
+    assert decode.default_prefetch(64, 64) and not decode.default_prefetch(64, 128)
+    assert not decode.default_prefetch(0, 64)
+    monkeypatch.setattr(decode, "_PREFETCH_ENV", "0")
+    assert not decode.default_prefetch(64, 64)
+    monkeypatch.setattr(decode, "_PREFETCH_ENV", "1")
+    assert decode.default_prefetch(64, 128) and not decode.default_prefetch(0, 128)

@@ -86,3 +86,16 @@ def test_value_blocks_narrower_than_the_chunk_are_refused_on_cuda_only():
     with pytest.raises(ValueError, match=r"BV >= C, e.g. LaunchConfig\(C=32, BV=32"):
         _check_blocks(64, 32, torch.device("cuda"))
     _check_blocks(64, 32, torch.device("cpu"))  # the interpreter runs it right
+
+
+@pytest.mark.parametrize("D,F,folded", [(128, 128, True), (64, 64, True), (64, 128, True), (96, 128, True),
+                                        (256, 128, False), (128, 256, False), (32, 64, False), (16, 32, False)])
+def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
+    """C 64 (head dims 64-128) gets the folded backward on blocks of 32 rows, the launch the H100 timed fastest;
+    Gemma 3's D = 256 (C 32, whose folded kernels spill) and the small heads (C = D < 64) stay one-pass."""
+    from linearize.ops.triton.chunk import LaunchConfig, default_config
+
+    cfg = default_config(D, F)
+    assert cfg.fold_backward is folded and not cfg.split_forward
+    assert (cfg.C_intra, cfg.warps_intra) == ((32, 4) if folded else (None, None))
+    LaunchConfig(**vars(cfg))  # a valid config (C_intra divides C)

@@ -85,6 +85,14 @@ def default_config(D: int, F: int) -> LaunchConfig:
     else:
         C, BV, warps, stages = 64, min(_pow2(D), 128), 8, 2
     C = min(C, value_block(BV, D))  # the chunk no wider than the value block the kernels get: see _check_blocks
+    if C == 64:
+        # The backward folded (no running-sum walks) with its intra kernels on blocks of 32 rows at 4 warps: two
+        # programs an SM instead of one. H100, tune_chunk (benchmarks/results/tune-chunk-nvidia-h100-20261205-*):
+        # B4 H16 D=F=128 16K forward+backward 9.26 -> 7.87 ms, 2K 1.58 -> 1.37 (CUDA graph 1.34 -> 1.15); B8 x 1K
+        # CUDA graph SmolLM2's heads 0.41 -> 0.37, Qwen2.5's 1.02 -> 0.88. Gemma 3's D = 256 (C 32) stays one-pass:
+        # its folded kernels spill, and fold alone doubled its graph time.
+        return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, C_intra=32, warps_intra=4,
+                            fold_backward=True)
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
 
 

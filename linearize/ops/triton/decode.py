@@ -256,16 +256,20 @@ def default_chunk_rows(F: int, D: int, BD: int, per_query_features: bool) -> int
     return 0
 
 
-#: ``LINEARIZE_DECODE_PREFETCH=1`` (read at import) turns ``default_prefetch`` on, to time whole decode steps with it
-_PREFETCH_ENV = os.environ.get("LINEARIZE_DECODE_PREFETCH", "0") == "1"
+#: ``LINEARIZE_DECODE_PREFETCH=1`` / ``0`` (read at import) forces ``default_prefetch`` on / off, to time whole
+#: decode steps either way
+_PREFETCH_ENV = os.environ.get("LINEARIZE_DECODE_PREFETCH")
 
 
-def default_prefetch(FC: int) -> bool:
-    """Off unless ``LINEARIZE_DECODE_PREFETCH=1``: the prefetching variant (``_decode_kernel``'s PREFETCH) is
-    correct (interpreter tests) and compiles for sm_90 without spills at SmolLM2's and Qwen2.5's shapes (205
-    registers a thread at 2 warps, against 152), but is not yet timed on a GPU (``benchmarks/tune_decode.py``
-    sweeps it: rows marked P)."""
-    return bool(FC) and _PREFETCH_ENV
+def default_prefetch(FC: int, BD: int = 64) -> bool:
+    """Each S chunk's load issued one step ahead (``_decode_kernel``'s PREFETCH) where S streams in row chunks
+    (``FC``) and the value block is at most 64 columns. H100, ``benchmarks/tune_decode.py`` (2026-12-05, B 64): Qwen2.5's
+    heads (D 64, F 128; SmolLM2's are the same) 35.3 -> 30.7 us, and its whole compiled step 2.021 -> 1.947 ms;
+    at the issue-5 shape (BD = D = F = 128) it was slower (FC 64: 69.1 -> 83.2 us), so 128-column blocks keep the
+    plain loop."""
+    if _PREFETCH_ENV in ("0", "1"):
+        return bool(FC) and _PREFETCH_ENV == "1"
+    return bool(FC) and BD <= 64
 
 
 def default_num_warps(FP: int, BD: int, FC: int = 0) -> int:
@@ -383,7 +387,7 @@ def ring_step_triton(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
         float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps, FC,
-        default_prefetch(FC) if prefetch is None else prefetch,
+        default_prefetch(FC, BD) if prefetch is None else prefetch,
     )
     ring.pos.add_(1)
     return out
