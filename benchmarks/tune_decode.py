@@ -60,6 +60,8 @@ PRESETS = {
     "issue5": Shape(64, 16, 16, 128, 128, 16),
     "gemma3": Shape(64, 4, 1, 256, 128, 4),
     "qwen2.5": Shape(64, 14, 2, 64, 128, 14),
+    "llama8b": Shape(64, 32, 8, 128, 128, 32),  # Llama-3.1-8B's heads (LoLCATs' layout: key maps per query head)
+    "llama8b-kvmaps": Shape(64, 32, 8, 128, 128, 8),  # the same with key maps per KV head (4 query heads each)
     "smoke": Shape(3, 4, 2, 16, 24, 4, window=5),
 }
 
@@ -83,8 +85,9 @@ def problem(s: Shape, device, dtype, seed: int):
 
 
 def configs(s: Shape, quick: bool):
-    """(BD, warps, BW, FC, prefetch) launches, the default first. FC > 0 (S streamed in row chunks) only where key
-    features are per query head; each chunked launch also with its chunks loaded one step ahead (prefetch)."""
+    """(BD, warps, BW, FC, prefetch) launches, the default first. FC > 0: S streamed in row chunks (with key maps per
+    KV head, read out by each of the program's query heads); each chunked launch also with its chunks loaded one
+    step ahead (prefetch)."""
     from linearize.ops.ring import ring_slots
     from linearize.ops.triton.decode import (
         _pow2, default_block_d, default_block_w, default_chunk_rows, default_num_warps, default_prefetch,
@@ -99,7 +102,7 @@ def configs(s: Shape, quick: bool):
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]
     else:
         bds, ws, bws = [16, 32, 64, 128], [1, 2, 4, 8], sorted({16, 32, bw0})
-    fcs = [0] + ([fc for fc in (16, 32, 64) if fc <= _pow2(s.F)] if s.Hf == s.H else [])
+    fcs = [0] + [fc for fc in (16, 32, 64) if fc <= _pow2(s.F)]
     for bd, w, bw, fc, pf in itertools.product(bds, ws, bws, fcs, (False, True)):
         if bd <= _pow2(s.D) and bw <= _pow2(s.window) and (bd, w, bw, fc, pf) not in out and (fc or not pf):
             if fc and quick and bd != bd0:  # quick: chunks only at the default value block

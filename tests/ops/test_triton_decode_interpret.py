@@ -72,12 +72,25 @@ def test_default_launch_where_it_streams_rows(window):
     _run(4, 2, True, window, torch.float32, steps=4, F=128, filled=max(window - 3, 0), prefetch=True)
 
 @inside
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("window", [0, 1, 2, 6])
+@pytest.mark.parametrize("H,Hkv", [(6, 2), (8, 2), (4, 4)])
+def test_s_in_row_chunks_read_out_by_each_query_head_of_a_kv_head(window, H, Hkv, prefetch):
+    """Key maps per KV head: one program streams its KV head's S in chunks of 16 rows and reads each chunk out
+    for all G of its query heads (3 of 4 accumulator rows used at G = 3; 4 at G = 4; 1 at G = 1), with
+    padding steps, two value blocks a head, F = 40 (a masked chunk and one wholly past F)."""
+    _run(H, Hkv, False, window, torch.float32, steps=5, F=40, filled=max(window - 3, 0), block_d=8, chunk_rows=16,
+         prefetch=prefetch)
+
+
+@inside
 def test_chunk_rows_refuses_what_it_cannot_serve():
     from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
 
     inputs, ring, gamma = random_decode_problem(2, 4, 2, 16, 40, 4, per_q_features=False, dtype=torch.float32, device="cpu")
-    with pytest.raises(ValueError, match="per query head"):
-        ring_step_triton(*inputs, ring, window_weight=gamma, chunk_rows=16)
+    for bad in (8, 24, 128):
+        with pytest.raises(ValueError, match="chunk_rows must be 0 or a power of two"):
+            ring_step_triton(*inputs, ring, window_weight=gamma, chunk_rows=bad)
     inputs, ring, gamma = random_decode_problem(2, 4, 2, 16, 40, 4, per_q_features=True, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="power of two"):
         ring_step_triton(*inputs, ring, window_weight=gamma, chunk_rows=24)

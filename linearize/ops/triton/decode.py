@@ -7,9 +7,9 @@ Each program reads its slice ``S[b, f, :, block]`` once, does the readout of its
 value columns, adds the evicted key to the slice and writes it back: S is read once and written once,
 which is nearly all the bytes of a step. The window scores need whole keys, so every value block of a
 head recomputes them (those re-reads of the ring hit L2: the block index varies fastest in the grid).
-With ``chunk_rows`` (key features per query head) the slice is streamed in row chunks instead of held
-whole: 80 registers a thread instead of 168 at SmolLM2's shape (sm_90 compile), so twice the programs fit
-on an SM; whether that is faster is for ``benchmarks/tune_decode.py`` to say.
+With ``chunk_rows`` the slice is streamed in row chunks instead of held whole: 80 registers a thread instead of
+168 at SmolLM2's shape (sm_90 compile), so twice the programs fit on an SM; with key maps per KV head each chunk
+is read out by the program's query heads as it passes. ``benchmarks/tune_decode.py`` times the launches.
 
 No races between the programs of one launch:
   * the new key goes to ring slot ``pos % W``, which no program reads in this step (the new key is read
@@ -92,11 +92,12 @@ def _decode_kernel(
     D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
     BD: tl.constexpr, ND: tl.constexpr, BW: tl.constexpr,
     QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, HAS_VALID: tl.constexpr,
-    FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False,
+    FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False, QHP: tl.constexpr = 1,
 ):
-    """FC (rows of S per chunk, QH == 1 only): 0 holds the program's whole S slice in registers at once;
-    FC < FP streams it in row chunks (read, read out, update, write back), the window part first, so that
-    fewer registers are live and more programs share an SM.
+    """FC (rows of S per chunk): 0 holds the program's whole S slice in registers at once; FC < FP streams it in
+    row chunks (read, read out, update, write back), the window parts first, so that fewer registers are live and
+    more programs share an SM. With QH > 1 query heads a feature head (key maps per KV head), each chunk is read
+    out by all of them (QHP: QH rounded up to a power of two, the rows of their [QHP, BD] accumulators).
 
     PREFETCH (with FC): the first chunk's load is issued before the window part and each next chunk's before
     the current one is read out, so a program's S loads overlap its other work instead of each waiting in
@@ -136,17 +137,34 @@ def _decode_kernel(
     if WINDOW == 0:  # the new key is in the linear set of its own query
         z_vec += pk_new
 
-    if FC > 0:  # QH == 1: this program's one query head, S streamed in row chunks
-        h = f
-        pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
-        den = tl.sum(pq * z_vec, 0)
+    if FC > 0:  # S streamed in row chunks, read out by this feature head's QH query heads as each chunk passes
+        if QH == 1:
+            h = f
+            pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
+            den = tl.sum(pq * z_vec, 0)
         if PREFETCH:
             n_ptrs, n_ok = _s_rows(S, bf, 0, rd, d_ok, F, D, FC)
             s_next = tl.load(n_ptrs, mask=n_ok, other=0.0)
-        if WINDOW >= 1:
-            acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h,
-                                  scale, Hkv, D, DP, BW, W)
-        num = tl.zeros([BD], tl.float32)
+        if QH == 1:
+            if WINDOW >= 1:
+                acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b,
+                                      sK_h, scale, Hkv, D, DP, BW, W)
+            num = tl.zeros([BD], tl.float32)
+        else:  # one row a query head: den [QHP], window parts [QHP, BD], num [QHP, BD]
+            rg = tl.arange(0, QHP)
+            g_ok = rg < QH
+            den = tl.zeros([QHP], tl.float32)
+            acc = tl.zeros([QHP, BD], tl.float32)
+            l = tl.zeros([QHP], tl.float32)
+            for g in tl.static_range(QH):
+                pq = tl.load(PQ + b * sPQ_b + (f * QH + g) * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
+                den = tl.where(rg == g, tl.sum(pq * z_vec, 0), den)
+                if WINDOW >= 1:
+                    acc_g, l_g = _window_part(Q, K, V, KR, VR, MR, b, j, f * QH + g, rd, d_ok, valid_new, v_new, pos,
+                                              sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W)
+                    acc = tl.where(rg[:, None] == g, acc_g[None, :], acc)
+                    l = tl.where(rg == g, l_g, l)
+            num = tl.zeros([QHP, BD], tl.float32)
         if W > 0:
             ev_row = ((b * W + ev) * Hf + f) * F
         for c0 in tl.static_range(0, FP, FC):
@@ -160,25 +178,39 @@ def _decode_kernel(
                     s_next = tl.load(n_ptrs, mask=n_ok, other=0.0)
             else:
                 s_c = tl.load(c_ptrs, mask=cd_ok, other=0.0)
-            pq_c = tl.load(PQ + b * sPQ_b + h * sPQ_h + rc, mask=c_ok, other=0.0).to(tl.float32)
             if WINDOW <= 1:
                 pkn_c = tl.load(PK + b * sPK_b + f * sPK_h + rc, mask=c_ok, other=0.0).to(tl.float32)
                 pkn_c = tl.where(valid_new, pkn_c, 0.0)
             if WINDOW == 0:
                 s_c += pkn_c[:, None] * v_new[None, :]
-            num += tl.sum(pq_c[:, None] * s_c, 0)
+            if QH == 1:
+                pq_c = tl.load(PQ + b * sPQ_b + h * sPQ_h + rc, mask=c_ok, other=0.0).to(tl.float32)
+                num += tl.sum(pq_c[:, None] * s_c, 0)
+            else:
+                for g in tl.static_range(QH):
+                    pq_c = tl.load(PQ + b * sPQ_b + (f * QH + g) * sPQ_h + rc, mask=c_ok, other=0.0).to(tl.float32)
+                    num = tl.where(rg[:, None] == g, num + tl.sum(pq_c[:, None] * s_c, 0)[None, :], num)
             if WINDOW == 1:
                 s_c += pkn_c[:, None] * v_new[None, :]
             if W > 0:
                 pke_c = tl.load(PKR + ev_row + rc, mask=c_ok, other=0.0).to(tl.float32)
                 s_c += tl.where(ev_ok, pke_c, 0.0)[:, None] * v_ev[None, :]
             tl.store(c_ptrs, s_c, mask=cd_ok)
-        if WINDOW >= 1:
-            gam = tl.load(GAMMA + h)
-            num += gam * acc
-            den += gam * l
-        y = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-        tl.store(Y + b * sY_b + h * sY_h + rd, y.to(Y.dtype.element_ty), mask=d_ok)
+        if QH == 1:
+            if WINDOW >= 1:
+                gam = tl.load(GAMMA + h)
+                num += gam * acc
+                den += gam * l
+            y = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+            tl.store(Y + b * sY_b + h * sY_h + rd, y.to(Y.dtype.element_ty), mask=d_ok)
+        else:
+            if WINDOW >= 1:
+                gam = tl.load(GAMMA + f * QH + rg, mask=g_ok, other=0.0)
+                num += gam[:, None] * acc
+                den += gam * l
+            y = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+            tl.store(Y + b * sY_b + (f * QH + rg)[:, None] * sY_h + rd[None, :], y.to(Y.dtype.element_ty),
+                     mask=g_ok[:, None] & d_ok[None, :])
     else:  # S[b, f, :, block] in registers once, read out by the QH query heads of this feature head
         s_ptrs = S + bf * F * D + rf[:, None] * D + rd[None, :]
         sd_ok = f_ok[:, None] & d_ok[None, :]
@@ -313,7 +345,7 @@ def _ring_step_op(
         B, Hf, Hkv, scale,
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=ND, BW=BW,
         QH=G // Gk, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=FC, PREFETCH=bool(FC and prefetch),
-        num_warps=num_warps,
+        QHP=_pow2(G // Gk), num_warps=num_warps,
     )
 
 
@@ -345,8 +377,7 @@ def ring_step_triton(
 
     ``out`` (optional, [B,1,H,D] in q's dtype) receives y, so that a captured graph has a fixed output.
     ``block_d``/``block_w``/``num_warps``/``chunk_rows`` override the launch configuration (benchmarks,
-    tuning). ``chunk_rows`` (a power of two >= 16, with key features per query head): stream each program's
-    S slice in chunks of that many feature rows instead of holding it whole (0). ``prefetch`` (with chunks):
+    tuning). ``chunk_rows`` (a power of two >= 16): stream each program's S slice in chunks of that many feature rows instead of holding it whole (0). ``prefetch`` (with chunks):
     issue each chunk's load one step ahead (``_decode_kernel``'s PREFETCH; default ``default_prefetch``).
     """
     d = check_ring(ring, q, k, v, phi_q, phi_k)
@@ -381,8 +412,6 @@ def ring_step_triton(
     if FC:
         if FC < 16 or FC & (FC - 1) or FC > _pow2(d.F):
             raise ValueError(f"chunk_rows must be 0 or a power of two in [16, {_pow2(d.F)}]; got {FC}")
-        if d.Hf != d.H:
-            raise ValueError("chunk_rows needs key features per query head (a feature head serving several query heads holds its S slice whole)")
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
