@@ -367,10 +367,43 @@ def test_ops_pass_opcheck(masked):
     q, k, v, pq, pk, g = random_inputs(2, 21, 4, 2, 16, 8, 4, dtype=torch.float32, seed=5, requires_grad=True)
     mask = left_pad_mask(2, 21, [0, 5]).to(torch.uint8).contiguous() if masked else None
     S0, z0 = torch.zeros(2, 4, 8, 16), torch.zeros(2, 4, 8)
-    launch = _launch_ints(LaunchConfig(C=16, BV=16, num_warps=4, nseg=2))
-    for store_u in (True, False):
-        gamma = g if store_u else g.detach()
-        torch.library.opcheck(_hybrid_chunk_op, (q, k, v, pq, pk, gamma, mask, S0, z0, 6, 0.25, *launch, store_u))
+    for cfg in (LaunchConfig(C=16, BV=16, num_warps=4, nseg=2),
+                LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, split_forward=True, fold_backward=True)):
+        launch = _launch_ints(cfg)  # (split + fold: the op also returns each chunk's sums, kept for the backward)
+        for store_u in (True, False):
+            gamma = g if store_u else g.detach()
+            torch.library.opcheck(_hybrid_chunk_op, (q, k, v, pq, pk, gamma, mask, S0, z0, 6, 0.25, *launch, store_u))
+
+
+@inside
+def test_split_forward_keeps_the_chunk_sums_for_the_folded_backward(monkeypatch):
+    """split_forward + fold_backward: the chunk sums the forward wrote are the ones the backward reads, so they are
+    walked once per forward + backward (fold alone walks them in the backward), eagerly and through the custom ops;
+    the gradients equal the fold-alone ones (the same sums, walked twice)."""
+    from linearize.ops.triton import chunk
+    from linearize.ops.triton.chunk import LaunchConfig, _hybrid_chunk_op, _launch_ints, hybrid_attention_triton
+
+    walks = []
+    real = chunk._chunk_states
+    monkeypatch.setattr(chunk, "_chunk_states", lambda *a: walks.append(1) or real(*a))
+    q, k, v, pq, pk, g = random_inputs(2, 45, 4, 2, 16, 8, 4, dtype=torch.float32, seed=11, requires_grad=True)
+    ins = (q, k, v, pq, pk, g)
+    dy = torch.randn(2, 45, 4, 16, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for split in (False, True):
+        cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, split_forward=split, fold_backward=True)
+        walks.clear()
+        y, _ = hybrid_attention_triton(q, k, v, pq, pk, window=6, window_weight=g, config=cfg)
+        grads[split] = torch.autograd.grad(y, ins, dy)
+        assert len(walks) == 1, (split, len(walks))
+        walks.clear()
+        y = _hybrid_chunk_op(q, k, v, pq, pk, g, None, None, None, 6, 0.25, *_launch_ints(cfg), True)[0]
+        op_grads = torch.autograd.grad(y, ins, dy)
+        assert len(walks) == 1, ("op", split, len(walks))
+        for a, b in zip(op_grads, grads[split]):
+            assert rel_err(a, b) < 1e-6
+    for a, b in zip(grads[True], grads[False]):
+        assert rel_err(a, b) < 1e-6
 
 
 @inside
@@ -410,11 +443,12 @@ def test_a_training_call_fills_nothing():
         ref = torch.autograd.grad(y, (q, k, v, pq, pk, g), dy)
     assert not fills & set(c.ops), c.ops
     # the custom op (what torch.compile calls), through its registered autograd
+    from linearize.ops.triton import chunk
     from linearize.ops.triton.chunk import _hybrid_chunk_op, _launch_ints
 
     with Count() as c:
         y = _hybrid_chunk_op(q, k, v, pq, pk, g, None, None, None, 6, 0.25, *_launch_ints(cfg), True)[0]
         grads = torch.autograd.grad(y, (q, k, v, pq, pk, g), dy)
-    assert c.ops["hybrid_chunk"] == 1 and c.ops["hybrid_chunk_backward"] == 1 and not fills & set(c.ops), c.ops
+    assert c.ops[chunk.FORWARD_OP] == 1 and c.ops[chunk.BACKWARD_OP] == 1 and not fills & set(c.ops), c.ops
     for a, b in zip(grads, ref):
         assert rel_err(a, b) < 1e-6

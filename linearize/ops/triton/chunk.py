@@ -44,7 +44,10 @@ class LaunchConfig:
     # The forward in two passes: a light walk writes each chunk's running sums ([n_chunks, B, H', F, D] in the
     # inputs' dtype, the dtype fwd_kernel's product takes them in), then one program a block of C_intra queries
     # (at warps_intra) does the rest, with no fp32 running sum in its registers. Same outputs, more memory traffic,
-    # more and lighter programs. Off until a GPU sweep times it.
+    # more and lighter programs. With fold_backward, the chunk sums it wrote are kept for the backward, which then
+    # does not walk them again (H100 16K: that walk is 0.48 ms of 7.87), at the cost of keeping them from the forward
+    # to the backward ([n_chunks, B, H', F, D]: F x D / C values a token and head, 0.4x of q, k, v, phi_q, phi_k at
+    # D = F = 128, C = 64). Off until a GPU sweep times it.
     split_forward: bool = False
     # The backward without its two sequential running-sum walks (bwd_dq_state, bwd_dk_state): each chunk's sums
     # (walked again, as split_forward does) and gradient sums (a light reverse walk) written down, and the intra
@@ -225,7 +228,9 @@ def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: Laun
 
 def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig,
                    store_u: bool):
-    """-> (y, u or None, mx, den, arg, pre_S, pre_z): the output and what the backward reads."""
+    """-> (y, u or None, mx, den, arg, pre_S, pre_z, cs, cz): the output and what the backward reads; cs, cz (each
+    chunk's running sums, ``_chunk_states``) where the split forward wrote them and the folded backward reads them
+    (else None: the backward walks them again if it folds)."""
     B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg = _geometry(q, k, phi_q, phi_k, window, cfg)
     Gk, GQ = Hf // Hkv, H // Hf
     _check_blocks(C, BV, q.device)
@@ -260,7 +265,9 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
             D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
             num_warps=cfg.warps_intra or cfg.num_warps, num_stages=cfg.num_stages,
         )
-        return y, (u if store_u else None), mx, den, arg, pre_S, pre_z
+        if not cfg.fold_backward:
+            cs = cz = None
+        return y, (u if store_u else None), mx, den, arg, pre_S, pre_z, cs, cz
     _launch(K.fwd_kernel, (nseg, B * Hf, NV),
         q, k, v, phi_q, phi_k, m_arg, gamma, pre_S, pre_z, y, u, mx, den, arg,
         *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
@@ -268,12 +275,13 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
         D=D, F=F, BD=BD, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
         ONE_ACC=cfg.one_acc and not store_u, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y, (u if store_u else None), mx, den, arg, pre_S, pre_z
+    return y, (u if store_u else None), mx, den, arg, pre_S, pre_z, None, None
 
 
-def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, window: int,
+def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, cs, cz, window: int,
                     scale: float, cfg: LaunchConfig):
-    """-> (dq, dk, dv, dphi_q, dphi_k, dgamma or None, the latter where the forward stored no u)."""
+    """-> (dq, dk, dv, dphi_q, dphi_k, dgamma or None, the latter where the forward stored no u). ``cs``, ``cz``:
+    the chunk sums the split forward kept, or None (a folded backward walks them again)."""
     B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg = _geometry(q, k, phi_q, phi_k, window, cfg)
     G, Gk, GQ = H // Hkv, Hf // Hkv, H // Hf
     has_mask, m_arg, sM_b = _mask_arg(mask, q)
@@ -296,7 +304,10 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     fold = cfg.fold_backward
     # Folded, the intra kernels also take the running-sum parts (from each chunk's sums, walked again here, and each
     # chunk's gradient sums) and write finished dphi_q / dv / dphi_k: no bwd_*_state walks, no fp32 buffers.
-    cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg) if fold else (dy, dy)
+    if not fold:
+        cs = cz = dy  # (never read)
+    elif cs is None:
+        cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
     dpq = _empty(B, T, H, F, dtype=phi_q.dtype if fold else f32, device=dev)
     corr = _empty(B, H, T, dtype=f32, device=dev)
     Ci = cfg.C_intra or C
@@ -386,7 +397,7 @@ class _HybridChunkFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_chunk_backward(dy, *ctx.saved_tensors, *ctx.meta),) + (None,) * 7
+        return (*_chunk_backward(dy, *ctx.saved_tensors, *ctx.meta),) + (None,) * 7  # (saved: ... pre_z, cs, cz)
 
 
 def _cfg(launch) -> LaunchConfig:
@@ -404,67 +415,79 @@ def _launch_ints(cfg: LaunchConfig) -> tuple:
             cfg.C_intra or 0, cfg.warps_intra or 0)
 
 
-@torch.library.custom_op("linearize::hybrid_chunk", mutates_args=())
+#: The custom ops' names carry their schema's version: torch's on-disk compile caches (AOTAutograd's, inductor's) key
+#: a cached graph on the op's name, not its schema, so a graph cached before a schema change called the new op with
+#: the old arguments (seen on 2026-12-05 when the ops gained the kept chunk sums). Bump it with any schema change.
+OP_VERSION = 3
+FORWARD_OP, BACKWARD_OP = f"hybrid_chunk_v{OP_VERSION}", f"hybrid_chunk_backward_v{OP_VERSION}"
+
+
+@torch.library.custom_op(f"linearize::{FORWARD_OP}", mutates_args=())
 def _hybrid_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: torch.Tensor, phi_k: torch.Tensor,
                      gamma: torch.Tensor, mask: torch.Tensor | None, S0: torch.Tensor | None,
                      z0: torch.Tensor | None, window: int, scale: float, C: int, BV: int, num_warps: int,
                      num_stages: int, nseg: int, flags: int, C_intra: int, warps_intra: int,
                      store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                             torch.Tensor, torch.Tensor]:
-    """(y, u, mx, den, arg, pre_S, pre_z); u is empty where not stored (an op's outputs may not alias)."""
+                                             torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, u, mx, den, arg, pre_S, pre_z, cs, cz); u, cs and cz are empty where not stored / kept (an op's outputs
+    may not alias)."""
     cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
-    y, u, *rest = _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, cfg, store_u)
-    return (y, q.new_empty(0) if u is None else u, *rest)
+    y, u, mx, den, arg, pre_S, pre_z, cs, cz = _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale,
+                                                             cfg, store_u)
+    none = q.new_empty(0)
+    return (y, none if u is None else u, mx, den, arg, pre_S, pre_z, none.clone() if cs is None else cs,
+            none.clone() if cz is None else cz)
 
 
 @_hybrid_chunk_op.register_fake
 def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warps, num_stages, nseg, flags, C_intra,
       warps_intra, store_u):
     cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
-    B, T, H, D, _, Hf, F, *_, n_seg = _geometry(q, k, phi_q, phi_k, window, cfg)
+    B, T, H, D, _, Hf, F, _, n, *_, n_seg = _geometry(q, k, phi_q, phi_k, window, cfg)
     f32 = torch.float32
+    keep = cfg.split_forward and cfg.fold_backward
     return (q.new_empty(q.shape), q.new_empty(q.shape if store_u else (0,)), q.new_empty(B, H, T, dtype=f32),
             q.new_empty(B, H, T, dtype=f32), q.new_empty(B, H, T, dtype=torch.int32),
-            q.new_empty(n_seg, B, Hf, F, D, dtype=f32), q.new_empty(n_seg, B, Hf, F, dtype=f32))
+            q.new_empty(n_seg, B, Hf, F, D, dtype=f32), q.new_empty(n_seg, B, Hf, F, dtype=f32),
+            phi_q.new_empty((n, B, Hf, F, D) if keep else (0,)), q.new_empty((n, B, Hf, F) if keep else (0,), dtype=f32))
 
 
-@torch.library.custom_op("linearize::hybrid_chunk_backward", mutates_args=())
+@torch.library.custom_op(f"linearize::{BACKWARD_OP}", mutates_args=())
 def _hybrid_chunk_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               phi_q: torch.Tensor, phi_k: torch.Tensor, gamma: torch.Tensor,
                               mask: torch.Tensor | None, y: torch.Tensor, u: torch.Tensor, mx: torch.Tensor,
                               den: torch.Tensor, arg: torch.Tensor, pre_S: torch.Tensor, pre_z: torch.Tensor,
-                              window: int, scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int,
+                              cs: torch.Tensor, cz: torch.Tensor, window: int, scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int,
                               flags: int, C_intra: int,
                               warps_intra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dphi_q, dphi_k, dgamma); dgamma is empty where the forward stored no u."""
     cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
     *grads, dgamma = _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u if u.numel() else None, mx, den,
-                                     arg, pre_S, pre_z, window, scale, cfg)
+                                     arg, pre_S, pre_z, cs if cs.numel() else None, cz if cs.numel() else None,
+                                     window, scale, cfg)
     return (*grads, gamma.new_empty(0) if dgamma is None else dgamma)
 
 
 @_hybrid_chunk_backward_op.register_fake
-def _(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, window, scale, *launch):
+def _(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, cs, cz, window, scale, *launch):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), phi_q.new_empty(phi_q.shape),
             phi_k.new_empty(phi_k.shape), gamma.new_empty(gamma.shape if u.numel() else (0,), dtype=torch.float32))
 
 
 def _chunk_setup(ctx, inputs, output):
     q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, *launch = inputs
-    y, u, mx, den, arg, pre_S, pre_z = output
-    ctx.save_for_backward(q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z)
+    y, u, mx, den, arg, pre_S, pre_z, cs, cz = output
+    ctx.save_for_backward(q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, cs, cz)
     ctx.meta = (window, scale, *launch[:-1])  # (store_u is read off u)
-    ctx.mark_non_differentiable(u, mx, den, arg, pre_S, pre_z)
+    ctx.mark_non_differentiable(u, mx, den, arg, pre_S, pre_z, cs, cz)
     ctx.set_materialize_grads(False)  # (else autograd fills a zero gradient for each of those, pre_S's 67 MB at 16K)
 
 
 def _chunk_autograd(ctx, dy, *_):
     if dy is None:  # (y unused by the loss)
         return (None,) * 20
-    q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z = ctx.saved_tensors
-    *grads, dgamma = _hybrid_chunk_backward_op(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z,
-                                               *ctx.meta)
+    *grads, dgamma = _hybrid_chunk_backward_op(dy, *ctx.saved_tensors, *ctx.meta)
     return (*grads, dgamma if dgamma.numel() else None) + (None,) * 14
 
 
