@@ -457,8 +457,8 @@ def _hybrid_chunk_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                               phi_q: torch.Tensor, phi_k: torch.Tensor, gamma: torch.Tensor,
                               mask: torch.Tensor | None, y: torch.Tensor, u: torch.Tensor, mx: torch.Tensor,
                               den: torch.Tensor, arg: torch.Tensor, pre_S: torch.Tensor, pre_z: torch.Tensor,
-                              cs: torch.Tensor, cz: torch.Tensor, window: int, scale: float, C: int, BV: int, num_warps: int, num_stages: int, nseg: int,
-                              flags: int, C_intra: int,
+                              cs: torch.Tensor, cz: torch.Tensor, window: int, scale: float, C: int, BV: int,
+                              num_warps: int, num_stages: int, nseg: int, flags: int, C_intra: int,
                               warps_intra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dphi_q, dphi_k, dgamma); dgamma is empty where the forward stored no u."""
