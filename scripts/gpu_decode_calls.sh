@@ -48,8 +48,10 @@
 #                                            # (split_forward) at 16K and 2K, by tune_chunk (~540 s)
 #   bash scripts/gpu_decode_calls.sh 20 SHA  # call 19 cut to ~350 s: its new GPU tests and the 16K sweep
 #   bash scripts/gpu_decode_calls.sh 21 SHA  # the compile test against an fp32 step, the chunk GPU tests at the folded
-#                                            # default launch, its 16K / 2K timings, the ring kernel's sweep at the 8B's
-#                                            # heads (key maps per KV head now also in row chunks; ~400 s)
+#                                            # default launch, its 16K / 2K timings, fold against split+fold with the
+#                                            # kept chunk sums (~350 s)
+#   bash scripts/gpu_decode_calls.sh 22 SHA  # the ring kernel at the 8B's heads: the GPU test of S in row chunks read
+#                                            # out by several query heads, tune_decode llama8b-kvmaps / llama8b (~200 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -60,7 +62,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 21}
+call=${1:?call number 1 to 22}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -286,15 +288,17 @@ case "$call" in
     timeout 120 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 --forms fold,split+fold \
       --out "$out/tune-chunk-keep-16k.json" > "$out/tune-chunk-keep-16k.log" 2>&1
     grep -hE "^C=|first call" "$out"/tune-chunk-*.log
+    ;;
+  22)
     # the ring kernel at the 8B's heads: key maps per KV head (4 query heads a feature head; H100 whole step: 69 us
-    # a layer against 22 to read and write S) now also with S in row chunks, and LoLCATs' layout
+    # a layer against 22 to read and write S) now also with S in row chunks (its GPU test first), and LoLCATs' layout
     timeout 120 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "several_query_heads" 2>&1 | tail -3 \
       | tee "$out/tests-decode.log"
     timeout 150 python3 benchmarks/tune_decode.py --presets llama8b-kvmaps,llama8b --quick --commit "$sha" \
       --copy-to "$out" > "$out/tune.log" 2>&1
     grep -E "default|best|^llama" "$out/tune.log"
     ;;
-  *) echo "call must be 1 to 21" >&2; exit 2 ;;
+  *) echo "call must be 1 to 22" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
