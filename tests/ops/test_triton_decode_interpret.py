@@ -72,13 +72,14 @@ def test_default_launch_where_it_streams_rows(window):
     _run(4, 2, True, window, torch.float32, steps=4, F=128, filled=max(window - 3, 0), prefetch=True)
 
 @inside
-@pytest.mark.parametrize("prefetch", [False, True])
-@pytest.mark.parametrize("window", [0, 1, 2, 6])
-@pytest.mark.parametrize("H,Hkv", [(6, 2), (8, 2), (4, 4)])
+@pytest.mark.parametrize("H,Hkv,window,prefetch", [
+    *((6, 2, w, p) for w in (0, 1, 2, 6) for p in (False, True)),  # G = 3: 3 of 4 accumulator rows used
+    (8, 2, 6, True), (8, 2, 1, False),  # G = 4: every row
+])
 def test_s_in_row_chunks_read_out_by_each_query_head_of_a_kv_head(window, H, Hkv, prefetch):
     """Key maps per KV head: one program streams its KV head's S in chunks of 16 rows and reads each chunk out
-    for all G of its query heads (3 of 4 accumulator rows used at G = 3; 4 at G = 4; 1 at G = 1), with
-    padding steps, two value blocks a head, F = 40 (a masked chunk and one wholly past F)."""
+    for all G of its query heads, with padding steps, two value blocks a head, F = 40 (a masked chunk and one
+    wholly past F). (G = 1 is the per-query-head form, tested above.)"""
     _run(H, Hkv, False, window, torch.float32, steps=5, F=40, filled=max(window - 3, 0), block_d=8, chunk_rows=16,
          prefetch=prefetch)
 
