@@ -10,21 +10,17 @@ from linearize.ops.triton.chunk import LaunchConfig
 PLAIN = LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2)
 
 
-def default_config(D, F):
-    return PLAIN
-
-
 def test_a_folded_default_is_listed_first_and_its_one_pass_shape_apart():
-    from linearize.ops.triton.chunk import default_config as table
+    from linearize.ops.triton.chunk import default_config
 
-    base = table(128, 128)
+    base = default_config(128, 128)
     assert base.fold_backward and base.C_intra == 32
     cands = candidates(base, "default", [0])
     assert cands == [base, LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2)]
 
 
 def test_default_first_then_each_shape_and_segment_count_once():
-    base = default_config(128, 128)
+    base = PLAIN
     cands = candidates(base, "default,64x64x4x2", [0, 16, 32])
     assert cands[0] == base
     assert len(cands) == len(set(cands)) == 6
@@ -33,22 +29,22 @@ def test_default_first_then_each_shape_and_segment_count_once():
 
 
 def test_all_shapes_with_the_default_segments():
-    assert len(candidates(default_config(128, 128), "all", [0])) == 1 + len(ALL_SHAPES)
+    assert len(candidates(PLAIN, "all", [0])) == 1 + len(ALL_SHAPES)
 
 
 def test_bad_shape_is_one_line_error():
     with pytest.raises(SystemExit, match="CxBVxWARPSxSTAGES"):
-        candidates(default_config(128, 128), "64x64", [0])
+        candidates(PLAIN, "64x64", [0])
 
 
 def test_one_acc_doubles_the_list():
-    base = default_config(128, 128)
+    base = PLAIN
     cands = candidates(base, "default", [0, 16], one_acc=True)
     assert len(cands) == 4 and sum(c.one_acc for c in cands) == 2 and cands[0] == base
 
 
 def test_intra_blocks_follow_each_shape_and_skip_blocks_that_do_not_divide_its_chunk():
-    base = default_config(128, 128)  # C 64
+    base = PLAIN  # C 64
     cands = candidates(base, "default,32x128x8x2", [0], intra=[(32, 4), (16, 2), (64, 4)])
     assert cands[0] == base
     assert [(c.C, c.C_intra, c.warps_intra) for c in cands[1:]] == [
@@ -64,8 +60,8 @@ def test_intra_flag_parses_and_rejects_in_one_line():
 
 
 def test_forms_pair_with_every_intra_block():
-    cands = candidates(default_config(128, 128), "default", [0], intra=[(32, 4)], forms=["one-pass", "split+fold"])
+    cands = candidates(PLAIN, "default", [0], intra=[(32, 4)], forms=["one-pass", "split+fold"])
     assert [(c.C_intra, c.split_forward, c.fold_backward) for c in cands] == [
         (None, False, False), (None, True, True), (32, False, False), (32, True, True)]
     with pytest.raises(SystemExit, match="--forms"):
-        candidates(default_config(128, 128), "default", [0], forms=["fused"])
+        candidates(PLAIN, "default", [0], forms=["fused"])

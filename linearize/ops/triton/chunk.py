@@ -54,6 +54,11 @@ class LaunchConfig:
     # kernels add their parts and write finished gradients. Off until a GPU sweep times it.
     fold_backward: bool = False
 
+    @property
+    def keeps_chunk_sums(self) -> bool:
+        """The split forward's chunk sums are kept for the folded backward (which then does not walk them again)."""
+        return self.split_forward and self.fold_backward
+
     def __post_init__(self):
         ci = self.C_intra
         if ci is not None and (ci < 16 or ci & (ci - 1) or self.C % ci):
@@ -265,7 +270,7 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
             D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
             num_warps=cfg.warps_intra or cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if not cfg.fold_backward:
+        if not cfg.keeps_chunk_sums:
             cs = cz = None
         return y, (u if store_u else None), mx, den, arg, pre_S, pre_z, cs, cz
     _launch(K.fwd_kernel, (nseg, B * Hf, NV),
@@ -445,11 +450,12 @@ def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warp
     cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
     B, T, H, D, _, Hf, F, _, n, *_, n_seg = _geometry(q, k, phi_q, phi_k, window, cfg)
     f32 = torch.float32
-    keep = cfg.split_forward and cfg.fold_backward
+    keep = cfg.keeps_chunk_sums
     return (q.new_empty(q.shape), q.new_empty(q.shape if store_u else (0,)), q.new_empty(B, H, T, dtype=f32),
             q.new_empty(B, H, T, dtype=f32), q.new_empty(B, H, T, dtype=torch.int32),
             q.new_empty(n_seg, B, Hf, F, D, dtype=f32), q.new_empty(n_seg, B, Hf, F, dtype=f32),
-            phi_q.new_empty((n, B, Hf, F, D) if keep else (0,)), q.new_empty((n, B, Hf, F) if keep else (0,), dtype=f32))
+            phi_q.new_empty((n, B, Hf, F, D) if keep else (0,)),
+            q.new_empty((n, B, Hf, F) if keep else (0,), dtype=f32))
 
 
 @torch.library.custom_op(f"linearize::{BACKWARD_OP}", mutates_args=())

@@ -295,8 +295,8 @@ _PREFETCH_ENV = os.environ.get("LINEARIZE_DECODE_PREFETCH")
 
 def default_prefetch(FC: int, BD: int = 64) -> bool:
     """Each S chunk's load issued one step ahead (``_decode_kernel``'s PREFETCH) where S streams in row chunks
-    (``FC``) and the value block is at most 64 columns. H100, ``benchmarks/tune_decode.py`` (2026-12-05, B 64): Qwen2.5's
-    heads (D 64, F 128; SmolLM2's are the same) 35.3 -> 30.7 us, and its whole compiled step 2.021 -> 1.947 ms;
+    (``FC``) and the value block is at most 64 columns. H100, ``benchmarks/tune_decode.py`` (2026-12-05, B 64):
+    Qwen2.5's heads (D 64, F 128; SmolLM2's are the same) 35.3 -> 30.7 us, its whole compiled step 2.021 -> 1.947 ms;
     at the issue-5 shape (BD = D = F = 128) it was slower (FC 64: 69.1 -> 83.2 us), so 128-column blocks keep the
     plain loop."""
     if _PREFETCH_ENV in ("0", "1"):
@@ -377,8 +377,9 @@ def ring_step_triton(
 
     ``out`` (optional, [B,1,H,D] in q's dtype) receives y, so that a captured graph has a fixed output.
     ``block_d``/``block_w``/``num_warps``/``chunk_rows`` override the launch configuration (benchmarks,
-    tuning). ``chunk_rows`` (a power of two >= 16): stream each program's S slice in chunks of that many feature rows instead of holding it whole (0). ``prefetch`` (with chunks):
-    issue each chunk's load one step ahead (``_decode_kernel``'s PREFETCH; default ``default_prefetch``).
+    tuning). ``chunk_rows`` (a power of two >= 16): stream each program's S slice in chunks of that many feature
+    rows instead of holding it whole (0). ``prefetch`` (with chunks): issue each chunk's load one step ahead
+    (``_decode_kernel``'s PREFETCH; default ``default_prefetch``).
     """
     d = check_ring(ring, q, k, v, phi_q, phi_k)
     if ring.S.dtype != torch.float32 or ring.z.dtype != torch.float32:
