@@ -143,14 +143,17 @@ def test_map_kernel_compiles_for_sm90_without_spills(dt, H, D, f, backward):
 
 
 def test_default_chunk_rows_follows_the_measured_shapes():
-    """Row chunks (2 warps) where the H200 sweep measured them faster: key features per query head, F > 64, one
-    value block spanning the head; S whole elsewhere (per-KV-head features, F <= 64, Gemma's two value blocks)."""
+    """Row chunks (2 warps) where the H200 sweep measured them faster: F > 64 and one value block spanning the head,
+    with key features per query head, or per KV head at 128-column heads (Llama-3.1-8B's); S whole elsewhere
+    (64-column heads shared by several query heads, F <= 64, Gemma's two value blocks)."""
     from linearize.ops.triton.decode import default_block_d, default_chunk_rows, default_num_warps
 
     smol = default_chunk_rows(128, 64, default_block_d(64, 9, 64), True)
     issue5 = default_chunk_rows(128, 128, default_block_d(64, 16, 128), True)
     assert smol == issue5 == 64 and default_num_warps(128, 64, smol) == 2
-    assert default_chunk_rows(128, 64, 64, False) == 0  # one feature head serves several query heads
+    assert default_chunk_rows(128, 64, 64, False) == 0  # a 64-column feature head for several query heads
+    llama8b_kvmaps = default_chunk_rows(128, 128, default_block_d(64, 8, 128), False)
+    assert llama8b_kvmaps == 64 and default_num_warps(128, 128, llama8b_kvmaps) == 2
     assert default_chunk_rows(64, 64, 64, True) == 0  # one chunk would be all of S
     assert default_chunk_rows(128, 256, default_block_d(64, 4, 256), True) == 0  # Gemma 3: not swept chunked
     assert default_num_warps(128, 64, 0) == 4

@@ -279,11 +279,14 @@ def default_block_w(W: int, D: int) -> int:
 def default_chunk_rows(F: int, D: int, BD: int, per_query_features: bool) -> int:
     """Feature rows of S a program streams at a time (0: it holds its S slice whole).
 
-    64 where measured faster (H200, ``benchmarks/tune_decode.py``, 2026-12-04, B=64): key features per query
-    head, F > 64 and one value block per head. SmolLM2 (D 64, F 128) 21.6 -> 18.6 us, the issue-5 shape
-    (D = F = 128) 68.7 -> 54.8 us, both at 2 warps (``default_num_warps``). Head dim 256 (Gemma 3: two value
-    blocks) was not swept in the chunked form, so it keeps S whole."""
-    if per_query_features and _pow2(F) > 64 and BD == _pow2(D):
+    64 where measured faster (``benchmarks/tune_decode.py``, B=64), F > 64 and one value block per head:
+    - key features per query head (H200, 2026-12-04): SmolLM2 (D 64, F 128) 21.6 -> 18.6 us, the issue-5 shape
+      (D = F = 128) 68.7 -> 54.8 us, both at 2 warps (``default_num_warps``);
+    - key features per KV head read out by 4 query heads a program (Llama-3.1-8B's heads, D = F = 128; H200,
+      2026-12-05): 72.3 us whole at 4 warps -> 45.8 us at FC 64 and 2 warps. Narrower heads shared by several
+      query heads (SmolLM2's per KV head: D 64) were not swept in the chunked form, so they keep S whole.
+    Head dim 256 (Gemma 3: two value blocks) was not swept in the chunked form either, so it keeps S whole."""
+    if _pow2(F) > 64 and BD == _pow2(D) and (per_query_features or BD >= 128):
         return 64
     return 0
 
