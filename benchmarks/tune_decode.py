@@ -11,8 +11,9 @@ of state traffic, and 12.5 us a layer in the six kernels of the two feature maps
 launch (value block BD, warps, window block BW) is fastest per shape, and what the maps cost each way.
 
 Rows per preset:
-  * ``BD.. w.. BW.. [FC..] [P]``: the ring kernel reading phi_q, phi_k computed beforehand (FC: S streamed in
-    chunks of that many rows; P: each chunk loaded one step ahead, the first before the window part);
+  * ``BD.. w.. BW.. [FC..] [P] [H]``: the ring kernel reading phi_q, phi_k computed beforehand (FC: S streamed in
+    chunks of that many rows; P: each chunk loaded one step ahead, the first before the window part; H: the query
+    heads of a feature head as the rows of tensor-core dots, ``heads_dot``);
   * ``maps: triton (1 launch)``: ``hedgehog_pair_triton``, both maps of the step in one kernel (what
     ``CompiledDecode(fuse_maps=True)`` runs);
   * ``maps: torch eager`` / ``maps: torch compiled``: ``HedgehogFeatureMap`` on q and k, eagerly and through
@@ -62,7 +63,9 @@ PRESETS = {
     "qwen2.5": Shape(64, 14, 2, 64, 128, 14),
     "llama8b": Shape(64, 32, 8, 128, 128, 32),  # Llama-3.1-8B's heads (LoLCATs' layout: key maps per query head)
     "llama8b-kvmaps": Shape(64, 32, 8, 128, 128, 8),  # the same with key maps per KV head (4 query heads each)
-    "smoke": Shape(3, 4, 2, 16, 24, 4, window=5),
+    # the same without a window (pure linear attention: no ring part), to tell the window's share of the kernel
+    "llama8b-kvmaps-nowindow": Shape(64, 32, 8, 128, 128, 8, window=0),
+    "smoke": Shape(3, 4, 2, 16, 24, 2, window=5),  # key maps per KV head: every launch form has rows
 }
 
 
@@ -85,29 +88,38 @@ def problem(s: Shape, device, dtype, seed: int):
 
 
 def configs(s: Shape, quick: bool):
-    """(BD, warps, BW, FC, prefetch) launches, the default first. FC > 0: S streamed in row chunks (with key maps per
-    KV head, read out by each of the program's query heads); each chunked launch also with its chunks loaded one
-    step ahead (prefetch)."""
+    """(BD, warps, BW, FC, prefetch, heads_dot) launches, the default first. FC > 0: S streamed in row chunks (with
+    key maps per KV head, read out by each of the program's query heads); each chunked launch also with its chunks
+    loaded one step ahead (prefetch), and, where one feature head serves several query heads, with those heads as
+    the rows of tensor-core dots (heads_dot; not with prefetch, which spills there)."""
     from linearize.ops.ring import ring_slots
     from linearize.ops.triton.decode import (
-        _pow2, default_block_d, default_block_w, default_chunk_rows, default_num_warps, default_prefetch,
+        _pow2, default_block_d, default_block_w, default_chunk_rows, default_heads_dot, default_num_warps,
+        default_prefetch,
     )
 
     bd0 = default_block_d(s.B, s.Hf, s.D)
     fc0 = default_chunk_rows(s.F, s.D, bd0, s.Hf == s.H)
     w0 = default_num_warps(_pow2(s.F), bd0, fc0)
     bw0 = default_block_w(ring_slots(s.window), s.D)
-    out = [(bd0, w0, bw0, fc0, default_prefetch(fc0, bd0))]
+    several = s.Hf < s.H
+    out = [(bd0, w0, bw0, fc0, default_prefetch(fc0, bd0), default_heads_dot(fc0, several))]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]
+        if bd0 // 2 >= 16:
+            bds.append(bd0 // 2)
     else:
         bds, ws, bws = [16, 32, 64, 128], [1, 2, 4, 8], sorted({16, 32, bw0})
     fcs = [0] + [fc for fc in (16, 32, 64) if fc <= _pow2(s.F)]
-    for bd, w, bw, fc, pf in itertools.product(bds, ws, bws, fcs, (False, True)):
-        if bd <= _pow2(s.D) and bw <= _pow2(s.window) and (bd, w, bw, fc, pf) not in out and (fc or not pf):
-            if fc and quick and bd != bd0:  # quick: chunks only at the default value block
-                continue
-            out.append((bd, w, bw, fc, pf))
+    for bd, w, bw, fc, pf, hd in itertools.product(bds, ws, bws, fcs, (False, True), (False, True)):
+        cfg = (bd, w, bw, fc, pf, hd)
+        if bd > _pow2(s.D) or bw > _pow2(s.window) or cfg in out or (pf and not fc):
+            continue
+        if hd and not (fc and several and min(bd, _pow2(s.D)) >= 16 and not pf):
+            continue
+        if fc and quick and bd not in (bd0, bd0 // 2):  # quick: chunks only at the default value block and half
+            continue
+        out.append(cfg)
     return out
 
 
@@ -135,25 +147,27 @@ def run(args) -> dict:
         outs = [torch.empty_like(x[0]) for x, *_ in sets]
         print(f"\n{name}: {asdict(s)}; {n_sets} rotating rings; floor {floor_ms * 1e3:.1f} us ({cost.bytes / 1e6:.1f} MB)", flush=True)
 
-        def step(i, bd, w, bw, fc, pf, ring=None):
+        def step(i, bd, w, bw, fc, pf, hd, ring=None):
             (q, k, v), r, gamma, _ = sets[i]
             pq, pk = phis[i]
             return ring_step_triton(q, k, v, pq, pk, ring if ring is not None else r, window_weight=gamma, out=outs[i],
-                                    block_d=bd, block_w=bw, num_warps=w, chunk_rows=fc, prefetch=pf)
+                                    block_d=bd, block_w=bw, num_warps=w, chunk_rows=fc, prefetch=pf, heads_dot=hd)
 
         def timed(fns):
             return time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
 
         ring0, cfgs = sets[0][1].clone(), configs(s, args.quick)  # a snapshot: timing advances the rings
         ref = step(0, *cfgs[0], ring=ring0.clone()).double().clone()
-        for bd, w, bw, fc, pf in cfgs:
-            r = {"preset": name, "shape": asdict(s), "row": f"BD{bd} w{w} BW{bw}" + (f" FC{fc}" if fc else "") + (" P" if pf else ""),
-                 "kind": "ring", "BD": bd, "warps": w, "BW": bw, "FC": fc, "prefetch": pf,
-                 "default": (bd, w, bw, fc, pf) == cfgs[0], "floor_ms": floor_ms}
+        for cfg in cfgs:
+            bd, w, bw, fc, pf, hd = cfg
+            r = {"preset": name, "shape": asdict(s),
+                 "row": f"BD{bd} w{w} BW{bw}" + (f" FC{fc}" if fc else "") + (" P" if pf else "") + (" H" if hd else ""),
+                 "kind": "ring", "BD": bd, "warps": w, "BW": bw, "FC": fc, "prefetch": pf, "heads_dot": hd,
+                 "default": cfg == cfgs[0], "floor_ms": floor_ms}
             try:
-                y = step(0, bd, w, bw, fc, pf, ring=ring0.clone()).double()
+                y = step(0, *cfg, ring=ring0.clone()).double()
                 r["rel_err"] = float(((y - ref).norm() / ref.norm()).item())
-                r["ms"] = timed([lambda i=i: step(i, bd, w, bw, fc, pf) for i in range(n_sets)])
+                r["ms"] = timed([lambda i=i: step(i, *cfg) for i in range(n_sets)])
                 r["pct_floor"] = 100 * floor_ms / r["ms"]
             except Exception as ex:  # noqa: BLE001 - a failed config is a row with its error
                 r["error"] = error_text(ex)

@@ -52,6 +52,10 @@
 #                                            # kept chunk sums (~350 s)
 #   bash scripts/gpu_decode_calls.sh 22 SHA  # the ring kernel at the 8B's heads: the GPU test of S in row chunks read
 #                                            # out by several query heads, tune_decode llama8b-kvmaps / llama8b (~200 s)
+#   bash scripts/gpu_decode_calls.sh 23 SHA  # the ring kernel with a KV head's query heads as dot rows (heads_dot): its GPU
+#                                            # test, tune_decode llama8b-kvmaps(-nowindow), the 8B step without and with
+#                                            # it (~450 s)
+#   bash scripts/gpu_decode_calls.sh 24 SHA  # the 8B step (key maps per KV head) with max-autotuned GEMMs (~520 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -62,7 +66,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 22}
+call=${1:?call number 1 to 24}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -298,7 +302,32 @@ case "$call" in
       --copy-to "$out" > "$out/tune.log" 2>&1
     grep -E "default|best|^llama" "$out/tune.log"
     ;;
-  *) echo "call must be 1 to 22" >&2; exit 2 ;;
+  23)
+    # the ring kernel with a KV head's query heads as the rows of tensor-core dots (heads_dot; twenty-first
+    # session, CPU only): its GPU test, the sweep at the 8B's heads with key maps per KV head (H200: 45.8 us at the
+    # default, FC 64 at 2 warps, against a 20.4 us floor) and without a window (the window part's share), then the
+    # whole 8B step without and with it (call 16 on the H200: 6.658 ms, 1.59x its floor)
+    timeout 100 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "rows_of_dots" 2>&1 | tail -3 \
+      | tee "$out/tests-decode.log"
+    timeout 150 python3 benchmarks/tune_decode.py --presets llama8b-kvmaps,llama8b-kvmaps-nowindow --quick \
+      --commit "$sha" --copy-to "$out" > "$out/tune.log" 2>&1
+    grep -E " us |^llama" "$out/tune.log"
+    l=benchmarks/configs/llama3.1-8b.json
+    (export LINEARIZE_DECODE_HEADS_DOT=0
+     row llama8b-kvmaps.log 130 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 --budget-s 115 \
+       --set feature_map_per_kv_head=true)
+    (export LINEARIZE_DECODE_HEADS_DOT=1
+     row llama8b-kvmaps-dot.log 130 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
+       --budget-s 115 --set feature_map_per_kv_head=true)
+    ;;
+  24)
+    # the 8B step's GEMMs (issue 6's floor): with key maps per KV head, compiled with inductor's GEMM templates tuned
+    # for M = 64 (max-autotune-no-cudagraphs); call 16's profile had cuBLAS at 1.27x the weights' read time (o_proj
+    # at ~53% of copy bandwidth)
+    row llama8b-kvmaps-autotune.log 520 benchmarks/configs/llama3.1-8b.json --loops compiled --models ours --batches 64 \
+      --no-fit --profile-steps 5 --compile-mode max-autotune-no-cudagraphs --budget-s 500 --set feature_map_per_kv_head=true
+    ;;
+  *) echo "call must be 1 to 24" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

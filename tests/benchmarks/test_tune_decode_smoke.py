@@ -19,6 +19,8 @@ def test_smoke_sweep_agrees_and_files_are_written(tmp_path):
     assert all(row["rel_err"] < 1e-4 and row["ms"] > 0 for row in configs)
     assert {row["FC"] for row in configs} == {0, 16, 32}  # S whole, and streamed in row chunks
     assert {row["prefetch"] for row in configs if row["FC"]} == {False, True} and not any(r["prefetch"] for r in configs if not r["FC"])
+    assert {row["heads_dot"] for row in configs if row["FC"]} == {False, True}  # the query heads as dot rows
+    assert not any(r["heads_dot"] for r in configs if not r["FC"] or r["prefetch"])
     maps = {row["row"]: row for row in rows if row.get("kind") == "maps"}
     assert set(maps) == {"maps: triton (1 launch)", "maps: torch eager", "maps: torch compiled"}
     assert all(row["rel_err"] < 1e-5 and row["ms"] > 0 for row in maps.values())

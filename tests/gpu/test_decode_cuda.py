@@ -97,6 +97,18 @@ def test_s_in_row_chunks_read_out_by_several_query_heads(H, Hkv, D, F, chunk_row
                        prefetch=prefetch, num_warps=warps)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [0, 1, 64])
+@pytest.mark.parametrize("H,Hkv,D,F,chunk_rows,warps", [(32, 8, 128, 128, 64, 2), (32, 8, 128, 128, 32, 4),
+                                                        (9, 3, 64, 128, 64, 4), (6, 2, 64, 48, 16, 2)])
+def test_query_heads_as_the_rows_of_dots(H, Hkv, D, F, chunk_rows, warps, window, dtype):
+    """``heads_dot``: a KV head's query heads as the rows of tensor-core dots (tf32 for half inputs, fp32 FMA for
+    fp32), at Llama-3.1-8B's heads (4 a KV head), SmolLM2's (3), F = 48 with a masked last chunk; padded rows,
+    the ring wrapping."""
+    check_against_fp64(5, H, Hkv, D, F, window, dtype, per_q=False, steps=8, seed=D + F + H, chunk_rows=chunk_rows,
+                       num_warps=warps, heads_dot=True)
+
+
 def test_real_model_shapes():
     """SmolLM2 (H=9, Hkv=3, D=64), Qwen2.5-0.5B (14/2, D=64), Gemma3-1B (4/1, D=256)."""
     for H, Hkv, D in ((9, 3, 64), (14, 2, 64), (4, 1, 256)):

@@ -24,7 +24,7 @@ POINTERS = ["Q", "K", "V", "PQ", "PK", "VALID", "GAMMA", "S", "Z", "KR", "VR", "
 STRIDES = ["sQ_b", "sQ_h", "sK_b", "sK_h", "sV_b", "sV_h", "sPQ_b", "sPQ_h", "sPK_b", "sPK_h", "sY_b", "sY_h"]
 
 
-def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=False, num_warps=None):
+def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=False, num_warps=None, heads_dot=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -35,8 +35,9 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=Fals
     DP, FP = _pow2(D), _pow2(F)
     BD = default_block_d(B, Hf, D)
     const = dict(
-        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=default_block_w(W, D),
-        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=fc, PREFETCH=prefetch, QHP=_pow2(QH),
+        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=max(default_block_w(W, D), 16 if heads_dot else 1),
+        QH=QH, GK=GK, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=fc, PREFETCH=prefetch,
+        QHP=max(_pow2(QH), 16 if heads_dot else 1), HEADS_DOT=heads_dot, PREC="ieee" if dt == "fp32" else "tf32",
     )
     types = dict(VALID="*u8", GAMMA="*fp32", S="*fp32", Z="*fp32", MR="*u8", POS="*i64")
     sig = {n: types.get(n, "*" + dt) for n in POINTERS}
@@ -100,6 +101,16 @@ def test_row_chunks_read_out_by_several_query_heads_compile_without_spills(name,
     kernel = compile_sm90("bf16", D, 128, Hf, 64, QH, 1, 64, False, fc=fc, num_warps=4)
     use = resource_usage(kernel)
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
+
+
+@pytest.mark.parametrize("fc", [32, 64])
+def test_query_heads_as_the_rows_of_dots_compile_to_tensor_cores_without_spills(fc):
+    """HEADS_DOT at the 8B's heads with key maps per KV head (4 query heads a program, padded to 16 dot rows):
+    tensor-core dots (tf32 for bf16 inputs), no spills at 4 warps."""
+    kernel = compile_sm90("bf16", 128, 128, 8, 64, 4, 1, 64, False, fc=fc, num_warps=4, heads_dot=True)
+    use = resource_usage(kernel)
+    assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
+    assert "mma" in kernel.asm["ptx"], "the query heads' dots do not use tensor cores"
 
 
 def compile_maps_sm90(dt, H, D, f, BR, GQ=1, GK=3, backward=False):
@@ -172,3 +183,17 @@ def test_default_prefetch_where_the_h100_measured_it_faster(monkeypatch):
     assert not decode.default_prefetch(64, 64)
     monkeypatch.setattr(decode, "_PREFETCH_ENV", "1")
     assert decode.default_prefetch(64, 128) and not decode.default_prefetch(0, 128)
+
+
+def test_heads_dot_is_off_until_timed_and_the_env_forces_it(monkeypatch):
+    """``default_heads_dot``: off (not yet timed on a GPU); ``LINEARIZE_DECODE_HEADS_DOT=1`` turns it on where it
+    applies (S in row chunks, several query heads a feature head) and nowhere else, for timing whole steps."""
+    from linearize.ops.triton import decode
+
+    monkeypatch.setattr(decode, "_HEADS_DOT_ENV", None)
+    assert not decode.default_heads_dot(64, True)
+    monkeypatch.setattr(decode, "_HEADS_DOT_ENV", "1")
+    assert decode.default_heads_dot(64, True)
+    assert not decode.default_heads_dot(0, True) and not decode.default_heads_dot(64, False)
+    monkeypatch.setattr(decode, "_HEADS_DOT_ENV", "0")
+    assert not decode.default_heads_dot(64, True)

@@ -85,6 +85,41 @@ def test_s_in_row_chunks_read_out_by_each_query_head_of_a_kv_head(window, H, Hkv
 
 
 @inside
+@pytest.mark.parametrize("H,Hkv,window,prefetch", [
+    *((6, 2, w, False) for w in (0, 1, 2, 6)),  # G = 3: 3 of the 16 dot rows used
+    (6, 2, 6, True), (8, 2, 1, True),  # G = 4, chunks loaded a step ahead
+])
+def test_query_heads_as_the_rows_of_dots(window, H, Hkv, prefetch):
+    """``heads_dot``: the query heads of a KV head's key maps as the rows of fp32 dots (the window's scores and
+    sums over each ring block, the readout of each S chunk), padded to 16 rows; two value blocks of 16 columns
+    (D = 32), F = 40 in chunks of 16 rows (a masked chunk and one wholly past F), padding steps."""
+    _run(H, Hkv, False, window, torch.float32, steps=5, D=32, F=40, filled=max(window - 3, 0), block_d=16,
+         chunk_rows=16, prefetch=prefetch, heads_dot=True)
+
+
+@inside
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_query_heads_as_the_rows_of_dots_in_half_precision(dtype):
+    """Half-precision inputs: the dots in tf32 on the GPU (the interpreter computes them in fp32); D = 24 (not a
+    power of two), a window of 20 keys (the ring in one masked block), a value block wider than the head."""
+    _run(8, 2, False, 20, dtype, steps=4, D=24, F=40, tol=1e-2, block_d=32, chunk_rows=16, heads_dot=True)
+
+
+@inside
+def test_heads_dot_refuses_what_it_cannot_serve():
+    from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
+
+    inputs, ring, gamma = random_decode_problem(2, 4, 2, 32, 40, 4, per_q_features=False, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="heads_dot needs chunk_rows"):
+        ring_step_triton(*inputs, ring, window_weight=gamma, chunk_rows=0, heads_dot=True)
+    with pytest.raises(ValueError, match="at least 16"):
+        ring_step_triton(*inputs, ring, window_weight=gamma, chunk_rows=16, block_d=8, heads_dot=True)
+    inputs, ring, gamma = random_decode_problem(2, 4, 2, 32, 40, 4, per_q_features=True, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="key maps per KV head"):
+        ring_step_triton(*inputs, ring, window_weight=gamma, chunk_rows=16, heads_dot=True)
+
+
+@inside
 def test_chunk_rows_refuses_what_it_cannot_serve():
     from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
 
@@ -112,7 +147,7 @@ def test_without_a_mask():
 
 @inside
 def test_the_kernel_compiles_inside_a_torch_compiled_step():
-    """CompiledDecode calls the kernel inside torch.compile. The launch is a custom op (``linearize::ring_step``)
+    """CompiledDecode calls the kernel inside torch.compile. The launch is a custom op (``linearize::ring_step_v2``)
     that mutates the ring, so inductor calls it as it is rather than lowering the kernel, which inductor 2.11
     failed to do on the H200. Here inductor compiles the step (fullgraph); ring and output must match the
     torch step over padded steps, as in eager. (Before the custom op, dynamo failed here as well: it cannot

@@ -1,6 +1,8 @@
 """chunk._launch: a launch out of shared memory is retried with num_stages=1 (and remembered); one that
 does not fit even then gets a one-line error that names the kernel and the way out."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -91,11 +93,15 @@ def test_value_blocks_narrower_than_the_chunk_are_refused_on_cuda_only():
 @pytest.mark.parametrize("D,F,folded", [(128, 128, True), (64, 64, True), (64, 128, True), (96, 128, True),
                                         (256, 128, False), (128, 256, False), (32, 64, False), (16, 32, False)])
 def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
-    """C 64 (head dims 64-128) gets the folded backward on blocks of 32 rows, the launch the H100 timed fastest;
-    Gemma 3's D = 256 (C 32, whose folded kernels spill) and the small heads (C = D < 64) stay one-pass."""
+    """C 64 (head dims 64-128) gets the folded backward on blocks of 32 rows, the launch the H100 timed fastest,
+    and in training the split forward whose chunk sums that backward reuses (H200: faster forward+backward, slower
+    forward alone); Gemma 3's D = 256 (C 32, whose folded kernels spill) and the small heads (C = D < 64) stay
+    one-pass."""
     from linearize.ops.triton.chunk import LaunchConfig, default_config
 
-    cfg = default_config(D, F)
+    cfg, train = default_config(D, F), default_config(D, F, training=True)
     assert cfg.fold_backward is folded and not cfg.split_forward
     assert (cfg.C_intra, cfg.warps_intra) == ((32, 4) if folded else (None, None))
+    assert train.split_forward is folded and train.keeps_chunk_sums is folded
+    assert dataclasses.replace(train, split_forward=False) == cfg  # training changes nothing else
     LaunchConfig(**vars(cfg))  # a valid config (C_intra divides C)

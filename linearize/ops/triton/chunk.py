@@ -84,8 +84,9 @@ def _pow2(n: int) -> int:
     return 1 << max(4, (n - 1).bit_length())  # tl.dot needs >= 16
 
 
-def default_config(D: int, F: int) -> LaunchConfig:
-    """A fixed table instead of autotuning: no first-call stall in ``generate`` or a short run."""
+def default_config(D: int, F: int, training: bool = False) -> LaunchConfig:
+    """A fixed table instead of autotuning: no first-call stall in ``generate`` or a short run. ``training``: a
+    backward will follow (some input needs a gradient), which picks the two-pass forward where it pays."""
     # Measured on an H100 at B=4, H=16, T=16K, D=F=128 (benchmarks/tune_chunk.py): C=64, BV=128, 8 warps,
     # 2 stages was the fastest of 16 shapes for forward and forward+backward.
     if max(D, F) > 128:
@@ -99,8 +100,13 @@ def default_config(D: int, F: int) -> LaunchConfig:
         # B4 H16 D=F=128 16K forward+backward 9.26 -> 7.87 ms, 2K 1.58 -> 1.37 (CUDA graph 1.34 -> 1.15); B8 x 1K
         # CUDA graph SmolLM2's heads 0.41 -> 0.37, Qwen2.5's 1.02 -> 0.88. Gemma 3's D = 256 (C 32) stays one-pass:
         # its folded kernels spill, and fold alone doubled its graph time.
+        # Training also splits the forward, whose chunk sums the folded backward then reuses (no second walk).
+        # H200, tune_chunk (benchmarks/results/tune-chunk-nvidia-h200-20261205-*), forward+backward against fold
+        # alone: 16K 7.53 -> 7.18 ms, 8K 3.91 -> 3.70, 2K CUDA graph 1.08 -> 1.03; B8 x 1K CUDA graph SmolLM2's
+        # heads 0.446 -> 0.404, Qwen2.5's 0.855 -> 0.620. Forward alone it was slower (16K 2.52 -> 2.61 ms, Qwen's
+        # heads 0.39 -> 0.49 eager), so evaluation and prefill keep the one-pass forward.
         return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, C_intra=32, warps_intra=4,
-                            fold_backward=True)
+                            fold_backward=True, split_forward=training)
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
 
 
@@ -555,7 +561,8 @@ def hybrid_attention_triton(
     mask_u8 = None if valid_run is None or bool(valid_run.all()) else valid_run.to(torch.uint8).contiguous()
     S0 = initial_state.S.detach().to(torch.float32).contiguous() if given else None
     z0 = initial_state.z.detach().to(torch.float32).contiguous() if given else None
-    cfg = config or default_config(d.D, d.F)
+    training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, phi_q, phi_k, gamma))
+    cfg = config or default_config(d.D, d.F, training)
     store_u = torch.is_grad_enabled() and gamma.requires_grad  # (read here: grad mode is off inside the op)
     args = (q_run, k_run, v_run, pq_run, pk_run, gamma, mask_u8, S0, z0, window, scale)
     if torch.compiler.is_compiling():

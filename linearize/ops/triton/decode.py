@@ -76,6 +76,46 @@ def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, 
 
 
 @triton.jit
+def _window_heads(Q, K, KR, VR, MR, b, j, hq, g_ok, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h, scale,
+                  Hkv, D: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
+    """``_window_part`` for the query heads ``hq`` [QR] of one KV head at once: each ring block is loaded once for
+    all of them, scored and summed by two dots in ``PREC`` ([QR, D] x [D, BW], [QR, BW] x [BW, BD]; QR, BW >= 16;
+    half-precision q and k are exact in tf32). -> (acc [QR, BD], l [QR]), relative to each head's running max."""
+    rdf = tl.arange(0, DP)
+    dfull_ok = rdf < D
+    k_new = tl.load(K + b * sK_b + j * sK_h + rdf, mask=dfull_ok, other=0.0).to(tl.float32)
+    qm = tl.load(Q + b * sQ_b + hq[:, None] * sQ_h + rdf[None, :], mask=g_ok[:, None] & dfull_ok[None, :],
+                 other=0.0).to(tl.float32)
+    s_new = tl.sum(qm * k_new[None, :], 1) * scale
+    m = tl.where(valid_new, s_new, float("-inf"))
+    l = tl.where(valid_new, 1.0, 0.0) + tl.zeros_like(s_new)
+    acc = tl.where(valid_new, v_new, 0.0)[None, :] + tl.zeros_like(s_new)[:, None]
+    if W > 0:
+        ns = pos % W
+        for r0 in range(0, W, BW):
+            rs = r0 + tl.arange(0, BW)
+            in_ring = rs < W
+            row = (b * W + rs) * Hkv + j
+            mr = tl.load(MR + b * W + rs, mask=in_ring, other=0)
+            kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=in_ring[:, None] & dfull_ok[None, :], other=0.0)
+            vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=in_ring[:, None] & d_ok[None, :], other=0.0)
+            ok = in_ring & (rs != ns) & (mr != 0)
+            # a skipped slot's key only reaches its own (masked) score column; its value, anything finite or not,
+            # would reach every row of the sum's dot: zeroed
+            vb = tl.where(ok[:, None], vb.to(tl.float32), 0.0)
+            s = tl.dot(qm, tl.trans(kb.to(tl.float32)), input_precision=PREC) * scale  # [QR, BW]
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_use)
+            p = tl.where(ok[None, :], tl.exp(s - m_use[:, None]), 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision=PREC)
+            l = l * alpha + tl.sum(p, 1)
+            m = m_new
+    return acc, l
+
+
+@triton.jit
 def _s_rows(S, bf, c0, rd, d_ok, F: tl.constexpr, D: tl.constexpr, FC: tl.constexpr):
     """Pointers and mask of rows c0 .. c0 + FC of the S slice [F, D] of feature head ``bf``, value columns ``rd``."""
     rc = c0 + tl.arange(0, FC)
@@ -92,7 +132,8 @@ def _decode_kernel(
     D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
     BD: tl.constexpr, ND: tl.constexpr, BW: tl.constexpr,
     QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, HAS_VALID: tl.constexpr,
-    FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False, QHP: tl.constexpr = 1,
+    FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False, QHP: tl.constexpr = 1, HEADS_DOT: tl.constexpr = False,
+    PREC: tl.constexpr = "ieee",
 ):
     """FC (rows of S per chunk): 0 holds the program's whole S slice in registers at once; FC < FP streams it in
     row chunks (read, read out, update, write back), the window parts first, so that fewer registers are live and
@@ -102,7 +143,14 @@ def _decode_kernel(
     PREFETCH (with FC): the first chunk's load is issued before the window part and each next chunk's before
     the current one is read out, so a program's S loads overlap its other work instead of each waiting in
     turn. Where every program of the launch is resident at once (SmolLM2, Qwen2.5: B x Hf programs of 2 warps),
-    the kernel's time is one program's chain of dependent loads, which this shortens; it holds two chunks."""
+    the kernel's time is one program's chain of dependent loads, which this shortens; it holds two chunks.
+
+    HEADS_DOT (with FC and QH > 1): the QH query heads as the rows of tensor-core dots instead of a static loop over
+    them: the window part scores each ring block for all of them at once (``_window_heads``: one load of the block,
+    not QH), and each S chunk is read out by one [QHP, FC] x [FC, BD] dot (QHP >= 16 here: dots need 16 rows; the
+    padding rows load zeros and are not stored). PREC, the dots' precision: "tf32" for half-precision inputs (S and
+    the window's weights rounded to 10 mantissa bits, 1/8 of the bf16 output's rounding; q, k, v and phi_q are
+    exact in it), "ieee" for fp32 inputs (fp32 FMA: sm_90 spills there)."""
     pid = tl.program_id(0)
     pid_d = pid % ND
     bf = (pid // ND).to(tl.int64)
@@ -150,6 +198,16 @@ def _decode_kernel(
                 acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b,
                                       sK_h, scale, Hkv, D, DP, BW, W)
             num = tl.zeros([BD], tl.float32)
+        elif HEADS_DOT:  # the query heads are the rows of dots: den [QHP], window parts [QHP, BD], num [QHP, BD]
+            rg = tl.arange(0, QHP)
+            g_ok = rg < QH
+            pq_all = tl.load(PQ + b * sPQ_b + (f * QH + rg)[:, None] * sPQ_h + rf[None, :],
+                             mask=g_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
+            den = tl.sum(pq_all * z_vec[None, :], 1)
+            if WINDOW >= 1:
+                acc, l = _window_heads(Q, K, KR, VR, MR, b, j, f * QH + rg, g_ok, rd, d_ok, valid_new, v_new, pos,
+                                       sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W, PREC)
+            num = tl.zeros([QHP, BD], tl.float32)
         else:  # one row a query head: den [QHP], window parts [QHP, BD], num [QHP, BD]
             rg = tl.arange(0, QHP)
             g_ok = rg < QH
@@ -186,6 +244,10 @@ def _decode_kernel(
             if QH == 1:
                 pq_c = tl.load(PQ + b * sPQ_b + h * sPQ_h + rc, mask=c_ok, other=0.0).to(tl.float32)
                 num += tl.sum(pq_c[:, None] * s_c, 0)
+            elif HEADS_DOT:
+                pq_c = tl.load(PQ + b * sPQ_b + (f * QH + rg)[:, None] * sPQ_h + rc[None, :],
+                               mask=g_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+                num += tl.dot(pq_c, s_c, input_precision=PREC)
             else:
                 for g in tl.static_range(QH):
                     pq_c = tl.load(PQ + b * sPQ_b + (f * QH + g) * sPQ_h + rc, mask=c_ok, other=0.0).to(tl.float32)
@@ -307,6 +369,19 @@ def default_prefetch(FC: int, BD: int = 64) -> bool:
     return bool(FC) and BD <= 64
 
 
+#: ``LINEARIZE_DECODE_HEADS_DOT=1`` / ``0`` (read at import) forces ``default_heads_dot`` on / off where it applies,
+#: to time whole decode steps either way
+_HEADS_DOT_ENV = os.environ.get("LINEARIZE_DECODE_HEADS_DOT")
+
+
+def default_heads_dot(FC: int, several_query_heads: bool) -> bool:
+    """``_decode_kernel``'s HEADS_DOT: off until a GPU sweep times it (``benchmarks/tune_decode.py``'s H rows at
+    ``llama8b-kvmaps``, where the static loop over 4 query heads takes 45.8 us against a 20.4 us floor)."""
+    if _HEADS_DOT_ENV in ("0", "1"):
+        return bool(FC) and several_query_heads and _HEADS_DOT_ENV == "1"
+    return False
+
+
 def default_num_warps(FP: int, BD: int, FC: int = 0) -> int:
     """2 warps with S streamed in row chunks (``FC``; the smaller live slice needs fewer threads: 4 warps were
     7-14% slower, 8 warps 40-50%). Holding S whole: 4 warps (fastest at every measured shape: 8 was 20-40%
@@ -321,7 +396,7 @@ def default_num_warps(FP: int, BD: int, FC: int = 0) -> int:
 # mutates the ring, instead of lowering the Triton kernel itself: inductor 2.11 failed on that lowering
 # twice on the H200 (2026-12-03: the bool mask's dtype view, then an error in its compile subprocess).
 @torch.library.custom_op(
-    "linearize::ring_step",
+    "linearize::ring_step_v2",
     mutates_args=("S", "z", "kr", "vr", "pkr", "mask", "pos", "out"),
 )
 def _ring_step_op(
@@ -330,6 +405,7 @@ def _ring_step_op(
     S: torch.Tensor, z: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, pkr: torch.Tensor,
     mask: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
     scale: float, window: int, Hkv: int, BD: int, BW: int, num_warps: int, FC: int = 0, prefetch: bool = False,
+    heads_dot: bool = False,
 ) -> None:
     """One kernel launch; the shapes are checked by ``ring_step_triton``. Writes y to ``out``."""
     B, _, H, D = q.shape
@@ -338,6 +414,8 @@ def _ring_step_op(
     DP, FP = _pow2(D), _pow2(F)
     ND = -(-D // BD)
     G, Gk = H // Hkv, Hf // Hkv
+    QH = G // Gk
+    heads_dot = bool(heads_dot and FC and QH > 1)
     has_valid = valid is not None
     _decode_kernel[(B * Hf * ND,)](
         q, k, v, phi_q, phi_k, valid if has_valid else gamma, gamma,
@@ -346,15 +424,16 @@ def _ring_step_op(
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         phi_q.stride(0), phi_q.stride(2), phi_k.stride(0), phi_k.stride(2), out.stride(0), out.stride(2),
         B, Hf, Hkv, scale,
-        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=ND, BW=BW,
-        QH=G // Gk, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=FC, PREFETCH=bool(FC and prefetch),
-        QHP=_pow2(G // Gk), num_warps=num_warps,
+        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=ND, BW=max(BW, 16) if heads_dot else BW,
+        QH=QH, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=FC, PREFETCH=bool(FC and prefetch),
+        QHP=max(_pow2(QH), 16) if heads_dot else _pow2(QH), HEADS_DOT=heads_dot,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
     )
 
 
 @_ring_step_op.register_fake
 def _(q, k, v, phi_q, phi_k, valid, gamma, S, z, kr, vr, pkr, mask, pos, out, scale, window, Hkv, BD, BW, num_warps, FC=0,
-      prefetch=False):
+      prefetch=False, heads_dot=False):
     return None
 
 
@@ -375,6 +454,7 @@ def ring_step_triton(
     num_warps: int | None = None,
     chunk_rows: int | None = None,
     prefetch: bool | None = None,
+    heads_dot: bool | None = None,
 ) -> torch.Tensor:
     """The Triton twin of ``ring_step_torch``: y [B,1,H,D] in q's dtype, ``ring`` advanced in place.
 
@@ -382,7 +462,9 @@ def ring_step_triton(
     ``block_d``/``block_w``/``num_warps``/``chunk_rows`` override the launch configuration (benchmarks,
     tuning). ``chunk_rows`` (a power of two >= 16): stream each program's S slice in chunks of that many feature
     rows instead of holding it whole (0). ``prefetch`` (with chunks): issue each chunk's load one step ahead
-    (``_decode_kernel``'s PREFETCH; default ``default_prefetch``).
+    (``_decode_kernel``'s PREFETCH; default ``default_prefetch``). ``heads_dot`` (with chunks, where one key-feature
+    head serves several query heads): those heads as the rows of fp32 dots (``_decode_kernel``'s HEADS_DOT;
+    default ``default_heads_dot``).
     """
     d = check_ring(ring, q, k, v, phi_q, phi_k)
     if ring.S.dtype != torch.float32 or ring.z.dtype != torch.float32:
@@ -416,11 +498,17 @@ def ring_step_triton(
     if FC:
         if FC < 16 or FC & (FC - 1) or FC > _pow2(d.F):
             raise ValueError(f"chunk_rows must be 0 or a power of two in [16, {_pow2(d.F)}]; got {FC}")
+    several = d.Hf < d.H  # one key-feature head serves several query heads
+    if heads_dot and not (FC and several):
+        raise ValueError("heads_dot needs chunk_rows > 0 and key maps per KV head (several query heads a feature head)")
+    if heads_dot and min(BD, _pow2(d.D)) < 16:
+        raise ValueError(f"heads_dot needs value blocks and a head dim of at least 16 (dots); got block {BD}, D={d.D}")
+    dot = default_heads_dot(FC, several) and min(BD, _pow2(d.D)) >= 16 if heads_dot is None else heads_dot
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
         float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps, FC,
-        default_prefetch(FC, BD) if prefetch is None else prefetch,
+        default_prefetch(FC, BD) if prefetch is None else prefetch, dot,
     )
     ring.pos.add_(1)
     return out
