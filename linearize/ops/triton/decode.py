@@ -463,8 +463,8 @@ def ring_step_triton(
     tuning). ``chunk_rows`` (a power of two >= 16): stream each program's S slice in chunks of that many feature
     rows instead of holding it whole (0). ``prefetch`` (with chunks): issue each chunk's load one step ahead
     (``_decode_kernel``'s PREFETCH; default ``default_prefetch``). ``heads_dot`` (with chunks, where one key-feature
-    head serves several query heads): those heads as the rows of fp32 dots (``_decode_kernel``'s HEADS_DOT;
-    default ``default_heads_dot``).
+    head serves several query heads): those heads as the rows of tensor-core dots, tf32 for half-precision inputs
+    (``_decode_kernel``'s HEADS_DOT; default ``default_heads_dot``).
     """
     d = check_ring(ring, q, k, v, phi_q, phi_k)
     if ring.S.dtype != torch.float32 or ring.z.dtype != torch.float32:
