@@ -39,12 +39,14 @@ def test_h200_overflows_are_reproduced_and_fit_with_one_stage(shape, reported):
 
 def test_register_report_reads_the_binary_that_would_run():
     """--registers: registers a thread and spill bytes from the cubin. The benchmark shape's forward is the kernel
-    whose pressure the notes discuss (benchmarks/NOTES-chunk.md); here only that the report is read and sane."""
+    whose pressure the notes discuss (benchmarks/NOTES-chunk.md); here only that the report is read and sane.
+    (A forward + backward records the training launch: the forward in two passes, ``fwd_blocks_kernel``.)"""
     import check_smem
 
     launches = check_smem.record_launches(2, 200, 4, 4, 128, 128, 4, 64, torch.bfloat16)
-    rows = check_smem.check(launches, 90, check_smem.H100_SMEM, kernels={"fwd_kernel", "bwd_delta_kernel"}, registers=True)
-    assert {r["kernel"] for r in rows} == {"fwd_kernel", "bwd_delta_kernel"}
+    kernels = {"fwd_blocks_kernel", "bwd_delta_kernel"}
+    rows = check_smem.check(launches, 90, check_smem.H100_SMEM, kernels=kernels, registers=True)
+    assert {r["kernel"] for r in rows} == kernels
     for r in rows:
         assert 16 <= r["registers"] <= 255 and r["spill_bytes"] >= 0
 
