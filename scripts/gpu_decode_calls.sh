@@ -56,6 +56,8 @@
 #                                            # test, tune_decode llama8b-kvmaps(-nowindow), the 8B step without and with
 #                                            # it (~450 s)
 #   bash scripts/gpu_decode_calls.sh 24 SHA  # the 8B step (key maps per KV head) with max-autotuned GEMMs (~520 s)
+#   bash scripts/gpu_decode_calls.sh 25 SHA  # not decode: issue 5's attention.py table at the current defaults, and the
+#                                            # split forward's block size at 16K (~350 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -66,7 +68,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 24}
+call=${1:?call number 1 to 25}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -327,7 +329,18 @@ case "$call" in
     row llama8b-kvmaps-autotune.log 520 benchmarks/configs/llama3.1-8b.json --loops compiled --models ours --batches 64 \
       --no-fit --profile-steps 5 --compile-mode max-autotune-no-cudagraphs --budget-s 500 --set feature_map_per_kv_head=true
     ;;
-  *) echo "call must be 1 to 24" >&2; exit 2 ;;
+  25)
+    # not decode: issue 5's table at the current defaults (training: split + fold with the kept chunk sums), ours
+    # against cuDNN SDPA and FlexAttention at 2K / 16K and the decode step, then the split forward's block size
+    # (fwd_blocks_kernel on blocks of C_intra rows: 32 x 4 warps is the default) at 16K (~350 s)
+    timeout 230 python3 benchmarks/attention.py --quick --no-check --only ours,sdpa-cudnn,flex-window,torch-linear \
+      --groups main,decode --budget-s 200 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention.log" 2>&1
+    sed -n '/== targets/,$p' "$out/attention.log" | head -14
+    timeout 110 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,32x8,16x4,64x8 \
+      --forms split+fold --out "$out/tune-chunk-split-16k.json" > "$out/tune-chunk-split-16k.log" 2>&1
+    grep -hE "^C=|first call" "$out"/tune-chunk-split-16k.log
+    ;;
+  *) echo "call must be 1 to 25" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
