@@ -157,6 +157,8 @@ def test_the_kernel_compiles_inside_a_torch_compiled_step():
     torch._dynamo.reset()
     compiled = torch.compile(ring_step_triton, fullgraph=True)
     _run(4, 2, False, 6, torch.float32, steps=4, step=compiled)
+    # the row-chunk form with the query heads as dot rows: the op's launch arguments pass through inductor
+    _run(4, 2, False, 6, torch.float32, steps=3, F=40, step=compiled, chunk_rows=16, heads_dot=True)
 
 
 @inside
