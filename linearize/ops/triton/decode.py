@@ -39,9 +39,9 @@ from ..state import HybridState
 @triton.jit
 def _ring_block(KR, VR, MR, b, j, r0, ns, rdf, dfull_ok, rd, d_ok, Hkv, D: tl.constexpr, BW: tl.constexpr,
                 W: tl.constexpr):
-    """Ring slots r0 .. r0 + BW of KV head j: keys [BW, DP] and values [BW, BD] in fp32, and which slots count (in
-    the ring, not the free slot ``ns``, filled). A skipped slot's value, which may hold anything finite or not, is
-    zeroed; its key reaches only its own score, which the caller masks."""
+    """Ring slots r0 .. r0 + BW of KV head j: keys [BW, DP] and values [BW, BD] in the ring's dtype (converted where
+    they are used: fp32 copies loaded early would hold twice the registers through the scores), and which slots
+    count (in the ring, not the free slot ``ns``, filled)."""
     rs = r0 + tl.arange(0, BW)
     in_ring = rs < W
     row = (b * W + rs) * Hkv + j
@@ -50,7 +50,7 @@ def _ring_block(KR, VR, MR, b, j, r0, ns, rdf, dfull_ok, rd, d_ok, Hkv, D: tl.co
     kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=in_ring[:, None] & dfull_ok[None, :], other=0.0)
     vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=in_ring[:, None] & d_ok[None, :], other=0.0)
     ok = in_ring & (rs != ns) & (mr != 0)
-    return kb.to(tl.float32), tl.where(ok[:, None], vb.to(tl.float32), 0.0), ok
+    return kb, vb, ok
 
 
 @triton.jit
@@ -72,12 +72,13 @@ def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, 
         ns = pos % W
         for r0 in range(0, W, BW):
             kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, ns, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W)
-            s = tl.sum(kb * qv[None, :], 1) * scale
+            s = tl.sum(kb.to(tl.float32) * qv[None, :], 1) * scale
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - m_use)
             p = tl.where(ok, tl.exp(s - m_use), 0.0)
+            vb = tl.where(ok[:, None], vb.to(tl.float32), 0.0)  # a skipped slot may hold anything finite or not
             acc = acc * alpha + tl.sum(p[:, None] * vb, 0)
             l = l * alpha + tl.sum(p, 0)
             m = m_new
@@ -103,12 +104,14 @@ def _window_heads(Q, K, KR, VR, MR, b, j, hq, g_ok, rd, d_ok, valid_new, v_new, 
         ns = pos % W
         for r0 in range(0, W, BW):
             kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, ns, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W)
-            s = tl.dot(qm, tl.trans(kb), input_precision=PREC) * scale  # [QR, BW]
+            # a skipped slot's key reaches only its own score, masked below
+            s = tl.dot(qm, tl.trans(kb.to(tl.float32)), input_precision=PREC) * scale  # [QR, BW]
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - m_use)
             p = tl.where(ok[None, :], tl.exp(s - m_use[:, None]), 0.0)
+            vb = tl.where(ok[:, None], vb.to(tl.float32), 0.0)  # a skipped slot's value would reach every row
             acc = acc * alpha[:, None] + tl.dot(p, vb, input_precision=PREC)
             l = l * alpha + tl.sum(p, 1)
             m = m_new
