@@ -38,7 +38,7 @@ class LaunchConfig:
     # The backward's intra kernels (bwd_dq, bwd_dk: one program a block of queries / keys) on blocks of C_intra
     # rows (a divisor of C, >= 16) with warps_intra warps; None: C and num_warps. Smaller blocks need fewer
     # registers (sm_90, D = F = 128: C 32 at 4 warps 184 / 255, against 236 / 255 at 8 warps, i.e. two programs an
-    # SM instead of one) and score fewer keys. Off until a GPU sweep times it.
+    # SM instead of one) and score fewer keys. default_config: 32 at 4 warps where C = 64.
     C_intra: int | None = None
     warps_intra: int | None = None
     # The forward in two passes: a light walk writes each chunk's running sums ([n_chunks, B, H', F, D] in the
@@ -47,11 +47,11 @@ class LaunchConfig:
     # more and lighter programs. With fold_backward, the chunk sums it wrote are kept for the backward, which then
     # does not walk them again (H100 16K: that walk is 0.48 ms of 7.87), at the cost of keeping them from the forward
     # to the backward ([n_chunks, B, H', F, D]: F x D / C values a token and head, 0.4x of q, k, v, phi_q, phi_k at
-    # D = F = 128, C = 64). Off until a GPU sweep times it.
+    # D = F = 128, C = 64). default_config: on in training where C = 64 (forward alone it is slower).
     split_forward: bool = False
     # The backward without its two sequential running-sum walks (bwd_dq_state, bwd_dk_state): each chunk's sums
     # (walked again, as split_forward does) and gradient sums (a light reverse walk) written down, and the intra
-    # kernels add their parts and write finished gradients. Off until a GPU sweep times it.
+    # kernels add their parts and write finished gradients. default_config: on where C = 64.
     fold_backward: bool = False
 
     @property
@@ -101,7 +101,7 @@ def default_config(D: int, F: int, training: bool = False) -> LaunchConfig:
         # CUDA graph SmolLM2's heads 0.41 -> 0.37, Qwen2.5's 1.02 -> 0.88. Gemma 3's D = 256 (C 32) stays one-pass:
         # its folded kernels spill, and fold alone doubled its graph time.
         # Training also splits the forward, whose chunk sums the folded backward then reuses (no second walk).
-        # H200, tune_chunk (benchmarks/results/tune-chunk-nvidia-h200-20261205-*), forward+backward against fold
+        # H200, tune_chunk (benchmarks/results/tune-chunk-nvidia-h200-20261205b-*), forward+backward against fold
         # alone: 16K 7.53 -> 7.18 ms, 8K 3.91 -> 3.70, 2K CUDA graph 1.08 -> 1.03; B8 x 1K CUDA graph SmolLM2's
         # heads 0.446 -> 0.404, Qwen2.5's 0.855 -> 0.620. Forward alone it was slower (16K 2.52 -> 2.61 ms, Qwen's
         # heads 0.39 -> 0.49 eager), so evaluation and prefill keep the one-pass forward.
