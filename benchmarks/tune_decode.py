@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ PRESETS = {
     "issue5": Shape(64, 16, 16, 128, 128, 16),
     "gemma3": Shape(64, 4, 1, 256, 128, 4),
     "qwen2.5": Shape(64, 14, 2, 64, 128, 14),
+    "qwen2.5-kvmaps": Shape(64, 14, 2, 64, 128, 2),  # key maps per KV head: 7 query heads a program
     "llama8b": Shape(64, 32, 8, 128, 128, 32),  # Llama-3.1-8B's heads (LoLCATs' layout: key maps per query head)
     "llama8b-kvmaps": Shape(64, 32, 8, 128, 128, 8),  # the same with key maps per KV head (4 query heads each)
     # the same without a window (pure linear attention: no ring part), to tell the window's share of the kernel
@@ -157,11 +159,11 @@ def run(args) -> dict:
             return time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
 
         ring0, cfgs = sets[0][1].clone(), configs(s, args.quick)  # a snapshot: timing advances the rings
+        cfgs = select(cfgs, args.match)
         ref = step(0, *cfgs[0], ring=ring0.clone()).double().clone()
         for cfg in cfgs:
             bd, w, bw, fc, pf, hd = cfg
-            r = {"preset": name, "shape": asdict(s),
-                 "row": f"BD{bd} w{w} BW{bw}" + (f" FC{fc}" if fc else "") + (" P" if pf else "") + (" H" if hd else ""),
+            r = {"preset": name, "shape": asdict(s), "row": row_label(*cfg),
                  "kind": "ring", "BD": bd, "warps": w, "BW": bw, "FC": fc, "prefetch": pf, "heads_dot": hd,
                  "default": cfg == cfgs[0], "floor_ms": floor_ms}
             try:
@@ -199,6 +201,18 @@ def run(args) -> dict:
                 rows.append(r)
                 print(line(r), flush=True)
     return {"environment": env, "ceilings": ceilings, "args": vars(args), "command": " ".join(sys.argv), "rows": rows}
+
+
+def row_label(bd, w, bw, fc, pf, hd) -> str:
+    """A ring launch's row name: ``BD128 w2 BW32 FC64 [P] [H]``."""
+    return f"BD{bd} w{w} BW{bw}" + (f" FC{fc}" if fc else "") + (" P" if pf else "") + (" H" if hd else "")
+
+
+def select(cfgs: list[tuple], pattern: str | None) -> list[tuple]:
+    """The default launch (first) and the others whose row label ``pattern`` (a regex) finds; all without one."""
+    if not pattern:
+        return cfgs
+    return cfgs[:1] + [c for c in cfgs[1:] if re.search(pattern, row_label(*c))]
 
 
 def error_text(ex: Exception) -> str:
@@ -249,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="smollm2,smollm2-kvmaps,issue5", help=f"comma list of {sorted(PRESETS)}")
     p.add_argument("--quick", action="store_true", help="a smaller sweep (BD 16/32/D, warps 2/4/8, the default BW)")
     p.add_argument("--rep-ms", type=float, default=50)
+    p.add_argument("--match", default=None,
+                   help="a regex: time only the ring rows whose label it finds (and the default), e.g. 'w[24] .*FC64'")
     add_kernel_bench_args(p, "CPU under TRITON_INTERPRET=1, a tiny shape, fp32")
     args = p.parse_args(argv)
     require_interpreter_or_cuda(args, "the sweep")

@@ -53,8 +53,8 @@
 #   bash scripts/gpu_decode_calls.sh 22 SHA  # the ring kernel at the 8B's heads: the GPU test of S in row chunks read
 #                                            # out by several query heads, tune_decode llama8b-kvmaps / llama8b (~200 s)
 #   bash scripts/gpu_decode_calls.sh 23 SHA  # the ring kernel with a KV head's query heads as dot rows (heads_dot): its GPU
-#                                            # test, tune_decode llama8b-kvmaps(-nowindow), the 8B step without and with
-#                                            # it (~450 s)
+#                                            # test, tune_decode llama8b-kvmaps(-nowindow), qwen2.5-kvmaps, the 8B step
+#                                            # without and with it (~520 s)
 #   bash scripts/gpu_decode_calls.sh 24 SHA  # the 8B step (key maps per KV head) with max-autotuned GEMMs (~520 s)
 #   bash scripts/gpu_decode_calls.sh 25 SHA  # not decode: issue 5's attention.py table at the current defaults, and the
 #                                            # split forward's block size at 16K (~350 s)
@@ -309,18 +309,18 @@ case "$call" in
     # session, CPU only): its GPU test, the sweep at the 8B's heads with key maps per KV head (H200: 45.8 us at the
     # default, FC 64 at 2 warps, against a 20.4 us floor) and without a window (the window part's share), then the
     # whole 8B step without and with it (call 16 on the H200: 6.658 ms, 1.59x its floor)
-    timeout 100 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "rows_of_dots" 2>&1 | tail -3 \
+    timeout 80 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "rows_of_dots" 2>&1 | tail -3 \
       | tee "$out/tests-decode.log"
-    timeout 150 python3 benchmarks/tune_decode.py --presets llama8b-kvmaps,llama8b-kvmaps-nowindow --quick \
-      --commit "$sha" --copy-to "$out" > "$out/tune.log" 2>&1
-    grep -E " us |^llama" "$out/tune.log"
+    timeout 200 python3 benchmarks/tune_decode.py --presets llama8b-kvmaps,llama8b-kvmaps-nowindow,qwen2.5-kvmaps \
+      --quick --match 'w[24] .*FC(32|64)( H)?$' --commit "$sha" --copy-to "$out" > "$out/tune.log" 2>&1
+    grep -E " us |^llama|^qwen" "$out/tune.log"
     l=benchmarks/configs/llama3.1-8b.json
     (export LINEARIZE_DECODE_HEADS_DOT=0
-     row llama8b-kvmaps.log 130 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 --budget-s 115 \
+     row llama8b-kvmaps.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 --budget-s 105 \
        --set feature_map_per_kv_head=true)
     (export LINEARIZE_DECODE_HEADS_DOT=1
-     row llama8b-kvmaps-dot.log 130 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
-       --budget-s 115 --set feature_map_per_kv_head=true)
+     row llama8b-kvmaps-dot.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
+       --budget-s 105 --set feature_map_per_kv_head=true)
     ;;
   24)
     # the 8B step's GEMMs (issue 6's floor): with key maps per KV head, compiled with inductor's GEMM templates tuned

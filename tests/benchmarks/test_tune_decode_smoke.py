@@ -26,3 +26,17 @@ def test_smoke_sweep_agrees_and_files_are_written(tmp_path):
     assert all(row["rel_err"] < 1e-5 and row["ms"] > 0 for row in maps.values())
     md = js.with_suffix(".md").read_text()
     assert "best ring launch" in md and "maps: triton (1 launch)" in md
+
+
+def test_match_keeps_the_default_and_the_rows_it_finds():
+    """``--match``: the default launch always (the reference of every row's error), then the rows whose label the
+    regex finds; at the 8B's heads with key maps per KV head the quick sweep has row chunks with and without H."""
+    from benchmarks.tune_decode import PRESETS, configs, row_label, select
+
+    cfgs = configs(PRESETS["llama8b-kvmaps"], quick=True)
+    picked = select(cfgs, r"w[24] .*FC(32|64)( H)?$")
+    labels = [row_label(*c) for c in picked]
+    assert picked[0] == cfgs[0] and labels[0] == "BD128 w2 BW32 FC64"  # the default since 2026-12-05
+    assert all(" P" not in x and ("FC32" in x or "FC64" in x) for x in labels[1:])
+    assert {x.endswith(" H") for x in labels[1:]} == {False, True}
+    assert select(cfgs, None) == cfgs
