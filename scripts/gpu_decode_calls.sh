@@ -57,7 +57,7 @@
 #                                            # without and with it (~520 s)
 #   bash scripts/gpu_decode_calls.sh 24 SHA  # the 8B step (key maps per KV head) with max-autotuned GEMMs (~520 s)
 #   bash scripts/gpu_decode_calls.sh 25 SHA  # not decode: issue 5's attention.py table at the current defaults, and the
-#                                            # split forward's block size at 16K (~350 s)
+#                                            # split forward's block size at 16K (~420 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -332,7 +332,10 @@ case "$call" in
   25)
     # not decode: issue 5's table at the current defaults (training: split + fold with the kept chunk sums), ours
     # against cuDNN SDPA and FlexAttention at 2K / 16K and the decode step, then the split forward's block size
-    # (fwd_blocks_kernel on blocks of C_intra rows: 32 x 4 warps is the default) at 16K (~350 s)
+    # (fwd_blocks_kernel on blocks of C_intra rows: 32 x 4 warps is the default) at 16K (~420 s); first the memory
+    # test and one real model's heads at the training default (split + fold with the kept sums since 79c31c9)
+    timeout 90 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "long_sequence_memory or real_model_head_shapes and qwen" \
+      2>&1 | tail -3 | tee "$out/tests-chunk.log"
     timeout 230 python3 benchmarks/attention.py --quick --no-check --only ours,sdpa-cudnn,flex-window,torch-linear \
       --groups main,decode --budget-s 200 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention.log" 2>&1
     sed -n '/== targets/,$p' "$out/attention.log" | head -14
