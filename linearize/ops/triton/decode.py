@@ -502,11 +502,12 @@ def ring_step_triton(
         if FC < 16 or FC & (FC - 1) or FC > _pow2(d.F):
             raise ValueError(f"chunk_rows must be 0 or a power of two in [16, {_pow2(d.F)}]; got {FC}")
     several = d.Hf < d.H  # one key-feature head serves several query heads
+    dots_fit = min(BD, _pow2(d.D)) >= 16  # tl.dot's smallest side
     if heads_dot and not (FC and several):
         raise ValueError("heads_dot needs chunk_rows > 0 and key maps per KV head (several query heads a feature head)")
-    if heads_dot and min(BD, _pow2(d.D)) < 16:
+    if heads_dot and not dots_fit:
         raise ValueError(f"heads_dot needs value blocks and a head dim of at least 16 (dots); got block {BD}, D={d.D}")
-    dot = default_heads_dot(FC, several) and min(BD, _pow2(d.D)) >= 16 if heads_dot is None else heads_dot
+    dot = (default_heads_dot(FC, several) and dots_fit) if heads_dot is None else heads_dot
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
