@@ -10,6 +10,10 @@ rows at that many warps (``LaunchConfig.C_intra`` / ``warps_intra``): fewer regi
 (``LaunchConfig.split_forward``: a walk writes each chunk's running sums, then one program a block of C_intra
 queries does the rest) and the backward without its running-sum walks (``fold_backward``).
 
+``--skip`` also runs each config with ``LaunchConfig.skip_empty``: the window, near-linear and intra-backward loops
+split by block distance so that a block pair's window or linear part that holds no pair of positions is neither
+loaded nor computed (same outputs; fewer products, more loop code).
+
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
 larger segment-prefix buffer ([nseg, B, H', F, D] fp32, written, summed and read once more).
@@ -42,14 +46,16 @@ def label(cfg: LaunchConfig) -> str:
     return (f"C={cfg.C:3d} BV={cfg.BV:3d} warps={cfg.num_warps} stages={cfg.num_stages} nseg={cfg.nseg or 'auto'}"
             + (" one_acc" if cfg.one_acc else "")
             + (f" intra={cfg.C_intra}x{cfg.warps_intra or cfg.num_warps}" if cfg.C_intra else "")
-            + (" split" if cfg.split_forward else "") + (" fold" if cfg.fold_backward else ""))
+            + (" split" if cfg.split_forward else "") + (" fold" if cfg.fold_backward else "")
+            + (" skip" if cfg.skip_empty else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
 
 
 def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False,
-               intra: list[tuple[int, int]] = (), forms: list[str] = ("one-pass",)) -> list[LaunchConfig]:
+               intra: list[tuple[int, int]] = (), forms: list[str] = ("one-pass",),
+               skip: bool = False) -> list[LaunchConfig]:
     """The default config first (the reference of the error check), then every (shape, nseg) pair once."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
@@ -75,10 +81,12 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                         sp, fo = FORMS[form]
                         if oa and sp:
                             continue
-                        cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None, one_acc=oa,
-                                           C_intra=ci, warps_intra=wi, split_forward=sp, fold_backward=fo)
-                        if cfg not in out:
-                            out.append(cfg)
+                        for sk in (False, True) if skip else (False,):
+                            cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None, one_acc=oa,
+                                               C_intra=ci, warps_intra=wi, split_forward=sp, fold_backward=fo,
+                                               skip_empty=sk)
+                            if cfg not in out:
+                                out.append(cfg)
     return out
 
 
@@ -113,6 +121,8 @@ def main() -> None:
                     help="comma list of C_INTRAxWARPS: also each shape with the backward's intra kernels on those blocks")
     ap.add_argument("--forms", default="one-pass",
                     help="comma list of one-pass, split (split_forward), fold (fold_backward), split+fold")
+    ap.add_argument("--skip", action="store_true",
+                    help="also each config with skip_empty (block pairs' empty window / linear parts not computed)")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")
@@ -155,7 +165,8 @@ def main() -> None:
     print(f"first call (compile + run): forward {t1 - t0:.1f} s, then forward+backward {t2 - t1:.1f} s", flush=True)
     rows = []
     intra = parse_intra(a.intra)
-    cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra, a.forms.split(","))
+    cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra, a.forms.split(","),
+                       a.skip)
 
     def rel(x, ref):
         return ((x.float() - ref.float()).norm() / ref.float().norm()).item()

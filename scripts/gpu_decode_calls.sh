@@ -58,6 +58,9 @@
 #   bash scripts/gpu_decode_calls.sh 24 SHA  # the 8B step (key maps per KV head) with max-autotuned GEMMs (~520 s)
 #   bash scripts/gpu_decode_calls.sh 25 SHA  # not decode: issue 5's attention.py table at the current defaults, and the
 #                                            # split forward's block size at 16K (~420 s)
+#   bash scripts/gpu_decode_calls.sh 26 SHA  # not decode: skip_empty (block pairs' empty window / linear parts not
+#                                            # computed): its GPU test, each default launch without and with it at 16K,
+#                                            # 2K (graph) and the real models' heads (~420 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -68,7 +71,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 25}
+call=${1:?call number 1 to 26}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -343,7 +346,26 @@ case "$call" in
       --forms split+fold --out "$out/tune-chunk-split-16k.json" > "$out/tune-chunk-split-16k.log" 2>&1
     grep -hE "^C=|first call" "$out"/tune-chunk-split-16k.log
     ;;
-  *) echo "call must be 1 to 25" >&2; exit 2 ;;
+  26)
+    # not decode: skip_empty (twenty-second session, CPU only): the window / near-linear / intra-backward loops split
+    # by block distance so that a block pair's window or linear part with no pair of positions in it is not computed
+    # (~1/3 of fwd_blocks' products at W = 64 on blocks of 32, ~1/4 of bwd_dq's / bwd_dk's). Its GPU test, then
+    # each default launch without and with it: 16K (training: split + fold; evaluation's one-pass forward), 2K in
+    # a CUDA graph, and SmolLM2's and Qwen2.5's heads at B8 x 1K in a CUDA graph (~420 s)
+    timeout 150 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "skip_empty" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
+    timeout 110 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 \
+      --forms split+fold,one-pass --skip --out "$out/tune-chunk-skip-16k.json" > "$out/tune-chunk-skip-16k.log" 2>&1
+    timeout 60 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4 \
+      --forms split+fold --skip --out "$out/tune-chunk-skip-2k.json" > "$out/tune-chunk-skip-2k.log" 2>&1
+    timeout 50 python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 9 --Hkv 3 --D 64 --F 128 --graph --shapes default \
+      --nseg 0 --intra 32x4 --forms split+fold --skip --out "$out/tune-chunk-skip-smollm2.json" \
+      > "$out/tune-chunk-skip-smollm2.log" 2>&1
+    timeout 50 python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 14 --Hkv 2 --D 64 --F 128 --graph --shapes default \
+      --nseg 0 --intra 32x4 --forms split+fold --skip --out "$out/tune-chunk-skip-qwen.json" \
+      > "$out/tune-chunk-skip-qwen.log" 2>&1
+    grep -HE "^C=|first call" "$out"/tune-chunk-skip-*.log
+    ;;
+  *) echo "call must be 1 to 26" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

@@ -1,9 +1,11 @@
 """tune_chunk's candidate list (the timing itself needs CUDA)."""
 
+import dataclasses
+
 import pytest
 
 from benchmarks.tune_chunk import ALL_SHAPES, candidates
-from linearize.ops.triton.chunk import LaunchConfig
+from linearize.ops.triton.chunk import LaunchConfig, default_config
 
 # A plain one-pass base, so that these tests follow the candidate logic, not default_config's table (whose C 64
 # answer now carries C_intra and fold_backward, which the listed shapes leave off).
@@ -65,3 +67,16 @@ def test_forms_pair_with_every_intra_block():
         (None, False, False), (None, True, True), (32, False, False), (32, True, True)]
     with pytest.raises(SystemExit, match="--forms"):
         candidates(PLAIN, "default", [0], forms=["fused"])
+
+
+def test_skip_pairs_every_config_with_its_skipping_twin():
+    from benchmarks.tune_chunk import label
+
+    base = default_config(128, 128, training=True)
+    cands = candidates(base, "default", [0], intra=[(32, 4)], forms=["split+fold"], skip=True)
+    assert cands[0] == base and not base.skip_empty
+    plain = [c for c in cands if not c.skip_empty]
+    assert sorted(cands, key=str) == sorted(plain + [dataclasses.replace(c, skip_empty=True) for c in plain], key=str)
+    assert dataclasses.replace(base, skip_empty=True) in cands
+    assert all(label(c).endswith(" skip") == c.skip_empty for c in cands)
+    assert not any(c.skip_empty for c in candidates(base, "default", [0], intra=[(32, 4)], forms=["split+fold"]))

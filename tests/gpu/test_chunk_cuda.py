@@ -122,6 +122,33 @@ def test_intra_blocks(intra, form):
                **dict(kw, C_intra=ci and min(ci, 32), num_stages=1)), seed=W)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["eval-default", "training-default"])
+def test_skip_empty_blocks(training):
+    """``LaunchConfig(skip_empty=True)`` on the default launches (one-pass forward for evaluation; split + fold on
+    blocks of 32 for training): against the float64 reference, and against the same launch unskipped, which it
+    must match far closer than either matches the reference (the skipped parts are exact zeros), at windows that
+    put the block pairs' edges in different places, with padding."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import default_config, hybrid_attention_triton
+
+    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 17),
+                                  ((9, 3, 64, 128, 3), 64)]:
+        base = default_config(D, F, training=training)
+        cfg = dataclasses.replace(base, skip_empty=True)
+        mask = left_pad_mask(3, 1000, [0, 17, 150])
+        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=mask, seed=W)
+        ins = [t.cuda().to(torch.bfloat16) for t in random_inputs(3, 1000, H, Hkv, D, F, Hf, seed=W)]
+        outs = []
+        for c in (base, cfg):
+            x = [t.detach().requires_grad_(training) for t in ins[:5]]
+            y, _ = hybrid_attention_triton(*x, window=W, window_weight=0.3, attention_mask=mask.cuda(), config=c)
+            grads = torch.autograd.grad(y, x, torch.ones_like(y)) if training else ()
+            outs.append((y, *grads))
+        for a, b in zip(*outs):
+            assert rel_err(a, b) < 1e-3, rel_err(a, b)
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

@@ -23,13 +23,13 @@ def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:
 
 
 def _check(B, T, H, Hkv, D, F, Hf, W, *, C=16, BV=16, nseg=None, mask=None, seed=0, tol=2e-5, C_intra=None,
-           split_forward=False, fold_backward=False):
+           split_forward=False, fold_backward=False, skip_empty=False):
     from linearize.ops import hybrid_attention_chunked
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
 
     q, k, v, pq, pk, g = random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=seed, requires_grad=True)
     cfg = LaunchConfig(C=C, BV=BV, num_warps=4, nseg=nseg, C_intra=C_intra, warps_intra=C_intra and 2,
-                       split_forward=split_forward, fold_backward=fold_backward)
+                       split_forward=split_forward, fold_backward=fold_backward, skip_empty=skip_empty)
     args = dict(window=W, window_weight=g, attention_mask=mask, output_final_state=True)
     y, st = hybrid_attention_triton(q, k, v, pq, pk, config=cfg, **args)
     yr, sr = hybrid_attention_chunked(q, k, v, pq, pk, **args)
@@ -101,6 +101,40 @@ def test_fold_backward(case, C_intra):
            fold_backward=True, mask=left_pad_mask(B, T, [0, 3][:B]))
 
 
+# Block pairs (of 16 rows) whose nearest positions are exactly at the window's edge: W = 31 puts a pair's one linear
+# pair of positions at distance W, W = 18 a pair's one window pair at distance W - 1.
+SKIP_EDGES = [(1, 70, 2, 1, 16, 16, 1, 31), (2, 50, 2, 2, 16, 16, 2, 18)]
+
+
+@inside
+@pytest.mark.parametrize("case", CASES + SKIP_EDGES, ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("form", ["one-pass", "split+fold/16"])
+def test_skip_empty_blocks_changes_nothing(case, form):
+    """``LaunchConfig(skip_empty=True)``: the window or linear part of a block pair that no pair of positions can take
+    is neither loaded nor computed. Those parts are exact zeros, so outputs, final states and every gradient must be
+    bit-identical to the unskipped kernels, in both forwards and the folded backward, with padding."""
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    B, T = case[:2]
+    W = case[-1]
+    split = form != "one-pass"
+    q, k, v, pq, pk, g = random_inputs(*case[:7], dtype=torch.float32, seed=3, requires_grad=True)
+    args = dict(window=W, window_weight=g, attention_mask=left_pad_mask(B, T, [0, 3][:B]), output_final_state=True)
+    ins = (q, k, v, pq, pk, g)
+    dy = torch.randn(q.shape)
+    outs = []
+    for skip in (False, True):
+        cfg = LaunchConfig(C=32 if split else 16, BV=16, num_warps=4, nseg=2, C_intra=16 if split else None,
+                           warps_intra=2 if split else None, split_forward=split, fold_backward=split, skip_empty=skip)
+        y, st = hybrid_attention_triton(q, k, v, pq, pk, config=cfg, **args)
+        grads = torch.autograd.grad(y, ins, dy, allow_unused=True, materialize_grads=True)
+        outs.append((y, *st, *grads))
+    for name, a, b in zip("y S z k v phi_k mask dq dk dv dphi_q dphi_k dgamma".split(), *outs):
+        assert torch.equal(a, b), name
+    _check(*case, C=32 if split else 16, nseg=2, C_intra=16 if split else None, split_forward=split,
+           fold_backward=split, mask=left_pad_mask(B, T, [0, 3][:B]), skip_empty=True)
+
+
 @inside
 def test_fold_backward_with_odd_dims_and_an_initial_state():
     """D and F not powers of two, D over two value blocks, the window weight frozen, and a piece of a prefill
@@ -151,6 +185,18 @@ def test_split_forward_excludes_one_acc():
 
     with pytest.raises(ValueError, match="split_forward"):
         LaunchConfig(C=64, BV=64, num_warps=4, one_acc=True, split_forward=True)
+
+
+def test_a_launch_config_travels_through_the_ops_ints():
+    """The custom ops take a LaunchConfig as ints (torch.compile's schemas have no dataclasses): every field, every
+    flag, comes back as it went."""
+    from linearize.ops.triton.chunk import LaunchConfig, _cfg, _launch_ints
+
+    for cfg in (LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2),
+                LaunchConfig(C=64, BV=64, num_warps=4, nseg=7, one_acc=True, skip_empty=True),
+                LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2, C_intra=32, warps_intra=4, split_forward=True,
+                             fold_backward=True, skip_empty=True)):
+        assert _cfg(_launch_ints(cfg)) == cfg
 
 
 def test_intra_block_must_divide_the_chunk():

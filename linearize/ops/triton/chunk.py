@@ -53,6 +53,12 @@ class LaunchConfig:
     # (walked again, as split_forward does) and gradient sums (a light reverse walk) written down, and the intra
     # kernels add their parts and write finished gradients. default_config: on where C = 64.
     fold_backward: bool = False
+    # The window, near-linear and intra-backward loops skip, per (query block, key block) pair, the part (window
+    # softmax or linear terms) that no pair of positions in it can take, instead of computing it under an all-false
+    # mask: loads masked off, products not issued. Same results (the skipped terms are exact zeros). At W = C = 64
+    # on blocks of 32 that is ~1/3 of the forward's block products and ~1/4 of the backward's; whether the branches
+    # cost Triton's pipelining more than that is for a GPU sweep to say (tune_chunk --skip). Off until then.
+    skip_empty: bool = False
 
     @property
     def keeps_chunk_sums(self) -> bool:
@@ -273,7 +279,7 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
             q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, y, u, mx, den, arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
             B, T, H, Hf, Gk, GQ, ni, nwin, W, scale, C,
-            D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
+            D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u, SKIP=cfg.skip_empty,
             num_warps=cfg.warps_intra or cfg.num_warps, num_stages=cfg.num_stages,
         )
         if not cfg.keeps_chunk_sums:
@@ -284,7 +290,7 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
         *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
         B, T, H, Hf, Gk, n, n_per, nwin, W, scale,
         D=D, F=F, BD=BD, BF=BF, BV=BV, C=C, GQ=GQ, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
-        ONE_ACC=cfg.one_acc and not store_u, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        ONE_ACC=cfg.one_acc and not store_u, SKIP=cfg.skip_empty, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y, (u if store_u else None), mx, den, arg, pre_S, pre_z, None, None
 
@@ -327,7 +333,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     _launch(K.bwd_dq_kernel, (ni, B * H),
         q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz, *strides_in,
         B, T, H, Hf, G, GQ, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec,
-        FOLD=fold, **kwi,
+        FOLD=fold, SKIP=cfg.skip_empty, **kwi,
     )
     del cs, cz
     dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
@@ -336,7 +342,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         _launch(K.bwd_dk_kernel, (ni, B * Hf),
             q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, cds, cdz, *strides_in,
             B, T, H, Hf, Gk, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
-            FOLD=fold, **kwi,
+            FOLD=fold, SKIP=cfg.skip_empty, **kwi,
         )
 
     atomic = NV > 1 and not fold
@@ -415,13 +421,13 @@ def _cfg(launch) -> LaunchConfig:
     C, BV, warps, stages, nseg, flags, C_intra, warps_intra = launch
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg,
                         one_acc=bool(flags & 1), split_forward=bool(flags & 2), fold_backward=bool(flags & 4),
-                        C_intra=C_intra or None, warps_intra=warps_intra or None)
+                        C_intra=C_intra or None, warps_intra=warps_intra or None, skip_empty=bool(flags & 8))
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
-    2: split_forward, 4: fold_backward), C_intra (0: None), warps_intra (0: None))."""
-    flags = int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward)
+    2: split_forward, 4: fold_backward, 8: skip_empty), C_intra (0: None), warps_intra (0: None))."""
+    flags = int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
             cfg.C_intra or 0, cfg.warps_intra or 0)
 

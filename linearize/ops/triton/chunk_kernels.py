@@ -184,31 +184,75 @@ def _fwd_window_one_acc(q, pq, Kb, Vb, PKb, M, b, sM_b, t, c, nwin, W, T, scale,
 
 
 @triton.jit
-def _fwd_window_step(q, pq, Kb, Vb, PKb, M, b, sM_b, t, j, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
-                     acc_w, acc_l, l_w, l_l, m_i, arg, C: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
-    """The forward's two-accumulator step over key block j (C keys): the window's online softmax (max, arg-max
-    key, numerator, denominator) and the near keys' linear terms."""
-    e = j * C + rc
-    k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-    k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
-    vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
-    pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-    win, lin = _window_and_linear(t, e, k_ok, W)
-    sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-    sm = tl.where(win, sc, float("-inf"))
-    tmax = tl.max(sm, 1)
-    targ = tl.argmax(sm, 1)
-    m_new = tl.maximum(m_i, tmax)
-    arg = tl.where(tmax > m_i, j * C + targ, arg)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    p = tl.where(win, tl.exp(sc - m_safe[:, None]), 0.0)
-    acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
-    l_w = l_w * alpha + tl.sum(p, 1)
-    a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
-    acc_l += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
-    l_l += tl.sum(a, 1)
-    return acc_w, acc_l, l_w, l_l, m_new, arg
+def _pair_reach(W, C: tl.constexpr):
+    """(DL, DW): a block of C queries and the block of C keys delta blocks before it hold a linear pair of positions
+    (t - e >= W) iff delta >= DL, and a window pair (0 <= t - e < W) iff delta <= DW, since t - e spans
+    delta C -/+ (C - 1). Padding and the sequence's end only remove pairs. Every delta >= 0 has one or both."""
+    return W // C, (W + C - 2) // C
+
+
+@triton.jit
+def _fwd_window_steps(j_lo, j_hi, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc,
+                      D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C: tl.constexpr, HAS_MASK: tl.constexpr,
+                      PREC: tl.constexpr, DO_WIN: tl.constexpr, DO_LIN: tl.constexpr):
+    """The forward's two-accumulator steps over key blocks j_lo <= j < j_hi (C keys each): the window's online
+    softmax (max, arg-max key, numerator, denominator) and the near keys' linear terms; DO_WIN / DO_LIN False: that
+    part is neither loaded nor computed (for blocks where it has no pair, ``_pair_reach``)."""
+    for j in range(j_lo, j_hi):
+        e = j * C + rc
+        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+        if DO_WIN:
+            k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
+        vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
+        if DO_LIN:
+            pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
+        win, lin = _window_and_linear(t, e, k_ok, W)
+        if DO_WIN:
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            sm = tl.where(win, sc, float("-inf"))
+            tmax = tl.max(sm, 1)
+            targ = tl.argmax(sm, 1)
+            m_new = tl.maximum(m_i, tmax)
+            arg = tl.where(tmax > m_i, j * C + targ, arg)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.where(win, tl.exp(sc - m_safe[:, None]), 0.0)
+            acc_w = acc_w * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
+            l_w = l_w * alpha + tl.sum(p, 1)
+            m_i = m_new
+        if DO_LIN:
+            a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
+            acc_l += tl.dot(a.to(vv.dtype), vv, input_precision=PREC)
+            l_l += tl.sum(a, 1)
+    return acc_w, acc_l, l_w, l_l, m_i, arg
+
+
+@triton.jit
+def _fwd_window(j_lo, i, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+                acc_w, acc_l, l_w, l_l, m_i, arg, C: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                SKIP: tl.constexpr):
+    """``_fwd_window_steps`` over key blocks j_lo..i for query block i (blocks of C rows). SKIP: in three loops, in
+    the same order: the far blocks that have only linear pairs, those with both, the near ones with only window
+    pairs; the parts skipped are exact zeros, so the results are the same. Three loops rather than a branch a
+    block: Triton pipelines a loop's loads only where the products that take them are not under a branch."""
+    if SKIP:
+        DL, DW = _pair_reach(W, C)
+        a = tl.minimum(tl.maximum(i - DW, j_lo), i + 1)
+        z = tl.minimum(tl.maximum(i - DL + 1, a), i + 1)
+        acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_steps(
+            j_lo, a, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+            acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, False, True)
+        acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_steps(
+            a, z, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+            acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, True, True)
+        acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_steps(
+            z, i + 1, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+            acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, True, False)
+    else:
+        acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_steps(
+            j_lo, i + 1, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+            acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, True, True)
+    return acc_w, acc_l, l_w, l_l, m_i, arg
 
 
 @triton.jit
@@ -246,6 +290,7 @@ def fwd_kernel(
     B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr, ONE_ACC: tl.constexpr = False,
+    SKIP: tl.constexpr = False,
 ):
     """Outputs of one segment of chunks, for the GQ query heads that share feature head hf, V-block iv.
     Also stores, per query, the window max m, the denominator and the arg-max key (for the backward), and
@@ -291,10 +336,9 @@ def fwd_kernel(
                 acc_w = acc_l  # (unread: with ONE_ACC the stores take acc_l alone)
             else:
                 acc_w = tl.zeros([C, BV], dtype=tl.float32)
-                for j in range(tl.maximum(c - nwin, 0), c + 1):
-                    acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_step(
-                        q, pq, Kb, Vb, PKb, M, b, sM_b, t, j, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
-                        acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC)
+                acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window(
+                    tl.maximum(c - nwin, 0), c, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t,
+                    rd, rf, rv, rc, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, SKIP)
             # The running sum enters the product in the operand dtype (as fla does): half the bytes and
             # twice the rate of tf32; it stays fp32 in registers.
             acc_l += tl.dot(pq, S.to(pq.dtype), input_precision=PREC)
@@ -349,7 +393,7 @@ def fwd_blocks_kernel(
     sY_b, sY_t, sY_h, sM_b,
     B, T, H, Hf, Gk, GQ, n_chunks, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr, SKIP: tl.constexpr = False,
 ):
     """fwd_kernel's outputs for one block of C queries (C divides the walk's chunk Cs; n_chunks counts blocks),
     query head h, value block iv: the window and near-linear keys (those of the block's chunk of Cs and the nwin
@@ -380,10 +424,9 @@ def fwd_blocks_kernel(
     acc_w = tl.zeros([C, BV], dtype=tl.float32)
     acc_l = tl.zeros([C, BV], dtype=tl.float32)
     gam = tl.load(GAMMA + h)
-    for j in range(tl.maximum((c - nwin) * (Cs // C), 0), i + 1):
-        acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_step(
-            q, pq, Kb, Vb, PKb, M, b, sM_b, t, j, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
-            acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC)
+    acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window(
+        tl.maximum((c - nwin) * (Cs // C), 0), i, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t,
+        rd, rf, rv, rc, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, SKIP)
     S, z = _load_sums(CS, CZ, (c * B + b) * Hf + hf, rf, rv, F, D)
     acc_l += tl.dot(pq, S.to(pq.dtype), input_precision=PREC)
     l_l += tl.sum(pq.to(tl.float32) * z[None, :], 1)
@@ -395,13 +438,91 @@ def fwd_blocks_kernel(
 # backward: intra-chunk parts (window and the linear keys of the nwin + 1 nearest chunks), one program per chunk
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
+def _bwd_dq_steps(j_lo, j_hi, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rc, D, F,
+                  mrow, delta, inv, gam, dq, dpq, rs, C: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                  DO_WIN: tl.constexpr, DO_LIN: tl.constexpr):
+    """bwd_dq's steps over key blocks j_lo <= j < j_hi: (dq, dphi_q, the row sums of ds); DO_WIN / DO_LIN as in
+    ``_fwd_window_steps``."""
+    for j in range(j_lo, j_hi):
+        e = j * C + rc
+        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+        if DO_WIN:
+            k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
+        vv = _load_rows(Vb, e, k_ok, sV_t, rd, D)
+        if DO_LIN:
+            pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
+        win, lin = _window_and_linear(t, e, k_ok, W)
+        if DO_WIN:
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
+        dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
+        dw = (dp - delta[:, None]) * inv[:, None]
+        if DO_WIN:
+            ds = gam * ex * dw
+            rs += tl.sum(ds, 1)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        if DO_LIN:
+            da = tl.where(lin, dw, 0.0)
+            dpq += tl.dot(da.to(pk.dtype), pk, input_precision=PREC)
+    return dq, dpq, rs
+
+
+@triton.jit
+def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, b, h, H, T, e, k_ok, W, scale,
+                  sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rd, rf, rc, D, F, gam, dk, dv, dpk,
+                  C: tl.constexpr, PREC: tl.constexpr, DO_WIN: tl.constexpr, DO_LIN: tl.constexpr):
+    """bwd_dk's steps over query blocks i_lo <= i < i_hi of query head h: (dk, dv, dphi_k); DO_WIN / DO_LIN as in
+    ``_fwd_window_steps`` (the max path's key, arg, is a window key: it enters with the window part)."""
+    for i in range(i_lo, i_hi):
+        t = i * C + rc
+        t_ok = t < T
+        row = (b * H + h) * T + t
+        if DO_WIN:
+            q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
+        if DO_LIN:
+            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
+        dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
+        if DO_WIN:
+            mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
+        den = tl.load(DEN + row, mask=t_ok, other=0.0)
+        delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+        if DO_WIN:
+            arg = tl.load(ARG + row, mask=t_ok, other=-1)
+            corr = tl.load(CORR + row, mask=t_ok, other=0.0)
+        inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+        win, lin = _window_and_linear(t, e, k_ok, W)
+        if DO_WIN:
+            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+            ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
+        dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
+        dw = (dp - delta[:, None]) * inv[:, None]
+        if DO_WIN:
+            ds = gam * ex * dw + tl.where(arg[:, None] == e[None, :], corr[:, None], 0.0)
+        if DO_LIN:
+            a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
+        if DO_WIN and DO_LIN:
+            wv = (gam * ex + a) * inv[:, None]
+        elif DO_WIN:
+            wv = gam * ex * inv[:, None]
+        else:
+            wv = a * inv[:, None]
+        dv += tl.dot(tl.trans(wv.to(dy.dtype)), dy, input_precision=PREC)
+        if DO_WIN:
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        if DO_LIN:
+            da = tl.where(lin, dw, 0.0)
+            dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, input_precision=PREC)
+    return dk, dv, dpk
+
+
+@triton.jit
 def bwd_dq_kernel(
     Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR, CS, CZ,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sDY_b, sDY_t, sDY_h, sM_b,
     B, T, H, Hf, G, GQ, n_chunks, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False, SKIP: tl.constexpr = False,
 ):
     """dq (complete), dphi_q (intra part) and the max-path correction per query, for a block of C queries.
     The intra part is every key in the state kernels' chunk (Cs, a multiple of C: ``LaunchConfig.C_intra``) and
@@ -434,22 +555,20 @@ def bwd_dq_kernel(
     dq = tl.zeros([C, BD], dtype=tl.float32)
     dpq = tl.zeros([C, BF], dtype=tl.float32)
     rs = tl.zeros([C], dtype=tl.float32)
-    for j in range(tl.maximum((c * C // Cs - nwin) * (Cs // C), 0), c + 1):
-        e = j * C + rc
-        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-        k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
-        vv = _load_rows(Vb, e, k_ok, sV_t, rd, D)
-        pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-        win, lin = _window_and_linear(t, e, k_ok, W)
-        sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-        ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
-        dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
-        dw = (dp - delta[:, None]) * inv[:, None]
-        ds = gam * ex * dw
-        rs += tl.sum(ds, 1)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        da = tl.where(lin, dw, 0.0)
-        dpq += tl.dot(da.to(pk.dtype), pk, input_precision=PREC)
+    j_lo = tl.maximum((c * C // Cs - nwin) * (Cs // C), 0)
+    if SKIP:  # (as _fwd_window: the far blocks with only linear pairs, both, the near ones with only window pairs)
+        DL, DW = _pair_reach(W, C)
+        a = tl.minimum(tl.maximum(c - DW, j_lo), c + 1)
+        z = tl.minimum(tl.maximum(c - DL + 1, a), c + 1)
+        dq, dpq, rs = _bwd_dq_steps(j_lo, a, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
+                                    rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, False, True)
+        dq, dpq, rs = _bwd_dq_steps(a, z, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
+                                    rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, True)
+        dq, dpq, rs = _bwd_dq_steps(z, c + 1, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
+                                    rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, False)
+    else:
+        dq, dpq, rs = _bwd_dq_steps(j_lo, c + 1, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd,
+                                    rf, rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, True)
     corr = -rs
     if FOLD:
         S, z = _load_sums(CS, CZ, ((c * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
@@ -473,6 +592,7 @@ def bwd_dk_kernel(
     B, T, H, Hf, Gk, n_chunks, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
     GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False,
+    SKIP: tl.constexpr = False,
 ):
     """dk (complete), dv and dphi_k (intra parts) of a block j of C keys for feature head hf, summed over its GQ
     query heads: the queries of the state kernels' chunk (Cs) that holds it and of the nwin chunks after.
@@ -500,31 +620,18 @@ def bwd_dk_kernel(
     for g in tl.static_range(GQ):
         h = hf * GQ + g
         gam = tl.load(GAMMA + h)
-        for i in range(j, tl.minimum((j * C // Cs + nwin + 1) * (Cs // C), n_chunks)):
-            t = i * C + rc
-            t_ok = t < T
-            row = (b * H + h) * T + t
-            q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
-            pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
-            dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
-            mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
-            den = tl.load(DEN + row, mask=t_ok, other=0.0)
-            delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
-            arg = tl.load(ARG + row, mask=t_ok, other=-1)
-            corr = tl.load(CORR + row, mask=t_ok, other=0.0)
-            inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-            win, lin = _window_and_linear(t, e, k_ok, W)
-            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
-            dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
-            dw = (dp - delta[:, None]) * inv[:, None]
-            ds = gam * ex * dw + tl.where(arg[:, None] == e[None, :], corr[:, None], 0.0)
-            a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
-            wv = (gam * ex + a) * inv[:, None]
-            dv += tl.dot(tl.trans(wv.to(dy.dtype)), dy, input_precision=PREC)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-            da = tl.where(lin, dw, 0.0)
-            dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, input_precision=PREC)
+        i_hi = tl.minimum((j * C // Cs + nwin + 1) * (Cs // C), n_chunks)
+        args = (k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, b, h, H, T, e, k_ok, W, scale, sQ_b, sQ_t, sQ_h,
+                sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rd, rf, rc, D, F, gam)
+        if SKIP:  # (as _fwd_window, in the key block's order: the near query blocks first)
+            DL, DW = _pair_reach(W, C)
+            a = tl.maximum(tl.minimum(j + DL, i_hi), j)
+            z = tl.maximum(tl.minimum(j + DW + 1, i_hi), a)
+            dk, dv, dpk = _bwd_dk_steps(j, a, *args, dk, dv, dpk, C, PREC, True, False)
+            dk, dv, dpk = _bwd_dk_steps(a, z, *args, dk, dv, dpk, C, PREC, True, True)
+            dk, dv, dpk = _bwd_dk_steps(z, i_hi, *args, dk, dv, dpk, C, PREC, False, True)
+        else:
+            dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True)
     if FOLD:
         dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
         dS = dS.to(pk.dtype)
