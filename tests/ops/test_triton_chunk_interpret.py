@@ -23,13 +23,13 @@ def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:
 
 
 def _check(B, T, H, Hkv, D, F, Hf, W, *, C=16, BV=16, nseg=None, mask=None, seed=0, tol=2e-5, C_intra=None,
-           split_forward=False, fold_backward=False, skip_empty=False):
+           split_forward=False, fold_backward=False):
     from linearize.ops import hybrid_attention_chunked
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
 
     q, k, v, pq, pk, g = random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=seed, requires_grad=True)
     cfg = LaunchConfig(C=C, BV=BV, num_warps=4, nseg=nseg, C_intra=C_intra, warps_intra=C_intra and 2,
-                       split_forward=split_forward, fold_backward=fold_backward, skip_empty=skip_empty)
+                       split_forward=split_forward, fold_backward=fold_backward)
     args = dict(window=W, window_weight=g, attention_mask=mask, output_final_state=True)
     y, st = hybrid_attention_triton(q, k, v, pq, pk, config=cfg, **args)
     yr, sr = hybrid_attention_chunked(q, k, v, pq, pk, **args)
@@ -107,12 +107,14 @@ SKIP_EDGES = [(1, 70, 2, 1, 16, 16, 1, 31), (2, 50, 2, 2, 16, 16, 2, 18)]
 
 
 @inside
-@pytest.mark.parametrize("case", CASES + SKIP_EDGES, ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 2, 5, 6, 7)] + SKIP_EDGES,
+                         ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
 @pytest.mark.parametrize("form", ["one-pass", "split+fold/16"])
 def test_skip_empty_blocks_changes_nothing(case, form):
     """``LaunchConfig(skip_empty=True)``: the window or linear part of a block pair that no pair of positions can take
     is neither loaded nor computed. Those parts are exact zeros, so outputs, final states and every gradient must be
-    bit-identical to the unskipped kernels, in both forwards and the folded backward, with padding."""
+    bit-identical to the unskipped kernels (which the tests above check against the reference), in both forwards
+    and the folded backward, with padding: T not a multiple of the block, T < W, W = 0 / 1, GQA."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
 
     B, T = case[:2]
@@ -131,8 +133,6 @@ def test_skip_empty_blocks_changes_nothing(case, form):
         outs.append((y, *st, *grads))
     for name, a, b in zip("y S z k v phi_k mask dq dk dv dphi_q dphi_k dgamma".split(), *outs):
         assert torch.equal(a, b), name
-    _check(*case, C=32 if split else 16, nseg=2, C_intra=16 if split else None, split_forward=split,
-           fold_backward=split, mask=left_pad_mask(B, T, [0, 3][:B]), skip_empty=True)
 
 
 @inside
