@@ -192,6 +192,26 @@ def _pair_reach(W, C: tl.constexpr):
 
 
 @triton.jit
+def _key_block(Kb, Vb, PKb, M, b, sM_b, t, e, W, T, sK_t, sV_t, sPK_t, rd, rv, rf, D, F, HAS_MASK: tl.constexpr,
+               DO_WIN: tl.constexpr, DO_LIN: tl.constexpr):
+    """The keys e for the queries t: (k [len(e), D], v [len(e), len(rv)], phi_k [len(e), F], the window and linear
+    masks). A tile that the step's parts (DO_WIN: k; DO_LIN: phi_k) do not need is not loaded: v stands in its place
+    and is never read as it."""
+    k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
+    if DO_WIN:
+        k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
+    vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
+    if DO_LIN:
+        pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
+    if not DO_WIN:
+        k = vv
+    if not DO_LIN:
+        pk = vv
+    win, lin = _window_and_linear(t, e, k_ok, W)
+    return k, vv, pk, win, lin
+
+
+@triton.jit
 def _fwd_window_steps(j_lo, j_hi, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc,
                       D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C: tl.constexpr, HAS_MASK: tl.constexpr,
                       PREC: tl.constexpr, DO_WIN: tl.constexpr, DO_LIN: tl.constexpr):
@@ -199,14 +219,8 @@ def _fwd_window_steps(j_lo, j_hi, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale
     softmax (max, arg-max key, numerator, denominator) and the near keys' linear terms; DO_WIN / DO_LIN False: that
     part is neither loaded nor computed (for blocks where it has no pair, ``_pair_reach``)."""
     for j in range(j_lo, j_hi):
-        e = j * C + rc
-        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-        if DO_WIN:
-            k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
-        vv = _load_rows(Vb, e, k_ok, sV_t, rv, D)
-        if DO_LIN:
-            pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-        win, lin = _window_and_linear(t, e, k_ok, W)
+        k, vv, pk, win, lin = _key_block(Kb, Vb, PKb, M, b, sM_b, t, j * C + rc, W, T, sK_t, sV_t, sPK_t, rd, rv, rf,
+                                         D, F, HAS_MASK, DO_WIN, DO_LIN)
         if DO_WIN:
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             sm = tl.where(win, sc, float("-inf"))
@@ -444,14 +458,8 @@ def _bwd_dq_steps(j_lo, j_hi, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK
     """bwd_dq's steps over key blocks j_lo <= j < j_hi: (dq, dphi_q, the row sums of ds); DO_WIN / DO_LIN as in
     ``_fwd_window_steps``."""
     for j in range(j_lo, j_hi):
-        e = j * C + rc
-        k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
-        if DO_WIN:
-            k = _load_rows(Kb, e, k_ok, sK_t, rd, D)
-        vv = _load_rows(Vb, e, k_ok, sV_t, rd, D)
-        if DO_LIN:
-            pk = _load_rows(PKb, e, k_ok, sPK_t, rf, F)
-        win, lin = _window_and_linear(t, e, k_ok, W)
+        k, vv, pk, win, lin = _key_block(Kb, Vb, PKb, M, b, sM_b, t, j * C + rc, W, T, sK_t, sV_t, sPK_t, rd, rd, rf,
+                                         D, F, HAS_MASK, DO_WIN, DO_LIN)
         if DO_WIN:
             sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
