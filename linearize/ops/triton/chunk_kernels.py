@@ -251,16 +251,16 @@ def _fwd_window(j_lo, i, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, s
     block: Triton pipelines a loop's loads only where the products that take them are not under a branch."""
     if SKIP:
         DL, DW = _pair_reach(W, C)
-        a = tl.minimum(tl.maximum(i - DW, j_lo), i + 1)
-        z = tl.minimum(tl.maximum(i - DL + 1, a), i + 1)
+        j_both = tl.minimum(tl.maximum(i - DW, j_lo), i + 1)  # the first key block with window pairs
+        j_near = tl.minimum(tl.maximum(i - DL + 1, j_both), i + 1)  # the first without linear pairs
         acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_steps(
-            j_lo, a, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+            j_lo, j_both, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
             acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, False, True)
         acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_steps(
-            a, z, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+            j_both, j_near, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
             acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, True, True)
         acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_steps(
-            z, i + 1, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
+            j_near, i + 1, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
             acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, True, False)
     else:
         acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_steps(
@@ -566,13 +566,13 @@ def bwd_dq_kernel(
     j_lo = tl.maximum((c * C // Cs - nwin) * (Cs // C), 0)
     if SKIP:  # (as _fwd_window: the far blocks with only linear pairs, both, the near ones with only window pairs)
         DL, DW = _pair_reach(W, C)
-        a = tl.minimum(tl.maximum(c - DW, j_lo), c + 1)
-        z = tl.minimum(tl.maximum(c - DL + 1, a), c + 1)
-        dq, dpq, rs = _bwd_dq_steps(j_lo, a, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
+        j_both = tl.minimum(tl.maximum(c - DW, j_lo), c + 1)
+        j_near = tl.minimum(tl.maximum(c - DL + 1, j_both), c + 1)
+        dq, dpq, rs = _bwd_dq_steps(j_lo, j_both, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
                                     rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, False, True)
-        dq, dpq, rs = _bwd_dq_steps(a, z, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
+        dq, dpq, rs = _bwd_dq_steps(j_both, j_near, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
                                     rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, True)
-        dq, dpq, rs = _bwd_dq_steps(z, c + 1, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
+        dq, dpq, rs = _bwd_dq_steps(j_near, c + 1, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
                                     rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, False)
     else:
         dq, dpq, rs = _bwd_dq_steps(j_lo, c + 1, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd,
@@ -633,11 +633,11 @@ def bwd_dk_kernel(
                 sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rd, rf, rc, D, F, gam)
         if SKIP:  # (as _fwd_window, in the key block's order: the near query blocks first)
             DL, DW = _pair_reach(W, C)
-            a = tl.maximum(tl.minimum(j + DL, i_hi), j)
-            z = tl.maximum(tl.minimum(j + DW + 1, i_hi), a)
-            dk, dv, dpk = _bwd_dk_steps(j, a, *args, dk, dv, dpk, C, PREC, True, False)
-            dk, dv, dpk = _bwd_dk_steps(a, z, *args, dk, dv, dpk, C, PREC, True, True)
-            dk, dv, dpk = _bwd_dk_steps(z, i_hi, *args, dk, dv, dpk, C, PREC, False, True)
+            i_both = tl.maximum(tl.minimum(j + DL, i_hi), j)  # the first query block with linear pairs
+            i_far = tl.maximum(tl.minimum(j + DW + 1, i_hi), i_both)  # the first without window pairs
+            dk, dv, dpk = _bwd_dk_steps(j, i_both, *args, dk, dv, dpk, C, PREC, True, False)
+            dk, dv, dpk = _bwd_dk_steps(i_both, i_far, *args, dk, dv, dpk, C, PREC, True, True)
+            dk, dv, dpk = _bwd_dk_steps(i_far, i_hi, *args, dk, dv, dpk, C, PREC, False, True)
         else:
             dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True)
     if FOLD:
