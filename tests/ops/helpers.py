@@ -65,15 +65,12 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 inside = pytest.mark.skipif(not INTERPRETING, reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_run")
 
 
-def run_file_under_interpreter(path: str, timeout: int, shard: tuple[int, int] | None = None) -> str:
-    """Run the pytest file ``path`` with TRITON_INTERPRET=1 in a subprocess; assert it passed; its stdout.
-    ``shard=(i, n)``: only every n-th of its tests from the i-th (tests/conftest.py reads LINEARIZE_TEST_SHARD)."""
+def run_file_under_interpreter(path: str, timeout: int) -> str:
+    """Run the pytest file ``path`` with TRITON_INTERPRET=1 in a subprocess; assert it passed; its stdout."""
     import subprocess
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    if shard is not None:
-        env["LINEARIZE_TEST_SHARD"] = "{}/{}".format(*shard)
     r = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", path],
         env=env, capture_output=True, text=True, timeout=timeout,
@@ -82,29 +79,18 @@ def run_file_under_interpreter(path: str, timeout: int, shard: tuple[int, int] |
     return r.stdout
 
 
-def interpreter_run_test(path: str, timeout: int, skips: bool = False, shards: int = 1):
+def interpreter_run_test(path: str, timeout: int, skips: bool = False):
     """The test an interpreter test file defines as ``test_interpreter_run = interpreter_run_test(__file__, ...)``:
     outside the interpreter it re-runs the file under it and checks that tests passed (and, with ``skips``, that
-    some were skipped there too); inside, it skips itself. ``shards > 1``: that many tests, each re-running every
-    shards-th test of the file in its own subprocess, so that pytest-xdist can spread a long file over workers."""
+    some were skipped there too); inside, it skips itself."""
 
-    def run(shard):
+    def test_interpreter_run():
         if INTERPRETING:
             pytest.skip("this is the subprocess")
-        out = run_file_under_interpreter(path, timeout=timeout, shard=shard)
+        out = run_file_under_interpreter(path, timeout=timeout)
         assert " passed" in out and (not skips or "skipped" in out)
 
-    if shards == 1:
-        def test_interpreter_run():
-            run(None)
-
-        return test_interpreter_run
-
-    @pytest.mark.parametrize("shard", range(shards), ids=[f"{i + 1}of{shards}" for i in range(shards)])
-    def test_interpreter_run_sharded(shard):
-        run((shard, shards))
-
-    return test_interpreter_run_sharded
+    return test_interpreter_run
 
 
 class CountOps(TorchDispatchMode):

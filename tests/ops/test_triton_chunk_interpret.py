@@ -13,7 +13,7 @@ from tests.ops.helpers import inside, interpreter_run_test, left_pad_mask, needs
 pytestmark = needs_triton
 
 
-test_interpreter_run = interpreter_run_test(__file__, timeout=1200, shards=2)
+test_interpreter_run = interpreter_run_test(__file__, timeout=1200)
 
 
 def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:
