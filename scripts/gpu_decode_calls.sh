@@ -60,7 +60,7 @@
 #                                            # split forward's block size at 16K (~420 s)
 #   bash scripts/gpu_decode_calls.sh 26 SHA  # not decode: skip_empty (block pairs' empty window / linear parts not
 #                                            # computed): its GPU test, each default launch without and with it at 16K,
-#                                            # 2K (graph) and the real models' heads (~420 s)
+#                                            # 2K (graph) and the real models' heads (~500 s at most)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -351,16 +351,17 @@ case "$call" in
     # by block distance so that a block pair's window or linear part with no pair of positions in it is not computed
     # (~1/3 of fwd_blocks' products at W = 64 on blocks of 32, ~1/4 of bwd_dq's / bwd_dk's). Its GPU test, then
     # each default launch without and with it: 16K (training: split + fold; evaluation's one-pass forward), 2K in
-    # a CUDA graph, and SmolLM2's and Qwen2.5's heads at B8 x 1K in a CUDA graph (~420 s)
-    timeout 150 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "skip_empty" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
-    timeout 110 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 \
+    # a CUDA graph, and SmolLM2's and Qwen2.5's heads at B8 x 1K in a CUDA graph (~500 s at most)
+    # (8 configs at 16K: {one-pass, split+fold} x {C 64, intra 32 x 4} x {off, on}, each compiled on first use)
+    timeout 120 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "skip_empty" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
+    timeout 190 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 \
       --forms split+fold,one-pass --skip --out "$out/tune-chunk-skip-16k.json" > "$out/tune-chunk-skip-16k.log" 2>&1
-    timeout 60 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4 \
+    timeout 70 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4 \
       --forms split+fold --skip --out "$out/tune-chunk-skip-2k.json" > "$out/tune-chunk-skip-2k.log" 2>&1
-    timeout 50 python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 9 --Hkv 3 --D 64 --F 128 --graph --shapes default \
+    timeout 55 python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 9 --Hkv 3 --D 64 --F 128 --graph --shapes default \
       --nseg 0 --intra 32x4 --forms split+fold --skip --out "$out/tune-chunk-skip-smollm2.json" \
       > "$out/tune-chunk-skip-smollm2.log" 2>&1
-    timeout 50 python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 14 --Hkv 2 --D 64 --F 128 --graph --shapes default \
+    timeout 55 python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 14 --Hkv 2 --D 64 --F 128 --graph --shapes default \
       --nseg 0 --intra 32x4 --forms split+fold --skip --out "$out/tune-chunk-skip-qwen.json" \
       > "$out/tune-chunk-skip-qwen.log" 2>&1
     grep -HE "^C=|first call" "$out"/tune-chunk-skip-*.log
