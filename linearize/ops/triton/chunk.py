@@ -55,9 +55,10 @@ class LaunchConfig:
     fold_backward: bool = False
     # The window, near-linear and intra-backward loops skip, per (query block, key block) pair, the part (window
     # softmax or linear terms) that no pair of positions in it can take, instead of computing it under an all-false
-    # mask: loads masked off, products not issued. Same results (the skipped terms are exact zeros). At W = C = 64
-    # on blocks of 32 that is ~1/3 of the forward's block products and ~1/4 of the backward's; whether the branches
-    # cost Triton's pipelining more than that is for a GPU sweep to say (tune_chunk --skip). Off until then.
+    # mask: each loop runs as three (linear-only, both, window-only block pairs), and the empty part is neither loaded
+    # nor computed. Same results (the skipped terms are exact zeros). At W = 64 on blocks of 32 that is ~1/4 of the
+    # forward's block products and ~1/5 of the backward's; whether the longer loop code costs more than that is for a
+    # GPU sweep to say (tune_chunk --skip). Off until then.
     skip_empty: bool = False
 
     @property

@@ -192,6 +192,26 @@ def _pair_reach(W, C: tl.constexpr):
 
 
 @triton.jit
+def _key_regions(i, j_lo, W, C: tl.constexpr):
+    """Query block i's key blocks j_lo..i split by ``_pair_reach``: (j_both, j_near), the first key block with window
+    pairs and the first without linear pairs; [j_lo, j_both) hold only linear pairs, [j_near, i] only window pairs."""
+    DL, DW = _pair_reach(W, C)
+    j_both = tl.minimum(tl.maximum(i - DW, j_lo), i + 1)
+    j_near = tl.minimum(tl.maximum(i - DL + 1, j_both), i + 1)
+    return j_both, j_near
+
+
+@triton.jit
+def _query_regions(j, i_hi, W, C: tl.constexpr):
+    """Key block j's query blocks j..i_hi - 1 split by ``_pair_reach``: (i_both, i_far), the first query block with
+    linear pairs and the first without window pairs; [j, i_both) hold only window pairs, [i_far, i_hi) only linear."""
+    DL, DW = _pair_reach(W, C)
+    i_both = tl.maximum(tl.minimum(j + DL, i_hi), j)
+    i_far = tl.maximum(tl.minimum(j + DW + 1, i_hi), i_both)
+    return i_both, i_far
+
+
+@triton.jit
 def _key_block(Kb, Vb, PKb, M, b, sM_b, t, e, W, T, sK_t, sV_t, sPK_t, rd, rv, rf, D, F, HAS_MASK: tl.constexpr,
                DO_WIN: tl.constexpr, DO_LIN: tl.constexpr):
     """The keys e for the queries t: (k [len(e), D], v [len(e), len(rv)], phi_k [len(e), F], the window and linear
@@ -250,9 +270,7 @@ def _fwd_window(j_lo, i, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, s
     pairs; the parts skipped are exact zeros, so the results are the same. Three loops rather than a branch a
     block: Triton pipelines a loop's loads only where the products that take them are not under a branch."""
     if SKIP:
-        DL, DW = _pair_reach(W, C)
-        j_both = tl.minimum(tl.maximum(i - DW, j_lo), i + 1)  # the first key block with window pairs
-        j_near = tl.minimum(tl.maximum(i - DL + 1, j_both), i + 1)  # the first without linear pairs
+        j_both, j_near = _key_regions(i, j_lo, W, C)
         acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window_steps(
             j_lo, j_both, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rv, rc, D, F,
             acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, False, True)
@@ -452,6 +470,22 @@ def fwd_blocks_kernel(
 # backward: intra-chunk parts (window and the linear keys of the nwin + 1 nearest chunks), one program per chunk
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
+def _bwd_window_exp(q, k, win, mrow, scale, PREC: tl.constexpr):
+    """exp(s - m) of a block pair's window pairs (0 elsewhere), from the window max m the forward saved: the window
+    softmax's numerator again, as both backward kernels form it."""
+    sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    return tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
+
+
+@triton.jit
+def _bwd_dw(dy, vv, delta, inv, PREC: tl.constexpr):
+    """(dy . v - delta) / den of a block pair: the loss's gradient in each pair's unnormalized weight (both backward
+    kernels)."""
+    dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
+    return (dp - delta[:, None]) * inv[:, None]
+
+
+@triton.jit
 def _bwd_dq_steps(j_lo, j_hi, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rc, D, F,
                   mrow, delta, inv, gam, dq, dpq, rs, C: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                   DO_WIN: tl.constexpr, DO_LIN: tl.constexpr):
@@ -461,10 +495,8 @@ def _bwd_dq_steps(j_lo, j_hi, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK
         k, vv, pk, win, lin = _key_block(Kb, Vb, PKb, M, b, sM_b, t, j * C + rc, W, T, sK_t, sV_t, sPK_t, rd, rd, rf,
                                          D, F, HAS_MASK, DO_WIN, DO_LIN)
         if DO_WIN:
-            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
-        dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
-        dw = (dp - delta[:, None]) * inv[:, None]
+            ex = _bwd_window_exp(q, k, win, mrow, scale, PREC)
+        dw = _bwd_dw(dy, vv, delta, inv, PREC)
         if DO_WIN:
             ds = gam * ex * dw
             rs += tl.sum(ds, 1)
@@ -500,10 +532,8 @@ def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, 
         inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
         win, lin = _window_and_linear(t, e, k_ok, W)
         if DO_WIN:
-            sc = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
-            ex = tl.where(win, tl.exp(sc - mrow[:, None]), 0.0)
-        dp = tl.dot(dy, tl.trans(vv), input_precision=PREC)
-        dw = (dp - delta[:, None]) * inv[:, None]
+            ex = _bwd_window_exp(q, k, win, mrow, scale, PREC)
+        dw = _bwd_dw(dy, vv, delta, inv, PREC)
         if DO_WIN:
             ds = gam * ex * dw + tl.where(arg[:, None] == e[None, :], corr[:, None], 0.0)
         if DO_LIN:
@@ -565,9 +595,7 @@ def bwd_dq_kernel(
     rs = tl.zeros([C], dtype=tl.float32)
     j_lo = tl.maximum((c * C // Cs - nwin) * (Cs // C), 0)
     if SKIP:  # (as _fwd_window: the far blocks with only linear pairs, both, the near ones with only window pairs)
-        DL, DW = _pair_reach(W, C)
-        j_both = tl.minimum(tl.maximum(c - DW, j_lo), c + 1)
-        j_near = tl.minimum(tl.maximum(c - DL + 1, j_both), c + 1)
+        j_both, j_near = _key_regions(c, j_lo, W, C)
         dq, dpq, rs = _bwd_dq_steps(j_lo, j_both, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
                                     rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, False, True)
         dq, dpq, rs = _bwd_dq_steps(j_both, j_near, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
@@ -632,9 +660,7 @@ def bwd_dk_kernel(
         args = (k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, b, h, H, T, e, k_ok, W, scale, sQ_b, sQ_t, sQ_h,
                 sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rd, rf, rc, D, F, gam)
         if SKIP:  # (as _fwd_window, in the key block's order: the near query blocks first)
-            DL, DW = _pair_reach(W, C)
-            i_both = tl.maximum(tl.minimum(j + DL, i_hi), j)  # the first query block with linear pairs
-            i_far = tl.maximum(tl.minimum(j + DW + 1, i_hi), i_both)  # the first without window pairs
+            i_both, i_far = _query_regions(j, i_hi, W, C)
             dk, dv, dpk = _bwd_dk_steps(j, i_both, *args, dk, dv, dpk, C, PREC, True, False)
             dk, dv, dpk = _bwd_dk_steps(i_both, i_far, *args, dk, dv, dpk, C, PREC, True, True)
             dk, dv, dpk = _bwd_dk_steps(i_far, i_hi, *args, dk, dv, dpk, C, PREC, False, True)
