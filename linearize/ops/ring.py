@@ -14,10 +14,21 @@ Ring invariants, with ``p = pos`` (a device scalar: tokens written to the ring s
     or an empty slot while the tail is not full) into S, z.
 ``z`` is double-buffered: ``z[p % 2]`` is current and a step writes ``z[(p + 1) % 2]``, so that a
 kernel whose programs all read z can update it without a race (see ``triton/decode.py``).
+
+**Deferred folding** (``fold = P > 1``). Absorbing one key a step rewrites all of S every step: a step's bytes are
+S read + S written + the window. With ``P`` the ring keeps ``P - 1`` more slots (``W + P - 1`` in all), and a key
+that leaves the window waits there, read out as an explicit linear term (``phi_q . phi_k`` times its value) until
+``P`` keys have left; they are then folded into S, z at once. S is then written once every ``P`` steps and read
+every step, at the cost of reading up to ``P - 1`` waiting keys' features and values a step. With
+``a = p - W + 1`` (keys out of the window at step ``p``), positions ``< P * floor(a / P)`` are in S, the
+``a mod P`` after them wait in the ring (ages ``W .. W + (a mod P) - 1``, age = ``p`` minus the position), and
+a step whose ``a + 1`` is a multiple of ``P`` folds ages ``W - 1 .. W + P - 2`` after its readout. Everything is a
+function of ``pos``: no host sync, the same kernel launch every step. ``P = 1`` is the eager absorb above.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -26,16 +37,45 @@ from .common import check_inputs, compute_dtype, default_scale, key_mask, safe_d
 from .state import HybridState
 
 
-def ring_slots(window: int) -> int:
-    """Slots of the ring for ``window``: the tail (window - 1) plus one for the new key; 0 if window <= 1."""
-    return window if window >= 2 else 0
+def ring_slots(window: int, fold: int = 1) -> int:
+    """Slots of the ring for ``window``: the tail (window - 1), one for the new key and ``fold - 1`` for keys that
+    left the window and wait to be folded into S; 0 if window <= 1 (no ring, nothing waits)."""
+    return window + fold - 1 if window >= 2 else 0
+
+
+def check_fold(fold: int) -> int:
+    if not isinstance(fold, int) or isinstance(fold, bool) or fold < 1:
+        raise ValueError(f"fold (steps between writes of the linear sums) must be an int >= 1; got {fold!r}")
+    return fold
+
+
+#: ``LINEARIZE_DECODE_FOLD=P`` (read at import) sets the fold period rings get by default, to time whole decode steps
+_FOLD_ENV = os.environ.get("LINEARIZE_DECODE_FOLD")
+
+
+def default_fold(window: int) -> int:
+    """Steps between writes of S in decode (``RingState.fold``): 1 (S written every step) until a GPU sweep
+    (``benchmarks/tune_decode.py --fold``) times deferred folding; ``LINEARIZE_DECODE_FOLD`` overrides it."""
+    if window < 2:
+        return 1
+    if _FOLD_ENV:
+        return check_fold(int(_FOLD_ENV))
+    return 1
+
+
+def fold_phase(pos: torch.Tensor, window: int, fold: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keys waiting in the ring before the step at ``pos``, whether that step folds), as device tensors like
+    ``pos``; see the module docstring. No host sync."""
+    a = pos - window + 1
+    waiting = torch.where(a >= 0, a % fold, torch.zeros_like(a))
+    return waiting, (a >= 0) & (waiting == fold - 1)
 
 
 @dataclass(frozen=True)
 class RingState:
     """A ``HybridState`` in decode form. Tensors are updated in place by a step; shapes never change.
 
-    Shapes (``W = ring_slots(window)``, ``H'`` = key feature heads):
+    Shapes (``W = ring_slots(window, fold)``, ``H'`` = key feature heads):
         S      [B, H', F, D]   float32 (float64 in fp64 tests), the linear sums
         z      [2, B, H', F]   same dtype as S; ``z[pos % 2]`` is the current key sum
         k, v   [B, W, Hkv, D]  the ring of window keys / values (model dtype)
@@ -52,10 +92,16 @@ class RingState:
     mask: torch.Tensor
     pos: torch.Tensor
     window: int
+    fold: int = 1  # steps between writes of S (module docstring: deferred folding)
 
     @property
     def slots(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def window_slots(self) -> int:
+        """Slots the window takes (the tail and the new key): ``window``, or 0 without a ring."""
+        return ring_slots(self.window)
 
     @property
     def batch_size(self) -> int:
@@ -64,12 +110,12 @@ class RingState:
     def _map(self, fn) -> "RingState":
         t = [fn(x) for x in (self.S, self.z.transpose(0, 1), self.k, self.v, self.phi_k, self.mask)]
         t[1] = t[1].transpose(0, 1).contiguous()
-        return RingState(*t, pos=self.pos, window=self.window)
+        return RingState(*t, pos=self.pos, window=self.window, fold=self.fold)
 
     def clone(self) -> "RingState":
         """An independent copy, ``pos`` included (a step's reference side, or a snapshot before timing)."""
         return RingState(*(t.clone() for t in (self.S, self.z, self.k, self.v, self.phi_k, self.mask, self.pos)),
-                         window=self.window)
+                         window=self.window, fold=self.fold)
 
     def index_batch(self, index: torch.Tensor) -> "RingState":
         """Select / reorder / repeat sequences (beam search, batch pruning). All sequences share ``pos``."""
@@ -77,14 +123,18 @@ class RingState:
 
     def to(self, device: torch.device | str) -> "RingState":
         r = self._map(lambda t: t.to(device, non_blocking=True))
-        return RingState(r.S, r.z, r.k, r.v, r.phi_k, r.mask, pos=self.pos.to(device), window=self.window)
+        return RingState(r.S, r.z, r.k, r.v, r.phi_k, r.mask, pos=self.pos.to(device), window=self.window, fold=self.fold)
 
 
-def ring_from_state(state: HybridState, window: int) -> RingState:
-    """Copy an ordered ``HybridState`` (tail of L <= window - 1 keys) into a fresh ring. No host sync."""
-    W = ring_slots(window)
+def ring_from_state(state: HybridState, window: int, fold: int | None = None) -> RingState:
+    """Copy an ordered ``HybridState`` (tail of L <= window - 1 keys) into a fresh ring. No host sync. ``fold``:
+    steps between writes of S (default ``default_fold``; 1 where window <= 1)."""
+    fold = default_fold(window) if fold is None else check_fold(fold)
+    if window < 2:
+        fold = 1
+    W = ring_slots(window, fold)
     B, L = state.k.shape[:2]
-    if L > max(W - 1, 0):
+    if L > max(window - 1, 0):
         raise ValueError(f"state holds {L} window keys but window={window} keeps at most {max(window - 1, 0)}")
     Hkv, D = state.k.shape[2:]
     Hf, F = state.phi_k.shape[2:]
@@ -106,18 +156,43 @@ def ring_from_state(state: HybridState, window: int) -> RingState:
         mask=ring(state.mask),
         pos=torch.full((1,), L, dtype=torch.int64, device=dev),
         window=window,
+        fold=fold,
     )
 
 
+def _slots_of_ages(pos: torch.Tensor, ages: torch.Tensor, slots: int) -> torch.Tensor:
+    """Ring slots [n] holding the keys ``ages`` [n] steps older than position ``pos`` (the new key is age 0)."""
+    return (pos - ages) % slots
+
+
+def _waiting_sums(ring: RingState, ages: torch.Tensor, take: torch.Tensor, ct: torch.dtype):
+    """The sums of the ring's keys at ``ages`` [n] where ``take`` [n] (and their mask): ([B, H', F, D], [B, H', F])."""
+    idx = _slots_of_ages(ring.pos, ages, ring.slots)
+    ok = ring.mask.index_select(1, idx) & take.view(1, -1)  # [B, n]
+    pk = torch.where(ok[..., None, None], ring.phi_k.index_select(1, idx).to(ct), 0)  # [B, n, H', F]
+    vv = torch.where(ok[..., None, None], ring.v.index_select(1, idx).to(ct), 0)  # [B, n, Hkv, D]
+    Hf, Hkv = pk.shape[2], vv.shape[2]
+    vv = vv.repeat_interleave(Hf // Hkv, dim=2)  # key feature head f reads KV head f // (H' / Hkv)
+    return torch.einsum("bnhf,bnhd->bhfd", pk, vv), pk.sum(1)
+
+
 def ring_to_state(ring: RingState) -> HybridState:
-    """The ordered ``HybridState`` of a ring (copies). Reads ``pos`` on the host: one sync, outside decode."""
+    """The ordered ``HybridState`` of a ring (copies; keys waiting to be folded are added to the sums). Reads
+    ``pos`` on the host: one sync, outside decode."""
     p = int(ring.pos.item())
-    W = ring.slots
+    W = ring.window_slots
     n = min(p, max(W - 1, 0))
-    idx = (torch.arange(p - n, p, device=ring.k.device) % W) if W else torch.zeros(0, dtype=torch.long, device=ring.k.device)
+    dev = ring.k.device
+    idx = (torch.arange(p - n, p, device=dev) % ring.slots) if W else torch.zeros(0, dtype=torch.long, device=dev)
+    S, z = ring.S.clone(), ring.z[p % 2].clone()
+    waiting, _ = fold_phase(ring.pos, W, ring.fold)
+    if ring.fold > 1:
+        ages = torch.arange(W, W + ring.fold - 1, device=dev)
+        dS, dz = _waiting_sums(ring, ages, ages - W < waiting, S.dtype)
+        S, z = S + dS, z + dz
     return HybridState(
-        S=ring.S.clone(),
-        z=ring.z[p % 2].clone(),
+        S=S,
+        z=z,
         k=ring.k.index_select(1, idx),
         v=ring.v.index_select(1, idx),
         phi_k=ring.phi_k.index_select(1, idx),
@@ -128,13 +203,12 @@ def ring_to_state(ring: RingState) -> HybridState:
 def ring_tail_mask(ring: RingState) -> torch.Tensor:
     """Validity [B, max(W - 1, 0)] of the tail, oldest first, as it stands before a step. No host sync.
 
-    Slots ``(p + 1) % W, ..., (p + W - 1) % W``: the tail of ``min(p, W - 1)`` keys, preceded (while it is
-    not full) by never-written slots, which are False. The free slot ``p % W`` is left out: its old key is
-    already in the sums."""
-    W = ring.slots
+    Ages ``W - 1, ..., 1`` (``W`` window slots): the tail of ``min(p, W - 1)`` keys, preceded (while it is not full)
+    by never-written slots, which are False. The new key's slot is left out: its old key is already in the sums."""
+    W = ring.window_slots
     if W == 0:
         return ring.mask[:, :0]
-    idx = (ring.pos + 1 + torch.arange(W - 1, device=ring.pos.device)) % W
+    idx = _slots_of_ages(ring.pos, torch.arange(W - 1, 0, -1, device=ring.pos.device), ring.slots)
     return ring.mask.index_select(1, idx)
 
 
@@ -143,7 +217,10 @@ def check_ring(ring: RingState, q, k, v, phi_q, phi_k):
     d = check_inputs(q, k, v, phi_q, phi_k, ring.window)
     if d.T != 1:
         raise ValueError(f"a ring decode step takes one token per sequence; got T={d.T}")
-    W = ring_slots(ring.window)
+    check_fold(ring.fold)
+    if ring.window < 2 and ring.fold != 1:
+        raise ValueError(f"a ring for window={ring.window} holds no keys, so its fold must be 1; got {ring.fold}")
+    W = ring_slots(ring.window, ring.fold)
     want = {
         "S": (ring.S, (d.B, d.Hf, d.F, d.D)),
         "z": (ring.z, (2, d.B, d.Hf, d.F)),
@@ -178,7 +255,7 @@ def ring_step_torch(
     """
     d = check_ring(ring, q, k, v, phi_q, phi_k)
     window = ring.window
-    W = ring.slots
+    W, R, P = ring.window_slots, ring.slots, ring.fold
     ct = compute_dtype(q)
     scale = default_scale(scale, d.D)
     gamma = window_weight_vector(window_weight, d.H, ct, q.device).view(1, d.Hkv, d.G, 1)
@@ -197,18 +274,29 @@ def ring_step_torch(
         vv = torch.where(ok.view(-1, 1, 1), vv.to(ct), 0).view(d.B, d.Hkv, 1, 1, d.D)
         return S + pk.unsqueeze(-1) * vv, z + pk
 
+    def ages_sums(lo, hi, take):
+        """The sums of the ring's keys of ages lo .. hi - 1 where ``take`` [hi - lo], viewed as S and z are."""
+        dS, dz = _waiting_sums(ring, torch.arange(lo, hi, device=pos.device), take, ct)
+        return dS.view(S.shape), dz.view(z.shape)
+
     if window == 0:  # the new key is in the linear set of its own query
         S, z = absorb(S, z, phi_k[:, 0], v[:, 0], valid[:, 0])
-
-    num = (pq.unsqueeze(-2) @ S).squeeze(-2)  # [B,Hkv,G,D]
-    den = (pq * z).sum(-1)
-    if W:  # the new key takes the free slot; the window is then the whole ring
-        ns = pos % W
+    if P > 1:  # the keys waiting to be folded are linear keys: read out with S, z (which they are not in yet)
+        waiting, do_fold = fold_phase(pos, W, P)
+        wS, wz = ages_sums(W, W + P - 1, torch.arange(P - 1, device=pos.device) < waiting)
+        num = (pq.unsqueeze(-2) @ (S + wS)).squeeze(-2)
+        den = (pq * (z + wz)).sum(-1)
+    else:
+        num = (pq.unsqueeze(-2) @ S).squeeze(-2)  # [B,Hkv,G,D]
+        den = (pq * z).sum(-1)
+    if W:  # the new key takes the free slot; the window is then its W newest slots (the whole ring if P = 1)
+        ns = pos % R
         ring.k.index_copy_(1, ns, k.to(ring.k.dtype))
         ring.v.index_copy_(1, ns, v.to(ring.v.dtype))
         ring.phi_k.index_copy_(1, ns, phi_k.to(ring.phi_k.dtype))
         ring.mask.index_copy_(1, ns, valid)
-        kw, vw, allowed = ring.k, ring.v, ring.mask
+        win = _slots_of_ages(pos, torch.arange(W, device=pos.device), R)
+        kw, vw, allowed = ring.k.index_select(1, win), ring.v.index_select(1, win), ring.mask.index_select(1, win)
     else:
         kw, vw, allowed = k, v, valid
     if window >= 1:
@@ -223,9 +311,12 @@ def ring_step_torch(
 
     if window == 1:  # the new key leaves the window right after its own query
         S, z = absorb(S, z, phi_k[:, 0], v[:, 0], valid[:, 0])
-    elif W:  # the oldest tail key (an empty slot while the tail fills) joins the sums
+    elif W and P == 1:  # the oldest tail key (an empty slot while the tail fills) joins the sums
         ev = (pos + 1) % W
         S, z = absorb(S, z, ring.phi_k.index_select(1, ev)[:, 0], ring.v.index_select(1, ev)[:, 0], ring.mask.index_select(1, ev)[:, 0])
+    elif W:  # every P-th step: the P - 1 waiting keys and the one leaving the window join the sums
+        fS, fz = ages_sums(W - 1, R, do_fold.expand(P))
+        S, z = S + fS, z + fz
     ring.S.copy_(S.view(ring.S.shape))
     ring.z.index_copy_(0, 1 - par, z.reshape(1, d.B, d.Hf, d.F).to(ring.z.dtype))
     ring.pos.add_(1)

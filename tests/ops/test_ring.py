@@ -23,10 +23,10 @@ def assert_states_equal(a: HybridState, b: HybridState):
         torch.testing.assert_close(x, y, **TOL, msg=name)
 
 
-def run_both(inputs, window, mask, state, t0, t1):
+def run_both(inputs, window, mask, state, t0, t1, fold=1):
     """Steps t0..t1-1 through the ordered reference and through a ring built from the same state."""
     q, k, v, pq, pk, g = inputs
-    ring = ring_from_state(state, window)
+    ring = ring_from_state(state, window, fold)
     ys_ref, ys_ring = [], []
     for t in range(t0, t1):
         sl = slice(t, t + 1)
@@ -49,6 +49,64 @@ def test_ring_steps_equal_reference_steps(window, H, Hkv, Hf):
     torch.testing.assert_close(y_ring, y_ref, **TOL)
     assert_states_equal(ring_to_state(ring), state)
     assert int(ring.pos) == T and ring.k.shape[1] == ring_slots(window)
+
+
+@pytest.mark.parametrize("window,fold", [(2, 2), (5, 3), (5, 8), (16, 7), (64, 16)])
+@pytest.mark.parametrize("H,Hkv,Hf", [(4, 2, 2), (4, 2, 4)])
+def test_deferred_folding_equals_reference_steps(window, fold, H, Hkv, Hf):
+    """Keys that left the window wait in the ring (read out as linear terms) and join S every ``fold`` steps:
+    every output, and the ordered state after every step (mid-wait included), equal the eager reference's."""
+    from linearize.ops.ring import fold_phase
+
+    T = window + 3 * fold + 5  # several folds, ending with keys waiting
+    inputs = random_inputs(2, T, H, Hkv, 8, 5, Hf, dtype=torch.float64, seed=window * 31 + fold)
+    q, k, v, pq, pk, g = inputs
+    mask = left_pad_mask(2, T, [0, 3])
+    mask[1, window + 1] = False  # a padding key that waits, then is folded
+    state = empty_state(k, pk)
+    ring = ring_from_state(state, window, fold)
+    assert ring.slots == window + fold - 1 and ring.fold == fold
+    folds, s_before = 0, ring.S.clone()
+    for t in range(T):
+        sl = slice(t, t + 1)
+        args = (q[:, sl], k[:, sl], v[:, sl], pq[:, sl], pk[:, sl])
+        _, does = fold_phase(ring.pos, window, fold)
+        y, state = hybrid_attention_step(*args, state, window=window, window_weight=g, attention_mask=mask[:, sl])
+        torch.testing.assert_close(ring_step_torch(*args, ring, window_weight=g, attention_mask=mask[:, sl]), y, **TOL)
+        assert_states_equal(ring_to_state(ring), state)
+        # S itself changes only on the steps that fold
+        assert bool(does) == (not torch.equal(ring.S, s_before)), f"step {t}"
+        folds, s_before = folds + int(does), ring.S.clone()
+    assert folds == (T - window + 1) // fold >= 3
+
+
+@pytest.mark.parametrize("fold", [1, 4])
+def test_handover_with_deferred_folding(fold):
+    """ring decode -> ordered state mid-wait -> chunked prefill -> ring decode equals one chunked pass."""
+    window, T, cuts = 6, 60, (20, 31, 40)
+    q, k, v, pq, pk, g = inputs = random_inputs(2, T, 4, 2, 8, 6, 2, dtype=torch.float64, seed=13)
+    mask = left_pad_mask(2, T, [0, 5])
+    y_full, s_full = hybrid_attention_chunked(
+        q, k, v, pq, pk, window=window, window_weight=g, attention_mask=mask, output_final_state=True, chunk_size=16
+    )
+    sl = slice(0, cuts[0])
+    y1, state = hybrid_attention_chunked(q[:, sl], k[:, sl], v[:, sl], pq[:, sl], pk[:, sl], window=window,
+                                         window_weight=g, attention_mask=mask[:, sl], output_final_state=True)
+    _, y2, _, ring = run_both(inputs, window, mask, state, cuts[0], cuts[1], fold)
+    sl = slice(cuts[1], cuts[2])
+    y3, state = hybrid_attention_chunked(q[:, sl], k[:, sl], v[:, sl], pq[:, sl], pk[:, sl], window=window,
+                                         window_weight=g, attention_mask=mask[:, sl], initial_state=ring_to_state(ring),
+                                         output_final_state=True)
+    _, y4, _, ring = run_both(inputs, window, mask, state, cuts[2], T, fold)
+    torch.testing.assert_close(torch.cat([y1, y2, y3, y4], 1), y_full, **TOL)
+    assert_states_equal(ring_to_state(ring), s_full)
+
+
+def test_fold_is_checked():
+    _, k, _, _, pk, _ = random_inputs(2, 2, 4, 2, 8, 6, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="fold"):
+        ring_from_state(empty_state(k, pk), 4, 0)
+    assert ring_from_state(empty_state(k, pk), 1, 8).fold == 1  # no ring: nothing waits
 
 
 @pytest.mark.parametrize("window", [0, 1, 2, 5, 64])
@@ -90,15 +148,16 @@ def test_conversion_round_trip_and_short_tail():
 
 def test_index_batch_reorders_like_the_ordered_state():
     inputs = random_inputs(3, 12, 4, 2, 8, 6, 2, dtype=torch.float64, seed=9)
-    _, _, state, ring = run_both(inputs, 5, None, empty_state(inputs[1], inputs[4]), 0, 12)
+    _, _, state, ring = run_both(inputs, 5, None, empty_state(inputs[1], inputs[4]), 0, 12, fold=3)
     idx = torch.tensor([2, 0, 0, 1])
     assert_states_equal(ring_to_state(ring.index_batch(idx)), state.index_batch(idx))
     assert_states_equal(ring_to_state(ring.to("cpu")), state)
 
 
+@pytest.mark.parametrize("fold", [1, 3])
 @pytest.mark.parametrize("window", [0, 1, 2, 5])
 @pytest.mark.parametrize("prefill", [0, 2, 9])
-def test_tail_mask_is_the_ordered_tail(window, prefill):
+def test_tail_mask_is_the_ordered_tail(window, prefill, fold):
     """Before every step, ring_tail_mask is the ordered state's tail mask, left-filled with False to W - 1."""
     T = 16
     q, k, v, pq, pk, g = random_inputs(2, T, 4, 2, 8, 6, 2, dtype=torch.float64, seed=11)
@@ -108,7 +167,7 @@ def test_tail_mask_is_the_ordered_tail(window, prefill):
         q[:, :prefill], k[:, :prefill], v[:, :prefill], pq[:, :prefill], pk[:, :prefill],
         window=window, window_weight=g, attention_mask=mask[:, :prefill], output_final_state=True,
     )
-    ring = ring_from_state(state, window)
+    ring = ring_from_state(state, window, fold)
     for t in range(prefill, T):
         want = torch.zeros(2, max(ring_slots(window) - 1, 0), dtype=torch.bool)
         if state.tail_len:

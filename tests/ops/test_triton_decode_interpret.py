@@ -18,13 +18,15 @@ pytestmark = needs_triton
 test_interpreter_run = interpreter_run_test(__file__, timeout=900, skips=True)
 
 
-def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-5, masked=True, step=None, **launch):
+def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-5, masked=True, step=None, fold=1,
+         **launch):
     from linearize.ops.ring import ring_step_torch
     from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
 
     step = step or ring_step_triton
     B = 2
-    _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=filled, seed=window)
+    _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu",
+                                           filled=filled, seed=window, fold=fold)
     ref = ring.clone()
     for t in range(steps):
         inputs, _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=0, seed=100 + t)
@@ -138,6 +140,32 @@ def test_half_inputs_odd_dims_and_ring_blocks(dtype):
     """D=24, F=6 (not powers of two), the ring read in blocks of 4 slots; bf16 gets the bf16 threshold
     (the interpreter rounds fp32 -> bf16 by truncation, the GPU to nearest)."""
     _run(4, 2, False, 7, dtype, steps=4, D=24, F=6, tol=1e-2, block_d=16, block_w=4)
+
+
+@inside
+@pytest.mark.parametrize("form", ["whole", "rows", "rows-prefetch", "heads-loop", "heads-dot"])
+@pytest.mark.parametrize("window,fold", [(2, 3), (6, 4), (7, 16)])
+def test_deferred_folding_equals_torch_ring_step(form, window, fold):
+    """``fold > 1``: S and z written only every ``fold`` steps, the keys waiting in between read out as linear
+    terms. Enough steps for two folds and the waits between them, with padding steps; every form of the kernel:
+    S held whole (key maps per query head, two value blocks a head), S in row chunks (F = 40: a masked chunk and
+    one past F), loaded a step ahead, read out for G = 3 query heads one by one, or as the rows of dots."""
+    steps = window + 2 * fold + 1
+    kw = dict(steps=steps, filled=max(window - 3, 0), fold=fold)
+    if form == "whole":
+        _run(4, 2, True, window, torch.float32, block_d=8, chunk_rows=0, **kw)
+    elif form in ("rows", "rows-prefetch"):
+        _run(4, 2, True, window, torch.float32, F=40, block_d=8, chunk_rows=16, prefetch=form == "rows-prefetch", **kw)
+    else:
+        _run(6, 2, False, window, torch.float32, D=32, F=40, block_d=16, chunk_rows=16, heads_dot=form == "heads-dot",
+             **kw)
+
+
+@inside
+def test_deferred_folding_in_half_precision():
+    """bf16 ring with the default launch of a chunked, dotted form; the fold's sums stay fp32."""
+    _run(8, 2, False, 5, torch.bfloat16, steps=12, D=24, F=40, tol=1e-2, block_d=32, chunk_rows=16, heads_dot=True,
+         fold=3)
 
 
 @inside

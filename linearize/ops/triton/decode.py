@@ -32,30 +32,95 @@ import triton
 import triton.language as tl
 
 from ..common import default_scale, window_weight_vector
-from ..ring import RingState, check_ring, ring_from_state
+from ..ring import RingState, check_ring, ring_from_state, ring_slots
 from ..state import HybridState
 
 
 @triton.jit
-def _ring_block(KR, VR, MR, b, j, r0, ns, rdf, dfull_ok, rd, d_ok, Hkv, D: tl.constexpr, BW: tl.constexpr,
-                W: tl.constexpr):
+def _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D: tl.constexpr, BW: tl.constexpr,
+                W: tl.constexpr, R: tl.constexpr):
     """Ring slots r0 .. r0 + BW of KV head j: keys [BW, DP] and values [BW, BD] in the ring's dtype (converted where
     they are used: fp32 copies loaded early would hold twice the registers through the scores), and which slots
-    count (in the ring, not the free slot ``ns``, filled)."""
+    count (in the window's tail: ages 1 .. W - 1, so not the new key's slot nor a key waiting to be folded; filled).
+    Only the tail's slots are loaded."""
     rs = r0 + tl.arange(0, BW)
-    in_ring = rs < W
-    row = (b * W + rs) * Hkv + j
+    age = (pos + R - rs) % R
+    tail = (rs < R) & (age >= 1) & (age < W)
+    row = (b * R + rs) * Hkv + j
     # the three loads do not wait on each other; validity is applied to the values
-    mr = tl.load(MR + b * W + rs, mask=in_ring, other=0)
-    kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=in_ring[:, None] & dfull_ok[None, :], other=0.0)
-    vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=in_ring[:, None] & d_ok[None, :], other=0.0)
-    ok = in_ring & (rs != ns) & (mr != 0)
+    mr = tl.load(MR + b * R + rs, mask=tail, other=0)
+    kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=tail[:, None] & dfull_ok[None, :], other=0.0)
+    vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=tail[:, None] & d_ok[None, :], other=0.0)
+    ok = tail & (mr != 0)
     return kb, vb, ok
 
 
 @triton.jit
+def _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F: tl.constexpr,
+                   D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, P: tl.constexpr, PW: tl.constexpr):
+    """The keys that left the window and wait to be folded (ages W .. W + waiting - 1, at most P - 1): their
+    features [PW, FP] and values [PW, BD] in fp32, zero where a slot does not count."""
+    i = tl.arange(0, PW)
+    rs = (pos + R - W - i) % R
+    ok = (i < waiting) & (i < P - 1)
+    ok = ok & (tl.load(MR + b * R + rs, mask=ok, other=0) != 0)
+    pk = tl.load(PKR + ((b * R + rs) * Hf + f)[:, None] * F + rf[None, :], mask=ok[:, None] & f_ok[None, :],
+                 other=0.0).to(tl.float32)
+    vb = tl.load(VR + ((b * R + rs) * Hkv + j)[:, None] * D + rd[None, :], mask=ok[:, None] & d_ok[None, :],
+                 other=0.0).to(tl.float32)
+    return pk, vb
+
+
+@triton.jit
+def _waiting_part(pq, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F: tl.constexpr,
+                  D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, P: tl.constexpr, PW: tl.constexpr):
+    """One query head's (features ``pq`` [FP]) readout of the waiting keys, which are linear keys not yet in S, z:
+    (num [BD], den)."""
+    pk, vb = _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F, D, W, R, P, PW)
+    a = tl.sum(pk * pq[None, :], 1)  # [PW]
+    return tl.sum(a[:, None] * vb, 0), tl.sum(a, 0)
+
+
+@triton.jit
+def _waiting_heads(pq_all, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F: tl.constexpr,
+                   D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, P: tl.constexpr, PW: tl.constexpr,
+                   PREC: tl.constexpr):
+    """``_waiting_part`` for the query heads' features ``pq_all`` [QHP, FP] at once, by two dots (PW >= 16):
+    (num [QHP, BD], den [QHP])."""
+    pk, vb = _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F, D, W, R, P, PW)
+    a = tl.dot(pq_all, tl.trans(pk), input_precision=PREC)  # [QHP, PW]
+    return tl.dot(a, vb, input_precision=PREC), tl.sum(a, 1)
+
+
+@triton.jit
+def _fold_rows(s, PKR, VR, MR, b, f, j, pos, rows, rows_ok, rd, d_ok, Hf, Hkv, F: tl.constexpr, D: tl.constexpr,
+               W: tl.constexpr, R: tl.constexpr, P: tl.constexpr):
+    """``s`` [rows, BD] (feature rows ``rows`` of the S slice, value columns ``rd``) plus the P keys of ages
+    W - 1 .. W + P - 2: the one leaving the window and the P - 1 waiting. One rank-1 update a key (the step that
+    folds runs once every P)."""
+    for i in range(P):
+        r = (pos + R - (W - 1) - i) % R
+        ok = tl.load(MR + b * R + r) != 0
+        pk = tl.load(PKR + ((b * R + r) * Hf + f) * F + rows, mask=rows_ok & ok, other=0.0).to(tl.float32)
+        vv = tl.load(VR + ((b * R + r) * Hkv + j) * D + rd, mask=d_ok & ok, other=0.0).to(tl.float32)
+        s += pk[:, None] * vv[None, :]
+    return s
+
+
+@triton.jit
+def _fold_z(z, PKR, MR, b, f, pos, rf, f_ok, Hf, F: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+            P: tl.constexpr):
+    """``z`` [FP] plus the features of the P keys ``_fold_rows`` folds."""
+    for i in range(P):
+        r = (pos + R - (W - 1) - i) % R
+        ok = tl.load(MR + b * R + r) != 0
+        z += tl.load(PKR + ((b * R + r) * Hf + f) * F + rf, mask=f_ok & ok, other=0.0).to(tl.float32)
+    return z
+
+
+@triton.jit
 def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h, scale,
-                 Hkv, D: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr, W: tl.constexpr):
+                 Hkv, D: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr, W: tl.constexpr, R: tl.constexpr):
     """Query head h's softmax over its window (the new key and the ring's valid slots): (acc [BD], l), both
     relative to the running max, so that acc / l is the window's output."""
     rdf = tl.arange(0, DP)  # whole head dim, for the scores
@@ -69,9 +134,8 @@ def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, 
     l = tl.where(valid_new, 1.0, 0.0)
     acc = tl.where(valid_new, v_new, 0.0)
     if W > 0:
-        ns = pos % W
-        for r0 in range(0, W, BW):
-            kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, ns, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W)
+        for r0 in range(0, R, BW):
+            kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W, R)
             s = tl.sum(kb.to(tl.float32) * qv[None, :], 1) * scale
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 0))
@@ -87,7 +151,8 @@ def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, 
 
 @triton.jit
 def _window_heads(Q, K, KR, VR, MR, b, j, hq, g_ok, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h, scale,
-                  Hkv, D: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr, W: tl.constexpr, PREC: tl.constexpr):
+                  Hkv, D: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+                  PREC: tl.constexpr):
     """``_window_part`` for the query heads ``hq`` [QR] of one KV head at once: each ring block is loaded once for
     all of them, scored and summed by two dots in ``PREC`` ([QR, D] x [D, BW], [QR, BW] x [BW, BD]; QR, BW >= 16;
     half-precision q and k are exact in tf32). -> (acc [QR, BD], l [QR]), relative to each head's running max."""
@@ -101,9 +166,8 @@ def _window_heads(Q, K, KR, VR, MR, b, j, hq, g_ok, rd, d_ok, valid_new, v_new, 
     l = tl.where(valid_new, 1.0, 0.0) + tl.zeros_like(s_new)
     acc = tl.where(valid_new, v_new, 0.0)[None, :] + tl.zeros_like(s_new)[:, None]
     if W > 0:
-        ns = pos % W
-        for r0 in range(0, W, BW):
-            kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, ns, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W)
+        for r0 in range(0, R, BW):
+            kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W, R)
             # a skipped slot's key reaches only its own score, masked below
             s = tl.dot(qm, tl.trans(kb.to(tl.float32)), input_precision=PREC) * scale  # [QR, BW]
             s = tl.where(ok[None, :], s, float("-inf"))
@@ -136,7 +200,7 @@ def _decode_kernel(
     BD: tl.constexpr, ND: tl.constexpr, BW: tl.constexpr,
     QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, HAS_VALID: tl.constexpr,
     FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False, QHP: tl.constexpr = 1, HEADS_DOT: tl.constexpr = False,
-    PREC: tl.constexpr = "ieee",
+    PREC: tl.constexpr = "ieee", R: tl.constexpr = 0, P: tl.constexpr = 1, PW: tl.constexpr = 1,
 ):
     """FC (rows of S per chunk): 0 holds the program's whole S slice in registers at once; FC < FP streams it in
     row chunks (read, read out, update, write back), the window parts first, so that fewer registers are live and
@@ -153,7 +217,11 @@ def _decode_kernel(
     not QH), and each S chunk is read out by one [QHP, FC] x [FC, BD] dot (QHP >= 16 here: dots need 16 rows; the
     padding rows load zeros and are not stored). PREC, the dots' precision: "tf32" for half-precision inputs (S and
     the window's weights rounded to 10 mantissa bits, 1/8 of the bf16 output's rounding; q, k, v and phi_q are
-    exact in it), "ieee" for fp32 inputs (fp32 FMA: sm_90 spills there)."""
+    exact in it), "ieee" for fp32 inputs (fp32 FMA: sm_90 spills there).
+
+    W window slots, R = W + P - 1 ring slots. P > 1 (deferred folding, ``linearize.ops.ring``): S and z are read
+    every step and written only on the steps that fold (every P-th); the keys waiting in the ring between folds
+    (at most P - 1, in blocks of PW) are read out as explicit linear terms, which seed ``num`` and ``den``."""
     pid = tl.program_id(0)
     pid_d = pid % ND
     bf = (pid // ND).to(tl.int64)
@@ -166,6 +234,10 @@ def _decode_kernel(
     f_ok = rf < F
     pos = tl.load(POS)
     par = pos % 2
+    if P > 1:
+        a_lin = pos - W + 1  # keys out of the window at this step
+        waiting = tl.where(a_lin >= 0, a_lin % P, 0)
+        do_fold = (a_lin >= 0) & (waiting == P - 1)
     if HAS_VALID:
         valid_new = tl.load(VALID + b) != 0
     else:
@@ -179,12 +251,13 @@ def _decode_kernel(
     pk_new = tl.where(valid_new, pk_new, 0.0)
     v_new = tl.load(V + b * sV_b + j * sV_h + rd, mask=d_ok, other=0.0).to(tl.float32)
     if W > 0:
-        ns = pos % W
-        ev = (pos + 1) % W
+        ns = pos % R
+    if W > 0 and P == 1:
+        ev = (pos + 1) % R
         # the evicted key, loaded now so its latency overlaps the readout (masked by value: no dependent load)
-        ev_ok = tl.load(MR + b * W + ev) != 0
-        pk_ev = tl.where(ev_ok, tl.load(PKR + ((b * W + ev) * Hf + f) * F + rf, mask=f_ok, other=0.0).to(tl.float32), 0.0)
-        v_ev = tl.where(ev_ok, tl.load(VR + ((b * W + ev) * Hkv + j) * D + rd, mask=d_ok, other=0.0).to(tl.float32), 0.0)
+        ev_ok = tl.load(MR + b * R + ev) != 0
+        pk_ev = tl.where(ev_ok, tl.load(PKR + ((b * R + ev) * Hf + f) * F + rf, mask=f_ok, other=0.0).to(tl.float32), 0.0)
+        v_ev = tl.where(ev_ok, tl.load(VR + ((b * R + ev) * Hkv + j) * D + rd, mask=d_ok, other=0.0).to(tl.float32), 0.0)
     if WINDOW == 0:  # the new key is in the linear set of its own query
         z_vec += pk_new
 
@@ -199,8 +272,12 @@ def _decode_kernel(
         if QH == 1:
             if WINDOW >= 1:
                 acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b,
-                                      sK_h, scale, Hkv, D, DP, BW, W)
+                                      sK_h, scale, Hkv, D, DP, BW, W, R)
             num = tl.zeros([BD], tl.float32)
+            if P > 1:
+                num, den_w = _waiting_part(pq, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F, D,
+                                           W, R, P, PW)
+                den += den_w
         elif HEADS_DOT:  # the query heads are the rows of dots: den [QHP], window parts [QHP, BD], num [QHP, BD]
             rg = tl.arange(0, QHP)
             g_ok = rg < QH
@@ -209,25 +286,35 @@ def _decode_kernel(
             den = tl.sum(pq_all * z_vec[None, :], 1)
             if WINDOW >= 1:
                 acc, l = _window_heads(Q, K, KR, VR, MR, b, j, f * QH + rg, g_ok, rd, d_ok, valid_new, v_new, pos,
-                                       sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W, PREC)
+                                       sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W, R, PREC)
             num = tl.zeros([QHP, BD], tl.float32)
+            if P > 1:
+                num, den_w = _waiting_heads(pq_all, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F,
+                                            D, W, R, P, PW, PREC)
+                den += den_w
         else:  # one row a query head: den [QHP], window parts [QHP, BD], num [QHP, BD]
             rg = tl.arange(0, QHP)
             g_ok = rg < QH
             den = tl.zeros([QHP], tl.float32)
             acc = tl.zeros([QHP, BD], tl.float32)
             l = tl.zeros([QHP], tl.float32)
+            num = tl.zeros([QHP, BD], tl.float32)
             for g in tl.static_range(QH):
                 pq = tl.load(PQ + b * sPQ_b + (f * QH + g) * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
-                den = tl.where(rg == g, tl.sum(pq * z_vec, 0), den)
+                den_g = tl.sum(pq * z_vec, 0)
+                if P > 1:
+                    num_w, den_w = _waiting_part(pq, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv,
+                                                 F, D, W, R, P, PW)
+                    num = tl.where(rg[:, None] == g, num_w[None, :], num)
+                    den_g += den_w
+                den = tl.where(rg == g, den_g, den)
                 if WINDOW >= 1:
                     acc_g, l_g = _window_part(Q, K, V, KR, VR, MR, b, j, f * QH + g, rd, d_ok, valid_new, v_new, pos,
-                                              sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W)
+                                              sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W, R)
                     acc = tl.where(rg[:, None] == g, acc_g[None, :], acc)
                     l = tl.where(rg == g, l_g, l)
-            num = tl.zeros([QHP, BD], tl.float32)
-        if W > 0:
-            ev_row = ((b * W + ev) * Hf + f) * F
+        if W > 0 and P == 1:
+            ev_row = ((b * R + ev) * Hf + f) * F
         for c0 in tl.static_range(0, FP, FC):
             rc = c0 + tl.arange(0, FC)
             c_ok = rc < F
@@ -257,10 +344,15 @@ def _decode_kernel(
                     num = tl.where(rg[:, None] == g, num + tl.sum(pq_c[:, None] * s_c, 0)[None, :], num)
             if WINDOW == 1:
                 s_c += pkn_c[:, None] * v_new[None, :]
-            if W > 0:
-                pke_c = tl.load(PKR + ev_row + rc, mask=c_ok, other=0.0).to(tl.float32)
-                s_c += tl.where(ev_ok, pke_c, 0.0)[:, None] * v_ev[None, :]
-            tl.store(c_ptrs, s_c, mask=cd_ok)
+            if P > 1:  # S is written only by the steps that fold
+                if do_fold:
+                    s_c = _fold_rows(s_c, PKR, VR, MR, b, f, j, pos, rc, c_ok, rd, d_ok, Hf, Hkv, F, D, W, R, P)
+                    tl.store(c_ptrs, s_c, mask=cd_ok)
+            else:
+                if W > 0:
+                    pke_c = tl.load(PKR + ev_row + rc, mask=c_ok, other=0.0).to(tl.float32)
+                    s_c += tl.where(ev_ok, pke_c, 0.0)[:, None] * v_ev[None, :]
+                tl.store(c_ptrs, s_c, mask=cd_ok)
         if QH == 1:
             if WINDOW >= 1:
                 gam = tl.load(GAMMA + h)
@@ -287,9 +379,14 @@ def _decode_kernel(
             pq = tl.load(PQ + b * sPQ_b + h * sPQ_h + rf, mask=f_ok, other=0.0).to(tl.float32)
             num = tl.sum(pq[:, None] * s_tile, 0)  # [BD]
             den = tl.sum(pq * z_vec, 0)
+            if P > 1:
+                num_w, den_w = _waiting_part(pq, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F, D,
+                                             W, R, P, PW)
+                num += num_w
+                den += den_w
             if WINDOW >= 1:
                 acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b,
-                                      sK_h, scale, Hkv, D, DP, BW, W)
+                                      sK_h, scale, Hkv, D, DP, BW, W, R)
                 gam = tl.load(GAMMA + h)
                 num += gam * acc
                 den += gam * l
@@ -298,13 +395,21 @@ def _decode_kernel(
         # After the readout: the key that leaves the window joins the sums.
         if WINDOW == 1:
             s_tile += pk_new[:, None] * v_new[None, :]
-        if W > 0:
-            s_tile += pk_ev[:, None] * v_ev[None, :]
-        tl.store(s_ptrs, s_tile, mask=sd_ok)
+        if P > 1:  # S is written only by the steps that fold
+            if do_fold:
+                s_tile = _fold_rows(s_tile, PKR, VR, MR, b, f, j, pos, rf, f_ok, rd, d_ok, Hf, Hkv, F, D, W, R, P)
+                tl.store(s_ptrs, s_tile, mask=sd_ok)
+        else:
+            if W > 0:
+                s_tile += pk_ev[:, None] * v_ev[None, :]
+            tl.store(s_ptrs, s_tile, mask=sd_ok)
 
     if WINDOW == 1:
         z_vec += pk_new
-    if W > 0:
+    if P > 1:
+        if do_fold:
+            z_vec = _fold_z(z_vec, PKR, MR, b, f, pos, rf, f_ok, Hf, F, W, R, P)
+    elif W > 0:
         z_vec += pk_ev
     if pid_d == 0:
         tl.store(Z + (1 - par) * zb + bf * F + rf, z_vec, mask=f_ok)
@@ -313,13 +418,13 @@ def _decode_kernel(
     if W > 0:
         if f % GK == 0:
             k_blk = tl.load(K + b * sK_b + j * sK_h + rd, mask=d_ok, other=0.0)
-            kv_off = ((b * W + ns) * Hkv + j) * D + rd
+            kv_off = ((b * R + ns) * Hkv + j) * D + rd
             tl.store(KR + kv_off, k_blk.to(KR.dtype.element_ty), mask=d_ok)
             tl.store(VR + kv_off, v_new.to(VR.dtype.element_ty), mask=d_ok)
         if pid_d == 0:
-            tl.store(PKR + ((b * W + ns) * Hf + f) * F + rf, pk_store.to(PKR.dtype.element_ty), mask=f_ok)
+            tl.store(PKR + ((b * R + ns) * Hf + f) * F + rf, pk_store.to(PKR.dtype.element_ty), mask=f_ok)
             if f == 0:
-                tl.store(MR + b * W + ns, valid_new.to(tl.uint8))
+                tl.store(MR + b * R + ns, valid_new.to(tl.uint8))
 
 
 def _pow2(n: int) -> int:
@@ -413,13 +518,16 @@ def _ring_step_op(
     """One kernel launch; the shapes are checked by ``ring_step_triton``. Writes y to ``out``."""
     B, _, H, D = q.shape
     Hf, F = pkr.shape[2], pkr.shape[3]
-    W = kr.shape[1]
+    R = kr.shape[1]  # ring slots: the window's W and the P - 1 of deferred folding
+    W = ring_slots(window)
+    P = R - W + 1 if W else 1
     DP, FP = _pow2(D), _pow2(F)
     ND = -(-D // BD)
     G, Gk = H // Hkv, Hf // Hkv
     QH = G // Gk
     heads_dot = bool(heads_dot and FC and QH > 1)
     has_valid = valid is not None
+    PW = max(_pow2(P - 1), 16) if heads_dot else _pow2(P - 1)  # the waiting keys' block (dots need 16 rows)
     _decode_kernel[(B * Hf * ND,)](
         q, k, v, phi_q, phi_k, valid if has_valid else gamma, gamma,
         S, z, kr, vr, pkr, mask.view(torch.uint8), pos,
@@ -430,7 +538,7 @@ def _ring_step_op(
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=ND, BW=max(BW, 16) if heads_dot else BW,
         QH=QH, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=FC, PREFETCH=bool(FC and prefetch),
         QHP=max(_pow2(QH), 16) if heads_dot else _pow2(QH), HEADS_DOT=heads_dot,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", R=R, P=P, PW=PW, num_warps=num_warps,
     )
 
 
@@ -531,11 +639,13 @@ def random_decode_problem(
     device: str | torch.device = "cuda",
     filled: int | None = None,
     seed: int = 0,
+    fold: int = 1,
 ) -> tuple[tuple[torch.Tensor, ...], RingState, torch.Tensor]:
     """Random step inputs (q, k, v, phi_q, phi_k), a ring with a full random tail, and gamma [H].
 
     For benchmarks and tests: ``y = ring_step_triton(*inputs, ring, window_weight=gamma)``. The tail
-    holds ``filled`` keys (default: full, ``window - 1``) and random fp32 sums; nothing is zero.
+    holds ``filled`` keys (default: full, ``window - 1``) and random fp32 sums; nothing is zero. ``fold``: the
+    ring's deferred folding (``RingState.fold``).
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     Hf = H if per_q_features else Hkv
@@ -555,4 +665,4 @@ def random_decode_problem(
         mask=torch.ones(B, L, dtype=torch.bool, device=device),
     )
     gamma = (torch.rand(H, generator=g) * 0.9 + 0.05).to(device)
-    return inputs, ring_from_state(state, window), gamma
+    return inputs, ring_from_state(state, window, fold), gamma
