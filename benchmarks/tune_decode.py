@@ -4,6 +4,7 @@ row timed inside a CUDA graph.
 
     python benchmarks/tune_decode.py                       # smollm2, smollm2-kvmaps, issue5 presets
     python benchmarks/tune_decode.py --presets smollm2 --quick
+    python benchmarks/tune_decode.py --presets issue5 --quick --fold 1,8,16,32   # deferred folding (RingState.fold)
     TRITON_INTERPRET=1 python benchmarks/tune_decode.py --smoke     # CPU: every config runs and agrees
 
 Why: a compiled SmolLM2 decode step (B 64, H200) spends ~17.5 us a layer in the ring kernel against ~9 us
@@ -13,7 +14,8 @@ launch (value block BD, warps, window block BW) is fastest per shape, and what t
 Rows per preset:
   * ``BD.. w.. BW.. [FC..] [P] [H]``: the ring kernel reading phi_q, phi_k computed beforehand (FC: S streamed in
     chunks of that many rows; P: each chunk loaded one step ahead, the first before the window part; H: the query
-    heads of a feature head as the rows of tensor-core dots, ``heads_dot``);
+    heads of a feature head as the rows of tensor-core dots, ``heads_dot``; ``fold P``: the ring with deferred
+    folding, S written every P-th step, each row timed over many steps so the folding ones count at their share);
   * ``maps: triton (1 launch)``: ``hedgehog_pair_triton``, both maps of the step in one kernel (what
     ``CompiledDecode(fuse_maps=True)`` runs);
   * ``maps: torch eager`` / ``maps: torch compiled``: ``HedgehogFeatureMap`` on q and k, eagerly and through
@@ -71,14 +73,15 @@ PRESETS = {
 }
 
 
-def problem(s: Shape, device, dtype, seed: int):
+def problem(s: Shape, device, dtype, seed: int, fold: int = 1):
     """(q, k, v), a full ring, gamma and Hedgehog maps (query [H heads], key [Hf heads]; F = 2 f) with random
     weights, whose features of q and k the ring rows read."""
     from linearize.modules.feature_maps import HedgehogFeatureMap
     from linearize.ops.triton.decode import random_decode_problem
 
     (q, k, v, _, _), ring, gamma = random_decode_problem(
-        s.B, s.H, s.Hkv, s.D, s.F, s.window, per_q_features=s.Hf == s.H, dtype=dtype, device=device, seed=seed)
+        s.B, s.H, s.Hkv, s.D, s.F, s.window, per_q_features=s.Hf == s.H, dtype=dtype, device=device, seed=seed,
+        fold=fold)
 
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     maps = []
@@ -143,38 +146,42 @@ def run(args) -> dict:
         cost = costs.hybrid_decode_cost(s.B, s.H, s.Hkv, s.D, s.F, s.Hf, s.window)
         floor_ms = cost.bytes / (ceilings["copy_gbps"] * 1e9) * 1e3
         n_sets = 1 if args.smoke else rotation_sets(cost.bytes)
-        sets = [problem(s, device, dtype, seed) for seed in range(n_sets)]
-        with torch.no_grad():
-            phis = [(fq(q), fk(k)) for (q, k, _), _, _, (fq, fk) in sets]
-        outs = [torch.empty_like(x[0]) for x, *_ in sets]
         print(f"\n{name}: {asdict(s)}; {n_sets} rotating rings; floor {floor_ms * 1e3:.1f} us ({cost.bytes / 1e6:.1f} MB)", flush=True)
+        ref = None
+        for fold in folds(args.fold, s.window):
+            sets = [problem(s, device, dtype, seed, fold) for seed in range(n_sets)]
+            with torch.no_grad():
+                phis = [(fq(q), fk(k)) for (q, k, _), _, _, (fq, fk) in sets]
+            outs = [torch.empty_like(x[0]) for x, *_ in sets]
 
-        def step(i, bd, w, bw, fc, pf, hd, ring=None):
-            (q, k, v), r, gamma, _ = sets[i]
-            pq, pk = phis[i]
-            return ring_step_triton(q, k, v, pq, pk, ring if ring is not None else r, window_weight=gamma, out=outs[i],
-                                    block_d=bd, block_w=bw, num_warps=w, chunk_rows=fc, prefetch=pf, heads_dot=hd)
+            def step(i, bd, w, bw, fc, pf, hd, ring=None):
+                (q, k, v), r, gamma, _ = sets[i]
+                pq, pk = phis[i]
+                return ring_step_triton(q, k, v, pq, pk, ring if ring is not None else r, window_weight=gamma,
+                                        out=outs[i], block_d=bd, block_w=bw, num_warps=w, chunk_rows=fc, prefetch=pf,
+                                        heads_dot=hd)
 
-        def timed(fns):
-            return time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
+            def timed(fns):
+                return time_eager(fns[0], rep_ms=1) if args.smoke else time_graph(fns, rep_ms=args.rep_ms)
 
-        ring0, cfgs = sets[0][1].clone(), configs(s, args.quick)  # a snapshot: timing advances the rings
-        cfgs = select(cfgs, args.match)
-        ref = step(0, *cfgs[0], ring=ring0.clone()).double().clone()
-        for cfg in cfgs:
-            bd, w, bw, fc, pf, hd = cfg
-            r = {"preset": name, "shape": asdict(s), "row": row_label(*cfg),
-                 "kind": "ring", "BD": bd, "warps": w, "BW": bw, "FC": fc, "prefetch": pf, "heads_dot": hd,
-                 "default": cfg == cfgs[0], "floor_ms": floor_ms}
-            try:
-                y = step(0, *cfg, ring=ring0.clone()).double()
-                r["rel_err"] = float(((y - ref).norm() / ref.norm()).item())
-                r["ms"] = timed([lambda i=i: step(i, *cfg) for i in range(n_sets)])
-                r["pct_floor"] = 100 * floor_ms / r["ms"]
-            except Exception as ex:  # noqa: BLE001 - a failed config is a row with its error
-                r["error"] = error_text(ex)
-            rows.append(r)
-            print(line(r), flush=True)
+            ring0, cfgs = sets[0][1].clone(), configs(s, args.quick)  # a snapshot: timing advances the rings
+            cfgs = select(cfgs, args.match)
+            if ref is None:  # the default launch at the first fold: every row's first step must agree with it
+                ref = step(0, *cfgs[0], ring=ring0.clone()).double().clone()
+            for cfg in cfgs:
+                bd, w, bw, fc, pf, hd = cfg
+                r = {"preset": name, "shape": asdict(s), "row": row_label(*cfg, fold=fold),
+                     "kind": "ring", "BD": bd, "warps": w, "BW": bw, "FC": fc, "prefetch": pf, "heads_dot": hd,
+                     "fold": fold, "default": cfg == cfgs[0] and fold == 1, "floor_ms": floor_ms}
+                try:
+                    y = step(0, *cfg, ring=ring0.clone()).double()
+                    r["rel_err"] = float(((y - ref).norm() / ref.norm()).item())
+                    r["ms"] = timed([lambda i=i: step(i, *cfg) for i in range(n_sets)])
+                    r["pct_floor"] = 100 * floor_ms / r["ms"]
+                except Exception as ex:  # noqa: BLE001 - a failed config is a row with its error
+                    r["error"] = error_text(ex)
+                rows.append(r)
+                print(line(r), flush=True)
 
         def torch_maps(i):
             (q, k, _), _, _, (fq, fk) = sets[i]
@@ -203,9 +210,18 @@ def run(args) -> dict:
     return {"environment": env, "ceilings": ceilings, "args": vars(args), "command": " ".join(sys.argv), "rows": rows}
 
 
-def row_label(bd, w, bw, fc, pf, hd) -> str:
-    """A ring launch's row name: ``BD128 w2 BW32 FC64 [P] [H]``."""
-    return f"BD{bd} w{w} BW{bw}" + (f" FC{fc}" if fc else "") + (" P" if pf else "") + (" H" if hd else "")
+def row_label(bd, w, bw, fc, pf, hd, fold: int = 1) -> str:
+    """A ring launch's row name: ``BD128 w2 BW32 FC64 [P] [H] [fold 16]``."""
+    return (f"BD{bd} w{w} BW{bw}" + (f" FC{fc}" if fc else "") + (" P" if pf else "") + (" H" if hd else "")
+            + (f" fold {fold}" if fold > 1 else ""))
+
+
+def folds(spec: str, window: int) -> list[int]:
+    """``--fold``'s periods for a preset (1 alone where there is no ring: window <= 1)."""
+    out = [int(x) for x in spec.split(",")]
+    if any(f < 1 for f in out):
+        raise SystemExit(f"--fold takes periods >= 1; got {spec!r}")
+    return out if window >= 2 else [1]
 
 
 def select(cfgs: list[tuple], pattern: str | None) -> list[tuple]:
@@ -263,13 +279,15 @@ def main(argv=None) -> int:
     p.add_argument("--presets", default="smollm2,smollm2-kvmaps,issue5", help=f"comma list of {sorted(PRESETS)}")
     p.add_argument("--quick", action="store_true", help="a smaller sweep (BD 16/32/D, warps 2/4/8, the default BW)")
     p.add_argument("--rep-ms", type=float, default=50)
+    p.add_argument("--fold", default="1",
+                   help="comma list of deferred-folding periods (RingState.fold: S written every P-th step), e.g. 1,16")
     p.add_argument("--match", default=None,
                    help="a regex: time only the ring rows whose label it finds (and the default), e.g. 'w[24] .*FC64'")
     add_kernel_bench_args(p, "CPU under TRITON_INTERPRET=1, a tiny shape, fp32")
     args = p.parse_args(argv)
     require_interpreter_or_cuda(args, "the sweep")
     if args.smoke:
-        args.presets, args.quick = "smoke", True
+        args.presets, args.quick, args.fold = "smoke", True, "1,3"
     unknown = set(args.presets.split(",")) - set(PRESETS)
     if unknown:
         raise SystemExit(f"unknown preset(s) {sorted(unknown)}; choose from {sorted(PRESETS)}")

@@ -16,6 +16,7 @@ def test_smoke_sweep_agrees_and_files_are_written(tmp_path):
     rows = json.loads(js.read_text())["rows"]
     configs = [row for row in rows if row.get("kind") == "ring"]
     assert len(configs) > 1 and sum(row["default"] for row in configs) == 1
+    assert {row["fold"] for row in configs} == {1, 3}  # the ring with deferred folding too
     assert all(row["rel_err"] < 1e-4 and row["ms"] > 0 for row in configs)
     assert {row["FC"] for row in configs} == {0, 16, 32}  # S whole, and streamed in row chunks
     assert {row["prefetch"] for row in configs if row["FC"]} == {False, True} and not any(r["prefetch"] for r in configs if not r["FC"])

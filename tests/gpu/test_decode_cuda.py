@@ -29,12 +29,13 @@ def as_fp64(ring: RingState) -> RingState:
     """The same ring with every float in fp64 (the reference computes on the kernel's exact inputs)."""
     return RingState(
         ring.S.double(), ring.z.double(), ring.k.double(), ring.v.double(), ring.phi_k.double(),
-        ring.mask.clone(), ring.pos.clone(), window=ring.window,
+        ring.mask.clone(), ring.pos.clone(), window=ring.window, fold=ring.fold,
     )
 
 
-def check_against_fp64(B, H, Hkv, D, F, window, dtype, *, per_q=False, filled=None, steps=20, seed=0, **launch):
-    _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=filled, seed=seed)
+def check_against_fp64(B, H, Hkv, D, F, window, dtype, *, per_q=False, filled=None, steps=20, seed=0, fold=1, **launch):
+    _, ring, gamma = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=filled,
+                                           seed=seed, fold=fold)
     ref = as_fp64(ring)
     for t in range(steps):
         inputs, _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, filled=0, seed=1000 * seed + t)
@@ -107,6 +108,25 @@ def test_query_heads_as_the_rows_of_dots(H, Hkv, D, F, chunk_rows, warps, window
     the ring wrapping."""
     check_against_fp64(5, H, Hkv, D, F, window, dtype, per_q=False, steps=8, seed=D + F + H, chunk_rows=chunk_rows,
                        num_warps=warps, heads_dot=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["whole", "rows", "rows-prefetch", "heads-loop", "heads-dot"])
+@pytest.mark.parametrize("fold", [4, 16])
+def test_deferred_folding_matches_fp64_reference(form, fold, dtype):
+    """``fold``: S written only every ``fold`` steps, the keys waiting in between read out as linear terms; over
+    enough steps for two folds, in every form of the kernel: S whole and in row chunks (key maps per query head,
+    the issue-5 heads), loaded a step ahead, and key maps per KV head read out by Llama-3.1-8B's 4 query heads one
+    by one or as the rows of dots. The fp64 reference runs the same folding schedule."""
+    kw = dict(steps=2 * fold + 6, fold=fold, seed=fold)
+    if form == "whole":
+        check_against_fp64(5, 16, 16, 128, 128, 64, dtype, per_q=True, chunk_rows=0, **kw)
+    elif form.startswith("rows"):
+        check_against_fp64(5, 16, 16, 128, 128, 64, dtype, per_q=True, chunk_rows=64, prefetch=form.endswith("prefetch"),
+                           **kw)
+    else:
+        check_against_fp64(5, 32, 8, 128, 128, 64, dtype, per_q=False, chunk_rows=64, num_warps=2,
+                           heads_dot=form == "heads-dot", **kw)
 
 
 def test_real_model_shapes():
