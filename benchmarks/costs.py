@@ -63,15 +63,18 @@ def linear_cost(B: int, T: int, H: int, Hkv: int, D: int, F: int, Hf: int, mode:
     return _train(Cost(flops, nbytes), mode)
 
 
-def hybrid_decode_cost(B: int, H: int, Hkv: int, D: int, F: int, Hf: int, window: int) -> Cost:
+def hybrid_decode_cost(B: int, H: int, Hkv: int, D: int, F: int, Hf: int, window: int, fold: int = 1) -> Cost:
     """One token: window softmax over ``window`` keys, linear readout, and one evicted key added to S, z.
 
     Bytes: S and z read and written (fp32); the tail's window-1 keys and values read; the evicted key's
     phi_k read; the new q, k, v, phi_q, phi_k read; k, v, phi_k written to the tail; y written.
+    With deferred folding (``fold = P > 1``), on average a step: S and z read, written 1 / P of the time; the
+    (P - 1) / 2 keys waiting to be folded read (features and values); the P keys a fold adds read 1 / P of the time.
     """
     flops = B * H * (4 * D * window + 4 * F * D + 3 * F)
-    state = 2 * FP32 * Hf * (F * D + F)
-    tail = BF16 * (2 * Hkv * (window - 1) * D + Hf * F)
+    state = (1 + 1 / fold) * FP32 * Hf * (F * D + F)
+    waiting = BF16 * (fold - 1) / 2 * (Hf * F + Hkv * D) if fold > 1 else 0
+    tail = BF16 * (2 * Hkv * (window - 1) * D + Hf * F) + waiting
     new_in = BF16 * (H * D + 2 * Hkv * D + H * F + Hf * F)
     new_out = BF16 * (2 * Hkv * D + Hf * F + H * D)
     return Cost(flops, B * (state + tail + new_in + new_out))

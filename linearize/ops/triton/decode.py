@@ -11,10 +11,15 @@ With ``chunk_rows`` the slice is streamed in row chunks instead of held whole: 8
 168 at SmolLM2's shape (sm_90 compile), so twice the programs fit on an SM; with key maps per KV head each chunk
 is read out by the program's query heads as it passes. ``benchmarks/tune_decode.py`` times the launches.
 
-No races between the programs of one launch:
-  * the new key goes to ring slot ``pos % W``, which no program reads in this step (the new key is read
-    from the inputs instead); the evicted slot ``(pos + 1) % W`` is read but not written;
+With deferred folding (``RingState.fold = P > 1``, ``linearize.ops.ring``) a program reads its slice every step but
+writes it back only on the steps that fold (every P-th), and reads the keys waiting to be folded as linear terms.
+
+No races between the programs of one launch (``R = W + P - 1`` ring slots):
+  * the new key goes to ring slot ``pos % R`` (age 0), which no program reads in this step (the new key is read
+    from the inputs instead); the slots read (the tail: ages 1 .. W - 1; waiting or folded: W - 1 .. R - 1) are
+    not written;
   * ``z`` is double-buffered: every program reads ``z[pos % 2]``; value block 0 writes ``z[(pos+1) % 2]``;
+  * a program writes only its own slice of S;
   * ``pos`` itself is advanced after the kernel (``pos.add_(1)``), since every program reads it.
 No host sync and no shape that depends on data, so a step can be captured in a CUDA graph.
 
