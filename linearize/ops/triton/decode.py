@@ -61,11 +61,11 @@ def _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D: tl.c
 
 
 @triton.jit
-def _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F: tl.constexpr,
+def _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, i0, rf, f_ok, rd, d_ok, Hf, Hkv, F: tl.constexpr,
                    D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, P: tl.constexpr, PW: tl.constexpr):
-    """The keys that left the window and wait to be folded (ages W .. W + waiting - 1, at most P - 1): their
-    features [PW, FP] and values [PW, BD] in fp32, zero where a slot does not count."""
-    i = tl.arange(0, PW)
+    """Waiting keys i0 .. i0 + PW of those that left the window and wait to be folded (ages W .. W + waiting - 1, at
+    most P - 1): their features [PW, FP] and values [PW, BD] in fp32, zero where a slot does not count."""
+    i = i0 + tl.arange(0, PW)
     rs = (pos + R - W - i) % R
     ok = (i < waiting) & (i < P - 1)
     ok = ok & (tl.load(MR + b * R + rs, mask=ok, other=0) != 0)
@@ -81,9 +81,14 @@ def _waiting_part(pq, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf
                   D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, P: tl.constexpr, PW: tl.constexpr):
     """One query head's (features ``pq`` [FP]) readout of the waiting keys, which are linear keys not yet in S, z:
     (num [BD], den)."""
-    pk, vb = _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F, D, W, R, P, PW)
-    a = tl.sum(pk * pq[None, :], 1)  # [PW]
-    return tl.sum(a[:, None] * vb, 0), tl.sum(a, 0)
+    num = tl.zeros([rd.shape[0]], tl.float32)
+    den = 0.0
+    for i0 in range(0, P - 1, PW):
+        pk, vb = _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, i0, rf, f_ok, rd, d_ok, Hf, Hkv, F, D, W, R, P, PW)
+        a = tl.sum(pk * pq[None, :], 1)  # [PW]
+        num += tl.sum(a[:, None] * vb, 0)
+        den += tl.sum(a, 0)
+    return num, den
 
 
 @triton.jit
@@ -92,7 +97,7 @@ def _waiting_heads(pq_all, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_o
                    PREC: tl.constexpr):
     """``_waiting_part`` for the query heads' features ``pq_all`` [QHP, FP] at once, by two dots (PW >= 16):
     (num [QHP, BD], den [QHP])."""
-    pk, vb = _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F, D, W, R, P, PW)
+    pk, vb = _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, 0, rf, f_ok, rd, d_ok, Hf, Hkv, F, D, W, R, P, PW)
     a = tl.dot(pq_all, tl.trans(pk), input_precision=PREC)  # [QHP, PW]
     return tl.dot(a, vb, input_precision=PREC), tl.sum(a, 1)
 
@@ -532,7 +537,9 @@ def _ring_step_op(
     QH = G // Gk
     heads_dot = bool(heads_dot and FC and QH > 1)
     has_valid = valid is not None
-    PW = max(_pow2(P - 1), 16) if heads_dot else _pow2(P - 1)  # the waiting keys' block (dots need 16 rows)
+    # the waiting keys read in blocks of PW: all at once in the dots (which need 16 rows), else 4 at a time (sm_90:
+    # SmolLM2 spilled 224 B a thread with all 15 of fold 16 at once, none in blocks of 4)
+    PW = max(_pow2(P - 1), 16) if heads_dot else min(_pow2(P - 1), 4)
     _decode_kernel[(B * Hf * ND,)](
         q, k, v, phi_q, phi_k, valid if has_valid else gamma, gamma,
         S, z, kr, vr, pkr, mask.view(torch.uint8), pos,
