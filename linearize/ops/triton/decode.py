@@ -651,13 +651,13 @@ def random_decode_problem(
     device: str | torch.device = "cuda",
     filled: int | None = None,
     seed: int = 0,
-    fold: int = 1,
+    fold: int | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], RingState, torch.Tensor]:
     """Random step inputs (q, k, v, phi_q, phi_k), a ring with a full random tail, and gamma [H].
 
     For benchmarks and tests: ``y = ring_step_triton(*inputs, ring, window_weight=gamma)``. The tail
     holds ``filled`` keys (default: full, ``window - 1``) and random fp32 sums; nothing is zero. ``fold``: the
-    ring's deferred folding (``RingState.fold``).
+    ring's deferred folding (``RingState.fold``; default ``default_fold``, what ``generate`` gets)
     """
     g = torch.Generator(device="cpu").manual_seed(seed)
     Hf = H if per_q_features else Hkv
