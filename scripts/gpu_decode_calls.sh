@@ -64,6 +64,7 @@
 #   bash scripts/gpu_decode_calls.sh 27 SHA  # deferred folding (RingState.fold: S written every P-th step): its GPU test,
 #                                            # the ring kernel at P = 1..32 at four models' heads, the 8B step at P = 1
 #                                            # and 16 (~540 s at most)
+#   bash scripts/gpu_decode_calls.sh 28 SHA  # call 27 without the 8B steps (~280 s), for a short budget
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -74,7 +75,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 27}
+call=${1:?call number 1 to 28}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -369,7 +370,7 @@ case "$call" in
       > "$out/tune-chunk-skip-qwen.log" 2>&1
     grep -HE "^C=|first call" "$out"/tune-chunk-skip-*.log
     ;;
-  27)
+  27|28)
     # deferred folding (twenty-third session, CPU only): S read every step, written every P-th; the keys waiting in
     # between read out as linear terms. Its GPU test, the ring kernel's default launch at P = 1, 4, 8, 16, 32 at four
     # models' heads, then the 8B step (key maps per KV head) at P = 1 and 16 in one call (~540 s at most)
@@ -378,6 +379,7 @@ case "$call" in
     timeout 170 python3 benchmarks/tune_decode.py --presets issue5,llama8b-kvmaps,smollm2,qwen2.5-kvmaps --quick \
       --match '^$' --fold 1,4,8,16,32 --rep-ms 30 --commit "$sha" --copy-to "$out" > "$out/tune.log" 2>&1
     grep -E " us |^llama|^qwen|^issue5|^smollm2" "$out/tune.log"
+    [ "$call" = 28 ] && { (cd "$out" && tar czf "decode-call$call.tar.gz" $(ls -A) && find . -type f ! -name "*.tar.gz" -delete); ls -la "$out"; exit 0; }
     l=benchmarks/configs/llama3.1-8b.json
     (export LINEARIZE_DECODE_FOLD=1
      row llama8b-kvmaps.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 --budget-s 105 \
@@ -386,7 +388,7 @@ case "$call" in
      row llama8b-kvmaps-fold16.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
        --budget-s 105 --set feature_map_per_kv_head=true)
     ;;
-  *) echo "call must be 1 to 27" >&2; exit 2 ;;
+  *) echo "call must be 1 to 28" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
