@@ -53,9 +53,10 @@ def check_fold(fold: int) -> int:
 _FOLD_ENV = os.environ.get("LINEARIZE_DECODE_FOLD")
 
 
-def default_fold(window: int) -> int:
-    """Steps between writes of S in decode (``RingState.fold``): 1 (S written every step) until a GPU sweep
-    (``benchmarks/tune_decode.py --fold``) times deferred folding; ``LINEARIZE_DECODE_FOLD`` overrides it."""
+def default_fold(window: int, device: torch.device | str | None = None) -> int:
+    """Steps between writes of S in decode (``RingState.fold``) for a ring on ``device``: 1 (S written every step)
+    until a GPU sweep (``benchmarks/tune_decode.py --fold``) times deferred folding; ``LINEARIZE_DECODE_FOLD``
+    overrides it on every device. (It pays only where a step is bound by the state's bytes: the CUDA kernel.)"""
     if window < 2:
         return 1
     if _FOLD_ENV:
@@ -129,7 +130,7 @@ class RingState:
 def ring_from_state(state: HybridState, window: int, fold: int | None = None) -> RingState:
     """Copy an ordered ``HybridState`` (tail of L <= window - 1 keys) into a fresh ring. No host sync. ``fold``:
     steps between writes of S (default ``default_fold``; 1 where window <= 1)."""
-    fold = default_fold(window) if fold is None else check_fold(fold)
+    fold = default_fold(window, state.S.device) if fold is None else check_fold(fold)
     if window < 2:
         fold = 1
     W = ring_slots(window, fold)
