@@ -81,7 +81,7 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                         sp, fo = FORMS[form]
                         if oa and sp:
                             continue
-                        for sk in (False, True) if skip else (False,):
+                        for sk in (False, True) if skip else (base.skip_empty,):  # without --skip: the default's
                             cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None, one_acc=oa,
                                                C_intra=ci, warps_intra=wi, split_forward=sp, fold_backward=fo,
                                                skip_empty=sk)

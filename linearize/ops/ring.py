@@ -53,14 +53,23 @@ def check_fold(fold: int) -> int:
 _FOLD_ENV = os.environ.get("LINEARIZE_DECODE_FOLD")
 
 
-def default_fold(window: int, device: torch.device | str | None = None) -> int:
-    """Steps between writes of S in decode (``RingState.fold``) for a ring on ``device``: 1 (S written every step)
-    until a GPU sweep (``benchmarks/tune_decode.py --fold``) times deferred folding; ``LINEARIZE_DECODE_FOLD``
-    overrides it on every device. (It pays only where a step is bound by the state's bytes: the CUDA kernel.)"""
+def default_fold(window: int, device: torch.device | str | None = None, *, D: int = 0, F: int = 0) -> int:
+    """Steps between writes of S in decode (``RingState.fold``) for a ring on ``device`` with head dim ``D`` and
+    ``F`` key features; ``LINEARIZE_DECODE_FOLD`` overrides it on every device.
+
+    8 on CUDA for 128-column heads with F > 64 (the kernel streams S in row chunks there, and reads a feature head
+    out for its query heads in one dot). H100, ``benchmarks/tune_decode.py --fold`` (2026-12-06, B 64, CUDA graph):
+    the issue-5 heads (key maps per query head, D = F = 128) 67.7 -> 55.8 us (fold 6: 55.5, 16: 58.2, 32: 64.9);
+    Llama-3.1-8B's heads with key maps per KV head, query heads as dot rows, 43.4 -> 39.6 us. 1 elsewhere: where a
+    feature head is read out for its query heads one by one (8B heads without the dots 51.7 -> 63.0 us), at
+    64-column heads (SmolLM2's 25.7 -> 26.6, Qwen2.5's per KV head 25.2 -> 40.2) and where it was not timed
+    (Gemma's 256). CPU: 1 (a step there is not bound by the state's bytes)."""
     if window < 2:
         return 1
     if _FOLD_ENV:
         return check_fold(int(_FOLD_ENV))
+    if device is not None and torch.device(device).type == "cuda" and D == 128 and F > 64:
+        return 8
     return 1
 
 
@@ -130,7 +139,7 @@ class RingState:
 def ring_from_state(state: HybridState, window: int, fold: int | None = None) -> RingState:
     """Copy an ordered ``HybridState`` (tail of L <= window - 1 keys) into a fresh ring. No host sync. ``fold``:
     steps between writes of S (default ``default_fold``; 1 where window <= 1)."""
-    fold = default_fold(window, state.S.device) if fold is None else check_fold(fold)
+    fold = default_fold(window, state.S.device, D=state.S.shape[3], F=state.S.shape[2]) if fold is None else check_fold(fold)
     if window < 2:
         fold = 1
     W = ring_slots(window, fold)

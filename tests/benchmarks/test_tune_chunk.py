@@ -74,9 +74,12 @@ def test_skip_pairs_every_config_with_its_skipping_twin():
 
     base = default_config(128, 128, training=True)
     cands = candidates(base, "default", [0], intra=[(32, 4)], forms=["split+fold"], skip=True)
-    assert cands[0] == base and not base.skip_empty
+    assert cands[0] == base and base.skip_empty  # the training default skips (since 2026-12-06)
     plain = [c for c in cands if not c.skip_empty]
     assert sorted(cands, key=str) == sorted(plain + [dataclasses.replace(c, skip_empty=True) for c in plain], key=str)
     assert dataclasses.replace(base, skip_empty=True) in cands
     assert all(label(c).endswith(" skip") == c.skip_empty for c in cands)
-    assert not any(c.skip_empty for c in candidates(base, "default", [0], intra=[(32, 4)], forms=["split+fold"]))
+    # without --skip every config takes the default's setting
+    assert all(c.skip_empty for c in candidates(base, "default", [0], intra=[(32, 4)], forms=["split+fold"]))
+    evaluation = default_config(128, 128)
+    assert not any(c.skip_empty for c in candidates(evaluation, "default", [0], intra=[(32, 4)], forms=["one-pass"]))

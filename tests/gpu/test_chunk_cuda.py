@@ -134,7 +134,7 @@ def test_skip_empty_blocks(training):
 
     for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 17),
                                   ((9, 3, 64, 128, 3), 64)]:
-        base = default_config(D, F, training=training)
+        base = dataclasses.replace(default_config(D, F, training=training), skip_empty=False)
         cfg = dataclasses.replace(base, skip_empty=True)
         mask = left_pad_mask(3, 1000, [0, 17, 150])
         _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=mask, seed=W)

@@ -103,5 +103,6 @@ def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
     assert cfg.fold_backward is folded and not cfg.split_forward
     assert (cfg.C_intra, cfg.warps_intra) == ((32, 4) if folded else (None, None))
     assert train.split_forward is folded and train.keeps_chunk_sums is folded
-    assert dataclasses.replace(train, split_forward=False) == cfg  # training changes nothing else
+    assert train.skip_empty is folded and not cfg.skip_empty  # block pairs' empty parts skipped in training
+    assert dataclasses.replace(train, split_forward=False, skip_empty=False) == cfg  # training changes nothing else
     LaunchConfig(**vars(cfg))  # a valid config (C_intra divides C)

@@ -57,8 +57,8 @@ class LaunchConfig:
     # softmax or linear terms) that no pair of positions in it can take, instead of computing it under an all-false
     # mask: each loop runs as three (linear-only, both, window-only block pairs), and the empty part is neither loaded
     # nor computed. Same results (the skipped terms are exact zeros). At W = 64 on blocks of 32 that is ~1/4 of the
-    # forward's block products and ~1/5 of the backward's; whether the longer loop code costs more than that is for a
-    # GPU sweep to say (tune_chunk --skip). Off until then.
+    # forward's block products and ~1/5 of the backward's. default_config: on in training where C = 64 (H100: 16K
+    # forward+backward -5.4%).
     skip_empty: bool = False
 
     @property
@@ -112,8 +112,13 @@ def default_config(D: int, F: int, training: bool = False) -> LaunchConfig:
         # alone: 16K 7.53 -> 7.18 ms, 8K 3.91 -> 3.70, 2K CUDA graph 1.08 -> 1.03; B8 x 1K CUDA graph SmolLM2's
         # heads 0.446 -> 0.404, Qwen2.5's 0.855 -> 0.620. Forward alone it was slower (16K 2.52 -> 2.61 ms, Qwen's
         # heads 0.39 -> 0.49 eager), so evaluation and prefill keep the one-pass forward.
+        # Training also skips block pairs' empty window / linear parts (skip_empty). H100, tune_chunk --skip
+        # (benchmarks/results/tune-chunk-nvidia-h100-20261206-skip-*), forward+backward: 16K 7.42 -> 7.02 ms, 2K CUDA
+        # graph 1.075 -> 1.022; B8 x 1K CUDA graph SmolLM2's heads 0.414 -> 0.394, Qwen2.5's 0.629 -> 0.603. The
+        # one-pass forward (evaluation) keeps it off: at SmolLM2's heads it spills twice as much with it (sm_90) and
+        # was slower there (0.168 -> 0.247 ms eager), against 2.62 -> 2.53 ms at the benchmark heads' 16K.
         return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, C_intra=32, warps_intra=4,
-                            fold_backward=True, split_forward=training)
+                            fold_backward=True, split_forward=training, skip_empty=training)
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
 
 

@@ -49,8 +49,11 @@ def _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D: tl.c
     count (in the window's tail: ages 1 .. W - 1, so not the new key's slot nor a key waiting to be folded; filled).
     Only the tail's slots are loaded."""
     rs = r0 + tl.arange(0, BW)
-    age = (pos + R - rs) % R
-    tail = (rs < R) & (age >= 1) & (age < W)
+    if R == W:  # the whole ring is the window: every slot but the new key's
+        tail = (rs < R) & (rs != pos % R)
+    else:
+        age = (pos + R - rs) % R
+        tail = (rs < R) & (age >= 1) & (age < W)
     row = (b * R + rs) * Hkv + j
     # the three loads do not wait on each other; validity is applied to the values
     mr = tl.load(MR + b * R + rs, mask=tail, other=0)
@@ -493,11 +496,12 @@ _HEADS_DOT_ENV = os.environ.get("LINEARIZE_DECODE_HEADS_DOT")
 
 
 def default_heads_dot(FC: int, several_query_heads: bool) -> bool:
-    """``_decode_kernel``'s HEADS_DOT: off until a GPU sweep times it (``benchmarks/tune_decode.py``'s H rows at
-    ``llama8b-kvmaps``, where the static loop over 4 query heads takes 45.8 us against a 20.4 us floor)."""
+    """``_decode_kernel``'s HEADS_DOT wherever it applies (S in row chunks, several query heads a feature head).
+    H100, ``benchmarks/tune_decode.py`` (2026-12-06, B 64, CUDA graph): Llama-3.1-8B's heads with key maps per KV
+    head (4 query heads a program, FC 64, 2 warps) 52.0 -> 43.4 us, and 39.6 with deferred folding (fold 8)."""
     if _HEADS_DOT_ENV in ("0", "1"):
         return bool(FC) and several_query_heads and _HEADS_DOT_ENV == "1"
-    return False
+    return bool(FC) and several_query_heads
 
 
 def default_num_warps(FP: int, BD: int, FC: int = 0) -> int:
