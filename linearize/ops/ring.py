@@ -195,8 +195,8 @@ def ring_to_state(ring: RingState) -> HybridState:
     dev = ring.k.device
     idx = (torch.arange(p - n, p, device=dev) % ring.slots) if W else torch.zeros(0, dtype=torch.long, device=dev)
     S, z = ring.S.clone(), ring.z[p % 2].clone()
-    waiting, _ = fold_phase(ring.pos, W, ring.fold)
     if ring.fold > 1:
+        waiting, _ = fold_phase(ring.pos, W, ring.fold)
         ages = torch.arange(W, W + ring.fold - 1, device=dev)
         dS, dz = _waiting_sums(ring, ages, ages - W < waiting, S.dtype)
         S, z = S + dS, z + dz

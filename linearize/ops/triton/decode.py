@@ -64,12 +64,27 @@ def _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D: tl.c
 
 
 @triton.jit
+def _slot_of_age(pos, age, R: tl.constexpr):
+    """The ring slot of the key ``age`` steps older than the one at ``pos`` (age 0; ``age`` < R), as
+    ``linearize.ops.ring._slots_of_ages``."""
+    return (pos + R - age) % R
+
+
+@triton.jit
+def _fold_key(MR, b, pos, i, W: tl.constexpr, R: tl.constexpr):
+    """The slot of the i-th key a fold takes (age W - 1 + i: the one leaving the window, then the waiting ones) and
+    whether it holds a valid key."""
+    r = _slot_of_age(pos, W - 1 + i, R)
+    return r, tl.load(MR + b * R + r) != 0
+
+
+@triton.jit
 def _waiting_block(PKR, VR, MR, b, f, j, pos, waiting, i0, rf, f_ok, rd, d_ok, Hf, Hkv, F: tl.constexpr,
                    D: tl.constexpr, W: tl.constexpr, R: tl.constexpr, P: tl.constexpr, PW: tl.constexpr):
     """Waiting keys i0 .. i0 + PW of those that left the window and wait to be folded (ages W .. W + waiting - 1, at
     most P - 1): their features [PW, FP] and values [PW, BD] in fp32, zero where a slot does not count."""
     i = i0 + tl.arange(0, PW)
-    rs = (pos + R - W - i) % R
+    rs = _slot_of_age(pos, W + i, R)
     ok = (i < waiting) & (i < P - 1)
     ok = ok & (tl.load(MR + b * R + rs, mask=ok, other=0) != 0)
     pk = tl.load(PKR + ((b * R + rs) * Hf + f)[:, None] * F + rf[None, :], mask=ok[:, None] & f_ok[None, :],
@@ -112,8 +127,7 @@ def _fold_rows(s, PKR, VR, MR, b, f, j, pos, rows, rows_ok, rd, d_ok, Hf, Hkv, F
     W - 1 .. W + P - 2: the one leaving the window and the P - 1 waiting. One rank-1 update a key (the step that
     folds runs once every P)."""
     for i in range(P):
-        r = (pos + R - (W - 1) - i) % R
-        ok = tl.load(MR + b * R + r) != 0
+        r, ok = _fold_key(MR, b, pos, i, W, R)
         pk = tl.load(PKR + ((b * R + r) * Hf + f) * F + rows, mask=rows_ok & ok, other=0.0).to(tl.float32)
         vv = tl.load(VR + ((b * R + r) * Hkv + j) * D + rd, mask=d_ok & ok, other=0.0).to(tl.float32)
         s += pk[:, None] * vv[None, :]
@@ -125,8 +139,7 @@ def _fold_z(z, PKR, MR, b, f, pos, rf, f_ok, Hf, F: tl.constexpr, W: tl.constexp
             P: tl.constexpr):
     """``z`` [FP] plus the features of the P keys ``_fold_rows`` folds."""
     for i in range(P):
-        r = (pos + R - (W - 1) - i) % R
-        ok = tl.load(MR + b * R + r) != 0
+        r, ok = _fold_key(MR, b, pos, i, W, R)
         z += tl.load(PKR + ((b * R + r) * Hf + f) * F + rf, mask=f_ok & ok, other=0.0).to(tl.float32)
     return z
 
@@ -211,9 +224,9 @@ def _decode_kernel(
     B, Hf, Hkv, scale,
     D: tl.constexpr, F: tl.constexpr, DP: tl.constexpr, FP: tl.constexpr,
     BD: tl.constexpr, ND: tl.constexpr, BW: tl.constexpr,
-    QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, HAS_VALID: tl.constexpr,
-    FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False, QHP: tl.constexpr = 1, HEADS_DOT: tl.constexpr = False,
-    PREC: tl.constexpr = "ieee", R: tl.constexpr = 0, P: tl.constexpr = 1, PW: tl.constexpr = 1,
+    QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+    HAS_VALID: tl.constexpr, FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False, QHP: tl.constexpr = 1,
+    HEADS_DOT: tl.constexpr = False, PREC: tl.constexpr = "ieee", P: tl.constexpr = 1, PW: tl.constexpr = 1,
 ):
     """FC (rows of S per chunk): 0 holds the program's whole S slice in registers at once; FC < FP streams it in
     row chunks (read, read out, update, write back), the window parts first, so that fewer registers are live and
