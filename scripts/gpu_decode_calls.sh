@@ -65,6 +65,8 @@
 #                                            # the ring kernel at P = 1..32 at four models' heads, the 8B step at P = 1
 #                                            # and 16 (~540 s at most)
 #   bash scripts/gpu_decode_calls.sh 28 SHA  # call 27 without the 8B steps (~280 s), for a short budget
+#   bash scripts/gpu_decode_calls.sh 29 SHA  # the new decode defaults: GPU tests of the dot rows and CompiledDecode, the
+#                                            # 8B step at new and old defaults, the 8B base again (~520 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -75,7 +77,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 28}
+call=${1:?call number 1 to 29}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -388,7 +390,22 @@ case "$call" in
      row llama8b-kvmaps-fold16.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
        --budget-s 105 --set feature_map_per_kv_head=true)
     ;;
-  *) echo "call must be 1 to 28" >&2; exit 2 ;;
+  29)
+    # twenty-fourth session: the decode defaults chosen from call 27 (heads_dot wherever it applies; fold 8 at
+    # 128-column heads with F > 64): the GPU tests of the dot rows and CompiledDecode at them, then the 8B step
+    # (key maps per KV head) at the new defaults and at the old ones (fold 1, no dots), and the 8B base's lean
+    # loop again on the same machine (its tokens/s is the >= 3x goal's denominator; ~520 s)
+    timeout 120 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "rows_of_dots or compiled_decode" 2>&1 | tail -3 \
+      | tee "$out/tests-decode.log"
+    l=benchmarks/configs/llama3.1-8b.json
+    row llama8b-kvmaps.log 125 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 --budget-s 110 \
+      --set feature_map_per_kv_head=true
+    (export LINEARIZE_DECODE_FOLD=1 LINEARIZE_DECODE_HEADS_DOT=0
+     row llama8b-kvmaps-old.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --budget-s 105 \
+       --set feature_map_per_kv_head=true)
+    row llama8b-base.log 150 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 135
+    ;;
+  *) echo "call must be 1 to 29" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
