@@ -547,8 +547,8 @@ def parse_args(argv=None):
                    help="compiled loop, ours: both Hedgehog maps of a layer in one Triton launch "
                         "(linearize.ops.triton.feature_maps) instead of the modules; default: CompiledDecode's (on)")
     p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
-                   help="compiled loop, ours: one GEMM for q/k/v and one for gate/up a layer (concatenated weight copies; "
-                        "linearize.modules.fused_projections); default: CompiledDecode's (on CUDA when the copies fit)")
+                   help="compiled loop, ours: one GEMM for q/k/v and one for gate/up a layer (the weights moved into one tensor each; "
+                        "linearize.modules.fused_projections); default: CompiledDecode's (on CUDA)")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="lean loop eager, no CUDA graph")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="lean/compiled rows at --headline-batch: profile this many extra eager steps of the warm-up "

@@ -31,7 +31,7 @@ from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
 from .convert import is_linearized, kept_softmax_layers, linearized_layers
 from .models import cache_kwarg
 from .modules.cache import DecodeMode, HybridCacheLayer
-from .modules.fused_projections import FusedProjections, fused_copy_bytes
+from .modules.fused_projections import FusedProjections
 from .modules.softmax_decode import softmax_decode_kernel
 
 
@@ -54,18 +54,9 @@ def fusable_map_layers(model) -> list[int]:
             if isinstance(layer.self_attn, LinearizedAttention) and layer.self_attn.maps_fusable]
 
 
-FUSE_MAX_FREE_FRACTION = 0.1
-
-
-def fuse_projections_fit(model) -> bool:
-    """``CompiledDecode``'s default for ``fuse_projections``: the model is on CUDA and the weight copies
-    ``FusedProjections`` would build fit in ``FUSE_MAX_FREE_FRACTION`` of the device's free memory, leaving
-    the rest to the batch's states."""
-    w = next(model.parameters())
-    if w.device.type != "cuda":
-        return False
-    free, _ = torch.cuda.mem_get_info(w.device)
-    return fused_copy_bytes(model) <= FUSE_MAX_FREE_FRACTION * free
+def fuse_projections_default(model) -> bool:
+    """``CompiledDecode``'s default for ``fuse_projections``: on where it was measured faster, CUDA."""
+    return next(model.parameters()).device.type == "cuda"
 
 
 class CompiledDecode:
@@ -79,12 +70,12 @@ class CompiledDecode:
     copy, two batched GEMMs, two softmax reductions and their pointwise halves: 12.5 us a layer of SmolLM2 at
     B 64 on the H200). (Computing the maps inside the ring kernel itself was slower there: 36-70 us a layer
     against 21.)
-    ``fuse_projections``: one GEMM for q/k/v and one for gate/up in every layer that allows it, from
-    concatenated copies of those weights (``linearize.modules.fused_projections``: 3 fewer launches a layer,
-    for one more copy of those weights in memory). On the H200 it took SmolLM2's step at B 64 from 2.305 to
-    2.007 ms (``benchmarks/results/generate-nvidia-h200-20261203-225408``). Default (None): on when the model
-    is on CUDA and the copies take at most ``FUSE_MAX_FREE_FRACTION`` of the free device memory (SmolLM2-135M's
-    140 MB, yes; an 8B model's 9 GB beside its 16 GB of weights on an 80 GB GPU, no); True or False forces it.
+    ``fuse_projections``: one GEMM for q/k/v and one for gate/up in every layer that allows it
+    (``linearize.modules.fused_projections``: 3 fewer launches a layer). Those weights move into one tensor each
+    and the modules' parameters become row views of it: no memory is added, and ``close()`` (or leaving
+    ``with CompiledDecode(model) as step:``) gives them their own storage back. On the H200 it took SmolLM2's
+    step at B 64 from 2.305 to 2.007 ms (``benchmarks/results/generate-nvidia-h200-20261203-225408``).
+    Default (None): on when the model is on CUDA; True or False forces it.
     ``compile_options`` go to ``torch.compile`` (default ``fullgraph=True, dynamic=False``).
 
     A model that keeps full-attention softmax layers (``LinearizeConfig.softmax_layers``) decodes here too,
@@ -112,11 +103,24 @@ class CompiledDecode:
         self.kernel = kernel
         self.fuse_maps = fuse_maps and kernel
         if fuse_projections is None:
-            fuse_projections = fuse_projections_fit(model)
+            fuse_projections = fuse_projections_default(model)
         self.fused = FusedProjections(model) if fuse_projections else None
         opts = {"fullgraph": True, "dynamic": False} | compile_options
         self._cache_kw = cache_kwarg()  # a str fixed before tracing
         self._fn = torch.compile(self._forward, **opts) if compile else self._forward
+
+    def close(self) -> None:
+        """Give the fused projections' modules their own weight storage back (``fuse_projections``), when done
+        decoding. A CUDA graph captured over the step must not replay after it (it reads the freed tensors); a
+        later call of the step moves the weights again."""
+        if self.fused is not None:
+            self.fused.release()
+
+    def __enter__(self) -> CompiledDecode:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _forward(self, input_ids, position_ids, cache, mask4):
         if self.softmax_layers:

@@ -67,6 +67,8 @@
 #   bash scripts/gpu_decode_calls.sh 28 SHA  # call 27 without the 8B steps (~280 s), for a short budget
 #   bash scripts/gpu_decode_calls.sh 29 SHA  # the new decode defaults: GPU tests of the dot rows and CompiledDecode, the
 #                                            # 8B step at new and old defaults, the 8B base again (~520 s)
+#   bash scripts/gpu_decode_calls.sh 30 SHA  # fused projections in place (on at 8B now): their GPU tests, the 8B step
+#                                            # fused, and fused with max-autotuned GEMMs (~520 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -77,7 +79,7 @@
 # the device's 600 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?call number 1 to 29}
+call=${1:?call number 1 to 30}
 sha=${2:-unknown}
 out=${OUT:-$HOME/out}
 mkdir -p "$out"
@@ -405,7 +407,19 @@ case "$call" in
        --set feature_map_per_kv_head=true)
     row llama8b-base.log 150 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 135
     ;;
-  *) echo "call must be 1 to 29" >&2; exit 2 ;;
+  30)
+    # twenty-fourth session: fused projections with the weights moved in place (no copy; so now on at 8B too):
+    # CompiledDecode's GPU tests (the fused ids, the default's test), then the 8B step (key maps per KV head) at
+    # the defaults, and the same with max-autotuned GEMMs (call 29: 8.262 ms unfused; ~520 s)
+    timeout 100 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "compiled_decode" 2>&1 | tail -3 \
+      | tee "$out/tests-decode.log"
+    l=benchmarks/configs/llama3.1-8b.json
+    row llama8b-kvmaps-fused.log 125 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
+      --budget-s 110 --set feature_map_per_kv_head=true
+    row llama8b-kvmaps-fused-autotune.log 290 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
+      --compile-mode max-autotune-no-cudagraphs --budget-s 275 --set feature_map_per_kv_head=true
+    ;;
+  *) echo "call must be 1 to 30" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

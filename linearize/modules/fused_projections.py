@@ -1,20 +1,28 @@
-"""One GEMM for q/k/v and one for gate/up in a decode step, from concatenated copies of the weights.
+"""One GEMM for q/k/v and one for gate/up in a decode step, on weights moved into one tensor each.
 
-Why: at decode, a layer's projections are GEMMs with M = batch (64): each costs about one kernel's minimum
-time (~3.7 µs on the H200, for ~0.25 µs of weight traffic), so a layer's 7 GEMMs are most of the step
-(``benchmarks/README.md``). q, k, v read the same input, as do gate and up: one GEMM each on the
-concatenated weights does the same work with 3 fewer launches a layer.
+Why: at decode, a layer's projections are GEMMs with M = batch (64). Each costs about one kernel's minimum
+time at the small models (~3.7 us on the H200, for ~0.25 us of weight traffic), and at 8B the narrow ones
+(k, v: 1024 rows) run split-K at ~2.3x their read time (``benchmarks/README.md``). q, k, v read the same input,
+as do gate and up: one GEMM each on the concatenated weights does the same work with 3 fewer launches a layer.
 
-``FusedProjections(model)`` builds the concatenated weights once (extra memory: one copy of the q, k, v, gate
-and up weights) and, inside ``with fused.active():``, the linearized layers project through them
-(``LinearizedAttention.project`` reads ``fused_qkv``) and the MLPs run a fused forward. It covers:
+``FusedProjections(model)`` concatenates a layer's q, k, v weights (and its gate, up weights) into one tensor,
+and makes each module's parameter a row view of it: the parameters stay the same ``nn.Parameter`` objects
+with the same values, and no memory is added (a layer's old storage is freed once its views are set; the
+peak is one layer's weights). Inside ``with fused.active():`` the linearized layers project through the whole
+tensor (``LinearizedAttention.project`` reads ``fused_qkv``) and the MLPs run a fused forward. Since the
+modules' weights are views, an in-place update (an optimizer step, ``load_state_dict``) reaches the fused
+tensor too; a parameter given a new tensor (``model.to``, ``param.data = ...``) is seen by ``refresh()``
+(called by ``active()``), which moves that layer again. ``release()`` gives every module its own storage
+back. While the weights are views, ``save_pretrained`` still writes them apart (transformers clones disjoint
+views of one storage); ``safetensors.torch.save_file`` on the live tensors would refuse them.
+
+It covers:
 
 * q/k/v of a ``LinearizedAttention`` whose three projections are plain ``nn.Linear`` (all with a bias or none);
   a wrapped projection (peft LoRA not merged) keeps the layer as it is;
 * an MLP with plain ``gate_proj``/``up_proj``/``down_proj`` and ``act_fn`` whose forward is
-  ``down(act(gate(x)) * up(x))``, which is checked on a random input when the copies are built.
-The copies follow the weights: ``refresh()`` (called by ``active()``) rebuilds a layer's copy when a weight's
-version counter moved (an optimizer step, ``load_state_dict``), so a stale copy is never used.
+  ``down(act(gate(x)) * up(x))``, which is checked on a random input when the weights are moved (an MLP that
+  fails it gets its own storage back).
 """
 
 from __future__ import annotations
@@ -33,15 +41,42 @@ def _plain(*mods) -> bool:
     return all(type(m) is nn.Linear for m in mods) and len({m.bias is None for m in mods}) == 1
 
 
-def _cat(mods) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _share(mods) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate ``mods``' weights (and biases) into one tensor each and make every module's parameter a
+    row view of it -> (W [sum of out_features, in], b or None)."""
     with torch.no_grad():
         w = torch.cat([m.weight for m in mods], 0)
         b = None if mods[0].bias is None else torch.cat([m.bias for m in mods], 0)
+        row = 0
+        for m in mods:
+            n = m.weight.shape[0]
+            m.weight.data = w[row : row + n]
+            if b is not None:
+                m.bias.data = b[row : row + n]
+            row += n
     return w, b
 
 
-def _versions(mods) -> tuple:
-    return tuple((m.weight._version, None if m.bias is None else m.bias._version) for m in mods)
+def _is_shared(mods, fused: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
+    """Every module's parameters are still the row views of ``fused`` that ``_share`` made."""
+    row = 0
+    for m in mods:
+        for p, whole in ((m.weight, fused[0]), (m.bias, fused[1])):
+            if whole is None:
+                continue
+            n = m.weight.shape[0]
+            if (p.device != whole.device or p.dtype != whole.dtype or p.shape != whole[row : row + n].shape
+                    or p.data_ptr() != whole[row : row + n].data_ptr()):
+                return False
+        row += m.weight.shape[0]
+    return True
+
+
+def _unshare(mods) -> None:
+    with torch.no_grad():
+        for m in mods:
+            for p in m.parameters(recurse=False):
+                p.data = p.data.clone()
 
 
 def _fused_mlp_forward(self, x):
@@ -66,38 +101,42 @@ def fusable_parts(model) -> tuple[list[tuple[LinearizedAttention, tuple]], list[
     return attns, mlps
 
 
-def fused_copy_bytes(model) -> int:
-    """Bytes ``FusedProjections(model)`` would allocate at most (before the MLP check), without building it."""
-    attns, mlps = fusable_parts(model)
-    return sum(p.numel() * p.element_size() for _, parts in attns + mlps for m in parts for p in m.parameters(recurse=False))
-
-
 class FusedProjections:
-    """Concatenated q/k/v and gate/up weights of a model's decoder layers, and the switch that uses them."""
+    """The q/k/v and gate/up weights of a model's decoder layers moved into one tensor each (the modules'
+    parameters left as views of it), and the switch that uses them."""
 
     def __init__(self, model):
         self.attn, self.mlps = fusable_parts(model)
-        self._copies: dict[int, tuple] = {}  # id(module) -> (versions, (W, b))
+        self._fused: dict[int, tuple] = {}  # id(module) -> (W, b)
         self.refresh()
-        self.mlps = [(m, p) for m, p in self.mlps if self._mlp_matches(m)]
-        kept = {id(m) for m, _ in self.attn + self.mlps}
-        self._copies = {k: v for k, v in self._copies.items() if k in kept}  # a rejected MLP's copy is freed
+        kept = []
+        for mlp, parts in self.mlps:
+            if self._mlp_matches(mlp):
+                kept.append((mlp, parts))
+            else:
+                _unshare(parts)
+                del self._fused[id(mlp)]
+        self.mlps = kept
 
     @property
     def fused_layers(self) -> tuple[int, int]:
         """(attention layers with one q/k/v GEMM, MLPs with one gate/up GEMM)."""
         return len(self.attn), len(self.mlps)
 
-    def extra_bytes(self) -> int:
-        return sum(w.numel() * w.element_size() + (0 if b is None else b.numel() * b.element_size())
-                   for _, (w, b) in self._copies.values())
-
     def refresh(self) -> None:
+        """Move again any layer whose parameters are no longer the views (given new tensors since)."""
         for mod, parts in self.attn + self.mlps:
-            v = _versions(parts)
-            held = self._copies.get(id(mod))
-            if held is None or held[0] != v or held[1][0].device != parts[0].weight.device:
-                self._copies[id(mod)] = (v, _cat(parts))
+            held = self._fused.get(id(mod))
+            if held is None or not _is_shared(parts, held):
+                self._fused[id(mod)] = _share(parts)
+
+    def release(self) -> None:
+        """Every module's parameters get their own storage again (the fused tensors are freed layer by layer)."""
+        for mod, parts in self.attn + self.mlps:
+            held = self._fused.pop(id(mod), None)
+            if held is not None and _is_shared(parts, held):
+                _unshare(parts)
+            del held
 
     def _mlp_matches(self, mlp) -> bool:
         """The fused forward equals the module's own on a random input (an MLP that is not
@@ -107,7 +146,7 @@ class FusedProjections:
         x = torch.randn(1, 2, mlp.gate_proj.in_features, generator=g).to(w.device, w.dtype)
         with torch.no_grad():
             ref = mlp(x)
-            mlp._linearize_gate_up = self._copies[id(mlp)][1]
+            mlp._linearize_gate_up = self._fused[id(mlp)]
             try:
                 got = _fused_mlp_forward(mlp, x)
             finally:
@@ -119,9 +158,9 @@ class FusedProjections:
     def active(self):
         self.refresh()
         for attn, _ in self.attn:
-            attn.fused_qkv = self._copies[id(attn)][1]
+            attn.fused_qkv = self._fused[id(attn)]
         for mlp, _ in self.mlps:
-            mlp._linearize_gate_up = self._copies[id(mlp)][1]
+            mlp._linearize_gate_up = self._fused[id(mlp)]
             mlp.forward = types.MethodType(_fused_mlp_forward, mlp)
         try:
             yield

@@ -7,7 +7,7 @@ from transformers import DynamicCache, StaticCache
 
 import linearize
 from linearize import CompiledDecode, LinearizeConfig
-from linearize.modules.fused_projections import FusedProjections, fused_copy_bytes
+from linearize.modules.fused_projections import FusedProjections
 from tests.decode_steps import greedy_steps_and_full_forward
 from tests.tiny_models import perturb_added_weights, tiny_model
 
@@ -36,17 +36,28 @@ def _run(model, step, kept: bool, n=4, seed=0):
 )
 def test_fused_step_equals_the_full_forward(arch, cfg, want):
     """Eager steps through the fused projections (q/k/v biases in qwen2, gelu in Gemma's MLP; a kept softmax
-    layer keeps its own q/k/v but gets the fused MLP), equal to the full forward; afterwards the modules are
-    as they were."""
+    layer keeps its own q/k/v but gets the fused MLP), equal to the full forward; between steps the modules
+    are as they were but for their weights' storage (the same Parameter objects and values, as views of the
+    fused tensors), and ``close()`` gives them their own storage back."""
     model = _model(arch, **cfg)
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
     step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
-    assert step.fused.fused_layers == want and step.fused.extra_bytes() > 0
-    assert fused_copy_bytes(model) == step.fused.extra_bytes()  # what the CUDA default sizes up, built
+    assert step.fused.fused_layers == want
     got, ref = _run(model, step, kept=bool(cfg.get("softmax_layers")))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     for layer in model.base_model.layers:
         assert "forward" not in vars(layer.mlp) and not hasattr(layer.mlp, "_linearize_gate_up")
         assert getattr(layer.self_attn, "fused_qkv", None) is None
+    attn, mlp = model.base_model.layers[0].self_attn, model.base_model.layers[0].mlp
+    shared = {p.untyped_storage().data_ptr() for p in (mlp.gate_proj.weight, mlp.up_proj.weight)}
+    assert len(shared) == 1
+    if want[0] == 3:
+        assert len({m.weight.untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj, attn.v_proj)}) == 1
+    step.close()
+    storages = [p.untyped_storage().data_ptr() for p in model.parameters()]
+    assert len(set(storages)) == len(storages)  # (no tied weights in the tiny models)
+    for n, p in model.named_parameters():
+        assert p is before[n][0] and torch.equal(p, before[n][1]), n
 
 
 def test_compiled_fused_step_has_fewer_gemms_and_no_recompile():
@@ -77,18 +88,36 @@ def test_compiled_fused_step_has_fewer_gemms_and_no_recompile():
     assert counts[False] - counts[True] == 3 * layers, counts
 
 
-def test_copies_follow_weight_updates():
-    """An in-place weight update (as an optimizer step) after the copies were built: the next step rebuilds
-    them and still equals the full forward."""
+def test_fused_weights_follow_updates_and_replacements():
+    """An optimizer step on the (now view) parameters reaches the fused tensors; a parameter given a new
+    tensor (as ``model.to`` does) is moved again on the next step. Both still equal the full forward."""
     model = _model("llama")
     step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
     _run(model, step, kept=False, n=2)
-    with torch.no_grad():
-        for layer in model.base_model.layers:
-            layer.self_attn.k_proj.weight.mul_(1.5)
-            layer.mlp.up_proj.weight.add_(0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss = model(torch.randint(3, 96, (2, 7))).logits.square().mean()
+    loss.backward()
+    opt.step()
     got, ref = _run(model, step, kept=False, n=3, seed=1)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        for layer in model.base_model.layers:
+            layer.self_attn.k_proj.weight.data = layer.self_attn.k_proj.weight.data * 1.5
+            layer.mlp.up_proj.weight.data = layer.mlp.up_proj.weight.data + 0.01
+    got, ref = _run(model, step, kept=False, n=3, seed=2)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_save_pretrained_while_fused_round_trips(tmp_path):
+    """transformers' save_pretrained writes the view parameters apart; the reloaded model equals the live one."""
+    model = _model("llama")
+    step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
+    _run(model, step, kept=False, n=2)
+    model.save_pretrained(tmp_path)
+    back = type(model).from_pretrained(tmp_path)
+    ids = torch.randint(3, 96, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_wrapped_projections_and_other_mlps_are_left_alone():
@@ -119,7 +148,10 @@ def test_wrapped_projections_and_other_mlps_are_left_alone():
     n = model.config.num_hidden_layers
     assert fused.fused_layers == (n - 1, n - 1)
     assert layers[0].self_attn not in [a for a, _ in fused.attn] and layers[1].mlp not in [m for m, _ in fused.mlps]
-    assert len(fused._copies) == 2 * (n - 1)  # no copy held for what is not fused
+    assert len(fused._fused) == 2 * (n - 1)  # nothing held for what is not fused
+    swapped = layers[1].mlp  # its weights got their own storage back when its check failed
+    assert swapped.gate_proj.weight.untyped_storage().data_ptr() != swapped.up_proj.weight.untyped_storage().data_ptr()
+    fused.release()
     step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
     got, ref = _run(model, step, kept=False)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
@@ -127,9 +159,9 @@ def test_wrapped_projections_and_other_mlps_are_left_alone():
 
 def test_default_is_off_on_cpu():
     """The default (None) fuses only on CUDA, where it was measured faster (tests/gpu checks it is on there)."""
-    from linearize.decode import fuse_projections_fit
+    from linearize.decode import fuse_projections_default
 
     model = _model("llama")
-    assert not fuse_projections_fit(model)
+    assert not fuse_projections_default(model)
     assert CompiledDecode(model, kernel=False, compile=False).fused is None
     assert CompiledDecode(model, kernel=False, compile=False, fuse_projections=True).fused is not None
