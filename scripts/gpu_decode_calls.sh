@@ -419,7 +419,7 @@ case "$call" in
       --budget-s 110 --set feature_map_per_kv_head=true
     nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 \
       || row llama8b-base.log 140 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 125
-    left=$((585 - SECONDS))
+    left=$((${CALL_S:-585} - SECONDS))
     [ "$left" -gt 90 ] && row llama8b-kvmaps-fused-autotune.log "$left" "$l" --loops compiled --models ours --batches 64 \
       --no-fit --profile-steps 5 --compile-mode max-autotune-no-cudagraphs --budget-s $((left - 15)) \
       --set feature_map_per_kv_head=true
