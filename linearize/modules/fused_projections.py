@@ -38,7 +38,9 @@ from .attention import LinearizedAttention
 
 
 def _plain(*mods) -> bool:
-    return all(type(m) is nn.Linear for m in mods) and len({m.bias is None for m in mods}) == 1
+    """Plain ``nn.Linear``s of one dtype and device, all with a bias or none (what one tensor can hold)."""
+    return (all(type(m) is nn.Linear for m in mods) and len({m.bias is None for m in mods}) == 1
+            and len({(p.dtype, p.device) for m in mods for p in m.parameters(recurse=False)}) == 1)
 
 
 def _share(mods) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -144,11 +144,14 @@ def test_wrapped_projections_and_other_mlps_are_left_alone():
     layers = model.base_model.layers
     layers[0].self_attn.q_proj = Wrapped(layers[0].self_attn.q_proj)
     layers[1].mlp = Swapped(layers[1].mlp)
+    layers[2].self_attn.v_proj.double()  # one tensor cannot hold two dtypes: that layer keeps its q/k/v
     fused = FusedProjections(model)
     n = model.config.num_hidden_layers
-    assert fused.fused_layers == (n - 1, n - 1)
+    assert fused.fused_layers == (n - 2, n - 1)
     assert layers[0].self_attn not in [a for a, _ in fused.attn] and layers[1].mlp not in [m for m, _ in fused.mlps]
-    assert len(fused._fused) == 2 * (n - 1)  # nothing held for what is not fused
+    assert layers[2].self_attn.v_proj.weight.dtype == torch.float64
+    assert len(fused._fused) == 2 * n - 3  # nothing held for what is not fused
+    layers[2].self_attn.v_proj.float()
     swapped = layers[1].mlp  # its weights got their own storage back when its check failed
     assert swapped.gate_proj.weight.untyped_storage().data_ptr() != swapped.up_proj.weight.untyped_storage().data_ptr()
     fused.release()
