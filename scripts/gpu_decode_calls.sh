@@ -412,7 +412,7 @@ case "$call" in
     # CompiledDecode's GPU tests (the fused ids, the default's test), then the 8B step (key maps per KV head) at
     # the defaults, the 8B base again where the card is not call 29's H100 (the >= 3x goal's denominator), and
     # the fused step with max-autotuned GEMMs in whatever is left of ~585 s (call 29, H100: 8.262 ms unfused)
-    timeout 100 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "compiled_decode" 2>&1 | tail -3 \
+    timeout 100 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "compiled_decode and (fused or fuses)" 2>&1 | tail -3 \
       | tee "$out/tests-decode.log"
     l=benchmarks/configs/llama3.1-8b.json
     row llama8b-kvmaps-fused.log 125 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
