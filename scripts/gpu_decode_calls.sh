@@ -409,19 +409,21 @@ case "$call" in
     ;;
   30)
     # twenty-fourth session: fused projections with the weights moved in place (no copy; so now on at 8B too):
-    # CompiledDecode's GPU tests (the fused ids, the default's test), then the 8B step (key maps per KV head) at
-    # the defaults, the 8B base again where the card is not call 29's H100 (the >= 3x goal's denominator), and
-    # the fused step with max-autotuned GEMMs in whatever is left of ~585 s (call 29, H100: 8.262 ms unfused)
-    timeout 100 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "compiled_decode and (fused or fuses)" 2>&1 | tail -3 \
+    # their GPU tests, then the 8B step (key maps per KV head) fused and unfused in one call, the 8B base again
+    # where the card is not call 29's H100 (the >= 3x goal's denominator), and the fused step with max-autotuned
+    # GEMMs, each only if what is left of CALL_S (default 585 s) holds it (call 29, H100: 8.262 ms unfused)
+    timeout 70 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "compiled_decode and (fused or fuses)" 2>&1 | tail -3 \
       | tee "$out/tests-decode.log"
     l=benchmarks/configs/llama3.1-8b.json
+    left() { echo $((${CALL_S:-585} - SECONDS)); }
     row llama8b-kvmaps-fused.log 125 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
       --budget-s 110 --set feature_map_per_kv_head=true
-    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 \
-      || row llama8b-base.log 140 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 125
-    left=$((${CALL_S:-585} - SECONDS))
-    [ "$left" -gt 90 ] && row llama8b-kvmaps-fused-autotune.log "$left" "$l" --loops compiled --models ours --batches 64 \
-      --no-fit --profile-steps 5 --compile-mode max-autotune-no-cudagraphs --budget-s $((left - 15)) \
+    [ "$(left)" -gt 115 ] && row llama8b-kvmaps-unfused.log 115 "$l" --loops compiled --models ours --batches 64 --no-fit \
+      --budget-s 100 --no-fuse-projections --set feature_map_per_kv_head=true
+    nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || { [ "$(left)" -gt 135 ] \
+      && row llama8b-base.log 135 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 120; }
+    [ "$(left)" -gt 120 ] && row llama8b-kvmaps-fused-autotune.log "$(left)" "$l" --loops compiled --models ours \
+      --batches 64 --no-fit --profile-steps 5 --compile-mode max-autotune-no-cudagraphs --budget-s $(($(left) - 15)) \
       --set feature_map_per_kv_head=true
     ;;
   *) echo "call must be 1 to 30" >&2; exit 2 ;;
