@@ -126,11 +126,26 @@ class FusedProjections:
         return len(self.attn), len(self.mlps)
 
     def refresh(self) -> None:
-        """Move again any layer whose parameters are no longer the views (given new tensors since)."""
+        """Move again any layer whose parameters are no longer the views (given new tensors since); a layer
+        whose projections were replaced since (peft wrapping them in LoRA) leaves the fusion, so that its
+        own modules run."""
+        self.attn = self._still_there(self.attn, ("q_proj", "k_proj", "v_proj"))
+        self.mlps = self._still_there(self.mlps, ("gate_proj", "up_proj"))
         for mod, parts in self.attn + self.mlps:
             held = self._fused.get(id(mod))
             if held is None or not _is_shared(parts, held):
                 self._fused[id(mod)] = _share(parts)
+
+    def _still_there(self, pairs, names):
+        kept = []
+        for mod, parts in pairs:
+            if all(getattr(mod, n, None) is p for n, p in zip(names, parts)):
+                kept.append((mod, parts))
+            else:
+                held = self._fused.pop(id(mod), None)
+                if held is not None and _is_shared(parts, held):
+                    _unshare(parts)
+        return kept
 
     def release(self) -> None:
         """Every module's parameters get their own storage again (the fused tensors are freed layer by layer)."""

@@ -108,6 +108,23 @@ def test_fused_weights_follow_updates_and_replacements():
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_projections_wrapped_after_the_fusion_run_as_wrapped():
+    """peft's LoRA put on q/k/v/o after the step fused them: the wrapped layers leave the fusion (their
+    adapters run, with their own storage back), and the step equals the full forward of the wrapped model."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _model("llama")
+    step = CompiledDecode(model, kernel=False, compile=False, fuse_projections=True)
+    _run(model, step, kept=False, n=2)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj"], init_lora_weights=False))
+    got, ref = _run(peft_model.base_model.model, step, kept=False, n=3, seed=1)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert step.fused.fused_layers == (0, model.config.num_hidden_layers)
+    attn = model.base_model.layers[0].self_attn
+    ptrs = {m.base_layer.weight.untyped_storage().data_ptr() for m in (attn.q_proj, attn.k_proj, attn.v_proj)}
+    assert len(ptrs) == 3
+
+
 def test_save_pretrained_while_fused_round_trips(tmp_path):
     """transformers' save_pretrained writes the view parameters apart; the reloaded model equals the live one."""
     model = _model("llama")
