@@ -347,7 +347,7 @@ case "$call" in
     # test and one real model's heads at the training default (split + fold with the kept sums since 79c31c9)
     timeout 90 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "long_sequence_memory or real_model_head_shapes and qwen" \
       2>&1 | tail -3 | tee "$out/tests-chunk.log"
-    timeout 230 python3 benchmarks/attention.py --quick --no-check --only ours,sdpa-cudnn,flex-window,torch-linear \
+    timeout 230 python3 benchmarks/attention.py --quick --no-check --only ours,sdpa-cudnn,flex-window,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
       --groups main,decode --budget-s 200 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention.log" 2>&1
     sed -n '/== targets/,$p' "$out/attention.log" | head -14
     timeout 110 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4,32x8,16x4,64x8 \
