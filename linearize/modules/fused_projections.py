@@ -127,8 +127,8 @@ class FusedProjections:
 
     def refresh(self) -> None:
         """Move again any layer whose parameters are no longer the views (given new tensors since); a layer
-        whose projections were replaced since (peft wrapping them in LoRA) leaves the fusion, so that its
-        own modules run."""
+        whose projections were replaced since (peft wrapping them in LoRA), or no longer share one dtype and
+        device, leaves the fusion, so that its own modules run."""
         self.attn = self._still_there(self.attn, ("q_proj", "k_proj", "v_proj"))
         self.mlps = self._still_there(self.mlps, ("gate_proj", "up_proj"))
         for mod, parts in self.attn + self.mlps:
@@ -139,7 +139,7 @@ class FusedProjections:
     def _still_there(self, pairs, names):
         kept = []
         for mod, parts in pairs:
-            if all(getattr(mod, n, None) is p for n, p in zip(names, parts)):
+            if all(getattr(mod, n, None) is p for n, p in zip(names, parts)) and _plain(*parts):
                 kept.append((mod, parts))
             else:
                 held = self._fused.pop(id(mod), None)

@@ -106,6 +106,10 @@ def test_fused_weights_follow_updates_and_replacements():
             layer.mlp.up_proj.weight.data = layer.mlp.up_proj.weight.data + 0.01
     got, ref = _run(model, step, kept=False, n=3, seed=2)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    model.base_model.layers[0].mlp.up_proj.double()  # one tensor cannot hold two dtypes: that MLP leaves the fusion
+    step.fused.refresh()
+    n = model.config.num_hidden_layers
+    assert step.fused.fused_layers == (n, n - 1) and model.base_model.layers[0].mlp.gate_proj.weight.dtype == torch.float32
 
 
 def test_projections_wrapped_after_the_fusion_run_as_wrapped():
