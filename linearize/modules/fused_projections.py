@@ -43,34 +43,38 @@ def _plain(*mods) -> bool:
             and len({(p.dtype, p.device) for m in mods for p in m.parameters(recurse=False)}) == 1)
 
 
+def _spans(mods):
+    """(module, its first row, its rows) in the concatenation of ``mods``' weights."""
+    row = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        yield m, row, n
+        row += n
+
+
 def _share(mods) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate ``mods``' weights (and biases) into one tensor each and make every module's parameter a
     row view of it -> (W [sum of out_features, in], b or None)."""
     with torch.no_grad():
         w = torch.cat([m.weight for m in mods], 0)
         b = None if mods[0].bias is None else torch.cat([m.bias for m in mods], 0)
-        row = 0
-        for m in mods:
-            n = m.weight.shape[0]
+        for m, row, n in _spans(mods):
             m.weight.data = w[row : row + n]
             if b is not None:
                 m.bias.data = b[row : row + n]
-            row += n
     return w, b
 
 
 def _is_shared(mods, fused: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
-    """Every module's parameters are still the row views of ``fused`` that ``_share`` made."""
-    row = 0
-    for m in mods:
+    """Every module's parameters are still the row views of ``fused`` that ``_share`` made. (Called every
+    step: the views' addresses are computed, not sliced.)"""
+    for m, row, n in _spans(mods):
         for p, whole in ((m.weight, fused[0]), (m.bias, fused[1])):
             if whole is None:
                 continue
-            n = m.weight.shape[0]
-            if (p.device != whole.device or p.dtype != whole.dtype or p.shape != whole[row : row + n].shape
-                    or p.data_ptr() != whole[row : row + n].data_ptr()):
+            if (p.device != whole.device or p.dtype != whole.dtype or p.shape != (n, *whole.shape[1:])
+                    or p.data_ptr() != whole.data_ptr() + row * whole.stride(0) * whole.element_size()):
                 return False
-        row += m.weight.shape[0]
     return True
 
 
@@ -79,6 +83,9 @@ def _unshare(mods) -> None:
         for m in mods:
             for p in m.parameters(recurse=False):
                 p.data = p.data.clone()
+
+
+_QKV, _GATE_UP = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 def _fused_mlp_forward(self, x):
@@ -93,10 +100,10 @@ def fusable_parts(model) -> tuple[list[tuple[LinearizedAttention, tuple]], list[
     attns, mlps = [], []
     for layer in model.base_model.layers:
         attn = getattr(layer, "self_attn", None)
-        if isinstance(attn, LinearizedAttention) and _plain(attn.q_proj, attn.k_proj, attn.v_proj):
-            attns.append((attn, (attn.q_proj, attn.k_proj, attn.v_proj)))
+        if isinstance(attn, LinearizedAttention) and _plain(*(qkv := tuple(getattr(attn, n) for n in _QKV))):
+            attns.append((attn, qkv))
         mlp = getattr(layer, "mlp", None)
-        parts = tuple(getattr(mlp, n, None) for n in ("gate_proj", "up_proj"))
+        parts = tuple(getattr(mlp, n, None) for n in _GATE_UP)
         if (mlp is not None and all(isinstance(p, nn.Module) for p in parts) and _plain(*parts)
                 and isinstance(getattr(mlp, "down_proj", None), nn.Module) and callable(getattr(mlp, "act_fn", None))):
             mlps.append((mlp, parts))
@@ -111,14 +118,9 @@ class FusedProjections:
         self.attn, self.mlps = fusable_parts(model)
         self._fused: dict[int, tuple] = {}  # id(module) -> (W, b)
         self.refresh()
-        kept = []
-        for mlp, parts in self.mlps:
-            if self._mlp_matches(mlp):
-                kept.append((mlp, parts))
-            else:
-                _unshare(parts)
-                del self._fused[id(mlp)]
-        self.mlps = kept
+        for mlp, parts in [(m, p) for m, p in self.mlps if not self._mlp_matches(m)]:
+            self._drop(mlp, parts)
+            self.mlps.remove((mlp, parts))
 
     @property
     def fused_layers(self) -> tuple[int, int]:
@@ -129,31 +131,31 @@ class FusedProjections:
         """Move again any layer whose parameters are no longer the views (given new tensors since); a layer
         whose projections were replaced since (peft wrapping them in LoRA), or no longer share one dtype and
         device, leaves the fusion, so that its own modules run."""
-        self.attn = self._still_there(self.attn, ("q_proj", "k_proj", "v_proj"))
-        self.mlps = self._still_there(self.mlps, ("gate_proj", "up_proj"))
-        for mod, parts in self.attn + self.mlps:
-            held = self._fused.get(id(mod))
-            if held is None or not _is_shared(parts, held):
-                self._fused[id(mod)] = _share(parts)
+        self.attn = [(a, p) for a, p in self.attn if self._keep(a, p, _QKV)]
+        self.mlps = [(m, p) for m, p in self.mlps if self._keep(m, p, _GATE_UP)]
 
-    def _still_there(self, pairs, names):
-        kept = []
-        for mod, parts in pairs:
-            if all(getattr(mod, n, None) is p for n, p in zip(names, parts)) and _plain(*parts):
-                kept.append((mod, parts))
-            else:
-                held = self._fused.pop(id(mod), None)
-                if held is not None and _is_shared(parts, held):
-                    _unshare(parts)
-        return kept
+    def _keep(self, mod, parts, names) -> bool:
+        """Whether ``mod`` stays fused (moved again if its parameters were given new tensors), else dropped."""
+        same = all(getattr(mod, n, None) is p for n, p in zip(names, parts))
+        held = self._fused.get(id(mod))
+        if same and held is not None and _is_shared(parts, held):
+            return True  # every step but the first
+        if same and _plain(*parts):
+            self._fused[id(mod)] = _share(parts)
+            return True
+        self._drop(mod, parts)
+        return False
+
+    def _drop(self, mod, parts) -> None:
+        """``mod`` leaves the fusion: its modules get their own storage back (if they are still the views)."""
+        held = self._fused.pop(id(mod), None)
+        if held is not None and _is_shared(parts, held):
+            _unshare(parts)
 
     def release(self) -> None:
         """Every module's parameters get their own storage again (the fused tensors are freed layer by layer)."""
         for mod, parts in self.attn + self.mlps:
-            held = self._fused.pop(id(mod), None)
-            if held is not None and _is_shared(parts, held):
-                _unshare(parts)
-            del held
+            self._drop(mod, parts)
 
     def _mlp_matches(self, mlp) -> bool:
         """The fused forward equals the module's own on a random input (an MLP that is not
