@@ -69,6 +69,7 @@
 #                                            # 8B step at new and old defaults, the 8B base again (~520 s)
 #   bash scripts/gpu_decode_calls.sh 30 SHA  # fused projections in place (on at 8B now): their GPU tests, the 8B step
 #                                            # fused, and fused with max-autotuned GEMMs (~520 s)
+#   bash scripts/gpu_decode_calls.sh 31 SHA  # the 8B base and ours fused on one machine (the >= 3x goal; ~300 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -424,6 +425,14 @@ case "$call" in
       && row llama8b-base.log 135 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 120; }
     [ "$(left)" -gt 120 ] && row llama8b-kvmaps-fused-autotune.log "$(left)" "$l" --loops compiled --models ours \
       --batches 64 --no-fit --profile-steps 5 --compile-mode max-autotune-no-cudagraphs --budget-s $(($(left) - 15)) \
+      --set feature_map_per_kv_head=true
+    ;;
+  31)
+    # twenty-fifth session: the >= 3x goal's two rows on one machine (call 30's H100 had no base beside its fused
+    # 7.573 ms): the 8B base's lean loop, then ours fused (key maps per KV head; ~300 s)
+    l=benchmarks/configs/llama3.1-8b.json
+    row llama8b-base.log 150 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 135
+    row llama8b-kvmaps-fused.log 125 "$l" --loops compiled --models ours --batches 64 --no-fit --budget-s 110 \
       --set feature_map_per_kv_head=true
     ;;
   *) echo "call must be 1 to 30" >&2; exit 2 ;;
