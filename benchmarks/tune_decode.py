@@ -35,6 +35,7 @@ import argparse
 import itertools
 import re
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,6 +142,16 @@ def run(args) -> dict:
     ceilings = measure_ceilings(device=device.type)
     print(f"device {env['device']}; torch {env['torch']}, triton {env['triton']}; copy {ceilings['copy_gbps']:.0f} GB/s", flush=True)
     rows = []
+    t0 = time.monotonic()
+
+    def out_of_budget(r: dict) -> bool:
+        """Past ``--budget-s``: the row is kept as skipped, so that a call's timeout still leaves the files."""
+        if args.budget_s is not None and time.monotonic() - t0 > args.budget_s:
+            r["skipped"] = f"--budget-s {args.budget_s:g} spent"
+            rows.append(r)
+            return True
+        return False
+
     for name in args.presets.split(","):
         s = PRESETS[name]
         cost = costs.hybrid_decode_cost(s.B, s.H, s.Hkv, s.D, s.F, s.Hf, s.window)
@@ -173,6 +184,8 @@ def run(args) -> dict:
                 r = {"preset": name, "shape": asdict(s), "row": row_label(*cfg, fold=fold),
                      "kind": "ring", "BD": bd, "warps": w, "BW": bw, "FC": fc, "prefetch": pf, "heads_dot": hd,
                      "fold": fold, "default": cfg == cfgs[0] and fold == 1, "floor_ms": floor_ms}
+                if out_of_budget(r):
+                    continue
                 try:
                     y = step(0, *cfg, ring=ring0.clone()).double()
                     r["rel_err"] = float(((y - ref).norm() / ref.norm()).item())
@@ -198,6 +211,8 @@ def run(args) -> dict:
                         ("maps: torch compiled", lambda i: compiled(*sets[i][0][:2]))]
             for row, fn in variants:
                 r = {"preset": name, "shape": asdict(s), "row": row, "kind": "maps", "floor_ms": floor_ms}
+                if out_of_budget(r):
+                    continue
                 try:
                     got = fn(0)
                     r["rel_err"] = max(float(((a.double() - b.double()).norm() / b.double().norm()).item())
@@ -263,6 +278,9 @@ def markdown(p: dict) -> str:
         for r in rs:
             if r.get("kind") == "maps" and "ms" in r:
                 md.append(f"- {r['row']}: {r['ms'] * 1e3:.1f} µs (rel err {r['rel_err']:.1e} against the PyTorch maps)")
+        skipped = sum(1 for r in rs if r.get("skipped"))
+        if skipped:
+            md.append(f"- {skipped} rows not timed: {next(r['skipped'] for r in rs if r.get('skipped'))}")
         md += ["", "| row | µs | % floor | rel err | |", "|---|---:|---:|---:|---|"]
         for r in sorted((r for r in rs if "ms" in r or r.get("error")), key=lambda r: r.get("ms", 1e9)):
             if r.get("error"):
@@ -281,6 +299,9 @@ def main(argv=None) -> int:
     p.add_argument("--rep-ms", type=float, default=50)
     p.add_argument("--fold", default="1",
                    help="comma list of deferred-folding periods (RingState.fold: S written every P-th step), e.g. 1,16")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="time no new row after this many seconds (the rest are listed as skipped), so that a run cut "
+                        "short by a device call's limit still writes its files")
     p.add_argument("--match", default=None,
                    help="a regex: time only the ring rows whose label it finds (and the default), e.g. 'w[24] .*FC64'")
     add_kernel_bench_args(p, "CPU under TRITON_INTERPRET=1, a tiny shape, fp32")

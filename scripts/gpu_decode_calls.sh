@@ -70,6 +70,7 @@
 #   bash scripts/gpu_decode_calls.sh 30 SHA  # fused projections in place (on at 8B now): their GPU tests, the 8B step
 #                                            # fused, and fused with max-autotuned GEMMs (~520 s)
 #   bash scripts/gpu_decode_calls.sh 31 SHA  # the 8B base and ours fused on one machine (the >= 3x goal; ~300 s)
+#   bash scripts/gpu_decode_calls.sh 32 SHA  # the ring kernel's launches at the 8B's heads, fold 8, budgeted (~200 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -434,6 +435,14 @@ case "$call" in
     row llama8b-base.log 150 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 135
     row llama8b-kvmaps-fused.log 125 "$l" --loops compiled --models ours --batches 64 --no-fit --budget-s 110 \
       --set feature_map_per_kv_head=true
+    ;;
+  32)
+    # twenty-fifth session's call 5 again, with a budget so that it writes its files: the ring kernel's launches at
+    # the 8B's heads (key maps per KV head) with S written every 8th step (the default there); its tail had BD 64
+    # at 43.7 us, which may beat the default BD 128 (~200 s)
+    timeout 230 python3 benchmarks/tune_decode.py --presets llama8b-kvmaps --quick --fold 8 --budget-s 170 \
+      --commit "$sha" --copy-to "$out" 2>&1 | grep -v Warning | tail -40 > "$out/tune-decode.log"
+    tail -40 "$out/tune-decode.log"
     ;;
   *) echo "call must be 1 to 30" >&2; exit 2 ;;
 esac

@@ -29,6 +29,18 @@ def test_smoke_sweep_agrees_and_files_are_written(tmp_path):
     assert "best ring launch" in md and "maps: triton (1 launch)" in md
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_a_spent_budget_skips_rows_and_still_writes_the_files(tmp_path):
+    """``--budget-s``: past it no row is timed, each is kept as skipped, and the JSON and markdown are written (a
+    device call's timeout had cut a sweep before it wrote anything)."""
+    js = run_interpreted_smoke("tune_decode.py", tmp_path, "tune-decode", extra=("--budget-s", "0"))
+    rows = json.loads(js.read_text())["rows"]
+    assert {row["kind"] for row in rows} == {"ring", "maps"}
+    assert all(row["skipped"] == "--budget-s 0 spent" and "ms" not in row for row in rows)
+    md = js.with_suffix(".md").read_text()
+    assert f"- {len(rows)} rows not timed: --budget-s 0 spent" in md
+
+
 def test_match_keeps_the_default_and_the_rows_it_finds():
     """``--match``: the default launch always (the reference of every row's error), then the rows whose label the
     regex finds; at the 8B's heads with key maps per KV head the quick sweep has row chunks with and without H."""
