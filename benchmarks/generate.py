@@ -272,6 +272,8 @@ def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context,
 
             maps = len(fusable_map_layers(subj.model))
             path += f", map kernel {maps}/{subj.shape.hybrid_layers}" if maps else ""
+            rope = len(fusable_map_layers(subj.model, rope=True)) if getattr(subj.compiled, "fuse_rope", False) else 0
+            path += f" (RoPE inside {rope})" if rope else ""
         projections = getattr(subj.compiled, "fused", None) if loop == "compiled" else None
         if path and projections is not None and any(projections.fused_layers):
             path += ", fused projections"
@@ -300,7 +302,7 @@ def compiled_forward(subj: Subject, cache, ctx: Context):
         import linearize
 
         if subj.key == "ours":
-            maps = {} if ctx.args.fuse_maps is None else {"fuse_maps": ctx.args.fuse_maps}
+            maps = {k: v for k, v in (("fuse_maps", ctx.args.fuse_maps), ("fuse_rope", ctx.args.fuse_rope)) if v is not None}
             subj.compiled = linearize.CompiledDecode(subj.model, kernel=not ctx.args.compile_torch_step,
                                                      fuse_projections=ctx.args.fuse_projections, **maps,
                                                      **compile_options(ctx.args))
@@ -546,6 +548,9 @@ def parse_args(argv=None):
     p.add_argument("--fuse-maps", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled loop, ours: both Hedgehog maps of a layer in one Triton launch "
                         "(linearize.ops.triton.feature_maps) instead of the modules; default: CompiledDecode's (on)")
+    p.add_argument("--fuse-rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled loop, ours, with --fuse-maps: RoPE on q and k inside that launch "
+                        "(rope_hedgehog_pair_triton) instead of the model's RoPE; default: CompiledDecode's (on)")
     p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled loop, ours: one GEMM for q/k/v and one for gate/up a layer (the weights moved into one tensor each; "
                         "linearize.modules.fused_projections); default: CompiledDecode's (on CUDA)")

@@ -90,7 +90,7 @@ def convert_layers(model: nn.Module, adapter, config: LinearizeConfig) -> list[i
     for i in converted:
         attn = layers[i].self_attn
         layers[i].self_attn = LinearizedAttention(
-            attn, config, apply_rope=adapter.rope, teacher_sliding_window=adapter.teacher_sliding_window(attn),
+            attn, config, apply_rope=adapter.rope, rope_rotate_half=adapter.rope_rotate_half, teacher_sliding_window=adapter.teacher_sliding_window(attn),
             kept_kv_heads=config.kept_heads(i),
         )
     if not converted:

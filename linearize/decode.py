@@ -36,22 +36,27 @@ from .modules.softmax_decode import softmax_decode_kernel
 
 
 @contextmanager
-def decode_mode(*, kernel: bool, fuse_maps: bool = False):
-    saved = (DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside, DecodeMode.fuse_maps)
-    DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside, DecodeMode.fuse_maps = True, kernel, True, fuse_maps
+def decode_mode(*, kernel: bool, fuse_maps: bool = False, fuse_rope: bool = False):
+    names = ("ring", "kernel", "count_outside", "fuse_maps", "fuse_rope")
+    saved = tuple(getattr(DecodeMode, n) for n in names)
+    for n, value in zip(names, (True, kernel, True, fuse_maps, fuse_rope and fuse_maps)):
+        setattr(DecodeMode, n, value)
     try:
         yield
     finally:
-        DecodeMode.ring, DecodeMode.kernel, DecodeMode.count_outside, DecodeMode.fuse_maps = saved
+        for n, value in zip(names, saved):
+            setattr(DecodeMode, n, value)
 
 
-def fusable_map_layers(model) -> list[int]:
+def fusable_map_layers(model, rope: bool = False) -> list[int]:
     """Indices of the linearized layers whose feature maps ``CompiledDecode(fuse_maps=True)`` computes with
-    the Triton map kernel (``LinearizedAttention.maps_fusable``: Hedgehog maps)."""
+    the Triton map kernel (``LinearizedAttention.maps_fusable``: Hedgehog maps); with ``rope``, those whose
+    RoPE goes into that launch too (``fuse_rope``: rotate-half RoPE, every head hybrid)."""
     from .modules.attention import LinearizedAttention
 
     return [i for i, layer in enumerate(model.base_model.layers)
-            if isinstance(layer.self_attn, LinearizedAttention) and layer.self_attn.maps_fusable]
+            if isinstance(a := layer.self_attn, LinearizedAttention) and a.maps_fusable
+            and (not rope or (a.rope_rotate_half and not a.kept_kv_heads))]
 
 
 def fuse_projections_default(model) -> bool:
@@ -69,7 +74,9 @@ class CompiledDecode:
     (``linearize.ops.triton.feature_maps``) instead of the six kernels inductor makes of them (a permuted
     copy, two batched GEMMs, two softmax reductions and their pointwise halves: 12.5 us a layer of SmolLM2 at
     B 64 on the H200). (Computing the maps inside the ring kernel itself was slower there: 36-70 us a layer
-    against 21.)
+    against 21.) ``fuse_rope`` (with ``fuse_maps``, on by default): that launch also applies RoPE to q and k
+    (``rope_hedgehog_pair_triton``) where the architecture's RoPE is transformers' rotate-half form, in place of
+    the two pointwise kernels inductor makes of RoPE (5.2 us a layer of the 8B at B 64 on the H100).
     ``fuse_projections``: one GEMM for q/k/v and one for gate/up in every layer that allows it
     (``linearize.modules.fused_projections``: 3 fewer launches a layer). Those weights move into one tensor each
     and the modules' parameters become row views of it: no memory is added, and ``close()`` (or leaving
@@ -86,7 +93,7 @@ class CompiledDecode:
     """
 
     def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = True,
-                 fuse_projections: bool | None = None, **compile_options):
+                 fuse_rope: bool = True, fuse_projections: bool | None = None, **compile_options):
         if not is_linearized(model):
             raise ValueError("CompiledDecode decodes a linearized model (linearize.convert); this one has no linearized layer")
         layers = model.base_model.layers
@@ -102,6 +109,7 @@ class CompiledDecode:
         self.model = model
         self.kernel = kernel
         self.fuse_maps = fuse_maps and kernel
+        self.fuse_rope = fuse_rope and self.fuse_maps
         if fuse_projections is None:
             fuse_projections = fuse_projections_default(model)
         self.fused = FusedProjections(model) if fuse_projections else None
@@ -173,7 +181,7 @@ class CompiledDecode:
             mask4[:, 0, 0, n:].fill_(True)
         kept = softmax_decode_kernel(self.model, self.softmax_layers) if self.kernel and self.softmax_layers else nullcontext()
         fused = self.fused.active() if self.fused is not None else nullcontext()
-        with decode_mode(kernel=self.kernel, fuse_maps=self.fuse_maps), kept, fused:
+        with decode_mode(kernel=self.kernel, fuse_maps=self.fuse_maps, fuse_rope=self.fuse_rope), kept, fused:
             # (contiguous: a view's strides would be guarded on, and a growing buffer's view changes them)
             logits = self._fn(input_ids.contiguous(), position_ids.contiguous(), cache, mask4)
         for layer in layers:

@@ -35,6 +35,9 @@ class ArchAdapter:
     config_class: type
     causal_lm_class: type
     rope: Callable  # the modeling module's apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    #: whether ``rope`` is transformers' rotate-half RoPE over the whole head dim (x cos + rotate_half(x) sin), which
+    #: a compiled decode step may compute inside its map kernel (``rope_hedgehog_pair_triton``)
+    rope_rotate_half: bool = True
     #: the softmax teacher's sliding window for a layer's attention module (None = full attention)
     teacher_sliding_window: Callable[[nn.Module], int | None] = lambda attn: getattr(attn, "sliding_window", None)
     #: whether a layer is an (already cheap) sliding-window layer, kept as softmax by default

@@ -25,13 +25,16 @@ class DecodeMode:
     * ``count_outside``: ``advance`` leaves ``cumulative_length`` to the caller. A Python int counted in
       traced code is guarded on, and the compiled step would recompile at every token;
     * ``fuse_maps``: Hedgehog layers compute both feature maps of a decode step in one Triton launch
-      (``linearize.ops.triton.feature_maps``) instead of the modules' six kernels.
+      (``linearize.ops.triton.feature_maps``) instead of the modules' six kernels;
+    * ``fuse_rope`` (with ``fuse_maps``): that launch also applies RoPE to q and k
+      (``rope_hedgehog_pair_triton``), where the architecture's RoPE is transformers' rotate-half form.
     """
 
     ring = False
     kernel = True
     count_outside = False
     fuse_maps = False
+    fuse_rope = False
 
 
 class HybridCacheLayer(LinearAttentionAndSlidingWindowAttentionLayer):

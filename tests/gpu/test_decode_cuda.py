@@ -409,25 +409,27 @@ def test_compiled_decode_fuses_projections_by_default():
 @pytest.mark.parametrize(
     "kernel,kept,fuse,maps",
     [(True, [], False, True), (True, [1], False, True), (False, [], False, True), (False, [1], False, True),
-     (True, [], True, True), (True, [1], True, True), (True, [], True, False), (True, "heads", False, True),
-     (False, "heads", False, True)],
+     (True, [], True, True), (True, [1], True, True), (True, [], True, False), (True, [], True, "no-rope"),
+     (True, "heads", False, True), (False, "heads", False, True)],
     ids=["triton-kernel-all-linear", "triton-kernel-kept-1", "torch-step-all-linear", "torch-step-kept-1",
          "triton-kernel-all-linear-fused-proj", "triton-kernel-kept-1-fused-proj", "triton-kernel-maps-modules",
-         "triton-kernel-kept-heads", "torch-step-kept-heads"],
+         "triton-kernel-maps-without-rope", "triton-kernel-kept-heads", "torch-step-kept-heads"],
 )
 def test_compiled_decode_equals_full_forward_and_replays_in_a_cuda_graph(kernel, kept, fuse, maps):
     """linearize.CompiledDecode on CUDA: the Triton decode kernel inside the compiled graph (or inductor's own
     ring step), equal to the full forward, then captured in a CUDA graph and replayed. A kept softmax layer
     decodes on a StaticCache with room to spare (its mask comes from the static layer's device count).
-    ``fuse``: one GEMM for q/k/v and one for gate/up (fuse_projections); ``maps``: the Triton map kernel
-    (fuse_maps, the default) or the feature map modules. ``kept="heads"``: KV heads kept softmax inside two
+    ``fuse``: one GEMM for q/k/v and one for gate/up (fuse_projections); ``maps``: the Triton map kernel with RoPE
+    inside (fuse_maps and fuse_rope, the default), without it ("no-rope": the model's RoPE), or the feature map
+    modules. ``kept="heads"``: KV heads kept softmax inside two
     linearized layers (softmax_heads), their buffers reserved, the split-K softmax kernel on their steps."""
     from linearize.decode import reserve_kept_heads
 
     torch._dynamo.reset()
     heads = kept == "heads"
     model = _model(4, feature_rope=False, **({"softmax_heads": [[0, 1], [2, 0]]} if heads else {"softmax_layers": kept}))
-    step = linearize.CompiledDecode(model, kernel=kernel, fuse_projections=fuse, fuse_maps=maps)
+    step = linearize.CompiledDecode(model, kernel=kernel, fuse_projections=fuse, fuse_maps=maps is not False,
+                                    fuse_rope=maps is True)
     ids = torch.randint(3, 96, (3, 24), device="cuda")
     with torch.no_grad():
         full = model(ids, use_cache=False).logits

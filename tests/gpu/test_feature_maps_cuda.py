@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from linearize.modules.feature_maps import HedgehogFeatureMap  # noqa: E402
-from linearize.ops.triton.feature_maps import hedgehog_pair_triton  # noqa: E402
+from linearize.ops.triton.feature_maps import hedgehog_pair_triton, rope_hedgehog_pair_triton  # noqa: E402
 
 from ..ops.helpers import random_hedgehog_maps, rel_err  # noqa: E402
 from ..tiny_models import perturb_added_weights, tiny_model  # noqa: E402
@@ -33,6 +33,45 @@ def _run(maps, qkv, H, Hkv, D, dy, *, kernel: bool):
         ys = [torch.func.functional_call(m, {"weight": w}, (inp,)) for m, w, inp in zip(maps, ws, (q, k))]
     sum((y.double() * g.double()).sum() for y, g in zip(ys, dy)).backward()
     return [y.detach() for y in ys] + [x.grad] + [w.grad for w in ws]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("H,Hkv,D,f,per_q,feature_rope", [(32, 8, 128, 64, False, True), (32, 8, 128, 64, True, True),
+                                                          (9, 3, 64, 64, True, False), (4, 1, 256, 64, True, True),
+                                                          (14, 2, 64, 64, False, False)])
+def test_rope_and_maps_in_one_launch_equal_fp64(H, Hkv, D, f, per_q, feature_rope, dtype):
+    """A decode step's RoPE and both maps in one launch (B 64, one token), at the 8B's heads (key maps per KV head and per query head), SmolLM2, Gemma 3's D 256 and Qwen2.5:
+    q, k rotated and phi_q, phi_k against fp64 RoPE (transformers' rotate-half form) and the maps' modules, and
+    no further from fp64 than the model's own RoPE then the map kernel in the same dtype."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B = 64
+    Hf = H if per_q else Hkv
+    maps = [m.cuda() for m in random_hedgehog_maps(H, Hf, D, f, torch.Generator().manual_seed(H + D), D**-0.5)]
+    g = torch.Generator(device="cuda").manual_seed(B + D)
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, device="cuda", generator=g).to(dtype)
+    q, k, _ = qkv.view(B, 1, -1, D).split([H, Hkv, Hkv], dim=2)
+    pos = torch.randint(0, 8192, (B, 1), device="cuda", generator=g).double()
+    freq = 500000.0 ** (-torch.arange(0, D, 2, device="cuda", dtype=torch.float64) / D)
+    ang = torch.cat([pos[..., None] * freq] * 2, -1)  # [B, 1, D]
+    cos, sin = ang.cos(), ang.sin()
+
+    def model_path(q, k, cos, sin, maps):  # what the step runs without the fusion
+        qr, kr = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        fq, fk = (qr, kr) if feature_rope else (q, k)
+        return qr, kr, maps[0](fq), maps[1](fk)
+
+    with torch.no_grad():
+        got = rope_hedgehog_pair_triton(q, k, cos.to(dtype), sin.to(dtype), maps[0].weight, maps[1].weight,
+                                        feature_rope=feature_rope)
+        qr, kr = apply_rotary_pos_emb(q, k, cos.to(dtype), sin.to(dtype), unsqueeze_dim=2)
+        mod = (qr, kr) + hedgehog_pair_triton(*((qr, kr) if feature_rope else (q, k)), maps[0].weight, maps[1].weight)
+        ref = model_path(q.double(), k.double(), cos, sin, [m.double() for m in maps])
+    torch.cuda.synchronize()
+    for name, a, m, r in zip(("q", "k", "phi_q", "phi_k"), got, mod, ref):
+        assert torch.isfinite(a).all() and a.shape == m.shape and a.dtype == m.dtype, name
+        assert rel_err(a, r) < TOL[dtype], f"{name}: rel err to fp64 {rel_err(a, r):.2e}"
+        assert rel_err(a, r) <= max(1.5 * rel_err(m, r), 1e-6), f"{name}: {rel_err(a, r):.2e} vs unfused {rel_err(m, r):.2e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -156,6 +156,40 @@ def test_map_kernel_compiles_for_sm90_without_spills(dt, H, D, f, backward):
         assert "mma" in kernel.asm["ptx"], "the per-head projection does not use tensor cores"
 
 
+@pytest.mark.parametrize(
+    "dt,HQX,HKX,GK,D,f,feature_rope",
+    [("bf16", 32, 8, 1, 128, 64, True),  # the 8B, key maps per KV head
+     ("bf16", 9, 3, 3, 64, 64, False),  # SmolLM2, key maps per query head, maps before RoPE
+     ("bf16", 4, 1, 4, 256, 64, True),  # Gemma 3 (D 256)
+     ("fp32", 4, 1, 1, 256, 128, True)],  # fp32 (ieee dot) at the largest sizes
+)
+def test_rope_and_maps_kernel_compiles_for_sm90_without_spills(dt, HQX, HKX, GK, D, f, feature_rope):
+    """``_rope_pair_kernel`` (a decode step's RoPE and both maps) at its default launch for B 64 x 1 token."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import torch
+
+    from linearize.ops.triton.feature_maps import _pow2_at_least_16, _rope_pair_kernel, block_k, default_block_rows
+
+    torch_dt = torch.float32 if dt == "fp32" else torch.bfloat16
+    const = dict(HQX=HQX, HKX=HKX, GQ=1, GK=GK, D=D, DP=_pow2_at_least_16(D), FH=f, FHP=_pow2_at_least_16(f),
+                 BR=default_block_rows(64, torch_dt), BK=block_k(D, torch_dt), IEEE=dt == "fp32", FEATURE_ROPE=feature_rope)
+    ptrs = ["XQ", "XK", "COS", "SIN", "WQ", "WK", "QR", "KR", "OQ", "OK"]
+    ints = ["R", "sXQ_r", "sXK_r", "sC_r"]
+    sig = {n: "*" + dt for n in ptrs} | {n: "i32" for n in ints} | {n: "constexpr" for n in const}
+    names = list(sig)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs + ints[1:]}
+    src = ASTSource(fn=_rope_pair_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs=attrs)
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    use = resource_usage(kernel)
+    assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
+    if dt != "fp32":
+        assert "mma" in kernel.asm["ptx"], "the per-head projection does not use tensor cores"
+
+
 @pytest.mark.parametrize("name,D,Hf,QH,heads_dot,spill", [
     ("issue5", 128, 16, 1, False, 0),
     ("llama8b-kvmaps", 128, 8, 4, True, 32),  # as timed on the H100 (39.6 us, the fastest launch there)

@@ -233,14 +233,17 @@ def test_hedgehog_pair_kernel_equals_the_feature_map_modules(B, T, H, Hkv, Hk, D
 
 @inside
 @pytest.mark.parametrize(
-    "compile,cfg,fuse,want",
-    [(True, {}, None, True), (False, {"sink_tokens": 2}, True, True), (False, {}, False, False)],
-    ids=["inductor-default", "sinks-eager", "off"],
+    "compile,cfg,opts,want",
+    [(True, {}, {}, "rope"), (False, {"feature_rope": True}, {}, "rope"),
+     (False, {"sink_tokens": 2}, {"fuse_rope": False}, "maps"), (False, {}, {"fuse_maps": False}, None)],
+    ids=["inductor-default", "feature-rope-eager", "sinks-eager-maps-only", "off"],
 )
-def test_compiled_decode_runs_the_map_kernel(monkeypatch, compile, cfg, fuse, want):
-    """CompiledDecode on a tiny llama with the kernels made to serve on CPU: by default every layer's step computes
-    its two Hedgehog maps in one launch of the map kernel (sinks too: their feature is appended afterwards),
-    ``fuse_maps=False`` uses the modules; the steps equal the full forward either way, padded row included."""
+def test_compiled_decode_runs_the_map_kernel(monkeypatch, compile, cfg, opts, want):
+    """CompiledDecode on a tiny llama with the kernels made to serve on CPU: by default every layer's step applies
+    RoPE and computes its two Hedgehog maps in one launch (``rope_hedgehog_pair_triton``), whether the maps read
+    q, k before RoPE or after it; ``fuse_rope=False`` leaves RoPE to the model and launches the map kernel (sinks
+    too: their feature is appended afterwards); ``fuse_maps=False`` uses the modules. The steps equal the full
+    forward every way, padded row included."""
     from transformers import DynamicCache
 
     import linearize
@@ -259,25 +262,29 @@ def test_compiled_decode_runs_the_map_kernel(monkeypatch, compile, cfg, fuse, wa
 
     monkeypatch.setattr(ops, "use_triton", lambda q, phi_q: True)
     monkeypatch.setattr("linearize.modules.attention.use_triton", lambda q, phi_q: True)
-    spy = Spy(fmk._hedgehog_pair_kernel)
-    monkeypatch.setattr(fmk, "_hedgehog_pair_kernel", spy)
+    spies = {"maps": Spy(fmk._hedgehog_pair_kernel), "rope": Spy(fmk._rope_pair_kernel)}
+    monkeypatch.setattr(fmk, "_hedgehog_pair_kernel", spies["maps"])
+    monkeypatch.setattr(fmk, "_rope_pair_kernel", spies["rope"])
     torch._dynamo.reset()
-    model = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(feature_dim=6, window=4, feature_rope=False, **cfg))
+    model = linearize.convert(tiny_model("llama"), linearize.LinearizeConfig(feature_dim=6, window=4, **({"feature_rope": False} | cfg)))
     perturb_added_weights(model)
     B, P, N = 2, 9, 3
     ids = torch.randint(3, 96, (B, P), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(B, P, dtype=torch.long)
     mask[1, :3] = 0
-    compiled = linearize.CompiledDecode(model, compile=compile, **({} if fuse is None else {"fuse_maps": fuse}))
+    compiled = linearize.CompiledDecode(model, compile=compile, **opts)
 
     def step(*args):
-        spy.stepping = True
+        for spy in spies.values():
+            spy.stepping = True
         try:
             return compiled(*args)
         finally:
-            spy.stepping = False
+            for spy in spies.values():
+                spy.stepping = False
 
     got, ref = greedy_steps_and_full_forward(model, step, DynamicCache(config=model.config), ids, mask, N, pass_mask=False)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     layers = model.config.num_hidden_layers
-    assert spy.launches == (layers * N if want else 0), f"{cfg}: {spy.launches} map-kernel launches"
+    launches = {name: spy.launches for name, spy in spies.items()}
+    assert launches == {name: layers * N if name == want else 0 for name in spies}, f"{cfg}, {opts}: {launches}"

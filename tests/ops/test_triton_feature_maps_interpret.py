@@ -77,7 +77,7 @@ def test_weights_only_and_one_map_used():
 @inside
 def test_ops_pass_opcheck():
     """Schemas, fake kernels and the autograd registration, as torch.compile relies on them."""
-    from linearize.ops.triton.feature_maps import _hedgehog_pair_du_op, _hedgehog_pair_op
+    from linearize.ops.triton.feature_maps import _hedgehog_pair_du_op, _hedgehog_pair_op, _rope_hedgehog_pair_op
 
     mq, mk, qkv, g = _maps_and_inputs(2, 5, 4, 2, 4, 16, 8, torch.float32, seed=4)
     q, k, _ = qkv.view(2, 5, -1, 16).split([4, 2, 2], dim=2)
@@ -86,6 +86,63 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(_hedgehog_pair_op, (q, k, wq, wk, 16, 4))
     dyq, dyk = torch.randn(2, 5, 4, 16, generator=g), torch.randn(2, 5, 4, 16, generator=g)
     torch.library.opcheck(_hedgehog_pair_du_op, (q.detach(), k.detach(), wq.detach(), wk.detach(), dyq, dyk, 16, 4))
+    cos, sin = _rope(5, 16, 2, torch.float32, seed=1)  # RoPE + maps: no autograd (decode steps only)
+    torch.library.opcheck(_rope_hedgehog_pair_op, (q.detach(), k.detach(), cos, sin, wq.detach(), wk.detach(), True, 16, 4))
+
+
+def _rope(T, D, B, dtype, seed, batch_broadcast=False):
+    """cos, sin [B or 1, T, D] as transformers' Llama rotary embedding makes them, at random positions."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    rot = LlamaRotaryEmbedding(LlamaConfig(head_dim=D, hidden_size=4 * D, num_attention_heads=4))
+    pos = torch.randint(0, 5000, (1 if batch_broadcast else B, T), generator=torch.Generator().manual_seed(seed))
+    return rot(torch.zeros(1, dtype=dtype), pos)
+
+
+@inside
+@pytest.mark.parametrize(
+    "B,T,H,Hkv,Hk,D,f,dtype,feature_rope,bcast,tol",
+    [(5, 1, 4, 2, 2, 16, 8, torch.float32, True, False, 1e-5),  # a decode step, key maps per KV head
+     (3, 1, 4, 2, 4, 24, 5, torch.float32, True, True, 1e-5),  # key maps per query head (G = 2); D, f not powers of 2;
+                                                                 # one cos row for the batch (stride 0)
+     (2, 7, 6, 2, 2, 16, 16, torch.float16, True, False, 2e-3),  # several tokens, G = 3, the last program partial
+     (4, 1, 3, 3, 3, 40, 20, torch.float32, False, False, 1e-5)],  # the maps read q, k before RoPE
+)
+def test_rope_and_maps_in_one_launch_equal_transformers_rope_and_the_modules(B, T, H, Hkv, Hk, D, f, dtype,
+                                                                             feature_rope, bcast, tol):
+    """q, k rotated as ``apply_rotary_pos_emb`` does (inputs: views of one fused projection) and the two maps of
+    what the layer's ``feature_rope`` says they read, against transformers and ``HedgehogFeatureMap`` (with G map
+    heads over one input head, the first of them writes its rotation)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from linearize.ops.triton.feature_maps import rope_hedgehog_pair_triton
+
+    mq, mk, qkv, _ = _maps_and_inputs(B, T, H, Hkv, Hk, D, f, dtype, seed=B * T + D)
+    q, k, _ = qkv.view(B, T, -1, D).split([H, Hkv, Hkv], dim=2)
+    cos, sin = _rope(T, D, B, dtype, seed=D, batch_broadcast=bcast)
+    with torch.no_grad():
+        qr, kr = apply_rotary_pos_emb(q.float(), k.float(), cos.float(), sin.float(), unsqueeze_dim=2)
+        qr, kr = qr.to(dtype), kr.to(dtype)  # rounded once, as inductor's fused RoPE does
+        want = (qr, kr, mq(qr if feature_rope else q), mk(kr if feature_rope else k))
+        got = rope_hedgehog_pair_triton(q, k, cos, sin, mq.weight, mk.weight, feature_rope=feature_rope, block_rows=16)
+    for name, ref, out in zip(("q", "k", "phi_q", "phi_k"), want, got):
+        assert out.shape == ref.shape and out.dtype == ref.dtype and torch.isfinite(out).all(), name
+        assert rel_err(out, ref) < tol, f"{name}: rel err {rel_err(out, ref):.2e}"
+
+
+@inside
+def test_rope_and_maps_refuse_what_they_cannot_do():
+    """No backward, RoPE over part of the head, an odd head dim: one-line errors, not wrong numbers."""
+    from linearize.ops.triton.feature_maps import rope_hedgehog_pair_triton
+
+    mq, mk, qkv, _ = _maps_and_inputs(2, 1, 4, 2, 2, 16, 8, torch.float32, seed=0)
+    q, k, _ = qkv.view(2, 1, -1, 16).split([4, 2, 2], dim=2)
+    cos, sin = _rope(1, 16, 2, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="no backward"):
+        rope_hedgehog_pair_triton(q, k, cos, sin, mq.weight, mk.weight)
+    with torch.no_grad(), pytest.raises(ValueError, match="whole head dim"):
+        rope_hedgehog_pair_triton(q, k, cos[..., :8], sin[..., :8], mq.weight, mk.weight)
 
 
 @inside

@@ -107,6 +107,71 @@ def _hedgehog_pair_kernel(
             _hedgehog_rows(XK, WK, OK, pid - H, r0, R, sXK_r, HK * 2 * FH, GK, D, DP, FH, FHP, BR, BK, IEEE)
 
 
+@triton.jit
+def _rope_rows(X, COS, SIN, XR, W, Y, h, r0, R, sX_r, sC_r,
+               HX: tl.constexpr, G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr,
+               FHP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr, FEATURE_ROPE: tl.constexpr):
+    """Rows r0..r0+BR of output head h: its input head ``h // G`` rotated (x cos + rotate_half(x) sin in fp32,
+    rounded once to x's dtype, as inductor fuses it) into XR [R, HX, D] by the first of the G output heads that
+    read it, and phi = [softmax(u), softmax(-u)] of u = x W into Y [R, H, 2 FH], x rotated or not (FEATURE_ROPE).
+    COS, SIN [R, D] (row stride sC_r)."""
+    rr = r0 + tl.arange(0, BR)
+    r_ok = rr < R
+    rf = tl.arange(0, FHP)
+    f_ok = rf < FH
+    x_rows = X + rr[:, None].to(tl.int64) * sX_r + (h // G) * D
+    c_rows = rr[:, None].to(tl.int64) * sC_r
+    writes = (h % G) == 0
+    u = tl.zeros([BR, FHP], tl.float32)
+    for d0 in tl.static_range(0, DP, BK):
+        rd = d0 + tl.arange(0, BK)
+        d_ok = rd < D
+        ok = r_ok[:, None] & d_ok[None, :]
+        first = rd < D // 2
+        partner = tl.where(first, rd + D // 2, rd - D // 2)  # rotate_half: [-x2, x1]
+        x = tl.load(x_rows + rd[None, :], mask=ok, other=0.0)
+        xp = tl.load(x_rows + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+        c = tl.load(COS + c_rows + rd[None, :], mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(SIN + c_rows + rd[None, :], mask=ok, other=0.0).to(tl.float32)
+        xr = (x.to(tl.float32) * c + tl.where(first, -xp, xp) * s).to(X.dtype.element_ty)
+        tl.store(XR + rr[:, None].to(tl.int64) * (HX * D) + (h // G) * D + rd[None, :], xr, mask=ok & writes)
+        w = tl.load(W + h * D * FH + rd[:, None] * FH + rf[None, :], mask=d_ok[:, None] & f_ok[None, :], other=0.0)
+        xin = xr if FEATURE_ROPE else x
+        if IEEE:
+            u += tl.dot(xin, w, input_precision="ieee")
+        else:
+            u += tl.dot(xin, w)
+    u = u.to(X.dtype.element_ty).to(tl.float32)
+    pos = tl.where(f_ok[None, :], u, float("-inf"))
+    neg = tl.where(f_ok[None, :], -u, float("-inf"))
+    e1 = tl.exp(pos - tl.max(pos, 1)[:, None])
+    e2 = tl.exp(neg - tl.max(neg, 1)[:, None])
+    out = Y + rr[:, None].to(tl.int64) * (G * HX * 2 * FH) + h * 2 * FH + rf[None, :]
+    ok = r_ok[:, None] & f_ok[None, :]
+    tl.store(out, (e1 / tl.sum(e1, 1)[:, None]).to(Y.dtype.element_ty), mask=ok)
+    tl.store(out + FH, (e2 / tl.sum(e2, 1)[:, None]).to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rope_pair_kernel(
+    XQ, XK, COS, SIN, WQ, WK, QR, KR, OQ, OK, R, sXQ_r, sXK_r, sC_r,
+    HQX: tl.constexpr, HKX: tl.constexpr, GQ: tl.constexpr, GK: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
+    IEEE: tl.constexpr, FEATURE_ROPE: tl.constexpr,
+):
+    """RoPE on q and k and both maps, on the grid of ``_hedgehog_pair_kernel`` (the map heads, H = GQ HQX query
+    then GK HKX key heads, fastest; then row blocks): q, k rotated into QR, KR and phi_q, phi_k into OQ, OK."""
+    H = GQ * HQX
+    pid = tl.program_id(0) % (H + GK * HKX)
+    r0 = (tl.program_id(0) // (H + GK * HKX)) * BR
+    if pid < H:
+        _rope_rows(XQ, COS, SIN, QR, WQ, OQ, pid, r0, R, sXQ_r, sC_r, HQX, GQ, D, DP, FH, FHP, BR, BK, IEEE,
+                   FEATURE_ROPE)
+    else:
+        _rope_rows(XK, COS, SIN, KR, WK, OK, pid - H, r0, R, sXK_r, sC_r, HKX, GK, D, DP, FH, FHP, BR, BK, IEEE,
+                   FEATURE_ROPE)
+
+
 def _pow2_at_least_16(n: int) -> int:
     """tl.dot takes dims of at least 16."""
     return max(16, _pow2(n))
@@ -237,3 +302,82 @@ def hedgehog_pair_triton(
     wq, wk = wq.to(xq.dtype).contiguous(), wk.to(xq.dtype).contiguous()
     R = xq.shape[0] * xq.shape[1]
     return _hedgehog_pair_op(xq, xk, wq, wk, block_rows or default_block_rows(R, xq.dtype), num_warps)
+
+
+def _rows_of(t: torch.Tensor, B: int, T: int, D: int) -> tuple[torch.Tensor, int]:
+    """cos or sin [B or 1, T, D] as rows [B T, D] and their stride (0 for a batch-broadcast one token)."""
+    t = t.expand(B, T, D)
+    if T == 1 and t.stride(2) == 1:
+        return t, t.stride(0)
+    return t.contiguous(), D
+
+
+@torch.library.custom_op("linearize::rope_hedgehog_pair", mutates_args=())
+def _rope_hedgehog_pair_op(xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wq: torch.Tensor,
+                           wk: torch.Tensor, feature_rope: bool, block_rows: int, num_warps: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One launch; shapes checked by ``rope_hedgehog_pair_triton``. No autograd (decode steps only)."""
+    B, T, Hqx, D = xq.shape
+    Hkx = xk.shape[2]
+    R = B * T
+    qr, kr = torch.empty_like(xq, memory_format=torch.contiguous_format), torch.empty_like(xk, memory_format=torch.contiguous_format)
+    oq, ok = _pair_like(xq, xk, wq, wk, 2)
+    if R:
+        (cos2, sC), (sin2, sS) = _rows_of(cos, B, T, D), _rows_of(sin, B, T, D)
+        if sC != sS:
+            sin2, cos2, sC = sin2.contiguous(), cos2.contiguous(), D
+        xq2, xk2 = xq.reshape(R, Hqx, D), xk.reshape(R, Hkx, D)
+        H, Hk = wq.shape[0], wk.shape[0]
+        FH = wq.shape[2]
+        _rope_pair_kernel[((H + Hk) * triton.cdiv(R, block_rows),)](
+            xq2, xk2, cos2, sin2, wq, wk, qr, kr, oq, ok, R, xq2.stride(0), xk2.stride(0), sC,
+            HQX=Hqx, HKX=Hkx, GQ=H // Hqx, GK=Hk // Hkx, D=D, DP=_pow2_at_least_16(D), FH=FH,
+            FHP=_pow2_at_least_16(FH), BR=block_rows, BK=block_k(D, xq.dtype), IEEE=xq.dtype == torch.float32,
+            FEATURE_ROPE=feature_rope, num_warps=num_warps,
+        )
+    return qr, kr, oq, ok
+
+
+@_rope_hedgehog_pair_op.register_fake
+def _(xq, xk, cos, sin, wq, wk, feature_rope, block_rows, num_warps):
+    oq, ok = _pair_like(xq, xk, wq, wk, 2)
+    return torch.empty_like(xq, memory_format=torch.contiguous_format), torch.empty_like(xk, memory_format=torch.contiguous_format), oq, ok
+
+
+def rope_hedgehog_pair_triton(
+    xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, *,
+    feature_rope: bool = True, block_rows: int | None = None, num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step's RoPE and both Hedgehog maps in one launch, in place of RoPE's kernels and the map kernel
+    (``hedgehog_pair_triton``): -> (q, k rotated, phi_q, phi_k).
+
+    xq [B,T,Hq,D], xk [B,T,Hk',D] before RoPE (a view of a fused projection is fine); cos, sin [B or 1,T,D] (the
+    model's ``position_embeddings``; RoPE as transformers' ``apply_rotary_pos_emb``: x cos + rotate_half(x) sin,
+    over the whole head dim); wq [H,D,f], wk [Hk,D,f] as ``hedgehog_pair_triton`` takes them. The maps read q and
+    k rotated (``feature_rope``, LoLCATs) or as given. No gradient: for steps under ``torch.no_grad``.
+    """
+    if xq.dim() != 4 or xk.dim() != 4 or xq.shape[:2] != xk.shape[:2] or xq.shape[3] != xk.shape[3]:
+        raise ValueError(f"xq, xk must be [B, T, heads, D] with the same B, T, D; got {tuple(xq.shape)}, {tuple(xk.shape)}")
+    B, T, _, D = xq.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[-1] != D or t.shape[1] != T or t.shape[0] not in (1, B):
+            raise ValueError(f"{name} must be [B or 1, T, {D}] (RoPE over the whole head dim); got {tuple(t.shape)}")
+    if D % 2:
+        raise ValueError(f"RoPE needs an even head dim; got {D}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (xq, xk, cos, sin, wq, wk)):
+        raise ValueError("rope_hedgehog_pair_triton has no backward; call it under torch.no_grad()")
+    if xq.dtype != xk.dtype:
+        raise ValueError(f"xq and xk must share a dtype; got {xq.dtype}, {xk.dtype}")
+    if wq.dim() != 3 or wk.dim() != 3 or wq.shape[1] != D or wk.shape[1:] != wq.shape[1:]:
+        raise ValueError(f"weights must be [H, {D}, f] with one f; got {tuple(wq.shape)}, {tuple(wk.shape)}")
+    if wq.shape[0] % xq.shape[2] or wk.shape[0] % xk.shape[2]:
+        raise ValueError(f"map heads ({wq.shape[0]}, {wk.shape[0]}) must be multiples of the input heads "
+                         f"({xq.shape[2]}, {xk.shape[2]})")
+    if D > 256 or wq.shape[2] > 128:
+        raise ValueError(f"the map kernel takes head dim <= 256 and f <= 128; got D={D}, f={wq.shape[2]}")
+    xq, xk = (x if x.stride(3) == 1 and x.stride(2) == D else x.contiguous() for x in (xq, xk))
+    xq, xk = (x if x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1) else x.contiguous() for x in (xq, xk))
+    wq, wk = wq.to(xq.dtype).contiguous(), wk.to(xq.dtype).contiguous()
+    cos, sin = cos.to(xq.dtype), sin.to(xq.dtype)
+    return _rope_hedgehog_pair_op(xq, xk, cos, sin, wq, wk, feature_rope,
+                                  block_rows or default_block_rows(B * T, xq.dtype), num_warps)
