@@ -74,9 +74,10 @@ class CompiledDecode:
     (``linearize.ops.triton.feature_maps``) instead of the six kernels inductor makes of them (a permuted
     copy, two batched GEMMs, two softmax reductions and their pointwise halves: 12.5 us a layer of SmolLM2 at
     B 64 on the H200). (Computing the maps inside the ring kernel itself was slower there: 36-70 us a layer
-    against 21.) ``fuse_rope`` (with ``fuse_maps``, on by default): that launch also applies RoPE to q and k
+    against 21.) ``fuse_rope`` (with ``fuse_maps``): that launch also applies RoPE to q and k
     (``rope_hedgehog_pair_triton``) where the architecture's RoPE is transformers' rotate-half form, in place of
-    the two pointwise kernels inductor makes of RoPE (5.2 us a layer of the 8B at B 64 on the H100).
+    the two pointwise kernels inductor makes of RoPE (5.2 us a layer of the 8B at B 64 on the H100). Off by
+    default until its GPU tests and timing have run (``scripts/gpu_decode_calls.sh 33``).
     ``fuse_projections``: one GEMM for q/k/v and one for gate/up in every layer that allows it
     (``linearize.modules.fused_projections``: 3 fewer launches a layer). Those weights move into one tensor each
     and the modules' parameters become row views of it: no memory is added, and ``close()`` (or leaving
@@ -93,7 +94,7 @@ class CompiledDecode:
     """
 
     def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = True,
-                 fuse_rope: bool = True, fuse_projections: bool | None = None, **compile_options):
+                 fuse_rope: bool = False, fuse_projections: bool | None = None, **compile_options):
         if not is_linearized(model):
             raise ValueError("CompiledDecode decodes a linearized model (linearize.convert); this one has no linearized layer")
         layers = model.base_model.layers
