@@ -27,6 +27,16 @@ from .decode import _pow2
 
 
 @triton.jit
+def _softmax_pair(u, f_ok):
+    """softmax(u), softmax(-u) over the valid features ``f_ok`` of each row of u [BR, FHP] (fp32)."""
+    pos = tl.where(f_ok[None, :], u, float("-inf"))
+    neg = tl.where(f_ok[None, :], -u, float("-inf"))
+    e1 = tl.exp(pos - tl.max(pos, 1)[:, None])
+    e2 = tl.exp(neg - tl.max(neg, 1)[:, None])
+    return e1 / tl.sum(e1, 1)[:, None], e2 / tl.sum(e2, 1)[:, None]
+
+
+@triton.jit
 def _hedgehog_softmaxes(X, W, h, r0, R, sX_r,
                         G: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, FH: tl.constexpr, FHP: tl.constexpr,
                         BR: tl.constexpr, BK: tl.constexpr, IEEE: tl.constexpr):
@@ -48,12 +58,8 @@ def _hedgehog_softmaxes(X, W, h, r0, R, sX_r,
             u += tl.dot(x, w, input_precision="ieee")
         else:
             u += tl.dot(x, w)
-    u = u.to(X.dtype.element_ty).to(tl.float32)
-    pos = tl.where(f_ok[None, :], u, float("-inf"))
-    neg = tl.where(f_ok[None, :], -u, float("-inf"))
-    e1 = tl.exp(pos - tl.max(pos, 1)[:, None])
-    e2 = tl.exp(neg - tl.max(neg, 1)[:, None])
-    return e1 / tl.sum(e1, 1)[:, None], e2 / tl.sum(e2, 1)[:, None], rr, r_ok, rf, f_ok
+    p1, p2 = _softmax_pair(u.to(X.dtype.element_ty).to(tl.float32), f_ok)
+    return p1, p2, rr, r_ok, rf, f_ok
 
 
 @triton.jit
@@ -141,15 +147,11 @@ def _rope_rows(X, COS, SIN, XR, W, Y, h, r0, R, sX_r, sC_r,
             u += tl.dot(xin, w, input_precision="ieee")
         else:
             u += tl.dot(xin, w)
-    u = u.to(X.dtype.element_ty).to(tl.float32)
-    pos = tl.where(f_ok[None, :], u, float("-inf"))
-    neg = tl.where(f_ok[None, :], -u, float("-inf"))
-    e1 = tl.exp(pos - tl.max(pos, 1)[:, None])
-    e2 = tl.exp(neg - tl.max(neg, 1)[:, None])
+    p1, p2 = _softmax_pair(u.to(X.dtype.element_ty).to(tl.float32), f_ok)
     out = Y + rr[:, None].to(tl.int64) * (G * HX * 2 * FH) + h * 2 * FH + rf[None, :]
     ok = r_ok[:, None] & f_ok[None, :]
-    tl.store(out, (e1 / tl.sum(e1, 1)[:, None]).to(Y.dtype.element_ty), mask=ok)
-    tl.store(out + FH, (e2 / tl.sum(e2, 1)[:, None]).to(Y.dtype.element_ty), mask=ok)
+    tl.store(out, p1.to(Y.dtype.element_ty), mask=ok)
+    tl.store(out + FH, p2.to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -273,17 +275,9 @@ def _pair_backward(ctx, dyq, dyk):
 _hedgehog_pair_op.register_autograd(_pair_backward, setup_context=_pair_setup)
 
 
-def hedgehog_pair_triton(
-    xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, *,
-    block_rows: int | None = None, num_warps: int = 4,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(HedgehogFeatureMap(wq)(xq), HedgehogFeatureMap(wk)(xk))`` in one launch, differentiable in all four
-    inputs (the backward: one launch for both maps' du, then each projection's two GEMMs).
-
-    xq [B,T,Hq,D], xk [B,T,Hk',D] (same dtype, last two dims packed: a view of a fused projection is
-    fine); wq [H,D,f], wk [Hk,D,f] with H % Hq == 0 and Hk % Hk' == 0 (cast to x's dtype, as the map does).
-    -> phi_q [B,T,H,2f], phi_k [B,T,Hk,2f] in x's dtype, contiguous.
-    """
+def _pair_inputs(xq, xk, wq, wk):
+    """The map kernels' inputs checked (one-line errors) and laid out as they read them: x's last two dims packed
+    and one row stride over (B, T); the weights contiguous in x's dtype (as the map casts them)."""
     if xq.dim() != 4 or xk.dim() != 4 or xq.shape[:2] != xk.shape[:2] or xq.shape[3] != xk.shape[3]:
         raise ValueError(f"xq, xk must be [B, T, heads, D] with the same B, T, D; got {tuple(xq.shape)}, {tuple(xk.shape)}")
     if xq.dtype != xk.dtype:
@@ -299,7 +293,21 @@ def hedgehog_pair_triton(
     xq, xk = (x if x.stride(3) == 1 and x.stride(2) == D else x.contiguous() for x in (xq, xk))
     # one row stride over (B, T): a [B, 1, H, D] view always has it; a longer T needs its rows evenly spaced
     xq, xk = (x if x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1) else x.contiguous() for x in (xq, xk))
-    wq, wk = wq.to(xq.dtype).contiguous(), wk.to(xq.dtype).contiguous()
+    return xq, xk, wq.to(xq.dtype).contiguous(), wk.to(xq.dtype).contiguous()
+
+
+def hedgehog_pair_triton(
+    xq: torch.Tensor, xk: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, *,
+    block_rows: int | None = None, num_warps: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(HedgehogFeatureMap(wq)(xq), HedgehogFeatureMap(wk)(xk))`` in one launch, differentiable in all four
+    inputs (the backward: one launch for both maps' du, then each projection's two GEMMs).
+
+    xq [B,T,Hq,D], xk [B,T,Hk',D] (same dtype, last two dims packed: a view of a fused projection is
+    fine); wq [H,D,f], wk [Hk,D,f] with H % Hq == 0 and Hk % Hk' == 0 (cast to x's dtype, as the map does).
+    -> phi_q [B,T,H,2f], phi_k [B,T,Hk,2f] in x's dtype, contiguous.
+    """
+    xq, xk, wq, wk = _pair_inputs(xq, xk, wq, wk)
     R = xq.shape[0] * xq.shape[1]
     return _hedgehog_pair_op(xq, xk, wq, wk, block_rows or default_block_rows(R, xq.dtype), num_warps)
 
@@ -356,28 +364,15 @@ def rope_hedgehog_pair_triton(
     over the whole head dim); wq [H,D,f], wk [Hk,D,f] as ``hedgehog_pair_triton`` takes them. The maps read q and
     k rotated (``feature_rope``, LoLCATs) or as given. No gradient: for steps under ``torch.no_grad``.
     """
-    if xq.dim() != 4 or xk.dim() != 4 or xq.shape[:2] != xk.shape[:2] or xq.shape[3] != xk.shape[3]:
-        raise ValueError(f"xq, xk must be [B, T, heads, D] with the same B, T, D; got {tuple(xq.shape)}, {tuple(xk.shape)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (xq, xk, cos, sin, wq, wk)):
+        raise ValueError("rope_hedgehog_pair_triton has no backward; call it under torch.no_grad()")
+    xq, xk, wq, wk = _pair_inputs(xq, xk, wq, wk)
     B, T, _, D = xq.shape
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 3 or t.shape[-1] != D or t.shape[1] != T or t.shape[0] not in (1, B):
             raise ValueError(f"{name} must be [B or 1, T, {D}] (RoPE over the whole head dim); got {tuple(t.shape)}")
     if D % 2:
         raise ValueError(f"RoPE needs an even head dim; got {D}")
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (xq, xk, cos, sin, wq, wk)):
-        raise ValueError("rope_hedgehog_pair_triton has no backward; call it under torch.no_grad()")
-    if xq.dtype != xk.dtype:
-        raise ValueError(f"xq and xk must share a dtype; got {xq.dtype}, {xk.dtype}")
-    if wq.dim() != 3 or wk.dim() != 3 or wq.shape[1] != D or wk.shape[1:] != wq.shape[1:]:
-        raise ValueError(f"weights must be [H, {D}, f] with one f; got {tuple(wq.shape)}, {tuple(wk.shape)}")
-    if wq.shape[0] % xq.shape[2] or wk.shape[0] % xk.shape[2]:
-        raise ValueError(f"map heads ({wq.shape[0]}, {wk.shape[0]}) must be multiples of the input heads "
-                         f"({xq.shape[2]}, {xk.shape[2]})")
-    if D > 256 or wq.shape[2] > 128:
-        raise ValueError(f"the map kernel takes head dim <= 256 and f <= 128; got D={D}, f={wq.shape[2]}")
-    xq, xk = (x if x.stride(3) == 1 and x.stride(2) == D else x.contiguous() for x in (xq, xk))
-    xq, xk = (x if x.shape[1] == 1 or x.stride(0) == x.shape[1] * x.stride(1) else x.contiguous() for x in (xq, xk))
-    wq, wk = wq.to(xq.dtype).contiguous(), wk.to(xq.dtype).contiguous()
     cos, sin = cos.to(xq.dtype), sin.to(xq.dtype)
     return _rope_hedgehog_pair_op(xq, xk, cos, sin, wq, wk, feature_rope,
                                   block_rows or default_block_rows(B * T, xq.dtype), num_warps)
