@@ -174,10 +174,13 @@ class LinearizedAttention(nn.Module):
         """q [B,T,H,D], k/v [B,T,Hkv,D], with the base model's q/k norms and RoPE applied."""
         return self.project(hidden_states, position_embeddings)[:3]
 
-    def project(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                rope: bool = True):
+    def project(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
         """``qkv``'s q, k, v and the q, k the feature maps read: the same tensors, or (``feature_rope``
-        off) q and k before RoPE. ``rope`` False: all before RoPE (the map kernel applies it, ``_rope_and_maps``)."""
+        off) q and k before RoPE."""
+        return self._rotate(*self._projections(hidden_states), position_embeddings)
+
+    def _projections(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B,T,H,D], k/v [B,T,Hkv,D] before RoPE (with the base model's q/k norms)."""
         B, T, _ = hidden_states.shape
         if self.fused_qkv is not None:
             sizes = (self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features)
@@ -191,9 +194,11 @@ class LinearizedAttention(nn.Module):
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
+        return q, k, v
+
+    def _rotate(self, q, k, v, position_embeddings):
+        """The model's RoPE on q and k: (q, k, v, fq, fk), fq and fk what the feature maps read."""
         fq, fk = q, k
-        if not rope:
-            return q, k, v, fq, fk
         cos, sin = position_embeddings
         q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=2)
         if self.feature_rope:
@@ -218,7 +223,7 @@ class LinearizedAttention(nn.Module):
 
     def hybrid_attention(self, q, k, v, fq, fk, key_mask, cache, phis=None) -> torch.Tensor:
         """[B,T,H,D] through the hybrid attention, continuing and updating ``cache`` if given. ``fq``,
-        ``fk``: what the feature maps read (``project``); or ``phis``, the maps' outputs (``_rope_and_maps``)."""
+        ``fk``: what the feature maps read (``project``); or ``phis``, the maps' outputs (RoPE fused with them)."""
         B, T = q.shape[:2]
         phi_q, phi_k = phis if phis is not None else self._feature_maps(fq, fk)
         args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
@@ -292,28 +297,18 @@ class LinearizedAttention(nn.Module):
             return hedgehog_pair_triton(fq, fk, wq, wk)
         return self.feature_map_q(fq), self.feature_map_k(fk)
 
-    def _rope_fused(self, x: torch.Tensor, position_embeddings, cache) -> bool:
+    def _rope_fused(self, q: torch.Tensor, k: torch.Tensor, position_embeddings, cache) -> bool:
         """Whether this decode step applies RoPE inside the map kernel (``DecodeMode.fuse_rope``, which a compiled
-        step sets): one token, through a cache, no gradient, RoPE in the rotate-half form over the whole head dim,
-        every head hybrid, and the map kernel serving these maps (as ``_feature_maps`` decides)."""
+        step sets): q, k [B,1,H,D] before RoPE, through a cache, no gradient, RoPE in the rotate-half form over the
+        whole head dim, every head hybrid, and the map kernel serving these maps (as ``_feature_maps`` decides)."""
         if not (DecodeMode.ring and DecodeMode.fuse_rope and DecodeMode.kernel and self.rope_rotate_half):
             return False
-        if x.shape[1] != 1 or cache is None or self.mode != "hybrid" or self.kept_kv_heads or torch.is_grad_enabled():
+        if q.shape[1] != 1 or cache is None or self.mode != "hybrid" or self.kept_kv_heads or torch.is_grad_enabled():
             return False
         cos = position_embeddings[0]
-        return (self.maps_fusable and HedgehogFeatureMap.kernel and use_triton(x, x) and self.head_dim <= 256
+        return (self.maps_fusable and HedgehogFeatureMap.kernel and use_triton(q, q) and k.dtype == q.dtype
                 and self.head_dim % 2 == 0 and cos.dim() == 3 and cos.shape[-1] == self.head_dim
                 and self.feature_map_q.weight.shape[-1] <= 128)
-
-    def _rope_and_maps(self, hidden_states, position_embeddings):
-        """q, k rotated, v and phi_q, phi_k: the projections, then RoPE and both maps in one Triton launch."""
-        from ..ops.triton.feature_maps import rope_hedgehog_pair_triton
-
-        q, k, v, _, _ = self.project(hidden_states, position_embeddings, rope=False)
-        cos, sin = position_embeddings
-        q, k, phi_q, phi_k = rope_hedgehog_pair_triton(q, k, cos, sin, self.feature_map_q.weight, self.feature_map_k.weight,
-                                                       feature_rope=self.feature_rope)
-        return q, k, v, phi_q, phi_k
 
     def _decode_in_place(self, layer, q, k, v, phi_q, phi_k, gamma) -> bool:
         """Decode on the ring state with the Triton kernel: on CUDA when it serves these inputs, and when
@@ -343,12 +338,16 @@ class LinearizedAttention(nn.Module):
         for unused in ("position_ids", "use_cache", "cache_position", "output_attentions"):
             kwargs.pop(unused, None)
         B, T, _ = hidden_states.shape
+        q, k, v = self._projections(hidden_states)
         phis = None
-        if self._rope_fused(hidden_states, position_embeddings, cache):
-            q, k, v, *phis = self._rope_and_maps(hidden_states, position_embeddings)
+        if self._rope_fused(q, k, position_embeddings, cache):  # RoPE and both maps in one launch
+            from ..ops.triton.feature_maps import rope_hedgehog_pair_triton
+
+            q, k, *phis = rope_hedgehog_pair_triton(q, k, *position_embeddings, self.feature_map_q.weight,
+                                                    self.feature_map_k.weight, feature_rope=self.feature_rope)
             fq = fk = None
         else:
-            q, k, v, fq, fk = self.project(hidden_states, position_embeddings)
+            q, k, v, fq, fk = self._rotate(q, k, v, position_embeddings)
 
         if self.mode == "softmax":
             if cache is not None:
