@@ -32,6 +32,7 @@ from .convert import is_linearized, kept_softmax_layers, linearized_layers
 from .models import cache_kwarg
 from .modules.cache import DecodeMode, HybridCacheLayer
 from .modules.fused_projections import FusedProjections
+from .ops.ring import RingState
 from .modules.softmax_decode import softmax_decode_kernel
 
 
@@ -140,6 +141,12 @@ class CompiledDecode:
             mask4 = mask4 & (slots <= static.cumulative_length)
         out = self.model(input_ids=input_ids, attention_mask=mask4, use_cache=True, position_ids=position_ids,
                          logits_to_keep=1, **{self._cache_kw: cache})
+        # every ring's position at once (count_outside: the layers' ring steps left it), one op instead of one a layer;
+        # a layer that stepped without its ring (a gradient was wanted) holds an ordered state instead
+        held = [layer.held for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
+        positions = [ring.pos for ring in held if isinstance(ring, RingState)]
+        if positions:
+            torch._foreach_add_(positions, 1)
         return out.logits
 
     def _check_cache(self, cache) -> list[HybridCacheLayer]:

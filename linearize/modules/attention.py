@@ -249,7 +249,7 @@ class LinearizedAttention(nn.Module):
                 tail = ring_tail_mask(ring) if self.length_alpha is not None else None
                 phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, tail)
                 y = ring_step(q, k, v, phi_q, phi_k, ring, window_weight=args["window_weight"], scale=self.scaling,
-                              attention_mask=key_mask, kernel=DecodeMode.kernel)
+                              attention_mask=key_mask, kernel=DecodeMode.kernel, advance=not DecodeMode.count_outside)
                 layer.advance(T, valid)
                 return y
             state = layer.hybrid_state()

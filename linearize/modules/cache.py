@@ -23,7 +23,8 @@ class DecodeMode:
       (``ring_step_torch``, which inductor then fuses): shapes and buffers never change between steps;
     * ``kernel``: whether the ring step may use the Triton decode kernel (False: the PyTorch step);
     * ``count_outside``: ``advance`` leaves ``cumulative_length`` to the caller. A Python int counted in
-      traced code is guarded on, and the compiled step would recompile at every token;
+      traced code is guarded on, and the compiled step would recompile at every token. The ring steps leave
+      their ``pos`` to the caller too, which advances every layer's at once (one launch instead of one a layer);
     * ``fuse_maps``: Hedgehog layers compute both feature maps of a decode step in one Triton launch
       (``linearize.ops.triton.feature_maps``) instead of the modules' six kernels;
     * ``fuse_rope`` (with ``fuse_maps``): that launch also applies RoPE to q and k

@@ -257,11 +257,14 @@ def ring_step_torch(
     window_weight: float | torch.Tensor,
     scale: float | None = None,
     attention_mask: torch.Tensor | None = None,
+    advance: bool = True,
 ) -> torch.Tensor:
     """One decode token against ``ring``, updating it in place; same math as ``hybrid_attention_step``.
 
     Shapes: q [B,1,H,D], k/v [B,1,Hkv,D], phi_q [B,1,H,F], phi_k [B,1,H',F], attention_mask [B,1].
     Returns y [B,1,H,D] in q's dtype. Plain PyTorch, no host sync: the reference for the Triton kernel.
+    ``advance`` False leaves ``ring.pos`` to the caller, who must add 1 before the ring's next step (a compiled
+    step advances every layer's ring in one op: ``linearize.decode``).
     """
     d = check_ring(ring, q, k, v, phi_q, phi_k)
     window = ring.window
@@ -329,7 +332,8 @@ def ring_step_torch(
         S, z = S + fS, z + fz
     ring.S.copy_(S.view(ring.S.shape))
     ring.z.index_copy_(0, 1 - par, z.reshape(1, d.B, d.Hf, d.F).to(ring.z.dtype))
-    ring.pos.add_(1)
+    if advance:
+        ring.pos.add_(1)
     return y
 
 
@@ -347,10 +351,11 @@ def ring_kernel_serves(q, k, v, phi_q, phi_k, state: RingState | HybridState) ->
     )
 
 
-def ring_step(q, k, v, phi_q, phi_k, ring: RingState, *, window_weight, scale=None, attention_mask=None, kernel: bool = True) -> torch.Tensor:
+def ring_step(q, k, v, phi_q, phi_k, ring: RingState, *, window_weight, scale=None, attention_mask=None, kernel: bool = True,
+              advance: bool = True) -> torch.Tensor:
     """One in-place decode step: the Triton kernel where it serves (``ring_kernel_serves``) and ``kernel``
-    allows it, else ``ring_step_torch``. Shapes as ``ring_step_torch``; no host sync either way."""
-    args = dict(window_weight=window_weight, scale=scale, attention_mask=attention_mask)
+    allows it, else ``ring_step_torch``. Shapes and ``advance`` as ``ring_step_torch``; no host sync either way."""
+    args = dict(window_weight=window_weight, scale=scale, attention_mask=attention_mask, advance=advance)
     if kernel and ring_kernel_serves(q, k, v, phi_q, phi_k, ring):
         from .triton.decode import ring_step_triton
 

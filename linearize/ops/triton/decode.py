@@ -20,7 +20,8 @@ No races between the programs of one launch (``R = W + P - 1`` ring slots):
     not written;
   * ``z`` is double-buffered: every program reads ``z[pos % 2]``; value block 0 writes ``z[(pos+1) % 2]``;
   * a program writes only its own slice of S;
-  * ``pos`` itself is advanced after the kernel (``pos.add_(1)``), since every program reads it.
+  * ``pos`` itself is advanced after the kernel (``pos.add_(1)``, or by a compiled step for all layers at once),
+    since every program reads it.
 No host sync and no shape that depends on data, so a step can be captured in a CUDA graph.
 
 To time one step at given shapes (benchmarks): ``inputs, ring = random_decode_problem(...)``, then
@@ -595,8 +596,10 @@ def ring_step_triton(
     chunk_rows: int | None = None,
     prefetch: bool | None = None,
     heads_dot: bool | None = None,
+    advance: bool = True,
 ) -> torch.Tensor:
-    """The Triton twin of ``ring_step_torch``: y [B,1,H,D] in q's dtype, ``ring`` advanced in place.
+    """The Triton twin of ``ring_step_torch``: y [B,1,H,D] in q's dtype, ``ring`` advanced in place (its ``pos``
+    left to the caller with ``advance`` False, as ``ring_step_torch``).
 
     ``out`` (optional, [B,1,H,D] in q's dtype) receives y, so that a captured graph has a fixed output.
     ``block_d``/``block_w``/``num_warps``/``chunk_rows`` override the launch configuration (benchmarks,
@@ -651,7 +654,8 @@ def ring_step_triton(
         float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps, FC,
         default_prefetch(FC, BD) if prefetch is None else prefetch, dot,
     )
-    ring.pos.add_(1)
+    if advance:
+        ring.pos.add_(1)
     return out
 
 
