@@ -56,8 +56,7 @@ def fusable_map_layers(model, rope: bool = False) -> list[int]:
     from .modules.attention import LinearizedAttention
 
     return [i for i, layer in enumerate(model.base_model.layers)
-            if isinstance(a := layer.self_attn, LinearizedAttention) and a.maps_fusable
-            and (not rope or (a.rope_rotate_half and not a.kept_kv_heads))]
+            if isinstance(a := layer.self_attn, LinearizedAttention) and (a.rope_fusable if rope else a.maps_fusable)]
 
 
 def fuse_projections_default(model) -> bool:

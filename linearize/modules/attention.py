@@ -297,16 +297,22 @@ class LinearizedAttention(nn.Module):
             return hedgehog_pair_triton(fq, fk, wq, wk)
         return self.feature_map_q(fq), self.feature_map_k(fk)
 
+    @property
+    def rope_fusable(self) -> bool:
+        """Whether a decode step may apply this layer's RoPE inside the map kernel (``rope_hedgehog_pair_triton``):
+        Hedgehog maps, transformers' rotate-half RoPE, every head hybrid."""
+        return self.maps_fusable and self.rope_rotate_half and not self.kept_kv_heads
+
     def _rope_fused(self, q: torch.Tensor, k: torch.Tensor, position_embeddings, cache) -> bool:
         """Whether this decode step applies RoPE inside the map kernel (``DecodeMode.fuse_rope``, which a compiled
         step sets): q, k [B,1,H,D] before RoPE, through a cache, no gradient, RoPE in the rotate-half form over the
         whole head dim, every head hybrid, and the map kernel serving these maps (as ``_feature_maps`` decides)."""
-        if not (DecodeMode.ring and DecodeMode.fuse_rope and DecodeMode.kernel and self.rope_rotate_half):
+        if not (DecodeMode.ring and DecodeMode.fuse_rope and DecodeMode.kernel and self.rope_fusable):
             return False
-        if q.shape[1] != 1 or cache is None or self.mode != "hybrid" or self.kept_kv_heads or torch.is_grad_enabled():
+        if q.shape[1] != 1 or cache is None or self.mode != "hybrid" or torch.is_grad_enabled():
             return False
         cos = position_embeddings[0]
-        return (self.maps_fusable and HedgehogFeatureMap.kernel and use_triton(q, q) and k.dtype == q.dtype
+        return (HedgehogFeatureMap.kernel and use_triton(q, q) and k.dtype == q.dtype
                 and self.head_dim % 2 == 0 and cos.dim() == 3 and cos.shape[-1] == self.head_dim
                 and self.feature_map_q.weight.shape[-1] <= 128)
 
