@@ -550,7 +550,7 @@ def parse_args(argv=None):
                         "(linearize.ops.triton.feature_maps) instead of the modules; default: CompiledDecode's (on)")
     p.add_argument("--fuse-rope", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled loop, ours, with --fuse-maps: RoPE on q and k inside that launch "
-                        "(rope_hedgehog_pair_triton) instead of the model's RoPE; default: CompiledDecode's (off)")
+                        "(rope_hedgehog_pair_triton) instead of the model's RoPE; default: CompiledDecode's (on)")
     p.add_argument("--fuse-projections", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled loop, ours: one GEMM for q/k/v and one for gate/up a layer (the weights moved into one tensor each; "
                         "linearize.modules.fused_projections); default: CompiledDecode's (on CUDA)")

@@ -76,8 +76,9 @@ class CompiledDecode:
     B 64 on the H200). (Computing the maps inside the ring kernel itself was slower there: 36-70 us a layer
     against 21.) ``fuse_rope`` (with ``fuse_maps``): that launch also applies RoPE to q and k
     (``rope_hedgehog_pair_triton``) where the architecture's RoPE is transformers' rotate-half form, in place of
-    the two pointwise kernels inductor makes of RoPE (5.2 us a layer of the 8B at B 64 on the H100). Off by
-    default until its GPU tests and timing have run (``scripts/gpu_decode_calls.sh 33``).
+    the two pointwise kernels inductor makes of RoPE (5.2 us a layer of the 8B at B 64 on the H100). On by default:
+    the 8B's step at B 64 went from 7.747 to 7.646 ms with it on one H100 (``scripts/gpu_decode_calls.sh 33``,
+    2026-12-06, ``benchmarks/results/generate-nvidia-h100-80gb-hbm3-20261206-083951``).
     ``fuse_projections``: one GEMM for q/k/v and one for gate/up in every layer that allows it
     (``linearize.modules.fused_projections``: 3 fewer launches a layer). Those weights move into one tensor each
     and the modules' parameters become row views of it: no memory is added, and ``close()`` (or leaving
@@ -94,7 +95,7 @@ class CompiledDecode:
     """
 
     def __init__(self, model, *, kernel: bool = True, compile: bool = True, fuse_maps: bool = True,
-                 fuse_rope: bool = False, fuse_projections: bool | None = None, **compile_options):
+                 fuse_rope: bool = True, fuse_projections: bool | None = None, **compile_options):
         if not is_linearized(model):
             raise ValueError("CompiledDecode decodes a linearized model (linearize.convert); this one has no linearized layer")
         layers = model.base_model.layers

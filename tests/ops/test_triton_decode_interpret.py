@@ -234,16 +234,17 @@ def test_hedgehog_pair_kernel_equals_the_feature_map_modules(B, T, H, Hkv, Hk, D
 @inside
 @pytest.mark.parametrize(
     "compile,cfg,opts,want",
-    [(True, {}, {"fuse_rope": True}, "rope"), (False, {"feature_rope": True}, {"fuse_rope": True}, "rope"),
-     (False, {"sink_tokens": 2}, {}, "maps"), (False, {}, {"fuse_maps": False}, None)],
-    ids=["inductor-rope", "feature-rope-eager", "sinks-eager-default", "off"],
+    [(True, {}, {}, "rope"), (False, {"feature_rope": True}, {}, "rope"),
+     (False, {"sink_tokens": 2}, {}, "rope"), (False, {}, {"fuse_rope": False}, "maps"),
+     (False, {}, {"fuse_maps": False}, None)],
+    ids=["inductor-default", "feature-rope-eager", "sinks-eager", "rope-off", "off"],
 )
 def test_compiled_decode_runs_the_map_kernel(monkeypatch, compile, cfg, opts, want):
-    """CompiledDecode on a tiny llama with the kernels made to serve on CPU: by default every layer's step computes
-    its two Hedgehog maps in one launch of the map kernel (sinks too: their feature is appended afterwards);
-    ``fuse_rope=True`` applies RoPE in that launch too (``rope_hedgehog_pair_triton``), whether the maps read q, k
-    before RoPE or after it; ``fuse_maps=False`` uses the modules. The steps equal the full forward every way,
-    padded row included."""
+    """CompiledDecode on a tiny llama with the kernels made to serve on CPU: by default every layer's step applies
+    RoPE and computes its two Hedgehog maps in one launch (``rope_hedgehog_pair_triton``), whether the maps read
+    q, k before RoPE or after it (sinks too: their feature is appended afterwards); ``fuse_rope=False`` leaves RoPE
+    to the model and computes the maps in one launch of the map kernel; ``fuse_maps=False`` uses the modules. The
+    steps equal the full forward every way, padded row included."""
     from transformers import DynamicCache
 
     import linearize
