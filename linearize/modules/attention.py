@@ -226,14 +226,16 @@ class LinearizedAttention(nn.Module):
         ``fk``: what the feature maps read (``project``); or ``phis``, the maps' outputs (RoPE fused with them)."""
         B, T = q.shape[:2]
         phi_q, phi_k = phis if phis is not None else self._feature_maps(fq, fk)
-        args = dict(window=self.window, window_weight=self.window_weight, scale=self.scaling, attention_mask=key_mask)
+        # gamma is computed where it is used: the ring kernel takes the logits (its sigmoid inside the launch)
+        args = dict(window=self.window, scale=self.scaling, attention_mask=key_mask)
         # what the cache counts (valid tokens) only when length normalization or the sinks need it
         valid = None
         if self.counts_tokens:
             valid = key_mask if key_mask is not None else torch.ones(B, T, dtype=torch.bool, device=q.device)
         if cache is None:
             phi_q, phi_k = self._features(q, phi_q, phi_k, valid, None, None)
-            y, _ = hybrid_attention_stateful(q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, **args)
+            y, _ = hybrid_attention_stateful(q, k, v, phi_q, phi_k, chunk_size=self.chunk_size,
+                                             window_weight=self.window_weight, **args)
             return y
         layer = hybrid_cache_layer(cache, self.layer_idx, self.window)
         if valid is not None and layer.has_state and layer.valid_count is None:
@@ -243,23 +245,24 @@ class LinearizedAttention(nn.Module):
             )
         seen = layer.valid_count  # None on a fresh layer
         if layer.has_state and T == 1:
-            if self._decode_in_place(layer, q, k, v, phi_q, phi_k, args["window_weight"]):
+            if self._decode_in_place(layer, q, k, v, phi_q, phi_k, self.window_logit):
                 # the Triton kernel updates the layer's ring state in place (no new tensors, no host sync)
                 ring = layer.ring_state()
                 tail = ring_tail_mask(ring) if self.length_alpha is not None else None
                 phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, tail)
-                y = ring_step(q, k, v, phi_q, phi_k, ring, window_weight=args["window_weight"], scale=self.scaling,
+                y = ring_step(q, k, v, phi_q, phi_k, ring, window_logit=self.window_logit, scale=self.scaling,
                               attention_mask=key_mask, kernel=DecodeMode.kernel, advance=not DecodeMode.count_outside)
                 layer.advance(T, valid)
                 return y
             state = layer.hybrid_state()
             phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, state.mask)
-            y, state = hybrid_attention_step(q, k, v, phi_q, phi_k, state, **args)
+            y, state = hybrid_attention_step(q, k, v, phi_q, phi_k, state, window_weight=self.window_weight, **args)
         else:
             state = layer.hybrid_state()
             phi_q, phi_k = self._features(q, phi_q, phi_k, valid, seen, state.mask if state is not None else None)
             y, state = hybrid_attention_stateful(
-                q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, initial_state=state, output_final_state=True, **args
+                q, k, v, phi_q, phi_k, chunk_size=self.chunk_size, initial_state=state, output_final_state=True,
+                window_weight=self.window_weight, **args
             )
         layer.update_state(_detached(state), T, valid)
         return y
@@ -316,13 +319,13 @@ class LinearizedAttention(nn.Module):
                 and self.head_dim % 2 == 0 and cos.dim() == 3 and cos.shape[-1] == self.head_dim
                 and self.feature_map_q.weight.shape[-1] <= 128)
 
-    def _decode_in_place(self, layer, q, k, v, phi_q, phi_k, gamma) -> bool:
+    def _decode_in_place(self, layer, q, k, v, phi_q, phi_k, window_logit) -> bool:
         """Decode on the ring state with the Triton kernel: on CUDA when it serves these inputs, and when
         no gradient is wanted (the kernel has no backward; training through a cache keeps the step).
         phi_q, phi_k are the maps' features before ``_features``; the kernel takes F + 1 as well (checked
         at construction), and the dtypes do not change."""
         added = tuple(p for p in (self.length_alpha, self.sink_u, self.sink_c) if p is not None)
-        wanted = (q, k, v, phi_q, phi_k, gamma) + added
+        wanted = (q, k, v, phi_q, phi_k, window_logit) + added
         if torch.is_grad_enabled() and any(t.requires_grad for t in wanted):
             return False
         if DecodeMode.ring:  # a compiled step (linearize.decode): the ring, with or without the kernel

@@ -351,13 +351,19 @@ def ring_kernel_serves(q, k, v, phi_q, phi_k, state: RingState | HybridState) ->
     )
 
 
-def ring_step(q, k, v, phi_q, phi_k, ring: RingState, *, window_weight, scale=None, attention_mask=None, kernel: bool = True,
-              advance: bool = True) -> torch.Tensor:
+def ring_step(q, k, v, phi_q, phi_k, ring: RingState, *, window_weight=None, window_logit=None, scale=None,
+              attention_mask=None, kernel: bool = True, advance: bool = True) -> torch.Tensor:
     """One in-place decode step: the Triton kernel where it serves (``ring_kernel_serves``) and ``kernel``
-    allows it, else ``ring_step_torch``. Shapes and ``advance`` as ``ring_step_torch``; no host sync either way."""
-    args = dict(window_weight=window_weight, scale=scale, attention_mask=attention_mask, advance=advance)
+    allows it, else ``ring_step_torch``. Shapes and ``advance`` as ``ring_step_torch``; no host sync either way.
+    gamma is ``window_weight``, or ``sigmoid(window_logit.float())`` (exactly one given; the kernel takes that
+    sigmoid inside its launch)."""
+    if (window_weight is None) == (window_logit is None):
+        raise ValueError("ring_step takes one of window_weight and window_logit")
+    args = dict(scale=scale, attention_mask=attention_mask, advance=advance)
     if kernel and ring_kernel_serves(q, k, v, phi_q, phi_k, ring):
         from .triton.decode import ring_step_triton
 
-        return ring_step_triton(q, k, v, phi_q, phi_k, ring, **args)
-    return ring_step_torch(q, k, v, phi_q, phi_k, ring, **args)
+        return ring_step_triton(q, k, v, phi_q, phi_k, ring, window_weight=window_weight, window_logit=window_logit, **args)
+    if window_logit is not None:
+        window_weight = torch.sigmoid(window_logit.float())
+    return ring_step_torch(q, k, v, phi_q, phi_k, ring, window_weight=window_weight, **args)

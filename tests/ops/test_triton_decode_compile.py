@@ -25,7 +25,7 @@ STRIDES = ["sQ_b", "sQ_h", "sK_b", "sK_h", "sV_b", "sV_h", "sPQ_b", "sPQ_h", "sP
 
 
 def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=False, num_warps=None, heads_dot=False,
-                 fold=1):
+                 fold=1, gamma_logit=False):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -41,8 +41,9 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=Fals
         QH=QH, GK=GK, WINDOW=min(window, 2), W=W, R=W + P - 1 if W else 0, HAS_VALID=has_valid, FC=fc,
         PREFETCH=prefetch, QHP=max(_pow2(QH), 16 if heads_dot else 1), HEADS_DOT=heads_dot,
         PREC="ieee" if dt == "fp32" else "tf32", P=P, PW=max(_pow2(P - 1), 16) if heads_dot else min(_pow2(P - 1), 4),
+        GAMMA_LOGIT=gamma_logit,
     )
-    types = dict(VALID="*u8", GAMMA="*fp32", S="*fp32", Z="*fp32", MR="*u8", POS="*i64")
+    types = dict(VALID="*u8", GAMMA="*" + dt if gamma_logit else "*fp32", S="*fp32", Z="*fp32", MR="*u8", POS="*i64")
     sig = {n: types.get(n, "*" + dt) for n in POINTERS}
     sig |= {n: "i32" for n in STRIDES + ["B", "Hf", "Hkv"]} | {"scale": "fp32"} | {n: "constexpr" for n in const}
     names = list(sig)
@@ -190,21 +191,24 @@ def test_rope_and_maps_kernel_compiles_for_sm90_without_spills(dt, HQX, HKX, GK,
         assert "mma" in kernel.asm["ptx"], "the per-head projection does not use tensor cores"
 
 
+@pytest.mark.parametrize("logit", [False, True], ids=["gamma", "logits"])
 @pytest.mark.parametrize("name,D,Hf,QH,heads_dot,spill", [
     ("issue5", 128, 16, 1, False, 0),
     ("llama8b-kvmaps", 128, 8, 4, True, 32),  # as timed on the H100 (39.6 us, the fastest launch there)
 ])
-def test_deferred_folding_compiles_at_its_defaults(name, D, Hf, QH, heads_dot, spill):
+def test_deferred_folding_compiles_at_its_defaults(name, D, Hf, QH, heads_dot, spill, logit):
     """The ring kernel with deferred folding (fold 8, ``default_fold``'s answer at these heads) at the default launch
     (S in 64-row chunks at 2 warps; the 8B's 4 query heads as dot rows) on sm_90: no more spill bytes a thread than
-    the launch the H100 timed (the 8B's dots hold the 16 waiting rows' features and values at once: 32 B)."""
+    the launch the H100 timed (the 8B's dots hold the 16 waiting rows' features and values at once: 32 B). Also with
+    the window weight's bf16 logits (their sigmoid in the launch, as a compiled decode step passes them)."""
     from linearize.ops.ring import default_fold
 
     import torch
 
     fold = default_fold(64, torch.device("cuda"), D=D, F=128)
     assert fold == 8
-    kernel = compile_sm90("bf16", D, 128, Hf, 64, QH, 1, 64, False, fc=64, num_warps=2, heads_dot=heads_dot, fold=fold)
+    kernel = compile_sm90("bf16", D, 128, Hf, 64, QH, 1, 64, False, fc=64, num_warps=2, heads_dot=heads_dot, fold=fold,
+                          gamma_logit=logit)
     use = resource_usage(kernel)
     assert use["STACK"] <= spill and use.get("LOCAL", 0) == 0, f"register spills: {use}"
 

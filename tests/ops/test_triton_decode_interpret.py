@@ -19,7 +19,9 @@ test_interpreter_run = interpreter_run_test(__file__, timeout=900, skips=True)
 
 
 def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-5, masked=True, step=None, fold=1,
-         **launch):
+         logit=None, **launch):
+    """``logit``: the kernel gets the window weight as these logits (``window_logit``), the reference their
+    sigmoid; else both get the problem's gamma."""
     from linearize.ops.ring import ring_step_torch
     from linearize.ops.triton.decode import random_decode_problem, ring_step_triton
 
@@ -32,8 +34,10 @@ def _run(H, Hkv, per_q, window, dtype, steps, *, D=16, F=8, filled=None, tol=1e-
         inputs, _, _ = random_decode_problem(B, H, Hkv, D, F, window, per_q_features=per_q, dtype=dtype, device="cpu", filled=0, seed=100 + t)
         mask = torch.tensor([[t % 3 != 2], [t % 2 == 0]]) if masked else None  # padding steps, in different rows
         out = torch.full_like(inputs[0], float("nan"))  # every element must be written
-        y = step(*inputs, ring, window_weight=gamma, attention_mask=mask, out=out, **launch)
-        y_ref = ring_step_torch(*inputs, ref, window_weight=gamma, attention_mask=mask)
+        weight = dict(window_weight=gamma) if logit is None else dict(window_logit=logit)
+        y = step(*inputs, ring, attention_mask=mask, out=out, **weight, **launch)
+        gamma_ref = gamma if logit is None else torch.sigmoid(logit.float())
+        y_ref = ring_step_torch(*inputs, ref, window_weight=gamma_ref, attention_mask=mask)
         assert y is out and torch.isfinite(y).all()
         assert rel_err(y, y_ref) < tol, f"step {t}: y rel err {rel_err(y, y_ref):.2e}"
         assert rel_err(ring.S, ref.S) < 1e-5 and rel_err(ring.z, ref.z) < 1e-5, f"step {t}: sums"
@@ -60,6 +64,38 @@ def test_s_streamed_in_row_chunks_equals_torch_ring_step(window, H, Hkv, prefetc
     _run(H, Hkv, True, window, torch.float32, steps=5, F=40, filled=max(window - 3, 0), block_d=8, chunk_rows=16,
          prefetch=prefetch)
 
+
+
+@inside
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,Hkv,per_q,launch", [
+    (4, 2, True, dict(chunk_rows=16)),  # one query head a feature head, S in chunks
+    (6, 2, False, dict(chunk_rows=16)),  # three query heads a feature head, S in chunks
+    (6, 2, False, dict(chunk_rows=16, heads_dot=True, D=32, block_d=16)),  # the same as the rows of dots
+    (6, 2, False, dict(chunk_rows=0)),  # S whole
+], ids=["chunks", "chunks-G3", "heads-dot", "whole"])
+def test_window_logits_take_their_sigmoid_in_the_launch(H, Hkv, per_q, launch, dtype):
+    """``window_logit``: the kernel takes the logits (fp32, or bf16 as a bf16 model holds them) and their sigmoid
+    inside the launch, where each form of the kernel reads gamma; equal to the torch step with gamma =
+    sigmoid(logit.float()). Logits of both signs and far from 0 (gamma near 0 and 1)."""
+    logit = torch.tensor([-4.0, 2.5, -0.3, 6.0, 0.7, -1.5][:H], dtype=dtype)
+    _run(H, Hkv, per_q, 6, torch.float32, steps=4, F=40, filled=3, logit=logit, **(dict(block_d=8) | launch))
+
+
+def test_ring_step_takes_one_window_weight():
+    """``ring_step``: gamma as a weight or as logits (the torch step takes their sigmoid), never both or neither."""
+    from linearize.ops.ring import ring_step
+    from linearize.ops.triton.decode import random_decode_problem
+
+    inputs, ring, gamma = random_decode_problem(2, 4, 2, 16, 8, 6, device="cpu", filled=3, seed=1)
+    logit = torch.logit(gamma)
+    a, b = ring.clone(), ring.clone()
+    y_a = ring_step(*inputs, a, window_weight=torch.sigmoid(logit.float()), kernel=False)
+    y_b = ring_step(*inputs, b, window_logit=logit, kernel=False)
+    assert torch.equal(y_a, y_b) and torch.equal(a.S, b.S)
+    for kw in ({}, dict(window_weight=gamma, window_logit=logit)):
+        with pytest.raises(ValueError, match="one of window_weight and window_logit"):
+            ring_step(*inputs, ring.clone(), kernel=False, **kw)
 
 
 @inside
@@ -244,7 +280,8 @@ def test_compiled_decode_runs_the_map_kernel(monkeypatch, compile, cfg, opts, wa
     RoPE and computes its two Hedgehog maps in one launch (``rope_hedgehog_pair_triton``), whether the maps read
     q, k before RoPE or after it (sinks too: their feature is appended afterwards); ``fuse_rope=False`` leaves RoPE
     to the model and computes the maps in one launch of the map kernel; ``fuse_maps=False`` uses the modules. The
-    steps equal the full forward every way, padded row included."""
+    steps equal the full forward every way, padded row included. Compiled, the window weight's sigmoid is not a
+    kernel of the graph (the ring kernel takes the logits)."""
     from transformers import DynamicCache
 
     import linearize
@@ -287,8 +324,13 @@ def test_compiled_decode_runs_the_map_kernel(monkeypatch, compile, cfg, opts, wa
             for spy in spies.values():
                 spy.stepping = False
 
-    got, ref = greedy_steps_and_full_forward(model, step, DynamicCache(config=model.config), ids, mask, N, pass_mask=False)
+    from torch._inductor.utils import run_and_get_code
+
+    (got, ref), code = run_and_get_code(
+        greedy_steps_and_full_forward, model, step, DynamicCache(config=model.config), ids, mask, N, pass_mask=False)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    if compile:  # the window weight's sigmoid is taken inside the ring kernel's launch, not in a kernel of its own
+        assert "ring_step_v2" in "".join(code) and "sigmoid" not in "".join(code)
     layers = model.config.num_hidden_layers
     launches = {name: spy.launches for name, spy in spies.items()}
     assert launches == {name: layers * N if name == want else 0 for name in spies}, f"{cfg}, {opts}: {launches}"

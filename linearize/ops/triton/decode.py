@@ -217,6 +217,16 @@ def _s_rows(S, bf, c0, rd, d_ok, F: tl.constexpr, D: tl.constexpr, FC: tl.conste
 
 
 @triton.jit
+def _gamma(GAMMA, h, LOGIT: tl.constexpr, h_ok=None):
+    """The window weight of query head(s) h in fp32: GAMMA holds gamma, or (LOGIT) its logits, whose sigmoid
+    is taken here rather than in a kernel of its own before the launch (as ``torch.sigmoid(logit.float())``)."""
+    g = tl.load(GAMMA + h, mask=h_ok).to(tl.float32)  # (masked heads: the caller zeroes them)
+    if LOGIT:
+        g = tl.sigmoid(g)
+    return g
+
+
+@triton.jit
 def _decode_kernel(
     Q, K, V, PQ, PK, VALID, GAMMA,  # step inputs
     S, Z, KR, VR, PKR, MR, POS,  # ring state (contiguous)
@@ -228,6 +238,7 @@ def _decode_kernel(
     QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
     HAS_VALID: tl.constexpr, FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False, QHP: tl.constexpr = 1,
     HEADS_DOT: tl.constexpr = False, PREC: tl.constexpr = "ieee", P: tl.constexpr = 1, PW: tl.constexpr = 1,
+    GAMMA_LOGIT: tl.constexpr = False,
 ):
     """FC (rows of S per chunk): 0 holds the program's whole S slice in registers at once; FC < FP streams it in
     row chunks (read, read out, update, write back), the window parts first, so that fewer registers are live and
@@ -382,14 +393,14 @@ def _decode_kernel(
                 tl.store(c_ptrs, s_c, mask=cd_ok)
         if QH == 1:
             if WINDOW >= 1:
-                gam = tl.load(GAMMA + h)
+                gam = _gamma(GAMMA, h, GAMMA_LOGIT)
                 num += gam * acc
                 den += gam * l
             y = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
             tl.store(Y + b * sY_b + h * sY_h + rd, y.to(Y.dtype.element_ty), mask=d_ok)
         else:
             if WINDOW >= 1:
-                gam = tl.load(GAMMA + f * QH + rg, mask=g_ok, other=0.0)
+                gam = tl.where(g_ok, _gamma(GAMMA, f * QH + rg, GAMMA_LOGIT, g_ok), 0.0)
                 num += gam[:, None] * acc
                 den += gam * l
             y = tl.where(den[:, None] > 0, num / tl.where(den > 0, den, 1.0)[:, None], 0.0)
@@ -414,7 +425,7 @@ def _decode_kernel(
             if WINDOW >= 1:
                 acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b,
                                       sK_h, scale, Hkv, D, DP, BW, W, R)
-                gam = tl.load(GAMMA + h)
+                gam = _gamma(GAMMA, h, GAMMA_LOGIT)
                 num += gam * acc
                 den += gam * l
             y = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
@@ -541,9 +552,10 @@ def _ring_step_op(
     S: torch.Tensor, z: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor, pkr: torch.Tensor,
     mask: torch.Tensor, pos: torch.Tensor, out: torch.Tensor,
     scale: float, window: int, Hkv: int, BD: int, BW: int, num_warps: int, FC: int = 0, prefetch: bool = False,
-    heads_dot: bool = False,
+    heads_dot: bool = False, gamma_logit: bool = False,
 ) -> None:
-    """One kernel launch; the shapes are checked by ``ring_step_triton``. Writes y to ``out``."""
+    """One kernel launch; the shapes are checked by ``ring_step_triton``. Writes y to ``out``. ``gamma`` [H]:
+    the window weights, or (``gamma_logit``) their logits."""
     B, _, H, D = q.shape
     Hf, F = pkr.shape[2], pkr.shape[3]
     R = kr.shape[1]  # ring slots: the window's W and the P - 1 of deferred folding
@@ -568,13 +580,14 @@ def _ring_step_op(
         D=D, F=F, DP=DP, FP=FP, BD=BD, ND=ND, BW=max(BW, 16) if heads_dot else BW,
         QH=QH, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=FC, PREFETCH=bool(FC and prefetch),
         QHP=max(_pow2(QH), 16) if heads_dot else _pow2(QH), HEADS_DOT=heads_dot,
-        PREC="ieee" if q.dtype == torch.float32 else "tf32", R=R, P=P, PW=PW, num_warps=num_warps,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", R=R, P=P, PW=PW, GAMMA_LOGIT=gamma_logit,
+        num_warps=num_warps,
     )
 
 
 @_ring_step_op.register_fake
 def _(q, k, v, phi_q, phi_k, valid, gamma, S, z, kr, vr, pkr, mask, pos, out, scale, window, Hkv, BD, BW, num_warps, FC=0,
-      prefetch=False, heads_dot=False):
+      prefetch=False, heads_dot=False, gamma_logit=False):
     return None
 
 
@@ -586,7 +599,8 @@ def ring_step_triton(
     phi_k: torch.Tensor,
     ring: RingState,
     *,
-    window_weight: float | torch.Tensor,
+    window_weight: float | torch.Tensor | None = None,
+    window_logit: torch.Tensor | None = None,
     scale: float | None = None,
     attention_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -601,6 +615,9 @@ def ring_step_triton(
     """The Triton twin of ``ring_step_torch``: y [B,1,H,D] in q's dtype, ``ring`` advanced in place (its ``pos``
     left to the caller with ``advance`` False, as ``ring_step_torch``).
 
+    The window weight gamma is ``window_weight`` or ``sigmoid(window_logit)`` (exactly one given): a module passes
+    its logits (a tensor [H] or one value), so that the sigmoid runs inside the launch instead of as a kernel of
+    its own before it (one launch a layer of a compiled decode step).
     ``out`` (optional, [B,1,H,D] in q's dtype) receives y, so that a captured graph has a fixed output.
     ``block_d``/``block_w``/``num_warps``/``chunk_rows`` override the launch configuration (benchmarks,
     tuning). ``chunk_rows`` (a power of two >= 16): stream each program's S slice in chunks of that many feature
@@ -622,7 +639,14 @@ def ring_step_triton(
         if not t.is_contiguous():
             raise ValueError(f"ring {name} must be contiguous")
     q, k, v, phi_q, phi_k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, phi_q, phi_k))
-    gamma = window_weight_vector(window_weight, d.H, torch.float32, q.device).contiguous()
+    if (window_weight is None) == (window_logit is None):
+        raise ValueError("ring_step_triton takes one of window_weight and window_logit")
+    if window_logit is not None:  # in its own dtype: the kernel takes the sigmoid in fp32
+        if not torch.is_tensor(window_logit):
+            raise ValueError(f"window_logit must be a tensor; got {type(window_logit).__name__}")
+        gamma = window_weight_vector(window_logit, d.H, window_logit.dtype, q.device).contiguous()
+    else:
+        gamma = window_weight_vector(window_weight, d.H, torch.float32, q.device).contiguous()
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
@@ -652,7 +676,7 @@ def ring_step_triton(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
         float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps, FC,
-        default_prefetch(FC, BD) if prefetch is None else prefetch, dot,
+        default_prefetch(FC, BD) if prefetch is None else prefetch, dot, window_logit is not None,
     )
     if advance:
         ring.pos.add_(1)
