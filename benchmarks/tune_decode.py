@@ -20,7 +20,11 @@ Rows per preset:
     ``CompiledDecode(fuse_maps=True)`` runs);
   * ``maps: torch eager`` / ``maps: torch compiled``: ``HedgehogFeatureMap`` on q and k, eagerly and through
     ``torch.compile`` (inductor: a permuted copy, a batched GEMM per map, softmax reductions; in a compiled
-    step some of its pointwise work fuses into neighbouring kernels).
+    step some of its pointwise work fuses into neighbouring kernels);
+  * ``rope+maps: triton BR.. w..``: ``rope_hedgehog_pair_triton``, RoPE on q and k and both maps in one launch
+    (what ``CompiledDecode`` runs by default), at its default launch, and with ``--rope-sweep`` at every
+    rows-a-program x warps; ``rope: inductor, maps: triton``: the two launches it replaced (RoPE compiled by
+    inductor, then the map kernel). RoPE at one position for the batch (cos, sin [1, 1, D]), as a decode step has it.
 Timing: ``benchmarks.timing.time_graph`` over enough independent rings that no replay finds its state in L2
 (a layer's state is cold in a real step: the other layers' states pass through L2 in between).
 Floor: ``costs.hybrid_decode_cost`` bytes (S and z read and written in fp32, the window's keys and values,
@@ -134,7 +138,7 @@ def run(args) -> dict:
     from benchmarks.report import environment
     from benchmarks.timing import measure_ceilings, rotation_sets, time_eager, time_graph
     from linearize.ops.triton.decode import ring_step_triton
-    from linearize.ops.triton.feature_maps import hedgehog_pair_triton
+    from linearize.ops.triton.feature_maps import default_block_rows, hedgehog_pair_triton, rope_hedgehog_pair_triton
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -209,20 +213,55 @@ def run(args) -> dict:
         with torch.no_grad():
             variants = [("maps: triton (1 launch)", triton_maps), ("maps: torch eager", torch_maps),
                         ("maps: torch compiled", lambda i: compiled(*sets[i][0][:2]))]
+            cos, sin = rope_rows(s, device, dtype)
+            rope_compiled = torch.compile(lambda a, b: (rotate(a, cos, sin), rotate(b, cos, sin)), fullgraph=True, dynamic=False)
+
+            def rope_then_maps(i):
+                (q, k, _), _, _, (fq, fk) = sets[i]
+                return hedgehog_pair_triton(*rope_compiled(q, k), fq.weight, fk.weight)
+
+            def rope_maps(br, w):
+                def fn(i):
+                    (q, k, _), _, _, (fq, fk) = sets[i]
+                    return rope_hedgehog_pair_triton(q, k, cos, sin, fq.weight, fk.weight, block_rows=br, num_warps=w)[2:]
+                return fn
+
+            br0 = default_block_rows(s.B, dtype)
+            launches = [(br0, 4)] + ([(br, w) for br in (16, 32, 64) for w in (1, 2, 4, 8) if (br, w) != (br0, 4)]
+                                     if args.rope_sweep else [])
+            variants += [(f"rope+maps: triton BR{br} w{w}", rope_maps(br, w)) for br, w in launches]
+            variants.append(("rope: inductor, maps: triton", rope_then_maps))
+            rope_refs = [(fq(rotate(q, cos, sin)), fk(rotate(k, cos, sin))) for (q, k, _), _, _, (fq, fk) in sets[:1]]
             for row, fn in variants:
                 r = {"preset": name, "shape": asdict(s), "row": row, "kind": "maps", "floor_ms": floor_ms}
+                want = rope_refs[0] if row.startswith("rope") else phis[0]
                 if out_of_budget(r):
                     continue
                 try:
                     got = fn(0)
                     r["rel_err"] = max(float(((a.double() - b.double()).norm() / b.double().norm()).item())
-                                       for a, b in zip(got, phis[0]))
+                                       for a, b in zip(got, want))
                     r["ms"] = timed([lambda i=i: fn(i) for i in range(n_sets)])
                 except Exception as ex:  # noqa: BLE001
                     r["error"] = error_text(ex)
                 rows.append(r)
                 print(line(r), flush=True)
     return {"environment": env, "ceilings": ceilings, "args": vars(args), "command": " ".join(sys.argv), "rows": rows}
+
+
+def rope_rows(s: Shape, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [1, 1, D] at one position (Llama's inverse frequencies, base 500000), as transformers' rotary
+    embedding gives a decode step whose batch shares its position."""
+    inv = 1.0 / (500000.0 ** (torch.arange(0, s.D, 2, dtype=torch.float32) / s.D))
+    emb = torch.cat([1234.0 * inv] * 2).view(1, 1, s.D)
+    return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' ``apply_rotary_pos_emb`` on x [B, T, heads, D] (cos, sin [1, T, D] unsqueezed at the heads)."""
+    c, s_ = cos.unsqueeze(2), sin.unsqueeze(2)
+    half = x.shape[-1] // 2
+    return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s_
 
 
 def row_label(bd, w, bw, fc, pf, hd, fold: int = 1) -> str:
@@ -302,6 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None,
                    help="time no new row after this many seconds (the rest are listed as skipped), so that a run cut "
                         "short by a device call's limit still writes its files")
+    p.add_argument("--rope-sweep", action="store_true",
+                   help="time the RoPE + maps kernel at every rows-a-program (16, 32, 64) x warps (1, 2, 4, 8)")
     p.add_argument("--match", default=None,
                    help="a regex: time only the ring rows whose label it finds (and the default), e.g. 'w[24] .*FC64'")
     add_kernel_bench_args(p, "CPU under TRITON_INTERPRET=1, a tiny shape, fp32")

@@ -72,6 +72,8 @@
 #   bash scripts/gpu_decode_calls.sh 31 SHA  # the 8B base and ours fused on one machine (the >= 3x goal; ~300 s)
 #   bash scripts/gpu_decode_calls.sh 32 SHA  # the ring kernel's launches at the 8B's heads, fold 8, budgeted (~200 s)
 #   bash scripts/gpu_decode_calls.sh 33 SHA  # RoPE inside the map kernel (off by default until this passes): GPU tests, the 8B step with it, the base, without it (~585 s)
+#   bash scripts/gpu_decode_calls.sh 34 SHA  # the ring kernel on the window logits, the RoPE + maps launch sweep at the 8B's heads,
+#                                            # the 8B step at the defaults and at the sweep's best, the base (~500 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -460,7 +462,35 @@ case "$call" in
     [ "$(left)" -gt 100 ] && row llama8b-kvmaps-norope.log "$(left)" "$l" --loops compiled --models ours --batches 64 \
       --no-fit --budget-s $(($(left) - 15)) --set feature_map_per_kv_head=true
     ;;
-  *) echo "call must be 1 to 30" >&2; exit 2 ;;
+  34)
+    # twenty-sixth session: the ring kernel taking the window weight's logits (no sigmoid kernel a layer) and the RoPE +
+    # maps kernel's launch at the 8B's heads: GPU tests of the module decode paths (the logits pass through them); the
+    # RoPE rows of tune_decode (every rows x warps; the default ring launch only); the 8B step at the defaults
+    # (profiled), then at the sweep's fastest RoPE launch if that is not the default; the base on the same machine
+    # (the >= 3x goal; call 33's H100: 7.646 against 22.431 ms; ~500 s)
+    timeout 150 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "compiled_decode or model_decode or generate or sink or length_norm" \
+      2>&1 | tail -3 | tee "$out/tests-decode.log"
+    timeout 120 python3 benchmarks/tune_decode.py --presets llama8b-kvmaps --rope-sweep --match '^$' --budget-s 90 \
+      --commit "$sha" --copy-to "$out" 2>&1 | grep -v Warning | tail -24 > "$out/tune-rope.log"
+    cat "$out/tune-rope.log"
+    best=$(python3 - "$out" <<'PY'
+import glob, json, re, sys
+rows = [r for f in glob.glob(sys.argv[1] + "/tune-decode-*.json") for r in json.load(open(f))["rows"]]
+rope = [r for r in rows if r["row"].startswith("rope+maps: triton BR") and "ms" in r and r.get("rel_err", 1) < 2e-2]
+if rope:
+    br, w = re.search(r"BR(\d+) w(\d+)", min(rope, key=lambda r: r["ms"])["row"]).groups()
+    print(f"{br},{w}" if rope[0]["row"] != f"rope+maps: triton BR{br} w{w}" else "")
+PY
+)
+    echo "fastest RoPE launch (if not the default): ${best:-none}"
+    l=benchmarks/configs/llama3.1-8b.json
+    row llama8b-kvmaps.log 125 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
+      --budget-s 110 --set feature_map_per_kv_head=true
+    [ -n "$best" ] && LINEARIZE_ROPE_LAUNCH=$best row "llama8b-kvmaps-rope${best/,/-}.log" 110 "$l" --loops compiled \
+      --models ours --batches 64 --no-fit --budget-s 95 --set feature_map_per_kv_head=true
+    row llama8b-base.log 150 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 135
+    ;;
+  *) echo "call must be 1 to 34" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

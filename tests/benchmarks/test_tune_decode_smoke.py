@@ -1,6 +1,6 @@
 """The ring decode kernel's launch sweep on a CPU: under Triton's interpreter every ring config agrees with the
-default launch on the same ring, the map kernel agrees with the PyTorch maps (eager and compiled), and the JSON
-and markdown are written (no timing claims)."""
+default launch on the same ring, the map kernel agrees with the PyTorch maps (eager and compiled), the RoPE + maps
+kernel with RoPE then the maps, and the JSON and markdown are written (no timing claims)."""
 
 import importlib.util
 import json
@@ -23,8 +23,9 @@ def test_smoke_sweep_agrees_and_files_are_written(tmp_path):
     assert {row["heads_dot"] for row in configs if row["FC"]} == {False, True}  # the query heads as dot rows
     assert not any(r["heads_dot"] for r in configs if not r["FC"] or r["prefetch"])
     maps = {row["row"]: row for row in rows if row.get("kind") == "maps"}
-    assert set(maps) == {"maps: triton (1 launch)", "maps: torch eager", "maps: torch compiled"}
-    assert all(row["rel_err"] < 1e-5 and row["ms"] > 0 for row in maps.values())
+    assert set(maps) == {"maps: triton (1 launch)", "maps: torch eager", "maps: torch compiled",
+                         "rope+maps: triton BR16 w4", "rope: inductor, maps: triton"}  # (16: the smoke's 3 rows)
+    assert all(row["rel_err"] < 1e-5 and row["ms"] > 0 for row in maps.values())  # RoPE's against RoPE then the maps
     md = js.with_suffix(".md").read_text()
     assert "best ring launch" in md and "maps: triton (1 launch)" in md
 

@@ -259,3 +259,18 @@ def test_heads_dot_where_the_h100_measured_it_and_the_env_forces_it(monkeypatch)
     assert not decode.default_heads_dot(0, True) and not decode.default_heads_dot(64, False)
     monkeypatch.setattr(decode, "_HEADS_DOT_ENV", "0")
     assert not decode.default_heads_dot(64, True)
+
+
+def test_rope_launch_env_parses_or_says_what_it_wants(monkeypatch):
+    """``LINEARIZE_ROPE_LAUNCH=rows,warps`` sets the RoPE + maps kernel's default launch (to time whole steps at
+    another launch); a malformed value fails with the form it wants."""
+    from linearize.ops.triton import feature_maps
+
+    monkeypatch.delenv("LINEARIZE_ROPE_LAUNCH", raising=False)
+    assert feature_maps._rope_launch_env() == (None, None)
+    monkeypatch.setenv("LINEARIZE_ROPE_LAUNCH", "16,2")
+    assert feature_maps._rope_launch_env() == (16, 2)
+    for bad in ("16", "24,2", "16,3", "a,b"):
+        monkeypatch.setenv("LINEARIZE_ROPE_LAUNCH", bad)
+        with pytest.raises(ValueError, match="LINEARIZE_ROPE_LAUNCH"):
+            feature_maps._rope_launch_env()

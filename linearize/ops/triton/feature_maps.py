@@ -19,6 +19,8 @@ head, block of BR rows); rows are the B*T tokens. The output heads of a map read
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -352,9 +354,27 @@ def _(xq, xk, cos, sin, wq, wk, feature_rope, block_rows, num_warps):
     return torch.empty_like(xq, memory_format=torch.contiguous_format), torch.empty_like(xk, memory_format=torch.contiguous_format), oq, ok
 
 
+def _rope_launch_env() -> tuple[int | None, int | None]:
+    """``LINEARIZE_ROPE_LAUNCH=BR,W`` (read at import): rows a program and warps of ``rope_hedgehog_pair_triton``'s
+    default launch, to time whole decode steps at another launch than the default."""
+    spec = os.environ.get("LINEARIZE_ROPE_LAUNCH")
+    if not spec:
+        return None, None
+    try:
+        br, w = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"LINEARIZE_ROPE_LAUNCH must be 'rows,warps' (e.g. 16,2); got {spec!r}") from None
+    if br < 16 or br & (br - 1) or w not in (1, 2, 4, 8):
+        raise ValueError(f"LINEARIZE_ROPE_LAUNCH: rows a power of two >= 16, warps 1, 2, 4 or 8; got {spec!r}")
+    return br, w
+
+
+_ROPE_ROWS_ENV, _ROPE_WARPS_ENV = _rope_launch_env()
+
+
 def rope_hedgehog_pair_triton(
     xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, *,
-    feature_rope: bool = True, block_rows: int | None = None, num_warps: int = 4,
+    feature_rope: bool = True, block_rows: int | None = None, num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A decode step's RoPE and both Hedgehog maps in one launch, in place of RoPE's kernels and the map kernel
     (``hedgehog_pair_triton``): -> (q, k rotated, phi_q, phi_k).
@@ -363,6 +383,7 @@ def rope_hedgehog_pair_triton(
     model's ``position_embeddings``; RoPE as transformers' ``apply_rotary_pos_emb``: x cos + rotate_half(x) sin,
     over the whole head dim); wq [H,D,f], wk [Hk,D,f] as ``hedgehog_pair_triton`` takes them. The maps read q and
     k rotated (``feature_rope``, LoLCATs) or as given. No gradient: for steps under ``torch.no_grad``.
+    ``block_rows``, ``num_warps``: the launch (default ``default_block_rows`` and 4, or ``LINEARIZE_ROPE_LAUNCH``).
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (xq, xk, cos, sin, wq, wk)):
         raise ValueError("rope_hedgehog_pair_triton has no backward; call it under torch.no_grad()")
@@ -375,4 +396,5 @@ def rope_hedgehog_pair_triton(
         raise ValueError(f"RoPE needs an even head dim; got {D}")
     cos, sin = cos.to(xq.dtype), sin.to(xq.dtype)
     return _rope_hedgehog_pair_op(xq, xk, cos, sin, wq, wk, feature_rope,
-                                  block_rows or default_block_rows(B * T, xq.dtype), num_warps)
+                                  block_rows or _ROPE_ROWS_ENV or default_block_rows(B * T, xq.dtype),
+                                  num_warps or _ROPE_WARPS_ENV or 4)
