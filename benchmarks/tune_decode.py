@@ -138,7 +138,7 @@ def run(args) -> dict:
     from benchmarks.report import environment
     from benchmarks.timing import measure_ceilings, rotation_sets, time_eager, time_graph
     from linearize.ops.triton.decode import ring_step_triton
-    from linearize.ops.triton.feature_maps import default_block_rows, hedgehog_pair_triton, rope_hedgehog_pair_triton
+    from linearize.ops.triton.feature_maps import ROPE_BLOCK_ROWS, hedgehog_pair_triton, rope_hedgehog_pair_triton
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -226,7 +226,7 @@ def run(args) -> dict:
                     return rope_hedgehog_pair_triton(q, k, cos, sin, fq.weight, fk.weight, block_rows=br, num_warps=w)[2:]
                 return fn
 
-            br0 = default_block_rows(s.B, dtype)
+            br0 = ROPE_BLOCK_ROWS
             launches = [(br0, 4)] + ([(br, w) for br in (16, 32, 64) for w in (1, 2, 4, 8) if (br, w) != (br0, 4)]
                                      if args.rope_sweep else [])
             variants += [(f"rope+maps: triton BR{br} w{w}", rope_maps(br, w)) for br, w in launches]

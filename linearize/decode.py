@@ -141,12 +141,6 @@ class CompiledDecode:
             mask4 = mask4 & (slots <= static.cumulative_length)
         out = self.model(input_ids=input_ids, attention_mask=mask4, use_cache=True, position_ids=position_ids,
                          logits_to_keep=1, **{self._cache_kw: cache})
-        # every ring's position at once (count_outside: the layers' ring steps left it), one op instead of one a layer;
-        # a layer that stepped without its ring (a gradient was wanted) holds an ordered state instead
-        held = [layer.held for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
-        positions = [ring.pos for ring in held if isinstance(ring, RingState)]
-        if positions:
-            torch._foreach_add_(positions, 1)
         return out.logits
 
     def _check_cache(self, cache) -> list[HybridCacheLayer]:
@@ -192,6 +186,13 @@ class CompiledDecode:
         with decode_mode(kernel=self.kernel, fuse_maps=self.fuse_maps, fuse_rope=self.fuse_rope), kept, fused:
             # (contiguous: a view's strides would be guarded on, and a growing buffer's view changes them)
             logits = self._fn(input_ids.contiguous(), position_ids.contiguous(), cache, mask4)
+        # Every ring's position at once (count_outside: the layers' ring steps left it), one launch instead of one a
+        # layer. After the compiled step, not inside it: there, inductor's CUDA schedule let the PyTorch ring
+        # steps (kernel=False) read positions the add had already advanced (H100, 2026-12-06: 3 GPU tests failed).
+        # A layer that stepped without its ring (a gradient was wanted) holds an ordered state instead.
+        positions = [layer.held.pos for layer in layers if isinstance(layer.held, RingState)]
+        if positions:
+            torch._foreach_add_(positions, 1)
         for layer in layers:
             layer.cumulative_length += T
         for layer in mixed:

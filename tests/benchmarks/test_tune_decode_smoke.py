@@ -24,7 +24,7 @@ def test_smoke_sweep_agrees_and_files_are_written(tmp_path):
     assert not any(r["heads_dot"] for r in configs if not r["FC"] or r["prefetch"])
     maps = {row["row"]: row for row in rows if row.get("kind") == "maps"}
     assert set(maps) == {"maps: triton (1 launch)", "maps: torch eager", "maps: torch compiled",
-                         "rope+maps: triton BR16 w4", "rope: inductor, maps: triton"}  # (16: the smoke's 3 rows)
+                         "rope+maps: triton BR16 w4", "rope: inductor, maps: triton"}  # (the default launch)
     assert all(row["rel_err"] < 1e-5 and row["ms"] > 0 for row in maps.values())  # RoPE's against RoPE then the maps
     md = js.with_suffix(".md").read_text()
     assert "best ring launch" in md and "maps: triton (1 launch)" in md

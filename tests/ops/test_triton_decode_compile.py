@@ -158,25 +158,26 @@ def test_map_kernel_compiles_for_sm90_without_spills(dt, H, D, f, backward):
 
 
 @pytest.mark.parametrize(
-    "dt,HQX,HKX,GK,D,f,feature_rope",
-    [("bf16", 32, 8, 1, 128, 64, True),  # the 8B, key maps per KV head
-     ("bf16", 9, 3, 3, 64, 64, False),  # SmolLM2, key maps per query head, maps before RoPE
-     ("bf16", 4, 1, 4, 256, 64, True),  # Gemma 3 (D 256)
-     ("fp32", 4, 1, 1, 256, 128, True)],  # fp32 (ieee dot) at the largest sizes
+    "dt,HQX,HKX,GK,D,f,feature_rope,stack",
+    [("bf16", 32, 8, 1, 128, 64, True, 8),  # the 8B, key maps per KV head (8 B of stack: as the H100 timed it fastest)
+     ("bf16", 9, 3, 3, 64, 64, False, 0),  # SmolLM2, key maps per query head, maps before RoPE
+     ("bf16", 4, 1, 4, 256, 64, True, 0),  # Gemma 3 (D 256)
+     ("fp32", 4, 1, 1, 256, 128, True, 0)],  # fp32 (ieee dot) at the largest sizes
 )
-def test_rope_and_maps_kernel_compiles_for_sm90_without_spills(dt, HQX, HKX, GK, D, f, feature_rope):
-    """``_rope_pair_kernel`` (a decode step's RoPE and both maps) at its default launch for B 64 x 1 token."""
+def test_rope_and_maps_kernel_compiles_for_sm90_without_spills(dt, HQX, HKX, GK, D, f, feature_rope, stack):
+    """``_rope_pair_kernel`` (a decode step's RoPE and both maps) at its default launch (``ROPE_BLOCK_ROWS``, 4
+    warps): no spills beyond the stack bytes of the launch the H100 timed (the 8B's: 5.3 us, the fastest)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import torch
 
-    from linearize.ops.triton.feature_maps import _pow2_at_least_16, _rope_pair_kernel, block_k, default_block_rows
+    from linearize.ops.triton.feature_maps import ROPE_BLOCK_ROWS, _pow2_at_least_16, _rope_pair_kernel, block_k
 
     torch_dt = torch.float32 if dt == "fp32" else torch.bfloat16
     const = dict(HQX=HQX, HKX=HKX, GQ=1, GK=GK, D=D, DP=_pow2_at_least_16(D), FH=f, FHP=_pow2_at_least_16(f),
-                 BR=default_block_rows(64, torch_dt), BK=block_k(D, torch_dt), IEEE=dt == "fp32", FEATURE_ROPE=feature_rope)
+                 BR=ROPE_BLOCK_ROWS, BK=block_k(D, torch_dt), IEEE=dt == "fp32", FEATURE_ROPE=feature_rope)
     ptrs = ["XQ", "XK", "COS", "SIN", "WQ", "WK", "QR", "KR", "OQ", "OK"]
     ints = ["R", "sXQ_r", "sXK_r", "sC_r"]
     sig = {n: "*" + dt for n in ptrs} | {n: "i32" for n in ints} | {n: "constexpr" for n in const}
@@ -186,7 +187,7 @@ def test_rope_and_maps_kernel_compiles_for_sm90_without_spills(dt, HQX, HKX, GK,
                     attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     use = resource_usage(kernel)
-    assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
+    assert use["STACK"] <= stack and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     if dt != "fp32":
         assert "mma" in kernel.asm["ptx"], "the per-head projection does not use tensor cores"
 

@@ -371,6 +371,12 @@ def _rope_launch_env() -> tuple[int | None, int | None]:
 
 _ROPE_ROWS_ENV, _ROPE_WARPS_ENV = _rope_launch_env()
 
+#: rows a program of ``rope_hedgehog_pair_triton`` by default: the fewest a dot takes, so that a decode batch spreads
+#: over more programs. H100, ``benchmarks/tune_decode.py --rope-sweep`` at the 8B's heads with key maps per KV head
+#: (B 64, CUDA graph, 2026-12-06): 5.3 us at 16 rows and 4 warps against 5.5 at 32 (6.4 at 64; 1 and 2 warps slower
+#: at every row count); the whole 8B step 7.603 -> 7.585 ms (``gpu_decode_calls.sh 34``)
+ROPE_BLOCK_ROWS = 16
+
 
 def rope_hedgehog_pair_triton(
     xq: torch.Tensor, xk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor, *,
@@ -383,7 +389,7 @@ def rope_hedgehog_pair_triton(
     model's ``position_embeddings``; RoPE as transformers' ``apply_rotary_pos_emb``: x cos + rotate_half(x) sin,
     over the whole head dim); wq [H,D,f], wk [Hk,D,f] as ``hedgehog_pair_triton`` takes them. The maps read q and
     k rotated (``feature_rope``, LoLCATs) or as given. No gradient: for steps under ``torch.no_grad``.
-    ``block_rows``, ``num_warps``: the launch (default ``default_block_rows`` and 4, or ``LINEARIZE_ROPE_LAUNCH``).
+    ``block_rows``, ``num_warps``: the launch (default ``ROPE_BLOCK_ROWS`` and 4, or ``LINEARIZE_ROPE_LAUNCH``).
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (xq, xk, cos, sin, wq, wk)):
         raise ValueError("rope_hedgehog_pair_triton has no backward; call it under torch.no_grad()")
@@ -396,5 +402,5 @@ def rope_hedgehog_pair_triton(
         raise ValueError(f"RoPE needs an even head dim; got {D}")
     cos, sin = cos.to(xq.dtype), sin.to(xq.dtype)
     return _rope_hedgehog_pair_op(xq, xk, cos, sin, wq, wk, feature_rope,
-                                  block_rows or _ROPE_ROWS_ENV or default_block_rows(B * T, xq.dtype),
+                                  block_rows or _ROPE_ROWS_ENV or ROPE_BLOCK_ROWS,
                                   num_warps or _ROPE_WARPS_ENV or 4)
