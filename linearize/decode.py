@@ -187,8 +187,9 @@ class CompiledDecode:
             # (contiguous: a view's strides would be guarded on, and a growing buffer's view changes them)
             logits = self._fn(input_ids.contiguous(), position_ids.contiguous(), cache, mask4)
         # Every ring's position at once (count_outside: the layers' ring steps left it), one launch instead of one a
-        # layer. After the compiled step, not inside it: there, inductor's CUDA schedule let the PyTorch ring
-        # steps (kernel=False) read positions the add had already advanced (H100, 2026-12-06: 3 GPU tests failed).
+        # layer. After the compiled step, not inside it: inside, the compiled PyTorch ring steps (kernel=False) went
+        # wrong on CUDA from the 4th step on (H100, 2026-12-06: 3 GPU tests failed; right on the CPU), and after it
+        # every compiled-decode GPU test passes.
         # A layer that stepped without its ring (a gradient was wanted) holds an ordered state instead.
         positions = [layer.held.pos for layer in layers if isinstance(layer.held, RingState)]
         if positions:
