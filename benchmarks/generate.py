@@ -290,8 +290,36 @@ def _run_loop(subj: Subject, loop: str, ids: torch.Tensor, n: int, ctx: Context,
 
 def compile_options(args) -> dict:
     """``--compile-mode`` for both models' ``torch.compile`` (e.g. max-autotune-no-cudagraphs: inductor tunes
-    its own GEMM templates for the decode's small M; the lean loop captures the graph itself)."""
-    return {"mode": args.compile_mode} if args.compile_mode else {}
+    its own GEMM templates for the decode's small M; the lean loop captures the graph itself), or ``--inductor``'s
+    config entries as its ``options`` (torch.compile takes one or the other)."""
+    entries = getattr(args, "inductor", None) or []
+    if entries and args.compile_mode:
+        raise SystemExit("--inductor and --compile-mode cannot be combined (torch.compile takes mode or options)")
+    if args.compile_mode:
+        return {"mode": args.compile_mode}
+    return {"options": inductor_options(entries)} if entries else {}
+
+
+def inductor_options(entries: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> inductor config entries (values as Python literals, else strings), each key checked
+    against ``torch._inductor.config`` so that a typo fails before the model loads."""
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    out = {}
+    for entry in entries:
+        key, sep, raw = entry.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--inductor takes KEY=VALUE (e.g. triton.multi_kernel=1); got {entry!r}")
+        if key not in known:
+            raise SystemExit(f"--inductor: {key!r} is not an inductor config entry (torch._inductor.config)")
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw
+    return out
 
 
 def compiled_forward(subj: Subject, cache, ctx: Context):
@@ -543,6 +571,9 @@ def parse_args(argv=None):
                    help="lean, compiled (the lean loop with a torch.compile'd step; compiles per batch size) and generate")
     p.add_argument("--compile-torch-step", action="store_true",
                    help="compiled loop: the PyTorch ring step inside the graph (inductor fuses it) instead of the Triton kernel")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="compiled loop: an inductor config entry for both models' torch.compile (its options), e.g. "
+                        "triton.multi_kernel=1 or triton.persistent_reductions=False; repeatable; not with --compile-mode")
     p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                    help="compiled loop: torch.compile's mode for both models (the modes with CUDA graphs would nest in the loop's own capture)")
     p.add_argument("--fuse-maps", action=argparse.BooleanOptionalAction, default=None,

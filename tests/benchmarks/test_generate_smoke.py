@@ -145,11 +145,12 @@ def test_model_shape_reads_the_modules():
 
 def test_smoke_compiled_loop_tokens_match_generate(tmp_path, capsys):
     """The compiled loop (linearize.CompiledDecode for ours, torch.compile with a StaticCache for the base)
-    decodes the same greedy tokens as generate, and its rows run."""
+    decodes the same greedy tokens as generate, and its rows run; ``--inductor`` entries reach torch.compile."""
     from benchmarks import generate as G
 
     torch._dynamo.reset()
-    assert G.main(["--smoke", "--loops", "lean,compiled", "--batches", "3", "--no-fit", "--out-dir", str(tmp_path)]) == 0
+    assert G.main(["--smoke", "--loops", "lean,compiled", "--batches", "3", "--no-fit", "--out-dir", str(tmp_path),
+                   "--inductor", "triton.persistent_reductions=False"]) == 0
     out = capsys.readouterr().out
     assert "ours: compiled step vs generate greedy tokens: equal" in out
     assert "base: compiled step vs generate greedy tokens: equal" in out
@@ -379,3 +380,20 @@ def test_a_failed_probe_drops_its_cache_before_giving_memory_back(monkeypatch):
     monkeypatch.setattr(gen_loops, "free_memory", lambda device: alive_at_free.append(refs[-1]() is not None))
     assert gen_loops.probe_fits(tiny_model("llama"), 4, 8, 16, "static", 96, torch.device("cpu")) == (False, None, "OOM")
     assert alive_at_free == [False]
+
+
+def test_inductor_entries_parse_or_say_what_is_wrong():
+    """``--inductor KEY=VALUE``: values as Python literals (else strings), keys checked against inductor's config;
+    not together with --compile-mode (torch.compile takes mode or options)."""
+    from argparse import Namespace
+
+    from benchmarks import generate as G
+
+    assert G.compile_options(Namespace(compile_mode=None, inductor=[])) == {}
+    assert G.compile_options(Namespace(compile_mode="default", inductor=[])) == {"mode": "default"}
+    got = G.compile_options(Namespace(compile_mode=None, inductor=["triton.multi_kernel=1", "triton.persistent_reductions=False"]))
+    assert got == {"options": {"triton.multi_kernel": 1, "triton.persistent_reductions": False}}
+    for entries, mode, message in ((["triton.multi_kernel"], None, "KEY=VALUE"), (["no.such_key=1"], None, "not an inductor"),
+                                   (["triton.multi_kernel=1"], "default", "cannot be combined")):
+        with pytest.raises(SystemExit, match=message):
+            G.compile_options(Namespace(compile_mode=mode, inductor=entries))
