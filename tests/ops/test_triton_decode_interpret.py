@@ -67,15 +67,15 @@ def test_s_streamed_in_row_chunks_equals_torch_ring_step(window, H, Hkv, prefetc
 
 
 @inside
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H,Hkv,per_q,launch", [
-    (4, 2, True, dict(chunk_rows=16)),  # one query head a feature head, S in chunks
-    (6, 2, False, dict(chunk_rows=16)),  # three query heads a feature head, S in chunks
-    (6, 2, False, dict(chunk_rows=16, heads_dot=True, D=32, block_d=16)),  # the same as the rows of dots
-    (6, 2, False, dict(chunk_rows=0)),  # S whole
-], ids=["chunks", "chunks-G3", "heads-dot", "whole"])
+@pytest.mark.parametrize("H,Hkv,per_q,launch,dtype", [
+    (4, 2, True, dict(chunk_rows=16), torch.bfloat16),  # one query head a feature head, S in chunks
+    (4, 2, True, dict(chunk_rows=16), torch.float32),
+    (6, 2, False, dict(chunk_rows=16), torch.bfloat16),  # three query heads a feature head, S in chunks
+    (6, 2, False, dict(chunk_rows=16, heads_dot=True, D=32, block_d=16), torch.bfloat16),  # the same as dot rows
+    (6, 2, False, dict(chunk_rows=0), torch.bfloat16),  # S whole
+], ids=["chunks", "chunks-fp32", "chunks-G3", "heads-dot", "whole"])
 def test_window_logits_take_their_sigmoid_in_the_launch(H, Hkv, per_q, launch, dtype):
-    """``window_logit``: the kernel takes the logits (fp32, or bf16 as a bf16 model holds them) and their sigmoid
+    """``window_logit``: the kernel takes the logits (bf16 as a bf16 model holds them, or fp32) and their sigmoid
     inside the launch, where each form of the kernel reads gamma; equal to the torch step with gamma =
     sigmoid(logit.float()). Logits of both signs and far from 0 (gamma near 0 and 1)."""
     logit = torch.tensor([-4.0, 2.5, -0.3, 6.0, 0.7, -1.5][:H], dtype=dtype)
