@@ -138,7 +138,11 @@ def run(args) -> dict:
     from benchmarks.report import environment
     from benchmarks.timing import measure_ceilings, rotation_sets, time_eager, time_graph
     from linearize.ops.triton.decode import ring_step_triton
-    from linearize.ops.triton.feature_maps import ROPE_BLOCK_ROWS, hedgehog_pair_triton, rope_hedgehog_pair_triton
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from linearize.ops.triton.feature_maps import (
+        ROPE_BLOCK_ROWS, ROPE_NUM_WARPS, hedgehog_pair_triton, rope_hedgehog_pair_triton,
+    )
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -214,7 +218,8 @@ def run(args) -> dict:
             variants = [("maps: triton (1 launch)", triton_maps), ("maps: torch eager", torch_maps),
                         ("maps: torch compiled", lambda i: compiled(*sets[i][0][:2]))]
             cos, sin = rope_rows(s, device, dtype)
-            rope_compiled = torch.compile(lambda a, b: (rotate(a, cos, sin), rotate(b, cos, sin)), fullgraph=True, dynamic=False)
+            rope_compiled = torch.compile(lambda a, b: apply_rotary_pos_emb(a, b, cos, sin, unsqueeze_dim=2), fullgraph=True,
+                                          dynamic=False)
 
             def rope_then_maps(i):
                 (q, k, _), _, _, (fq, fk) = sets[i]
@@ -226,15 +231,16 @@ def run(args) -> dict:
                     return rope_hedgehog_pair_triton(q, k, cos, sin, fq.weight, fk.weight, block_rows=br, num_warps=w)[2:]
                 return fn
 
-            br0 = ROPE_BLOCK_ROWS
-            launches = [(br0, 4)] + ([(br, w) for br in (16, 32, 64) for w in (1, 2, 4, 8) if (br, w) != (br0, 4)]
-                                     if args.rope_sweep else [])
+            default = (ROPE_BLOCK_ROWS, ROPE_NUM_WARPS)
+            launches = [default] + ([(br, w) for br in (16, 32, 64) for w in (1, 2, 4, 8) if (br, w) != default]
+                                    if args.rope_sweep else [])
             variants += [(f"rope+maps: triton BR{br} w{w}", rope_maps(br, w)) for br, w in launches]
             variants.append(("rope: inductor, maps: triton", rope_then_maps))
-            rope_refs = [(fq(rotate(q, cos, sin)), fk(rotate(k, cos, sin))) for (q, k, _), _, _, (fq, fk) in sets[:1]]
+            (q0, k0, _), _, _, (fq0, fk0) = sets[0]
+            rope_ref = tuple(m(x) for m, x in zip((fq0, fk0), apply_rotary_pos_emb(q0, k0, cos, sin, unsqueeze_dim=2)))
             for row, fn in variants:
                 r = {"preset": name, "shape": asdict(s), "row": row, "kind": "maps", "floor_ms": floor_ms}
-                want = rope_refs[0] if row.startswith("rope") else phis[0]
+                want = rope_ref if row.startswith("rope") else phis[0]
                 if out_of_budget(r):
                     continue
                 try:
@@ -255,13 +261,6 @@ def rope_rows(s: Shape, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     inv = 1.0 / (500000.0 ** (torch.arange(0, s.D, 2, dtype=torch.float32) / s.D))
     emb = torch.cat([1234.0 * inv] * 2).view(1, 1, s.D)
     return emb.cos().to(device, dtype), emb.sin().to(device, dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' ``apply_rotary_pos_emb`` on x [B, T, heads, D] (cos, sin [1, T, D] unsqueezed at the heads)."""
-    c, s_ = cos.unsqueeze(2), sin.unsqueeze(2)
-    half = x.shape[-1] // 2
-    return x * c + torch.cat((-x[..., half:], x[..., :half]), -1) * s_
 
 
 def row_label(bd, w, bw, fc, pf, hd, fold: int = 1) -> str:

@@ -165,15 +165,15 @@ def test_map_kernel_compiles_for_sm90_without_spills(dt, H, D, f, backward):
      ("fp32", 4, 1, 1, 256, 128, True, 0)],  # fp32 (ieee dot) at the largest sizes
 )
 def test_rope_and_maps_kernel_compiles_for_sm90_without_spills(dt, HQX, HKX, GK, D, f, feature_rope, stack):
-    """``_rope_pair_kernel`` (a decode step's RoPE and both maps) at its default launch (``ROPE_BLOCK_ROWS``, 4
-    warps): no spills beyond the stack bytes of the launch the H100 timed (the 8B's: 5.3 us, the fastest)."""
+    """``_rope_pair_kernel`` (a decode step's RoPE and both maps) at its default launch (``ROPE_BLOCK_ROWS``,
+    ``ROPE_NUM_WARPS``): no spills beyond the stack bytes of the launch the H100 timed (the 8B's: 5.3 us, the fastest)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     import torch
 
-    from linearize.ops.triton.feature_maps import ROPE_BLOCK_ROWS, _pow2_at_least_16, _rope_pair_kernel, block_k
+    from linearize.ops.triton.feature_maps import ROPE_BLOCK_ROWS, ROPE_NUM_WARPS, _pow2_at_least_16, _rope_pair_kernel, block_k
 
     torch_dt = torch.float32 if dt == "fp32" else torch.bfloat16
     const = dict(HQX=HQX, HKX=HKX, GQ=1, GK=GK, D=D, DP=_pow2_at_least_16(D), FH=f, FHP=_pow2_at_least_16(f),
@@ -185,7 +185,7 @@ def test_rope_and_maps_kernel_compiles_for_sm90_without_spills(dt, HQX, HKX, GK,
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ptrs + ints[1:]}
     src = ASTSource(fn=_rope_pair_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
                     attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=ROPE_NUM_WARPS))
     use = resource_usage(kernel)
     assert use["STACK"] <= stack and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     if dt != "fp32":

@@ -376,6 +376,7 @@ _ROPE_ROWS_ENV, _ROPE_WARPS_ENV = _rope_launch_env()
 #: (B 64, CUDA graph, 2026-12-06): 5.3 us at 16 rows and 4 warps against 5.5 at 32 (6.4 at 64; 1 and 2 warps slower
 #: at every row count); the whole 8B step 7.603 -> 7.585 ms (``gpu_decode_calls.sh 34``)
 ROPE_BLOCK_ROWS = 16
+ROPE_NUM_WARPS = 4
 
 
 def rope_hedgehog_pair_triton(
@@ -389,7 +390,7 @@ def rope_hedgehog_pair_triton(
     model's ``position_embeddings``; RoPE as transformers' ``apply_rotary_pos_emb``: x cos + rotate_half(x) sin,
     over the whole head dim); wq [H,D,f], wk [Hk,D,f] as ``hedgehog_pair_triton`` takes them. The maps read q and
     k rotated (``feature_rope``, LoLCATs) or as given. No gradient: for steps under ``torch.no_grad``.
-    ``block_rows``, ``num_warps``: the launch (default ``ROPE_BLOCK_ROWS`` and 4, or ``LINEARIZE_ROPE_LAUNCH``).
+    ``block_rows``, ``num_warps``: the launch (default ``ROPE_BLOCK_ROWS`` and ``ROPE_NUM_WARPS``, or ``LINEARIZE_ROPE_LAUNCH``).
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (xq, xk, cos, sin, wq, wk)):
         raise ValueError("rope_hedgehog_pair_triton has no backward; call it under torch.no_grad()")
@@ -403,4 +404,4 @@ def rope_hedgehog_pair_triton(
     cos, sin = cos.to(xq.dtype), sin.to(xq.dtype)
     return _rope_hedgehog_pair_op(xq, xk, cos, sin, wq, wk, feature_rope,
                                   block_rows or _ROPE_ROWS_ENV or ROPE_BLOCK_ROWS,
-                                  num_warps or _ROPE_WARPS_ENV or 4)
+                                  num_warps or _ROPE_WARPS_ENV or ROPE_NUM_WARPS)
