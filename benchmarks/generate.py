@@ -574,6 +574,8 @@ def parse_args(argv=None):
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="compiled loop: an inductor config entry for both models' torch.compile (its options), e.g. "
                         "triton.multi_kernel=1 or triton.persistent_reductions=False; repeatable; not with --compile-mode")
+    p.add_argument("--blas", default=None, choices=["cublas", "cublaslt"],
+                   help="torch.backends.cuda.preferred_blas_library for both models' GEMMs (default: torch's)")
     p.add_argument("--compile-mode", default=None, choices=["default", "max-autotune-no-cudagraphs"],
                    help="compiled loop: torch.compile's mode for both models (the modes with CUDA graphs would nest in the loop's own capture)")
     p.add_argument("--fuse-maps", action=argparse.BooleanOptionalAction, default=None,
@@ -738,6 +740,9 @@ def main(argv=None) -> int:
         return smoke(args)
     if not torch.cuda.is_available():
         raise SystemExit("the benchmark needs CUDA; use --smoke on a CPU machine")
+    if args.blas:
+        # the decode's GEMMs are M = batch (skinny, weight-bound); cuBLASLt's heuristics pick other kernels for them
+        torch.backends.cuda.preferred_blas_library(args.blas)
     t_start = time.monotonic()
     models, info = load_real(args)
     print(f"loaded {args.model} {'twice' if len(models) == 2 else 'once'} ({info['params'] / 1e6:.0f}M parameters, {args.dtype}) in "

@@ -17,6 +17,7 @@
 #                                            # T=2K (with CUDA-graph timings), by tune_chunk
 #   bash scripts/gpu_decode_calls.sh 6 SHA   # issue 6's batch table at the current defaults: ours compiled and the
 #                                            # base's lean loop at batch 1, 16, 64 and 256 x 4096 new tokens
+#                                            # (T1 / T2: each half's seconds, default 270 / 250)
 #   bash scripts/gpu_decode_calls.sh 8 SHA   # not decode: every chunk-kernel GPU test (33 ids: fp32 one (T, W) an id),
 #                                            # 14 processes at a time, 300 s an id, 330 s in all; then the default
 #                                            # launch at 2K (graph) and 16K with the one-pass segment prefix
@@ -76,6 +77,9 @@
 #                                            # the 8B step at the defaults and at the sweep's best, the base (~500 s)
 #   bash scripts/gpu_decode_calls.sh 37 SHA  # the 8B base and step at the defaults, then with inductor's multi_kernel and with
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
+#   bash scripts/gpu_decode_calls.sh 38 SHA  # the 8B step with PDL in inductor's kernels, then the base and the step with
+#                                            # every GEMM through cuBLASLt (~450 s)
+#   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -168,11 +172,11 @@ case "$call" in
     grep -E "^C=|first call|best" "$out/tune-chunk-2k.log"
     ;;
   6)
-    timeout 270 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 1,16,64,256 \
-      --no-fit --budget-s 250" > "$out/bench-batches-ours.log" 2>&1
+    timeout ${T1:-270} bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops compiled --models ours --batches 1,16,64,256 \
+      --no-fit --budget-s $((${T1:-270} - 20))" > "$out/bench-batches-ours.log" 2>&1
     tail -12 "$out/bench-batches-ours.log"
-    timeout 250 bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops lean --models base --batches 1,16,64,256 \
-      --no-fit --budget-s 230" > "$out/bench-batches-base.log" 2>&1
+    timeout ${T2:-250} bash -c "$(declare -f gen); out=$out sha=$sha; gen --loops lean --models base --batches 1,16,64,256 \
+      --no-fit --budget-s $((${T2:-250} - 20))" > "$out/bench-batches-base.log" 2>&1
     tail -12 "$out/bench-batches-base.log"
     ;;
   8)
@@ -509,7 +513,32 @@ PY
       --no-fit --profile-steps 5 --budget-s $(($(left) - 15)) --inductor triton.cooperative_reductions=True \
       --set feature_map_per_kv_head=true
     ;;
-  *) echo "call must be 1 to 37" >&2; exit 2 ;;
+  38)
+    # twenty-seventh session: the launch gaps (0.22 ms of 7.60 in 334 launches) and the skinny GEMMs (M = 64). The 8B step
+    # with programmatic dependent launch in inductor's kernels (each starts while the one before drains), then the base
+    # and the step with every GEMM through cuBLASLt (both models: the ratio stays fair), profiled (~450 s)
+    l=benchmarks/configs/llama3.1-8b.json
+    left() { echo $((${CALL_S:-585} - SECONDS)); }
+    row llama8b-kvmaps-pdl.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
+      --budget-s 105 --inductor triton.enable_pdl=True --set feature_map_per_kv_head=true
+    [ "$(left)" -gt 150 ] && row llama8b-base-lt.log 150 "$l" --loops lean --models base --batches 64 --no-fit \
+      --budget-s 135 --blas cublaslt
+    [ "$(left)" -gt 110 ] && row llama8b-kvmaps-lt.log "$(left)" "$l" --loops compiled --models ours --batches 64 \
+      --no-fit --profile-steps 5 --budget-s $(($(left) - 15)) --blas cublaslt --set feature_map_per_kv_head=true
+    ;;
+  39)
+    # twenty-seventh session, after 37-38 on one warm H100: cuBLASLt and multi_kernel together, the step at the defaults
+    # (call 37's first row was skipped by its budget), the base on cuBLASLt again (~350 s at CALL_S=470)
+    l=benchmarks/configs/llama3.1-8b.json
+    left() { echo $((${CALL_S:-585} - SECONDS)); }
+    row llama8b-kvmaps-lt-mk.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --budget-s 105 \
+      --blas cublaslt --inductor triton.multi_kernel=1 --set feature_map_per_kv_head=true
+    row llama8b-kvmaps-default.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --budget-s 105 \
+      --set feature_map_per_kv_head=true
+    [ "$(left)" -gt 140 ] && row llama8b-base-lt2.log 140 "$l" --loops lean --models base --batches 64 --no-fit \
+      --budget-s 125 --blas cublaslt
+    ;;
+  *) echo "call must be 1 to 39" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
