@@ -15,3 +15,12 @@ def smollm2():
     from linearize.models.hub import load
 
     return load("smollm2-135m", dtype=torch.float32)
+
+
+def pytest_configure(config):
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter subprocesses: see tests/interpreter_speed.py
+        from tests.interpreter_speed import apply
+
+        apply()
