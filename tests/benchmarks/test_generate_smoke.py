@@ -397,3 +397,14 @@ def test_inductor_entries_parse_or_say_what_is_wrong():
                                    (["triton.multi_kernel=1"], "default", "cannot be combined")):
         with pytest.raises(SystemExit, match=message):
             G.compile_options(Namespace(compile_mode=mode, inductor=entries))
+
+
+def test_blas_choice_is_parsed_and_checked(capsys):
+    """``--blas``: torch's default unless given; only the two libraries ``preferred_blas_library`` takes here."""
+    from benchmarks import generate as G
+
+    assert G.parse_args([]).blas is None
+    assert G.parse_args(["--blas", "cublaslt"]).blas == "cublaslt"
+    with pytest.raises(SystemExit):
+        G.parse_args(["--blas", "hipblaslt"])
+    assert "invalid choice" in capsys.readouterr().err
