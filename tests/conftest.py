@@ -24,3 +24,15 @@ def pytest_configure(config):
         from tests.interpreter_speed import apply
 
         apply()
+    # ``-n N`` (xdist's default ``--dist load``) schedules as ``--dist loadgroup``: tests marked xdist_group("name")
+    # run on one worker, so a module fixture too costly to make twice (test_distributed's training runs) is made once.
+    # Any other --dist asked for is kept. Workers parse the command line again, so they learn it from workerinput.
+    if getattr(config.option, "dist", None) == "load":
+        config.option.dist = "loadgroup"
+    if getattr(config, "workerinput", {}).get("loadgroup"):
+        config.option.loadgroup = True  # (read by the worker's collection: the group joins each test id)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    node.workerinput["loadgroup"] = node.config.option.dist == "loadgroup"

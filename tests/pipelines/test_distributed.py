@@ -39,7 +39,12 @@ from linearize.pipelines.launch import LaunchError, torchrun_args
 from .test_resume import env, metric_lines
 from .tiny_run import make_model_dir, make_text, tiny_overrides
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
+    # one xdist worker runs the whole file (tests/conftest.py schedules as --dist loadgroup), so the module's `runs` (three training runs,
+    # ~40 s) is made once instead of once per worker
+    pytest.mark.xdist_group("distributed"),
+]
 
 # stage 1: 2 layers -> one per rank; stage 2: global batch 4 = 2 rows per rank, 2 micro-batches per step
 SETTINGS = ["stage1.lr=3e-2", "stage1.grad_accum=2", "stage2.batch_size=4", "stage2.grad_accum=2"]
