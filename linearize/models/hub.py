@@ -448,7 +448,15 @@ def _hf_dir_for(name: str, sha256: str, get_gguf: Callable[[], Path]) -> Path:
     """
     target = cache_dir() / "hf" / name
     if _converted_from(target) != sha256:
-        _convert_gguf(get_gguf(), target, sha256)
+        from filelock import FileLock
+
+        # processes that start together (torchrun's ranks, xdist's workers) convert once: the others wait, then
+        # find the finished conversion. The lock file lives in the temp dir, keyed by the target's path, so that a
+        # failed fetch leaves the cache as it was
+        key = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:16]
+        with FileLock(str(Path(tempfile.gettempdir()) / f"linearize-convert-{key}.lock"), mode=0o666):
+            if _converted_from(target) != sha256:
+                _convert_gguf(get_gguf(), target, sha256)
     return target
 
 

@@ -420,3 +420,33 @@ def test_loaded_models_do_not_kernelize_from_the_hub(tmp_path):
     lin.save_pretrained(tmp_path / "lin")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "lin")
     assert is_linearized(again) and not again.use_kernels
+
+
+def test_concurrent_first_loads_convert_once(cache, tmp_path, fake_transformers):
+    """Two loaders that find no conversion at the same moment (torchrun's ranks on a fresh machine): one converts,
+    the other waits for it and takes the result instead of converting again."""
+    import threading
+    import time
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    calls = fake_transformers(fail_while_saving=False)
+    started = threading.Barrier(2)
+
+    def slow_gguf():  # holds the conversion open long enough for the other loader to arrive
+        time.sleep(0.5)
+        return gguf
+
+    outs = []
+
+    def loader():
+        started.wait()
+        outs.append(hub._hf_dir_for("m", "ab" * 32, slow_gguf))
+
+    threads = [threading.Thread(target=loader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert outs == [cache / "hf" / "m"] * 2 and len(calls) == 1
+    assert [p.name for p in (cache / "hf").iterdir()] == ["m"]
