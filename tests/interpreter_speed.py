@@ -55,5 +55,7 @@ def apply() -> None:
 
     ti._patch_lang = patch_lang
     ti.GridExecutor.__call__ = launch
-    ti.interpreter_builder.options = dataclasses.replace(ti.interpreter_builder.options, sanitize_overflow=False)
+    options = ti.interpreter_builder.options
+    if dataclasses.is_dataclass(options) and "sanitize_overflow" in {f.name for f in dataclasses.fields(options)}:
+        ti.interpreter_builder.options = dataclasses.replace(options, sanitize_overflow=False)
     ti._linearize_sped_up = True
