@@ -36,20 +36,3 @@ def pytest_configure(config):
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
     node.workerinput["loadgroup"] = node.config.option.dist == "loadgroup"
-
-
-
-def pytest_collection_modifyitems(config, items):
-    """The long units first, so that xdist's workers end on short tests together instead of one finishing a long
-    one alone: each interpreter subprocess, then xdist groups, then the tests that load a real model (after the
-    rest of the long ones, so that a clean machine's one GGUF conversion, under its lock, does not hold both
-    workers at the start). The order within each part is kept, so a module that moves whole stays contiguous."""
-
-    def rank(item) -> int:
-        if item.name == "test_interpreter_run":
-            return 0
-        if item.get_closest_marker("xdist_group") is not None:
-            return 1
-        return 2 if item.get_closest_marker("slow") is not None else 3
-
-    items.sort(key=rank)
