@@ -119,6 +119,8 @@ row() {
   timeout "$secs" bash -c "$(declare -f gen); out=$out sha=$sha model=$m; gen ${*@Q}" > "$out/$log" 2>&1
   tail -8 "$out/$log"
 }
+# seconds left of the call's budget (CALL_S, default 585), for rows that run only if they fit
+left() { echo $((${CALL_S:-585} - SECONDS)); }
 QWEN=benchmarks/configs/qwen2.5-coder-0.5b.json
 HEADS3=(--set 'softmax_heads=[[9,1],[16,0],[16,1]]' --set feature_map_per_kv_head=true --set sink_tokens=4 --set feature_rope=false)
 RETR10=(--set 'softmax_layers=[7,8,14,15,17,18,20,21,22,23]' --set sink_tokens=4 --set feature_rope=false)
@@ -426,7 +428,6 @@ case "$call" in
     timeout 70 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "compiled_decode and (fused or fuses)" 2>&1 | tail -3 \
       | tee "$out/tests-decode.log"
     l=benchmarks/configs/llama3.1-8b.json
-    left() { echo $((${CALL_S:-585} - SECONDS)); }
     row llama8b-kvmaps-fused.log 125 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
       --budget-s 110 --set feature_map_per_kv_head=true
     [ "$(left)" -gt 115 ] && row llama8b-kvmaps-unfused.log 115 "$l" --loops compiled --models ours --batches 64 --no-fit \
@@ -461,7 +462,6 @@ case "$call" in
     timeout 120 python3 -m pytest -q tests/gpu/test_decode_cuda.py -k "compiled_decode_equals and triton and (linear or rope)" \
       2>&1 | tail -3 | tee -a "$out/tests-rope.log"
     l=benchmarks/configs/llama3.1-8b.json
-    left() { echo $((${CALL_S:-585} - SECONDS)); }
     row llama8b-kvmaps-rope.log 125 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
       --budget-s 110 --fuse-rope --set feature_map_per_kv_head=true
     row llama8b-base.log 150 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 135
@@ -503,7 +503,6 @@ PY
     # version beside each reduction and keeps the faster) and with cooperative reductions (a row's reduction split over
     # thread blocks), profiled, each if CALL_S (585) leaves room (~500 s)
     l=benchmarks/configs/llama3.1-8b.json
-    left() { echo $((${CALL_S:-585} - SECONDS)); }
     row llama8b-base.log 150 "$l" --loops lean --models base --batches 64 --no-fit --budget-s 135
     row llama8b-kvmaps.log 110 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
       --budget-s 95 --set feature_map_per_kv_head=true
@@ -518,7 +517,6 @@ PY
     # with programmatic dependent launch in inductor's kernels (each starts while the one before drains), then the base
     # and the step with every GEMM through cuBLASLt (both models: the ratio stays fair), profiled (~450 s)
     l=benchmarks/configs/llama3.1-8b.json
-    left() { echo $((${CALL_S:-585} - SECONDS)); }
     row llama8b-kvmaps-pdl.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --profile-steps 5 \
       --budget-s 105 --inductor triton.enable_pdl=True --set feature_map_per_kv_head=true
     [ "$(left)" -gt 150 ] && row llama8b-base-lt.log 150 "$l" --loops lean --models base --batches 64 --no-fit \
@@ -530,7 +528,6 @@ PY
     # twenty-seventh session, after 37-38 on one warm H100: cuBLASLt and multi_kernel together, the step at the defaults
     # (call 37's first row was skipped by its budget), the base on cuBLASLt again (~350 s at CALL_S=470)
     l=benchmarks/configs/llama3.1-8b.json
-    left() { echo $((${CALL_S:-585} - SECONDS)); }
     row llama8b-kvmaps-lt-mk.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --budget-s 105 \
       --blas cublaslt --inductor triton.multi_kernel=1 --set feature_map_per_kv_head=true
     row llama8b-kvmaps-default.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --budget-s 105 \

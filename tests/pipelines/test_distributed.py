@@ -41,8 +41,8 @@ from .tiny_run import make_model_dir, make_text, tiny_overrides
 
 pytestmark = [
     pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"),
-    # one xdist worker runs the whole file (tests/conftest.py schedules as --dist loadgroup), so the module's `runs` (three training runs,
-    # ~40 s) is made once instead of once per worker
+    # one xdist worker runs the whole file (tests/conftest.py schedules as --dist loadgroup), so the module's
+    # `runs` (three training runs, ~40 s) is made once instead of once per worker
     pytest.mark.xdist_group("distributed"),
 ]
 
