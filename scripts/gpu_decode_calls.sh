@@ -80,6 +80,7 @@
 #   bash scripts/gpu_decode_calls.sh 38 SHA  # the 8B step with PDL in inductor's kernels, then the base and the step with
 #                                            # every GEMM through cuBLASLt (~450 s)
 #   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
+#   bash scripts/gpu_decode_calls.sh 40 SHA  # Nsight Compute on the ring kernel (8B heads, issue 5; fold 8), BW 16 / 32
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -535,7 +536,25 @@ PY
     [ "$(left)" -gt 140 ] && row llama8b-base-lt2.log 140 "$l" --loops lean --models base --batches 64 --no-fit \
       --budget-s 125 --blas cublaslt
     ;;
-  *) echo "call must be 1 to 39" >&2; exit 2 ;;
+  40)
+    # twenty-eighth session: where the ring kernel's time goes at the 8B's heads and issue 5's (fold 8), by Nsight
+    # Compute (every section, per-instruction stall samples), then the window block (BW 16 / 32) beside the default
+    # (~350 s)
+    ncu --version | tail -1
+    for p in llama8b-kvmaps issue5; do
+      timeout 150 ncu --clock-control none -k regex:_decode_kernel -s 8 -c 8 --set full --import-source yes \
+        -o "$out/ncu-$p" python3 benchmarks/profile_decode.py --preset "$p" --fold 8 > "$out/ncu-$p.log" 2>&1
+      tail -3 "$out/ncu-$p.log"
+      ncu -i "$out/ncu-$p.ncu-rep" --page details > "$out/ncu-$p-details.txt" 2>&1
+      ncu -i "$out/ncu-$p.ncu-rep" --page source --csv --print-source sass > "$out/ncu-$p-sass.csv" 2>&1
+      grep -E "Duration|Registers Per|Achieved Occupancy|Memory Throughput|DRAM Throughput|Theoretical Occ" \
+        "$out/ncu-$p-details.txt" | head -14
+    done
+    timeout 150 python3 benchmarks/tune_decode.py --presets llama8b-kvmaps,issue5 --fold 8 --match '^BD128 w2 BW(16|32) FC(32|64)( H)?$' \
+      --budget-s 120 --rep-ms 30 --commit "$sha" --copy-to "$out" > "$out/tune-bw.log" 2>&1
+    tail -22 "$out/tune-bw.log"
+    ;;
+  *) echo "call must be 1 to 40" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
