@@ -81,6 +81,7 @@
 #                                            # every GEMM through cuBLASLt (~450 s)
 #   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
 #   bash scripts/gpu_decode_calls.sh 40 SHA  # Nsight Compute on the ring kernel (8B heads, issue 5; fold 8), BW 16 / 32
+#   bash scripts/gpu_decode_calls.sh 41 SHA  # the ring kernel's mask-load and S-first experiments, the 8B step at BW 16
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -554,7 +555,24 @@ PY
       --budget-s 120 --rep-ms 30 --commit "$sha" --copy-to "$out" > "$out/tune-bw.log" 2>&1
     tail -22 "$out/tune-bw.log"
     ;;
-  *) echo "call must be 1 to 40" >&2; exit 2 ;;
+  41)
+    # twenty-eighth session: the ring kernel's mask loads unpredicated (LINEARIZE_DECODE_MASK_CLAMP) and S read out
+    # before the window (LINEARIZE_DECODE_S_FIRST), each alone and together, at the 8B's heads and issue 5's (fold 8);
+    # then the 8B step on cuBLASLt at the new window block (BW 16 with heads_dot) and the base beside it (~480 s)
+    for e in none MASK_CLAMP S_FIRST MASK_CLAMP,S_FIRST; do
+      envs=(); [ "$e" != none ] && for v in ${e//,/ }; do envs+=("LINEARIZE_DECODE_$v=1"); done
+      env "${envs[@]}" timeout 80 python3 benchmarks/tune_decode.py --presets llama8b-kvmaps,issue5 --fold 8 \
+        --match '^BD128 w2 BW(16|32) FC(32|64) H$|^BD128 w2 BW(16|32) FC32$|^BD128 w2 BW16 FC64$' --budget-s 65 \
+        --rep-ms 30 --commit "$sha+$e" --copy-to "$out" > "$out/tune-$e.log" 2>&1
+      echo "== $e"; grep -E "^  BD" "$out/tune-$e.log"
+    done
+    l=benchmarks/configs/llama3.1-8b.json
+    row llama8b-kvmaps-lt-bw16.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --budget-s 105 \
+      --blas cublaslt --set feature_map_per_kv_head=true
+    [ "$(left)" -gt 140 ] && row llama8b-base-lt3.log 140 "$l" --loops lean --models base --batches 64 --no-fit \
+      --budget-s 125 --blas cublaslt
+    ;;
+  *) echo "call must be 1 to 41" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
