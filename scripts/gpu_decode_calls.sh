@@ -81,7 +81,8 @@
 #                                            # every GEMM through cuBLASLt (~450 s)
 #   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
 #   bash scripts/gpu_decode_calls.sh 40 SHA  # Nsight Compute on the ring kernel (8B heads, issue 5; fold 8), BW 16 / 32
-#   bash scripts/gpu_decode_calls.sh 41 SHA  # the ring kernel's mask-load and S-first experiments, the 8B step at BW 16
+#   bash scripts/gpu_decode_calls.sh 41 SHA  # the ring kernel's mask-load and S-first experiments, each launch's duration
+#                                            # under ncu (the folding step), the 8B step at BW 16 and its base
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -565,6 +566,11 @@ PY
         --match '^BD128 w2 BW(16|32) FC(32|64) H$|^BD128 w2 BW(16|32) FC32$|^BD128 w2 BW16 FC64$' --budget-s 65 \
         --rep-ms 30 --commit "$sha+$e" --copy-to "$out" > "$out/tune-$e.log" 2>&1
       echo "== $e"; grep -E "^  BD" "$out/tune-$e.log"
+    done
+    for p in llama8b-kvmaps issue5; do  # each launch's duration: the folding step (the 8th) against the others
+      timeout 60 ncu --clock-control none -k regex:_decode_kernel -s 8 -c 8 --section SpeedOfLight \
+        python3 benchmarks/profile_decode.py --preset "$p" --fold 8 > "$out/ncu-$p-durations.txt" 2>&1
+      echo "$p: $(grep -E '^ +Duration' "$out/ncu-$p-durations.txt" | awk '{print $3}' | tr '\n' ' ')"
     done
     l=benchmarks/configs/llama3.1-8b.json
     row llama8b-kvmaps-lt-bw16.log 120 "$l" --loops compiled --models ours --batches 64 --no-fit --budget-s 105 \
