@@ -50,7 +50,7 @@ def test_match_keeps_the_default_and_the_rows_it_finds():
     cfgs = configs(PRESETS["llama8b-kvmaps"], quick=True)
     picked = select(cfgs, r"w[24] .*FC(32|64)( H)?$")
     labels = [row_label(*c) for c in picked]
-    assert picked[0] == cfgs[0] and labels[0] == "BD128 w2 BW32 FC64 H"  # the default since 2026-12-06 (dots)
+    assert picked[0] == cfgs[0] and labels[0] == "BD128 w2 BW16 FC64 H"  # the default since 2026-12-06 (dots, window block 16)
     assert all(" P" not in x and ("FC32" in x or "FC64" in x) for x in labels[1:])
     assert {x.endswith(" H") for x in labels[1:]} == {False, True}
     assert select(cfgs, None) == cfgs

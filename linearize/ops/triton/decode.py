@@ -44,7 +44,7 @@ from ..state import HybridState
 
 @triton.jit
 def _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D: tl.constexpr, BW: tl.constexpr,
-                W: tl.constexpr, R: tl.constexpr, MASK_CLAMP: tl.constexpr = False):
+                W: tl.constexpr, R: tl.constexpr):
     """Ring slots r0 .. r0 + BW of KV head j: keys [BW, DP] and values [BW, BD] in the ring's dtype (converted where
     they are used: fp32 copies loaded early would hold twice the registers through the scores), and which slots
     count (in the window's tail: ages 1 .. W - 1, so not the new key's slot nor a key waiting to be folded; filled).
@@ -57,10 +57,7 @@ def _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D: tl.c
         tail = (rs < R) & (age >= 1) & (age < W)
     row = (b * R + rs) * Hkv + j
     # the three loads do not wait on each other; validity is applied to the values
-    if MASK_CLAMP:
-        mr = tl.load(MR + b * R + tl.minimum(rs, R - 1))
-    else:
-        mr = tl.load(MR + b * R + rs, mask=tail, other=0)
+    mr = tl.load(MR + b * R + rs, mask=tail, other=0)
     kb = tl.load(KR + row[:, None] * D + rdf[None, :], mask=tail[:, None] & dfull_ok[None, :], other=0.0)
     vb = tl.load(VR + row[:, None] * D + rd[None, :], mask=tail[:, None] & d_ok[None, :], other=0.0)
     ok = tail & (mr != 0)
@@ -156,8 +153,7 @@ def _fold_z(z, PKR, MR, b, f, pos, rf, f_ok, Hf, F: tl.constexpr, W: tl.constexp
 
 @triton.jit
 def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h, scale,
-                 Hkv, D: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-                 MASK_CLAMP: tl.constexpr = False):
+                 Hkv, D: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr, W: tl.constexpr, R: tl.constexpr):
     """Query head h's softmax over its window (the new key and the ring's valid slots): (acc [BD], l), both
     relative to the running max, so that acc / l is the window's output."""
     rdf = tl.arange(0, DP)  # whole head dim, for the scores
@@ -172,7 +168,7 @@ def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, 
     acc = tl.where(valid_new, v_new, 0.0)
     if W > 0:
         for r0 in range(0, R, BW):
-            kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W, R, MASK_CLAMP)
+            kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W, R)
             s = tl.sum(kb.to(tl.float32) * qv[None, :], 1) * scale
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 0))
@@ -189,7 +185,7 @@ def _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, 
 @triton.jit
 def _window_heads(Q, K, KR, VR, MR, b, j, hq, g_ok, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b, sK_h, scale,
                   Hkv, D: tl.constexpr, DP: tl.constexpr, BW: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-                  PREC: tl.constexpr, MASK_CLAMP: tl.constexpr = False):
+                  PREC: tl.constexpr):
     """``_window_part`` for the query heads ``hq`` [QR] of one KV head at once: each ring block is loaded once for
     all of them, scored and summed by two dots in ``PREC`` ([QR, D] x [D, BW], [QR, BW] x [BW, BD]; QR, BW >= 16;
     half-precision q and k are exact in tf32). -> (acc [QR, BD], l [QR]), relative to each head's running max."""
@@ -204,7 +200,7 @@ def _window_heads(Q, K, KR, VR, MR, b, j, hq, g_ok, rd, d_ok, valid_new, v_new, 
     acc = tl.where(valid_new, v_new, 0.0)[None, :] + tl.zeros_like(s_new)[:, None]
     if W > 0:
         for r0 in range(0, R, BW):
-            kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W, R, MASK_CLAMP)
+            kb, vb, ok = _ring_block(KR, VR, MR, b, j, r0, pos, rdf, dfull_ok, rd, d_ok, Hkv, D, BW, W, R)
             # a skipped slot's key reaches only its own score, masked below
             s = tl.dot(qm, tl.trans(kb.to(tl.float32)), input_precision=PREC) * scale  # [QR, BW]
             s = tl.where(ok[None, :], s, float("-inf"))
@@ -248,7 +244,7 @@ def _decode_kernel(
     QH: tl.constexpr, GK: tl.constexpr, WINDOW: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
     HAS_VALID: tl.constexpr, FC: tl.constexpr = 0, PREFETCH: tl.constexpr = False, QHP: tl.constexpr = 1,
     HEADS_DOT: tl.constexpr = False, PREC: tl.constexpr = "ieee", P: tl.constexpr = 1, PW: tl.constexpr = 1,
-    GAMMA_LOGIT: tl.constexpr = False, MASK_CLAMP: tl.constexpr = False, S_FIRST: tl.constexpr = False,
+    GAMMA_LOGIT: tl.constexpr = False,
 ):
     """FC (rows of S per chunk): 0 holds the program's whole S slice in registers at once; FC < FP streams it in
     row chunks (read, read out, update, write back), the window parts first, so that fewer registers are live and
@@ -318,30 +314,28 @@ def _decode_kernel(
             n_ptrs, n_ok = _s_rows(S, bf, 0, rd, d_ok, F, D, FC)
             s_next = tl.load(n_ptrs, mask=n_ok, other=0.0)
         if QH == 1:
+            if WINDOW >= 1:
+                acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b,
+                                      sK_h, scale, Hkv, D, DP, BW, W, R)
             num = tl.zeros([BD], tl.float32)
-            if not S_FIRST:
-                if WINDOW >= 1:
-                    acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h,
-                                          sK_b, sK_h, scale, Hkv, D, DP, BW, W, R, MASK_CLAMP)
-                if P > 1:
-                    num, den_w = _waiting_part(pq, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F,
-                                               D, W, R, P, PW)
-                    den += den_w
+            if P > 1:
+                num, den_w = _waiting_part(pq, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F, D,
+                                           W, R, P, PW)
+                den += den_w
         elif HEADS_DOT:  # the query heads are the rows of dots: den [QHP], window parts [QHP, BD], num [QHP, BD]
             rg = tl.arange(0, QHP)
             g_ok = rg < QH
             pq_all = tl.load(PQ + b * sPQ_b + (f * QH + rg)[:, None] * sPQ_h + rf[None, :],
                              mask=g_ok[:, None] & f_ok[None, :], other=0.0).to(tl.float32)
             den = tl.sum(pq_all * z_vec[None, :], 1)
+            if WINDOW >= 1:
+                acc, l = _window_heads(Q, K, KR, VR, MR, b, j, f * QH + rg, g_ok, rd, d_ok, valid_new, v_new, pos,
+                                       sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W, R, PREC)
             num = tl.zeros([QHP, BD], tl.float32)
-            if not S_FIRST:
-                if WINDOW >= 1:
-                    acc, l = _window_heads(Q, K, KR, VR, MR, b, j, f * QH + rg, g_ok, rd, d_ok, valid_new, v_new, pos,
-                                           sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W, R, PREC, MASK_CLAMP)
-                if P > 1:
-                    num, den_w = _waiting_heads(pq_all, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv,
-                                                F, D, W, R, P, PW, PREC)
-                    den += den_w
+            if P > 1:
+                num, den_w = _waiting_heads(pq_all, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F,
+                                            D, W, R, P, PW, PREC)
+                den += den_w
         else:  # one row a query head: den [QHP], window parts [QHP, BD], num [QHP, BD]
             rg = tl.arange(0, QHP)
             g_ok = rg < QH
@@ -360,7 +354,7 @@ def _decode_kernel(
                 den = tl.where(rg == g, den_g, den)
                 if WINDOW >= 1:
                     acc_g, l_g = _window_part(Q, K, V, KR, VR, MR, b, j, f * QH + g, rd, d_ok, valid_new, v_new, pos,
-                                              sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W, R, MASK_CLAMP)
+                                              sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W, R)
                     acc = tl.where(rg[:, None] == g, acc_g[None, :], acc)
                     l = tl.where(rg == g, l_g, l)
         if W > 0 and P == 1:
@@ -403,25 +397,6 @@ def _decode_kernel(
                     pke_c = tl.load(PKR + ev_row + rc, mask=c_ok, other=0.0).to(tl.float32)
                     s_c += tl.where(ev_ok, pke_c, 0.0)[:, None] * v_ev[None, :]
                 tl.store(c_ptrs, s_c, mask=cd_ok)
-        if S_FIRST:  # the window and the waiting keys after S (QH == 1 or HEADS_DOT)
-            if QH == 1:
-                if WINDOW >= 1:
-                    acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h,
-                                          sK_b, sK_h, scale, Hkv, D, DP, BW, W, R, MASK_CLAMP)
-                if P > 1:
-                    num_w, den_w = _waiting_part(pq, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf, Hkv, F,
-                                                 D, W, R, P, PW)
-                    num += num_w
-                    den += den_w
-            else:
-                if WINDOW >= 1:
-                    acc, l = _window_heads(Q, K, KR, VR, MR, b, j, f * QH + rg, g_ok, rd, d_ok, valid_new, v_new, pos,
-                                           sQ_b, sQ_h, sK_b, sK_h, scale, Hkv, D, DP, BW, W, R, PREC, MASK_CLAMP)
-                if P > 1:
-                    num_w, den_w = _waiting_heads(pq_all, PKR, VR, MR, b, f, j, pos, waiting, rf, f_ok, rd, d_ok, Hf,
-                                                  Hkv, F, D, W, R, P, PW, PREC)
-                    num += num_w
-                    den += den_w
         if QH == 1:
             if WINDOW >= 1:
                 gam = _gamma(GAMMA, h, GAMMA_LOGIT)
@@ -455,7 +430,7 @@ def _decode_kernel(
                 den += den_w
             if WINDOW >= 1:
                 acc, l = _window_part(Q, K, V, KR, VR, MR, b, j, h, rd, d_ok, valid_new, v_new, pos, sQ_b, sQ_h, sK_b,
-                                      sK_h, scale, Hkv, D, DP, BW, W, R, MASK_CLAMP)
+                                      sK_h, scale, Hkv, D, DP, BW, W, R)
                 gam = _gamma(GAMMA, h, GAMMA_LOGIT)
                 num += gam * acc
                 den += gam * l
@@ -496,10 +471,6 @@ def _decode_kernel(
                 tl.store(MR + b * R + ns, valid_new.to(tl.uint8))
 
 
-_MASK_CLAMP = os.environ.get("LINEARIZE_DECODE_MASK_CLAMP") == "1"  # experiment
-_S_FIRST = os.environ.get("LINEARIZE_DECODE_S_FIRST") == "1"  # experiment
-
-
 def _pow2(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
@@ -516,10 +487,10 @@ def default_block_d(B: int, Hf: int, D: int) -> int:
 def default_block_w(W: int, D: int, heads_dot: bool = False) -> int:
     """Window block: ring slots loaded per iteration of the window loop, a [BW, D] key tile of at most 4096
     elements (16 to the ring's slots). 16 with ``heads_dot`` (the dots' smallest side): Llama-3.1-8B's heads with
-    key maps per KV head (D = F = 128, fold 8, FC 64, 2 warps) took 36.3 us at BW 16 against 39.3 at BW 32 (H100,
-    ``benchmarks/tune_decode.py``, 2026-12-06: a smaller ring tile leaves the program 8 of the registers it spilled
-    instead of 32, and 35 KB of shared memory instead of 51); where the heads are not dot rows (the issue-5 heads),
-    BW 32 stayed faster (55.1 us against 57.3)."""
+    key maps per KV head (D = F = 128, fold 8, FC 64, 2 warps) took 36.3 us at BW 16 against 39.3 at BW 32, and
+    36.6 against 39.4 on a second H100 (``benchmarks/tune_decode.py``, 2026-12-06; sm_90: 8 spill bytes a thread
+    instead of 32, 35 KB of shared memory instead of 51). Where the heads are not dot rows (the issue-5 heads), BW 32
+    stayed faster (55.1 us against 57.3)."""
     if heads_dot:
         return max(1, min(_pow2(W), 16))
     return max(1, min(_pow2(W), max(4096 // _pow2(D), 16)))
@@ -622,7 +593,6 @@ def _ring_step_op(
         QH=QH, GK=Gk, WINDOW=min(window, 2), W=W, HAS_VALID=has_valid, FC=FC, PREFETCH=bool(FC and prefetch),
         QHP=max(_pow2(QH), 16) if heads_dot else _pow2(QH), HEADS_DOT=heads_dot,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", R=R, P=P, PW=PW, GAMMA_LOGIT=gamma_logit,
-        MASK_CLAMP=_MASK_CLAMP, S_FIRST=bool(_S_FIRST and FC and not prefetch and (QH == 1 or heads_dot)),
         num_warps=num_warps,
     )
 
