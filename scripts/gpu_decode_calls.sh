@@ -559,7 +559,8 @@ PY
   41)
     # twenty-eighth session: the ring kernel's mask loads unpredicated (LINEARIZE_DECODE_MASK_CLAMP) and S read out
     # before the window (LINEARIZE_DECODE_S_FIRST), each alone and together, at the 8B's heads and issue 5's (fold 8);
-    # then the 8B step on cuBLASLt at the new window block (BW 16 with heads_dot) and the base beside it (~480 s)
+    # then the 8B step on cuBLASLt at the new window block (BW 16 with heads_dot) and the base beside it (~480 s).
+    # Both switches were removed after this call (bb1deff): from then on its four sweeps time the same kernel.
     for e in none MASK_CLAMP S_FIRST MASK_CLAMP,S_FIRST; do
       envs=(); [ "$e" != none ] && for v in ${e//,/ }; do envs+=("LINEARIZE_DECODE_$v=1"); done
       env "${envs[@]}" timeout 80 python3 benchmarks/tune_decode.py --presets llama8b-kvmaps,issue5 --fold 8 \
