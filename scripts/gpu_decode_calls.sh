@@ -83,6 +83,7 @@
 #   bash scripts/gpu_decode_calls.sh 40 SHA  # Nsight Compute on the ring kernel (8B heads, issue 5; fold 8), BW 16 / 32
 #   bash scripts/gpu_decode_calls.sh 41 SHA  # the ring kernel's mask-load and S-first experiments, each launch's duration
 #                                            # under ncu (the folding step), the 8B step at BW 16 and its base
+#   bash scripts/gpu_decode_calls.sh 42 SHA  # issue 5's decode row at the defaults, its heads in smaller chunks (~250 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -579,7 +580,18 @@ PY
     [ "$(left)" -gt 140 ] && row llama8b-base-lt3.log 140 "$l" --loops lean --models base --batches 64 --no-fit \
       --budget-s 125 --blas cublaslt
     ;;
-  *) echo "call must be 1 to 41" >&2; exit 2 ;;
+  42)
+    # after the twenty-eighth session: issue 5's decode row at the defaults (ours against plain torch and SDPA decode at
+    # 16K; the 3x goal needs <= 52.2 us), then issue 5's heads at fold 8 in smaller row chunks and window blocks (sm_90:
+    # FC 16 with BW 16 holds 128 registers, so 8 programs an SM and the 1,024 programs in one wave) (~250 s)
+    timeout 150 python3 benchmarks/attention.py --quick --no-check --only ours,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
+      --groups decode --budget-s 130 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention-decode.log" 2>&1
+    sed -n '/== targets/,$p' "$out/attention-decode.log" | head -10
+    timeout 90 python3 benchmarks/tune_decode.py --presets issue5 --fold 8 --match '^BD128 w2 BW(16|32) FC(16|32|64)$' \
+      --budget-s 75 --rep-ms 30 --commit "$sha" --copy-to "$out" > "$out/tune-issue5.log" 2>&1
+    grep -E "^  BD" "$out/tune-issue5.log"
+    ;;
+  *) echo "call must be 1 to 42" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
