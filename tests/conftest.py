@@ -31,6 +31,11 @@ def pytest_configure(config):
         config.option.dist = "loadgroup"
     if getattr(config, "workerinput", {}).get("loadgroup"):
         config.option.loadgroup = True  # (read by the worker's collection: the group joins each test id)
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:  # an xdist worker: its share of the cores, so that the workers' GEMMs do not oversubscribe them
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 @pytest.hookimpl(optionalhook=True)
