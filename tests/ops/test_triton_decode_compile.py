@@ -37,7 +37,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=Fals
     DP, FP = _pow2(D), _pow2(F)
     BD = default_block_d(B, Hf, D)
     const = dict(
-        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=default_block_w(W, D, heads_dot),
+        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=max(default_block_w(W, D, heads_dot), 16 if heads_dot else 1),
         QH=QH, GK=GK, WINDOW=min(window, 2), W=W, R=W + P - 1 if W else 0, HAS_VALID=has_valid, FC=fc,
         PREFETCH=prefetch, QHP=max(_pow2(QH), 16 if heads_dot else 1), HEADS_DOT=heads_dot,
         PREC="ieee" if dt == "fp32" else "tf32", P=P, PW=max(_pow2(P - 1), 16) if heads_dot else min(_pow2(P - 1), 4),
