@@ -113,14 +113,14 @@ def configs(s: Shape, quick: bool):
     w0 = default_num_warps(_pow2(s.F), bd0, fc0)
     several = s.Hf < s.H
     hd0 = default_heads_dot(fc0, several)
-    bw0 = default_block_w(ring_slots(s.window), s.D, hd0)
+    bw0 = default_block_w(ring_slots(s.window), s.D, hd0, fc0)
     out = [(bd0, w0, bw0, fc0, default_prefetch(fc0, bd0), hd0)]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]
         if bd0 // 2 >= 16:
             bds.append(bd0 // 2)
     else:
-        bds, ws, bws = [16, 32, 64, 128], [1, 2, 4, 8], sorted({16, 32, bw0})
+        bds, ws, bws = [16, 32, 64, 128], [1, 2, 4, 8], sorted({8, 16, 32, bw0})
     fcs = [0] + [fc for fc in (16, 32, 64) if fc <= _pow2(s.F)]
     for bd, w, bw, fc, pf, hd in itertools.product(bds, ws, bws, fcs, (False, True), (False, True)):
         cfg = (bd, w, bw, fc, pf, hd)

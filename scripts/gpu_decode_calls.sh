@@ -84,6 +84,8 @@
 #   bash scripts/gpu_decode_calls.sh 41 SHA  # the ring kernel's mask-load and S-first experiments, each launch's duration
 #                                            # under ncu (the folding step), the 8B step at BW 16 and its base
 #   bash scripts/gpu_decode_calls.sh 42 SHA  # issue 5's decode row at the defaults, its heads in smaller chunks (~250 s)
+#   bash scripts/gpu_decode_calls.sh 43 SHA  # the issue-5 heads' new defaults (FC 16, BW 16): GPU tests, the decode row,
+#                                            # the sweep around them (~330 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -591,7 +593,23 @@ PY
       --budget-s 75 --rep-ms 30 --commit "$sha" --copy-to "$out" > "$out/tune-issue5.log" 2>&1
     grep -E "^  BD" "$out/tune-issue5.log"
     ;;
-  *) echo "call must be 1 to 42" >&2; exit 2 ;;
+  43)
+    # 16-row chunks and 16-slot window blocks by default at the issue-5 heads (call 42: 50.0 against 56.0 us): the GPU
+    # tests of the default launch and its neighbours, issue 5's decode row at the new defaults, then the sweep around
+    # them (warps 1/2/4, BW 8/16/32, FC 16/64) at the issue-5 heads and Llama-3.1-8B's with key maps per query head
+    # (the same 128-column heads, 2,048 programs) (~330 s)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_cuda.py \
+      -k "deferred_folding or launch_configs or real_model_shapes or cuda_graph_replay" > "$out/tests.log" 2>&1
+    tail -3 "$out/tests.log"
+    timeout 100 python3 benchmarks/attention.py --quick --no-check --only ours,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
+      --groups decode --budget-s 85 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention-decode.log" 2>&1
+    sed -n '/== targets/,$p' "$out/attention-decode.log" | head -4
+    timeout 110 python3 benchmarks/tune_decode.py --presets issue5,llama8b --fold 8 \
+      --match '^BD128 w(1|2|4) BW(8|16|32) FC(16|64)$' --budget-s 95 --rep-ms 30 --commit "$sha" --copy-to "$out" \
+      > "$out/tune-issue5.log" 2>&1
+    grep -E "^[a-z0-9-]+:|^  BD" "$out/tune-issue5.log"
+    ;;
+  *) echo "call must be 1 to 43" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

@@ -111,15 +111,18 @@ def test_query_heads_as_the_rows_of_dots(H, Hkv, D, F, chunk_rows, warps, window
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("form", ["whole", "rows", "rows-prefetch", "heads-loop", "heads-dot"])
+@pytest.mark.parametrize("form", ["defaults", "whole", "rows", "rows-prefetch", "heads-loop", "heads-dot"])
 @pytest.mark.parametrize("fold", [4, 16])
 def test_deferred_folding_matches_fp64_reference(form, fold, dtype):
     """``fold``: S written only every ``fold`` steps, the keys waiting in between read out as linear terms; over
     enough steps for two folds, in every form of the kernel: S whole and in row chunks (key maps per query head,
     the issue-5 heads), loaded a step ahead, and key maps per KV head read out by Llama-3.1-8B's 4 query heads one
-    by one or as the rows of dots. The fp64 reference runs the same folding schedule."""
+    by one or as the rows of dots; and the issue-5 heads' default launch. The fp64 reference runs the same folding
+    schedule."""
     kw = dict(steps=2 * fold + 6, fold=fold, seed=fold)
-    if form == "whole":
+    if form == "defaults":  # the issue-5 heads' default launch: 16-row chunks, 16-slot window blocks, 2 warps
+        check_against_fp64(5, 16, 16, 128, 128, 64, dtype, per_q=True, **kw)
+    elif form == "whole":
         check_against_fp64(5, 16, 16, 128, 128, 64, dtype, per_q=True, chunk_rows=0, **kw)
     elif form.startswith("rows"):
         check_against_fp64(5, 16, 16, 128, 128, 64, dtype, per_q=True, chunk_rows=64, prefetch=form.endswith("prefetch"),

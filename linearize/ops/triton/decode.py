@@ -484,14 +484,14 @@ def default_block_d(B: int, Hf: int, D: int) -> int:
     return min(_pow2(D), 128)
 
 
-def default_block_w(W: int, D: int, heads_dot: bool = False) -> int:
+def default_block_w(W: int, D: int, heads_dot: bool = False, chunk_rows: int = 0) -> int:
     """Window block: ring slots loaded per iteration of the window loop, a [BW, D] key tile of at most 4096
     elements (16 to the ring's slots). 16 with ``heads_dot`` (the dots' smallest side): Llama-3.1-8B's heads with
     key maps per KV head (D = F = 128, fold 8, FC 64, 2 warps) took 36.3 us at BW 16 against 39.3 at BW 32, and
     36.6 against 39.4 on a second H100 (``benchmarks/tune_decode.py``, 2026-12-06; sm_90: 8 spill bytes a thread
-    instead of 32, 35 KB of shared memory instead of 51). Where the heads are not dot rows (the issue-5 heads), BW 32
-    stayed faster (55.1 us against 57.3)."""
-    if heads_dot:
+    instead of 32, 35 KB of shared memory instead of 51). Also 16 with 16-row chunks of S (``chunk_rows``; see
+    ``default_chunk_rows``): together they keep the issue-5 program at 128 registers."""
+    if heads_dot or chunk_rows == 16:
         return max(1, min(_pow2(W), 16))
     return max(1, min(_pow2(W), max(4096 // _pow2(D), 16)))
 
@@ -505,9 +505,15 @@ def default_chunk_rows(F: int, D: int, BD: int, per_query_features: bool) -> int
     - key features per KV head read out by 4 query heads a program (Llama-3.1-8B's heads, D = F = 128; H200,
       2026-12-05): 72.3 us whole at 4 warps -> 45.8 us at FC 64 and 2 warps. Narrower heads shared by several
       query heads (SmolLM2's per KV head: D 64) were not swept in the chunked form, so they keep S whole.
-    Head dim 256 (Gemma 3: two value blocks) was not swept in the chunked form either, so it keeps S whole."""
+    Head dim 256 (Gemma 3: two value blocks) was not swept in the chunked form either, so it keeps S whole.
+
+    16 where key features per query head fill 128-column heads (the issue-5 shape, D = F = 128): with 16-slot
+    window blocks (``default_block_w``) the program holds 128 registers at 2 warps on sm_90 (235 at FC 64), so
+    8 programs fit an SM and B 64 x H 16 = 1,024 programs run in one wave on an H100's 132 SMs, not two. H100,
+    2026-12-06, fold 8: 50.0 us against 56.0 at FC 64 / BW 32 (FC 32: 59.1-59.9; FC 16 at BW 32, 139 registers:
+    60.0)."""
     if _pow2(F) > 64 and BD == _pow2(D) and (per_query_features or BD >= 128):
-        return 64
+        return 16 if per_query_features and BD == 128 and _pow2(F) == 128 else 64
     return 0
 
 
@@ -683,7 +689,7 @@ def ring_step_triton(
     if heads_dot and not dots_fit:
         raise ValueError(f"heads_dot needs value blocks and a head dim of at least 16 (dots); got block {BD}, D={d.D}")
     dot = (default_heads_dot(FC, several) and dots_fit) if heads_dot is None else heads_dot
-    BW = block_w or default_block_w(W, d.D, dot)
+    BW = block_w or default_block_w(W, d.D, dot, FC)
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
