@@ -594,16 +594,16 @@ PY
     grep -E "^  BD" "$out/tune-issue5.log"
     ;;
   43)
-    # 16-row chunks and 16-slot window blocks by default at the issue-5 heads (call 42: 50.0 against 56.0 us): the GPU
-    # tests of the default launch and its neighbours, issue 5's decode row at the new defaults, then the sweep around
-    # them (warps 1/2/4, BW 8/16/32, FC 16/64) at the issue-5 heads and Llama-3.1-8B's with key maps per query head
-    # (the same 128-column heads, 2,048 programs) (~330 s)
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_cuda.py \
-      -k "deferred_folding or launch_configs or real_model_shapes or cuda_graph_replay" > "$out/tests.log" 2>&1
-    tail -3 "$out/tests.log"
+    # 16-row chunks and 16-slot window blocks by default at the issue-5 heads (call 42: 50.0 against 56.0 us): issue
+    # 5's decode row at the new defaults, the GPU tests of the default launch and its neighbours, then the sweep around
+    # them (warps 1/2/4, BW 8/16/32, FC 16/64; the old default is BD128 w2 BW32 FC64) at the issue-5 heads and
+    # Llama-3.1-8B's with key maps per query head (the same 128-column heads, 2,048 programs) (~330 s)
     timeout 100 python3 benchmarks/attention.py --quick --no-check --only ours,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
       --groups decode --budget-s 85 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention-decode.log" 2>&1
     sed -n '/== targets/,$p' "$out/attention-decode.log" | head -4
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_cuda.py \
+      -k "deferred_folding or launch_configs or real_model_shapes or cuda_graph_replay" > "$out/tests.log" 2>&1
+    tail -3 "$out/tests.log"
     timeout 110 python3 benchmarks/tune_decode.py --presets issue5,llama8b --fold 8 \
       --match '^BD128 w(1|2|4) BW(8|16|32) FC(16|64)$' --budget-s 95 --rep-ms 30 --commit "$sha" --copy-to "$out" \
       > "$out/tune-issue5.log" 2>&1
