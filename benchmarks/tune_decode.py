@@ -110,10 +110,10 @@ def configs(s: Shape, quick: bool):
 
     bd0 = default_block_d(s.B, s.Hf, s.D)
     fc0 = default_chunk_rows(s.F, s.D, bd0, s.Hf == s.H)
-    w0 = default_num_warps(_pow2(s.F), bd0, fc0)
     several = s.Hf < s.H
     hd0 = default_heads_dot(fc0, several)
-    bw0 = default_block_w(ring_slots(s.window), s.D, hd0, fc0)
+    w0 = default_num_warps(_pow2(s.F), bd0, fc0, hd0)
+    bw0 = default_block_w(ring_slots(s.window), s.D, hd0)
     out = [(bd0, w0, bw0, fc0, default_prefetch(fc0, bd0), hd0)]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]

@@ -120,7 +120,7 @@ def test_deferred_folding_matches_fp64_reference(form, fold, dtype):
     by one or as the rows of dots; and the issue-5 heads' default launch. The fp64 reference runs the same folding
     schedule."""
     kw = dict(steps=2 * fold + 6, fold=fold, seed=fold)
-    if form == "defaults":  # the issue-5 heads' default launch: 16-row chunks, 16-slot window blocks, 2 warps
+    if form == "defaults":  # the issue-5 heads' default launch: 16-row chunks, 32-slot window blocks, 1 warp
         check_against_fp64(5, 16, 16, 128, 128, 64, dtype, per_q=True, **kw)
     elif form == "whole":
         check_against_fp64(5, 16, 16, 128, 128, 64, dtype, per_q=True, chunk_rows=0, **kw)

@@ -37,7 +37,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=Fals
     DP, FP = _pow2(D), _pow2(F)
     BD = default_block_d(B, Hf, D)
     const = dict(
-        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=max(default_block_w(W, D, heads_dot, fc), 16 if heads_dot else 1),
+        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=max(default_block_w(W, D, heads_dot), 16 if heads_dot else 1),
         QH=QH, GK=GK, WINDOW=min(window, 2), W=W, R=W + P - 1 if W else 0, HAS_VALID=has_valid, FC=fc,
         PREFETCH=prefetch, QHP=max(_pow2(QH), 16 if heads_dot else 1), HEADS_DOT=heads_dot,
         PREC="ieee" if dt == "fp32" else "tf32", P=P, PW=max(_pow2(P - 1), 16) if heads_dot else min(_pow2(P - 1), 4),
@@ -49,7 +49,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=Fals
     names = list(sig)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in POINTERS + STRIDES}
     src = ASTSource(fn=_decode_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
-    warps = num_warps or default_num_warps(FP, BD, fc)
+    warps = num_warps or default_num_warps(FP, BD, fc, heads_dot)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
 
@@ -224,7 +224,8 @@ def test_default_chunk_rows_follows_the_measured_shapes():
     smol = default_chunk_rows(128, 64, default_block_d(64, 9, 64), True)
     assert smol == 64 and default_num_warps(128, 64, smol) == 2
     issue5 = default_chunk_rows(128, 128, default_block_d(64, 16, 128), True)
-    assert issue5 == 16 and default_num_warps(128, 128, issue5) == 2  # one wave: test_issue5_default_fits_one_wave
+    assert issue5 == 16 and default_num_warps(128, 128, issue5) == 1  # one wave: test_issue5_default_fits_one_wave
+    assert default_num_warps(128, 128, 16, heads_dot=True) == 2  # dot rows at 1 warp: never timed
     assert default_chunk_rows(128, 64, 64, False) == 0  # a 64-column feature head for several query heads
     llama8b_kvmaps = default_chunk_rows(128, 128, default_block_d(64, 8, 128), False)
     assert llama8b_kvmaps == 64 and default_num_warps(128, 128, llama8b_kvmaps) == 2
@@ -281,16 +282,16 @@ def test_rope_launch_env_parses_or_says_what_it_wants(monkeypatch):
 
 def test_issue5_default_fits_one_wave():
     """The default launch at the issue-5 heads (B 64, H 16, D = F = 128, key features per query head: 16-row
-    chunks of S, 16-slot window blocks, 2 warps) must hold at most 128 registers a thread with no spills on
-    sm_90: 8 programs an SM, so all 1,024 run in one wave on an H100's 132 SMs. That is why it beat the 64-row
-    chunks (235 registers, 4 programs an SM, two waves): 50.0 against 56.0 us (``default_chunk_rows``)."""
+    chunks of S, 32-slot window blocks, 1 warp) must not spill on sm_90 and must leave room for 8 programs an SM,
+    so that all 1,024 run in one wave on an H100's 132 SMs. At 64-row chunks and 2 warps it held 235 registers:
+    4 programs an SM, two waves, 57.0 us against 45.0 (``default_chunk_rows``)."""
     from linearize.ops.ring import default_fold
     from linearize.ops.triton.decode import default_block_d, default_block_w, default_chunk_rows, default_num_warps
 
     fold = default_fold(64, "cuda", D=128, F=128)  # CUDA's deferred folding at these heads (8)
     fc = default_chunk_rows(128, 128, default_block_d(64, 16, 128), True)
-    assert default_block_w(64, 128, False, fc) == 16
+    assert fc == 16 and default_block_w(64, 128) == 32
     use = resource_usage(compile_sm90("bf16", 128, 128, 16, 64, 1, 1, 64, False, fc=fc, fold=fold))
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     regs, warps = use["REG"], default_num_warps(128, 128, fc)
-    assert 65536 // (regs * 32 * warps) * 132 >= 64 * 16, f"{regs} registers at {warps} warps: two waves"
+    assert warps == 1 and 65536 // (regs * 32 * warps) * 132 >= 64 * 16, f"{regs} registers at {warps} warps: two waves"

@@ -108,8 +108,8 @@ def test_default_launch_where_it_streams_rows(window):
     assert default_chunk_rows(128, 16, default_block_d(2, 4, 16), True) == 64 == _pow2(128) // 2
     _run(4, 2, True, window, torch.float32, steps=4, F=128, filled=max(window - 3, 0))
     _run(4, 2, True, window, torch.float32, steps=4, F=128, filled=max(window - 3, 0), prefetch=True)
-    # the issue-5 heads' form (key features per query head in 16-row chunks, 16-slot window blocks), with folding
-    _run(4, 2, True, window, torch.float32, steps=6, F=128, filled=max(window - 3, 0), chunk_rows=16, block_w=16,
+    # the issue-5 heads' form (key features per query head in 16-row chunks, 1 warp), with folding
+    _run(4, 2, True, window, torch.float32, steps=6, F=128, filled=max(window - 3, 0), chunk_rows=16, num_warps=1,
          fold=4)
 
 @inside

@@ -484,14 +484,14 @@ def default_block_d(B: int, Hf: int, D: int) -> int:
     return min(_pow2(D), 128)
 
 
-def default_block_w(W: int, D: int, heads_dot: bool = False, chunk_rows: int = 0) -> int:
+def default_block_w(W: int, D: int, heads_dot: bool = False) -> int:
     """Window block: ring slots loaded per iteration of the window loop, a [BW, D] key tile of at most 4096
     elements (16 to the ring's slots). 16 with ``heads_dot`` (the dots' smallest side): Llama-3.1-8B's heads with
     key maps per KV head (D = F = 128, fold 8, FC 64, 2 warps) took 36.3 us at BW 16 against 39.3 at BW 32, and
     36.6 against 39.4 on a second H100 (``benchmarks/tune_decode.py``, 2026-12-06; sm_90: 8 spill bytes a thread
-    instead of 32, 35 KB of shared memory instead of 51). Also 16 with 16-row chunks of S (``chunk_rows``; see
-    ``default_chunk_rows``): together they keep the issue-5 program at 128 registers."""
-    if heads_dot or chunk_rows == 16:
+    instead of 32, 35 KB of shared memory instead of 51). Where the heads are not dot rows (the issue-5 heads), 32:
+    at their 1-warp, 16-row-chunk default 45.0 us against 47.3 at BW 16 (H100, 2026-12-06; ``default_num_warps``)."""
+    if heads_dot:
         return max(1, min(_pow2(W), 16))
     return max(1, min(_pow2(W), max(4096 // _pow2(D), 16)))
 
@@ -507,11 +507,12 @@ def default_chunk_rows(F: int, D: int, BD: int, per_query_features: bool) -> int
       query heads (SmolLM2's per KV head: D 64) were not swept in the chunked form, so they keep S whole.
     Head dim 256 (Gemma 3: two value blocks) was not swept in the chunked form either, so it keeps S whole.
 
-    16 where key features per query head fill 128-column heads (the issue-5 shape, D = F = 128): with 16-slot
-    window blocks (``default_block_w``) the program holds 128 registers at 2 warps on sm_90 (235 at FC 64), so
-    8 programs fit an SM and B 64 x H 16 = 1,024 programs run in one wave on an H100's 132 SMs, not two. H100,
-    2026-12-06, fold 8: 50.0 us against 56.0 at FC 64 / BW 32 (FC 32: 59.1-59.9; FC 16 at BW 32, 139 registers:
-    60.0)."""
+    16 where key features per query head fill 128-column heads (the issue-5 shape, D = F = 128), at 1 warp
+    (``default_num_warps``) and 32-slot window blocks. H100, ``benchmarks/tune_decode.py --fold 8`` (2026-12-06,
+    B 64, CUDA graph): the issue-5 heads 45.0 us against 57.0 at FC 64 / 2 warps (FC 16 at 2 warps: 50.0 with BW
+    16, 60.0 with BW 32; FC 64 at 1 warp: 51.4); Llama-3.1-8B's heads with key maps per query head 73.0 against
+    94.3. On sm_90 that program holds 206 registers with no spills, so 9 fit an SM and the issue-5 heads' 1,024
+    programs run in one wave on an H100's 132 SMs (at FC 64 and 2 warps: 235 registers, 4 an SM, two waves)."""
     if _pow2(F) > 64 and BD == _pow2(D) and (per_query_features or BD >= 128):
         return 16 if per_query_features and BD == 128 and _pow2(F) == 128 else 64
     return 0
@@ -547,13 +548,14 @@ def default_heads_dot(FC: int, several_query_heads: bool) -> bool:
     return bool(FC) and several_query_heads
 
 
-def default_num_warps(FP: int, BD: int, FC: int = 0) -> int:
+def default_num_warps(FP: int, BD: int, FC: int = 0, heads_dot: bool = False) -> int:
     """2 warps with S streamed in row chunks (``FC``; the smaller live slice needs fewer threads: 4 warps were
-    7-14% slower, 8 warps 40-50%). Holding S whole: 4 warps (fastest at every measured shape: 8 was 20-40%
-    slower), 8 once the S slice passes 128 fp32 registers a thread at 4 (F x BD > 16384: head dim 256 with 256
-    features), which would spill."""
+    7-14% slower, 8 warps 40-50%); 1 warp for 16-row chunks of 128-column heads (the issue-5 heads' default,
+    ``default_chunk_rows``: 45.0 us against 50.0 at 2 warps), but not where the heads are dot rows (never timed
+    so). Holding S whole: 4 warps (fastest at every measured shape: 8 was 20-40% slower), 8 once the S slice
+    passes 128 fp32 registers a thread at 4 (F x BD > 16384: head dim 256 with 256 features), which would spill."""
     if FC:
-        return 2
+        return 1 if FC == 16 and BD == 128 and not heads_dot else 2
     return 4 if FP * BD <= 16384 else 8
 
 
@@ -678,7 +680,6 @@ def ring_step_triton(
     W = ring.slots
     BD = block_d or default_block_d(d.B, d.Hf, d.D)
     FC = default_chunk_rows(d.F, d.D, BD, d.Hf == d.H) if chunk_rows is None else chunk_rows
-    warps = num_warps or default_num_warps(_pow2(d.F), BD, FC)
     if FC:
         if FC < 16 or FC & (FC - 1) or FC > _pow2(d.F):
             raise ValueError(f"chunk_rows must be 0 or a power of two in [16, {_pow2(d.F)}]; got {FC}")
@@ -689,7 +690,8 @@ def ring_step_triton(
     if heads_dot and not dots_fit:
         raise ValueError(f"heads_dot needs value blocks and a head dim of at least 16 (dots); got block {BD}, D={d.D}")
     dot = (default_heads_dot(FC, several) and dots_fit) if heads_dot is None else heads_dot
-    BW = block_w or default_block_w(W, d.D, dot, FC)
+    BW = block_w or default_block_w(W, d.D, dot)
+    warps = num_warps or default_num_warps(_pow2(d.F), BD, FC, dot)
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
