@@ -86,6 +86,7 @@
 #   bash scripts/gpu_decode_calls.sh 42 SHA  # issue 5's decode row at the defaults, its heads in smaller chunks (~250 s)
 #   bash scripts/gpu_decode_calls.sh 43 SHA  # the issue-5 heads' new defaults (FC 16, BW 16): GPU tests, the decode row,
 #                                            # the sweep around them (~330 s)
+#   bash scripts/gpu_decode_calls.sh 44 SHA  # after 43: 1 warp, BW 32 there: the decode row and the GPU tests (~280 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -609,7 +610,19 @@ PY
       > "$out/tune-issue5.log" 2>&1
     grep -E "^[a-z0-9-]+:|^  BD" "$out/tune-issue5.log"
     ;;
-  *) echo "call must be 1 to 43" >&2; exit 2 ;;
+  44)
+    # 1 warp and 32-slot window blocks at the issue-5 heads' 16-row chunks (call 43's sweep: 45.0 us): issue 5's decode
+    # row at these defaults, then the GPU tests of the default launch, of explicit 16-row chunks (now 1 warp at
+    # 128-column value blocks) and their neighbours (~280 s)
+    timeout 100 python3 benchmarks/attention.py --quick --no-check --only ours,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
+      --groups decode --budget-s 85 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention-decode.log" 2>&1
+    sed -n '/== targets/,$p' "$out/attention-decode.log" | head -4
+    timeout ${T1:-170} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_cuda.py \
+      -k "deferred_folding or launch_configs or real_model_shapes or cuda_graph_replay or s_in_row_chunks_matches" \
+      > "$out/tests.log" 2>&1
+    tail -3 "$out/tests.log"
+    ;;
+  *) echo "call must be 1 to 44" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
