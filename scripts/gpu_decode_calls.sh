@@ -87,6 +87,7 @@
 #   bash scripts/gpu_decode_calls.sh 43 SHA  # the issue-5 heads' new defaults (FC 16, BW 16): GPU tests, the decode row,
 #                                            # the sweep around them (~330 s)
 #   bash scripts/gpu_decode_calls.sh 44 SHA  # after 43: 1 warp, BW 32 there: the decode row and the GPU tests (~280 s)
+#   bash scripts/gpu_decode_calls.sh 45 SHA  # the 64-column heads (SmolLM2, Qwen2.5) in one wave: the launch sweep (~300 s)
 #   bash scripts/gpu_decode_calls.sh 11 SHA  # that layout's compiled step at B=64 x 4096 (profiled), beside qwen-retr8's
 #   bash scripts/gpu_decode_calls.sh 7 SHA   # not decode: the chunk kernels after LENGTH_ARGS (unspecialized batch and
 #                                            # length ints in the forward): their GPU tests, the compiles over 16
@@ -622,7 +623,20 @@ PY
       > "$out/tests.log" 2>&1
     tail -3 "$out/tests.log"
     ;;
-  *) echo "call must be 1 to 44" >&2; exit 2 ;;
+  45)
+    # the 64-column heads' ring kernel in one wave (sm_90 registers from tests/ops/test_triton_decode_compile's
+    # compile_sm90): SmolLM2's default (FC 64, prefetch, 2 warps, BW 64) holds 208 registers, 4 programs an SM, so its
+    # 576 programs take 1.09 waves and Qwen2.5's 896 take 1.70; BW 16/32 (199 registers, 5 an SM: one wave of 576), FC 32 (120, 8 an
+    # SM: one wave of 896) or 1 warp at FC 16 (115-168, 12-17 an SM). The sweep at both models' heads, fold 1 (their CUDA
+    # default), then the SmolLM2 step at B 64 (~300 s)
+    timeout 200 python3 benchmarks/tune_decode.py --presets smollm2,qwen2.5 --fold 1 \
+      --match '^BD64 w(1|2) BW(16|32|64) FC(16|32|64)( P)?$' --budget-s 185 --rep-ms 30 --commit "$sha" \
+      --copy-to "$out" > "$out/tune-64col.log" 2>&1
+    grep -E "^[a-z0-9.-]+:|^  BD" "$out/tune-64col.log"
+    [ "$(left)" -gt 110 ] && row smol-b64.log 100 benchmarks/configs/smollm2-135m.json --loops compiled --models ours \
+      --batches 64 --no-fit --budget-s 85
+    ;;
+  *) echo "call must be 1 to 45" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
