@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .tiny_models import cache_kw
+
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch: 0 at each row's first real token."""
@@ -18,7 +20,7 @@ def greedy_steps_and_full_forward(model, step, cache, ids: torch.Tensor, mask: t
     forward's logits at the same positions."""
     B, P = ids.shape
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache,
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), **cache_kw(cache),
                        use_cache=True).logits[:, -1:]
         seq, full, got = ids, mask, []
         for i in range(n):

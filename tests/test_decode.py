@@ -9,7 +9,7 @@ from linearize import CompiledDecode, LinearizeConfig
 from linearize.modules.cache import DecodeMode
 
 from .decode_steps import greedy_steps_and_full_forward
-from .tiny_models import perturb_added_weights, tiny_model
+from .tiny_models import cache_kw, perturb_added_weights, tiny_model
 
 
 def _model(arch, **cfg):
@@ -43,7 +43,7 @@ def test_compiled_steps_equal_the_full_forward_without_recompiling(arch, cfg):
     if kept:  # a second run on a new cache, unpadded and without a mask: the first run's padding must not leak
         cache2 = StaticCache(config=model.config, max_cache_len=P + N + 3)
         with torch.no_grad():
-            logits = model(input_ids=ids, past_key_values=cache2, use_cache=True).logits[:, -1:]
+            logits = model(input_ids=ids, **cache_kw(cache2), use_cache=True).logits[:, -1:]
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             with torch._dynamo.config.patch(error_on_recompile=True):
                 got2 = step(nxt, torch.full((B, 1), P), cache2)
@@ -63,7 +63,7 @@ def test_refusals_are_one_line_and_actionable():
     tok, pos = torch.ones(2, 1, dtype=torch.long), torch.full((1, 1), 4)
     dynamic = DynamicCache(config=kept.config)  # prefilled, but the kept layer's cache grows
     with torch.no_grad():
-        kept(input_ids=torch.ones(2, 4, dtype=torch.long), past_key_values=dynamic, use_cache=True)
+        kept(input_ids=torch.ones(2, 4, dtype=torch.long), **cache_kw(dynamic), use_cache=True)
     with pytest.raises(ValueError, match="run the prompt through the model first|StaticCache"):
         step(tok, pos, dynamic)
     with pytest.raises(ValueError, match="run the prompt through the model first|StaticCache"):
@@ -103,8 +103,8 @@ def test_a_static_cache_prefilled_in_pieces_equals_the_full_forward():
     ids = torch.randint(3, 96, (2, 21), generator=torch.Generator().manual_seed(0))
     cache = StaticCache(config=model.config, max_cache_len=30)
     with torch.no_grad():
-        a = model(input_ids=ids[:, :13], past_key_values=cache, use_cache=True).logits
-        b = model(input_ids=ids[:, 13:], past_key_values=cache, use_cache=True, position_ids=torch.arange(13, 21)[None]).logits
+        a = model(input_ids=ids[:, :13], **cache_kw(cache), use_cache=True).logits
+        b = model(input_ids=ids[:, 13:], **cache_kw(cache), use_cache=True, position_ids=torch.arange(13, 21)[None]).logits
         full = model(input_ids=ids).logits
     torch.testing.assert_close(torch.cat([a, b], 1), full, rtol=1e-5, atol=1e-5)
 

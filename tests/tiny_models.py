@@ -50,3 +50,10 @@ def perturb_added_weights(model, scale=0.3, seed=1):
             if any(m in name for m in ("feature_map", "window_logit", "length_alpha", "sink_u", "sink_c")):
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
 
+
+def cache_kw(cache) -> dict:
+    """``{keyword: cache}`` for a causal LM's forward, by the name the installed transformers takes: ``cache``
+    since 5.24, where ``past_key_values`` warns (and goes in 5.40); ``past_key_values`` before."""
+    from linearize.models import cache_kwarg
+
+    return {cache_kwarg(): cache}

@@ -9,7 +9,7 @@ from linearize import LinearizeConfig
 from linearize.ops import hybrid_attention_chunked, hybrid_attention_reference
 
 from ..ops.helpers import random_inputs, rel_err
-from ..tiny_models import ARCHS, perturb_added_weights, tiny_model
+from ..tiny_models import ARCHS, cache_kw, perturb_added_weights, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -34,7 +34,7 @@ def test_decode_equals_forward_on_cuda(arch):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(20)]
+        steps = [model(ids[:, t : t + 1], **cache_kw(cache)).logits for t in range(20)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=2e-3, atol=2e-3)
 
 

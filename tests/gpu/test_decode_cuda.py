@@ -20,7 +20,7 @@ from linearize.ops.ring import RingState, ring_step_torch  # noqa: E402
 from linearize.ops.triton.decode import random_decode_problem, ring_step_triton  # noqa: E402
 
 from ..ops.helpers import random_hedgehog_maps, rel_err  # noqa: E402
-from ..tiny_models import perturb_added_weights, tiny_model  # noqa: E402
+from ..tiny_models import cache_kw, perturb_added_weights, tiny_model  # noqa: E402
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
@@ -213,8 +213,8 @@ def test_model_decode_on_the_kernel_equals_full_forward(window, feature_rope):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        out = [model(ids[:, :5], past_key_values=cache).logits]
-        out += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(5, 24)]
+        out = [model(ids[:, :5], **cache_kw(cache)).logits]
+        out += [model(ids[:, t : t + 1], **cache_kw(cache)).logits for t in range(5, 24)]
     layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
     assert layers and all(isinstance(layer.held, RingState) for layer in layers), "decode did not run on the kernel"
     torch.testing.assert_close(torch.cat(out, 1), full, rtol=2e-3, atol=2e-3)
@@ -241,7 +241,7 @@ def test_bf16_generate_runs_on_the_kernel():
     ids = torch.randint(3, 96, (4, 9), device="cuda")
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kw(cache), max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert out.shape == (4, 17)
     assert all(isinstance(layer.held, RingState) for layer in cache.layers if isinstance(layer, HybridCacheLayer))
 
@@ -265,8 +265,8 @@ def test_length_norm_decode_on_the_kernel_equals_full_forward(window):
     with torch.no_grad():
         full = model(ids, attention_mask=mask, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        out = [model(ids[:, :7], attention_mask=mask[:, :7], past_key_values=cache).logits]
-        out += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits for t in range(7, 24)]
+        out = [model(ids[:, :7], attention_mask=mask[:, :7], **cache_kw(cache)).logits]
+        out += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kw(cache)).logits for t in range(7, 24)]
     layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
     assert layers and all(isinstance(layer.held, RingState) for layer in layers), "decode did not run on the kernel"
     assert all(torch.equal(layer.valid_count, mask.sum(1)) for layer in layers)
@@ -291,15 +291,15 @@ def test_length_norm_decode_replays_in_a_cuda_graph_without_host_sync():
     cache = DynamicCache(config=model.config)
     attn = model.model.layers[0].self_attn
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
-        model(input_ids=ids[:, :1], past_key_values=cache, position_ids=torch.full((1, 1), 10, device="cuda"))  # ring from here
+        model(input_ids=ids, **cache_kw(cache))
+        model(input_ids=ids[:, :1], **cache_kw(cache), position_ids=torch.full((1, 1), 10, device="cuda"))  # ring from here
         torch.cuda.synchronize()
         mask = torch.ones(3, 12, dtype=torch.long, device="cuda")
         hidden = torch.randn(3, 1, 32, device="cuda")
         pe = model.model.rotary_emb(hidden, torch.full((1, 1), 11, device="cuda"))
         torch.cuda.set_sync_debug_mode("error")
         try:
-            attn(hidden, pe, past_key_values=cache, **{PADDING_MASK_KWARG: mask})
+            attn(hidden, pe, **cache_kw(cache), **{PADDING_MASK_KWARG: mask})
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
@@ -327,8 +327,8 @@ def test_sink_decode_on_the_kernel_equals_full_forward(window, f, prefill, lengt
     with torch.no_grad():
         full = model(ids, attention_mask=mask, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        out = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache).logits]
-        out += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits for t in range(prefill, 24)]
+        out = [model(ids[:, :prefill], attention_mask=mask[:, :prefill], **cache_kw(cache)).logits]
+        out += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kw(cache)).logits for t in range(prefill, 24)]
     layers = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
     assert layers and all(isinstance(layer.held, RingState) for layer in layers), "decode did not run on the kernel"
     assert all(layer.held.phi_k.shape[-1] == 2 * f + 1 for layer in layers)
@@ -355,15 +355,15 @@ def test_sink_decode_replays_in_a_cuda_graph_without_host_sync():
     cache = DynamicCache(config=model.config)
     attn = model.model.layers[0].self_attn
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
-        model(input_ids=ids[:, :1], past_key_values=cache, position_ids=torch.full((1, 1), 1, device="cuda"))  # ring from here
+        model(input_ids=ids, **cache_kw(cache))
+        model(input_ids=ids[:, :1], **cache_kw(cache), position_ids=torch.full((1, 1), 1, device="cuda"))  # ring from here
         torch.cuda.synchronize()
         mask = torch.ones(3, 3, dtype=torch.long, device="cuda")
         hidden = torch.randn(3, 1, 32, device="cuda")
         pe = model.model.rotary_emb(hidden, torch.full((1, 1), 2, device="cuda"))
         torch.cuda.set_sync_debug_mode("error")
         try:
-            attn(hidden, pe, past_key_values=cache, **{PADDING_MASK_KWARG: mask})
+            attn(hidden, pe, **cache_kw(cache), **{PADDING_MASK_KWARG: mask})
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
@@ -439,7 +439,7 @@ def test_compiled_decode_equals_full_forward_and_replays_in_a_cuda_graph(kernel,
         cache = StaticCache(config=model.config, max_cache_len=32) if kept and not heads else DynamicCache(config=model.config)
         if heads:
             reserve_kept_heads(cache, 32)
-        out = [model(ids[:, :5], past_key_values=cache).logits[:, -1:]]
+        out = [model(ids[:, :5], **cache_kw(cache)).logits[:, -1:]]
         for t in range(5, 12):
             out.append(step(ids[:, t : t + 1], torch.full((1, 1), t, device="cuda"), cache))
         torch.testing.assert_close(torch.cat(out, 1), full[:, 4:12], rtol=2e-3, atol=2e-3)

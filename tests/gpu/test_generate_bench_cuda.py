@@ -21,7 +21,7 @@ from benchmarks.gen_loops import largest_batch, make_cache, probe_fits, run_gene
 from linearize import LinearizeConfig  # noqa: E402
 from linearize.modules.attention import PADDING_MASK_KWARG, _new_token_mask  # noqa: E402
 
-from ..tiny_models import perturb_added_weights, tiny_model  # noqa: E402
+from ..tiny_models import cache_kw, perturb_added_weights, tiny_model  # noqa: E402
 
 DEV = torch.device("cuda")
 
@@ -68,9 +68,9 @@ def test_linearized_decode_step_makes_no_host_sync():
     ids = torch.randint(3, 96, (3, 10), device=DEV)
     cache = make_cache(ours, "dynamic", 32)
     with torch.no_grad():
-        ours(input_ids=ids, past_key_values=cache, position_ids=torch.arange(10, device=DEV)[None])
+        ours(input_ids=ids, **cache_kw(cache), position_ids=torch.arange(10, device=DEV)[None])
         tok = torch.full((3, 1), 5, device=DEV)
-        ours(input_ids=tok, past_key_values=cache, position_ids=torch.full((1, 1), 10, device=DEV))  # ring from here on
+        ours(input_ids=tok, **cache_kw(cache), position_ids=torch.full((1, 1), 10, device=DEV))  # ring from here on
         torch.cuda.synchronize()
         mask = torch.ones(3, 12, dtype=torch.long, device=DEV)
         attn = ours.model.layers[0].self_attn
@@ -78,9 +78,9 @@ def test_linearized_decode_step_makes_no_host_sync():
         pe = ours.model.rotary_emb(hidden, torch.full((1, 1), 11, device=DEV))
         torch.cuda.set_sync_debug_mode("error")
         try:
-            ours(input_ids=tok, past_key_values=cache, position_ids=torch.full((1, 1), 11, device=DEV), logits_to_keep=1)
+            ours(input_ids=tok, **cache_kw(cache), position_ids=torch.full((1, 1), 11, device=DEV), logits_to_keep=1)
             m = _new_token_mask(mask, 3, 1)
-            attn(hidden, pe, past_key_values=cache, **{PADDING_MASK_KWARG: mask})
+            attn(hidden, pe, **cache_kw(cache), **{PADDING_MASK_KWARG: mask})
         finally:
             torch.cuda.set_sync_debug_mode(0)
     assert m.shape == (3, 1)

@@ -8,7 +8,7 @@ import linearize
 from linearize import LinearizeConfig, LinearizedAttention
 from linearize.modules.cache import HybridCacheLayer
 
-from ..tiny_models import ARCHS, perturb_added_weights, tiny_model
+from ..tiny_models import ARCHS, cache_kw, perturb_added_weights, tiny_model
 
 pytestmark = pytest.mark.parametrize("arch", ARCHS)
 
@@ -59,9 +59,9 @@ def test_step_decode_equals_full_forward(arch, window):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        out = [model(ids[:, :1], past_key_values=cache, use_cache=True).logits]
+        out = [model(ids[:, :1], **cache_kw(cache), use_cache=True).logits]
         for t in range(1, ids.shape[1]):
-            out.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+            out.append(model(ids[:, t : t + 1], **cache_kw(cache), use_cache=True).logits)
     torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-4, atol=1e-4)
     hybrid = [layer for layer in cache.layers if isinstance(layer, HybridCacheLayer)]
     assert len(hybrid) == len(linearize.linearized_layers(model))
@@ -76,9 +76,9 @@ def test_chunked_prefill_then_decode_equals_full_forward(arch, feature_rope):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        out = [model(ids[:, :11], past_key_values=cache).logits, model(ids[:, 11:17], past_key_values=cache).logits]
+        out = [model(ids[:, :11], **cache_kw(cache)).logits, model(ids[:, 11:17], **cache_kw(cache)).logits]
         for t in range(17, 30):
-            out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+            out.append(model(ids[:, t : t + 1], **cache_kw(cache)).logits)
     torch.testing.assert_close(torch.cat(out, 1), full, rtol=1e-4, atol=1e-4)
 
 
@@ -162,16 +162,16 @@ def test_kept_softmax_layers_on_a_static_cache_are_refused(arch):
     with torch.no_grad():
         full = lm(ids).logits
         static = StaticCache(config=lm.config, max_cache_len=16)
-        pre = lm(ids[:, :6], past_key_values=static, use_cache=True).logits  # a prefill's mask is built: exact
+        pre = lm(ids[:, :6], **cache_kw(static), use_cache=True).logits  # a prefill's mask is built: exact
         torch.testing.assert_close(pre, full[:, :6], rtol=1e-4, atol=1e-4)
         with pytest.raises(ValueError, match="layer 0 is kept softmax .* dynamic cache"):
-            lm(ids[:, 6:7], past_key_values=static, use_cache=True, position_ids=torch.full((2, 1), 6))
+            lm(ids[:, 6:7], **cache_kw(static), use_cache=True, position_ids=torch.full((2, 1), 6))
         cache = DynamicCache(config=lm.config)
-        lm(ids[:, :6], past_key_values=cache, use_cache=True)
+        lm(ids[:, :6], **cache_kw(cache), use_cache=True)
         for t in range(6, 10):
-            lg = lm(ids[:, t : t + 1], past_key_values=cache, use_cache=True, position_ids=torch.full((2, 1), t)).logits
+            lg = lm(ids[:, t : t + 1], **cache_kw(cache), use_cache=True, position_ids=torch.full((2, 1), t)).logits
             torch.testing.assert_close(lg[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
         all_lin = linearize.convert(tiny_model(arch), LinearizeConfig(window=4, feature_dim=8, convert_sliding_layers=True)).eval()
         static = StaticCache(config=all_lin.config, max_cache_len=16)
-        all_lin(ids[:, :6], past_key_values=static, use_cache=True)
+        all_lin(ids[:, :6], **cache_kw(static), use_cache=True)
         assert sum(isinstance(layer, HybridCacheLayer) for layer in static.layers) == n

@@ -8,7 +8,7 @@ import linearize
 from linearize import LinearizeConfig, LinearizedAttention
 from linearize.convert import CheckpointError
 
-from ..tiny_models import tiny_model
+from ..tiny_models import cache_kw, tiny_model
 
 
 def converted_indices(model):
@@ -42,7 +42,7 @@ def test_partial_conversion_decodes_like_full_forward():
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        steps = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(12)]
+        steps = [model(ids[:, t : t + 1], **cache_kw(cache)).logits for t in range(12)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
 
 

@@ -8,6 +8,8 @@ import torch
 import linearize
 from linearize import LinearizeConfig
 
+from ..tiny_models import cache_kw
+
 pytestmark = pytest.mark.slow
 
 TEXT = "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a wife."
@@ -35,6 +37,6 @@ def test_converted_smollm2_small_window_is_finite_and_decodes_like_forward(smoll
         out = model(ids[:, :10])
         cache, steps = out.past_key_values, [out.logits]
         for t in range(10, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+            steps.append(model(ids[:, t : t + 1], **cache_kw(cache)).logits)
     assert torch.isfinite(full).all()
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-3, atol=1e-3)

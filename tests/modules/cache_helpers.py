@@ -9,6 +9,7 @@ from transformers import DynamicCache
 import linearize.modules.attention as attention_mod
 
 from ..ops.helpers import left_pad_mask
+from ..tiny_models import cache_kw
 
 
 def ids_and_mask(B=3, T=21, pads=(0, 5, 12), seed=0):
@@ -43,7 +44,7 @@ def cached(model, ids, mask, cuts):
     out, start = [], 0
     with torch.no_grad():
         for end in list(cuts) + list(range(cuts[-1] + 1, T + 1)):
-            out.append(model(ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache).logits)
+            out.append(model(ids[:, start:end], attention_mask=mask[:, :end], **cache_kw(cache)).logits)
             start = end
     return torch.cat(out, 1), cache
 

@@ -15,7 +15,7 @@ from linearize import LinearizeConfig
 from linearize.modules.cache import HybridCacheLayer
 from linearize.ops.ring import RingState
 
-from ..tiny_models import perturb_added_weights, tiny_model
+from ..tiny_models import cache_kw, perturb_added_weights, tiny_model
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -47,8 +47,8 @@ def test_ring_decode_equals_full_forward(ring_path, arch, window):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        out = [model(ids[:, :3], past_key_values=cache).logits]
-        out += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(3, 15)]
+        out = [model(ids[:, :3], **cache_kw(cache)).logits]
+        out += [model(ids[:, t : t + 1], **cache_kw(cache)).logits for t in range(3, 15)]
     torch.testing.assert_close(torch.cat(out, 1), full, **TOL)
     layers = hybrid_layers(cache)
     assert layers and all(isinstance(layer.held, RingState) for layer in layers)
@@ -62,11 +62,11 @@ def test_ring_then_chunked_prefill_then_ring(ring_path):
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         cache = DynamicCache(config=model.config)
-        out = [model(ids[:, :8], past_key_values=cache).logits]
-        out += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(8, 14)]
-        out.append(model(ids[:, 14:21], past_key_values=cache).logits)  # the ring hands back to a prefill
+        out = [model(ids[:, :8], **cache_kw(cache)).logits]
+        out += [model(ids[:, t : t + 1], **cache_kw(cache)).logits for t in range(8, 14)]
+        out.append(model(ids[:, 14:21], **cache_kw(cache)).logits)  # the ring hands back to a prefill
         assert not any(isinstance(layer.held, RingState) for layer in hybrid_layers(cache))
-        out += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(21, 30)]
+        out += [model(ids[:, t : t + 1], **cache_kw(cache)).logits for t in range(21, 30)]
     torch.testing.assert_close(torch.cat(out, 1), full, **TOL)
 
 
@@ -96,9 +96,9 @@ def test_layer_ops_on_a_ring(ring_path):
     ids = ids_batch(B=3, T=12)
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        model(ids[:, :5], past_key_values=cache)
+        model(ids[:, :5], **cache_kw(cache))
         for t in range(5, 12):
-            model(ids[:, t : t + 1], past_key_values=cache)
+            model(ids[:, t : t + 1], **cache_kw(cache))
     layer = hybrid_layers(cache)[0]
     assert isinstance(layer.held, RingState) and layer.keys.shape[1] == 4  # mirrors the ring's slots
     ordered = layer.state

@@ -26,7 +26,7 @@ from linearize.ops.ring import RingState
 from linearize.pipelines.transfer import freeze_for_transfer, transfer_loss
 
 from ..ops.helpers import left_pad_mask
-from ..tiny_models import perturb_added_weights, tiny_model
+from ..tiny_models import cache_kw, perturb_added_weights, tiny_model
 from .cache_helpers import assert_padded_generation_equals_unpadded, brute_counts, cached, decode_path, ids_and_mask  # noqa: F401 (decode_path: a fixture)
 
 L0 = 3  # small, so that the tiny sequences here reach past it
@@ -133,8 +133,8 @@ def test_alpha_zero_is_exactly_the_plain_recipe(window):
         outs = []
         for model in (plain, normed):
             cache = DynamicCache(config=model.config)
-            out = [model(ids[:, :13], attention_mask=mask[:, :13], past_key_values=cache).logits]
-            out += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits for t in range(13, 21)]
+            out = [model(ids[:, :13], attention_mask=mask[:, :13], **cache_kw(cache)).logits]
+            out += [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], **cache_kw(cache)).logits for t in range(13, 21)]
             outs.append(torch.cat(out, 1))
     assert torch.equal(outs[0], outs[1])
 
@@ -210,9 +210,9 @@ def test_a_cache_filled_without_counts_is_refused():
     ids, _ = ids_and_mask()
     cache = DynamicCache(config=plain.config)
     with torch.no_grad():
-        plain(ids[:, :5], past_key_values=cache)
+        plain(ids[:, :5], **cache_kw(cache))
         with pytest.raises(RuntimeError, match="length_norm"):
-            model(ids[:, 5:6], past_key_values=cache)
+            model(ids[:, 5:6], **cache_kw(cache))
 
 
 # -- training, saving, settings -------------------------------------------------------------------------

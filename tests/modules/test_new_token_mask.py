@@ -9,7 +9,7 @@ import linearize
 from linearize import LinearizeConfig
 from linearize.modules.attention import _new_token_mask
 
-from ..tiny_models import perturb_added_weights, tiny_model
+from ..tiny_models import cache_kw, perturb_added_weights, tiny_model
 
 
 def _no_bool(monkeypatch):
@@ -48,8 +48,8 @@ def test_decode_step_with_all_valid_mask_equals_no_mask():
         for use_mask in (False, True):
             cache = DynamicCache(config=model.config)
             mask = torch.ones_like(ids) if use_mask else None
-            model(ids[:, :9], attention_mask=None if mask is None else mask[:, :9], past_key_values=cache)
-            steps = [model(ids[:, t : t + 1], attention_mask=None if mask is None else mask[:, : t + 1], past_key_values=cache).logits
+            model(ids[:, :9], attention_mask=None if mask is None else mask[:, :9], **cache_kw(cache))
+            steps = [model(ids[:, t : t + 1], attention_mask=None if mask is None else mask[:, : t + 1], **cache_kw(cache)).logits
                      for t in range(9, 12)]
             outs.append(torch.cat(steps, 1))
     assert torch.equal(outs[0], outs[1])

@@ -28,7 +28,7 @@ from linearize.pipelines.config import build_config, config_from_dict
 from linearize.pipelines.transfer import freeze_for_transfer, transfer_loss
 
 from ..ops.helpers import left_pad_mask
-from ..tiny_models import perturb_added_weights, tiny_model
+from ..tiny_models import cache_kw, perturb_added_weights, tiny_model
 from .cache_helpers import assert_padded_generation_equals_unpadded, brute_counts, cached, decode_path, ids_and_mask  # noqa: F401 (decode_path: a fixture)
 
 S = 4
@@ -225,9 +225,9 @@ def test_a_cache_filled_without_counts_is_refused():
     ids, _ = ids_and_mask()
     cache = DynamicCache(config=plain.config)
     with torch.no_grad():
-        plain(ids[:, :5], past_key_values=cache)
+        plain(ids[:, :5], **cache_kw(cache))
         with pytest.raises(RuntimeError, match="sink_tokens"):
-            model(ids[:, 5:6], past_key_values=cache)
+            model(ids[:, 5:6], **cache_kw(cache))
 
 
 # -- training, saving, settings -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.ops.helpers import inside, interpreter_run_test, needs_triton, rel_err
+from tests.tiny_models import cache_kw
 
 pytestmark = needs_triton
 
@@ -229,12 +230,12 @@ def test_a_base_model_on_a_static_cache_through_the_kernel(monkeypatch):
     cache = StaticCache(config=model.config, max_cache_len=P + N + 17)
     got = []
     with torch.no_grad(), sd.softmax_decode_kernel(model):
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:]
+        logits = model(input_ids=ids, **cache_kw(cache), use_cache=True).logits[:, -1:]
         seq = ids
         for i in range(N):
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             seq = torch.cat([seq, nxt], 1)
-            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=torch.full((1, 1), P + i)).logits
+            logits = model(input_ids=nxt, **cache_kw(cache), use_cache=True, position_ids=torch.full((1, 1), P + i)).logits
             got.append(logits)
     ref = model(input_ids=seq).logits[:, P:]
     torch.testing.assert_close(torch.cat(got, 1), ref, rtol=1e-4, atol=1e-4)
