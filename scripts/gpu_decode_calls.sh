@@ -127,6 +127,13 @@ row() {
   timeout "$secs" bash -c "$(declare -f gen); out=$out sha=$sha model=$m; gen ${*@Q}" > "$out/$log" 2>&1
   tail -8 "$out/$log"
 }
+# issue 5's decode row (ours against the plain torch step and SDPA decode; attention.py's targets printed):
+# SECONDS BUDGET_S LINES
+issue5_decode_row() {
+  timeout "$1" python3 benchmarks/attention.py --quick --no-check --only ours,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
+    --groups decode --budget-s "$2" --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention-decode.log" 2>&1
+  sed -n '/== targets/,$p' "$out/attention-decode.log" | head -"$3"
+}
 # seconds left of the call's budget (CALL_S, default 585), for rows that run only if they fit
 left() { echo $((${CALL_S:-585} - SECONDS)); }
 QWEN=benchmarks/configs/qwen2.5-coder-0.5b.json
@@ -588,9 +595,7 @@ PY
     # after the twenty-eighth session: issue 5's decode row at the defaults (ours against plain torch and SDPA decode at
     # 16K; the 3x goal needs <= 52.2 us), then issue 5's heads at fold 8 in smaller row chunks and window blocks (sm_90:
     # FC 16 with BW 16 holds 128 registers, so 8 programs an SM and the 1,024 programs in one wave) (~250 s)
-    timeout 150 python3 benchmarks/attention.py --quick --no-check --only ours,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
-      --groups decode --budget-s 130 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention-decode.log" 2>&1
-    sed -n '/== targets/,$p' "$out/attention-decode.log" | head -10
+    issue5_decode_row 150 130 10
     timeout 90 python3 benchmarks/tune_decode.py --presets issue5 --fold 8 --match '^BD128 w2 BW(16|32) FC(16|32|64)$' \
       --budget-s 75 --rep-ms 30 --commit "$sha" --copy-to "$out" > "$out/tune-issue5.log" 2>&1
     grep -E "^  BD" "$out/tune-issue5.log"
@@ -600,9 +605,7 @@ PY
     # 5's decode row at the new defaults, the GPU tests of the default launch and its neighbours, then the sweep around
     # them (warps 1/2/4, BW 8/16/32, FC 16/64; the old default is BD128 w2 BW32 FC64) at the issue-5 heads and
     # Llama-3.1-8B's with key maps per query head (the same 128-column heads, 2,048 programs) (~330 s)
-    timeout 100 python3 benchmarks/attention.py --quick --no-check --only ours,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
-      --groups decode --budget-s 85 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention-decode.log" 2>&1
-    sed -n '/== targets/,$p' "$out/attention-decode.log" | head -4
+    issue5_decode_row 100 85 4
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_cuda.py \
       -k "deferred_folding or launch_configs or real_model_shapes or cuda_graph_replay" > "$out/tests.log" 2>&1
     tail -3 "$out/tests.log"
@@ -615,9 +618,7 @@ PY
     # 1 warp and 32-slot window blocks at the issue-5 heads' 16-row chunks (call 43's sweep: 45.0 us): issue 5's decode
     # row at these defaults, then the GPU tests of the default launch, of explicit 16-row chunks (now 1 warp at
     # 128-column value blocks) and their neighbours (~280 s)
-    timeout 100 python3 benchmarks/attention.py --quick --no-check --only ours,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
-      --groups decode --budget-s 85 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention-decode.log" 2>&1
-    sed -n '/== targets/,$p' "$out/attention-decode.log" | head -4
+    issue5_decode_row 100 85 4
     timeout ${T1:-170} python3 -m pytest -q -p no:cacheprovider tests/gpu/test_decode_cuda.py \
       -k "deferred_folding or launch_configs or real_model_shapes or cuda_graph_replay or s_in_row_chunks_matches" \
       > "$out/tests.log" 2>&1
