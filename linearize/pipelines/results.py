@@ -290,8 +290,17 @@ def markdown(rows: list[dict], title: str = "Conversion runs against their base 
     return "\n".join(lines) + "\n"
 
 
+def _by_model(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Rows grouped by model, in the order each model first appears (a plot's panels follow the table)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("model") or "?", []).append(r)
+    return list(groups.items())
+
+
 def bar_plot(rows: list[dict], path: Path) -> None:
-    """Three panels: accuracy ratios to base, perplexity ratios to base, passkey@4K (with the goal lines)."""
+    """Three panels: accuracy ratios to base, perplexity ratios to base, passkey@4K (with the goal lines). Runs are
+    the rows of horizontal bars, in the table's order, so a table of 40 runs still reads (the figure grows down)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,58 +310,84 @@ def bar_plot(rows: list[dict], path: Path) -> None:
     names = [r["run"] for r in rows]
     panels = [
         ("accuracy, % of base", [("zeroshot_avg", "0-shot avg"), ("lambada", "LAMBADA"), ("mmlu", "MMLU"), ("mqar", "MQAR")], 100, [100, 95]),
-        ("perplexity, x base", [("ppl@512", "@512"), ("ppl@2048", "@2K"), ("ppl@4096", "@4K"), ("ood_ppl@2048", "OOD @2K")], 1, [1.05]),
+        ("perplexity, x base (log)", [("ppl@512", "@512"), ("ppl@2048", "@2K"), ("ppl@4096", "@4K"), ("ood_ppl@2048", "OOD @2K")], 1, [1.05]),
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(max(9, 2.2 * len(names) + 5), 4), gridspec_kw={"width_ratios": [3, 3, 1.4]})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 1.2 + 0.32 * len(rows)), sharey=True,
+                             gridspec_kw={"width_ratios": [3, 3, 1.4]}, squeeze=False)
+    axes = axes[0]
+    ys = list(range(len(rows)))
     for ax, (title, keys, scale, lines) in zip(axes[:2], panels):
-        width = 0.8 / len(keys)
+        height = 0.8 / len(keys)
         for j, (k, label) in enumerate(keys):
             vals = [(r["ratios"].get(k) or float("nan")) * scale for r in rows]
-            ax.bar([i + j * width for i in range(len(rows))], vals, width, label=label)
-        for y in lines:
-            ax.axhline(y, color="k", lw=0.8, ls="--")
-        ax.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(rows))])
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=7)
+            ax.barh([y - 0.4 + (j + 0.5) * height for y in ys], vals, height, label=label)
+        for x in lines:
+            ax.axvline(x, color="k", lw=0.8, ls="--")
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
         if scale == 1:
-            ax.set_yscale("log")
+            ax.set_xscale("log")
     pk = [100 * ((r.get("converted") or {}).get("passkey@4096") or float("nan")) for r in rows]
-    axes[2].bar(range(len(rows)), pk, color="tab:purple")
-    axes[2].axhline(90, color="k", lw=0.8, ls="--")
-    axes[2].set_xticks(range(len(rows)))
-    axes[2].set_xticklabels(names, rotation=30, ha="right", fontsize=7)
-    axes[2].set_ylim(0, 105)
+    axes[2].barh(ys, pk, 0.6, color="tab:purple")
+    axes[2].axvline(90, color="k", lw=0.8, ls="--")
+    axes[2].set_xlim(0, 105)
     axes[2].set_title("passkey@4K, %", fontsize=9)
+    axes[0].set_yticks(ys, names, fontsize=7)
+    axes[0].set_ylim(len(rows) - 0.5, -0.5)  # the table's first run on top, no empty margin
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", lw=0.3, alpha=0.5)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def _plain_log_labels(ax) -> None:
+    """A log y axis labelled 0.8 / 1 / 10 rather than 8 x 10^-1; within one decade its minor ticks get labels too
+    (otherwise a panel of ratios near 1 shows a single label)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if hi / lo < 10 else NullFormatter())
+    ax.tick_params(axis="y", which="both", labelsize=7)
+
+
 def length_plot(rows: list[dict], path: Path) -> None:
-    """Perplexity against context length (512 / 2K / 4K), as a ratio to the base model, one line per run:
-    where length generalization breaks shows as a line leaving the 1.0 floor."""
+    """Perplexity against context length (512 / 2K / 4K), as a ratio to the base model, one line per run and one
+    row of panels per model: where length generalization breaks shows as a line leaving the 1.0 floor."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, (title, keys) in zip(axes, (("in-domain text (held out)", [f"ppl@{n}" for n in LENGTHS]),
-                                        ("out-of-domain text (pydocs)", [f"ood_ppl@{n}" for n in LENGTHS]))):
-        for i, r in enumerate(rows):
-            ys = [(r.get("ratios") or {}).get(k) for k in keys]
-            if all(y is not None for y in ys):  # tab20 and two line styles: no two runs look alike
-                ax.plot(LENGTHS, ys, marker="o", label=r["run"], color=plt.cm.tab20(i % 20), ls="-" if i % 2 == 0 else "--")
-        ax.axhline(1.05, color="k", ls="--", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_title(title, fontsize=9)
-    axes[0].set_ylabel("perplexity, x base (log)")
-    if axes[1].get_legend_handles_labels()[0]:  # (runs without perplexities at every length draw no line)
-        axes[1].legend(fontsize=7, loc="upper left")
+    groups = [(m, [r for r in rs if all((r.get("ratios") or {}).get(k) is not None for k in
+                                         [f"ppl@{n}" for n in LENGTHS] + [f"ood_ppl@{n}" for n in LENGTHS])])
+              for m, rs in _by_model(rows)]
+    groups = [(m, rs) for m, rs in groups if rs]  # (runs without perplexities at every length draw no line)
+    if not groups:
+        return
+    heights = [max(2.6, 0.15 * len(rs) + 0.9) for _, rs in groups]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for (model, rs), row in zip(groups, axes):
+        for ax, (title, keys) in zip(row, (("in-domain text (held out)", [f"ppl@{n}" for n in LENGTHS]),
+                                           ("out-of-domain text (pydocs)", [f"ood_ppl@{n}" for n in LENGTHS]))):
+            for i, r in enumerate(rs):  # tab20 and two line styles: no two runs of a model look alike
+                ax.plot(LENGTHS, [r["ratios"][k] for k in keys], marker="o", label=r["run"],
+                        color=plt.cm.tab20(i % 20), ls="-" if (i // 20) % 2 == 0 else "--")
+            ax.axhline(1.05, color="k", ls="--", lw=0.8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(LENGTHS, [str(n) for n in LENGTHS])
+            ax.set_title(f"{model}: {title}", fontsize=9)
+            _plain_log_labels(ax)
+        row[0].set_ylabel("perplexity, x base (log)")
+        row[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 if len(rs) <= 16 else 2,
+                      borderaxespad=0)
+    axes[-1][0].set_xlabel("context length (tokens)")
+    axes[-1][1].set_xlabel("context length (tokens)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -172,3 +172,23 @@ def test_a_base_only_evaluation_is_a_base_row_not_a_run(tmp_path):
     md = markdown([row, run_row(load_run(_run(tmp_path, "r", _scaled(1.0, 1.0, 1.0, 0.9))))])
     assert "| gemma-base |" not in md and "| r |" in md
     assert "| gemma3-270m | 20.00 | 15.00 |" in md and "| None |" not in md
+
+
+def test_plots_stay_readable_with_many_runs_and_models(tmp_path):
+    """The length plot gets one row of panels per model and the bar plot grows down, not across: at 40 runs the
+    bar plot was 11,688 px wide and the length plot's one legend covered its axes."""
+    from PIL import Image
+
+    dirs = []
+    for i in range(40):
+        d = _run(tmp_path, f"run{i:02d}", _scaled(0.95 + i / 400, 1.0 + i / 40, 1.0, 0.9))
+        if i >= 25:  # a second model: its own row of length panels
+            rep = json.loads((d / "report.json").read_text())
+            (d / "report.json").write_text(json.dumps(rep | {"model": "gemma3-270m"}))
+        dirs.append(d)
+    write_table(dirs[:25], tmp_path / "one")
+    write_table(dirs, tmp_path / "two")
+    bars = Image.open(tmp_path / "two" / "results.png").size
+    one, two = (Image.open(tmp_path / k / "results-length.png").size for k in ("one", "two"))
+    assert bars[0] <= 1600 and bars[1] > bars[0]  # 40 runs: rows of bars, a readable width
+    assert one[0] == two[0] and two[1] > one[1] * 1.4  # the second model adds a row of panels below
