@@ -367,6 +367,7 @@ def length_plot(rows: list[dict], path: Path) -> None:
               for m, rs in _by_model(rows)]
     groups = [(m, rs) for m, rs in groups if rs]  # (runs without perplexities at every length draw no line)
     if not groups:
+        path.unlink(missing_ok=True)  # nothing to draw: no stale plot from an earlier table either
         return
     heights = [max(2.6, 0.15 * len(rs) + 0.9) for _, rs in groups]
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, sum(heights)), squeeze=False,
