@@ -362,8 +362,9 @@ def length_plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = [(m, [r for r in rs if all((r.get("ratios") or {}).get(k) is not None for k in
-                                         [f"ppl@{n}" for n in LENGTHS] + [f"ood_ppl@{n}" for n in LENGTHS])])
+    panels = (("in-domain text (held out)", [f"ppl@{n}" for n in LENGTHS]),
+              ("out-of-domain text (pydocs)", [f"ood_ppl@{n}" for n in LENGTHS]))
+    groups = [(m, [r for r in rs if all((r.get("ratios") or {}).get(k) is not None for _, keys in panels for k in keys)])
               for m, rs in _by_model(rows)]
     groups = [(m, rs) for m, rs in groups if rs]  # (runs without perplexities at every length draw no line)
     if not groups:
@@ -373,8 +374,7 @@ def length_plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(groups), 2, figsize=(12, sum(heights)), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     for (model, rs), row in zip(groups, axes):
-        for ax, (title, keys) in zip(row, (("in-domain text (held out)", [f"ppl@{n}" for n in LENGTHS]),
-                                           ("out-of-domain text (pydocs)", [f"ood_ppl@{n}" for n in LENGTHS]))):
+        for ax, (title, keys) in zip(row, panels):
             for i, r in enumerate(rs):  # tab20 and two line styles: no two runs of a model look alike
                 ax.plot(LENGTHS, [r["ratios"][k] for k in keys], marker="o", label=r["run"],
                         color=plt.cm.tab20(i % 20), ls="-" if (i // 20) % 2 == 0 else "--")
