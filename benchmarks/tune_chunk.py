@@ -14,6 +14,10 @@ queries does the rest) and the backward without its running-sum walks (``fold_ba
 split by block distance so that a block pair's window or linear part that holds no pair of positions is neither
 loaded nor computed (same outputs; fewer products, more loop code).
 
+``--blocks fwd64x8,dq64x8+dk32x4`` also runs each split + fold config with some intra kernels on their own blocks
+(``LaunchConfig.C_fwd`` / ``C_dk``; ``dq`` sets ``C_intra``, bwd_dq's): blocks of 64 rows let Hopper's wgmma serve
+them, blocks of 32 issue mma.sync only. A kernel an item does not name keeps the config's blocks.
+
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
 larger segment-prefix buffer ([nseg, B, H', F, D] fp32, written, summed and read once more).
@@ -47,7 +51,8 @@ def label(cfg: LaunchConfig) -> str:
             + (" one_acc" if cfg.one_acc else "")
             + (f" intra={cfg.C_intra}x{cfg.warps_intra or cfg.num_warps}" if cfg.C_intra else "")
             + (" split" if cfg.split_forward else "") + (" fold" if cfg.fold_backward else "")
-            + (" skip" if cfg.skip_empty else ""))
+            + (" skip" if cfg.skip_empty else "")
+            + (f" fwd={cfg.C_fwd}x{cfg.warps_fwd}" if cfg.C_fwd else "") + (f" dk={cfg.C_dk}x{cfg.warps_dk}" if cfg.C_dk else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -55,7 +60,7 @@ FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, Tru
 
 def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False,
                intra: list[tuple[int, int]] = (), forms: list[str] = ("one-pass",),
-               skip: bool = False) -> list[LaunchConfig]:
+               skip: bool = False, blocks: list[dict[str, tuple[int, int]]] = ()) -> list[LaunchConfig]:
     """The default config first (the reference of the error check), then every (shape, nseg) pair once."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
@@ -85,8 +90,48 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                             cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None, one_acc=oa,
                                                C_intra=ci, warps_intra=wi, split_forward=sp, fold_backward=fo,
                                                skip_empty=sk)
-                            if cfg not in out:
-                                out.append(cfg)
+                            for own in [{}] + list(blocks if sp and fo else ()):
+                                c = with_blocks(cfg, own)
+                                if effective(c) not in map(effective, out):
+                                    out.append(c)
+    return out
+
+
+def effective(cfg: LaunchConfig) -> tuple:
+    """What a config launches: two configs that spell the same blocks differently (C_fwd None or equal to C_intra)
+    are one candidate."""
+    import dataclasses
+
+    plain = dataclasses.replace(cfg, C_intra=None, warps_intra=None, C_fwd=None, warps_fwd=None, C_dk=None,
+                                warps_dk=None)
+    return plain, cfg.blocks("fwd"), cfg.blocks("dq"), cfg.blocks("dk")
+
+
+def with_blocks(cfg: LaunchConfig, own: dict[str, tuple[int, int]]) -> LaunchConfig:
+    """``cfg`` with the intra kernels ``own`` names ('fwd', 'dq', 'dk' -> (rows, warps)) on those blocks; the others
+    keep the blocks they had in ``cfg``."""
+    import dataclasses
+
+    if not own:
+        return cfg
+    fwd, dq, dk = (own.get(k, cfg.blocks(k)) for k in ("fwd", "dq", "dk"))
+    return dataclasses.replace(cfg, C_intra=dq[0], warps_intra=dq[1], C_fwd=fwd[0], warps_fwd=fwd[1], C_dk=dk[0],
+                               warps_dk=dk[1])
+
+
+def parse_blocks(text: str) -> list[dict[str, tuple[int, int]]]:
+    """'fwd64x8,dq64x8+dk32x4' -> [{'fwd': (64, 8)}, {'dq': (64, 8), 'dk': (32, 4)}]."""
+    import re
+
+    out = []
+    for item in filter(None, text.split(",")):
+        own = {}
+        for part in item.split("+"):
+            m = re.fullmatch(r"(fwd|dq|dk)(\d+)x(\d+)", part)
+            if m is None:
+                raise SystemExit(f"--blocks: {part!r} is not fwd|dq|dk ROWSxWARPS (e.g. fwd64x8)")
+            own[m[1]] = (int(m[2]), int(m[3]))
+        out.append(own)
     return out
 
 
@@ -123,6 +168,8 @@ def main() -> None:
                     help="comma list of one-pass, split (split_forward), fold (fold_backward), split+fold")
     ap.add_argument("--skip", action="store_true",
                     help="also each config with skip_empty (block pairs' empty window / linear parts not computed)")
+    ap.add_argument("--blocks", default="",
+                    help="comma list of '+'-joined fwd|dq|dk ROWSxWARPS: also each split + fold config with those kernels on those blocks")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")
@@ -166,7 +213,7 @@ def main() -> None:
     rows = []
     intra = parse_intra(a.intra)
     cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra, a.forms.split(","),
-                       a.skip)
+                       a.skip, parse_blocks(a.blocks))
 
     def rel(x, ref):
         return ((x.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -4,7 +4,7 @@ Why: a small model's training step is bound by the host launching kernels. SmolL
 8 x 1024 tokens made ~7.6K launches on the H200, with the GPU busy 21% of the step
 (``benchmarks/results/train-step-h200-20261123``): the adapters' matmuls and adds, the norms, RoPE, the casts and
 the residual adds each launch on their own. Inductor fuses that glue into a few kernels a layer. The hybrid
-attention and the Hedgehog map kernels stay opaque custom ops (``linearize::hybrid_chunk_v3``,
+attention and the Hedgehog map kernels stay opaque custom ops (``linearize::hybrid_chunk_v4``,
 ``linearize::hedgehog_pair``), launched as they are.
 
 One compiled function serves every layer of the same structure: the layers' parameters are graph inputs, not

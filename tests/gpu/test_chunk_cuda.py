@@ -149,6 +149,26 @@ def test_skip_empty_blocks(training):
             assert rel_err(a, b) < 1e-3, rel_err(a, b)
 
 
+_OWN_BLOCKS = [dict(C_fwd=64, warps_fwd=8), dict(C_intra=64, warps_intra=8, C_fwd=32, warps_fwd=4, C_dk=32, warps_dk=4),
+               dict(C_dk=64, warps_dk=8), dict(C_intra=64, warps_intra=8, C_fwd=64, warps_fwd=8, C_dk=32, warps_dk=4)]
+
+
+@pytest.mark.parametrize("own", _OWN_BLOCKS, ids=["fwd64", "dq64", "dk64", "fwd64-dq64"])
+@pytest.mark.parametrize("BV", [64, 128])
+def test_own_blocks(own, BV):
+    """The training default (split + fold + skip on blocks of 32) with some intra kernels on blocks of 64 at 8 warps
+    (``LaunchConfig.C_fwd`` / ``C_intra`` / ``C_dk``: wgmma on sm_90, spills): against the float64 reference in bf16
+    with padding, on the benchmark's heads and SmolLM2's, at W = 64 and 200."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import default_config
+
+    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]:
+        cfg = dataclasses.replace(default_config(D, F, training=True), BV=min(BV, D), **own)
+        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
+               seed=W)
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

@@ -23,13 +23,13 @@ def _grad_err(a: torch.Tensor, b: torch.Tensor, ref_scale: float) -> float:
 
 
 def _check(B, T, H, Hkv, D, F, Hf, W, *, C=16, BV=16, nseg=None, mask=None, seed=0, tol=2e-5, C_intra=None,
-           split_forward=False, fold_backward=False):
+           split_forward=False, fold_backward=False, **launch):
     from linearize.ops import hybrid_attention_chunked
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
 
     q, k, v, pq, pk, g = random_inputs(B, T, H, Hkv, D, F, Hf, dtype=torch.float32, seed=seed, requires_grad=True)
     cfg = LaunchConfig(C=C, BV=BV, num_warps=4, nseg=nseg, C_intra=C_intra, warps_intra=C_intra and 2,
-                       split_forward=split_forward, fold_backward=fold_backward)
+                       split_forward=split_forward, fold_backward=fold_backward, **launch)
     args = dict(window=W, window_weight=g, attention_mask=mask, output_final_state=True)
     y, st = hybrid_attention_triton(q, k, v, pq, pk, config=cfg, **args)
     yr, sr = hybrid_attention_chunked(q, k, v, pq, pk, **args)
@@ -99,6 +99,20 @@ def test_fold_backward(case, C_intra):
     B, T = case[:2]
     _check(*case, C=16 if C_intra is None else 32, nseg=2, C_intra=C_intra, split_forward=C_intra is not None,
            fold_backward=True, mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 2, 3, 6, 7)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)], ids=["fwd32-dk16", "fwd16-dk32"])
+@pytest.mark.parametrize("skip", [False, True], ids=["all-pairs", "skip"])
+def test_each_intra_kernel_on_its_own_blocks(case, blocks, skip):
+    """``LaunchConfig(C_fwd=..., C_dk=...)``: the split forward's block kernel and bwd_dk on blocks other than
+    bwd_dq's (C_intra 16, in chunks of 32), so bwd_dk reads bwd_dq's per-row max-path corrections across blocks of
+    another size: outputs, final states and every gradient as the reference, with padding."""
+    B, T = case[:2]
+    C_fwd, C_dk = blocks
+    _check(*case, C=32, nseg=2, C_intra=16, split_forward=True, fold_backward=True, skip_empty=skip, C_fwd=C_fwd,
+           warps_fwd=4, C_dk=C_dk, warps_dk=1, mask=left_pad_mask(B, T, [0, 3][:B]))
 
 
 # Block pairs (of 16 rows) whose nearest positions are exactly at the window's edge: W = 31 puts a pair's one linear
@@ -195,7 +209,10 @@ def test_a_launch_config_travels_through_the_ops_ints():
     for cfg in (LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2),
                 LaunchConfig(C=64, BV=64, num_warps=4, nseg=7, one_acc=True, skip_empty=True),
                 LaunchConfig(C=64, BV=128, num_warps=8, num_stages=2, C_intra=32, warps_intra=4, split_forward=True,
-                             fold_backward=True, skip_empty=True)):
+                             fold_backward=True, skip_empty=True),
+                LaunchConfig(C=64, BV=64, num_warps=8, C_intra=32, warps_intra=4, C_fwd=64, warps_fwd=8, C_dk=16,
+                             warps_dk=2, split_forward=True, fold_backward=True),
+                LaunchConfig(C=128, BV=128, num_warps=16, C_dk=128, warps_dk=16)):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 
@@ -205,6 +222,8 @@ def test_intra_block_must_divide_the_chunk():
     for bad in (8, 24, 128):
         with pytest.raises(ValueError, match="C_intra"):
             LaunchConfig(C=64, BV=64, num_warps=4, C_intra=bad)
+        with pytest.raises(ValueError, match="C_dk"):
+            LaunchConfig(C=64, BV=64, num_warps=4, C_dk=bad)
     assert LaunchConfig(C=64, BV=64, num_warps=4, C_intra=32).C_intra == 32
 
 

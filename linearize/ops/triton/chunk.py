@@ -41,6 +41,15 @@ class LaunchConfig:
     # SM instead of one) and score fewer keys. default_config: 32 at 4 warps where C = 64.
     C_intra: int | None = None
     warps_intra: int | None = None
+    # The split forward's block kernel (fwd_blocks) and bwd_dk on their own blocks; None: C_intra / warps_intra.
+    # Blocks of 64 rows let Hopper's warpgroup MMA (wgmma) serve them: on blocks of 32 they issue mma.sync only,
+    # since a 4-warp warpgroup's tile has 64 rows (sm_90 PTX, benchmarks/NOTES-chunk.md). Each kernel has its own
+    # live set, so each spills (or not) at its own block: sm_90, D = F = 128, 8 warps, blocks of 64: fwd_blocks at
+    # BV 64 8 B a thread, bwd_dq 48 B, bwd_dk 416 B.
+    C_fwd: int | None = None
+    warps_fwd: int | None = None
+    C_dk: int | None = None
+    warps_dk: int | None = None
     # The forward in two passes: a light walk writes each chunk's running sums ([n_chunks, B, H', F, D] in the
     # inputs' dtype, the dtype fwd_kernel's product takes them in), then one program a block of C_intra queries
     # (at warps_intra) does the rest, with no fp32 running sum in its registers. Same outputs, more memory traffic,
@@ -61,15 +70,23 @@ class LaunchConfig:
     # forward+backward -5.4%).
     skip_empty: bool = False
 
+    def blocks(self, kernel: str) -> tuple[int, int]:
+        """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
+        C = self.C_intra or self.C
+        warps = self.warps_intra or self.num_warps
+        own = {"fwd": (self.C_fwd, self.warps_fwd), "dk": (self.C_dk, self.warps_dk), "dq": (None, None)}[kernel]
+        return own[0] or C, own[1] or warps
+
     @property
     def keeps_chunk_sums(self) -> bool:
         """The split forward's chunk sums are kept for the folded backward (which then does not walk them again)."""
         return self.split_forward and self.fold_backward
 
     def __post_init__(self):
-        ci = self.C_intra
-        if ci is not None and (ci < 16 or ci & (ci - 1) or self.C % ci):
-            raise ValueError(f"LaunchConfig: C_intra={ci} must be a power of two >= 16 that divides C={self.C}")
+        for name in ("C_intra", "C_fwd", "C_dk"):
+            ci = getattr(self, name)
+            if ci is not None and (ci < 16 or ci & (ci - 1) or self.C % ci):
+                raise ValueError(f"LaunchConfig: {name}={ci} must be a power of two >= 16 that divides C={self.C}")
         if self.split_forward and self.one_acc:
             raise ValueError("LaunchConfig: one_acc is a form of the one-pass forward; pass it or split_forward")
 
@@ -279,14 +296,14 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
     arg = _empty(B, H, T, dtype=torch.int32, device=dev)
     if cfg.split_forward:
         cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
-        Ci = cfg.C_intra or C
+        Ci, wi = cfg.blocks("fwd")
         ni = math.ceil(T / Ci)
         _launch(K.fwd_blocks_kernel, (ni, B * H, NV),
             q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, y, u, mx, den, arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
             B, T, H, Hf, Gk, GQ, ni, nwin, W, scale, C,
             D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u, SKIP=cfg.skip_empty,
-            num_warps=cfg.warps_intra or cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=wi, num_stages=cfg.num_stages,
         )
         if not cfg.keeps_chunk_sums:
             cs = cz = None
@@ -333,22 +350,23 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
     dpq = _empty(B, T, H, F, dtype=phi_q.dtype if fold else f32, device=dev)
     corr = _empty(B, H, T, dtype=f32, device=dev)
-    Ci = cfg.C_intra or C
+    Ci, wi = cfg.blocks("dq")
     ni = math.ceil(T / Ci)
-    kwi = dict(kw, num_warps=cfg.warps_intra or cfg.num_warps)
     _launch(K.bwd_dq_kernel, (ni, B * H),
         q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz, *strides_in,
         B, T, H, Hf, G, GQ, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec,
-        FOLD=fold, SKIP=cfg.skip_empty, **kwi,
+        FOLD=fold, SKIP=cfg.skip_empty, **dict(kw, num_warps=wi),
     )
     del cs, cz
     dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
 
     def dk_kernel(dv_b, dpk, cds, cdz):
-        _launch(K.bwd_dk_kernel, (ni, B * Hf),
+        Ck, wk = cfg.blocks("dk")
+        nk = math.ceil(T / Ck)
+        _launch(K.bwd_dk_kernel, (nk, B * Hf),
             q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, cds, cdz, *strides_in,
-            B, T, H, Hf, Gk, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
-            FOLD=fold, SKIP=cfg.skip_empty, **kwi,
+            B, T, H, Hf, Gk, nk, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ck, GQ=GQ, HAS_MASK=has_mask, PREC=prec,
+            FOLD=fold, SKIP=cfg.skip_empty, **dict(kw, num_warps=wk),
         )
 
     atomic = NV > 1 and not fold
@@ -424,24 +442,28 @@ class _HybridChunkFn(torch.autograd.Function):
 
 
 def _cfg(launch) -> LaunchConfig:
-    C, BV, warps, stages, nseg, flags, C_intra, warps_intra = launch
+    C, BV, warps, stages, nseg, flags, C_intra, warps_intra, blocks = launch
+    own = [(blocks >> s) & 0xFF or None for s in (0, 8, 16, 24)]
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg,
                         one_acc=bool(flags & 1), split_forward=bool(flags & 2), fold_backward=bool(flags & 4),
-                        C_intra=C_intra or None, warps_intra=warps_intra or None, skip_empty=bool(flags & 8))
+                        C_intra=C_intra or None, warps_intra=warps_intra or None, skip_empty=bool(flags & 8),
+                        C_fwd=own[0], warps_fwd=own[1], C_dk=own[2], warps_dk=own[3])
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
-    2: split_forward, 4: fold_backward, 8: skip_empty), C_intra (0: None), warps_intra (0: None))."""
+    2: split_forward, 4: fold_backward, 8: skip_empty), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
+    warps_fwd, C_dk, warps_dk a byte each, low byte first; 0: None))."""
     flags = int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
+    blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk), (0, 8, 16, 24)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
-            cfg.C_intra or 0, cfg.warps_intra or 0)
+            cfg.C_intra or 0, cfg.warps_intra or 0, blocks)
 
 
 #: The custom ops' names carry their schema's version: torch's on-disk compile caches (AOTAutograd's, inductor's) key
 #: a cached graph on the op's name, not its schema, so a graph cached before a schema change called the new op with
 #: the old arguments (seen on 2026-12-05 when the ops gained the kept chunk sums). Bump it with any schema change.
-OP_VERSION = 3
+OP_VERSION = 4
 FORWARD_OP, BACKWARD_OP = f"hybrid_chunk_v{OP_VERSION}", f"hybrid_chunk_backward_v{OP_VERSION}"
 
 
@@ -450,11 +472,11 @@ def _hybrid_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: t
                      gamma: torch.Tensor, mask: torch.Tensor | None, S0: torch.Tensor | None,
                      z0: torch.Tensor | None, window: int, scale: float, C: int, BV: int, num_warps: int,
                      num_stages: int, nseg: int, flags: int, C_intra: int, warps_intra: int,
-                     store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                     blocks: int, store_u: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, u, mx, den, arg, pre_S, pre_z, cs, cz); u, cs and cz are empty where not stored / kept (an op's outputs
     may not alias)."""
-    cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra, blocks))
     y, u, mx, den, arg, pre_S, pre_z, cs, cz = _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale,
                                                              cfg, store_u)
     none = q.new_empty(0)
@@ -464,8 +486,8 @@ def _hybrid_chunk_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, phi_q: t
 
 @_hybrid_chunk_op.register_fake
 def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warps, num_stages, nseg, flags, C_intra,
-      warps_intra, store_u):
-    cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
+      warps_intra, blocks, store_u):
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra, blocks))
     B, T, H, D, _, Hf, F, _, n, *_, n_seg = _geometry(q, k, phi_q, phi_k, window, cfg)
     f32 = torch.float32
     keep = cfg.keeps_chunk_sums
@@ -483,10 +505,10 @@ def _hybrid_chunk_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                               den: torch.Tensor, arg: torch.Tensor, pre_S: torch.Tensor, pre_z: torch.Tensor,
                               cs: torch.Tensor, cz: torch.Tensor, window: int, scale: float, C: int, BV: int,
                               num_warps: int, num_stages: int, nseg: int, flags: int, C_intra: int,
-                              warps_intra: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                              warps_intra: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dphi_q, dphi_k, dgamma); dgamma is empty where the forward stored no u."""
-    cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra))
+    cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra, blocks))
     *grads, dgamma = _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u if u.numel() else None, mx, den,
                                      arg, pre_S, pre_z, cs if cs.numel() else None, cz if cs.numel() else None,
                                      window, scale, cfg)
@@ -510,9 +532,9 @@ def _chunk_setup(ctx, inputs, output):
 
 def _chunk_autograd(ctx, dy, *_):
     if dy is None:  # (y unused by the loss)
-        return (None,) * 20
+        return (None,) * 21
     *grads, dgamma = _hybrid_chunk_backward_op(dy, *ctx.saved_tensors, *ctx.meta)
-    return (*grads, dgamma if dgamma.numel() else None) + (None,) * 14
+    return (*grads, dgamma if dgamma.numel() else None) + (None,) * 15
 
 
 _hybrid_chunk_op.register_autograd(_chunk_autograd, setup_context=_chunk_setup)
