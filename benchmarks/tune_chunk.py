@@ -14,9 +14,10 @@ queries does the rest) and the backward without its running-sum walks (``fold_ba
 split by block distance so that a block pair's window or linear part that holds no pair of positions is neither
 loaded nor computed (same outputs; fewer products, more loop code).
 
-``--blocks fwd64x8,dq64x8+dk32x4`` also runs each split + fold config with some intra kernels on their own blocks
-(``LaunchConfig.C_fwd`` / ``C_dk``; ``dq`` sets ``C_intra``, bwd_dq's): blocks of 64 rows let Hopper's wgmma serve
-them, blocks of 32 issue mma.sync only. A kernel an item does not name keeps the config's blocks.
+``--blocks fwd64x8,dq64x8+dk32x4,dk64x8+splitdk`` also runs each split + fold config with some intra kernels on their
+own blocks (``LaunchConfig.C_fwd`` / ``C_dk``; ``dq`` sets ``C_intra``, bwd_dq's): blocks of 64 rows let Hopper's
+wgmma serve them, blocks of 32 issue mma.sync only. A kernel an item does not name keeps the config's blocks.
+``splitdk``: bwd_dk as two launches (``LaunchConfig.split_dk``).
 
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
@@ -52,7 +53,8 @@ def label(cfg: LaunchConfig) -> str:
             + (f" intra={cfg.C_intra}x{cfg.warps_intra or cfg.num_warps}" if cfg.C_intra else "")
             + (" split" if cfg.split_forward else "") + (" fold" if cfg.fold_backward else "")
             + (" skip" if cfg.skip_empty else "")
-            + (f" fwd={cfg.C_fwd}x{cfg.warps_fwd}" if cfg.C_fwd else "") + (f" dk={cfg.C_dk}x{cfg.warps_dk}" if cfg.C_dk else ""))
+            + (f" fwd={cfg.C_fwd}x{cfg.warps_fwd}" if cfg.C_fwd else "") + (f" dk={cfg.C_dk}x{cfg.warps_dk}" if cfg.C_dk else "")
+            + (" split_dk" if cfg.split_dk else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -116,17 +118,20 @@ def with_blocks(cfg: LaunchConfig, own: dict[str, tuple[int, int]]) -> LaunchCon
         return cfg
     fwd, dq, dk = (own.get(k, cfg.blocks(k)) for k in ("fwd", "dq", "dk"))
     return dataclasses.replace(cfg, C_intra=dq[0], warps_intra=dq[1], C_fwd=fwd[0], warps_fwd=fwd[1], C_dk=dk[0],
-                               warps_dk=dk[1])
+                               warps_dk=dk[1], split_dk=own.get("split_dk", cfg.split_dk))
 
 
 def parse_blocks(text: str) -> list[dict[str, tuple[int, int]]]:
-    """'fwd64x8,dq64x8+dk32x4' -> [{'fwd': (64, 8)}, {'dq': (64, 8), 'dk': (32, 4)}]."""
+    """'fwd64x8,dq64x8+dk32x4+splitdk' -> [{'fwd': (64, 8)}, {'dq': (64, 8), 'dk': (32, 4), 'split_dk': True}]."""
     import re
 
     out = []
     for item in filter(None, text.split(",")):
         own = {}
         for part in item.split("+"):
+            if part == "splitdk":
+                own["split_dk"] = True
+                continue
             m = re.fullmatch(r"(fwd|dq|dk)(\d+)x(\d+)", part)
             if m is None:
                 raise SystemExit(f"--blocks: {part!r} is not fwd|dq|dk ROWSxWARPS (e.g. fwd64x8)")

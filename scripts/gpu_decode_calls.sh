@@ -78,7 +78,7 @@
 #   bash scripts/gpu_decode_calls.sh 37 SHA  # the 8B base and step at the defaults, then with inductor's multi_kernel and with
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
-#                                            # (LaunchConfig.C_fwd / C_dk), 16K and 2K (graph) by tune_chunk --blocks (~330 s)
+#                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk in two launches (split_dk), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 38 SHA  # the 8B step with PDL in inductor's kernels, then the base and the step with
 #                                            # every GEMM through cuBLASLt (~450 s)
 #   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
@@ -640,18 +640,20 @@ PY
       --batches 64 --no-fit --budget-s 85
     ;;
   46)
-    # not decode: the intra kernels on their own blocks (thirty-first session, CPU only: LaunchConfig.C_fwd / C_dk).
-    # On blocks of 32 fwd_blocks / bwd_dq / bwd_dk issue mma.sync only; on blocks of 64 at 8 warps they issue wgmma,
-    # and spill (sm_90, benchmark heads) fwd_blocks 8 B a thread at BV 64 (120 at BV 128), bwd_dq 48 B, bwd_dk 416 B.
-    # Their GPU test, then each kernel's blocks at 16K against the training default (profiled), and at 2K in a CUDA
-    # graph (~330 s at most)
-    timeout 90 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "own_blocks" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
-    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,64x64x8x2 --nseg 0 --intra 32x4 \
-      --forms split+fold --blocks fwd64x8,dq64x8,dk64x8,fwd64x8+dq64x8 --out "$out/tune-chunk-blocks-16k.json" \
+    # not decode: the intra kernels on their own blocks (thirty-first session, CPU only: LaunchConfig.C_fwd / C_dk),
+    # and bwd_dk in two launches (split_dk). On blocks of 32 fwd_blocks / bwd_dq / bwd_dk issue mma.sync only; on
+    # blocks of 64 at 8 warps they issue wgmma, and spill (sm_90, benchmark heads) fwd_blocks 8 B a thread at BV 64
+    # (120 at BV 128), bwd_dq 48 B, bwd_dk 416 B (split: 272 + 0 B; on blocks of 32 at 4 warps 254 + 168 registers,
+    # no spill, against 255 and 40 B). Their GPU tests, then each kernel's blocks at 16K against the training default
+    # (profiled), and at 2K in a CUDA graph (~450 s at most)
+    timeout 100 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "own_blocks" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
+    timeout 260 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,64x64x8x2 --nseg 0 --intra 32x4 \
+      --forms split+fold --blocks fwd64x8,dq64x8,dk64x8,splitdk,dk64x8+splitdk,fwd64x8+dq64x8+splitdk \
+      --out "$out/tune-chunk-blocks-16k.json" \
       > "$out/tune-chunk-blocks-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-blocks-16k.log"
-    timeout 70 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default,64x64x8x2 --nseg 0 --intra 32x4 \
-      --forms split+fold --blocks fwd64x8,fwd64x8+dq64x8 --out "$out/tune-chunk-blocks-2k.json" \
+    timeout 80 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4 \
+      --forms split+fold --blocks fwd64x8,splitdk,fwd64x8+dq64x8+splitdk --out "$out/tune-chunk-blocks-2k.json" \
       > "$out/tune-chunk-blocks-2k.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-blocks-2k.log"
     ;;

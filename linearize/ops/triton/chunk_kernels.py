@@ -510,44 +510,50 @@ def _bwd_dq_steps(j_lo, j_hi, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK
 @triton.jit
 def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, b, h, H, T, e, k_ok, W, scale,
                   sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rd, rf, rc, D, F, gam, dk, dv, dpk,
-                  C: tl.constexpr, PREC: tl.constexpr, DO_WIN: tl.constexpr, DO_LIN: tl.constexpr):
+                  C: tl.constexpr, PREC: tl.constexpr, DO_WIN: tl.constexpr, DO_LIN: tl.constexpr,
+                  PART: tl.constexpr = 0):
     """bwd_dk's steps over query blocks i_lo <= i < i_hi of query head h: (dk, dv, dphi_k); DO_WIN / DO_LIN as in
-    ``_fwd_window_steps`` (the max path's key, arg, is a window key: it enters with the window part)."""
+    ``_fwd_window_steps`` (the max path's key, arg, is a window key: it enters with the window part). PART 1: dk
+    and dv only (dphi_k passes through); PART 2: dphi_k only (dk, dv pass through): its linear pairs' da = dw,
+    with no window exponent and no v weight formed."""
     for i in range(i_lo, i_hi):
         t = i * C + rc
         t_ok = t < T
         row = (b * H + h) * T + t
-        if DO_WIN:
+        if DO_WIN and PART != 2:
             q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
         if DO_LIN:
             pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
         dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
-        if DO_WIN:
+        if DO_WIN and PART != 2:
             mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
         den = tl.load(DEN + row, mask=t_ok, other=0.0)
-        delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
-        if DO_WIN:
+        if (DO_WIN and PART != 2) or (DO_LIN and PART != 1):
+            delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+        if DO_WIN and PART != 2:
             arg = tl.load(ARG + row, mask=t_ok, other=-1)
             corr = tl.load(CORR + row, mask=t_ok, other=0.0)
         inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
         win, lin = _window_and_linear(t, e, k_ok, W)
-        if DO_WIN:
+        if DO_WIN and PART != 2:
             ex = _bwd_window_exp(q, k, win, mrow, scale, PREC)
-        dw = _bwd_dw(dy, vv, delta, inv, PREC)
-        if DO_WIN:
+        if (DO_WIN and PART != 2) or (DO_LIN and PART != 1):
+            dw = _bwd_dw(dy, vv, delta, inv, PREC)
+        if DO_WIN and PART != 2:
             ds = gam * ex * dw + tl.where(arg[:, None] == e[None, :], corr[:, None], 0.0)
-        if DO_LIN:
+        if DO_LIN and PART != 2:
             a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
-        if DO_WIN and DO_LIN:
-            wv = (gam * ex + a) * inv[:, None]
-        elif DO_WIN:
-            wv = gam * ex * inv[:, None]
-        else:
-            wv = a * inv[:, None]
-        dv += tl.dot(tl.trans(wv.to(dy.dtype)), dy, input_precision=PREC)
-        if DO_WIN:
+        if PART != 2:
+            if DO_WIN and DO_LIN:
+                wv = (gam * ex + a) * inv[:, None]
+            elif DO_WIN:
+                wv = gam * ex * inv[:, None]
+            else:
+                wv = a * inv[:, None]
+            dv += tl.dot(tl.trans(wv.to(dy.dtype)), dy, input_precision=PREC)
+        if DO_WIN and PART != 2:
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        if DO_LIN:
+        if DO_LIN and PART != 1:
             da = tl.where(lin, dw, 0.0)
             dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, input_precision=PREC)
     return dk, dv, dpk
@@ -628,14 +634,15 @@ def bwd_dk_kernel(
     B, T, H, Hf, Gk, n_chunks, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
     GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False,
-    SKIP: tl.constexpr = False,
+    SKIP: tl.constexpr = False, PART: tl.constexpr = 0,
 ):
     """dk (complete), dv and dphi_k (intra parts) of a block j of C keys for feature head hf, summed over its GQ
     query heads: the queries of the state kernels' chunk (Cs) that holds it and of the nwin chunks after.
     Written laid out [B, T, Hf, X], dv and dphi_k to fp32 buffers unless FOLD: then they also take the later
     queries' part, phi_k dS and v dS^T + dz from the chunk's gradient sums CDS / CDZ
     (bwd_chunk_dstates_kernel's), are complete, are written in DV's / DPK's dtype, and bwd_dk_state_kernel does
-    not run."""
+    not run. PART 1: dk and dv only; PART 2: dphi_k only (``LaunchConfig.split_dk``: two launches, each with a
+    smaller live set, the second recomputing dy . v^T on its linear pairs)."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hf
@@ -647,9 +654,13 @@ def bwd_dk_kernel(
     e = j * C + rc
     k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
     e_in = e < T
-    k = _load_rows(K + b * sK_b + hk * sK_h, e, e_in, sK_t, rd, D)
     vv = _load_rows(V + b * sV_b + hk * sV_h, e, e_in, sV_t, rd, D)
-    pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, e_in, sPK_t, rf, F)
+    if PART != 2:
+        k = _load_rows(K + b * sK_b + hk * sK_h, e, e_in, sK_t, rd, D)
+        pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, e_in, sPK_t, rf, F)
+    else:  # (never read)
+        k = vv
+        pk = vv
     dk = tl.zeros([C, BD], dtype=tl.float32)
     dv = tl.zeros([C, BD], dtype=tl.float32)
     dpk = tl.zeros([C, BF], dtype=tl.float32)
@@ -659,22 +670,30 @@ def bwd_dk_kernel(
         i_hi = tl.minimum((j * C // Cs + nwin + 1) * (Cs // C), n_chunks)
         args = (k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, b, h, H, T, e, k_ok, W, scale, sQ_b, sQ_t, sQ_h,
                 sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rd, rf, rc, D, F, gam)
-        if SKIP:  # (as _fwd_window, in the key block's order: the near query blocks first)
+        if SKIP and PART == 2:  # (only the blocks with linear pairs)
+            i_both, _ = _query_regions(j, i_hi, W, C)
+            dk, dv, dpk = _bwd_dk_steps(i_both, i_hi, *args, dk, dv, dpk, C, PREC, False, True, 2)
+        elif SKIP:  # (as _fwd_window, in the key block's order: the near query blocks first)
             i_both, i_far = _query_regions(j, i_hi, W, C)
-            dk, dv, dpk = _bwd_dk_steps(j, i_both, *args, dk, dv, dpk, C, PREC, True, False)
-            dk, dv, dpk = _bwd_dk_steps(i_both, i_far, *args, dk, dv, dpk, C, PREC, True, True)
-            dk, dv, dpk = _bwd_dk_steps(i_far, i_hi, *args, dk, dv, dpk, C, PREC, False, True)
+            dk, dv, dpk = _bwd_dk_steps(j, i_both, *args, dk, dv, dpk, C, PREC, True, False, PART)
+            dk, dv, dpk = _bwd_dk_steps(i_both, i_far, *args, dk, dv, dpk, C, PREC, True, True, PART)
+            dk, dv, dpk = _bwd_dk_steps(i_far, i_hi, *args, dk, dv, dpk, C, PREC, False, True, PART)
         else:
-            dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True)
+            dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True, PART)
     if FOLD:
         dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
-        dS = dS.to(pk.dtype)
-        dv += tl.where(k_ok[:, None], tl.dot(pk, dS, input_precision=PREC), 0.0)
-        dpk += tl.where(k_ok[:, None], tl.dot(vv, tl.trans(dS), input_precision=PREC) + dz[None, :], 0.0)
+        dS = dS.to(vv.dtype)
+        if PART != 2:
+            dv += tl.where(k_ok[:, None], tl.dot(pk, dS, input_precision=PREC), 0.0)
+        if PART != 1:
+            dpk += tl.where(k_ok[:, None], tl.dot(vv, tl.trans(dS), input_precision=PREC) + dz[None, :], 0.0)
     out = (b * T + e[:, None]) * Hf + hf
-    tl.store(DK + out * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty), mask=e_in[:, None] & (rd[None, :] < D))
-    tl.store(DV + out * D + rd[None, :], dv.to(DV.dtype.element_ty), mask=e_in[:, None] & (rd[None, :] < D))
-    tl.store(DPK + out * F + rf[None, :], dpk.to(DPK.dtype.element_ty), mask=e_in[:, None] & (rf[None, :] < F))
+    if PART != 2:
+        tl.store(DK + out * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=e_in[:, None] & (rd[None, :] < D))
+        tl.store(DV + out * D + rd[None, :], dv.to(DV.dtype.element_ty), mask=e_in[:, None] & (rd[None, :] < D))
+    if PART != 1:
+        tl.store(DPK + out * F + rf[None, :], dpk.to(DPK.dtype.element_ty), mask=e_in[:, None] & (rf[None, :] < F))
 
 
 # ---------------------------------------------------------------------------------------------------------
