@@ -79,7 +79,7 @@
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
 #                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk in two launches (split_dk), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
-#   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~230 s (two test ids, the 16K sweep at BV 128)
+#   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
 #   bash scripts/gpu_decode_calls.sh 38 SHA  # the 8B step with PDL in inductor's kernels, then the base and the step with
 #                                            # every GEMM through cuBLASLt (~450 s)
 #   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
@@ -659,12 +659,12 @@ PY
     grep -HE "^C=" "$out/tune-chunk-blocks-2k.log"
     ;;
   47)
-    # call 46 cut for a short budget (~230 s): two of its GPU test ids, then the 16K sweep of the default (BV 128)
-    # against fwd_blocks / bwd_dq on blocks of 64 and bwd_dk split, profiled
-    timeout 60 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "own_blocks and 128 and (splitdk or fwd64-dq64)" \
+    # call 46 cut for a short budget (~170 s): one of its GPU test ids, then the 16K sweep of the default (BV 128)
+    # against bwd_dk split, on blocks of 32 and with fwd_blocks / bwd_dq on blocks of 64, and all on blocks of 64, profiled
+    timeout 45 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "own_blocks and 128 and fwd64-dq64-splitdk" \
       2>&1 | tail -3 | tee "$out/tests-chunk.log"
-    timeout 160 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 \
-      --forms split+fold --blocks fwd64x8,dq64x8,splitdk,dk64x8+splitdk,fwd64x8+dq64x8+splitdk \
+    timeout 115 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 \
+      --forms split+fold --blocks splitdk,fwd64x8+dq64x8+splitdk \
       --out "$out/tune-chunk-blocks-16k.json" > "$out/tune-chunk-blocks-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-blocks-16k.log"
     ;;
