@@ -80,6 +80,7 @@
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
 #                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk in two launches (split_dk), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
+#   bash scripts/gpu_decode_calls.sh 48 SHA  # call 47 at its shortest (~80 s, no test): split_dk at 16K
 #   bash scripts/gpu_decode_calls.sh 38 SHA  # the 8B step with PDL in inductor's kernels, then the base and the step with
 #                                            # every GEMM through cuBLASLt (~450 s)
 #   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
@@ -668,7 +669,14 @@ PY
       --out "$out/tune-chunk-blocks-16k.json" > "$out/tune-chunk-blocks-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-blocks-16k.log"
     ;;
-  *) echo "call must be 1 to 47" >&2; exit 2 ;;
+  48)
+    # call 47 at its shortest (~80 s): no GPU test (tune_chunk checks each config's outputs and gradients against the
+    # default's first), the 16K default against bwd_dk split on blocks of 32, and all on blocks of 64 with and without it
+    timeout 80 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 --forms split+fold \
+      --blocks splitdk --out "$out/tune-chunk-splitdk-16k.json" > "$out/tune-chunk-splitdk-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-splitdk-16k.log"
+    ;;
+  *) echo "call must be 1 to 48" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
