@@ -14,10 +14,10 @@ queries does the rest) and the backward without its running-sum walks (``fold_ba
 split by block distance so that a block pair's window or linear part that holds no pair of positions is neither
 loaded nor computed (same outputs; fewer products, more loop code).
 
-``--blocks fwd64x8,dq64x8+dk32x4,dk64x8+splitdk`` also runs each split + fold config with some intra kernels on their
+``--blocks fwd64x8,dq64x8+dk32x4,dk64x8+split3`` also runs each split + fold config with some intra kernels on their
 own blocks (``LaunchConfig.C_fwd`` / ``C_dk``; ``dq`` sets ``C_intra``, bwd_dq's): blocks of 64 rows let Hopper's
 wgmma serve them, blocks of 32 issue mma.sync only. A kernel an item does not name keeps the config's blocks.
-``splitdk``: bwd_dk as two launches (``LaunchConfig.split_dk``).
+``split2`` / ``split3``: bwd_dk's gradients over two or three launches (``LaunchConfig.dk_launches``).
 
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
@@ -54,7 +54,7 @@ def label(cfg: LaunchConfig) -> str:
             + (" split" if cfg.split_forward else "") + (" fold" if cfg.fold_backward else "")
             + (" skip" if cfg.skip_empty else "")
             + (f" fwd={cfg.C_fwd}x{cfg.warps_fwd}" if cfg.C_fwd else "") + (f" dk={cfg.C_dk}x{cfg.warps_dk}" if cfg.C_dk else "")
-            + (" split_dk" if cfg.split_dk else ""))
+            + (f" dk_launches={cfg.dk_launches}" if cfg.dk_launches > 1 else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -118,23 +118,23 @@ def with_blocks(cfg: LaunchConfig, own: dict[str, tuple[int, int]]) -> LaunchCon
         return cfg
     fwd, dq, dk = (own.get(k, cfg.blocks(k)) for k in ("fwd", "dq", "dk"))
     return dataclasses.replace(cfg, C_intra=dq[0], warps_intra=dq[1], C_fwd=fwd[0], warps_fwd=fwd[1], C_dk=dk[0],
-                               warps_dk=dk[1], split_dk=own.get("split_dk", cfg.split_dk))
+                               warps_dk=dk[1], dk_launches=own.get("dk_launches", cfg.dk_launches))
 
 
 def parse_blocks(text: str) -> list[dict[str, tuple[int, int]]]:
-    """'fwd64x8,dq64x8+dk32x4+splitdk' -> [{'fwd': (64, 8)}, {'dq': (64, 8), 'dk': (32, 4), 'split_dk': True}]."""
+    """'fwd64x8,dq64x8+dk32x4+split2' -> [{'fwd': (64, 8)}, {'dq': (64, 8), 'dk': (32, 4), 'dk_launches': 2}]."""
     import re
 
     out = []
     for item in filter(None, text.split(",")):
         own = {}
         for part in item.split("+"):
-            if part == "splitdk":
-                own["split_dk"] = True
+            if part in ("split2", "split3"):
+                own["dk_launches"] = int(part[-1])
                 continue
             m = re.fullmatch(r"(fwd|dq|dk)(\d+)x(\d+)", part)
             if m is None:
-                raise SystemExit(f"--blocks: {part!r} is not fwd|dq|dk ROWSxWARPS (e.g. fwd64x8)")
+                raise SystemExit(f"--blocks: {part!r} is neither fwd|dq|dk ROWSxWARPS (e.g. fwd64x8) nor split2|split3")
             own[m[1]] = (int(m[2]), int(m[3]))
         out.append(own)
     return out

@@ -78,9 +78,9 @@
 #   bash scripts/gpu_decode_calls.sh 37 SHA  # the 8B base and step at the defaults, then with inductor's multi_kernel and with
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
-#                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk in two launches (split_dk), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
+#                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk over 2-3 launches (dk_launches), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
-#   bash scripts/gpu_decode_calls.sh 48 SHA  # call 47 at its shortest (~80 s, no test): split_dk at 16K
+#   bash scripts/gpu_decode_calls.sh 48 SHA  # call 47 at its shortest (~80 s, no test): dk_launches 3 at 16K
 #   bash scripts/gpu_decode_calls.sh 38 SHA  # the 8B step with PDL in inductor's kernels, then the base and the step with
 #                                            # every GEMM through cuBLASLt (~450 s)
 #   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
@@ -643,38 +643,38 @@ PY
     ;;
   46)
     # not decode: the intra kernels on their own blocks (thirty-first session, CPU only: LaunchConfig.C_fwd / C_dk),
-    # and bwd_dk in two launches (split_dk). On blocks of 32 fwd_blocks / bwd_dq / bwd_dk issue mma.sync only; on
+    # and bwd_dk's gradients over 2 or 3 launches (dk_launches). On blocks of 32 fwd_blocks / bwd_dq / bwd_dk issue mma.sync only; on
     # blocks of 64 at 8 warps they issue wgmma, and spill (sm_90, benchmark heads) fwd_blocks 8 B a thread at BV 64
-    # (120 at BV 128), bwd_dq 48 B, bwd_dk 416 B (split: 272 + 0 B; on blocks of 32 at 4 warps 254 + 168 registers,
-    # no spill, against 255 and 40 B). Their GPU tests, then each kernel's blocks at 16K against the training default
+    # (120 at BV 128), bwd_dq 48 B, bwd_dk 416 B (in 3 launches: 200 / 255 / 155 registers, no spill; on blocks of
+    # 32 at 4 warps 132 / 145 / 168, against 255 and 40 B). Their GPU tests, then each kernel's blocks at 16K against the training default
     # (profiled), and at 2K in a CUDA graph (~450 s at most)
     timeout 100 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "own_blocks" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
     timeout 260 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,64x64x8x2 --nseg 0 --intra 32x4 \
-      --forms split+fold --blocks fwd64x8,dq64x8,dk64x8,splitdk,dk64x8+splitdk,fwd64x8+dq64x8+splitdk \
+      --forms split+fold --blocks fwd64x8,dq64x8,split2,split3,dk64x8+split3,fwd64x8+dq64x8+dk64x8+split3 \
       --out "$out/tune-chunk-blocks-16k.json" \
       > "$out/tune-chunk-blocks-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-blocks-16k.log"
     timeout 80 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4 \
-      --forms split+fold --blocks fwd64x8,splitdk,fwd64x8+dq64x8+splitdk --out "$out/tune-chunk-blocks-2k.json" \
+      --forms split+fold --blocks split3,fwd64x8+dq64x8+dk64x8+split3 --out "$out/tune-chunk-blocks-2k.json" \
       > "$out/tune-chunk-blocks-2k.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-blocks-2k.log"
     ;;
   47)
     # call 46 cut for a short budget (~170 s): one of its GPU test ids, then the 16K sweep of the default (BV 128)
-    # against bwd_dk split, on blocks of 32 and with fwd_blocks / bwd_dq on blocks of 64, and all on blocks of 64, profiled
-    timeout 45 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "own_blocks and 128 and fwd64-dq64-splitdk" \
+    # against bwd_dk in 3 launches, on blocks of 32 and with every intra kernel on blocks of 64, and all on 64 one-launch, profiled
+    timeout 45 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "own_blocks and 128 and fwd64-dq64-dk-2" \
       2>&1 | tail -3 | tee "$out/tests-chunk.log"
     timeout 115 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 \
-      --forms split+fold --blocks splitdk,fwd64x8+dq64x8+splitdk \
+      --forms split+fold --blocks split3,fwd64x8+dq64x8+dk64x8+split3 \
       --out "$out/tune-chunk-blocks-16k.json" > "$out/tune-chunk-blocks-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-blocks-16k.log"
     ;;
   48)
     # call 47 at its shortest (~80 s): no GPU test (tune_chunk checks each config's outputs and gradients against the
-    # default's first), the 16K default against bwd_dk split on blocks of 32, and all on blocks of 64 with and without it
+    # default's first), the 16K default against bwd_dk in 3 launches on blocks of 32, and all on blocks of 64 with and without it
     timeout 80 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 --forms split+fold \
-      --blocks splitdk --out "$out/tune-chunk-splitdk-16k.json" > "$out/tune-chunk-splitdk-16k.log" 2>&1
-    grep -HE "^C=|first call" "$out/tune-chunk-splitdk-16k.log"
+      --blocks split3 --out "$out/tune-chunk-split3-16k.json" > "$out/tune-chunk-split3-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-split3-16k.log"
     ;;
   *) echo "call must be 1 to 48" >&2; exit 2 ;;
 esac

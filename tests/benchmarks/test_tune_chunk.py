@@ -88,14 +88,14 @@ def test_skip_pairs_every_config_with_its_skipping_twin():
 def test_blocks_flag_gives_each_split_fold_config_its_kernels_own_blocks_once():
     from benchmarks.tune_chunk import parse_blocks
 
-    own = parse_blocks("fwd64x8,dk32x4,dq64x8+splitdk")
-    assert own == [{"fwd": (64, 8)}, {"dk": (32, 4)}, {"dq": (64, 8), "split_dk": True}]
+    own = parse_blocks("fwd64x8,dk32x4,dq64x8+split2")
+    assert own == [{"fwd": (64, 8)}, {"dk": (32, 4)}, {"dq": (64, 8), "dk_launches": 2}]
     with pytest.raises(SystemExit, match="fwd\\|dq\\|dk ROWSxWARPS"):
         parse_blocks("fw64x8")
     base = default_config(128, 128, training=True)  # split + fold, every intra kernel on 32 x 4
     cands = candidates(base, "default", [0], intra=[(32, 4)], forms=["split+fold", "one-pass"], blocks=own)
-    launched = [(c.blocks("fwd"), c.blocks("dq"), c.blocks("dk"), c.split_dk, c.split_forward) for c in cands]
+    launched = [(c.blocks("fwd"), c.blocks("dq"), c.blocks("dk"), c.dk_launches, c.split_forward) for c in cands]
     assert len(set(launched)) == len(launched)  # 'dk32x4' on the 32 x 4 default is the default: listed once
-    assert ((64, 8), (32, 4), (32, 4), False, True) in launched
-    assert ((32, 4), (64, 8), (32, 4), True, True) in launched  # dq's blocks moved, fwd's and dk's kept
-    assert not any(c.C_fwd or c.C_dk or c.split_dk for c in cands if not c.split_forward)  # one-pass rows: none
+    assert ((64, 8), (32, 4), (32, 4), 1, True) in launched
+    assert ((32, 4), (64, 8), (32, 4), 2, True) in launched  # dq's blocks moved, fwd's and dk's kept
+    assert not any(c.C_fwd or c.C_dk or c.dk_launches > 1 for c in cands if not c.split_forward)  # one-pass rows: none

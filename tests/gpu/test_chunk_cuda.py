@@ -150,16 +150,16 @@ def test_skip_empty_blocks(training):
 
 
 _OWN_BLOCKS = [dict(C_fwd=64, warps_fwd=8), dict(C_intra=64, warps_intra=8, C_fwd=32, warps_fwd=4, C_dk=32, warps_dk=4),
-               dict(C_dk=64, warps_dk=8), dict(split_dk=True), dict(C_dk=64, warps_dk=8, split_dk=True),
-               dict(C_intra=64, warps_intra=8, C_fwd=64, warps_fwd=8, C_dk=32, warps_dk=4, split_dk=True)]
+               dict(C_dk=64, warps_dk=8), dict(dk_launches=2), dict(C_dk=64, warps_dk=8, dk_launches=3),
+               dict(C_intra=64, warps_intra=8, C_fwd=64, warps_fwd=8, C_dk=32, warps_dk=4, dk_launches=2)]
 
 
-@pytest.mark.parametrize("own", _OWN_BLOCKS, ids=["fwd64", "dq64", "dk64", "splitdk", "dk64-splitdk", "fwd64-dq64-splitdk"])
+@pytest.mark.parametrize("own", _OWN_BLOCKS, ids=["fwd64", "dq64", "dk64", "dk-2", "dk64-3", "fwd64-dq64-dk-2"])
 @pytest.mark.parametrize("BV", [64, 128])
 def test_own_blocks(own, BV):
     """The training default (split + fold + skip on blocks of 32) with some intra kernels on blocks of 64 at 8 warps
-    (``LaunchConfig.C_fwd`` / ``C_intra`` / ``C_dk``: wgmma on sm_90, spills) and bwd_dk in two launches
-    (``split_dk``): against the float64 reference in bf16
+    (``LaunchConfig.C_fwd`` / ``C_intra`` / ``C_dk``: wgmma on sm_90, spills) and bwd_dk's gradients over
+    two or three launches (``dk_launches``): against the float64 reference in bf16
     with padding, on the benchmark's heads and SmolLM2's, at W = 64 and 200."""
     import dataclasses
 

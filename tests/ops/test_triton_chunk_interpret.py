@@ -105,27 +105,29 @@ def test_fold_backward(case, C_intra):
 @pytest.mark.parametrize("case", [CASES[i] for i in (0, 2, 3, 6, 7)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)], ids=["fwd32-dk16", "fwd16-dk32"])
 @pytest.mark.parametrize("skip", [False, True], ids=["all-pairs", "skip"])
-@pytest.mark.parametrize("split_dk", [False, True], ids=["dk", "split-dk"])
-def test_each_intra_kernel_on_its_own_blocks(case, blocks, skip, split_dk):
+@pytest.mark.parametrize("dk_launches", [1, 2, 3], ids=["dk1", "dk2", "dk3"])
+def test_each_intra_kernel_on_its_own_blocks(case, blocks, skip, dk_launches):
     """``LaunchConfig(C_fwd=..., C_dk=...)``: the split forward's block kernel and bwd_dk on blocks other than
     bwd_dq's (C_intra 16, in chunks of 32), so bwd_dk reads bwd_dq's per-row max-path corrections across blocks of
-    another size; and bwd_dk as two launches (``split_dk``: dk and dv, then dphi_k): outputs, final states and
+    another size; and bwd_dk's gradients over two or three launches (``dk_launches``): outputs, final states and
     every gradient as the reference, with padding."""
     B, T = case[:2]
     C_fwd, C_dk = blocks
     _check(*case, C=32, nseg=2, C_intra=16, split_forward=True, fold_backward=True, skip_empty=skip, C_fwd=C_fwd,
-           warps_fwd=4, C_dk=C_dk, warps_dk=1, split_dk=split_dk, mask=left_pad_mask(B, T, [0, 3][:B]))
+           warps_fwd=4, C_dk=C_dk, warps_dk=1, dk_launches=dk_launches, mask=left_pad_mask(B, T, [0, 3][:B]))
 
 
 @inside
 @pytest.mark.parametrize("case", [CASES[i] for i in (1, 3, 5, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
 @pytest.mark.parametrize("fold", [False, True], ids=["walks", "fold"])
-def test_split_dk_without_skip_or_split_forward(case, fold):
-    """``split_dk`` with the one-pass forward, blocks of the chunk, value blocks narrower than D (the unfolded
+@pytest.mark.parametrize("dk_launches", [2, 3])
+def test_dk_launches_without_skip_or_split_forward(case, fold, dk_launches):
+    """``dk_launches`` 2 and 3 with the one-pass forward, blocks of the chunk, value blocks narrower than D (the unfolded
     backward's dv / dphi_k buffers in fp32, added to by the running-sum walks) and without ``skip_empty`` (the
-    dphi_k launch then visits every block pair and masks its window pairs): every gradient as the reference."""
+    launches then visit every block pair and mask the pairs their gradients do not take): every gradient as the
+    reference."""
     B, T = case[:2]
-    _check(*case, C=16, BV=16, nseg=2, fold_backward=fold, split_dk=True, mask=left_pad_mask(B, T, [0, 3][:B]))
+    _check(*case, C=16, BV=16, nseg=2, fold_backward=fold, dk_launches=dk_launches, mask=left_pad_mask(B, T, [0, 3][:B]))
 
 
 # Block pairs (of 16 rows) whose nearest positions are exactly at the window's edge: W = 31 puts a pair's one linear
@@ -225,7 +227,8 @@ def test_a_launch_config_travels_through_the_ops_ints():
                              fold_backward=True, skip_empty=True),
                 LaunchConfig(C=64, BV=64, num_warps=8, C_intra=32, warps_intra=4, C_fwd=64, warps_fwd=8, C_dk=16,
                              warps_dk=2, split_forward=True, fold_backward=True),
-                LaunchConfig(C=128, BV=128, num_warps=16, C_dk=128, warps_dk=16, split_dk=True)):
+                LaunchConfig(C=128, BV=128, num_warps=16, C_dk=128, warps_dk=16, dk_launches=3),
+                LaunchConfig(C=64, BV=64, num_warps=4, dk_launches=2, skip_empty=True)):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 
@@ -237,6 +240,8 @@ def test_intra_block_must_divide_the_chunk():
             LaunchConfig(C=64, BV=64, num_warps=4, C_intra=bad)
         with pytest.raises(ValueError, match="C_dk"):
             LaunchConfig(C=64, BV=64, num_warps=4, C_dk=bad)
+    with pytest.raises(ValueError, match="dk_launches"):
+        LaunchConfig(C=64, BV=64, num_warps=4, dk_launches=4)
     assert LaunchConfig(C=64, BV=64, num_warps=4, C_intra=32).C_intra == 32
 
 

@@ -69,10 +69,11 @@ class LaunchConfig:
     # forward's block products and ~1/5 of the backward's. default_config: on in training where C = 64 (H100: 16K
     # forward+backward -5.4%).
     skip_empty: bool = False
-    # bwd_dk as two launches with smaller live sets: dk and dv (window exponents, linear weights, the fold's
-    # phi_k dS), then dphi_k (dy . v^T recomputed on the linear pairs only, the fold's v dS^T + dz). Each holds two
-    # or one [C, D] fp32 accumulators instead of three, which is what spills bwd_dk on blocks of 64 (wgmma).
-    split_dk: bool = False
+    # bwd_dk's three gradients over 1, 2 or 3 launches with smaller live sets: 2 = dk and dv, then dphi_k; 3 = dk, dv,
+    # dphi_k apart. Each launch holds one or two [C, D] fp32 accumulators instead of three (what spills bwd_dk on
+    # blocks of 64, where wgmma serves it) and recomputes the terms it needs: dphi_k the linear pairs' dy . v^T, dv
+    # the window exponents (a q.k^T) that dk also forms.
+    dk_launches: int = 1
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -91,6 +92,8 @@ class LaunchConfig:
             ci = getattr(self, name)
             if ci is not None and (ci < 16 or ci & (ci - 1) or self.C % ci):
                 raise ValueError(f"LaunchConfig: {name}={ci} must be a power of two >= 16 that divides C={self.C}")
+        if self.dk_launches not in (1, 2, 3):
+            raise ValueError(f"LaunchConfig: dk_launches={self.dk_launches} must be 1, 2 or 3")
         if self.split_forward and self.one_acc:
             raise ValueError("LaunchConfig: one_acc is a form of the one-pass forward; pass it or split_forward")
 
@@ -367,11 +370,11 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     def dk_kernel(dv_b, dpk, cds, cdz):
         Ck, wk = cfg.blocks("dk")
         nk = math.ceil(T / Ck)
-        for part in (1, 2) if cfg.split_dk else (0,):
+        for grads in {1: (7,), 2: (3, 4), 3: (1, 2, 4)}[cfg.dk_launches]:
             _launch(K.bwd_dk_kernel, (nk, B * Hf),
                 q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, cds, cdz,
                 *strides_in, B, T, H, Hf, Gk, nk, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ck, GQ=GQ,
-                HAS_MASK=has_mask, PREC=prec, FOLD=fold, SKIP=cfg.skip_empty, PART=part, **dict(kw, num_warps=wk),
+                HAS_MASK=has_mask, PREC=prec, FOLD=fold, SKIP=cfg.skip_empty, GRADS=grads, **dict(kw, num_warps=wk),
             )
 
     atomic = NV > 1 and not fold
@@ -452,15 +455,16 @@ def _cfg(launch) -> LaunchConfig:
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, nseg=None if nseg < 0 else nseg,
                         one_acc=bool(flags & 1), split_forward=bool(flags & 2), fold_backward=bool(flags & 4),
                         C_intra=C_intra or None, warps_intra=warps_intra or None, skip_empty=bool(flags & 8),
-                        C_fwd=own[0], warps_fwd=own[1], C_dk=own[2], warps_dk=own[3], split_dk=bool(flags & 16))
+                        C_fwd=own[0], warps_fwd=own[1], C_dk=own[2], warps_dk=own[3],
+                        dk_launches=1 + (flags >> 4 & 3))
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
-    2: split_forward, 4: fold_backward, 8: skip_empty, 16: split_dk), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
+    2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
     warps_fwd, C_dk, warps_dk a byte each, low byte first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
-             | 16 * int(cfg.split_dk))
+             | 16 * (cfg.dk_launches - 1))
     blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk), (0, 8, 16, 24)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
             cfg.C_intra or 0, cfg.warps_intra or 0, blocks)

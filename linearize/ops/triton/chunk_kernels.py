@@ -511,39 +511,42 @@ def _bwd_dq_steps(j_lo, j_hi, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK
 def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, b, h, H, T, e, k_ok, W, scale,
                   sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rd, rf, rc, D, F, gam, dk, dv, dpk,
                   C: tl.constexpr, PREC: tl.constexpr, DO_WIN: tl.constexpr, DO_LIN: tl.constexpr,
-                  PART: tl.constexpr = 0):
+                  GRADS: tl.constexpr = 7):
     """bwd_dk's steps over query blocks i_lo <= i < i_hi of query head h: (dk, dv, dphi_k); DO_WIN / DO_LIN as in
-    ``_fwd_window_steps`` (the max path's key, arg, is a window key: it enters with the window part). PART 1: dk
-    and dv only (dphi_k passes through); PART 2: dphi_k only (dk, dv pass through): its linear pairs' da = dw,
-    with no window exponent and no v weight formed."""
+    ``_fwd_window_steps`` (the max path's key, arg, is a window key: it enters with the window part). GRADS: the
+    gradients formed (1 dk, 2 dv, 4 dphi_k; the others pass through), and only the terms they take: dk the window
+    pairs' ds (exponent and dw), dv the pairs' weights (exponent and phi_q . phi_k), dphi_k the linear pairs' dw."""
+    G_K: tl.constexpr = GRADS % 2 == 1
+    G_V: tl.constexpr = GRADS // 2 % 2 == 1
+    G_P: tl.constexpr = GRADS // 4 % 2 == 1
     for i in range(i_lo, i_hi):
         t = i * C + rc
         t_ok = t < T
         row = (b * H + h) * T + t
-        if DO_WIN and PART != 2:
+        if DO_WIN and (G_K or G_V):
             q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
-        if DO_LIN:
+            mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
+        if DO_LIN and (G_V or G_P):
             pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
         dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
-        if DO_WIN and PART != 2:
-            mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
         den = tl.load(DEN + row, mask=t_ok, other=0.0)
-        if (DO_WIN and PART != 2) or (DO_LIN and PART != 1):
+        if (DO_WIN and G_K) or (DO_LIN and G_P):
             delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
-        if DO_WIN and PART != 2:
+        if DO_WIN and G_K:
             arg = tl.load(ARG + row, mask=t_ok, other=-1)
             corr = tl.load(CORR + row, mask=t_ok, other=0.0)
         inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
         win, lin = _window_and_linear(t, e, k_ok, W)
-        if DO_WIN and PART != 2:
+        if DO_WIN and (G_K or G_V):
             ex = _bwd_window_exp(q, k, win, mrow, scale, PREC)
-        if (DO_WIN and PART != 2) or (DO_LIN and PART != 1):
+        if (DO_WIN and G_K) or (DO_LIN and G_P):
             dw = _bwd_dw(dy, vv, delta, inv, PREC)
-        if DO_WIN and PART != 2:
+        if DO_WIN and G_K:
             ds = gam * ex * dw + tl.where(arg[:, None] == e[None, :], corr[:, None], 0.0)
-        if DO_LIN and PART != 2:
-            a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
-        if PART != 2:
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
+        if G_V:
+            if DO_LIN:
+                a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
             if DO_WIN and DO_LIN:
                 wv = (gam * ex + a) * inv[:, None]
             elif DO_WIN:
@@ -551,9 +554,7 @@ def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, 
             else:
                 wv = a * inv[:, None]
             dv += tl.dot(tl.trans(wv.to(dy.dtype)), dy, input_precision=PREC)
-        if DO_WIN and PART != 2:
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
-        if DO_LIN and PART != 1:
+        if DO_LIN and G_P:
             da = tl.where(lin, dw, 0.0)
             dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, input_precision=PREC)
     return dk, dv, dpk
@@ -634,15 +635,15 @@ def bwd_dk_kernel(
     B, T, H, Hf, Gk, n_chunks, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
     GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False,
-    SKIP: tl.constexpr = False, PART: tl.constexpr = 0,
+    SKIP: tl.constexpr = False, GRADS: tl.constexpr = 7,
 ):
     """dk (complete), dv and dphi_k (intra parts) of a block j of C keys for feature head hf, summed over its GQ
     query heads: the queries of the state kernels' chunk (Cs) that holds it and of the nwin chunks after.
     Written laid out [B, T, Hf, X], dv and dphi_k to fp32 buffers unless FOLD: then they also take the later
     queries' part, phi_k dS and v dS^T + dz from the chunk's gradient sums CDS / CDZ
     (bwd_chunk_dstates_kernel's), are complete, are written in DV's / DPK's dtype, and bwd_dk_state_kernel does
-    not run. PART 1: dk and dv only; PART 2: dphi_k only (``LaunchConfig.split_dk``: two launches, each with a
-    smaller live set, the second recomputing dy . v^T on its linear pairs)."""
+    not run. GRADS: the gradients this launch forms and writes (1 dk, 2 dv, 4 dphi_k): ``LaunchConfig.dk_launches``
+    splits them over launches with smaller live sets, each recomputing the terms it needs."""
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hf
@@ -654,12 +655,21 @@ def bwd_dk_kernel(
     e = j * C + rc
     k_ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
     e_in = e < T
-    vv = _load_rows(V + b * sV_b + hk * sV_h, e, e_in, sV_t, rd, D)
-    if PART != 2:
+    G_K: tl.constexpr = GRADS % 2 == 1
+    G_V: tl.constexpr = GRADS // 2 % 2 == 1
+    G_P: tl.constexpr = GRADS // 4 % 2 == 1
+    # (tiles a launch does not read stand in as another it loads; never read as what they stand for)
+    if G_K or G_P:
+        vv = _load_rows(V + b * sV_b + hk * sV_h, e, e_in, sV_t, rd, D)
+    if G_K or G_V:
         k = _load_rows(K + b * sK_b + hk * sK_h, e, e_in, sK_t, rd, D)
+    if G_V:
         pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, e_in, sPK_t, rf, F)
-    else:  # (never read)
+    if not (G_K or G_P):
+        vv = k
+    if not (G_K or G_V):
         k = vv
+    if not G_V:
         pk = vv
     dk = tl.zeros([C, BD], dtype=tl.float32)
     dv = tl.zeros([C, BD], dtype=tl.float32)
@@ -670,29 +680,32 @@ def bwd_dk_kernel(
         i_hi = tl.minimum((j * C // Cs + nwin + 1) * (Cs // C), n_chunks)
         args = (k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, b, h, H, T, e, k_ok, W, scale, sQ_b, sQ_t, sQ_h,
                 sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rd, rf, rc, D, F, gam)
-        if SKIP and PART == 2:  # (only the blocks with linear pairs)
-            i_both, _ = _query_regions(j, i_hi, W, C)
-            dk, dv, dpk = _bwd_dk_steps(i_both, i_hi, *args, dk, dv, dpk, C, PREC, False, True, 2)
-        elif SKIP:  # (as _fwd_window, in the key block's order: the near query blocks first)
+        if SKIP:  # (as _fwd_window, in the key block's order: the near query blocks first)
             i_both, i_far = _query_regions(j, i_hi, W, C)
-            dk, dv, dpk = _bwd_dk_steps(j, i_both, *args, dk, dv, dpk, C, PREC, True, False, PART)
-            dk, dv, dpk = _bwd_dk_steps(i_both, i_far, *args, dk, dv, dpk, C, PREC, True, True, PART)
-            dk, dv, dpk = _bwd_dk_steps(i_far, i_hi, *args, dk, dv, dpk, C, PREC, False, True, PART)
+            if G_V or (G_K and G_P):
+                dk, dv, dpk = _bwd_dk_steps(j, i_both, *args, dk, dv, dpk, C, PREC, True, False, GRADS)
+                dk, dv, dpk = _bwd_dk_steps(i_both, i_far, *args, dk, dv, dpk, C, PREC, True, True, GRADS)
+                dk, dv, dpk = _bwd_dk_steps(i_far, i_hi, *args, dk, dv, dpk, C, PREC, False, True, GRADS)
+            elif G_K:  # (dk alone: the blocks with window pairs, in one loop)
+                dk, dv, dpk = _bwd_dk_steps(j, i_far, *args, dk, dv, dpk, C, PREC, True, False, GRADS)
+            else:  # (dphi_k alone: the blocks with linear pairs)
+                dk, dv, dpk = _bwd_dk_steps(i_both, i_hi, *args, dk, dv, dpk, C, PREC, False, True, GRADS)
         else:
-            dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True, PART)
+            dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True, GRADS)
     if FOLD:
         dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
-        dS = dS.to(vv.dtype)
-        if PART != 2:
+        dS = dS.to(k.dtype)
+        if G_V:
             dv += tl.where(k_ok[:, None], tl.dot(pk, dS, input_precision=PREC), 0.0)
-        if PART != 1:
+        if G_P:
             dpk += tl.where(k_ok[:, None], tl.dot(vv, tl.trans(dS), input_precision=PREC) + dz[None, :], 0.0)
     out = (b * T + e[:, None]) * Hf + hf
-    if PART != 2:
+    if G_K:
         tl.store(DK + out * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=e_in[:, None] & (rd[None, :] < D))
+    if G_V:
         tl.store(DV + out * D + rd[None, :], dv.to(DV.dtype.element_ty), mask=e_in[:, None] & (rd[None, :] < D))
-    if PART != 1:
+    if G_P:
         tl.store(DPK + out * F + rf[None, :], dpk.to(DPK.dtype.element_ty), mask=e_in[:, None] & (rf[None, :] < F))
 
 
