@@ -645,8 +645,8 @@ PY
     # not decode: the intra kernels on their own blocks (thirty-first session, CPU only: LaunchConfig.C_fwd / C_dk),
     # and bwd_dk's gradients over 2 or 3 launches (dk_launches). On blocks of 32 fwd_blocks / bwd_dq / bwd_dk issue mma.sync only; on
     # blocks of 64 at 8 warps they issue wgmma, and spill (sm_90, benchmark heads) fwd_blocks 8 B a thread at BV 64
-    # (120 at BV 128), bwd_dq 48 B, bwd_dk 416 B (in 3 launches: 200 / 255 / 155 registers, no spill; on blocks of
-    # 32 at 4 warps 132 / 145 / 168, against 255 and 40 B). Their GPU tests, then each kernel's blocks at 16K against the training default
+    # (120 at BV 128), bwd_dq 48 B, bwd_dk 416 B (in 3 launches: 203 / 255 / 155 registers, 0 / 16 / 0 B; on blocks
+    # of 32 at 4 warps 128 / 144 / 168, no spill, against 255 and 40 B). Their GPU tests, then each kernel's blocks at 16K against the training default
     # (profiled), and at 2K in a CUDA graph (~450 s at most)
     timeout 100 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "own_blocks" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
     timeout 260 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,64x64x8x2 --nseg 0 --intra 32x4 \

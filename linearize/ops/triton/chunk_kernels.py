@@ -525,10 +525,11 @@ def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, 
         row = (b * H + h) * T + t
         if DO_WIN and (G_K or G_V):
             q = _load_rows(Q + b * sQ_b + h * sQ_h, t, t_ok, sQ_t, rd, D)
-            mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
         if DO_LIN and (G_V or G_P):
             pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F)
         dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
+        if DO_WIN and (G_K or G_V):
+            mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
         den = tl.load(DEN + row, mask=t_ok, other=0.0)
         if (DO_WIN and G_K) or (DO_LIN and G_P):
             delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
@@ -543,7 +544,6 @@ def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, 
             dw = _bwd_dw(dy, vv, delta, inv, PREC)
         if DO_WIN and G_K:
             ds = gam * ex * dw + tl.where(arg[:, None] == e[None, :], corr[:, None], 0.0)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         if G_V:
             if DO_LIN:
                 a = tl.where(lin, tl.dot(pq, tl.trans(pk), input_precision=PREC), 0.0)
@@ -554,6 +554,8 @@ def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, 
             else:
                 wv = a * inv[:, None]
             dv += tl.dot(tl.trans(wv.to(dy.dtype)), dy, input_precision=PREC)
+        if DO_WIN and G_K:  # (after dv and loads in the old order: the one-launch kernel's sm_90 code stays as it was)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)
         if DO_LIN and G_P:
             da = tl.where(lin, dw, 0.0)
             dpk += tl.dot(tl.trans(da.to(pq.dtype)), pq, input_precision=PREC)
@@ -659,10 +661,10 @@ def bwd_dk_kernel(
     G_V: tl.constexpr = GRADS // 2 % 2 == 1
     G_P: tl.constexpr = GRADS // 4 % 2 == 1
     # (tiles a launch does not read stand in as another it loads; never read as what they stand for)
-    if G_K or G_P:
-        vv = _load_rows(V + b * sV_b + hk * sV_h, e, e_in, sV_t, rd, D)
     if G_K or G_V:
         k = _load_rows(K + b * sK_b + hk * sK_h, e, e_in, sK_t, rd, D)
+    if G_K or G_P:
+        vv = _load_rows(V + b * sV_b + hk * sV_h, e, e_in, sV_t, rd, D)
     if G_V:
         pk = _load_rows(PK + b * sPK_b + hf * sPK_h, e, e_in, sPK_t, rf, F)
     if not (G_K or G_P):
