@@ -102,9 +102,9 @@ def test_fold_backward(case, C_intra):
 
 
 @inside
-@pytest.mark.parametrize("case", [CASES[i] for i in (0, 2, 3, 6, 7)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 2, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)], ids=["fwd32-dk16", "fwd16-dk32"])
-@pytest.mark.parametrize("skip", [False, True], ids=["all-pairs", "skip"])
+@pytest.mark.parametrize("skip", [True], ids=["skip"])  # (without: test_dk_launches_without_skip_or_split_forward)
 @pytest.mark.parametrize("dk_launches", [1, 2, 3], ids=["dk1", "dk2", "dk3"])
 def test_each_intra_kernel_on_its_own_blocks(case, blocks, skip, dk_launches):
     """``LaunchConfig(C_fwd=..., C_dk=...)``: the split forward's block kernel and bwd_dk on blocks other than
@@ -118,7 +118,7 @@ def test_each_intra_kernel_on_its_own_blocks(case, blocks, skip, dk_launches):
 
 
 @inside
-@pytest.mark.parametrize("case", [CASES[i] for i in (1, 3, 5, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("case", [CASES[i] for i in (3, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
 @pytest.mark.parametrize("fold", [False, True], ids=["walks", "fold"])
 @pytest.mark.parametrize("dk_launches", [2, 3])
 def test_dk_launches_without_skip_or_split_forward(case, fold, dk_launches):
