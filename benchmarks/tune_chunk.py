@@ -174,7 +174,8 @@ def main() -> None:
     ap.add_argument("--skip", action="store_true",
                     help="also each config with skip_empty (block pairs' empty window / linear parts not computed)")
     ap.add_argument("--blocks", default="",
-                    help="comma list of '+'-joined fwd|dq|dk ROWSxWARPS: also each split + fold config with those kernels on those blocks")
+                    help="comma list of '+'-joined items, fwd|dq|dk ROWSxWARPS (a kernel's blocks) or split2|split3 (bwd_dk's "
+                         "gradients over 2 or 3 launches): also each split + fold config with those options")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")

@@ -242,6 +242,8 @@ def test_intra_block_must_divide_the_chunk():
             LaunchConfig(C=64, BV=64, num_warps=4, C_dk=bad)
     with pytest.raises(ValueError, match="dk_launches"):
         LaunchConfig(C=64, BV=64, num_warps=4, dk_launches=4)
+    with pytest.raises(ValueError, match="C_dk=256 must be at most 128"):  # (a byte in the ops' ints)
+        LaunchConfig(C=256, BV=64, num_warps=4, C_dk=256)
     assert LaunchConfig(C=64, BV=64, num_warps=4, C_intra=32).C_intra == 32
 
 

@@ -92,6 +92,9 @@ class LaunchConfig:
             ci = getattr(self, name)
             if ci is not None and (ci < 16 or ci & (ci - 1) or self.C % ci):
                 raise ValueError(f"LaunchConfig: {name}={ci} must be a power of two >= 16 that divides C={self.C}")
+        for name in ("C_fwd", "warps_fwd", "C_dk", "warps_dk"):  # (the custom ops carry them a byte each)
+            if (getattr(self, name) or 0) > 128:
+                raise ValueError(f"LaunchConfig: {name}={getattr(self, name)} must be at most 128")
         if self.dk_launches not in (1, 2, 3):
             raise ValueError(f"LaunchConfig: dk_launches={self.dk_launches} must be 1, 2 or 3")
         if self.split_forward and self.one_acc:

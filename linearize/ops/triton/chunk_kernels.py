@@ -511,14 +511,12 @@ def _bwd_dq_steps(j_lo, j_hi, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK
 def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, b, h, H, T, e, k_ok, W, scale,
                   sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rd, rf, rc, D, F, gam, dk, dv, dpk,
                   C: tl.constexpr, PREC: tl.constexpr, DO_WIN: tl.constexpr, DO_LIN: tl.constexpr,
-                  GRADS: tl.constexpr = 7):
+                  G_K: tl.constexpr, G_V: tl.constexpr, G_P: tl.constexpr):
     """bwd_dk's steps over query blocks i_lo <= i < i_hi of query head h: (dk, dv, dphi_k); DO_WIN / DO_LIN as in
-    ``_fwd_window_steps`` (the max path's key, arg, is a window key: it enters with the window part). GRADS: the
-    gradients formed (1 dk, 2 dv, 4 dphi_k; the others pass through), and only the terms they take: dk the window
-    pairs' ds (exponent and dw), dv the pairs' weights (exponent and phi_q . phi_k), dphi_k the linear pairs' dw."""
-    G_K: tl.constexpr = GRADS % 2 == 1
-    G_V: tl.constexpr = GRADS // 2 % 2 == 1
-    G_P: tl.constexpr = GRADS // 4 % 2 == 1
+    ``_fwd_window_steps`` (the max path's key, arg, is a window key: it enters with the window part). G_K / G_V /
+    G_P: the gradients formed (dk, dv, dphi_k: the kernel's GRADS; the others pass through), and only the terms they
+    take: dk the window pairs' ds (exponent and dw), dv the pairs' weights (exponent and phi_q . phi_k), dphi_k the
+    linear pairs' dw."""
     for i in range(i_lo, i_hi):
         t = i * C + rc
         t_ok = t < T
@@ -685,15 +683,15 @@ def bwd_dk_kernel(
         if SKIP:  # (as _fwd_window, in the key block's order: the near query blocks first)
             i_both, i_far = _query_regions(j, i_hi, W, C)
             if G_V or (G_K and G_P):
-                dk, dv, dpk = _bwd_dk_steps(j, i_both, *args, dk, dv, dpk, C, PREC, True, False, GRADS)
-                dk, dv, dpk = _bwd_dk_steps(i_both, i_far, *args, dk, dv, dpk, C, PREC, True, True, GRADS)
-                dk, dv, dpk = _bwd_dk_steps(i_far, i_hi, *args, dk, dv, dpk, C, PREC, False, True, GRADS)
+                dk, dv, dpk = _bwd_dk_steps(j, i_both, *args, dk, dv, dpk, C, PREC, True, False, G_K, G_V, G_P)
+                dk, dv, dpk = _bwd_dk_steps(i_both, i_far, *args, dk, dv, dpk, C, PREC, True, True, G_K, G_V, G_P)
+                dk, dv, dpk = _bwd_dk_steps(i_far, i_hi, *args, dk, dv, dpk, C, PREC, False, True, G_K, G_V, G_P)
             elif G_K:  # (dk alone: the blocks with window pairs, in one loop)
-                dk, dv, dpk = _bwd_dk_steps(j, i_far, *args, dk, dv, dpk, C, PREC, True, False, GRADS)
+                dk, dv, dpk = _bwd_dk_steps(j, i_far, *args, dk, dv, dpk, C, PREC, True, False, G_K, G_V, G_P)
             else:  # (dphi_k alone: the blocks with linear pairs)
-                dk, dv, dpk = _bwd_dk_steps(i_both, i_hi, *args, dk, dv, dpk, C, PREC, False, True, GRADS)
+                dk, dv, dpk = _bwd_dk_steps(i_both, i_hi, *args, dk, dv, dpk, C, PREC, False, True, G_K, G_V, G_P)
         else:
-            dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True, GRADS)
+            dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True, G_K, G_V, G_P)
     if FOLD:
         dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
         dS = dS.to(k.dtype)
