@@ -113,8 +113,8 @@ def configs(s: Shape, quick: bool):
     several = s.Hf < s.H
     hd0 = default_heads_dot(fc0, several)
     w0 = default_num_warps(_pow2(s.F), bd0, fc0, hd0)
-    bw0 = default_block_w(ring_slots(s.window), s.D, hd0)
-    out = [(bd0, w0, bw0, fc0, default_prefetch(fc0, bd0), hd0)]
+    bw0 = default_block_w(ring_slots(s.window), s.D, hd0, fc0)
+    out = [(bd0, w0, bw0, fc0, default_prefetch(fc0, bd0, w0), hd0)]
     if quick:
         bds, ws, bws = [16, 32, _pow2(s.D)], [2, 4, 8], [bw0]
         if bd0 // 2 >= 16:

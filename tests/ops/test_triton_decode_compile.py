@@ -37,7 +37,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=Fals
     DP, FP = _pow2(D), _pow2(F)
     BD = default_block_d(B, Hf, D)
     const = dict(
-        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=max(default_block_w(W, D, heads_dot), 16 if heads_dot else 1),
+        D=D, F=F, DP=DP, FP=FP, BD=BD, ND=-(-D // BD), BW=max(default_block_w(W, D, heads_dot, fc), 16 if heads_dot else 1),
         QH=QH, GK=GK, WINDOW=min(window, 2), W=W, R=W + P - 1 if W else 0, HAS_VALID=has_valid, FC=fc,
         PREFETCH=prefetch, QHP=max(_pow2(QH), 16 if heads_dot else 1), HEADS_DOT=heads_dot,
         PREC="ieee" if dt == "fp32" else "tf32", P=P, PW=max(_pow2(P - 1), 16) if heads_dot else min(_pow2(P - 1), 4),
@@ -66,7 +66,7 @@ def compile_sm90(dt, D, F, Hf, B, QH, GK, window, has_valid, fc=0, prefetch=Fals
         ("bf16", 64, 128, 9, 1, 3, 64, True, 32),  # SmolLM2
         ("bf16", 256, 128, 4, 1, 4, 64, False, 16),  # Gemma 3
         ("fp32", 256, 256, 4, 1, 4, 1, True, 64),  # the largest dims in fp32
-        ("bf16", 64, 128, 9, 1, 3, 64, False, 64),  # SmolLM2's default launch since 2026-12-04 (2 warps)
+        ("bf16", 64, 128, 9, 1, 3, 64, False, 64),  # SmolLM2's default launch (2 warps from 2026-12-04, 1 from 12-07)
         ("bf16", 128, 128, 16, 1, 1, 64, False, 64),  # the benchmark shape's default launch
     ],
 )
@@ -222,7 +222,7 @@ def test_default_chunk_rows_follows_the_measured_shapes():
     from linearize.ops.triton.decode import default_block_d, default_chunk_rows, default_num_warps
 
     smol = default_chunk_rows(128, 64, default_block_d(64, 9, 64), True)
-    assert smol == 64 and default_num_warps(128, 64, smol) == 2
+    assert smol == 64 and default_num_warps(128, 64, smol) == 1  # test_64_column_heads_default_fits_one_wave
     issue5 = default_chunk_rows(128, 128, default_block_d(64, 16, 128), True)
     assert issue5 == 16 and default_num_warps(128, 128, issue5) == 1  # one wave: test_issue5_default_fits_one_wave
     assert default_num_warps(128, 128, 16, heads_dot=True) == 2  # dot rows at 1 warp: never timed
@@ -235,14 +235,15 @@ def test_default_chunk_rows_follows_the_measured_shapes():
 
 
 def test_default_prefetch_where_the_h100_measured_it_faster(monkeypatch):
-    """Chunks loaded one step ahead for 64-column value blocks streamed in row chunks (Qwen2.5's and SmolLM2's
-    heads); not for 128-column blocks (slower there) nor where S is held whole (no chunks to load ahead).
+    """Chunks loaded one step ahead for 64-column value blocks streamed in row chunks at 2 warps or more; not at 1
+    warp (those heads' default: it spills there), not for 128-column blocks (slower there) nor where S is held whole (no chunks to load ahead).
     ``LINEARIZE_DECODE_PREFETCH`` 0 / 1 overrides the table, for timing whole steps either way."""
     from linearize.ops.triton import decode
 
     monkeypatch.setattr(decode, "_PREFETCH_ENV", None)
     assert decode.default_prefetch(64, 64) and not decode.default_prefetch(64, 128)
     assert not decode.default_prefetch(0, 64)
+    assert not decode.default_prefetch(64, 64, num_warps=1)  # (spills at 1 warp: the 64-column heads' default)
     monkeypatch.setattr(decode, "_PREFETCH_ENV", "0")
     assert not decode.default_prefetch(64, 64)
     monkeypatch.setattr(decode, "_PREFETCH_ENV", "1")
@@ -295,3 +296,24 @@ def test_issue5_default_fits_one_wave():
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     regs, warps = use["REG"], default_num_warps(128, 128, fc)
     assert warps == 1 and 65536 // (regs * 32 * warps) * 132 >= 64 * 16, f"{regs} registers at {warps} warps: two waves"
+
+
+@pytest.mark.parametrize("model,H", [("smollm2", 9), ("qwen2.5", 14)])
+def test_64_column_heads_default_fits_one_wave(model, H):
+    """The default launch at SmolLM2's and Qwen2.5's heads (B 64, D 64, F 128 per query head: 64-row chunks of S,
+    1 warp, 32-slot window blocks, no prefetch) must not spill on sm_90 (255 registers a thread: at the edge) and
+    must run in one wave on an H100's 132 SMs. Prefetch at 1 warp spilled 368 B a thread and was 16-19% slower
+    (H100, 2026-12-07); the former 2-warp default ran Qwen2.5's 896 programs in 1.7 waves."""
+    from linearize.ops.ring import default_fold
+    from linearize.ops.triton.decode import (default_block_d, default_block_w, default_chunk_rows, default_num_warps,
+                                             default_prefetch)
+
+    fold = default_fold(64, "cuda", D=64, F=128)
+    bd = default_block_d(64, H, 64)
+    fc = default_chunk_rows(128, 64, bd, True)
+    warps = default_num_warps(128, bd, fc)
+    assert (bd, fc, warps, default_block_w(64, 64, False, fc)) == (64, 64, 1, 32)
+    assert not default_prefetch(fc, bd, warps)
+    use = resource_usage(compile_sm90("bf16", 64, 128, H, 64, 1, 1, 64, False, fc=fc, fold=fold))
+    assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
+    assert 65536 // (use["REG"] * 32 * warps) * 132 >= 64 * H, f"{use['REG']} registers at {warps} warps: two waves"

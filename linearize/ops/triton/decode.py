@@ -484,16 +484,19 @@ def default_block_d(B: int, Hf: int, D: int) -> int:
     return min(_pow2(D), 128)
 
 
-def default_block_w(W: int, D: int, heads_dot: bool = False) -> int:
+def default_block_w(W: int, D: int, heads_dot: bool = False, FC: int = 0) -> int:
     """Window block: ring slots loaded per iteration of the window loop, a [BW, D] key tile of at most 4096
     elements (16 to the ring's slots). 16 with ``heads_dot`` (the dots' smallest side): Llama-3.1-8B's heads with
     key maps per KV head (D = F = 128, fold 8, FC 64, 2 warps) took 36.3 us at BW 16 against 39.3 at BW 32, and
     36.6 against 39.4 on a second H100 (``benchmarks/tune_decode.py``, 2026-12-06; sm_90: 8 spill bytes a thread
-    instead of 32, 35 KB of shared memory instead of 51). Where the heads are not dot rows (the issue-5 heads), 32:
-    at their 1-warp, 16-row-chunk default 45.0 us against 47.3 at BW 16 (H100, 2026-12-06; ``default_num_warps``)."""
+    instead of 32, 35 KB of shared memory instead of 51). With S in row chunks (``FC``) at most 32, the 1-warp
+    launches' block (``default_num_warps``): the issue-5 heads (16-row chunks) 45.0 us against 47.3 at BW 16 (H100,
+    2026-12-06); SmolLM2's and Qwen2.5's heads (D 64, FC 64) 21.6 and 29.0 us against 22.0 and 29.7 at BW 64 (H100,
+    2026-12-07, fold 1, ``benchmarks/results/tune-decode-nvidia-h100-80gb-hbm3-20261207-030825``)."""
     if heads_dot:
         return max(1, min(_pow2(W), 16))
-    return max(1, min(_pow2(W), max(4096 // _pow2(D), 16)))
+    cap = 32 if FC else max(4096 // _pow2(D), 16)
+    return max(1, min(_pow2(W), cap))
 
 
 def default_chunk_rows(F: int, D: int, BD: int, per_query_features: bool) -> int:
@@ -523,15 +526,17 @@ def default_chunk_rows(F: int, D: int, BD: int, per_query_features: bool) -> int
 _PREFETCH_ENV = os.environ.get("LINEARIZE_DECODE_PREFETCH")
 
 
-def default_prefetch(FC: int, BD: int = 64) -> bool:
+def default_prefetch(FC: int, BD: int = 64, num_warps: int = 2) -> bool:
     """Each S chunk's load issued one step ahead (``_decode_kernel``'s PREFETCH) where S streams in row chunks
-    (``FC``) and the value block is at most 64 columns. H100, ``benchmarks/tune_decode.py`` (2026-12-05, B 64):
-    Qwen2.5's heads (D 64, F 128; SmolLM2's are the same) 35.3 -> 30.7 us, its whole compiled step 2.021 -> 1.947 ms;
-    at the issue-5 shape (BD = D = F = 128) it was slower (FC 64: 69.1 -> 83.2 us), so 128-column blocks keep the
-    plain loop."""
+    (``FC``), the value block is at most 64 columns and the launch has 2 or more warps. H100,
+    ``benchmarks/tune_decode.py`` (2026-12-05, B 64, 2 warps): Qwen2.5's heads (D 64, F 128) 35.3 -> 30.7 us, its
+    whole compiled step 2.021 -> 1.947 ms (2026-12-07: 35.5 -> 30.2 us again, but SmolLM2's 22.6 -> 25.2). At 1 warp,
+    these heads' default since 2026-12-07, it was slower at both (FC 64, BW 32: SmolLM2 21.6 -> 25.1 us, Qwen2.5
+    29.0 -> 34.5). At the issue-5 shape (BD = D = F = 128) it was slower too (FC 64: 69.1 -> 83.2 us), so 128-column
+    blocks keep the plain loop."""
     if _PREFETCH_ENV in ("0", "1"):
         return bool(FC) and _PREFETCH_ENV == "1"
-    return bool(FC) and BD <= 64
+    return bool(FC) and BD <= 64 and num_warps >= 2
 
 
 #: ``LINEARIZE_DECODE_HEADS_DOT=1`` / ``0`` (read at import) forces ``default_heads_dot`` on / off where it applies,
@@ -549,13 +554,16 @@ def default_heads_dot(FC: int, several_query_heads: bool) -> bool:
 
 
 def default_num_warps(FP: int, BD: int, FC: int = 0, heads_dot: bool = False) -> int:
-    """2 warps with S streamed in row chunks (``FC``; the smaller live slice needs fewer threads: 4 warps were
-    7-14% slower, 8 warps 40-50%); 1 warp for 16-row chunks of 128-column heads (the issue-5 heads' default,
-    ``default_chunk_rows``: 45.0 us against 50.0 at 2 warps), but not where the heads are dot rows (never timed
-    so). Holding S whole: 4 warps (fastest at every measured shape: 8 was 20-40% slower), 8 once the S slice
-    passes 128 fp32 registers a thread at 4 (F x BD > 16384: head dim 256 with 256 features), which would spill."""
+    """With S streamed in row chunks (``FC``; the smaller live slice needs fewer threads: 4 warps were 7-14% slower
+    than 2, 8 warps 40-50%): 1 warp for 16-row chunks of 128-column heads (the issue-5 heads' default,
+    ``default_chunk_rows``: 45.0 us against 50.0 at 2 warps) and for value blocks of at most 64 columns (SmolLM2's
+    and Qwen2.5's heads, FC 64: H100 2026-12-07, fold 1, 21.6 and 29.0 us at 1 warp, BW 32, no prefetch against 25.2
+    and 30.2 at their former 2 warps, BW 64, prefetch; ``benchmarks/results/tune-decode-nvidia-h100-80gb-hbm3-
+    20261207-030825``); 2 elsewhere, and where the heads are dot rows (1 warp never timed so). Holding S whole: 4
+    warps (fastest at every measured shape: 8 was 20-40% slower), 8 once the S slice passes 128 fp32 registers a
+    thread at 4 (F x BD > 16384: head dim 256 with 256 features), which would spill."""
     if FC:
-        return 1 if FC == 16 and BD == 128 and not heads_dot else 2
+        return 1 if ((FC == 16 and BD == 128) or BD <= 64) and not heads_dot else 2
     return 4 if FP * BD <= 16384 else 8
 
 
@@ -690,13 +698,13 @@ def ring_step_triton(
     if heads_dot and not dots_fit:
         raise ValueError(f"heads_dot needs value blocks and a head dim of at least 16 (dots); got block {BD}, D={d.D}")
     dot = (default_heads_dot(FC, several) and dots_fit) if heads_dot is None else heads_dot
-    BW = block_w or default_block_w(W, d.D, dot)
+    BW = block_w or default_block_w(W, d.D, dot, FC)
     warps = num_warps or default_num_warps(_pow2(d.F), BD, FC, dot)
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
         float(default_scale(scale, d.D)), ring.window, d.Hkv, BD, BW, warps, FC,
-        default_prefetch(FC, BD) if prefetch is None else prefetch, dot, window_logit is not None,
+        default_prefetch(FC, BD, warps) if prefetch is None else prefetch, dot, window_logit is not None,
     )
     if advance:
         ring.pos.add_(1)
