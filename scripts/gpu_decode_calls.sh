@@ -81,6 +81,9 @@
 #                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk over 2-3 launches (dk_launches), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
 #   bash scripts/gpu_decode_calls.sh 48 SHA  # call 47 at its shortest (~80 s, no test): dk_launches 3 at 16K
+#   bash scripts/gpu_decode_calls.sh 49 SHA  # the 64-column heads' new ring default (1 warp, BW 32, no prefetch) against the
+#                                            # former in the whole compiled step: SmolLM2, Qwen2.5 (~260 s)
+#   bash scripts/gpu_decode_calls.sh 50 SHA  # call 49 at its shortest: SmolLM2 new / former (~80 s)
 #   bash scripts/gpu_decode_calls.sh 38 SHA  # the 8B step with PDL in inductor's kernels, then the base and the step with
 #                                            # every GEMM through cuBLASLt (~450 s)
 #   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
@@ -676,7 +679,30 @@ PY
       --blocks split3 --out "$out/tune-chunk-split3-16k.json" > "$out/tune-chunk-split3-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-split3-16k.log"
     ;;
-  *) echo "call must be 1 to 48" >&2; exit 2 ;;
+  49)
+    # the 64-column heads' ring-kernel default of 2026-12-07 (1 warp, 32-slot window blocks, no prefetch: tune_decode
+    # 25.2 -> 21.6 us at SmolLM2's heads, 30.2 -> 29.0 at Qwen2.5's) against the former one (2 warps, BW 64, prefetch:
+    # LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1) in the whole compiled step at B 64 x 4096:
+    # SmolLM2 new / former / new, then Qwen2.5 new / former (~260 s)
+    FORMER=(env LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1)
+    SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 45)
+    row smol-new.log 55 "${SMOL[@]}"
+    timeout 55 "${FORMER[@]}" bash -c "$(declare -f gen); out=$out sha=$sha model=${SMOL[0]}; gen ${SMOL[*]:1}" \
+      > "$out/smol-former.log" 2>&1; tail -4 "$out/smol-former.log"
+    row smol-new2.log 55 "${SMOL[@]}"
+    [ "$(left)" -gt 130 ] || exit 0
+    row qwen-new.log 65 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --budget-s 55
+    timeout 65 "${FORMER[@]}" bash -c "$(declare -f gen); out=$out sha=$sha model=$QWEN; gen --loops compiled --models ours --batches 64 --no-fit --budget-s 55" \
+      > "$out/qwen-former.log" 2>&1; tail -4 "$out/qwen-former.log"
+    ;;
+  50)
+    # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
+    row smol-new.log 40 benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30
+    timeout 40 env LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 bash -c "$(declare -f gen); out=$out sha=$sha; \
+      gen --loops compiled --models ours --batches 64 --no-fit --budget-s 30" > "$out/smol-former.log" 2>&1
+    tail -4 "$out/smol-former.log"
+    ;;
+  *) echo "call must be 1 to 50" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

@@ -317,3 +317,18 @@ def test_64_column_heads_default_fits_one_wave(model, H):
     use = resource_usage(compile_sm90("bf16", 64, 128, H, 64, 1, 1, 64, False, fc=fc, fold=fold))
     assert use["STACK"] == 0 and use.get("LOCAL", 0) == 0, f"register spills: {use}"
     assert 65536 // (use["REG"] * 32 * warps) * 132 >= 64 * H, f"{use['REG']} registers at {warps} warps: two waves"
+
+
+def test_ring_launch_env_parses_or_says_what_it_wants(monkeypatch):
+    """``LINEARIZE_DECODE_LAUNCH=warps,block_w`` sets the ring kernel's default warps and window block (to time whole
+    steps at a former default); a malformed value fails with the form it wants."""
+    from linearize.ops.triton import decode
+
+    monkeypatch.delenv("LINEARIZE_DECODE_LAUNCH", raising=False)
+    assert decode._ring_launch_env() == (None, None)
+    monkeypatch.setenv("LINEARIZE_DECODE_LAUNCH", "2,64")
+    assert decode._ring_launch_env() == (2, 64)
+    for bad in ("2", "3,64", "2,48", "a,b", "2,0"):
+        monkeypatch.setenv("LINEARIZE_DECODE_LAUNCH", bad)
+        with pytest.raises(ValueError, match="LINEARIZE_DECODE_LAUNCH"):
+            decode._ring_launch_env()

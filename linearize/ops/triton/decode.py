@@ -539,6 +539,24 @@ def default_prefetch(FC: int, BD: int = 64, num_warps: int = 2) -> bool:
     return bool(FC) and BD <= 64 and num_warps >= 2
 
 
+def _ring_launch_env() -> tuple[int | None, int | None]:
+    """``LINEARIZE_DECODE_LAUNCH=WARPS,BW`` (read at import): warps and window block of ``ring_step_triton``'s default
+    launch, to time whole decode steps at another launch than the default (with ``LINEARIZE_DECODE_PREFETCH``)."""
+    spec = os.environ.get("LINEARIZE_DECODE_LAUNCH")
+    if not spec:
+        return None, None
+    try:
+        w, bw = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"LINEARIZE_DECODE_LAUNCH must be 'warps,block_w' (e.g. 2,64); got {spec!r}") from None
+    if w not in (1, 2, 4, 8) or bw < 1 or bw & (bw - 1):
+        raise ValueError(f"LINEARIZE_DECODE_LAUNCH: warps 1, 2, 4 or 8, block_w a power of two; got {spec!r}")
+    return w, bw
+
+
+_WARPS_ENV, _BW_ENV = _ring_launch_env()
+
+
 #: ``LINEARIZE_DECODE_HEADS_DOT=1`` / ``0`` (read at import) forces ``default_heads_dot`` on / off where it applies,
 #: to time whole decode steps either way
 _HEADS_DOT_ENV = os.environ.get("LINEARIZE_DECODE_HEADS_DOT")
@@ -648,7 +666,7 @@ def ring_step_triton(
     its own before it (one launch a layer of a compiled decode step).
     ``out`` (optional, [B,1,H,D] in q's dtype) receives y, so that a captured graph has a fixed output.
     ``block_d``/``block_w``/``num_warps``/``chunk_rows`` override the launch configuration (benchmarks,
-    tuning). ``chunk_rows`` (a power of two >= 16): stream each program's S slice in chunks of that many feature
+    tuning; ``LINEARIZE_DECODE_LAUNCH`` sets the default warps and window block). ``chunk_rows`` (a power of two >= 16): stream each program's S slice in chunks of that many feature
     rows instead of holding it whole (0). ``prefetch`` (with chunks): issue each chunk's load one step ahead
     (``_decode_kernel``'s PREFETCH; default ``default_prefetch``). ``heads_dot`` (with chunks, where one key-feature
     head serves several query heads): those heads as the rows of tensor-core dots, tf32 for half-precision inputs
@@ -698,8 +716,8 @@ def ring_step_triton(
     if heads_dot and not dots_fit:
         raise ValueError(f"heads_dot needs value blocks and a head dim of at least 16 (dots); got block {BD}, D={d.D}")
     dot = (default_heads_dot(FC, several) and dots_fit) if heads_dot is None else heads_dot
-    BW = block_w or default_block_w(W, d.D, dot, FC)
-    warps = num_warps or default_num_warps(_pow2(d.F), BD, FC, dot)
+    BW = block_w or _BW_ENV or default_block_w(W, d.D, dot, FC)
+    warps = num_warps or _WARPS_ENV or default_num_warps(_pow2(d.F), BD, FC, dot)
     _ring_step_op(
         q, k, v, phi_q, phi_k, valid, gamma,
         ring.S, ring.z, ring.k, ring.v, ring.phi_k, ring.mask, ring.pos, out,
