@@ -22,3 +22,19 @@ def available() -> bool:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_env(name: str, form: str, example: str, valid) -> tuple[int, int] | tuple[None, None]:
+    """Two ints from the environment variable ``name`` ('a,b', read by the caller at import), to time whole steps
+    at another launch than a kernel's default; (None, None) where unset. ``valid(a, b)`` says whether they are
+    allowed; ``form`` names them (the error's text), ``example`` shows one."""
+    spec = os.environ.get(name)
+    if not spec:
+        return None, None
+    try:
+        a, b = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"{name} must be '{form}' (e.g. {example}); got {spec!r}") from None
+    if not valid(a, b):
+        raise ValueError(f"{name}: {form} out of range; got {spec!r}")
+    return a, b

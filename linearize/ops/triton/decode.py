@@ -40,6 +40,7 @@ import triton.language as tl
 from ..common import default_scale, window_weight_vector
 from ..ring import RingState, check_ring, ring_from_state, ring_slots
 from ..state import HybridState
+from . import launch_env
 
 
 @triton.jit
@@ -540,18 +541,11 @@ def default_prefetch(FC: int, BD: int = 64, num_warps: int = 2) -> bool:
 
 
 def _ring_launch_env() -> tuple[int | None, int | None]:
-    """``LINEARIZE_DECODE_LAUNCH=WARPS,BW`` (read at import): warps and window block of ``ring_step_triton``'s default
-    launch, to time whole decode steps at another launch than the default (with ``LINEARIZE_DECODE_PREFETCH``)."""
-    spec = os.environ.get("LINEARIZE_DECODE_LAUNCH")
-    if not spec:
-        return None, None
-    try:
-        w, bw = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise ValueError(f"LINEARIZE_DECODE_LAUNCH must be 'warps,block_w' (e.g. 2,64); got {spec!r}") from None
-    if w not in (1, 2, 4, 8) or bw < 1 or bw & (bw - 1):
-        raise ValueError(f"LINEARIZE_DECODE_LAUNCH: warps 1, 2, 4 or 8, block_w a power of two; got {spec!r}")
-    return w, bw
+    """``LINEARIZE_DECODE_LAUNCH=WARPS,BW`` (read at import): warps (1, 2, 4 or 8) and window block (a power of two) of
+    ``ring_step_triton``'s default launch, to time whole decode steps at another launch than the default (with
+    ``LINEARIZE_DECODE_PREFETCH``)."""
+    return launch_env("LINEARIZE_DECODE_LAUNCH", "warps,block_w", "2,64",
+                      lambda w, bw: w in (1, 2, 4, 8) and bw >= 1 and not bw & (bw - 1))
 
 
 _WARPS_ENV, _BW_ENV = _ring_launch_env()

@@ -19,12 +19,12 @@ head, block of BR rows); rows are the B*T tokens. The output heads of a map read
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import launch_env
 from .decode import _pow2
 
 
@@ -355,18 +355,11 @@ def _(xq, xk, cos, sin, wq, wk, feature_rope, block_rows, num_warps):
 
 
 def _rope_launch_env() -> tuple[int | None, int | None]:
-    """``LINEARIZE_ROPE_LAUNCH=BR,W`` (read at import): rows a program and warps of ``rope_hedgehog_pair_triton``'s
-    default launch, to time whole decode steps at another launch than the default."""
-    spec = os.environ.get("LINEARIZE_ROPE_LAUNCH")
-    if not spec:
-        return None, None
-    try:
-        br, w = (int(x) for x in spec.split(","))
-    except ValueError:
-        raise ValueError(f"LINEARIZE_ROPE_LAUNCH must be 'rows,warps' (e.g. 16,2); got {spec!r}") from None
-    if br < 16 or br & (br - 1) or w not in (1, 2, 4, 8):
-        raise ValueError(f"LINEARIZE_ROPE_LAUNCH: rows a power of two >= 16, warps 1, 2, 4 or 8; got {spec!r}")
-    return br, w
+    """``LINEARIZE_ROPE_LAUNCH=BR,W`` (read at import): rows a program (a power of two >= 16) and warps (1, 2, 4 or 8)
+    of ``rope_hedgehog_pair_triton``'s default launch, to time whole decode steps at another launch than the
+    default."""
+    return launch_env("LINEARIZE_ROPE_LAUNCH", "rows,warps", "16,2",
+                      lambda br, w: br >= 16 and not br & (br - 1) and w in (1, 2, 4, 8))
 
 
 _ROPE_ROWS_ENV, _ROPE_WARPS_ENV = _rope_launch_env()
