@@ -19,7 +19,6 @@ head, block of BR rows); rows are the B*T tokens. The output heads of a map read
 
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl
