@@ -102,7 +102,8 @@ def test_ring_step_takes_one_window_weight():
 @pytest.mark.parametrize("window", [1, 6])
 def test_default_launch_where_it_streams_rows(window):
     """The default launch at a shape where ``default_chunk_rows`` picks 64-row chunks (key features per query
-    head, F = 128 > 64, one value block a head): two chunks of S a program, at the default 2 warps."""
+    head, F = 128 > 64, one value block a head): two chunks of S a program, at the default launch (1 warp, no
+    prefetch: ``default_num_warps``), and with prefetch (the 2-warp form)."""
     from linearize.ops.triton.decode import _pow2, default_block_d, default_chunk_rows
 
     assert default_chunk_rows(128, 16, default_block_d(2, 4, 16), True) == 64 == _pow2(128) // 2
