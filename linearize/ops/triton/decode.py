@@ -496,8 +496,8 @@ def default_block_w(W: int, D: int, heads_dot: bool = False, FC: int = 0) -> int
     2026-12-07, fold 1, ``benchmarks/results/tune-decode-nvidia-h100-80gb-hbm3-20261207-030825``)."""
     if heads_dot:
         return max(1, min(_pow2(W), 16))
-    cap = 32 if FC else max(4096 // _pow2(D), 16)
-    return max(1, min(_pow2(W), cap))
+    cap = max(4096 // _pow2(D), 16)
+    return max(1, min(_pow2(W), min(cap, 32) if FC else cap))
 
 
 def default_chunk_rows(F: int, D: int, BD: int, per_query_features: bool) -> int:
