@@ -65,6 +65,9 @@ def environment(commit: str | None) -> dict:
         "triton": _version("triton"),
         "fla": _version("fla"),
         "git": git_commit(commit),
+        # The kernels' launch knobs (LINEARIZE_DECODE_LAUNCH, LINEARIZE_DECODE_PREFETCH, ...) change what a run
+        # times without changing the commit: a run under them says so. (The cache folder is no knob.)
+        "overrides": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LINEARIZE_") and k != "LINEARIZE_CACHE"},
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -142,6 +145,8 @@ def header_lines(env: dict, ceilings: dict | None, markdown: bool) -> list[str]:
         f"python {env['python']}",
         f"commit {commit}; {env['time_utc']}",
     ]
+    if env.get("overrides"):
+        lines.append("environment overrides: " + " ".join(f"{k}={v}" for k, v in env["overrides"].items()))
     if ceilings:
         lines.append(f"ceilings measured here: copy {ceilings['copy_gbps']:.0f} GB/s (read + write), "
                      f"bf16 matmul {ceilings['matmul_bf16_tflops']:.0f} TFLOP/s")
