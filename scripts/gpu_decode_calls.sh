@@ -684,23 +684,21 @@ PY
     # 25.2 -> 21.6 us at SmolLM2's heads, 30.2 -> 29.0 at Qwen2.5's) against the former one (2 warps, BW 64, prefetch:
     # LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1) in the whole compiled step at B 64 x 4096:
     # SmolLM2 new / former / new, then Qwen2.5 new / former (~260 s)
-    FORMER=(env LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1)
+    # (an assignment before a shell function call reaches the commands it runs)
     SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 45)
+    QWEN64=("$QWEN" --loops compiled --models ours --batches 64 --no-fit --budget-s 55)
     row smol-new.log 55 "${SMOL[@]}"
-    timeout 55 "${FORMER[@]}" bash -c "$(declare -f gen); out=$out sha=$sha model=${SMOL[0]}; gen ${SMOL[*]:1}" \
-      > "$out/smol-former.log" 2>&1; tail -4 "$out/smol-former.log"
+    LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 55 "${SMOL[@]}"
     row smol-new2.log 55 "${SMOL[@]}"
     [ "$(left)" -gt 130 ] || exit 0
-    row qwen-new.log 65 "$QWEN" --loops compiled --models ours --batches 64 --no-fit --budget-s 55
-    timeout 65 "${FORMER[@]}" bash -c "$(declare -f gen); out=$out sha=$sha model=$QWEN; gen --loops compiled --models ours --batches 64 --no-fit --budget-s 55" \
-      > "$out/qwen-former.log" 2>&1; tail -4 "$out/qwen-former.log"
+    row qwen-new.log 65 "${QWEN64[@]}"
+    LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row qwen-former.log 65 "${QWEN64[@]}"
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
-    row smol-new.log 40 benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30
-    timeout 40 env LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 bash -c "$(declare -f gen); out=$out sha=$sha; \
-      gen --loops compiled --models ours --batches 64 --no-fit --budget-s 30" > "$out/smol-former.log" 2>&1
-    tail -4 "$out/smol-former.log"
+    SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30)
+    row smol-new.log 40 "${SMOL[@]}"
+    LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
   *) echo "call must be 1 to 50" >&2; exit 2 ;;
 esac
