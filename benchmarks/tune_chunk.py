@@ -62,8 +62,10 @@ FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, Tru
 
 def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False,
                intra: list[tuple[int, int]] = (), forms: list[str] = ("one-pass",),
-               skip: bool = False, blocks: list[dict[str, tuple[int, int]]] = ()) -> list[LaunchConfig]:
-    """The default config first (the reference of the error check), then every (shape, nseg) pair once."""
+               skip: bool = False, blocks: list[dict[str, tuple[int, int]]] = (),
+               intra_only: bool = False) -> list[LaunchConfig]:
+    """The default config first (the reference of the error check), then every (shape, nseg) pair once.
+    ``intra_only``: each shape with the ``intra`` blocks only, not also on its own C (blocks of 128 rows spill)."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
     else:
@@ -81,7 +83,8 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
     for C, BV, w, st in picked:
         for n in nsegs:
             for oa in (False, True) if one_acc else (False,):
-                for ci, wi in [(None, None)] + [x for x in intra if C % x[0] == 0 and x[0] <= C]:
+                own_blocks = [x for x in intra if C % x[0] == 0 and x[0] <= C]
+                for ci, wi in ([] if intra_only and own_blocks else [(None, None)]) + own_blocks:
                     for form in forms:
                         if form not in FORMS:
                             raise SystemExit(f"--forms: {form!r} is not one of {', '.join(FORMS)}")
@@ -169,6 +172,8 @@ def main() -> None:
                          "with the window weight trained, forward+backward keeps two accumulators)")
     ap.add_argument("--intra", default="",
                     help="comma list of C_INTRAxWARPS: also each shape with the backward's intra kernels on those blocks")
+    ap.add_argument("--intra-only", action="store_true",
+                    help="each shape with the --intra blocks only, not also on blocks of its own C")
     ap.add_argument("--forms", default="one-pass",
                     help="comma list of one-pass, split (split_forward), fold (fold_backward), split+fold")
     ap.add_argument("--skip", action="store_true",
@@ -219,7 +224,7 @@ def main() -> None:
     rows = []
     intra = parse_intra(a.intra)
     cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra, a.forms.split(","),
-                       a.skip, parse_blocks(a.blocks))
+                       a.skip, parse_blocks(a.blocks), a.intra_only)
 
     def rel(x, ref):
         return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
