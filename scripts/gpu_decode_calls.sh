@@ -701,10 +701,11 @@ PY
     # training kernels (issue 5's 16K target). At 16K the chunk sums the split forward keeps (CS) and the backward's
     # gradient sums (CDS) are [n_chunks, B, H, F, D] bf16, 537 MB each at C = 64: written once and read once, ~0.7 ms
     # of the 6.9 at copy bandwidth. C = 128 halves them, for ~3 more linear-only block pairs a query block in the
-    # intra kernels (blocks of 32). tune_chunk at 16K (profiled) and 2K (graph) (~400 s in all)
+    # intra kernels (blocks of 32). Each also at 32 and 64 segments a sequence (the walks, 42-75% of copy bandwidth
+    # at the auto 17, were last swept before the split / folded forms). tune_chunk at 16K (profiled) and 2K (graph)
     bash "$0" 49 "$sha"
-    [ "$(left)" -gt 100 ] || exit 0
-    timeout 150 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,128x128x8x2,128x128x8x1 --nseg 0 \
+    [ "$(left)" -gt 120 ] || exit 0
+    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,128x128x8x2 --nseg 0,32,64 \
       --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-c128-16k.json" > "$out/tune-chunk-c128-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-c128-16k.log"
     [ "$(left)" -gt 50 ] || exit 0
