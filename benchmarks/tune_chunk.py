@@ -19,6 +19,9 @@ own blocks (``LaunchConfig.C_fwd`` / ``C_dk``; ``dq`` sets ``C_intra``, bwd_dq's
 wgmma serve them, blocks of 32 issue mma.sync only. A kernel an item does not name keeps the config's blocks.
 ``split2`` / ``split3``: bwd_dk's gradients over two or three launches (``LaunchConfig.dk_launches``).
 
+``--local`` also runs each split + fold config with ``LaunchConfig.local_sums``: the chunk-sum walks start each
+segment from zero and write its total, so the two segment-sum passes do not run; the block kernels add the prefix.
+
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
 larger segment-prefix buffer ([nseg, B, H', F, D] fp32, written, summed and read once more).
@@ -32,6 +35,7 @@ Also prints a per-kernel breakdown of the default config from the torch profiler
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -54,7 +58,8 @@ def label(cfg: LaunchConfig) -> str:
             + (" split" if cfg.split_forward else "") + (" fold" if cfg.fold_backward else "")
             + (" skip" if cfg.skip_empty else "")
             + (f" fwd={cfg.C_fwd}x{cfg.warps_fwd}" if cfg.C_fwd else "") + (f" dk={cfg.C_dk}x{cfg.warps_dk}" if cfg.C_dk else "")
-            + (f" dk_launches={cfg.dk_launches}" if cfg.dk_launches > 1 else ""))
+            + (f" dk_launches={cfg.dk_launches}" if cfg.dk_launches > 1 else "")
+            + (" local" if cfg.local_sums else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -63,9 +68,10 @@ FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, Tru
 def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False,
                intra: list[tuple[int, int]] = (), forms: list[str] = ("one-pass",),
                skip: bool = False, blocks: list[dict[str, tuple[int, int]]] = (),
-               intra_only: bool = False) -> list[LaunchConfig]:
+               intra_only: bool = False, local: bool = False) -> list[LaunchConfig]:
     """The default config first (the reference of the error check), then every (shape, nseg) pair once.
-    ``intra_only``: each shape with the ``intra`` blocks only, not also on its own C (blocks of 128 rows spill)."""
+    ``intra_only``: each shape with the ``intra`` blocks only, not also on its own C (blocks of 128 rows spill).
+    ``local``: each split + fold config also with ``local_sums``."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
     else:
@@ -96,9 +102,10 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                                                C_intra=ci, warps_intra=wi, split_forward=sp, fold_backward=fo,
                                                skip_empty=sk)
                             for own in [{}] + list(blocks if sp and fo else ()):
-                                c = with_blocks(cfg, own)
-                                if effective(c) not in map(effective, out):
-                                    out.append(c)
+                                for lo in (False, True) if local and sp and fo else (base.local_sums and sp and fo,):
+                                    c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo)
+                                    if effective(c) not in map(effective, out):
+                                        out.append(c)
     return out
 
 
@@ -181,6 +188,8 @@ def main() -> None:
     ap.add_argument("--blocks", default="",
                     help="comma list of '+'-joined items, fwd|dq|dk ROWSxWARPS (a kernel's blocks) or split2|split3 (bwd_dk's "
                          "gradients over 2 or 3 launches): also each split + fold config with those options")
+    ap.add_argument("--local", action="store_true",
+                    help="also each split + fold config with local_sums (chunk-sum walks from zero, no segment-sum passes)")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")
@@ -224,7 +233,7 @@ def main() -> None:
     rows = []
     intra = parse_intra(a.intra)
     cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra, a.forms.split(","),
-                       a.skip, parse_blocks(a.blocks), a.intra_only)
+                       a.skip, parse_blocks(a.blocks), a.intra_only, a.local)
 
     def rel(x, ref):
         return ((x.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -85,7 +85,8 @@
 #                                            # former in the whole compiled step: SmolLM2, Qwen2.5 (~260 s)
 #   bash scripts/gpu_decode_calls.sh 50 SHA  # call 49 at its shortest: SmolLM2 new / former (~80 s)
 #   bash scripts/gpu_decode_calls.sh 51 SHA  # call 49, then the training kernels' state chunk C = 128 (halves the kept
-#                                            # chunk sums) at 16K and 2K (graph), by tune_chunk (~540 s)
+#                                            # chunk sums) and local_sums (no segment-sum passes): GPU test, 16K and
+#                                            # 2K (graph) by tune_chunk (~560 s)
 #   bash scripts/gpu_decode_calls.sh 38 SHA  # the 8B step with PDL in inductor's kernels, then the base and the step with
 #                                            # every GEMM through cuBLASLt (~450 s)
 #   bash scripts/gpu_decode_calls.sh 39 SHA  # cuBLASLt with multi_kernel, the step at the defaults, the base on cuBLASLt
@@ -697,21 +698,23 @@ PY
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row qwen-former.log 65 "${QWEN64[@]}"
     ;;
   51)
-    # call 49 (the 64-column ring default in the whole step, ~260 s), then not decode: the state chunk C = 128 for the
-    # training kernels (issue 5's 16K target). At 16K the chunk sums the split forward keeps (CS) and the backward's
-    # gradient sums (CDS) are [n_chunks, B, H, F, D] bf16, 537 MB each at C = 64: written once and read once, ~0.7 ms
-    # of the 6.9 at copy bandwidth. C = 128 halves them, for ~3 more linear-only block pairs a query block in the
-    # intra kernels (blocks of 32). Each also at 32 and 64 segments a sequence (the walks, 42-75% of copy bandwidth
-    # at the auto 17, were last swept before the split / folded forms). tune_chunk at 16K (profiled) and 2K (graph)
+    # call 49 (the 64-column ring default in the whole step, ~260 s), then not decode: issue 5's 16K target through
+    # fewer bytes (benchmarks/NOTES-chunk.md, "Bytes a step"). The state chunk C = 128 halves the chunk sums the
+    # split forward keeps (CS) and the backward's gradient sums (CDS), 537 MB each at C = 64, for ~3 more linear-only
+    # block pairs a query block in the intra kernels (blocks of 32); local_sums drops both segment-sum passes (the
+    # walks start each segment from zero, the block kernels add its prefix). Their GPU test, then each at the auto
+    # and 32 segments a sequence, tune_chunk at 16K (profiled) and 2K (graph) (~560 s in all)
     bash "$0" 49 "$sha"
-    [ "$(left)" -gt 120 ] || exit 0
-    timeout 200 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,128x128x8x2 --nseg 0,32,64 \
-      --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-c128-16k.json" > "$out/tune-chunk-c128-16k.log" 2>&1
-    grep -HE "^C=|first call" "$out/tune-chunk-c128-16k.log"
-    [ "$(left)" -gt 50 ] || exit 0
+    [ "$(left)" -gt 150 ] || exit 0
+    timeout 60 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "local_sums" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
+    timeout 170 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,128x128x8x2 --nseg 0,32 --local \
+      --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-local-16k.json" > "$out/tune-chunk-local-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-local-16k.log"
+    [ "$(left)" -gt 40 ] || exit 0
     timeout $(( $(left) - 5 )) python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default,128x128x8x2 --nseg 0 \
-      --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-c128-2k.json" > "$out/tune-chunk-c128-2k.log" 2>&1
-    grep -HE "^C=" "$out/tune-chunk-c128-2k.log"
+      --local --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-local-2k.json" \
+      > "$out/tune-chunk-local-2k.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-local-2k.log"
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one

@@ -171,6 +171,26 @@ def test_own_blocks(own, BV):
                seed=W)
 
 
+@pytest.mark.parametrize("C", [64, 128])
+@pytest.mark.parametrize("nseg", [None, 5])
+def test_local_sums(C, nseg):
+    """The training default with ``local_sums`` (chunk-sum walks from zero, the readers adding each segment's prefix;
+    no segment-sum passes), at the state chunk C = 64 and 128: against the float64 reference in bf16 with padding, on
+    the benchmark's heads (W 64 and 200) and SmolLM2's."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import default_config
+
+    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]:
+        cfg = dataclasses.replace(default_config(D, F, training=True), local_sums=True, nseg=nseg)
+        if C == 128:
+            if D < 128:
+                continue  # (value blocks narrower than the chunk are refused)
+            cfg = dataclasses.replace(cfg, C=128)
+        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
+               seed=W)
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

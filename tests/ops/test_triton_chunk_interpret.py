@@ -165,6 +165,52 @@ def test_skip_empty_blocks_changes_nothing(case, form):
 
 
 @inside
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 2, 3, 5, 6, 7)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("form", ["split+fold", "split", "fold"])
+@pytest.mark.parametrize("nseg", [1, 3])
+def test_local_sums(case, form, nseg):
+    """``LaunchConfig.local_sums``: the chunk-sum walks start each segment from zero and write its total (no
+    segment-sum passes), and fwd_blocks / bwd_dq / bwd_dk add the segment's prefix: outputs, final states and every
+    gradient as the reference, with padding, over 1 and 3 segments; the split forward alone (its chunk sums not kept)
+    and the folded backward alone (its chunk sums walked again, locally, after the one-pass forward)."""
+    B, T = case[:2]
+    _check(*case, C=32, nseg=nseg, C_intra=16, split_forward="split" in form, fold_backward="fold" in form,
+           skip_empty=True, local_sums=True, mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
+def test_local_sums_with_value_blocks_odd_dims_and_an_initial_state():
+    """local_sums with D over two value blocks (z written by block 0 only, each block's prefix its own columns), D and
+    F not powers of two, and a piece of a prefill started from a state (the prefix seeded by it): as the reference."""
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    _check(1, 45, 2, 1, 24, 20, 1, 9, C=32, BV=16, nseg=2, C_intra=16, split_forward=True, fold_backward=True,
+           local_sums=True)
+    q, k, v, pq, pk, g = random_inputs(2, 45, 4, 2, 24, 20, 2, dtype=torch.float32, seed=12, requires_grad=True)
+    m = left_pad_mask(2, 45, [0, 7])
+    base = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2)
+    with torch.no_grad():
+        _, st = hybrid_attention_triton(q[:, :19], k[:, :19], v[:, :19], pq[:, :19], pk[:, :19], window=9,
+                                        window_weight=g, attention_mask=m[:, :19], output_final_state=True, config=base)
+    outs = []
+    for local in (False, True):
+        cfg = LaunchConfig(C=32, BV=16, num_warps=4, nseg=2, C_intra=16, split_forward=True, fold_backward=True,
+                           local_sums=local)
+        y, _ = hybrid_attention_triton(q[:, 19:], k[:, 19:], v[:, 19:], pq[:, 19:], pk[:, 19:], window=9,
+                                       window_weight=g, attention_mask=m[:, 19:], initial_state=st, config=cfg)
+        outs.append((y, *torch.autograd.grad(y, (q, k, v, pq, pk, g), torch.ones_like(y))))
+    for name, a, b in zip("y dq dk dv dphi_q dphi_k dgamma".split(), *outs):
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_local_sums_needs_a_walk_it_changes():
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    with pytest.raises(ValueError, match="local_sums"):
+        LaunchConfig(C=64, BV=64, num_warps=4, local_sums=True)
+
+
+@inside
 def test_fold_backward_with_odd_dims_and_an_initial_state():
     """D and F not powers of two, D over two value blocks, the window weight frozen, and a piece of a prefill
     started from a state: the same gradients as the walks."""
@@ -228,7 +274,9 @@ def test_a_launch_config_travels_through_the_ops_ints():
                 LaunchConfig(C=64, BV=64, num_warps=8, C_intra=32, warps_intra=4, C_fwd=64, warps_fwd=8, C_dk=16,
                              warps_dk=2, split_forward=True, fold_backward=True),
                 LaunchConfig(C=128, BV=128, num_warps=16, C_dk=128, warps_dk=16, dk_launches=3),
-                LaunchConfig(C=64, BV=64, num_warps=4, dk_launches=2, skip_empty=True)):
+                LaunchConfig(C=64, BV=64, num_warps=4, dk_launches=2, skip_empty=True),
+                LaunchConfig(C=128, BV=128, num_warps=8, C_intra=32, warps_intra=4, split_forward=True,
+                             fold_backward=True, skip_empty=True, local_sums=True, dk_launches=3)):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

@@ -74,6 +74,11 @@ class LaunchConfig:
     # blocks of 64, where wgmma serves it) and recomputes the terms it needs: dphi_k the linear pairs' dy . v^T, dv
     # the window exponents (a q.k^T) that dk also forms.
     dk_launches: int = 1
+    # The chunk-sum walks of the split forward (fwd_chunk_states) and of the folded backward (bwd_chunk_dstates) start
+    # each segment from zero and write its total, so the two segment-sum passes (fwd_segment_sums, bwd_segment_sums:
+    # each a read of two [B, T, H, 128] inputs, 0.28 + 0.42 ms of the H100's 6.9 at 16K) do not run; each reader of
+    # the chunk sums (fwd_blocks, bwd_dq, bwd_dk) adds its segment's [F, D] fp32 prefix instead. Off until timed.
+    local_sums: bool = False
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -99,6 +104,9 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig: dk_launches={self.dk_launches} must be 1, 2 or 3")
         if self.split_forward and self.one_acc:
             raise ValueError("LaunchConfig: one_acc is a form of the one-pass forward; pass it or split_forward")
+        if self.local_sums and not (self.split_forward or self.fold_backward):
+            raise ValueError("LaunchConfig: local_sums changes the chunk-sum walks of split_forward and fold_backward; "
+                             "pass one of them too")
 
 
 #: CUDA's limit on a grid's second (and third) axis; the kernels put batch x heads there.
@@ -261,17 +269,24 @@ def _mask_arg(mask, q) -> tuple[bool, torch.Tensor, int]:
     return mask is not None, (mask if mask is not None else q), (mask.stride(0) if mask is not None else 0)
 
 
-def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: LaunchConfig):
+def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: LaunchConfig, seg=None):
     """(CS [n_chunks, B, H', F, D] in phi_q's dtype, CZ [n_chunks, B, H', F] fp32): the running sums each query
-    chunk reads, walked from the segment prefixes (fwd_chunk_states_kernel)."""
+    chunk reads, walked from the segment prefixes (fwd_chunk_states_kernel); with ``cfg.local_sums`` each segment's
+    walk starts from zero (pre_S, pre_z unread) and writes its total to ``seg`` ([nseg, B, H', F, D] and
+    [nseg, B, H', F] fp32; None: scratch)."""
     B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg = _geometry(q, v, phi_q, phi_k, window, cfg)
     has_mask, m_arg, sM_b = _mask_arg(mask, q)
     cs = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=q.device)
     cz = _empty(n, B, Hf, F, dtype=torch.float32, device=q.device)
+    local = cfg.local_sums
+    if local and seg is None:
+        seg = (_empty(nseg, B, Hf, F, D, dtype=torch.float32, device=q.device),
+               _empty(nseg, B, Hf, F, dtype=torch.float32, device=q.device))
+    seg_S, seg_z = seg if local else (cz, cz)  # (never written unless local)
     _launch(K.fwd_chunk_states_kernel, (nseg, B * Hf, NV),
-        phi_k, v, m_arg, pre_S, pre_z, cs, cz, *_strides(phi_k), *_strides(v), sM_b,
+        phi_k, v, m_arg, pre_S, pre_z, cs, cz, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
         B, T, Hf, Hf // Hkv, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=_prec(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        LOCAL=local, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return cs, cz
 
@@ -291,11 +306,15 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
 
     seg_S = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
     seg_z = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
-    _launch(K.fwd_segment_sums_kernel, (nseg, B * Hf, NV),
-        phi_k, v, m_arg, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
-        B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    local = cfg.split_forward and cfg.local_sums
+    if local:  # the chunk-sum walk writes each segment's total itself
+        cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, seg_S, seg_z, window, cfg, seg=(seg_S, seg_z))
+    else:
+        _launch(K.fwd_segment_sums_kernel, (nseg, B * Hf, NV),
+            phi_k, v, m_arg, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
+            B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     # Exclusive prefix over segments, seeded with the initial sums.
     pre_S, pre_z = _segment_prefix(seg_S, S0), _segment_prefix(seg_z, z0)
 
@@ -305,15 +324,16 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
     den = _empty(B, H, T, dtype=f32, device=dev)
     arg = _empty(B, H, T, dtype=torch.int32, device=dev)
     if cfg.split_forward:
-        cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
+        if not local:
+            cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
         Ci, wi = cfg.blocks("fwd")
         ni = math.ceil(T / Ci)
         _launch(K.fwd_blocks_kernel, (ni, B * H, NV),
-            q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, y, u, mx, den, arg,
+            q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, pre_S, pre_z, y, u, mx, den, arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
-            B, T, H, Hf, Gk, GQ, ni, nwin, W, scale, C,
+            B, T, H, Hf, Gk, GQ, ni, n_per, nwin, W, scale, C,
             D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u, SKIP=cfg.skip_empty,
-            num_warps=wi, num_stages=cfg.num_stages,
+            LOCAL=local, num_warps=wi, num_stages=cfg.num_stages,
         )
         if not cfg.keeps_chunk_sums:
             cs = cz = None
@@ -352,6 +372,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
 
     dq = _empty(*q.shape, dtype=q.dtype, device=dev)
     fold = cfg.fold_backward
+    local = fold and cfg.local_sums  # (the chunk sums then hold each segment's own keys / queries: readers add its prefix)
     # Folded, the intra kernels also take the running-sum parts (from each chunk's sums, walked again here, and each
     # chunk's gradient sums) and write finished dphi_q / dv / dphi_k: no bwd_*_state walks, no fp32 buffers.
     if not fold:
@@ -363,21 +384,23 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     Ci, wi = cfg.blocks("dq")
     ni = math.ceil(T / Ci)
     _launch(K.bwd_dq_kernel, (ni, B * H),
-        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz, *strides_in,
-        B, T, H, Hf, G, GQ, ni, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec,
-        FOLD=fold, SKIP=cfg.skip_empty, **dict(kw, num_warps=wi),
+        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz, pre_S, pre_z, *strides_in,
+        B, T, H, Hf, G, GQ, ni, n_per, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec,
+        FOLD=fold, SKIP=cfg.skip_empty, LOCAL=local, **dict(kw, num_warps=wi),
     )
     del cs, cz
     dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
 
-    def dk_kernel(dv_b, dpk, cds, cdz):
+    def dk_kernel(dv_b, dpk, cds, cdz, rev=(None, None)):
         Ck, wk = cfg.blocks("dk")
         nk = math.ceil(T / Ck)
+        rev_S, rev_z = (cds, cdz) if rev[0] is None else rev  # (read only where local)
         for grads in {1: (7,), 2: (3, 4), 3: (1, 2, 4)}[cfg.dk_launches]:
             _launch(K.bwd_dk_kernel, (nk, B * Hf),
                 q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, cds, cdz,
-                *strides_in, B, T, H, Hf, Gk, nk, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ck, GQ=GQ,
-                HAS_MASK=has_mask, PREC=prec, FOLD=fold, SKIP=cfg.skip_empty, GRADS=grads, **dict(kw, num_warps=wk),
+                rev_S, rev_z, *strides_in, B, T, H, Hf, Gk, nk, n_per, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF,
+                C=Ck, GQ=GQ, HAS_MASK=has_mask, PREC=prec, FOLD=fold, SKIP=cfg.skip_empty, GRADS=grads,
+                LOCAL=local, **dict(kw, num_warps=wk),
             )
 
     atomic = NV > 1 and not fold
@@ -389,22 +412,30 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     # Running-sum parts.
     seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
     seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
-    _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
-        phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
-        B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
-    )
-    # Reverse exclusive prefix: segment s starts from the sums of every later segment.
-    rev_dS, rev_dz = _segment_prefix(seg_dS, None, reverse=True), _segment_prefix(seg_dz, None, reverse=True)
     if fold:
         cds = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev)
         cdz = _empty(n, B, Hf, F, dtype=f32, device=dev)
-        _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, NV),
-            phi_q, dy, den, delta, rev_dS, rev_dz, cds, cdz, *_strides(phi_q), *_strides(dy),
+
+        def chunk_dstates(start_S, start_z):
+            _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, NV),
+                phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
+                B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, LOCAL=local, **kw,
+            )
+    if local:  # the walk from zero writes each segment's total, then the readers add the reverse prefix
+        chunk_dstates(seg_dS, seg_dz)
+    else:
+        _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
+            phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
             B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
         )
+    # Reverse exclusive prefix: segment s starts from the sums of every later segment.
+    rev_dS, rev_dz = _segment_prefix(seg_dS, None, reverse=True), _segment_prefix(seg_dz, None, reverse=True)
+    if fold:
+        if not local:
+            chunk_dstates(rev_dS, rev_dz)
         dv_b = _empty(B, T, Hf, D, dtype=v.dtype if final else f32, device=dev)
         dpk = _empty(B, T, Hf, F, dtype=phi_k.dtype if final else f32, device=dev)
-        dk_kernel(dv_b, dpk, cds, cdz)
+        dk_kernel(dv_b, dpk, cds, cdz, (rev_dS, rev_dz))
         dpq_out = dpq
     else:
         dpq_out = dpq if atomic else _empty(B, T, H, F, dtype=phi_q.dtype, device=dev)
@@ -459,15 +490,15 @@ def _cfg(launch) -> LaunchConfig:
                         one_acc=bool(flags & 1), split_forward=bool(flags & 2), fold_backward=bool(flags & 4),
                         C_intra=C_intra or None, warps_intra=warps_intra or None, skip_empty=bool(flags & 8),
                         C_fwd=own[0], warps_fwd=own[1], C_dk=own[2], warps_dk=own[3],
-                        dk_launches=1 + (flags >> 4 & 3))
+                        dk_launches=1 + (flags >> 4 & 3), local_sums=bool(flags & 64))
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
-    2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
+    2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
     warps_fwd, C_dk, warps_dk a byte each, low byte first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
-             | 16 * (cfg.dk_launches - 1))
+             | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums))
     blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk), (0, 8, 16, 24)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
             cfg.C_intra or 0, cfg.warps_intra or 0, blocks)

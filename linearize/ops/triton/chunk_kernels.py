@@ -83,6 +83,19 @@ def _store_sums(S_ptr, Z_ptr, base, rf, rv, F, D, S, z, iv):
 
 
 @triton.jit
+def _chunk_sums(CS, CZ, PRE_S, PRE_Z, c, n_per, B, b, Hf, hf, rf, rv, F, D, LOCAL: tl.constexpr):
+    """The running sums of state chunk c, value block rv, from a walk's [n_chunks, B, H', F, D] / [.., F] buffers;
+    LOCAL: the walk started its segment from zero (``LaunchConfig.local_sums``), so the segment's prefix PRE_S /
+    PRE_Z [nseg, B, H', F, D] fp32 is added here (S then fp32)."""
+    S, z = _load_sums(CS, CZ, (c * B + b) * Hf + hf, rf, rv, F, D)
+    if LOCAL:
+        P, pz = _load_sums(PRE_S, PRE_Z, ((c // n_per) * B + b) * Hf + hf, rf, rv, F, D)
+        S = S.to(tl.float32) + P
+        z = z + pz
+    return S, z
+
+
+@triton.jit
 def _key_chunk_sums(PKb, Vb, M, b, sM_b, e, T, sPK_t, sV_t, rf, rv, F, D, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
     """(phi_k^T v [F, BV], sum phi_k [F]) over keys ``e`` (padding and out-of-range keys count nothing)."""
     ok = _key_ok(M, b, sM_b, e, T, HAS_MASK)
@@ -389,15 +402,17 @@ def fwd_kernel(
 # ---------------------------------------------------------------------------------------------------------
 @_jit_lengths
 def fwd_chunk_states_kernel(
-    PK, V, M, S0, Z0, CS, CZ,
+    PK, V, M, S0, Z0, CS, CZ, SEG_S, SEG_Z,
     sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sM_b,
     B, T, Hf, Gk, n_chunks, n_per, nwin,
     F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr = False,
 ):
     """CS[c] = the running sum S that query chunk c reads (phi_k v^T over key chunks < c - nwin), in the inputs'
     dtype (the dtype fwd_kernel's product takes it in), CZ[c] = z in fp32: laid out [n_chunks, B, Hf, F, D|1].
-    One program a segment, started from its prefix (S0, Z0) as fwd_kernel is."""
+    One program a segment, started from its prefix (S0, Z0) as fwd_kernel is. LOCAL: started from zero instead
+    (CS then holds only the segment's own keys; readers add the prefix, ``_chunk_sums``), and the segment's total
+    written to SEG_S / SEG_Z as fwd_segment_sums_kernel writes it, so that pass does not run."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv = tl.program_id(2)
@@ -407,7 +422,11 @@ def fwd_chunk_states_kernel(
     rf = tl.arange(0, BF)
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
-    S, z = _load_sums(S0, Z0, (s * B + b) * Hf + hf, rf, rv, F, D)
+    if LOCAL:
+        S = tl.zeros([BF, BV], dtype=tl.float32)
+        z = tl.zeros([BF], dtype=tl.float32)
+    else:
+        S, z = _load_sums(S0, Z0, (s * B + b) * Hf + hf, rf, rv, F, D)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
     for c in range(c_lo, c_hi):
@@ -416,16 +435,20 @@ def fwd_chunk_states_kernel(
                                  T, sPK_t, sV_t, rf, rv, F, D, HAS_MASK, PREC)
         S += dS
         z += dz
+    if LOCAL:  # (key chunks [c_lo - nwin, c_hi - nwin): fwd_segment_sums_kernel's for every segment but the last,
+        # whose total no prefix reads)
+        _store_sums(SEG_S, SEG_Z, (s * B + b) * Hf + hf, rf, rv, F, D, S, z, iv)
 
 
 @_jit_lengths
 def fwd_blocks_kernel(
-    Q, K, V, PQ, PK, M, GAMMA, CS, CZ, Y, U, MAX, DEN, ARG,
+    Q, K, V, PQ, PK, M, GAMMA, CS, CZ, PRE_S, PRE_Z, Y, U, MAX, DEN, ARG,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sY_b, sY_t, sY_h, sM_b,
-    B, T, H, Hf, Gk, GQ, n_chunks, nwin, W, scale, Cs,
+    B, T, H, Hf, Gk, GQ, n_chunks, n_per, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, STORE_U: tl.constexpr, SKIP: tl.constexpr = False,
+    LOCAL: tl.constexpr = False,
 ):
     """fwd_kernel's outputs for one block of C queries (C divides the walk's chunk Cs; n_chunks counts blocks),
     query head h, value block iv: the window and near-linear keys (those of the block's chunk of Cs and the nwin
@@ -459,7 +482,7 @@ def fwd_blocks_kernel(
     acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window(
         tl.maximum((c - nwin) * (Cs // C), 0), i, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t,
         rd, rf, rv, rc, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, SKIP)
-    S, z = _load_sums(CS, CZ, (c * B + b) * Hf + hf, rf, rv, F, D)
+    S, z = _chunk_sums(CS, CZ, PRE_S, PRE_Z, c, n_per, B, b, Hf, hf, rf, rv, F, D, LOCAL)
     acc_l += tl.dot(pq, S.to(pq.dtype), input_precision=PREC)
     l_l += tl.sum(pq.to(tl.float32) * z[None, :], 1)
     _fwd_store(Y, U, MAX, DEN, ARG, b, h, H, T, t, t_ok, rv, sY_b, sY_t, sY_h, D, gam, acc_w, acc_l, l_w, l_l, m_i, arg,
@@ -562,12 +585,13 @@ def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, 
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR, CS, CZ,
+    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR, CS, CZ, PRE_S, PRE_Z,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sDY_b, sDY_t, sDY_h, sM_b,
-    B, T, H, Hf, G, GQ, n_chunks, nwin, W, scale, Cs,
+    B, T, H, Hf, G, GQ, n_chunks, n_per, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False, SKIP: tl.constexpr = False,
+    LOCAL: tl.constexpr = False,
 ):
     """dq (complete), dphi_q (intra part) and the max-path correction per query, for a block of C queries.
     The intra part is every key in the state kernels' chunk (Cs, a multiple of C: ``LaunchConfig.C_intra``) and
@@ -614,7 +638,7 @@ def bwd_dq_kernel(
                                     rf, rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, True)
     corr = -rs
     if FOLD:
-        S, z = _load_sums(CS, CZ, ((c * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
+        S, z = _chunk_sums(CS, CZ, PRE_S, PRE_Z, c * C // Cs, n_per, B, b, Hf, hf, rf, rd, F, D, LOCAL)
         dyi = (dy.to(tl.float32) * inv[:, None]).to(PK.dtype.element_ty)
         dpq += tl.dot(dyi, tl.trans(S.to(PK.dtype.element_ty)), input_precision=PREC) - (delta * inv)[:, None] * z[None, :]
     # The max m_t = s(t, arg_t) carries dm_t = corr_t back to that one key.
@@ -629,13 +653,13 @@ def bwd_dq_kernel(
 
 @triton.jit
 def bwd_dk_kernel(
-    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
+    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ, REV_S, REV_Z,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sDY_b, sDY_t, sDY_h, sM_b,
-    B, T, H, Hf, Gk, n_chunks, nwin, W, scale, Cs,
+    B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
     GQ: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False,
-    SKIP: tl.constexpr = False, GRADS: tl.constexpr = 7,
+    SKIP: tl.constexpr = False, GRADS: tl.constexpr = 7, LOCAL: tl.constexpr = False,
 ):
     """dk (complete), dv and dphi_k (intra parts) of a block j of C keys for feature head hf, summed over its GQ
     query heads: the queries of the state kernels' chunk (Cs) that holds it and of the nwin chunks after.
@@ -693,7 +717,7 @@ def bwd_dk_kernel(
         else:
             dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True, G_K, G_V, G_P)
     if FOLD:
-        dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
+        dS, dz = _chunk_sums(CDS, CDZ, REV_S, REV_Z, j * C // Cs, n_per, B, b, Hf, hf, rf, rd, F, D, LOCAL)
         dS = dS.to(k.dtype)
         if G_V:
             dv += tl.where(k_ok[:, None], tl.dot(pk, dS, input_precision=PREC), 0.0)
@@ -866,16 +890,18 @@ def bwd_dk_state_kernel(
 
 @triton.jit
 def bwd_chunk_dstates_kernel(
-    PQ, DY, DEN, DELTA, DS0, DZ0, CDS, CDZ,
+    PQ, DY, DEN, DELTA, DS0, DZ0, CDS, CDZ, SEG_S, SEG_Z,
     sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h,
     B, T, H, Hf, n_chunks, n_per, nwin,
     F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    GQ: tl.constexpr, PREC: tl.constexpr,
+    GQ: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr = False,
 ):
     """CDS[j] = the gradient sum dS that key chunk j receives from the queries of chunks > j + nwin
     (sum phi_q (dy / den)^T), in phi_q's dtype (the dtype bwd_dk_state_kernel's products take it in), CDZ[j] = dz
     in fp32: bwd_dk_state_kernel's walk backwards along a segment from its reverse prefix (DS0, DZ0), without its
-    dv / dphi_k work, which bwd_dk_kernel's FOLD then does for every key block in parallel."""
+    dv / dphi_k work, which bwd_dk_kernel's FOLD then does for every key block in parallel. LOCAL: started from
+    zero (readers add the segment's reverse prefix), and the segment's total written to SEG_S / SEG_Z as
+    bwd_segment_sums_kernel writes it, so that pass does not run."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv = tl.program_id(2)
@@ -884,7 +910,11 @@ def bwd_chunk_dstates_kernel(
     rf = tl.arange(0, BF)
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
-    dS, dz = _load_sums(DS0, DZ0, (s * B + b) * Hf + hf, rf, rv, F, D)
+    if LOCAL:
+        dS = tl.zeros([BF, BV], dtype=tl.float32)
+        dz = tl.zeros([BF], dtype=tl.float32)
+    else:
+        dS, dz = _load_sums(DS0, DZ0, (s * B + b) * Hf + hf, rf, rv, F, D)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
     for jj in range(c_lo, c_hi):
@@ -892,6 +922,8 @@ def bwd_chunk_dstates_kernel(
         _store_sums(CDS, CDZ, (j * B + b) * Hf + hf, rf, rv, F, D, dS.to(CDS.dtype.element_ty), dz, iv)
         dS, dz = _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, (j + nwin) * C + rc, sPQ_b, sPQ_t, sPQ_h,
                                     sDY_b, sDY_t, sDY_h, rf, rv, F, D, dS, dz, 1.0, GQ, PREC)
+    if LOCAL:  # (query chunks [c_lo + nwin, c_hi + nwin): bwd_segment_sums_kernel's)
+        _store_sums(SEG_S, SEG_Z, (s * B + b) * Hf + hf, rf, rv, F, D, dS, dz, iv)
 
 
 @triton.jit
