@@ -226,11 +226,13 @@ def _segments(n_chunks: int, programs_per_segment: int, device: torch.device, ns
     return n_per, math.ceil(n_chunks / n_per)
 
 
-def _segment_prefix(x: torch.Tensor, init: torch.Tensor | None, reverse: bool = False) -> torch.Tensor:
+def _segment_prefix(x: torch.Tensor, init: torch.Tensor | None, reverse: bool = False,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """``out[s] = init + sum(x[:s])`` (``sum(x[s+1:])`` if ``reverse``; ``init`` 0 if None) for segment sums
-    ``x`` [nseg, ...] fp32 contiguous, ``init`` of shape ``x[0]``; one Triton pass (``segment_prefix_kernel``).
-    The torch form, ``x.cumsum(0) - x + init``, is the reference in the tests."""
-    out = _empty(*x.shape, dtype=x.dtype, device=x.device)
+    ``x`` [nseg, ...] fp32 contiguous, ``init`` of shape ``x[0]``; one Triton pass (``segment_prefix_kernel``),
+    summed in fp32 and stored in ``dtype`` (default x's). The torch form, ``x.cumsum(0) - x + init``, is the
+    reference in the tests."""
+    out = _empty(*x.shape, dtype=dtype or x.dtype, device=x.device)
     n = x[0].numel()
     block = 1024
     K.segment_prefix_kernel[(math.ceil(n / block),)](
@@ -315,8 +317,10 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
             B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-    # Exclusive prefix over segments, seeded with the initial sums.
-    pre_S, pre_z = _segment_prefix(seg_S, S0), _segment_prefix(seg_z, z0)
+    # Exclusive prefix over segments, seeded with the initial sums. Local chunk sums kept for the folded backward:
+    # the prefix is read only by the block kernels' products, so it is stored in their operand dtype (_prefix_sums).
+    low = local and cfg.keeps_chunk_sums
+    pre_S, pre_z = _segment_prefix(seg_S, S0, dtype=phi_q.dtype if low else None), _segment_prefix(seg_z, z0)
 
     y = _empty(*q.shape, dtype=q.dtype, device=dev)
     u = _empty(*q.shape, dtype=q.dtype, device=dev) if store_u else y
@@ -329,7 +333,7 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
         Ci, wi = cfg.blocks("fwd")
         ni = math.ceil(T / Ci)
         _launch(K.fwd_blocks_kernel, (ni, B * H, NV),
-            q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, pre_S, pre_z, y, u, mx, den, arg,
+            q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, pre_S.to(cs.dtype) if local else pre_S, pre_z, y, u, mx, den, arg,
             *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
             B, T, H, Hf, Gk, GQ, ni, n_per, nwin, W, scale, C,
             D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u, SKIP=cfg.skip_empty,
@@ -384,7 +388,8 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     Ci, wi = cfg.blocks("dq")
     ni = math.ceil(T / Ci)
     _launch(K.bwd_dq_kernel, (ni, B * H),
-        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz, pre_S, pre_z, *strides_in,
+        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz,
+        pre_S.to(cs.dtype) if local else pre_S, pre_z, *strides_in,  # (.to: a no-op where the forward kept it low)
         B, T, H, Hf, G, GQ, ni, n_per, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec,
         FOLD=fold, SKIP=cfg.skip_empty, LOCAL=local, **dict(kw, num_warps=wi),
     )
@@ -429,7 +434,8 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
             B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
         )
     # Reverse exclusive prefix: segment s starts from the sums of every later segment.
-    rev_dS, rev_dz = _segment_prefix(seg_dS, None, reverse=True), _segment_prefix(seg_dz, None, reverse=True)
+    rev_dS = _segment_prefix(seg_dS, None, reverse=True, dtype=phi_q.dtype if local else None)
+    rev_dz = _segment_prefix(seg_dz, None, reverse=True)
     if fold:
         if not local:
             chunk_dstates(rev_dS, rev_dz)
@@ -537,7 +543,8 @@ def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warp
     keep = cfg.keeps_chunk_sums
     return (q.new_empty(q.shape), q.new_empty(q.shape if store_u else (0,)), q.new_empty(B, H, T, dtype=f32),
             q.new_empty(B, H, T, dtype=f32), q.new_empty(B, H, T, dtype=torch.int32),
-            q.new_empty(n_seg, B, Hf, F, D, dtype=f32), q.new_empty(n_seg, B, Hf, F, dtype=f32),
+            q.new_empty(n_seg, B, Hf, F, D, dtype=phi_q.dtype if keep and cfg.local_sums else f32),
+            q.new_empty(n_seg, B, Hf, F, dtype=f32),
             phi_q.new_empty((n, B, Hf, F, D) if keep else (0,)),
             q.new_empty((n, B, Hf, F) if keep else (0,), dtype=f32))
 

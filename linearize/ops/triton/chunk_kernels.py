@@ -83,16 +83,12 @@ def _store_sums(S_ptr, Z_ptr, base, rf, rv, F, D, S, z, iv):
 
 
 @triton.jit
-def _chunk_sums(CS, CZ, PRE_S, PRE_Z, c, n_per, B, b, Hf, hf, rf, rv, F, D, LOCAL: tl.constexpr):
-    """The running sums of state chunk c, value block rv, from a walk's [n_chunks, B, H', F, D] / [.., F] buffers;
-    LOCAL: the walk started its segment from zero (``LaunchConfig.local_sums``), so the segment's prefix PRE_S /
-    PRE_Z [nseg, B, H', F, D] fp32 is added here (S then fp32)."""
-    S, z = _load_sums(CS, CZ, (c * B + b) * Hf + hf, rf, rv, F, D)
-    if LOCAL:
-        P, pz = _load_sums(PRE_S, PRE_Z, ((c // n_per) * B + b) * Hf + hf, rf, rv, F, D)
-        S = S.to(tl.float32) + P
-        z = z + pz
-    return S, z
+def _prefix_sums(PRE_S, PRE_Z, c, n_per, B, b, Hf, hf, rf, rv, F, D):
+    """The prefix of state chunk c's segment (value block rv) where the chunk-sum walks started each segment from zero
+    (``LaunchConfig.local_sums``): PRE_S [nseg, B, H', F, D] in the chunk sums' dtype, PRE_Z [nseg, B, H', F] fp32.
+    Readers take it as a second product beside the chunk's own sums, not added to them: an [F, D] sum tile held
+    in registers spills the block kernels (sm_90, D = F = 128: 176-408 B a thread)."""
+    return _load_sums(PRE_S, PRE_Z, ((c // n_per) * B + b) * Hf + hf, rf, rv, F, D)
 
 
 @triton.jit
@@ -155,7 +151,7 @@ def segment_prefix_kernel(X, INIT, OUT, nseg, N, HAS_INIT: tl.constexpr, REVERSE
         else:
             sg = i
         x = tl.load(X + sg * N + offs, mask=ok, other=0.0)
-        tl.store(OUT + sg * N + offs, acc, mask=ok)
+        tl.store(OUT + sg * N + offs, acc.to(OUT.dtype.element_ty), mask=ok)  # (summed in fp32, stored in OUT's dtype)
         acc += x
 
 
@@ -482,8 +478,12 @@ def fwd_blocks_kernel(
     acc_w, acc_l, l_w, l_l, m_i, arg = _fwd_window(
         tl.maximum((c - nwin) * (Cs // C), 0), i, q, pq, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t,
         rd, rf, rv, rc, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, PREC, SKIP)
-    S, z = _chunk_sums(CS, CZ, PRE_S, PRE_Z, c, n_per, B, b, Hf, hf, rf, rv, F, D, LOCAL)
+    S, z = _load_sums(CS, CZ, (c * B + b) * Hf + hf, rf, rv, F, D)
     acc_l += tl.dot(pq, S.to(pq.dtype), input_precision=PREC)
+    if LOCAL:
+        P, pz = _prefix_sums(PRE_S, PRE_Z, c, n_per, B, b, Hf, hf, rf, rv, F, D)
+        acc_l += tl.dot(pq, P.to(pq.dtype), input_precision=PREC)
+        z += pz
     l_l += tl.sum(pq.to(tl.float32) * z[None, :], 1)
     _fwd_store(Y, U, MAX, DEN, ARG, b, h, H, T, t, t_ok, rv, sY_b, sY_t, sY_h, D, gam, acc_w, acc_l, l_w, l_l, m_i, arg,
                iv, False, STORE_U)
@@ -638,9 +638,16 @@ def bwd_dq_kernel(
                                     rf, rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, True)
     corr = -rs
     if FOLD:
-        S, z = _chunk_sums(CS, CZ, PRE_S, PRE_Z, c * C // Cs, n_per, B, b, Hf, hf, rf, rd, F, D, LOCAL)
+        S, z = _load_sums(CS, CZ, ((c * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
         dyi = (dy.to(tl.float32) * inv[:, None]).to(PK.dtype.element_ty)
-        dpq += tl.dot(dyi, tl.trans(S.to(PK.dtype.element_ty)), input_precision=PREC) - (delta * inv)[:, None] * z[None, :]
+        if LOCAL:  # (the segment's prefix as a second product, after the first: see _prefix_sums)
+            dpq += tl.dot(dyi, tl.trans(S.to(PK.dtype.element_ty)), input_precision=PREC)
+            P, pz = _prefix_sums(PRE_S, PRE_Z, c * C // Cs, n_per, B, b, Hf, hf, rf, rd, F, D)
+            dpq += tl.dot(dyi, tl.trans(P.to(PK.dtype.element_ty)), input_precision=PREC)
+            z += pz
+            dpq -= (delta * inv)[:, None] * z[None, :]
+        else:
+            dpq += tl.dot(dyi, tl.trans(S.to(PK.dtype.element_ty)), input_precision=PREC) - (delta * inv)[:, None] * z[None, :]
     # The max m_t = s(t, arg_t) carries dm_t = corr_t back to that one key.
     kg = _load_rows(Kb, arg, t_ok, sK_t, rd, D).to(tl.float32)
     dq = (dq + corr[:, None] * kg) * scale
@@ -649,6 +656,17 @@ def bwd_dq_kernel(
     tl.store(DPQ + ((b * T + t[:, None]) * H + h) * F + rf[None, :], dpq.to(DPQ.dtype.element_ty),
              mask=t_ok[:, None] & (rf[None, :] < F))
     tl.store(CORR + row, corr, mask=t_ok)
+
+
+@triton.jit
+def _fold_dsums(dv, dpk, pk, vv, dS, dz, k_ok, PREC: tl.constexpr, G_V: tl.constexpr, G_P: tl.constexpr):
+    """bwd_dk's FOLD: the later queries' part of a key block's gradients from gradient sums (dS [F, D], dz [F]):
+    dv += phi_k dS, dphi_k += v dS^T + dz (padding keys none)."""
+    if G_V:
+        dv += tl.where(k_ok[:, None], tl.dot(pk, dS, input_precision=PREC), 0.0)
+    if G_P:
+        dpk += tl.where(k_ok[:, None], tl.dot(vv, tl.trans(dS), input_precision=PREC) + dz[None, :], 0.0)
+    return dv, dpk
 
 
 @triton.jit
@@ -716,15 +734,18 @@ def bwd_dk_kernel(
                 dk, dv, dpk = _bwd_dk_steps(i_both, i_hi, *args, dk, dv, dpk, C, PREC, False, True, G_K, G_V, G_P)
         else:
             dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True, G_K, G_V, G_P)
+    if LOCAL and G_K:  # (dk is finished: stored before the fold's products, so its registers are free for them)
+        tl.store(DK + ((b * T + e[:, None]) * Hf + hf) * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=e_in[:, None] & (rd[None, :] < D))
     if FOLD:
-        dS, dz = _chunk_sums(CDS, CDZ, REV_S, REV_Z, j * C // Cs, n_per, B, b, Hf, hf, rf, rd, F, D, LOCAL)
-        dS = dS.to(k.dtype)
-        if G_V:
-            dv += tl.where(k_ok[:, None], tl.dot(pk, dS, input_precision=PREC), 0.0)
-        if G_P:
-            dpk += tl.where(k_ok[:, None], tl.dot(vv, tl.trans(dS), input_precision=PREC) + dz[None, :], 0.0)
+        dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
+        if LOCAL:
+            P, pz = _prefix_sums(REV_S, REV_Z, j * C // Cs, n_per, B, b, Hf, hf, rf, rd, F, D)
+            dS = dS + P.to(dS.dtype)
+            dz += pz
+        dv, dpk = _fold_dsums(dv, dpk, pk, vv, dS.to(k.dtype), dz, k_ok, PREC, G_V, G_P)
     out = (b * T + e[:, None]) * Hf + hf
-    if G_K:
+    if G_K and not LOCAL:
         tl.store(DK + out * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=e_in[:, None] & (rd[None, :] < D))
     if G_V:
