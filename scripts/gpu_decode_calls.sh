@@ -84,6 +84,7 @@
 #   bash scripts/gpu_decode_calls.sh 49 SHA  # the 64-column heads' new ring default (1 warp, BW 32, no prefetch) against the
 #                                            # former in the whole compiled step: SmolLM2, Qwen2.5 (~260 s)
 #   bash scripts/gpu_decode_calls.sh 50 SHA  # call 49 at its shortest: SmolLM2 new / former (~80 s)
+#   bash scripts/gpu_decode_calls.sh 52 SHA  # 51's issue-5 part at its shortest, then call 50 (~330 s)
 #   bash scripts/gpu_decode_calls.sh 51 SHA  # call 49, then the training kernels' state chunk C = 128 (halves the kept
 #                                            # chunk sums) and local_sums (no segment-sum passes): GPU test, 16K and
 #                                            # 2K (graph) by tune_chunk (~560 s)
@@ -715,6 +716,20 @@ PY
       --local --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-local-2k.json" \
       > "$out/tune-chunk-local-2k.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-local-2k.log"
+    ;;
+  52)
+    # call 51 in a short budget, issue 5 first: local_sums' GPU test, then default / local_sums / C = 128 / both at
+    # 16K (profiled) and 2K (graph), then call 50 (SmolLM2's step at the new and former ring default) if time is
+    # left (~330 s)
+    timeout 60 python3 -m pytest -q tests/gpu/test_chunk_cuda.py -k "local_sums" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
+    timeout 130 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,128x128x8x2 --nseg 0 --local \
+      --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-local-16k.json" > "$out/tune-chunk-local-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-local-16k.log"
+    timeout 90 python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default,128x128x8x2 --nseg 0 \
+      --local --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-local-2k.json" \
+      > "$out/tune-chunk-local-2k.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-local-2k.log"
+    [ "$(left)" -gt 90 ] && bash "$0" 50 "$sha"
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
