@@ -495,7 +495,8 @@ def test_segment_prefix_against_torch(nseg, reverse):
                          ids=["dense", "padded"])
 def test_ops_pass_opcheck(masked, forms):
     """The forward and backward custom ops: schemas, fake kernels (shapes, dtypes, the segment count) and the
-    autograd registration, as torch.compile relies on them; gamma with and without a gradient (u stored or not).
+    autograd registration, as torch.compile relies on them; gamma with and without a gradient (u stored or not);
+    the padded split + fold also with local_sums (the prefix then kept in the chunk sums' dtype).
     ``forms``: (split + fold launch, u stored) pairs, so that each pair of the three factors (mask, launch, u) meets
     in both of its value combinations over the two ids (4 opchecks of the interpreter's ~12 s, not all 8)."""
     from linearize.ops.triton.chunk import LaunchConfig, _hybrid_chunk_op, _launch_ints
@@ -504,7 +505,8 @@ def test_ops_pass_opcheck(masked, forms):
     mask = left_pad_mask(2, 21, [0, 5]).to(torch.uint8).contiguous() if masked else None
     S0, z0 = torch.zeros(2, 4, 8, 16), torch.zeros(2, 4, 8)
     for split_fold, store_u in forms:
-        cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, split_forward=split_fold, fold_backward=split_fold)
+        cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, split_forward=split_fold, fold_backward=split_fold,
+                           local_sums=split_fold and masked)
         launch = _launch_ints(cfg)  # (split + fold: the op also returns each chunk's sums, kept for the backward)
         gamma = g if store_u else g.detach()
         torch.library.opcheck(_hybrid_chunk_op, (q, k, v, pq, pk, gamma, mask, S0, z0, 6, 0.25, *launch, store_u))

@@ -77,7 +77,8 @@ class LaunchConfig:
     # The chunk-sum walks of the split forward (fwd_chunk_states) and of the folded backward (bwd_chunk_dstates) start
     # each segment from zero and write its total, so the two segment-sum passes (fwd_segment_sums, bwd_segment_sums:
     # each a read of two [B, T, H, 128] inputs, 0.28 + 0.42 ms of the H100's 6.9 at 16K) do not run; each reader of
-    # the chunk sums (fwd_blocks, bwd_dq, bwd_dk) adds its segment's [F, D] fp32 prefix instead. Off until timed.
+    # the chunk sums (fwd_blocks, bwd_dq, bwd_dk) adds its segment's [F, D] prefix instead (kept in the chunk sums'
+    # dtype, a second product: chunk_kernels._prefix_sums). Off until timed.
     local_sums: bool = False
 
     def blocks(self, kernel: str) -> tuple[int, int]:
