@@ -85,6 +85,7 @@
 #                                            # former in the whole compiled step: SmolLM2, Qwen2.5 (~260 s)
 #   bash scripts/gpu_decode_calls.sh 50 SHA  # call 49 at its shortest: SmolLM2 new / former (~80 s)
 #   bash scripts/gpu_decode_calls.sh 52 SHA  # 51's issue-5 part at its shortest, then call 50 (~330 s)
+#   bash scripts/gpu_decode_calls.sh 53 SHA  # 52's 16K rows alone (~150 s)
 #   bash scripts/gpu_decode_calls.sh 51 SHA  # call 49, then the training kernels' state chunk C = 128 (halves the kept
 #                                            # chunk sums) and local_sums (no segment-sum passes): GPU test, 16K and
 #                                            # 2K (graph) by tune_chunk (~560 s)
@@ -730,6 +731,13 @@ PY
       > "$out/tune-chunk-local-2k.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-local-2k.log"
     [ "$(left)" -gt 90 ] && bash "$0" 50 "$sha"
+    ;;
+  53)
+    # call 52 at its shortest (~150 s, no test: tune_chunk checks each row's outputs and gradients against the
+    # default's first): default / local_sums / C = 128 / both at 16K, profiled
+    timeout 150 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,128x128x8x2 --nseg 0 --local \
+      --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-local-16k.json" > "$out/tune-chunk-local-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-local-16k.log"
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
