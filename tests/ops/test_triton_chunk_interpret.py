@@ -178,6 +178,16 @@ def test_local_sums(case, form, nseg):
 
 
 @inside
+@pytest.mark.parametrize("dk_launches", [2, 3])
+def test_local_sums_with_dk_launches(dk_launches):
+    """local_sums with bwd_dk's gradients over 2 or 3 launches: the launches that form dv / dphi_k add the reverse prefix,
+    the dk-only one reads none: every gradient as the reference."""
+    B, T = CASES[6][:2]
+    _check(*CASES[6], C=32, nseg=3, C_intra=16, split_forward=True, fold_backward=True, skip_empty=True,
+           local_sums=True, dk_launches=dk_launches, mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
 def test_local_sums_with_value_blocks_odd_dims_and_an_initial_state():
     """local_sums with D over two value blocks (z written by block 0 only, each block's prefix its own columns), D and
     F not powers of two, and a piece of a prefill started from a state (the prefix seeded by it): as the reference."""

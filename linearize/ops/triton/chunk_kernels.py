@@ -716,6 +716,10 @@ def bwd_dk_kernel(
     dk = tl.zeros([C, BD], dtype=tl.float32)
     dv = tl.zeros([C, BD], dtype=tl.float32)
     dpk = tl.zeros([C, BF], dtype=tl.float32)
+    if FOLD and LOCAL:  # (the fold's products first, before the loops' accumulators and tiles are live: see below)
+        dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
+        P, pz = _prefix_sums(REV_S, REV_Z, j * C // Cs, n_per, B, b, Hf, hf, rf, rd, F, D)
+        dv, dpk = _fold_dsums(dv, dpk, pk, vv, (dS + P.to(dS.dtype)).to(k.dtype), dz + pz, k_ok, PREC, G_V, G_P)
     for g in tl.static_range(GQ):
         h = hf * GQ + g
         gam = tl.load(GAMMA + h)
@@ -734,18 +738,11 @@ def bwd_dk_kernel(
                 dk, dv, dpk = _bwd_dk_steps(i_both, i_hi, *args, dk, dv, dpk, C, PREC, False, True, G_K, G_V, G_P)
         else:
             dk, dv, dpk = _bwd_dk_steps(j, i_hi, *args, dk, dv, dpk, C, PREC, True, True, G_K, G_V, G_P)
-    if LOCAL and G_K:  # (dk is finished: stored before the fold's products, so its registers are free for them)
-        tl.store(DK + ((b * T + e[:, None]) * Hf + hf) * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty),
-                 mask=e_in[:, None] & (rd[None, :] < D))
-    if FOLD:
+    if FOLD and not LOCAL:
         dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
-        if LOCAL:
-            P, pz = _prefix_sums(REV_S, REV_Z, j * C // Cs, n_per, B, b, Hf, hf, rf, rd, F, D)
-            dS = dS + P.to(dS.dtype)
-            dz += pz
         dv, dpk = _fold_dsums(dv, dpk, pk, vv, dS.to(k.dtype), dz, k_ok, PREC, G_V, G_P)
     out = (b * T + e[:, None]) * Hf + hf
-    if G_K and not LOCAL:
+    if G_K:
         tl.store(DK + out * D + rd[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=e_in[:, None] & (rd[None, :] < D))
     if G_V:
