@@ -187,28 +187,39 @@ def test_local_sums_with_dk_launches(dk_launches):
            local_sums=True, dk_launches=dk_launches, mask=left_pad_mask(B, T, [0, 3][:B]))
 
 
-@inside
-def test_local_sums_with_value_blocks_odd_dims_and_an_initial_state():
-    """local_sums with D over two value blocks (z written by block 0 only, each block's prefix its own columns), D and
-    F not powers of two, and a piece of a prefill started from a state (the prefix seeded by it): as the reference."""
+def _second_piece(cfgs, frozen_gamma: bool):
+    """A prefill's second piece (D and F not powers of two, D over two value blocks, padding), started from the first
+    piece's state, under each of ``cfgs``: per config (y, and the gradients of q, k, v, phi_q, phi_k and, unless
+    ``frozen_gamma``, gamma)."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
 
-    _check(1, 45, 2, 1, 24, 20, 1, 9, C=32, BV=16, nseg=2, C_intra=16, split_forward=True, fold_backward=True,
-           local_sums=True)
     q, k, v, pq, pk, g = random_inputs(2, 45, 4, 2, 24, 20, 2, dtype=torch.float32, seed=12, requires_grad=True)
     m = left_pad_mask(2, 45, [0, 7])
     base = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2)
     with torch.no_grad():
         _, st = hybrid_attention_triton(q[:, :19], k[:, :19], v[:, :19], pq[:, :19], pk[:, :19], window=9,
                                         window_weight=g, attention_mask=m[:, :19], output_final_state=True, config=base)
+    gamma = g.detach() if frozen_gamma else g
+    ins = (q, k, v, pq, pk) if frozen_gamma else (q, k, v, pq, pk, g)
     outs = []
-    for local in (False, True):
-        cfg = LaunchConfig(C=32, BV=16, num_warps=4, nseg=2, C_intra=16, split_forward=True, fold_backward=True,
-                           local_sums=local)
+    for cfg in cfgs:
         y, _ = hybrid_attention_triton(q[:, 19:], k[:, 19:], v[:, 19:], pq[:, 19:], pk[:, 19:], window=9,
-                                       window_weight=g, attention_mask=m[:, 19:], initial_state=st, config=cfg)
-        outs.append((y, *torch.autograd.grad(y, (q, k, v, pq, pk, g), torch.ones_like(y))))
-    for name, a, b in zip("y dq dk dv dphi_q dphi_k dgamma".split(), *outs):
+                                       window_weight=gamma, attention_mask=m[:, 19:], initial_state=st, config=cfg)
+        outs.append((y, *torch.autograd.grad(y, ins, torch.ones_like(y))))
+    return outs
+
+
+@inside
+def test_local_sums_with_value_blocks_odd_dims_and_an_initial_state():
+    """local_sums with D over two value blocks (z written by block 0 only, each block's prefix its own columns), D and
+    F not powers of two, and a piece of a prefill started from a state (the prefix seeded by it): as the reference."""
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    _check(1, 45, 2, 1, 24, 20, 1, 9, C=32, BV=16, nseg=2, C_intra=16, split_forward=True, fold_backward=True,
+           local_sums=True)
+    cfgs = [LaunchConfig(C=32, BV=16, num_warps=4, nseg=2, C_intra=16, split_forward=True, fold_backward=True,
+                         local_sums=local) for local in (False, True)]
+    for name, a, b in zip("y dq dk dv dphi_q dphi_k dgamma".split(), *_second_piece(cfgs, frozen_gamma=False)):
         assert rel_err(a, b) < 1e-5, name
 
 
@@ -223,22 +234,11 @@ def test_local_sums_needs_a_walk_it_changes():
 def test_fold_backward_with_odd_dims_and_an_initial_state():
     """D and F not powers of two, D over two value blocks, the window weight frozen, and a piece of a prefill
     started from a state: the same gradients as the walks."""
-    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+    from linearize.ops.triton.chunk import LaunchConfig
 
     _check(1, 45, 2, 1, 24, 20, 1, 9, BV=16, nseg=2, fold_backward=True)
-    q, k, v, pq, pk, g = random_inputs(2, 45, 4, 2, 24, 20, 2, dtype=torch.float32, seed=12, requires_grad=True)
-    m = left_pad_mask(2, 45, [0, 7])
-    base = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2)
-    with torch.no_grad():
-        _, st = hybrid_attention_triton(q[:, :19], k[:, :19], v[:, :19], pq[:, :19], pk[:, :19], window=9,
-                                        window_weight=g, attention_mask=m[:, :19], output_final_state=True, config=base)
-    grads = []
-    for fold in (False, True):
-        cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, fold_backward=fold)
-        y, _ = hybrid_attention_triton(q[:, 19:], k[:, 19:], v[:, 19:], pq[:, 19:], pk[:, 19:], window=9,
-                                       window_weight=g.detach(), attention_mask=m[:, 19:], initial_state=st, config=cfg)
-        grads.append(torch.autograd.grad(y, (q, k, v, pq, pk), torch.ones_like(y)))
-    for a, b in zip(*grads):
+    cfgs = [LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, fold_backward=fold) for fold in (False, True)]
+    for a, b in zip(*_second_piece(cfgs, frozen_gamma=True)):
         assert rel_err(a, b) < 1e-5
 
 
