@@ -86,8 +86,9 @@ def _store_sums(S_ptr, Z_ptr, base, rf, rv, F, D, S, z, iv):
 def _prefix_sums(PRE_S, PRE_Z, c, n_per, B, b, Hf, hf, rf, rv, F, D):
     """The prefix of state chunk c's segment (value block rv) where the chunk-sum walks started each segment from zero
     (``LaunchConfig.local_sums``): PRE_S [nseg, B, H', F, D] in the chunk sums' dtype, PRE_Z [nseg, B, H', F] fp32.
-    Readers take it as a second product beside the chunk's own sums, not added to them: an [F, D] sum tile held
-    in registers spills the block kernels (sm_90, D = F = 128: 176-408 B a thread)."""
+    fwd_blocks and bwd_dq take it as a second product beside the chunk's own sums, not added to them: an [F, D] sum
+    tile held in registers spills them (sm_90, D = F = 128: 240 / 176 B a thread); bwd_dk adds it to its tile
+    before its loops, where no loop tile is live yet (200 B against 272 after them, benchmarks/NOTES-chunk.md)."""
     return _load_sums(PRE_S, PRE_Z, ((c // n_per) * B + b) * Hf + hf, rf, rv, F, D)
 
 
@@ -407,7 +408,7 @@ def fwd_chunk_states_kernel(
     """CS[c] = the running sum S that query chunk c reads (phi_k v^T over key chunks < c - nwin), in the inputs'
     dtype (the dtype fwd_kernel's product takes it in), CZ[c] = z in fp32: laid out [n_chunks, B, Hf, F, D|1].
     One program a segment, started from its prefix (S0, Z0) as fwd_kernel is. LOCAL: started from zero instead
-    (CS then holds only the segment's own keys; readers add the prefix, ``_chunk_sums``), and the segment's total
+    (CS then holds only the segment's own keys; readers add the prefix, ``_prefix_sums``), and the segment's total
     written to SEG_S / SEG_Z as fwd_segment_sums_kernel writes it, so that pass does not run."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
