@@ -83,6 +83,18 @@ def _store_sums(S_ptr, Z_ptr, base, rf, rv, F, D, S, z, iv):
 
 
 @triton.jit
+def _walk_start(S0, Z0, base, rf, rv, F, D, BF: tl.constexpr, BV: tl.constexpr, LOCAL: tl.constexpr):
+    """A chunk-sum walk's starting sums (fp32): its segment's prefix S0 / Z0 at ``base``, or zero where LOCAL
+    (``LaunchConfig.local_sums``)."""
+    if LOCAL:
+        S = tl.zeros([BF, BV], dtype=tl.float32)
+        z = tl.zeros([BF], dtype=tl.float32)
+    else:
+        S, z = _load_sums(S0, Z0, base, rf, rv, F, D)
+    return S, z
+
+
+@triton.jit
 def _prefix_sums(PRE_S, PRE_Z, c, n_per, B, b, Hf, hf, rf, rv, F, D):
     """The prefix of state chunk c's segment (value block rv) where the chunk-sum walks started each segment from zero
     (``LaunchConfig.local_sums``): PRE_S [nseg, B, H', F, D] in the chunk sums' dtype, PRE_Z [nseg, B, H', F] fp32.
@@ -419,11 +431,7 @@ def fwd_chunk_states_kernel(
     rf = tl.arange(0, BF)
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
-    if LOCAL:
-        S = tl.zeros([BF, BV], dtype=tl.float32)
-        z = tl.zeros([BF], dtype=tl.float32)
-    else:
-        S, z = _load_sums(S0, Z0, (s * B + b) * Hf + hf, rf, rv, F, D)
+    S, z = _walk_start(S0, Z0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, LOCAL)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
     for c in range(c_lo, c_hi):
@@ -717,7 +725,7 @@ def bwd_dk_kernel(
     dk = tl.zeros([C, BD], dtype=tl.float32)
     dv = tl.zeros([C, BD], dtype=tl.float32)
     dpk = tl.zeros([C, BF], dtype=tl.float32)
-    if FOLD and LOCAL:  # (the fold's products first, before the loops' accumulators and tiles are live: see below)
+    if FOLD and LOCAL:  # (the fold's products first, before the loops' tiles are live: see _prefix_sums)
         dS, dz = _load_sums(CDS, CDZ, ((j * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
         P, pz = _prefix_sums(REV_S, REV_Z, j * C // Cs, n_per, B, b, Hf, hf, rf, rd, F, D)
         dv, dpk = _fold_dsums(dv, dpk, pk, vv, (dS + P.to(dS.dtype)).to(k.dtype), dz + pz, k_ok, PREC, G_V, G_P)
@@ -929,11 +937,7 @@ def bwd_chunk_dstates_kernel(
     rf = tl.arange(0, BF)
     rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
-    if LOCAL:
-        dS = tl.zeros([BF, BV], dtype=tl.float32)
-        dz = tl.zeros([BF], dtype=tl.float32)
-    else:
-        dS, dz = _load_sums(DS0, DZ0, (s * B + b) * Hf + hf, rf, rv, F, D)
+    dS, dz = _walk_start(DS0, DZ0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, LOCAL)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
     for jj in range(c_lo, c_hi):
