@@ -77,6 +77,8 @@
 #                                            # the 8B step at the defaults and at the sweep's best, the base (~500 s)
 #   bash scripts/gpu_decode_calls.sh 37 SHA  # the 8B base and step at the defaults, then with inductor's multi_kernel and with
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
+#   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
+#   bash scripts/gpu_decode_calls.sh 55 SHA  # every chunk-kernel GPU test at that default (~340 s)
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
 #                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk over 2-3 launches (dk_launches), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
@@ -738,6 +740,28 @@ PY
     timeout 150 python3 benchmarks/tune_chunk.py --T 16384 --shapes default,128x128x8x2 --nseg 0 --local \
       --intra 32x4 --intra-only --forms split+fold --out "$out/tune-chunk-local-16k.json" > "$out/tune-chunk-local-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-local-16k.log"
+    ;;
+  54)
+    # local_sums made the training default (call 51, H100: 16K forward+backward 6.92 -> 6.79 ms, 2K graph 1.025 ->
+    # 0.987): its GPU tests and the real models' heads and memory at the default, issue 5's attention.py table,
+    # then the real models' heads at B8 x 1K in a CUDA graph without and with it (~500 s)
+    timeout 150 python3 -m pytest -q tests/gpu/test_chunk_cuda.py \
+      -k "local_sums or long_sequence_memory or real_model_head_shapes" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
+    timeout 230 python3 benchmarks/attention.py --quick --no-check --only ours,sdpa-cudnn,flex-window,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
+      --groups main,decode --budget-s 200 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention.log" 2>&1
+    sed -n '/== targets/,$p' "$out/attention.log" | head -14
+    for m in smollm2:9:3 qwen:14:2; do
+      IFS=: read -r name H Hkv <<< "$m"
+      [ "$(left)" -gt 50 ] || break
+      timeout 55 python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H "$H" --Hkv "$Hkv" --D 64 --F 128 --graph \
+        --shapes default --nseg 0 --intra 32x4 --forms split+fold --local --out "$out/tune-chunk-local-$name.json" \
+        > "$out/tune-chunk-local-$name.log" 2>&1
+    done
+    grep -HE "^C=|first call" "$out"/tune-chunk-local-*.log
+    ;;
+  55)
+    # every chunk-kernel GPU test at the new training default (local_sums), 14 processes at a time (~340 s)
+    chunk_tests 14 300 330
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one

@@ -171,18 +171,19 @@ def test_own_blocks(own, BV):
                seed=W)
 
 
+@pytest.mark.parametrize("local", [True, False], ids=["local", "segment-sums"])
 @pytest.mark.parametrize("C", [64, 128])
 @pytest.mark.parametrize("nseg", [None, 5])
-def test_local_sums(C, nseg):
-    """The training default with ``local_sums`` (chunk-sum walks from zero, the readers adding each segment's prefix;
-    no segment-sum passes), at the state chunk C = 64 and 128: against the float64 reference in bf16 with padding, on
-    the benchmark's heads (W 64 and 200) and SmolLM2's."""
+def test_local_sums(C, nseg, local):
+    """The training default (``local_sums``: chunk-sum walks from zero, the readers adding each segment's prefix; no
+    segment-sum passes) and the same launch with the segment-sum passes, at the state chunk C = 64 and 128: against
+    the float64 reference in bf16 with padding, on the benchmark's heads (W 64 and 200) and SmolLM2's."""
     import dataclasses
 
     from linearize.ops.triton.chunk import default_config
 
     for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]:
-        cfg = dataclasses.replace(default_config(D, F, training=True), local_sums=True, nseg=nseg)
+        cfg = dataclasses.replace(default_config(D, F, training=True), local_sums=local, nseg=nseg)
         if C == 128:
             if D < 128:
                 continue  # (value blocks narrower than the chunk are refused)

@@ -95,7 +95,7 @@ def test_value_blocks_narrower_than_the_chunk_are_refused_on_cuda_only():
 def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
     """C 64 (head dims 64-128) gets the folded backward on blocks of 32 rows, the launch the H100 timed fastest,
     and in training the split forward whose chunk sums that backward reuses (H200: faster forward+backward, slower
-    forward alone); Gemma 3's D = 256 (C 32, whose folded kernels spill) and the small heads (C = D < 64) stay
+    forward alone), walked from zero in each segment (local_sums, H100: faster at 16K and 2K); Gemma 3's D = 256 (C 32, whose folded kernels spill) and the small heads (C = D < 64) stay
     one-pass."""
     from linearize.ops.triton.chunk import LaunchConfig, default_config
 
@@ -104,5 +104,6 @@ def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
     assert (cfg.C_intra, cfg.warps_intra) == ((32, 4) if folded else (None, None))
     assert train.split_forward is folded and train.keeps_chunk_sums is folded
     assert train.skip_empty is folded and not cfg.skip_empty  # block pairs' empty parts skipped in training
-    assert dataclasses.replace(train, split_forward=False, skip_empty=False) == cfg  # training changes nothing else
+    assert train.local_sums is folded and not cfg.local_sums  # chunk sums walked from zero a segment in training
+    assert dataclasses.replace(train, split_forward=False, skip_empty=False, local_sums=False) == cfg  # nothing else
     LaunchConfig(**vars(cfg))  # a valid config (C_intra divides C)

@@ -153,8 +153,13 @@ def default_config(D: int, F: int, training: bool = False) -> LaunchConfig:
         # graph 1.075 -> 1.022; B8 x 1K CUDA graph SmolLM2's heads 0.414 -> 0.394, Qwen2.5's 0.629 -> 0.603. The
         # one-pass forward (evaluation) keeps it off: at SmolLM2's heads it spills twice as much with it (sm_90) and
         # was slower there (0.168 -> 0.247 ms eager), against 2.62 -> 2.53 ms at the benchmark heads' 16K.
+        # Training also walks the chunk sums from zero in each segment (local_sums): no segment-sum passes, the
+        # block kernels add the segment prefix. H100, tune_chunk --local (benchmarks/results/
+        # tune-chunk-nvidia-h100-20261207-local-*), forward+backward: 16K 6.92 -> 6.79 ms (32 segments 7.13 ->
+        # 6.95), 2K CUDA graph 1.025 -> 0.987. At C = 128 it lost (16K 7.51 -> 7.65 ms).
         return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, C_intra=32, warps_intra=4,
-                            fold_backward=True, split_forward=training, skip_empty=training)
+                            fold_backward=True, split_forward=training, skip_empty=training,
+                            local_sums=training)
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
 
 
