@@ -745,8 +745,10 @@ PY
     # local_sums made the training default (call 51, H100: 16K forward+backward 6.92 -> 6.79 ms, 2K graph 1.025 ->
     # 0.987): its GPU tests and the real models' heads and memory at the default, issue 5's attention.py table,
     # then the real models' heads at B8 x 1K in a CUDA graph without and with it (~500 s)
-    timeout 150 python3 -m pytest -q tests/gpu/test_chunk_cuda.py \
-      -k "local_sums or long_sequence_memory or real_model_head_shapes" 2>&1 | tail -3 | tee "$out/tests-chunk.log"
+    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py \
+      -k "local_sums or long_sequence_memory or real_model_head_shapes" 2>/dev/null | grep "::")
+    TEST_TIMEOUT=140 TOTAL_TIMEOUT=150 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 13 $ids
+    sed -n '/=== summary/,$p' "$out/tests-chunk.log"
     timeout 230 python3 benchmarks/attention.py --quick --no-check --only ours,sdpa-cudnn,flex-window,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
       --groups main,decode --budget-s 200 --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention.log" 2>&1
     sed -n '/== targets/,$p' "$out/attention.log" | head -14
