@@ -78,7 +78,7 @@
 #   bash scripts/gpu_decode_calls.sh 37 SHA  # the 8B base and step at the defaults, then with inductor's multi_kernel and with
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
 #   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
-#   bash scripts/gpu_decode_calls.sh 55 SHA  # every chunk-kernel GPU test at that default (~340 s)
+#   bash scripts/gpu_decode_calls.sh 55 SHA  # every chunk-kernel GPU test at that default, real heads (~490 s)
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
 #                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk over 2-3 launches (dk_launches), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
@@ -147,6 +147,13 @@ issue5_decode_row() {
   timeout "$1" python3 benchmarks/attention.py --quick --no-check --only ours,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn \
     --groups decode --budget-s "$2" --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention-decode.log" 2>&1
   sed -n '/== targets/,$p' "$out/attention-decode.log" | head -"$3"
+}
+# the training default at a real model's heads, B8 x 1K, forward+backward in a CUDA graph, without and with
+# local_sums: NAME H HKV (D 64, F 128)
+local_heads() {
+  timeout 75 python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H "$2" --Hkv "$3" --D 64 --F 128 --graph \
+    --shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --local \
+    --out "$out/tune-chunk-local-$1.json" > "$out/tune-chunk-local-$1.log" 2>&1
 }
 # seconds left of the call's budget (CALL_S, default 585), for rows that run only if they fit
 left() { echo $((${CALL_S:-585} - SECONDS)); }
@@ -755,15 +762,18 @@ PY
     for m in smollm2:9:3 qwen:14:2; do
       IFS=: read -r name H Hkv <<< "$m"
       [ "$(left)" -gt 50 ] || break
-      timeout 55 python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H "$H" --Hkv "$Hkv" --D 64 --F 128 --graph \
-        --shapes default --nseg 0 --intra 32x4 --forms split+fold --local --out "$out/tune-chunk-local-$name.json" \
-        > "$out/tune-chunk-local-$name.log" 2>&1
+      local_heads "$name" "$H" "$Hkv"
     done
     grep -HE "^C=|first call" "$out"/tune-chunk-local-*.log
     ;;
   55)
-    # every chunk-kernel GPU test at the new training default (local_sums), 14 processes at a time (~340 s)
+    # every chunk-kernel GPU test at the new training default (local_sums), 14 processes at a time (~340 s), then
+    # the real models' heads at B8 x 1K (CUDA graph) without and with local_sums (call 54's ran out of time: the
+    # rows without the blocks of 32 came first)
     chunk_tests 14 300 330
+    local_heads smollm2 9 3
+    local_heads qwen 14 2
+    grep -HE "^C=|first call" "$out"/tune-chunk-local-*.log
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
