@@ -79,6 +79,7 @@
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
 #   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
 #   bash scripts/gpu_decode_calls.sh 55 SHA  # every chunk-kernel GPU test at that default, real heads (~490 s)
+#   bash scripts/gpu_decode_calls.sh 56 SHA  # bwd_dk over 2-3 launches, blocks of 64, at the local_sums default (~260 s)
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
 #                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk over 2-3 launches (dk_launches), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
@@ -774,6 +775,20 @@ PY
     local_heads smollm2 9 3
     local_heads qwen 14 2
     grep -HE "^C=|first call" "$out"/tune-chunk-local-*.log
+    ;;
+  56)
+    # not decode: the local_sums training default spills more in bwd_dk (sm_90: 200 bytes a thread against 32
+    # without it) and fwd_blocks (48 against 16): bwd_dk's gradients over two or three launches, and the intra
+    # kernels on blocks of 64 (wgmma) once more, at 16K (profiled) and 2K (CUDA graph) (~260 s)
+    timeout 170 python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 --intra-only \
+      --forms split+fold --blocks split2,split3,dk64x8,fwd64x8,dq64x8 --out "$out/tune-chunk-blocks-16k.json" \
+      > "$out/tune-chunk-blocks-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-blocks-16k.log"
+    [ "$(left)" -gt 40 ] || exit 0
+    timeout $(( $(left) - 5 )) python3 benchmarks/tune_chunk.py --T 2048 --graph --shapes default --nseg 0 --intra 32x4 \
+      --intra-only --forms split+fold --blocks split2,split3,dk64x8 --out "$out/tune-chunk-blocks-2k.json" \
+      > "$out/tune-chunk-blocks-2k.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-blocks-2k.log"
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
