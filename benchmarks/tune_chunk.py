@@ -22,6 +22,10 @@ wgmma serve them, blocks of 32 issue mma.sync only. A kernel an item does not na
 ``--local`` also runs each split + fold config with ``LaunchConfig.local_sums``: the chunk-sum walks start each
 segment from zero and write its total, so the two segment-sum passes do not run; the block kernels add the prefix.
 
+``--walk 64,32`` also runs each split + fold config with its chunk-sum walks on [64, 64] / [32, 32] tiles of the
+state (``LaunchConfig.walk_tile``: F split across programs too, 4 warps); with ``--nseg 1`` that is one walk over the
+whole sequence, with no segment-sum pass and no prefix.
+
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
 larger segment-prefix buffer ([nseg, B, H', F, D] fp32, written, summed and read once more).
@@ -59,7 +63,7 @@ def label(cfg: LaunchConfig) -> str:
             + (" skip" if cfg.skip_empty else "")
             + (f" fwd={cfg.C_fwd}x{cfg.warps_fwd}" if cfg.C_fwd else "") + (f" dk={cfg.C_dk}x{cfg.warps_dk}" if cfg.C_dk else "")
             + (f" dk_launches={cfg.dk_launches}" if cfg.dk_launches > 1 else "")
-            + (" local" if cfg.local_sums else ""))
+            + (" local" if cfg.local_sums else "") + (f" walk={cfg.walk_tile}" if cfg.walk_tile else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -68,10 +72,10 @@ FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, Tru
 def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False,
                intra: list[tuple[int, int]] = (), forms: list[str] = ("one-pass",),
                skip: bool = False, blocks: list[dict[str, tuple[int, int]]] = (),
-               intra_only: bool = False, local: bool = False) -> list[LaunchConfig]:
+               intra_only: bool = False, local: bool = False, walks: list[int] = ()) -> list[LaunchConfig]:
     """The default config first (the reference of the error check), then every (shape, nseg) pair once.
     ``intra_only``: each shape with the ``intra`` blocks only, not also on its own C (blocks of 128 rows spill).
-    ``local``: each split + fold config also with ``local_sums``."""
+    ``local``: each split + fold config also with ``local_sums``; ``walks``: also with each of those ``walk_tile``s."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
     else:
@@ -103,9 +107,10 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                                                skip_empty=sk)
                             for own in [{}] + list(blocks if sp and fo else ()):
                                 for lo in (False, True) if local and sp and fo else (base.local_sums and sp and fo,):
-                                    c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo)
-                                    if effective(c) not in map(effective, out):
-                                        out.append(c)
+                                    for wt in [base.walk_tile] + list(walks if sp and fo else ()):
+                                        c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt)
+                                        if effective(c) not in map(effective, out):
+                                            out.append(c)
     return out
 
 
@@ -190,6 +195,9 @@ def main() -> None:
                          "gradients over 2 or 3 launches): also each split + fold config with those options")
     ap.add_argument("--local", action="store_true",
                     help="also each split + fold config with local_sums (chunk-sum walks from zero, no segment-sum passes)")
+    ap.add_argument("--walk", default="",
+                    help="comma list of tiles (16, 32, 64): also each split + fold config with its chunk-sum walks on "
+                         "[tile, tile] state tiles (walk_tile; with --nseg 1, one walk over the whole sequence)")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")
@@ -233,7 +241,7 @@ def main() -> None:
     rows = []
     intra = parse_intra(a.intra)
     cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra, a.forms.split(","),
-                       a.skip, parse_blocks(a.blocks), a.intra_only, a.local)
+                       a.skip, parse_blocks(a.blocks), a.intra_only, a.local, [int(x) for x in a.walk.split(",") if x])
 
     def rel(x, ref):
         return ((x.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -80,6 +80,7 @@
 #   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
 #   bash scripts/gpu_decode_calls.sh 55 SHA  # every chunk-kernel GPU test at that default, real heads (~490 s)
 #   bash scripts/gpu_decode_calls.sh 56 SHA  # bwd_dk over 2-3 launches, blocks of 64, at the local_sums default (~260 s)
+#   bash scripts/gpu_decode_calls.sh 57 SHA  # walk_tile: the chunk-sum walks on state tiles, one segment or the default (~330 s)
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
 #                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk over 2-3 launches (dk_launches), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
@@ -789,6 +790,32 @@ PY
       --intra-only --forms split+fold --blocks split2,split3,dk64x8 --out "$out/tune-chunk-blocks-2k.json" \
       > "$out/tune-chunk-blocks-2k.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-blocks-2k.log"
+    ;;
+  57)
+    # not decode: walk_tile (thirty-fourth session): the chunk-sum walks on [64, 64] / [32, 32] state tiles, F split
+    # across programs (4x / 16x the programs at D = F = 128), over the whole sequence (nseg 1: no segment-sum passes
+    # and no prefix for the block kernels to add, which cost local_sums 0.61 ms at 16K in call 51's profile) or the
+    # default segments. Its GPU tests, then tune_chunk at 16K (profiled), 2K (graph) and the real models' heads at
+    # B8 x 1K (graph) (~330 s)
+    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "walk_tile" 2>/dev/null | grep "::")
+    TEST_TIMEOUT=80 TOTAL_TIMEOUT=85 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 3 $ids
+    sed -n '/=== summary/,$p' "$out/tests-chunk.log"
+    WALK=(--shapes default --intra 32x4 --intra-only --forms split+fold --walk 64,32)
+    timeout 120 python3 benchmarks/tune_chunk.py --T 16384 --nseg 0,1 "${WALK[@]}" --out "$out/tune-chunk-walk-16k.json" \
+      > "$out/tune-chunk-walk-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-walk-16k.log"
+    [ "$(left)" -gt 40 ] || exit 0
+    timeout 70 python3 benchmarks/tune_chunk.py --T 2048 --graph --nseg 0,1 "${WALK[@]}" \
+      --out "$out/tune-chunk-walk-2k.json" > "$out/tune-chunk-walk-2k.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-walk-2k.log"
+    for m in smollm2:9:3 qwen:14:2; do
+      IFS=: read -r name H Hkv <<< "$m"
+      [ "$(left)" -gt 30 ] || break
+      timeout $(( $(left) < 60 ? $(left) - 5 : 55 )) python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H "$H" \
+        --Hkv "$Hkv" --D 64 --F 128 --graph --nseg 0,1 "${WALK[@]}" --out "$out/tune-chunk-walk-$name.json" \
+        > "$out/tune-chunk-walk-$name.log" 2>&1
+      grep -HE "^C=" "$out/tune-chunk-walk-$name.log"
+    done
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one

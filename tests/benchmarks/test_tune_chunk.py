@@ -99,3 +99,16 @@ def test_blocks_flag_gives_each_split_fold_config_its_kernels_own_blocks_once():
     assert ((64, 8), (32, 4), (32, 4), 1, True) in launched
     assert ((32, 4), (64, 8), (32, 4), 2, True) in launched  # dq's blocks moved, fwd's and dk's kept
     assert not any(c.C_fwd or c.C_dk or c.dk_launches > 1 for c in cands if not c.split_forward)  # one-pass rows: none
+
+
+def test_walk_adds_each_split_fold_config_with_each_walk_tile():
+    from benchmarks.tune_chunk import label
+
+    base = default_config(128, 128, training=True)
+    cands = candidates(base, "default", [0, 1], intra=[(32, 4)], intra_only=True, forms=["split+fold"], walks=[64, 32])
+    assert cands[0] == base and base.walk_tile is None
+    assert {(c.nseg, c.walk_tile) for c in cands} == {(None, None), (None, 64), (None, 32), (1, None), (1, 64), (1, 32)}
+    assert all(c.local_sums == base.local_sums for c in cands)  # (no effect at one segment: no twin without it)
+    assert {label(c).split()[-1] for c in cands if c.walk_tile} == {"walk=64", "walk=32"}
+    # one-pass configs have no chunk-sum walks to tile
+    assert not any(c.walk_tile for c in candidates(base, "default", [0], forms=["one-pass"], walks=[64]))

@@ -192,6 +192,22 @@ def test_local_sums(C, nseg, local):
                seed=W)
 
 
+@pytest.mark.parametrize("tile,nseg", [(64, 1), (32, 1), (64, None)], ids=["64-whole", "32-whole", "64-segments"])
+def test_walk_tile(tile, nseg):
+    """The training default with its chunk-sum walks on [tile, tile] state tiles (``walk_tile``: F split across
+    programs too), over the whole sequence (one segment: no segment-sum passes, no prefix) or the default segments
+    (local_sums): against the float64 reference in bf16 with padding, on the benchmark's heads (W 64 and 200) and
+    SmolLM2's."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import default_config
+
+    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]:
+        cfg = dataclasses.replace(default_config(D, F, training=True), walk_tile=tile, nseg=nseg)
+        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
+               seed=W)
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

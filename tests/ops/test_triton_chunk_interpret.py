@@ -223,6 +223,42 @@ def test_local_sums_with_value_blocks_odd_dims_and_an_initial_state():
         assert rel_err(a, b) < 1e-5, name
 
 
+@inside
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 3, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("form,nseg,local", [("split+fold", 1, False), ("split+fold", 3, False),
+                                             ("split+fold", 3, True), ("fold", 1, False)])
+def test_walk_tile(case, form, nseg, local):
+    """``LaunchConfig.walk_tile``: the chunk-sum walks on [16, 16] tiles of the state (F = 32 over two feature
+    blocks, D = 32 over two value blocks where the readers take one of 32), over the whole sequence (one segment:
+    no segment-sum passes) or three, with local_sums, and the folded backward after the one-pass forward: outputs,
+    final states and every gradient as the reference, with padding."""
+    B, T = case[:2]
+    _check(*case, C=32, BV=32, nseg=nseg, C_intra=16, split_forward="split" in form, fold_backward=True,
+           skip_empty=True, local_sums=local, walk_tile=16, mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
+def test_walk_tile_with_odd_dims_and_an_initial_state():
+    """walk_tile with F = 20 and D = 24 (the last feature and value tiles partly masked) and a piece of a prefill
+    started from a state, over one segment (the walk seeded by the state itself, no segment sums) and two: as the
+    default walks."""
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    cfgs = [LaunchConfig(C=32, BV=32, num_warps=4, nseg=nseg, C_intra=16, split_forward=True, fold_backward=True,
+                         walk_tile=tile) for nseg, tile in ((2, None), (1, 16), (2, 16))]
+    base, *rest = _second_piece(cfgs, frozen_gamma=False)
+    for outs in rest:
+        for name, a, b in zip("y dq dk dv dphi_q dphi_k dgamma".split(), outs, base):
+            assert rel_err(a, b) < 1e-5, name
+
+
+def test_walk_tile_is_16_32_or_64():
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    with pytest.raises(ValueError, match="walk_tile"):
+        LaunchConfig(C=64, BV=64, num_warps=4, walk_tile=48)
+
+
 def test_local_sums_needs_a_walk_it_changes():
     from linearize.ops.triton.chunk import LaunchConfig
 
@@ -285,7 +321,9 @@ def test_a_launch_config_travels_through_the_ops_ints():
                 LaunchConfig(C=128, BV=128, num_warps=16, C_dk=128, warps_dk=16, dk_launches=3),
                 LaunchConfig(C=64, BV=64, num_warps=4, dk_launches=2, skip_empty=True),
                 LaunchConfig(C=128, BV=128, num_warps=8, C_intra=32, warps_intra=4, split_forward=True,
-                             fold_backward=True, skip_empty=True, local_sums=True, dk_launches=3)):
+                             fold_backward=True, skip_empty=True, local_sums=True, dk_launches=3),
+                *(LaunchConfig(C=64, BV=128, num_warps=8, nseg=1, split_forward=True, fold_backward=True,
+                               walk_tile=tile) for tile in (16, 32, 64))):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

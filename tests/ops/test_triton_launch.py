@@ -95,8 +95,8 @@ def test_value_blocks_narrower_than_the_chunk_are_refused_on_cuda_only():
 def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
     """C 64 (head dims 64-128) gets the folded backward on blocks of 32 rows, the launch the H100 timed fastest,
     and in training the split forward whose chunk sums that backward reuses (H200: faster forward+backward, slower
-    forward alone), walked from zero in each segment (local_sums, H100: faster at 16K and 2K); Gemma 3's D = 256 (C 32, whose folded kernels spill) and the small heads (C = D < 64) stay
-    one-pass."""
+    forward alone), walked from zero in each segment (local_sums, H100: faster at 16K and 2K); Gemma 3's D = 256
+    (C 32, whose folded kernels spill) and the small heads (C = D < 64) stay one-pass."""
     from linearize.ops.triton.chunk import LaunchConfig, default_config
 
     cfg, train = default_config(D, F), default_config(D, F, training=True)

@@ -78,8 +78,15 @@ class LaunchConfig:
     # each segment from zero and write its total, so the two segment-sum passes (fwd_segment_sums, bwd_segment_sums:
     # each a read of two [B, T, H, 128] inputs, 0.28 + 0.42 ms of the H100's 6.9 at 16K) do not run; each reader of
     # the chunk sums (fwd_blocks, bwd_dq, bwd_dk) adds its segment's [F, D] prefix instead (kept in the chunk sums'
-    # dtype, a second product: chunk_kernels._prefix_sums). Off until timed.
+    # dtype, a second product: chunk_kernels._prefix_sums). No effect with one segment, whose walk starts from the
+    # initial state and has no segment-sum pass to drop. default_config: on in training where C = 64.
     local_sums: bool = False
+    # The chunk-sum walks (fwd_chunk_states, bwd_chunk_dstates) on [walk_tile, walk_tile] tiles of the [F, D] state
+    # at 4 warps, F and D split across programs (a walk's sums are separable in both), instead of one [F, BV] tile a
+    # program at num_warps: 4x the programs at D = F = 128 and tile 64, each walking with a quarter of the state. With
+    # nseg = 1 that is one walk over the whole sequence: no segment-sum passes, no prefix for the readers to add
+    # (one segment's prefix is the initial state). None: [F, BV]. Off until timed.
+    walk_tile: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -105,6 +112,8 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig: dk_launches={self.dk_launches} must be 1, 2 or 3")
         if self.split_forward and self.one_acc:
             raise ValueError("LaunchConfig: one_acc is a form of the one-pass forward; pass it or split_forward")
+        if self.walk_tile not in (None, 16, 32, 64):
+            raise ValueError(f"LaunchConfig: walk_tile={self.walk_tile} must be None, 16, 32 or 64")
         if self.local_sums and not (self.split_forward or self.fold_backward):
             raise ValueError("LaunchConfig: local_sums changes the chunk-sum walks of split_forward and fold_backward; "
                              "pass one of them too")
@@ -277,6 +286,21 @@ def _mask_arg(mask, q) -> tuple[bool, torch.Tensor, int]:
     return mask is not None, (mask if mask is not None else q), (mask.stride(0) if mask is not None else 0)
 
 
+def _local(cfg: LaunchConfig, nseg: int) -> bool:
+    """The chunk-sum walks start each segment from zero (``cfg.local_sums``): only over several segments; one
+    segment's walk starts from the initial state, and its prefix needs no segment sums."""
+    return cfg.local_sums and nseg > 1
+
+
+def _walk_launch(cfg: LaunchConfig, BF: int, BV: int, F: int, D: int) -> tuple[int, int, int, int]:
+    """(BF, BV, programs a (segment, head), warps) of the chunk-sum walks: the config's [F, BV] tile at num_warps,
+    or ``cfg.walk_tile`` square tiles at 4 warps (the kernels number them value block fastest)."""
+    if cfg.walk_tile is None:
+        return BF, BV, math.ceil(D / BV), cfg.num_warps
+    bf, bv = min(cfg.walk_tile, BF), min(cfg.walk_tile, BV)
+    return bf, bv, math.ceil(F / bf) * math.ceil(D / bv), 4
+
+
 def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: LaunchConfig, seg=None):
     """(CS [n_chunks, B, H', F, D] in phi_q's dtype, CZ [n_chunks, B, H', F] fp32): the running sums each query
     chunk reads, walked from the segment prefixes (fwd_chunk_states_kernel); with ``cfg.local_sums`` each segment's
@@ -286,15 +310,16 @@ def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: Laun
     has_mask, m_arg, sM_b = _mask_arg(mask, q)
     cs = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=q.device)
     cz = _empty(n, B, Hf, F, dtype=torch.float32, device=q.device)
-    local = cfg.local_sums
+    local = _local(cfg, nseg)
     if local and seg is None:
         seg = (_empty(nseg, B, Hf, F, D, dtype=torch.float32, device=q.device),
                _empty(nseg, B, Hf, F, dtype=torch.float32, device=q.device))
     seg_S, seg_z = seg if local else (cz, cz)  # (never written unless local)
-    _launch(K.fwd_chunk_states_kernel, (nseg, B * Hf, NV),
+    wf, wv, tiles, warps = _walk_launch(cfg, BF, BV, F, D)
+    _launch(K.fwd_chunk_states_kernel, (nseg, B * Hf, tiles),
         phi_k, v, m_arg, pre_S, pre_z, cs, cz, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
-        B, T, Hf, Hf // Hkv, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=_prec(q.dtype),
-        LOCAL=local, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        B, T, Hf, Hf // Hkv, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, HAS_MASK=has_mask, PREC=_prec(q.dtype),
+        LOCAL=local, num_warps=warps, num_stages=cfg.num_stages,
     )
     return cs, cz
 
@@ -314,10 +339,10 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
 
     seg_S = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
     seg_z = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
-    local = cfg.split_forward and cfg.local_sums
+    local = cfg.split_forward and _local(cfg, nseg)
     if local:  # the chunk-sum walk writes each segment's total itself
         cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, seg_S, seg_z, window, cfg, seg=(seg_S, seg_z))
-    else:
+    elif nseg > 1:  # (one segment's prefix is the initial state: its sums are never read)
         _launch(K.fwd_segment_sums_kernel, (nseg, B * Hf, NV),
             phi_k, v, m_arg, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
             B, T, Hf, Gk, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, HAS_MASK=has_mask, PREC=prec,
@@ -382,7 +407,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
 
     dq = _empty(*q.shape, dtype=q.dtype, device=dev)
     fold = cfg.fold_backward
-    local = fold and cfg.local_sums  # (the chunk sums then hold each segment's own keys / queries: readers add its prefix)
+    local = fold and _local(cfg, nseg)  # (the chunk sums then hold each segment's own keys / queries: readers add its prefix)
     # Folded, the intra kernels also take the running-sum parts (from each chunk's sums, walked again here, and each
     # chunk's gradient sums) and write finished dphi_q / dv / dphi_k: no bwd_*_state walks, no fp32 buffers.
     if not fold:
@@ -428,13 +453,15 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         cdz = _empty(n, B, Hf, F, dtype=f32, device=dev)
 
         def chunk_dstates(start_S, start_z):
-            _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, NV),
+            wf, wv, tiles, warps = _walk_launch(cfg, BF, BV, F, D)
+            _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, tiles),
                 phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
-                B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, LOCAL=local, **kw,
+                B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, GQ=GQ, PREC=prec, LOCAL=local,
+                **dict(kw, num_warps=warps),
             )
     if local:  # the walk from zero writes each segment's total, then the readers add the reverse prefix
         chunk_dstates(seg_dS, seg_dz)
-    else:
+    elif nseg > 1:  # (one segment's reverse prefix is zero: its sums are never read)
         _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
             phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
             B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
@@ -502,15 +529,17 @@ def _cfg(launch) -> LaunchConfig:
                         one_acc=bool(flags & 1), split_forward=bool(flags & 2), fold_backward=bool(flags & 4),
                         C_intra=C_intra or None, warps_intra=warps_intra or None, skip_empty=bool(flags & 8),
                         C_fwd=own[0], warps_fwd=own[1], C_dk=own[2], warps_dk=own[3],
-                        dk_launches=1 + (flags >> 4 & 3), local_sums=bool(flags & 64))
+                        dk_launches=1 + (flags >> 4 & 3), local_sums=bool(flags & 64),
+                        walk_tile=(None, 16, 32, 64)[flags >> 7 & 3])
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
-    2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
+    2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256: walk_tile
+    (0: None, 1: 16, 2: 32, 3: 64)), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
     warps_fwd, C_dk, warps_dk a byte each, low byte first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
-             | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums))
+             | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile))
     blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk), (0, 8, 16, 24)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
             cfg.C_intra or 0, cfg.warps_intra or 0, blocks)
@@ -549,7 +578,7 @@ def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warp
     keep = cfg.keeps_chunk_sums
     return (q.new_empty(q.shape), q.new_empty(q.shape if store_u else (0,)), q.new_empty(B, H, T, dtype=f32),
             q.new_empty(B, H, T, dtype=f32), q.new_empty(B, H, T, dtype=torch.int32),
-            q.new_empty(n_seg, B, Hf, F, D, dtype=phi_q.dtype if keep and cfg.local_sums else f32),
+            q.new_empty(n_seg, B, Hf, F, D, dtype=phi_q.dtype if keep and _local(cfg, n_seg) else f32),
             q.new_empty(n_seg, B, Hf, F, dtype=f32),
             phi_q.new_empty((n, B, Hf, F, D) if keep else (0,)),
             q.new_empty((n, B, Hf, F) if keep else (0,), dtype=f32))

@@ -83,6 +83,16 @@ def _store_sums(S_ptr, Z_ptr, base, rf, rv, F, D, S, z, iv):
 
 
 @triton.jit
+def _walk_tile(F, D, BF: tl.constexpr, BV: tl.constexpr):
+    """(iv, rf, rv): the value block index and the [BF, BV] tile of the [F, D] state that a chunk-sum walk program
+    (axis 2: value block fastest, then feature block) carries; one feature block unless ``LaunchConfig.walk_tile``
+    splits F too."""
+    nv = (D + BV - 1) // BV
+    iv = tl.program_id(2) % nv
+    return iv, (tl.program_id(2) // nv) * BF + tl.arange(0, BF), iv * BV + tl.arange(0, BV)
+
+
+@triton.jit
 def _walk_start(S0, Z0, base, rf, rv, F, D, BF: tl.constexpr, BV: tl.constexpr, LOCAL: tl.constexpr):
     """A chunk-sum walk's starting sums (fp32): its segment's prefix S0 / Z0 at ``base``, or zero where LOCAL
     (``LaunchConfig.local_sums``)."""
@@ -424,12 +434,10 @@ def fwd_chunk_states_kernel(
     written to SEG_S / SEG_Z as fwd_segment_sums_kernel writes it, so that pass does not run."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
-    iv = tl.program_id(2)
+    iv, rf, rv = _walk_tile(F, D, BF, BV)
     b = bh // Hf
     hf = bh % Hf
     hk = hf // Gk
-    rf = tl.arange(0, BF)
-    rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
     S, z = _walk_start(S0, Z0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, LOCAL)
     c_lo = s * n_per
@@ -931,11 +939,9 @@ def bwd_chunk_dstates_kernel(
     bwd_segment_sums_kernel writes it, so that pass does not run."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
-    iv = tl.program_id(2)
+    iv, rf, rv = _walk_tile(F, D, BF, BV)
     b = bh // Hf
     hf = bh % Hf
-    rf = tl.arange(0, BF)
-    rv = iv * BV + tl.arange(0, BV)
     rc = tl.arange(0, C)
     dS, dz = _walk_start(DS0, DZ0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, LOCAL)
     c_lo = s * n_per
