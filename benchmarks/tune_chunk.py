@@ -22,8 +22,8 @@ wgmma serve them, blocks of 32 issue mma.sync only. A kernel an item does not na
 ``--local`` also runs each split + fold config with ``LaunchConfig.local_sums``: the chunk-sum walks start each
 segment from zero and write its total, so the two segment-sum passes do not run; the block kernels add the prefix.
 
-``--walk 64,32`` also runs each split + fold config with its chunk-sum walks on [64, 64] / [32, 32] tiles of the
-state (``LaunchConfig.walk_tile``: F split across programs too, 4 warps); with ``--nseg 1`` that is one walk over the
+``--walk 0,32`` (0: none) also runs each split + fold config with its chunk-sum walks on [64, 64] / [32, 32] tiles of the
+state, or on [F, BV] (``LaunchConfig.walk_tile``: F split across programs too, 4 warps; the training default is 64); with ``--nseg 1`` that is one walk over the
 whole sequence, with no segment-sum pass and no prefix.
 
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
@@ -75,7 +75,8 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                intra_only: bool = False, local: bool = False, walks: list[int] = ()) -> list[LaunchConfig]:
     """The default config first (the reference of the error check), then every (shape, nseg) pair once.
     ``intra_only``: each shape with the ``intra`` blocks only, not also on its own C (blocks of 128 rows spill).
-    ``local``: each split + fold config also with ``local_sums``; ``walks``: also with each of those ``walk_tile``s."""
+    ``local``: each split + fold config also with ``local_sums``; ``walks``: also with each of those ``walk_tile``s (0:
+    None)."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
     else:
@@ -107,7 +108,7 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                                                skip_empty=sk)
                             for own in [{}] + list(blocks if sp and fo else ()):
                                 for lo in (False, True) if local and sp and fo else (base.local_sums and sp and fo,):
-                                    for wt in [base.walk_tile] + list(walks if sp and fo else ()):
+                                    for wt in [base.walk_tile] + [w or None for w in (walks if sp and fo else ())]:
                                         c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt)
                                         if effective(c) not in map(effective, out):
                                             out.append(c)
@@ -196,8 +197,8 @@ def main() -> None:
     ap.add_argument("--local", action="store_true",
                     help="also each split + fold config with local_sums (chunk-sum walks from zero, no segment-sum passes)")
     ap.add_argument("--walk", default="",
-                    help="comma list of tiles (16, 32, 64): also each split + fold config with its chunk-sum walks on "
-                         "[tile, tile] state tiles (walk_tile; with --nseg 1, one walk over the whole sequence)")
+                    help="comma list of tiles (16, 32, 64; 0: [F, BV], no tile): also each split + fold config with its "
+                         "chunk-sum walks on [tile, tile] state tiles (walk_tile; with --nseg 1, one walk over the whole sequence)")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")

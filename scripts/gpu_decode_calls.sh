@@ -81,6 +81,7 @@
 #   bash scripts/gpu_decode_calls.sh 55 SHA  # every chunk-kernel GPU test at that default, real heads (~490 s)
 #   bash scripts/gpu_decode_calls.sh 56 SHA  # bwd_dk over 2-3 launches, blocks of 64, at the local_sums default (~260 s)
 #   bash scripts/gpu_decode_calls.sh 57 SHA  # walk_tile: the chunk-sum walks on state tiles, one segment or the default (~330 s)
+#   bash scripts/gpu_decode_calls.sh 58 SHA  # the walk_tile training default at B1 H32 16K and B4 H16 16K (~110 s)
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
 #                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk over 2-3 launches (dk_launches), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
@@ -816,6 +817,18 @@ PY
         > "$out/tune-chunk-walk-$name.log" 2>&1
       grep -HE "^C=" "$out/tune-chunk-walk-$name.log"
     done
+    ;;
+  58)
+    # not decode: the training default with walk_tile 64 (one segment where the tiles fill the SMs): the issue's
+    # B1 H32 16K shape (128 tile programs: just under the H100's 132 SMs, so segments) at the default, one segment,
+    # and both without the tiles; then B4 H16 16K at the default (one segment), profiled (~110 s)
+    timeout 75 python3 benchmarks/tune_chunk.py --T 16384 --B 1 --H 32 --shapes default --nseg 0,1 --intra 32x4 \
+      --intra-only --forms split+fold --walk 0 --out "$out/tune-chunk-walk-b1h32.json" > "$out/tune-chunk-walk-b1h32.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-walk-b1h32.log"
+    [ "$(left)" -gt 30 ] || exit 0
+    timeout $(( $(left) - 5 )) python3 benchmarks/tune_chunk.py --T 16384 --shapes default --nseg 0 --intra 32x4 \
+      --intra-only --forms split+fold --out "$out/tune-chunk-walk-default-16k.json" > "$out/tune-chunk-walk-default-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-walk-default-16k.log"
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one

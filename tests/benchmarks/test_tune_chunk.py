@@ -105,10 +105,11 @@ def test_walk_adds_each_split_fold_config_with_each_walk_tile():
     from benchmarks.tune_chunk import label
 
     base = default_config(128, 128, training=True)
-    cands = candidates(base, "default", [0, 1], intra=[(32, 4)], intra_only=True, forms=["split+fold"], walks=[64, 32])
-    assert cands[0] == base and base.walk_tile is None
-    assert {(c.nseg, c.walk_tile) for c in cands} == {(None, None), (None, 64), (None, 32), (1, None), (1, 64), (1, 32)}
+    cands = candidates(base, "default", [0, 1], intra=[(32, 4)], intra_only=True, forms=["split+fold"], walks=[0, 32])
+    assert cands[0] == base and base.walk_tile == 64
+    assert {(c.nseg, c.walk_tile) for c in cands} == {(n, t) for n in (None, 1) for t in (64, None, 32)}
     assert all(c.local_sums == base.local_sums for c in cands)  # (no effect at one segment: no twin without it)
-    assert {label(c).split()[-1] for c in cands if c.walk_tile} == {"walk=64", "walk=32"}
+    assert {label(c).split()[-1] for c in cands if c.nseg is None} == {"walk=64", "walk=32", "local"}
     # one-pass configs have no chunk-sum walks to tile
-    assert not any(c.walk_tile for c in candidates(base, "default", [0], forms=["one-pass"], walks=[64]))
+    assert not any(c.walk_tile for c in candidates(default_config(128, 128), "default", [0], forms=["one-pass"],
+                                                   walks=[64]))

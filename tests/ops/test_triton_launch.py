@@ -105,5 +105,19 @@ def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
     assert train.split_forward is folded and train.keeps_chunk_sums is folded
     assert train.skip_empty is folded and not cfg.skip_empty  # block pairs' empty parts skipped in training
     assert train.local_sums is folded and not cfg.local_sums  # chunk sums walked from zero a segment in training
-    assert dataclasses.replace(train, split_forward=False, skip_empty=False, local_sums=False) == cfg  # nothing else
+    assert train.walk_tile == (64 if folded else None) and cfg.walk_tile is None  # the walks on state tiles
+    assert dataclasses.replace(train, split_forward=False, skip_empty=False, local_sums=False, walk_tile=None) == cfg
     LaunchConfig(**vars(cfg))  # a valid config (C_intra divides C)
+
+
+def test_walk_tiles_take_one_segment_where_they_fill_the_sms():
+    """With the split forward's walks on state tiles (walk_tile), nseg None gives one segment (no segment sums, no
+    prefix) where a segment's tile programs fill the SMs, and the usual count (>= 8 programs an SM, >= 4 chunks a
+    segment) where they do not; an explicit nseg is kept. (On CPU the interpreter counts 4 SMs.)"""
+    from linearize.ops.triton.chunk import _segments
+
+    cpu = torch.device("cpu")
+    assert _segments(256, 4, cpu, None, whole=True) == (256, 1)
+    assert _segments(256, 4, cpu, None) == (32, 8)  # (8 programs an SM without whole)
+    assert _segments(16, 2, cpu, None, whole=True) == (4, 4)  # too few programs: segments, at least 4 chunks each
+    assert _segments(256, 4, cpu, 3, whole=True) == (86, 3)

@@ -85,7 +85,8 @@ class LaunchConfig:
     # at 4 warps, F and D split across programs (a walk's sums are separable in both), instead of one [F, BV] tile a
     # program at num_warps: 4x the programs at D = F = 128 and tile 64, each walking with a quarter of the state. With
     # nseg = 1 that is one walk over the whole sequence: no segment-sum passes, no prefix for the readers to add
-    # (one segment's prefix is the initial state). None: [F, BV]. Off until timed.
+    # (one segment's prefix is the initial state); with the split forward and nseg None, one segment is picked where
+    # a segment's tiles fill the SMs (_segments). None: [F, BV]. default_config: 64 in training where C = 64.
     walk_tile: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:
@@ -166,9 +167,13 @@ def default_config(D: int, F: int, training: bool = False) -> LaunchConfig:
         # block kernels add the segment prefix. H100, tune_chunk --local (benchmarks/results/
         # tune-chunk-nvidia-h100-20261207-local-*), forward+backward: 16K 6.92 -> 6.79 ms (32 segments 7.13 ->
         # 6.95), 2K CUDA graph 1.025 -> 0.987. At C = 128 it lost (16K 7.51 -> 7.65 ms).
+        # Training also walks the sums on [64, 64] state tiles at 4 warps (walk_tile), over the whole sequence where
+        # the tiles fill the SMs (_segments). H100, tune_chunk --walk (benchmarks/results/
+        # tune-chunk-nvidia-h100-20261207-walk-*), forward+backward: 16K 6.82 -> 6.29 ms, 2K CUDA graph 0.983 ->
+        # 0.851; B8 x 1K CUDA graph (segments kept) SmolLM2's heads 0.361 -> 0.343, Qwen2.5's 0.529 -> 0.491.
         return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, C_intra=32, warps_intra=4,
                             fold_backward=True, split_forward=training, skip_empty=training,
-                            local_sums=training)
+                            local_sums=training, walk_tile=64 if training else None)
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
 
 
@@ -226,14 +231,22 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: a few segments, to exercise the segment logic
 
 
-def _segments(n_chunks: int, programs_per_segment: int, device: torch.device, nseg: int | None) -> tuple[int, int]:
+def _segments(n_chunks: int, programs_per_segment: int, device: torch.device, nseg: int | None,
+              whole: bool = False) -> tuple[int, int]:
     """(n_per, nseg): chunks per segment and segment count.
+
+    ``whole`` (the split forward's walks on state tiles, ``LaunchConfig.walk_tile``): one segment where a segment's
+    programs fill the SMs. H100 (tune_chunk --walk, benchmarks/results/tune-chunk-nvidia-h100-20261207-walk-*): at
+    B4 H16 D=F=128 (256 walk programs) one segment beat the default 17 by 11% at 16K (6.29 against 7.07 ms) and 15%
+    at 2K in a CUDA graph; at SmolLM2's heads B8 x 1K (48 programs) it lost (0.383 against 0.343 ms).
 
     Default: about 8 programs an SM (more programs hide the latency of each one's sequential walk), but at least
     4 chunks a segment (each segment costs a prefix-sum entry of F x D fp32 and a partial walk). On the H200 at
     B=4, H=16, D=F=128 (``benchmarks/tune_chunk.py --nseg``, 2026-12-04) this picks the fastest counts of the
     sweep: 16 at T=16K (forward+backward 9.37 ms with the old 2-programs-an-SM rule's 5 -> 8.75) and 8 at T=2K
     (1.82 -> 1.58 ms)."""
+    if nseg is None and whole and programs_per_segment >= _num_sms(device):
+        nseg = 1
     if nseg is None:
         nseg = max(1, min(math.ceil(8 * _num_sms(device) / max(programs_per_segment, 1)), n_chunks // 4))
     nseg = max(1, min(nseg, n_chunks))
@@ -277,7 +290,10 @@ def _geometry(q, k, phi_q, phi_k, window: int, cfg: LaunchConfig) -> tuple:
     nwin = math.ceil((W - 1) / C) if W > 0 else 0
     BD, BF, BV = _pow2(D), _pow2(F), value_block(cfg.BV, D)
     NV = math.ceil(D / BV)
-    n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
+    if cfg.walk_tile and cfg.split_forward:  # (the one-pass forward keeps its segments: it walks on [F, BV] tiles)
+        n_per, nseg = _segments(n, B * Hf * _walk_launch(cfg, BF, BV, F, D)[2], q.device, cfg.nseg, whole=True)
+    else:
+        n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
     return B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg
 
 
