@@ -121,3 +121,17 @@ def test_walk_tiles_take_one_segment_where_they_fill_the_sms():
     assert _segments(256, 4, cpu, None) == (32, 8)  # (8 programs an SM without whole)
     assert _segments(16, 2, cpu, None, whole=True) == (4, 4)  # too few programs: segments, at least 4 chunks each
     assert _segments(256, 4, cpu, 3, whole=True) == (86, 3)
+
+
+def test_one_segment_only_where_every_walk_is_on_tiles():
+    """_geometry: split + fold with walk_tile takes one segment where the tiles fill the (interpreter's 4) SMs; the
+    split forward alone (its backward walks on [F, BV], a program a segment) and fold alone (the one-pass forward's
+    walk) keep their segments."""
+    from linearize.ops.triton.chunk import LaunchConfig, _geometry
+
+    q = torch.zeros(2, 640, 2, 32)
+    pq = torch.zeros(2, 640, 2, 32)
+    for split, fold, one in [(True, True, True), (True, False, False), (False, True, False)]:
+        cfg = LaunchConfig(C=16, BV=32, num_warps=4, split_forward=split, fold_backward=fold, walk_tile=16)
+        nseg = _geometry(q, q, pq, pq, 64, cfg)[-1]
+        assert (nseg == 1) is one, (split, fold, nseg)

@@ -85,8 +85,8 @@ class LaunchConfig:
     # at 4 warps, F and D split across programs (a walk's sums are separable in both), instead of one [F, BV] tile a
     # program at num_warps: 4x the programs at D = F = 128 and tile 64, each walking with a quarter of the state. With
     # nseg = 1 that is one walk over the whole sequence: no segment-sum passes, no prefix for the readers to add
-    # (one segment's prefix is the initial state); with the split forward and nseg None, one segment is picked where
-    # a segment's tiles fill the SMs (_segments). None: [F, BV]. default_config: 64 in training where C = 64.
+    # (one segment's prefix is the initial state); with split_forward + fold_backward and nseg None, one segment is
+    # picked where a segment's tiles fill the SMs (_segments). None: [F, BV]. default_config: 64 in training where C = 64.
     walk_tile: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:
@@ -235,8 +235,8 @@ def _segments(n_chunks: int, programs_per_segment: int, device: torch.device, ns
               whole: bool = False) -> tuple[int, int]:
     """(n_per, nseg): chunks per segment and segment count.
 
-    ``whole`` (the split forward's walks on state tiles, ``LaunchConfig.walk_tile``): one segment where a segment's
-    programs fill the SMs. H100 (tune_chunk --walk, benchmarks/results/tune-chunk-nvidia-h100-20261207-walk-*): at
+    ``whole`` (split + fold, whose only walks are the chunk-sum walks, on state tiles: ``LaunchConfig.walk_tile``):
+    one segment where a segment's programs fill the SMs. H100 (tune_chunk --walk, benchmarks/results/tune-chunk-nvidia-h100-20261207-walk-*): at
     B4 H16 D=F=128 (256 walk programs) one segment beat the default 17 by 11% at 16K (6.29 against 7.07 ms) and 15%
     at 2K in a CUDA graph; at SmolLM2's heads B8 x 1K (48 programs) it lost (0.383 against 0.343 ms).
 
@@ -290,7 +290,9 @@ def _geometry(q, k, phi_q, phi_k, window: int, cfg: LaunchConfig) -> tuple:
     nwin = math.ceil((W - 1) / C) if W > 0 else 0
     BD, BF, BV = _pow2(D), _pow2(F), value_block(cfg.BV, D)
     NV = math.ceil(D / BV)
-    if cfg.walk_tile and cfg.split_forward:  # (the one-pass forward keeps its segments: it walks on [F, BV] tiles)
+    # The walks on tiles may take one segment only where every walk is one: the one-pass forward and the unfolded
+    # backward keep their segments (their walks run on [F, BV], a program a segment).
+    if cfg.walk_tile and cfg.keeps_chunk_sums:
         n_per, nseg = _segments(n, B * Hf * _walk_launch(cfg, BF, BV, F, D)[2], q.device, cfg.nseg, whole=True)
     else:
         n_per, nseg = _segments(n, B * Hf * NV, q.device, cfg.nseg)
