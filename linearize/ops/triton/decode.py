@@ -571,7 +571,8 @@ def default_num_warps(FP: int, BD: int, FC: int = 0, heads_dot: bool = False) ->
     ``default_chunk_rows``: 45.0 us against 50.0 at 2 warps) and for value blocks of at most 64 columns (SmolLM2's
     and Qwen2.5's heads, FC 64: H100 2026-12-07, fold 1, 21.6 and 29.0 us at 1 warp, BW 32, no prefetch against 25.2
     and 30.2 at their former 2 warps, BW 64, prefetch; ``benchmarks/results/tune-decode-nvidia-h100-80gb-hbm3-
-    20261207-030825``); 2 elsewhere, and where the heads are dot rows (1 warp never timed so). Holding S whole: 4
+    20261207-030825``; the whole compiled step at B 64 x 4096, H100 2026-12-07: SmolLM2 1.517 -> 1.414 ms, Qwen2.5
+    1.750 -> 1.720, ``generate-nvidia-h100-80gb-hbm3-20261207-08*``); 2 elsewhere, and where the heads are dot rows (1 warp never timed so). Holding S whole: 4
     warps (fastest at every measured shape: 8 was 20-40% slower), 8 once the S slice passes 128 fp32 registers a
     thread at 4 (F x BD > 16384: head dim 256 with 256 features), which would spill."""
     if FC:
