@@ -26,6 +26,9 @@ segment from zero and write its total, so the two segment-sum passes do not run;
 state, or on [F, BV] (``LaunchConfig.walk_tile``: F split across programs too, 4 warps; the training default is 64); with ``--nseg 1`` that is one walk over the
 whole sequence, with no segment-sum pass and no prefix.
 
+``--walk-opts pairs,s3,pairs+s4`` also runs each split + fold config with its walks two chunks a step
+(``LaunchConfig.walk_pairs``) and / or that many pipeline stages (``walk_stages``).
+
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
 larger segment-prefix buffer ([nseg, B, H', F, D] fp32, written, summed and read once more).
@@ -63,7 +66,8 @@ def label(cfg: LaunchConfig) -> str:
             + (" skip" if cfg.skip_empty else "")
             + (f" fwd={cfg.C_fwd}x{cfg.warps_fwd}" if cfg.C_fwd else "") + (f" dk={cfg.C_dk}x{cfg.warps_dk}" if cfg.C_dk else "")
             + (f" dk_launches={cfg.dk_launches}" if cfg.dk_launches > 1 else "")
-            + (" local" if cfg.local_sums else "") + (f" walk={cfg.walk_tile}" if cfg.walk_tile else ""))
+            + (" local" if cfg.local_sums else "") + (f" walk={cfg.walk_tile}" if cfg.walk_tile else "")
+            + (" pairs" if cfg.walk_pairs else "") + (f" walk_stages={cfg.walk_stages}" if cfg.walk_stages else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -72,11 +76,12 @@ FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, Tru
 def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool = False,
                intra: list[tuple[int, int]] = (), forms: list[str] = ("one-pass",),
                skip: bool = False, blocks: list[dict[str, tuple[int, int]]] = (),
-               intra_only: bool = False, local: bool = False, walks: list[int] = ()) -> list[LaunchConfig]:
+               intra_only: bool = False, local: bool = False, walks: list[int] = (),
+               walk_opts: list[dict] = ()) -> list[LaunchConfig]:
     """The default config first (the reference of the error check), then every (shape, nseg) pair once.
     ``intra_only``: each shape with the ``intra`` blocks only, not also on its own C (blocks of 128 rows spill).
     ``local``: each split + fold config also with ``local_sums``; ``walks``: also with each of those ``walk_tile``s (0:
-    None)."""
+    None); ``walk_opts``: also with each of those walk_pairs / walk_stages settings (``parse_walk_opts``)."""
     if shapes == "all":
         picked = [(base.C, base.BV, base.num_warps, base.num_stages)] + ALL_SHAPES
     else:
@@ -109,9 +114,12 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                             for own in [{}] + list(blocks if sp and fo else ()):
                                 for lo in (False, True) if local and sp and fo else (base.local_sums and sp and fo,):
                                     for wt in [base.walk_tile] + [w or None for w in (walks if sp and fo else ())]:
-                                        c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt)
-                                        if effective(c) not in map(effective, out):
-                                            out.append(c)
+                                        for wo in [{}] + list(walk_opts if sp and fo else ()):
+                                            walk = dict(walk_pairs=base.walk_pairs, walk_stages=base.walk_stages) | wo
+                                            c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt,
+                                                                    **walk)
+                                            if effective(c) not in map(effective, out):
+                                                out.append(c)
     return out
 
 
@@ -153,6 +161,22 @@ def parse_blocks(text: str) -> list[dict[str, tuple[int, int]]]:
                 raise SystemExit(f"--blocks: {part!r} is neither fwd|dq|dk ROWSxWARPS (e.g. fwd64x8) nor split2|split3")
             own[m[1]] = (int(m[2]), int(m[3]))
         out.append(own)
+    return out
+
+
+def parse_walk_opts(text: str) -> list[dict]:
+    """'pairs,s3,pairs+s4' -> [{'walk_pairs': True}, {'walk_stages': 3}, {'walk_pairs': True, 'walk_stages': 4}]."""
+    out = []
+    for item in filter(None, text.split(",")):
+        opts = {}
+        for part in item.split("+"):
+            if part == "pairs":
+                opts["walk_pairs"] = True
+            elif part in ("s1", "s2", "s3", "s4"):
+                opts["walk_stages"] = int(part[1])
+            else:
+                raise SystemExit(f"--walk-opts: {part!r} is neither pairs nor s1..s4 (the walks' pipeline stages)")
+        out.append(opts)
     return out
 
 
@@ -199,6 +223,9 @@ def main() -> None:
     ap.add_argument("--walk", default="",
                     help="comma list of tiles (16, 32, 64; 0: [F, BV], no tile): also each split + fold config with its "
                          "chunk-sum walks on [tile, tile] state tiles (walk_tile; with --nseg 1, one walk over the whole sequence)")
+    ap.add_argument("--walk-opts", default="",
+                    help="comma list of '+'-joined items, pairs (walk_pairs: two chunks a walk step) or s1..s4 (the walks' "
+                         "pipeline stages): also each split + fold config with those")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")
@@ -242,7 +269,8 @@ def main() -> None:
     rows = []
     intra = parse_intra(a.intra)
     cands = candidates(base, a.shapes, [int(x) for x in a.nseg.split(",")], a.one_acc, intra, a.forms.split(","),
-                       a.skip, parse_blocks(a.blocks), a.intra_only, a.local, [int(x) for x in a.walk.split(",") if x])
+                       a.skip, parse_blocks(a.blocks), a.intra_only, a.local, [int(x) for x in a.walk.split(",") if x],
+                       parse_walk_opts(a.walk_opts))
 
     def rel(x, ref):
         return ((x.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -113,3 +113,17 @@ def test_walk_adds_each_split_fold_config_with_each_walk_tile():
     # one-pass configs have no chunk-sum walks to tile
     assert not any(c.walk_tile for c in candidates(default_config(128, 128), "default", [0], forms=["one-pass"],
                                                    walks=[64]))
+
+
+def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
+    from benchmarks.tune_chunk import label, parse_walk_opts
+
+    opts = parse_walk_opts("pairs,s3,pairs+s4")
+    assert opts == [{"walk_pairs": True}, {"walk_stages": 3}, {"walk_pairs": True, "walk_stages": 4}]
+    base = default_config(128, 128, training=True)
+    cands = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"], walk_opts=opts)
+    assert cands[0] == base
+    assert [(c.walk_pairs, c.walk_stages) for c in cands] == [(False, None), (True, None), (False, 3), (True, 4)]
+    assert label(cands[3]).endswith(" pairs walk_stages=4")
+    with pytest.raises(SystemExit, match="walk-opts"):
+        parse_walk_opts("pairs+s9")

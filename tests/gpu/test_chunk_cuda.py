@@ -208,6 +208,21 @@ def test_walk_tile(tile, nseg):
                seed=W)
 
 
+@pytest.mark.parametrize("nseg", [1, None], ids=["whole", "segments"])
+def test_walk_pairs(nseg):
+    """The training default with its walks two chunks a step (``walk_pairs``) at 3 pipeline stages, over the whole
+    sequence or the default segments (local_sums): against the float64 reference in bf16 with padding (1000 rows:
+    16 chunks of 64, segments of odd counts), on the benchmark's heads (W 64 and 200) and SmolLM2's."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import default_config
+
+    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]:
+        cfg = dataclasses.replace(default_config(D, F, training=True), walk_pairs=True, walk_stages=3, nseg=nseg)
+        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
+               seed=W)
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

@@ -238,6 +238,19 @@ def test_walk_tile(case, form, nseg, local):
 
 
 @inside
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("nseg,local,tile", [(1, False, 16), (2, True, 16), (3, False, None)])
+def test_walk_pairs(case, nseg, local, tile):
+    """``LaunchConfig.walk_pairs``: the chunk-sum walks two chunks a step, over segments of odd and even chunk counts
+    (T 37 and 70 on chunks of 16: 3 and 5 chunks; the pair past a segment's end formed but not added), with windows
+    of 0 / 1 (no window chunk: the backward's pair before chunk 0 kept in range), on state tiles or not, from zero a
+    segment (local_sums) or from its prefix: as the reference, with padding."""
+    B, T = case[:2]
+    _check(*case, C=16, BV=16, nseg=nseg, split_forward=True, fold_backward=True, local_sums=local, walk_tile=tile,
+           walk_pairs=True, walk_stages=3, mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
 def test_walk_tile_with_odd_dims_and_an_initial_state():
     """walk_tile with F = 20 and D = 24 (the last feature and value tiles partly masked) and a piece of a prefill
     started from a state, over one segment (the walk seeded by the state itself, no segment sums) and two: as the
@@ -257,6 +270,8 @@ def test_walk_tile_is_16_32_or_64():
 
     with pytest.raises(ValueError, match="walk_tile"):
         LaunchConfig(C=64, BV=64, num_warps=4, walk_tile=48)
+    with pytest.raises(ValueError, match="walk_stages"):
+        LaunchConfig(C=64, BV=64, num_warps=4, walk_stages=8)
 
 
 def test_local_sums_needs_a_walk_it_changes():
@@ -323,7 +338,10 @@ def test_a_launch_config_travels_through_the_ops_ints():
                 LaunchConfig(C=128, BV=128, num_warps=8, C_intra=32, warps_intra=4, split_forward=True,
                              fold_backward=True, skip_empty=True, local_sums=True, dk_launches=3),
                 *(LaunchConfig(C=64, BV=128, num_warps=8, nseg=1, split_forward=True, fold_backward=True,
-                               walk_tile=tile) for tile in (16, 32, 64))):
+                               walk_tile=tile) for tile in (16, 32, 64)),
+                LaunchConfig(C=64, BV=128, num_warps=8, split_forward=True, fold_backward=True, walk_tile=64,
+                             walk_pairs=True, walk_stages=4, local_sums=True),
+                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, walk_stages=1)):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

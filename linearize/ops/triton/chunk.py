@@ -88,6 +88,11 @@ class LaunchConfig:
     # (one segment's prefix is the initial state); with split_forward + fold_backward and nseg None, one segment is
     # picked where a segment's tiles fill the SMs (_segments). None: [F, BV]. default_config: 64 in training where C = 64.
     walk_tile: int | None = None
+    # The chunk-sum walks two chunks a step (the second chunk's sums formed beside the first's: two independent
+    # products and their loads in flight, where one a step leaves each step waiting on its loads and its product),
+    # and their software pipeline's depth (None: num_stages). Off until timed.
+    walk_pairs: bool = False
+    walk_stages: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -113,6 +118,8 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig: dk_launches={self.dk_launches} must be 1, 2 or 3")
         if self.split_forward and self.one_acc:
             raise ValueError("LaunchConfig: one_acc is a form of the one-pass forward; pass it or split_forward")
+        if self.walk_stages not in (None, 1, 2, 3, 4):
+            raise ValueError(f"LaunchConfig: walk_stages={self.walk_stages} must be None or 1-4")
         if self.walk_tile not in (None, 16, 32, 64):
             raise ValueError(f"LaunchConfig: walk_tile={self.walk_tile} must be None, 16, 32 or 64")
         if self.local_sums and not (self.split_forward or self.fold_backward):
@@ -337,7 +344,7 @@ def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: Laun
     _launch(K.fwd_chunk_states_kernel, (nseg, B * Hf, tiles),
         phi_k, v, m_arg, pre_S, pre_z, cs, cz, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
         B, T, Hf, Hf // Hkv, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, HAS_MASK=has_mask, PREC=_prec(q.dtype),
-        LOCAL=local, num_warps=warps, num_stages=cfg.num_stages,
+        LOCAL=local, PAIRS=cfg.walk_pairs, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages,
     )
     return cs, cz
 
@@ -475,7 +482,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
             _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, tiles),
                 phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
                 B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, GQ=GQ, PREC=prec, LOCAL=local,
-                **dict(kw, num_warps=warps),
+                PAIRS=cfg.walk_pairs, **dict(kw, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages),
             )
     if local:  # the walk from zero writes each segment's total, then the readers add the reverse prefix
         chunk_dstates(seg_dS, seg_dz)
@@ -548,16 +555,18 @@ def _cfg(launch) -> LaunchConfig:
                         C_intra=C_intra or None, warps_intra=warps_intra or None, skip_empty=bool(flags & 8),
                         C_fwd=own[0], warps_fwd=own[1], C_dk=own[2], warps_dk=own[3],
                         dk_launches=1 + (flags >> 4 & 3), local_sums=bool(flags & 64),
-                        walk_tile=(None, 16, 32, 64)[flags >> 7 & 3])
+                        walk_tile=(None, 16, 32, 64)[flags >> 7 & 3], walk_pairs=bool(flags & 512),
+                        walk_stages=(flags >> 10 & 7) or None)
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
     2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256: walk_tile
-    (0: None, 1: 16, 2: 32, 3: 64)), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
+    (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None)), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
     warps_fwd, C_dk, warps_dk a byte each, low byte first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
-             | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile))
+             | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile)
+             | 512 * int(cfg.walk_pairs) | 1024 * (cfg.walk_stages or 0))
     blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk), (0, 8, 16, 24)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
             cfg.C_intra or 0, cfg.warps_intra or 0, blocks)

@@ -425,13 +425,15 @@ def fwd_chunk_states_kernel(
     sPK_b, sPK_t, sPK_h, sV_b, sV_t, sV_h, sM_b,
     B, T, Hf, Gk, n_chunks, n_per, nwin,
     F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr = False,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr = False, PAIRS: tl.constexpr = False,
 ):
     """CS[c] = the running sum S that query chunk c reads (phi_k v^T over key chunks < c - nwin), in the inputs'
     dtype (the dtype fwd_kernel's product takes it in), CZ[c] = z in fp32: laid out [n_chunks, B, Hf, F, D|1].
     One program a segment, started from its prefix (S0, Z0) as fwd_kernel is. LOCAL: started from zero instead
     (CS then holds only the segment's own keys; readers add the prefix, ``_prefix_sums``), and the segment's total
-    written to SEG_S / SEG_Z as fwd_segment_sums_kernel writes it, so that pass does not run."""
+    written to SEG_S / SEG_Z as fwd_segment_sums_kernel writes it, so that pass does not run. PAIRS: two chunks a
+    step, the second's sums formed beside the first's (two independent products and loads in flight a step;
+    ``LaunchConfig.walk_pairs``)."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv, rf, rv = _walk_tile(F, D, BF, BV)
@@ -442,12 +444,21 @@ def fwd_chunk_states_kernel(
     S, z = _walk_start(S0, Z0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, LOCAL)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
-    for c in range(c_lo, c_hi):
+    PKb = PK + b * sPK_b + hf * sPK_h
+    Vb = V + b * sV_b + hk * sV_h
+    for c in range(c_lo, c_hi, 1 + PAIRS):
+        if PAIRS:  # (keys past the segment are loaded but not added: see below)
+            dS2, dz2 = _key_chunk_sums(PKb, Vb, M, b, sM_b, (c + 1 - nwin) * C + rc, T, sPK_t, sV_t, rf, rv, F, D,
+                                       HAS_MASK, PREC)
         _store_sums(CS, CZ, (c * B + b) * Hf + hf, rf, rv, F, D, S.to(CS.dtype.element_ty), z, iv)
-        dS, dz = _key_chunk_sums(PK + b * sPK_b + hf * sPK_h, V + b * sV_b + hk * sV_h, M, b, sM_b, (c - nwin) * C + rc,
-                                 T, sPK_t, sV_t, rf, rv, F, D, HAS_MASK, PREC)
+        dS, dz = _key_chunk_sums(PKb, Vb, M, b, sM_b, (c - nwin) * C + rc, T, sPK_t, sV_t, rf, rv, F, D, HAS_MASK, PREC)
         S += dS
         z += dz
+        if PAIRS:
+            if c + 1 < c_hi:
+                _store_sums(CS, CZ, ((c + 1) * B + b) * Hf + hf, rf, rv, F, D, S.to(CS.dtype.element_ty), z, iv)
+                S += dS2
+                z += dz2
     if LOCAL:  # (key chunks [c_lo - nwin, c_hi - nwin): fwd_segment_sums_kernel's for every segment but the last,
         # whose total no prefix reads)
         _store_sums(SEG_S, SEG_Z, (s * B + b) * Hf + hf, rf, rv, F, D, S, z, iv)
@@ -929,14 +940,15 @@ def bwd_chunk_dstates_kernel(
     sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h,
     B, T, H, Hf, n_chunks, n_per, nwin,
     F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    GQ: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr = False,
+    GQ: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr = False, PAIRS: tl.constexpr = False,
 ):
     """CDS[j] = the gradient sum dS that key chunk j receives from the queries of chunks > j + nwin
     (sum phi_q (dy / den)^T), in phi_q's dtype (the dtype bwd_dk_state_kernel's products take it in), CDZ[j] = dz
     in fp32: bwd_dk_state_kernel's walk backwards along a segment from its reverse prefix (DS0, DZ0), without its
     dv / dphi_k work, which bwd_dk_kernel's FOLD then does for every key block in parallel. LOCAL: started from
     zero (readers add the segment's reverse prefix), and the segment's total written to SEG_S / SEG_Z as
-    bwd_segment_sums_kernel writes it, so that pass does not run."""
+    bwd_segment_sums_kernel writes it, so that pass does not run. PAIRS: two chunks a step, as in
+    fwd_chunk_states_kernel."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv, rf, rv = _walk_tile(F, D, BF, BV)
@@ -946,11 +958,21 @@ def bwd_chunk_dstates_kernel(
     dS, dz = _walk_start(DS0, DZ0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, LOCAL)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
-    for jj in range(c_lo, c_hi):
+    for jj in range(c_lo, c_hi, 1 + PAIRS):
         j = c_hi - 1 - (jj - c_lo)
+        if PAIRS:  # (the chunk before j; before the segment it is formed but not added, and its rows kept >= 0)
+            a2, az2 = _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, (tl.maximum(j - 1, 0) + nwin) * C + rc,
+                                         sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rf, rv, F, D,
+                                         tl.zeros([BF, BV], dtype=tl.float32), tl.zeros([BF], dtype=tl.float32), 1.0,
+                                         GQ, PREC)
         _store_sums(CDS, CDZ, (j * B + b) * Hf + hf, rf, rv, F, D, dS.to(CDS.dtype.element_ty), dz, iv)
         dS, dz = _query_chunk_dsums(PQ, DY, DEN, DELTA, b, hf, H, T, (j + nwin) * C + rc, sPQ_b, sPQ_t, sPQ_h,
                                     sDY_b, sDY_t, sDY_h, rf, rv, F, D, dS, dz, 1.0, GQ, PREC)
+        if PAIRS:
+            if j - 1 >= c_lo:
+                _store_sums(CDS, CDZ, ((j - 1) * B + b) * Hf + hf, rf, rv, F, D, dS.to(CDS.dtype.element_ty), dz, iv)
+                dS += a2
+                dz += az2
     if LOCAL:  # (query chunks [c_lo + nwin, c_hi + nwin): bwd_segment_sums_kernel's)
         _store_sums(SEG_S, SEG_Z, (s * B + b) * Hf + hf, rf, rv, F, D, dS, dz, iv)
 
