@@ -839,7 +839,9 @@ PY
     TEST_TIMEOUT=80 TOTAL_TIMEOUT=85 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 2 $ids
     sed -n '/=== summary/,$p' "$out/tests-chunk.log"
     OPTS=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --walk-opts pairs,s3,s4,pairs+s3)
-    timeout 110 python3 benchmarks/tune_chunk.py --T 16384 "${OPTS[@]}" --out "$out/tune-chunk-pairs-16k.json" \
+    # (one-pass too: its fwd column against split + fold's is evaluation's / prefill's choice)
+    timeout 120 python3 benchmarks/tune_chunk.py --T 16384 "${OPTS[@]}" --forms split+fold,one-pass \
+      --out "$out/tune-chunk-pairs-16k.json" \
       > "$out/tune-chunk-pairs-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-pairs-16k.log"
     [ "$(left)" -gt 40 ] || exit 0
