@@ -224,12 +224,12 @@ def test_local_sums_with_value_blocks_odd_dims_and_an_initial_state():
 
 
 @inside
-@pytest.mark.parametrize("case", [CASES[i] for i in (1, 3, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 3)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
 @pytest.mark.parametrize("form,nseg,local", [("split+fold", 1, False), ("split+fold", 3, False),
                                              ("split+fold", 3, True), ("fold", 1, False)])
 def test_walk_tile(case, form, nseg, local):
     """``LaunchConfig.walk_tile``: the chunk-sum walks on [16, 16] tiles of the state (F = 32 over two feature
-    blocks, D = 32 over two value blocks where the readers take one of 32), over the whole sequence (one segment:
+    blocks; D = 32 over two value blocks where the readers take one of 32), over the whole sequence (one segment:
     no segment-sum passes) or three, with local_sums, and the folded backward after the one-pass forward: outputs,
     final states and every gradient as the reference, with padding."""
     B, T = case[:2]
@@ -238,12 +238,12 @@ def test_walk_tile(case, form, nseg, local):
 
 
 @inside
-@pytest.mark.parametrize("case", [CASES[i] for i in (1, 2, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("case", [CASES[i] for i in (1, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
 @pytest.mark.parametrize("nseg,local,tile", [(1, False, 16), (2, True, 16), (3, False, None)])
 def test_walk_pairs(case, nseg, local, tile):
     """``LaunchConfig.walk_pairs``: the chunk-sum walks two chunks a step, over segments of odd and even chunk counts
-    (T 37 and 70 on chunks of 16: 3 and 5 chunks; the pair past a segment's end formed but not added), with windows
-    of 0 / 1 (no window chunk: the backward's pair before chunk 0 kept in range), on state tiles or not, from zero a
+    (T 37 and 70 on chunks of 16: 3 and 5 chunks; the pair past a segment's end formed but not added), with a window
+    of 0 (no window chunk: the backward's pair before chunk 0 kept in range) and of 40, on state tiles or not, from zero a
     segment (local_sums) or from its prefix: as the reference, with padding."""
     B, T = case[:2]
     _check(*case, C=16, BV=16, nseg=nseg, split_forward=True, fold_backward=True, local_sums=local, walk_tile=tile,

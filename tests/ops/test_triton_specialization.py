@@ -6,6 +6,7 @@ for each of the two forward kernels over these lengths: 16 compiles of seconds e
 
 import collections
 
+import pytest
 import torch
 
 from tests.ops.helpers import needs_triton, random_inputs
@@ -58,14 +59,25 @@ def test_forward_kernels_compile_once_across_batch_sizes_and_lengths():
     assert set(keys) == {"fwd_kernel", "fwd_segment_sums_kernel", "segment_prefix_kernel"}
     assert {k: len(v) for k, v in keys.items()} == {"fwd_kernel": 1, "fwd_segment_sums_kernel": 1, "segment_prefix_kernel": 1}
     # T = 1 has no earlier key chunk in its window (nwin = 0, kept specialized: at 1 the loop over window chunks
-    # unrolls): one more variant, and only one whatever the batch
+    # unrolls): one more variant of fwd_kernel, and only one whatever the batch (its one chunk is one segment: no
+    # segment sums)
     one = _launch_keys(shapes + [(B, 1) for B in (32, 7, 1)], grad=False)
-    assert {k: len(v) for k, v in one.items()} == {"fwd_kernel": 2, "fwd_segment_sums_kernel": 2, "segment_prefix_kernel": 1}
+    assert {k: len(v) for k, v in one.items()} == {"fwd_kernel": 2, "fwd_segment_sums_kernel": 1, "segment_prefix_kernel": 1}
 
 
-def test_backward_kernels_keep_their_hints_at_one_training_length():
-    """Training runs at one length: one key per kernel there, with the divisibility hints kept (fewer spills)."""
+@pytest.mark.parametrize("sms", [4, 132], ids=["one-segment", "segments"])
+def test_backward_kernels_keep_their_hints_at_one_training_length(sms, monkeypatch):
+    """Training runs at one length: one key per kernel there, with the divisibility hints kept (fewer spills). At
+    4 SMs (the interpreter's count) SmolLM2's heads at B 8 walk one segment; at an H100's 132 they take segments
+    (local_sums: the walks write the segment totals, so no segment-sum kernel either)."""
+    from linearize.ops.triton import chunk
+
+    monkeypatch.setattr(chunk, "_num_sms", lambda device: sms)
     keys = _launch_keys([(8, 1024)], grad=True)
-    assert len(keys) == 9 and all(len(v) == 1 for n, v in keys.items() if n != "segment_prefix_kernel")
-    assert len(keys["segment_prefix_kernel"]) == 2  # the forward's prefix (seeded) and the backward's (reversed)
+    assert set(keys) == {"fwd_chunk_states_kernel", "fwd_blocks_kernel", "segment_prefix_kernel", "bwd_delta_kernel",
+                         "bwd_dq_kernel", "bwd_chunk_dstates_kernel", "bwd_dk_kernel"}
+    assert all(len(v) == 1 for n, v in keys.items() if n != "segment_prefix_kernel")
+    # the forward's prefix (seeded) and the backward's (reversed); over segments, local_sums keeps each S prefix in
+    # the chunk sums' dtype (bf16), its z prefix fp32: two output dtypes each
+    assert len(keys["segment_prefix_kernel"]) == (2 if sms == 4 else 4)
     assert "16" in next(iter(keys["bwd_dk_kernel"]))[0]  # some int argument still carries the divisibility hint
