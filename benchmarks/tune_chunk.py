@@ -26,8 +26,9 @@ segment from zero and write its total, so the two segment-sum passes do not run;
 state, or on [F, BV] (``LaunchConfig.walk_tile``: F split across programs too, 4 warps; the training default is 64); with ``--nseg 1`` that is one walk over the
 whole sequence, with no segment-sum pass and no prefix.
 
-``--walk-opts pairs,s3,pairs+s4`` also runs each split + fold config with its walks two chunks a step
-(``LaunchConfig.walk_pairs``) and / or that many pipeline stages (``walk_stages``).
+``--walk-opts pairs,s3,pairs+s4,r168`` also runs each split + fold config with its walks two chunks a step
+(``LaunchConfig.walk_pairs``) and / or that many pipeline stages (``walk_stages``), or its block kernels capped at
+that many registers a thread (``maxnreg``: 168 lets three programs share an SM at 4 warps).
 
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
@@ -67,7 +68,8 @@ def label(cfg: LaunchConfig) -> str:
             + (f" fwd={cfg.C_fwd}x{cfg.warps_fwd}" if cfg.C_fwd else "") + (f" dk={cfg.C_dk}x{cfg.warps_dk}" if cfg.C_dk else "")
             + (f" dk_launches={cfg.dk_launches}" if cfg.dk_launches > 1 else "")
             + (" local" if cfg.local_sums else "") + (f" walk={cfg.walk_tile}" if cfg.walk_tile else "")
-            + (" pairs" if cfg.walk_pairs else "") + (f" walk_stages={cfg.walk_stages}" if cfg.walk_stages else ""))
+            + (" pairs" if cfg.walk_pairs else "") + (f" walk_stages={cfg.walk_stages}" if cfg.walk_stages else "")
+            + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -115,7 +117,8 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                                 for lo in (False, True) if local and sp and fo else (base.local_sums and sp and fo,):
                                     for wt in [base.walk_tile] + [w or None for w in (walks if sp and fo else ())]:
                                         for wo in [{}] + list(walk_opts if sp and fo else ()):
-                                            walk = dict(walk_pairs=base.walk_pairs, walk_stages=base.walk_stages) | wo
+                                            walk = dict(walk_pairs=base.walk_pairs, walk_stages=base.walk_stages,
+                                                        maxnreg=base.maxnreg) | wo
                                             c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt,
                                                                     **walk)
                                             if effective(c) not in map(effective, out):
@@ -165,7 +168,8 @@ def parse_blocks(text: str) -> list[dict[str, tuple[int, int]]]:
 
 
 def parse_walk_opts(text: str) -> list[dict]:
-    """'pairs,s3,pairs+s4' -> [{'walk_pairs': True}, {'walk_stages': 3}, {'walk_pairs': True, 'walk_stages': 4}]."""
+    """'pairs,s3,pairs+s4,r168' -> [{'walk_pairs': True}, {'walk_stages': 3}, {'walk_pairs': True, 'walk_stages': 4},
+    {'maxnreg': 168}] (rN: the block kernels' register cap, ``LaunchConfig.maxnreg``)."""
     out = []
     for item in filter(None, text.split(",")):
         opts = {}
@@ -174,8 +178,11 @@ def parse_walk_opts(text: str) -> list[dict]:
                 opts["walk_pairs"] = True
             elif part in ("s1", "s2", "s3", "s4"):
                 opts["walk_stages"] = int(part[1])
+            elif part.startswith("r") and part[1:].isdigit():
+                opts["maxnreg"] = int(part[1:])
             else:
-                raise SystemExit(f"--walk-opts: {part!r} is neither pairs nor s1..s4 (the walks' pipeline stages)")
+                raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
+                                 "rN (the block kernels' register cap)")
         out.append(opts)
     return out
 
@@ -224,8 +231,9 @@ def main() -> None:
                     help="comma list of tiles (16, 32, 64; 0: [F, BV], no tile): also each split + fold config with its "
                          "chunk-sum walks on [tile, tile] state tiles (walk_tile; with --nseg 1, one walk over the whole sequence)")
     ap.add_argument("--walk-opts", default="",
-                    help="comma list of '+'-joined items, pairs (walk_pairs: two chunks a walk step) or s1..s4 (the walks' "
-                         "pipeline stages): also each split + fold config with those")
+                    help="comma list of '+'-joined items, pairs (walk_pairs: two chunks a walk step), s1..s4 (the walks' "
+                         "pipeline stages) or rN (maxnreg: the block kernels' register cap): also each split + fold config "
+                         "with those")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")

@@ -71,7 +71,7 @@ def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None, gamma_grad: b
                         types[name] = ("i32", a)
                     elif isinstance(a, float):
                         types[name] = ("fp32", None)
-                opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+                opts = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
                 opts.setdefault("num_stages", 3)  # Triton's default when a launch names none
                 launches.append({"kernel": self.__name__, "args": types, "constexprs": kwargs, "opts": opts})
 

@@ -82,7 +82,7 @@
 #   bash scripts/gpu_decode_calls.sh 56 SHA  # bwd_dk over 2-3 launches, blocks of 64, at the local_sums default (~260 s)
 #   bash scripts/gpu_decode_calls.sh 57 SHA  # walk_tile: the chunk-sum walks on state tiles, one segment or the default (~330 s)
 #   bash scripts/gpu_decode_calls.sh 58 SHA  # the walk_tile training default at B1 H32 16K and B4 H16 16K (~110 s)
-#   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages at the walk_tile default: GPU tests, 16K, 2K, SmolLM2 (~300 s)
+#   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages, the block kernels' maxnreg: GPU tests, 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 46 SHA  # not decode: fwd_blocks / bwd_dq / bwd_dk on blocks of 64 (wgmma) one at a time
 #                                            # (LaunchConfig.C_fwd / C_dk), bwd_dk over 2-3 launches (dk_launches), 16K and 2K (graph) by tune_chunk --blocks (~450 s)
 #   bash scripts/gpu_decode_calls.sh 47 SHA  # call 46 cut to ~170 s (one test id, 5 configs at 16K, BV 128)
@@ -833,19 +833,22 @@ PY
     ;;
   59)
     # not decode: the walks at the walk_tile default (call 58's profile: 514 + 632 us of 6.21 ms at 16K, 70% / 57% of
-    # their bytes' floor, ~2 us a chunk step): two chunks a step (walk_pairs) and deeper pipelines (walk_stages).
-    # Their GPU tests, then tune_chunk at 16K (profiled), 2K (graph) and SmolLM2's heads B8 x 1K (graph) (~300 s)
-    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "walk_pairs" 2>/dev/null | grep "::")
-    TEST_TIMEOUT=80 TOTAL_TIMEOUT=85 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 2 $ids
+    # their bytes' floor, ~2 us a chunk step): two chunks a step (walk_pairs) and deeper pipelines (walk_stages);
+    # and the block kernels (4.77 ms) capped at 168 / 128 registers a thread (maxnreg: three / four programs an SM,
+    # with spills). Their GPU tests, then tune_chunk at 16K (profiled), 2K (graph) and SmolLM2's heads B8 x 1K
+    # (graph) (~380 s)
+    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "walk_pairs or register_cap" 2>/dev/null \
+      | grep "::")
+    TEST_TIMEOUT=80 TOTAL_TIMEOUT=85 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 4 $ids
     sed -n '/=== summary/,$p' "$out/tests-chunk.log"
-    OPTS=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --walk-opts pairs,s3,s4,pairs+s3)
+    OPTS=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --walk-opts pairs,s3,s4,pairs+s3,r168,r128)
     # (one-pass too: its fwd column against split + fold's is evaluation's / prefill's choice)
-    timeout 120 python3 benchmarks/tune_chunk.py --T 16384 "${OPTS[@]}" --forms split+fold,one-pass \
+    timeout 160 python3 benchmarks/tune_chunk.py --T 16384 "${OPTS[@]}" --forms split+fold,one-pass \
       --out "$out/tune-chunk-pairs-16k.json" \
       > "$out/tune-chunk-pairs-16k.log" 2>&1
     grep -HE "^C=|first call" "$out/tune-chunk-pairs-16k.log"
     [ "$(left)" -gt 40 ] || exit 0
-    timeout 60 python3 benchmarks/tune_chunk.py --T 2048 --graph "${OPTS[@]}" --out "$out/tune-chunk-pairs-2k.json" \
+    timeout 80 python3 benchmarks/tune_chunk.py --T 2048 --graph "${OPTS[@]}" --out "$out/tune-chunk-pairs-2k.json" \
       > "$out/tune-chunk-pairs-2k.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-pairs-2k.log"
     [ "$(left)" -gt 40 ] || exit 0

@@ -125,5 +125,6 @@ def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
     assert cands[0] == base
     assert [(c.walk_pairs, c.walk_stages) for c in cands] == [(False, None), (True, None), (False, 3), (True, 4)]
     assert label(cands[3]).endswith(" pairs walk_stages=4")
+    assert parse_walk_opts("r168,pairs+r128") == [{"maxnreg": 168}, {"walk_pairs": True, "maxnreg": 128}]
     with pytest.raises(SystemExit, match="walk-opts"):
         parse_walk_opts("pairs+s9")

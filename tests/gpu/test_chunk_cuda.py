@@ -223,6 +223,21 @@ def test_walk_pairs(nseg):
                seed=W)
 
 
+@pytest.mark.parametrize("cap", [168, 128])
+def test_register_cap(cap):
+    """The training default with its block kernels capped at ``cap`` registers a thread (``maxnreg``: spills, three
+    or four programs an SM): against the float64 reference in bf16 with padding, on the benchmark's heads and
+    SmolLM2's."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import default_config
+
+    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((9, 3, 64, 128, 3), 64)]:
+        cfg = dataclasses.replace(default_config(D, F, training=True), maxnreg=cap)
+        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
+               seed=W)
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

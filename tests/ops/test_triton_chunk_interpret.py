@@ -251,6 +251,15 @@ def test_walk_pairs(case, nseg, local, tile):
 
 
 @inside
+def test_register_cap_changes_no_result():
+    """``LaunchConfig.maxnreg`` (the block kernels' register cap, a compile option) with the training form: as the
+    reference."""
+    B, T = CASES[6][:2]
+    _check(*CASES[6], C=32, BV=16, nseg=2, C_intra=16, split_forward=True, fold_backward=True, skip_empty=True,
+           local_sums=True, walk_tile=16, maxnreg=168, mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
 def test_walk_tile_with_odd_dims_and_an_initial_state():
     """walk_tile with F = 20 and D = 24 (the last feature and value tiles partly masked) and a piece of a prefill
     started from a state, over one segment (the walk seeded by the state itself, no segment sums) and two: as the
@@ -265,13 +274,15 @@ def test_walk_tile_with_odd_dims_and_an_initial_state():
             assert rel_err(a, b) < 1e-5, name
 
 
-def test_walk_tile_is_16_32_or_64():
+def test_walk_and_register_options_are_checked():
     from linearize.ops.triton.chunk import LaunchConfig
 
     with pytest.raises(ValueError, match="walk_tile"):
         LaunchConfig(C=64, BV=64, num_warps=4, walk_tile=48)
     with pytest.raises(ValueError, match="walk_stages"):
         LaunchConfig(C=64, BV=64, num_warps=4, walk_stages=8)
+    with pytest.raises(ValueError, match="maxnreg"):
+        LaunchConfig(C=64, BV=64, num_warps=4, maxnreg=300)
 
 
 def test_local_sums_needs_a_walk_it_changes():
@@ -341,7 +352,9 @@ def test_a_launch_config_travels_through_the_ops_ints():
                                walk_tile=tile) for tile in (16, 32, 64)),
                 LaunchConfig(C=64, BV=128, num_warps=8, split_forward=True, fold_backward=True, walk_tile=64,
                              walk_pairs=True, walk_stages=4, local_sums=True),
-                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, walk_stages=1)):
+                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, walk_stages=1),
+                LaunchConfig(C=64, BV=128, num_warps=8, C_intra=32, warps_intra=4, C_fwd=64, warps_fwd=8, C_dk=32,
+                             warps_dk=4, split_forward=True, fold_backward=True, maxnreg=168)):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

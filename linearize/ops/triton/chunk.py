@@ -93,6 +93,11 @@ class LaunchConfig:
     # and their software pipeline's depth (None: num_stages). Off until timed.
     walk_pairs: bool = False
     walk_stages: int | None = None
+    # Registers a thread the three block kernels (fwd_blocks, bwd_dq, bwd_dk) may use (ptxas .maxnreg; None: 255).
+    # At 255 and 4 warps two programs fill an SM's 64K registers; at 168 three fit, at 128 four, for spills to
+    # local memory (L1). Those kernels wait on their loads at two programs an SM (51-60% of copy bandwidth at 16K,
+    # benchmarks/NOTES-chunk.md). Off until timed.
+    maxnreg: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -118,6 +123,8 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig: dk_launches={self.dk_launches} must be 1, 2 or 3")
         if self.split_forward and self.one_acc:
             raise ValueError("LaunchConfig: one_acc is a form of the one-pass forward; pass it or split_forward")
+        if self.maxnreg is not None and not 64 <= self.maxnreg <= 255:
+            raise ValueError(f"LaunchConfig: maxnreg={self.maxnreg} must be None or 64-255")
         if self.walk_stages not in (None, 1, 2, 3, 4):
             raise ValueError(f"LaunchConfig: walk_stages={self.walk_stages} must be None or 1-4")
         if self.walk_tile not in (None, 16, 32, 64):
@@ -311,6 +318,11 @@ def _mask_arg(mask, q) -> tuple[bool, torch.Tensor, int]:
     return mask is not None, (mask if mask is not None else q), (mask.stride(0) if mask is not None else 0)
 
 
+def _regs(cfg: LaunchConfig) -> dict:
+    """The block kernels' register cap as a launch option (none named where the config sets none)."""
+    return {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
+
+
 def _local(cfg: LaunchConfig, nseg: int) -> bool:
     """The chunk-sum walks start each segment from zero (``cfg.local_sums``): only over several segments; one
     segment's walk starts from the initial state, and its prefix needs no segment sums."""
@@ -393,7 +405,7 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
             *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
             B, T, H, Hf, Gk, GQ, ni, n_per, nwin, W, scale, C,
             D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u, SKIP=cfg.skip_empty,
-            LOCAL=local, num_warps=wi, num_stages=cfg.num_stages,
+            LOCAL=local, num_warps=wi, num_stages=cfg.num_stages, **_regs(cfg),
         )
         if not cfg.keeps_chunk_sums:
             cs = cz = None
@@ -447,7 +459,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz,
         pre_S.to(cs.dtype) if local else pre_S, pre_z, *strides_in,  # (.to: a no-op where the forward kept it low)
         B, T, H, Hf, G, GQ, ni, n_per, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec,
-        FOLD=fold, SKIP=cfg.skip_empty, LOCAL=local, **dict(kw, num_warps=wi),
+        FOLD=fold, SKIP=cfg.skip_empty, LOCAL=local, **dict(kw, num_warps=wi), **_regs(cfg),
     )
     del cs, cz
     dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
@@ -461,7 +473,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
                 q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, cds, cdz,
                 rev_S, rev_z, *strides_in, B, T, H, Hf, Gk, nk, n_per, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF,
                 C=Ck, GQ=GQ, HAS_MASK=has_mask, PREC=prec, FOLD=fold, SKIP=cfg.skip_empty, GRADS=grads,
-                LOCAL=local, **dict(kw, num_warps=wk),
+                LOCAL=local, **dict(kw, num_warps=wk), **_regs(cfg),
             )
 
     atomic = NV > 1 and not fold
@@ -556,18 +568,19 @@ def _cfg(launch) -> LaunchConfig:
                         C_fwd=own[0], warps_fwd=own[1], C_dk=own[2], warps_dk=own[3],
                         dk_launches=1 + (flags >> 4 & 3), local_sums=bool(flags & 64),
                         walk_tile=(None, 16, 32, 64)[flags >> 7 & 3], walk_pairs=bool(flags & 512),
-                        walk_stages=(flags >> 10 & 7) or None)
+                        walk_stages=(flags >> 10 & 7) or None, maxnreg=(blocks >> 32) & 0xFF or None)
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
-    2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256: walk_tile
-    (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None)), C_intra (0: None), warps_intra (0: None), blocks (C_fwd,
-    warps_fwd, C_dk, warps_dk a byte each, low byte first; 0: None))."""
+    2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256:
+    walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None)), C_intra (0: None),
+    warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg a byte each, low byte first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
              | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile)
              | 512 * int(cfg.walk_pairs) | 1024 * (cfg.walk_stages or 0))
-    blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk), (0, 8, 16, 24)))
+    blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk, cfg.maxnreg),
+                                               (0, 8, 16, 24, 32)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
             cfg.C_intra or 0, cfg.warps_intra or 0, blocks)
 
