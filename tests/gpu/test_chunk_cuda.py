@@ -149,6 +149,22 @@ def test_skip_empty_blocks(training):
             assert rel_err(a, b) < 1e-3, rel_err(a, b)
 
 
+# (heads (H, Hkv, D, F, Hf), window) the training-launch tests take: the benchmark's at W 64 and 200, SmolLM2's
+_TRAINING_HEADS = [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]
+
+
+def _check_training_launch(change, heads=_TRAINING_HEADS):
+    """The training default (``default_config(D, F, training=True)``) as ``change(cfg, D)`` makes it (None: those
+    heads skipped), against the float64 reference in bf16 with padding, on ``heads``."""
+    from linearize.ops.triton.chunk import default_config
+
+    for (H, Hkv, D, F, Hf), W in heads:
+        cfg = change(default_config(D, F, training=True), D)
+        if cfg is not None:
+            _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg,
+                   mask=left_pad_mask(3, 1000, [0, 17, 150]), seed=W)
+
+
 _OWN_BLOCKS = [dict(C_fwd=64, warps_fwd=8), dict(C_intra=64, warps_intra=8, C_fwd=32, warps_fwd=4, C_dk=32, warps_dk=4),
                dict(C_dk=64, warps_dk=8), dict(dk_launches=2), dict(C_dk=64, warps_dk=8, dk_launches=3),
                dict(C_intra=64, warps_intra=8, C_fwd=64, warps_fwd=8, C_dk=32, warps_dk=4, dk_launches=2)]
@@ -163,12 +179,7 @@ def test_own_blocks(own, BV):
     with padding, on the benchmark's heads and SmolLM2's, at W = 64 and 200."""
     import dataclasses
 
-    from linearize.ops.triton.chunk import default_config
-
-    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]:
-        cfg = dataclasses.replace(default_config(D, F, training=True), BV=min(BV, D), **own)
-        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
-               seed=W)
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, BV=min(BV, D), **own))
 
 
 @pytest.mark.parametrize("local", [True, False], ids=["local", "segment-sums"])
@@ -180,16 +191,12 @@ def test_local_sums(C, nseg, local):
     the float64 reference in bf16 with padding, on the benchmark's heads (W 64 and 200) and SmolLM2's."""
     import dataclasses
 
-    from linearize.ops.triton.chunk import default_config
+    def change(cfg, D):
+        if C == 128 and D < 128:
+            return None  # (value blocks narrower than the chunk are refused)
+        return dataclasses.replace(cfg, local_sums=local, nseg=nseg, C=C)
 
-    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]:
-        cfg = dataclasses.replace(default_config(D, F, training=True), local_sums=local, nseg=nseg)
-        if C == 128:
-            if D < 128:
-                continue  # (value blocks narrower than the chunk are refused)
-            cfg = dataclasses.replace(cfg, C=128)
-        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
-               seed=W)
+    _check_training_launch(change)
 
 
 @pytest.mark.parametrize("tile,nseg", [(64, 1), (32, 1), (64, None)], ids=["64-whole", "32-whole", "64-segments"])
@@ -200,12 +207,7 @@ def test_walk_tile(tile, nseg):
     SmolLM2's."""
     import dataclasses
 
-    from linearize.ops.triton.chunk import default_config
-
-    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]:
-        cfg = dataclasses.replace(default_config(D, F, training=True), walk_tile=tile, nseg=nseg)
-        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
-               seed=W)
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, walk_tile=tile, nseg=nseg))
 
 
 @pytest.mark.parametrize("nseg", [1, None], ids=["whole", "segments"])
@@ -215,12 +217,7 @@ def test_walk_pairs(nseg):
     16 chunks of 64, segments of odd counts), on the benchmark's heads (W 64 and 200) and SmolLM2's."""
     import dataclasses
 
-    from linearize.ops.triton.chunk import default_config
-
-    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]:
-        cfg = dataclasses.replace(default_config(D, F, training=True), walk_pairs=True, walk_stages=3, nseg=nseg)
-        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
-               seed=W)
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, walk_pairs=True, walk_stages=3, nseg=nseg))
 
 
 @pytest.mark.parametrize("cap", [168, 128])
@@ -230,12 +227,7 @@ def test_register_cap(cap):
     SmolLM2's."""
     import dataclasses
 
-    from linearize.ops.triton.chunk import default_config
-
-    for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((9, 3, 64, 128, 3), 64)]:
-        cfg = dataclasses.replace(default_config(D, F, training=True), maxnreg=cap)
-        _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=left_pad_mask(3, 1000, [0, 17, 150]),
-               seed=W)
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, maxnreg=cap), heads=_TRAINING_HEADS[::2])
 
 
 def test_value_blocks_narrower_than_the_chunk_are_refused():
