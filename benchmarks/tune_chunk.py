@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -109,20 +110,22 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                         sp, fo = FORMS[form]
                         if oa and sp:
                             continue
+                        sf = sp and fo  # (blocks, local, walks and walk_opts change split + fold's kernels only)
+                        variants = list(itertools.product(
+                            [{}] + list(blocks if sf else ()),
+                            (False, True) if local and sf else (base.local_sums and sf,),
+                            [base.walk_tile] + [t or None for t in (walks if sf else ())],
+                            [{}] + list(walk_opts if sf else ())))
                         for sk in (False, True) if skip else (base.skip_empty,):  # without --skip: the default's
                             cfg = LaunchConfig(C=C, BV=BV, num_warps=w, num_stages=st, nseg=n or None, one_acc=oa,
                                                C_intra=ci, warps_intra=wi, split_forward=sp, fold_backward=fo,
                                                skip_empty=sk)
-                            for own in [{}] + list(blocks if sp and fo else ()):
-                                for lo in (False, True) if local and sp and fo else (base.local_sums and sp and fo,):
-                                    for wt in [base.walk_tile] + [w or None for w in (walks if sp and fo else ())]:
-                                        for wo in [{}] + list(walk_opts if sp and fo else ()):
-                                            walk = dict(walk_pairs=base.walk_pairs, walk_stages=base.walk_stages,
-                                                        maxnreg=base.maxnreg) | wo
-                                            c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt,
-                                                                    **walk)
-                                            if effective(c) not in map(effective, out):
-                                                out.append(c)
+                            for own, lo, wt, wo in variants:
+                                walk = dict(walk_pairs=base.walk_pairs, walk_stages=base.walk_stages,
+                                            maxnreg=base.maxnreg) | wo
+                                c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt, **walk)
+                                if effective(c) not in map(effective, out):
+                                    out.append(c)
     return out
 
 
