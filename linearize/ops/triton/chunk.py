@@ -250,9 +250,10 @@ def _segments(n_chunks: int, programs_per_segment: int, device: torch.device, ns
     """(n_per, nseg): chunks per segment and segment count.
 
     ``whole`` (split + fold, whose only walks are the chunk-sum walks, on state tiles: ``LaunchConfig.walk_tile``):
-    one segment where a segment's programs fill the SMs. H100 (tune_chunk --walk, benchmarks/results/tune-chunk-nvidia-h100-20261207-walk-*): at
-    B4 H16 D=F=128 (256 walk programs) one segment beat the default 17 by 11% at 16K (6.29 against 7.07 ms) and 15%
-    at 2K in a CUDA graph; at SmolLM2's heads B8 x 1K (48 programs) it lost (0.383 against 0.343 ms).
+    one segment where a segment's programs fill the SMs. H100 (tune_chunk --walk,
+    benchmarks/results/tune-chunk-nvidia-h100-20261207-walk-*): at B4 H16 D=F=128 (256 walk programs) one segment
+    beat the default 17 by 11% at 16K (6.29 against 7.07 ms) and 15% at 2K in a CUDA graph; at SmolLM2's heads
+    B8 x 1K (48 programs) it lost (0.383 against 0.343 ms).
 
     Default: about 8 programs an SM (more programs hide the latency of each one's sequential walk), but at least
     4 chunks a segment (each segment costs a prefix-sum entry of F x D fp32 and a partial walk). On the H200 at
