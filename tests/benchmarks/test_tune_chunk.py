@@ -109,7 +109,8 @@ def test_walk_adds_each_split_fold_config_with_each_walk_tile():
     assert cands[0] == base and base.walk_tile == 64
     assert {(c.nseg, c.walk_tile) for c in cands} == {(n, t) for n in (None, 1) for t in (64, None, 32)}
     assert all(c.local_sums == base.local_sums for c in cands)  # (no effect at one segment: no twin without it)
-    assert {label(c).split()[-1] for c in cands if c.nseg is None} == {"walk=64", "walk=32", "local"}
+    assert base.walk_stages == 3 and all(c.walk_stages == 3 for c in cands)  # (the default's walk pipeline kept)
+    assert {label(c).split()[-2] for c in cands if c.nseg is None} == {"walk=64", "walk=32", "local"}
     # one-pass configs have no chunk-sum walks to tile
     assert not any(c.walk_tile for c in candidates(default_config(128, 128), "default", [0], forms=["one-pass"],
                                                    walks=[64]))
@@ -118,12 +119,12 @@ def test_walk_adds_each_split_fold_config_with_each_walk_tile():
 def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
     from benchmarks.tune_chunk import label, parse_walk_opts
 
-    opts = parse_walk_opts("pairs,s3,pairs+s4")
-    assert opts == [{"walk_pairs": True}, {"walk_stages": 3}, {"walk_pairs": True, "walk_stages": 4}]
+    opts = parse_walk_opts("pairs,s2,pairs+s4")
+    assert opts == [{"walk_pairs": True}, {"walk_stages": 2}, {"walk_pairs": True, "walk_stages": 4}]
     base = default_config(128, 128, training=True)
     cands = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"], walk_opts=opts)
     assert cands[0] == base
-    assert [(c.walk_pairs, c.walk_stages) for c in cands] == [(False, None), (True, None), (False, 3), (True, 4)]
+    assert [(c.walk_pairs, c.walk_stages) for c in cands] == [(False, 3), (True, 3), (False, 2), (True, 4)]
     assert label(cands[3]).endswith(" pairs walk_stages=4")
     assert parse_walk_opts("r168,pairs+r128") == [{"maxnreg": 168}, {"walk_pairs": True, "maxnreg": 128}]
     with pytest.raises(SystemExit, match="walk-opts"):

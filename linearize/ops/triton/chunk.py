@@ -90,13 +90,14 @@ class LaunchConfig:
     walk_tile: int | None = None
     # The chunk-sum walks two chunks a step (the second chunk's sums formed beside the first's: two independent
     # products and their loads in flight, where one a step leaves each step waiting on its loads and its product),
-    # and their software pipeline's depth (None: num_stages). Off until timed.
+    # and their software pipeline's depth (None: num_stages). default_config: walk_stages 3 in training; pairs off
+    # (timed no faster).
     walk_pairs: bool = False
     walk_stages: int | None = None
     # Registers a thread the three block kernels (fwd_blocks, bwd_dq, bwd_dk) may use (ptxas .maxnreg; None: 255).
     # At 255 and 4 warps two programs fill an SM's 64K registers; at 168 three fit, at 128 four, for spills to
     # local memory (L1). Those kernels wait on their loads at two programs an SM (51-60% of copy bandwidth at 16K,
-    # benchmarks/NOTES-chunk.md). Off until timed.
+    # benchmarks/NOTES-chunk.md). Off: it lost at 168 and 128 (H100 16K 6.20 -> 7.52 / 11.40 ms, their spills).
     maxnreg: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:
@@ -185,9 +186,15 @@ def default_config(D: int, F: int, training: bool = False) -> LaunchConfig:
         # the tiles fill the SMs (_segments). H100, tune_chunk --walk (benchmarks/results/
         # tune-chunk-nvidia-h100-20261207-walk-*), forward+backward: 16K 6.82 -> 6.29 ms, 2K CUDA graph 0.983 ->
         # 0.851; B8 x 1K CUDA graph (segments kept) SmolLM2's heads 0.361 -> 0.343, Qwen2.5's 0.529 -> 0.491.
+        # Training's walks pipeline 3 deep (walk_stages). H100, tune_chunk --walk-opts (benchmarks/results/
+        # tune-chunk-nvidia-h100-20261207-pairs-*), forward+backward: 16K 6.204 -> 6.127 ms (fwd_chunk_states 515 ->
+        # 440 us, bwd_chunk_dstates 648 -> 610), 2K CUDA graph 0.854 -> 0.836; SmolLM2's heads 0.344 -> 0.342. Two
+        # chunks a step (walk_pairs) was no faster (6.227, 0.852), and capping the block kernels' registers (maxnreg
+        # 168 / 128) lost (7.52 / 11.40 ms: their spills).
         return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, C_intra=32, warps_intra=4,
                             fold_backward=True, split_forward=training, skip_empty=training,
-                            local_sums=training, walk_tile=64 if training else None)
+                            local_sums=training, walk_tile=64 if training else None,
+                            walk_stages=3 if training else None)
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
 
 
