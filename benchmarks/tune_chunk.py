@@ -28,7 +28,9 @@ whole sequence, with no segment-sum pass and no prefix.
 
 ``--walk-opts pairs,s3,pairs+s4,r168`` also runs each split + fold config with its walks two chunks a step
 (``LaunchConfig.walk_pairs``) and / or that many pipeline stages (``walk_stages``), or its block kernels capped at
-that many registers a thread (``maxnreg``: 168 lets three programs share an SM at 4 warps).
+that many registers a thread (``maxnreg``: 168 lets three programs share an SM at 4 warps); ``g`` / ``gd``: the
+window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or read) / and delta too (``delta_in_dq``: no
+bwd_delta pass).
 
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
@@ -70,7 +72,8 @@ def label(cfg: LaunchConfig) -> str:
             + (f" dk_launches={cfg.dk_launches}" if cfg.dk_launches > 1 else "")
             + (" local" if cfg.local_sums else "") + (f" walk={cfg.walk_tile}" if cfg.walk_tile else "")
             + (" pairs" if cfg.walk_pairs else "") + (f" walk_stages={cfg.walk_stages}" if cfg.walk_stages else "")
-            + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else ""))
+            + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
+            + (" dgamma_in_dq" if cfg.dgamma_in_dq else "") + (" delta_in_dq" if cfg.delta_in_dq else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -171,8 +174,9 @@ def parse_blocks(text: str) -> list[dict[str, tuple[int, int]]]:
 
 
 def parse_walk_opts(text: str) -> list[dict]:
-    """'pairs,s3,pairs+s4,r168' -> [{'walk_pairs': True}, {'walk_stages': 3}, {'walk_pairs': True, 'walk_stages': 4},
-    {'maxnreg': 168}] (rN: the block kernels' register cap, ``LaunchConfig.maxnreg``)."""
+    """'pairs,s3,pairs+s4,r168,g,gd' -> [{'walk_pairs': True}, {'walk_stages': 3}, {'walk_pairs': True, 'walk_stages':
+    4}, {'maxnreg': 168}, {'dgamma_in_dq': True}, {'dgamma_in_dq': True, 'delta_in_dq': True}] (rN: the block
+    kernels' register cap, ``LaunchConfig.maxnreg``; g / gd: the window weight's gradient / and delta in bwd_dq)."""
     out = []
     for item in filter(None, text.split(",")):
         opts = {}
@@ -183,9 +187,11 @@ def parse_walk_opts(text: str) -> list[dict]:
                 opts["walk_stages"] = int(part[1])
             elif part.startswith("r") and part[1:].isdigit():
                 opts["maxnreg"] = int(part[1:])
+            elif part in ("g", "gd"):
+                opts |= {"dgamma_in_dq": True, "delta_in_dq": part == "gd"}
             else:
                 raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
-                                 "rN (the block kernels' register cap)")
+                                 "rN (the block kernels' register cap), g / gd (dgamma / and delta in bwd_dq)")
         out.append(opts)
     return out
 
@@ -235,8 +241,8 @@ def main() -> None:
                          "chunk-sum walks on [tile, tile] state tiles (walk_tile; with --nseg 1, one walk over the whole sequence)")
     ap.add_argument("--walk-opts", default="",
                     help="comma list of '+'-joined items, pairs (walk_pairs: two chunks a walk step), s1..s4 (the walks' "
-                         "pipeline stages) or rN (maxnreg: the block kernels' register cap): also each split + fold config "
-                         "with those")
+                         "pipeline stages), rN (maxnreg: the block kernels' register cap), g (dgamma_in_dq) or gd "
+                         "(dgamma_in_dq + delta_in_dq): also each split + fold config with those")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")

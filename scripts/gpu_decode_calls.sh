@@ -78,6 +78,8 @@
 #   bash scripts/gpu_decode_calls.sh 37 SHA  # the 8B base and step at the defaults, then with inductor's multi_kernel and with
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
 #   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
+#   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
+#   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
 #   bash scripts/gpu_decode_calls.sh 55 SHA  # every chunk-kernel GPU test at that default, real heads (~490 s)
 #   bash scripts/gpu_decode_calls.sh 56 SHA  # bwd_dk over 2-3 launches, blocks of 64, at the local_sums default (~260 s)
 #   bash scripts/gpu_decode_calls.sh 57 SHA  # walk_tile: the chunk-sum walks on state tiles, one segment or the default (~330 s)
@@ -856,13 +858,34 @@ PY
       --F 128 --graph "${OPTS[@]}" --out "$out/tune-chunk-pairs-smollm2.json" > "$out/tune-chunk-pairs-smollm2.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-pairs-smollm2.log"
     ;;
+  60)
+    # not decode: the window weight's gradient formed in bwd_dq (dgamma_in_dq: no u written by fwd_blocks nor read by
+    # bwd_delta, phi_q read by bwd_dq instead) and delta there too (delta_in_dq: no bwd_delta pass): -1X / -2X of the
+    # step's 40X bytes at 16K. GPU tests, then tune_chunk at 16K (profiled), 2K (graph) and SmolLM2's heads B8 x 1K
+    # (graph) (~330 s)
+    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "dgamma_in_dq" 2>/dev/null | grep "::")
+    TEST_TIMEOUT=80 TOTAL_TIMEOUT=85 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 3 $ids
+    sed -n '/=== summary/,$p' "$out/tests-chunk.log"
+    OPTS=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --walk-opts g,gd)
+    timeout 120 python3 benchmarks/tune_chunk.py --T 16384 "${OPTS[@]}" --out "$out/tune-chunk-dgamma-16k.json" \
+      > "$out/tune-chunk-dgamma-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-dgamma-16k.log"
+    [ "$(left)" -gt 40 ] || exit 0
+    timeout 70 python3 benchmarks/tune_chunk.py --T 2048 --graph "${OPTS[@]}" --out "$out/tune-chunk-dgamma-2k.json" \
+      > "$out/tune-chunk-dgamma-2k.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-dgamma-2k.log"
+    [ "$(left)" -gt 40 ] || exit 0
+    timeout $(( $(left) < 60 ? $(left) - 5 : 55 )) python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 9 --Hkv 3 --D 64 \
+      --F 128 --graph "${OPTS[@]}" --out "$out/tune-chunk-dgamma-smollm2.json" > "$out/tune-chunk-dgamma-smollm2.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-dgamma-smollm2.log"
+    ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
     SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30)
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 50" >&2; exit 2 ;;
+  *) echo "call must be 1 to 60" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

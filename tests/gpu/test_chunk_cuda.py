@@ -230,6 +230,42 @@ def test_register_cap(cap):
     _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, maxnreg=cap), heads=_TRAINING_HEADS[::2])
 
 
+@pytest.mark.parametrize("delta", [False, True], ids=["dgamma", "dgamma+delta"])
+def test_dgamma_in_dq(delta):
+    """The training default with the window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or
+    read) and, with ``delta_in_dq``, delta too (no bwd_delta): against the float64 reference in bf16 with padding, on
+    the benchmark's heads (W 64 and 200) and SmolLM2's."""
+    import dataclasses
+
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, dgamma_in_dq=True, delta_in_dq=delta))
+
+
+def test_dgamma_in_dq_precision_where_the_window_dominates():
+    """bf16, window weight x1 and x30 (the window dominates: the gradient's plain sum cancels, and delta read from the
+    bf16 output carries its rounding in; the reason u is formed in fp32): gamma's gradient against the float64
+    reference, from bwd_dq (dgamma_in_dq + delta_in_dq) no worse than 2x the stored u's, and under 2e-2."""
+    import dataclasses
+
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton.chunk import default_config, hybrid_attention_triton
+
+    base = default_config(128, 128, training=True)
+    cfgs = {"u": base, "dq": dataclasses.replace(base, dgamma_in_dq=True, delta_in_dq=True)}
+    for gs in (1.0, 30.0):
+        ins64 = [t.cuda() for t in random_inputs(2, 1000, 4, 4, 128, 128, 4, dtype=torch.float64, seed=3)]
+        ins = [t.to(torch.bfloat16).requires_grad_(True) for t in ins64[:5]]
+        ins.append((ins64[5] * gs).float().requires_grad_(True))
+        ref = [t.detach().double().requires_grad_(True) for t in ins]
+        yr, _ = hybrid_attention_chunked(*ref[:5], window=64, window_weight=ref[5])
+        dy = torch.randn(yr.shape, dtype=torch.float64, device="cuda")
+        g_ref = torch.autograd.grad(yr, ref[5], dy)[0]
+        errs = {}
+        for name, cfg in cfgs.items():
+            y, _ = hybrid_attention_triton(*ins[:5], window=64, window_weight=ins[5], config=cfg)
+            errs[name] = rel_err(torch.autograd.grad(y, ins[5], dy.to(torch.bfloat16))[0], g_ref)
+        assert errs["dq"] < 2e-2 and errs["dq"] <= 2 * errs["u"], (gs, errs)
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

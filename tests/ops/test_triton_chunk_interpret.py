@@ -251,6 +251,119 @@ def test_walk_pairs(case, nseg, local, tile):
 
 
 @inside
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 1, 2, 5, 6)], ids=lambda c: "B{}T{}H{}/{}D{}F{}Hf{}W{}".format(*c))
+@pytest.mark.parametrize("form,nseg,tile,local,delta", [("split+fold", 1, 16, False, True),
+                                                        ("split+fold", 3, None, True, False), ("fold", 3, None, False, True)],
+                         ids=["whole-tiles-delta", "local", "fold-delta"])
+def test_dgamma_in_dq(case, form, nseg, tile, local, delta):
+    """``LaunchConfig.dgamma_in_dq``: the window weight's gradient formed in bwd_dq from its window row sums and phi_q .
+    dphi_q (no u stored by the forward), and with ``delta_in_dq`` delta formed there too (no bwd_delta): outputs,
+    states and every gradient, gamma's included, as the reference, with padding, W 0 / 1 / 5 / 40 / past T, over one
+    segment on state tiles, three with local_sums, and the folded backward after the one-pass forward. (Dropping
+    the l_w phi_q . dphi_q term fails gamma's gradient: 0.45 relative error.)"""
+    B, T = case[:2]
+    _check(*case, C=32, BV=32, nseg=nseg, C_intra=16, split_forward="split" in form, fold_backward=True,
+           skip_empty=True, local_sums=local, walk_tile=tile, dgamma_in_dq=True, delta_in_dq=delta,
+           mask=left_pad_mask(B, T, [0, 3][:B]))
+
+
+@inside
+def test_dgamma_in_dq_keeps_its_precision_where_the_window_dominates():
+    """fp16 operands, window weight x1 and x30 (where the window dominates, the gradient sum_t,e exp(s - m)(dy . v -
+    delta) / den cancels, and delta read from the rounded output would carry its rounding into it): gamma's gradient
+    against fp64 within 5e-4, as the fp32-formed u's (interpreter: 1.1e-4 - 2.3e-4 against u's 1.5e-4 - 4.4e-4; the
+    plain cancelling sum gives 0.9e-3 - 1.7e-3 here)."""
+    from linearize.ops import hybrid_attention_chunked
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    cfgs = {name: LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, fold_backward=True, dgamma_in_dq=name != "u",
+                               delta_in_dq=name == "dq+delta") for name in ("u", "dq", "dq+delta")}
+    for gs in (1.0, 30.0):
+        for T, W in [(200, 20), (90, 20)]:
+            ins64 = random_inputs(2, T, 4, 2, 16, 32, 2, dtype=torch.float64, seed=T)
+            ins = [t.to(torch.float16).requires_grad_(True) for t in ins64[:5]]
+            ins.append((ins64[5] * gs).float().requires_grad_(True))
+            ref = [t.detach().double().requires_grad_(True) for t in ins]
+            yr, _ = hybrid_attention_chunked(*ref[:5], window=W, window_weight=ref[5])
+            dy = torch.randn(yr.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+            g_ref = torch.autograd.grad(yr, ref[5], dy)[0]
+            errs = {}
+            for name, cfg in cfgs.items():
+                y, _ = hybrid_attention_triton(*ins[:5], window=W, window_weight=ins[5], config=cfg)
+                errs[name] = rel_err(torch.autograd.grad(y, ins[5], dy.half())[0], g_ref)
+            assert errs["dq"] < 5e-4 and errs["dq"] <= 2 * errs["u"], (gs, T, errs)
+            assert errs["dq+delta"] == errs["dq"]  # (delta formed from the same loads, in the same order)
+
+
+def test_dgamma_in_dq_writes_no_u_and_delta_in_dq_runs_no_delta_pass():
+    """The launches of one forward + backward (check_smem's recorder, on CPU without running a kernel): with
+    dgamma_in_dq the forward stores no u and bwd_dq forms dgamma; with delta_in_dq bwd_delta does not run, also where
+    the window weight is frozen (bwd_dq then forms delta but no dgamma)."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import default_config
+    from scripts.check_smem import record_launches
+
+    base = default_config(128, 128, training=True)
+    shape = (2, 300, 4, 2, 128, 128, 2, 64, torch.bfloat16)
+
+    def kernels(cfg, gamma_grad=True):
+        return {(r["kernel"], r["constexprs"].get("STORE_U"), r["constexprs"].get("DGAM"),
+                 r["constexprs"].get("DELTA_HERE")) for r in record_launches(*shape, config=cfg, gamma_grad=gamma_grad)
+                if r["kernel"] in ("fwd_blocks_kernel", "bwd_dq_kernel", "bwd_delta_kernel")}
+
+    assert kernels(base) == {("fwd_blocks_kernel", True, None, None), ("bwd_delta_kernel", None, None, None),
+                             ("bwd_dq_kernel", None, False, False)}
+    in_dq = dataclasses.replace(base, dgamma_in_dq=True)
+    assert kernels(in_dq) == {("fwd_blocks_kernel", False, None, None), ("bwd_delta_kernel", None, None, None),
+                              ("bwd_dq_kernel", None, True, False)}
+    both = dataclasses.replace(in_dq, delta_in_dq=True)
+    assert kernels(both) == {("fwd_blocks_kernel", False, None, None), ("bwd_dq_kernel", None, True, True)}
+    assert kernels(both, gamma_grad=False) == {("fwd_blocks_kernel", False, None, None),
+                                               ("bwd_dq_kernel", None, False, True)}
+
+
+@inside
+def test_dgamma_in_dq_through_the_ops_and_compiled():
+    """dgamma_in_dq + delta_in_dq through the custom ops torch.compile calls (the backward op told by its autograd that
+    gamma wants a gradient, WANT_DGAMMA): opcheck (schemas, fake kernels: dgamma's shape with no u stored), and the
+    compiled function's output and gradients as eager's, with gamma trained and frozen."""
+    from linearize.ops.triton.chunk import LaunchConfig, _hybrid_chunk_op, _launch_ints, hybrid_attention_triton
+
+    cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=2, split_forward=True, fold_backward=True, local_sums=True,
+                       dgamma_in_dq=True, delta_in_dq=True)
+    q, k, v, pq, pk, g = random_inputs(2, 21, 4, 2, 16, 8, 4, dtype=torch.float32, seed=5, requires_grad=True)
+    mask = left_pad_mask(2, 21, [0, 5]).to(torch.uint8).contiguous()
+    torch.library.opcheck(_hybrid_chunk_op, (q, k, v, pq, pk, g, mask, None, None, 6, 0.25, *_launch_ints(cfg), False))
+
+    def f(q, k, v, pq, pk, g):
+        y, _ = hybrid_attention_triton(q * 1.5, k, v, pq.exp(), pk.exp(), window=6, window_weight=g.sigmoid(), config=cfg)
+        return (y.tanh() * 2).sum(-1)
+
+    ins = random_inputs(2, 37, 4, 2, 16, 8, 2, dtype=torch.float32, seed=6, requires_grad=True)
+    dy = torch.randn(2, 37, 4, generator=torch.Generator().manual_seed(1))
+    for frozen in (False, True):
+        args = list(ins)
+        if frozen:
+            args[5] = ins[5].detach()
+        out = [f(*args), torch.compile(f, fullgraph=True)(*args)]
+        wrt = ins[:5] if frozen else ins
+        grads = [torch.autograd.grad(o, wrt, dy) for o in out]
+        assert rel_err(out[1], out[0]) < 1e-6
+        for a, b in zip(*grads):
+            assert rel_err(b, a) < 1e-6
+
+
+def test_dgamma_and_delta_in_dq_need_the_fold():
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    with pytest.raises(ValueError, match="dgamma_in_dq needs fold_backward"):
+        LaunchConfig(C=64, BV=64, num_warps=4, dgamma_in_dq=True)
+    with pytest.raises(ValueError, match="delta_in_dq needs dgamma_in_dq"):
+        LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, delta_in_dq=True)
+
+
+@inside
 def test_register_cap_changes_no_result():
     """``LaunchConfig.maxnreg`` (the block kernels' register cap, a compile option) with the training form: as the
     reference."""
@@ -354,7 +467,10 @@ def test_a_launch_config_travels_through_the_ops_ints():
                              walk_pairs=True, walk_stages=4, local_sums=True),
                 LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, walk_stages=1),
                 LaunchConfig(C=64, BV=128, num_warps=8, C_intra=32, warps_intra=4, C_fwd=64, warps_fwd=8, C_dk=32,
-                             warps_dk=4, split_forward=True, fold_backward=True, maxnreg=168)):
+                             warps_dk=4, split_forward=True, fold_backward=True, maxnreg=168),
+                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, dgamma_in_dq=True),
+                LaunchConfig(C=64, BV=128, num_warps=8, split_forward=True, fold_backward=True, walk_tile=64,
+                             walk_stages=3, dgamma_in_dq=True, delta_in_dq=True)):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

@@ -99,6 +99,13 @@ class LaunchConfig:
     # local memory (L1). Those kernels wait on their loads at two programs an SM (51-60% of copy bandwidth at 16K,
     # benchmarks/NOTES-chunk.md). Off: it lost at 168 and 128 (H100 16K 6.20 -> 7.52 / 11.40 ms, their spills).
     maxnreg: int | None = None
+    # The window weight's gradient formed by the folded backward's bwd_dq from what it holds anyway (the window's
+    # exp(s - m) dw and exp(s - m) row sums, and phi_q . dphi_q: chunk_kernels.bwd_dq_kernel's DGAM) instead of from
+    # an fp32-formed u = dy / dgamma that the forward writes ([B, T, H, D]) and bwd_delta reads: one [B, T, H, D]
+    # tensor less written and read, one (phi_q) more read. delta_in_dq: delta = dy . y formed in bwd_dq too, so
+    # bwd_delta does not run (it then read y and dy only). Both need fold_backward. Off until timed.
+    dgamma_in_dq: bool = False
+    delta_in_dq: bool = False
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -130,6 +137,10 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig: walk_stages={self.walk_stages} must be None or 1-4")
         if self.walk_tile not in (None, 16, 32, 64):
             raise ValueError(f"LaunchConfig: walk_tile={self.walk_tile} must be None, 16, 32 or 64")
+        if self.dgamma_in_dq and not self.fold_backward:
+            raise ValueError("LaunchConfig: dgamma_in_dq needs fold_backward (bwd_dq's dphi_q is complete only there)")
+        if self.delta_in_dq and not self.dgamma_in_dq:
+            raise ValueError("LaunchConfig: delta_in_dq needs dgamma_in_dq (else bwd_delta runs anyway, for u)")
         if self.local_sums and not (self.split_forward or self.fold_backward):
             raise ValueError("LaunchConfig: local_sums changes the chunk-sum walks of split_forward and fold_backward; "
                              "pass one of them too")
@@ -429,9 +440,10 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
 
 
 def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, cs, cz, window: int,
-                    scale: float, cfg: LaunchConfig):
-    """-> (dq, dk, dv, dphi_q, dphi_k, dgamma or None, the latter where the forward stored no u). ``cs``, ``cz``:
-    the chunk sums the split forward kept, or None (a folded backward walks them again)."""
+                    scale: float, cfg: LaunchConfig, want_dgamma: bool = False):
+    """-> (dq, dk, dv, dphi_q, dphi_k, dgamma or None): dgamma from u where the forward stored it, else from bwd_dq
+    where ``want_dgamma`` and ``cfg.dgamma_in_dq``, else None. ``cs``, ``cz``: the chunk sums the split forward
+    kept, or None (a folded backward walks them again)."""
     B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg = _geometry(q, k, phi_q, phi_k, window, cfg)
     G, Gk, GQ = H // Hkv, Hf // Hkv, H // Hf
     has_mask, m_arg, sM_b = _mask_arg(mask, q)
@@ -443,11 +455,17 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     delta = _empty(B, H, T, dtype=f32, device=dev)
     BT = 64
     has_u = u is not None
-    dgam = _empty(math.ceil(T / BT), B, H, dtype=f32, device=dev) if has_u else delta
-    K.bwd_delta_kernel[(math.ceil(T / BT), B * H)](
-        y, u if has_u else y, dy, delta, dgam, *_strides(y), *_strides(dy), B, T, H,
-        D=D, BD=BD, BT=BT, HAS_U=has_u, num_warps=4,
-    )
+    in_dq = want_dgamma and cfg.dgamma_in_dq and not has_u  # (bwd_dq forms dgamma: DGAM)
+    delta_here = cfg.delta_in_dq and not has_u  # (bwd_dq forms delta: DELTA_HERE; bwd_delta does not run)
+    Ci, wi = cfg.blocks("dq")
+    ni = math.ceil(T / Ci)
+    dgam = _empty(math.ceil(T / BT), B, H, dtype=f32, device=dev) if has_u else (
+        _empty(ni, B, H, dtype=f32, device=dev) if in_dq else delta)
+    if not delta_here:
+        K.bwd_delta_kernel[(math.ceil(T / BT), B * H)](
+            y, u if has_u else y, dy, delta, dgam, *_strides(y), *_strides(dy), B, T, H,
+            D=D, BD=BD, BT=BT, HAS_U=has_u, num_warps=4,
+        )
     strides_in = (*_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(dy), sM_b)
 
     dq = _empty(*q.shape, dtype=q.dtype, device=dev)
@@ -461,13 +479,14 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
     dpq = _empty(B, T, H, F, dtype=phi_q.dtype if fold else f32, device=dev)
     corr = _empty(B, H, T, dtype=f32, device=dev)
-    Ci, wi = cfg.blocks("dq")
-    ni = math.ceil(T / Ci)
+    if delta_here:
+        assert y.stride() == dy.stride(), "bwd_dq reads y with dy's strides"  # (both contiguous [B, T, H, D])
     _launch(K.bwd_dq_kernel, (ni, B * H),
         q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz,
-        pre_S.to(cs.dtype) if local else pre_S, pre_z, *strides_in,  # (.to: a no-op where the forward kept it low)
+        pre_S.to(cs.dtype) if local else pre_S, pre_z, y, dgam, *strides_in,  # (.to: a no-op where the forward kept it low)
         B, T, H, Hf, G, GQ, ni, n_per, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec,
-        FOLD=fold, SKIP=cfg.skip_empty, LOCAL=local, **dict(kw, num_warps=wi), **_regs(cfg),
+        FOLD=fold, SKIP=cfg.skip_empty, LOCAL=local, DGAM=in_dq, DELTA_HERE=delta_here, **dict(kw, num_warps=wi),
+        **_regs(cfg),
     )
     del cs, cz
     dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
@@ -542,7 +561,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     if Gk > 1:  # key feature maps per query head: k and v gradients summed over each KV group
         dk_b = dk_b.view(B, T, Hkv, Gk, D).sum(3)
         dv_b = dv_b.view(B, T, Hkv, Gk, D).sum(3)
-    dgamma = dgam.sum((0, 1)) if has_u else None
+    dgamma = dgam.sum((0, 1)) if has_u or in_dq else None
     return dq, dk_b.to(k.dtype), dv_b.to(v.dtype), dpq_out.to(phi_q.dtype), dpk.to(phi_k.dtype), dgamma
 
 
@@ -564,7 +583,8 @@ class _HybridChunkFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return (*_chunk_backward(dy, *ctx.saved_tensors, *ctx.meta),) + (None,) * 7  # (saved: ... pre_z, cs, cz)
+        grads = _chunk_backward(dy, *ctx.saved_tensors, *ctx.meta, want_dgamma=ctx.needs_input_grad[5])
+        return (*grads,) + (None,) * 7  # (saved: ... pre_z, cs, cz)
 
 
 def _cfg(launch) -> LaunchConfig:
@@ -576,22 +596,29 @@ def _cfg(launch) -> LaunchConfig:
                         C_fwd=own[0], warps_fwd=own[1], C_dk=own[2], warps_dk=own[3],
                         dk_launches=1 + (flags >> 4 & 3), local_sums=bool(flags & 64),
                         walk_tile=(None, 16, 32, 64)[flags >> 7 & 3], walk_pairs=bool(flags & 512),
-                        walk_stages=(flags >> 10 & 7) or None, maxnreg=(blocks >> 32) & 0xFF or None)
+                        walk_stages=(flags >> 10 & 7) or None, maxnreg=(blocks >> 32) & 0xFF or None,
+                        dgamma_in_dq=bool(flags & 8192), delta_in_dq=bool(flags & 16384))
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
     2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256:
-    walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None)), C_intra (0: None),
+    walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None), 8192: dgamma_in_dq,
+    16384: delta_in_dq; the backward op's also WANT_DGAMMA), C_intra (0: None),
     warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg a byte each, low byte first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
              | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile)
-             | 512 * int(cfg.walk_pairs) | 1024 * (cfg.walk_stages or 0))
+             | 512 * int(cfg.walk_pairs) | 1024 * (cfg.walk_stages or 0) | 8192 * int(cfg.dgamma_in_dq)
+             | 16384 * int(cfg.delta_in_dq))
     blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk, cfg.maxnreg),
                                                (0, 8, 16, 24, 32)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
             cfg.C_intra or 0, cfg.warps_intra or 0, blocks)
 
+
+#: A flag of the backward op alone (set by its autograd from needs_input_grad): the window weight wants a gradient,
+#: which bwd_dq forms where the config has dgamma_in_dq (the forward then stored no u).
+WANT_DGAMMA = 1 << 15
 
 #: The custom ops' names carry their schema's version: torch's on-disk compile caches (AOTAutograd's, inductor's) key
 #: a cached graph on the op's name, not its schema, so a graph cached before a schema change called the new op with
@@ -641,18 +668,21 @@ def _hybrid_chunk_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                               num_warps: int, num_stages: int, nseg: int, flags: int, C_intra: int,
                               warps_intra: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                          torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dphi_q, dphi_k, dgamma); dgamma is empty where the forward stored no u."""
+    """(dq, dk, dv, dphi_q, dphi_k, dgamma); dgamma is empty where neither the forward stored u nor flags has
+    WANT_DGAMMA with dgamma_in_dq."""
     cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra, blocks))
     *grads, dgamma = _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u if u.numel() else None, mx, den,
                                      arg, pre_S, pre_z, cs if cs.numel() else None, cz if cs.numel() else None,
-                                     window, scale, cfg)
+                                     window, scale, cfg, want_dgamma=bool(flags & WANT_DGAMMA))
     return (*grads, gamma.new_empty(0) if dgamma is None else dgamma)
 
 
 @_hybrid_chunk_backward_op.register_fake
 def _(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, pre_S, pre_z, cs, cz, window, scale, *launch):
+    flags = launch[5]
+    dgamma = u.numel() or (flags & WANT_DGAMMA and _cfg(launch).dgamma_in_dq)
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), phi_q.new_empty(phi_q.shape),
-            phi_k.new_empty(phi_k.shape), gamma.new_empty(gamma.shape if u.numel() else (0,), dtype=torch.float32))
+            phi_k.new_empty(phi_k.shape), gamma.new_empty(gamma.shape if dgamma else (0,), dtype=torch.float32))
 
 
 def _chunk_setup(ctx, inputs, output):
@@ -667,7 +697,10 @@ def _chunk_setup(ctx, inputs, output):
 def _chunk_autograd(ctx, dy, *_):
     if dy is None:  # (y unused by the loss)
         return (None,) * 21
-    *grads, dgamma = _hybrid_chunk_backward_op(dy, *ctx.saved_tensors, *ctx.meta)
+    window, scale, C, BV, warps, stages, nseg, flags, *rest = ctx.meta
+    want = WANT_DGAMMA if ctx.needs_input_grad[5] else 0
+    *grads, dgamma = _hybrid_chunk_backward_op(dy, *ctx.saved_tensors, window, scale, C, BV, warps, stages, nseg,
+                                               flags | want, *rest)
     return (*grads, dgamma if dgamma.numel() else None) + (None,) * 15
 
 
@@ -731,7 +764,8 @@ def hybrid_attention_triton(
     z0 = initial_state.z.detach().to(torch.float32).contiguous() if given else None
     training = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, phi_q, phi_k, gamma))
     cfg = config or default_config(d.D, d.F, training)
-    store_u = torch.is_grad_enabled() and gamma.requires_grad  # (read here: grad mode is off inside the op)
+    # (read here: grad mode is off inside the op; with dgamma_in_dq the backward forms dgamma without u)
+    store_u = torch.is_grad_enabled() and gamma.requires_grad and not cfg.dgamma_in_dq
     args = (q_run, k_run, v_run, pq_run, pk_run, gamma, mask_u8, S0, z0, window, scale)
     if torch.compiler.is_compiling():
         y = _hybrid_chunk_op(*args, *_launch_ints(cfg), store_u)[0]

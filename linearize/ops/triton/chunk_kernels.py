@@ -538,10 +538,11 @@ def _bwd_dw(dy, vv, delta, inv, PREC: tl.constexpr):
 
 @triton.jit
 def _bwd_dq_steps(j_lo, j_hi, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf, rc, D, F,
-                  mrow, delta, inv, gam, dq, dpq, rs, C: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-                  DO_WIN: tl.constexpr, DO_LIN: tl.constexpr):
-    """bwd_dq's steps over key blocks j_lo <= j < j_hi: (dq, dphi_q, the row sums of ds); DO_WIN / DO_LIN as in
-    ``_fwd_window_steps``."""
+                  mrow, delta, inv, gam, dq, dpq, rs, lw, C: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                  DO_WIN: tl.constexpr, DO_LIN: tl.constexpr, DGAM: tl.constexpr = False):
+    """bwd_dq's steps over key blocks j_lo <= j < j_hi: (dq, dphi_q, the row sums of ds, lw); DO_WIN / DO_LIN as in
+    ``_fwd_window_steps``. DGAM: rs sums exp(s - m) dw without gamma (the caller scales it) and lw sums exp(s - m)
+    (the window's share of the denominator): what bwd_dq_kernel's DGAM forms the window weight's gradient from."""
     for j in range(j_lo, j_hi):
         k, vv, pk, win, lin = _key_block(Kb, Vb, PKb, M, b, sM_b, t, j * C + rc, W, T, sK_t, sV_t, sPK_t, rd, rd, rf,
                                          D, F, HAS_MASK, DO_WIN, DO_LIN)
@@ -549,13 +550,19 @@ def _bwd_dq_steps(j_lo, j_hi, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK
             ex = _bwd_window_exp(q, k, win, mrow, scale, PREC)
         dw = _bwd_dw(dy, vv, delta, inv, PREC)
         if DO_WIN:
-            ds = gam * ex * dw
-            rs += tl.sum(ds, 1)
+            if DGAM:
+                ew = ex * dw
+                rs += tl.sum(ew, 1)
+                lw += tl.sum(ex, 1)
+                ds = gam * ew
+            else:
+                ds = gam * ex * dw
+                rs += tl.sum(ds, 1)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         if DO_LIN:
             da = tl.where(lin, dw, 0.0)
             dpq += tl.dot(da.to(pk.dtype), pk, input_precision=PREC)
-    return dq, dpq, rs
+    return dq, dpq, rs, lw
 
 
 @triton.jit
@@ -613,19 +620,26 @@ def _bwd_dk_steps(i_lo, i_hi, k, vv, pk, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, 
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR, CS, CZ, PRE_S, PRE_Z,
+    Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR, CS, CZ, PRE_S, PRE_Z, Y, DG,
     sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
     sDY_b, sDY_t, sDY_h, sM_b,
     B, T, H, Hf, G, GQ, n_chunks, n_per, nwin, W, scale, Cs,
     D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, C: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, FOLD: tl.constexpr = False, SKIP: tl.constexpr = False,
-    LOCAL: tl.constexpr = False,
+    LOCAL: tl.constexpr = False, DGAM: tl.constexpr = False, DELTA_HERE: tl.constexpr = False,
 ):
     """dq (complete), dphi_q (intra part) and the max-path correction per query, for a block of C queries.
     The intra part is every key in the state kernels' chunk (Cs, a multiple of C: ``LaunchConfig.C_intra``) and
     the nwin chunks before it; the running-sum kernels take the keys before those. FOLD: also their part,
     (dy S^T - delta z) / den from the chunk's running sums CS / CZ (fwd_chunk_states_kernel's), so dphi_q is
-    complete (written in DPQ's dtype) and bwd_dq_state_kernel does not run."""
+    complete (written in DPQ's dtype) and bwd_dq_state_kernel does not run.
+    DGAM (with FOLD): also this block's share of the window weight's gradient, DG[c, b, h] = sum_t dy_t . u_t with
+    u = dy / dgamma = (N_w l_lin - l_w N_lin) / den^2 (N_w, l_w: the window's numerator and denominator; N_lin, l_lin:
+    the linear part's), from what the kernel forms anyway: sum_t (l_lin r - l_w phi_q . dphi_q) / den, with r = sum_W
+    exp(s - m) dw and l_lin = den - gamma l_w. The error of delta (read from the rounded output) cancels between the
+    two terms, so no fp32 u need be stored by the forward (bwd_delta_kernel's HAS_U path, a [B, T, H, D] write and
+    read). DELTA_HERE: delta = dy . y formed here from Y (same strides as DY) and stored for the later kernels, instead
+    of by bwd_delta_kernel."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -642,7 +656,12 @@ def bwd_dq_kernel(
     dy = _load_rows(DY + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
     mrow = tl.load(MAX + row, mask=t_ok, other=0.0)
     den = tl.load(DEN + row, mask=t_ok, other=0.0)
-    delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
+    if DELTA_HERE:
+        yy = _load_rows(Y + b * sDY_b + h * sDY_h, t, t_ok, sDY_t, rd, D)
+        delta = tl.sum(yy.to(tl.float32) * dy.to(tl.float32), 1)
+        tl.store(DELTA + row, delta, mask=t_ok)
+    else:
+        delta = tl.load(DELTA + row, mask=t_ok, other=0.0)
     arg = tl.load(ARG + row, mask=t_ok, other=0)
     inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
     gam = tl.load(GAMMA + h)
@@ -652,18 +671,22 @@ def bwd_dq_kernel(
     dq = tl.zeros([C, BD], dtype=tl.float32)
     dpq = tl.zeros([C, BF], dtype=tl.float32)
     rs = tl.zeros([C], dtype=tl.float32)
+    lw = tl.zeros([C], dtype=tl.float32)
     j_lo = tl.maximum((c * C // Cs - nwin) * (Cs // C), 0)
     if SKIP:  # (as _fwd_window: the far blocks with only linear pairs, both, the near ones with only window pairs)
         j_both, j_near = _key_regions(c, j_lo, W, C)
-        dq, dpq, rs = _bwd_dq_steps(j_lo, j_both, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
-                                    rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, False, True)
-        dq, dpq, rs = _bwd_dq_steps(j_both, j_near, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
-                                    rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, True)
-        dq, dpq, rs = _bwd_dq_steps(j_near, c + 1, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
-                                    rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, False)
+        dq, dpq, rs, lw = _bwd_dq_steps(j_lo, j_both, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
+                                    rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, lw, C, HAS_MASK, PREC, False, True, DGAM)
+        dq, dpq, rs, lw = _bwd_dq_steps(j_both, j_near, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
+                                    rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, lw, C, HAS_MASK, PREC, True, True, DGAM)
+        dq, dpq, rs, lw = _bwd_dq_steps(j_near, c + 1, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd, rf,
+                                    rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, lw, C, HAS_MASK, PREC, True, False, DGAM)
     else:
-        dq, dpq, rs = _bwd_dq_steps(j_lo, c + 1, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd,
-                                    rf, rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, C, HAS_MASK, PREC, True, True)
+        dq, dpq, rs, lw = _bwd_dq_steps(j_lo, c + 1, q, dy, Kb, Vb, PKb, M, b, sM_b, t, W, T, scale, sK_t, sV_t, sPK_t, rd,
+                                    rf, rc, D, F, mrow, delta, inv, gam, dq, dpq, rs, lw, C, HAS_MASK, PREC, True, True, DGAM)
+    if DGAM:  # (the steps summed r = exp(s - m) dw without gamma; the row sum of ds is gamma r)
+        r = rs
+        rs = gam * r
     corr = -rs
     if FOLD:
         S, z = _load_sums(CS, CZ, ((c * C // Cs) * B + b) * Hf + hf, rf, rd, F, D)
@@ -676,6 +699,12 @@ def bwd_dq_kernel(
             dpq -= (delta * inv)[:, None] * z[None, :]
         else:
             dpq += tl.dot(dyi, tl.trans(S.to(PK.dtype.element_ty)), input_precision=PREC) - (delta * inv)[:, None] * z[None, :]
+    if DGAM:  # (FOLD: dpq is complete here)
+        pq = _load_rows(PQ + b * sPQ_b + h * sPQ_h, t, t_ok, sPQ_t, rf, F).to(tl.float32)
+        pdp = tl.sum(pq * dpq, 1)
+        l_lin = den - gam * lw
+        dg = tl.where(t_ok, (l_lin * r - lw * pdp) * inv, 0.0)
+        tl.store(DG + (c * B + b) * H + h, tl.sum(dg, 0))
     # The max m_t = s(t, arg_t) carries dm_t = corr_t back to that one key.
     kg = _load_rows(Kb, arg, t_ok, sK_t, rd, D).to(tl.float32)
     dq = (dq + corr[:, None] * kg) * scale
