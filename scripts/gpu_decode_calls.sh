@@ -80,6 +80,7 @@
 #   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
 #   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
+#   bash scripts/gpu_decode_calls.sh 61 SHA  # fwd_blocks on 64 value columns (and wgmma blocks of 64); walk_stages at real heads (~250 s)
 #   bash scripts/gpu_decode_calls.sh 55 SHA  # every chunk-kernel GPU test at that default, real heads (~490 s)
 #   bash scripts/gpu_decode_calls.sh 56 SHA  # bwd_dk over 2-3 launches, blocks of 64, at the local_sums default (~260 s)
 #   bash scripts/gpu_decode_calls.sh 57 SHA  # walk_tile: the chunk-sum walks on state tiles, one segment or the default (~330 s)
@@ -879,13 +880,34 @@ PY
       --F 128 --graph "${OPTS[@]}" --out "$out/tune-chunk-dgamma-smollm2.json" > "$out/tune-chunk-dgamma-smollm2.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-dgamma-smollm2.log"
     ;;
+  61)
+    # not decode: with the walks on state tiles, BV now sizes fwd_blocks' value block alone: fwd_blocks on 64 value
+    # columns (two value blocks, the scores formed twice) on blocks of 32 at 4 warps, and on blocks of 64 at 8 warps
+    # (wgmma; sm_90 spills 8 B a thread there, against 120 at BV 128), at 16K (profiled) and 2K (graph); then
+    # walk_stages 3 (the default since call 59) against 2 at Qwen2.5's and SmolLM2's heads, B8 x 1K (graph) (~250 s)
+    OPTS=(--shapes default,64x64x8x2 --nseg 0 --intra 32x4 --intra-only --forms split+fold --blocks fwd64x8)
+    timeout 110 python3 benchmarks/tune_chunk.py --T 16384 "${OPTS[@]}" --out "$out/tune-chunk-bv-16k.json" \
+      > "$out/tune-chunk-bv-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-bv-16k.log"
+    timeout 60 python3 benchmarks/tune_chunk.py --T 2048 --graph "${OPTS[@]}" --out "$out/tune-chunk-bv-2k.json" \
+      > "$out/tune-chunk-bv-2k.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-bv-2k.log"
+    for m in "qwen 14 2" "smollm2 9 3"; do
+      set -- $m
+      [ "$(left)" -gt 30 ] || exit 0
+      timeout $(( $(left) < 55 ? $(left) - 5 : 50 )) python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H $2 --Hkv $3 \
+        --D 64 --F 128 --graph --shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --walk-opts s2 \
+        --out "$out/tune-chunk-stages-$1.json" > "$out/tune-chunk-stages-$1.log" 2>&1
+      grep -HE "^C=" "$out/tune-chunk-stages-$1.log"
+    done
+    ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
     SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30)
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 60" >&2; exit 2 ;;
+  *) echo "call must be 1 to 61" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
