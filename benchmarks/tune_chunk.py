@@ -30,7 +30,7 @@ whole sequence, with no segment-sum pass and no prefix.
 (``LaunchConfig.walk_pairs``) and / or that many pipeline stages (``walk_stages``), or its block kernels capped at
 that many registers a thread (``maxnreg``: 168 lets three programs share an SM at 4 warps); ``g`` / ``gd``: the
 window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or read) / and delta too (``delta_in_dq``: no
-bwd_delta pass).
+bwd_delta pass); ``ov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``).
 
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
@@ -73,7 +73,8 @@ def label(cfg: LaunchConfig) -> str:
             + (" local" if cfg.local_sums else "") + (f" walk={cfg.walk_tile}" if cfg.walk_tile else "")
             + (" pairs" if cfg.walk_pairs else "") + (f" walk_stages={cfg.walk_stages}" if cfg.walk_stages else "")
             + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
-            + (" dgamma_in_dq" if cfg.dgamma_in_dq else "") + (" delta_in_dq" if cfg.delta_in_dq else ""))
+            + (" dgamma_in_dq" if cfg.dgamma_in_dq else "") + (" delta_in_dq" if cfg.delta_in_dq else "")
+            + (" overlap" if cfg.overlap else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -189,9 +190,11 @@ def parse_walk_opts(text: str) -> list[dict]:
                 opts["maxnreg"] = int(part[1:])
             elif part in ("g", "gd"):
                 opts |= {"dgamma_in_dq": True, "delta_in_dq": part == "gd"}
+            elif part == "ov":
+                opts["overlap"] = True
             else:
                 raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
-                                 "rN (the block kernels' register cap), g / gd (dgamma / and delta in bwd_dq)")
+                                 "rN (the block kernels' register cap), g / gd (dgamma / and delta in bwd_dq), ov (overlap)")
         out.append(opts)
     return out
 
@@ -242,7 +245,7 @@ def main() -> None:
     ap.add_argument("--walk-opts", default="",
                     help="comma list of '+'-joined items, pairs (walk_pairs: two chunks a walk step), s1..s4 (the walks' "
                          "pipeline stages), rN (maxnreg: the block kernels' register cap), g (dgamma_in_dq) or gd "
-                         "(dgamma_in_dq + delta_in_dq): also each split + fold config with those")
+                         "(dgamma_in_dq + delta_in_dq) or ov (overlap): also each split + fold config with those")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")

@@ -80,8 +80,8 @@
 #   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
 #   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
-#   bash scripts/gpu_decode_calls.sh 61 SHA  # evaluation's forward one-pass vs split at 16K / 2K / real heads (walk_stages 2 vs 3
-#                                            # there); fwd_blocks on 64 value columns (and wgmma blocks of 64) (~420 s)
+#   bash scripts/gpu_decode_calls.sh 61 SHA  # overlap (GPU tests, 16K, 2K graph); evaluation's forward one-pass vs split at 16K /
+#                                            # 2K / real heads (walk_stages 2 vs 3 there); fwd_blocks on 64 value columns (~420 s)
 #   bash scripts/gpu_decode_calls.sh 55 SHA  # every chunk-kernel GPU test at that default, real heads (~490 s)
 #   bash scripts/gpu_decode_calls.sh 56 SHA  # bwd_dk over 2-3 launches, blocks of 64, at the local_sums default (~260 s)
 #   bash scripts/gpu_decode_calls.sh 57 SHA  # walk_tile: the chunk-sum walks on state tiles, one segment or the default (~330 s)
@@ -882,17 +882,31 @@ PY
     grep -HE "^C=" "$out/tune-chunk-dgamma-smollm2.log"
     ;;
   61)
-    # not decode. (1) Evaluation's / prefill's forward: the one-pass form (evaluation's default) against the training
-    # default's split forward, now that its walk runs on state tiles (call 59 at 16K: 2.04 against 2.50 ms one-pass
-    # with skip), at B4 H16 16K and 2K, SmolLM2's heads B8 x 1K and B1 x 16K, Qwen2.5's B8 x 1K (the fwd column; at
-    # the heads also walk_stages 2 against the default 3, in a CUDA graph). (2) With the walks on state tiles, BV sizes
-    # fwd_blocks' value block alone: fwd_blocks on 64 value columns on blocks of 32 at 4 warps, and on blocks of 64
-    # at 8 warps (wgmma; sm_90 spills 8 B a thread there, against 120 at BV 128), at 16K and 2K (~420 s)
+    # not decode. (0) The backward's gradient-sum walk on a side stream beside bwd_dq (overlap): its GPU tests (also
+    # inside a CUDA graph), then 16K (profiled) and 2K (graph) against the default. (1) Evaluation's / prefill's
+    # forward: the one-pass form (evaluation's default) against the training default's split forward, now that its
+    # walk runs on state tiles (call 59 at 16K: 2.04 against 2.50 ms one-pass with skip), at B4 H16 16K and 2K,
+    # SmolLM2's heads B8 x 1K and B1 x 16K, Qwen2.5's B8 x 1K (the fwd column; at the heads also walk_stages 2 against
+    # the default 3, in a CUDA graph). (2) With the walks on state tiles, BV sizes fwd_blocks' value block alone:
+    # fwd_blocks on 64 value columns on blocks of 32 at 4 warps, and on blocks of 64 at 8 warps (wgmma; sm_90 spills
+    # 8 B a thread there, against 120 at BV 128), at 16K and 2K (~420 s; what is left when CALL_S runs out is skipped)
+    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "overlap" 2>/dev/null | grep "::")
+    TEST_TIMEOUT=70 TOTAL_TIMEOUT=75 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 3 $ids
+    sed -n '/=== summary/,$p' "$out/tests-chunk.log"
+    OV=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --walk-opts ov)
+    timeout 60 python3 benchmarks/tune_chunk.py --T 16384 "${OV[@]}" --out "$out/tune-chunk-overlap-16k.json" \
+      > "$out/tune-chunk-overlap-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-overlap-16k.log"
+    timeout 40 python3 benchmarks/tune_chunk.py --T 2048 --graph "${OV[@]}" --out "$out/tune-chunk-overlap-2k.json" \
+      > "$out/tune-chunk-overlap-2k.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-overlap-2k.log"
+    [ "$(left)" -gt 60 ] || exit 0
     EVAL=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold,one-pass --skip)
-    timeout 100 python3 benchmarks/tune_chunk.py --T 16384 "${EVAL[@]}" --out "$out/tune-chunk-eval-16k.json" \
+    timeout $(( $(left) < 85 ? $(left) - 5 : 80 )) python3 benchmarks/tune_chunk.py --T 16384 "${EVAL[@]}" --out "$out/tune-chunk-eval-16k.json" \
       > "$out/tune-chunk-eval-16k.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-eval-16k.log"
-    timeout 50 python3 benchmarks/tune_chunk.py --T 2048 "${EVAL[@]}" --out "$out/tune-chunk-eval-2k.json" \
+    [ "$(left)" -gt 30 ] || exit 0
+    timeout $(( $(left) < 45 ? $(left) - 5 : 40 )) python3 benchmarks/tune_chunk.py --T 2048 "${EVAL[@]}" --out "$out/tune-chunk-eval-2k.json" \
       > "$out/tune-chunk-eval-2k.log" 2>&1
     grep -HE "^C=" "$out/tune-chunk-eval-2k.log"
     for m in "smollm2 9 3 8 1024" "smollm2-16k 9 3 1 16384" "qwen 14 2 8 1024"; do

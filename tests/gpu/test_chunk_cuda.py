@@ -266,6 +266,52 @@ def test_dgamma_in_dq_precision_where_the_window_dominates():
         assert errs["dq"] < 2e-2 and errs["dq"] <= 2 * errs["u"], (gs, errs)
 
 
+@pytest.mark.parametrize("nseg", [None, 5], ids=["default-segments", "5-segments"])
+def test_overlap(nseg):
+    """The training default with the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``), over
+    the default segments (one at the benchmark heads) and five (local_sums: the walk also writes the segment totals
+    the prefix reads): against the float64 reference in bf16 with padding, on the benchmark's heads (W 64 and 200)
+    and SmolLM2's."""
+    import dataclasses
+
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, overlap=True, nseg=nseg))
+
+
+def test_overlap_inside_a_cuda_graph():
+    """forward + backward with ``overlap`` captured in a CUDA graph (the side stream forked from and joined to the
+    capturing stream) and replayed on new inputs: the same output and gradients as the eager launch without it."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import default_config, hybrid_attention_triton
+
+    base = default_config(128, 128, training=True)
+    cfg = dataclasses.replace(base, overlap=True)
+    ins = [t.cuda().to(torch.bfloat16).requires_grad_(True) for t in random_inputs(2, 700, 4, 4, 128, 128, 4, seed=1)[:5]]
+    gamma = torch.full((4,), 0.4, device="cuda", requires_grad=True)
+    leaves = [*ins, gamma]
+    dy = torch.randn(2, 700, 4, 128, device="cuda", dtype=torch.bfloat16)
+
+    def step(c):
+        y, _ = hybrid_attention_triton(*ins, window=64, window_weight=gamma, config=c)
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    step(cfg)  # (compile outside the capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(cfg)
+    new = random_inputs(2, 700, 4, 4, 128, 128, 4, seed=2)[:5]
+    with torch.no_grad():
+        for t, x in zip(ins, new):
+            t.copy_(x.cuda().to(torch.bfloat16))
+        dy.copy_(torch.randn_like(dy))
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = step(base)
+    for name, a, b in zip("y dq dk dv dphi_q dphi_k dgamma".split(), outs, ref):
+        assert torch.isfinite(a).all() and rel_err(a, b) < 1e-3, (name, rel_err(a, b))
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

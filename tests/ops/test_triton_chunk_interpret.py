@@ -357,6 +357,8 @@ def test_dgamma_in_dq_through_the_ops_and_compiled():
 def test_dgamma_and_delta_in_dq_need_the_fold():
     from linearize.ops.triton.chunk import LaunchConfig
 
+    with pytest.raises(ValueError, match="overlap .* needs fold_backward"):
+        LaunchConfig(C=64, BV=64, num_warps=4, overlap=True)
     with pytest.raises(ValueError, match="dgamma_in_dq needs fold_backward"):
         LaunchConfig(C=64, BV=64, num_warps=4, dgamma_in_dq=True)
     with pytest.raises(ValueError, match="delta_in_dq needs dgamma_in_dq"):
@@ -470,7 +472,8 @@ def test_a_launch_config_travels_through_the_ops_ints():
                              warps_dk=4, split_forward=True, fold_backward=True, maxnreg=168),
                 LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, dgamma_in_dq=True),
                 LaunchConfig(C=64, BV=128, num_warps=8, split_forward=True, fold_backward=True, walk_tile=64,
-                             walk_stages=3, dgamma_in_dq=True, delta_in_dq=True)):
+                             walk_stages=3, dgamma_in_dq=True, delta_in_dq=True),
+                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, overlap=True)):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

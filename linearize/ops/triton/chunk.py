@@ -106,6 +106,10 @@ class LaunchConfig:
     # bwd_delta does not run (it then read y and dy only). Both need fold_backward. Off until timed.
     dgamma_in_dq: bool = False
     delta_in_dq: bool = False
+    # The folded backward's gradient-sum walk (bwd_chunk_dstates: 0.61 ms at 16K, latency-bound, two 4-warp programs
+    # an SM) on a high-priority side stream beside bwd_dq (1.35 ms, register-bound at two programs an SM), which
+    # reads none of its outputs; joined before bwd_dk. CUDA only (also inside CUDA graphs). Off until timed.
+    overlap: bool = False
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -139,6 +143,8 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig: walk_tile={self.walk_tile} must be None, 16, 32 or 64")
         if self.dgamma_in_dq and not self.fold_backward:
             raise ValueError("LaunchConfig: dgamma_in_dq needs fold_backward (bwd_dq's dphi_q is complete only there)")
+        if self.overlap and not self.fold_backward:
+            raise ValueError("LaunchConfig: overlap runs the folded backward's walk beside bwd_dq; it needs fold_backward")
         if self.delta_in_dq and not self.dgamma_in_dq:
             raise ValueError("LaunchConfig: delta_in_dq needs dgamma_in_dq (else bwd_delta runs anyway, for u)")
         if self.local_sums and not (self.split_forward or self.fold_backward):
@@ -301,6 +307,18 @@ def _segment_prefix(x: torch.Tensor, init: torch.Tensor | None, reverse: bool = 
         HAS_INIT=init is not None, REVERSE=reverse, BLOCK=block, num_warps=4,
     )
     return out
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(dev: torch.device) -> torch.cuda.Stream:
+    """One high-priority side stream a device (``LaunchConfig.overlap``): its blocks are scheduled first as the
+    main stream's retire."""
+    i = dev.index if dev.index is not None else torch.cuda.current_device()
+    if i not in _SIDE_STREAMS:
+        _SIDE_STREAMS[i] = torch.cuda.Stream(device=i, priority=-1)
+    return _SIDE_STREAMS[i]
 
 
 def _strides(x: torch.Tensor) -> tuple[int, int, int]:
@@ -479,6 +497,48 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
     dpq = _empty(B, T, H, F, dtype=phi_q.dtype if fold else f32, device=dev)
     corr = _empty(B, H, T, dtype=f32, device=dev)
+
+    def dstates():
+        """The running-sum parts: (cds, cdz: each chunk's gradient sums where folded, rev_dS, rev_dz: each segment's
+        reverse prefix). Reads phi_q, dy, den and delta only, so it may run beside bwd_dq (``LaunchConfig.overlap``)."""
+        seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
+        seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
+        cds = cdz = None
+        if fold:
+            cds = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev)
+            cdz = _empty(n, B, Hf, F, dtype=f32, device=dev)
+
+            def chunk_dstates(start_S, start_z):
+                wf, wv, tiles, warps = _walk_launch(cfg, BF, BV, F, D)
+                _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, tiles),
+                    phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
+                    B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, GQ=GQ, PREC=prec, LOCAL=local,
+                    PAIRS=cfg.walk_pairs, **dict(kw, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages),
+                )
+        if local:  # the walk from zero writes each segment's total, then the readers add the reverse prefix
+            chunk_dstates(seg_dS, seg_dz)
+        elif nseg > 1:  # (one segment's reverse prefix is zero: its sums are never read)
+            _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
+                phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
+                B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
+            )
+        # Reverse exclusive prefix: segment s starts from the sums of every later segment.
+        rev_dS = _segment_prefix(seg_dS, None, reverse=True, dtype=phi_q.dtype if local else None)
+        rev_dz = _segment_prefix(seg_dz, None, reverse=True)
+        if fold and not local:
+            chunk_dstates(rev_dS, rev_dz)
+        return cds, cdz, rev_dS, rev_dz
+
+    # LaunchConfig.overlap: the gradient-sum walk (latency-bound, a few programs an SM) on a high-priority side
+    # stream beside bwd_dq, which takes the SM slots the walk leaves. Joined before bwd_dk.
+    overlap = fold and cfg.overlap and dev.type == "cuda"
+    if overlap:
+        main, side = torch.cuda.current_stream(dev), _side_stream(dev)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            cds, cdz, rev_dS, rev_dz = dstates()
+        for t in (cds, cdz, rev_dS, rev_dz):  # (allocated on the side stream, read on the main one)
+            t.record_stream(main)
     if delta_here:
         assert y.stride() == dy.stride(), "bwd_dq reads y with dy's strides"  # (both contiguous [B, T, H, D])
     _launch(K.bwd_dq_kernel, (ni, B * H),
@@ -509,33 +569,11 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         dv_b = _empty(B, T, Hf, D, dtype=f32, device=dev)
         dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
         dk_kernel(dv_b, dpk, dy, dy)
-    # Running-sum parts.
-    seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
-    seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
+    if overlap:  # (the walk's side stream joins here: bwd_dk reads its gradient sums)
+        torch.cuda.current_stream(dev).wait_stream(side)
+    else:
+        cds, cdz, rev_dS, rev_dz = dstates()
     if fold:
-        cds = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev)
-        cdz = _empty(n, B, Hf, F, dtype=f32, device=dev)
-
-        def chunk_dstates(start_S, start_z):
-            wf, wv, tiles, warps = _walk_launch(cfg, BF, BV, F, D)
-            _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, tiles),
-                phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
-                B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, GQ=GQ, PREC=prec, LOCAL=local,
-                PAIRS=cfg.walk_pairs, **dict(kw, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages),
-            )
-    if local:  # the walk from zero writes each segment's total, then the readers add the reverse prefix
-        chunk_dstates(seg_dS, seg_dz)
-    elif nseg > 1:  # (one segment's reverse prefix is zero: its sums are never read)
-        _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
-            phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
-            B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
-        )
-    # Reverse exclusive prefix: segment s starts from the sums of every later segment.
-    rev_dS = _segment_prefix(seg_dS, None, reverse=True, dtype=phi_q.dtype if local else None)
-    rev_dz = _segment_prefix(seg_dz, None, reverse=True)
-    if fold:
-        if not local:
-            chunk_dstates(rev_dS, rev_dz)
         dv_b = _empty(B, T, Hf, D, dtype=v.dtype if final else f32, device=dev)
         dpk = _empty(B, T, Hf, F, dtype=phi_k.dtype if final else f32, device=dev)
         dk_kernel(dv_b, dpk, cds, cdz, (rev_dS, rev_dz))
@@ -597,19 +635,19 @@ def _cfg(launch) -> LaunchConfig:
                         dk_launches=1 + (flags >> 4 & 3), local_sums=bool(flags & 64),
                         walk_tile=(None, 16, 32, 64)[flags >> 7 & 3], walk_pairs=bool(flags & 512),
                         walk_stages=(flags >> 10 & 7) or None, maxnreg=(blocks >> 32) & 0xFF or None,
-                        dgamma_in_dq=bool(flags & 8192), delta_in_dq=bool(flags & 16384))
+                        dgamma_in_dq=bool(flags & 8192), delta_in_dq=bool(flags & 16384), overlap=bool(flags & 65536))
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
     2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256:
     walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None), 8192: dgamma_in_dq,
-    16384: delta_in_dq; the backward op's also WANT_DGAMMA), C_intra (0: None),
+    16384: delta_in_dq, 65536: overlap; the backward op's also WANT_DGAMMA), C_intra (0: None),
     warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg a byte each, low byte first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
              | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile)
              | 512 * int(cfg.walk_pairs) | 1024 * (cfg.walk_stages or 0) | 8192 * int(cfg.dgamma_in_dq)
-             | 16384 * int(cfg.delta_in_dq))
+             | 16384 * int(cfg.delta_in_dq) | 65536 * int(cfg.overlap))
     blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk, cfg.maxnreg),
                                                (0, 8, 16, 24, 32)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
