@@ -621,7 +621,7 @@ class _HybridChunkFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        grads = _chunk_backward(dy, *ctx.saved_tensors, *ctx.meta, want_dgamma=ctx.needs_input_grad[5])
+        grads = _chunk_backward(dy, *ctx.saved_tensors, *ctx.meta, ctx.needs_input_grad[5])  # (want_dgamma)
         return (*grads,) + (None,) * 7  # (saved: ... pre_z, cs, cz)
 
 
@@ -711,7 +711,7 @@ def _hybrid_chunk_backward_op(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     cfg = _cfg((C, BV, num_warps, num_stages, nseg, flags, C_intra, warps_intra, blocks))
     *grads, dgamma = _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u if u.numel() else None, mx, den,
                                      arg, pre_S, pre_z, cs if cs.numel() else None, cz if cs.numel() else None,
-                                     window, scale, cfg, want_dgamma=bool(flags & WANT_DGAMMA))
+                                     window, scale, cfg, bool(flags & WANT_DGAMMA))  # (want_dgamma)
     return (*grads, gamma.new_empty(0) if dgamma is None else dgamma)
 
 
