@@ -165,6 +165,32 @@ local_heads() {
 }
 # seconds left of the call's budget (CALL_S, default 585), for rows that run only if they fit
 left() { echo $((${CALL_S:-585} - SECONDS)); }
+# the chunk GPU tests matching a -k expression, as parallel pytest processes: EXPR JOBS TEST_TIMEOUT
+chunk_tests_k() {
+  local ids
+  ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "$1" 2>/dev/null | grep "::")
+  TEST_TIMEOUT=$3 TOTAL_TIMEOUT=$(( $3 + 5 )) bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" "$2" $ids
+  sed -n '/=== summary/,$p' "$out/tests-chunk.log"
+}
+# launch options beside the training default (tune_chunk, split + fold on blocks of 32): at B4 H16 16K (profiled;
+# plus the X16 array's arguments), at 2K in a CUDA graph, then at SmolLM2's heads B8 x 1K in a graph, the last two
+# while the budget lasts: TAG SECONDS_16K SECONDS_2K TUNE_ARGS...
+tune_opts() {
+  local tag=$1 s16=$2 s2=$3; shift 3
+  local opts=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold "$@")
+  timeout "$s16" python3 benchmarks/tune_chunk.py --T 16384 "${opts[@]}" "${X16[@]}" \
+    --out "$out/tune-chunk-$tag-16k.json" > "$out/tune-chunk-$tag-16k.log" 2>&1
+  grep -HE "^C=|first call" "$out/tune-chunk-$tag-16k.log"
+  [ "$(left)" -gt 40 ] || return 0
+  timeout "$s2" python3 benchmarks/tune_chunk.py --T 2048 --graph "${opts[@]}" --out "$out/tune-chunk-$tag-2k.json" \
+    > "$out/tune-chunk-$tag-2k.log" 2>&1
+  grep -HE "^C=" "$out/tune-chunk-$tag-2k.log"
+  [ "$(left)" -gt 40 ] || return 0
+  timeout $(( $(left) < 60 ? $(left) - 5 : 55 )) python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 9 --Hkv 3 --D 64 \
+    --F 128 --graph "${opts[@]}" --out "$out/tune-chunk-$tag-smollm2.json" > "$out/tune-chunk-$tag-smollm2.log" 2>&1
+  grep -HE "^C=" "$out/tune-chunk-$tag-smollm2.log"
+}
+X16=()
 QWEN=benchmarks/configs/qwen2.5-coder-0.5b.json
 HEADS3=(--set 'softmax_heads=[[9,1],[16,0],[16,1]]' --set feature_map_per_kv_head=true --set sink_tokens=4 --set feature_rope=false)
 RETR10=(--set 'softmax_layers=[7,8,14,15,17,18,20,21,22,23]' --set sink_tokens=4 --set feature_rope=false)
@@ -841,65 +867,30 @@ PY
     # and the block kernels (4.77 ms) capped at 168 / 128 registers a thread (maxnreg: three / four programs an SM,
     # with spills). Their GPU tests, then tune_chunk at 16K (profiled), 2K (graph) and SmolLM2's heads B8 x 1K
     # (graph) (~380 s)
-    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "walk_pairs or register_cap" 2>/dev/null \
-      | grep "::")
-    TEST_TIMEOUT=80 TOTAL_TIMEOUT=85 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 4 $ids
-    sed -n '/=== summary/,$p' "$out/tests-chunk.log"
-    OPTS=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --walk-opts pairs,s3,s4,pairs+s3,r168,r128)
-    # (one-pass too: its fwd column against split + fold's is evaluation's / prefill's choice)
-    timeout 160 python3 benchmarks/tune_chunk.py --T 16384 "${OPTS[@]}" --forms split+fold,one-pass \
-      --out "$out/tune-chunk-pairs-16k.json" \
-      > "$out/tune-chunk-pairs-16k.log" 2>&1
-    grep -HE "^C=|first call" "$out/tune-chunk-pairs-16k.log"
-    [ "$(left)" -gt 40 ] || exit 0
-    timeout 80 python3 benchmarks/tune_chunk.py --T 2048 --graph "${OPTS[@]}" --out "$out/tune-chunk-pairs-2k.json" \
-      > "$out/tune-chunk-pairs-2k.log" 2>&1
-    grep -HE "^C=" "$out/tune-chunk-pairs-2k.log"
-    [ "$(left)" -gt 40 ] || exit 0
-    timeout $(( $(left) < 60 ? $(left) - 5 : 55 )) python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 9 --Hkv 3 --D 64 \
-      --F 128 --graph "${OPTS[@]}" --out "$out/tune-chunk-pairs-smollm2.json" > "$out/tune-chunk-pairs-smollm2.log" 2>&1
-    grep -HE "^C=" "$out/tune-chunk-pairs-smollm2.log"
+    chunk_tests_k "walk_pairs or register_cap" 4 80
+    # (one-pass too at 16K: its fwd column against split + fold's is evaluation's / prefill's choice)
+    X16=(--forms split+fold,one-pass)
+    tune_opts pairs 160 80 --walk-opts pairs,s3,s4,pairs+s3,r168,r128
     ;;
   60)
     # not decode: the window weight's gradient formed in bwd_dq (dgamma_in_dq: no u written by fwd_blocks nor read by
     # bwd_delta, phi_q read by bwd_dq instead) and delta there too (delta_in_dq: no bwd_delta pass): -1X / -2X of the
     # step's 40X bytes at 16K. GPU tests, then tune_chunk at 16K (profiled), 2K (graph) and SmolLM2's heads B8 x 1K
     # (graph) (~330 s)
-    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "dgamma_in_dq" 2>/dev/null | grep "::")
-    TEST_TIMEOUT=80 TOTAL_TIMEOUT=85 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 3 $ids
-    sed -n '/=== summary/,$p' "$out/tests-chunk.log"
-    OPTS=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --walk-opts g,gd)
-    timeout 120 python3 benchmarks/tune_chunk.py --T 16384 "${OPTS[@]}" --out "$out/tune-chunk-dgamma-16k.json" \
-      > "$out/tune-chunk-dgamma-16k.log" 2>&1
-    grep -HE "^C=|first call" "$out/tune-chunk-dgamma-16k.log"
-    [ "$(left)" -gt 40 ] || exit 0
-    timeout 70 python3 benchmarks/tune_chunk.py --T 2048 --graph "${OPTS[@]}" --out "$out/tune-chunk-dgamma-2k.json" \
-      > "$out/tune-chunk-dgamma-2k.log" 2>&1
-    grep -HE "^C=" "$out/tune-chunk-dgamma-2k.log"
-    [ "$(left)" -gt 40 ] || exit 0
-    timeout $(( $(left) < 60 ? $(left) - 5 : 55 )) python3 benchmarks/tune_chunk.py --T 1024 --B 8 --H 9 --Hkv 3 --D 64 \
-      --F 128 --graph "${OPTS[@]}" --out "$out/tune-chunk-dgamma-smollm2.json" > "$out/tune-chunk-dgamma-smollm2.log" 2>&1
-    grep -HE "^C=" "$out/tune-chunk-dgamma-smollm2.log"
+    chunk_tests_k "dgamma_in_dq" 3 80
+    tune_opts dgamma 120 70 --walk-opts g,gd
     ;;
   61)
     # not decode. (0) The backward's gradient-sum walk on a side stream beside bwd_dq (overlap): its GPU tests (also
-    # inside a CUDA graph), then 16K (profiled) and 2K (graph) against the default. (1) Evaluation's / prefill's
+    # inside a CUDA graph), then 16K (profiled), 2K and SmolLM2's heads (graph) against the default. (1) Evaluation's / prefill's
     # forward: the one-pass form (evaluation's default) against the training default's split forward, now that its
     # walk runs on state tiles (call 59 at 16K: 2.04 against 2.50 ms one-pass with skip), at B4 H16 16K and 2K,
     # SmolLM2's heads B8 x 1K and B1 x 16K, Qwen2.5's B8 x 1K (the fwd column; at the heads also walk_stages 2 against
     # the default 3, in a CUDA graph). (2) With the walks on state tiles, BV sizes fwd_blocks' value block alone:
     # fwd_blocks on 64 value columns on blocks of 32 at 4 warps, and on blocks of 64 at 8 warps (wgmma; sm_90 spills
     # 8 B a thread there, against 120 at BV 128), at 16K and 2K (~420 s; what is left when CALL_S runs out is skipped)
-    ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "overlap" 2>/dev/null | grep "::")
-    TEST_TIMEOUT=70 TOTAL_TIMEOUT=75 bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" 3 $ids
-    sed -n '/=== summary/,$p' "$out/tests-chunk.log"
-    OV=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold --walk-opts ov)
-    timeout 60 python3 benchmarks/tune_chunk.py --T 16384 "${OV[@]}" --out "$out/tune-chunk-overlap-16k.json" \
-      > "$out/tune-chunk-overlap-16k.log" 2>&1
-    grep -HE "^C=|first call" "$out/tune-chunk-overlap-16k.log"
-    timeout 40 python3 benchmarks/tune_chunk.py --T 2048 --graph "${OV[@]}" --out "$out/tune-chunk-overlap-2k.json" \
-      > "$out/tune-chunk-overlap-2k.log" 2>&1
-    grep -HE "^C=" "$out/tune-chunk-overlap-2k.log"
+    chunk_tests_k "overlap" 3 70
+    tune_opts overlap 60 40 --walk-opts ov
     [ "$(left)" -gt 60 ] || exit 0
     EVAL=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold,one-pass --skip)
     timeout $(( $(left) < 85 ? $(left) - 5 : 80 )) python3 benchmarks/tune_chunk.py --T 16384 "${EVAL[@]}" --out "$out/tune-chunk-eval-16k.json" \
