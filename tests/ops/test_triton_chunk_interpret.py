@@ -359,6 +359,8 @@ def test_dgamma_and_delta_in_dq_need_the_fold():
 
     with pytest.raises(ValueError, match="overlap .* needs fold_backward"):
         LaunchConfig(C=64, BV=64, num_warps=4, overlap=True)
+    with pytest.raises(ValueError, match="excludes delta_in_dq"):
+        LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, dgamma_in_dq=True, delta_in_dq=True, overlap=True)
     with pytest.raises(ValueError, match="dgamma_in_dq needs fold_backward"):
         LaunchConfig(C=64, BV=64, num_warps=4, dgamma_in_dq=True)
     with pytest.raises(ValueError, match="delta_in_dq needs dgamma_in_dq"):

@@ -103,7 +103,8 @@ class LaunchConfig:
     # exp(s - m) dw and exp(s - m) row sums, and phi_q . dphi_q: chunk_kernels.bwd_dq_kernel's DGAM) instead of from
     # an fp32-formed u = dy / dgamma that the forward writes ([B, T, H, D]) and bwd_delta reads: one [B, T, H, D]
     # tensor less written and read, one (phi_q) more read. delta_in_dq: delta = dy . y formed in bwd_dq too, so
-    # bwd_delta does not run (it then read y and dy only). Both need fold_backward. Off until timed.
+    # bwd_delta does not run (it then read y and dy only). Both need fold_backward. Off: slower on an H100 (16K
+    # 6.14 -> 6.28 / 6.26 ms: the forward no faster without u's write, bwd_dq spilling more), though the more precise.
     dgamma_in_dq: bool = False
     delta_in_dq: bool = False
     # The folded backward's gradient-sum walk (bwd_chunk_dstates: 0.61 ms at 16K, latency-bound, two 4-warp programs
@@ -145,6 +146,8 @@ class LaunchConfig:
             raise ValueError("LaunchConfig: dgamma_in_dq needs fold_backward (bwd_dq's dphi_q is complete only there)")
         if self.overlap and not self.fold_backward:
             raise ValueError("LaunchConfig: overlap runs the folded backward's walk beside bwd_dq; it needs fold_backward")
+        if self.overlap and self.delta_in_dq:
+            raise ValueError("LaunchConfig: overlap's walk reads delta before bwd_dq runs; it excludes delta_in_dq")
         if self.delta_in_dq and not self.dgamma_in_dq:
             raise ValueError("LaunchConfig: delta_in_dq needs dgamma_in_dq (else bwd_delta runs anyway, for u)")
         if self.local_sums and not (self.split_forward or self.fold_backward):
