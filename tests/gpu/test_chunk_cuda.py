@@ -295,7 +295,11 @@ def test_overlap_inside_a_cuda_graph():
         y, _ = hybrid_attention_triton(*ins, window=64, window_weight=gamma, config=c)
         return (y, *torch.autograd.grad(y, leaves, dy))
 
-    step(cfg)  # (compile outside the capture)
+    warm = torch.cuda.Stream()  # (compile and warm up outside the capture, on a side stream, as capture requires)
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        step(cfg)
+    torch.cuda.current_stream().wait_stream(warm)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

@@ -13,6 +13,7 @@ queries are dummies) and seeding the running sums; it is treated as a constant (
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -297,12 +298,13 @@ def _segments(n_chunks: int, programs_per_segment: int, device: torch.device, ns
 
 
 def _segment_prefix(x: torch.Tensor, init: torch.Tensor | None, reverse: bool = False,
-                    dtype: torch.dtype | None = None) -> torch.Tensor:
+                    dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[s] = init + sum(x[:s])`` (``sum(x[s+1:])`` if ``reverse``; ``init`` 0 if None) for segment sums
     ``x`` [nseg, ...] fp32 contiguous, ``init`` of shape ``x[0]``; one Triton pass (``segment_prefix_kernel``),
     summed in fp32 and stored in ``dtype`` (default x's). The torch form, ``x.cumsum(0) - x + init``, is the
-    reference in the tests."""
-    out = _empty(*x.shape, dtype=dtype or x.dtype, device=x.device)
+    reference in the tests. ``out``: written instead of a new tensor (of ``dtype``'s)."""
+    if out is None:
+        out = _empty(*x.shape, dtype=dtype or x.dtype, device=x.device)
     n = x[0].numel()
     block = 1024
     K.segment_prefix_kernel[(math.ceil(n / block),)](
@@ -501,47 +503,51 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     dpq = _empty(B, T, H, F, dtype=phi_q.dtype if fold else f32, device=dev)
     corr = _empty(B, H, T, dtype=f32, device=dev)
 
-    def dstates():
-        """The running-sum parts: (cds, cdz: each chunk's gradient sums where folded, rev_dS, rev_dz: each segment's
-        reverse prefix). Reads phi_q, dy, den and delta only, so it may run beside bwd_dq (``LaunchConfig.overlap``)."""
+    def dstates(side=None):
+        """The running-sum parts: -> (cds, cdz: each chunk's gradient sums where folded, rev_dS, rev_dz: each
+        segment's reverse prefix, seg_dS, seg_dz: the segment sums they came from). Reads phi_q, dy, den and delta
+        only, so with ``side`` its launches run on that stream, beside bwd_dq (``LaunchConfig.overlap``). Its buffers
+        are allocated on the current stream either way, so the caller keeps all six until the side stream joins it
+        (the allocator may then reuse them: no record_stream, and no side-stream allocation, which graph capture under
+        torch.compile refuses)."""
         seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
         seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
-        cds = cdz = None
-        if fold:
-            cds = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev)
-            cdz = _empty(n, B, Hf, F, dtype=f32, device=dev)
+        rev_dS = _empty(nseg, B, Hf, F, D, dtype=phi_q.dtype if local else f32, device=dev)
+        rev_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
+        cds = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev) if fold else None
+        cdz = _empty(n, B, Hf, F, dtype=f32, device=dev) if fold else None
 
-            def chunk_dstates(start_S, start_z):
-                wf, wv, tiles, warps = _walk_launch(cfg, BF, BV, F, D)
-                _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, tiles),
-                    phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
-                    B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, GQ=GQ, PREC=prec, LOCAL=local,
-                    PAIRS=cfg.walk_pairs, **dict(kw, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages),
-                )
-        if local:  # the walk from zero writes each segment's total, then the readers add the reverse prefix
-            chunk_dstates(seg_dS, seg_dz)
-        elif nseg > 1:  # (one segment's reverse prefix is zero: its sums are never read)
-            _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
-                phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
-                B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
+        def chunk_dstates(start_S, start_z):
+            wf, wv, tiles, warps = _walk_launch(cfg, BF, BV, F, D)
+            _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, tiles),
+                phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
+                B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, GQ=GQ, PREC=prec, LOCAL=local,
+                PAIRS=cfg.walk_pairs, **dict(kw, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages),
             )
-        # Reverse exclusive prefix: segment s starts from the sums of every later segment.
-        rev_dS = _segment_prefix(seg_dS, None, reverse=True, dtype=phi_q.dtype if local else None)
-        rev_dz = _segment_prefix(seg_dz, None, reverse=True)
-        if fold and not local:
-            chunk_dstates(rev_dS, rev_dz)
-        return cds, cdz, rev_dS, rev_dz
+
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            if local:  # the walk from zero writes each segment's total, then the readers add the reverse prefix
+                chunk_dstates(seg_dS, seg_dz)
+            elif nseg > 1:  # (one segment's reverse prefix is zero: its sums are never read)
+                _launch(K.bwd_segment_sums_kernel, (nseg, B * Hf, NV),
+                    phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
+                    B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
+                )
+            # Reverse exclusive prefix: segment s starts from the sums of every later segment.
+            _segment_prefix(seg_dS, None, reverse=True, out=rev_dS)
+            _segment_prefix(seg_dz, None, reverse=True, out=rev_dz)
+            if fold and not local:
+                chunk_dstates(rev_dS, rev_dz)
+        return cds, cdz, rev_dS, rev_dz, seg_dS, seg_dz
 
     # LaunchConfig.overlap: the gradient-sum walk (latency-bound, a few programs an SM) on a high-priority side
-    # stream beside bwd_dq, which takes the SM slots the walk leaves. Joined before bwd_dk.
+    # stream beside bwd_dq, which takes the SM slots the walk leaves. Joined before bwd_dk. (Without it the buffers
+    # are allocated after bwd_dq, once the forward's chunk sums are freed, as before.)
     overlap = fold and cfg.overlap and dev.type == "cuda"
     if overlap:
-        main, side = torch.cuda.current_stream(dev), _side_stream(dev)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            cds, cdz, rev_dS, rev_dz = dstates()
-        for t in (cds, cdz, rev_dS, rev_dz):  # (allocated on the side stream, read on the main one)
-            t.record_stream(main)
+        side = _side_stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        sums = dstates(side)
     if delta_here:
         assert y.stride() == dy.stride(), "bwd_dq reads y with dy's strides"  # (both contiguous [B, T, H, D])
     _launch(K.bwd_dq_kernel, (ni, B * H),
@@ -575,7 +581,8 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     if overlap:  # (the walk's side stream joins here: bwd_dk reads its gradient sums)
         torch.cuda.current_stream(dev).wait_stream(side)
     else:
-        cds, cdz, rev_dS, rev_dz = dstates()
+        sums = dstates()
+    cds, cdz, rev_dS, rev_dz, *_ = sums
     if fold:
         dv_b = _empty(B, T, Hf, D, dtype=v.dtype if final else f32, device=dev)
         dpk = _empty(B, T, Hf, F, dtype=phi_k.dtype if final else f32, device=dev)
