@@ -30,7 +30,9 @@ whole sequence, with no segment-sum pass and no prefix.
 (``LaunchConfig.walk_pairs``) and / or that many pipeline stages (``walk_stages``), or its block kernels capped at
 that many registers a thread (``maxnreg``: 168 lets three programs share an SM at 4 warps); ``g`` / ``gd``: the
 window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or read) / and delta too (``delta_in_dq``: no
-bwd_delta pass); ``ov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``).
+bwd_delta pass); ``ov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``); ``w128``: the
+chunk-sum walks capped at that many registers a thread (``walk_maxnreg``: with ``ov``, so that two walk programs and
+one bwd_dq program fit an SM together).
 
 ``--nseg`` sweeps the number of segments each sequence is cut into (0 = the default: about 8 programs an SM,
 at least 4 chunks a segment, ``chunk._segments``): more segments mean shorter sequential walks in the running-sum kernels (latency) against a
@@ -74,7 +76,7 @@ def label(cfg: LaunchConfig) -> str:
             + (" pairs" if cfg.walk_pairs else "") + (f" walk_stages={cfg.walk_stages}" if cfg.walk_stages else "")
             + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
             + (" dgamma_in_dq" if cfg.dgamma_in_dq else "") + (" delta_in_dq" if cfg.delta_in_dq else "")
-            + (" overlap" if cfg.overlap else ""))
+            + (" overlap" if cfg.overlap else "") + (f" walk_maxnreg={cfg.walk_maxnreg}" if cfg.walk_maxnreg else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -126,7 +128,7 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                                                skip_empty=sk)
                             for own, lo, wt, wo in variants:
                                 walk = dict(walk_pairs=base.walk_pairs, walk_stages=base.walk_stages,
-                                            maxnreg=base.maxnreg) | wo
+                                            maxnreg=base.maxnreg, walk_maxnreg=base.walk_maxnreg) | wo
                                 c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt, **walk)
                                 if effective(c) not in map(effective, out):
                                     out.append(c)
@@ -177,7 +179,8 @@ def parse_blocks(text: str) -> list[dict[str, tuple[int, int]]]:
 def parse_walk_opts(text: str) -> list[dict]:
     """'pairs,s3,pairs+s4,r168,g,gd' -> [{'walk_pairs': True}, {'walk_stages': 3}, {'walk_pairs': True, 'walk_stages':
     4}, {'maxnreg': 168}, {'dgamma_in_dq': True}, {'dgamma_in_dq': True, 'delta_in_dq': True}] (rN: the block
-    kernels' register cap, ``LaunchConfig.maxnreg``; g / gd: the window weight's gradient / and delta in bwd_dq)."""
+    kernels' register cap, ``LaunchConfig.maxnreg``; wN: the chunk-sum walks', ``walk_maxnreg``; g / gd: the window
+    weight's gradient / and delta in bwd_dq; ov: ``overlap``)."""
     out = []
     for item in filter(None, text.split(",")):
         opts = {}
@@ -188,13 +191,16 @@ def parse_walk_opts(text: str) -> list[dict]:
                 opts["walk_stages"] = int(part[1])
             elif part.startswith("r") and part[1:].isdigit():
                 opts["maxnreg"] = int(part[1:])
+            elif part.startswith("w") and part[1:].isdigit():
+                opts["walk_maxnreg"] = int(part[1:])
             elif part in ("g", "gd"):
                 opts |= {"dgamma_in_dq": True, "delta_in_dq": part == "gd"}
             elif part == "ov":
                 opts["overlap"] = True
             else:
                 raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
-                                 "rN (the block kernels' register cap), g / gd (dgamma / and delta in bwd_dq), ov (overlap)")
+                                 "rN (the block kernels' register cap), wN (the walks'), g / gd (dgamma / and delta "
+                                 "in bwd_dq), ov (overlap)")
         out.append(opts)
     return out
 
@@ -244,8 +250,9 @@ def main() -> None:
                          "chunk-sum walks on [tile, tile] state tiles (walk_tile; with --nseg 1, one walk over the whole sequence)")
     ap.add_argument("--walk-opts", default="",
                     help="comma list of '+'-joined items, pairs (walk_pairs: two chunks a walk step), s1..s4 (the walks' "
-                         "pipeline stages), rN (maxnreg: the block kernels' register cap), g (dgamma_in_dq) or gd "
-                         "(dgamma_in_dq + delta_in_dq) or ov (overlap): also each split + fold config with those")
+                         "pipeline stages), rN (maxnreg: the block kernels' register cap), wN (walk_maxnreg: the walks'), "
+                         "g (dgamma_in_dq) or gd (dgamma_in_dq + delta_in_dq) or ov (overlap): also each split + fold "
+                         "config with those")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",
                     help="'all' (default + 7 block shapes), or a comma list of 'default' and CxBVxWARPSxSTAGES")

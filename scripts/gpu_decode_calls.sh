@@ -881,16 +881,18 @@ PY
     tune_opts dgamma 120 70 --walk-opts g,gd
     ;;
   61)
-    # not decode. (0) The backward's gradient-sum walk on a side stream beside bwd_dq (overlap): its GPU tests (also
-    # inside a CUDA graph), then 16K (profiled), 2K and SmolLM2's heads (graph) against the default. (1) Evaluation's / prefill's
+    # not decode. (0) The backward's gradient-sum walk on a side stream beside bwd_dq (overlap), alone and with the
+    # walks capped at 128 registers (walk_maxnreg: two walk programs and one bwd_dq fit an SM; uncapped, two walk
+    # programs leave no room for bwd_dq), and the cap alone: GPU tests (also inside a CUDA graph), then 16K
+    # (profiled), 2K and SmolLM2's heads (graph) against the default. (1) Evaluation's / prefill's
     # forward: the one-pass form (evaluation's default) against the training default's split forward, now that its
     # walk runs on state tiles (call 59 at 16K: 2.04 against 2.50 ms one-pass with skip), at B4 H16 16K and 2K,
     # SmolLM2's heads B8 x 1K and B1 x 16K, Qwen2.5's B8 x 1K (the fwd column; at the heads also walk_stages 2 against
     # the default 3, in a CUDA graph). (2) With the walks on state tiles, BV sizes fwd_blocks' value block alone:
     # fwd_blocks on 64 value columns on blocks of 32 at 4 warps, and on blocks of 64 at 8 warps (wgmma; sm_90 spills
     # 8 B a thread there, against 120 at BV 128), at 16K and 2K (~420 s; what is left when CALL_S runs out is skipped)
-    chunk_tests_k "overlap" 3 70
-    tune_opts overlap 60 40 --walk-opts ov
+    chunk_tests_k "overlap" 4 70
+    tune_opts overlap 80 50 --walk-opts ov,ov+w128,w128
     [ "$(left)" -gt 60 ] || exit 0
     EVAL=(--shapes default --nseg 0 --intra 32x4 --intra-only --forms split+fold,one-pass --skip)
     timeout $(( $(left) < 85 ? $(left) - 5 : 80 )) python3 benchmarks/tune_chunk.py --T 16384 "${EVAL[@]}" --out "$out/tune-chunk-eval-16k.json" \

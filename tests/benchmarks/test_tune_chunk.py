@@ -127,6 +127,10 @@ def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
     assert [(c.walk_pairs, c.walk_stages) for c in cands] == [(False, 3), (True, 3), (False, 2), (True, 4)]
     assert label(cands[3]).endswith(" pairs walk_stages=4")
     assert parse_walk_opts("r168,pairs+r128") == [{"maxnreg": 168}, {"walk_pairs": True, "maxnreg": 128}]
+    assert parse_walk_opts("ov+w128") == [{"overlap": True, "walk_maxnreg": 128}]
+    capped = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
+                        walk_opts=parse_walk_opts("ov+w128"))
+    assert capped[1].overlap and capped[1].walk_maxnreg == 128 and label(capped[1]).endswith(" overlap walk_maxnreg=128")
     assert parse_walk_opts("g,gd,ov+s2") == [{"dgamma_in_dq": True, "delta_in_dq": False},
                                              {"dgamma_in_dq": True, "delta_in_dq": True},
                                              {"overlap": True, "walk_stages": 2}]

@@ -266,15 +266,16 @@ def test_dgamma_in_dq_precision_where_the_window_dominates():
         assert errs["dq"] < 2e-2 and errs["dq"] <= 2 * errs["u"], (gs, errs)
 
 
-@pytest.mark.parametrize("nseg", [None, 5], ids=["default-segments", "5-segments"])
-def test_overlap(nseg):
+@pytest.mark.parametrize("nseg,cap", [(None, None), (5, None), (None, 128)],
+                         ids=["default-segments", "5-segments", "walks-at-128-registers"])
+def test_overlap(nseg, cap):
     """The training default with the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``), over
     the default segments (one at the benchmark heads) and five (local_sums: the walk also writes the segment totals
-    the prefix reads): against the float64 reference in bf16 with padding, on the benchmark's heads (W 64 and 200)
-    and SmolLM2's."""
+    the prefix reads), and with the walks capped at 128 registers (``walk_maxnreg``): against the float64 reference
+    in bf16 with padding, on the benchmark's heads (W 64 and 200) and SmolLM2's."""
     import dataclasses
 
-    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, overlap=True, nseg=nseg))
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, overlap=True, nseg=nseg, walk_maxnreg=cap))
 
 
 def test_overlap_inside_a_cuda_graph():

@@ -61,3 +61,27 @@ def test_one_acc_reaches_the_forward_only_when_the_window_weight_is_frozen():
     flags = {g: [r["constexprs"]["ONE_ACC"] for r in check_smem.record_launches(*shape, config=cfg, gamma_grad=g)
                  if r["kernel"] == "fwd_kernel"] for g in (True, False)}
     assert flags == {True: [False], False: [True]}
+
+
+def test_walk_register_cap_reaches_the_walks_and_fits_one_dq_program_beside_two():
+    """``LaunchConfig.walk_maxnreg``: the cap is a compile option of the two chunk-sum walks only. At 128 the
+    benchmark heads' backward walk (155 registers uncapped, sm_90) compiles without spill, so two of its 4-warp
+    programs and one bwd_dq program fit an SM's 64K registers together, as ``overlap`` needs."""
+    import dataclasses
+
+    import check_smem
+
+    from linearize.ops.triton.chunk import default_config
+
+    cfg = dataclasses.replace(default_config(128, 128, training=True), overlap=True, walk_maxnreg=128)
+    launches = check_smem.record_launches(2, 200, 4, 4, 128, 128, 4, 64, torch.bfloat16, config=cfg)
+    caps = {r["kernel"]: r["opts"].get("maxnreg") for r in launches}
+    walks = {"fwd_chunk_states_kernel", "bwd_chunk_dstates_kernel"}
+    assert {k for k, v in caps.items() if v is not None} == walks and {caps[k] for k in walks} == {128}
+    rows = {r["kernel"]: r for r in check_smem.check(launches, 90, check_smem.H100_SMEM, registers=True,
+                                                     kernels={"bwd_chunk_dstates_kernel", "bwd_dq_kernel"})}
+    walk, dq = rows["bwd_chunk_dstates_kernel"], rows["bwd_dq_kernel"]
+    assert walk["registers"] <= 128 and walk["spill_bytes"] == 0
+    per_program = {name: -(-r["registers"] // 8) * 8 * 32 * r["warps"] for name, r in rows.items()}  # (8 a thread)
+    assert 2 * per_program["bwd_chunk_dstates_kernel"] + per_program["bwd_dq_kernel"] <= 65536
+    assert 2 * walk["shared"] + dq["shared"] <= check_smem.H100_SMEM

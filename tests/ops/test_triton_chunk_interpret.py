@@ -369,11 +369,11 @@ def test_dgamma_and_delta_in_dq_need_the_fold():
 
 @inside
 def test_register_cap_changes_no_result():
-    """``LaunchConfig.maxnreg`` (the block kernels' register cap, a compile option) with the training form: as the
-    reference."""
+    """``LaunchConfig.maxnreg`` and ``walk_maxnreg`` (the block kernels' and the walks' register caps, compile options)
+    with the training form: as the reference."""
     B, T = CASES[6][:2]
     _check(*CASES[6], C=32, BV=16, nseg=2, C_intra=16, split_forward=True, fold_backward=True, skip_empty=True,
-           local_sums=True, walk_tile=16, maxnreg=168, mask=left_pad_mask(B, T, [0, 3][:B]))
+           local_sums=True, walk_tile=16, maxnreg=168, walk_maxnreg=128, mask=left_pad_mask(B, T, [0, 3][:B]))
 
 
 @inside
@@ -400,6 +400,8 @@ def test_walk_and_register_options_are_checked():
         LaunchConfig(C=64, BV=64, num_warps=4, walk_stages=8)
     with pytest.raises(ValueError, match="maxnreg"):
         LaunchConfig(C=64, BV=64, num_warps=4, maxnreg=300)
+    with pytest.raises(ValueError, match="walk_maxnreg=32"):
+        LaunchConfig(C=64, BV=64, num_warps=4, walk_maxnreg=32)
 
 
 def test_local_sums_needs_a_walk_it_changes():
@@ -475,7 +477,9 @@ def test_a_launch_config_travels_through_the_ops_ints():
                 LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, dgamma_in_dq=True),
                 LaunchConfig(C=64, BV=128, num_warps=8, split_forward=True, fold_backward=True, walk_tile=64,
                              walk_stages=3, dgamma_in_dq=True, delta_in_dq=True),
-                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, overlap=True)):
+                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, overlap=True),
+                LaunchConfig(C=64, BV=128, num_warps=8, split_forward=True, fold_backward=True, walk_tile=64,
+                             maxnreg=200, walk_maxnreg=128, overlap=True)):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

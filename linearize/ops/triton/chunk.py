@@ -112,6 +112,13 @@ class LaunchConfig:
     # an SM) on a high-priority side stream beside bwd_dq (1.35 ms, register-bound at two programs an SM), which
     # reads none of its outputs; joined before bwd_dk. CUDA only (also inside CUDA graphs). Off until timed.
     overlap: bool = False
+    # Registers a thread the chunk-sum walks (fwd_chunk_states, bwd_chunk_dstates) may use (ptxas .maxnreg; None: as
+    # compiled). For overlap: at the benchmark heads the backward walk compiles to 155 registers (sm_90), so an SM
+    # holding two of its 4-warp programs (2 x 160 x 128 of the 64K registers) has no room for a bwd_dq program
+    # (255 x 128) beside them, and the walk's 256 programs take nearly every SM two apiece: bwd_dq would wait. At 128
+    # (no spill there; fwd_chunk_states 118 -> 115) two walk programs and one bwd_dq fill an SM exactly. Real models'
+    # heads unroll GQ query heads in the backward walk and spill at 128 (SmolLM2 56 B, Qwen2.5 232 B). Off until timed.
+    walk_maxnreg: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -137,8 +144,9 @@ class LaunchConfig:
             raise ValueError(f"LaunchConfig: dk_launches={self.dk_launches} must be 1, 2 or 3")
         if self.split_forward and self.one_acc:
             raise ValueError("LaunchConfig: one_acc is a form of the one-pass forward; pass it or split_forward")
-        if self.maxnreg is not None and not 64 <= self.maxnreg <= 255:
-            raise ValueError(f"LaunchConfig: maxnreg={self.maxnreg} must be None or 64-255")
+        for name in ("maxnreg", "walk_maxnreg"):
+            if getattr(self, name) is not None and not 64 <= getattr(self, name) <= 255:
+                raise ValueError(f"LaunchConfig: {name}={getattr(self, name)} must be None or 64-255")
         if self.walk_stages not in (None, 1, 2, 3, 4):
             raise ValueError(f"LaunchConfig: walk_stages={self.walk_stages} must be None or 1-4")
         if self.walk_tile not in (None, 16, 32, 64):
@@ -360,9 +368,11 @@ def _mask_arg(mask, q) -> tuple[bool, torch.Tensor, int]:
     return mask is not None, (mask if mask is not None else q), (mask.stride(0) if mask is not None else 0)
 
 
-def _regs(cfg: LaunchConfig) -> dict:
-    """The block kernels' register cap as a launch option (none named where the config sets none)."""
-    return {"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}
+def _regs(cfg: LaunchConfig, walk: bool = False) -> dict:
+    """The block kernels' (``walk``: the chunk-sum walks') register cap as a launch option (none named where the
+    config sets none)."""
+    cap = cfg.walk_maxnreg if walk else cfg.maxnreg
+    return {"maxnreg": cap} if cap else {}
 
 
 def _local(cfg: LaunchConfig, nseg: int) -> bool:
@@ -399,6 +409,7 @@ def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: Laun
         phi_k, v, m_arg, pre_S, pre_z, cs, cz, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
         B, T, Hf, Hf // Hkv, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, HAS_MASK=has_mask, PREC=_prec(q.dtype),
         LOCAL=local, PAIRS=cfg.walk_pairs, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages,
+        **_regs(cfg, walk=True),
     )
     return cs, cz
 
@@ -523,6 +534,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
                 phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
                 B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, GQ=GQ, PREC=prec, LOCAL=local,
                 PAIRS=cfg.walk_pairs, **dict(kw, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages),
+                **_regs(cfg, walk=True),
             )
 
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -645,7 +657,8 @@ def _cfg(launch) -> LaunchConfig:
                         dk_launches=1 + (flags >> 4 & 3), local_sums=bool(flags & 64),
                         walk_tile=(None, 16, 32, 64)[flags >> 7 & 3], walk_pairs=bool(flags & 512),
                         walk_stages=(flags >> 10 & 7) or None, maxnreg=(blocks >> 32) & 0xFF or None,
-                        dgamma_in_dq=bool(flags & 8192), delta_in_dq=bool(flags & 16384), overlap=bool(flags & 65536))
+                        dgamma_in_dq=bool(flags & 8192), delta_in_dq=bool(flags & 16384), overlap=bool(flags & 65536),
+                        walk_maxnreg=(blocks >> 40) & 0xFF or None)
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
@@ -653,13 +666,14 @@ def _launch_ints(cfg: LaunchConfig) -> tuple:
     2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256:
     walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None), 8192: dgamma_in_dq,
     16384: delta_in_dq, 65536: overlap; the backward op's also WANT_DGAMMA), C_intra (0: None),
-    warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg a byte each, low byte first; 0: None))."""
+    warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg, walk_maxnreg a byte each, low byte
+    first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
              | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile)
              | 512 * int(cfg.walk_pairs) | 1024 * (cfg.walk_stages or 0) | 8192 * int(cfg.dgamma_in_dq)
              | 16384 * int(cfg.delta_in_dq) | 65536 * int(cfg.overlap))
-    blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk, cfg.maxnreg),
-                                               (0, 8, 16, 24, 32)))
+    blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk, cfg.maxnreg,
+                                                cfg.walk_maxnreg), (0, 8, 16, 24, 32, 40)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,
             cfg.C_intra or 0, cfg.warps_intra or 0, blocks)
 
