@@ -716,6 +716,25 @@ def test_ops_pass_opcheck(masked, forms):
 
 
 @inside
+def test_ops_at_one_segment_from_no_state(monkeypatch):
+    """split + fold over one segment with no initial state (``chunk._zero_start``): the walks start from zero and no
+    prefix pass runs, forward or backward; the op's pre_S / pre_z are empty, as its fake says (opcheck)."""
+    from linearize.ops.triton import chunk
+    from linearize.ops.triton.chunk import LaunchConfig, _hybrid_chunk_op, _launch_ints
+
+    cfg = LaunchConfig(C=16, BV=16, num_warps=4, nseg=1, split_forward=True, fold_backward=True, walk_tile=16)
+    q, k, v, pq, pk, g = random_inputs(2, 37, 4, 2, 16, 8, 4, dtype=torch.float32, seed=9, requires_grad=True)
+    prefixes = []
+    real = chunk._segment_prefix
+    monkeypatch.setattr(chunk, "_segment_prefix", lambda *a, **kw: prefixes.append(1) or real(*a, **kw))
+    out = _hybrid_chunk_op(q, k, v, pq, pk, g, None, None, None, 6, 0.25, *_launch_ints(cfg), True)
+    assert out[5].numel() == out[6].numel() == 0
+    out[0].sum().backward()
+    assert not prefixes
+    torch.library.opcheck(_hybrid_chunk_op, (q, k, v, pq, pk, g, None, None, None, 6, 0.25, *_launch_ints(cfg), True))
+
+
+@inside
 def test_split_forward_keeps_the_chunk_sums_for_the_folded_backward(monkeypatch):
     """split_forward + fold_backward: the chunk sums the forward wrote are the ones the backward reads, so they are
     walked once per forward + backward (fold alone walks them in the backward), eagerly and through the custom ops;

@@ -394,7 +394,7 @@ def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: Laun
     """(CS [n_chunks, B, H', F, D] in phi_q's dtype, CZ [n_chunks, B, H', F] fp32): the running sums each query
     chunk reads, walked from the segment prefixes (fwd_chunk_states_kernel); with ``cfg.local_sums`` each segment's
     walk starts from zero (pre_S, pre_z unread) and writes its total to ``seg`` ([nseg, B, H', F, D] and
-    [nseg, B, H', F] fp32; None: scratch)."""
+    [nseg, B, H', F] fp32; None: scratch). pre_S empty: one segment from a zero state (``_zero_start``)."""
     B, T, H, D, Hkv, Hf, F, C, n, W, nwin, BD, BF, BV, NV, n_per, nseg = _geometry(q, v, phi_q, phi_k, window, cfg)
     has_mask, m_arg, sM_b = _mask_arg(mask, q)
     cs = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=q.device)
@@ -408,10 +408,17 @@ def _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window: int, cfg: Laun
     _launch(K.fwd_chunk_states_kernel, (nseg, B * Hf, tiles),
         phi_k, v, m_arg, pre_S, pre_z, cs, cz, seg_S, seg_z, *_strides(phi_k), *_strides(v), sM_b,
         B, T, Hf, Hf // Hkv, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, HAS_MASK=has_mask, PREC=_prec(q.dtype),
-        LOCAL=local, PAIRS=cfg.walk_pairs, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages,
-        **_regs(cfg, walk=True),
+        LOCAL=local, PAIRS=cfg.walk_pairs, ZERO_START=not pre_S.numel(), num_warps=warps,
+        num_stages=cfg.walk_stages or cfg.num_stages, **_regs(cfg, walk=True),
     )
     return cs, cz
+
+
+def _zero_start(cfg: LaunchConfig, nseg: int, S0) -> bool:
+    """The split + fold form over one segment from no initial state: the forward's prefix is zero and only its walk
+    would read it, so no prefix pass runs (the walk starts from zero; the op's pre_S / pre_z are empty). Four launches
+    fewer a forward + backward (the backward's reverse prefix is zero at one segment too)."""
+    return cfg.keeps_chunk_sums and nseg == 1 and S0 is None
 
 
 def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scale: float, cfg: LaunchConfig,
@@ -441,7 +448,10 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
     # Exclusive prefix over segments, seeded with the initial sums. Local chunk sums kept for the folded backward:
     # the prefix is read only by the block kernels' products, so it is stored in their operand dtype (_prefix_sums).
     low = local and cfg.keeps_chunk_sums
-    pre_S, pre_z = _segment_prefix(seg_S, S0, dtype=phi_q.dtype if low else None), _segment_prefix(seg_z, z0)
+    if _zero_start(cfg, nseg, S0):
+        pre_S, pre_z = _empty(0, dtype=f32, device=dev), _empty(0, dtype=f32, device=dev)  # (op outputs: no aliases)
+    else:
+        pre_S, pre_z = _segment_prefix(seg_S, S0, dtype=phi_q.dtype if low else None), _segment_prefix(seg_z, z0)
 
     y = _empty(*q.shape, dtype=q.dtype, device=dev)
     u = _empty(*q.shape, dtype=q.dtype, device=dev) if store_u else y
@@ -521,20 +531,22 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         are allocated on the current stream either way, so the caller keeps all six until the side stream joins it
         (the allocator may then reuse them: no record_stream, and no side-stream allocation, which graph capture under
         torch.compile refuses)."""
-        seg_dS = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
-        seg_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
-        rev_dS = _empty(nseg, B, Hf, F, D, dtype=phi_q.dtype if local else f32, device=dev)
-        rev_dz = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
+        zero = fold and nseg == 1  # (one segment's reverse prefix is zero: the walk starts there, no prefix pass)
+        S_shape, z_shape = ((0,), (0,)) if zero else ((nseg, B, Hf, F, D), (nseg, B, Hf, F))  # (unread where zero)
+        seg_dS = _empty(*S_shape, dtype=f32, device=dev)
+        seg_dz = _empty(*z_shape, dtype=f32, device=dev)
+        rev_dS = _empty(*S_shape, dtype=phi_q.dtype if local else f32, device=dev)
+        rev_dz = _empty(*z_shape, dtype=f32, device=dev)
         cds = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev) if fold else None
         cdz = _empty(n, B, Hf, F, dtype=f32, device=dev) if fold else None
 
-        def chunk_dstates(start_S, start_z):
+        def chunk_dstates(start_S, start_z, from_zero=False):
             wf, wv, tiles, warps = _walk_launch(cfg, BF, BV, F, D)
             _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, tiles),
                 phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
                 B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, GQ=GQ, PREC=prec, LOCAL=local,
-                PAIRS=cfg.walk_pairs, **dict(kw, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages),
-                **_regs(cfg, walk=True),
+                PAIRS=cfg.walk_pairs, ZERO_START=from_zero,
+                **dict(kw, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages), **_regs(cfg, walk=True),
             )
 
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -545,6 +557,9 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
                     phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
                     B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
                 )
+            if zero:
+                chunk_dstates(rev_dS, rev_dz, from_zero=True)
+                return cds, cdz, rev_dS, rev_dz, seg_dS, seg_dz
             # Reverse exclusive prefix: segment s starts from the sums of every later segment.
             _segment_prefix(seg_dS, None, reverse=True, out=rev_dS)
             _segment_prefix(seg_dz, None, reverse=True, out=rev_dz)
@@ -713,10 +728,11 @@ def _(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window, scale, C, BV, num_warp
     B, T, H, D, _, Hf, F, _, n, *_, n_seg = _geometry(q, k, phi_q, phi_k, window, cfg)
     f32 = torch.float32
     keep = cfg.keeps_chunk_sums
+    zero = _zero_start(cfg, n_seg, S0)
     return (q.new_empty(q.shape), q.new_empty(q.shape if store_u else (0,)), q.new_empty(B, H, T, dtype=f32),
             q.new_empty(B, H, T, dtype=f32), q.new_empty(B, H, T, dtype=torch.int32),
-            q.new_empty(n_seg, B, Hf, F, D, dtype=phi_q.dtype if keep and _local(cfg, n_seg) else f32),
-            q.new_empty(n_seg, B, Hf, F, dtype=f32),
+            q.new_empty((0,) if zero else (n_seg, B, Hf, F, D), dtype=phi_q.dtype if keep and _local(cfg, n_seg) else f32),
+            q.new_empty((0,) if zero else (n_seg, B, Hf, F), dtype=f32),
             phi_q.new_empty((n, B, Hf, F, D) if keep else (0,)),
             q.new_empty((n, B, Hf, F) if keep else (0,), dtype=f32))
 

@@ -426,6 +426,7 @@ def fwd_chunk_states_kernel(
     B, T, Hf, Gk, n_chunks, n_per, nwin,
     F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr = False, PAIRS: tl.constexpr = False,
+    ZERO_START: tl.constexpr = False,
 ):
     """CS[c] = the running sum S that query chunk c reads (phi_k v^T over key chunks < c - nwin), in the inputs'
     dtype (the dtype fwd_kernel's product takes it in), CZ[c] = z in fp32: laid out [n_chunks, B, Hf, F, D|1].
@@ -433,7 +434,8 @@ def fwd_chunk_states_kernel(
     (CS then holds only the segment's own keys; readers add the prefix, ``_prefix_sums``), and the segment's total
     written to SEG_S / SEG_Z as fwd_segment_sums_kernel writes it, so that pass does not run. PAIRS: two chunks a
     step, the second's sums formed beside the first's (two independent products and loads in flight a step;
-    ``LaunchConfig.walk_pairs``)."""
+    ``LaunchConfig.walk_pairs``). ZERO_START: started from zero with nothing else changed (one segment with no initial
+    state, whose prefix is zero: S0 / Z0 unread, so no prefix pass need write them)."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv, rf, rv = _walk_tile(F, D, BF, BV)
@@ -441,7 +443,8 @@ def fwd_chunk_states_kernel(
     hf = bh % Hf
     hk = hf // Gk
     rc = tl.arange(0, C)
-    S, z = _walk_start(S0, Z0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, LOCAL)
+    FROM_ZERO: tl.constexpr = LOCAL or ZERO_START
+    S, z = _walk_start(S0, Z0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, FROM_ZERO)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
     PKb = PK + b * sPK_b + hf * sPK_h
@@ -970,6 +973,7 @@ def bwd_chunk_dstates_kernel(
     B, T, H, Hf, n_chunks, n_per, nwin,
     F: tl.constexpr, D: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     GQ: tl.constexpr, PREC: tl.constexpr, LOCAL: tl.constexpr = False, PAIRS: tl.constexpr = False,
+    ZERO_START: tl.constexpr = False,
 ):
     """CDS[j] = the gradient sum dS that key chunk j receives from the queries of chunks > j + nwin
     (sum phi_q (dy / den)^T), in phi_q's dtype (the dtype bwd_dk_state_kernel's products take it in), CDZ[j] = dz
@@ -977,14 +981,16 @@ def bwd_chunk_dstates_kernel(
     dv / dphi_k work, which bwd_dk_kernel's FOLD then does for every key block in parallel. LOCAL: started from
     zero (readers add the segment's reverse prefix), and the segment's total written to SEG_S / SEG_Z as
     bwd_segment_sums_kernel writes it, so that pass does not run. PAIRS: two chunks a step, as in
-    fwd_chunk_states_kernel."""
+    fwd_chunk_states_kernel. ZERO_START: started from zero with nothing else changed (one segment: its reverse prefix
+    is zero, DS0 / DZ0 unread)."""
     s = tl.program_id(0)
     bh = tl.program_id(1)
     iv, rf, rv = _walk_tile(F, D, BF, BV)
     b = bh // Hf
     hf = bh % Hf
     rc = tl.arange(0, C)
-    dS, dz = _walk_start(DS0, DZ0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, LOCAL)
+    FROM_ZERO: tl.constexpr = LOCAL or ZERO_START
+    dS, dz = _walk_start(DS0, DZ0, (s * B + b) * Hf + hf, rf, rv, F, D, BF, BV, FROM_ZERO)
     c_lo = s * n_per
     c_hi = tl.minimum((s + 1) * n_per, n_chunks)
     for jj in range(c_lo, c_hi, 1 + PAIRS):
