@@ -540,12 +540,12 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         cds = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev) if fold else None
         cdz = _empty(n, B, Hf, F, dtype=f32, device=dev) if fold else None
 
-        def chunk_dstates(start_S, start_z, from_zero=False):
+        def chunk_dstates(start_S, start_z):
             wf, wv, tiles, warps = _walk_launch(cfg, BF, BV, F, D)
             _launch(K.bwd_chunk_dstates_kernel, (nseg, B * Hf, tiles),
                 phi_q, dy, den, delta, start_S, start_z, cds, cdz, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
                 B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=wf, BV=wv, C=C, GQ=GQ, PREC=prec, LOCAL=local,
-                PAIRS=cfg.walk_pairs, ZERO_START=from_zero,
+                PAIRS=cfg.walk_pairs, ZERO_START=zero,
                 **dict(kw, num_warps=warps, num_stages=cfg.walk_stages or cfg.num_stages), **_regs(cfg, walk=True),
             )
 
@@ -557,12 +557,9 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
                     phi_q, dy, den, delta, seg_dS, seg_dz, *_strides(phi_q), *_strides(dy),
                     B, T, H, Hf, n, n_per, nwin, F=F, D=D, BF=BF, BV=BV, C=C, GQ=GQ, PREC=prec, **kw,
                 )
-            if zero:
-                chunk_dstates(rev_dS, rev_dz, from_zero=True)
-                return cds, cdz, rev_dS, rev_dz, seg_dS, seg_dz
-            # Reverse exclusive prefix: segment s starts from the sums of every later segment.
-            _segment_prefix(seg_dS, None, reverse=True, out=rev_dS)
-            _segment_prefix(seg_dz, None, reverse=True, out=rev_dz)
+            if not zero:  # Reverse exclusive prefix: segment s starts from the sums of every later segment.
+                _segment_prefix(seg_dS, None, reverse=True, out=rev_dS)
+                _segment_prefix(seg_dz, None, reverse=True, out=rev_dz)
             if fold and not local:
                 chunk_dstates(rev_dS, rev_dz)
         return cds, cdz, rev_dS, rev_dz, seg_dS, seg_dz
