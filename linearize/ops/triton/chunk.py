@@ -434,8 +434,10 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
     f32 = torch.float32
     dev = q.device
 
-    seg_S = _empty(nseg, B, Hf, F, D, dtype=f32, device=dev)
-    seg_z = _empty(nseg, B, Hf, F, dtype=f32, device=dev)
+    zero = _zero_start(cfg, nseg, S0)
+    # (the zero start reads no segment sums)
+    seg_S = _empty(*((0,) if zero else (nseg, B, Hf, F, D)), dtype=f32, device=dev)
+    seg_z = _empty(*((0,) if zero else (nseg, B, Hf, F)), dtype=f32, device=dev)
     local = cfg.split_forward and _local(cfg, nseg)
     if local:  # the chunk-sum walk writes each segment's total itself
         cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, seg_S, seg_z, window, cfg, seg=(seg_S, seg_z))
@@ -448,7 +450,7 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
     # Exclusive prefix over segments, seeded with the initial sums. Local chunk sums kept for the folded backward:
     # the prefix is read only by the block kernels' products, so it is stored in their operand dtype (_prefix_sums).
     low = local and cfg.keeps_chunk_sums
-    if _zero_start(cfg, nseg, S0):
+    if zero:
         pre_S, pre_z = _empty(0, dtype=f32, device=dev), _empty(0, dtype=f32, device=dev)  # (op outputs: no aliases)
     else:
         pre_S, pre_z = _segment_prefix(seg_S, S0, dtype=phi_q.dtype if low else None), _segment_prefix(seg_z, z0)
