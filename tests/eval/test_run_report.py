@@ -3,7 +3,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from linearize.eval.report import markdown, write_report
+from linearize.eval.report import markdown
 from linearize.eval.run import check_tasks, evaluate
 from tests.pipelines.tiny_run import make_model_dir, make_text
 

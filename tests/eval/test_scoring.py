@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from linearize.eval.scoring import encode_pair, loglikelihood, loglikelihood_tokens, multiple_choice_metrics, score_task
+from linearize.eval.scoring import encode_pair, loglikelihood_tokens, multiple_choice_metrics, score_task
 from linearize.eval.tasks import Doc, Request, Task, winogrande_doc
 from tests.eval.helpers import SuccessorLM, word_tokenizer
 from tests.tiny_models import tiny_model

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 import linearize
-from linearize import LinearizeConfig, LinearizedAttention
+from linearize import LinearizeConfig
 from linearize.modules.cache import HybridCacheLayer
 
 from ..tiny_models import ARCHS, cache_kw, perturb_added_weights, tiny_model
