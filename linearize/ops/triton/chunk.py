@@ -541,6 +541,9 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         rev_dz = _empty(*z_shape, dtype=f32, device=dev)
         cds = _empty(n, B, Hf, F, D, dtype=phi_q.dtype, device=dev) if fold else None
         cdz = _empty(n, B, Hf, F, dtype=f32, device=dev) if fold else None
+        if side is not None:  # Forked after the allocations, so that whatever the main stream does to them comes
+            # first. (Forked before them, POISON_OUTPUTS' NaN fills raced the walk's writes in a CUDA graph: call 61.)
+            side.wait_stream(torch.cuda.current_stream(dev))
 
         def chunk_dstates(start_S, start_z):
             wf, wv, tiles, warps = _walk_launch(cfg, BF, BV, F, D)
@@ -571,9 +574,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     # are allocated after bwd_dq, once the forward's chunk sums are freed, as before.)
     overlap = fold and cfg.overlap and dev.type == "cuda"
     if overlap:
-        side = _side_stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        sums = dstates(side)
+        sums = dstates(_side_stream(dev))
     if delta_here:
         assert y.stride() == dy.stride(), "bwd_dq reads y with dy's strides"  # (both contiguous [B, T, H, D])
     _launch(K.bwd_dq_kernel, (ni, B * H),
@@ -605,7 +606,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
         dk_kernel(dv_b, dpk, dy, dy)
     if overlap:  # (the walk's side stream joins here: bwd_dk reads its gradient sums)
-        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
     else:
         sums = dstates()
     cds, cdz, rev_dS, rev_dz, *_ = sums
