@@ -110,14 +110,19 @@ class LaunchConfig:
     delta_in_dq: bool = False
     # The folded backward's gradient-sum walk (bwd_chunk_dstates: 0.61 ms at 16K, latency-bound, two 4-warp programs
     # an SM) on a high-priority side stream beside bwd_dq (1.35 ms, register-bound at two programs an SM), which
-    # reads none of its outputs; joined before bwd_dk. CUDA only (also inside CUDA graphs). Off until timed.
+    # reads none of its outputs; joined before bwd_dk. CUDA only (also inside CUDA graphs). H100, tune_chunk
+    # (benchmarks/results/tune-chunk-nvidia-h100-20261207-overlap-*), forward+backward: 16K 6.103 -> 5.989 ms (bwd_dq
+    # 1.37 -> 1.87 ms beside the walk's 0.60 -> 0.74), 2K CUDA graph 0.827 -> 0.817, SmolLM2's heads B8 x 1K graph
+    # 0.342 -> 0.334. Off until its CUDA-graph GPU test passes at the fork after the buffers' allocation (call 62).
     overlap: bool = False
     # Registers a thread the chunk-sum walks (fwd_chunk_states, bwd_chunk_dstates) may use (ptxas .maxnreg; None: as
     # compiled). For overlap: at the benchmark heads the backward walk compiles to 155 registers (sm_90), so an SM
     # holding two of its 4-warp programs (2 x 160 x 128 of the 64K registers) has no room for a bwd_dq program
     # (255 x 128) beside them, and the walk's 256 programs take nearly every SM two apiece: bwd_dq would wait. At 128
     # (no spill there; fwd_chunk_states 118 -> 115) two walk programs and one bwd_dq fill an SM exactly. Real models'
-    # heads unroll GQ query heads in the backward walk and spill at 128 (SmolLM2 56 B, Qwen2.5 232 B). Off until timed.
+    # heads unroll GQ query heads in the backward walk and spill at 128 (SmolLM2 56 B, Qwen2.5 232 B). Off: mixed
+    # beside overlap (H100 16K 5.989 ms without it, 6.009 with; 2K graph 0.817 / 0.804; one run) and nothing alone
+    # (16K 6.126 against 6.103).
     walk_maxnreg: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:
