@@ -578,8 +578,9 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
     # stream beside bwd_dq, which takes the SM slots the walk leaves. Joined before bwd_dk. (Without it the buffers
     # are allocated after bwd_dq, once the forward's chunk sums are freed, as before.)
     overlap = fold and cfg.overlap and dev.type == "cuda"
+    side = _side_stream(dev) if overlap else None
     if overlap:
-        sums = dstates(_side_stream(dev))
+        sums = dstates(side)
     if delta_here:
         assert y.stride() == dy.stride(), "bwd_dq reads y with dy's strides"  # (both contiguous [B, T, H, D])
     _launch(K.bwd_dq_kernel, (ni, B * H),
@@ -611,7 +612,7 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         dpk = _empty(B, T, Hf, F, dtype=f32, device=dev)
         dk_kernel(dv_b, dpk, dy, dy)
     if overlap:  # (the walk's side stream joins here: bwd_dk reads its gradient sums)
-        torch.cuda.current_stream(dev).wait_stream(_side_stream(dev))
+        torch.cuda.current_stream(dev).wait_stream(side)
     else:
         sums = dstates()
     cds, cdz, rev_dS, rev_dz, *_ = sums
