@@ -936,13 +936,26 @@ PY
     chunk_tests_k "overlap" 4 70
     eval_and_bv_rows
     ;;
+  63)
+    # every chunk-kernel GPU test at the training default with overlap on (after call 62), 14 processes at a time
+    # (~340 s)
+    chunk_tests 14 240 $(( $(left) - 10 ))
+    ;;
+  64)
+    # issue 5's table at the current defaults (training: overlap on since call 62): ours against cuDNN SDPA,
+    # FlexAttention and the composition's parts at 1K-16K and the decode step (~250 s)
+    timeout $(( $(left) - 5 )) python3 benchmarks/attention.py --quick --no-check \
+      --only ours,sdpa-cudnn,flex-window,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn --groups main,decode \
+      --budget-s $(( $(left) - 40 )) --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention.log" 2>&1
+    sed -n '/== targets/,$p' "$out/attention.log" | head -14
+    ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
     SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30)
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 61" >&2; exit 2 ;;
+  *) echo "call must be 1 to 64" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
