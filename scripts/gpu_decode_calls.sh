@@ -932,8 +932,17 @@ PY
     # 0.342 -> 0.334; its eager tests passed, its CUDA-graph test failed: the side stream forked before the NaN-poison
     # fills of its buffers, which then raced the walk's writes; the fork now follows the allocations): its 4 GPU test
     # ids again, then what call 61 did not reach (evaluation's forward one-pass against split; fwd_blocks on 64 value
-    # columns) (~330 s)
+    # columns), with the block kernels' pipeline depth first (~480 s)
     chunk_tests_k "overlap" 4 70
+    # the block kernels' software-pipeline depth (num_stages: 2 in the default, never timed on blocks of 32 with
+    # skip_empty, whose loops run 1-2 blocks each), 1 and 3, at 16K and at 2K in a CUDA graph (~150 s)
+    STG=(--shapes default,64x128x8x1,64x128x8x3 --nseg 0 --intra 32x4 --intra-only --forms split+fold)
+    timeout $(( $(left) < 105 ? $(left) - 5 : 100 )) python3 benchmarks/tune_chunk.py --T 16384 "${STG[@]}" \
+      --out "$out/tune-chunk-stages-16k.json" > "$out/tune-chunk-stages-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-stages-16k.log"
+    [ "$(left)" -gt 40 ] && timeout $(( $(left) < 55 ? $(left) - 5 : 50 )) python3 benchmarks/tune_chunk.py --T 2048 \
+      --graph "${STG[@]}" --out "$out/tune-chunk-stages-2k.json" > "$out/tune-chunk-stages-2k.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-stages-2k.log"
     eval_and_bv_rows
     ;;
   63)
