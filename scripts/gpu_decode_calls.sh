@@ -945,6 +945,20 @@ PY
     grep -HE "^C=" "$out/tune-chunk-stages-2k.log"
     eval_and_bv_rows
     ;;
+  65)
+    # 62 and 63 in one start where device time is short (~560 s): overlap's 4 GPU test ids, every other chunk GPU
+    # test at the training default (overlap on), then the block kernels' pipeline depth at 16K and 2K (graph)
+    chunk_tests_k "overlap" 4 70
+    cp "$out/tests-chunk.log" "$out/tests-overlap.log"
+    chunk_tests 14 200 $(( $(left) - 130 )) "overlap"
+    STG=(--shapes default,64x128x8x1,64x128x8x3 --nseg 0 --intra 32x4 --intra-only --forms split+fold)
+    [ "$(left)" -gt 40 ] && timeout $(( $(left) < 85 ? $(left) - 5 : 80 )) python3 benchmarks/tune_chunk.py --T 16384 \
+      "${STG[@]}" --out "$out/tune-chunk-stages-16k.json" > "$out/tune-chunk-stages-16k.log" 2>&1
+    grep -HE "^C=|first call" "$out/tune-chunk-stages-16k.log"
+    [ "$(left)" -gt 30 ] && timeout $(( $(left) - 5 )) python3 benchmarks/tune_chunk.py --T 2048 --graph "${STG[@]}" \
+      --out "$out/tune-chunk-stages-2k.json" > "$out/tune-chunk-stages-2k.log" 2>&1
+    grep -HE "^C=" "$out/tune-chunk-stages-2k.log"
+    ;;
   63)
     # every chunk-kernel GPU test at the training default with overlap on (after call 62), 14 processes at a time
     # (~340 s)
@@ -964,7 +978,7 @@ PY
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 64" >&2; exit 2 ;;
+  *) echo "call must be 1 to 65" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
