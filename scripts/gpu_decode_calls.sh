@@ -950,7 +950,7 @@ PY
     # test at the training default (overlap on), then the block kernels' pipeline depth at 16K and 2K (graph)
     chunk_tests_k "overlap" 4 70
     cp "$out/tests-chunk.log" "$out/tests-overlap.log"
-    chunk_tests 14 200 $(( $(left) - 130 )) "overlap"
+    chunk_tests 14 200 $(( $(left) - ${STAGES_S:-130} )) "overlap"  # (STAGES_S=0: no time kept for the rows below)
     STG=(--shapes default,64x128x8x1,64x128x8x3 --nseg 0 --intra 32x4 --intra-only --forms split+fold)
     [ "$(left)" -gt 40 ] && timeout $(( $(left) < 85 ? $(left) - 5 : 80 )) python3 benchmarks/tune_chunk.py --T 16384 \
       "${STG[@]}" --out "$out/tune-chunk-stages-16k.json" > "$out/tune-chunk-stages-16k.log" 2>&1
