@@ -30,7 +30,8 @@ whole sequence, with no segment-sum pass and no prefix.
 (``LaunchConfig.walk_pairs``) and / or that many pipeline stages (``walk_stages``), or its block kernels capped at
 that many registers a thread (``maxnreg``: 168 lets three programs share an SM at 4 warps); ``g`` / ``gd``: the
 window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or read) / and delta too (``delta_in_dq``: no
-bwd_delta pass); ``ov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``); ``w128``: the
+bwd_delta pass); ``ov`` / ``noov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``, the
+training default) or not; ``w128``: the
 chunk-sum walks capped at that many registers a thread (``walk_maxnreg``: with ``ov``, so that two walk programs and
 one bwd_dq program fit an SM together).
 
@@ -128,7 +129,8 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                                                skip_empty=sk)
                             for own, lo, wt, wo in variants:
                                 walk = dict(walk_pairs=base.walk_pairs, walk_stages=base.walk_stages,
-                                            maxnreg=base.maxnreg, walk_maxnreg=base.walk_maxnreg) | wo
+                                            maxnreg=base.maxnreg, walk_maxnreg=base.walk_maxnreg,
+                                            overlap=base.overlap and fo) | wo  # (overlap needs the folded backward)
                                 c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt, **walk)
                                 if effective(c) not in map(effective, out):
                                     out.append(c)
@@ -180,7 +182,8 @@ def parse_walk_opts(text: str) -> list[dict]:
     """'pairs,s3,pairs+s4,r168,g,gd' -> [{'walk_pairs': True}, {'walk_stages': 3}, {'walk_pairs': True, 'walk_stages':
     4}, {'maxnreg': 168}, {'dgamma_in_dq': True}, {'dgamma_in_dq': True, 'delta_in_dq': True}] (rN: the block
     kernels' register cap, ``LaunchConfig.maxnreg``; wN: the chunk-sum walks', ``walk_maxnreg``; g / gd: the window
-    weight's gradient / and delta in bwd_dq; ov: ``overlap``)."""
+    weight's gradient / and delta in bwd_dq (gd turns ``overlap`` off: its walk would read delta before bwd_dq forms
+    it); ov / noov: ``overlap`` on / off)."""
     out = []
     for item in filter(None, text.split(",")):
         opts = {}
@@ -194,13 +197,13 @@ def parse_walk_opts(text: str) -> list[dict]:
             elif part.startswith("w") and part[1:].isdigit():
                 opts["walk_maxnreg"] = int(part[1:])
             elif part in ("g", "gd"):
-                opts |= {"dgamma_in_dq": True, "delta_in_dq": part == "gd"}
-            elif part == "ov":
-                opts["overlap"] = True
+                opts |= {"dgamma_in_dq": True, "delta_in_dq": part == "gd"} | ({"overlap": False} if part == "gd" else {})
+            elif part in ("ov", "noov"):
+                opts["overlap"] = part == "ov"
             else:
                 raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
                                  "rN (the block kernels' register cap), wN (the walks'), g / gd (dgamma / and delta "
-                                 "in bwd_dq), ov (overlap)")
+                                 "in bwd_dq), ov / noov (overlap on / off)")
         out.append(opts)
     return out
 
@@ -251,7 +254,8 @@ def main() -> None:
     ap.add_argument("--walk-opts", default="",
                     help="comma list of '+'-joined items, pairs (walk_pairs: two chunks a walk step), s1..s4 (the walks' "
                          "pipeline stages), rN (maxnreg: the block kernels' register cap), wN (walk_maxnreg: the walks'), "
-                         "g (dgamma_in_dq) or gd (dgamma_in_dq + delta_in_dq) or ov (overlap): also each split + fold "
+                         "g (dgamma_in_dq) or gd (dgamma_in_dq + delta_in_dq) or ov / noov (overlap on / off): also "
+                         "each split + fold "
                          "config with those")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")
     ap.add_argument("--shapes", default="all",

@@ -110,7 +110,8 @@ def test_walk_adds_each_split_fold_config_with_each_walk_tile():
     assert {(c.nseg, c.walk_tile) for c in cands} == {(n, t) for n in (None, 1) for t in (64, None, 32)}
     assert all(c.local_sums == base.local_sums for c in cands)  # (no effect at one segment: no twin without it)
     assert base.walk_stages == 3 and all(c.walk_stages == 3 for c in cands)  # (the default's walk pipeline kept)
-    assert {label(c).split()[-2] for c in cands if c.nseg is None} == {"walk=64", "walk=32", "local"}
+    assert {label(c).removesuffix(" overlap").split()[-2] for c in cands if c.nseg is None} == {
+        "walk=64", "walk=32", "local"}
     # one-pass configs have no chunk-sum walks to tile
     assert not any(c.walk_tile for c in candidates(default_config(128, 128), "default", [0], forms=["one-pass"],
                                                    walks=[64]))
@@ -125,17 +126,18 @@ def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
     cands = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"], walk_opts=opts)
     assert cands[0] == base
     assert [(c.walk_pairs, c.walk_stages) for c in cands] == [(False, 3), (True, 3), (False, 2), (True, 4)]
-    assert label(cands[3]).endswith(" pairs walk_stages=4")
+    assert label(cands[3]).endswith(" pairs walk_stages=4 overlap")  # (the training default's overlap kept)
     assert parse_walk_opts("r168,pairs+r128") == [{"maxnreg": 168}, {"walk_pairs": True, "maxnreg": 128}]
     assert parse_walk_opts("ov+w128") == [{"overlap": True, "walk_maxnreg": 128}]
     capped = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
                         walk_opts=parse_walk_opts("ov+w128"))
     assert capped[1].overlap and capped[1].walk_maxnreg == 128 and label(capped[1]).endswith(" overlap walk_maxnreg=128")
-    assert parse_walk_opts("g,gd,ov+s2") == [{"dgamma_in_dq": True, "delta_in_dq": False},
-                                             {"dgamma_in_dq": True, "delta_in_dq": True},
-                                             {"overlap": True, "walk_stages": 2}]
+    assert parse_walk_opts("g,gd,ov+s2,noov") == [{"dgamma_in_dq": True, "delta_in_dq": False},
+                                                  {"dgamma_in_dq": True, "delta_in_dq": True, "overlap": False},
+                                                  {"overlap": True, "walk_stages": 2}, {"overlap": False}]
     gd = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
                     walk_opts=parse_walk_opts("gd"))
     assert gd[1].dgamma_in_dq and gd[1].delta_in_dq and label(gd[1]).endswith(" dgamma_in_dq delta_in_dq")
+    assert base.overlap and not gd[1].overlap  # (overlap's walk reads delta before bwd_dq: gd turns it off)
     with pytest.raises(SystemExit, match="walk-opts"):
         parse_walk_opts("pairs+s9")

@@ -237,7 +237,8 @@ def test_dgamma_in_dq(delta):
     the benchmark's heads (W 64 and 200) and SmolLM2's."""
     import dataclasses
 
-    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, dgamma_in_dq=True, delta_in_dq=delta))
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, dgamma_in_dq=True, delta_in_dq=delta,
+                                                              overlap=cfg.overlap and not delta))
 
 
 def test_dgamma_in_dq_precision_where_the_window_dominates():
@@ -250,7 +251,7 @@ def test_dgamma_in_dq_precision_where_the_window_dominates():
     from linearize.ops.triton.chunk import default_config, hybrid_attention_triton
 
     base = default_config(128, 128, training=True)
-    cfgs = {"u": base, "dq": dataclasses.replace(base, dgamma_in_dq=True, delta_in_dq=True)}
+    cfgs = {"u": base, "dq": dataclasses.replace(base, dgamma_in_dq=True, delta_in_dq=True, overlap=False)}
     for gs in (1.0, 30.0):
         ins64 = [t.cuda() for t in random_inputs(2, 1000, 4, 4, 128, 128, 4, dtype=torch.float64, seed=3)]
         ins = [t.to(torch.bfloat16).requires_grad_(True) for t in ins64[:5]]
@@ -285,8 +286,8 @@ def test_overlap_inside_a_cuda_graph():
 
     from linearize.ops.triton.chunk import default_config, hybrid_attention_triton
 
-    base = default_config(128, 128, training=True)
-    cfg = dataclasses.replace(base, overlap=True)
+    cfg = default_config(128, 128, training=True)
+    base = dataclasses.replace(cfg, overlap=False)
     ins = [t.cuda().to(torch.bfloat16).requires_grad_(True) for t in random_inputs(2, 700, 4, 4, 128, 128, 4, seed=1)[:5]]
     gamma = torch.full((4,), 0.4, device="cuda", requires_grad=True)
     leaves = [*ins, gamma]

@@ -96,7 +96,7 @@ def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
     """C 64 (head dims 64-128) gets the folded backward on blocks of 32 rows, the launch the H100 timed fastest,
     and in training the split forward whose chunk sums that backward reuses (H200: faster forward+backward, slower
     forward alone), walked from zero in each segment (local_sums, H100: faster at 16K and 2K) on state tiles three
-    stages deep (walk_tile, walk_stages); Gemma 3's D = 256
+    stages deep (walk_tile, walk_stages), the backward's walk beside bwd_dq (overlap); Gemma 3's D = 256
     (C 32, whose folded kernels spill) and the small heads (C = D < 64) stay one-pass."""
     from linearize.ops.triton.chunk import LaunchConfig, default_config
 
@@ -108,9 +108,10 @@ def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
     assert train.local_sums is folded and not cfg.local_sums  # chunk sums walked from zero a segment in training
     assert train.walk_tile == (64 if folded else None) and cfg.walk_tile is None  # the walks on state tiles
     assert train.walk_stages == (3 if folded else None) and cfg.walk_stages is None  # ... pipelined 3 deep
+    assert train.overlap is folded and not cfg.overlap  # the gradient-sum walk beside bwd_dq in training
     assert not train.walk_pairs and train.maxnreg is None  # (timed no faster / slower)
     assert dataclasses.replace(train, split_forward=False, skip_empty=False, local_sums=False, walk_tile=None,
-                               walk_stages=None) == cfg
+                               walk_stages=None, overlap=False) == cfg
     LaunchConfig(**vars(cfg))  # a valid config (C_intra divides C)
 
 

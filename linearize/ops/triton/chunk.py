@@ -113,7 +113,8 @@ class LaunchConfig:
     # reads none of its outputs; joined before bwd_dk. CUDA only (also inside CUDA graphs). H100, tune_chunk
     # (benchmarks/results/tune-chunk-nvidia-h100-20261207-overlap-*), forward+backward: 16K 6.103 -> 5.989 ms (bwd_dq
     # 1.37 -> 1.87 ms beside the walk's 0.60 -> 0.74), 2K CUDA graph 0.827 -> 0.817, SmolLM2's heads B8 x 1K graph
-    # 0.342 -> 0.334. Off until its CUDA-graph GPU test passes at the fork after the buffers' allocation (call 62).
+    # 0.342 -> 0.334. default_config: on in training where C = 64 (the folded backward); its GPU tests, CUDA graph
+    # included, pass (benchmarks/results/call65-h100-tests-*.log).
     overlap: bool = False
     # Registers a thread the chunk-sum walks (fwd_chunk_states, bwd_chunk_dstates) may use (ptxas .maxnreg; None: as
     # compiled). For overlap: at the benchmark heads the backward walk compiles to 155 registers (sm_90), so an SM
@@ -225,10 +226,15 @@ def default_config(D: int, F: int, training: bool = False) -> LaunchConfig:
         # 440 us, bwd_chunk_dstates 648 -> 610), 2K CUDA graph 0.854 -> 0.836; SmolLM2's heads 0.344 -> 0.342. Two
         # chunks a step (walk_pairs) was no faster (6.227, 0.852), and capping the block kernels' registers (maxnreg
         # 168 / 128) lost (7.52 / 11.40 ms: their spills).
+        # Training runs the backward's gradient-sum walk on a side stream beside bwd_dq (overlap). H100, tune_chunk
+        # --walk-opts noov against it (benchmarks/results/tune-chunk-nvidia-h100-20261207-ovdefault-*),
+        # forward+backward: 16K 6.105 -> 5.983 ms, 2K CUDA graph 0.821 -> 0.810, SmolLM2's heads B8 x 1K graph
+        # 0.344 -> 0.331 (call 61 before it: 6.103 -> 5.989, 0.827 -> 0.817, 0.342 -> 0.334). The block kernels
+        # keep 2 pipeline stages: 1 and 3 were slower (16K 5.980 -> 6.130 / 6.250 ms, -stages-16k).
         return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, C_intra=32, warps_intra=4,
                             fold_backward=True, split_forward=training, skip_empty=training,
                             local_sums=training, walk_tile=64 if training else None,
-                            walk_stages=3 if training else None)
+                            walk_stages=3 if training else None, overlap=training)
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
 
 
