@@ -972,13 +972,18 @@ PY
       --budget-s $(( $(left) - 40 )) --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention.log" 2>&1
     sed -n '/== targets/,$p' "$out/attention.log" | head -14
     ;;
+  66)
+    # what calls 61 and 62 did not reach (~250 s): evaluation's forward, one-pass against split, and fwd_blocks on
+    # 64 value columns, against the training default (overlap on since call 65)
+    eval_and_bv_rows
+    ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
     SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30)
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 65" >&2; exit 2 ;;
+  *) echo "call must be 1 to 66" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
