@@ -197,7 +197,9 @@ def parse_walk_opts(text: str) -> list[dict]:
             elif part.startswith("w") and part[1:].isdigit():
                 opts["walk_maxnreg"] = int(part[1:])
             elif part in ("g", "gd"):
-                opts |= {"dgamma_in_dq": True, "delta_in_dq": part == "gd"} | ({"overlap": False} if part == "gd" else {})
+                opts |= {"dgamma_in_dq": True, "delta_in_dq": part == "gd"}
+                if part == "gd":  # (overlap's walk would read delta before bwd_dq forms it)
+                    opts["overlap"] = False
             elif part in ("ov", "noov"):
                 opts["overlap"] = part == "ov"
             else:

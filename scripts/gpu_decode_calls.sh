@@ -234,6 +234,20 @@ eval_and_bv_rows() {
     --out "$out/tune-chunk-bv-2k.json" > "$out/tune-chunk-bv-2k.log" 2>&1
   grep -HE "^C=" "$out/tune-chunk-bv-2k.log"
 }
+# the block kernels' software-pipeline depth (num_stages: 2 in the default, first timed on blocks of 32 with
+# skip_empty in call 65, whose loops run 1-2 blocks each), 1 and 3 beside it, at 16K and at 2K in a CUDA graph, each
+# while the budget lasts: SECONDS_16K SECONDS_2K (each at most what is left less 5)
+stages_rows() {
+  local stg=(--shapes default,64x128x8x1,64x128x8x3 --nseg 0 --intra 32x4 --intra-only --forms split+fold)
+  [ "$(left)" -gt 40 ] || return 0
+  timeout $(( $(left) - 5 < $1 ? $(left) - 5 : $1 )) python3 benchmarks/tune_chunk.py --T 16384 "${stg[@]}" \
+    --out "$out/tune-chunk-stages-16k.json" > "$out/tune-chunk-stages-16k.log" 2>&1
+  grep -HE "^C=|first call" "$out/tune-chunk-stages-16k.log"
+  [ "$(left)" -gt 30 ] || return 0
+  timeout $(( $(left) - 5 < $2 ? $(left) - 5 : $2 )) python3 benchmarks/tune_chunk.py --T 2048 --graph "${stg[@]}" \
+    --out "$out/tune-chunk-stages-2k.json" > "$out/tune-chunk-stages-2k.log" 2>&1
+  grep -HE "^C=" "$out/tune-chunk-stages-2k.log"
+}
 case "$call" in
   1)
     timeout 200 python3 -m pytest -q -x tests/gpu/test_softmax_decode_cuda.py tests/gpu/test_decode_cuda.py \
@@ -934,30 +948,15 @@ PY
     # ids again, then what call 61 did not reach (evaluation's forward one-pass against split; fwd_blocks on 64 value
     # columns), with the block kernels' pipeline depth first (~480 s)
     chunk_tests_k "overlap" 4 70
-    # the block kernels' software-pipeline depth (num_stages: 2 in the default, never timed on blocks of 32 with
-    # skip_empty, whose loops run 1-2 blocks each), 1 and 3, at 16K and at 2K in a CUDA graph (~150 s)
-    STG=(--shapes default,64x128x8x1,64x128x8x3 --nseg 0 --intra 32x4 --intra-only --forms split+fold)
-    timeout $(( $(left) < 105 ? $(left) - 5 : 100 )) python3 benchmarks/tune_chunk.py --T 16384 "${STG[@]}" \
-      --out "$out/tune-chunk-stages-16k.json" > "$out/tune-chunk-stages-16k.log" 2>&1
-    grep -HE "^C=|first call" "$out/tune-chunk-stages-16k.log"
-    [ "$(left)" -gt 40 ] && timeout $(( $(left) < 55 ? $(left) - 5 : 50 )) python3 benchmarks/tune_chunk.py --T 2048 \
-      --graph "${STG[@]}" --out "$out/tune-chunk-stages-2k.json" > "$out/tune-chunk-stages-2k.log" 2>&1
-    grep -HE "^C=" "$out/tune-chunk-stages-2k.log"
+    stages_rows 100 50
     eval_and_bv_rows
     ;;
   65)
     # 62 and 63 in one start where device time is short (~560 s): overlap's 4 GPU test ids, every other chunk GPU
     # test at the training default (overlap on), then the block kernels' pipeline depth at 16K and 2K (graph)
     chunk_tests_k "overlap" 4 70
-    cp "$out/tests-chunk.log" "$out/tests-overlap.log"
     chunk_tests 14 200 $(( $(left) - ${STAGES_S:-130} )) "overlap"  # (STAGES_S=0: no time kept for the rows below)
-    STG=(--shapes default,64x128x8x1,64x128x8x3 --nseg 0 --intra 32x4 --intra-only --forms split+fold)
-    [ "$(left)" -gt 40 ] && timeout $(( $(left) < 85 ? $(left) - 5 : 80 )) python3 benchmarks/tune_chunk.py --T 16384 \
-      "${STG[@]}" --out "$out/tune-chunk-stages-16k.json" > "$out/tune-chunk-stages-16k.log" 2>&1
-    grep -HE "^C=|first call" "$out/tune-chunk-stages-16k.log"
-    [ "$(left)" -gt 30 ] && timeout $(( $(left) - 5 )) python3 benchmarks/tune_chunk.py --T 2048 --graph "${STG[@]}" \
-      --out "$out/tune-chunk-stages-2k.json" > "$out/tune-chunk-stages-2k.log" 2>&1
-    grep -HE "^C=" "$out/tune-chunk-stages-2k.log"
+    stages_rows 80 "$(left)"
     ;;
   63)
     # every chunk-kernel GPU test at the training default with overlap on (after call 62), 14 processes at a time
