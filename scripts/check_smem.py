@@ -51,6 +51,7 @@ def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None, gamma_grad: b
     """Every kernel launch of one forward + backward, as {kernel, args: {name: (type, int value)}, constexprs, opts}.
     ``gamma_grad=False`` freezes the window weight (the forward then skips u, and may take ``one_acc``)."""
     from linearize.ops.triton import chunk
+    from linearize.ops.triton import chunk_gluon as G
     from linearize.ops.triton import chunk_kernels as K
 
     launches: list[dict] = []
@@ -81,9 +82,15 @@ def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None, gamma_grad: b
 
     names = [n for n in dir(K) if n.endswith("_kernel")]
     saved = {n: getattr(K, n) for n in names}
+    # The Gluon kernel (LaunchConfig.gluon_fwd) as the launcher takes it on an H100: the CPU tensors would send it to
+    # the Triton kernel (chunk_gluon.supported).
+    g_saved = (G.supported, getattr(G, "fwd_blocks_wgmma_kernel", None))
     try:
         for n in names:
             setattr(K, n, Recorder(n, saved[n]))
+        if G.gluon is not None:
+            G.supported = lambda q, D, F, BV, C: C == G.BLOCK and max(D, F, BV) <= 128 and q.dtype != torch.float32
+            G.fwd_blocks_wgmma_kernel = Recorder("fwd_blocks_wgmma_kernel", g_saved[1])
         ins = [t.requires_grad_(True) for t in random_inputs(B, T, H, Hkv, D, F, Hf, dtype=dtype)]
         ins[5].requires_grad_(gamma_grad)
         y, _ = chunk.hybrid_attention_triton(*ins[:5], window=W, window_weight=ins[5], config=config)
@@ -91,6 +98,9 @@ def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None, gamma_grad: b
     finally:
         for n in names:
             setattr(K, n, saved[n])
+        G.supported = g_saved[0]
+        if g_saved[1] is not None:
+            G.fwd_blocks_wgmma_kernel = g_saved[1]
     unique = {json.dumps(r, sort_keys=True): r for r in launches}
     return list(unique.values())
 
@@ -100,9 +110,10 @@ def compile_launch(launch: dict, arch: int, num_stages: int | None = None):
     import triton
     from triton.backends.compiler import GPUTarget
 
+    from linearize.ops.triton import chunk_gluon as G
     from linearize.ops.triton import chunk_kernels as K
 
-    fn = getattr(K, launch["kernel"])
+    fn = getattr(K, launch["kernel"], None) or getattr(G, launch["kernel"])
     sig, constexprs, attrs = {}, dict(launch["constexprs"]), {}
     plain = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}  # (chunk_kernels.LENGTH_ARGS)
     for name, (ty, value) in launch["args"].items():
@@ -119,7 +130,10 @@ def compile_launch(launch: dict, arch: int, num_stages: int | None = None):
     for name in constexprs:
         sig[name] = "constexpr"
     sig = {n: sig[n] for n in fn.arg_names}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    source = triton.compiler.ASTSource
+    if launch["kernel"] in G.__dict__:  # (a Gluon kernel: its own front end)
+        from triton.experimental.gluon._runtime import GluonASTSource as source
+    src = source(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     opts = dict(launch["opts"])
     if num_stages is not None:
         opts["num_stages"] = num_stages

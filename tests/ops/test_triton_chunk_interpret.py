@@ -404,6 +404,37 @@ def test_walk_and_register_options_are_checked():
         LaunchConfig(C=64, BV=64, num_warps=4, walk_maxnreg=32)
 
 
+def test_gluon_fwd_is_checked():
+    from linearize.ops.triton.chunk import LaunchConfig
+
+    with pytest.raises(ValueError, match="gluon_fwd=32 must be None, 64 or 128"):
+        LaunchConfig(C=64, BV=64, num_warps=4, split_forward=True, gluon_fwd=32)
+    with pytest.raises(ValueError, match="needs split_forward"):
+        LaunchConfig(C=64, BV=64, num_warps=4, gluon_fwd=64)
+
+
+@inside
+def test_gluon_fwd_falls_back_to_the_triton_kernel_off_hopper():
+    """``LaunchConfig.gluon_fwd`` where the Gluon kernel cannot run (here: the interpreter on CPU; likewise any GPU but
+    sm_90, fp32 inputs, C != 64): the Triton block kernel runs instead, with the same outputs and gradients."""
+    import dataclasses
+
+    from linearize.ops.triton import chunk_gluon
+    from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton
+
+    cfg = LaunchConfig(C=64, BV=64, num_warps=4, nseg=1, C_intra=32, warps_intra=4, split_forward=True,
+                       fold_backward=True, skip_empty=True)
+    q, k, v, pq, pk, g = random_inputs(1, 70, 2, 1, 16, 16, 1, dtype=torch.float32, seed=5)
+    assert not chunk_gluon.supported(q, 16, 16, 64, 64)
+    outs = []
+    for c in (cfg, dataclasses.replace(cfg, gluon_fwd=64)):
+        ins = [x.clone().requires_grad_(True) for x in (q, k, v, pq, pk, g)]
+        y, _ = hybrid_attention_triton(*ins[:5], window=20, window_weight=ins[5], config=c)
+        outs.append((y, *torch.autograd.grad(y.sum(), ins)))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_local_sums_needs_a_walk_it_changes():
     from linearize.ops.triton.chunk import LaunchConfig
 
@@ -479,7 +510,9 @@ def test_a_launch_config_travels_through_the_ops_ints():
                              walk_stages=3, dgamma_in_dq=True, delta_in_dq=True),
                 LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, overlap=True),
                 LaunchConfig(C=64, BV=128, num_warps=8, split_forward=True, fold_backward=True, walk_tile=64,
-                             maxnreg=200, walk_maxnreg=128, overlap=True)):
+                             maxnreg=200, walk_maxnreg=128, overlap=True),
+                *(LaunchConfig(C=64, BV=128, num_warps=8, C_intra=32, warps_intra=4, split_forward=True,
+                               fold_backward=True, overlap=True, gluon_fwd=g) for g in (64, 128))):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

@@ -21,6 +21,7 @@ import torch
 
 from ..common import check_inputs, default_scale, key_mask, window_weight_vector
 from ..state import HybridState
+from . import chunk_gluon as G
 from . import chunk_kernels as K
 
 
@@ -125,6 +126,14 @@ class LaunchConfig:
     # beside overlap (H100 16K 5.989 ms without it, 6.009 with; 2K graph 0.817 / 0.804; one run) and nothing alone
     # (16K 6.126 against 6.103).
     walk_maxnreg: int | None = None
+    # The split forward's block kernel (fwd_blocks) written in Gluon for Hopper (chunk_gluon.py) on value blocks of
+    # this many columns (64 or 128), where chunk_gluon.supported says it can run (sm_90, 16-bit inputs, C = 64, dims
+    # <= 128); elsewhere the Triton kernel. One warpgroup a block of 64 queries, every tile in wgmma's accumulator
+    # layout (each warp owns 16 whole rows): the score tiles reach the next product in registers and the row
+    # statistics stay in a warp, where Triton's mma.sync layout on blocks of 32 (warps [1, 4]) sends both through
+    # shared memory. sm_90 compile, benchmark heads: 255 registers, 368 / 64 B spilled a thread at 128 / 64 value
+    # columns (benchmarks/NOTES-chunk.md). None: off (not yet timed).
+    gluon_fwd: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -165,6 +174,10 @@ class LaunchConfig:
             raise ValueError("LaunchConfig: overlap's walk reads delta before bwd_dq runs; it excludes delta_in_dq")
         if self.delta_in_dq and not self.dgamma_in_dq:
             raise ValueError("LaunchConfig: delta_in_dq needs dgamma_in_dq (else bwd_delta runs anyway, for u)")
+        if self.gluon_fwd not in (None, 64, 128):
+            raise ValueError(f"LaunchConfig: gluon_fwd={self.gluon_fwd} must be None, 64 or 128 (value columns)")
+        if self.gluon_fwd and not self.split_forward:
+            raise ValueError("LaunchConfig: gluon_fwd is the split forward's block kernel; it needs split_forward")
         if self.local_sums and not (self.split_forward or self.fold_backward):
             raise ValueError("LaunchConfig: local_sums changes the chunk-sum walks of split_forward and fold_backward; "
                              "pass one of them too")
@@ -475,14 +488,19 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
         if not local:
             cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
         Ci, wi = cfg.blocks("fwd")
+        bv, kernel, opts = BV, K.fwd_blocks_kernel, dict(num_stages=cfg.num_stages, **_regs(cfg))
+        if cfg.gluon_fwd and G.supported(q, D, F, cfg.gluon_fwd, C):
+            Ci, wi, bv, kernel, opts = G.BLOCK, G.WARPS, value_block(cfg.gluon_fwd, D), G.fwd_blocks_wgmma_kernel, {}
         ni = math.ceil(T / Ci)
-        _launch(K.fwd_blocks_kernel, (ni, B * H, NV),
-            q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, pre_S.to(cs.dtype) if local else pre_S, pre_z, y, u, mx, den, arg,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k), *_strides(y), sM_b,
-            B, T, H, Hf, Gk, GQ, ni, n_per, nwin, W, scale, C,
-            D=D, F=F, BD=BD, BF=BF, BV=BV, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u, SKIP=cfg.skip_empty,
-            LOCAL=local, num_warps=wi, num_stages=cfg.num_stages, **_regs(cfg),
-        )
+        args = (q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, pre_S.to(cs.dtype) if local else pre_S, pre_z, y, u, mx,
+                den, arg, *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k),
+                *_strides(y), sM_b, B, T, H, Hf, Gk, GQ, ni, n_per, nwin, W, scale, C)
+        consts = dict(D=D, F=F, BD=BD, BF=BF, BV=bv, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
+                      SKIP=cfg.skip_empty, LOCAL=local)
+        if kernel is K.fwd_blocks_kernel:
+            _launch(kernel, (ni, B * H, math.ceil(D / bv)), *args, **consts, num_warps=wi, **opts)
+        else:  # (Gluon: no software pipeliner, so no stages to fall back on)
+            kernel[(ni, B * H, math.ceil(D / bv))](*args, **consts, num_warps=wi)
         if not cfg.keeps_chunk_sums:
             cs = cz = None
         return y, (u if store_u else None), mx, den, arg, pre_S, pre_z, cs, cz
@@ -685,20 +703,21 @@ def _cfg(launch) -> LaunchConfig:
                         walk_tile=(None, 16, 32, 64)[flags >> 7 & 3], walk_pairs=bool(flags & 512),
                         walk_stages=(flags >> 10 & 7) or None, maxnreg=(blocks >> 32) & 0xFF or None,
                         dgamma_in_dq=bool(flags & 8192), delta_in_dq=bool(flags & 16384), overlap=bool(flags & 65536),
-                        walk_maxnreg=(blocks >> 40) & 0xFF or None)
+                        walk_maxnreg=(blocks >> 40) & 0xFF or None, gluon_fwd=(None, 64, 128)[flags >> 17 & 3])
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
     2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256:
     walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None), 8192: dgamma_in_dq,
-    16384: delta_in_dq, 65536: overlap; the backward op's also WANT_DGAMMA), C_intra (0: None),
+    16384: delta_in_dq, 65536: overlap, 131072 and 262144: gluon_fwd (0: None, 1: 64, 2: 128); the backward op's
+    also WANT_DGAMMA), C_intra (0: None),
     warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg, walk_maxnreg a byte each, low byte
     first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
              | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile)
              | 512 * int(cfg.walk_pairs) | 1024 * (cfg.walk_stages or 0) | 8192 * int(cfg.dgamma_in_dq)
-             | 16384 * int(cfg.delta_in_dq) | 65536 * int(cfg.overlap))
+             | 16384 * int(cfg.delta_in_dq) | 65536 * int(cfg.overlap) | 131072 * (None, 64, 128).index(cfg.gluon_fwd))
     blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk, cfg.maxnreg,
                                                 cfg.walk_maxnreg), (0, 8, 16, 24, 32, 40)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,

@@ -1,0 +1,232 @@
+"""The split forward's block kernel written in Gluon for Hopper (sm_90): ``fwd_blocks_kernel``'s outputs from
+warpgroup MMA (wgmma) tiles whose layouts are chosen here rather than by Triton.
+
+Why (benchmarks/NOTES-chunk.md, "Why the block kernels wait"): Triton gives ``fwd_blocks_kernel``'s chained products
+on blocks of 32 rows one mma.sync layout with warps [1, 4], so every score tile reaches the next product through
+shared memory and every row statistic (the window max, both sums) is a reduction across warps; on blocks of 64 rows,
+where Triton does use wgmma, its live set spills. Here one warpgroup (4 warps) takes a block of 64 queries and every
+fp32 tile is in wgmma's accumulator layout, in which each warp owns 16 whole rows: a row's max and sums stay within
+its warp, and a score tile becomes the next product's A operand in registers (FlashAttention-3's form). q, phi_q,
+the key tiles and the chunk sums sit in shared memory, where wgmma reads them, so the registers hold only the two
+[64, BV] accumulators and one score tile at a time.
+
+Same math, masks, regions and outputs as ``chunk_kernels.fwd_blocks_kernel`` (see its docstring and the module
+notation there); the launcher (``chunk._chunk_forward``) picks this kernel with ``LaunchConfig.gluon_fwd`` where
+``supported`` says it can run, else the Triton one. Gluon has no CPU interpreter: CPU tests compile it for sm_90
+(tests/ops/test_chunk_gluon.py) and the GPU tests compare its outputs with the reference (tests/gpu/).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk_kernels import LENGTH_ARGS
+
+try:  # (Gluon ships with Triton >= 3.5; the rest of the package works without it)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
+except ImportError:  # pragma: no cover - older Triton
+    gluon = None
+
+#: Rows a program takes: one warpgroup's wgmma tile.
+BLOCK = 64
+WARPS = 4
+
+
+def supported(q: torch.Tensor, D: int, F: int, BV: int, C: int) -> bool:
+    """Whether the Gluon kernel can take this launch: Gluon present, a Hopper GPU (wgmma), 16-bit inputs, the state
+    chunk C one block of 64, head and feature dims (padded) and the value block at most 128 (the registers and
+    shared memory of two programs an SM)."""
+    if gluon is None or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    return C == BLOCK and max(D, F, BV) <= 128
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _tile(ptr, rows, row_ok, stride_t, cols, ncols):
+        """[len(rows), len(cols)] tile of a [.., T, .., X] tensor (last dim contiguous) in the layout of rows / cols;
+        0 outside."""
+        return gl.load(ptr + rows[:, None] * stride_t + cols[None, :],
+                       mask=row_ok[:, None] & (cols[None, :] < ncols), other=0.0)
+
+    @gluon.jit
+    def _to_shared(x, layout: gl.constexpr):
+        """x in shared memory for wgmma, visible to it (the async proxy) from every warp of the program."""
+        s = gl.allocate_shared_memory(x.dtype, x.shape, layout, x)
+        fence_async_shared()
+        gl.thread_barrier()
+        return s
+
+    @gluon.jit
+    def _steps(j_lo, j_hi, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, sPK_t,
+               rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C: gl.constexpr, HAS_MASK: gl.constexpr,
+               DO_WIN: gl.constexpr, DO_LIN: gl.constexpr, mma: gl.constexpr, opa: gl.constexpr):
+        """``chunk_kernels._fwd_window_steps`` over key blocks j_lo <= j < j_hi: the window's online softmax and the
+        near keys' linear terms; DO_WIN / DO_LIN False: that part is neither loaded nor computed."""
+        col: gl.constexpr = gl.SliceLayout(0, mma)
+        for j in range(j_lo, j_hi):
+            e = j * C + rk  # key positions, load layout
+            ok = (e >= 0) & (e < T)
+            if HAS_MASK:
+                ok = ok & (gl.load(M + b * sM_b + e, mask=ok, other=0) != 0)
+            gl.thread_barrier()  # every warp's products have read the previous block's tiles
+            # straight to shared memory (cp.async, zero-filled where masked): no registers held for the tiles
+            rows_ok = ok[:, None]
+            if DO_WIN:
+                async_copy.async_copy_global_to_shared(k_s, Kb + e[:, None] * sK_t + cd[None, :],
+                                                       mask=rows_ok & (cd[None, :] < D))
+            async_copy.async_copy_global_to_shared(v_s, Vb + e[:, None] * sV_t + cv[None, :],
+                                                   mask=rows_ok & (cv[None, :] < D))
+            if DO_LIN:
+                async_copy.async_copy_global_to_shared(pk_s, PKb + e[:, None] * sPK_t + cf[None, :],
+                                                       mask=rows_ok & (cf[None, :] < F))
+            async_copy.commit_group()
+            async_copy.wait_group(0)
+            fence_async_shared()
+            gl.thread_barrier()
+            ec = j * C + gl.arange(0, C, layout=col)
+            k_ok = (ec < T)
+            if HAS_MASK:
+                k_ok = k_ok & (gl.load(M + b * sM_b + ec, mask=k_ok, other=0) != 0)
+            # the masks from the row and column positions where they are used, not held as [C, C] tiles: the two
+            # accumulators take half the registers
+            t2 = tr[:, None]
+            e2 = ec[None, :]
+            zero = gl.zeros([C, C], gl.float32, mma)
+            if DO_WIN:
+                sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
+                # masked to -inf in place, so exp(sc - m) is 0 outside the window: one score tile live, not two
+                sc = gl.where((t2 >= e2) & (t2 - e2 < W) & k_ok[None, :], sc * scale, float("-inf"))
+                tmax = gl.max(sc, 1)
+                # the first key of the row's max (tl.argmax's tie-break)
+                targ = gl.min(gl.where(sc == tmax[:, None], e2, 2147483647), 1)
+                m_new = gl.maximum(m_i, tmax)
+                arg = gl.where(tmax > m_i, targ, arg)
+                m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = gl.exp(m_i - m_safe)
+                p = gl.exp(sc - m_safe[:, None])
+                l_w = l_w * alpha + gl.sum(p, 1)
+                acc_w = warpgroup_mma(gl.convert_layout(p.to(v_s.dtype), opa), v_s, acc_w * alpha[:, None])
+                m_i = m_new
+            if DO_LIN:
+                a = warpgroup_mma(pq_s, pk_s.permute((1, 0)), zero, use_acc=False)
+                a = gl.where((t2 - e2 >= W) & k_ok[None, :], a, 0.0)
+                l_l = l_l + gl.sum(a, 1)
+                acc_l = warpgroup_mma(gl.convert_layout(a.to(v_s.dtype), opa), v_s, acc_l)
+        return acc_w, acc_l, l_w, l_l, m_i, arg
+
+    # (unspecialized on the lengths, as the Triton forward kernels are: chunk_kernels.LENGTH_ARGS)
+    @gluon.jit(do_not_specialize=LENGTH_ARGS)
+    def fwd_blocks_wgmma_kernel(
+        Q, K, V, PQ, PK, M, GAMMA, CS, CZ, PRE_S, PRE_Z, Y, U, MAX, DEN, ARG,
+        sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
+        sY_b, sY_t, sY_h, sM_b,
+        B, T, H, Hf, Gk, GQ, n_chunks, n_per, nwin, W, scale, Cs,
+        D: gl.constexpr, F: gl.constexpr, BD: gl.constexpr, BF: gl.constexpr, BV: gl.constexpr, C: gl.constexpr,
+        HAS_MASK: gl.constexpr, PREC: gl.constexpr, STORE_U: gl.constexpr, SKIP: gl.constexpr = False,
+        LOCAL: gl.constexpr = False,
+    ):
+        """``chunk_kernels.fwd_blocks_kernel`` (same arguments; C = Cs = 64 rows a program, 4 warps; PREC unused:
+        16-bit inputs only)."""
+        gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 rows")
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        opa: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16-byte loads along a row
+        row: gl.constexpr = gl.SliceLayout(1, mma)
+        col: gl.constexpr = gl.SliceLayout(0, mma)
+        brow: gl.constexpr = gl.SliceLayout(1, blk)
+        bcol: gl.constexpr = gl.SliceLayout(0, blk)
+        dt: gl.constexpr = Q.dtype.element_ty
+        sl_d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BD], dt)
+        sl_f: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BF], dt)
+        sl_v: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BV], dt)
+        sl_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BF, BV], dt)
+
+        i = gl.program_id(0)
+        bh = gl.program_id(1)
+        iv = gl.program_id(2)
+        b = bh // H
+        h = bh % H
+        hf = h // GQ
+        hk = hf // Gk
+        c = i * C // Cs
+        rk = gl.arange(0, C, layout=brow)
+        cd = gl.arange(0, BD, layout=bcol)
+        cf = gl.arange(0, BF, layout=bcol)
+        cv = iv * BV + gl.arange(0, BV, layout=bcol)
+        tb = i * C + rk
+        pq = _tile(PQ + b * sPQ_b + h * sPQ_h, tb, tb < T, sPQ_t, cf, F)
+        q_s = _to_shared(_tile(Q + b * sQ_b + h * sQ_h, tb, tb < T, sQ_t, cd, D), sl_d)
+        pq_s = _to_shared(pq, sl_f)
+
+        # The keys before the window's chunks, through the chunk's sums (and its segment's prefix): taken first, so
+        # that their shared tiles are free again for the key blocks.
+        base = (c * B + b) * Hf + hf
+        rs = gl.arange(0, BF, layout=brow)
+        s_ok = (rs[:, None] < F) & (cv[None, :] < D)
+        z = gl.load(CZ + base * F + cf, mask=cf < F, other=0.0)
+        S_s = _to_shared(gl.load(CS + base * F * D + rs[:, None] * D + cv[None, :], mask=s_ok, other=0.0).to(dt), sl_s)
+        acc_l = warpgroup_mma(pq_s, S_s, gl.zeros([C, BV], gl.float32, mma), use_acc=False)
+        if LOCAL:
+            pbase = ((c // n_per) * B + b) * Hf + hf
+            z += gl.load(PRE_Z + pbase * F + cf, mask=cf < F, other=0.0)
+            P_s = _to_shared(gl.load(PRE_S + pbase * F * D + rs[:, None] * D + cv[None, :], mask=s_ok,
+                                     other=0.0).to(dt), sl_s)
+            acc_l = warpgroup_mma(pq_s, P_s, acc_l)
+        l_l = gl.convert_layout(gl.sum(pq.to(gl.float32) * z[None, :], 1), row)
+
+        tr = i * C + gl.arange(0, C, layout=row)
+        m_i = gl.full([C], float("-inf"), gl.float32, row)
+        l_w = gl.zeros([C], gl.float32, row)
+        arg = gl.zeros([C], gl.int32, row)
+        acc_w = gl.zeros([C, BV], gl.float32, mma)
+        k_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+        v_s = gl.allocate_shared_memory(dt, [C, BV], sl_v)
+        pk_s = gl.allocate_shared_memory(dt, [C, BF], sl_f)
+        Kb = K + b * sK_b + hk * sK_h
+        Vb = V + b * sV_b + hk * sV_h
+        PKb = PK + b * sPK_b + hf * sPK_h
+        j_lo = gl.maximum((c - nwin) * (Cs // C), 0)
+        if SKIP:
+            DL = W // C
+            DW = (W + C - 2) // C
+            j_both = gl.minimum(gl.maximum(i - DW, j_lo), i + 1)
+            j_near = gl.minimum(gl.maximum(i - DL + 1, j_both), i + 1)
+            acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
+                j_lo, j_both, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, sPK_t,
+                rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, False, True, mma, opa)
+            acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
+                j_both, j_near, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t,
+                sPK_t, rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, True, True, mma, opa)
+            acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
+                j_near, i + 1, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, sPK_t,
+                rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, True, False, mma, opa)
+        else:
+            acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
+                j_lo, i + 1, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, sPK_t,
+                rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, True, True, mma, opa)
+
+        # chunk_kernels._fwd_store, in the accumulators' layout
+        gam = gl.load(GAMMA + h)
+        den = gam * l_w + l_l
+        ok = den > 0
+        y = gl.where(ok[:, None], (gam * acc_w + acc_l) / gl.where(ok, den, 1.0)[:, None], 0.0)
+        rv = iv * BV + gl.arange(0, BV, layout=col)
+        t_ok = tr < T
+        out_ok = t_ok[:, None] & (rv[None, :] < D)
+        off = b * sY_b + h * sY_h + tr[:, None] * sY_t + rv[None, :]
+        gl.store(Y + off, y.to(dt), mask=out_ok)
+        if STORE_U:
+            inv2 = gl.where(ok, 1.0 / gl.where(ok, den * den, 1.0), 0.0)
+            u = (acc_w * l_l[:, None] - l_w[:, None] * acc_l) * inv2[:, None]
+            gl.store(U + off, u.to(dt), mask=out_ok)
+        if iv == 0:
+            r = (b * H + h) * T + tr
+            gl.store(MAX + r, gl.where(m_i == float("-inf"), 0.0, m_i), mask=t_ok)
+            gl.store(DEN + r, den, mask=t_ok)
+            gl.store(ARG + r, arg, mask=t_ok)
