@@ -31,7 +31,8 @@ whole sequence, with no segment-sum pass and no prefix.
 that many registers a thread (``maxnreg``: 168 lets three programs share an SM at 4 warps); ``g`` / ``gd``: the
 window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or read) / and delta too (``delta_in_dq``: no
 bwd_delta pass); ``ov`` / ``noov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``, the
-training default) or not; ``w128``: the
+training default) or not; ``gl128`` / ``gl64``: the split forward's block kernel in Gluon (Hopper's wgmma, blocks of 64
+rows, ``LaunchConfig.gluon_fwd``) on value blocks of 128 / 64 columns; ``w128``: the
 chunk-sum walks capped at that many registers a thread (``walk_maxnreg``: with ``ov``, so that two walk programs and
 one bwd_dq program fit an SM together).
 
@@ -77,7 +78,8 @@ def label(cfg: LaunchConfig) -> str:
             + (" pairs" if cfg.walk_pairs else "") + (f" walk_stages={cfg.walk_stages}" if cfg.walk_stages else "")
             + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
             + (" dgamma_in_dq" if cfg.dgamma_in_dq else "") + (" delta_in_dq" if cfg.delta_in_dq else "")
-            + (" overlap" if cfg.overlap else "") + (f" walk_maxnreg={cfg.walk_maxnreg}" if cfg.walk_maxnreg else ""))
+            + (" overlap" if cfg.overlap else "") + (f" walk_maxnreg={cfg.walk_maxnreg}" if cfg.walk_maxnreg else "")
+            + (f" gluon_fwd={cfg.gluon_fwd}" if cfg.gluon_fwd else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -183,7 +185,7 @@ def parse_walk_opts(text: str) -> list[dict]:
     4}, {'maxnreg': 168}, {'dgamma_in_dq': True}, {'dgamma_in_dq': True, 'delta_in_dq': True}] (rN: the block
     kernels' register cap, ``LaunchConfig.maxnreg``; wN: the chunk-sum walks', ``walk_maxnreg``; g / gd: the window
     weight's gradient / and delta in bwd_dq (gd turns ``overlap`` off: its walk would read delta before bwd_dq forms
-    it); ov / noov: ``overlap`` on / off)."""
+    it); ov / noov: ``overlap`` on / off; gl128 / gl64: ``gluon_fwd``)."""
     out = []
     for item in filter(None, text.split(",")):
         opts = {}
@@ -202,10 +204,12 @@ def parse_walk_opts(text: str) -> list[dict]:
                     opts["overlap"] = False
             elif part in ("ov", "noov"):
                 opts["overlap"] = part == "ov"
+            elif part in ("gl64", "gl128"):
+                opts["gluon_fwd"] = int(part[2:])
             else:
                 raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
                                  "rN (the block kernels' register cap), wN (the walks'), g / gd (dgamma / and delta "
-                                 "in bwd_dq), ov / noov (overlap on / off)")
+                                 "in bwd_dq), ov / noov (overlap on / off), gl64 / gl128 (the Gluon forward)")
         out.append(opts)
     return out
 
@@ -256,7 +260,8 @@ def main() -> None:
     ap.add_argument("--walk-opts", default="",
                     help="comma list of '+'-joined items, pairs (walk_pairs: two chunks a walk step), s1..s4 (the walks' "
                          "pipeline stages), rN (maxnreg: the block kernels' register cap), wN (walk_maxnreg: the walks'), "
-                         "g (dgamma_in_dq) or gd (dgamma_in_dq + delta_in_dq) or ov / noov (overlap on / off): also "
+                         "g (dgamma_in_dq) or gd (dgamma_in_dq + delta_in_dq) or ov / noov (overlap on / off) or "
+                         "gl128 / gl64 (gluon_fwd: the split forward's block kernel in Gluon): also "
                          "each split + fold "
                          "config with those")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")

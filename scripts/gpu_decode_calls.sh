@@ -78,6 +78,8 @@
 #   bash scripts/gpu_decode_calls.sh 37 SHA  # the 8B base and step at the defaults, then with inductor's multi_kernel and with
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
 #   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
+#   bash scripts/gpu_decode_calls.sh 67 SHA  # the Gluon forward (gluon_fwd): its GPU tests, then tune_chunk gl128 / gl64 at 16K,
+#                                            # 2K and SmolLM2's heads (~330 s)
 #   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
 #   bash scripts/gpu_decode_calls.sh 61 SHA  # overlap (GPU tests, 16K, 2K graph); evaluation's forward one-pass vs split at 16K /
@@ -976,13 +978,22 @@ PY
     # 64 value columns, against the training default (overlap on since call 65)
     eval_and_bv_rows
     ;;
+  67)
+    # not decode: the split forward's block kernel in Gluon (gluon_fwd: wgmma on blocks of 64 at one warpgroup, the
+    # layouts chosen by hand; compiled for sm_90 on the CPU, never run before this call): its 9 GPU test ids (outputs,
+    # states and gradients against the reference; its outputs against the Triton kernel's), then tune_chunk with it on
+    # 128 and 64 value columns beside the training default at 16K (profiled), 2K and SmolLM2's heads (graph), each
+    # row first checked against the default (~330 s)
+    chunk_tests_k "gluon" 5 150
+    tune_opts gluon 110 60 --walk-opts gl128,gl64
+    ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
     SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30)
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 66" >&2; exit 2 ;;
+  *) echo "call must be 1 to 67" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

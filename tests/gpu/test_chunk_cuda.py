@@ -318,6 +318,87 @@ def test_overlap_inside_a_cuda_graph():
         assert torch.isfinite(a).all() and rel_err(a, b) < 1e-3, (name, rel_err(a, b))
 
 
+def _hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+class _Spy:
+    """Counts the launches of a kernel it wraps (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, 0
+
+    def __getitem__(self, grid):
+        self.calls += 1
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def gluon_spy(monkeypatch):
+    """The Gluon forward's launches, counted: a test of it must not pass on the Triton kernel's fallback."""
+    from linearize.ops.triton import chunk_gluon
+
+    if not _hopper():
+        pytest.skip("the Gluon forward uses wgmma: sm_90 only")
+    spy = _Spy(chunk_gluon.fwd_blocks_wgmma_kernel)
+    monkeypatch.setattr(chunk_gluon, "fwd_blocks_wgmma_kernel", spy)
+    return spy
+
+
+@pytest.mark.parametrize("BV", [128, 64])
+@pytest.mark.parametrize("nseg", [None, 5], ids=["default-segments", "5-segments"])
+def test_gluon_fwd(gluon_spy, BV, nseg):
+    """The training default with the split forward's block kernel in Gluon (``gluon_fwd``: wgmma on blocks of 64, one
+    warpgroup), on 128 and 64 value columns, over the default segments and five (local_sums: the kernel adds the
+    segment's prefix): outputs, states and every gradient (through u, the max, the denominator and the arg-max it
+    writes) against the float64 reference in bf16 with padding, on the benchmark's heads (W 64 and 200) and SmolLM2's."""
+    import dataclasses
+
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, gluon_fwd=BV, nseg=nseg))
+    assert gluon_spy.calls == 3
+
+
+_GLUON_GRID = [(torch.bfloat16, 64, 128), (torch.bfloat16, 128, 64), (torch.bfloat16, 80, 96), (torch.float16, 128, 128)]
+
+
+@pytest.mark.parametrize("dtype,D,F", _GLUON_GRID, ids=lambda x: str(x).replace("torch.", ""))
+def test_gluon_fwd_odd_shapes(gluon_spy, dtype, D, F):
+    """The Gluon forward on the kernel grid's T and windows (T < 64, T not a multiple of 64, W = 0 / 1 / 200), head
+    and feature dims under their padded blocks, GQA, fp16: against the float64 reference."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import default_config
+
+    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=128)
+    for T, W in T_W:
+        _check(2, T, 4, 2, D, F, 2, W, dtype, seed=T + W + D, config=cfg)
+    assert gluon_spy.calls == len(T_W)
+
+
+def test_gluon_fwd_writes_what_the_triton_kernel_writes(gluon_spy):
+    """The forward op's outputs (y, u, the row max, denominator and arg-max, the kept chunk sums) from the Gluon kernel
+    against the Triton block kernel's, with padding, at the benchmark's heads and SmolLM2's."""
+    import dataclasses
+
+    from linearize.ops.triton.chunk import _hybrid_chunk_op, _launch_ints, default_config
+
+    for (H, Hkv, D, F, Hf), W in _TRAINING_HEADS:
+        *ins, gamma = (t.cuda() for t in random_inputs(3, 1000, H, Hkv, D, F, Hf, seed=W))
+        ins = [t.to(torch.bfloat16) for t in ins]
+        gamma = gamma.float().contiguous()
+        mask = left_pad_mask(3, 1000, [0, 17, 150]).cuda().to(torch.uint8)
+        cfg = default_config(D, F, training=True)
+        outs = [_hybrid_chunk_op(*ins, gamma, mask, None, None, W, D ** -0.5, *_launch_ints(c), True)
+                for c in (cfg, dataclasses.replace(cfg, gluon_fwd=128))]
+        (y0, u0, m0, d0, a0, *rest0), (y1, u1, m1, d1, a1, *rest1) = outs
+        assert rel_err(y1, y0) < 1e-2 and rel_err(u1, u0) < 1e-2
+        assert rel_err(m1, m0) < 1e-5 and rel_err(d1, d0) < 1e-3
+        assert (a1 == a0).float().mean() > 0.999  # (near-ties may differ: the scores' fp32 sums differ in order)
+        for a, b in zip(rest1, rest0):
+            assert torch.equal(a, b)  # (the same walk wrote them)
+    assert gluon_spy.calls == len(_TRAINING_HEADS)
+
+
 def test_value_blocks_narrower_than_the_chunk_are_refused():
     """C=64, BV=32 is miscompiled by Triton 3.6 on sm_90 (sweep of 2026-12-03): refused before launch."""
     from linearize.ops.triton.chunk import LaunchConfig, hybrid_attention_triton

@@ -63,48 +63,59 @@ if gluon is not None:
         return s
 
     @gluon.jit
-    def _steps(j_lo, j_hi, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, sPK_t,
-               rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C: gl.constexpr, HAS_MASK: gl.constexpr,
-               DO_WIN: gl.constexpr, DO_LIN: gl.constexpr, mma: gl.constexpr, opa: gl.constexpr):
-        """``chunk_kernels._fwd_window_steps`` over key blocks j_lo <= j < j_hi: the window's online softmax and the
-        near keys' linear terms; DO_WIN / DO_LIN False: that part is neither loaded nor computed."""
+    def _steps(j_lo, j_both, j_near, j_hi, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t,
+               sV_t, sPK_t, rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C: gl.constexpr,
+               HAS_MASK: gl.constexpr, mma: gl.constexpr, opa: gl.constexpr):
+        """``chunk_kernels._fwd_window`` over key blocks j_lo <= j < j_hi: the near keys' linear terms where
+        j < j_near and the window's online softmax where j >= j_both (``_key_regions``; the part a block has no
+        pair for is neither loaded nor computed). One loop with the parts under branches, where the Triton kernel
+        runs three loops (for its software pipeliner, which Gluon does not have): three loops' hoisted address
+        tiles held at once spilled 224 B a thread (sm_90, D = F = 128), one loop none of its own."""
         col: gl.constexpr = gl.SliceLayout(0, mma)
         for j in range(j_lo, j_hi):
+            do_win = j >= j_both
+            do_lin = j < j_near
             e = j * C + rk  # key positions, load layout
-            ok = (e >= 0) & (e < T)
+            ok = e < T
             if HAS_MASK:
                 ok = ok & (gl.load(M + b * sM_b + e, mask=ok, other=0) != 0)
             gl.thread_barrier()  # every warp's products have read the previous block's tiles
             # straight to shared memory (cp.async, zero-filled where masked): no registers held for the tiles
             rows_ok = ok[:, None]
-            if DO_WIN:
+            if do_win:
                 async_copy.async_copy_global_to_shared(k_s, Kb + e[:, None] * sK_t + cd[None, :],
                                                        mask=rows_ok & (cd[None, :] < D))
             async_copy.async_copy_global_to_shared(v_s, Vb + e[:, None] * sV_t + cv[None, :],
                                                    mask=rows_ok & (cv[None, :] < D))
-            if DO_LIN:
+            if do_lin:
                 async_copy.async_copy_global_to_shared(pk_s, PKb + e[:, None] * sPK_t + cf[None, :],
                                                        mask=rows_ok & (cf[None, :] < F))
             async_copy.commit_group()
             async_copy.wait_group(0)
             fence_async_shared()
             gl.thread_barrier()
-            ec = j * C + gl.arange(0, C, layout=col)
-            k_ok = (ec < T)
+            cc = gl.arange(0, C, layout=col)
+            ec = j * C + cc
+            k_ok = ec < T
             if HAS_MASK:
                 k_ok = k_ok & (gl.load(M + b * sM_b + ec, mask=k_ok, other=0) != 0)
-            # the masks from the row and column positions where they are used, not held as [C, C] tiles: the two
-            # accumulators take half the registers
+            # the masks from the row and column positions where they are used, not held as [C, C] tiles
             t2 = tr[:, None]
             e2 = ec[None, :]
             zero = gl.zeros([C, C], gl.float32, mma)
-            if DO_WIN:
+            # (the linear part first: its tiles are dead before the window's are formed; the other order spilled)
+            if do_lin:
+                a = warpgroup_mma(pq_s, pk_s.permute((1, 0)), zero, use_acc=False)
+                a = gl.where((t2 - e2 >= W) & k_ok[None, :], a, 0.0)
+                l_l = l_l + gl.sum(a, 1)
+                acc_l = warpgroup_mma(gl.convert_layout(a.to(v_s.dtype), opa), v_s, acc_l)
+            if do_win:
                 sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
                 # masked to -inf in place, so exp(sc - m) is 0 outside the window: one score tile live, not two
                 sc = gl.where((t2 >= e2) & (t2 - e2 < W) & k_ok[None, :], sc * scale, float("-inf"))
                 tmax = gl.max(sc, 1)
                 # the first key of the row's max (tl.argmax's tie-break)
-                targ = gl.min(gl.where(sc == tmax[:, None], e2, 2147483647), 1)
+                targ = gl.min(gl.where(sc == tmax[:, None], cc[None, :], C), 1) + j * C
                 m_new = gl.maximum(m_i, tmax)
                 arg = gl.where(tmax > m_i, targ, arg)
                 m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
@@ -113,11 +124,6 @@ if gluon is not None:
                 l_w = l_w * alpha + gl.sum(p, 1)
                 acc_w = warpgroup_mma(gl.convert_layout(p.to(v_s.dtype), opa), v_s, acc_w * alpha[:, None])
                 m_i = m_new
-            if DO_LIN:
-                a = warpgroup_mma(pq_s, pk_s.permute((1, 0)), zero, use_acc=False)
-                a = gl.where((t2 - e2 >= W) & k_ok[None, :], a, 0.0)
-                l_l = l_l + gl.sum(a, 1)
-                acc_l = warpgroup_mma(gl.convert_layout(a.to(v_s.dtype), opa), v_s, acc_l)
         return acc_w, acc_l, l_w, l_l, m_i, arg
 
     # (unspecialized on the lengths, as the Triton forward kernels are: chunk_kernels.LENGTH_ARGS)
@@ -138,7 +144,6 @@ if gluon is not None:
         opa: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
         blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16-byte loads along a row
         row: gl.constexpr = gl.SliceLayout(1, mma)
-        col: gl.constexpr = gl.SliceLayout(0, mma)
         brow: gl.constexpr = gl.SliceLayout(1, blk)
         bcol: gl.constexpr = gl.SliceLayout(0, blk)
         dt: gl.constexpr = Q.dtype.element_ty
@@ -192,39 +197,30 @@ if gluon is not None:
         Vb = V + b * sV_b + hk * sV_h
         PKb = PK + b * sPK_b + hf * sPK_h
         j_lo = gl.maximum((c - nwin) * (Cs // C), 0)
-        if SKIP:
-            DL = W // C
-            DW = (W + C - 2) // C
-            j_both = gl.minimum(gl.maximum(i - DW, j_lo), i + 1)
-            j_near = gl.minimum(gl.maximum(i - DL + 1, j_both), i + 1)
-            acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
-                j_lo, j_both, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, sPK_t,
-                rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, False, True, mma, opa)
-            acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
-                j_both, j_near, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t,
-                sPK_t, rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, True, True, mma, opa)
-            acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
-                j_near, i + 1, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, sPK_t,
-                rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, True, False, mma, opa)
-        else:
-            acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
-                j_lo, i + 1, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, sPK_t,
-                rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, True, True, mma, opa)
+        j_both = j_lo
+        j_near = i + 1
+        if SKIP:  # chunk_kernels._key_regions
+            j_both = gl.minimum(gl.maximum(i - (W + C - 2) // C, j_lo), i + 1)
+            j_near = gl.minimum(gl.maximum(i - W // C + 1, j_both), i + 1)
+        acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
+            j_lo, j_both, j_near, i + 1, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t,
+            sV_t, sPK_t, rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, mma, opa)
 
         # chunk_kernels._fwd_store, in the accumulators' layout
         gam = gl.load(GAMMA + h)
         den = gam * l_w + l_l
         ok = den > 0
         y = gl.where(ok[:, None], (gam * acc_w + acc_l) / gl.where(ok, den, 1.0)[:, None], 0.0)
-        rv = iv * BV + gl.arange(0, BV, layout=col)
-        t_ok = tr < T
-        out_ok = t_ok[:, None] & (rv[None, :] < D)
-        off = b * sY_b + h * sY_h + tr[:, None] * sY_t + rv[None, :]
-        gl.store(Y + off, y.to(dt), mask=out_ok)
+        # Stored from the load layout (16-byte vectors along a row): from the accumulators' layout a warp's store
+        # would touch 8 rows 4 bytes a thread; Gluon does not coalesce stores itself, as Triton does.
+        out_ok = (tb[:, None] < T) & (cv[None, :] < D)
+        off = b * sY_b + h * sY_h + tb[:, None] * sY_t + cv[None, :]
+        gl.store(Y + off, gl.convert_layout(y.to(dt), blk), mask=out_ok)
         if STORE_U:
             inv2 = gl.where(ok, 1.0 / gl.where(ok, den * den, 1.0), 0.0)
             u = (acc_w * l_l[:, None] - l_w[:, None] * acc_l) * inv2[:, None]
-            gl.store(U + off, u.to(dt), mask=out_ok)
+            gl.store(U + off, gl.convert_layout(u.to(dt), blk), mask=out_ok)
+        t_ok = tr < T
         if iv == 0:
             r = (b * H + h) * T + tr
             gl.store(MAX + r, gl.where(m_i == float("-inf"), 0.0, m_i), mask=t_ok)
