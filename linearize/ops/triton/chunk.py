@@ -131,8 +131,9 @@ class LaunchConfig:
     # <= 128); elsewhere the Triton kernel. One warpgroup a block of 64 queries, every tile in wgmma's accumulator
     # layout (each warp owns 16 whole rows): the score tiles reach the next product in registers and the row
     # statistics stay in a warp, where Triton's mma.sync layout on blocks of 32 (warps [1, 4]) sends both through
-    # shared memory. sm_90 compile, benchmark heads: 255 registers, 368 / 64 B spilled a thread at 128 / 64 value
-    # columns (benchmarks/NOTES-chunk.md). None: off (not yet timed).
+    # shared memory. sm_90 compile (tests/ops/test_chunk_gluon_compile.py), no spill: 255 / 229 registers a thread at
+    # the benchmark heads on 128 / 64 value columns, 219 at SmolLM2's, 80 KB of shared memory (two programs an SM).
+    # None: off (never run on a GPU yet: gpu_decode_calls.sh 67 tests and times it).
     gluon_fwd: int | None = None
 
     def blocks(self, kernel: str) -> tuple[int, int]:

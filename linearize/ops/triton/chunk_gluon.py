@@ -7,13 +7,16 @@ shared memory and every row statistic (the window max, both sums) is a reduction
 where Triton does use wgmma, its live set spills. Here one warpgroup (4 warps) takes a block of 64 queries and every
 fp32 tile is in wgmma's accumulator layout, in which each warp owns 16 whole rows: a row's max and sums stay within
 its warp, and a score tile becomes the next product's A operand in registers (FlashAttention-3's form). q, phi_q,
-the key tiles and the chunk sums sit in shared memory, where wgmma reads them, so the registers hold only the two
-[64, BV] accumulators and one score tile at a time.
+the key tiles and the chunk sums sit in shared memory, where wgmma reads them (the key tiles copied there by cp.async,
+which holds no registers), so the registers hold only the two [64, BV] accumulators and one score tile at a time.
+sm_90 compile: 255 registers a thread at D = F = BV = 128, 229 at BV = 64, 219 at SmolLM2's heads, no spill, 80 KB of
+shared memory: two programs an SM.
 
 Same math, masks, regions and outputs as ``chunk_kernels.fwd_blocks_kernel`` (see its docstring and the module
 notation there); the launcher (``chunk._chunk_forward``) picks this kernel with ``LaunchConfig.gluon_fwd`` where
 ``supported`` says it can run, else the Triton one. Gluon has no CPU interpreter: CPU tests compile it for sm_90
-(tests/ops/test_chunk_gluon.py) and the GPU tests compare its outputs with the reference (tests/gpu/).
+(tests/ops/test_chunk_gluon_compile.py) and the GPU tests compare its outputs with the reference and with the
+Triton kernel's (tests/gpu/test_chunk_cuda.py -k gluon).
 """
 
 from __future__ import annotations
