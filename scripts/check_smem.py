@@ -82,15 +82,17 @@ def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None, gamma_grad: b
 
     names = [n for n in dir(K) if n.endswith("_kernel")]
     saved = {n: getattr(K, n) for n in names}
-    # The Gluon kernel (LaunchConfig.gluon_fwd) as the launcher takes it on an H100: the CPU tensors would send it to
-    # the Triton kernel (chunk_gluon.supported).
-    g_saved = (G.supported, getattr(G, "fwd_blocks_wgmma_kernel", None))
+    # The Gluon kernels (LaunchConfig.gluon_fwd, gluon_dq) as the launcher takes them on an H100: the CPU tensors would
+    # send it to the Triton kernels (chunk_gluon.supported).
+    g_names = [n for n in dir(G) if n.endswith("_kernel")]
+    g_saved = (G.supported, {n: getattr(G, n) for n in g_names})
     try:
         for n in names:
             setattr(K, n, Recorder(n, saved[n]))
         if G.gluon is not None:
             G.supported = lambda q, D, F, BV, C: C == G.BLOCK and max(D, F, BV) <= 128 and q.dtype != torch.float32
-            G.fwd_blocks_wgmma_kernel = Recorder("fwd_blocks_wgmma_kernel", g_saved[1])
+            for n in g_names:
+                setattr(G, n, Recorder(n, g_saved[1][n]))
         ins = [t.requires_grad_(True) for t in random_inputs(B, T, H, Hkv, D, F, Hf, dtype=dtype)]
         ins[5].requires_grad_(gamma_grad)
         y, _ = chunk.hybrid_attention_triton(*ins[:5], window=W, window_weight=ins[5], config=config)
@@ -99,8 +101,8 @@ def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None, gamma_grad: b
         for n in names:
             setattr(K, n, saved[n])
         G.supported = g_saved[0]
-        if g_saved[1] is not None:
-            G.fwd_blocks_wgmma_kernel = g_saved[1]
+        for n, fn in g_saved[1].items():
+            setattr(G, n, fn)
     unique = {json.dumps(r, sort_keys=True): r for r in launches}
     return list(unique.values())
 

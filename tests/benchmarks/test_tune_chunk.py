@@ -139,9 +139,13 @@ def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
                     walk_opts=parse_walk_opts("gd"))
     assert gd[1].dgamma_in_dq and gd[1].delta_in_dq and label(gd[1]).endswith(" dgamma_in_dq delta_in_dq")
     assert base.overlap and not gd[1].overlap  # (overlap's walk reads delta before bwd_dq: gd turns it off)
-    assert parse_walk_opts("gl128,gl64+noov") == [{"gluon_fwd": 128}, {"gluon_fwd": 64, "overlap": False}]
+    assert parse_walk_opts("gl128,gl64+noov,gl128+gdq") == [{"gluon_fwd": 128}, {"gluon_fwd": 64, "overlap": False},
+                                                            {"gluon_fwd": 128, "gluon_dq": True}]
     gl = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
                     walk_opts=parse_walk_opts("gl128"))
     assert gl[1].gluon_fwd == 128 and label(gl[1]).endswith(" overlap gluon_fwd=128")
+    gdq = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
+                     walk_opts=parse_walk_opts("gdq"))
+    assert gdq[1].gluon_dq and label(gdq[1]).endswith(" overlap gluon_dq")
     with pytest.raises(SystemExit, match="walk-opts"):
         parse_walk_opts("pairs+s9")

@@ -1,7 +1,8 @@
-"""The Gluon forward (``linearize/ops/triton/chunk_gluon.py``), compiled ahead of time for sm_90 on this CPU machine
-(Gluon has no interpreter; its outputs are tested on the GPU, tests/gpu/test_chunk_cuda.py -k gluon): the launcher
-picks it where ``LaunchConfig.gluon_fwd`` asks, and the binary is what it was written to be: warpgroup MMA only,
-two programs an SM by shared memory and registers, and no spill at the benchmark's and the real models' heads."""
+"""The Gluon kernels (``linearize/ops/triton/chunk_gluon.py``: the split forward's block kernel, bwd_dq), compiled
+ahead of time for sm_90 on this CPU machine (Gluon has no interpreter; their outputs are tested on the GPU,
+tests/gpu/test_chunk_cuda.py -k gluon): the launcher picks them where ``LaunchConfig.gluon_fwd`` / ``gluon_dq`` ask,
+and the binaries are what they were written to be: warpgroup MMA only, two programs an SM by shared memory and
+registers, and no spill at the benchmark's and the real models' heads."""
 
 import dataclasses
 import sys
@@ -21,7 +22,7 @@ HEADS = [("bench", 2, 700, 4, 4, 128, 128, 4, 64), ("smollm2", 2, 700, 9, 3, 64,
          ("qwen2.5", 2, 700, 14, 2, 64, 128, 2, 64)]
 
 
-def _gluon_launches(shape, gluon_fwd):
+def _gluon_launches(shape, gluon_fwd, kernel="fwd_blocks_wgmma_kernel"):
     import check_smem
 
     from linearize.ops.triton import chunk_gluon
@@ -30,11 +31,12 @@ def _gluon_launches(shape, gluon_fwd):
     if chunk_gluon.gluon is None:
         pytest.skip("this Triton has no Gluon")
     D, F = shape[4], shape[5]
-    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=gluon_fwd)
+    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=gluon_fwd, gluon_dq=True)
     launches = check_smem.record_launches(*shape, torch.bfloat16, config=cfg)
     kernels = [r["kernel"] for r in launches]
-    assert "fwd_blocks_wgmma_kernel" in kernels and "fwd_blocks_kernel" not in kernels
-    return [r for r in launches if r["kernel"] == "fwd_blocks_wgmma_kernel"]
+    assert {"fwd_blocks_wgmma_kernel", "bwd_dq_wgmma_kernel"} <= set(kernels)
+    assert "fwd_blocks_kernel" not in kernels and "bwd_dq_kernel" not in kernels
+    return [r for r in launches if r["kernel"] == kernel]
 
 
 @pytest.mark.parametrize("gluon_fwd", [128, 64])
@@ -53,13 +55,27 @@ def test_gluon_forward_compiles_to_wgmma_without_spills(heads, gluon_fwd):
     assert use.get("STACK", 0) + use.get("LOCAL", 0) == 0
 
 
+@pytest.mark.parametrize("heads", HEADS, ids=[h[0] for h in HEADS])
+def test_gluon_bwd_dq_compiles_to_wgmma_without_spills(heads):
+    import check_smem
+
+    (launch,) = _gluon_launches(heads[1:], 128, "bwd_dq_wgmma_kernel")
+    kernel = check_smem.compile_launch(launch, 90)
+    ptx = kernel.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx
+    use = check_smem.resource_usage(kernel)
+    assert use["REG"] <= 255 and 2 * kernel.metadata.shared <= check_smem.H100_SMEM
+    assert use.get("STACK", 0) + use.get("LOCAL", 0) == 0
+
+
 def test_gluon_forward_with_padding_and_segment_prefixes_compiles():
     """The kernel's other branches (a key mask, the segment prefix of local_sums) compile for sm_90 and fit two
     programs an SM (spills are allowed there: a mask costs 8 B a thread at the benchmark heads)."""
     import check_smem
 
-    (launch,) = _gluon_launches(HEADS[0][1:], 128)
-    launch = dict(launch, constexprs=dict(launch["constexprs"], HAS_MASK=True, LOCAL=True))
-    kernel = check_smem.compile_launch(launch, 90)
-    assert kernel.asm["ptx"].count("wgmma.mma_async") > 0 and 2 * kernel.metadata.shared <= check_smem.H100_SMEM
-    assert check_smem.resource_usage(kernel)["REG"] <= 255
+    for name in ("fwd_blocks_wgmma_kernel", "bwd_dq_wgmma_kernel"):
+        (launch,) = _gluon_launches(HEADS[0][1:], 128, name)
+        launch = dict(launch, constexprs=dict(launch["constexprs"], HAS_MASK=True, LOCAL=True))
+        kernel = check_smem.compile_launch(launch, 90)
+        assert kernel.asm["ptx"].count("wgmma.mma_async") > 0 and 2 * kernel.metadata.shared <= check_smem.H100_SMEM
+        assert check_smem.resource_usage(kernel)["REG"] <= 255

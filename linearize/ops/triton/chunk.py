@@ -21,7 +21,7 @@ import torch
 
 from ..common import check_inputs, default_scale, key_mask, window_weight_vector
 from ..state import HybridState
-from . import chunk_gluon as G
+from . import chunk_gluon as KG
 from . import chunk_kernels as K
 
 
@@ -135,6 +135,10 @@ class LaunchConfig:
     # the benchmark heads on 128 / 64 value columns, 219 at SmolLM2's, 80 KB of shared memory (two programs an SM).
     # None: off (never run on a GPU yet: gpu_decode_calls.sh 67 tests and times it).
     gluon_fwd: int | None = None
+    # The folded backward's bwd_dq written in Gluon the same way (chunk_gluon.bwd_dq_wgmma_kernel: blocks of 64, one
+    # warpgroup; the chunk sums' part of dphi_q before the key loop), where chunk_gluon.supported says it can run and
+    # neither dgamma_in_dq nor delta_in_dq asks bwd_dq for more; elsewhere the Triton kernel. Off (never run on a GPU).
+    gluon_dq: bool = False
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -177,6 +181,8 @@ class LaunchConfig:
             raise ValueError("LaunchConfig: delta_in_dq needs dgamma_in_dq (else bwd_delta runs anyway, for u)")
         if self.gluon_fwd not in (None, 64, 128):
             raise ValueError(f"LaunchConfig: gluon_fwd={self.gluon_fwd} must be None, 64 or 128 (value columns)")
+        if self.gluon_dq and not self.fold_backward:
+            raise ValueError("LaunchConfig: gluon_dq is the folded backward's bwd_dq; it needs fold_backward")
         if self.gluon_fwd and not self.split_forward:
             raise ValueError("LaunchConfig: gluon_fwd is the split forward's block kernel; it needs split_forward")
         if self.local_sums and not (self.split_forward or self.fold_backward):
@@ -490,8 +496,8 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
             cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
         Ci, wi = cfg.blocks("fwd")
         bv, kernel, opts = BV, K.fwd_blocks_kernel, dict(num_stages=cfg.num_stages, **_regs(cfg))
-        if cfg.gluon_fwd and G.supported(q, D, F, cfg.gluon_fwd, C):
-            Ci, wi, bv, kernel, opts = G.BLOCK, G.WARPS, value_block(cfg.gluon_fwd, D), G.fwd_blocks_wgmma_kernel, {}
+        if cfg.gluon_fwd and KG.supported(q, D, F, cfg.gluon_fwd, C):
+            Ci, wi, bv, kernel, opts = KG.BLOCK, KG.WARPS, value_block(cfg.gluon_fwd, D), KG.fwd_blocks_wgmma_kernel, {}
         ni = math.ceil(T / Ci)
         args = (q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, pre_S.to(cs.dtype) if local else pre_S, pre_z, y, u, mx,
                 den, arg, *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k),
@@ -608,13 +614,19 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         sums = dstates(side)
     if delta_here:
         assert y.stride() == dy.stride(), "bwd_dq reads y with dy's strides"  # (both contiguous [B, T, H, D])
-    _launch(K.bwd_dq_kernel, (ni, B * H),
-        q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz,
-        pre_S.to(cs.dtype) if local else pre_S, pre_z, y, dgam, *strides_in,  # (.to: a no-op where the forward kept it low)
-        B, T, H, Hf, G, GQ, ni, n_per, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec,
-        FOLD=fold, SKIP=cfg.skip_empty, LOCAL=local, DGAM=in_dq, DELTA_HERE=delta_here, **dict(kw, num_warps=wi),
-        **_regs(cfg),
-    )
+    gluon_dq = cfg.gluon_dq and fold and not in_dq and not delta_here and KG.supported(q, D, F, D, C)
+    if gluon_dq:
+        Ci, wi = KG.BLOCK, KG.WARPS
+        ni = math.ceil(T / Ci)
+    dq_args = (q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, dq, dpq, corr, cs, cz,
+               pre_S.to(cs.dtype) if local else pre_S, pre_z, y, dgam, *strides_in,  # (.to: a no-op where kept low)
+               B, T, H, Hf, G, GQ, ni, n_per, nwin, W, scale, C)
+    dq_consts = dict(D=D, F=F, BD=BD, BF=BF, C=Ci, HAS_MASK=has_mask, PREC=prec, FOLD=fold, SKIP=cfg.skip_empty,
+                     LOCAL=local, DGAM=in_dq, DELTA_HERE=delta_here)
+    if gluon_dq:
+        KG.bwd_dq_wgmma_kernel[(ni, B * H)](*dq_args, **dq_consts, num_warps=wi)
+    else:
+        _launch(K.bwd_dq_kernel, (ni, B * H), *dq_args, **dq_consts, **dict(kw, num_warps=wi), **_regs(cfg))
     del cs, cz
     dk_b = _empty(B, T, Hf, D, dtype=k.dtype if Gk == 1 else f32, device=dev)
 
@@ -704,21 +716,24 @@ def _cfg(launch) -> LaunchConfig:
                         walk_tile=(None, 16, 32, 64)[flags >> 7 & 3], walk_pairs=bool(flags & 512),
                         walk_stages=(flags >> 10 & 7) or None, maxnreg=(blocks >> 32) & 0xFF or None,
                         dgamma_in_dq=bool(flags & 8192), delta_in_dq=bool(flags & 16384), overlap=bool(flags & 65536),
-                        walk_maxnreg=(blocks >> 40) & 0xFF or None, gluon_fwd=(None, 64, 128)[flags >> 17 & 3])
+                        walk_maxnreg=(blocks >> 40) & 0xFF or None, gluon_fwd=(None, 64, 128)[flags >> 17 & 3],
+                        gluon_dq=bool(flags & 524288))
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
     2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256:
     walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None), 8192: dgamma_in_dq,
-    16384: delta_in_dq, 65536: overlap, 131072 and 262144: gluon_fwd (0: None, 1: 64, 2: 128); the backward op's
+    16384: delta_in_dq, 65536: overlap, 131072 and 262144: gluon_fwd (0: None, 1: 64, 2: 128), 524288: gluon_dq;
+    the backward op's
     also WANT_DGAMMA), C_intra (0: None),
     warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg, walk_maxnreg a byte each, low byte
     first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
              | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile)
              | 512 * int(cfg.walk_pairs) | 1024 * (cfg.walk_stages or 0) | 8192 * int(cfg.dgamma_in_dq)
-             | 16384 * int(cfg.delta_in_dq) | 65536 * int(cfg.overlap) | 131072 * (None, 64, 128).index(cfg.gluon_fwd))
+             | 16384 * int(cfg.delta_in_dq) | 65536 * int(cfg.overlap) | 131072 * (None, 64, 128).index(cfg.gluon_fwd)
+             | 524288 * int(cfg.gluon_dq))
     blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk, cfg.maxnreg,
                                                 cfg.walk_maxnreg), (0, 8, 16, 24, 32, 40)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,

@@ -66,6 +66,30 @@ if gluon is not None:
         return s
 
     @gluon.jit
+    def _copy_key_block(k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, e, T, sK_t, sV_t, sPK_t, cd, cv, cf, D, F, do_k, do_pk,
+                        HAS_MASK: gl.constexpr):
+        """Key rows e's k (do_k), v and phi_k (do_pk) tiles into their shared buffers, straight from global memory
+        (cp.async, zero-filled where masked: no registers held for the tiles), waited for and visible to wgmma from
+        every warp. Waits first for every warp to be done with the buffers' previous tiles."""
+        ok = e < T
+        if HAS_MASK:
+            ok = ok & (gl.load(M + b * sM_b + e, mask=ok, other=0) != 0)
+        gl.thread_barrier()
+        rows_ok = ok[:, None]
+        if do_k:
+            async_copy.async_copy_global_to_shared(k_s, Kb + e[:, None] * sK_t + cd[None, :],
+                                                   mask=rows_ok & (cd[None, :] < D))
+        async_copy.async_copy_global_to_shared(v_s, Vb + e[:, None] * sV_t + cv[None, :],
+                                               mask=rows_ok & (cv[None, :] < D))
+        if do_pk:
+            async_copy.async_copy_global_to_shared(pk_s, PKb + e[:, None] * sPK_t + cf[None, :],
+                                                   mask=rows_ok & (cf[None, :] < F))
+        async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
     def _steps(j_lo, j_both, j_near, j_hi, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t,
                sV_t, sPK_t, rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C: gl.constexpr,
                HAS_MASK: gl.constexpr, mma: gl.constexpr, opa: gl.constexpr):
@@ -78,44 +102,33 @@ if gluon is not None:
         for j in range(j_lo, j_hi):
             do_win = j >= j_both
             do_lin = j < j_near
-            e = j * C + rk  # key positions, load layout
-            ok = e < T
-            if HAS_MASK:
-                ok = ok & (gl.load(M + b * sM_b + e, mask=ok, other=0) != 0)
-            gl.thread_barrier()  # every warp's products have read the previous block's tiles
-            # straight to shared memory (cp.async, zero-filled where masked): no registers held for the tiles
-            rows_ok = ok[:, None]
-            if do_win:
-                async_copy.async_copy_global_to_shared(k_s, Kb + e[:, None] * sK_t + cd[None, :],
-                                                       mask=rows_ok & (cd[None, :] < D))
-            async_copy.async_copy_global_to_shared(v_s, Vb + e[:, None] * sV_t + cv[None, :],
-                                                   mask=rows_ok & (cv[None, :] < D))
-            if do_lin:
-                async_copy.async_copy_global_to_shared(pk_s, PKb + e[:, None] * sPK_t + cf[None, :],
-                                                       mask=rows_ok & (cf[None, :] < F))
-            async_copy.commit_group()
-            async_copy.wait_group(0)
-            fence_async_shared()
-            gl.thread_barrier()
+            _copy_key_block(k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, j * C + rk, T, sK_t, sV_t, sPK_t, cd, cv, cf, D, F,
+                            do_win, do_lin, HAS_MASK)
             cc = gl.arange(0, C, layout=col)
             ec = j * C + cc
-            k_ok = ec < T
+            # Keys past the end need no mask of their own: for the rows that are stored (t < T <= e) t - e < 0, in
+            # neither set. (A [C] mask held for them cost 16 registers a thread.)
             if HAS_MASK:
-                k_ok = k_ok & (gl.load(M + b * sM_b + ec, mask=k_ok, other=0) != 0)
+                k_ok = gl.load(M + b * sM_b + ec, mask=ec < T, other=0) != 0
             # the masks from the row and column positions where they are used, not held as [C, C] tiles
-            t2 = tr[:, None]
             e2 = ec[None, :]
             zero = gl.zeros([C, C], gl.float32, mma)
             # (the linear part first: its tiles are dead before the window's are formed; the other order spilled)
             if do_lin:
                 a = warpgroup_mma(pq_s, pk_s.permute((1, 0)), zero, use_acc=False)
-                a = gl.where((t2 - e2 >= W) & k_ok[None, :], a, 0.0)
+                lin = e2 <= (tr - W)[:, None]  # t - e >= W
+                if HAS_MASK:
+                    lin = lin & k_ok[None, :]
+                a = gl.where(lin, a, 0.0)
                 l_l = l_l + gl.sum(a, 1)
                 acc_l = warpgroup_mma(gl.convert_layout(a.to(v_s.dtype), opa), v_s, acc_l)
             if do_win:
                 sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
                 # masked to -inf in place, so exp(sc - m) is 0 outside the window: one score tile live, not two
-                sc = gl.where((t2 >= e2) & (t2 - e2 < W) & k_ok[None, :], sc * scale, float("-inf"))
+                win = (e2 <= tr[:, None]) & (e2 > (tr - W)[:, None])  # 0 <= t - e < W
+                if HAS_MASK:
+                    win = win & k_ok[None, :]
+                sc = gl.where(win, sc * scale, float("-inf"))
                 tmax = gl.max(sc, 1)
                 # the first key of the row's max (tl.argmax's tie-break)
                 targ = gl.min(gl.where(sc == tmax[:, None], cc[None, :], C), 1) + j * C
@@ -229,3 +242,152 @@ if gluon is not None:
             gl.store(MAX + r, gl.where(m_i == float("-inf"), 0.0, m_i), mask=t_ok)
             gl.store(DEN + r, den, mask=t_ok)
             gl.store(ARG + r, arg, mask=t_ok)
+
+    @gluon.jit
+    def _dq_lin_steps(j_lo, j_hi, dy_s, v_s, pk_s, Vb, PKb, M, b, sM_b, tr, W, T, sV_t, sPK_t, rk, cd, cf, D, F,
+                      delta, inv, dpq, C: gl.constexpr, HAS_MASK: gl.constexpr, mma: gl.constexpr, opa: gl.constexpr):
+        """``chunk_kernels._bwd_dq_steps``' linear part over key blocks j_lo <= j < j_hi (those with linear pairs):
+        dphi_q += dw phi_k over the linear pairs, dw = (dy . v - delta) / den."""
+        col: gl.constexpr = gl.SliceLayout(0, mma)
+        for j in range(j_lo, j_hi):
+            _copy_key_block(v_s, v_s, pk_s, Vb, Vb, PKb, M, b, sM_b, j * C + rk, T, sV_t, sV_t, sPK_t, cd, cd, cf, D,
+                            F, False, True, HAS_MASK)
+            ec = j * C + gl.arange(0, C, layout=col)
+            dw = (warpgroup_mma(dy_s, v_s.permute((1, 0)), gl.zeros([C, C], gl.float32, mma), use_acc=False)
+                  - delta[:, None]) * inv[:, None]
+            lin = ec[None, :] <= (tr - W)[:, None]  # t - e >= W (keys past the end: t - e < 0 for stored rows)
+            if HAS_MASK:
+                lin = lin & (gl.load(M + b * sM_b + ec, mask=ec < T, other=0) != 0)[None, :]
+            dpq = warpgroup_mma(gl.convert_layout(gl.where(lin, dw, 0.0).to(pk_s.dtype), opa), pk_s, dpq)
+        return dpq
+
+    @gluon.jit
+    def _dq_win_steps(j_lo, j_hi, q_s, dy_s, k_s, v_s, Kb, Vb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, rk, cd, D,
+                      mrow, delta, inv, gam, dq, rs, C: gl.constexpr, HAS_MASK: gl.constexpr, mma: gl.constexpr,
+                      opa: gl.constexpr):
+        """``chunk_kernels._bwd_dq_steps``' window part over key blocks j_lo <= j < j_hi (those with window pairs):
+        ds = gamma exp(s - m) dw into dq and its row sums."""
+        col: gl.constexpr = gl.SliceLayout(0, mma)
+        for j in range(j_lo, j_hi):
+            _copy_key_block(k_s, v_s, k_s, Kb, Vb, Kb, M, b, sM_b, j * C + rk, T, sK_t, sV_t, sK_t, cd, cd, cd, D, D,
+                            True, False, HAS_MASK)
+            ec = j * C + gl.arange(0, C, layout=col)
+            zero = gl.zeros([C, C], gl.float32, mma)
+            dw = (warpgroup_mma(dy_s, v_s.permute((1, 0)), zero, use_acc=False) - delta[:, None]) * inv[:, None]
+            sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
+            e2 = ec[None, :]
+            win = (e2 <= tr[:, None]) & (e2 > (tr - W)[:, None])  # 0 <= t - e < W
+            if HAS_MASK:
+                win = win & (gl.load(M + b * sM_b + ec, mask=ec < T, other=0) != 0)[None, :]
+            # exp(-inf - m) = 0 outside the window (m: the forward's max, 0 where its window was empty)
+            ds = gam * gl.exp(gl.where(win, sc * scale, float("-inf")) - mrow[:, None]) * dw
+            rs = rs + gl.sum(ds, 1)
+            dq = warpgroup_mma(gl.convert_layout(ds.to(k_s.dtype), opa), k_s, dq)
+        return dq, rs
+
+    @gluon.jit(do_not_specialize=LENGTH_ARGS)
+    def bwd_dq_wgmma_kernel(
+        Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, DQ, DPQ, CORR, CS, CZ, PRE_S, PRE_Z, Y, DG,
+        sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
+        sDY_b, sDY_t, sDY_h, sM_b,
+        B, T, H, Hf, G, GQ, n_chunks, n_per, nwin, W, scale, Cs,
+        D: gl.constexpr, F: gl.constexpr, BD: gl.constexpr, BF: gl.constexpr, C: gl.constexpr,
+        HAS_MASK: gl.constexpr, PREC: gl.constexpr, FOLD: gl.constexpr = False, SKIP: gl.constexpr = False,
+        LOCAL: gl.constexpr = False, DGAM: gl.constexpr = False, DELTA_HERE: gl.constexpr = False,
+    ):
+        """``chunk_kernels.bwd_dq_kernel`` with FOLD (same arguments; C = Cs = 64 rows a program, 4 warps; DGAM and
+        DELTA_HERE not taken: the launcher keeps the Triton kernel for them; PREC unused). In two passes over the
+        key blocks, each with one accumulator live: dphi_q (the chunk sums' part, (dy S^T - delta z) / den, then the
+        linear pairs'), stored, then dq (the window pairs'); a block with both kinds of pairs is read twice (from L2)
+        and its dy . v^T formed twice. One pass holding both accumulators spilled 112 B a thread (sm_90,
+        D = F = 128)."""
+        gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 rows")
+        gl.static_assert(FOLD and not DGAM and not DELTA_HERE, "the folded backward's bwd_dq only")
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        opa: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        row: gl.constexpr = gl.SliceLayout(1, mma)
+        col: gl.constexpr = gl.SliceLayout(0, mma)
+        brow: gl.constexpr = gl.SliceLayout(1, blk)
+        bcol: gl.constexpr = gl.SliceLayout(0, blk)
+        dt: gl.constexpr = Q.dtype.element_ty
+        pt: gl.constexpr = PK.dtype.element_ty
+        sl_d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BD], dt)
+        sl_f: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BF], pt)
+        sl_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BF, BD], pt)
+
+        c = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // H
+        h = bh % H
+        hk = h // G
+        hf = h // GQ
+        cs = c * C // Cs
+        rk = gl.arange(0, C, layout=brow)
+        cd = gl.arange(0, BD, layout=bcol)
+        cf = gl.arange(0, BF, layout=bcol)
+        tb = c * C + rk
+        tb_ok = tb < T
+        dy = _tile(DY + b * sDY_b + h * sDY_h, tb, tb_ok, sDY_t, cd, D)
+        dy_s = _to_shared(dy, sl_d)
+        tr = c * C + gl.arange(0, C, layout=row)
+        t_ok = tr < T
+        r = (b * H + h) * T + tr
+        den = gl.load(DEN + r, mask=t_ok, other=0.0)
+        delta = gl.load(DELTA + r, mask=t_ok, other=0.0)
+        inv = gl.where(den > 0, 1.0 / gl.where(den > 0, den, 1.0), 0.0)
+        Kb = K + b * sK_b + hk * sK_h
+        Vb = V + b * sV_b + hk * sV_h
+        PKb = PK + b * sPK_b + hf * sPK_h
+        j_lo = gl.maximum((cs - nwin) * (Cs // C), 0)
+        j_both = j_lo
+        j_near = c + 1
+        if SKIP:  # chunk_kernels._key_regions
+            j_both = gl.minimum(gl.maximum(c - (W + C - 2) // C, j_lo), c + 1)
+            j_near = gl.minimum(gl.maximum(c - W // C + 1, j_both), c + 1)
+
+        # dphi_q: the chunk sums' part, (dy / den) S^T (and the segment prefix's) less (delta / den) z, then the
+        # linear pairs'; complete, stored (from the load layout: 16-byte vectors along a row).
+        inv_b = gl.convert_layout(inv, brow)
+        dyi = gl.convert_layout((dy.to(gl.float32) * inv_b[:, None]).to(pt), opa)
+        base = (cs * B + b) * Hf + hf
+        rs_f = gl.arange(0, BF, layout=brow)
+        s_ok = (rs_f[:, None] < F) & (cd[None, :] < D)
+        S_s = _to_shared(gl.load(CS + base * F * D + rs_f[:, None] * D + cd[None, :], mask=s_ok, other=0.0).to(pt),
+                         sl_s)
+        dpq = warpgroup_mma(dyi, S_s.permute((1, 0)), gl.zeros([C, BF], gl.float32, mma), use_acc=False)
+        zc = gl.arange(0, BF, layout=col)
+        z = gl.load(CZ + base * F + zc, mask=zc < F, other=0.0)
+        if LOCAL:
+            pbase = ((cs // n_per) * B + b) * Hf + hf
+            P_s = _to_shared(gl.load(PRE_S + pbase * F * D + rs_f[:, None] * D + cd[None, :], mask=s_ok,
+                                     other=0.0).to(pt), sl_s)
+            dpq = warpgroup_mma(dyi, P_s.permute((1, 0)), dpq)
+            z += gl.load(PRE_Z + pbase * F + zc, mask=zc < F, other=0.0)
+        dpq = dpq - (delta * inv)[:, None] * z[None, :]
+        v_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+        pk_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
+        dpq = _dq_lin_steps(j_lo, j_near, dy_s, v_s, pk_s, Vb, PKb, M, b, sM_b, tr, W, T, sV_t, sPK_t, rk, cd, cf, D,
+                            F, delta, inv, dpq, C, HAS_MASK, mma, opa)
+        gl.store(DPQ + ((b * T + tb[:, None]) * H + h) * F + cf[None, :],
+                 gl.convert_layout(dpq.to(DPQ.dtype.element_ty), blk), mask=tb_ok[:, None] & (cf[None, :] < F))
+
+        # dq: the window pairs' ds k, then the max path's correction. (q's buffer may take the linear pass's: every
+        # warp is done with those first.)
+        gl.thread_barrier()
+        q_s = _to_shared(_tile(Q + b * sQ_b + h * sQ_h, tb, tb_ok, sQ_t, cd, D), sl_d)
+        k_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+        mrow = gl.load(MAX + r, mask=t_ok, other=0.0)
+        gam = gl.load(GAMMA + h)
+        dq, rs = _dq_win_steps(j_both, c + 1, q_s, dy_s, k_s, v_s, Kb, Vb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t,
+                               rk, cd, D, mrow, delta, inv, gam, gl.zeros([C, BD], gl.float32, mma),
+                               gl.zeros([C], gl.float32, row), C, HAS_MASK, mma, opa)
+        corr = -rs
+        gl.store(CORR + r, corr, mask=t_ok)
+        # The max m_t = s(t, arg_t) carries dm_t = corr_t back to that one key.
+        arg = gl.load(ARG + r, mask=t_ok, other=0)
+        dc = gl.arange(0, BD, layout=col)
+        kg = gl.load(Kb + arg[:, None] * sK_t + dc[None, :], mask=t_ok[:, None] & (dc[None, :] < D), other=0.0)
+        dq = (dq + corr[:, None] * kg.to(gl.float32)) * scale
+        gl.store(DQ + b * sQ_b + h * sQ_h + tb[:, None] * sQ_t + cd[None, :],
+                 gl.convert_layout(dq.to(DQ.dtype.element_ty), blk), mask=tb_ok[:, None] & (cd[None, :] < D))
