@@ -90,7 +90,7 @@ def record_launches(B, T, H, Hkv, D, F, Hf, W, dtype, config=None, gamma_grad: b
         for n in names:
             setattr(K, n, Recorder(n, saved[n]))
         if G.gluon is not None:
-            G.supported = lambda q, D, F, BV, C: C == G.BLOCK and max(D, F, BV) <= 128 and q.dtype != torch.float32
+            G.supported = lambda q, D, F, BV, C, *_: C == G.BLOCK and max(D, F, BV) <= 128 and q.dtype != torch.float32
             for n in g_names:
                 setattr(G, n, Recorder(n, g_saved[1][n]))
         ins = [t.requires_grad_(True) for t in random_inputs(B, T, H, Hkv, D, F, Hf, dtype=dtype)]

@@ -496,7 +496,7 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
             cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
         Ci, wi = cfg.blocks("fwd")
         bv, kernel, opts = BV, K.fwd_blocks_kernel, dict(num_stages=cfg.num_stages, **_regs(cfg))
-        if cfg.gluon_fwd and KG.supported(q, D, F, cfg.gluon_fwd, C):
+        if cfg.gluon_fwd and KG.supported(q, D, F, cfg.gluon_fwd, C, k, v, phi_q, phi_k):
             Ci, wi, bv, kernel, opts = KG.BLOCK, KG.WARPS, value_block(cfg.gluon_fwd, D), KG.fwd_blocks_wgmma_kernel, {}
         ni = math.ceil(T / Ci)
         args = (q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, pre_S.to(cs.dtype) if local else pre_S, pre_z, y, u, mx,
@@ -614,7 +614,8 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         sums = dstates(side)
     if delta_here:
         assert y.stride() == dy.stride(), "bwd_dq reads y with dy's strides"  # (both contiguous [B, T, H, D])
-    gluon_dq = cfg.gluon_dq and fold and not in_dq and not delta_here and KG.supported(q, D, F, D, C)
+    gluon_dq = (cfg.gluon_dq and fold and not in_dq and not delta_here
+                and KG.supported(q, D, F, D, C, k, v, phi_q, phi_k, dy))
     if gluon_dq:
         Ci, wi = KG.BLOCK, KG.WARPS
         ni = math.ceil(T / Ci)

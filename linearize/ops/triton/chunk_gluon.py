@@ -37,15 +37,17 @@ BLOCK = 64
 WARPS = 4
 
 
-def supported(q: torch.Tensor, D: int, F: int, BV: int, C: int) -> bool:
-    """Whether the Gluon kernel can take this launch: Gluon present, a Hopper GPU (wgmma), 16-bit inputs, the state
+def supported(q: torch.Tensor, D: int, F: int, BV: int, C: int, *tensors: torch.Tensor) -> bool:
+    """Whether the Gluon kernels can take this launch: Gluon present, a Hopper GPU (wgmma), 16-bit inputs, the state
     chunk C one block of 64, head and feature dims (padded) and the value block at most 128 (the registers and
-    shared memory of two programs an SM)."""
+    shared memory of two programs an SM), and ``tensors`` (the rows the kernels copy with cp.async) 16-byte aligned
+    rows: 16-byte copies need them, and a shorter copy than 4 bytes does not exist."""
     if gluon is None or q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
-    return C == BLOCK and max(D, F, BV) <= 128
+    aligned = all(t.data_ptr() % 16 == 0 and all(st % 8 == 0 for st in t.stride()[:-1]) for t in (q, *tensors))
+    return aligned and C == BLOCK and max(D, F, BV) <= 128 and D % 8 == 0 and F % 8 == 0
 
 
 if gluon is not None:
