@@ -32,7 +32,8 @@ that many registers a thread (``maxnreg``: 168 lets three programs share an SM a
 window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or read) / and delta too (``delta_in_dq``: no
 bwd_delta pass); ``ov`` / ``noov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``, the
 training default) or not; ``gl128`` / ``gl64``: the split forward's block kernel in Gluon (Hopper's wgmma, blocks of 64
-rows, ``LaunchConfig.gluon_fwd``) on value blocks of 128 / 64 columns; ``gdq``: bwd_dq in Gluon (``gluon_dq``);
+rows, ``LaunchConfig.gluon_fwd``) on value blocks of 128 / 64 columns; ``gdq`` / ``gdk``: bwd_dq / bwd_dk in Gluon
+(``gluon_dq`` / ``gluon_dk``);
 ``w128``: the
 chunk-sum walks capped at that many registers a thread (``walk_maxnreg``: with ``ov``, so that two walk programs and
 one bwd_dq program fit an SM together).
@@ -80,7 +81,8 @@ def label(cfg: LaunchConfig) -> str:
             + (f" maxnreg={cfg.maxnreg}" if cfg.maxnreg else "")
             + (" dgamma_in_dq" if cfg.dgamma_in_dq else "") + (" delta_in_dq" if cfg.delta_in_dq else "")
             + (" overlap" if cfg.overlap else "") + (f" walk_maxnreg={cfg.walk_maxnreg}" if cfg.walk_maxnreg else "")
-            + (f" gluon_fwd={cfg.gluon_fwd}" if cfg.gluon_fwd else "") + (" gluon_dq" if cfg.gluon_dq else ""))
+            + (f" gluon_fwd={cfg.gluon_fwd}" if cfg.gluon_fwd else "") + (" gluon_dq" if cfg.gluon_dq else "")
+            + (" gluon_dk" if cfg.gluon_dk else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -186,7 +188,7 @@ def parse_walk_opts(text: str) -> list[dict]:
     4}, {'maxnreg': 168}, {'dgamma_in_dq': True}, {'dgamma_in_dq': True, 'delta_in_dq': True}] (rN: the block
     kernels' register cap, ``LaunchConfig.maxnreg``; wN: the chunk-sum walks', ``walk_maxnreg``; g / gd: the window
     weight's gradient / and delta in bwd_dq (gd turns ``overlap`` off: its walk would read delta before bwd_dq forms
-    it); ov / noov: ``overlap`` on / off; gl128 / gl64: ``gluon_fwd``; gdq: ``gluon_dq``)."""
+    it); ov / noov: ``overlap`` on / off; gl128 / gl64: ``gluon_fwd``; gdq / gdk: ``gluon_dq`` / ``gluon_dk``)."""
     out = []
     for item in filter(None, text.split(",")):
         opts = {}
@@ -207,12 +209,12 @@ def parse_walk_opts(text: str) -> list[dict]:
                 opts["overlap"] = part == "ov"
             elif part in ("gl64", "gl128"):
                 opts["gluon_fwd"] = int(part[2:])
-            elif part == "gdq":
-                opts["gluon_dq"] = True
+            elif part in ("gdq", "gdk"):
+                opts[{"gdq": "gluon_dq", "gdk": "gluon_dk"}[part]] = True
             else:
                 raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
                                  "rN (the block kernels' register cap), wN (the walks'), g / gd (dgamma / and delta "
-                                 "in bwd_dq), ov / noov (overlap on / off), gl64 / gl128 (the Gluon forward), gdq (the Gluon bwd_dq)")
+                                 "in bwd_dq), ov / noov (overlap on / off), gl64 / gl128 (the Gluon forward), gdq / gdk (the Gluon bwd_dq / bwd_dk)")
         out.append(opts)
     return out
 
@@ -264,8 +266,8 @@ def main() -> None:
                     help="comma list of '+'-joined items, pairs (walk_pairs: two chunks a walk step), s1..s4 (the walks' "
                          "pipeline stages), rN (maxnreg: the block kernels' register cap), wN (walk_maxnreg: the walks'), "
                          "g (dgamma_in_dq) or gd (dgamma_in_dq + delta_in_dq) or ov / noov (overlap on / off) or "
-                         "gl128 / gl64 (gluon_fwd: the split forward's block kernel in Gluon) or gdq (gluon_dq: "
-                         "bwd_dq in Gluon): also "
+                         "gl128 / gl64 (gluon_fwd: the split forward's block kernel in Gluon) or gdq / gdk (gluon_dq / "
+                         "gluon_dk: bwd_dq / bwd_dk in Gluon): also "
                          "each split + fold "
                          "config with those")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")

@@ -78,8 +78,8 @@
 #   bash scripts/gpu_decode_calls.sh 37 SHA  # the 8B base and step at the defaults, then with inductor's multi_kernel and with
 #                                            # cooperative reductions (the RMSnorms' looped reductions; ~500 s)
 #   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
-#   bash scripts/gpu_decode_calls.sh 67 SHA  # the Gluon forward and bwd_dq (gluon_fwd, gluon_dq): their GPU tests, then
-#                                            # tune_chunk gl128 / gl64 / gdq at 16K, 2K and SmolLM2's heads (~360 s)
+#   bash scripts/gpu_decode_calls.sh 67 SHA  # the Gluon block kernels (gluon_fwd, gluon_dq, gluon_dk): their GPU tests,
+#                                            # then tune_chunk gl128 / gl64 / gdq / gdk / all at 16K, 2K, SmolLM2's heads (~380 s)
 #   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
 #   bash scripts/gpu_decode_calls.sh 61 SHA  # overlap (GPU tests, 16K, 2K graph); evaluation's forward one-pass vs split at 16K /
@@ -979,13 +979,13 @@ PY
     eval_and_bv_rows
     ;;
   67)
-    # not decode: the split forward's block kernel and bwd_dq in Gluon (gluon_fwd, gluon_dq: wgmma on blocks of 64 at
-    # one warpgroup, the layouts chosen by hand; compiled for sm_90 on the CPU, never run before this call): their 13
-    # GPU test ids (outputs, states and gradients against the reference; the forward's outputs against the Triton
-    # kernel's), then tune_chunk with them beside the training default at 16K (profiled), 2K and SmolLM2's heads
-    # (graph), each row first checked against the default (~360 s)
-    chunk_tests_k "gluon" 7 150
-    tune_opts gluon 130 70 --walk-opts gl128,gl64,gdq,gl128+gdq
+    # not decode: the three block kernels in Gluon (gluon_fwd, gluon_dq, gluon_dk: wgmma on blocks of 64 at one
+    # warpgroup, the layouts chosen by hand; compiled for sm_90 on the CPU, never run before this call): their 15 GPU
+    # test ids (outputs, states and gradients against the reference; the forward's outputs against the Triton
+    # kernel's), then tune_chunk with each and all beside the training default at 16K (profiled), 2K and SmolLM2's
+    # heads (graph), each row first checked against the default (~380 s)
+    chunk_tests_k "gluon" 8 150
+    tune_opts gluon 150 70 --walk-opts gl128,gl64,gdq,gdk,gl128+gdq+gdk
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one

@@ -147,5 +147,6 @@ def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
     gdq = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
                      walk_opts=parse_walk_opts("gdq"))
     assert gdq[1].gluon_dq and label(gdq[1]).endswith(" overlap gluon_dq")
+    assert parse_walk_opts("gl128+gdq+gdk") == [{"gluon_fwd": 128, "gluon_dq": True, "gluon_dk": True}]
     with pytest.raises(SystemExit, match="walk-opts"):
         parse_walk_opts("pairs+s9")

@@ -335,16 +335,18 @@ class _Spy:
 
 @pytest.fixture
 def gluon_spy(monkeypatch):
-    """The Gluon kernels' launches, counted (``.calls`` the forward's, ``.dq.calls`` bwd_dq's): a test of them must
-    not pass on the Triton kernels' fallback."""
+    """The Gluon kernels' launches, counted (``.calls`` the forward's, ``.dq.calls`` bwd_dq's, ``.dk.calls``
+    bwd_dk's): a test of them must not pass on the Triton kernels' fallback."""
     from linearize.ops.triton import chunk_gluon
 
     if not _hopper():
         pytest.skip("the Gluon kernels use wgmma: sm_90 only")
     spy = _Spy(chunk_gluon.fwd_blocks_wgmma_kernel)
     spy.dq = _Spy(chunk_gluon.bwd_dq_wgmma_kernel)
+    spy.dk = _Spy(chunk_gluon.bwd_dk_wgmma_kernel)
     monkeypatch.setattr(chunk_gluon, "fwd_blocks_wgmma_kernel", spy)
     monkeypatch.setattr(chunk_gluon, "bwd_dq_wgmma_kernel", spy.dq)
+    monkeypatch.setattr(chunk_gluon, "bwd_dk_wgmma_kernel", spy.dk)
     return spy
 
 
@@ -372,24 +374,40 @@ def test_gluon_dq(gluon_spy, nseg, overlap):
 
     _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, gluon_fwd=128, gluon_dq=True, nseg=nseg,
                                                               overlap=overlap))
-    assert gluon_spy.calls == 3 and gluon_spy.dq.calls == 3
+    assert gluon_spy.calls == 3 and gluon_spy.dq.calls == 3 and gluon_spy.dk.calls == 0
+
+
+@pytest.mark.parametrize("nseg", [None, 5], ids=["default-segments", "5-segments"])
+def test_gluon_dk(gluon_spy, nseg):
+    """The training default with bwd_dk in Gluon (``gluon_dk``: blocks of 64 keys, query-major tiles transposed
+    through shared memory, its three gradients over three launches), alone and with the Gluon forward and bwd_dq,
+    over the default segments and five (the segments' reverse prefix in the fold): against the float64 reference in
+    bf16 with padding, on the benchmark's heads (W 64 and 200) and SmolLM2's (three query heads a key head)."""
+    import dataclasses
+
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, gluon_dk=True, nseg=nseg))
+    assert gluon_spy.calls == 0 and gluon_spy.dq.calls == 0 and gluon_spy.dk.calls == 9
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, gluon_fwd=128, gluon_dq=True, gluon_dk=True,
+                                                              nseg=nseg))
+    assert gluon_spy.calls == 3 and gluon_spy.dq.calls == 3 and gluon_spy.dk.calls == 18
 
 
 _GLUON_GRID = [(torch.bfloat16, 64, 128), (torch.bfloat16, 128, 64), (torch.bfloat16, 80, 96), (torch.float16, 128, 128)]
 
 
 @pytest.mark.parametrize("dtype,D,F", _GLUON_GRID, ids=lambda x: str(x).replace("torch.", ""))
-def test_gluon_fwd_odd_shapes(gluon_spy, dtype, D, F):
-    """The Gluon forward and bwd_dq on the kernel grid's T and windows (T < 64, T not a multiple of 64, W = 0 / 1 /
-    200), head and feature dims under their padded blocks, GQA, fp16: against the float64 reference."""
+def test_gluon_odd_shapes(gluon_spy, dtype, D, F):
+    """The three Gluon kernels on the kernel grid's T and windows (T < 64, T not a multiple of 64, W = 0 / 1 / 200),
+    head and feature dims under their padded blocks, GQA, fp16: against the float64 reference."""
     import dataclasses
 
     from linearize.ops.triton.chunk import default_config
 
-    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=128, gluon_dq=True)
+    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=128, gluon_dq=True, gluon_dk=True)
     for T, W in T_W:
         _check(2, T, 4, 2, D, F, 2, W, dtype, seed=T + W + D, config=cfg)
-    assert gluon_spy.calls == len(T_W) and gluon_spy.dq.calls == len(T_W)
+    n = len(T_W)
+    assert gluon_spy.calls == n and gluon_spy.dq.calls == n and gluon_spy.dk.calls == 3 * n
 
 
 def test_gluon_fwd_writes_what_the_triton_kernel_writes(gluon_spy):

@@ -1,8 +1,8 @@
-"""The Gluon kernels (``linearize/ops/triton/chunk_gluon.py``: the split forward's block kernel, bwd_dq), compiled
-ahead of time for sm_90 on this CPU machine (Gluon has no interpreter; their outputs are tested on the GPU,
-tests/gpu/test_chunk_cuda.py -k gluon): the launcher picks them where ``LaunchConfig.gluon_fwd`` / ``gluon_dq`` ask,
-and the binaries are what they were written to be: warpgroup MMA only, two programs an SM by shared memory and
-registers, and no spill at the benchmark's and the real models' heads."""
+"""The Gluon kernels (``linearize/ops/triton/chunk_gluon.py``: the split forward's block kernel, bwd_dq, bwd_dk),
+compiled ahead of time for sm_90 on this CPU machine (Gluon has no interpreter; their outputs are tested on the GPU,
+tests/gpu/test_chunk_cuda.py -k gluon): the launcher picks them where ``LaunchConfig.gluon_fwd`` / ``gluon_dq`` /
+``gluon_dk`` ask, and the binaries are what they were written to be: warpgroup MMA only, two programs an SM by
+shared memory and registers, and no spill at the benchmark's and the real models' heads."""
 
 import dataclasses
 import sys
@@ -31,11 +31,11 @@ def _gluon_launches(shape, gluon_fwd, kernel="fwd_blocks_wgmma_kernel"):
     if chunk_gluon.gluon is None:
         pytest.skip("this Triton has no Gluon")
     D, F = shape[4], shape[5]
-    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=gluon_fwd, gluon_dq=True)
+    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=gluon_fwd, gluon_dq=True, gluon_dk=True)
     launches = check_smem.record_launches(*shape, torch.bfloat16, config=cfg)
     kernels = [r["kernel"] for r in launches]
-    assert {"fwd_blocks_wgmma_kernel", "bwd_dq_wgmma_kernel"} <= set(kernels)
-    assert "fwd_blocks_kernel" not in kernels and "bwd_dq_kernel" not in kernels
+    assert {"fwd_blocks_wgmma_kernel", "bwd_dq_wgmma_kernel", "bwd_dk_wgmma_kernel"} <= set(kernels)
+    assert not {"fwd_blocks_kernel", "bwd_dq_kernel", "bwd_dk_kernel"} & set(kernels)
     return [r for r in launches if r["kernel"] == kernel]
 
 
@@ -55,17 +55,21 @@ def test_gluon_forward_compiles_to_wgmma_without_spills(heads, gluon_fwd):
     assert use.get("STACK", 0) + use.get("LOCAL", 0) == 0
 
 
+@pytest.mark.parametrize("kernel,launches", [("bwd_dq_wgmma_kernel", 1), ("bwd_dk_wgmma_kernel", 3)], ids=["dq", "dk"])
 @pytest.mark.parametrize("heads", HEADS, ids=[h[0] for h in HEADS])
-def test_gluon_bwd_dq_compiles_to_wgmma_without_spills(heads):
+def test_gluon_backward_compiles_to_wgmma_without_spills(heads, kernel, launches):
+    """bwd_dq, and bwd_dk's three launches (dv, dk, dphi_k: GRADS 2, 1, 4)."""
     import check_smem
 
-    (launch,) = _gluon_launches(heads[1:], 128, "bwd_dq_wgmma_kernel")
-    kernel = check_smem.compile_launch(launch, 90)
-    ptx = kernel.asm["ptx"]
-    assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx
-    use = check_smem.resource_usage(kernel)
-    assert use["REG"] <= 255 and 2 * kernel.metadata.shared <= check_smem.H100_SMEM
-    assert use.get("STACK", 0) + use.get("LOCAL", 0) == 0
+    found = _gluon_launches(heads[1:], 128, kernel)
+    assert sorted(r["constexprs"].get("GRADS", 0) for r in found) == ([0] if launches == 1 else [1, 2, 4])
+    for launch in found:
+        compiled = check_smem.compile_launch(launch, 90)
+        ptx = compiled.asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx
+        use = check_smem.resource_usage(compiled)
+        assert use["REG"] <= 255 and 2 * compiled.metadata.shared <= check_smem.H100_SMEM
+        assert use.get("STACK", 0) + use.get("LOCAL", 0) == 0
 
 
 def test_gluon_forward_with_padding_and_segment_prefixes_compiles():
@@ -73,9 +77,9 @@ def test_gluon_forward_with_padding_and_segment_prefixes_compiles():
     programs an SM (spills are allowed there: a mask costs 8 B a thread at the benchmark heads)."""
     import check_smem
 
-    for name in ("fwd_blocks_wgmma_kernel", "bwd_dq_wgmma_kernel"):
-        (launch,) = _gluon_launches(HEADS[0][1:], 128, name)
-        launch = dict(launch, constexprs=dict(launch["constexprs"], HAS_MASK=True, LOCAL=True))
-        kernel = check_smem.compile_launch(launch, 90)
-        assert kernel.asm["ptx"].count("wgmma.mma_async") > 0 and 2 * kernel.metadata.shared <= check_smem.H100_SMEM
-        assert check_smem.resource_usage(kernel)["REG"] <= 255
+    for name in ("fwd_blocks_wgmma_kernel", "bwd_dq_wgmma_kernel", "bwd_dk_wgmma_kernel"):
+        for launch in _gluon_launches(HEADS[0][1:], 128, name):
+            launch = dict(launch, constexprs=dict(launch["constexprs"], HAS_MASK=True, LOCAL=True))
+            kernel = check_smem.compile_launch(launch, 90)
+            assert kernel.asm["ptx"].count("wgmma.mma_async") > 0 and 2 * kernel.metadata.shared <= check_smem.H100_SMEM
+            assert check_smem.resource_usage(kernel)["REG"] <= 255

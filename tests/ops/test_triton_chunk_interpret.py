@@ -411,13 +411,14 @@ def test_gluon_fwd_is_checked():
         LaunchConfig(C=64, BV=64, num_warps=4, split_forward=True, gluon_fwd=32)
     with pytest.raises(ValueError, match="needs split_forward"):
         LaunchConfig(C=64, BV=64, num_warps=4, gluon_fwd=64)
-    with pytest.raises(ValueError, match="gluon_dq .* needs fold_backward"):
-        LaunchConfig(C=64, BV=64, num_warps=4, gluon_dq=True)
+    for name in ("gluon_dq", "gluon_dk"):
+        with pytest.raises(ValueError, match=f"{name} .* needs fold_backward"):
+            LaunchConfig(C=64, BV=64, num_warps=4, **{name: True})
 
 
 @inside
 def test_gluon_fwd_falls_back_to_the_triton_kernel_off_hopper():
-    """``LaunchConfig.gluon_fwd`` / ``gluon_dq`` where the Gluon kernels cannot run (here: the interpreter on CPU;
+    """``LaunchConfig.gluon_fwd`` / ``gluon_dq`` / ``gluon_dk`` where the Gluon kernels cannot run (here: the interpreter on CPU;
     likewise any GPU but sm_90, fp32 inputs, C != 64): the Triton kernels run instead, with the same outputs and
     gradients."""
     import dataclasses
@@ -430,7 +431,7 @@ def test_gluon_fwd_falls_back_to_the_triton_kernel_off_hopper():
     q, k, v, pq, pk, g = random_inputs(1, 70, 2, 1, 16, 16, 1, dtype=torch.float32, seed=5)
     assert not chunk_gluon.supported(q, 16, 16, 64, 64)
     outs = []
-    for c in (cfg, dataclasses.replace(cfg, gluon_fwd=64, gluon_dq=True)):
+    for c in (cfg, dataclasses.replace(cfg, gluon_fwd=64, gluon_dq=True, gluon_dk=True)):
         ins = [x.clone().requires_grad_(True) for x in (q, k, v, pq, pk, g)]
         y, _ = hybrid_attention_triton(*ins[:5], window=20, window_weight=ins[5], config=c)
         outs.append((y, *torch.autograd.grad(y.sum(), ins)))
@@ -516,7 +517,7 @@ def test_a_launch_config_travels_through_the_ops_ints():
                              maxnreg=200, walk_maxnreg=128, overlap=True),
                 *(LaunchConfig(C=64, BV=128, num_warps=8, C_intra=32, warps_intra=4, split_forward=True,
                                fold_backward=True, overlap=True, gluon_fwd=g, gluon_dq=g == 64) for g in (64, 128)),
-                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, gluon_dq=True)):
+                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, gluon_dq=True, gluon_dk=True)):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

@@ -139,6 +139,12 @@ class LaunchConfig:
     # warpgroup; the chunk sums' part of dphi_q before the key loop), where chunk_gluon.supported says it can run and
     # neither dgamma_in_dq nor delta_in_dq asks bwd_dq for more; elsewhere the Triton kernel. Off (never run on a GPU).
     gluon_dq: bool = False
+    # The folded backward's bwd_dk in Gluon (chunk_gluon.bwd_dk_wgmma_kernel: blocks of 64 keys, one warpgroup,
+    # query-major score tiles transposed through shared memory into the products over the queries; its three gradients
+    # over three launches, dv, dk, dphi_k, one accumulator each: sm_90, D = F = 128, 214 / 251 / 168 registers, no
+    # spill, at most 88 KB of shared memory), where chunk_gluon.supported says it can run and dk_launches is 1;
+    # elsewhere the Triton kernel. Off (never run on a GPU).
+    gluon_dk: bool = False
 
     def blocks(self, kernel: str) -> tuple[int, int]:
         """(rows a block, warps) of an intra kernel: 'fwd' (fwd_blocks), 'dq' (bwd_dq) or 'dk' (bwd_dk)."""
@@ -181,8 +187,9 @@ class LaunchConfig:
             raise ValueError("LaunchConfig: delta_in_dq needs dgamma_in_dq (else bwd_delta runs anyway, for u)")
         if self.gluon_fwd not in (None, 64, 128):
             raise ValueError(f"LaunchConfig: gluon_fwd={self.gluon_fwd} must be None, 64 or 128 (value columns)")
-        if self.gluon_dq and not self.fold_backward:
-            raise ValueError("LaunchConfig: gluon_dq is the folded backward's bwd_dq; it needs fold_backward")
+        for name, kernel in (("gluon_dq", "bwd_dq"), ("gluon_dk", "bwd_dk")):
+            if getattr(self, name) and not self.fold_backward:
+                raise ValueError(f"LaunchConfig: {name} is the folded backward's {kernel}; it needs fold_backward")
         if self.gluon_fwd and not self.split_forward:
             raise ValueError("LaunchConfig: gluon_fwd is the split forward's block kernel; it needs split_forward")
         if self.local_sums and not (self.split_forward or self.fold_backward):
@@ -633,8 +640,18 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
 
     def dk_kernel(dv_b, dpk, cds, cdz, rev=(None, None)):
         Ck, wk = cfg.blocks("dk")
-        nk = math.ceil(T / Ck)
         rev_S, rev_z = (cds, cdz) if rev[0] is None else rev  # (read only where local)
+        if cfg.gluon_dk and fold and cfg.dk_launches == 1 and KG.supported(q, D, F, D, C, k, v, phi_q, phi_k, dy):
+            nk = math.ceil(T / KG.BLOCK)
+            for grads in (2, 1, 4):  # dv, dk, dphi_k: one a launch (see the kernel)
+                KG.bwd_dk_wgmma_kernel[(nk, B * Hf)](
+                    q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, cds, cdz,
+                    rev_S, rev_z, *strides_in, B, T, H, Hf, Gk, nk, n_per, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF,
+                    C=KG.BLOCK, GQ=GQ, HAS_MASK=has_mask, PREC=prec, FOLD=fold, SKIP=cfg.skip_empty, GRADS=grads,
+                    LOCAL=local, num_warps=KG.WARPS,
+                )
+            return
+        nk = math.ceil(T / Ck)
         for grads in {1: (7,), 2: (3, 4), 3: (1, 2, 4)}[cfg.dk_launches]:
             _launch(K.bwd_dk_kernel, (nk, B * Hf),
                 q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, cds, cdz,
@@ -718,14 +735,15 @@ def _cfg(launch) -> LaunchConfig:
                         walk_stages=(flags >> 10 & 7) or None, maxnreg=(blocks >> 32) & 0xFF or None,
                         dgamma_in_dq=bool(flags & 8192), delta_in_dq=bool(flags & 16384), overlap=bool(flags & 65536),
                         walk_maxnreg=(blocks >> 40) & 0xFF or None, gluon_fwd=(None, 64, 128)[flags >> 17 & 3],
-                        gluon_dq=bool(flags & 524288))
+                        gluon_dq=bool(flags & 524288), gluon_dk=bool(flags & 1048576))
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
     """A LaunchConfig as the custom ops' ints: (C, BV, num_warps, num_stages, nseg (-1: None), flags (1: one_acc,
     2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256:
     walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None), 8192: dgamma_in_dq,
-    16384: delta_in_dq, 65536: overlap, 131072 and 262144: gluon_fwd (0: None, 1: 64, 2: 128), 524288: gluon_dq;
+    16384: delta_in_dq, 65536: overlap, 131072 and 262144: gluon_fwd (0: None, 1: 64, 2: 128), 524288: gluon_dq,
+    1048576: gluon_dk;
     the backward op's
     also WANT_DGAMMA), C_intra (0: None),
     warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg, walk_maxnreg a byte each, low byte
@@ -734,7 +752,7 @@ def _launch_ints(cfg: LaunchConfig) -> tuple:
              | 16 * (cfg.dk_launches - 1) | 64 * int(cfg.local_sums) | 128 * (None, 16, 32, 64).index(cfg.walk_tile)
              | 512 * int(cfg.walk_pairs) | 1024 * (cfg.walk_stages or 0) | 8192 * int(cfg.dgamma_in_dq)
              | 16384 * int(cfg.delta_in_dq) | 65536 * int(cfg.overlap) | 131072 * (None, 64, 128).index(cfg.gluon_fwd)
-             | 524288 * int(cfg.gluon_dq))
+             | 524288 * int(cfg.gluon_dq) | 1048576 * int(cfg.gluon_dk))
     blocks = sum((x or 0) << s for x, s in zip((cfg.C_fwd, cfg.warps_fwd, cfg.C_dk, cfg.warps_dk, cfg.maxnreg,
                                                 cfg.walk_maxnreg), (0, 8, 16, 24, 32, 40)))
     return (cfg.C, cfg.BV, cfg.num_warps, cfg.num_stages, -1 if cfg.nseg is None else cfg.nseg, flags,

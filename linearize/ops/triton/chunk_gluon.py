@@ -393,3 +393,245 @@ if gluon is not None:
         dq = (dq + corr[:, None] * kg.to(gl.float32)) * scale
         gl.store(DQ + b * sQ_b + h * sQ_h + tb[:, None] * sQ_t + cd[None, :],
                  gl.convert_layout(dq.to(DQ.dtype.element_ty), blk), mask=tb_ok[:, None] & (cd[None, :] < D))
+
+    @gluon.jit
+    def _async_rows(buf, base, rows, rows_ok, stride_t, cols, ncols):
+        """Issue the cp.async copy of rows ``rows`` of a [.., T, .., X] tensor into ``buf`` (zero where masked)."""
+        async_copy.async_copy_global_to_shared(buf, base + rows[:, None] * stride_t + cols[None, :],
+                                               mask=rows_ok[:, None] & (cols[None, :] < ncols))
+
+    @gluon.jit
+    def _copied():
+        """Wait for this thread's cp.async copies, then make every warp's visible to wgmma."""
+        async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _dk_pass(MODE: gl.constexpr, i_lo, i_both, i_far, i_hi, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY,
+                 MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t,
+                 sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C: gl.constexpr, GQ: gl.constexpr,
+                 HAS_MASK: gl.constexpr, mma: gl.constexpr):
+        """One of bwd_dk's three passes over the query blocks i_lo <= i < i_hi of the key block's GQ query heads: MODE
+        0 dv (every block: the window weights where i < i_far, the linear ones where i >= i_both, over den), 1 dk (the
+        window pairs' ds, with the max path's correction at each row's arg-max key), 2 dphi_k (the linear pairs' dw).
+        The tiles are query-major ([queries, keys], as bwd_dq's: a row's statistics are 2 registers a thread, where
+        key-major tiles hold each as a 16-register column vector and spilled), and reach the product that sums over
+        the queries (tile^T . q / dy / phi_q) as its A operand through shared memory (x_s), transposed there."""
+        row: gl.constexpr = gl.SliceLayout(1, mma)
+        zero = gl.zeros([C, C], gl.float32, mma)
+        # (the key positions and mask formed here, not held from the prologue: a [C] vector of the tiles' columns is 16
+        # registers a thread, and the passes together spilled with them)
+        e_c = j * C + gl.arange(0, C, layout=gl.SliceLayout(0, mma))
+        if HAS_MASK:
+            k_ok = gl.load(M + b * sM_b + e_c, mask=e_c < T, other=0) != 0
+        e2 = e_c[None, :]
+        for g in gl.static_range(GQ):
+            h = hf * GQ + g
+            gam = gl.load(GAMMA + h)
+            for i in range(i_lo, i_hi):
+                do_win = i < i_far
+                do_lin = i >= i_both
+                tq = i * C + rq  # (load layout)
+                tq_ok = tq < T
+                gl.thread_barrier()  # every warp is done with the previous query block's tiles (x_s too)
+                if MODE == 0:  # (only the tiles the block's parts take)
+                    if do_win:
+                        _async_rows(q_s, Q + b * sQ_b + h * sQ_h, tq, tq_ok, sQ_t, cd, D)
+                    if do_lin:
+                        _async_rows(pq_s, PQ + b * sPQ_b + h * sPQ_h, tq, tq_ok, sPQ_t, cf, F)
+                elif MODE == 1:
+                    _async_rows(q_s, Q + b * sQ_b + h * sQ_h, tq, tq_ok, sQ_t, cd, D)
+                else:
+                    _async_rows(pq_s, PQ + b * sPQ_b + h * sPQ_h, tq, tq_ok, sPQ_t, cf, F)
+                _async_rows(dy_s, DY + b * sDY_b + h * sDY_h, tq, tq_ok, sDY_t, cd, D)
+                _copied()
+                t = i * C + gl.arange(0, C, layout=row)
+                t_ok = t < T
+                r = (b * H + h) * T + t
+                # (queries past the end: dy 0 and 1 / den 0, so they add nothing; keys past the end are not stored)
+                inv = gl.load(DEN + r, mask=t_ok, other=0.0)
+                inv = gl.where(inv > 0, 1.0 / gl.where(inv > 0, inv, 1.0), 0.0)
+                t2 = t[:, None]
+                if MODE == 0:
+                    x = zero
+                    if do_win:
+                        win = (e2 <= t2) & (e2 > t2 - W)  # 0 <= t - e < W
+                        if HAS_MASK:
+                            win = win & k_ok[None, :]
+                        sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
+                        mrow = gl.load(MAX + r, mask=t_ok, other=0.0)
+                        x = gam * gl.exp(gl.where(win, sc * scale, float("-inf")) - mrow[:, None])
+                    if do_lin:
+                        lin = e2 <= t2 - W  # t - e >= W
+                        if HAS_MASK:
+                            lin = lin & k_ok[None, :]
+                        x = x + gl.where(lin, warpgroup_mma(pq_s, pk_s.permute((1, 0)), zero, use_acc=False), 0.0)
+                    x = x * inv[:, None]
+                else:
+                    delta = gl.load(DELTA + r, mask=t_ok, other=0.0)
+                    dw = (warpgroup_mma(dy_s, v_s.permute((1, 0)), zero, use_acc=False) - delta[:, None]) * inv[:, None]
+                    if MODE == 1:
+                        win = (e2 <= t2) & (e2 > t2 - W)
+                        if HAS_MASK:
+                            win = win & k_ok[None, :]
+                        sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
+                        mrow = gl.load(MAX + r, mask=t_ok, other=0.0)
+                        x = gam * gl.exp(gl.where(win, sc * scale, float("-inf")) - mrow[:, None]) * dw
+                        arg = gl.load(ARG + r, mask=t_ok, other=-1)
+                        corr = gl.load(CORR + r, mask=t_ok, other=0.0)
+                        x = x + gl.where(e2 == arg[:, None], corr[:, None], 0.0)
+                    else:
+                        lin = e2 <= t2 - W
+                        if HAS_MASK:
+                            lin = lin & k_ok[None, :]
+                        x = gl.where(lin, dw, 0.0)
+                x_s.store(x.to(x_s.dtype))
+                fence_async_shared()
+                gl.thread_barrier()
+                if MODE == 0:
+                    acc = warpgroup_mma(x_s.permute((1, 0)), dy_s, acc)
+                elif MODE == 1:
+                    acc = warpgroup_mma(x_s.permute((1, 0)), q_s, acc)
+                else:
+                    acc = warpgroup_mma(x_s.permute((1, 0)), pq_s, acc)
+        return acc
+
+    @gluon.jit
+    def _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF: gl.constexpr, pt: gl.constexpr, sl: gl.constexpr,
+                   LOCAL: gl.constexpr, blk: gl.constexpr):
+        """The key chunk's gradient sums dS [F, D] (plus the segment's reverse prefix where LOCAL) in shared memory,
+        visible to wgmma. Through registers 32 rows at a time: the whole [F, D] tile is 64 registers a thread in
+        bf16, 128 in fp32, and this runs beside an accumulator."""
+        dS_s = gl.allocate_shared_memory(pt, [BF, cd.shape[0]], sl)
+        for r0 in gl.static_range(0, BF, 32):
+            rr = r0 + gl.arange(0, 32, layout=gl.SliceLayout(1, blk))
+            ok = (rr[:, None] < F) & (cd[None, :] < D)
+            x = gl.load(CDS + base * F * D + rr[:, None] * D + cd[None, :], mask=ok, other=0.0)
+            if LOCAL:
+                x = (x.to(gl.float32) + gl.load(REV_S + pbase * F * D + rr[:, None] * D + cd[None, :], mask=ok,
+                                                other=0.0).to(gl.float32)).to(pt)
+            dS_s.slice(r0, 32).store(x.to(pt))
+        fence_async_shared()
+        gl.thread_barrier()
+        return dS_s
+
+    @gluon.jit
+    def bwd_dk_wgmma_kernel(
+        Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ, REV_S, REV_Z,
+        sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
+        sDY_b, sDY_t, sDY_h, sM_b,
+        B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale, Cs,
+        D: gl.constexpr, F: gl.constexpr, BD: gl.constexpr, BF: gl.constexpr, C: gl.constexpr,
+        GQ: gl.constexpr, HAS_MASK: gl.constexpr, PREC: gl.constexpr, FOLD: gl.constexpr = False,
+        SKIP: gl.constexpr = False, GRADS: gl.constexpr = 2, LOCAL: gl.constexpr = False,
+    ):
+        """``chunk_kernels.bwd_dk_kernel`` with FOLD, one gradient a launch (same arguments; C = Cs = 64 keys a program,
+        4 warps; GRADS 2 dv with the fold's phi_k dS, 1 dk, 4 dphi_k with the fold's v dS^T + dz; PREC unused): the
+        launcher runs it three times. One launch with the three as passes held a [64, D] accumulator at a time and
+        still spilled 168 B a thread (sm_90, D = F = 128: what each pass keeps for the next); alone each pass fits
+        (246 / 255 / 178 registers, no spill). Each launch loads the query tiles it takes and forms its scores
+        again, as the passes did."""
+        gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 keys")
+        gl.static_assert(FOLD and (GRADS == 1 or GRADS == 2 or GRADS == 4), "the folded bwd_dk, one gradient a launch")
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        row: gl.constexpr = gl.SliceLayout(1, mma)
+        col: gl.constexpr = gl.SliceLayout(0, mma)
+        brow: gl.constexpr = gl.SliceLayout(1, blk)
+        bcol: gl.constexpr = gl.SliceLayout(0, blk)
+        dt: gl.constexpr = Q.dtype.element_ty
+        pt: gl.constexpr = PK.dtype.element_ty
+        sl_d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BD], dt)
+        sl_f: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BF], pt)
+        sl_x: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, C], dt)
+        sl_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BF, BD], pt)
+
+        j = gl.program_id(0)
+        bh = gl.program_id(1)
+        b = bh // Hf
+        hf = bh % Hf
+        hk = hf // Gk
+        rq = gl.arange(0, C, layout=brow)
+        cd = gl.arange(0, BD, layout=bcol)
+        cf = gl.arange(0, BF, layout=bcol)
+        eb = j * C + rq
+        eb_in = eb < T
+        cj = j * C // Cs
+        i_hi = gl.minimum((cj + nwin + 1) * (Cs // C), n_chunks)
+        i_both = j
+        i_far = i_hi
+        if SKIP:  # chunk_kernels._query_regions
+            i_both = gl.maximum(gl.minimum(j + W // C, i_hi), j)
+            i_far = gl.maximum(gl.minimum(j + (W + C - 2) // C + 1, i_hi), i_both)
+        base = (cj * B + b) * Hf + hf
+        pbase = ((cj // n_per) * B + b) * Hf + hf
+        out = (b * T + eb[:, None]) * Hf + hf
+        k_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+        v_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+        pk_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
+        if GRADS != 4:
+            _async_rows(k_s, K + b * sK_b + hk * sK_h, eb, eb_in, sK_t, cd, D)
+        if GRADS != 2:
+            _async_rows(v_s, V + b * sV_b + hk * sV_h, eb, eb_in, sV_t, cd, D)
+        if GRADS == 2:
+            _async_rows(pk_s, PK + b * sPK_b + hf * sPK_h, eb, eb_in, sPK_t, cf, F)
+        if HAS_MASK:  # (keys past the end need no mask: they are not stored)
+            e_r = j * C + gl.arange(0, C, layout=row)
+            k_ok_r = gl.load(M + b * sM_b + e_r, mask=e_r < T, other=0) != 0
+        # the query tiles, allocated after the fold's sums are read (below) so that they may take their space
+        # (sm_90, D = F = 128: 88 KB of shared memory at most, two programs an SM, against 120 KB allocated first)
+        if GRADS == 2:
+            # dv: phi_k dS (the later queries' part), then every pair's weight over den
+            dS_s = _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF, pt, sl_s, LOCAL, blk)
+            _copied()
+            acc = warpgroup_mma(pk_s, dS_s, gl.zeros([C, BD], gl.float32, mma), use_acc=False)
+            if HAS_MASK:
+                acc = gl.where(k_ok_r[:, None], acc, 0.0)
+            gl.thread_barrier()
+            x_s = gl.allocate_shared_memory(dt, [C, C], sl_x)
+            q_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+            pq_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
+            dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+            acc = _dk_pass(0, j, i_both, i_far, i_hi, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY, MAX, DEN,
+                           DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t,
+                           sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK, mma)
+            gl.store(DV + out * D + cd[None, :], gl.convert_layout(acc.to(DV.dtype.element_ty), blk),
+                     mask=eb_in[:, None] & (cd[None, :] < D))
+        elif GRADS == 1:
+            # dk: the window pairs' ds
+            _copied()
+            gl.thread_barrier()
+            x_s = gl.allocate_shared_memory(dt, [C, C], sl_x)
+            q_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+            pq_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
+            dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+            acc = _dk_pass(1, j, i_both, i_far, i_far, gl.zeros([C, BD], gl.float32, mma), k_s, v_s, pk_s, q_s, pq_s,
+                           dy_s, x_s, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale,
+                           sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK,
+                           mma)
+            gl.store(DK + out * D + cd[None, :], gl.convert_layout((acc * scale).to(DK.dtype.element_ty), blk),
+                     mask=eb_in[:, None] & (cd[None, :] < D))
+        else:
+            # dphi_k: v dS^T + dz (the later queries' part), then the linear pairs' dw
+            dS_s = _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF, pt, sl_s, LOCAL, blk)
+            _copied()
+            acc = warpgroup_mma(v_s, dS_s.permute((1, 0)), gl.zeros([C, BF], gl.float32, mma), use_acc=False)
+            fz = gl.arange(0, BF, layout=col)
+            dz = gl.load(CDZ + base * F + fz, mask=fz < F, other=0.0)
+            if LOCAL:
+                dz += gl.load(REV_Z + pbase * F + fz, mask=fz < F, other=0.0)
+            acc = acc + dz[None, :]
+            if HAS_MASK:
+                acc = gl.where(k_ok_r[:, None], acc, 0.0)
+            gl.thread_barrier()
+            x_s = gl.allocate_shared_memory(dt, [C, C], sl_x)
+            q_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+            pq_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
+            dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+            acc = _dk_pass(2, i_both, i_both, i_far, i_hi, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY, MAX,
+                           DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b,
+                           sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK, mma)
+            gl.store(DPK + out * F + cf[None, :], gl.convert_layout(acc.to(DPK.dtype.element_ty), blk),
+                     mask=eb_in[:, None] & (cf[None, :] < F))
