@@ -45,7 +45,8 @@ larger segment-prefix buffer ([nseg, B, H', F, D] fp32, written, summed and read
 Times with ``triton.testing.do_bench`` (median of repeats, warm-up excluded); every config is first
 checked against the default one (relative error of y and of every gradient < 1e-2) so a fast wrong config
 cannot win.
-Also prints a per-kernel breakdown of the default config from the torch profiler.
+Also prints a per-kernel breakdown of the default config (and the fastest; ``--profile-all``: every config) from the
+torch profiler.
 """
 
 from __future__ import annotations
@@ -241,6 +242,8 @@ def main() -> None:
     ap.add_argument("--F", type=int, default=128)
     ap.add_argument("--W", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile-all", action="store_true",
+                    help="print the per-kernel profile of every config that ran (default: the default's and the fastest's)")
     ap.add_argument("--graph", action="store_true",
                     help="also time forward+backward replayed in a CUDA graph (short T, where launches dominate)")
     ap.add_argument("--one-acc", action="store_true",
@@ -349,6 +352,8 @@ def main() -> None:
     # Per-kernel time of the default and of the fastest config: where a change of launch moved the time.
     fastest = LaunchConfig(**best["cfg"]) if best else base
     profiled = [base] + ([fastest] if fastest != base else [])
+    if a.profile_all:  # (every row that ran, for where each change of launch moved the time)
+        profiled += [c for c in (LaunchConfig(**r["cfg"]) for r in ok) if c not in profiled]
     for cfg in profiled:
         fwd_bwd(cfg)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

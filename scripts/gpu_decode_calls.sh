@@ -985,6 +985,7 @@ PY
     # kernel's), then tune_chunk with each and all beside the training default at 16K (profiled), 2K and SmolLM2's
     # heads (graph), each row first checked against the default (~380 s)
     chunk_tests_k "gluon" 8 150
+    X16=(--profile-all)
     tune_opts gluon 150 70 --walk-opts gl128,gl64,gdq,gdk,gl128+gdq+gdk
     ;;
   50)
