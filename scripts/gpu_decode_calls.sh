@@ -986,7 +986,7 @@ PY
     # heads (graph), each row first checked against the default (~380 s)
     chunk_tests_k "gluon" 8 150
     X16=(--profile-all)
-    tune_opts gluon 150 70 --walk-opts gl128,gl64,gdq,gdk,gl128+gdq+gdk
+    tune_opts gluon $(( $(left) - 60 < 150 ? $(left) - 60 : 150 )) 70 --walk-opts gl128,gl64,gdq,gdk,gl128+gdq+gdk
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
