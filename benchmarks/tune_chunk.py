@@ -33,7 +33,7 @@ window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or rea
 bwd_delta pass); ``ov`` / ``noov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``, the
 training default) or not; ``gl128`` / ``gl64``: the split forward's block kernel in Gluon (Hopper's wgmma, blocks of 64
 rows, ``LaunchConfig.gluon_fwd``) on value blocks of 128 / 64 columns; ``gdq`` / ``gdk``: bwd_dq / bwd_dk in Gluon
-(``gluon_dq`` / ``gluon_dk``);
+(``gluon_dq`` / ``gluon_dk``); ``nogl``: the Triton block kernels (the training default takes Gluon's on sm_90);
 ``w128``: the
 chunk-sum walks capped at that many registers a thread (``walk_maxnreg``: with ``ov``, so that two walk programs and
 one bwd_dq program fit an SM together).
@@ -136,7 +136,10 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                             for own, lo, wt, wo in variants:
                                 walk = dict(walk_pairs=base.walk_pairs, walk_stages=base.walk_stages,
                                             maxnreg=base.maxnreg, walk_maxnreg=base.walk_maxnreg,
-                                            overlap=base.overlap and fo) | wo  # (overlap needs the folded backward)
+                                            overlap=base.overlap and fo,  # (overlap needs the folded backward)
+                                            # (the Gluon kernels replace the split forward's / folded backward's)
+                                            gluon_fwd=base.gluon_fwd if sp else None, gluon_dq=base.gluon_dq and fo,
+                                            gluon_dk=base.gluon_dk and fo) | wo
                                 c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt, **walk)
                                 if effective(c) not in map(effective, out):
                                     out.append(c)
@@ -189,7 +192,7 @@ def parse_walk_opts(text: str) -> list[dict]:
     4}, {'maxnreg': 168}, {'dgamma_in_dq': True}, {'dgamma_in_dq': True, 'delta_in_dq': True}] (rN: the block
     kernels' register cap, ``LaunchConfig.maxnreg``; wN: the chunk-sum walks', ``walk_maxnreg``; g / gd: the window
     weight's gradient / and delta in bwd_dq (gd turns ``overlap`` off: its walk would read delta before bwd_dq forms
-    it); ov / noov: ``overlap`` on / off; gl128 / gl64: ``gluon_fwd``; gdq / gdk: ``gluon_dq`` / ``gluon_dk``)."""
+    it); ov / noov: ``overlap`` on / off; gl128 / gl64: ``gluon_fwd``; gdq / gdk: ``gluon_dq`` / ``gluon_dk``; nogl: none of the three)."""
     out = []
     for item in filter(None, text.split(",")):
         opts = {}
@@ -212,10 +215,13 @@ def parse_walk_opts(text: str) -> list[dict]:
                 opts["gluon_fwd"] = int(part[2:])
             elif part in ("gdq", "gdk"):
                 opts[{"gdq": "gluon_dq", "gdk": "gluon_dk"}[part]] = True
+            elif part == "nogl":  # (the Triton kernels: the training default takes Gluon's on sm_90)
+                opts |= {"gluon_fwd": None, "gluon_dq": False, "gluon_dk": False}
             else:
                 raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
                                  "rN (the block kernels' register cap), wN (the walks'), g / gd (dgamma / and delta "
-                                 "in bwd_dq), ov / noov (overlap on / off), gl64 / gl128 (the Gluon forward), gdq / gdk (the Gluon bwd_dq / bwd_dk)")
+                                 "in bwd_dq), ov / noov (overlap on / off), gl64 / gl128 (the Gluon forward), gdq / gdk (the Gluon bwd_dq / bwd_dk), "
+                                 "nogl (no Gluon kernel)")
         out.append(opts)
     return out
 
@@ -270,7 +276,7 @@ def main() -> None:
                          "pipeline stages), rN (maxnreg: the block kernels' register cap), wN (walk_maxnreg: the walks'), "
                          "g (dgamma_in_dq) or gd (dgamma_in_dq + delta_in_dq) or ov / noov (overlap on / off) or "
                          "gl128 / gl64 (gluon_fwd: the split forward's block kernel in Gluon) or gdq / gdk (gluon_dq / "
-                         "gluon_dk: bwd_dq / bwd_dk in Gluon): also "
+                         "gluon_dk: bwd_dq / bwd_dk in Gluon) or nogl (the Triton block kernels): also "
                          "each split + fold "
                          "config with those")
     ap.add_argument("--nseg", default="0", help="comma list of segments per sequence; 0 = the default (auto)")

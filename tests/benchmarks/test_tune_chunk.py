@@ -110,7 +110,7 @@ def test_walk_adds_each_split_fold_config_with_each_walk_tile():
     assert {(c.nseg, c.walk_tile) for c in cands} == {(n, t) for n in (None, 1) for t in (64, None, 32)}
     assert all(c.local_sums == base.local_sums for c in cands)  # (no effect at one segment: no twin without it)
     assert base.walk_stages == 3 and all(c.walk_stages == 3 for c in cands)  # (the default's walk pipeline kept)
-    assert {label(c).removesuffix(" overlap").split()[-2] for c in cands if c.nseg is None} == {
+    assert {label(c).removesuffix(" overlap gluon_fwd=128 gluon_dq").split()[-2] for c in cands if c.nseg is None} == {
         "walk=64", "walk=32", "local"}
     # one-pass configs have no chunk-sum walks to tile
     assert not any(c.walk_tile for c in candidates(default_config(128, 128), "default", [0], forms=["one-pass"],
@@ -126,27 +126,34 @@ def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
     cands = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"], walk_opts=opts)
     assert cands[0] == base
     assert [(c.walk_pairs, c.walk_stages) for c in cands] == [(False, 3), (True, 3), (False, 2), (True, 4)]
-    assert label(cands[3]).endswith(" pairs walk_stages=4 overlap")  # (the training default's overlap kept)
+    # (the training default's overlap and Gluon kernels kept)
+    assert label(cands[3]).endswith(" pairs walk_stages=4 overlap gluon_fwd=128 gluon_dq")
     assert parse_walk_opts("r168,pairs+r128") == [{"maxnreg": 168}, {"walk_pairs": True, "maxnreg": 128}]
     assert parse_walk_opts("ov+w128") == [{"overlap": True, "walk_maxnreg": 128}]
     capped = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
                         walk_opts=parse_walk_opts("ov+w128"))
-    assert capped[1].overlap and capped[1].walk_maxnreg == 128 and label(capped[1]).endswith(" overlap walk_maxnreg=128")
+    assert capped[1].overlap and capped[1].walk_maxnreg == 128
+    assert label(capped[1]).endswith(" overlap walk_maxnreg=128 gluon_fwd=128 gluon_dq")
     assert parse_walk_opts("g,gd,ov+s2,noov") == [{"dgamma_in_dq": True, "delta_in_dq": False},
                                                   {"dgamma_in_dq": True, "delta_in_dq": True, "overlap": False},
                                                   {"overlap": True, "walk_stages": 2}, {"overlap": False}]
     gd = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
                     walk_opts=parse_walk_opts("gd"))
-    assert gd[1].dgamma_in_dq and gd[1].delta_in_dq and label(gd[1]).endswith(" dgamma_in_dq delta_in_dq")
+    assert gd[1].dgamma_in_dq and gd[1].delta_in_dq and label(gd[1]).endswith(" dgamma_in_dq delta_in_dq gluon_fwd=128 gluon_dq")
     assert base.overlap and not gd[1].overlap  # (overlap's walk reads delta before bwd_dq: gd turns it off)
     assert parse_walk_opts("gl128,gl64+noov,gl128+gdq") == [{"gluon_fwd": 128}, {"gluon_fwd": 64, "overlap": False},
                                                             {"gluon_fwd": 128, "gluon_dq": True}]
-    gl = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
-                    walk_opts=parse_walk_opts("gl128"))
-    assert gl[1].gluon_fwd == 128 and label(gl[1]).endswith(" overlap gluon_fwd=128")
-    gdq = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
-                     walk_opts=parse_walk_opts("gdq"))
-    assert gdq[1].gluon_dq and label(gdq[1]).endswith(" overlap gluon_dq")
+    assert parse_walk_opts("nogl") == [{"gluon_fwd": None, "gluon_dq": False, "gluon_dk": False}]
+    triton = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
+                        walk_opts=parse_walk_opts("nogl,gl64"))  # (the Triton kernels beside the Gluon default)
+    assert [(c.gluon_fwd, c.gluon_dq) for c in triton] == [(128, True), (None, False), (64, True)]
+    assert label(triton[1]).endswith(" overlap") and label(triton[2]).endswith(" overlap gluon_fwd=64 gluon_dq")
+    gdk = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
+                     walk_opts=parse_walk_opts("gdk"))
+    assert gdk[1].gluon_dk and label(gdk[1]).endswith(" overlap gluon_fwd=128 gluon_dq gluon_dk")
+    # other forms drop what they do not run: no split forward, no Gluon forward; no folded backward, no Gluon bwd_dq
+    other = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["one-pass", "fold"])
+    assert [(c.gluon_fwd, c.gluon_dq) for c in other[1:]] == [(None, False), (None, True)]
     assert parse_walk_opts("gl128+gdq+gdk") == [{"gluon_fwd": 128, "gluon_dq": True, "gluon_dk": True}]
     with pytest.raises(SystemExit, match="walk-opts"):
         parse_walk_opts("pairs+s9")

@@ -122,12 +122,14 @@ def test_intra_blocks(intra, form):
                **dict(kw, C_intra=ci and min(ci, 32), num_stages=1)), seed=W)
 
 
-@pytest.mark.parametrize("training", [False, True], ids=["eval-default", "training-default"])
-def test_skip_empty_blocks(training):
+@pytest.mark.parametrize("training,gluon", [(False, False), (True, True), (True, False)],
+                         ids=["eval-default", "training-default", "training-triton"])
+def test_skip_empty_blocks(training, gluon):
     """``LaunchConfig(skip_empty=True)`` on the default launches (one-pass forward for evaluation; split + fold on
     blocks of 32 for training): against the float64 reference, and against the same launch unskipped, which it
     must match far closer than either matches the reference (the skipped parts are exact zeros), at windows that
-    put the block pairs' edges in different places, with padding."""
+    put the block pairs' edges in different places, with padding. Training with its Gluon kernels (sm_90) and with
+    the Triton ones (other GPUs)."""
     import dataclasses
 
     from linearize.ops.triton.chunk import default_config, hybrid_attention_triton
@@ -135,6 +137,8 @@ def test_skip_empty_blocks(training):
     for (H, Hkv, D, F, Hf), W in [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 17),
                                   ((9, 3, 64, 128, 3), 64)]:
         base = dataclasses.replace(default_config(D, F, training=training), skip_empty=False)
+        if not gluon:
+            base = dataclasses.replace(base, gluon_fwd=None, gluon_dq=False)
         cfg = dataclasses.replace(base, skip_empty=True)
         mask = left_pad_mask(3, 1000, [0, 17, 150])
         _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg, mask=mask, seed=W)
@@ -153,13 +157,20 @@ def test_skip_empty_blocks(training):
 _TRAINING_HEADS = [((4, 4, 128, 128, 4), 64), ((4, 4, 128, 128, 4), 200), ((9, 3, 64, 128, 3), 64)]
 
 
-def _check_training_launch(change, heads=_TRAINING_HEADS):
+def _check_training_launch(change, heads=_TRAINING_HEADS, gluon=False):
     """The training default (``default_config(D, F, training=True)``) as ``change(cfg, D)`` makes it (None: those
-    heads skipped), against the float64 reference in bf16 with padding, on ``heads``."""
+    heads skipped), against the float64 reference in bf16 with padding, on ``heads``. ``gluon`` False: the default
+    with its Gluon kernels off (they run on sm_90 only; the launch variants these tests change are the Triton
+    kernels' that other GPUs take), unless ``change`` turns them on."""
+    import dataclasses
+
     from linearize.ops.triton.chunk import default_config
 
     for (H, Hkv, D, F, Hf), W in heads:
-        cfg = change(default_config(D, F, training=True), D)
+        cfg = default_config(D, F, training=True)
+        if not gluon:
+            cfg = dataclasses.replace(cfg, gluon_fwd=None, gluon_dq=False, gluon_dk=False)
+        cfg = change(cfg, D)
         if cfg is not None:
             _check(3, 1000, H, Hkv, D, F, Hf, W, torch.bfloat16, config=cfg,
                    mask=left_pad_mask(3, 1000, [0, 17, 150]), seed=W)
@@ -363,6 +374,13 @@ def test_gluon_fwd(gluon_spy, BV, nseg):
     assert gluon_spy.calls == 3 and gluon_spy.dq.calls == 0
 
 
+def test_training_default_takes_the_gluon_kernels(gluon_spy):
+    """The training default as it is on sm_90 (the split forward's block kernel and bwd_dq in Gluon, bwd_dk in
+    Triton): against the float64 reference in bf16 with padding, on the benchmark's heads and SmolLM2's."""
+    _check_training_launch(lambda cfg, D: cfg, gluon=True)
+    assert gluon_spy.calls == 3 and gluon_spy.dq.calls == 3 and gluon_spy.dk.calls == 0
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
 @pytest.mark.parametrize("nseg", [None, 5], ids=["default-segments", "5-segments"])
 def test_gluon_dq(gluon_spy, nseg, overlap):
@@ -422,7 +440,7 @@ def test_gluon_fwd_writes_what_the_triton_kernel_writes(gluon_spy):
         ins = [t.to(torch.bfloat16) for t in ins]
         gamma = gamma.float().contiguous()
         mask = left_pad_mask(3, 1000, [0, 17, 150]).cuda().to(torch.uint8)
-        cfg = default_config(D, F, training=True)
+        cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=None)
         outs = [_hybrid_chunk_op(*ins, gamma, mask, None, None, W, D ** -0.5, *_launch_ints(c), True)
                 for c in (cfg, dataclasses.replace(cfg, gluon_fwd=128))]
         (y0, u0, m0, d0, a0, *rest0), (y1, u1, m1, d1, a1, *rest1) = outs

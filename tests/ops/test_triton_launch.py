@@ -96,7 +96,8 @@ def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
     """C 64 (head dims 64-128) gets the folded backward on blocks of 32 rows, the launch the H100 timed fastest,
     and in training the split forward whose chunk sums that backward reuses (H200: faster forward+backward, slower
     forward alone), walked from zero in each segment (local_sums, H100: faster at 16K and 2K) on state tiles three
-    stages deep (walk_tile, walk_stages), the backward's walk beside bwd_dq (overlap); Gemma 3's D = 256
+    stages deep (walk_tile, walk_stages), the backward's walk beside bwd_dq (overlap), the split forward's block
+    kernel and bwd_dq in Gluon (gluon_fwd, gluon_dq: H100, faster at 16K, 2K and SmolLM2's heads); Gemma 3's D = 256
     (C 32, whose folded kernels spill) and the small heads (C = D < 64) stay one-pass."""
     from linearize.ops.triton.chunk import LaunchConfig, default_config
 
@@ -110,8 +111,11 @@ def test_default_config_folds_the_backward_at_chunk_64_only(D, F, folded):
     assert train.walk_stages == (3 if folded else None) and cfg.walk_stages is None  # ... pipelined 3 deep
     assert train.overlap is folded and not cfg.overlap  # the gradient-sum walk beside bwd_dq in training
     assert not train.walk_pairs and train.maxnreg is None  # (timed no faster / slower)
+    # the split forward's block kernel and bwd_dq in Gluon (sm_90; the Triton kernels elsewhere), not bwd_dk (slower)
+    assert train.gluon_fwd == (128 if folded else None) and train.gluon_dq is folded and not train.gluon_dk
+    assert cfg.gluon_fwd is None and not cfg.gluon_dq
     assert dataclasses.replace(train, split_forward=False, skip_empty=False, local_sums=False, walk_tile=None,
-                               walk_stages=None, overlap=False) == cfg
+                               walk_stages=None, overlap=False, gluon_fwd=None, gluon_dq=False) == cfg
     LaunchConfig(**vars(cfg))  # a valid config (C_intra divides C)
 
 

@@ -128,22 +128,26 @@ class LaunchConfig:
     walk_maxnreg: int | None = None
     # The split forward's block kernel (fwd_blocks) written in Gluon for Hopper (chunk_gluon.py) on value blocks of
     # this many columns (64 or 128), where chunk_gluon.supported says it can run (sm_90, 16-bit inputs, C = 64, dims
-    # <= 128); elsewhere the Triton kernel. One warpgroup a block of 64 queries, every tile in wgmma's accumulator
+    # <= 128 and multiples of 8, rows 16-byte aligned); elsewhere the Triton kernel. One warpgroup a block of 64 queries, every tile in wgmma's accumulator
     # layout (each warp owns 16 whole rows): the score tiles reach the next product in registers and the row
     # statistics stay in a warp, where Triton's mma.sync layout on blocks of 32 (warps [1, 4]) sends both through
     # shared memory. sm_90 compile (tests/ops/test_chunk_gluon_compile.py), no spill: 255 / 229 registers a thread at
     # the benchmark heads on 128 / 64 value columns, 219 at SmolLM2's, 80 KB of shared memory (two programs an SM).
-    # None: off (never run on a GPU yet: gpu_decode_calls.sh 67 tests and times it).
+    # default_config: 128 in training (H100 16K forward 1.94 -> 1.26 ms; on 64 columns 1.67). GPU tests:
+    # tests/gpu/test_chunk_cuda.py -k gluon (benchmarks/results/call67-h100-tests-gluon.log).
     gluon_fwd: int | None = None
     # The folded backward's bwd_dq written in Gluon the same way (chunk_gluon.bwd_dq_wgmma_kernel: blocks of 64, one
     # warpgroup; the chunk sums' part of dphi_q before the key loop), where chunk_gluon.supported says it can run and
-    # neither dgamma_in_dq nor delta_in_dq asks bwd_dq for more; elsewhere the Triton kernel. Off (never run on a GPU).
+    # neither dgamma_in_dq nor delta_in_dq asks bwd_dq for more; elsewhere the Triton kernel. default_config: on in
+    # training (H100 16K forward+backward 5.95 -> 5.69 ms alone, 5.31 -> 5.03 beside the Gluon forward).
     gluon_dq: bool = False
     # The folded backward's bwd_dk in Gluon (chunk_gluon.bwd_dk_wgmma_kernel: blocks of 64 keys, one warpgroup,
     # query-major score tiles transposed through shared memory into the products over the queries; its three gradients
     # over three launches, dv, dk, dphi_k, one accumulator each: sm_90, D = F = 128, 214 / 251 / 168 registers, no
     # spill, at most 88 KB of shared memory), where chunk_gluon.supported says it can run and dk_launches is 1;
-    # elsewhere the Triton kernel. Off (never run on a GPU).
+    # elsewhere the Triton kernel. Off: correct (its GPU tests pass) but slower on an H100 (16K forward+backward
+    # 5.95 -> 6.09 ms alone, 5.03 -> 5.17 beside the other two: three launches' recomputed scores and the score
+    # tiles' trips through shared memory cost more than the Triton kernel's spill).
     gluon_dk: bool = False
 
     def blocks(self, kernel: str) -> tuple[int, int]:
@@ -258,10 +262,17 @@ def default_config(D: int, F: int, training: bool = False) -> LaunchConfig:
         # forward+backward: 16K 6.105 -> 5.983 ms, 2K CUDA graph 0.821 -> 0.810, SmolLM2's heads B8 x 1K graph
         # 0.344 -> 0.331 (call 61 before it: 6.103 -> 5.989, 0.827 -> 0.817, 0.342 -> 0.334). The block kernels
         # keep 2 pipeline stages: 1 and 3 were slower (16K 5.980 -> 6.130 / 6.250 ms, -stages-16k).
+        # Training runs the split forward's block kernel and bwd_dq in Gluon (gluon_fwd, gluon_dq: wgmma on blocks of
+        # 64, chunk_gluon.py) where they can run (sm_90, 16-bit; the Triton kernels elsewhere). H100, tune_chunk
+        # --walk-opts (benchmarks/results/tune-chunk-nvidia-h100-20261207-gluon2-*), forward+backward: 16K 5.960 ->
+        # 5.032 ms (forward 1.936 -> 1.257), 2K CUDA graph 0.814 -> 0.693, SmolLM2's heads B8 x 1K graph 0.331 ->
+        # 0.264. bwd_dk in Gluon (gluon_dk) was slower there (16K 5.953 -> 6.094 alone, 5.178 with the other two:
+        # -gluon-*), so it stays off.
         return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages, C_intra=32, warps_intra=4,
                             fold_backward=True, split_forward=training, skip_empty=training,
                             local_sums=training, walk_tile=64 if training else None,
-                            walk_stages=3 if training else None, overlap=training)
+                            walk_stages=3 if training else None, overlap=training,
+                            gluon_fwd=128 if training else None, gluon_dq=training)
     return LaunchConfig(C=C, BV=BV, num_warps=warps, num_stages=stages)
 
 
