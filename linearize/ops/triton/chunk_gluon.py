@@ -51,6 +51,14 @@ def supported(q: torch.Tensor, D: int, F: int, BV: int, C: int, *tensors: torch.
 
 
 if gluon is not None:
+    # The layouts every kernel here takes, for one warpgroup (4 warps) and blocks of 64 rows:
+    #: wgmma's accumulator layout of a [64, N] fp32 tile: each warp owns 16 whole rows (N in steps of 64)
+    _MMA = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+    MMA: gl.constexpr = gl.constexpr(_MMA)
+    #: a 16-bit tile as wgmma's A operand in registers (a score tile turned into the next product's input)
+    OPA: gl.constexpr = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2))
+    #: global loads and stores: 16-byte vectors along a row
+    BLK: gl.constexpr = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
 
     @gluon.jit
     def _tile(ptr, rows, row_ok, stride_t, cols, ncols):
@@ -158,9 +166,9 @@ if gluon is not None:
         """``chunk_kernels.fwd_blocks_kernel`` (same arguments; C = Cs = 64 rows a program, 4 warps; PREC unused:
         16-bit inputs only)."""
         gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 rows")
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        opa: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])  # 16-byte loads along a row
+        mma: gl.constexpr = MMA
+        opa: gl.constexpr = OPA
+        blk: gl.constexpr = BLK
         row: gl.constexpr = gl.SliceLayout(1, mma)
         brow: gl.constexpr = gl.SliceLayout(1, blk)
         bcol: gl.constexpr = gl.SliceLayout(0, blk)
@@ -305,9 +313,9 @@ if gluon is not None:
         D = F = 128)."""
         gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 rows")
         gl.static_assert(FOLD and not DGAM and not DELTA_HERE, "the folded backward's bwd_dq only")
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        opa: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        mma: gl.constexpr = MMA
+        opa: gl.constexpr = OPA
+        blk: gl.constexpr = BLK
         row: gl.constexpr = gl.SliceLayout(1, mma)
         col: gl.constexpr = gl.SliceLayout(0, mma)
         brow: gl.constexpr = gl.SliceLayout(1, blk)
@@ -535,8 +543,8 @@ if gluon is not None:
         again, as the passes did."""
         gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 keys")
         gl.static_assert(FOLD and (GRADS == 1 or GRADS == 2 or GRADS == 4), "the folded bwd_dk, one gradient a launch")
-        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
-        blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        mma: gl.constexpr = MMA
+        blk: gl.constexpr = BLK
         row: gl.constexpr = gl.SliceLayout(1, mma)
         col: gl.constexpr = gl.SliceLayout(0, mma)
         brow: gl.constexpr = gl.SliceLayout(1, blk)
