@@ -39,37 +39,34 @@ def _gluon_launches(shape, gluon_fwd, kernel="fwd_blocks_wgmma_kernel"):
     return [r for r in launches if r["kernel"] == kernel]
 
 
+def _assert_wgmma_two_programs_an_sm_no_spill(launch):
+    import check_smem
+
+    compiled = check_smem.compile_launch(launch, 90)
+    ptx = compiled.asm["ptx"]
+    assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx
+    use = check_smem.resource_usage(compiled)
+    # two 4-warp programs an SM: <= 256 registers a thread (65536 / 256 threads) and half the shared memory
+    assert use["REG"] <= 255 and 2 * compiled.metadata.shared <= check_smem.H100_SMEM
+    assert use.get("STACK", 0) + use.get("LOCAL", 0) == 0
+
+
 @pytest.mark.parametrize("gluon_fwd", [128, 64])
 @pytest.mark.parametrize("heads", HEADS, ids=[h[0] for h in HEADS])
 def test_gluon_forward_compiles_to_wgmma_without_spills(heads, gluon_fwd):
-    import check_smem
-
     (launch,) = _gluon_launches(heads[1:], gluon_fwd)
     assert launch["constexprs"]["C"] == 64 and launch["opts"]["num_warps"] == 4
-    kernel = check_smem.compile_launch(launch, 90)
-    ptx = kernel.asm["ptx"]
-    assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx
-    use = check_smem.resource_usage(kernel)
-    # two 4-warp programs an SM: <= 256 registers a thread (65536 / 256 threads) and half the shared memory
-    assert use["REG"] <= 255 and 2 * kernel.metadata.shared <= check_smem.H100_SMEM
-    assert use.get("STACK", 0) + use.get("LOCAL", 0) == 0
+    _assert_wgmma_two_programs_an_sm_no_spill(launch)
 
 
 @pytest.mark.parametrize("kernel,launches", [("bwd_dq_wgmma_kernel", 1), ("bwd_dk_wgmma_kernel", 3)], ids=["dq", "dk"])
 @pytest.mark.parametrize("heads", HEADS, ids=[h[0] for h in HEADS])
 def test_gluon_backward_compiles_to_wgmma_without_spills(heads, kernel, launches):
     """bwd_dq, and bwd_dk's three launches (dv, dk, dphi_k: GRADS 2, 1, 4)."""
-    import check_smem
-
     found = _gluon_launches(heads[1:], 128, kernel)
     assert sorted(r["constexprs"].get("GRADS", 0) for r in found) == ([0] if launches == 1 else [1, 2, 4])
     for launch in found:
-        compiled = check_smem.compile_launch(launch, 90)
-        ptx = compiled.asm["ptx"]
-        assert "wgmma.mma_async" in ptx and "mma.sync" not in ptx
-        use = check_smem.resource_usage(compiled)
-        assert use["REG"] <= 255 and 2 * compiled.metadata.shared <= check_smem.H100_SMEM
-        assert use.get("STACK", 0) + use.get("LOCAL", 0) == 0
+        _assert_wgmma_two_programs_an_sm_no_spill(launch)
 
 
 def test_gluon_forward_with_padding_and_segment_prefixes_compiles():
