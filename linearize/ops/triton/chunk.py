@@ -754,9 +754,7 @@ def _launch_ints(cfg: LaunchConfig) -> tuple:
     2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256:
     walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None), 8192: dgamma_in_dq,
     16384: delta_in_dq, 65536: overlap, 131072 and 262144: gluon_fwd (0: None, 1: 64, 2: 128), 524288: gluon_dq,
-    1048576: gluon_dk;
-    the backward op's
-    also WANT_DGAMMA), C_intra (0: None),
+    1048576: gluon_dk; the backward op's also WANT_DGAMMA), C_intra (0: None),
     warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg, walk_maxnreg a byte each, low byte
     first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)
