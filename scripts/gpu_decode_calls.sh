@@ -80,6 +80,7 @@
 #   bash scripts/gpu_decode_calls.sh 54 SHA  # local_sums as the training default: GPU tests, attention.py, real heads (~500 s)
 #   bash scripts/gpu_decode_calls.sh 67 SHA  # the Gluon block kernels (gluon_fwd, gluon_dq, gluon_dk): their GPU tests,
 #                                            # then tune_chunk gl128 / gl64 / gdq / gdk / all at 16K, 2K, SmolLM2's heads (~380 s)
+#   bash scripts/gpu_decode_calls.sh 68 SHA  # the chunk GPU test ids changed after the thirty-ninth session's device time (~120 s)
 #   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
 #   bash scripts/gpu_decode_calls.sh 61 SHA  # overlap (GPU tests, 16K, 2K graph); evaluation's forward one-pass vs split at 16K /
@@ -988,13 +989,19 @@ PY
     X16=(--profile-all)
     tune_opts gluon $(( $(left) - 60 < 150 ? $(left) - 60 : 150 )) 70 --walk-opts gl128,gl64,gdq,gdk,gl128+gdq+gdk
     ;;
+  68)
+    # not decode: the chunk GPU test ids the thirty-ninth session changed after its device time (the variant tests'
+    # Triton base, the training default as sm_90 takes it, skip_empty's training-triton id, the Gluon forward and
+    # bwd_dk ids with their new bases), 8 processes (~120 s)
+    chunk_tests_k "training_default_takes or skip_empty or gluon_fwd or gluon_dk" 8 110
+    ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
     SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30)
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 67" >&2; exit 2 ;;
+  *) echo "call must be 1 to 68" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
