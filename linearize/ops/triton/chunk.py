@@ -513,19 +513,21 @@ def _chunk_forward(q, k, v, phi_q, phi_k, gamma, mask, S0, z0, window: int, scal
         if not local:
             cs, cz = _chunk_states(phi_q, phi_k, v, mask, q, pre_S, pre_z, window, cfg)
         Ci, wi = cfg.blocks("fwd")
-        bv, kernel, opts = BV, K.fwd_blocks_kernel, dict(num_stages=cfg.num_stages, **_regs(cfg))
-        if cfg.gluon_fwd and KG.supported(q, D, F, cfg.gluon_fwd, C, k, v, phi_q, phi_k):
-            Ci, wi, bv, kernel, opts = KG.BLOCK, KG.WARPS, value_block(cfg.gluon_fwd, D), KG.fwd_blocks_wgmma_kernel, {}
+        bv = BV
+        gluon = cfg.gluon_fwd and KG.supported(q, D, F, cfg.gluon_fwd, C, k, v, phi_q, phi_k)
+        if gluon:
+            Ci, wi, bv = KG.BLOCK, KG.WARPS, value_block(cfg.gluon_fwd, D)
         ni = math.ceil(T / Ci)
         args = (q, k, v, phi_q, phi_k, m_arg, gamma, cs, cz, pre_S.to(cs.dtype) if local else pre_S, pre_z, y, u, mx,
                 den, arg, *_strides(q), *_strides(k), *_strides(v), *_strides(phi_q), *_strides(phi_k),
                 *_strides(y), sM_b, B, T, H, Hf, Gk, GQ, ni, n_per, nwin, W, scale, C)
         consts = dict(D=D, F=F, BD=BD, BF=BF, BV=bv, C=Ci, HAS_MASK=has_mask, PREC=prec, STORE_U=store_u,
                       SKIP=cfg.skip_empty, LOCAL=local)
-        if kernel is K.fwd_blocks_kernel:
-            _launch(kernel, (ni, B * H, math.ceil(D / bv)), *args, **consts, num_warps=wi, **opts)
-        else:  # (Gluon: no software pipeliner, so no stages to fall back on)
-            kernel[(ni, B * H, math.ceil(D / bv))](*args, **consts, num_warps=wi)
+        grid = (ni, B * H, math.ceil(D / bv))
+        if gluon:  # (Gluon: no software pipeliner, so no stages to fall back on)
+            KG.fwd_blocks_wgmma_kernel[grid](*args, **consts, num_warps=wi)
+        else:
+            _launch(K.fwd_blocks_kernel, grid, *args, **consts, num_warps=wi, num_stages=cfg.num_stages, **_regs(cfg))
         if not cfg.keeps_chunk_sums:
             cs = cz = None
         return y, (u if store_u else None), mx, den, arg, pre_S, pre_z, cs, cz

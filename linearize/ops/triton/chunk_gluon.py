@@ -58,7 +58,13 @@ if gluon is not None:
     #: a 16-bit tile as wgmma's A operand in registers (a score tile turned into the next product's input)
     OPA: gl.constexpr = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2))
     #: global loads and stores: 16-byte vectors along a row
-    BLK: gl.constexpr = gl.constexpr(gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0]))
+    _BLK = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    BLK: gl.constexpr = gl.constexpr(_BLK)
+    #: [C] vectors of a tile's rows / columns, in the accumulators' layout and in the loads'
+    ROW: gl.constexpr = gl.constexpr(gl.SliceLayout(1, _MMA))
+    COL: gl.constexpr = gl.constexpr(gl.SliceLayout(0, _MMA))
+    BROW: gl.constexpr = gl.constexpr(gl.SliceLayout(1, _BLK))
+    BCOL: gl.constexpr = gl.constexpr(gl.SliceLayout(0, _BLK))
 
     @gluon.jit
     def _tile(ptr, rows, row_ok, stride_t, cols, ncols):
@@ -76,6 +82,36 @@ if gluon is not None:
         return s
 
     @gluon.jit
+    def _key_valid(M, b, sM_b, e, T):
+        """Keys e in the sequence and not padding (the key mask M of batch row b)."""
+        return gl.load(M + b * sM_b + e, mask=e < T, other=0) != 0
+
+    @gluon.jit
+    def _key_regions(i, j_lo, W, C: gl.constexpr, SKIP: gl.constexpr):
+        """``chunk_kernels._key_regions`` (query block i's key blocks j_lo..i: (j_both, j_near)), or, without SKIP,
+        every block holding both kinds of pairs."""
+        j_both = j_lo
+        j_near = i + 1
+        if SKIP:
+            j_both = gl.minimum(gl.maximum(i - (W + C - 2) // C, j_lo), i + 1)
+            j_near = gl.minimum(gl.maximum(i - W // C + 1, j_both), i + 1)
+        return j_both, j_near
+
+    @gluon.jit
+    def _async_rows(buf, base, rows, rows_ok, stride_t, cols, ncols):
+        """Issue the cp.async copy of rows ``rows`` of a [.., T, .., X] tensor into ``buf`` (zero where masked)."""
+        async_copy.async_copy_global_to_shared(buf, base + rows[:, None] * stride_t + cols[None, :],
+                                               mask=rows_ok[:, None] & (cols[None, :] < ncols))
+
+    @gluon.jit
+    def _copied():
+        """Wait for this thread's cp.async copies, then make every warp's visible to wgmma."""
+        async_copy.commit_group()
+        async_copy.wait_group(0)
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
     def _copy_key_block(k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, e, T, sK_t, sV_t, sPK_t, cd, cv, cf, D, F, do_k, do_pk,
                         HAS_MASK: gl.constexpr):
         """Key rows e's k (do_k), v and phi_k (do_pk) tiles into their shared buffers, straight from global memory
@@ -83,46 +119,38 @@ if gluon is not None:
         every warp. Waits first for every warp to be done with the buffers' previous tiles."""
         ok = e < T
         if HAS_MASK:
-            ok = ok & (gl.load(M + b * sM_b + e, mask=ok, other=0) != 0)
+            ok = ok & _key_valid(M, b, sM_b, e, T)
         gl.thread_barrier()
-        rows_ok = ok[:, None]
         if do_k:
-            async_copy.async_copy_global_to_shared(k_s, Kb + e[:, None] * sK_t + cd[None, :],
-                                                   mask=rows_ok & (cd[None, :] < D))
-        async_copy.async_copy_global_to_shared(v_s, Vb + e[:, None] * sV_t + cv[None, :],
-                                               mask=rows_ok & (cv[None, :] < D))
+            _async_rows(k_s, Kb, e, ok, sK_t, cd, D)
+        _async_rows(v_s, Vb, e, ok, sV_t, cv, D)
         if do_pk:
-            async_copy.async_copy_global_to_shared(pk_s, PKb + e[:, None] * sPK_t + cf[None, :],
-                                                   mask=rows_ok & (cf[None, :] < F))
-        async_copy.commit_group()
-        async_copy.wait_group(0)
-        fence_async_shared()
-        gl.thread_barrier()
+            _async_rows(pk_s, PKb, e, ok, sPK_t, cf, F)
+        _copied()
 
     @gluon.jit
     def _steps(j_lo, j_both, j_near, j_hi, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t,
                sV_t, sPK_t, rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C: gl.constexpr,
-               HAS_MASK: gl.constexpr, mma: gl.constexpr, opa: gl.constexpr):
+               HAS_MASK: gl.constexpr):
         """``chunk_kernels._fwd_window`` over key blocks j_lo <= j < j_hi: the near keys' linear terms where
         j < j_near and the window's online softmax where j >= j_both (``_key_regions``; the part a block has no
         pair for is neither loaded nor computed). One loop with the parts under branches, where the Triton kernel
         runs three loops (for its software pipeliner, which Gluon does not have): three loops' hoisted address
         tiles held at once spilled 224 B a thread (sm_90, D = F = 128), one loop none of its own."""
-        col: gl.constexpr = gl.SliceLayout(0, mma)
         for j in range(j_lo, j_hi):
             do_win = j >= j_both
             do_lin = j < j_near
             _copy_key_block(k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, j * C + rk, T, sK_t, sV_t, sPK_t, cd, cv, cf, D, F,
                             do_win, do_lin, HAS_MASK)
-            cc = gl.arange(0, C, layout=col)
+            cc = gl.arange(0, C, layout=COL)
             ec = j * C + cc
             # Keys past the end need no mask of their own: for the rows that are stored (t < T <= e) t - e < 0, in
             # neither set. (A [C] mask held for them cost 16 registers a thread.)
             if HAS_MASK:
-                k_ok = gl.load(M + b * sM_b + ec, mask=ec < T, other=0) != 0
+                k_ok = _key_valid(M, b, sM_b, ec, T)
             # the masks from the row and column positions where they are used, not held as [C, C] tiles
             e2 = ec[None, :]
-            zero = gl.zeros([C, C], gl.float32, mma)
+            zero = gl.zeros([C, C], gl.float32, MMA)
             # (the linear part first: its tiles are dead before the window's are formed; the other order spilled)
             if do_lin:
                 a = warpgroup_mma(pq_s, pk_s.permute((1, 0)), zero, use_acc=False)
@@ -131,7 +159,7 @@ if gluon is not None:
                     lin = lin & k_ok[None, :]
                 a = gl.where(lin, a, 0.0)
                 l_l = l_l + gl.sum(a, 1)
-                acc_l = warpgroup_mma(gl.convert_layout(a.to(v_s.dtype), opa), v_s, acc_l)
+                acc_l = warpgroup_mma(gl.convert_layout(a.to(v_s.dtype), OPA), v_s, acc_l)
             if do_win:
                 sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
                 # masked to -inf in place, so exp(sc - m) is 0 outside the window: one score tile live, not two
@@ -148,7 +176,7 @@ if gluon is not None:
                 alpha = gl.exp(m_i - m_safe)
                 p = gl.exp(sc - m_safe[:, None])
                 l_w = l_w * alpha + gl.sum(p, 1)
-                acc_w = warpgroup_mma(gl.convert_layout(p.to(v_s.dtype), opa), v_s, acc_w * alpha[:, None])
+                acc_w = warpgroup_mma(gl.convert_layout(p.to(v_s.dtype), OPA), v_s, acc_w * alpha[:, None])
                 m_i = m_new
         return acc_w, acc_l, l_w, l_l, m_i, arg
 
@@ -166,12 +194,6 @@ if gluon is not None:
         """``chunk_kernels.fwd_blocks_kernel`` (same arguments; C = Cs = 64 rows a program, 4 warps; PREC unused:
         16-bit inputs only)."""
         gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 rows")
-        mma: gl.constexpr = MMA
-        opa: gl.constexpr = OPA
-        blk: gl.constexpr = BLK
-        row: gl.constexpr = gl.SliceLayout(1, mma)
-        brow: gl.constexpr = gl.SliceLayout(1, blk)
-        bcol: gl.constexpr = gl.SliceLayout(0, blk)
         dt: gl.constexpr = Q.dtype.element_ty
         sl_d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BD], dt)
         sl_f: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BF], dt)
@@ -186,10 +208,10 @@ if gluon is not None:
         hf = h // GQ
         hk = hf // Gk
         c = i * C // Cs
-        rk = gl.arange(0, C, layout=brow)
-        cd = gl.arange(0, BD, layout=bcol)
-        cf = gl.arange(0, BF, layout=bcol)
-        cv = iv * BV + gl.arange(0, BV, layout=bcol)
+        rk = gl.arange(0, C, layout=BROW)
+        cd = gl.arange(0, BD, layout=BCOL)
+        cf = gl.arange(0, BF, layout=BCOL)
+        cv = iv * BV + gl.arange(0, BV, layout=BCOL)
         tb = i * C + rk
         pq = _tile(PQ + b * sPQ_b + h * sPQ_h, tb, tb < T, sPQ_t, cf, F)
         q_s = _to_shared(_tile(Q + b * sQ_b + h * sQ_h, tb, tb < T, sQ_t, cd, D), sl_d)
@@ -198,24 +220,24 @@ if gluon is not None:
         # The keys before the window's chunks, through the chunk's sums (and its segment's prefix): taken first, so
         # that their shared tiles are free again for the key blocks.
         base = (c * B + b) * Hf + hf
-        rs = gl.arange(0, BF, layout=brow)
+        rs = gl.arange(0, BF, layout=BROW)
         s_ok = (rs[:, None] < F) & (cv[None, :] < D)
         z = gl.load(CZ + base * F + cf, mask=cf < F, other=0.0)
         S_s = _to_shared(gl.load(CS + base * F * D + rs[:, None] * D + cv[None, :], mask=s_ok, other=0.0).to(dt), sl_s)
-        acc_l = warpgroup_mma(pq_s, S_s, gl.zeros([C, BV], gl.float32, mma), use_acc=False)
+        acc_l = warpgroup_mma(pq_s, S_s, gl.zeros([C, BV], gl.float32, MMA), use_acc=False)
         if LOCAL:
             pbase = ((c // n_per) * B + b) * Hf + hf
             z += gl.load(PRE_Z + pbase * F + cf, mask=cf < F, other=0.0)
             P_s = _to_shared(gl.load(PRE_S + pbase * F * D + rs[:, None] * D + cv[None, :], mask=s_ok,
                                      other=0.0).to(dt), sl_s)
             acc_l = warpgroup_mma(pq_s, P_s, acc_l)
-        l_l = gl.convert_layout(gl.sum(pq.to(gl.float32) * z[None, :], 1), row)
+        l_l = gl.convert_layout(gl.sum(pq.to(gl.float32) * z[None, :], 1), ROW)
 
-        tr = i * C + gl.arange(0, C, layout=row)
-        m_i = gl.full([C], float("-inf"), gl.float32, row)
-        l_w = gl.zeros([C], gl.float32, row)
-        arg = gl.zeros([C], gl.int32, row)
-        acc_w = gl.zeros([C, BV], gl.float32, mma)
+        tr = i * C + gl.arange(0, C, layout=ROW)
+        m_i = gl.full([C], float("-inf"), gl.float32, ROW)
+        l_w = gl.zeros([C], gl.float32, ROW)
+        arg = gl.zeros([C], gl.int32, ROW)
+        acc_w = gl.zeros([C, BV], gl.float32, MMA)
         k_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
         v_s = gl.allocate_shared_memory(dt, [C, BV], sl_v)
         pk_s = gl.allocate_shared_memory(dt, [C, BF], sl_f)
@@ -223,14 +245,10 @@ if gluon is not None:
         Vb = V + b * sV_b + hk * sV_h
         PKb = PK + b * sPK_b + hf * sPK_h
         j_lo = gl.maximum((c - nwin) * (Cs // C), 0)
-        j_both = j_lo
-        j_near = i + 1
-        if SKIP:  # chunk_kernels._key_regions
-            j_both = gl.minimum(gl.maximum(i - (W + C - 2) // C, j_lo), i + 1)
-            j_near = gl.minimum(gl.maximum(i - W // C + 1, j_both), i + 1)
+        j_both, j_near = _key_regions(i, j_lo, W, C, SKIP)
         acc_w, acc_l, l_w, l_l, m_i, arg = _steps(
             j_lo, j_both, j_near, i + 1, q_s, pq_s, k_s, v_s, pk_s, Kb, Vb, PKb, M, b, sM_b, tr, W, T, scale, sK_t,
-            sV_t, sPK_t, rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK, mma, opa)
+            sV_t, sPK_t, rk, cd, cv, cf, D, F, acc_w, acc_l, l_w, l_l, m_i, arg, C, HAS_MASK)
 
         # chunk_kernels._fwd_store, in the accumulators' layout
         gam = gl.load(GAMMA + h)
@@ -241,11 +259,11 @@ if gluon is not None:
         # would touch 8 rows 4 bytes a thread; Gluon does not coalesce stores itself, as Triton does.
         out_ok = (tb[:, None] < T) & (cv[None, :] < D)
         off = b * sY_b + h * sY_h + tb[:, None] * sY_t + cv[None, :]
-        gl.store(Y + off, gl.convert_layout(y.to(dt), blk), mask=out_ok)
+        gl.store(Y + off, gl.convert_layout(y.to(dt), BLK), mask=out_ok)
         if STORE_U:
             inv2 = gl.where(ok, 1.0 / gl.where(ok, den * den, 1.0), 0.0)
             u = (acc_w * l_l[:, None] - l_w[:, None] * acc_l) * inv2[:, None]
-            gl.store(U + off, gl.convert_layout(u.to(dt), blk), mask=out_ok)
+            gl.store(U + off, gl.convert_layout(u.to(dt), BLK), mask=out_ok)
         t_ok = tr < T
         if iv == 0:
             r = (b * H + h) * T + tr
@@ -255,44 +273,41 @@ if gluon is not None:
 
     @gluon.jit
     def _dq_lin_steps(j_lo, j_hi, dy_s, v_s, pk_s, Vb, PKb, M, b, sM_b, tr, W, T, sV_t, sPK_t, rk, cd, cf, D, F,
-                      delta, inv, dpq, C: gl.constexpr, HAS_MASK: gl.constexpr, mma: gl.constexpr, opa: gl.constexpr):
+                      delta, inv, dpq, C: gl.constexpr, HAS_MASK: gl.constexpr):
         """``chunk_kernels._bwd_dq_steps``' linear part over key blocks j_lo <= j < j_hi (those with linear pairs):
         dphi_q += dw phi_k over the linear pairs, dw = (dy . v - delta) / den."""
-        col: gl.constexpr = gl.SliceLayout(0, mma)
         for j in range(j_lo, j_hi):
             _copy_key_block(v_s, v_s, pk_s, Vb, Vb, PKb, M, b, sM_b, j * C + rk, T, sV_t, sV_t, sPK_t, cd, cd, cf, D,
                             F, False, True, HAS_MASK)
-            ec = j * C + gl.arange(0, C, layout=col)
-            dw = (warpgroup_mma(dy_s, v_s.permute((1, 0)), gl.zeros([C, C], gl.float32, mma), use_acc=False)
+            ec = j * C + gl.arange(0, C, layout=COL)
+            dw = (warpgroup_mma(dy_s, v_s.permute((1, 0)), gl.zeros([C, C], gl.float32, MMA), use_acc=False)
                   - delta[:, None]) * inv[:, None]
             lin = ec[None, :] <= (tr - W)[:, None]  # t - e >= W (keys past the end: t - e < 0 for stored rows)
             if HAS_MASK:
-                lin = lin & (gl.load(M + b * sM_b + ec, mask=ec < T, other=0) != 0)[None, :]
-            dpq = warpgroup_mma(gl.convert_layout(gl.where(lin, dw, 0.0).to(pk_s.dtype), opa), pk_s, dpq)
+                lin = lin & _key_valid(M, b, sM_b, ec, T)[None, :]
+            dpq = warpgroup_mma(gl.convert_layout(gl.where(lin, dw, 0.0).to(pk_s.dtype), OPA), pk_s, dpq)
         return dpq
 
     @gluon.jit
     def _dq_win_steps(j_lo, j_hi, q_s, dy_s, k_s, v_s, Kb, Vb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t, rk, cd, D,
-                      mrow, delta, inv, gam, dq, rs, C: gl.constexpr, HAS_MASK: gl.constexpr, mma: gl.constexpr,
-                      opa: gl.constexpr):
+                      mrow, delta, inv, gam, dq, rs, C: gl.constexpr, HAS_MASK: gl.constexpr):
         """``chunk_kernels._bwd_dq_steps``' window part over key blocks j_lo <= j < j_hi (those with window pairs):
         ds = gamma exp(s - m) dw into dq and its row sums."""
-        col: gl.constexpr = gl.SliceLayout(0, mma)
         for j in range(j_lo, j_hi):
             _copy_key_block(k_s, v_s, k_s, Kb, Vb, Kb, M, b, sM_b, j * C + rk, T, sK_t, sV_t, sK_t, cd, cd, cd, D, D,
                             True, False, HAS_MASK)
-            ec = j * C + gl.arange(0, C, layout=col)
-            zero = gl.zeros([C, C], gl.float32, mma)
+            ec = j * C + gl.arange(0, C, layout=COL)
+            zero = gl.zeros([C, C], gl.float32, MMA)
             dw = (warpgroup_mma(dy_s, v_s.permute((1, 0)), zero, use_acc=False) - delta[:, None]) * inv[:, None]
             sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
             e2 = ec[None, :]
             win = (e2 <= tr[:, None]) & (e2 > (tr - W)[:, None])  # 0 <= t - e < W
             if HAS_MASK:
-                win = win & (gl.load(M + b * sM_b + ec, mask=ec < T, other=0) != 0)[None, :]
+                win = win & _key_valid(M, b, sM_b, ec, T)[None, :]
             # exp(-inf - m) = 0 outside the window (m: the forward's max, 0 where its window was empty)
             ds = gam * gl.exp(gl.where(win, sc * scale, float("-inf")) - mrow[:, None]) * dw
             rs = rs + gl.sum(ds, 1)
-            dq = warpgroup_mma(gl.convert_layout(ds.to(k_s.dtype), opa), k_s, dq)
+            dq = warpgroup_mma(gl.convert_layout(ds.to(k_s.dtype), OPA), k_s, dq)
         return dq, rs
 
     @gluon.jit(do_not_specialize=LENGTH_ARGS)
@@ -313,13 +328,6 @@ if gluon is not None:
         D = F = 128)."""
         gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 rows")
         gl.static_assert(FOLD and not DGAM and not DELTA_HERE, "the folded backward's bwd_dq only")
-        mma: gl.constexpr = MMA
-        opa: gl.constexpr = OPA
-        blk: gl.constexpr = BLK
-        row: gl.constexpr = gl.SliceLayout(1, mma)
-        col: gl.constexpr = gl.SliceLayout(0, mma)
-        brow: gl.constexpr = gl.SliceLayout(1, blk)
-        bcol: gl.constexpr = gl.SliceLayout(0, blk)
         dt: gl.constexpr = Q.dtype.element_ty
         pt: gl.constexpr = PK.dtype.element_ty
         sl_d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BD], dt)
@@ -333,14 +341,14 @@ if gluon is not None:
         hk = h // G
         hf = h // GQ
         cs = c * C // Cs
-        rk = gl.arange(0, C, layout=brow)
-        cd = gl.arange(0, BD, layout=bcol)
-        cf = gl.arange(0, BF, layout=bcol)
+        rk = gl.arange(0, C, layout=BROW)
+        cd = gl.arange(0, BD, layout=BCOL)
+        cf = gl.arange(0, BF, layout=BCOL)
         tb = c * C + rk
         tb_ok = tb < T
         dy = _tile(DY + b * sDY_b + h * sDY_h, tb, tb_ok, sDY_t, cd, D)
         dy_s = _to_shared(dy, sl_d)
-        tr = c * C + gl.arange(0, C, layout=row)
+        tr = c * C + gl.arange(0, C, layout=ROW)
         t_ok = tr < T
         r = (b * H + h) * T + tr
         den = gl.load(DEN + r, mask=t_ok, other=0.0)
@@ -350,23 +358,19 @@ if gluon is not None:
         Vb = V + b * sV_b + hk * sV_h
         PKb = PK + b * sPK_b + hf * sPK_h
         j_lo = gl.maximum((cs - nwin) * (Cs // C), 0)
-        j_both = j_lo
-        j_near = c + 1
-        if SKIP:  # chunk_kernels._key_regions
-            j_both = gl.minimum(gl.maximum(c - (W + C - 2) // C, j_lo), c + 1)
-            j_near = gl.minimum(gl.maximum(c - W // C + 1, j_both), c + 1)
+        j_both, j_near = _key_regions(c, j_lo, W, C, SKIP)
 
         # dphi_q: the chunk sums' part, (dy / den) S^T (and the segment prefix's) less (delta / den) z, then the
         # linear pairs'; complete, stored (from the load layout: 16-byte vectors along a row).
-        inv_b = gl.convert_layout(inv, brow)
-        dyi = gl.convert_layout((dy.to(gl.float32) * inv_b[:, None]).to(pt), opa)
+        inv_b = gl.convert_layout(inv, BROW)
+        dyi = gl.convert_layout((dy.to(gl.float32) * inv_b[:, None]).to(pt), OPA)
         base = (cs * B + b) * Hf + hf
-        rs_f = gl.arange(0, BF, layout=brow)
+        rs_f = gl.arange(0, BF, layout=BROW)
         s_ok = (rs_f[:, None] < F) & (cd[None, :] < D)
         S_s = _to_shared(gl.load(CS + base * F * D + rs_f[:, None] * D + cd[None, :], mask=s_ok, other=0.0).to(pt),
                          sl_s)
-        dpq = warpgroup_mma(dyi, S_s.permute((1, 0)), gl.zeros([C, BF], gl.float32, mma), use_acc=False)
-        zc = gl.arange(0, BF, layout=col)
+        dpq = warpgroup_mma(dyi, S_s.permute((1, 0)), gl.zeros([C, BF], gl.float32, MMA), use_acc=False)
+        zc = gl.arange(0, BF, layout=COL)
         z = gl.load(CZ + base * F + zc, mask=zc < F, other=0.0)
         if LOCAL:
             pbase = ((cs // n_per) * B + b) * Hf + hf
@@ -378,9 +382,9 @@ if gluon is not None:
         v_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
         pk_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
         dpq = _dq_lin_steps(j_lo, j_near, dy_s, v_s, pk_s, Vb, PKb, M, b, sM_b, tr, W, T, sV_t, sPK_t, rk, cd, cf, D,
-                            F, delta, inv, dpq, C, HAS_MASK, mma, opa)
+                            F, delta, inv, dpq, C, HAS_MASK)
         gl.store(DPQ + ((b * T + tb[:, None]) * H + h) * F + cf[None, :],
-                 gl.convert_layout(dpq.to(DPQ.dtype.element_ty), blk), mask=tb_ok[:, None] & (cf[None, :] < F))
+                 gl.convert_layout(dpq.to(DPQ.dtype.element_ty), BLK), mask=tb_ok[:, None] & (cf[None, :] < F))
 
         # dq: the window pairs' ds k, then the max path's correction. (q's buffer may take the linear pass's: every
         # warp is done with those first.)
@@ -390,50 +394,35 @@ if gluon is not None:
         mrow = gl.load(MAX + r, mask=t_ok, other=0.0)
         gam = gl.load(GAMMA + h)
         dq, rs = _dq_win_steps(j_both, c + 1, q_s, dy_s, k_s, v_s, Kb, Vb, M, b, sM_b, tr, W, T, scale, sK_t, sV_t,
-                               rk, cd, D, mrow, delta, inv, gam, gl.zeros([C, BD], gl.float32, mma),
-                               gl.zeros([C], gl.float32, row), C, HAS_MASK, mma, opa)
+                               rk, cd, D, mrow, delta, inv, gam, gl.zeros([C, BD], gl.float32, MMA),
+                               gl.zeros([C], gl.float32, ROW), C, HAS_MASK)
         corr = -rs
         gl.store(CORR + r, corr, mask=t_ok)
         # The max m_t = s(t, arg_t) carries dm_t = corr_t back to that one key.
         arg = gl.load(ARG + r, mask=t_ok, other=0)
-        dc = gl.arange(0, BD, layout=col)
+        dc = gl.arange(0, BD, layout=COL)
         kg = gl.load(Kb + arg[:, None] * sK_t + dc[None, :], mask=t_ok[:, None] & (dc[None, :] < D), other=0.0)
         dq = (dq + corr[:, None] * kg.to(gl.float32)) * scale
         gl.store(DQ + b * sQ_b + h * sQ_h + tb[:, None] * sQ_t + cd[None, :],
-                 gl.convert_layout(dq.to(DQ.dtype.element_ty), blk), mask=tb_ok[:, None] & (cd[None, :] < D))
-
-    @gluon.jit
-    def _async_rows(buf, base, rows, rows_ok, stride_t, cols, ncols):
-        """Issue the cp.async copy of rows ``rows`` of a [.., T, .., X] tensor into ``buf`` (zero where masked)."""
-        async_copy.async_copy_global_to_shared(buf, base + rows[:, None] * stride_t + cols[None, :],
-                                               mask=rows_ok[:, None] & (cols[None, :] < ncols))
-
-    @gluon.jit
-    def _copied():
-        """Wait for this thread's cp.async copies, then make every warp's visible to wgmma."""
-        async_copy.commit_group()
-        async_copy.wait_group(0)
-        fence_async_shared()
-        gl.thread_barrier()
+                 gl.convert_layout(dq.to(DQ.dtype.element_ty), BLK), mask=tb_ok[:, None] & (cd[None, :] < D))
 
     @gluon.jit
     def _dk_pass(MODE: gl.constexpr, i_lo, i_both, i_far, i_hi, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY,
                  MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t,
                  sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C: gl.constexpr, GQ: gl.constexpr,
-                 HAS_MASK: gl.constexpr, mma: gl.constexpr):
+                 HAS_MASK: gl.constexpr):
         """One of bwd_dk's three passes over the query blocks i_lo <= i < i_hi of the key block's GQ query heads: MODE
         0 dv (every block: the window weights where i < i_far, the linear ones where i >= i_both, over den), 1 dk (the
         window pairs' ds, with the max path's correction at each row's arg-max key), 2 dphi_k (the linear pairs' dw).
         The tiles are query-major ([queries, keys], as bwd_dq's: a row's statistics are 2 registers a thread, where
         key-major tiles hold each as a 16-register column vector and spilled), and reach the product that sums over
         the queries (tile^T . q / dy / phi_q) as its A operand through shared memory (x_s), transposed there."""
-        row: gl.constexpr = gl.SliceLayout(1, mma)
-        zero = gl.zeros([C, C], gl.float32, mma)
+        zero = gl.zeros([C, C], gl.float32, MMA)
         # (the key positions and mask formed here, not held from the prologue: a [C] vector of the tiles' columns is 16
         # registers a thread, and the passes together spilled with them)
-        e_c = j * C + gl.arange(0, C, layout=gl.SliceLayout(0, mma))
+        e_c = j * C + gl.arange(0, C, layout=COL)
         if HAS_MASK:
-            k_ok = gl.load(M + b * sM_b + e_c, mask=e_c < T, other=0) != 0
+            k_ok = _key_valid(M, b, sM_b, e_c, T)
         e2 = e_c[None, :]
         for g in gl.static_range(GQ):
             h = hf * GQ + g
@@ -455,7 +444,7 @@ if gluon is not None:
                     _async_rows(pq_s, PQ + b * sPQ_b + h * sPQ_h, tq, tq_ok, sPQ_t, cf, F)
                 _async_rows(dy_s, DY + b * sDY_b + h * sDY_h, tq, tq_ok, sDY_t, cd, D)
                 _copied()
-                t = i * C + gl.arange(0, C, layout=row)
+                t = i * C + gl.arange(0, C, layout=ROW)
                 t_ok = t < T
                 r = (b * H + h) * T + t
                 # (queries past the end: dy 0 and 1 / den 0, so they add nothing; keys past the end are not stored)
@@ -508,13 +497,13 @@ if gluon is not None:
 
     @gluon.jit
     def _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF: gl.constexpr, pt: gl.constexpr, sl: gl.constexpr,
-                   LOCAL: gl.constexpr, blk: gl.constexpr):
+                   LOCAL: gl.constexpr):
         """The key chunk's gradient sums dS [F, D] (plus the segment's reverse prefix where LOCAL) in shared memory,
         visible to wgmma. Through registers 32 rows at a time: the whole [F, D] tile is 64 registers a thread in
         bf16, 128 in fp32, and this runs beside an accumulator."""
         dS_s = gl.allocate_shared_memory(pt, [BF, cd.shape[0]], sl)
         for r0 in gl.static_range(0, BF, 32):
-            rr = r0 + gl.arange(0, 32, layout=gl.SliceLayout(1, blk))
+            rr = r0 + gl.arange(0, 32, layout=BROW)
             ok = (rr[:, None] < F) & (cd[None, :] < D)
             x = gl.load(CDS + base * F * D + rr[:, None] * D + cd[None, :], mask=ok, other=0.0)
             if LOCAL:
@@ -543,12 +532,6 @@ if gluon is not None:
         again, as the passes did."""
         gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 keys")
         gl.static_assert(FOLD and (GRADS == 1 or GRADS == 2 or GRADS == 4), "the folded bwd_dk, one gradient a launch")
-        mma: gl.constexpr = MMA
-        blk: gl.constexpr = BLK
-        row: gl.constexpr = gl.SliceLayout(1, mma)
-        col: gl.constexpr = gl.SliceLayout(0, mma)
-        brow: gl.constexpr = gl.SliceLayout(1, blk)
-        bcol: gl.constexpr = gl.SliceLayout(0, blk)
         dt: gl.constexpr = Q.dtype.element_ty
         pt: gl.constexpr = PK.dtype.element_ty
         sl_d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BD], dt)
@@ -561,9 +544,9 @@ if gluon is not None:
         b = bh // Hf
         hf = bh % Hf
         hk = hf // Gk
-        rq = gl.arange(0, C, layout=brow)
-        cd = gl.arange(0, BD, layout=bcol)
-        cf = gl.arange(0, BF, layout=bcol)
+        rq = gl.arange(0, C, layout=BROW)
+        cd = gl.arange(0, BD, layout=BCOL)
+        cf = gl.arange(0, BF, layout=BCOL)
         eb = j * C + rq
         eb_in = eb < T
         cj = j * C // Cs
@@ -586,15 +569,15 @@ if gluon is not None:
         if GRADS == 2:
             _async_rows(pk_s, PK + b * sPK_b + hf * sPK_h, eb, eb_in, sPK_t, cf, F)
         if HAS_MASK:  # (keys past the end need no mask: they are not stored)
-            e_r = j * C + gl.arange(0, C, layout=row)
-            k_ok_r = gl.load(M + b * sM_b + e_r, mask=e_r < T, other=0) != 0
+            e_r = j * C + gl.arange(0, C, layout=ROW)
+            k_ok_r = _key_valid(M, b, sM_b, e_r, T)
         # the query tiles, allocated after the fold's sums are read (below) so that they may take their space
         # (sm_90, D = F = 128: 88 KB of shared memory at most, two programs an SM, against 120 KB allocated first)
         if GRADS == 2:
             # dv: phi_k dS (the later queries' part), then every pair's weight over den
-            dS_s = _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF, pt, sl_s, LOCAL, blk)
+            dS_s = _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF, pt, sl_s, LOCAL)
             _copied()
-            acc = warpgroup_mma(pk_s, dS_s, gl.zeros([C, BD], gl.float32, mma), use_acc=False)
+            acc = warpgroup_mma(pk_s, dS_s, gl.zeros([C, BD], gl.float32, MMA), use_acc=False)
             if HAS_MASK:
                 acc = gl.where(k_ok_r[:, None], acc, 0.0)
             gl.thread_barrier()
@@ -604,8 +587,8 @@ if gluon is not None:
             dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
             acc = _dk_pass(0, j, i_both, i_far, i_hi, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY, MAX, DEN,
                            DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t,
-                           sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK, mma)
-            gl.store(DV + out * D + cd[None, :], gl.convert_layout(acc.to(DV.dtype.element_ty), blk),
+                           sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
+            gl.store(DV + out * D + cd[None, :], gl.convert_layout(acc.to(DV.dtype.element_ty), BLK),
                      mask=eb_in[:, None] & (cd[None, :] < D))
         elif GRADS == 1:
             # dk: the window pairs' ds
@@ -615,18 +598,17 @@ if gluon is not None:
             q_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
             pq_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
             dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
-            acc = _dk_pass(1, j, i_both, i_far, i_far, gl.zeros([C, BD], gl.float32, mma), k_s, v_s, pk_s, q_s, pq_s,
+            acc = _dk_pass(1, j, i_both, i_far, i_far, gl.zeros([C, BD], gl.float32, MMA), k_s, v_s, pk_s, q_s, pq_s,
                            dy_s, x_s, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale,
-                           sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK,
-                           mma)
-            gl.store(DK + out * D + cd[None, :], gl.convert_layout((acc * scale).to(DK.dtype.element_ty), blk),
+                           sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
+            gl.store(DK + out * D + cd[None, :], gl.convert_layout((acc * scale).to(DK.dtype.element_ty), BLK),
                      mask=eb_in[:, None] & (cd[None, :] < D))
         else:
             # dphi_k: v dS^T + dz (the later queries' part), then the linear pairs' dw
-            dS_s = _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF, pt, sl_s, LOCAL, blk)
+            dS_s = _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF, pt, sl_s, LOCAL)
             _copied()
-            acc = warpgroup_mma(v_s, dS_s.permute((1, 0)), gl.zeros([C, BF], gl.float32, mma), use_acc=False)
-            fz = gl.arange(0, BF, layout=col)
+            acc = warpgroup_mma(v_s, dS_s.permute((1, 0)), gl.zeros([C, BF], gl.float32, MMA), use_acc=False)
+            fz = gl.arange(0, BF, layout=COL)
             dz = gl.load(CDZ + base * F + fz, mask=fz < F, other=0.0)
             if LOCAL:
                 dz += gl.load(REV_Z + pbase * F + fz, mask=fz < F, other=0.0)
@@ -640,6 +622,6 @@ if gluon is not None:
             dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
             acc = _dk_pass(2, i_both, i_both, i_far, i_hi, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY, MAX,
                            DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b,
-                           sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK, mma)
-            gl.store(DPK + out * F + cf[None, :], gl.convert_layout(acc.to(DPK.dtype.element_ty), blk),
+                           sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
+            gl.store(DPK + out * F + cf[None, :], gl.convert_layout(acc.to(DPK.dtype.element_ty), BLK),
                      mask=eb_in[:, None] & (cf[None, :] < F))
