@@ -82,6 +82,14 @@ if gluon is not None:
         return s
 
     @gluon.jit
+    def _sums_to_shared(S, base, rows, cols, F, D, dt: gl.constexpr, layout: gl.constexpr):
+        """The [F, len(cols)] tile cols of a chunk's [F, D] sums at ``base`` (``chunk_kernels._load_sums``' S) in
+        shared memory, in dtype dt, for wgmma."""
+        ok = (rows[:, None] < F) & (cols[None, :] < D)
+        return _to_shared(gl.load(S + base * F * D + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(dt),
+                          layout)
+
+    @gluon.jit
     def _key_valid(M, b, sM_b, e, T):
         """Keys e in the sequence and not padding (the key mask M of batch row b)."""
         return gl.load(M + b * sM_b + e, mask=e < T, other=0) != 0
@@ -221,15 +229,13 @@ if gluon is not None:
         # that their shared tiles are free again for the key blocks.
         base = (c * B + b) * Hf + hf
         rs = gl.arange(0, BF, layout=BROW)
-        s_ok = (rs[:, None] < F) & (cv[None, :] < D)
         z = gl.load(CZ + base * F + cf, mask=cf < F, other=0.0)
-        S_s = _to_shared(gl.load(CS + base * F * D + rs[:, None] * D + cv[None, :], mask=s_ok, other=0.0).to(dt), sl_s)
+        S_s = _sums_to_shared(CS, base, rs, cv, F, D, dt, sl_s)
         acc_l = warpgroup_mma(pq_s, S_s, gl.zeros([C, BV], gl.float32, MMA), use_acc=False)
         if LOCAL:
             pbase = ((c // n_per) * B + b) * Hf + hf
             z += gl.load(PRE_Z + pbase * F + cf, mask=cf < F, other=0.0)
-            P_s = _to_shared(gl.load(PRE_S + pbase * F * D + rs[:, None] * D + cv[None, :], mask=s_ok,
-                                     other=0.0).to(dt), sl_s)
+            P_s = _sums_to_shared(PRE_S, pbase, rs, cv, F, D, dt, sl_s)
             acc_l = warpgroup_mma(pq_s, P_s, acc_l)
         l_l = gl.convert_layout(gl.sum(pq.to(gl.float32) * z[None, :], 1), ROW)
 
@@ -366,16 +372,13 @@ if gluon is not None:
         dyi = gl.convert_layout((dy.to(gl.float32) * inv_b[:, None]).to(pt), OPA)
         base = (cs * B + b) * Hf + hf
         rs_f = gl.arange(0, BF, layout=BROW)
-        s_ok = (rs_f[:, None] < F) & (cd[None, :] < D)
-        S_s = _to_shared(gl.load(CS + base * F * D + rs_f[:, None] * D + cd[None, :], mask=s_ok, other=0.0).to(pt),
-                         sl_s)
+        S_s = _sums_to_shared(CS, base, rs_f, cd, F, D, pt, sl_s)
         dpq = warpgroup_mma(dyi, S_s.permute((1, 0)), gl.zeros([C, BF], gl.float32, MMA), use_acc=False)
         zc = gl.arange(0, BF, layout=COL)
         z = gl.load(CZ + base * F + zc, mask=zc < F, other=0.0)
         if LOCAL:
             pbase = ((cs // n_per) * B + b) * Hf + hf
-            P_s = _to_shared(gl.load(PRE_S + pbase * F * D + rs_f[:, None] * D + cd[None, :], mask=s_ok,
-                                     other=0.0).to(pt), sl_s)
+            P_s = _sums_to_shared(PRE_S, pbase, rs_f, cd, F, D, pt, sl_s)
             dpq = warpgroup_mma(dyi, P_s.permute((1, 0)), dpq)
             z += gl.load(PRE_Z + pbase * F + zc, mask=zc < F, other=0.0)
         dpq = dpq - (delta * inv)[:, None] * z[None, :]
