@@ -33,7 +33,7 @@ window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or rea
 bwd_delta pass); ``ov`` / ``noov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``, the
 training default) or not; ``gl128`` / ``gl64``: the split forward's block kernel in Gluon (Hopper's wgmma, blocks of 64
 rows, ``LaunchConfig.gluon_fwd``) on value blocks of 128 / 64 columns; ``gdq`` / ``gdk``: bwd_dq / bwd_dk in Gluon
-(``gluon_dq`` / ``gluon_dk``); ``nogl``: the Triton block kernels (the training default takes Gluon's on sm_90);
+(``gluon_dq`` / ``gluon_dk``; ``gdk2`` / ``gdk3`` / ``gdk4``: bwd_dk's other forms, ``gluon_dk`` 2-4); ``nogl``: the Triton block kernels (the training default takes Gluon's on sm_90);
 ``w128``: the
 chunk-sum walks capped at that many registers a thread (``walk_maxnreg``: with ``ov``, so that two walk programs and
 one bwd_dq program fit an SM together).
@@ -83,7 +83,7 @@ def label(cfg: LaunchConfig) -> str:
             + (" dgamma_in_dq" if cfg.dgamma_in_dq else "") + (" delta_in_dq" if cfg.delta_in_dq else "")
             + (" overlap" if cfg.overlap else "") + (f" walk_maxnreg={cfg.walk_maxnreg}" if cfg.walk_maxnreg else "")
             + (f" gluon_fwd={cfg.gluon_fwd}" if cfg.gluon_fwd else "") + (" gluon_dq" if cfg.gluon_dq else "")
-            + (" gluon_dk" if cfg.gluon_dk else ""))
+            + (f" gluon_dk={cfg.gluon_dk}" if cfg.gluon_dk else ""))
 
 
 FORMS = {"one-pass": (False, False), "split": (True, False), "fold": (False, True), "split+fold": (True, True)}
@@ -139,7 +139,7 @@ def candidates(base: LaunchConfig, shapes: str, nsegs: list[int], one_acc: bool 
                                             overlap=base.overlap and fo,  # (overlap needs the folded backward)
                                             # (the Gluon kernels replace the split forward's / folded backward's)
                                             gluon_fwd=base.gluon_fwd if sp else None, gluon_dq=base.gluon_dq and fo,
-                                            gluon_dk=base.gluon_dk and fo) | wo
+                                            gluon_dk=base.gluon_dk if fo else 0) | wo
                                 c = dataclasses.replace(with_blocks(cfg, own), local_sums=lo, walk_tile=wt, **walk)
                                 if effective(c) not in map(effective, out):
                                     out.append(c)
@@ -192,7 +192,7 @@ def parse_walk_opts(text: str) -> list[dict]:
     4}, {'maxnreg': 168}, {'dgamma_in_dq': True}, {'dgamma_in_dq': True, 'delta_in_dq': True}] (rN: the block
     kernels' register cap, ``LaunchConfig.maxnreg``; wN: the chunk-sum walks', ``walk_maxnreg``; g / gd: the window
     weight's gradient / and delta in bwd_dq (gd turns ``overlap`` off: its walk would read delta before bwd_dq forms
-    it); ov / noov: ``overlap`` on / off; gl128 / gl64: ``gluon_fwd``; gdq / gdk: ``gluon_dq`` / ``gluon_dk``; nogl: none of the three)."""
+    it); ov / noov: ``overlap`` on / off; gl128 / gl64: ``gluon_fwd``; gdq / gdk: ``gluon_dq`` / ``gluon_dk`` (gdk: form 1; gdk2 / gdk3 / gdk4: forms 2-4); nogl: none of the three)."""
     out = []
     for item in filter(None, text.split(",")):
         opts = {}
@@ -213,14 +213,16 @@ def parse_walk_opts(text: str) -> list[dict]:
                 opts["overlap"] = part == "ov"
             elif part in ("gl64", "gl128"):
                 opts["gluon_fwd"] = int(part[2:])
-            elif part in ("gdq", "gdk"):
-                opts[{"gdq": "gluon_dq", "gdk": "gluon_dk"}[part]] = True
+            elif part == "gdq":
+                opts["gluon_dq"] = True
+            elif part in ("gdk", "gdk2", "gdk3", "gdk4"):  # (gluon_dk's form: gdk is 1, three launches)
+                opts["gluon_dk"] = int(part[3:] or 1)
             elif part == "nogl":  # (the Triton kernels: the training default takes Gluon's on sm_90)
-                opts |= {"gluon_fwd": None, "gluon_dq": False, "gluon_dk": False}
+                opts |= {"gluon_fwd": None, "gluon_dq": False, "gluon_dk": 0}
             else:
                 raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
                                  "rN (the block kernels' register cap), wN (the walks'), g / gd (dgamma / and delta "
-                                 "in bwd_dq), ov / noov (overlap on / off), gl64 / gl128 (the Gluon forward), gdq / gdk (the Gluon bwd_dq / bwd_dk), "
+                                 "in bwd_dq), ov / noov (overlap on / off), gl64 / gl128 (the Gluon forward), gdq / gdk (the Gluon bwd_dq / bwd_dk; gdk2..gdk4 its other forms), "
                                  "nogl (no Gluon kernel)")
         out.append(opts)
     return out

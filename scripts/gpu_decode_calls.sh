@@ -81,6 +81,8 @@
 #   bash scripts/gpu_decode_calls.sh 67 SHA  # the Gluon block kernels (gluon_fwd, gluon_dq, gluon_dk): their GPU tests,
 #                                            # then tune_chunk gl128 / gl64 / gdq / gdk / all at 16K, 2K, SmolLM2's heads (~380 s)
 #   bash scripts/gpu_decode_calls.sh 68 SHA  # the chunk GPU test ids changed after the thirty-ninth session's device time (~120 s)
+#   bash scripts/gpu_decode_calls.sh 69 SHA  # bwd_dk in Gluon in its four forms (gluon_dk 1-4): GPU tests, then tune_chunk
+#                                            # with each beside the training default (~330 s)
 #   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
 #   bash scripts/gpu_decode_calls.sh 61 SHA  # overlap (GPU tests, 16K, 2K graph); evaluation's forward one-pass vs split at 16K /
@@ -995,13 +997,23 @@ PY
     # bwd_dk ids with their new bases), 8 processes (~120 s)
     chunk_tests_k "training_default_takes or skip_empty or gluon_fwd or gluon_dk" 8 110
     ;;
+  69)
+    # not decode: bwd_dk in Gluon in its new forms (gluon_dk 2: two launches, dk then dv + dphi_k; 3: one launch of
+    # three kinds of program, a key block's side by side in the grid so that their reads meet in L2; 4: one launch of
+    # two kinds), never run before this call: the 16 GPU test ids of test_gluon_dk (4 forms x 2 segment counts) and
+    # test_gluon_odd_shapes (forms 1 and 3), then tune_chunk with each form beside the training default at 16K
+    # (profiled), 2K and SmolLM2's heads (graph), each row first checked against the default (~330 s)
+    chunk_tests_k "gluon_dk or gluon_odd_shapes" 8 150
+    X16=(--profile-all)
+    tune_opts gdk $(( $(left) - 60 < 150 ? $(left) - 60 : 150 )) 70 --walk-opts gdk,gdk2,gdk3,gdk4
+    ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
     SMOL=(benchmarks/configs/smollm2-135m.json --loops compiled --models ours --batches 64 --no-fit --budget-s 30)
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 68" >&2; exit 2 ;;
+  *) echo "call must be 1 to 69" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)

@@ -143,17 +143,19 @@ def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
     assert base.overlap and not gd[1].overlap  # (overlap's walk reads delta before bwd_dq: gd turns it off)
     assert parse_walk_opts("gl128,gl64+noov,gl128+gdq") == [{"gluon_fwd": 128}, {"gluon_fwd": 64, "overlap": False},
                                                             {"gluon_fwd": 128, "gluon_dq": True}]
-    assert parse_walk_opts("nogl") == [{"gluon_fwd": None, "gluon_dq": False, "gluon_dk": False}]
+    assert parse_walk_opts("nogl") == [{"gluon_fwd": None, "gluon_dq": False, "gluon_dk": 0}]
     triton = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
                         walk_opts=parse_walk_opts("nogl,gl64"))  # (the Triton kernels beside the Gluon default)
     assert [(c.gluon_fwd, c.gluon_dq) for c in triton] == [(128, True), (None, False), (64, True)]
     assert label(triton[1]).endswith(" overlap") and label(triton[2]).endswith(" overlap gluon_fwd=64 gluon_dq")
     gdk = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["split+fold"],
-                     walk_opts=parse_walk_opts("gdk"))
-    assert gdk[1].gluon_dk and label(gdk[1]).endswith(" overlap gluon_fwd=128 gluon_dq gluon_dk")
+                     walk_opts=parse_walk_opts("gdk,gdk3"))
+    assert [c.gluon_dk for c in gdk] == [0, 1, 3]
+    assert label(gdk[1]).endswith(" overlap gluon_fwd=128 gluon_dq gluon_dk=1") and label(gdk[2]).endswith("gluon_dk=3")
     # other forms drop what they do not run: no split forward, no Gluon forward; no folded backward, no Gluon bwd_dq
     other = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["one-pass", "fold"])
     assert [(c.gluon_fwd, c.gluon_dq) for c in other[1:]] == [(None, False), (None, True)]
-    assert parse_walk_opts("gl128+gdq+gdk") == [{"gluon_fwd": 128, "gluon_dq": True, "gluon_dk": True}]
+    assert parse_walk_opts("gl128+gdq+gdk") == [{"gluon_fwd": 128, "gluon_dq": True, "gluon_dk": 1}]
+    assert parse_walk_opts("gdk2,gdk4") == [{"gluon_dk": 2}, {"gluon_dk": 4}]
     with pytest.raises(SystemExit, match="walk-opts"):
         parse_walk_opts("pairs+s9")

@@ -395,37 +395,46 @@ def test_gluon_dq(gluon_spy, nseg, overlap):
     assert gluon_spy.calls == 3 and gluon_spy.dq.calls == 3 and gluon_spy.dk.calls == 0
 
 
+#: LaunchConfig.gluon_dk's forms: their bwd_dk launches a backward
+_DK_LAUNCHES = {1: 3, 2: 2, 3: 1, 4: 1}
+
+
+@pytest.mark.parametrize("form", [1, 2, 3, 4], ids=["3-launches", "2-launches", "3-kinds", "2-kinds"])
 @pytest.mark.parametrize("nseg", [None, 5], ids=["default-segments", "5-segments"])
-def test_gluon_dk(gluon_spy, nseg):
+def test_gluon_dk(gluon_spy, nseg, form):
     """The training default with bwd_dk in Gluon (``gluon_dk``: blocks of 64 keys, query-major tiles transposed
-    through shared memory, its three gradients over three launches), alone and with the Gluon forward and bwd_dq,
-    over the default segments and five (the segments' reverse prefix in the fold): against the float64 reference in
-    bf16 with padding, on the benchmark's heads (W 64 and 200) and SmolLM2's (three query heads a key head)."""
+    through shared memory; its three gradients over three launches, two (dk, then dv + dphi_k), or one launch of
+    three or two kinds of program), alone and with the Gluon forward and bwd_dq, over the default segments and five
+    (the segments' reverse prefix in the fold): against the float64 reference in bf16 with padding, on the
+    benchmark's heads (W 64 and 200) and SmolLM2's (three query heads a key head)."""
     import dataclasses
 
-    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, gluon_dk=True, nseg=nseg))
-    assert gluon_spy.calls == 0 and gluon_spy.dq.calls == 0 and gluon_spy.dk.calls == 9
-    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, gluon_fwd=128, gluon_dq=True, gluon_dk=True,
+    n = 3 * _DK_LAUNCHES[form]
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, gluon_dk=form, nseg=nseg))
+    assert gluon_spy.calls == 0 and gluon_spy.dq.calls == 0 and gluon_spy.dk.calls == n
+    _check_training_launch(lambda cfg, D: dataclasses.replace(cfg, gluon_fwd=128, gluon_dq=True, gluon_dk=form,
                                                               nseg=nseg))
-    assert gluon_spy.calls == 3 and gluon_spy.dq.calls == 3 and gluon_spy.dk.calls == 18
+    assert gluon_spy.calls == 3 and gluon_spy.dq.calls == 3 and gluon_spy.dk.calls == 2 * n
 
 
 _GLUON_GRID = [(torch.bfloat16, 64, 128), (torch.bfloat16, 128, 64), (torch.bfloat16, 80, 96), (torch.float16, 128, 128)]
 
 
+@pytest.mark.parametrize("form", [1, 3], ids=["dk-3-launches", "dk-3-kinds"])
 @pytest.mark.parametrize("dtype,D,F", _GLUON_GRID, ids=lambda x: str(x).replace("torch.", ""))
-def test_gluon_odd_shapes(gluon_spy, dtype, D, F):
-    """The three Gluon kernels on the kernel grid's T and windows (T < 64, T not a multiple of 64, W = 0 / 1 / 200),
-    head and feature dims under their padded blocks, GQA, fp16: against the float64 reference."""
+def test_gluon_odd_shapes(gluon_spy, dtype, D, F, form):
+    """The three Gluon kernels (bwd_dk in three launches and in one of three kinds of program) on the kernel grid's T
+    and windows (T < 64, T not a multiple of 64, W = 0 / 1 / 200), head and feature dims under their padded blocks,
+    GQA, fp16: against the float64 reference."""
     import dataclasses
 
     from linearize.ops.triton.chunk import default_config
 
-    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=128, gluon_dq=True, gluon_dk=True)
+    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=128, gluon_dq=True, gluon_dk=form)
     for T, W in T_W:
         _check(2, T, 4, 2, D, F, 2, W, dtype, seed=T + W + D, config=cfg)
     n = len(T_W)
-    assert gluon_spy.calls == n and gluon_spy.dq.calls == n and gluon_spy.dk.calls == 3 * n
+    assert gluon_spy.calls == n and gluon_spy.dq.calls == n and gluon_spy.dk.calls == _DK_LAUNCHES[form] * n
 
 
 def test_gluon_fwd_writes_what_the_triton_kernel_writes(gluon_spy):

@@ -22,7 +22,7 @@ HEADS = [("bench", 2, 700, 4, 4, 128, 128, 4, 64), ("smollm2", 2, 700, 9, 3, 64,
          ("qwen2.5", 2, 700, 14, 2, 64, 128, 2, 64)]
 
 
-def _gluon_launches(shape, gluon_fwd, kernel="fwd_blocks_wgmma_kernel"):
+def _gluon_launches(shape, gluon_fwd, kernel="fwd_blocks_wgmma_kernel", gluon_dk=1):
     import check_smem
 
     from linearize.ops.triton import chunk_gluon
@@ -31,7 +31,7 @@ def _gluon_launches(shape, gluon_fwd, kernel="fwd_blocks_wgmma_kernel"):
     if chunk_gluon.gluon is None:
         pytest.skip("this Triton has no Gluon")
     D, F = shape[4], shape[5]
-    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=gluon_fwd, gluon_dq=True, gluon_dk=True)
+    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=gluon_fwd, gluon_dq=True, gluon_dk=gluon_dk)
     launches = check_smem.record_launches(*shape, torch.bfloat16, config=cfg)
     kernels = [r["kernel"] for r in launches]
     assert {"fwd_blocks_wgmma_kernel", "bwd_dq_wgmma_kernel", "bwd_dk_wgmma_kernel"} <= set(kernels)
@@ -59,23 +59,27 @@ def test_gluon_forward_compiles_to_wgmma_without_spills(heads, gluon_fwd):
     _assert_wgmma_two_programs_an_sm_no_spill(launch)
 
 
-@pytest.mark.parametrize("kernel,launches", [("bwd_dq_wgmma_kernel", 1), ("bwd_dk_wgmma_kernel", 3)], ids=["dq", "dk"])
+@pytest.mark.parametrize("kernel,form,grads", [("bwd_dq_wgmma_kernel", 1, [0]), ("bwd_dk_wgmma_kernel", 1, [1, 2, 4]),
+                                              ("bwd_dk_wgmma_kernel", 3, [7])], ids=["dq", "dk-3-launches", "dk-3-kinds"])
 @pytest.mark.parametrize("heads", HEADS, ids=[h[0] for h in HEADS])
-def test_gluon_backward_compiles_to_wgmma_without_spills(heads, kernel, launches):
-    """bwd_dq, and bwd_dk's three launches (dv, dk, dphi_k: GRADS 2, 1, 4)."""
-    found = _gluon_launches(heads[1:], 128, kernel)
-    assert sorted(r["constexprs"].get("GRADS", 0) for r in found) == ([0] if launches == 1 else [1, 2, 4])
+def test_gluon_backward_compiles_to_wgmma_without_spills(heads, kernel, form, grads):
+    """bwd_dq; bwd_dk's three launches (dv, dk, dphi_k: GRADS 2, 1, 4) and its one launch of three kinds of program
+    (``gluon_dk=3``: a program's kind from its place in the grid)."""
+    found = _gluon_launches(heads[1:], 128, kernel, gluon_dk=form)
+    assert sorted(r["constexprs"].get("GRADS", 0) for r in found) == grads
     for launch in found:
         _assert_wgmma_two_programs_an_sm_no_spill(launch)
 
 
 def test_gluon_forward_with_padding_and_segment_prefixes_compiles():
     """The kernel's other branches (a key mask, the segment prefix of local_sums) compile for sm_90 and fit two
-    programs an SM (spills are allowed there: a mask costs 8 B a thread at the benchmark heads)."""
+    programs an SM (spills are allowed there: a mask costs 8 B a thread at the benchmark heads); bwd_dk in each of
+    its forms (``gluon_dk`` 1-4)."""
     import check_smem
 
-    for name in ("fwd_blocks_wgmma_kernel", "bwd_dq_wgmma_kernel", "bwd_dk_wgmma_kernel"):
-        for launch in _gluon_launches(HEADS[0][1:], 128, name):
+    for name, form in [("fwd_blocks_wgmma_kernel", 1), ("bwd_dq_wgmma_kernel", 1),
+                       *(("bwd_dk_wgmma_kernel", form) for form in (1, 2, 3, 4))]:
+        for launch in _gluon_launches(HEADS[0][1:], 128, name, gluon_dk=form):
             launch = dict(launch, constexprs=dict(launch["constexprs"], HAS_MASK=True, LOCAL=True))
             kernel = check_smem.compile_launch(launch, 90)
             assert kernel.asm["ptx"].count("wgmma.mma_async") > 0 and 2 * kernel.metadata.shared <= check_smem.H100_SMEM

@@ -415,6 +415,8 @@ def test_gluon_fwd_is_checked():
     for name in ("gluon_dq", "gluon_dk"):
         with pytest.raises(ValueError, match=f"{name} .* needs fold_backward"):
             LaunchConfig(C=64, BV=64, num_warps=4, **{name: True})
+    with pytest.raises(ValueError, match="gluon_dk=5 must be 0"):
+        LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, gluon_dk=5)
 
 
 @inside
@@ -432,12 +434,14 @@ def test_gluon_fwd_falls_back_to_the_triton_kernel_off_hopper():
     q, k, v, pq, pk, g = random_inputs(1, 70, 2, 1, 16, 16, 1, dtype=torch.float32, seed=5)
     assert not chunk_gluon.supported(q, 16, 16, 64, 64)
     outs = []
-    for c in (cfg, dataclasses.replace(cfg, gluon_fwd=64, gluon_dq=True, gluon_dk=True)):
+    for c in (cfg, dataclasses.replace(cfg, gluon_fwd=64, gluon_dq=True, gluon_dk=True),
+              dataclasses.replace(cfg, gluon_dk=3)):
         ins = [x.clone().requires_grad_(True) for x in (q, k, v, pq, pk, g)]
         y, _ = hybrid_attention_triton(*ins[:5], window=20, window_weight=ins[5], config=c)
         outs.append((y, *torch.autograd.grad(y.sum(), ins)))
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
 
 
 def test_local_sums_needs_a_walk_it_changes():
@@ -518,7 +522,8 @@ def test_a_launch_config_travels_through_the_ops_ints():
                              maxnreg=200, walk_maxnreg=128, overlap=True),
                 *(LaunchConfig(C=64, BV=128, num_warps=8, C_intra=32, warps_intra=4, split_forward=True,
                                fold_backward=True, overlap=True, gluon_fwd=g, gluon_dq=g == 64) for g in (64, 128)),
-                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, gluon_dq=True, gluon_dk=True)):
+                LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, gluon_dq=True, gluon_dk=True),
+                *(LaunchConfig(C=64, BV=64, num_warps=4, fold_backward=True, gluon_dk=form) for form in (2, 3, 4))):
         assert _cfg(_launch_ints(cfg)) == cfg
 
 

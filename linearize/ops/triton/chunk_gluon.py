@@ -410,13 +410,56 @@ if gluon is not None:
                  gl.convert_layout(dq.to(DQ.dtype.element_ty), BLK), mask=tb_ok[:, None] & (cd[None, :] < D))
 
     @gluon.jit
-    def _dk_pass(MODE: gl.constexpr, i_lo, i_both, i_far, i_hi, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY,
-                 MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t,
-                 sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C: gl.constexpr, GQ: gl.constexpr,
+    def _xt_into(x, x_s, b_s, acc):
+        """acc + x^T b: the [queries, keys] tile x transposed through shared memory (x_s) into the product over the
+        queries, with b's [queries, N] tile in shared memory. Waits first for every warp's previous product to be
+        done reading x_s."""
+        gl.thread_barrier()
+        x_s.store(x.to(x_s.dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        return warpgroup_mma(x_s.permute((1, 0)), b_s, acc)
+
+    @gluon.jit
+    def _dvp_block(do_win, do_lin, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, MAX, DELTA, M, b, sM_b, T, r, t_ok,
+                   inv, t2, e_c, gam, W, scale, C: gl.constexpr, HAS_MASK: gl.constexpr):
+        """One query block's part of dv (acc) and dphi_k (acc2), ``_dk_pass``'s MODE 3: the window weights' tile and
+        the linear weights' tile into dv as products of their own, then the linear pairs' dw into dphi_k, one
+        [C, C] tile live at a time beside the two accumulators (the window and linear weights summed into one tile
+        first, as MODE 0 does, spilled 408 B a thread at D = F = 128)."""
+        zero = gl.zeros([C, C], gl.float32, MMA)
+        e2 = e_c[None, :]
+        if HAS_MASK:
+            k_ok = _key_valid(M, b, sM_b, e_c, T)
+        if do_win:
+            win = (e2 <= t2) & (e2 > t2 - W)  # 0 <= t - e < W
+            if HAS_MASK:
+                win = win & k_ok[None, :]
+            sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
+            mrow = gl.load(MAX + r, mask=t_ok, other=0.0)
+            acc = _xt_into(gam * gl.exp(gl.where(win, sc * scale, float("-inf")) - mrow[:, None]) * inv[:, None], x_s,
+                           dy_s, acc)
+        if do_lin:
+            lin = e2 <= t2 - W  # t - e >= W
+            if HAS_MASK:
+                lin = lin & k_ok[None, :]
+            a = warpgroup_mma(pq_s, pk_s.permute((1, 0)), zero, use_acc=False)
+            acc = _xt_into(gl.where(lin, a, 0.0) * inv[:, None], x_s, dy_s, acc)
+            delta = gl.load(DELTA + r, mask=t_ok, other=0.0)
+            dw = (warpgroup_mma(dy_s, v_s.permute((1, 0)), zero, use_acc=False) - delta[:, None]) * inv[:, None]
+            acc2 = _xt_into(gl.where(lin, dw, 0.0), x_s, pq_s, acc2)
+        return acc, acc2
+
+    @gluon.jit
+    def _dk_pass(MODE: gl.constexpr, i_lo, i_both, i_far, i_hi, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ,
+                 DY, MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b,
+                 sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C: gl.constexpr, GQ: gl.constexpr,
                  HAS_MASK: gl.constexpr):
-        """One of bwd_dk's three passes over the query blocks i_lo <= i < i_hi of the key block's GQ query heads: MODE
-        0 dv (every block: the window weights where i < i_far, the linear ones where i >= i_both, over den), 1 dk (the
-        window pairs' ds, with the max path's correction at each row's arg-max key), 2 dphi_k (the linear pairs' dw).
+        """One of bwd_dk's passes over the query blocks i_lo <= i < i_hi of the key block's GQ query heads: MODE 0 dv
+        (every block: the window weights where i < i_far, the linear ones where i >= i_both, over den), 1 dk (the
+        window pairs' ds, with the max path's correction at each row's arg-max key), 2 dphi_k (the linear pairs' dw),
+        3 dv into acc and dphi_k into acc2 (MODE 0's tile, then MODE 2's where the block has linear pairs: one read of
+        the query tiles for both; acc2 is passed through by the other modes).
         The tiles are query-major ([queries, keys], as bwd_dq's: a row's statistics are 2 registers a thread, where
         key-major tiles hold each as a 16-register column vector and spilled), and reach the product that sums over
         the queries (tile^T . q / dy / phi_q) as its A operand through shared memory (x_s), transposed there."""
@@ -436,7 +479,7 @@ if gluon is not None:
                 tq = i * C + rq  # (load layout)
                 tq_ok = tq < T
                 gl.thread_barrier()  # every warp is done with the previous query block's tiles (x_s too)
-                if MODE == 0:  # (only the tiles the block's parts take)
+                if MODE == 0 or MODE == 3:  # (only the tiles the block's parts take)
                     if do_win:
                         _async_rows(q_s, Q + b * sQ_b + h * sQ_h, tq, tq_ok, sQ_t, cd, D)
                     if do_lin:
@@ -454,7 +497,10 @@ if gluon is not None:
                 inv = gl.load(DEN + r, mask=t_ok, other=0.0)
                 inv = gl.where(inv > 0, 1.0 / gl.where(inv > 0, inv, 1.0), 0.0)
                 t2 = t[:, None]
-                if MODE == 0:
+                if MODE == 3:
+                    acc, acc2 = _dvp_block(do_win, do_lin, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, MAX, DELTA,
+                                           M, b, sM_b, T, r, t_ok, inv, t2, e_c, gam, W, scale, C, HAS_MASK)
+                elif MODE == 0:
                     x = zero
                     if do_win:
                         win = (e2 <= t2) & (e2 > t2 - W)  # 0 <= t - e < W
@@ -487,16 +533,17 @@ if gluon is not None:
                         if HAS_MASK:
                             lin = lin & k_ok[None, :]
                         x = gl.where(lin, dw, 0.0)
-                x_s.store(x.to(x_s.dtype))
-                fence_async_shared()
-                gl.thread_barrier()
-                if MODE == 0:
-                    acc = warpgroup_mma(x_s.permute((1, 0)), dy_s, acc)
-                elif MODE == 1:
-                    acc = warpgroup_mma(x_s.permute((1, 0)), q_s, acc)
-                else:
-                    acc = warpgroup_mma(x_s.permute((1, 0)), pq_s, acc)
-        return acc
+                if MODE != 3:
+                    x_s.store(x.to(x_s.dtype))
+                    fence_async_shared()
+                    gl.thread_barrier()
+                    if MODE == 0:
+                        acc = warpgroup_mma(x_s.permute((1, 0)), dy_s, acc)
+                    elif MODE == 1:
+                        acc = warpgroup_mma(x_s.permute((1, 0)), q_s, acc)
+                    else:
+                        acc = warpgroup_mma(x_s.permute((1, 0)), pq_s, acc)
+        return acc, acc2
 
     @gluon.jit
     def _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF: gl.constexpr, pt: gl.constexpr, sl: gl.constexpr,
@@ -518,23 +565,13 @@ if gluon is not None:
         return dS_s
 
     @gluon.jit
-    def bwd_dk_wgmma_kernel(
-        Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ, REV_S, REV_Z,
-        sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
-        sDY_b, sDY_t, sDY_h, sM_b,
-        B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale, Cs,
-        D: gl.constexpr, F: gl.constexpr, BD: gl.constexpr, BF: gl.constexpr, C: gl.constexpr,
-        GQ: gl.constexpr, HAS_MASK: gl.constexpr, PREC: gl.constexpr, FOLD: gl.constexpr = False,
-        SKIP: gl.constexpr = False, GRADS: gl.constexpr = 2, LOCAL: gl.constexpr = False,
-    ):
-        """``chunk_kernels.bwd_dk_kernel`` with FOLD, one gradient a launch (same arguments; C = Cs = 64 keys a program,
-        4 warps; GRADS 2 dv with the fold's phi_k dS, 1 dk, 4 dphi_k with the fold's v dS^T + dz; PREC unused): the
-        launcher runs it three times. One launch with the three as passes held a [64, D] accumulator at a time and
-        still spilled 168 B a thread (sm_90, D = F = 128: what each pass keeps for the next); alone each pass fits
-        (246 / 255 / 178 registers, no spill). Each launch loads the query tiles it takes and forms its scores
-        again, as the passes did."""
-        gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 keys")
-        gl.static_assert(FOLD and (GRADS == 1 or GRADS == 2 or GRADS == 4), "the folded bwd_dk, one gradient a launch")
+    def _dk_program(GR: gl.constexpr, j, Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS,
+                    CDZ, REV_S, REV_Z, sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b,
+                    sPK_t, sPK_h, sDY_b, sDY_t, sDY_h, sM_b, B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale, Cs,
+                    D: gl.constexpr, F: gl.constexpr, BD: gl.constexpr, BF: gl.constexpr, C: gl.constexpr,
+                    GQ: gl.constexpr, HAS_MASK: gl.constexpr, SKIP: gl.constexpr, LOCAL: gl.constexpr):
+        """Key block j's gradients GR (bwd_dk's bits: 1 dk, 2 dv with the fold's phi_k dS, 4 dphi_k with the fold's
+        v dS^T + dz; 6 dv and dphi_k from one read of the sums and of the query tiles), stored."""
         dt: gl.constexpr = Q.dtype.element_ty
         pt: gl.constexpr = PK.dtype.element_ty
         sl_d: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, BD], dt)
@@ -542,7 +579,6 @@ if gluon is not None:
         sl_x: gl.constexpr = gl.NVMMASharedLayout.get_default_for([C, C], dt)
         sl_s: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BF, BD], pt)
 
-        j = gl.program_id(0)
         bh = gl.program_id(1)
         b = bh // Hf
         hf = bh % Hf
@@ -565,66 +601,123 @@ if gluon is not None:
         k_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
         v_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
         pk_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
-        if GRADS != 4:
+        if (GR & 3) != 0:  # (k: the window scores of dk and dv; v: dw, and the fold of dphi_k; phi_k: dv's)
             _async_rows(k_s, K + b * sK_b + hk * sK_h, eb, eb_in, sK_t, cd, D)
-        if GRADS != 2:
+        if (GR & 5) != 0:
             _async_rows(v_s, V + b * sV_b + hk * sV_h, eb, eb_in, sV_t, cd, D)
-        if GRADS == 2:
+        if (GR & 2) != 0:
             _async_rows(pk_s, PK + b * sPK_b + hf * sPK_h, eb, eb_in, sPK_t, cf, F)
         if HAS_MASK:  # (keys past the end need no mask: they are not stored)
             e_r = j * C + gl.arange(0, C, layout=ROW)
             k_ok_r = _key_valid(M, b, sM_b, e_r, T)
-        # the query tiles, allocated after the fold's sums are read (below) so that they may take their space
-        # (sm_90, D = F = 128: 88 KB of shared memory at most, two programs an SM, against 120 KB allocated first)
-        if GRADS == 2:
-            # dv: phi_k dS (the later queries' part), then every pair's weight over den
+        acc = gl.zeros([C, BD], gl.float32, MMA)
+        acc2 = gl.zeros([C, BF], gl.float32, MMA)
+        # the fold (the later queries' part: phi_k dS into dv, v dS^T + dz into dphi_k), then the query tiles,
+        # allocated after the sums are read so that they may take their space (sm_90, D = F = 128: 88 KB of shared
+        # memory at most a kind, two programs an SM, against 120 KB allocated first)
+        if (GR & 6) != 0:
             dS_s = _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF, pt, sl_s, LOCAL)
             _copied()
-            acc = warpgroup_mma(pk_s, dS_s, gl.zeros([C, BD], gl.float32, MMA), use_acc=False)
-            if HAS_MASK:
-                acc = gl.where(k_ok_r[:, None], acc, 0.0)
-            gl.thread_barrier()
-            x_s = gl.allocate_shared_memory(dt, [C, C], sl_x)
-            q_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
-            pq_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
-            dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
-            acc = _dk_pass(0, j, i_both, i_far, i_hi, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY, MAX, DEN,
-                           DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t,
-                           sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
-            gl.store(DV + out * D + cd[None, :], gl.convert_layout(acc.to(DV.dtype.element_ty), BLK),
-                     mask=eb_in[:, None] & (cd[None, :] < D))
-        elif GRADS == 1:
-            # dk: the window pairs' ds
+            if (GR & 2) != 0:
+                acc = warpgroup_mma(pk_s, dS_s, acc, use_acc=False)
+                if HAS_MASK:
+                    acc = gl.where(k_ok_r[:, None], acc, 0.0)
+            if (GR & 4) != 0:
+                acc2 = warpgroup_mma(v_s, dS_s.permute((1, 0)), acc2, use_acc=False)
+                fz = gl.arange(0, BF, layout=COL)
+                dz = gl.load(CDZ + base * F + fz, mask=fz < F, other=0.0)
+                if LOCAL:
+                    dz += gl.load(REV_Z + pbase * F + fz, mask=fz < F, other=0.0)
+                acc2 = acc2 + dz[None, :]
+                if HAS_MASK:
+                    acc2 = gl.where(k_ok_r[:, None], acc2, 0.0)
+        else:
             _copied()
-            gl.thread_barrier()
-            x_s = gl.allocate_shared_memory(dt, [C, C], sl_x)
-            q_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
-            pq_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
-            dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
-            acc = _dk_pass(1, j, i_both, i_far, i_far, gl.zeros([C, BD], gl.float32, MMA), k_s, v_s, pk_s, q_s, pq_s,
-                           dy_s, x_s, Q, PQ, DY, MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale,
-                           sQ_b, sQ_t, sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
+        gl.thread_barrier()
+        x_s = gl.allocate_shared_memory(dt, [C, C], sl_x)
+        q_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+        pq_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
+        dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
+        # (each mode's query blocks: dv every block of the key's window chunks, dk the window pairs', dphi_k the
+        # linear pairs')
+        if GR == 6:
+            acc, acc2 = _dk_pass(3, j, i_both, i_far, i_hi, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY,
+                                 MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h,
+                                 sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
+        elif GR == 2:
+            acc, acc2 = _dk_pass(0, j, i_both, i_far, i_hi, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY,
+                                 MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h,
+                                 sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
+        elif GR == 1:
+            acc, acc2 = _dk_pass(1, j, i_both, i_far, i_far, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ,
+                                 DY, MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t,
+                                 sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
+        else:
+            acc2, acc = _dk_pass(2, i_both, i_both, i_far, i_hi, acc2, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ,
+                                 DY, MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t,
+                                 sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
+        # (stored from the load layout: 16-byte vectors along a row)
+        if GR == 1:
             gl.store(DK + out * D + cd[None, :], gl.convert_layout((acc * scale).to(DK.dtype.element_ty), BLK),
                      mask=eb_in[:, None] & (cd[None, :] < D))
-        else:
-            # dphi_k: v dS^T + dz (the later queries' part), then the linear pairs' dw
-            dS_s = _fold_sums(CDS, REV_S, base, pbase, cd, F, D, BF, pt, sl_s, LOCAL)
-            _copied()
-            acc = warpgroup_mma(v_s, dS_s.permute((1, 0)), gl.zeros([C, BF], gl.float32, MMA), use_acc=False)
-            fz = gl.arange(0, BF, layout=COL)
-            dz = gl.load(CDZ + base * F + fz, mask=fz < F, other=0.0)
-            if LOCAL:
-                dz += gl.load(REV_Z + pbase * F + fz, mask=fz < F, other=0.0)
-            acc = acc + dz[None, :]
-            if HAS_MASK:
-                acc = gl.where(k_ok_r[:, None], acc, 0.0)
-            gl.thread_barrier()
-            x_s = gl.allocate_shared_memory(dt, [C, C], sl_x)
-            q_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
-            pq_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
-            dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
-            acc = _dk_pass(2, i_both, i_both, i_far, i_hi, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY, MAX,
-                           DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b,
-                           sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
-            gl.store(DPK + out * F + cf[None, :], gl.convert_layout(acc.to(DPK.dtype.element_ty), BLK),
+        if (GR & 2) != 0:
+            gl.store(DV + out * D + cd[None, :], gl.convert_layout(acc.to(DV.dtype.element_ty), BLK),
+                     mask=eb_in[:, None] & (cd[None, :] < D))
+        if (GR & 4) != 0:
+            gl.store(DPK + out * F + cf[None, :], gl.convert_layout(acc2.to(DPK.dtype.element_ty), BLK),
                      mask=eb_in[:, None] & (cf[None, :] < F))
+
+    @gluon.jit
+    def bwd_dk_wgmma_kernel(
+        Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ, REV_S, REV_Z,
+        sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b, sPK_t, sPK_h,
+        sDY_b, sDY_t, sDY_h, sM_b,
+        B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale, Cs,
+        D: gl.constexpr, F: gl.constexpr, BD: gl.constexpr, BF: gl.constexpr, C: gl.constexpr,
+        GQ: gl.constexpr, HAS_MASK: gl.constexpr, PREC: gl.constexpr, FOLD: gl.constexpr = False,
+        SKIP: gl.constexpr = False, GRADS: gl.constexpr = 2, LOCAL: gl.constexpr = False, KINDS: gl.constexpr = 1,
+    ):
+        """``chunk_kernels.bwd_dk_kernel`` with FOLD (same arguments; C = Cs = 64 keys a program, 4 warps; PREC
+        unused), its three gradients split among programs, each holding one or two [64, D] accumulators: one [64, D]
+        fp32 accumulator is 64 registers a thread at D = 128, and the three as passes of one program (one live at a
+        time) still spilled 168 B a thread (sm_90, D = F = 128: what each pass keeps for the next).
+
+        KINDS 1: this launch's programs all take GRADS (1 dk, 2 dv, 4 dphi_k, 6 dv and dphi_k; the launcher runs
+        three launches, 2 1 4, or two, 1 6). KINDS 2 / 3: one launch, the programs of a key block side by side in the grid (axis 0 is
+        key block x KINDS + kind), so that the kinds' reads of the block's key, query and sum tiles meet in L2: 2
+        kinds dk | dv + dphi_k, 3 kinds dk | dv | dphi_k. Each kind loads the query tiles it takes and forms its
+        scores again."""
+        gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 keys")
+        gl.static_assert(FOLD, "the folded bwd_dk")
+        gl.static_assert(KINDS != 1 or GRADS == 1 or GRADS == 2 or GRADS == 4 or GRADS == 6,
+                         "GRADS: one gradient a launch, or dv and dphi_k")
+        gl.static_assert(KINDS == 1 or KINDS == 2 or KINDS == 3, "KINDS: 1, 2 or 3 kinds of program")
+        pid = gl.program_id(0)
+        if KINDS == 1:
+            _dk_program(GRADS, pid, Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
+                        REV_S, REV_Z, sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h, sPK_b,
+                        sPK_t, sPK_h, sDY_b, sDY_t, sDY_h, sM_b, B, T, H, Hf, Gk, n_chunks, n_per, nwin, W, scale, Cs,
+                        D, F, BD, BF, C, GQ, HAS_MASK, SKIP, LOCAL)
+        else:
+            j = pid // KINDS
+            kind = pid % KINDS
+            if kind == 0:
+                _dk_program(1, j, Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
+                            REV_S, REV_Z, sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h,
+                            sPK_b, sPK_t, sPK_h, sDY_b, sDY_t, sDY_h, sM_b, B, T, H, Hf, Gk, n_chunks, n_per, nwin, W,
+                            scale, Cs, D, F, BD, BF, C, GQ, HAS_MASK, SKIP, LOCAL)
+            elif KINDS == 2:
+                _dk_program(6, j, Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
+                            REV_S, REV_Z, sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h,
+                            sPK_b, sPK_t, sPK_h, sDY_b, sDY_t, sDY_h, sM_b, B, T, H, Hf, Gk, n_chunks, n_per, nwin, W,
+                            scale, Cs, D, F, BD, BF, C, GQ, HAS_MASK, SKIP, LOCAL)
+            elif kind == 1:
+                _dk_program(2, j, Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
+                            REV_S, REV_Z, sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h,
+                            sPK_b, sPK_t, sPK_h, sDY_b, sDY_t, sDY_h, sM_b, B, T, H, Hf, Gk, n_chunks, n_per, nwin, W,
+                            scale, Cs, D, F, BD, BF, C, GQ, HAS_MASK, SKIP, LOCAL)
+            else:
+                _dk_program(4, j, Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
+                            REV_S, REV_Z, sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h,
+                            sPK_b, sPK_t, sPK_h, sDY_b, sDY_t, sDY_h, sM_b, B, T, H, Hf, Gk, n_chunks, n_per, nwin, W,
+                            scale, Cs, D, F, BD, BF, C, GQ, HAS_MASK, SKIP, LOCAL)
