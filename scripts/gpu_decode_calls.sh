@@ -83,6 +83,7 @@
 #   bash scripts/gpu_decode_calls.sh 68 SHA  # the chunk GPU test ids changed after the thirty-ninth session's device time (~120 s)
 #   bash scripts/gpu_decode_calls.sh 69 SHA  # bwd_dk in Gluon in its four forms (gluon_dk 1-4): GPU tests, then tune_chunk
 #                                            # with each beside the training default (~330 s)
+#   bash scripts/gpu_decode_calls.sh 70 SHA  # the training default with gluon_dk=3: its GPU tests, attention.py (~250 s)
 #   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
 #   bash scripts/gpu_decode_calls.sh 61 SHA  # overlap (GPU tests, 16K, 2K graph); evaluation's forward one-pass vs split at 16K /
@@ -176,6 +177,14 @@ chunk_tests_k() {
   ids=$(python3 -m pytest --collect-only -q tests/gpu/test_chunk_cuda.py -k "$1" 2>/dev/null | grep "::")
   TEST_TIMEOUT=$3 TOTAL_TIMEOUT=$(( $3 + 5 )) bash scripts/gpu_tests_parallel.sh "$out/tests-chunk.log" "$2" $ids
   sed -n '/=== summary/,$p' "$out/tests-chunk.log"
+}
+# issue 5's attention.py table at the current defaults: ours against cuDNN SDPA, FlexAttention and the composition's
+# parts at 1K-16K and the decode step, in what is left of the call
+attention_table() {
+  timeout $(( $(left) - 5 )) python3 benchmarks/attention.py --quick --no-check \
+    --only ours,sdpa-cudnn,flex-window,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn --groups main,decode \
+    --budget-s $(( $(left) - 40 )) --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention.log" 2>&1
+  sed -n '/== targets/,$p' "$out/attention.log" | head -14
 }
 # launch options beside the training default (tune_chunk, split + fold on blocks of 32): at B4 H16 16K (profiled;
 # plus the X16 array's arguments), at 2K in a CUDA graph, then at SmolLM2's heads B8 x 1K in a graph, the last two
@@ -971,10 +980,14 @@ PY
   64)
     # issue 5's table at the current defaults (training: overlap on since call 62): ours against cuDNN SDPA,
     # FlexAttention and the composition's parts at 1K-16K and the decode step (~250 s)
-    timeout $(( $(left) - 5 )) python3 benchmarks/attention.py --quick --no-check \
-      --only ours,sdpa-cudnn,flex-window,torch-linear,sdpa-decode-flash,sdpa-decode-cudnn --groups main,decode \
-      --budget-s $(( $(left) - 40 )) --rep-ms 60 --copy-to "$out" --commit "$sha" > "$out/attention.log" 2>&1
-    sed -n '/== targets/,$p' "$out/attention.log" | head -14
+    attention_table
+    ;;
+  70)
+    # not decode: the training default with bwd_dk in Gluon in one launch of three kinds of program (gluon_dk=3,
+    # after call 69): the 8 chunk GPU test ids that run the training default as sm_90 takes it (CUDA graph
+    # included), then issue 5's attention.py table (call 64's) (~250 s)
+    chunk_tests_k "(training_default or overlap or skip_empty) and not gluon_dq" 8 120
+    attention_table
     ;;
   66)
     # what calls 61 and 62 did not reach (~250 s): evaluation's forward, one-pass against split, and fwd_blocks on
@@ -1013,7 +1026,7 @@ PY
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 69" >&2; exit 2 ;;
+  *) echo "call must be 1 to 70" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
