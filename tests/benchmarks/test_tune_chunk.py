@@ -156,6 +156,6 @@ def test_walk_opts_add_each_split_fold_config_with_pairs_and_stages():
     other = candidates(base, "default", [0], intra=[(32, 4)], intra_only=True, forms=["one-pass", "fold"])
     assert [(c.gluon_fwd, c.gluon_dq) for c in other[1:]] == [(None, False), (None, True)]
     assert parse_walk_opts("gl128+gdq+gdk") == [{"gluon_fwd": 128, "gluon_dq": True, "gluon_dk": 1}]
-    assert parse_walk_opts("gdk2,gdk4") == [{"gluon_dk": 2}, {"gluon_dk": 4}]
+    assert parse_walk_opts("gdk2,gdk3") == [{"gluon_dk": 2}, {"gluon_dk": 3}]
     with pytest.raises(SystemExit, match="walk-opts"):
         parse_walk_opts("pairs+s9")

@@ -145,10 +145,10 @@ class LaunchConfig:
     # query-major score tiles transposed through shared memory into the products over the queries), where
     # chunk_gluon.supported says it can run and dk_launches is 1; elsewhere the Triton kernel. Its three gradients
     # are split among programs holding one or two [64, D] accumulators (one program holding all three spilled), in
-    # one of four forms: 1 three launches (dv, dk, dphi_k); 2 two launches (dk, then dv + dphi_k); 3 one launch of
+    # one of three forms: 1 three launches (dv, dk, dphi_k); 2 two launches (dk, then dv + dphi_k); 3 one launch of
     # three kinds of program (dk | dv | dphi_k), a key block's kinds side by side in the grid so that their reads meet
-    # in L2; 4 one launch of two kinds (dk | dv + dphi_k). 0: off. sm_90, D = F = 128, registers / spill bytes a
-    # thread: 1 214 / 251 / 168, no spill; 2 251, 255 / 16; 3 254, no spill; 4 255 / 288. Form 1 was correct (its GPU tests pass) but slower on an H100 than the Triton kernel (16K
+    # in L2. 0: off. sm_90, D = F = 128, registers / spill bytes a thread: 1 214 / 251 / 168, no spill; 2 251,
+    # 255 / 16; 3 254, no spill. Form 1 was correct (its GPU tests pass) but slower on an H100 than the Triton kernel (16K
     # forward+backward 5.95 -> 6.09 ms alone, 5.03 -> 5.17 beside the other two): each launch read its tiles from
     # HBM (~19 tensors' bytes for the three against the one kernel's 11).
     gluon_dk: int = 0
@@ -194,9 +194,9 @@ class LaunchConfig:
             raise ValueError("LaunchConfig: delta_in_dq needs dgamma_in_dq (else bwd_delta runs anyway, for u)")
         if self.gluon_fwd not in (None, 64, 128):
             raise ValueError(f"LaunchConfig: gluon_fwd={self.gluon_fwd} must be None, 64 or 128 (value columns)")
-        if self.gluon_dk not in (0, 1, 2, 3, 4):
-            raise ValueError(f"LaunchConfig: gluon_dk={self.gluon_dk} must be 0 (off), 1 (three launches), 2 (two), "
-                             "3 or 4 (one launch of three or two kinds of program)")
+        if self.gluon_dk not in (0, 1, 2, 3):
+            raise ValueError(f"LaunchConfig: gluon_dk={self.gluon_dk} must be 0 (off), 1 (three launches), 2 (two) or 3 "
+                             "(one launch of three kinds of program)")
         for name, kernel in (("gluon_dq", "bwd_dq"), ("gluon_dk", "bwd_dk")):
             if getattr(self, name) and not self.fold_backward:
                 raise ValueError(f"LaunchConfig: {name} is the folded backward's {kernel}; it needs fold_backward")
@@ -662,8 +662,8 @@ def _chunk_backward(dy, q, k, v, phi_q, phi_k, gamma, mask, y, u, mx, den, arg, 
         rev_S, rev_z = (cds, cdz) if rev[0] is None else rev  # (read only where local)
         if cfg.gluon_dk and fold and cfg.dk_launches == 1 and KG.supported(q, D, F, D, C, k, v, phi_q, phi_k, dy):
             nk = math.ceil(T / KG.BLOCK)
-            kinds = {1: 1, 2: 1, 3: 3, 4: 2}[cfg.gluon_dk]  # (the forms: LaunchConfig.gluon_dk; the kernel)
-            for grads in {1: (2, 1, 4), 2: (1, 6), 3: (7,), 4: (7,)}[cfg.gluon_dk]:
+            kinds = 3 if cfg.gluon_dk == 3 else 1  # (the forms: LaunchConfig.gluon_dk; the kernel)
+            for grads in {1: (2, 1, 4), 2: (1, 6), 3: (7,)}[cfg.gluon_dk]:
                 KG.bwd_dk_wgmma_kernel[(kinds * nk, B * Hf)](
                     q, k, v, phi_q, phi_k, m_arg, gamma, dy, mx, den, delta, arg, corr, dk_b, dv_b, dpk, cds, cdz,
                     rev_S, rev_z, *strides_in, B, T, H, Hf, Gk, nk, n_per, nwin, W, scale, C, D=D, F=F, BD=BD, BF=BF,
@@ -755,7 +755,7 @@ def _cfg(launch) -> LaunchConfig:
                         walk_stages=(flags >> 10 & 7) or None, maxnreg=(blocks >> 32) & 0xFF or None,
                         dgamma_in_dq=bool(flags & 8192), delta_in_dq=bool(flags & 16384), overlap=bool(flags & 65536),
                         walk_maxnreg=(blocks >> 40) & 0xFF or None, gluon_fwd=(None, 64, 128)[flags >> 17 & 3],
-                        gluon_dq=bool(flags & 524288), gluon_dk=flags >> 20 & 7)
+                        gluon_dq=bool(flags & 524288), gluon_dk=flags >> 20 & 3)
 
 
 def _launch_ints(cfg: LaunchConfig) -> tuple:
@@ -763,7 +763,7 @@ def _launch_ints(cfg: LaunchConfig) -> tuple:
     2: split_forward, 4: fold_backward, 8: skip_empty, 16 and 32: dk_launches - 1, 64: local_sums, 128 and 256:
     walk_tile (0: None, 1: 16, 2: 32, 3: 64), 512: walk_pairs, 1024-4096: walk_stages (0: None), 8192: dgamma_in_dq,
     16384: delta_in_dq, 65536: overlap, 131072 and 262144: gluon_fwd (0: None, 1: 64, 2: 128), 524288: gluon_dq,
-    1048576-4194304: gluon_dk (0-4); the backward op's also WANT_DGAMMA), C_intra (0: None),
+    1048576 and 2097152: gluon_dk (0-3); the backward op's also WANT_DGAMMA), C_intra (0: None),
     warps_intra (0: None), blocks (C_fwd, warps_fwd, C_dk, warps_dk, maxnreg, walk_maxnreg a byte each, low byte
     first; 0: None))."""
     flags = (int(cfg.one_acc) | 2 * int(cfg.split_forward) | 4 * int(cfg.fold_backward) | 8 * int(cfg.skip_empty)

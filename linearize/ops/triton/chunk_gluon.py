@@ -683,15 +683,16 @@ if gluon is not None:
         time) still spilled 168 B a thread (sm_90, D = F = 128: what each pass keeps for the next).
 
         KINDS 1: this launch's programs all take GRADS (1 dk, 2 dv, 4 dphi_k, 6 dv and dphi_k; the launcher runs
-        three launches, 2 1 4, or two, 1 6). KINDS 2 / 3: one launch, the programs of a key block side by side in the grid (axis 0 is
-        key block x KINDS + kind), so that the kinds' reads of the block's key, query and sum tiles meet in L2: 2
-        kinds dk | dv + dphi_k, 3 kinds dk | dv | dphi_k. Each kind loads the query tiles it takes and forms its
-        scores again."""
+        three launches, 2 1 4, or two, 1 6). KINDS 3: one launch of three kinds of program, dk | dv | dphi_k, a key
+        block's side by side in the grid (axis 0 is key block x 3 + kind), so that their reads of the block's key,
+        query and sum tiles meet in L2. Each kind loads the query tiles it takes and forms its scores again. (Two
+        kinds, dk | dv + dphi_k, spilled 288 B a thread in one kernel, sm_90, D = F = 128: ptxas gives the branches
+        one register budget.)"""
         gl.static_assert(C == 64, "one warpgroup's wgmma tile: blocks of 64 keys")
         gl.static_assert(FOLD, "the folded bwd_dk")
         gl.static_assert(KINDS != 1 or GRADS == 1 or GRADS == 2 or GRADS == 4 or GRADS == 6,
                          "GRADS: one gradient a launch, or dv and dphi_k")
-        gl.static_assert(KINDS == 1 or KINDS == 2 or KINDS == 3, "KINDS: 1, 2 or 3 kinds of program")
+        gl.static_assert(KINDS == 1 or KINDS == 3, "KINDS: 1 or 3 kinds of program")
         pid = gl.program_id(0)
         if KINDS == 1:
             _dk_program(GRADS, pid, Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
@@ -703,11 +704,6 @@ if gluon is not None:
             kind = pid % KINDS
             if kind == 0:
                 _dk_program(1, j, Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
-                            REV_S, REV_Z, sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h,
-                            sPK_b, sPK_t, sPK_h, sDY_b, sDY_t, sDY_h, sM_b, B, T, H, Hf, Gk, n_chunks, n_per, nwin, W,
-                            scale, Cs, D, F, BD, BF, C, GQ, HAS_MASK, SKIP, LOCAL)
-            elif KINDS == 2:
-                _dk_program(6, j, Q, K, V, PQ, PK, M, GAMMA, DY, MAX, DEN, DELTA, ARG, CORR, DK, DV, DPK, CDS, CDZ,
                             REV_S, REV_Z, sQ_b, sQ_t, sQ_h, sK_b, sK_t, sK_h, sV_b, sV_t, sV_h, sPQ_b, sPQ_t, sPQ_h,
                             sPK_b, sPK_t, sPK_h, sDY_b, sDY_t, sDY_h, sM_b, B, T, H, Hf, Gk, n_chunks, n_per, nwin, W,
                             scale, Cs, D, F, BD, BF, C, GQ, HAS_MASK, SKIP, LOCAL)
