@@ -82,7 +82,7 @@
 #                                            # then tune_chunk gl128 / gl64 / gdq / gdk / all at 16K, 2K, SmolLM2's heads (~380 s)
 #   bash scripts/gpu_decode_calls.sh 68 SHA  # the chunk GPU test ids changed after the thirty-ninth session's device time (~120 s)
 #   bash scripts/gpu_decode_calls.sh 69 SHA  # bwd_dk in Gluon in its three forms (gluon_dk 1-3): GPU tests, then tune_chunk
-#                                            # with each beside the training default (~330 s)
+#                                            # with each beside the training default (~200 s)
 #   bash scripts/gpu_decode_calls.sh 70 SHA  # the training default with gluon_dk=3: its GPU tests, attention.py (~250 s)
 #   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
@@ -1013,12 +1013,13 @@ PY
   69)
     # not decode: bwd_dk in Gluon in its new forms (gluon_dk 2: two launches, dk then dv + dphi_k; 3: one launch of
     # three kinds of program, a key block's side by side in the grid so that their reads meet in L2), never run
-    # before this call: the 14 GPU test ids of test_gluon_dk (3 forms x 2 segment counts) and test_gluon_odd_shapes
-    # (forms 1 and 3), then tune_chunk with forms 2 and 3 beside the training default at 16K (profiled), 2K and
-    # SmolLM2's heads (graph), each row first checked against the default (form 1 was timed in call 67) (~300 s)
-    chunk_tests_k "gluon_dk or gluon_odd_shapes" 8 130
+    # before this call: the 8 GPU test ids of forms 2 and 3 (test_gluon_dk at 2 segment counts, test_gluon_odd_shapes
+    # with form 3; form 1's passed in call 67 and its programs compile as they did), then tune_chunk with forms 2 and
+    # 3 beside the training default at 16K (profiled), 2K and SmolLM2's heads (graph), each row first checked against
+    # the default (form 1 was timed in call 67) (~200 s)
+    chunk_tests_k "(gluon_dk and not 3-launches) or (gluon_odd_shapes and dk-3-kinds)" 8 100
     X16=(--profile-all)
-    tune_opts gdk $(( $(left) - 60 < 120 ? $(left) - 60 : 120 )) 60 --walk-opts gdk2,gdk3
+    tune_opts gdk $(( $(left) - 60 < 100 ? $(left) - 60 : 100 )) 50 --walk-opts gdk2,gdk3
     ;;
   50)
     # call 49 at its shortest (~80 s): SmolLM2's compiled step at the new default, then at the former one
