@@ -83,6 +83,7 @@
 #   bash scripts/gpu_decode_calls.sh 68 SHA  # the chunk GPU test ids changed after the thirty-ninth session's device time (~120 s)
 #   bash scripts/gpu_decode_calls.sh 69 SHA  # bwd_dk in Gluon in its three forms (gluon_dk 1-3): GPU tests, then tune_chunk
 #                                            # with each beside the training default (~200 s)
+#   bash scripts/gpu_decode_calls.sh 71 SHA  # call 69 at its shortest: form 3's GPU tests, tune_chunk 16K / 2K (~170 s)
 #   bash scripts/gpu_decode_calls.sh 70 SHA  # the training default with gluon_dk=3: its GPU tests, attention.py (~250 s)
 #   bash scripts/gpu_decode_calls.sh 59 SHA  # walk_pairs / walk_stages / maxnreg: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~380 s)
 #   bash scripts/gpu_decode_calls.sh 60 SHA  # dgamma_in_dq / delta_in_dq: GPU tests, tune_chunk 16K, 2K, SmolLM2 (~330 s)
@@ -982,6 +983,13 @@ PY
     # FlexAttention and the composition's parts at 1K-16K and the decode step (~250 s)
     attention_table
     ;;
+  71)
+    # call 69 at its shortest, for a short budget (~170 s): form 3's 6 GPU test ids (gluon_dk=3: one launch of
+    # three kinds), then tune_chunk with it beside the training default at 16K (profiled) and 2K (graph)
+    chunk_tests_k "(gluon_dk and 3-kinds) or (gluon_odd_shapes and dk-3-kinds)" 6 90
+    X16=(--profile-all)
+    tune_opts gdk3 $(( $(left) - 40 < 60 ? $(left) - 40 : 60 )) 38 --walk-opts gdk3
+    ;;
   70)
     # not decode: the training default with bwd_dk in Gluon in one launch of three kinds of program (gluon_dk=3,
     # after call 69): the 8 chunk GPU test ids that run the training default as sm_90 takes it (CUDA graph
@@ -1027,7 +1035,7 @@ PY
     row smol-new.log 40 "${SMOL[@]}"
     LINEARIZE_DECODE_LAUNCH=2,64 LINEARIZE_DECODE_PREFETCH=1 row smol-former.log 40 "${SMOL[@]}"
     ;;
-  *) echo "call must be 1 to 70" >&2; exit 2 ;;
+  *) echo "call must be 1 to 71" >&2; exit 2 ;;
 esac
 # At most 8 files come back from $OUT: everything in one archive (unpack it into benchmarks/results/).
 (cd "$out" && files=$(ls -A) && [ -n "$files" ] && tar czf "decode-call$call.tar.gz" $files && rm -f $files)
