@@ -410,6 +410,18 @@ if gluon is not None:
                  gl.convert_layout(dq.to(DQ.dtype.element_ty), BLK), mask=tb_ok[:, None] & (cd[None, :] < D))
 
     @gluon.jit
+    def _window_weights(q_s, k_s, MAX, r, t_ok, t2, e2, k_ok, gam, W, scale, C: gl.constexpr, HAS_MASK: gl.constexpr):
+        """gamma exp(s - m) on a [queries, keys] tile's window pairs (0 <= t - e < W, keys valid where HAS_MASK:
+        k_ok), 0 elsewhere: the window's weights before the shared normalizer (m: the forward's row max, 0 where its
+        window was empty, so exp(-inf - m) = 0 outside)."""
+        win = (e2 <= t2) & (e2 > t2 - W)  # 0 <= t - e < W
+        if HAS_MASK:
+            win = win & k_ok[None, :]
+        sc = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([C, C], gl.float32, MMA), use_acc=False)
+        mrow = gl.load(MAX + r, mask=t_ok, other=0.0)
+        return gam * gl.exp(gl.where(win, sc * scale, float("-inf")) - mrow[:, None])
+
+    @gluon.jit
     def _xt_into(x, x_s, b_s, acc):
         """acc + x^T b: the [queries, keys] tile x transposed through shared memory (x_s) into the product over the
         queries, with b's [queries, N] tile in shared memory. Waits first for every warp's previous product to be
@@ -421,24 +433,16 @@ if gluon is not None:
         return warpgroup_mma(x_s.permute((1, 0)), b_s, acc)
 
     @gluon.jit
-    def _dvp_block(do_win, do_lin, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, MAX, DELTA, M, b, sM_b, T, r, t_ok,
-                   inv, t2, e_c, gam, W, scale, C: gl.constexpr, HAS_MASK: gl.constexpr):
+    def _dvp_block(do_win, do_lin, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, MAX, DELTA, r, t_ok, inv, t2, e2,
+                   k_ok, gam, W, scale, C: gl.constexpr, HAS_MASK: gl.constexpr):
         """One query block's part of dv (acc) and dphi_k (acc2), ``_dk_pass``'s MODE 3: the window weights' tile and
         the linear weights' tile into dv as products of their own, then the linear pairs' dw into dphi_k, one
         [C, C] tile live at a time beside the two accumulators (the window and linear weights summed into one tile
         first, as MODE 0 does, spilled 408 B a thread at D = F = 128)."""
         zero = gl.zeros([C, C], gl.float32, MMA)
-        e2 = e_c[None, :]
-        if HAS_MASK:
-            k_ok = _key_valid(M, b, sM_b, e_c, T)
         if do_win:
-            win = (e2 <= t2) & (e2 > t2 - W)  # 0 <= t - e < W
-            if HAS_MASK:
-                win = win & k_ok[None, :]
-            sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
-            mrow = gl.load(MAX + r, mask=t_ok, other=0.0)
-            acc = _xt_into(gam * gl.exp(gl.where(win, sc * scale, float("-inf")) - mrow[:, None]) * inv[:, None], x_s,
-                           dy_s, acc)
+            acc = _xt_into(_window_weights(q_s, k_s, MAX, r, t_ok, t2, e2, k_ok, gam, W, scale, C, HAS_MASK)
+                           * inv[:, None], x_s, dy_s, acc)
         if do_lin:
             lin = e2 <= t2 - W  # t - e >= W
             if HAS_MASK:
@@ -467,6 +471,7 @@ if gluon is not None:
         # (the key positions and mask formed here, not held from the prologue: a [C] vector of the tiles' columns is 16
         # registers a thread, and the passes together spilled with them)
         e_c = j * C + gl.arange(0, C, layout=COL)
+        k_ok = e_c  # (unread without a mask)
         if HAS_MASK:
             k_ok = _key_valid(M, b, sM_b, e_c, T)
         e2 = e_c[None, :]
@@ -499,16 +504,11 @@ if gluon is not None:
                 t2 = t[:, None]
                 if MODE == 3:
                     acc, acc2 = _dvp_block(do_win, do_lin, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, MAX, DELTA,
-                                           M, b, sM_b, T, r, t_ok, inv, t2, e_c, gam, W, scale, C, HAS_MASK)
+                                           r, t_ok, inv, t2, e2, k_ok, gam, W, scale, C, HAS_MASK)
                 elif MODE == 0:
                     x = zero
                     if do_win:
-                        win = (e2 <= t2) & (e2 > t2 - W)  # 0 <= t - e < W
-                        if HAS_MASK:
-                            win = win & k_ok[None, :]
-                        sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
-                        mrow = gl.load(MAX + r, mask=t_ok, other=0.0)
-                        x = gam * gl.exp(gl.where(win, sc * scale, float("-inf")) - mrow[:, None])
+                        x = _window_weights(q_s, k_s, MAX, r, t_ok, t2, e2, k_ok, gam, W, scale, C, HAS_MASK)
                     if do_lin:
                         lin = e2 <= t2 - W  # t - e >= W
                         if HAS_MASK:
@@ -519,12 +519,7 @@ if gluon is not None:
                     delta = gl.load(DELTA + r, mask=t_ok, other=0.0)
                     dw = (warpgroup_mma(dy_s, v_s.permute((1, 0)), zero, use_acc=False) - delta[:, None]) * inv[:, None]
                     if MODE == 1:
-                        win = (e2 <= t2) & (e2 > t2 - W)
-                        if HAS_MASK:
-                            win = win & k_ok[None, :]
-                        sc = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False)
-                        mrow = gl.load(MAX + r, mask=t_ok, other=0.0)
-                        x = gam * gl.exp(gl.where(win, sc * scale, float("-inf")) - mrow[:, None]) * dw
+                        x = _window_weights(q_s, k_s, MAX, r, t_ok, t2, e2, k_ok, gam, W, scale, C, HAS_MASK) * dw
                         arg = gl.load(ARG + r, mask=t_ok, other=-1)
                         corr = gl.load(CORR + r, mask=t_ok, other=0.0)
                         x = x + gl.where(e2 == arg[:, None], corr[:, None], 0.0)
