@@ -33,7 +33,8 @@ window weight's gradient formed in bwd_dq (``dgamma_in_dq``: no u written or rea
 bwd_delta pass); ``ov`` / ``noov``: the backward's gradient-sum walk on a side stream beside bwd_dq (``overlap``, the
 training default) or not; ``gl128`` / ``gl64``: the split forward's block kernel in Gluon (Hopper's wgmma, blocks of 64
 rows, ``LaunchConfig.gluon_fwd``) on value blocks of 128 / 64 columns; ``gdq`` / ``gdk``: bwd_dq / bwd_dk in Gluon
-(``gluon_dq`` / ``gluon_dk``; ``gdk2`` / ``gdk3``: bwd_dk's other forms, ``gluon_dk`` 2 and 3); ``nogl``: the Triton block kernels (the training default takes Gluon's on sm_90);
+(``gluon_dq`` / ``gluon_dk``; ``gdk2`` / ``gdk3``: bwd_dk's other forms, ``gluon_dk`` 2 and 3); ``nogl``: the
+Triton block kernels (the training default takes Gluon's on sm_90);
 ``w128``: the
 chunk-sum walks capped at that many registers a thread (``walk_maxnreg``: with ``ov``, so that two walk programs and
 one bwd_dq program fit an SM together).
@@ -192,7 +193,8 @@ def parse_walk_opts(text: str) -> list[dict]:
     4}, {'maxnreg': 168}, {'dgamma_in_dq': True}, {'dgamma_in_dq': True, 'delta_in_dq': True}] (rN: the block
     kernels' register cap, ``LaunchConfig.maxnreg``; wN: the chunk-sum walks', ``walk_maxnreg``; g / gd: the window
     weight's gradient / and delta in bwd_dq (gd turns ``overlap`` off: its walk would read delta before bwd_dq forms
-    it); ov / noov: ``overlap`` on / off; gl128 / gl64: ``gluon_fwd``; gdq / gdk: ``gluon_dq`` / ``gluon_dk`` (gdk: form 1; gdk2 / gdk3: forms 2 and 3); nogl: none of the three)."""
+    it); ov / noov: ``overlap`` on / off; gl128 / gl64: ``gluon_fwd``; gdq / gdk: ``gluon_dq`` / ``gluon_dk`` (gdk:
+    form 1; gdk2 / gdk3: forms 2 and 3); nogl: none of the three)."""
     out = []
     for item in filter(None, text.split(",")):
         opts = {}
@@ -222,7 +224,8 @@ def parse_walk_opts(text: str) -> list[dict]:
             else:
                 raise SystemExit(f"--walk-opts: {part!r} is none of pairs, s1..s4 (the walks' pipeline stages), "
                                  "rN (the block kernels' register cap), wN (the walks'), g / gd (dgamma / and delta "
-                                 "in bwd_dq), ov / noov (overlap on / off), gl64 / gl128 (the Gluon forward), gdq / gdk (the Gluon bwd_dq / bwd_dk; gdk2 / gdk3 its other forms), "
+                                 "in bwd_dq), ov / noov (overlap on / off), gl64 / gl128 (the Gluon forward), gdq / gdk (the Gluon bwd_dq / bwd_dk; "
+                                 "gdk2 / gdk3 its other forms), "
                                  "nogl (no Gluon kernel)")
         out.append(opts)
     return out

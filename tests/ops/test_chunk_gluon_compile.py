@@ -31,7 +31,8 @@ def _gluon_launches(shape, gluon_fwd, kernel="fwd_blocks_wgmma_kernel", gluon_dk
     if chunk_gluon.gluon is None:
         pytest.skip("this Triton has no Gluon")
     D, F = shape[4], shape[5]
-    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=gluon_fwd, gluon_dq=True, gluon_dk=gluon_dk)
+    cfg = dataclasses.replace(default_config(D, F, training=True), gluon_fwd=gluon_fwd, gluon_dq=True,
+                              gluon_dk=gluon_dk)
     launches = check_smem.record_launches(*shape, torch.bfloat16, config=cfg)
     kernels = [r["kernel"] for r in launches]
     assert {"fwd_blocks_wgmma_kernel", "bwd_dq_wgmma_kernel", "bwd_dk_wgmma_kernel"} <= set(kernels)

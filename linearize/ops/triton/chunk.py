@@ -148,9 +148,9 @@ class LaunchConfig:
     # one of three forms: 1 three launches (dv, dk, dphi_k); 2 two launches (dk, then dv + dphi_k); 3 one launch of
     # three kinds of program (dk | dv | dphi_k), a key block's kinds side by side in the grid so that their reads meet
     # in L2. 0: off. sm_90, D = F = 128, registers / spill bytes a thread: 1 214 / 251 / 168, no spill; 2 251,
-    # 255 / 16; 3 254, no spill. Form 1 was correct (its GPU tests pass) but slower on an H100 than the Triton kernel (16K
-    # forward+backward 5.95 -> 6.09 ms alone, 5.03 -> 5.17 beside the other two): each launch read its tiles from
-    # HBM (~19 tensors' bytes for the three against the one kernel's 11).
+    # 255 / 16; 3 254, no spill. Form 1 was correct (its GPU tests pass) but slower on an H100 than the Triton
+    # kernel (16K forward+backward 5.95 -> 6.09 ms alone, 5.03 -> 5.17 beside the other two): each launch read its
+    # tiles from HBM (~19 tensors' bytes for the three against the one kernel's 11). Forms 2 and 3: not yet timed.
     gluon_dk: int = 0
 
     def blocks(self, kernel: str) -> tuple[int, int]:
@@ -195,8 +195,8 @@ class LaunchConfig:
         if self.gluon_fwd not in (None, 64, 128):
             raise ValueError(f"LaunchConfig: gluon_fwd={self.gluon_fwd} must be None, 64 or 128 (value columns)")
         if self.gluon_dk not in (0, 1, 2, 3):
-            raise ValueError(f"LaunchConfig: gluon_dk={self.gluon_dk} must be 0 (off), 1 (three launches), 2 (two) or 3 "
-                             "(one launch of three kinds of program)")
+            raise ValueError(f"LaunchConfig: gluon_dk={self.gluon_dk} must be 0 (off), 1 (three launches), 2 (two) "
+                             "or 3 (one launch of three kinds of program)")
         for name, kernel in (("gluon_dq", "bwd_dq"), ("gluon_dk", "bwd_dk")):
             if getattr(self, name) and not self.fold_backward:
                 raise ValueError(f"LaunchConfig: {name} is the folded backward's {kernel}; it needs fold_backward")
