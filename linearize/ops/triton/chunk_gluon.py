@@ -435,10 +435,10 @@ if gluon is not None:
     @gluon.jit
     def _dvp_block(do_win, do_lin, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, MAX, DELTA, r, t_ok, inv, t2, e2,
                    k_ok, gam, W, scale, C: gl.constexpr, HAS_MASK: gl.constexpr):
-        """One query block's part of dv (acc) and dphi_k (acc2), ``_dk_pass``'s MODE 3: the window weights' tile and
+        """One query block's part of dv (acc) and dphi_k (acc2), ``_dk_pass`` with GR 6: the window weights' tile and
         the linear weights' tile into dv as products of their own, then the linear pairs' dw into dphi_k, one
         [C, C] tile live at a time beside the two accumulators (the window and linear weights summed into one tile
-        first, as MODE 0 does, spilled 408 B a thread at D = F = 128)."""
+        first, as dv's pass alone does, spilled 408 B a thread at D = F = 128)."""
         zero = gl.zeros([C, C], gl.float32, MMA)
         if do_win:
             acc = _xt_into(_window_weights(q_s, k_s, MAX, r, t_ok, t2, e2, k_ok, gam, W, scale, C, HAS_MASK)
@@ -455,15 +455,15 @@ if gluon is not None:
         return acc, acc2
 
     @gluon.jit
-    def _dk_pass(MODE: gl.constexpr, i_lo, i_both, i_far, i_hi, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ,
+    def _dk_pass(GR: gl.constexpr, i_lo, i_both, i_far, i_hi, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ,
                  DY, MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h, sPQ_b,
                  sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C: gl.constexpr, GQ: gl.constexpr,
                  HAS_MASK: gl.constexpr):
-        """One of bwd_dk's passes over the query blocks i_lo <= i < i_hi of the key block's GQ query heads: MODE 0 dv
-        (every block: the window weights where i < i_far, the linear ones where i >= i_both, over den), 1 dk (the
-        window pairs' ds, with the max path's correction at each row's arg-max key), 2 dphi_k (the linear pairs' dw),
-        3 dv into acc and dphi_k into acc2 (MODE 0's tile, then MODE 2's where the block has linear pairs: one read of
-        the query tiles for both; acc2 is passed through by the other modes).
+        """One of bwd_dk's passes over the query blocks i_lo <= i < i_hi of the key block's GQ query heads, for its
+        gradients GR (``_dk_program``'s bits): 2 dv into acc (every block: the window weights where i < i_far, the
+        linear ones where i >= i_both, over den), 1 dk into acc (the window pairs' ds, with the max path's correction
+        at each row's arg-max key), 4 dphi_k into acc2 (the linear pairs' dw), 6 dv into acc and dphi_k into acc2
+        (dv's tile, then dphi_k's where the block has linear pairs: one read of the query tiles for both).
         The tiles are query-major ([queries, keys], as bwd_dq's: a row's statistics are 2 registers a thread, where
         key-major tiles hold each as a 16-register column vector and spilled), and reach the product that sums over
         the queries (tile^T . q / dy / phi_q) as its A operand through shared memory (x_s), transposed there."""
@@ -484,12 +484,12 @@ if gluon is not None:
                 tq = i * C + rq  # (load layout)
                 tq_ok = tq < T
                 gl.thread_barrier()  # every warp is done with the previous query block's tiles (x_s too)
-                if MODE == 0 or MODE == 3:  # (only the tiles the block's parts take)
+                if (GR & 2) != 0:  # (only the tiles the block's parts take)
                     if do_win:
                         _async_rows(q_s, Q + b * sQ_b + h * sQ_h, tq, tq_ok, sQ_t, cd, D)
                     if do_lin:
                         _async_rows(pq_s, PQ + b * sPQ_b + h * sPQ_h, tq, tq_ok, sPQ_t, cf, F)
-                elif MODE == 1:
+                elif GR == 1:
                     _async_rows(q_s, Q + b * sQ_b + h * sQ_h, tq, tq_ok, sQ_t, cd, D)
                 else:
                     _async_rows(pq_s, PQ + b * sPQ_b + h * sPQ_h, tq, tq_ok, sPQ_t, cf, F)
@@ -502,10 +502,10 @@ if gluon is not None:
                 inv = gl.load(DEN + r, mask=t_ok, other=0.0)
                 inv = gl.where(inv > 0, 1.0 / gl.where(inv > 0, inv, 1.0), 0.0)
                 t2 = t[:, None]
-                if MODE == 3:
+                if GR == 6:
                     acc, acc2 = _dvp_block(do_win, do_lin, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, MAX, DELTA,
                                            r, t_ok, inv, t2, e2, k_ok, gam, W, scale, C, HAS_MASK)
-                elif MODE == 0:
+                elif GR == 2:
                     x = zero
                     if do_win:
                         x = _window_weights(q_s, k_s, MAX, r, t_ok, t2, e2, k_ok, gam, W, scale, C, HAS_MASK)
@@ -518,7 +518,7 @@ if gluon is not None:
                 else:
                     delta = gl.load(DELTA + r, mask=t_ok, other=0.0)
                     dw = (warpgroup_mma(dy_s, v_s.permute((1, 0)), zero, use_acc=False) - delta[:, None]) * inv[:, None]
-                    if MODE == 1:
+                    if GR == 1:
                         x = _window_weights(q_s, k_s, MAX, r, t_ok, t2, e2, k_ok, gam, W, scale, C, HAS_MASK) * dw
                         arg = gl.load(ARG + r, mask=t_ok, other=-1)
                         corr = gl.load(CORR + r, mask=t_ok, other=0.0)
@@ -528,16 +528,16 @@ if gluon is not None:
                         if HAS_MASK:
                             lin = lin & k_ok[None, :]
                         x = gl.where(lin, dw, 0.0)
-                if MODE != 3:
+                if GR != 6:
                     x_s.store(x.to(x_s.dtype))
                     fence_async_shared()
                     gl.thread_barrier()
-                    if MODE == 0:
+                    if GR == 2:
                         acc = warpgroup_mma(x_s.permute((1, 0)), dy_s, acc)
-                    elif MODE == 1:
+                    elif GR == 1:
                         acc = warpgroup_mma(x_s.permute((1, 0)), q_s, acc)
                     else:
-                        acc = warpgroup_mma(x_s.permute((1, 0)), pq_s, acc)
+                        acc2 = warpgroup_mma(x_s.permute((1, 0)), pq_s, acc2)
         return acc, acc2
 
     @gluon.jit
@@ -633,24 +633,17 @@ if gluon is not None:
         q_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
         pq_s = gl.allocate_shared_memory(pt, [C, BF], sl_f)
         dy_s = gl.allocate_shared_memory(dt, [C, BD], sl_d)
-        # (each mode's query blocks: dv every block of the key's window chunks, dk the window pairs', dphi_k the
-        # linear pairs')
-        if GR == 6:
-            acc, acc2 = _dk_pass(3, j, i_both, i_far, i_hi, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY,
-                                 MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h,
-                                 sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
-        elif GR == 2:
-            acc, acc2 = _dk_pass(0, j, i_both, i_far, i_hi, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY,
-                                 MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h,
-                                 sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
-        elif GR == 1:
-            acc, acc2 = _dk_pass(1, j, i_both, i_far, i_far, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ,
-                                 DY, MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t,
-                                 sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
-        else:
-            acc2, acc = _dk_pass(2, i_both, i_both, i_far, i_hi, acc2, acc, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ,
-                                 DY, MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t,
-                                 sQ_h, sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
+        # (each gradient's query blocks: dv's every block of the key's window chunks, dk's the window pairs', dphi_k's
+        # the linear pairs')
+        i_lo = j
+        i_end = i_hi
+        if GR == 1:
+            i_end = i_far
+        if GR == 4:
+            i_lo = i_both
+        acc, acc2 = _dk_pass(GR, i_lo, i_both, i_far, i_end, acc, acc2, k_s, v_s, pk_s, q_s, pq_s, dy_s, x_s, Q, PQ, DY,
+                             MAX, DEN, DELTA, ARG, CORR, GAMMA, b, hf, H, T, j, M, sM_b, W, scale, sQ_b, sQ_t, sQ_h,
+                             sPQ_b, sPQ_t, sPQ_h, sDY_b, sDY_t, sDY_h, rq, cd, cf, D, F, C, GQ, HAS_MASK)
         # (stored from the load layout: 16-byte vectors along a row)
         if GR == 1:
             gl.store(DK + out * D + cd[None, :], gl.convert_layout((acc * scale).to(DK.dtype.element_ty), BLK),
